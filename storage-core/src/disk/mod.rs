@@ -1,0 +1,149 @@
+//! Disks: formats layered over the I/O engine seam, and the per-worker queues that daemons
+//! drive.
+//!
+//! A [`Disk`] is the shared, control-plane handle (capacity, flags, control-plane flush).
+//! Each queue worker asks it for its own [`DiskQueue`], which owns that worker's engine, so
+//! no lock is shared between workers on the data path. Formats never reach below the engine:
+//! they turn a [`DiskOp`] into engine operations.
+
+mod factory;
+mod null;
+mod raw;
+mod spec;
+
+pub use factory::{open_disk, AnyDisk, AnyQueue};
+pub use null::{NullDisk, NullQueue};
+pub use raw::{RawDisk, RawQueue};
+pub use spec::{DiskSource, DiskSpec, SpecError};
+
+use std::io;
+use std::os::unix::io::RawFd;
+
+use crate::engine::{Completion, EngineKind};
+use crate::error::StorageError;
+
+/// A request against a disk, in bytes. Buffers are iovecs so that they can point straight
+/// into guest memory.
+#[derive(Debug, Clone, Copy)]
+pub enum DiskOp<'a> {
+    Read { offset: u64, iov: &'a [libc::iovec] },
+    Write { offset: u64, iov: &'a [libc::iovec] },
+    Flush,
+    Discard { offset: u64, len: u64 },
+    WriteZeroes { offset: u64, len: u64, unmap: bool },
+}
+
+impl DiskOp<'_> {
+    /// The byte range the operation touches, if any.
+    pub fn range(&self) -> Option<(u64, u64)> {
+        match *self {
+            DiskOp::Read { offset, iov } | DiskOp::Write { offset, iov } => {
+                Some((offset, iov_len(iov)))
+            }
+            DiskOp::Discard { offset, len } | DiskOp::WriteZeroes { offset, len, .. } => {
+                Some((offset, len))
+            }
+            DiskOp::Flush => None,
+        }
+    }
+
+    /// Whether the operation changes the disk's contents.
+    pub fn writes(&self) -> bool {
+        !matches!(self, DiskOp::Read { .. } | DiskOp::Flush)
+    }
+}
+
+/// Total bytes described by `iov`.
+pub fn iov_len(iov: &[libc::iovec]) -> u64 {
+    iov.iter().map(|v| v.iov_len as u64).sum()
+}
+
+/// Why a request was not started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum StartError {
+    /// No room in the engine now; try again after completions (back-pressure).
+    #[error("queue full")]
+    Busy,
+    /// The byte range is not inside the disk.
+    #[error("request outside the disk")]
+    OutOfRange,
+    /// A write to a read-only disk.
+    #[error("disk is read-only")]
+    ReadOnly,
+}
+
+/// What a disk is, as reported to users and protocols.
+#[derive(Debug, Clone)]
+pub struct DiskInfo {
+    /// Size in bytes.
+    pub capacity: u64,
+    pub read_only: bool,
+    /// Opened with O_DIRECT.
+    pub direct: bool,
+    /// Format name (`raw`, `null`).
+    pub format: &'static str,
+    /// Where the data lives, as given by the user.
+    pub path: String,
+    pub engine: EngineKind,
+    /// Discard frees space (otherwise it is accepted and ignored).
+    pub discard: bool,
+}
+
+/// The control-plane handle of an open disk, shared by all workers.
+pub trait Disk: Send + Sync {
+    type Queue: DiskQueue;
+
+    fn info(&self) -> &DiskInfo;
+
+    /// A queue for one worker with room for `depth` requests in flight.
+    fn new_queue(&self, depth: u32) -> Result<Self::Queue, StorageError>;
+
+    /// Makes everything written so far durable, outside the data path (shutdown, tests).
+    fn flush(&self) -> io::Result<()>;
+}
+
+/// One worker's view of a disk: start requests, submit them in a batch, reap completions.
+pub trait DiskQueue: Send {
+    /// Starts `op`; its completion will carry `tag` as user data and, on success, the number
+    /// of bytes transferred (0 for operations without data). A short read or write is
+    /// reported as such; the caller continues it.
+    ///
+    /// # Safety
+    ///
+    /// Same as [`crate::engine::IoEngine::push`]: the iovec array must stay valid until the
+    /// next [`submit`](DiskQueue::submit) returns, and its buffers until the completion for
+    /// `tag` has been popped.
+    unsafe fn start(&mut self, op: DiskOp<'_>, tag: u64) -> Result<(), StartError>;
+
+    /// Submits everything started since the last call.
+    fn submit(&mut self) -> io::Result<()>;
+
+    /// The next finished request, if any.
+    fn pop_completion(&mut self) -> Option<Completion>;
+
+    /// Blocks until a completion is ready or nothing is in flight.
+    fn wait(&mut self) -> io::Result<()>;
+
+    /// An fd that becomes readable when completions arrive asynchronously.
+    fn completion_fd(&self) -> Option<RawFd>;
+
+    /// Clears the completion fd's readiness.
+    fn ack_completion_fd(&self);
+
+    /// Requests started and not yet popped.
+    fn in_flight(&self) -> usize;
+}
+
+/// Checks a request against the disk's size and write permission.
+pub(crate) fn check_op(op: &DiskOp<'_>, capacity: u64, read_only: bool) -> Result<(), StartError> {
+    if read_only && op.writes() {
+        return Err(StartError::ReadOnly);
+    }
+    if let Some((offset, len)) = op.range() {
+        match offset.checked_add(len) {
+            Some(end) if end <= capacity => {}
+            _ => return Err(StartError::OutOfRange),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,109 @@
+//! The null format: a disk of a given size with no storage behind it. Writes are accepted and
+//! dropped, reads return zeroes. It measures a daemon's own cost, without the storage.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::unix::io::RawFd;
+
+use crate::engine::{Completion, EngineKind};
+use crate::error::StorageError;
+
+use super::{check_op, Disk, DiskInfo, DiskOp, DiskQueue, StartError};
+
+pub struct NullDisk {
+    info: DiskInfo,
+}
+
+impl NullDisk {
+    pub fn new(size: u64, read_only: bool) -> Self {
+        NullDisk {
+            info: DiskInfo {
+                capacity: size,
+                read_only,
+                direct: false,
+                format: "null",
+                path: "null".to_string(),
+                // No engine runs; completions are immediate.
+                engine: EngineKind::Sync,
+                discard: true,
+            },
+        }
+    }
+}
+
+impl Disk for NullDisk {
+    type Queue = NullQueue;
+
+    fn info(&self) -> &DiskInfo {
+        &self.info
+    }
+
+    fn new_queue(&self, depth: u32) -> Result<NullQueue, StorageError> {
+        Ok(NullQueue {
+            done: VecDeque::with_capacity(depth.max(1) as usize),
+            capacity: self.info.capacity,
+            read_only: self.info.read_only,
+        })
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+pub struct NullQueue {
+    done: VecDeque<Completion>,
+    capacity: u64,
+    read_only: bool,
+}
+
+impl DiskQueue for NullQueue {
+    #[inline]
+    unsafe fn start(&mut self, op: DiskOp<'_>, tag: u64) -> Result<(), StartError> {
+        check_op(&op, self.capacity, self.read_only)?;
+        if self.done.len() == self.done.capacity() {
+            return Err(StartError::Busy);
+        }
+        let mut bytes = 0usize;
+        match op {
+            DiskOp::Read { iov, .. } => {
+                for v in iov {
+                    // SAFETY: the caller guarantees each iovec describes a valid writable
+                    // buffer that nobody else accesses until this request completes.
+                    unsafe { std::ptr::write_bytes(v.iov_base.cast::<u8>(), 0, v.iov_len) };
+                    bytes += v.iov_len;
+                }
+            }
+            DiskOp::Write { iov, .. } => bytes = iov.iter().map(|v| v.iov_len).sum(),
+            _ => {}
+        }
+        self.done.push_back(Completion {
+            user_data: tag,
+            result: i32::try_from(bytes).unwrap_or(i32::MAX),
+        });
+        Ok(())
+    }
+
+    fn submit(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+
+    #[inline]
+    fn pop_completion(&mut self) -> Option<Completion> {
+        self.done.pop_front()
+    }
+
+    fn wait(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn completion_fd(&self) -> Option<RawFd> {
+        None
+    }
+
+    fn ack_completion_fd(&self) {}
+
+    fn in_flight(&self) -> usize {
+        self.done.len()
+    }
+}

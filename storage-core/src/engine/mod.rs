@@ -1,0 +1,188 @@
+//! The I/O engine seam: the only place where storage logic meets the kernel's I/O interfaces.
+//!
+//! An engine takes positioned operations on files it has registered, each tagged with a `u64`
+//! of user data, and later hands back one completion per operation: the user data and the
+//! kernel-style result (bytes transferred, or a negated errno). Submission is batched: callers
+//! [`push`](IoEngine::push) any number of operations and then [`submit`](IoEngine::submit)
+//! once, so an io_uring engine makes one `io_uring_enter` per batch.
+//!
+//! Back-pressure is explicit: an engine that has no room gives the operation back
+//! ([`EngineFull`]) instead of blocking or allocating, and counts it.
+//!
+//! Two implementations: [`UringEngine`] (the data path) and [`SyncEngine`] (fallback where
+//! io_uring is unavailable, and the reference the property tests compare against).
+
+mod sync;
+mod uring;
+
+pub use sync::SyncEngine;
+pub use uring::UringEngine;
+
+use std::io;
+use std::os::unix::io::RawFd;
+
+/// A file registered with an engine (an index into its fixed-file table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileId(pub(crate) u32);
+
+/// One positioned operation. Buffers are described by raw iovecs because they usually live
+/// in guest memory that the engine must use in place.
+#[derive(Debug, Clone, Copy)]
+pub enum EngineOp {
+    /// `preadv` into `iovcnt` iovecs at `iov`.
+    Readv {
+        file: FileId,
+        offset: u64,
+        iov: *const libc::iovec,
+        iovcnt: u32,
+    },
+    /// `pwritev` from `iovcnt` iovecs at `iov`.
+    Writev {
+        file: FileId,
+        offset: u64,
+        iov: *const libc::iovec,
+        iovcnt: u32,
+    },
+    /// `fdatasync`: the data written before it, and the metadata needed to read it, are durable.
+    Fdatasync { file: FileId },
+    /// `fallocate` with `mode` (`FALLOC_FL_*`).
+    Fallocate {
+        file: FileId,
+        mode: i32,
+        offset: u64,
+        len: u64,
+    },
+}
+
+/// A finished operation: the caller's user data and the result (`>= 0` bytes or `-errno`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Completion {
+    pub user_data: u64,
+    pub result: i32,
+}
+
+/// The engine had no room for the operation; it was not queued. Retry after completions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("I/O engine queue is full")]
+pub struct EngineFull;
+
+/// Which engine implementation a disk runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineKind {
+    IoUring,
+    Sync,
+}
+
+impl EngineKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            EngineKind::IoUring => "io_uring",
+            EngineKind::Sync => "sync",
+        }
+    }
+}
+
+/// The seam between formats and the kernel. One engine serves one queue worker; it is moved
+/// to that worker's thread and never shared.
+pub trait IoEngine: Send {
+    /// Registers a file for use in operations; returns its id.
+    fn register_file(&mut self, fd: RawFd) -> io::Result<FileId>;
+
+    /// Queues `op` without submitting it.
+    ///
+    /// # Safety
+    ///
+    /// For `Readv`/`Writev`, the iovec array must stay valid until the next
+    /// [`submit`](IoEngine::submit) returns, and every buffer it describes must stay valid
+    /// (and, for reads, not be accessed by anyone else) until this operation's completion has
+    /// been returned by [`pop_completion`](IoEngine::pop_completion).
+    unsafe fn push(&mut self, op: EngineOp, user_data: u64) -> Result<(), EngineFull>;
+
+    /// Submits everything queued since the last call, in one system call where possible.
+    fn submit(&mut self) -> io::Result<()>;
+
+    /// Returns the next finished operation, if any, without blocking.
+    fn pop_completion(&mut self) -> Option<Completion>;
+
+    /// Blocks until at least one completion is ready (or nothing is in flight).
+    fn wait(&mut self) -> io::Result<()>;
+
+    /// An eventfd that becomes readable when completions arrive asynchronously, for the
+    /// worker's event loop to wait on. Engines that complete inline have none.
+    fn completion_fd(&self) -> Option<RawFd>;
+
+    /// Clears the completion fd's readiness (reads the eventfd).
+    fn ack_completion_fd(&self);
+
+    /// Operations pushed whose completions have not yet been popped.
+    fn in_flight(&self) -> usize;
+
+    /// Which implementation this is.
+    fn kind(&self) -> EngineKind;
+}
+
+/// Either engine, chosen once when a disk is opened; dispatch is a `match`, not a vtable.
+pub enum AnyEngine {
+    Uring(UringEngine),
+    Sync(SyncEngine),
+}
+
+macro_rules! dispatch {
+    ($self:expr, $e:ident => $body:expr) => {
+        match $self {
+            AnyEngine::Uring($e) => $body,
+            AnyEngine::Sync($e) => $body,
+        }
+    };
+}
+
+impl IoEngine for AnyEngine {
+    fn register_file(&mut self, fd: RawFd) -> io::Result<FileId> {
+        dispatch!(self, e => e.register_file(fd))
+    }
+    #[inline]
+    unsafe fn push(&mut self, op: EngineOp, user_data: u64) -> Result<(), EngineFull> {
+        // SAFETY: the caller upholds `push`'s contract, which both engines share.
+        dispatch!(self, e => unsafe { e.push(op, user_data) })
+    }
+    #[inline]
+    fn submit(&mut self) -> io::Result<()> {
+        dispatch!(self, e => e.submit())
+    }
+    #[inline]
+    fn pop_completion(&mut self) -> Option<Completion> {
+        dispatch!(self, e => e.pop_completion())
+    }
+    fn wait(&mut self) -> io::Result<()> {
+        dispatch!(self, e => e.wait())
+    }
+    fn completion_fd(&self) -> Option<RawFd> {
+        dispatch!(self, e => e.completion_fd())
+    }
+    fn ack_completion_fd(&self) {
+        dispatch!(self, e => e.ack_completion_fd())
+    }
+    #[inline]
+    fn in_flight(&self) -> usize {
+        dispatch!(self, e => e.in_flight())
+    }
+    fn kind(&self) -> EngineKind {
+        dispatch!(self, e => e.kind())
+    }
+}
+
+/// Creates the best engine available with room for `depth` operations in flight: io_uring
+/// when the kernel allows it, otherwise the synchronous engine. `probe` is the factory's
+/// one-time answer to "does io_uring work here?".
+pub fn new_engine(kind: EngineKind, depth: u32) -> io::Result<AnyEngine> {
+    match kind {
+        EngineKind::IoUring => UringEngine::new(depth).map(AnyEngine::Uring),
+        EngineKind::Sync => Ok(AnyEngine::Sync(SyncEngine::new(depth))),
+    }
+}
+
+/// Whether io_uring can be used in this process (kernel support, seccomp, sysctl
+/// `kernel.io_uring_disabled`). The disk factory asks once.
+pub fn probe_io_uring() -> Result<(), io::Error> {
+    UringEngine::new(2).map(|_| ())
+}

@@ -1,0 +1,296 @@
+//! Metrics owned by the device that counts them: per-queue request, byte and error counters,
+//! the in-flight gauge and a latency histogram, plus rendering in the Prometheus text format.
+//!
+//! Each queue's counters are written only by that queue's worker (relaxed atomics, no
+//! contention) and read by whoever renders them.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+/// Request classes counted separately.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpClass {
+    Read,
+    Write,
+    Flush,
+    Discard,
+    WriteZeroes,
+    /// Requests answered by the device itself (identify, unsupported types).
+    Other,
+}
+
+impl OpClass {
+    pub const ALL: [OpClass; 6] = [
+        OpClass::Read,
+        OpClass::Write,
+        OpClass::Flush,
+        OpClass::Discard,
+        OpClass::WriteZeroes,
+        OpClass::Other,
+    ];
+    pub fn name(self) -> &'static str {
+        match self {
+            OpClass::Read => "read",
+            OpClass::Write => "write",
+            OpClass::Flush => "flush",
+            OpClass::Discard => "discard",
+            OpClass::WriteZeroes => "write_zeroes",
+            OpClass::Other => "other",
+        }
+    }
+}
+
+/// Error classes counted separately.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// The storage returned an error.
+    Io,
+    /// The request addressed sectors outside the disk.
+    OutOfRange,
+    /// A write to a read-only disk.
+    ReadOnly,
+    /// A request type the device does not implement.
+    Unsupported,
+    /// A descriptor chain that does not form a valid request.
+    Malformed,
+}
+
+impl ErrorClass {
+    pub const ALL: [ErrorClass; 5] = [
+        ErrorClass::Io,
+        ErrorClass::OutOfRange,
+        ErrorClass::ReadOnly,
+        ErrorClass::Unsupported,
+        ErrorClass::Malformed,
+    ];
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorClass::Io => "io",
+            ErrorClass::OutOfRange => "out_of_range",
+            ErrorClass::ReadOnly => "read_only",
+            ErrorClass::Unsupported => "unsupported",
+            ErrorClass::Malformed => "malformed",
+        }
+    }
+}
+
+/// Upper bounds of the latency buckets, in microseconds: 1 µs to about 16 s in powers of two.
+const BUCKETS: usize = 25;
+
+/// A latency histogram with power-of-two microsecond buckets.
+#[derive(Debug, Default)]
+pub struct LatencyHistogram {
+    buckets: [AtomicU64; BUCKETS],
+    overflow: AtomicU64,
+    sum_ns: AtomicU64,
+    count: AtomicU64,
+}
+
+impl LatencyHistogram {
+    #[inline]
+    pub fn record(&self, latency: Duration) {
+        let ns = latency.as_nanos().min(u128::from(u64::MAX)) as u64;
+        let us = ns / 1000;
+        // Bucket i holds latencies <= 2^i µs.
+        let i = if us <= 1 {
+            0
+        } else {
+            (64 - (us - 1).leading_zeros()) as usize
+        };
+        match self.buckets.get(i) {
+            Some(b) => b.fetch_add(1, Relaxed),
+            None => self.overflow.fetch_add(1, Relaxed),
+        };
+        self.sum_ns.fetch_add(ns, Relaxed);
+        self.count.fetch_add(1, Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count.load(Relaxed)
+    }
+
+    /// Appends this histogram as Prometheus `_bucket`, `_sum` and `_count` series.
+    pub fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let mut cumulative = 0;
+        for (i, b) in self.buckets.iter().enumerate() {
+            cumulative += b.load(Relaxed);
+            let le = (1u64 << i) as f64 / 1e6;
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {cumulative}");
+        }
+        cumulative += self.overflow.load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {cumulative}");
+        let sum = self.sum_ns.load(Relaxed) as f64 / 1e9;
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
+        let _ = writeln!(out, "{name}_count{{{labels}}} {}", self.count.load(Relaxed));
+    }
+}
+
+/// The counters of one queue of one device.
+#[derive(Debug, Default)]
+pub struct QueueMetrics {
+    requests: [AtomicU64; 6],
+    bytes: [AtomicU64; 6],
+    errors: [AtomicU64; 5],
+    in_flight: AtomicU64,
+    /// Times the engine had no room and a request waited in the virtqueue.
+    throttled: AtomicU64,
+    pub latency: LatencyHistogram,
+}
+
+fn op_index(op: OpClass) -> usize {
+    OpClass::ALL.iter().position(|o| *o == op).unwrap_or(5)
+}
+
+fn err_index(e: ErrorClass) -> usize {
+    ErrorClass::ALL.iter().position(|o| *o == e).unwrap_or(0)
+}
+
+impl QueueMetrics {
+    /// A request finished successfully, moving `bytes` of data.
+    #[inline]
+    pub fn completed(&self, op: OpClass, bytes: u64, latency: Duration) {
+        let i = op_index(op);
+        self.requests[i].fetch_add(1, Relaxed);
+        self.bytes[i].fetch_add(bytes, Relaxed);
+        self.latency.record(latency);
+    }
+
+    /// A request failed.
+    #[inline]
+    pub fn failed(&self, op: OpClass, error: ErrorClass) {
+        self.requests[op_index(op)].fetch_add(1, Relaxed);
+        self.errors[err_index(error)].fetch_add(1, Relaxed);
+    }
+
+    #[inline]
+    pub fn set_in_flight(&self, n: usize) {
+        self.in_flight.store(n as u64, Relaxed);
+    }
+
+    #[inline]
+    pub fn throttled(&self) {
+        self.throttled.fetch_add(1, Relaxed);
+    }
+
+    pub fn requests(&self, op: OpClass) -> u64 {
+        self.requests[op_index(op)].load(Relaxed)
+    }
+
+    pub fn bytes(&self, op: OpClass) -> u64 {
+        self.bytes[op_index(op)].load(Relaxed)
+    }
+
+    pub fn errors(&self, e: ErrorClass) -> u64 {
+        self.errors[err_index(e)].load(Relaxed)
+    }
+
+    /// Appends this queue's series, prefixed `prefix` and labelled with `labels`
+    /// (e.g. `disk="vda",queue="0"`).
+    pub fn render(&self, out: &mut String, prefix: &str, labels: &str) {
+        for op in OpClass::ALL {
+            let _ = writeln!(
+                out,
+                "{prefix}_requests_total{{{labels},op=\"{}\"}} {}",
+                op.name(),
+                self.requests(op)
+            );
+        }
+        for op in OpClass::ALL {
+            let _ = writeln!(
+                out,
+                "{prefix}_bytes_total{{{labels},op=\"{}\"}} {}",
+                op.name(),
+                self.bytes(op)
+            );
+        }
+        for e in ErrorClass::ALL {
+            let _ = writeln!(
+                out,
+                "{prefix}_errors_total{{{labels},kind=\"{}\"}} {}",
+                e.name(),
+                self.errors(e)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "{prefix}_in_flight{{{labels}}} {}",
+            self.in_flight.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "{prefix}_throttled_total{{{labels}}} {}",
+            self.throttled.load(Relaxed)
+        );
+        self.latency
+            .render(out, &format!("{prefix}_request_duration_seconds"), labels);
+    }
+
+    /// `# HELP`/`# TYPE` lines for the series [`render`](Self::render) writes.
+    pub fn render_help(out: &mut String, prefix: &str) {
+        for (name, kind, help) in [
+            ("requests_total", "counter", "Requests completed, by type."),
+            (
+                "bytes_total",
+                "counter",
+                "Data bytes moved, by request type.",
+            ),
+            ("errors_total", "counter", "Requests failed, by error kind."),
+            (
+                "in_flight",
+                "gauge",
+                "Requests submitted and not yet completed.",
+            ),
+            (
+                "throttled_total",
+                "counter",
+                "Times requests waited because the engine was full.",
+            ),
+            (
+                "request_duration_seconds",
+                "histogram",
+                "Request latency from submission to completion.",
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {prefix}_{name} {help}");
+            let _ = writeln!(out, "# TYPE {prefix}_{name} {kind}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let h = LatencyHistogram::default();
+        h.record(Duration::from_nanos(500));
+        h.record(Duration::from_micros(3));
+        h.record(Duration::from_secs(100));
+        let mut out = String::new();
+        h.render(&mut out, "lat", "q=\"0\"");
+        assert!(
+            out.contains("lat_bucket{q=\"0\",le=\"0.000001\"} 1"),
+            "{out}"
+        );
+        assert!(
+            out.contains("lat_bucket{q=\"0\",le=\"0.000004\"} 2"),
+            "{out}"
+        );
+        assert!(out.contains("lat_bucket{q=\"0\",le=\"+Inf\"} 3"), "{out}");
+        assert!(out.contains("lat_count{q=\"0\"} 3"), "{out}");
+    }
+
+    #[test]
+    fn counters_render_by_op_and_error() {
+        let m = QueueMetrics::default();
+        m.completed(OpClass::Read, 4096, Duration::from_micros(10));
+        m.failed(OpClass::Write, ErrorClass::ReadOnly);
+        let mut out = String::new();
+        m.render(&mut out, "blk", "disk=\"d\",queue=\"0\"");
+        assert!(out.contains("blk_requests_total{disk=\"d\",queue=\"0\",op=\"read\"} 1"));
+        assert!(out.contains("blk_bytes_total{disk=\"d\",queue=\"0\",op=\"read\"} 4096"));
+        assert!(out.contains("blk_errors_total{disk=\"d\",queue=\"0\",kind=\"read_only\"} 1"));
+    }
+}
