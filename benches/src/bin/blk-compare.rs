@@ -1,0 +1,565 @@
+//! `blk-compare`: our vhost-blk beside qemu-storage-daemon and libblkio's io_uring driver,
+//! driven by the same libblkio client, on the same page-cached file.
+//!
+//! The machine has two cores shared by client and daemon, so absolute numbers drift between
+//! runs. Every round therefore runs every target back to back, alternating which goes first,
+//! and the headline figures are per-round ratios (ours/qsd, ours/io_uring) and their medians.
+//! Each run is a new client connection, after a short warm-up on that connection.
+//!
+//! Output: progress on stderr, then a table and one JSON line on stdout.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use benches::{median, run_workload, Histogram, Pattern, Workload};
+use clap::Parser;
+use serde_json::json;
+use testkit::blkio_client::{Client, ClientOptions, Target as ClientTarget};
+use testkit::daemon::{self, Daemon, DaemonCommand};
+
+const GIB: u64 = 1 << 30;
+const BLOCK: usize = 4096;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "blk-compare",
+    about = "Compare vhost-blk with qemu-storage-daemon and io_uring on a page-cached file"
+)]
+struct Args {
+    /// File to benchmark on (created and filled if missing or smaller than --size-gib; the
+    /// randwrite workload overwrites its contents). Default: a new file in a temp dir on
+    /// /var/tmp, removed afterwards.
+    #[arg(long)]
+    file: Option<PathBuf>,
+    /// Size of the file and of the null devices, in GiB.
+    #[arg(long, default_value_t = 2)]
+    size_gib: u64,
+    /// Rounds; every round runs every workload on every target.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Seconds per measured run (after a warm-up of a fifth of that, at most 1 s).
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Our daemon's binary (default: vhost-blk next to this binary, i.e. target/release).
+    #[arg(long)]
+    vhost_blk: Option<PathBuf>,
+    /// Which targets to run, of ours, qsd, io_uring (ratios need the pairs).
+    #[arg(long, value_delimiter = ',', default_value = "ours,qsd,io_uring")]
+    targets: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Target {
+    Ours,
+    Qsd,
+    IoUring,
+}
+
+impl Target {
+    fn name(self) -> &'static str {
+        match self {
+            Target::Ours => "ours",
+            Target::Qsd => "qsd",
+            Target::IoUring => "io_uring",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Device {
+    File,
+    Null,
+}
+
+/// One row of the comparison: a workload on a device, run on several targets.
+struct Case {
+    name: &'static str,
+    device: Device,
+    pattern: Pattern,
+    depth: usize,
+    targets: &'static [Target],
+}
+
+const CASES: &[Case] = &[
+    Case {
+        name: "randread-4k-qd32",
+        device: Device::File,
+        pattern: Pattern::RandRead,
+        depth: 32,
+        targets: &[Target::Ours, Target::Qsd, Target::IoUring],
+    },
+    Case {
+        name: "randwrite-4k-qd32",
+        device: Device::File,
+        pattern: Pattern::RandWrite,
+        depth: 32,
+        targets: &[Target::Ours, Target::Qsd],
+    },
+    Case {
+        name: "randread-4k-qd1",
+        device: Device::File,
+        pattern: Pattern::RandRead,
+        depth: 1,
+        targets: &[Target::Ours, Target::Qsd],
+    },
+    Case {
+        name: "null-randread-4k-qd32",
+        device: Device::Null,
+        pattern: Pattern::RandRead,
+        depth: 32,
+        targets: &[Target::Ours, Target::Qsd],
+    },
+];
+
+/// A running daemon serving one device.
+struct Served {
+    daemon: Daemon,
+    socket: PathBuf,
+}
+
+struct Record {
+    case: &'static str,
+    target: Target,
+    round: usize,
+    iops: f64,
+    latency: Histogram,
+    errors: u64,
+    /// Daemon CPU (user + system) during the measured run; `None` for io_uring (in-process).
+    daemon_cpu: Option<Duration>,
+    ops: u64,
+}
+
+fn main() {
+    if let Err(e) = run(Args::parse()) {
+        eprintln!("blk-compare: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: Args) -> Result<()> {
+    let wanted: Vec<Target> = args
+        .targets
+        .iter()
+        .map(|t| match t.as_str() {
+            "ours" => Ok(Target::Ours),
+            "qsd" => Ok(Target::Qsd),
+            "io_uring" => Ok(Target::IoUring),
+            other => bail!("unknown target {other:?} (use ours, qsd, io_uring)"),
+        })
+        .collect::<Result<_>>()?;
+    if args.rounds == 0 || args.seconds == 0 || args.size_gib == 0 {
+        bail!("--rounds, --seconds and --size-gib must be positive");
+    }
+    let size = args.size_gib * GIB;
+    let run_time = Duration::from_secs(args.seconds);
+    let warmup = (run_time / 5).min(Duration::from_secs(1));
+
+    let tmp = tempfile::Builder::new()
+        .prefix("blk-compare.")
+        .tempdir_in("/var/tmp")
+        .context("creating a temp dir in /var/tmp")?;
+    let file = args
+        .file
+        .clone()
+        .unwrap_or_else(|| tmp.path().join("disk.img"));
+    prepare_file(&file, size)?;
+
+    let ours_bin = if wanted.contains(&Target::Ours) {
+        let bin = match &args.vhost_blk {
+            Some(p) => p.clone(),
+            None => daemon::try_binary_path("vhost-blk").map_err(|e| {
+                anyhow::anyhow!("{e}\n(for benchmarks: cargo build --release --workspace --bins)")
+            })?,
+        };
+        if bin.components().any(|c| c.as_os_str() == "debug") {
+            eprintln!(
+                "WARNING: {} looks like a debug build; numbers will not mean much",
+                bin.display()
+            );
+        }
+        Some(bin)
+    } else {
+        None
+    };
+
+    // Start every daemon once; they stay up for all rounds (each run is a new client).
+    let mut served: Vec<((Target, Device), Served)> = Vec::new();
+    for case in CASES {
+        for &t in case.targets {
+            if !wanted.contains(&t) || t == Target::IoUring {
+                continue;
+            }
+            if served.iter().any(|(k, _)| *k == (t, case.device)) {
+                continue;
+            }
+            let s = start(t, case.device, &file, size, tmp.path(), ours_bin.as_deref())?;
+            served.push(((t, case.device), s));
+        }
+    }
+
+    let mut records = Vec::new();
+    for round in 0..args.rounds {
+        for (ci, case) in CASES.iter().enumerate() {
+            let mut order: Vec<Target> = case
+                .targets
+                .iter()
+                .copied()
+                .filter(|t| wanted.contains(t))
+                .collect();
+            if order.is_empty() {
+                continue;
+            }
+            // Alternate who goes first, so that drift and warm caches favour no one.
+            let by = (round + ci) % order.len();
+            order.rotate_left(by);
+            for target in order {
+                let workload = Workload {
+                    pattern: case.pattern,
+                    block: BLOCK,
+                    depth: case.depth,
+                    span: size,
+                    duration: run_time,
+                    seed: 1000 * round as u64 + ci as u64,
+                };
+                let server = served
+                    .iter()
+                    .find(|(k, _)| *k == (target, case.device))
+                    .map(|(_, s)| s);
+                let rec = measure(case, target, round, &workload, warmup, server, &file)?;
+                eprintln!(
+                    "round {} {:<22} {:<8} {:>9.0} IOPS  p50 {:>7.1} µs  p99 {:>7.1} µs{}",
+                    round + 1,
+                    case.name,
+                    target.name(),
+                    rec.iops,
+                    us(rec.latency.percentile(50.0)),
+                    us(rec.latency.percentile(99.0)),
+                    rec.daemon_cpu
+                        .map(|c| format!("  daemon CPU {:.2} s", c.as_secs_f64()))
+                        .unwrap_or_default()
+                );
+                records.push(rec);
+            }
+        }
+    }
+
+    for ((t, d), s) in &mut served {
+        match s.daemon.terminate() {
+            Ok(status) if status.success() => {}
+            Ok(status) => eprintln!(
+                "note: {} ({d:?}) ended with {}",
+                t.name(),
+                daemon::describe_status(&status)
+            ),
+            Err(e) => eprintln!("note: stopping {} ({d:?}): {e}", t.name()),
+        }
+    }
+
+    report(&args, &file, &records);
+    Ok(())
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_nanos() as f64 / 1000.0
+}
+
+/// Creates (or reuses) a fully allocated file of `size` bytes and reads it all, so the runs
+/// measure software on the page cache rather than the throttled disk.
+fn prepare_file(path: &Path, size: u64) -> Result<()> {
+    let avail = mem_available().unwrap_or(0);
+    if avail < 2 * size {
+        eprintln!(
+            "WARNING: only {} MiB of memory available for a {} MiB file: it may not stay cached",
+            avail >> 20,
+            size >> 20
+        );
+    }
+    let existing = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    if existing < size {
+        eprintln!("creating {} ({} MiB)...", path.display(), size >> 20);
+        let mut f = File::create(path).with_context(|| format!("creating {}", path.display()))?;
+        // Non-zero data in every block, so the file is allocated and reads are real copies.
+        let chunk: Vec<u8> = (0..(4usize << 20))
+            .map(|i| (i as u8).wrapping_mul(131) | 1)
+            .collect();
+        let mut written = 0;
+        while written < size {
+            let n = (size - written).min(chunk.len() as u64) as usize;
+            f.write_all(&chunk[..n])
+                .with_context(|| format!("writing {}", path.display()))?;
+            written += n as u64;
+        }
+        f.sync_all()?;
+    }
+    let t = Instant::now();
+    let mut f = File::open(path)?;
+    let mut buf = vec![0u8; 4 << 20];
+    let mut read = 0u64;
+    while read < size {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        read += n as u64;
+    }
+    eprintln!(
+        "file {}: {} MiB, page-cached (pre-read in {:.1} s); every target uses buffered I/O, \
+         so this measures software cost, not the disk",
+        path.display(),
+        size >> 20,
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn mem_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+fn start(
+    target: Target,
+    device: Device,
+    file: &Path,
+    size: u64,
+    dir: &Path,
+    ours_bin: Option<&Path>,
+) -> Result<Served> {
+    let socket = dir.join(format!("{}-{device:?}.sock", target.name()).to_lowercase());
+    let cmd = match target {
+        Target::Ours => {
+            let disk = match device {
+                Device::File => format!("path={}", file.display()),
+                Device::Null => format!("path=null,size={size}"),
+            };
+            DaemonCommand::new(ours_bin.context("our binary")?)
+                .name(format!("vhost-blk-{device:?}").to_lowercase())
+                .readiness(daemon::Readiness::StderrContains(
+                    daemon::LISTENING_MARKER.into(),
+                ))
+                .arg("--socket")
+                .arg(&socket)
+                .arg("--disk")
+                .arg(disk)
+                .args(["--queues", "1", "--queue-size", "256"])
+        }
+        Target::Qsd => {
+            let blockdev = match device {
+                // locking=off: our daemon has the same file open at the same time.
+                Device::File => format!(
+                    "driver=file,node-name=d0,filename={},aio=io_uring,cache.direct=off,locking=off",
+                    file.display()
+                ),
+                Device::Null => format!("driver=null-co,node-name=d0,size={size}"),
+            };
+            DaemonCommand::qemu_storage_daemon(&socket)
+                .name(format!("qsd-{device:?}").to_lowercase())
+                .arg("--blockdev")
+                .arg(blockdev)
+                .arg("--export")
+                .arg(format!(
+                    "type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={},writable=on,num-queues=1",
+                    socket.display()
+                ))
+        }
+        Target::IoUring => unreachable!("io_uring runs in-process"),
+    };
+    let daemon = cmd
+        .spawn()
+        .with_context(|| format!("starting {} for the {device:?} device", target.name()))?;
+    Ok(Served { daemon, socket })
+}
+
+fn measure(
+    case: &Case,
+    target: Target,
+    round: usize,
+    workload: &Workload,
+    warmup: Duration,
+    server: Option<&Served>,
+    file: &Path,
+) -> Result<Record> {
+    let opts = ClientOptions::default().buffer_per_queue(workload.depth * workload.block);
+    let mut client = match (target, server) {
+        (Target::IoUring, _) => Client::open_with(
+            ClientTarget::IoUring {
+                path: file,
+                direct: false,
+            },
+            &opts.queue_size(256),
+        ),
+        (_, Some(s)) => Client::open_with(ClientTarget::VhostUser(&s.socket), &opts),
+        (_, None) => bail!("{} is not running", target.name()),
+    }
+    .with_context(|| format!("{} {}: connecting", case.name, target.name()))?;
+
+    let queue = client.queue(0);
+    run_workload(
+        queue,
+        &Workload {
+            duration: warmup,
+            seed: workload.seed ^ 0xFFFF,
+            ..*workload
+        },
+    )
+    .with_context(|| format!("{} {}: warm-up", case.name, target.name()))?;
+
+    let pid = server.map(|s| s.daemon.pid());
+    let cpu0 = pid.map(daemon::cpu_time).transpose()?;
+    let result = run_workload(queue, workload)
+        .with_context(|| format!("{} {}: run", case.name, target.name()))?;
+    let cpu1 = pid.map(daemon::cpu_time).transpose()?;
+    if let Some(e) = &result.first_error {
+        eprintln!(
+            "WARNING: {} {}: {} requests failed, first: {e}",
+            case.name,
+            target.name(),
+            result.errors
+        );
+    }
+    Ok(Record {
+        case: case.name,
+        target,
+        round,
+        iops: result.iops(),
+        errors: result.errors,
+        daemon_cpu: cpu0.zip(cpu1).map(|(a, b)| b.saturating_sub(a)),
+        ops: result.ops,
+        latency: result.latency,
+    })
+}
+
+/// Per-round ratio of `a`'s IOPS to `b`'s in one case, then its median over rounds.
+fn ratio(records: &[Record], case: &str, a: Target, b: Target) -> Option<(f64, Vec<f64>)> {
+    let rounds = records.iter().map(|r| r.round).max()? + 1;
+    let per_round: Vec<f64> = (0..rounds)
+        .filter_map(|round| {
+            let find = |t| {
+                records
+                    .iter()
+                    .find(|r| r.case == case && r.target == t && r.round == round)
+            };
+            Some(find(a)?.iops / find(b)?.iops)
+        })
+        .collect();
+    if per_round.is_empty() {
+        None
+    } else {
+        Some((median(&per_round), per_round))
+    }
+}
+
+fn report(args: &Args, file: &Path, records: &[Record]) {
+    println!();
+    println!(
+        "blk-compare: 4 KiB requests, 1 queue, {} s per run, {} rounds; file {} ({} GiB, page-cached)",
+        args.seconds,
+        args.rounds,
+        file.display(),
+        args.size_gib
+    );
+    println!(
+        "{:<22} {:<8} {:>10} {:>17} {:>9} {:>9} {:>11} {:>9}",
+        "workload",
+        "target",
+        "IOPS(med)",
+        "IOPS(min-max)",
+        "p50 µs",
+        "p99 µs",
+        "CPU s/run",
+        "CPU µs/IO"
+    );
+    let mut rows = Vec::new();
+    for case in CASES {
+        for &t in case.targets {
+            let rs: Vec<&Record> = records
+                .iter()
+                .filter(|r| r.case == case.name && r.target == t)
+                .collect();
+            if rs.is_empty() {
+                continue;
+            }
+            let iops: Vec<f64> = rs.iter().map(|r| r.iops).collect();
+            let mut lat = Histogram::default();
+            for r in &rs {
+                lat.merge(&r.latency);
+            }
+            let cpu: Vec<f64> = rs
+                .iter()
+                .filter_map(|r| r.daemon_cpu.map(|c| c.as_secs_f64()))
+                .collect();
+            let ops: u64 = rs.iter().map(|r| r.ops).sum();
+            let cpu_per_run = (!cpu.is_empty()).then(|| cpu.iter().sum::<f64>() / cpu.len() as f64);
+            let cpu_per_io =
+                (!cpu.is_empty() && ops > 0).then(|| cpu.iter().sum::<f64>() / ops as f64 * 1e6);
+            let min = iops.iter().copied().fold(f64::INFINITY, f64::min);
+            let max = iops.iter().copied().fold(0.0, f64::max);
+            let med = median(&iops);
+            println!(
+                "{:<22} {:<8} {:>10.0} {:>17} {:>9.1} {:>9.1} {:>11} {:>9}",
+                case.name,
+                t.name(),
+                med,
+                format!("{min:.0}-{max:.0}"),
+                us(lat.percentile(50.0)),
+                us(lat.percentile(99.0)),
+                cpu_per_run.map_or("-".into(), |c| format!("{c:.2}")),
+                cpu_per_io.map_or("-".into(), |c| format!("{c:.1}")),
+            );
+            rows.push(json!({
+                "workload": case.name,
+                "target": t.name(),
+                "iops_median": med.round(),
+                "iops_per_round": iops.iter().map(|v| v.round()).collect::<Vec<_>>(),
+                "p50_us": us(lat.percentile(50.0)),
+                "p99_us": us(lat.percentile(99.0)),
+                "errors": rs.iter().map(|r| r.errors).sum::<u64>(),
+                "daemon_cpu_s_per_run": cpu_per_run,
+                "daemon_cpu_us_per_io": cpu_per_io,
+            }));
+        }
+    }
+
+    println!();
+    let mut ratios = serde_json::Map::new();
+    for case in CASES {
+        for (a, b) in [(Target::Ours, Target::Qsd), (Target::Ours, Target::IoUring)] {
+            if !(case.targets.contains(&a) && case.targets.contains(&b)) {
+                continue;
+            }
+            if let Some((med, per_round)) = ratio(records, case.name, a, b) {
+                let key = format!("{}:{}/{}", case.name, a.name(), b.name());
+                println!(
+                    "ratio {key:<40} {med:>6.2}  (per round: {})",
+                    per_round
+                        .iter()
+                        .map(|r| format!("{r:.2}"))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                );
+                ratios.insert(key, json!(med));
+            }
+        }
+    }
+    println!(
+        "note: qsd's null device is null-co without read-zeroes (it does not touch the buffer); \
+         ours returns zeroes"
+    );
+    let line = json!({
+        "bench": "blk-compare",
+        "file": file.display().to_string(),
+        "page_cached": true,
+        "size_bytes": args.size_gib * GIB,
+        "block_bytes": BLOCK,
+        "rounds": args.rounds,
+        "seconds_per_run": args.seconds,
+        "results": rows,
+        "ratios_iops": ratios,
+    });
+    println!("{line}");
+}

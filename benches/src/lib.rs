@@ -1,0 +1,363 @@
+//! Workload code shared by Strata's benchmarks and the tests that reuse them.
+//!
+//! This crate's library owns the parts of a block benchmark that do not depend on what is being
+//! measured: random offsets ([`Rng`], [`random_block`]), a latency histogram with percentiles
+//! ([`Histogram`]), and the queue-depth loop that keeps N requests in flight on one libblkio
+//! queue and times each of them ([`run_workload`]). The `blk-compare` binary and the criterion
+//! suites build on it.
+
+use std::time::{Duration, Instant};
+
+use testkit::blkio_client::{ClientError, Queue, SlotOp};
+
+/// xorshift64*: small, fast, and reproducible from a seed, so two daemons see the same offset
+/// sequence. Not for anything but choosing offsets.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        // Zero is xorshift's fixed point; mix the seed so that small seeds differ.
+        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// Uniform in `0..n` (n > 0), by multiply-shift (no modulo bias worth measuring).
+    pub fn below(&mut self, n: u64) -> u64 {
+        assert!(n > 0, "below(0)");
+        ((u128::from(self.next_u64()) * u128::from(n)) >> 64) as u64
+    }
+}
+
+/// A random `block`-aligned offset such that `[offset, offset + block)` lies in `capacity`.
+pub fn random_block(rng: &mut Rng, capacity: u64, block: u64) -> u64 {
+    let blocks = capacity / block;
+    assert!(blocks > 0, "capacity {capacity} smaller than block {block}");
+    rng.below(blocks) * block
+}
+
+/// Latency histogram: log-linear buckets (64 per power of two of nanoseconds), so every
+/// percentile is within 1/64 (1.6%) of the true value, in fixed memory however long the run.
+#[derive(Clone, Debug)]
+pub struct Histogram {
+    counts: Vec<u64>,
+    total: u64,
+    sum_ns: u128,
+    max_ns: u64,
+}
+
+const SUB_BITS: u32 = 6;
+const SUB: u64 = 1 << SUB_BITS;
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Self {
+            counts: vec![0; (64 * SUB) as usize],
+            total: 0,
+            sum_ns: 0,
+            max_ns: 0,
+        }
+    }
+}
+
+impl Histogram {
+    fn index(ns: u64) -> usize {
+        if ns < SUB {
+            return ns as usize;
+        }
+        let msb = 63 - ns.leading_zeros(); // >= SUB_BITS
+        let shift = msb - SUB_BITS;
+        let sub = (ns >> shift) - SUB; // 0..SUB
+        ((u64::from(shift) + 1) * SUB + sub) as usize
+    }
+
+    /// The largest value that falls in bucket `i` (what percentiles report: conservative).
+    fn upper(i: usize) -> u64 {
+        let i = i as u64;
+        if i < SUB {
+            return i;
+        }
+        let shift = i / SUB - 1;
+        let sub = i % SUB;
+        ((SUB + sub + 1) << shift) - 1
+    }
+
+    pub fn record(&mut self, latency: Duration) {
+        let ns = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX);
+        self.counts[Self::index(ns)] += 1;
+        self.total += 1;
+        self.sum_ns += u128::from(ns);
+        self.max_ns = self.max_ns.max(ns);
+    }
+
+    pub fn merge(&mut self, other: &Histogram) {
+        for (a, b) in self.counts.iter_mut().zip(&other.counts) {
+            *a += b;
+        }
+        self.total += other.total;
+        self.sum_ns += other.sum_ns;
+        self.max_ns = self.max_ns.max(other.max_ns);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.total
+    }
+
+    pub fn mean(&self) -> Duration {
+        if self.total == 0 {
+            return Duration::ZERO;
+        }
+        Duration::from_nanos((self.sum_ns / u128::from(self.total)) as u64)
+    }
+
+    pub fn max(&self) -> Duration {
+        Duration::from_nanos(self.max_ns)
+    }
+
+    /// The latency below which `p` percent of samples fall (0 < p <= 100); zero if empty.
+    pub fn percentile(&self, p: f64) -> Duration {
+        if self.total == 0 {
+            return Duration::ZERO;
+        }
+        let rank = ((p / 100.0) * self.total as f64).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, &c) in self.counts.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                return Duration::from_nanos(Self::upper(i).min(self.max_ns));
+            }
+        }
+        self.max()
+    }
+}
+
+/// What one run does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pattern {
+    RandRead,
+    RandWrite,
+}
+
+impl Pattern {
+    pub fn name(self) -> &'static str {
+        match self {
+            Pattern::RandRead => "randread",
+            Pattern::RandWrite => "randwrite",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Workload {
+    pub pattern: Pattern,
+    pub block: usize,
+    pub depth: usize,
+    /// Offsets are drawn from `[0, span)` (whole blocks).
+    pub span: u64,
+    pub duration: Duration,
+    pub seed: u64,
+}
+
+/// What a run measured.
+#[derive(Clone, Debug)]
+pub struct RunResult {
+    pub ops: u64,
+    pub errors: u64,
+    pub elapsed: Duration,
+    pub latency: Histogram,
+    /// The first error, for the report.
+    pub first_error: Option<String>,
+}
+
+impl RunResult {
+    pub fn iops(&self) -> f64 {
+        self.ops as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Keeps `depth` requests in flight on `queue` for `duration`, resubmitting each slot as soon as
+/// its request completes, and times every request from submission to completion. Stops
+/// submitting at the deadline and drains what is in flight (those count too).
+pub fn run_workload(queue: &mut Queue, w: &Workload) -> Result<RunResult, ClientError> {
+    let mut pipe = queue.pipeline(w.depth, w.block)?;
+    let mut rng = Rng::new(w.seed);
+    let mut started = vec![Instant::now(); w.depth];
+    let mut latency = Histogram::default();
+    let mut ops = 0u64;
+    let mut errors = 0u64;
+    let mut first_error = None;
+
+    if w.pattern == Pattern::RandWrite {
+        // Non-zero data, so that no layer can shortcut zero pages.
+        for slot in 0..w.depth {
+            let fill = (slot as u8).wrapping_mul(37) | 1;
+            pipe.slot_mut(slot).fill(fill);
+        }
+    }
+    let submit = |pipe: &mut testkit::blkio_client::Pipeline<'_>,
+                  rng: &mut Rng,
+                  started: &mut [Instant],
+                  slot: usize| {
+        let offset = random_block(rng, w.span, w.block as u64);
+        let op = match w.pattern {
+            Pattern::RandRead => SlotOp::Read(offset),
+            Pattern::RandWrite => SlotOp::Write(offset),
+        };
+        started[slot] = Instant::now();
+        pipe.submit(slot, op);
+    };
+
+    let begin = Instant::now();
+    let deadline = begin + w.duration;
+    for slot in 0..w.depth {
+        submit(&mut pipe, &mut rng, &mut started, slot);
+    }
+    let mut free = Vec::with_capacity(w.depth);
+    while pipe.in_flight() > 0 {
+        free.clear();
+        pipe.wait(1, |slot, result| {
+            latency.record(started[slot].elapsed());
+            match result {
+                Ok(()) => ops += 1,
+                Err(e) => {
+                    errors += 1;
+                    first_error.get_or_insert_with(|| e.to_string());
+                }
+            }
+            free.push(slot);
+        })?;
+        if Instant::now() < deadline {
+            for &slot in &free {
+                submit(&mut pipe, &mut rng, &mut started, slot);
+            }
+        }
+    }
+    Ok(RunResult {
+        ops,
+        errors,
+        elapsed: begin.elapsed(),
+        latency,
+        first_error,
+    })
+}
+
+/// Median of a non-empty list (mean of the middle two for even lengths).
+pub fn median(values: &[f64]) -> f64 {
+    assert!(!values.is_empty(), "median of nothing");
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rng_is_reproducible_and_spreads() {
+        let a: Vec<u64> = {
+            let mut r = Rng::new(1);
+            (0..5).map(|_| r.next_u64()).collect()
+        };
+        let b: Vec<u64> = {
+            let mut r = Rng::new(1);
+            (0..5).map(|_| r.next_u64()).collect()
+        };
+        assert_eq!(a, b);
+        assert_ne!(a, {
+            let mut r = Rng::new(2);
+            (0..5).map(|_| r.next_u64()).collect::<Vec<_>>()
+        });
+        let mut r = Rng::new(7);
+        let mut hits = [0u32; 16];
+        for _ in 0..16_000 {
+            hits[r.below(16) as usize] += 1;
+        }
+        assert!(hits.iter().all(|&h| (800..1200).contains(&h)), "{hits:?}");
+    }
+
+    #[test]
+    fn random_blocks_are_aligned_and_in_range() {
+        let mut r = Rng::new(3);
+        for _ in 0..10_000 {
+            let o = random_block(&mut r, 1 << 20, 4096);
+            assert_eq!(o % 4096, 0);
+            assert!(o + 4096 <= 1 << 20);
+        }
+        // A capacity that is not a multiple of the block still keeps blocks inside it.
+        for _ in 0..1000 {
+            assert!(random_block(&mut r, 10_000, 4096) + 4096 <= 10_000);
+        }
+    }
+
+    #[test]
+    fn histogram_percentiles_are_within_resolution() {
+        let mut h = Histogram::default();
+        for us in 1..=1000u64 {
+            h.record(Duration::from_micros(us));
+        }
+        assert_eq!(h.count(), 1000);
+        let close = |got: Duration, want_us: f64| {
+            let got = got.as_nanos() as f64 / 1000.0;
+            assert!(
+                (got - want_us).abs() <= want_us / 60.0,
+                "got {got} µs, want {want_us} µs"
+            );
+        };
+        close(h.percentile(50.0), 500.0);
+        close(h.percentile(99.0), 990.0);
+        close(h.percentile(100.0), 1000.0);
+        close(h.mean(), 500.5);
+        assert_eq!(h.max(), Duration::from_micros(1000));
+
+        let mut other = Histogram::default();
+        for _ in 0..1000 {
+            other.record(Duration::from_millis(10));
+        }
+        h.merge(&other);
+        close(h.percentile(25.0), 500.0);
+        close(h.percentile(75.0), 10_000.0);
+    }
+
+    #[test]
+    fn histogram_buckets_cover_small_and_huge_values() {
+        for ns in [
+            0u64,
+            1,
+            63,
+            64,
+            65,
+            127,
+            128,
+            1000,
+            123_456_789,
+            u64::MAX / 2,
+        ] {
+            let i = Histogram::index(ns);
+            assert!(Histogram::upper(i) >= ns, "ns {ns} bucket {i}");
+            if i > 0 {
+                assert!(Histogram::upper(i - 1) < ns, "ns {ns} bucket {i}");
+            }
+        }
+        assert!(Histogram::index(u64::MAX) < 64 * SUB as usize);
+    }
+
+    #[test]
+    fn median_of_odd_and_even() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+    }
+}

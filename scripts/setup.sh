@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Installs everything Strata's test suite needs on a fresh Debian 12 machine (run as root),
+# and unpacks a Debian cloud kernel into .cache/guest/ for the Linux-guest tests.
+# Idempotent: a second run only checks and prints what it found.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+GUEST_DIR="${STRATA_GUEST_DIR:-$ROOT/.cache/guest}"
+
+log() { printf 'setup: %s\n' "$*"; }
+
+# Debian packages the tests run as real clients and peers (see shared/REAL-CLIENTS.md):
+# QEMU and its storage daemon, busybox for the guest initramfs, firmware for boot tests,
+# qemu-img as the image oracle, xz for compressed kernel modules.
+PACKAGES=(qemu-system-x86 busybox-static cpio seabios ovmf qemu-utils xz-utils)
+
+SUDO=()
+if [[ $(id -u) -ne 0 ]]; then
+    SUDO=(sudo)
+fi
+
+missing=()
+for pkg in "${PACKAGES[@]}"; do
+    status=$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true)
+    if [[ $status != "install ok installed" ]]; then
+        missing+=("$pkg")
+    fi
+done
+apt_updated=0
+apt_update() {
+    if [[ $apt_updated -eq 0 ]]; then
+        log "apt-get update"
+        "${SUDO[@]}" apt-get update -qq
+        apt_updated=1
+    fi
+}
+if [[ ${#missing[@]} -gt 0 ]]; then
+    apt_update
+    log "installing ${missing[*]} (this can take a few minutes)"
+    DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
+else
+    log "packages present: ${PACKAGES[*]}"
+fi
+
+# The guest kernel: downloaded and unpacked, never installed on the host.
+if [[ -e "$GUEST_DIR/vmlinuz" ]] && compgen -G "$GUEST_DIR/lib/modules/*/kernel" >/dev/null; then
+    log "guest kernel present in $GUEST_DIR"
+else
+    mkdir -p "$GUEST_DIR"
+    dl="$GUEST_DIR/.download"
+    rm -rf "$dl"
+    mkdir -p "$dl"
+    # apt-get download drops privileges to _apt when it can write there; let it.
+    chmod 0777 "$dl"
+    fetch() {
+        # A package index older than the archive gives a 404: refresh once and retry.
+        if ! (cd "$dl" && apt-get download -q "$1"); then
+            apt_update
+            (cd "$dl" && apt-get download -q "$1")
+        fi
+    }
+    log "downloading linux-image-cloud-amd64 metapackage"
+    fetch linux-image-cloud-amd64
+    meta=$(ls "$dl"/linux-image-cloud-amd64_*.deb)
+    versioned=$(dpkg-deb -f "$meta" Depends | tr ',' '\n' | sed 's/[[:space:]]*(.*//; s/^[[:space:]]*//' |
+        grep -E '^linux-image-[0-9].*-cloud-amd64(-unsigned)?$' | head -n1)
+    if [[ -z "$versioned" ]]; then
+        echo "setup: could not find a versioned kernel in the Depends of $meta" >&2
+        exit 1
+    fi
+    log "downloading $versioned"
+    fetch "$versioned"
+    kdeb=$(ls "$dl"/"$versioned"_*.deb)
+    log "unpacking $(basename "$kdeb") into $GUEST_DIR"
+    dpkg -x "$kdeb" "$GUEST_DIR"
+    kernel=$(ls "$GUEST_DIR"/boot/vmlinuz-* | head -n1)
+    ln -sfn "boot/$(basename "$kernel")" "$GUEST_DIR/vmlinuz"
+    rm -rf "$dl"
+    log "guest kernel ready: $GUEST_DIR/vmlinuz -> $(basename "$kernel")"
+fi
+log "done"

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The one command that runs Strata's whole test suite on a fresh Debian 12 machine:
+# install the real clients and the guest kernel, build our daemons, run every test.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+# A non-login shell (CI) may not have rustup's directory on PATH yet.
+if ! command -v cargo >/dev/null 2>&1 && [[ -f "$HOME/.cargo/env" ]]; then
+    # shellcheck source=/dev/null
+    source "$HOME/.cargo/env"
+fi
+
+step() { printf '\n==> %s\n' "$*"; }
+start=$SECONDS
+
+step "scripts/setup.sh"
+bash scripts/setup.sh
+
+# Tests start the daemons as processes, so the binaries must exist before the tests run.
+step "cargo build --workspace --bins"
+cargo build --workspace --bins
+
+step "cargo test --workspace --no-fail-fast"
+cargo test --workspace --no-fail-fast
+
+step "all tests passed in $((SECONDS - start)) s"

@@ -1,0 +1,6 @@
+//! Test and bench fixtures.
+pub mod blkio_client;
+pub mod daemon;
+pub mod guest;
+pub mod http;
+pub mod tools;

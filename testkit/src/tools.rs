@@ -1,0 +1,82 @@
+//! Finding the host programs that tests drive as real clients and peers (QEMU, busybox,
+//! qemu-storage-daemon, ...).
+//!
+//! A missing tool is a broken machine, not a reason to skip: every lookup here fails with an
+//! error that names the tool and says how to install it (`scripts/setup.sh`).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Result};
+
+/// The script that installs every tool the test suite needs.
+pub const SETUP_HINT: &str = "run scripts/setup.sh";
+
+/// Returns the absolute path of the program `name` as found on `PATH`.
+///
+/// Fails with "`name` not found: run scripts/setup.sh" when it is not there, so a test that
+/// needs it fails loudly instead of silently passing without its client.
+pub fn require_tool(name: &str) -> Result<PathBuf> {
+    match find_in_path(name) {
+        Some(path) => Ok(path),
+        None => bail!("{name} not found on PATH: {SETUP_HINT}"),
+    }
+}
+
+/// Returns `path` if it exists, otherwise an error naming `what` it is and the setup script.
+pub fn require_file(path: &Path, what: &str) -> Result<PathBuf> {
+    if path.exists() {
+        Ok(path.to_path_buf())
+    } else {
+        bail!("{what} not found at {}: {SETUP_HINT}", path.display())
+    }
+}
+
+fn find_in_path(name: &str) -> Option<PathBuf> {
+    if name.contains('/') {
+        let path = PathBuf::from(name);
+        return is_executable(&path).then_some(path);
+    }
+    // Tests may run with a minimal PATH (CI, `env -i`): also look where Debian installs
+    // system programs, so a tool that is installed is never reported missing.
+    let path_var = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path_var)
+        .chain(["/usr/local/bin", "/usr/bin", "/bin", "/usr/sbin", "/sbin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|candidate| is_executable(candidate))
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    path.metadata()
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_a_tool_every_machine_has() {
+        let sh = require_tool("sh").unwrap();
+        assert!(sh.is_absolute(), "{}", sh.display());
+    }
+
+    #[test]
+    fn missing_tool_names_itself_and_the_setup_script() {
+        let err = require_tool("strata-no-such-tool").unwrap_err().to_string();
+        assert!(err.contains("strata-no-such-tool not found"), "{err}");
+        assert!(err.contains("scripts/setup.sh"), "{err}");
+    }
+
+    #[test]
+    fn missing_file_names_what_it_is() {
+        let err = require_file(Path::new("/nonexistent/strata"), "guest kernel")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("guest kernel not found at /nonexistent/strata"),
+            "{err}"
+        );
+    }
+}

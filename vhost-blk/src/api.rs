@@ -1,0 +1,175 @@
+//! The HTTP API on a unix socket (HTTP/1.1, as Cloud Hypervisor's API): `GET /metrics` in the
+//! Prometheus text format and `GET /v1/disk` as JSON. One connection at a time, one request
+//! per connection; this is a control plane, not a data path.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use storage_core::metrics::QueueMetrics;
+
+use crate::device::BlkDevice;
+use crate::socket::{self, SocketError, SocketFile};
+
+/// The API server; the socket file goes away when this is dropped.
+pub struct ApiServer {
+    _file: SocketFile,
+}
+
+impl ApiServer {
+    pub fn start(path: &Path, device: Arc<BlkDevice>) -> Result<Self, SocketError> {
+        let listener = socket::bind(path)?;
+        std::thread::Builder::new()
+            .name("api".into())
+            .spawn(move || serve(listener, device))
+            .map_err(|source| SocketError::Bind {
+                path: path.to_owned(),
+                source,
+            })?;
+        Ok(ApiServer {
+            _file: SocketFile(path.to_owned()),
+        })
+    }
+}
+
+fn serve(listener: UnixListener, device: Arc<BlkDevice>) {
+    for stream in listener.incoming() {
+        match stream {
+            Ok(stream) => {
+                if let Err(e) = handle(stream, &device) {
+                    log::debug!("api: {e}");
+                }
+            }
+            Err(e) => log::warn!("api: accept failed: {e}"),
+        }
+    }
+}
+
+fn handle(stream: UnixStream, device: &BlkDevice) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line)?;
+    // Skip the headers; no request here has a body.
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 || line == "\r\n" || line == "\n" {
+            break;
+        }
+    }
+    let mut parts = request_line.split_whitespace();
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (status, content_type, body) = route(method, target, device);
+    let mut stream = stream;
+    write!(
+        stream,
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )?;
+    stream.write_all(body.as_bytes())
+}
+
+fn route(method: &str, target: &str, device: &BlkDevice) -> (&'static str, &'static str, String) {
+    match (method, target) {
+        ("GET", "/metrics") => (
+            "200 OK",
+            "text/plain; version=0.0.4",
+            render_metrics(device),
+        ),
+        ("GET", "/v1/disk") => ("200 OK", "application/json", disk_json(device).to_string()),
+        (_, "/metrics" | "/v1/disk") => (
+            "405 Method Not Allowed",
+            "application/json",
+            r#"{"error":"only GET is allowed"}"#.to_string(),
+        ),
+        _ => (
+            "404 Not Found",
+            "application/json",
+            r#"{"error":"unknown path; try /metrics or /v1/disk"}"#.to_string(),
+        ),
+    }
+}
+
+/// The Prometheus exposition of the device: per queue counters and latency, plus the disk's
+/// size and the frontend's state.
+pub fn render_metrics(device: &BlkDevice) -> String {
+    let mut out = String::new();
+    let prefix = "strata_blk";
+    let disk = escape(&device.spec.serial_or_default());
+    QueueMetrics::render_help(&mut out, prefix);
+    for (i, q) in device.all_queue_metrics().iter().enumerate() {
+        q.render(&mut out, prefix, &format!("disk=\"{disk}\",queue=\"{i}\""));
+    }
+    out.push_str(&format!(
+        "# HELP {prefix}_capacity_bytes Disk size.\n# TYPE {prefix}_capacity_bytes gauge\n\
+         {prefix}_capacity_bytes{{disk=\"{disk}\"}} {}\n",
+        device.capacity()
+    ));
+    out.push_str(&format!(
+        "# HELP {prefix}_frontend_connected Whether a frontend is connected.\n\
+         # TYPE {prefix}_frontend_connected gauge\n\
+         {prefix}_frontend_connected{{disk=\"{disk}\"}} {}\n",
+        u8::from(device.connected.load(Ordering::Relaxed))
+    ));
+    out.push_str(&format!(
+        "# HELP {prefix}_frontend_connections_total Frontend connections accepted.\n\
+         # TYPE {prefix}_frontend_connections_total counter\n\
+         {prefix}_frontend_connections_total{{disk=\"{disk}\"}} {}\n",
+        device.connections.load(Ordering::Relaxed)
+    ));
+    out
+}
+
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"")
+}
+
+/// What `GET /v1/disk` reports.
+pub fn disk_json(device: &BlkDevice) -> serde_json::Value {
+    let info = device.info();
+    let acked = device.acked_features.load(Ordering::Relaxed);
+    serde_json::json!({
+        "path": info.path,
+        "format": info.format,
+        "size": info.capacity,
+        "read_only": info.read_only,
+        "direct": info.direct,
+        "engine": info.engine.name(),
+        "serial": device.spec.serial_or_default(),
+        "queues": device.num_queues,
+        "queue_size": device.queue_size,
+        "queue_depth": device.queue_depth,
+        "write_cache": if device.writeback.load(Ordering::Relaxed) { "writeback" } else { "writethrough" },
+        "features_offered": format!("{:#x}", device.features()),
+        "features_negotiated": format!("{acked:#x}"),
+        "features_negotiated_names": feature_names(acked),
+        "frontend_connected": device.connected.load(Ordering::Relaxed),
+        "frontend_connections": device.connections.load(Ordering::Relaxed),
+    })
+}
+
+fn feature_names(bits: u64) -> Vec<&'static str> {
+    use crate::virtio_blk::*;
+    [
+        (VIRTIO_BLK_F_SIZE_MAX, "SIZE_MAX"),
+        (VIRTIO_BLK_F_SEG_MAX, "SEG_MAX"),
+        (VIRTIO_BLK_F_RO, "RO"),
+        (VIRTIO_BLK_F_BLK_SIZE, "BLK_SIZE"),
+        (VIRTIO_BLK_F_FLUSH, "FLUSH"),
+        (VIRTIO_BLK_F_TOPOLOGY, "TOPOLOGY"),
+        (VIRTIO_BLK_F_CONFIG_WCE, "CONFIG_WCE"),
+        (VIRTIO_BLK_F_MQ, "MQ"),
+        (VIRTIO_BLK_F_DISCARD, "DISCARD"),
+        (VIRTIO_BLK_F_WRITE_ZEROES, "WRITE_ZEROES"),
+        (VIRTIO_RING_F_INDIRECT_DESC, "RING_INDIRECT_DESC"),
+        (VIRTIO_RING_F_EVENT_IDX, "RING_EVENT_IDX"),
+        (VIRTIO_F_VERSION_1, "VERSION_1"),
+    ]
+    .iter()
+    .filter(|(bit, _)| bits & (1 << bit) != 0)
+    .map(|(_, name)| *name)
+    .collect()
+}

@@ -1,0 +1,242 @@
+//! The daemon's lifecycle: open the disk, listen, serve one frontend at a time and accept the
+//! next after a disconnect; on SIGTERM or SIGINT stop taking requests, finish those in
+//! flight, flush, and exit.
+
+use std::os::unix::io::AsRawFd;
+use std::os::unix::net::UnixListener;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use storage_core::disk::{open_disk, Disk};
+
+use crate::api::ApiServer;
+use crate::backend::BlkBackend;
+use crate::config::Config;
+use crate::device::BlkDevice;
+use crate::socket::{self, SocketFile};
+use crate::worker::QueueWorker;
+
+/// Shutdown state shared with the signal thread.
+struct Control {
+    wake: EventFd,
+    connection: Mutex<Option<ShutdownHandle>>,
+}
+
+/// A daemon that has opened its disk and bound its sockets, ready to serve.
+pub struct Daemon {
+    config: Config,
+    device: Arc<BlkDevice>,
+    backend: Arc<BlkBackend>,
+    listener: UnixListener,
+    _socket_file: SocketFile,
+    _api: Option<ApiServer>,
+    control: Arc<Control>,
+}
+
+impl Daemon {
+    /// Start-up: everything that can fail because of the user's input fails here.
+    pub fn new(config: Config) -> Result<Self> {
+        block_termination_signals()?;
+        let disk = open_disk(&config.disk)?;
+        let device = Arc::new(BlkDevice::new(
+            config.disk.clone(),
+            disk,
+            config.queues,
+            config.queue_size,
+            config.queue_depth,
+        ));
+        let workers = (0..usize::from(config.queues))
+            .map(|i| {
+                let queue = device.disk.new_queue(config.queue_depth)?;
+                Ok(QueueWorker::new(i, device.clone(), queue, config.queue_depth))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let backend = Arc::new(BlkBackend::new(device.clone(), workers));
+        let api = match &config.api_socket {
+            Some(path) => Some(ApiServer::start(path, device.clone())?),
+            None => None,
+        };
+        let listener = socket::bind(&config.socket)?;
+        let control = Arc::new(Control {
+            wake: EventFd::new(EFD_NONBLOCK).context("cannot create eventfd")?,
+            connection: Mutex::new(None),
+        });
+        spawn_signal_thread(control.clone(), device.clone())?;
+        let info = device.info();
+        log::info!(
+            "serving {} ({} format, {} bytes{}, {} engine) with {} queue(s) of depth {}",
+            info.path,
+            info.format,
+            info.capacity,
+            if info.read_only { ", read-only" } else { "" },
+            info.engine.name(),
+            config.queues,
+            config.queue_depth
+        );
+        Ok(Daemon {
+            _socket_file: SocketFile(config.socket.clone()),
+            config,
+            device,
+            backend,
+            listener,
+            _api: api,
+            control,
+        })
+    }
+
+    /// Serves frontends until a termination signal; then drains and flushes.
+    pub fn run(self) -> Result<()> {
+        eprintln!("vhost-blk: listening on {}", self.config.socket.display());
+        let mut listener = Listener::from(self.listener.try_clone()?);
+        while self.wait_for_client()? {
+            self.serve_one(&mut listener)?;
+        }
+        self.backend.drain_all();
+        self.device
+            .disk
+            .flush()
+            .context("final flush of the disk failed")?;
+        log::info!("shut down cleanly: requests drained, disk flushed");
+        Ok(())
+    }
+
+    fn stopping(&self) -> bool {
+        self.device.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Waits until a frontend connects (true) or the daemon is told to stop (false).
+    fn wait_for_client(&self) -> Result<bool> {
+        loop {
+            if self.stopping() {
+                return Ok(false);
+            }
+            let mut fds = [
+                libc::pollfd {
+                    fd: self.listener.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: self.control.wake.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: `fds` is a valid array of two pollfds for the duration of the call.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e).context("poll on the listening socket failed");
+            }
+            if self.stopping() {
+                return Ok(false);
+            }
+            if fds[0].revents & libc::POLLIN != 0 {
+                return Ok(true);
+            }
+        }
+    }
+
+    /// Serves one frontend connection until it goes away.
+    fn serve_one(&self, listener: &mut Listener) -> Result<()> {
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        self.backend.attach(&mem);
+        let mut daemon = VhostUserDaemon::new("vhost-blk".into(), self.backend.clone(), mem)
+            .map_err(|e| anyhow::anyhow!("cannot set up the vhost-user handler: {e}"))?;
+        for (i, handler) in daemon.get_epoll_handlers().iter().enumerate() {
+            if let Some(fd) = self.backend.worker(i).completion_fd() {
+                handler
+                    .register_listener(fd, EventSet::IN, self.backend.completion_event_id())
+                    .context("cannot watch the completion eventfd")?;
+            }
+        }
+        daemon
+            .start(listener)
+            .map_err(|e| anyhow::anyhow!("cannot accept a frontend: {e}"))?;
+        self.device.connected.store(true, Ordering::SeqCst);
+        self.device.connections.fetch_add(1, Ordering::Relaxed);
+        log::info!("frontend connected");
+        *lock(&self.control.connection) = daemon.shutdown_handle();
+        if self.stopping() {
+            if let Some(h) = lock(&self.control.connection).take() {
+                h.shutdown();
+            }
+        }
+        let result = daemon.wait();
+        lock(&self.control.connection).take();
+        self.device.connected.store(false, Ordering::SeqCst);
+        match result {
+            Ok(()) => log::info!("frontend disconnected"),
+            Err(e) => log::info!("frontend connection ended: {e}"),
+        }
+        // Answer what is still in flight before the worker threads go away, then make the
+        // data durable: a frontend that is gone can no longer ask for a flush.
+        self.backend.drain_all();
+        drop(daemon);
+        if let Err(e) = self.device.disk.flush() {
+            log::error!("flush after disconnect failed: {e}");
+        }
+        Ok(())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn termination_signals() -> libc::sigset_t {
+    // SAFETY: sigemptyset/sigaddset initialise and fill the set we own.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        set
+    }
+}
+
+/// Blocks SIGTERM/SIGINT in this thread, so that every thread started later inherits the
+/// mask and only the signal thread receives them (through sigwait).
+fn block_termination_signals() -> Result<()> {
+    let set = termination_signals();
+    // SAFETY: `set` is a valid, initialised signal set; the old mask is not needed.
+    let ret = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if ret != 0 {
+        anyhow::bail!("cannot block termination signals: error {ret}");
+    }
+    Ok(())
+}
+
+fn spawn_signal_thread(control: Arc<Control>, device: Arc<BlkDevice>) -> Result<()> {
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            let set = termination_signals();
+            let mut sig = 0;
+            // SAFETY: `set` is initialised and `sig` is a valid out-pointer.
+            if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+                continue;
+            }
+            if device.stopping.swap(true, Ordering::SeqCst) {
+                log::warn!("second termination signal: exiting without draining");
+                std::process::exit(1);
+            }
+            log::info!("signal {sig}: draining in-flight requests and shutting down");
+            let _ = control.wake.write(1);
+            if let Some(h) = lock(&control.connection).take() {
+                h.shutdown();
+            }
+        })
+        .context("cannot start the signal thread")?;
+    Ok(())
+}

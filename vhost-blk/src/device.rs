@@ -1,0 +1,122 @@
+//! The block device's shared state: what the disk is, what the frontend negotiated, and the
+//! per-queue metrics. Owned by the daemon, read by the API, used by every queue worker
+//! (read-mostly atomics; nothing here is locked on the data path).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use storage_core::disk::{AnyDisk, Disk, DiskInfo, DiskSpec};
+use storage_core::metrics::QueueMetrics;
+use storage_core::units::SECTOR_SIZE;
+
+use crate::virtio_blk::{self, BlkConfig};
+
+pub struct BlkDevice {
+    pub spec: DiskSpec,
+    pub disk: AnyDisk,
+    serial: Vec<u8>,
+    pub num_queues: u16,
+    pub queue_size: u16,
+    pub queue_depth: u32,
+    /// The guest's write cache setting (CONFIG_WCE); write-through adds a flush per write.
+    pub writeback: AtomicBool,
+    /// Virtio features the current frontend acknowledged.
+    pub acked_features: AtomicU64,
+    pub connected: AtomicBool,
+    pub connections: AtomicU64,
+    /// Set on shutdown: workers stop taking new requests.
+    pub stopping: AtomicBool,
+    queues: Vec<Arc<QueueMetrics>>,
+}
+
+impl BlkDevice {
+    pub fn new(
+        spec: DiskSpec,
+        disk: AnyDisk,
+        num_queues: u16,
+        queue_size: u16,
+        queue_depth: u32,
+    ) -> Self {
+        let serial = spec.serial_or_default().into_bytes();
+        BlkDevice {
+            spec,
+            disk,
+            serial,
+            num_queues,
+            queue_size,
+            queue_depth,
+            writeback: AtomicBool::new(true),
+            acked_features: AtomicU64::new(0),
+            connected: AtomicBool::new(false),
+            connections: AtomicU64::new(0),
+            stopping: AtomicBool::new(false),
+            queues: (0..num_queues)
+                .map(|_| Arc::new(QueueMetrics::default()))
+                .collect(),
+        }
+    }
+
+    pub fn info(&self) -> &DiskInfo {
+        self.disk.info()
+    }
+
+    /// Disk size in bytes.
+    #[inline]
+    pub fn capacity(&self) -> u64 {
+        self.disk.info().capacity
+    }
+
+    pub fn serial(&self) -> &[u8] {
+        &self.serial
+    }
+
+    pub fn queue_metrics(&self, index: usize) -> Arc<QueueMetrics> {
+        self.queues[index].clone()
+    }
+
+    pub fn all_queue_metrics(&self) -> &[Arc<QueueMetrics>] {
+        &self.queues
+    }
+
+    /// Most data segments per request we accept from a driver.
+    pub fn seg_max(&self) -> u32 {
+        // Header and status take two descriptors of the chain.
+        (u32::from(self.queue_size).min(crate::request::MAX_SEGMENTS as u32)).saturating_sub(2)
+    }
+
+    /// The configuration space as it stands.
+    pub fn config(&self) -> BlkConfig {
+        BlkConfig {
+            capacity_sectors: self.capacity() / SECTOR_SIZE,
+            seg_max: self.seg_max(),
+            blk_size: SECTOR_SIZE as u32,
+            num_queues: self.num_queues,
+            writeback: self.writeback.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The virtio-blk and ring features this device offers.
+    pub fn features(&self) -> u64 {
+        use virtio_blk::*;
+        let mut bits = [
+            VIRTIO_F_VERSION_1,
+            VIRTIO_RING_F_INDIRECT_DESC,
+            VIRTIO_RING_F_EVENT_IDX,
+            VIRTIO_BLK_F_SIZE_MAX,
+            VIRTIO_BLK_F_SEG_MAX,
+            VIRTIO_BLK_F_BLK_SIZE,
+            VIRTIO_BLK_F_TOPOLOGY,
+            VIRTIO_BLK_F_FLUSH,
+            VIRTIO_BLK_F_CONFIG_WCE,
+            VIRTIO_BLK_F_MQ,
+        ]
+        .iter()
+        .fold(0u64, |acc, b| acc | 1 << b);
+        if self.info().read_only {
+            bits |= 1 << VIRTIO_BLK_F_RO;
+        } else {
+            bits |= 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES;
+        }
+        bits
+    }
+}

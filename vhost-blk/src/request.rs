@@ -1,0 +1,370 @@
+//! Turning a guest's descriptor chain into a virtio-blk request.
+//!
+//! The chain is untrusted input. It is read as two byte streams, as VIRTIO_F_ANY_LAYOUT
+//! allows: the readable part (header, then data for writes and discard segments) and the
+//! writable part (data for reads, then the status byte, always the last writable byte).
+//! Every guest address is translated through the guest memory map with its length before any
+//! host pointer is formed, so a request can never reach outside guest memory; data buffers
+//! become iovecs into guest memory, used in place.
+
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
+
+use storage_core::metrics::{ErrorClass, OpClass};
+use storage_core::units::{Sector, SECTOR_SIZE};
+
+use crate::virtio_blk::*;
+
+/// Most descriptors one request may use (the longest chain a 1024-entry queue can hold).
+pub const MAX_SEGMENTS: usize = 1024;
+/// Most iovecs one request may become (the kernel's IOV_MAX).
+pub const MAX_IOVECS: usize = 1024;
+
+/// One descriptor of a chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    pub addr: GuestAddress,
+    pub len: u32,
+    pub writable: bool,
+}
+
+/// A validated request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestKind {
+    /// Read `len` bytes at `offset` into the iovecs.
+    Read { offset: u64, len: u64 },
+    /// Write `len` bytes at `offset` from the iovecs.
+    Write { offset: u64, len: u64 },
+    Flush,
+    /// Copy the serial number into the iovecs (at most `len` bytes).
+    GetId { len: u64 },
+    Discard { offset: u64, len: u64 },
+    WriteZeroes { offset: u64, len: u64, unmap: bool },
+}
+
+impl RequestKind {
+    pub fn class(&self) -> OpClass {
+        match self {
+            RequestKind::Read { .. } => OpClass::Read,
+            RequestKind::Write { .. } => OpClass::Write,
+            RequestKind::Flush => OpClass::Flush,
+            RequestKind::GetId { .. } => OpClass::Other,
+            RequestKind::Discard { .. } => OpClass::Discard,
+            RequestKind::WriteZeroes { .. } => OpClass::WriteZeroes,
+        }
+    }
+}
+
+/// Where the status byte lives in guest memory, as a host pointer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatusByte(*mut u8);
+
+impl StatusByte {
+    /// A placeholder for an idle request slot; never written.
+    pub fn dangling() -> Self {
+        StatusByte(std::ptr::NonNull::dangling().as_ptr())
+    }
+
+    /// Writes the status.
+    ///
+    /// # Safety
+    ///
+    /// The guest memory mapping this pointer was translated from must still be mapped (the
+    /// caller holds a reference to it).
+    pub unsafe fn write(self, status: u8) {
+        // SAFETY: the pointer was produced by translating a 1-byte range of guest memory
+        // (see `parse`), and the caller guarantees that mapping is still alive. Volatile,
+        // because the guest may access the same memory concurrently.
+        unsafe { std::ptr::write_volatile(self.0, status) }
+    }
+}
+
+/// A request that cannot be served, with what to tell the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: u8,
+    pub class: OpClass,
+    pub error: ErrorClass,
+}
+
+/// The outcome of parsing one chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Parsed {
+    /// A request to serve: its data iovecs are in the caller's buffer.
+    Request {
+        kind: RequestKind,
+        status: StatusByte,
+    },
+    /// A request answered with an error status at once.
+    Refused { status: StatusByte, refusal: Refusal },
+    /// A chain with nowhere to put a status byte: it is returned unused (used length 0).
+    Dropped,
+}
+
+fn refuse(status: StatusByte, st: u8, class: OpClass, error: ErrorClass) -> Parsed {
+    Parsed::Refused {
+        status,
+        refusal: Refusal {
+            status: st,
+            class,
+            error,
+        },
+    }
+}
+
+/// Parses the descriptors of one chain.
+///
+/// `segments` and `iov` are the caller's preallocated scratch space (cleared here, never
+/// grown beyond [`MAX_SEGMENTS`] / [`MAX_IOVECS`]); on `Parsed::Request` with data, `iov`
+/// describes the data buffers in guest memory. `capacity` is the disk size in bytes.
+pub fn parse<M: GuestMemoryBackend>(
+    descriptors: impl Iterator<Item = virtio_queue::desc::split::Descriptor>,
+    mem: &M,
+    capacity: u64,
+    segments: &mut Vec<Segment>,
+    iov: &mut Vec<libc::iovec>,
+) -> Parsed {
+    segments.clear();
+    iov.clear();
+    let (mut readable, mut writable) = (0u64, 0u64);
+    let mut too_long = false;
+    let mut misordered = false;
+    for d in descriptors {
+        if segments.len() == MAX_SEGMENTS {
+            too_long = true;
+            break;
+        }
+        let seg = Segment {
+            addr: d.addr(),
+            len: d.len(),
+            writable: d.is_write_only(),
+        };
+        if seg.writable {
+            writable += u64::from(seg.len);
+        } else {
+            if writable > 0 {
+                misordered = true;
+            }
+            readable += u64::from(seg.len);
+        }
+        segments.push(seg);
+    }
+
+    // The status byte is the last writable byte; without one the guest cannot be answered.
+    let Some(status) = status_byte(segments, mem) else {
+        return Parsed::Dropped;
+    };
+    let malformed = |class| refuse(status, VIRTIO_BLK_S_IOERR, class, ErrorClass::Malformed);
+    if too_long || misordered || readable < REQUEST_HEADER_LEN as u64 {
+        return malformed(OpClass::Other);
+    }
+    let mut header = [0u8; REQUEST_HEADER_LEN];
+    if read_stream(segments, false, 0, &mut header, mem).is_err() {
+        return malformed(OpClass::Other);
+    }
+    let req_type = u32::from_le_bytes(header[0..4].try_into().unwrap_or_default());
+    let sector = Sector(u64::from_le_bytes(header[8..16].try_into().unwrap_or_default()));
+    let data_in = writable - 1;
+    let data_out = readable - REQUEST_HEADER_LEN as u64;
+
+    let in_range = |offset: u64, len: u64| offset.checked_add(len).is_some_and(|e| e <= capacity);
+    match req_type {
+        VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
+            let (class, len, from_writable, skip) = if req_type == VIRTIO_BLK_T_IN {
+                (OpClass::Read, data_in, true, 0)
+            } else {
+                (OpClass::Write, data_out, false, REQUEST_HEADER_LEN as u64)
+            };
+            if len % SECTOR_SIZE != 0 {
+                return malformed(class);
+            }
+            let Some(offset) = sector.byte_offset().filter(|o| in_range(*o, len)) else {
+                return refuse(status, VIRTIO_BLK_S_IOERR, class, ErrorClass::OutOfRange);
+            };
+            if stream_to_iov(segments, from_writable, skip, len, mem, iov).is_err() {
+                return malformed(class);
+            }
+            let kind = if req_type == VIRTIO_BLK_T_IN {
+                RequestKind::Read { offset, len }
+            } else {
+                RequestKind::Write { offset, len }
+            };
+            Parsed::Request { kind, status }
+        }
+        VIRTIO_BLK_T_FLUSH => Parsed::Request {
+            kind: RequestKind::Flush,
+            status,
+        },
+        VIRTIO_BLK_T_GET_ID => {
+            let len = data_in.min(ID_LEN as u64);
+            if stream_to_iov(segments, true, 0, len, mem, iov).is_err() {
+                return malformed(OpClass::Other);
+            }
+            Parsed::Request {
+                kind: RequestKind::GetId { len },
+                status,
+            }
+        }
+        VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
+            let discard = req_type == VIRTIO_BLK_T_DISCARD;
+            let class = if discard {
+                OpClass::Discard
+            } else {
+                OpClass::WriteZeroes
+            };
+            // We advertise one segment per request (max_discard_seg = 1).
+            if data_out != DISCARD_SEGMENT_LEN as u64 {
+                return malformed(class);
+            }
+            let mut seg = [0u8; DISCARD_SEGMENT_LEN];
+            if read_stream(segments, false, REQUEST_HEADER_LEN as u64, &mut seg, mem).is_err() {
+                return malformed(class);
+            }
+            let sector = Sector(u64::from_le_bytes(seg[0..8].try_into().unwrap_or_default()));
+            let sectors = u32::from_le_bytes(seg[8..12].try_into().unwrap_or_default());
+            let flags = u32::from_le_bytes(seg[12..16].try_into().unwrap_or_default());
+            // Unknown flags, or unmap on a discard, are unsupported (virtio 1.2, 5.2.6.2).
+            let allowed = if discard {
+                0
+            } else {
+                VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
+            };
+            if flags & !allowed != 0 {
+                return refuse(status, VIRTIO_BLK_S_UNSUPP, class, ErrorClass::Unsupported);
+            }
+            if sectors > MAX_DISCARD_SECTORS {
+                return malformed(class);
+            }
+            let len = u64::from(sectors) * SECTOR_SIZE;
+            let Some(offset) = sector.byte_offset().filter(|o| in_range(*o, len)) else {
+                return refuse(status, VIRTIO_BLK_S_IOERR, class, ErrorClass::OutOfRange);
+            };
+            let kind = if discard {
+                RequestKind::Discard { offset, len }
+            } else {
+                RequestKind::WriteZeroes {
+                    offset,
+                    len,
+                    unmap: flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0,
+                }
+            };
+            Parsed::Request { kind, status }
+        }
+        _ => refuse(
+            status,
+            VIRTIO_BLK_S_UNSUPP,
+            OpClass::Other,
+            ErrorClass::Unsupported,
+        ),
+    }
+}
+
+/// The host address of the last writable byte of the chain, if it is valid guest memory.
+fn status_byte<M: GuestMemoryBackend>(segments: &[Segment], mem: &M) -> Option<StatusByte> {
+    let last = segments.iter().rev().find(|s| s.writable && s.len > 0)?;
+    let addr = last.addr.checked_add(u64::from(last.len) - 1)?;
+    let slice = mem.get_slice(addr, 1).ok()?;
+    Some(StatusByte(slice.ptr_guard_mut().as_ptr()))
+}
+
+#[derive(Debug)]
+struct BadMemory;
+
+/// Visits the byte window `[skip, skip + len)` of the readable or writable stream as guest
+/// ranges, in order.
+fn for_each_range(
+    segments: &[Segment],
+    writable: bool,
+    skip: u64,
+    len: u64,
+    mut f: impl FnMut(GuestAddress, u64) -> Result<(), BadMemory>,
+) -> Result<(), BadMemory> {
+    let (mut pos, end) = (0u64, skip + len);
+    for s in segments.iter().filter(|s| s.writable == writable) {
+        let (s_start, s_end) = (pos, pos + u64::from(s.len));
+        pos = s_end;
+        let (a, b) = (s_start.max(skip), s_end.min(end));
+        if a < b {
+            let addr = s.addr.checked_add(a - s_start).ok_or(BadMemory)?;
+            f(addr, b - a)?;
+        }
+        if pos >= end {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Copies `buf.len()` bytes from the stream at `skip` (headers and discard segments).
+fn read_stream<M: GuestMemoryBackend>(
+    segments: &[Segment],
+    writable: bool,
+    skip: u64,
+    buf: &mut [u8],
+    mem: &M,
+) -> Result<(), BadMemory> {
+    let mut done = 0usize;
+    for_each_range(segments, writable, skip, buf.len() as u64, |addr, n| {
+        let n = n as usize;
+        mem.read_slice(&mut buf[done..done + n], addr)
+            .map_err(|_| BadMemory)?;
+        done += n;
+        Ok(())
+    })?;
+    if done == buf.len() {
+        Ok(())
+    } else {
+        Err(BadMemory)
+    }
+}
+
+/// Describes the stream window `[skip, skip + len)` as host iovecs into guest memory,
+/// splitting where the window crosses memory regions.
+fn stream_to_iov<M: GuestMemoryBackend>(
+    segments: &[Segment],
+    writable: bool,
+    skip: u64,
+    len: u64,
+    mem: &M,
+    iov: &mut Vec<libc::iovec>,
+) -> Result<(), BadMemory> {
+    let mut total = 0u64;
+    for_each_range(segments, writable, skip, len, |addr, n| {
+        for slice in mem.get_slices(addr, n as usize) {
+            let slice = slice.map_err(|_| BadMemory)?;
+            if iov.len() == MAX_IOVECS {
+                return Err(BadMemory);
+            }
+            iov.push(libc::iovec {
+                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                iov_len: slice.len(),
+            });
+            total += slice.len() as u64;
+        }
+        Ok(())
+    })?;
+    if total == len {
+        Ok(())
+    } else {
+        Err(BadMemory)
+    }
+}
+
+/// Copies `data` into the buffers of `iov`; returns the bytes copied.
+///
+/// # Safety
+///
+/// Every iovec must describe writable memory that stays mapped for the call.
+pub unsafe fn copy_to_iov(iov: &[libc::iovec], data: &[u8]) -> usize {
+    let mut done = 0;
+    for v in iov {
+        let n = v.iov_len.min(data.len() - done);
+        // SAFETY: the caller guarantees `v` describes at least `v.iov_len >= n` writable
+        // bytes; `data[done..done + n]` is in bounds by construction of `n`.
+        unsafe { std::ptr::copy_nonoverlapping(data[done..].as_ptr(), v.iov_base.cast(), n) };
+        done += n;
+        if done == data.len() {
+            break;
+        }
+    }
+    done
+}
