@@ -77,9 +77,15 @@ impl Config {
                 if matches!(e.kind(), DisplayHelp | DisplayVersion) {
                     return Ok(Command::Print(e.to_string()));
                 }
-                // One line: clap's first line, without its "error: " prefix.
+                // One line: clap's message up to its usage hint, without "error: ".
                 let text = e.to_string();
-                let line = text.lines().next().unwrap_or("invalid arguments");
+                let line = text
+                    .lines()
+                    .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more"))
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .collect::<Vec<_>>()
+                    .join(" ");
                 return Err(ConfigError::Usage(
                     line.trim_start_matches("error: ").to_string(),
                 ));

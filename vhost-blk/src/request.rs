@@ -368,3 +368,322 @@ pub unsafe fn copy_to_iov(iov: &[libc::iovec], data: &[u8]) -> usize {
     }
     done
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::GuestMemoryMmap;
+
+    const MEM: u64 = 0x10_0000;
+    const CAPACITY: u64 = 1 << 20; // 2048 sectors
+    const HDR: u64 = 0x1_0000;
+    const DATA: u64 = 0x2_0000;
+    const STATUS: u64 = 0x3_0000;
+    const R: u16 = 0;
+    const W: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
+
+    fn mem() -> GuestMemoryMmap<()> {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap()
+    }
+
+    fn header(m: &GuestMemoryMmap<()>, req_type: u32, sector: u64) {
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&req_type.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        m.write_slice(&h, GuestAddress(HDR)).unwrap();
+    }
+
+    fn desc(addr: u64, len: u32, flags: u16) -> RawDescriptor {
+        RawDescriptor::from(SplitDescriptor::new(addr, len, flags, 0))
+    }
+
+    fn host(m: &GuestMemoryMmap<()>, addr: u64) -> *mut u8 {
+        m.get_host_address(GuestAddress(addr)).unwrap()
+    }
+
+    /// Parses a chain built from `descs`; returns the outcome and the iovecs.
+    fn run(m: &GuestMemoryMmap<()>, descs: &[RawDescriptor]) -> (Parsed, Vec<libc::iovec>) {
+        let q = MockSplitQueue::new(m, 256);
+        let chain = q.build_desc_chain(descs).unwrap();
+        let (mut segs, mut iov) = (Vec::new(), Vec::new());
+        let parsed = parse(chain, m, CAPACITY, &mut segs, &mut iov);
+        (parsed, iov)
+    }
+
+    fn refusal(p: Parsed) -> Refusal {
+        match p {
+            Parsed::Refused { refusal, .. } => refusal,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn read_becomes_iovecs_into_guest_memory() {
+        let m = mem();
+        header(&m, VIRTIO_BLK_T_IN, 8);
+        let (p, iov) = run(
+            &m,
+            &[desc(HDR, 16, R), desc(DATA, 4096, W), desc(STATUS, 1, W)],
+        );
+        assert_eq!(
+            p,
+            Parsed::Request {
+                kind: RequestKind::Read {
+                    offset: 4096,
+                    len: 4096
+                },
+                status: StatusByte(host(&m, STATUS)),
+            }
+        );
+        assert_eq!(iov.len(), 1);
+        assert_eq!(iov[0].iov_base as *mut u8, host(&m, DATA));
+        assert_eq!(iov[0].iov_len, 4096);
+    }
+
+    #[test]
+    fn write_with_scattered_data_and_merged_header() {
+        let m = mem();
+        // The header and the first data bytes share one descriptor (any layout).
+        header(&m, VIRTIO_BLK_T_OUT, 0);
+        let (p, iov) = run(
+            &m,
+            &[
+                desc(HDR, 16 + 512, R),
+                desc(DATA, 1024, R),
+                desc(STATUS, 1, W),
+            ],
+        );
+        assert!(matches!(
+            p,
+            Parsed::Request {
+                kind: RequestKind::Write {
+                    offset: 0,
+                    len: 1536
+                },
+                ..
+            }
+        ));
+        assert_eq!(iov.len(), 2);
+        assert_eq!(iov[0].iov_base as *mut u8, host(&m, HDR + 16));
+        assert_eq!(iov[0].iov_len, 512);
+        assert_eq!(iov[1].iov_len, 1024);
+    }
+
+    #[test]
+    fn status_byte_is_the_last_writable_byte() {
+        let m = mem();
+        header(&m, VIRTIO_BLK_T_IN, 0);
+        // Data and status share the last descriptor.
+        let (p, iov) = run(&m, &[desc(HDR, 16, R), desc(DATA, 513, W)]);
+        match p {
+            Parsed::Request { kind, status } => {
+                assert_eq!(kind, RequestKind::Read { offset: 0, len: 512 });
+                assert_eq!(status, StatusByte(host(&m, DATA + 512)));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(iov[0].iov_len, 512);
+    }
+
+    #[test]
+    fn out_of_range_sectors_get_ioerr() {
+        let m = mem();
+        for sector in [2048 - 7, 2048, u64::MAX / 512 + 1, u64::MAX] {
+            header(&m, VIRTIO_BLK_T_IN, sector);
+            let (p, _) = run(
+                &m,
+                &[desc(HDR, 16, R), desc(DATA, 4096, W), desc(STATUS, 1, W)],
+            );
+            let r = refusal(p);
+            assert_eq!(r.status, VIRTIO_BLK_S_IOERR, "sector {sector}");
+            assert_eq!(r.error, ErrorClass::OutOfRange, "sector {sector}");
+        }
+        // The last full sector is fine.
+        header(&m, VIRTIO_BLK_T_IN, 2047);
+        let (p, _) = run(
+            &m,
+            &[desc(HDR, 16, R), desc(DATA, 512, W), desc(STATUS, 1, W)],
+        );
+        assert!(matches!(p, Parsed::Request { .. }));
+    }
+
+    #[test]
+    fn unknown_request_types_are_unsupported() {
+        let m = mem();
+        for t in [2, 3, 10, 14, 99, u32::MAX] {
+            header(&m, t, 0);
+            let (p, _) = run(&m, &[desc(HDR, 16, R), desc(STATUS, 1, W)]);
+            assert_eq!(refusal(p).status, VIRTIO_BLK_S_UNSUPP, "type {t}");
+        }
+    }
+
+    #[test]
+    fn malformed_chains_get_ioerr_or_are_dropped() {
+        let m = mem();
+        header(&m, VIRTIO_BLK_T_IN, 0);
+        // No writable byte at all: nowhere to answer.
+        assert_eq!(run(&m, &[desc(HDR, 16, R), desc(DATA, 512, R)]).0, Parsed::Dropped);
+        // Status outside guest memory.
+        assert_eq!(
+            run(&m, &[desc(HDR, 16, R), desc(MEM + 4096, 1, W)]).0,
+            Parsed::Dropped
+        );
+        // Header too short.
+        let r = refusal(run(&m, &[desc(HDR, 8, R), desc(STATUS, 1, W)]).0);
+        assert_eq!((r.status, r.error), (VIRTIO_BLK_S_IOERR, ErrorClass::Malformed));
+        // Data not a whole number of sectors.
+        let r = refusal(
+            run(
+                &m,
+                &[desc(HDR, 16, R), desc(DATA, 100, W), desc(STATUS, 1, W)],
+            )
+            .0,
+        );
+        assert_eq!(r.error, ErrorClass::Malformed);
+        // Data buffer outside guest memory.
+        let r = refusal(
+            run(
+                &m,
+                &[desc(HDR, 16, R), desc(MEM - 512, 1024, W), desc(STATUS, 1, W)],
+            )
+            .0,
+        );
+        assert_eq!(r.error, ErrorClass::Malformed);
+        // A readable descriptor after a writable one.
+        header(&m, VIRTIO_BLK_T_OUT, 0);
+        let r = refusal(
+            run(
+                &m,
+                &[desc(HDR, 16, R), desc(STATUS, 1, W), desc(DATA, 512, R)],
+            )
+            .0,
+        );
+        assert_eq!(r.error, ErrorClass::Malformed);
+    }
+
+    fn discard_segment(m: &GuestMemoryMmap<()>, at: u64, sector: u64, n: u32, flags: u32) {
+        let mut s = [0u8; 16];
+        s[0..8].copy_from_slice(&sector.to_le_bytes());
+        s[8..12].copy_from_slice(&n.to_le_bytes());
+        s[12..16].copy_from_slice(&flags.to_le_bytes());
+        m.write_slice(&s, GuestAddress(at)).unwrap();
+    }
+
+    #[test]
+    fn discard_and_write_zeroes_segments() {
+        let m = mem();
+        discard_segment(&m, DATA, 16, 8, 0);
+        header(&m, VIRTIO_BLK_T_DISCARD, 0);
+        let chain = [desc(HDR, 16, R), desc(DATA, 16, R), desc(STATUS, 1, W)];
+        assert!(matches!(
+            run(&m, &chain).0,
+            Parsed::Request {
+                kind: RequestKind::Discard {
+                    offset: 8192,
+                    len: 4096
+                },
+                ..
+            }
+        ));
+        header(&m, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+        discard_segment(&m, DATA, 16, 8, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP);
+        assert!(matches!(
+            run(&m, &chain).0,
+            Parsed::Request {
+                kind: RequestKind::WriteZeroes { unmap: true, .. },
+                ..
+            }
+        ));
+        // Unmap on a discard, or an unknown flag, is unsupported.
+        header(&m, VIRTIO_BLK_T_DISCARD, 0);
+        assert_eq!(refusal(run(&m, &chain).0).status, VIRTIO_BLK_S_UNSUPP);
+        header(&m, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+        discard_segment(&m, DATA, 16, 8, 4);
+        assert_eq!(refusal(run(&m, &chain).0).status, VIRTIO_BLK_S_UNSUPP);
+        // Past the end of the disk.
+        discard_segment(&m, DATA, 2047, 2, 0);
+        assert_eq!(refusal(run(&m, &chain).0).error, ErrorClass::OutOfRange);
+        // Two segments where one is advertised.
+        discard_segment(&m, DATA, 0, 1, 0);
+        discard_segment(&m, DATA + 16, 1, 1, 0);
+        let r = refusal(
+            run(
+                &m,
+                &[desc(HDR, 16, R), desc(DATA, 32, R), desc(STATUS, 1, W)],
+            )
+            .0,
+        );
+        assert_eq!(r.error, ErrorClass::Malformed);
+    }
+
+    #[test]
+    fn flush_and_get_id() {
+        let m = mem();
+        header(&m, VIRTIO_BLK_T_FLUSH, 0);
+        assert!(matches!(
+            run(&m, &[desc(HDR, 16, R), desc(STATUS, 1, W)]).0,
+            Parsed::Request {
+                kind: RequestKind::Flush,
+                ..
+            }
+        ));
+        header(&m, VIRTIO_BLK_T_GET_ID, 0);
+        let (p, iov) = run(
+            &m,
+            &[desc(HDR, 16, R), desc(DATA, 64, W), desc(STATUS, 1, W)],
+        );
+        assert!(matches!(
+            p,
+            Parsed::Request {
+                kind: RequestKind::GetId { len: 20 },
+                ..
+            }
+        ));
+        // SAFETY: the iovecs point into `m`, which is alive.
+        let n = unsafe { copy_to_iov(&iov, b"serial-123") };
+        assert_eq!(n, 10);
+        let mut back = [0u8; 10];
+        m.read_slice(&mut back, GuestAddress(DATA)).unwrap();
+        assert_eq!(&back, b"serial-123");
+    }
+
+    proptest! {
+        /// Random chains never panic, and whatever iovecs come out lie inside guest memory.
+        #[test]
+        fn random_chains_stay_inside_guest_memory(
+            req_type in prop_oneof![Just(0u32), Just(1), Just(4), Just(8), Just(11), Just(13), any::<u32>()],
+            sector in prop_oneof![0u64..4096, any::<u64>()],
+            descs in proptest::collection::vec(
+                (0u64..MEM + 0x1000, 0u32..0x9000, any::<bool>()), 1..8),
+        ) {
+            let m = mem();
+            header(&m, req_type, sector);
+            let mut chain = vec![desc(HDR, 16, R)];
+            chain.extend(descs.iter().map(|&(a, l, w)| desc(a, l, if w { W } else { R })));
+            let (p, iov) = run(&m, &chain);
+            let (lo, hi) = (host(&m, 0) as usize, host(&m, 0) as usize + MEM as usize);
+            if let Parsed::Request { kind, status } = p {
+                prop_assert!((lo..hi).contains(&(status.0 as usize)));
+                let total: u64 = iov.iter().map(|v| v.iov_len as u64).sum();
+                for v in &iov {
+                    let start = v.iov_base as usize;
+                    prop_assert!(start >= lo && start + v.iov_len <= hi);
+                }
+                match kind {
+                    RequestKind::Read { offset, len } | RequestKind::Write { offset, len } => {
+                        prop_assert_eq!(total, len);
+                        prop_assert!(offset + len <= CAPACITY);
+                    }
+                    RequestKind::Discard { offset, len }
+                    | RequestKind::WriteZeroes { offset, len, .. } => {
+                        prop_assert!(offset + len <= CAPACITY)
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}
