@@ -10,7 +10,9 @@ use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatu
 use vhost_user_backend::VhostUserBackend;
 use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 
 use crate::device::BlkDevice;
 use crate::virtio_blk::CONFIG_WRITEBACK_OFFSET;
@@ -79,7 +81,9 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn acked_features(&self, features: u64) {
-        self.device.acked_features.store(features, Ordering::Relaxed);
+        self.device
+            .acked_features
+            .store(features, Ordering::Relaxed);
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -98,13 +102,10 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        self.device
-            .config()
-            .read(offset, size)
-            .unwrap_or_else(|| {
-                log::warn!("frontend read config space out of bounds: offset {offset}, size {size}");
-                Vec::new()
-            })
+        self.device.config().read(offset, size).unwrap_or_else(|| {
+            log::warn!("frontend read config space out of bounds: offset {offset}, size {size}");
+            Vec::new()
+        })
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
@@ -114,7 +115,11 @@ impl VhostUserBackend for BlkBackend {
             self.device.writeback.store(writeback, Ordering::Relaxed);
             log::info!(
                 "guest set the write cache to {}",
-                if writeback { "write-back" } else { "write-through" }
+                if writeback {
+                    "write-back"
+                } else {
+                    "write-through"
+                }
             );
             return Ok(());
         }

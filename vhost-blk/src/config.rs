@@ -137,8 +137,16 @@ mod tests {
     #[test]
     fn parses_a_full_command_line() {
         let c = parse(&[
-            "--socket", "/tmp/s", "--disk", "path=null,size=1G", "--queues", "2",
-            "--queue-depth", "64", "--api-socket", "/tmp/a",
+            "--socket",
+            "/tmp/s",
+            "--disk",
+            "path=null,size=1G",
+            "--queues",
+            "2",
+            "--queue-depth",
+            "64",
+            "--api-socket",
+            "/tmp/a",
         ])
         .unwrap();
         assert_eq!(c.queues, 2);
@@ -151,11 +159,23 @@ mod tests {
     fn errors_are_one_line_and_name_the_problem() {
         for (args, needle) in [
             (vec!["--disk", "path=x"], "--socket"),
-            (vec!["--socket", "s", "--disk", "path=x", "--bogus"], "--bogus"),
+            (
+                vec!["--socket", "s", "--disk", "path=x", "--bogus"],
+                "--bogus",
+            ),
             (vec!["--socket", "s", "--disk", "readonly=on"], "path="),
-            (vec!["--socket", "s", "--disk", "path=x", "--queues", "0"], "--queues"),
-            (vec!["--socket", "s", "--disk", "path=x", "--queue-size", "100"], "--queue-size"),
-            (vec!["--socket", "s", "--disk", "path=x", "--queues", "many"], "many"),
+            (
+                vec!["--socket", "s", "--disk", "path=x", "--queues", "0"],
+                "--queues",
+            ),
+            (
+                vec!["--socket", "s", "--disk", "path=x", "--queue-size", "100"],
+                "--queue-size",
+            ),
+            (
+                vec!["--socket", "s", "--disk", "path=x", "--queues", "many"],
+                "many",
+            ),
         ] {
             let e = parse(&args).unwrap_err();
             assert!(e.contains(needle), "{args:?}: {e}");

@@ -55,7 +55,12 @@ impl Daemon {
         let workers = (0..usize::from(config.queues))
             .map(|i| {
                 let queue = device.disk.new_queue(config.queue_depth)?;
-                Ok(QueueWorker::new(i, device.clone(), queue, config.queue_depth))
+                Ok(QueueWorker::new(
+                    i,
+                    device.clone(),
+                    queue,
+                    config.queue_depth,
+                ))
             })
             .collect::<Result<Vec<_>>>()?;
         let backend = Arc::new(BlkBackend::new(device.clone(), workers));

@@ -31,14 +31,29 @@ pub struct Segment {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RequestKind {
     /// Read `len` bytes at `offset` into the iovecs.
-    Read { offset: u64, len: u64 },
+    Read {
+        offset: u64,
+        len: u64,
+    },
     /// Write `len` bytes at `offset` from the iovecs.
-    Write { offset: u64, len: u64 },
+    Write {
+        offset: u64,
+        len: u64,
+    },
     Flush,
     /// Copy the serial number into the iovecs (at most `len` bytes).
-    GetId { len: u64 },
-    Discard { offset: u64, len: u64 },
-    WriteZeroes { offset: u64, len: u64, unmap: bool },
+    GetId {
+        len: u64,
+    },
+    Discard {
+        offset: u64,
+        len: u64,
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u64,
+        unmap: bool,
+    },
 }
 
 impl RequestKind {
@@ -95,7 +110,10 @@ pub enum Parsed {
         status: StatusByte,
     },
     /// A request answered with an error status at once.
-    Refused { status: StatusByte, refusal: Refusal },
+    Refused {
+        status: StatusByte,
+        refusal: Refusal,
+    },
     /// A chain with nowhere to put a status byte: it is returned unused (used length 0).
     Dropped,
 }
@@ -162,7 +180,9 @@ pub fn parse<M: GuestMemoryBackend>(
         return malformed(OpClass::Other);
     }
     let req_type = u32::from_le_bytes(header[0..4].try_into().unwrap_or_default());
-    let sector = Sector(u64::from_le_bytes(header[8..16].try_into().unwrap_or_default()));
+    let sector = Sector(u64::from_le_bytes(
+        header[8..16].try_into().unwrap_or_default(),
+    ));
     let data_in = writable - 1;
     let data_out = readable - REQUEST_HEADER_LEN as u64;
 
@@ -480,7 +500,13 @@ mod tests {
         let (p, iov) = run(&m, &[desc(HDR, 16, R), desc(DATA, 513, W)]);
         match p {
             Parsed::Request { kind, status } => {
-                assert_eq!(kind, RequestKind::Read { offset: 0, len: 512 });
+                assert_eq!(
+                    kind,
+                    RequestKind::Read {
+                        offset: 0,
+                        len: 512
+                    }
+                );
                 assert_eq!(status, StatusByte(host(&m, DATA + 512)));
             }
             other => panic!("{other:?}"),
@@ -525,7 +551,10 @@ mod tests {
         let m = mem();
         header(&m, VIRTIO_BLK_T_IN, 0);
         // No writable byte at all: nowhere to answer.
-        assert_eq!(run(&m, &[desc(HDR, 16, R), desc(DATA, 512, R)]).0, Parsed::Dropped);
+        assert_eq!(
+            run(&m, &[desc(HDR, 16, R), desc(DATA, 512, R)]).0,
+            Parsed::Dropped
+        );
         // Status outside guest memory.
         assert_eq!(
             run(&m, &[desc(HDR, 16, R), desc(MEM + 4096, 1, W)]).0,
@@ -533,7 +562,10 @@ mod tests {
         );
         // Header too short.
         let r = refusal(run(&m, &[desc(HDR, 8, R), desc(STATUS, 1, W)]).0);
-        assert_eq!((r.status, r.error), (VIRTIO_BLK_S_IOERR, ErrorClass::Malformed));
+        assert_eq!(
+            (r.status, r.error),
+            (VIRTIO_BLK_S_IOERR, ErrorClass::Malformed)
+        );
         // Data not a whole number of sectors.
         let r = refusal(
             run(
@@ -547,7 +579,11 @@ mod tests {
         let r = refusal(
             run(
                 &m,
-                &[desc(HDR, 16, R), desc(MEM - 512, 1024, W), desc(STATUS, 1, W)],
+                &[
+                    desc(HDR, 16, R),
+                    desc(MEM - 512, 1024, W),
+                    desc(STATUS, 1, W),
+                ],
             )
             .0,
         );

@@ -16,8 +16,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use vhost_user_backend::{VringMutex, VringState, VringT};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 use storage_core::disk::{AnyQueue, DiskOp, DiskQueue, StartError};
 use storage_core::metrics::{ErrorClass, OpClass, QueueMetrics};
@@ -167,7 +167,12 @@ impl QueueWorker {
     }
 
     /// Pops and starts requests while slots are free. Returns how many were popped.
-    fn pull(&mut self, state: &mut VringState<GuestMemoryAtomic<GuestMemory>>, mem: &Arc<GuestMemory>, used: &mut usize) -> usize {
+    fn pull(
+        &mut self,
+        state: &mut VringState<GuestMemoryAtomic<GuestMemory>>,
+        mem: &Arc<GuestMemory>,
+        used: &mut usize,
+    ) -> usize {
         let mut pulled = 0;
         self.throttled = false;
         loop {
@@ -237,7 +242,8 @@ impl QueueWorker {
             let n = unsafe { request::copy_to_iov(&self.scratch_iov, serial) };
             // SAFETY: as above for the status byte.
             unsafe { status.write(VIRTIO_BLK_S_OK) };
-            self.metrics.completed(OpClass::Other, n as u64, Default::default());
+            self.metrics
+                .completed(OpClass::Other, n as u64, Default::default());
             add_used(state, head, n as u32 + 1);
             return true;
         }
@@ -351,8 +357,7 @@ impl QueueWorker {
             RequestKind::Write { len, .. } => (len, 1),
             _ => (0, 1),
         };
-        self.metrics
-            .completed(class, bytes, slot.started.elapsed());
+        self.metrics.completed(class, bytes, slot.started.elapsed());
         self.finish(state, index, VIRTIO_BLK_S_OK, used_len);
         true
     }
@@ -457,4 +462,3 @@ fn add_used(state: &mut VringState<GuestMemoryAtomic<GuestMemory>>, head: u16, l
         log::warn!("cannot add chain {head} to the used ring: {e}");
     }
 }
-

@@ -122,6 +122,8 @@ pub trait IoEngine: Send {
 }
 
 /// Either engine, chosen once when a disk is opened; dispatch is a `match`, not a vtable.
+// One per worker and never moved on the hot path; boxing would add a pointer chase.
+#[allow(clippy::large_enum_variant)]
 pub enum AnyEngine {
     Uring(UringEngine),
     Sync(SyncEngine),
