@@ -142,6 +142,7 @@ pub fn disk_json(device: &BlkDevice) -> serde_json::Value {
         "queues": device.num_queues,
         "queue_size": device.queue_size,
         "queue_depth": device.queue_depth,
+        "poll_us": device.poll.as_micros() as u64,
         "write_cache": if device.writeback.load(Ordering::Relaxed) { "writeback" } else { "writethrough" },
         "features_offered": format!("{:#x}", device.features()),
         "features_negotiated": format!("{acked:#x}"),

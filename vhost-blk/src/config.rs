@@ -2,6 +2,7 @@
 
 use std::ffi::OsString;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::Parser;
 use storage_core::disk::{DiskSpec, SpecError};
@@ -26,6 +27,10 @@ struct Cli {
     /// Requests in flight per queue (io_uring entries per worker).
     #[arg(long, default_value_t = 32, value_name = "N")]
     queue_depth: u32,
+    /// Keep polling a queue for this many microseconds after its last request before
+    /// sleeping (adaptive polling: lower latency, costs CPU only while busy). 0 disables.
+    #[arg(long, default_value_t = 32, value_name = "US")]
+    poll_us: u64,
     /// Serve the HTTP API (GET /metrics, GET /v1/disk) on this unix socket.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
@@ -39,6 +44,7 @@ pub struct Config {
     pub queues: u16,
     pub queue_size: u16,
     pub queue_depth: u32,
+    pub poll: Duration,
     pub api_socket: Option<PathBuf>,
 }
 
@@ -54,6 +60,8 @@ pub enum ConfigError {
     QueueSize(u16),
     #[error("--queue-depth {0}: must be between 1 and 4096")]
     QueueDepth(u32),
+    #[error("--poll-us {0}: must be at most 1000000")]
+    Poll(u64),
 }
 
 /// What the command line asks for.
@@ -109,7 +117,11 @@ impl TryFrom<Cli> for Config {
         if !(1..=4096).contains(&cli.queue_depth) {
             return Err(ConfigError::QueueDepth(cli.queue_depth));
         }
+        if cli.poll_us > 1_000_000 {
+            return Err(ConfigError::Poll(cli.poll_us));
+        }
         Ok(Config {
+            poll: Duration::from_micros(cli.poll_us),
             socket: cli.socket,
             disk,
             queues: cli.queues,

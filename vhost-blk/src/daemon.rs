@@ -51,6 +51,7 @@ impl Daemon {
             config.queues,
             config.queue_size,
             config.queue_depth,
+            config.poll,
         ));
         let workers = (0..usize::from(config.queues))
             .map(|i| {
@@ -76,14 +77,15 @@ impl Daemon {
         spawn_signal_thread(control.clone(), device.clone())?;
         let info = device.info();
         log::info!(
-            "serving {} ({} format, {} bytes{}, {} engine) with {} queue(s) of depth {}",
+            "serving {} ({} format, {} bytes{}, {} engine) with {} queue(s) of depth {}, polling {} us",
             info.path,
             info.format,
             info.capacity,
             if info.read_only { ", read-only" } else { "" },
             info.engine.name(),
             config.queues,
-            config.queue_depth
+            config.queue_depth,
+            config.poll.as_micros()
         );
         Ok(Daemon {
             _socket_file: SocketFile(config.socket.clone()),

@@ -4,12 +4,20 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use storage_core::disk::{AnyDisk, Disk, DiskInfo, DiskSpec};
 use storage_core::metrics::QueueMetrics;
 use storage_core::units::SECTOR_SIZE;
 
 use crate::virtio_blk::{self, BlkConfig};
+
+/// Requests a worker starts before it submits them, reaps what completed and signals the
+/// guest. Smaller batches let the driver's wake-up overlap our work; larger ones save system
+/// calls. Measured with blk-compare (randread QD32, page-cached): 8 -> 2.06x qemu-storage-
+/// daemon, 16 -> 2.43x, 24 -> 2.61x, unbounded -> 1.87x; 16 keeps the latency of a partial
+/// batch low as well.
+pub const SUBMIT_BATCH: usize = 16;
 
 pub struct BlkDevice {
     pub spec: DiskSpec,
@@ -26,6 +34,10 @@ pub struct BlkDevice {
     pub connections: AtomicU64,
     /// Set on shutdown: workers stop taking new requests.
     pub stopping: AtomicBool,
+    /// How long a worker keeps polling an idle queue before sleeping (zero: never polls).
+    pub poll: Duration,
+    /// Requests started per submission before completions are reaped and signalled.
+    pub submit_batch: usize,
     queues: Vec<Arc<QueueMetrics>>,
 }
 
@@ -36,6 +48,7 @@ impl BlkDevice {
         num_queues: u16,
         queue_size: u16,
         queue_depth: u32,
+        poll: Duration,
     ) -> Self {
         let serial = spec.serial_or_default().into_bytes();
         BlkDevice {
@@ -50,6 +63,8 @@ impl BlkDevice {
             connected: AtomicBool::new(false),
             connections: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
+            poll,
+            submit_batch: SUBMIT_BATCH,
             queues: (0..num_queues)
                 .map(|_| Arc::new(QueueMetrics::default()))
                 .collect(),

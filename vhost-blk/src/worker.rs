@@ -138,35 +138,73 @@ impl QueueWorker {
         }
     }
 
-    /// One pass: reap completions, pull new requests while slots are free, submit, reap.
+    /// Serves the queue until it is idle: reap completions, pull new requests while slots
+    /// are free, submit them in one batch, reap what completed inline, notify the guest.
+    ///
+    /// With polling on, an idle queue is watched for `poll` more (the avail ring and the
+    /// completion queue are plain memory reads) before the worker goes back to sleep on its
+    /// eventfds; the guest need not kick meanwhile, because notifications stay suppressed.
+    /// Any activity restarts the window, so an idle queue costs no CPU.
     fn run(&mut self, vring: &Vring) {
         let Some(mem) = self.mem.as_ref().map(|m| m.memory().into_inner()) else {
             return;
         };
+        let poll = self.device.poll;
         let mut state = vring.get_mut();
-        let mut used = 0usize;
+        let _ = state.disable_notification();
         loop {
-            let reaped = self.reap(&mut state);
-            used += reaped;
-            let pulled = if self.device.stopping.load(Ordering::Relaxed) {
-                0
-            } else {
-                self.pull(&mut state, &mem, &mut used)
-            };
-            if let Err(e) = self.queue.submit() {
-                log::error!("queue {}: submit failed: {e}", self.index);
+            let mut idle_since: Option<Instant> = None;
+            loop {
+                let stopping = self.device.stopping.load(Ordering::Relaxed);
+                let mut used = self.reap(&mut state);
+                let mut progress = used;
+                if !stopping {
+                    progress += self.pull(&mut state, &mem, &mut used);
+                }
+                if let Err(e) = self.queue.submit() {
+                    log::error!("queue {}: submit failed: {e}", self.index);
+                }
+                let inline = self.reap(&mut state);
+                used += inline;
+                progress += inline;
+                if used > 0 {
+                    self.notify(&mut state);
+                }
+                if progress > 0 {
+                    idle_since = None;
+                    continue;
+                }
+                if poll.is_zero() || stopping {
+                    break;
+                }
+                let now = Instant::now();
+                if now.duration_since(*idle_since.get_or_insert(now)) >= poll {
+                    break;
+                }
+                // Let the frontend thread at the vring between looks.
+                drop(state);
+                std::hint::spin_loop();
+                state = vring.get_mut();
             }
-            if reaped == 0 && pulled == 0 {
-                break;
+            self.metrics.set_in_flight(self.queue.in_flight());
+            // Throttled: completions (their eventfd) bring us back, not kicks.
+            if self.throttled || self.device.stopping.load(Ordering::Relaxed) {
+                return;
             }
-        }
-        self.metrics.set_in_flight(self.queue.in_flight());
-        if used > 0 {
-            self.notify(&mut state);
+            // Re-enable kicks, then look once more: a request that arrived in between
+            // would otherwise wait for the next kick (EVENT_IDX reports it here).
+            match state.enable_notification() {
+                Ok(true) => {
+                    let _ = state.disable_notification();
+                    continue;
+                }
+                _ => return,
+            }
         }
     }
 
-    /// Pops and starts requests while slots are free. Returns how many were popped.
+    /// Pops and starts up to a batch of requests while slots are free. Returns how many were
+    /// popped.
     fn pull(
         &mut self,
         state: &mut VringState<GuestMemoryAtomic<GuestMemory>>,
@@ -176,38 +214,32 @@ impl QueueWorker {
         let mut pulled = 0;
         self.throttled = false;
         loop {
-            // Suppress kicks while we drain the ring; re-enable and re-check before leaving
-            // (with EVENT_IDX, enable_notification reports whether more arrived meanwhile).
-            let _ = state.disable_notification();
-            loop {
-                if self.free.is_empty() {
-                    self.throttled = true;
-                    self.metrics.throttled();
-                    return pulled;
-                }
-                let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&**mem) else {
-                    break;
-                };
-                pulled += 1;
-                let head = chain.head_index();
-                let capacity = self.device.capacity();
-                let parsed = request::parse(
-                    chain,
-                    &**mem,
-                    capacity,
-                    &mut self.segments,
-                    &mut self.scratch_iov,
-                );
-                if self.begin(state, head, parsed, mem) {
-                    *used += 1;
-                }
-                if self.throttled {
-                    return pulled;
-                }
+            if pulled == self.device.submit_batch {
+                return pulled;
             }
-            match state.enable_notification() {
-                Ok(true) => continue,
-                _ => return pulled,
+            if self.free.is_empty() {
+                self.throttled = true;
+                self.metrics.throttled();
+                return pulled;
+            }
+            let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&**mem) else {
+                return pulled;
+            };
+            pulled += 1;
+            let head = chain.head_index();
+            let capacity = self.device.capacity();
+            let parsed = request::parse(
+                chain,
+                &**mem,
+                capacity,
+                &mut self.segments,
+                &mut self.scratch_iov,
+            );
+            if self.begin(state, head, parsed, mem) {
+                *used += 1;
+            }
+            if self.throttled {
+                return pulled;
             }
         }
     }

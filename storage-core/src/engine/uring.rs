@@ -44,6 +44,13 @@ impl UringEngine {
         // SAFETY: `efd` is a freshly created descriptor that nothing else owns.
         let eventfd = unsafe { OwnedFd::from_raw_fd(efd) };
         ring.submitter().register_files_sparse(MAX_FILES)?;
+        // Buffered writes that cannot complete inline go to io-wq worker threads. Filesystems
+        // serialise buffered writes on the inode lock, so one worker per in-flight write only
+        // adds contention (blk-compare randwrite QD32 on ext4: 27.5K IOPS with 32 workers,
+        // 35.6K with 2). O_DIRECT and page-cache reads never use io-wq.
+        let mut max_workers = [IOWQ_BOUNDED_WORKERS, 0];
+        ring.submitter()
+            .register_iowq_max_workers(&mut max_workers)?;
         let mut allowed = [
             Restriction::sqe_op(opcode::Readv::CODE),
             Restriction::sqe_op(opcode::Writev::CODE),
@@ -73,6 +80,9 @@ impl UringEngine {
 // <linux/io_uring.h>; the io-uring crate does not export them).
 const IORING_REGISTER_EVENTFD: u8 = 4;
 const IORING_REGISTER_FILES_UPDATE: u8 = 6;
+
+/// io-wq workers per ring for work that cannot complete inline (see `UringEngine::new`).
+const IOWQ_BOUNDED_WORKERS: u32 = 2;
 
 impl IoEngine for UringEngine {
     fn register_file(&mut self, fd: RawFd) -> io::Result<FileId> {
