@@ -13,6 +13,7 @@
 //! Nothing here knows about virtio or vhost-user: the daemons translate their protocol into
 //! [`disk::DiskOp`]s.
 
+pub mod cache;
 pub mod disk;
 pub mod engine;
 pub mod error;

@@ -21,9 +21,25 @@ pub use uring::UringEngine;
 use std::io;
 use std::os::unix::io::RawFd;
 
-/// A file registered with an engine (an index into its fixed-file table).
+/// The file an operation targets: one registered with the engine (an index into its
+/// fixed-file table: cheapest, for the few long-lived files of a disk), or a plain
+/// descriptor (for the many short-lived files of a shared directory).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FileId(pub(crate) u32);
+pub struct FileId(pub(crate) FileRepr);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FileRepr {
+    Fixed(u32),
+    Fd(RawFd),
+}
+
+impl FileId {
+    /// A plain descriptor, not registered. The caller keeps it open until every operation
+    /// on it has completed.
+    pub fn from_fd(fd: RawFd) -> Self {
+        FileId(FileRepr::Fd(fd))
+    }
+}
 
 /// One positioned operation. Buffers are described by raw iovecs because they usually live
 /// in guest memory that the engine must use in place.

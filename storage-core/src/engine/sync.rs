@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::unix::io::RawFd;
 
-use super::{Completion, EngineFull, EngineKind, EngineOp, FileId, IoEngine};
+use super::{Completion, EngineFull, EngineKind, EngineOp, FileId, FileRepr, IoEngine};
 
 pub struct SyncEngine {
     files: Vec<RawFd>,
@@ -25,7 +25,10 @@ impl SyncEngine {
     }
 
     fn fd(&self, file: FileId) -> RawFd {
-        self.files[file.0 as usize]
+        match file.0 {
+            FileRepr::Fixed(i) => self.files[i as usize],
+            FileRepr::Fd(fd) => fd,
+        }
     }
 }
 
@@ -42,7 +45,7 @@ fn result_of(ret: isize) -> i32 {
 impl IoEngine for SyncEngine {
     fn register_file(&mut self, fd: RawFd) -> io::Result<FileId> {
         self.files.push(fd);
-        Ok(FileId(self.files.len() as u32 - 1))
+        Ok(FileId(FileRepr::Fixed(self.files.len() as u32 - 1)))
     }
 
     unsafe fn push(&mut self, op: EngineOp, user_data: u64) -> Result<(), EngineFull> {

@@ -11,7 +11,7 @@ use std::os::unix::io::RawFd;
 
 use io_uring::{opcode, register::Restriction, types, IoUring};
 
-use super::{Completion, EngineFull, EngineKind, EngineOp, FileId, IoEngine};
+use super::{Completion, EngineFull, EngineKind, EngineOp, FileId, FileRepr, IoEngine};
 
 /// Files one ring can have registered. A raw disk uses one; tiered disks use two.
 const MAX_FILES: u32 = 8;
@@ -92,7 +92,7 @@ impl IoEngine for UringEngine {
         }
         self.ring.submitter().register_files_update(index, &[fd])?;
         self.files.push(fd);
-        Ok(FileId(index))
+        Ok(FileId(FileRepr::Fixed(index)))
     }
 
     #[inline]
@@ -101,35 +101,50 @@ impl IoEngine for UringEngine {
         if self.in_flight >= self.capacity {
             return Err(EngineFull);
         }
+        // The same operation on a fixed file or a plain descriptor.
+        macro_rules! on_file {
+            ($file:expr, |$t:ident| $build:expr) => {
+                match $file.0 {
+                    FileRepr::Fixed(i) => {
+                        let $t = types::Fixed(i);
+                        $build
+                    }
+                    FileRepr::Fd(fd) => {
+                        let $t = types::Fd(fd);
+                        $build
+                    }
+                }
+            };
+        }
         let entry = match op {
             EngineOp::Readv {
                 file,
                 offset,
                 iov,
                 iovcnt,
-            } => opcode::Readv::new(types::Fixed(file.0), iov, iovcnt)
+            } => on_file!(file, |t| opcode::Readv::new(t, iov, iovcnt)
                 .offset(offset)
-                .build(),
+                .build()),
             EngineOp::Writev {
                 file,
                 offset,
                 iov,
                 iovcnt,
-            } => opcode::Writev::new(types::Fixed(file.0), iov, iovcnt)
+            } => on_file!(file, |t| opcode::Writev::new(t, iov, iovcnt)
                 .offset(offset)
-                .build(),
-            EngineOp::Fdatasync { file } => opcode::Fsync::new(types::Fixed(file.0))
+                .build()),
+            EngineOp::Fdatasync { file } => on_file!(file, |t| opcode::Fsync::new(t)
                 .flags(types::FsyncFlags::DATASYNC)
-                .build(),
+                .build()),
             EngineOp::Fallocate {
                 file,
                 mode,
                 offset,
                 len,
-            } => opcode::Fallocate::new(types::Fixed(file.0), len)
+            } => on_file!(file, |t| opcode::Fallocate::new(t, len)
                 .offset(offset)
                 .mode(mode)
-                .build(),
+                .build()),
         }
         .user_data(user_data);
         // SAFETY: the caller guarantees the iovecs and buffers outlive the operation
