@@ -25,6 +25,22 @@ fn io_uring_available() -> bool {
     })
 }
 
+/// Whether `path` lives on tmpfs. There io_uring hands every read to a worker thread
+/// (tmpfs lacks non-blocking reads), which the hot_paths bench measured at 83 µs per batch
+/// of 32 4 KiB reads against 39 µs for plain preadv; on ext4 io_uring wins (29 vs 34 µs).
+fn on_tmpfs(path: &std::path::Path) -> bool {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs writes into `buf`, a properly sized, zeroed statfs struct, and reads
+    // the NUL-terminated path we own.
+    unsafe {
+        let mut buf: libc::statfs = std::mem::zeroed();
+        libc::statfs(c_path.as_ptr(), &mut buf) == 0 && buf.f_type as i64 == TMPFS_MAGIC
+    }
+}
+
 /// Opens the disk a spec describes.
 pub fn open_disk(spec: &DiskSpec) -> Result<AnyDisk, StorageError> {
     let engine = match spec.engine {
@@ -38,8 +54,18 @@ pub fn open_disk(spec: &DiskSpec) -> Result<AnyDisk, StorageError> {
             }
             EngineKind::IoUring
         }
-        None if io_uring_available() => EngineKind::IoUring,
-        None => EngineKind::Sync,
+        None if !io_uring_available() => EngineKind::Sync,
+        None => match &spec.source {
+            DiskSource::File(path) if on_tmpfs(path) => {
+                log::info!(
+                    "{}: on tmpfs, which never blocks on I/O but has no non-blocking reads \
+                     for io_uring; using the synchronous engine",
+                    path.display()
+                );
+                EngineKind::Sync
+            }
+            _ => EngineKind::IoUring,
+        },
     };
     match &spec.source {
         DiskSource::Null { size } => Ok(AnyDisk::Null(NullDisk::new(*size, spec.read_only))),

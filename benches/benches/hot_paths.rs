@@ -1,0 +1,105 @@
+//! Criterion benches for the data path's hot spots: parsing a virtio-blk descriptor chain,
+//! and a batch of 32 reads through each engine (submit once, reap all). The engines run on a
+//! file in /dev/shm so the numbers are the software's cost, not a disk's.
+
+use std::hint::black_box;
+use std::io::Write;
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use storage_core::disk::{Disk, DiskOp, DiskQueue, NullDisk, RawDisk};
+use storage_core::engine::EngineKind;
+use vhost_blk::request::{parse, Parsed};
+use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+fn bench_parse(c: &mut Criterion) {
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+    let mut header = [0u8; 16];
+    header[8..16].copy_from_slice(&8u64.to_le_bytes()); // IN, sector 8
+    mem.write_slice(&header, GuestAddress(0x1_0000)).unwrap();
+    let write = virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
+    let descs = [
+        RawDescriptor::from(SplitDescriptor::new(0x1_0000, 16, 0, 0)),
+        RawDescriptor::from(SplitDescriptor::new(0x2_0000, 4096, write, 0)),
+        RawDescriptor::from(SplitDescriptor::new(0x3_0000, 1, write, 0)),
+    ];
+    // The mock queue lives at guest address 0; the request buffers sit above it.
+    let queue = MockSplitQueue::new(&mem, 256);
+    let chain = queue.build_desc_chain(&descs).unwrap();
+    let (mut segs, mut iov) = (Vec::with_capacity(1024), Vec::with_capacity(1024));
+    let mut g = c.benchmark_group("parse");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("read_4k_chain", |b| {
+        b.iter_batched(
+            || chain.clone(),
+            |chain| {
+                let p = parse(chain, &mem, 1 << 30, &mut segs, &mut iov);
+                assert!(matches!(p, Parsed::Request { .. }));
+                black_box(p)
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
+const BATCH: usize = 32;
+const BLOCK: usize = 4096;
+
+/// Starts BATCH 4 KiB reads, submits once, reaps all.
+fn read_batch(q: &mut impl DiskQueue, bufs: &mut [Vec<u8>], iovs: &mut [[libc::iovec; 1]], seed: &mut u64) {
+    for (i, (buf, iov)) in bufs.iter_mut().zip(iovs.iter_mut()).enumerate() {
+        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let offset = (*seed >> 33) % (64 << 20) / BLOCK as u64 * BLOCK as u64;
+        iov[0] = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: BLOCK,
+        };
+        // SAFETY: `bufs` and `iovs` outlive the batch, which is fully reaped below.
+        unsafe { q.start(DiskOp::Read { offset, iov: &iov[..] }, i as u64) }.unwrap();
+    }
+    q.submit().unwrap();
+    let mut done = 0;
+    while done < BATCH {
+        match q.pop_completion() {
+            Some(c) => {
+                assert_eq!(c.result, BLOCK as i32);
+                done += 1;
+            }
+            None => q.wait().unwrap(),
+        }
+    }
+}
+
+fn bench_engines(c: &mut Criterion) {
+    let mut file = tempfile::NamedTempFile::new_in(std::env::var("BENCH_DIR").unwrap_or("/dev/shm".into())).unwrap();
+    let chunk = vec![0x5au8; 1 << 20];
+    for _ in 0..64 {
+        file.write_all(&chunk).unwrap();
+    }
+    let mut g = c.benchmark_group("engine_batch32_read4k");
+    g.throughput(Throughput::Elements(BATCH as u64));
+    for kind in [EngineKind::IoUring, EngineKind::Sync] {
+        let disk = RawDisk::open(file.path(), true, false, kind).unwrap();
+        let mut q = disk.new_queue(BATCH as u32).unwrap();
+        let mut bufs = vec![vec![0u8; BLOCK]; BATCH];
+        let mut iovs = vec![[libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }]; BATCH];
+        let mut seed = 1;
+        g.bench_function(kind.name(), |b| {
+            b.iter(|| read_batch(&mut q, &mut bufs, &mut iovs, &mut seed))
+        });
+    }
+    let null = NullDisk::new(64 << 20, false);
+    let mut q = null.new_queue(BATCH as u32).unwrap();
+    let mut bufs = vec![vec![0u8; BLOCK]; BATCH];
+    let mut iovs = vec![[libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }]; BATCH];
+    let mut seed = 1;
+    g.bench_function("null", |b| {
+        b.iter(|| read_batch(&mut q, &mut bufs, &mut iovs, &mut seed))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench_parse, bench_engines);
+criterion_main!(benches);
