@@ -48,16 +48,32 @@ const BATCH: usize = 32;
 const BLOCK: usize = 4096;
 
 /// Starts BATCH 4 KiB reads, submits once, reaps all.
-fn read_batch(q: &mut impl DiskQueue, bufs: &mut [Vec<u8>], iovs: &mut [[libc::iovec; 1]], seed: &mut u64) {
+fn read_batch(
+    q: &mut impl DiskQueue,
+    bufs: &mut [Vec<u8>],
+    iovs: &mut [[libc::iovec; 1]],
+    seed: &mut u64,
+) {
     for (i, (buf, iov)) in bufs.iter_mut().zip(iovs.iter_mut()).enumerate() {
-        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let offset = (*seed >> 33) % (64 << 20) / BLOCK as u64 * BLOCK as u64;
         iov[0] = libc::iovec {
             iov_base: buf.as_mut_ptr().cast(),
             iov_len: BLOCK,
         };
         // SAFETY: `bufs` and `iovs` outlive the batch, which is fully reaped below.
-        unsafe { q.start(DiskOp::Read { offset, iov: &iov[..] }, i as u64) }.unwrap();
+        unsafe {
+            q.start(
+                DiskOp::Read {
+                    offset,
+                    iov: &iov[..],
+                },
+                i as u64,
+            )
+        }
+        .unwrap();
     }
     q.submit().unwrap();
     let mut done = 0;
@@ -73,7 +89,9 @@ fn read_batch(q: &mut impl DiskQueue, bufs: &mut [Vec<u8>], iovs: &mut [[libc::i
 }
 
 fn bench_engines(c: &mut Criterion) {
-    let mut file = tempfile::NamedTempFile::new_in(std::env::var("BENCH_DIR").unwrap_or("/dev/shm".into())).unwrap();
+    let mut file =
+        tempfile::NamedTempFile::new_in(std::env::var("BENCH_DIR").unwrap_or("/dev/shm".into()))
+            .unwrap();
     let chunk = vec![0x5au8; 1 << 20];
     for _ in 0..64 {
         file.write_all(&chunk).unwrap();
@@ -84,7 +102,13 @@ fn bench_engines(c: &mut Criterion) {
         let disk = RawDisk::open(file.path(), true, false, kind).unwrap();
         let mut q = disk.new_queue(BATCH as u32).unwrap();
         let mut bufs = vec![vec![0u8; BLOCK]; BATCH];
-        let mut iovs = vec![[libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }]; BATCH];
+        let mut iovs = vec![
+            [libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0
+            }];
+            BATCH
+        ];
         let mut seed = 1;
         g.bench_function(kind.name(), |b| {
             b.iter(|| read_batch(&mut q, &mut bufs, &mut iovs, &mut seed))
@@ -93,7 +117,13 @@ fn bench_engines(c: &mut Criterion) {
     let null = NullDisk::new(64 << 20, false);
     let mut q = null.new_queue(BATCH as u32).unwrap();
     let mut bufs = vec![vec![0u8; BLOCK]; BATCH];
-    let mut iovs = vec![[libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }]; BATCH];
+    let mut iovs = vec![
+        [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0
+        }];
+        BATCH
+    ];
     let mut seed = 1;
     g.bench_function("null", |b| {
         b.iter(|| read_batch(&mut q, &mut bufs, &mut iovs, &mut seed))

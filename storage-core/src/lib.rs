@@ -18,6 +18,7 @@ pub mod disk;
 pub mod engine;
 pub mod error;
 pub mod metrics;
+pub mod tier;
 pub mod units;
 
 pub use error::{StorageError, StorageErrorKind};

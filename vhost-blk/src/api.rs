@@ -103,6 +103,9 @@ pub fn render_metrics(device: &BlkDevice) -> String {
     for (i, q) in device.all_queue_metrics().iter().enumerate() {
         q.render(&mut out, prefix, &format!("disk=\"{disk}\",queue=\"{i}\""));
     }
+    if let Some(tier) = device.disk.tier_metrics() {
+        tier.render(&mut out, prefix, &format!("disk=\"{disk}\""));
+    }
     out.push_str(&format!(
         "# HELP {prefix}_capacity_bytes Disk size.\n# TYPE {prefix}_capacity_bytes gauge\n\
          {prefix}_capacity_bytes{{disk=\"{disk}\"}} {}\n",
@@ -149,6 +152,16 @@ pub fn disk_json(device: &BlkDevice) -> serde_json::Value {
         "features_negotiated_names": feature_names(acked),
         "frontend_connected": device.connected.load(Ordering::Relaxed),
         "frontend_connections": device.connections.load(Ordering::Relaxed),
+        "cache": device.spec.tier.as_ref().map(|t| serde_json::json!({
+            "path": t.cache.display().to_string(),
+            "size": t.cache_size,
+            "mode": t.mode.name(),
+            "policy": t.policy.clone().unwrap_or_else(|| storage_core::cache::DEFAULT_POLICY.to_string()),
+            "block_size": t.block_size,
+            "seq_cutoff": t.seq_cutoff,
+            "slots": device.disk.tier_metrics().map(|m| m.slots.load(Ordering::Relaxed)),
+            "failed": device.disk.tier_metrics().map(|m| m.failed.load(Ordering::Relaxed)),
+        })),
     })
 }
 

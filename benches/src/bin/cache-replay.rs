@@ -93,7 +93,10 @@ fn load_references(path: &Path, block_bytes: u64) -> Result<Vec<BlockId>, Replay
         }
         let fields: Vec<&str> = line.split(',').collect();
         if fields.len() != 5 {
-            return Err(parse_err(format!("expected 5 fields, got {}", fields.len())));
+            return Err(parse_err(format!(
+                "expected 5 fields, got {}",
+                fields.len()
+            )));
         }
         let num = |i: usize, name: &str| -> Result<u64, ReplayError> {
             fields[i]

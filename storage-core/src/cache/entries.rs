@@ -142,7 +142,10 @@ impl Entries {
     /// Panics when all `max` entries are in use: the owning policy sizes the slab for its
     /// resident plus ghost limits, so that is a policy bug.
     pub(crate) fn alloc(&mut self, block: BlockId, queue: u8) -> u32 {
-        debug_assert!(self.find(block).is_none(), "block {block} already has an entry");
+        debug_assert!(
+            self.find(block).is_none(),
+            "block {block} already has an entry"
+        );
         assert!(self.used < self.max, "cache entries exhausted");
         let entry = Entry {
             block,
@@ -298,7 +301,9 @@ mod tests {
         // Strided ids collide in naive hashes; interleaved removes exercise backward shifts.
         let mut x = 1u64;
         for step in 0..20_000u64 {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             let b = ((x >> 33) % 300) * 4096;
             match model.get(&b) {
                 Some(&idx) => {

@@ -18,7 +18,7 @@ pub struct NoVictim;
 /// `len() <= capacity()` always; `insert` of a resident block is a caller bug (it may panic
 /// in debug builds).
 pub trait CachePolicy: Send {
-    /// Short name, as accepted by [`by_name`] (`lru`, ...).
+    /// Short name, as accepted by [`super::by_name`] (`lru`, ...).
     fn name(&self) -> &'static str;
 
     /// Slots in the cache.

@@ -121,11 +121,15 @@ impl S3Fifo {
         let entries = &mut self.entries;
         let mut cur = main.tail();
         while cur != NIL {
-            let newer = entries.newer(cur);
+            let mut newer = entries.newer(cur);
             let e = *entries.get(cur);
             if e.freq > 0 {
                 entries.refresh(main, cur);
                 entries.get_mut(cur).freq = e.freq - 1;
+                if newer == NIL {
+                    // It was the head already: look at it again, with one hit fewer.
+                    newer = cur;
+                }
             } else if evictable(e.block) {
                 entries.unlink(main, cur);
                 entries.release(cur);
@@ -143,6 +147,8 @@ impl S3Fifo {
         if main.len() > main_target || small.len() == 0 {
             self.evict_main(evictable)
                 .or_else(|| self.evict_small(evictable))
+                // Small may just have promoted an evictable block into main.
+                .or_else(|| self.evict_main(evictable))
         } else {
             self.evict_small(evictable)
                 .or_else(|| self.evict_main(evictable))

@@ -53,7 +53,9 @@ impl FrequencySketch {
     #[inline]
     fn counter_positions(&self, block: BlockId) -> [usize; ROWS as usize] {
         let (h1, h2) = hashes(block);
-        std::array::from_fn(|i| (h1.wrapping_add(h2.wrapping_mul(i as u64)) >> self.counter_shift) as usize)
+        std::array::from_fn(|i| {
+            (h1.wrapping_add(h2.wrapping_mul(i as u64)) >> self.counter_shift) as usize
+        })
     }
 
     #[inline]
@@ -61,7 +63,10 @@ impl FrequencySketch {
         let (h1, h2) = hashes(block);
         // Rotated so that the doorkeeper's bits are not the counters' positions.
         let (a, b) = (h1.rotate_left(32), h2.rotate_left(17));
-        [(a >> self.door_shift) as usize, (b >> self.door_shift) as usize]
+        [
+            (a >> self.door_shift) as usize,
+            (b >> self.door_shift) as usize,
+        ]
     }
 
     #[inline]
@@ -94,7 +99,11 @@ impl FrequencySketch {
             }
         } else {
             let positions = self.counter_positions(block);
-            let min = positions.iter().map(|&p| self.counter(p)).min().unwrap_or(0);
+            let min = positions
+                .iter()
+                .map(|&p| self.counter(p))
+                .min()
+                .unwrap_or(0);
             if min < MAX_COUNT {
                 // Conservative update: only the counters at the minimum grow, which keeps
                 // collisions from inflating everyone's estimate.
@@ -139,7 +148,11 @@ mod tests {
         for _ in 0..100 {
             s.increment(8);
         }
-        assert_eq!(s.estimate(8), 16, "counter saturates at 15 plus the doorkeeper");
+        assert_eq!(
+            s.estimate(8),
+            16,
+            "counter saturates at 15 plus the doorkeeper"
+        );
         assert!(s.estimate(9) <= 1);
         s.age();
         assert_eq!(s.estimate(8), 7);

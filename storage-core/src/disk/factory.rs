@@ -7,6 +7,7 @@ use std::sync::OnceLock;
 
 use crate::engine::{Completion, EngineKind};
 use crate::error::{StorageError, StorageErrorKind};
+use crate::tier::{TierMetrics, TieredDisk, TieredQueue};
 
 use super::{
     Disk, DiskInfo, DiskOp, DiskQueue, DiskSource, DiskSpec, NullDisk, NullQueue, RawDisk,
@@ -67,9 +68,12 @@ pub fn open_disk(spec: &DiskSpec) -> Result<AnyDisk, StorageError> {
             _ => EngineKind::IoUring,
         },
     };
-    match &spec.source {
-        DiskSource::Null { size } => Ok(AnyDisk::Null(NullDisk::new(*size, spec.read_only))),
-        DiskSource::File(path) => {
+    match (&spec.source, &spec.tier) {
+        (DiskSource::Null { size }, _) => Ok(AnyDisk::Null(NullDisk::new(*size, spec.read_only))),
+        (DiskSource::File(path), Some(tier)) => {
+            TieredDisk::open(path, spec.read_only, spec.direct, tier).map(AnyDisk::Tiered)
+        }
+        (DiskSource::File(path), None) => {
             RawDisk::open(path, spec.read_only, spec.direct, engine).map(AnyDisk::Raw)
         }
     }
@@ -79,6 +83,17 @@ pub fn open_disk(spec: &DiskSpec) -> Result<AnyDisk, StorageError> {
 pub enum AnyDisk {
     Raw(RawDisk),
     Null(NullDisk),
+    Tiered(TieredDisk),
+}
+
+impl AnyDisk {
+    /// The tier's counters, for a tiered disk.
+    pub fn tier_metrics(&self) -> Option<&TierMetrics> {
+        match self {
+            AnyDisk::Tiered(t) => Some(t.metrics()),
+            _ => None,
+        }
+    }
 }
 
 /// The queue of any disk format.
@@ -88,6 +103,7 @@ pub enum AnyDisk {
 pub enum AnyQueue {
     Raw(RawQueue),
     Null(NullQueue),
+    Tiered(TieredQueue),
 }
 
 impl Disk for AnyDisk {
@@ -97,6 +113,7 @@ impl Disk for AnyDisk {
         match self {
             AnyDisk::Raw(d) => d.info(),
             AnyDisk::Null(d) => d.info(),
+            AnyDisk::Tiered(d) => d.info(),
         }
     }
 
@@ -104,6 +121,7 @@ impl Disk for AnyDisk {
         Ok(match self {
             AnyDisk::Raw(d) => AnyQueue::Raw(d.new_queue(depth)?),
             AnyDisk::Null(d) => AnyQueue::Null(d.new_queue(depth)?),
+            AnyDisk::Tiered(d) => AnyQueue::Tiered(d.new_queue(depth)?),
         })
     }
 
@@ -111,6 +129,7 @@ impl Disk for AnyDisk {
         match self {
             AnyDisk::Raw(d) => d.flush(),
             AnyDisk::Null(d) => d.flush(),
+            AnyDisk::Tiered(d) => d.flush(),
         }
     }
 }
@@ -120,6 +139,7 @@ macro_rules! dispatch {
         match $self {
             AnyQueue::Raw($q) => $body,
             AnyQueue::Null($q) => $body,
+            AnyQueue::Tiered($q) => $body,
         }
     };
 }

@@ -134,6 +134,29 @@ pub trait DiskQueue: Send {
     fn in_flight(&self) -> usize;
 }
 
+// BLKGETSIZE64 = _IOR(0x12, 114, size_t)
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+
+/// The size of a regular file or block device.
+pub(crate) fn device_size(file: &std::fs::File, meta: &std::fs::Metadata) -> io::Result<u64> {
+    use std::os::unix::fs::FileTypeExt;
+    use std::os::unix::io::AsRawFd;
+    let ft = meta.file_type();
+    if ft.is_block_device() {
+        let mut size: u64 = 0;
+        // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points to `size`.
+        let ret = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut size) };
+        if ret < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(size)
+    } else if ft.is_file() {
+        Ok(meta.len())
+    } else {
+        Err(io::Error::other("not a regular file or block device"))
+    }
+}
+
 /// Checks a request against the disk's size and write permission.
 pub(crate) fn check_op(op: &DiskOp<'_>, capacity: u64, read_only: bool) -> Result<(), StartError> {
     if read_only && op.writes() {

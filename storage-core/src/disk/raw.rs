@@ -2,7 +2,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::Path;
 use std::sync::Arc;
@@ -17,9 +17,6 @@ pub struct RawDisk {
     file: Arc<File>,
     info: DiskInfo,
 }
-
-// BLKGETSIZE64 = _IOR(0x12, 114, size_t)
-const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 
 impl RawDisk {
     /// Opens `path` (O_DIRECT when `direct`), read-only when `read_only`.
@@ -48,29 +45,11 @@ impl RawDisk {
                 .with_path(path)
                 .with_source(e)
         })?;
-        let ft = meta.file_type();
-        let capacity = if ft.is_block_device() {
-            let mut size: u64 = 0;
-            // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points to `size`.
-            let ret = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut size) };
-            if ret < 0 {
-                return Err(StorageError::new(
-                    StorageErrorKind::Open,
-                    "cannot read block device size",
-                )
+        let capacity = super::device_size(&file, &meta).map_err(|e| {
+            StorageError::new(StorageErrorKind::InvalidImage, "cannot use as a disk")
                 .with_path(path)
-                .with_source(io::Error::last_os_error()));
-            }
-            size
-        } else if ft.is_file() {
-            meta.len()
-        } else {
-            return Err(StorageError::new(
-                StorageErrorKind::InvalidImage,
-                "not a regular file or block device",
-            )
-            .with_path(path));
-        };
+                .with_source(e)
+        })?;
         // Whole sectors only: a trailing partial sector is not addressable by virtio-blk.
         let capacity = capacity & !511;
         if capacity == 0 {

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use crate::engine::EngineKind;
+use crate::tier::{CacheMode, TierSpec};
 use crate::units::{ByteSize, SECTOR_SIZE};
 
 /// Longest serial number virtio-blk's GET_ID can return.
@@ -30,6 +31,8 @@ pub struct DiskSpec {
     pub serial: Option<String>,
     /// Force an engine (`engine=sync`); by default io_uring when available.
     pub engine: Option<EngineKind>,
+    /// A cache device in front of the file (`cache=...`): a tiered disk.
+    pub tier: Option<TierSpec>,
 }
 
 /// What is wrong with a disk spec.
@@ -41,7 +44,10 @@ pub enum SpecError {
     NotKeyValue(String),
     #[error("disk spec key {0:?} is given twice")]
     Duplicate(String),
-    #[error("unknown disk spec key {0:?} (known: path, size, readonly, direct, serial, engine)")]
+    #[error(
+        "unknown disk spec key {0:?} (known: path, size, readonly, direct, serial, engine, \
+         cache, cache-size, cache-mode, cache-policy, cache-block, seq-cutoff, cache-format)"
+    )]
     UnknownKey(String),
     #[error("disk spec {key}={value:?}: {reason}")]
     BadValue {
@@ -77,6 +83,13 @@ impl FromStr for DiskSpec {
         let mut direct = None;
         let mut serial: Option<String> = None;
         let mut engine = None;
+        let mut cache: Option<String> = None;
+        let mut cache_size: Option<u64> = None;
+        let mut cache_mode = None;
+        let mut cache_policy: Option<String> = None;
+        let mut cache_block: Option<u64> = None;
+        let mut seq_cutoff: Option<u64> = None;
+        let mut force_format = false;
         let mut seen: Vec<&str> = Vec::new();
         for item in s.split(',').filter(|i| !i.is_empty()) {
             let (key, value) = item
@@ -121,6 +134,60 @@ impl FromStr for DiskSpec {
                         _ => return Err(bad("engine", value, "expected io_uring or sync")),
                     })
                 }
+                "cache" => {
+                    if value.is_empty() {
+                        return Err(bad("cache", value, "empty path"));
+                    }
+                    cache = Some(value.to_string());
+                }
+                "cache-size" => {
+                    let bytes = value
+                        .parse::<ByteSize>()
+                        .map_err(|e| bad("cache-size", value, e.to_string()))?
+                        .0;
+                    cache_size = Some(bytes);
+                }
+                "cache-mode" => {
+                    cache_mode = Some(
+                        value
+                            .parse::<CacheMode>()
+                            .map_err(|e| bad("cache-mode", value, e))?,
+                    )
+                }
+                "cache-policy" => {
+                    if !crate::cache::POLICY_NAMES.contains(&value) {
+                        return Err(bad(
+                            "cache-policy",
+                            value,
+                            format!("known policies: {}", crate::cache::POLICY_NAMES.join(", ")),
+                        ));
+                    }
+                    cache_policy = Some(value.to_string());
+                }
+                "cache-block" => {
+                    let bytes = value
+                        .parse::<ByteSize>()
+                        .map_err(|e| bad("cache-block", value, e.to_string()))?
+                        .0;
+                    if !(4096..=65536).contains(&bytes) || !bytes.is_power_of_two() {
+                        return Err(bad("cache-block", value, "a power of two from 4K to 64K"));
+                    }
+                    cache_block = Some(bytes);
+                }
+                "seq-cutoff" => {
+                    let bytes = value
+                        .parse::<ByteSize>()
+                        .map_err(|e| bad("seq-cutoff", value, e.to_string()))?
+                        .0;
+                    // 0 turns the cutoff off, as in bcache.
+                    seq_cutoff = Some(if bytes == 0 { u64::MAX } else { bytes });
+                }
+                "cache-format" => {
+                    if value != "force" {
+                        return Err(bad("cache-format", value, "the only value is force"));
+                    }
+                    force_format = true;
+                }
                 other => return Err(SpecError::UnknownKey(other.to_string())),
             }
         }
@@ -138,7 +205,40 @@ impl FromStr for DiskSpec {
             }
             DiskSource::File(PathBuf::from(path))
         };
+        let tier = match cache {
+            Some(cache) => {
+                if matches!(source, DiskSource::Null { .. }) {
+                    return Err(bad("cache", &cache, "a null disk cannot have a cache"));
+                }
+                let cache_size = cache_size.ok_or_else(|| {
+                    bad(
+                        "cache",
+                        &cache,
+                        "cache= needs cache-size= (the size of the cache file)",
+                    )
+                })?;
+                Some(TierSpec {
+                    cache: PathBuf::from(cache),
+                    cache_size,
+                    mode: cache_mode.unwrap_or(CacheMode::WriteThrough),
+                    policy: cache_policy,
+                    block_size: cache_block.unwrap_or(4096),
+                    seq_cutoff: seq_cutoff.unwrap_or(4 << 20),
+                    force_format,
+                })
+            }
+            None => {
+                if let Some(key) = seen
+                    .iter()
+                    .find(|k| k.starts_with("cache-") || **k == "seq-cutoff")
+                {
+                    return Err(bad("cache", "", format!("{key}= needs cache=")));
+                }
+                None
+            }
+        };
         Ok(DiskSpec {
+            tier,
             source,
             read_only: read_only.unwrap_or(false),
             direct: direct.unwrap_or(false),
@@ -188,6 +288,29 @@ mod tests {
     }
 
     #[test]
+    fn parses_a_tiered_spec_with_defaults() {
+        let spec: DiskSpec = "path=/cap.img,cache=/ssd/c,cache-size=256M"
+            .parse()
+            .unwrap();
+        let t = spec.tier.unwrap();
+        assert_eq!(t.cache_size, 256 << 20);
+        assert_eq!(t.mode, CacheMode::WriteThrough);
+        assert_eq!(t.block_size, 4096);
+        assert_eq!(t.seq_cutoff, 4 << 20);
+        assert!(t.policy.is_none() && !t.force_format);
+        let spec: DiskSpec =
+            "path=/cap.img,cache=/ssd/c,cache-size=1G,cache-mode=writeback,cache-policy=lru,cache-block=64K,seq-cutoff=0,cache-format=force"
+                .parse()
+                .unwrap();
+        let t = spec.tier.unwrap();
+        assert_eq!(t.mode, CacheMode::WriteBack);
+        assert_eq!(t.policy.as_deref(), Some("lru"));
+        assert_eq!(t.block_size, 65536);
+        assert_eq!(t.seq_cutoff, u64::MAX);
+        assert!(t.force_format);
+    }
+
+    #[test]
     fn parses_a_null_spec_with_suffix() {
         let spec: DiskSpec = "path=null,size=2G".parse().unwrap();
         assert_eq!(spec.source, DiskSource::Null { size: 2 << 30 });
@@ -206,6 +329,18 @@ mod tests {
             ("path=a,serial=123456789012345678901", "20 bytes"),
             ("path=null,size=1000", "multiple of 512"),
             ("path=a,bogus", "without '='"),
+            ("path=a,cache=c", "needs cache-size"),
+            ("path=a,cache-size=1G", "needs cache="),
+            ("path=a,cache=c,cache-size=1G,cache-mode=fast", "writeback"),
+            (
+                "path=a,cache=c,cache-size=1G,cache-block=3K",
+                "power of two",
+            ),
+            (
+                "path=a,cache=c,cache-size=1G,cache-policy=magic",
+                "known policies",
+            ),
+            ("path=null,size=1G,cache=c,cache-size=1M", "null disk"),
         ] {
             let err = input.parse::<DiskSpec>().unwrap_err().to_string();
             assert!(err.contains(needle), "{input:?} gave {err:?}");

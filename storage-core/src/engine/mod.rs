@@ -199,6 +199,16 @@ pub fn new_engine(kind: EngineKind, depth: u32) -> io::Result<AnyEngine> {
     }
 }
 
+/// Like [`new_engine`], but an io_uring engine signals completions on `eventfd` (owned by
+/// the caller, who keeps it open while the engine exists); the synchronous engine completes
+/// inline and needs none.
+pub fn new_engine_notifying(kind: EngineKind, depth: u32, eventfd: RawFd) -> io::Result<AnyEngine> {
+    match kind {
+        EngineKind::IoUring => UringEngine::with_eventfd(depth, eventfd).map(AnyEngine::Uring),
+        EngineKind::Sync => Ok(AnyEngine::Sync(SyncEngine::new(depth))),
+    }
+}
+
 /// Whether io_uring can be used in this process (kernel support, seccomp, sysctl
 /// `kernel.io_uring_disabled`). The disk factory asks once.
 pub fn probe_io_uring() -> Result<(), io::Error> {

@@ -6,7 +6,7 @@
 //! the worker's event loop waits on next to its queue's kick fd.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::io::RawFd;
 
 use io_uring::{opcode, register::Restriction, types, IoUring};
@@ -18,7 +18,9 @@ const MAX_FILES: u32 = 8;
 
 pub struct UringEngine {
     ring: IoUring,
-    eventfd: OwnedFd,
+    /// The eventfd completions are signalled on, and ours to close if we created it.
+    notify: RawFd,
+    _eventfd: Option<OwnedFd>,
     files: Vec<RawFd>,
     enabled: bool,
     in_flight: usize,
@@ -31,18 +33,33 @@ impl UringEngine {
     /// A ring with `depth` submission entries (completion queue twice that, so completions
     /// can never overflow while at most `depth` operations are in flight).
     pub fn new(depth: u32) -> io::Result<Self> {
+        Self::build(depth, None)
+    }
+
+    /// A ring that signals completions on `eventfd`, which the caller owns and keeps open
+    /// for the ring's lifetime (several rings may share one, so one wait covers them all).
+    pub fn with_eventfd(depth: u32, eventfd: RawFd) -> io::Result<Self> {
+        Self::build(depth, Some(eventfd))
+    }
+
+    fn build(depth: u32, shared_eventfd: Option<RawFd>) -> io::Result<Self> {
         let depth = depth.clamp(1, 4096);
         let ring = IoUring::builder()
             .setup_r_disabled()
             .setup_cqsize(depth * 2)
             .build(depth)?;
-        // SAFETY: eventfd() has no memory-safety preconditions; we check its result.
-        let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if efd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `efd` is a freshly created descriptor that nothing else owns.
-        let eventfd = unsafe { OwnedFd::from_raw_fd(efd) };
+        let (notify, owned) = match shared_eventfd {
+            Some(fd) => (fd, None),
+            None => {
+                // SAFETY: eventfd() has no memory-safety preconditions; we check its result.
+                let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+                if efd < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // SAFETY: `efd` is a freshly created descriptor that nothing else owns.
+                (efd, Some(unsafe { OwnedFd::from_raw_fd(efd) }))
+            }
+        };
         ring.submitter().register_files_sparse(MAX_FILES)?;
         // Buffered writes that cannot complete inline go to io-wq worker threads. Filesystems
         // serialise buffered writes on the inode lock, so one worker per in-flight write only
@@ -63,10 +80,11 @@ impl UringEngine {
         ];
         ring.submitter().register_restrictions(&mut allowed)?;
         ring.submitter().register_enable_rings()?;
-        ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
+        ring.submitter().register_eventfd(notify)?;
         Ok(UringEngine {
             ring,
-            eventfd,
+            notify,
+            _eventfd: owned,
             files: Vec::new(),
             enabled: true,
             in_flight: 0,
@@ -208,13 +226,14 @@ impl IoEngine for UringEngine {
     }
 
     fn completion_fd(&self) -> Option<RawFd> {
-        Some(self.eventfd.as_raw_fd())
+        Some(self.notify)
     }
 
     fn ack_completion_fd(&self) {
         let mut buf = [0u8; 8];
-        // SAFETY: reading 8 bytes into a valid 8-byte buffer from our own nonblocking eventfd.
-        unsafe { libc::read(self.eventfd.as_raw_fd(), buf.as_mut_ptr().cast(), 8) };
+        // SAFETY: reading 8 bytes into a valid 8-byte buffer from the nonblocking eventfd,
+        // which stays open while the ring exists (ours, or the caller's by contract).
+        unsafe { libc::read(self.notify, buf.as_mut_ptr().cast(), 8) };
     }
 
     #[inline]

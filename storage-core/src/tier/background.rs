@@ -1,0 +1,242 @@
+//! The tier's background threads.
+//!
+//! - The journal thread owns the [`Journal`]: every few milliseconds, and at once when a
+//!   queue asks for a flush, it writes the records the queues produced, syncs the cache
+//!   device (and the capacity device when data went there), checkpoints when the journal
+//!   ring is half used, releases evicted slots whose `Free` records are now durable, and
+//!   completes the flushes it served (group commit: one sync pair serves every flush that
+//!   arrived meanwhile).
+//! - The cleaner (write-back mode) copies dirty blocks to the capacity device above the low
+//!   watermark, syncs it, and marks the blocks clean if nobody wrote them meanwhile.
+
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use super::journal::Journal;
+use super::layout::{Record, SlotState};
+use super::state::Use;
+use super::{lock, AlignedBuf, CacheMode, Link, Shared};
+use crate::engine::Completion;
+use std::os::fd::{AsRawFd, FromRawFd};
+
+/// How often the journal thread writes records when nobody asks for a flush.
+const JOURNAL_INTERVAL: Duration = Duration::from_millis(20);
+/// How often the cleaner looks for work.
+const CLEANER_INTERVAL: Duration = Duration::from_millis(10);
+/// Dirty blocks copied per cleaner pass.
+const CLEAN_BATCH: usize = 64;
+
+pub(super) fn spawn(sh: Arc<Shared>, journal: Journal) -> io::Result<Vec<JoinHandle<()>>> {
+    let mut threads = Vec::new();
+    let j = sh.clone();
+    threads.push(
+        std::thread::Builder::new()
+            .name("tier-journal".into())
+            .spawn(move || journal_thread(j, journal))?,
+    );
+    if sh.mode == CacheMode::WriteBack {
+        let c = sh.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("tier-cleaner".into())
+                .spawn(move || cleaner_thread(c))?,
+        );
+    }
+    Ok(threads)
+}
+
+/// One round of the journal thread. Returns the result to report to the flushes it serves.
+fn journal_round(sh: &Shared, journal: &mut Journal, sync: bool, checkpoint_anyway: bool) -> i32 {
+    let (records, pending, cap_unsynced, snapshot) = {
+        let mut st = sh.state();
+        let records: Vec<Record> = std::mem::take(&mut st.records);
+        let snapshot =
+            (checkpoint_anyway || journal.wants_checkpoint(records.len())).then(|| st.snapshot());
+        let cap = sync && std::mem::take(&mut st.capacity_unsynced);
+        (records, st.pending_free.len(), cap, snapshot)
+    };
+    let mut result = 0;
+    let mut wrote = false;
+    if let Some(snapshot) = snapshot {
+        // The snapshot already includes every record taken with it.
+        if let Err(e) = journal.checkpoint(&sh.cache, &snapshot) {
+            log::error!("tier: checkpoint failed: {e}");
+            result = -e.raw_os_error().unwrap_or(libc::EIO);
+        }
+    } else if !records.is_empty() {
+        if let Err(e) = journal.append(&sh.cache, &records) {
+            log::error!("tier: journal write failed: {e}");
+            result = -e.raw_os_error().unwrap_or(libc::EIO);
+            // Keep the records for the next round rather than lose them.
+            let mut st = sh.state();
+            let newer = std::mem::take(&mut st.records);
+            st.records = records;
+            st.records.extend(newer);
+        }
+        wrote = true;
+    }
+    if wrote || sync || pending > 0 {
+        if let Err(e) = sh.cache.sync_data() {
+            log::error!("tier: cache device sync failed: {e}");
+            result = -e.raw_os_error().unwrap_or(libc::EIO);
+        }
+    }
+    if cap_unsynced {
+        if let Err(e) = sh.cap.sync_data() {
+            log::error!("tier: capacity device sync failed: {e}");
+            sh.metrics.capacity_errors.fetch_add(1, Relaxed);
+            result = -e.raw_os_error().unwrap_or(libc::EIO);
+            sh.state().capacity_unsynced = true;
+        }
+    }
+    if result == 0 {
+        sh.state().release_pending(pending);
+    }
+    result
+}
+
+fn journal_thread(sh: Arc<Shared>, mut journal: Journal) {
+    loop {
+        let (flushes, shutdown) = {
+            let mut bg = lock(&sh.bg);
+            if bg.flushes.is_empty() && !bg.shutdown {
+                bg = sh
+                    .bg_cv
+                    .wait_timeout(bg, JOURNAL_INTERVAL)
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|p| p.into_inner().0);
+            }
+            (std::mem::take(&mut bg.flushes), bg.shutdown)
+        };
+        let result = journal_round(&sh, &mut journal, !flushes.is_empty() || shutdown, shutdown);
+        for (link, tag) in flushes {
+            link.complete(Completion {
+                user_data: tag,
+                result,
+            });
+        }
+        if shutdown {
+            return;
+        }
+    }
+}
+
+/// A synchronous flush from the control plane (shutdown, disconnect): the journal thread
+/// writes every pending record and syncs both devices; this waits for it.
+pub(super) fn flush_now(sh: &Shared) -> io::Result<()> {
+    // SAFETY: eventfd has no memory preconditions; the result is checked.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor that nothing else owns.
+    let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    let link = Arc::new(Link {
+        done: std::sync::Mutex::new(Vec::new()),
+        ready: std::sync::atomic::AtomicUsize::new(0),
+        notify: fd,
+    });
+    sh.state().capacity_unsynced = true;
+    lock(&sh.bg).flushes.push((link.clone(), 0));
+    sh.bg_cv.notify_one();
+    let mut buf = [0u8; 8];
+    // SAFETY: a blocking read of 8 bytes into a valid buffer from our eventfd.
+    let n = unsafe { libc::read(owned.as_raw_fd(), buf.as_mut_ptr().cast(), 8) };
+    if n != 8 {
+        return Err(io::Error::last_os_error());
+    }
+    let result = lock(&link.done).first().map_or(-libc::EIO, |c| c.result);
+    if result < 0 {
+        return Err(io::Error::from_raw_os_error(-result));
+    }
+    Ok(())
+}
+
+fn cleaner_thread(sh: Arc<Shared>) {
+    loop {
+        if lock(&sh.bg).shutdown {
+            return;
+        }
+        let dirty = sh.state().dirty;
+        if dirty > sh.low_watermark {
+            if clean_batch(&sh, CLEAN_BATCH) == 0 {
+                std::thread::sleep(CLEANER_INTERVAL);
+            }
+        } else {
+            std::thread::sleep(CLEANER_INTERVAL);
+        }
+    }
+}
+
+/// Writes back up to `max` dirty blocks; returns how many became clean.
+pub(super) fn clean_batch(sh: &Shared, max: usize) -> usize {
+    let bs = sh.block;
+    let mut picked: Vec<(u32, u64, u32)> = Vec::new();
+    {
+        let mut st = sh.state();
+        for (i, s) in st.slots.iter_mut().enumerate() {
+            if picked.len() >= max.min(CLEAN_BATCH) {
+                break;
+            }
+            if let Use::Dirty(b) = s.use_ {
+                if s.writers == 0 && !s.cleaning {
+                    s.cleaning = true;
+                    picked.push((i as u32, b, s.generation));
+                }
+            }
+        }
+    }
+    if picked.is_empty() {
+        return 0;
+    }
+    let mut buf = AlignedBuf::new(bs as usize);
+    let mut ok = vec![false; picked.len()];
+    for (k, &(slot, block, _)) in picked.iter().enumerate() {
+        let data = buf.as_mut_slice();
+        if let Err(e) = sh.cache.read_exact_at(data, sh.slot_offset(slot)) {
+            sh.metrics.lost_blocks.fetch_add(1, Relaxed);
+            let mut st = sh.state();
+            sh.cache_failed(
+                &mut st,
+                "write-back read",
+                e.raw_os_error().unwrap_or(libc::EIO),
+            );
+            log::error!("tier: dirty block {block} cannot be read from the cache: {e}");
+            continue;
+        }
+        // The last block of a capacity device that is not a whole number of blocks.
+        let at = block * bs;
+        let n = (sh.capacity.saturating_sub(at)).min(bs) as usize;
+        if let Err(e) = sh.cap.write_all_at(&data[..n], at) {
+            sh.metrics.capacity_errors.fetch_add(1, Relaxed);
+            log::error!("tier: write-back of block {block} failed: {e}");
+            continue;
+        }
+        ok[k] = true;
+    }
+    let synced = sh.cap.sync_data().is_ok();
+    let mut cleaned = 0;
+    let mut st = sh.state();
+    for (k, &(slot, block, generation)) in picked.iter().enumerate() {
+        let s = &mut st.slots[slot as usize];
+        s.cleaning = false;
+        if synced && ok[k] && s.use_ == Use::Dirty(block) && s.generation == generation {
+            s.use_ = Use::Clean(block);
+            st.dirty -= 1;
+            st.records.push(Record {
+                slot,
+                state: SlotState::Clean(block),
+            });
+            cleaned += 1;
+        }
+    }
+    sh.metrics
+        .writeback_blocks
+        .fetch_add(cleaned as u64, Relaxed);
+    sh.update_gauges(&st);
+    cleaned
+}

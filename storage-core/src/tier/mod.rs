@@ -1,0 +1,1457 @@
+//! Tiered disks: a fast cache device (an SSD file or partition) in front of a slower
+//! capacity device, inside the daemon, layered over the engine seam like any other format.
+//!
+//! - [`layout`]: the cache device's on-disk format (superblocks, map regions, journal).
+//! - [`journal`]: formatting, journal appends, checkpoints, recovery.
+//! - [`state`]: the in-memory slot table and free lists, under one mutex.
+//! - this module: the spec, opening a tier, and the per-worker [`TieredQueue`] that splits
+//!   each request by cache block and sends every piece to the cache or the capacity device.
+//! - [`background`]: the journal/flush thread (group commit) and the write-back cleaner.
+//!
+//! Modes: write-through (both devices before completion), write-around (capacity only; the
+//! cache copy is dropped), write-back (cache only; a cleaner copies dirty blocks back).
+
+mod background;
+mod journal;
+mod layout;
+mod state;
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use crate::cache::policy::BlockId;
+use crate::disk::{check_op, Disk, DiskInfo, DiskOp, DiskQueue, StartError};
+use crate::engine::{
+    new_engine, new_engine_notifying, AnyEngine, Completion, EngineKind, EngineOp, FileId, IoEngine,
+};
+use crate::error::{StorageError, StorageErrorKind};
+
+pub use layout::Layout;
+use layout::{Owner, SlotState};
+use state::{TierState, Use};
+
+/// How writes treat the two devices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheMode {
+    WriteThrough,
+    WriteBack,
+    WriteAround,
+}
+
+impl CacheMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            CacheMode::WriteThrough => "writethrough",
+            CacheMode::WriteBack => "writeback",
+            CacheMode::WriteAround => "writearound",
+        }
+    }
+}
+
+impl FromStr for CacheMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "writethrough" => Ok(CacheMode::WriteThrough),
+            "writeback" => Ok(CacheMode::WriteBack),
+            "writearound" => Ok(CacheMode::WriteAround),
+            _ => Err("expected writethrough, writeback or writearound".into()),
+        }
+    }
+}
+
+/// The cache part of a disk spec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TierSpec {
+    pub cache: PathBuf,
+    pub cache_size: u64,
+    pub mode: CacheMode,
+    /// Policy name; the default policy when `None`.
+    pub policy: Option<String>,
+    pub block_size: u64,
+    /// Sequential streams longer than this bypass the cache.
+    pub seq_cutoff: u64,
+    /// Reformat the cache file even if it holds another disk's cache.
+    pub force_format: bool,
+}
+
+/// Why a tier could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum TierError {
+    #[error("cache of {0} bytes is too small for its metadata and 16 blocks")]
+    CacheTooSmall(u64),
+    #[error("not a Strata cache file (cache-format=force reformats it, destroying its contents)")]
+    NotACache,
+    #[error("cache metadata is damaged: {0}")]
+    Damaged(&'static str),
+    #[error("cache device I/O failed: {0}")]
+    CacheIo(#[source] io::Error),
+    #[error(
+        "cache belongs to another capacity device ({field}: cache has {cached}, this disk has \
+         {actual}); cache-format=force reformats it"
+    )]
+    WrongOwner {
+        field: &'static str,
+        cached: String,
+        actual: String,
+    },
+    #[error(
+        "cache was formatted with {cached} (this spec asks for {asked}); cache-format=force \
+         reformats it"
+    )]
+    WrongFormat { cached: String, asked: String },
+    #[error("unknown cache policy {0:?}")]
+    UnknownPolicy(String),
+}
+
+/// Counters of one tier, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct TierMetrics {
+    pub read_hits: AtomicU64,
+    pub read_misses: AtomicU64,
+    pub write_hits: AtomicU64,
+    pub write_misses: AtomicU64,
+    pub promotions: AtomicU64,
+    pub evictions: AtomicU64,
+    pub bypassed: AtomicU64,
+    pub writeback_blocks: AtomicU64,
+    pub cache_errors: AtomicU64,
+    pub capacity_errors: AtomicU64,
+    /// Dirty blocks whose data could not be read back from a failed cache device.
+    pub lost_blocks: AtomicU64,
+    pub dirty_blocks: AtomicU64,
+    pub resident_blocks: AtomicU64,
+    pub slots: AtomicU64,
+    pub failed: AtomicBool,
+}
+
+impl TierMetrics {
+    /// Appends the Prometheus series, labelled with `labels`.
+    pub fn render(&self, out: &mut String, prefix: &str, labels: &str) {
+        use std::fmt::Write as _;
+        let c = |v: &AtomicU64| v.load(Relaxed);
+        for (name, kind, help, value) in [
+            (
+                "cache_read_hits_total",
+                "counter",
+                "Cache blocks read from the cache device.",
+                c(&self.read_hits),
+            ),
+            (
+                "cache_read_misses_total",
+                "counter",
+                "Cache blocks read from the capacity device.",
+                c(&self.read_misses),
+            ),
+            (
+                "cache_write_hits_total",
+                "counter",
+                "Cache blocks written into resident slots.",
+                c(&self.write_hits),
+            ),
+            (
+                "cache_write_misses_total",
+                "counter",
+                "Cache blocks written that were not resident.",
+                c(&self.write_misses),
+            ),
+            (
+                "cache_promotions_total",
+                "counter",
+                "Blocks copied into the cache.",
+                c(&self.promotions),
+            ),
+            (
+                "cache_evictions_total",
+                "counter",
+                "Blocks evicted from the cache.",
+                c(&self.evictions),
+            ),
+            (
+                "cache_bypassed_total",
+                "counter",
+                "Requests that bypassed the cache (sequential, too dirty, failed).",
+                c(&self.bypassed),
+            ),
+            (
+                "cache_writeback_blocks_total",
+                "counter",
+                "Dirty blocks written back to the capacity device.",
+                c(&self.writeback_blocks),
+            ),
+            (
+                "cache_device_errors_total",
+                "counter",
+                "I/O errors on the cache device.",
+                c(&self.cache_errors),
+            ),
+            (
+                "capacity_device_errors_total",
+                "counter",
+                "I/O errors on the capacity device.",
+                c(&self.capacity_errors),
+            ),
+            (
+                "cache_lost_blocks_total",
+                "counter",
+                "Dirty blocks lost to cache device errors.",
+                c(&self.lost_blocks),
+            ),
+            (
+                "cache_dirty_blocks",
+                "gauge",
+                "Dirty blocks in the cache.",
+                c(&self.dirty_blocks),
+            ),
+            (
+                "cache_resident_blocks",
+                "gauge",
+                "Blocks in the cache (occupancy).",
+                c(&self.resident_blocks),
+            ),
+            (
+                "cache_slots",
+                "gauge",
+                "Blocks the cache can hold.",
+                c(&self.slots),
+            ),
+            (
+                "cache_failed",
+                "gauge",
+                "1 when the cache device is out of service.",
+                u64::from(self.failed.load(Relaxed)),
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {prefix}_{name} {help}");
+            let _ = writeln!(out, "# TYPE {prefix}_{name} {kind}");
+            let _ = writeln!(out, "{prefix}_{name}{{{labels}}} {value}");
+        }
+    }
+}
+
+/// Dirty share above which the cleaner runs, and above which new writes bypass the cache.
+const LOW_WATERMARK_PCT: usize = 10;
+const HIGH_WATERMARK_PCT: usize = 70;
+/// Ring entries per engine of a tiered queue: requests split into one operation per block.
+const RING_ENTRIES: u32 = 1024;
+/// Promotion buffers per queue (each one cache block).
+const PROMOTION_BUFFERS: usize = 64;
+
+/// Completion hand-off from the background thread to one queue.
+struct Link {
+    done: Mutex<Vec<Completion>>,
+    ready: AtomicUsize,
+    notify: RawFd,
+}
+
+impl Link {
+    fn complete(&self, c: Completion) {
+        lock(&self.done).push(c);
+        self.ready.fetch_add(1, Relaxed);
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a valid u64 to an eventfd the queue keeps open for as
+        // long as this link exists.
+        unsafe { libc::write(self.notify, (&one as *const u64).cast(), 8) };
+    }
+}
+
+struct BgQueue {
+    flushes: Vec<(Arc<Link>, u64)>,
+    shutdown: bool,
+}
+
+/// What every queue, the background thread and the cleaner share.
+struct Shared {
+    layout: Layout,
+    mode: CacheMode,
+    block: u64,
+    seq_cutoff: u64,
+    capacity: u64,
+    cache: File,
+    cap: File,
+    state: Mutex<TierState>,
+    metrics: TierMetrics,
+    bg: Mutex<BgQueue>,
+    bg_cv: Condvar,
+    high_watermark: usize,
+    low_watermark: usize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    fn state(&self) -> MutexGuard<'_, TierState> {
+        lock(&self.state)
+    }
+
+    fn update_gauges(&self, st: &TierState) {
+        self.metrics.dirty_blocks.store(st.dirty as u64, Relaxed);
+        self.metrics
+            .resident_blocks
+            .store(st.resident_count() as u64, Relaxed);
+    }
+
+    /// The cache device failed: stop admitting, say so once.
+    fn cache_failed(&self, st: &mut TierState, what: &str, errno: i32) {
+        self.metrics.cache_errors.fetch_add(1, Relaxed);
+        if !st.failed {
+            st.failed = true;
+            self.metrics.failed.store(true, Relaxed);
+            log::error!(
+                "cache device {} failed ({what}: {}); taking the cache out of service: dirty \
+                 blocks are still served and written back where readable",
+                self.cache_path_for_log(),
+                io::Error::from_raw_os_error(errno)
+            );
+        }
+    }
+
+    fn cache_path_for_log(&self) -> String {
+        std::fs::read_link(format!("/proc/self/fd/{}", self.cache.as_raw_fd()))
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| "cache".into())
+    }
+
+    fn slot_offset(&self, slot: u32) -> u64 {
+        self.layout.slot_offset(slot)
+    }
+}
+
+/// A capacity device with a cache device in front.
+pub struct TieredDisk {
+    shared: Arc<Shared>,
+    info: DiskInfo,
+    threads: Vec<JoinHandle<()>>,
+}
+
+fn storage_err(kind: StorageErrorKind, path: &Path, e: impl std::fmt::Display) -> StorageError {
+    StorageError::new(kind, e.to_string()).with_path(path)
+}
+
+impl TieredDisk {
+    pub fn open(
+        path: &Path,
+        read_only: bool,
+        direct: bool,
+        spec: &TierSpec,
+    ) -> Result<TieredDisk, StorageError> {
+        let open_err = |p: &Path, what: &str, e: io::Error| {
+            StorageError::new(StorageErrorKind::Open, what)
+                .with_path(p)
+                .with_source(e)
+        };
+        let mut flags = libc::O_CLOEXEC;
+        if direct {
+            flags |= libc::O_DIRECT;
+        }
+        let cap = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .custom_flags(flags)
+            .open(path)
+            .map_err(|e| open_err(path, "cannot open capacity device", e))?;
+        let meta = cap
+            .metadata()
+            .map_err(|e| open_err(path, "cannot stat capacity device", e))?;
+        let capacity = crate::disk::device_size(&cap, &meta)
+            .map_err(|e| open_err(path, "cannot read capacity device size", e))?
+            & !511;
+        if capacity == 0 {
+            return Err(storage_err(
+                StorageErrorKind::InvalidImage,
+                path,
+                "capacity device is empty",
+            ));
+        }
+        let owner = Owner {
+            size: capacity,
+            dev: meta.dev(),
+            ino: meta.ino(),
+            path: std::fs::canonicalize(path)
+                .unwrap_or_else(|_| path.to_owned())
+                .display()
+                .to_string(),
+        };
+        let created = !spec.cache.exists();
+        let cache = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(&spec.cache)
+            .map_err(|e| open_err(&spec.cache, "cannot open cache device", e))?;
+        let cache_meta = cache
+            .metadata()
+            .map_err(|e| open_err(&spec.cache, "cannot stat cache device", e))?;
+        if created || (cache_meta.is_file() && cache_meta.len() < spec.cache_size) {
+            cache
+                .set_len(spec.cache_size)
+                .map_err(|e| open_err(&spec.cache, "cannot size cache file", e))?;
+        }
+        let wanted = Layout::for_size(spec.cache_size, spec.block_size)
+            .map_err(|e| storage_err(StorageErrorKind::InvalidSpec, &spec.cache, e))?;
+        let tier_err = |e: TierError| storage_err(StorageErrorKind::InvalidImage, &spec.cache, e);
+        let (journal, states) = if created || spec.force_format {
+            log::info!(
+                "formatting cache {} ({} blocks of {} bytes)",
+                spec.cache.display(),
+                wanted.slots,
+                wanted.block_size
+            );
+            let j = journal::Journal::format(&cache, wanted, owner.clone())
+                .map_err(|e| tier_err(TierError::CacheIo(e)))?;
+            (j, vec![SlotState::Free; wanted.slots as usize])
+        } else {
+            match journal::Journal::recover(&cache) {
+                Ok((j, states, replayed)) => {
+                    check_owner(&j.owner, &owner).map_err(tier_err)?;
+                    if j.layout != wanted {
+                        return Err(tier_err(TierError::WrongFormat {
+                            cached: format!(
+                                "{}-byte blocks, {} slots",
+                                j.layout.block_size, j.layout.slots
+                            ),
+                            asked: format!(
+                                "{}-byte blocks, {} slots",
+                                wanted.block_size, wanted.slots
+                            ),
+                        }));
+                    }
+                    log::info!(
+                        "cache {}: recovered {} slots, {} journal blocks replayed",
+                        spec.cache.display(),
+                        states.iter().filter(|s| **s != SlotState::Free).count(),
+                        replayed
+                    );
+                    (j, states)
+                }
+                Err(TierError::NotACache) if is_blank(&cache) => {
+                    let j = journal::Journal::format(&cache, wanted, owner.clone())
+                        .map_err(|e| tier_err(TierError::CacheIo(e)))?;
+                    (j, vec![SlotState::Free; wanted.slots as usize])
+                }
+                Err(e) => return Err(tier_err(e)),
+            }
+        };
+        let slots = wanted.slots as usize;
+        // Keep some slots out of the policy's reach: evicted slots become reusable only after
+        // their eviction is durable, and admissions take from this reserve meanwhile.
+        let reserve = (slots / 32).clamp(8, 4096).min(slots / 2);
+        let policy_name = spec
+            .policy
+            .as_deref()
+            .unwrap_or(crate::cache::DEFAULT_POLICY);
+        let policy = crate::cache::by_name(policy_name, slots - reserve).ok_or_else(|| {
+            storage_err(
+                StorageErrorKind::InvalidSpec,
+                &spec.cache,
+                TierError::UnknownPolicy(policy_name.to_string()),
+            )
+        })?;
+        let state = TierState::new(&states, policy);
+        let shared = Arc::new(Shared {
+            layout: wanted,
+            mode: spec.mode,
+            block: spec.block_size,
+            seq_cutoff: spec.seq_cutoff,
+            capacity,
+            cache,
+            cap,
+            metrics: TierMetrics::default(),
+            bg: Mutex::new(BgQueue {
+                flushes: Vec::new(),
+                shutdown: false,
+            }),
+            bg_cv: Condvar::new(),
+            high_watermark: slots * HIGH_WATERMARK_PCT / 100,
+            low_watermark: slots * LOW_WATERMARK_PCT / 100,
+            state: Mutex::new(state),
+        });
+        shared.metrics.slots.store(slots as u64, Relaxed);
+        shared.update_gauges(&shared.state());
+        if spec.mode != CacheMode::WriteBack && !read_only {
+            // Dirty blocks from an earlier write-back run: write them all back before serving,
+            // so that write-through and write-around only ever see clean blocks.
+            let dirty = shared.state().dirty;
+            if dirty > 0 {
+                log::info!("writing back {dirty} dirty blocks left by write-back mode");
+                while shared.state().dirty > 0 {
+                    if background::clean_batch(&shared, usize::MAX) == 0 {
+                        return Err(storage_err(
+                            StorageErrorKind::Io,
+                            path,
+                            "cannot write back dirty cache blocks",
+                        ));
+                    }
+                }
+            }
+        }
+        let threads = background::spawn(shared.clone(), journal)
+            .map_err(|e| open_err(&spec.cache, "cannot start the tier's threads", e))?;
+        Ok(TieredDisk {
+            info: DiskInfo {
+                capacity,
+                read_only,
+                direct,
+                format: "tiered",
+                path: path.display().to_string(),
+                engine: EngineKind::IoUring,
+                discard: !read_only,
+            },
+            shared,
+            threads,
+        })
+    }
+
+    pub fn metrics(&self) -> &TierMetrics {
+        &self.shared.metrics
+    }
+
+    pub fn mode(&self) -> CacheMode {
+        self.shared.mode
+    }
+
+    pub fn layout(&self) -> Layout {
+        self.shared.layout
+    }
+}
+
+fn check_owner(cached: &Owner, actual: &Owner) -> Result<(), TierError> {
+    let wrong = |field, c: String, a: String| TierError::WrongOwner {
+        field,
+        cached: c,
+        actual: a,
+    };
+    if cached.size != actual.size {
+        return Err(wrong(
+            "size",
+            cached.size.to_string(),
+            actual.size.to_string(),
+        ));
+    }
+    if (cached.dev, cached.ino) != (actual.dev, actual.ino) {
+        return Err(wrong("file", cached.path.clone(), actual.path.clone()));
+    }
+    Ok(())
+}
+
+/// Whether the first metadata pages are all zero (a new, sparse or zeroed cache file).
+fn is_blank(file: &File) -> bool {
+    use std::os::unix::fs::FileExt;
+    let mut b = vec![0u8; 2 * layout::PAGE as usize];
+    file.read_exact_at(&mut b, 0).is_ok() && b.iter().all(|&x| x == 0)
+}
+
+impl Drop for TieredDisk {
+    fn drop(&mut self) {
+        lock(&self.shared.bg).shutdown = true;
+        self.shared.bg_cv.notify_all();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Disk for TieredDisk {
+    type Queue = TieredQueue;
+
+    fn info(&self) -> &DiskInfo {
+        &self.info
+    }
+
+    fn new_queue(&self, depth: u32) -> Result<TieredQueue, StorageError> {
+        TieredQueue::new(self.shared.clone(), depth).map_err(|e| {
+            StorageError::new(StorageErrorKind::Engine, "cannot create tier queue").with_source(e)
+        })
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        background::flush_now(&self.shared)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Read,
+    Write,
+    Zeroes { unmap: bool },
+    Discard,
+}
+
+/// One guest request in flight on a tiered queue.
+struct Req {
+    kind: Kind,
+    offset: u64,
+    len: u64,
+    /// Engine operations still in flight.
+    pending: u32,
+    error: i32,
+    cache_error: i32,
+    /// Iovec storage for the pieces (reserved before any pointer into it is handed out).
+    iov: Vec<libc::iovec>,
+    guest_iov: *const libc::iovec,
+    guest_iovcnt: usize,
+    /// Slots pinned for reading.
+    hits: Vec<u32>,
+    /// Resident slots being written.
+    cache_writes: Vec<u32>,
+    /// Slots being filled by this write (write-back allocation).
+    fills: Vec<u32>,
+    /// Blocks to promote after a read miss: (slot, block).
+    promotions: Vec<(u32, BlockId)>,
+    wrote_capacity: bool,
+}
+
+impl Req {
+    fn new() -> Req {
+        Req {
+            kind: Kind::Read,
+            offset: 0,
+            len: 0,
+            pending: 0,
+            error: 0,
+            cache_error: 0,
+            iov: Vec::with_capacity(256),
+            guest_iov: std::ptr::null(),
+            guest_iovcnt: 0,
+            hits: Vec::with_capacity(64),
+            cache_writes: Vec::with_capacity(64),
+            fills: Vec::with_capacity(64),
+            promotions: Vec::with_capacity(64),
+            wrote_capacity: false,
+        }
+    }
+}
+
+/// A block-sized, 4 KiB-aligned buffer for promotions and write-back.
+pub(crate) struct AlignedBuf {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl AlignedBuf {
+    pub(crate) fn new(len: usize) -> AlignedBuf {
+        let layout = std::alloc::Layout::from_size_align(len, 4096).expect("valid buffer layout");
+        // SAFETY: `layout` has a non-zero size (a cache block is at least 4 KiB).
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        if ptr.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        AlignedBuf { ptr, len }
+    }
+
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: `ptr` points to `len` bytes we allocated and own exclusively.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        let layout = std::alloc::Layout::from_size_align(self.len, 4096).expect("valid layout");
+        // SAFETY: allocated in `new` with this exact layout.
+        unsafe { std::alloc::dealloc(self.ptr, layout) };
+    }
+}
+
+// SAFETY: the buffer is plain owned memory; it is only accessed by its owner.
+unsafe impl Send for AlignedBuf {}
+
+struct Promotion {
+    slot: u32,
+    iov: [libc::iovec; 1],
+}
+
+/// user_data bits: promotion writes carry PROMOTION and their buffer index; pieces of guest
+/// requests carry the tag, and CACHE_TARGET when they go to the cache device.
+const PROMOTION: u64 = 1 << 63;
+const CACHE_TARGET: u64 = 1 << 62;
+const TAG_MASK: u64 = (1 << 32) - 1;
+
+/// One worker's queue on a tiered disk: an engine per device, preallocated request state.
+pub struct TieredQueue {
+    sh: Arc<Shared>,
+    link: Arc<Link>,
+    cache_eng: AnyEngine,
+    cap_eng: AnyEngine,
+    cache_fid: FileId,
+    cap_fid: FileId,
+    _own_efd: Option<OwnedFd>,
+    reqs: Vec<Req>,
+    bufs: Vec<AlignedBuf>,
+    free_bufs: Vec<u16>,
+    promotions: Vec<Promotion>,
+    local: VecDeque<Completion>,
+    /// Per-block plan of the request being started (scratch, reused).
+    sources: Vec<Option<u32>>,
+    in_flight: usize,
+    last_end: u64,
+    run: u64,
+    needs_submit: bool,
+}
+
+// SAFETY: the raw pointers in `Req` (guest iovecs) and `Promotion` (our own buffers) are only
+// dereferenced by the thread that owns the queue; the caller of `start` guarantees the guest
+// buffers stay valid until completion, whichever thread drives the queue.
+unsafe impl Send for TieredQueue {}
+
+impl TieredQueue {
+    fn new(sh: Arc<Shared>, depth: u32) -> io::Result<TieredQueue> {
+        // One eventfd for both rings and for flushes completed by the journal thread, so the
+        // worker waits on a single fd.
+        // SAFETY: eventfd has no memory preconditions; the result is checked.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor nobody else owns; it outlives both engines (field order).
+        let own = unsafe { OwnedFd::from_raw_fd(fd) };
+        let engine = || {
+            new_engine_notifying(EngineKind::IoUring, RING_ENTRIES, fd)
+                .or_else(|_| new_engine(EngineKind::Sync, RING_ENTRIES))
+        };
+        let mut cache_eng = engine()?;
+        let mut cap_eng = engine()?;
+        let cache_fid = cache_eng.register_file(sh.cache.as_raw_fd())?;
+        let cap_fid = cap_eng.register_file(sh.cap.as_raw_fd())?;
+        let notify = fd;
+        let own = Some(own);
+        let block = sh.block as usize;
+        Ok(TieredQueue {
+            link: Arc::new(Link {
+                done: Mutex::new(Vec::with_capacity(depth as usize)),
+                ready: AtomicUsize::new(0),
+                notify,
+            }),
+            cache_eng,
+            cap_eng,
+            cache_fid,
+            cap_fid,
+            _own_efd: own,
+            reqs: (0..depth).map(|_| Req::new()).collect(),
+            bufs: (0..PROMOTION_BUFFERS)
+                .map(|_| AlignedBuf::new(block))
+                .collect(),
+            free_bufs: (0..PROMOTION_BUFFERS as u16).rev().collect(),
+            promotions: (0..PROMOTION_BUFFERS)
+                .map(|_| Promotion {
+                    slot: 0,
+                    iov: [libc::iovec {
+                        iov_base: std::ptr::null_mut(),
+                        iov_len: 0,
+                    }],
+                })
+                .collect(),
+            local: VecDeque::with_capacity(depth as usize),
+            sources: Vec::with_capacity(256),
+            in_flight: 0,
+            last_end: u64::MAX,
+            run: 0,
+            needs_submit: false,
+            sh,
+        })
+    }
+
+    /// Whether this request continues a sequential stream past the cutoff.
+    fn sequential(&mut self, offset: u64, len: u64) -> bool {
+        if offset == self.last_end {
+            self.run = self.run.saturating_add(len);
+        } else {
+            self.run = len;
+        }
+        self.last_end = offset + len;
+        self.run > self.sh.seq_cutoff
+    }
+
+    /// Appends the iovecs covering bytes `[skip, skip + len)` of the guest's iovecs to the
+    /// request's storage; returns the range of them.
+    fn slice(req: &mut Req, skip: u64, len: u64) -> (usize, usize) {
+        let start = req.iov.len();
+        let (mut pos, end) = (0u64, skip + len);
+        for i in 0..req.guest_iovcnt {
+            // SAFETY: `guest_iov` points to `guest_iovcnt` iovecs that the caller of `start`
+            // keeps valid until the request completes.
+            let v = unsafe { *req.guest_iov.add(i) };
+            let (a, b) = (pos, pos + v.iov_len as u64);
+            pos = b;
+            let (lo, hi) = (a.max(skip), b.min(end));
+            if lo < hi {
+                // SAFETY: `lo - a < iov_len`, so the pointer stays inside the buffer.
+                let base = unsafe { v.iov_base.cast::<u8>().add((lo - a) as usize) };
+                req.iov.push(libc::iovec {
+                    iov_base: base.cast(),
+                    iov_len: (hi - lo) as usize,
+                });
+            }
+            if pos >= end {
+                break;
+            }
+        }
+        (start, req.iov.len())
+    }
+
+    fn push(&mut self, cache: bool, op: EngineOp, user_data: u64) -> Result<(), StartError> {
+        let eng = if cache {
+            &mut self.cache_eng
+        } else {
+            &mut self.cap_eng
+        };
+        // SAFETY: every operation we push points into request storage or buffers that stay
+        // put until the completion is reaped (see `start`'s contract and `Req::iov`).
+        unsafe { eng.push(op, user_data) }.map_err(|_| StartError::Busy)
+    }
+
+    /// Pushes a readv/writev of `[skip, skip+len)` of the request to a device offset.
+    fn piece(
+        &mut self,
+        tag: u64,
+        cache: bool,
+        write: bool,
+        dev_offset: u64,
+        skip: u64,
+        len: u64,
+    ) -> Result<(), StartError> {
+        let req = &mut self.reqs[tag as usize];
+        let (a, b) = Self::slice(req, skip, len);
+        let iov = req.iov[a..].as_ptr();
+        let iovcnt = (b - a) as u32;
+        let file = if cache { self.cache_fid } else { self.cap_fid };
+        let op = if write {
+            EngineOp::Writev {
+                file,
+                offset: dev_offset,
+                iov,
+                iovcnt,
+            }
+        } else {
+            EngineOp::Readv {
+                file,
+                offset: dev_offset,
+                iov,
+                iovcnt,
+            }
+        };
+        req.pending += 1;
+        let ud = tag | if cache { CACHE_TARGET } else { 0 };
+        self.push(cache, op, ud)
+    }
+
+    fn room(&self, blocks: u64) -> bool {
+        let need = blocks as usize + 1;
+        self.cache_eng.in_flight() + need <= RING_ENTRIES as usize
+            && self.cap_eng.in_flight() + need <= RING_ENTRIES as usize
+    }
+
+    fn start_read(&mut self, tag: u64, offset: u64, len: u64) -> Result<(), StartError> {
+        let bs = self.sh.block;
+        let (first, last) = (offset / bs, (offset + len - 1) / bs);
+        let bypass = self.sequential(offset, len);
+        {
+            let sh = self.sh.clone();
+            let mut st = sh.state();
+            let req = &mut self.reqs[tag as usize];
+            let spare_bufs = self.free_bufs.len();
+            self.sources.clear();
+            for b in first..=last {
+                if let Some(slot) = st.resident(b) {
+                    st.slots[slot as usize].readers += 1;
+                    st.policy.touch(b);
+                    req.hits.push(slot);
+                    self.sources.push(Some(slot));
+                    sh.metrics.read_hits.fetch_add(1, Relaxed);
+                    continue;
+                }
+                self.sources.push(None);
+                sh.metrics.read_misses.fetch_add(1, Relaxed);
+                let full = b * bs >= offset && (b + 1) * bs <= offset + len;
+                if full && !bypass && req.promotions.len() < spare_bufs {
+                    if let Some((slot, victim)) = st.admit(b) {
+                        if victim.is_some() {
+                            sh.metrics.evictions.fetch_add(1, Relaxed);
+                        }
+                        req.promotions.push((slot, b));
+                    }
+                }
+            }
+            if bypass {
+                sh.metrics.bypassed.fetch_add(1, Relaxed);
+            }
+        }
+        // Pieces: each hit block from its slot; runs of missed blocks from the capacity device.
+        let mut run_start: Option<u64> = None;
+        let sources = std::mem::take(&mut self.sources);
+        for (i, source) in sources.iter().enumerate() {
+            let b = first + i as u64;
+            let lo = (b * bs).max(offset);
+            let hi = ((b + 1) * bs).min(offset + len);
+            if let Some(slot) = *source {
+                if let Some(rs) = run_start.take() {
+                    self.piece(tag, false, false, rs, rs - offset, lo - rs)?;
+                }
+                let dev = self.sh.slot_offset(slot) + (lo - b * bs);
+                self.piece(tag, true, false, dev, lo - offset, hi - lo)?;
+            } else if run_start.is_none() {
+                run_start = Some(lo);
+            }
+        }
+        self.sources = sources;
+        if let Some(rs) = run_start {
+            self.piece(tag, false, false, rs, rs - offset, offset + len - rs)?;
+        }
+        Ok(())
+    }
+
+    fn start_write(&mut self, tag: u64, offset: u64, len: u64) -> Result<(), StartError> {
+        let bs = self.sh.block;
+        let (first, last) = (offset / bs, (offset + len - 1) / bs);
+        let bypass = self.sequential(offset, len);
+        let mode = self.sh.mode;
+        // Per block: Some(slot) to write into the cache, None for the capacity device.
+        let mut targets = std::mem::take(&mut self.sources);
+        targets.clear();
+        let mut to_capacity_everything = false;
+        {
+            let sh = self.sh.clone();
+            let mut st = sh.state();
+            let req = &mut self.reqs[tag as usize];
+            let too_dirty = st.dirty >= sh.high_watermark;
+            if bypass || too_dirty || st.failed {
+                sh.metrics.bypassed.fetch_add(1, Relaxed);
+            }
+            for b in first..=last {
+                st.cancel_fill(b);
+                let resident = st.resident(b);
+                let full = b * bs >= offset && (b + 1) * bs <= offset + len;
+                let target = match (mode, resident) {
+                    (CacheMode::WriteAround, Some(slot))
+                        if !matches!(st.slots[slot as usize].use_, Use::Dirty(_)) =>
+                    {
+                        st.invalidate(b);
+                        None
+                    }
+                    (_, Some(slot)) => {
+                        st.slots[slot as usize].writers += 1;
+                        let g = &mut st.slots[slot as usize].generation;
+                        *g = g.wrapping_add(1);
+                        st.policy.touch(b);
+                        req.cache_writes.push(slot);
+                        sh.metrics.write_hits.fetch_add(1, Relaxed);
+                        Some(slot)
+                    }
+                    (CacheMode::WriteBack, None) => {
+                        sh.metrics.write_misses.fetch_add(1, Relaxed);
+                        if full && !bypass && !too_dirty {
+                            match st.admit(b) {
+                                Some((slot, victim)) => {
+                                    if victim.is_some() {
+                                        sh.metrics.evictions.fetch_add(1, Relaxed);
+                                    }
+                                    req.fills.push(slot);
+                                    Some(slot)
+                                }
+                                None => None,
+                            }
+                        } else {
+                            None
+                        }
+                    }
+                    (_, None) => {
+                        sh.metrics.write_misses.fetch_add(1, Relaxed);
+                        None
+                    }
+                };
+                targets.push(target);
+            }
+            // Write-through and write-around always write the whole range to capacity.
+            if mode != CacheMode::WriteBack {
+                to_capacity_everything = true;
+            }
+            if to_capacity_everything || targets.iter().any(Option::is_none) {
+                req.wrote_capacity = true;
+            }
+            sh.update_gauges(&st);
+        }
+        if to_capacity_everything {
+            self.piece(tag, false, true, offset, 0, len)?;
+        }
+        let mut run_start: Option<u64> = None;
+        for (i, target) in targets.iter().enumerate() {
+            let b = first + i as u64;
+            let lo = (b * bs).max(offset);
+            let hi = ((b + 1) * bs).min(offset + len);
+            match target {
+                Some(slot) => {
+                    if let Some(rs) = run_start.take() {
+                        if !to_capacity_everything {
+                            if let Err(e) = self.piece(tag, false, true, rs, rs - offset, lo - rs) {
+                                self.sources = targets;
+                                return Err(e);
+                            }
+                        }
+                    }
+                    let dev = self.sh.slot_offset(*slot) + (lo - b * bs);
+                    if let Err(e) = self.piece(tag, true, true, dev, lo - offset, hi - lo) {
+                        self.sources = targets;
+                        return Err(e);
+                    }
+                }
+                None => {
+                    run_start.get_or_insert(lo);
+                }
+            }
+        }
+        self.sources = targets;
+        if let Some(rs) = run_start {
+            if !to_capacity_everything {
+                self.piece(tag, false, true, rs, rs - offset, offset + len - rs)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Discard and write-zeroes: cached copies of whole blocks are dropped, partial blocks
+    /// that are cached get zeroes written into their slot, and the capacity device does the
+    /// rest.
+    fn start_zero(
+        &mut self,
+        tag: u64,
+        offset: u64,
+        len: u64,
+        kind: Kind,
+    ) -> Result<(), StartError> {
+        let bs = self.sh.block;
+        let (first, last) = (offset / bs, (offset + len - 1) / bs);
+        let mut partial: Vec<(u32, u64, u64)> = Vec::new();
+        {
+            let sh = self.sh.clone();
+            let mut st = sh.state();
+            let req = &mut self.reqs[tag as usize];
+            for b in first..=last {
+                let full = b * bs >= offset && (b + 1) * bs <= offset + len;
+                if full || kind == Kind::Discard {
+                    if full {
+                        st.invalidate(b);
+                    }
+                    continue;
+                }
+                st.cancel_fill(b);
+                if let Some(slot) = st.resident(b) {
+                    st.slots[slot as usize].writers += 1;
+                    let g = &mut st.slots[slot as usize].generation;
+                    *g = g.wrapping_add(1);
+                    req.cache_writes.push(slot);
+                    let lo = (b * bs).max(offset);
+                    let hi = ((b + 1) * bs).min(offset + len);
+                    partial.push((slot, lo - b * bs, hi - lo));
+                }
+            }
+            req.wrote_capacity = true;
+            sh.update_gauges(&st);
+        }
+        for (slot, at, n) in partial {
+            let dev = self.sh.slot_offset(slot) + at;
+            self.reqs[tag as usize].pending += 1;
+            let op = EngineOp::Fallocate {
+                file: self.cache_fid,
+                mode: libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+                offset: dev,
+                len: n,
+            };
+            self.push(true, op, tag | CACHE_TARGET)?;
+        }
+        let mode = match kind {
+            Kind::Zeroes { unmap: false } => libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+            _ => libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        };
+        self.reqs[tag as usize].pending += 1;
+        let op = EngineOp::Fallocate {
+            file: self.cap_fid,
+            mode,
+            offset,
+            len,
+        };
+        self.push(false, op, tag)
+    }
+
+    /// Everything a request pinned or reserved is released when it finishes (or fails to
+    /// start).
+    fn release(&mut self, tag: u64, ok: bool) {
+        let mode = self.sh.mode;
+        let sh = self.sh.clone();
+        let mut st = sh.state();
+        let req = &mut self.reqs[tag as usize];
+        for &slot in &req.hits {
+            st.slots[slot as usize].readers -= 1;
+        }
+        let cache_failed = req.cache_error != 0;
+        for &slot in &req.cache_writes {
+            if cache_failed {
+                st.slots[slot as usize].writers -= 1;
+                if let Use::Clean(b) | Use::Dirty(b) = st.slots[slot as usize].use_ {
+                    if mode != CacheMode::WriteBack {
+                        // The capacity device has the data; the slot may not.
+                        st.invalidate(b);
+                    }
+                }
+            } else {
+                st.finish_cache_write(
+                    slot,
+                    mode == CacheMode::WriteBack && req.kind != Kind::Discard,
+                );
+            }
+        }
+        for &slot in &req.fills {
+            if st.finish_fill(slot, ok && !cache_failed, true) {
+                sh.metrics.promotions.fetch_add(1, Relaxed);
+            }
+        }
+        if req.wrote_capacity && ok {
+            st.capacity_unsynced = true;
+        }
+        if !ok || cache_failed {
+            for &(slot, _) in &req.promotions {
+                st.finish_fill(slot, false, false);
+            }
+            req.promotions.clear();
+        }
+        if cache_failed {
+            sh.cache_failed(&mut st, "write", -req.cache_error);
+        }
+        req.hits.clear();
+        req.cache_writes.clear();
+        req.fills.clear();
+        sh.update_gauges(&st);
+    }
+
+    /// Starts the promotions of a finished read: copy each block from the guest's buffers
+    /// (before the guest may reuse them) and write it into its slot.
+    fn start_promotions(&mut self, tag: u64) {
+        let req = &mut self.reqs[tag as usize];
+        let promos = std::mem::take(&mut req.promotions);
+        let bs = self.sh.block;
+        for (slot, block) in promos.iter().copied() {
+            let Some(buf_i) = self.free_bufs.pop() else {
+                self.sh.state().finish_fill(slot, false, false);
+                continue;
+            };
+            let req = &self.reqs[tag as usize];
+            let skip = block * bs - req.offset;
+            let buf = self.bufs[buf_i as usize].as_mut_slice();
+            let mut pos = 0u64;
+            let mut copied = 0usize;
+            for i in 0..req.guest_iovcnt {
+                // SAFETY: the guest iovecs stay valid until this request's completion is
+                // returned, which happens after this copy.
+                let v = unsafe { *req.guest_iov.add(i) };
+                let (a, b) = (pos, pos + v.iov_len as u64);
+                pos = b;
+                let (lo, hi) = (a.max(skip), b.min(skip + bs));
+                if lo < hi {
+                    let n = (hi - lo) as usize;
+                    // SAFETY: `[lo - a, lo - a + n)` lies inside this iovec's buffer and
+                    // `buf[copied..copied + n]` inside ours (n bytes of at most `bs`).
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            v.iov_base.cast::<u8>().add((lo - a) as usize),
+                            buf.as_mut_ptr().add(copied),
+                            n,
+                        )
+                    };
+                    copied += n;
+                }
+            }
+            let p = &mut self.promotions[buf_i as usize];
+            p.slot = slot;
+            p.iov[0] = libc::iovec {
+                iov_base: self.bufs[buf_i as usize].ptr.cast(),
+                iov_len: bs as usize,
+            };
+            let op = EngineOp::Writev {
+                file: self.cache_fid,
+                offset: self.sh.slot_offset(slot),
+                iov: p.iov.as_ptr(),
+                iovcnt: 1,
+            };
+            if self.push(true, op, PROMOTION | u64::from(buf_i)).is_err() {
+                self.free_bufs.push(buf_i);
+                self.sh.state().finish_fill(slot, false, false);
+            } else {
+                self.needs_submit = true;
+            }
+        }
+        let req = &mut self.reqs[tag as usize];
+        req.promotions = promos;
+        req.promotions.clear();
+    }
+
+    fn finish_promotion(&mut self, buf_i: u16, result: i32) {
+        let slot = self.promotions[buf_i as usize].slot;
+        self.free_bufs.push(buf_i);
+        let sh = self.sh.clone();
+        let mut st = sh.state();
+        let ok = result >= 0 && result as u64 == sh.block;
+        if result < 0 {
+            sh.cache_failed(&mut st, "promotion write", -result);
+        }
+        if st.finish_fill(slot, ok, false) {
+            sh.metrics.promotions.fetch_add(1, Relaxed);
+        }
+        sh.update_gauges(&st);
+    }
+
+    /// A guest request's last piece completed: settle the state and produce its completion.
+    fn finish(&mut self, tag: u64) -> Completion {
+        let (error, kind, len) = {
+            let r = &self.reqs[tag as usize];
+            (r.error, r.kind, r.len)
+        };
+        if error != 0 {
+            self.sh.metrics.capacity_errors.fetch_add(1, Relaxed);
+        }
+        // A failed cache write in write-through/around mode is not the guest's error: the
+        // capacity device has the data.
+        let cache_error = self.reqs[tag as usize].cache_error;
+        let guest_error = if error != 0 {
+            error
+        } else if cache_error != 0 && (self.sh.mode == CacheMode::WriteBack || kind == Kind::Read) {
+            cache_error
+        } else {
+            0
+        };
+        self.release(tag, guest_error == 0);
+        if guest_error == 0 && kind == Kind::Read {
+            self.start_promotions(tag);
+        }
+        let result = if guest_error != 0 {
+            guest_error
+        } else if matches!(kind, Kind::Read | Kind::Write) {
+            i32::try_from(len).unwrap_or(i32::MAX)
+        } else {
+            0
+        };
+        Completion {
+            user_data: tag,
+            result,
+        }
+    }
+
+    fn fail_start(&mut self, tag: u64) {
+        // Nothing was pushed, or what was pushed will complete and be accounted normally;
+        // only release reservations if nothing is in flight.
+        if self.reqs[tag as usize].pending == 0 {
+            self.release(tag, false);
+        }
+    }
+}
+
+impl DiskQueue for TieredQueue {
+    unsafe fn start(&mut self, op: DiskOp<'_>, tag: u64) -> Result<(), StartError> {
+        check_op(&op, self.sh.capacity, false)?;
+        let bs = self.sh.block;
+        let blocks = op
+            .range()
+            .map(|(o, l)| {
+                if l == 0 {
+                    0
+                } else {
+                    (o + l - 1) / bs - o / bs + 1
+                }
+            })
+            .unwrap_or(0);
+        if !self.room(blocks) {
+            if blocks + 1 > u64::from(RING_ENTRIES) / 2 {
+                log::warn!("request of {blocks} cache blocks is too large for a tiered disk");
+                self.local.push_back(Completion {
+                    user_data: tag,
+                    result: -libc::EINVAL,
+                });
+                self.in_flight += 1;
+                return Ok(());
+            }
+            return Err(StartError::Busy);
+        }
+        let req = &mut self.reqs[tag as usize];
+        req.pending = 0;
+        req.error = 0;
+        req.cache_error = 0;
+        req.wrote_capacity = false;
+        req.iov.clear();
+        req.iov.reserve(
+            blocks as usize * 2
+                + 2
+                + match op {
+                    DiskOp::Read { iov, .. } | DiskOp::Write { iov, .. } => iov.len(),
+                    _ => 0,
+                },
+        );
+        let result = match op {
+            DiskOp::Read { offset, iov } | DiskOp::Write { offset, iov } => {
+                let len = crate::disk::iov_len(iov);
+                req.offset = offset;
+                req.len = len;
+                req.guest_iov = iov.as_ptr();
+                req.guest_iovcnt = iov.len();
+                if len == 0 {
+                    self.local.push_back(Completion {
+                        user_data: tag,
+                        result: 0,
+                    });
+                    self.in_flight += 1;
+                    return Ok(());
+                }
+                if matches!(op, DiskOp::Read { .. }) {
+                    req.kind = Kind::Read;
+                    self.start_read(tag, offset, len)
+                } else {
+                    req.kind = Kind::Write;
+                    self.start_write(tag, offset, len)
+                }
+            }
+            DiskOp::Flush => {
+                self.in_flight += 1;
+                lock(&self.sh.bg).flushes.push((self.link.clone(), tag));
+                self.sh.bg_cv.notify_one();
+                return Ok(());
+            }
+            DiskOp::Discard { offset, len } | DiskOp::WriteZeroes { offset, len, .. } => {
+                let kind = match op {
+                    DiskOp::WriteZeroes { unmap, .. } => Kind::Zeroes { unmap },
+                    _ => Kind::Discard,
+                };
+                req.kind = kind;
+                req.offset = offset;
+                req.len = len;
+                req.guest_iovcnt = 0;
+                if len == 0 {
+                    self.local.push_back(Completion {
+                        user_data: tag,
+                        result: 0,
+                    });
+                    self.in_flight += 1;
+                    return Ok(());
+                }
+                self.start_zero(tag, offset, len, kind)
+            }
+        };
+        match result {
+            Ok(()) => {
+                self.in_flight += 1;
+                Ok(())
+            }
+            Err(e) => {
+                // `room` was checked, so pushes cannot fail; should one, fail the request
+                // rather than leave pieces behind unaccounted.
+                self.fail_start(tag);
+                if self.reqs[tag as usize].pending > 0 {
+                    self.reqs[tag as usize].error = -libc::EIO;
+                    self.in_flight += 1;
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    fn submit(&mut self) -> io::Result<()> {
+        self.needs_submit = false;
+        self.cache_eng.submit()?;
+        self.cap_eng.submit()
+    }
+
+    fn pop_completion(&mut self) -> Option<Completion> {
+        loop {
+            if let Some(c) = self.local.pop_front() {
+                self.in_flight -= 1;
+                return Some(c);
+            }
+            let c = self
+                .cache_eng
+                .pop_completion()
+                .or_else(|| self.cap_eng.pop_completion());
+            let Some(c) = c else {
+                if self.link.ready.load(Relaxed) > 0 {
+                    let mut done = lock(&self.link.done);
+                    self.link.ready.store(0, Relaxed);
+                    self.local.extend(done.drain(..));
+                    drop(done);
+                    if !self.local.is_empty() {
+                        continue;
+                    }
+                }
+                if self.needs_submit {
+                    if let Err(e) = self.submit() {
+                        log::error!("tier: submit failed: {e}");
+                    }
+                    continue;
+                }
+                return None;
+            };
+            if c.user_data & PROMOTION != 0 {
+                self.finish_promotion((c.user_data & 0xffff) as u16, c.result);
+                continue;
+            }
+            let tag = c.user_data & TAG_MASK;
+            let req = &mut self.reqs[tag as usize];
+            req.pending -= 1;
+            if c.result < 0 {
+                if c.user_data & CACHE_TARGET != 0 {
+                    if req.cache_error == 0 {
+                        req.cache_error = c.result;
+                    }
+                } else if req.error == 0 {
+                    req.error = c.result;
+                }
+            }
+            if req.pending == 0 {
+                self.in_flight -= 1;
+                return Some(self.finish(tag));
+            }
+        }
+    }
+
+    fn wait(&mut self) -> io::Result<()> {
+        if !self.local.is_empty() || self.link.ready.load(Relaxed) > 0 {
+            return Ok(());
+        }
+        if self.cache_eng.in_flight() > 0 {
+            self.cache_eng.submit()?;
+            return self.cache_eng.wait();
+        }
+        if self.cap_eng.in_flight() > 0 {
+            self.cap_eng.submit()?;
+            return self.cap_eng.wait();
+        }
+        if self.in_flight > 0 {
+            // Only flushes remain: they complete on the background thread.
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+        Ok(())
+    }
+
+    fn completion_fd(&self) -> Option<RawFd> {
+        Some(self.link.notify)
+    }
+
+    fn ack_completion_fd(&self) {
+        let mut buf = [0u8; 8];
+        // SAFETY: reads 8 bytes into a valid buffer from our own nonblocking eventfd.
+        unsafe { libc::read(self.link.notify, buf.as_mut_ptr().cast(), 8) };
+    }
+
+    fn in_flight(&self) -> usize {
+        // Promotions count too, so that a drain waits for them.
+        self.in_flight + (PROMOTION_BUFFERS - self.free_bufs.len())
+    }
+}

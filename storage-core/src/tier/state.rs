@@ -1,0 +1,313 @@
+//! The tier's in-memory state: which capacity block each cache slot holds, the free-slot
+//! lists, the journal records not yet written, and the cache policy. One mutex guards it
+//! (`TierShared::state`); it is held only to decide and to record, never across I/O.
+//!
+//! Slot reuse is ordered for crash safety: an evicted slot's `Free` record must be durable
+//! before new data may be written into it, so evictions go to `pending_free` and only the
+//! journal thread moves them to `free` after it has synced that record.
+
+use std::collections::HashMap;
+
+use crate::cache::policy::{BlockId, CachePolicy};
+
+use super::layout::{Record, SlotState};
+
+/// What a slot is doing now (the persisted view collapses `Filling` to `Free`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Use {
+    Free,
+    /// A write (promotion or write-back allocation) is filling the slot for this block; it
+    /// is not readable from the cache until the write completes.
+    Filling(BlockId),
+    Clean(BlockId),
+    Dirty(BlockId),
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Slot {
+    pub use_: Use,
+    /// Cache reads in flight from this slot.
+    pub readers: u32,
+    /// Cache writes in flight into this slot.
+    pub writers: u32,
+    /// Bumped by every write into the slot; the cleaner marks a block clean only if the
+    /// generation it copied is still current.
+    pub generation: u32,
+    /// A write that raced a fill cancelled it; the fill's completion frees the slot.
+    pub cancelled: bool,
+    pub cleaning: bool,
+}
+
+impl Slot {
+    fn free() -> Self {
+        Slot {
+            use_: Use::Free,
+            readers: 0,
+            writers: 0,
+            generation: 0,
+            cancelled: false,
+            cleaning: false,
+        }
+    }
+
+    pub fn pinned(&self) -> bool {
+        self.readers > 0 || self.writers > 0 || self.cleaning
+    }
+
+    pub fn persisted(&self) -> SlotState {
+        match self.use_ {
+            Use::Free | Use::Filling(_) => SlotState::Free,
+            Use::Clean(b) => SlotState::Clean(b),
+            Use::Dirty(b) => SlotState::Dirty(b),
+        }
+    }
+}
+
+pub struct TierState {
+    pub slots: Vec<Slot>,
+    /// Block -> slot, for slots in `Filling`, `Clean` or `Dirty`.
+    pub map: HashMap<BlockId, u32>,
+    /// Slots whose `Free` state is durable: ready for new data.
+    pub free: Vec<u32>,
+    /// Slots evicted or invalidated whose `Free` record is not yet durable.
+    pub pending_free: Vec<u32>,
+    /// Records not yet handed to the journal writer.
+    pub records: Vec<Record>,
+    pub policy: Box<dyn CachePolicy>,
+    pub dirty: usize,
+    /// The cache device failed: no new blocks are admitted; dirty ones are still served.
+    pub failed: bool,
+    /// Data was written to the capacity device since its last sync.
+    pub capacity_unsynced: bool,
+}
+
+impl TierState {
+    /// State rebuilt from persisted slot states (a fresh cache is all `Free`).
+    pub fn new(persisted: &[SlotState], policy: Box<dyn CachePolicy>) -> Self {
+        let mut s = TierState {
+            slots: vec![Slot::free(); persisted.len()],
+            map: HashMap::with_capacity(persisted.len()),
+            free: Vec::with_capacity(persisted.len()),
+            pending_free: Vec::with_capacity(persisted.len()),
+            records: Vec::with_capacity(4096),
+            policy,
+            dirty: 0,
+            failed: false,
+            capacity_unsynced: false,
+        };
+        // Free slots are handed out from the end of the vector: push in reverse so a fresh
+        // cache fills from slot 0 upwards.
+        for (i, st) in persisted.iter().enumerate().rev() {
+            let slot = i as u32;
+            let block = match *st {
+                SlotState::Free => {
+                    s.free.push(slot);
+                    continue;
+                }
+                SlotState::Clean(b) => {
+                    s.slots[i].use_ = Use::Clean(b);
+                    b
+                }
+                SlotState::Dirty(b) => {
+                    s.slots[i].use_ = Use::Dirty(b);
+                    s.dirty += 1;
+                    b
+                }
+            };
+            if s.map.insert(block, slot).is_some() {
+                // Two slots claim one block: keep the first, free the duplicate. Only a
+                // damaged cache can get here; the journal order makes it impossible otherwise.
+                log::warn!("cache slot {slot} duplicates block {block}; dropping it");
+                s.slots[i] = Slot::free();
+                s.free.push(slot);
+                continue;
+            }
+        }
+        // Tell the policy about resident blocks, dirty ones first so they are the last to go.
+        let mut resident: Vec<(BlockId, bool)> = s
+            .map
+            .iter()
+            .map(|(&b, &slot)| (b, matches!(s.slots[slot as usize].use_, Use::Dirty(_))))
+            .collect();
+        resident.sort_by_key(|&(b, dirty)| (!dirty, b));
+        for (b, _) in resident {
+            let slots = &s.slots;
+            let map = &s.map;
+            let mut evictable =
+                |v: BlockId| map.get(&v).is_some_and(|&i| !slots[i as usize].pinned());
+            if let Ok(Some(victim)) = s.policy.insert(b, &mut evictable) {
+                // More resident blocks than the policy holds (a smaller reserve before):
+                // drop the victim if it is clean.
+                Self::evict_into(&mut s, victim);
+            }
+        }
+        s
+    }
+
+    /// Removes `victim` from the map and queues its slot for reuse (after its `Free` record
+    /// is durable). Dirty victims are never chosen (`evictable` refuses them).
+    fn evict_into(s: &mut TierState, victim: BlockId) {
+        if let Some(slot) = s.map.remove(&victim) {
+            let sl = &mut s.slots[slot as usize];
+            if matches!(sl.use_, Use::Dirty(_)) {
+                s.dirty -= 1;
+            }
+            sl.use_ = Use::Free;
+            s.records.push(Record {
+                slot,
+                state: SlotState::Free,
+            });
+            s.pending_free.push(slot);
+        }
+    }
+
+    /// The slot holding `block` readable from the cache (clean or dirty), if any.
+    pub fn resident(&self, block: BlockId) -> Option<u32> {
+        let &slot = self.map.get(&block)?;
+        match self.slots[slot as usize].use_ {
+            Use::Clean(_) | Use::Dirty(_) => Some(slot),
+            _ => None,
+        }
+    }
+
+    /// Cancels a fill in flight for `block`, if any: the block is treated as not cached.
+    pub fn cancel_fill(&mut self, block: BlockId) {
+        if let Some(&slot) = self.map.get(&block) {
+            let sl = &mut self.slots[slot as usize];
+            if let Use::Filling(_) = sl.use_ {
+                sl.cancelled = true;
+                self.map.remove(&block);
+                self.policy.remove(block);
+            }
+        }
+    }
+
+    /// Admits `block` into a free slot (policy permitting), evicting a clean unpinned block
+    /// if the policy is full. The slot is `Filling` and pinned by one writer. `None` if the
+    /// policy declines, nothing can be evicted or no durable-free slot is left.
+    pub fn admit(&mut self, block: BlockId) -> Option<(u32, Option<BlockId>)> {
+        if self.failed || self.free.is_empty() || !self.policy.should_admit(block) {
+            return None;
+        }
+        let slots = &self.slots;
+        let map = &self.map;
+        let mut evictable = |v: BlockId| {
+            map.get(&v).is_some_and(|&i| {
+                let s = &slots[i as usize];
+                matches!(s.use_, Use::Clean(_)) && !s.pinned()
+            })
+        };
+        let victim = self.policy.insert(block, &mut evictable).ok()?;
+        if let Some(v) = victim {
+            Self::evict_into(self, v);
+        }
+        let slot = self.free.pop()?;
+        let sl = &mut self.slots[slot as usize];
+        *sl = Slot {
+            use_: Use::Filling(block),
+            writers: 1,
+            generation: sl.generation.wrapping_add(1),
+            ..Slot::free()
+        };
+        self.map.insert(block, slot);
+        Some((slot, victim))
+    }
+
+    /// A fill of `slot` finished (successfully or not). Returns whether the block became
+    /// resident (`state` is `Clean` or `Dirty`).
+    pub fn finish_fill(&mut self, slot: u32, ok: bool, dirty: bool) -> bool {
+        let sl = &mut self.slots[slot as usize];
+        sl.writers -= 1;
+        let Use::Filling(block) = sl.use_ else {
+            return false;
+        };
+        if sl.cancelled || !ok {
+            sl.use_ = Use::Free;
+            sl.cancelled = false;
+            if !ok {
+                self.map.remove(&block);
+                self.policy.remove(block);
+            }
+            // Nothing durable ever named this block in this slot: it is free at once.
+            if sl.writers == 0 {
+                self.free.push(slot);
+            } else {
+                self.pending_free.push(slot);
+            }
+            return false;
+        }
+        let state = if dirty {
+            self.dirty += 1;
+            sl.use_ = Use::Dirty(block);
+            SlotState::Dirty(block)
+        } else {
+            sl.use_ = Use::Clean(block);
+            SlotState::Clean(block)
+        };
+        self.records.push(Record { slot, state });
+        true
+    }
+
+    /// Drops `block` from the cache (write-around, discard). Dirty data is dropped too:
+    /// the caller is replacing it.
+    pub fn invalidate(&mut self, block: BlockId) {
+        self.cancel_fill(block);
+        if self.resident(block).is_some() {
+            self.policy.remove(block);
+            Self::evict_into(self, block);
+        }
+    }
+
+    /// A write into resident `slot` finished: a clean block becomes dirty (write-back) or a
+    /// dirty one clean (write-through wrote both copies).
+    pub fn finish_cache_write(&mut self, slot: u32, now_dirty: bool) {
+        let sl = &mut self.slots[slot as usize];
+        sl.writers -= 1;
+        let (block, was_dirty) = match sl.use_ {
+            Use::Clean(b) => (b, false),
+            Use::Dirty(b) => (b, true),
+            _ => return,
+        };
+        if was_dirty != now_dirty {
+            if now_dirty {
+                self.dirty += 1;
+                sl.use_ = Use::Dirty(block);
+                self.records.push(Record {
+                    slot,
+                    state: SlotState::Dirty(block),
+                });
+            } else {
+                self.dirty -= 1;
+                sl.use_ = Use::Clean(block);
+                self.records.push(Record {
+                    slot,
+                    state: SlotState::Clean(block),
+                });
+            }
+        }
+    }
+
+    /// Moves pending-free slots whose records are durable (`upto` of them, oldest first) and
+    /// that nothing pins any more to the free list.
+    pub fn release_pending(&mut self, upto: usize) {
+        let n = upto.min(self.pending_free.len());
+        let released: Vec<u32> = self.pending_free.drain(..n).collect();
+        for slot in released {
+            let sl = &self.slots[slot as usize];
+            if sl.use_ == Use::Free && !sl.pinned() {
+                self.free.push(slot);
+            } else if sl.use_ == Use::Free {
+                self.pending_free.push(slot);
+            }
+        }
+    }
+
+    /// Every slot's persisted state, for a checkpoint.
+    pub fn snapshot(&self) -> Vec<SlotState> {
+        self.slots.iter().map(Slot::persisted).collect()
+    }
+
+    pub fn resident_count(&self) -> usize {
+        self.map.len()
+    }
+}
