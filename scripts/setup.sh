@@ -12,7 +12,8 @@ log() { printf 'setup: %s\n' "$*"; }
 # Debian packages the tests run as real clients and peers (see shared/REAL-CLIENTS.md):
 # QEMU and its storage daemon, busybox for the guest initramfs, firmware for boot tests,
 # qemu-img as the image oracle, xz for compressed kernel modules.
-PACKAGES=(qemu-system-x86 busybox-static cpio seabios ovmf qemu-utils xz-utils)
+# libseccomp-dev and libcap-ng-dev build virtiofsd, the reference server for vhost-fs.
+PACKAGES=(qemu-system-x86 busybox-static cpio seabios ovmf qemu-utils xz-utils libseccomp-dev libcap-ng-dev)
 
 SUDO=()
 if [[ $(id -u) -ne 0 ]]; then
@@ -77,5 +78,17 @@ else
     ln -sfn "boot/$(basename "$kernel")" "$GUEST_DIR/vmlinuz"
     rm -rf "$dl"
     log "guest kernel ready: $GUEST_DIR/vmlinuz -> $(basename "$kernel")"
+fi
+# virtiofsd: the peer vhost-fs is compared with (firmware-tests, benches). Built once from
+# crates.io into ~/.cargo/bin; one job, so it leaves the second core to whatever else runs.
+if command -v virtiofsd >/dev/null 2>&1 || [[ -x "$HOME/.cargo/bin/virtiofsd" ]]; then
+    log "virtiofsd present: $(command -v virtiofsd || echo "$HOME/.cargo/bin/virtiofsd")"
+else
+    if ! command -v cargo >/dev/null 2>&1 && [[ -f "$HOME/.cargo/env" ]]; then
+        # shellcheck source=/dev/null
+        source "$HOME/.cargo/env"
+    fi
+    log "building virtiofsd (about 2 minutes, once)"
+    cargo install --locked -q -j 1 virtiofsd
 fi
 log "done"

@@ -98,44 +98,157 @@ pub struct LkIn {
 /// One decoded request. Names borrow from the message buffer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request<'a> {
-    Init { major: u32, minor: u32, max_readahead: u32, flags: u64 },
+    Init {
+        major: u32,
+        minor: u32,
+        max_readahead: u32,
+        flags: u64,
+    },
     Destroy,
-    Lookup { name: &'a CStr },
-    Forget { nlookup: u64 },
-    BatchForget { forgets: Vec<(u64, u64)> },
-    Getattr { fh: Option<u64> },
+    Lookup {
+        name: &'a CStr,
+    },
+    Forget {
+        nlookup: u64,
+    },
+    BatchForget {
+        forgets: Vec<(u64, u64)>,
+    },
+    Getattr {
+        fh: Option<u64>,
+    },
     Setattr(SetattrIn),
     Readlink,
-    Symlink { name: &'a CStr, target: &'a CStr },
-    Mknod { name: &'a CStr, mode: u32, rdev: u32, umask: u32 },
-    Mkdir { name: &'a CStr, mode: u32, umask: u32 },
-    Unlink { name: &'a CStr },
-    Rmdir { name: &'a CStr },
-    Rename { newdir: u64, flags: u32, old: &'a CStr, new: &'a CStr },
-    Link { oldnodeid: u64, name: &'a CStr },
-    Open { flags: u32, open_flags: u32 },
-    Create { name: &'a CStr, flags: u32, mode: u32, umask: u32, open_flags: u32 },
-    Read { fh: u64, offset: u64, size: u32 },
-    Write { fh: u64, offset: u64, size: u32, write_flags: u32 },
+    Symlink {
+        name: &'a CStr,
+        target: &'a CStr,
+    },
+    Mknod {
+        name: &'a CStr,
+        mode: u32,
+        rdev: u32,
+        umask: u32,
+    },
+    Mkdir {
+        name: &'a CStr,
+        mode: u32,
+        umask: u32,
+    },
+    Unlink {
+        name: &'a CStr,
+    },
+    Rmdir {
+        name: &'a CStr,
+    },
+    Rename {
+        newdir: u64,
+        flags: u32,
+        old: &'a CStr,
+        new: &'a CStr,
+    },
+    Link {
+        oldnodeid: u64,
+        name: &'a CStr,
+    },
+    Open {
+        flags: u32,
+        open_flags: u32,
+    },
+    Create {
+        name: &'a CStr,
+        flags: u32,
+        mode: u32,
+        umask: u32,
+        open_flags: u32,
+    },
+    Read {
+        fh: u64,
+        offset: u64,
+        size: u32,
+    },
+    Write {
+        fh: u64,
+        offset: u64,
+        size: u32,
+        write_flags: u32,
+    },
     Statfs,
-    Release { fh: u64, flags: u32, release_flags: u32, lock_owner: u64 },
-    Flush { fh: u64, lock_owner: u64 },
-    Fsync { fh: u64, datasync: bool },
-    Opendir { flags: u32 },
-    Readdir { fh: u64, offset: u64, size: u32, plus: bool },
-    Releasedir { fh: u64 },
-    Fsyncdir { fh: u64, datasync: bool },
-    Setxattr { name: &'a CStr, value: &'a [u8], flags: u32 },
-    Getxattr { name: &'a CStr, size: u32 },
-    Listxattr { size: u32 },
-    Removexattr { name: &'a CStr },
+    Release {
+        fh: u64,
+        flags: u32,
+        release_flags: u32,
+        lock_owner: u64,
+    },
+    Flush {
+        fh: u64,
+        lock_owner: u64,
+    },
+    Fsync {
+        fh: u64,
+        datasync: bool,
+    },
+    Opendir {
+        flags: u32,
+    },
+    Readdir {
+        fh: u64,
+        offset: u64,
+        size: u32,
+        plus: bool,
+    },
+    Releasedir {
+        fh: u64,
+    },
+    Fsyncdir {
+        fh: u64,
+        datasync: bool,
+    },
+    Setxattr {
+        name: &'a CStr,
+        value: &'a [u8],
+        flags: u32,
+    },
+    Getxattr {
+        name: &'a CStr,
+        size: u32,
+    },
+    Listxattr {
+        size: u32,
+    },
+    Removexattr {
+        name: &'a CStr,
+    },
     Getlk(LkIn),
-    Setlk { lk: LkIn, wait: bool },
-    Access { mask: u32 },
-    Interrupt { unique: u64 },
-    Fallocate { fh: u64, offset: u64, length: u64, mode: u32 },
-    Lseek { fh: u64, offset: u64, whence: u32 },
-    CopyFileRange { fh_in: u64, off_in: u64, nodeid_out: u64, fh_out: u64, off_out: u64, len: u64, flags: u64 },
+    Setlk {
+        lk: LkIn,
+        wait: bool,
+    },
+    Access {
+        mask: u32,
+    },
+    Interrupt {
+        unique: u64,
+    },
+    Fallocate {
+        fh: u64,
+        offset: u64,
+        length: u64,
+        mode: u32,
+    },
+    Lseek {
+        fh: u64,
+        offset: u64,
+        whence: u32,
+    },
+    CopyFileRange {
+        fh_in: u64,
+        off_in: u64,
+        nodeid_out: u64,
+        fh_out: u64,
+        off_out: u64,
+        len: u64,
+        flags: u64,
+    },
     Syncfs,
     /// An opcode we do not implement: answered ENOSYS.
     Unsupported(u32),
@@ -168,7 +281,8 @@ impl<'a> Reader<'a> {
         Some(s)
     }
     fn u32(&mut self) -> Option<u32> {
-        self.take(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        self.take(4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     }
     fn u64(&mut self) -> Option<u64> {
         self.take(8).map(|b| {
@@ -472,7 +586,10 @@ pub fn decode(buf: &[u8], write_data_len: u64) -> Result<(InHeader, Request<'_>)
                 return Err(too_large(size.into(), fuse::MAX_WRITE.into()));
             }
             if op == opcode::GETXATTR {
-                Request::Getxattr { name: name!(), size }
+                Request::Getxattr {
+                    name: name!(),
+                    size,
+                }
             } else {
                 Request::Listxattr { size }
             }
@@ -553,7 +670,10 @@ mod tests {
     fn decodes_a_lookup() {
         let m = msg(opcode::LOOKUP, b"file\0");
         let (h, r) = decode(&m, 0).unwrap();
-        assert_eq!((h.unique, h.nodeid, h.uid, h.gid, h.pid), (7, 1, 1000, 100, 42));
+        assert_eq!(
+            (h.unique, h.nodeid, h.uid, h.gid, h.pid),
+            (7, 1, 1000, 100, 42)
+        );
         assert_eq!(r, Request::Lookup { name: c"file" });
     }
 
@@ -600,7 +720,10 @@ mod tests {
             let m = msg(op, &[1, 2, 3]);
             let e = decode(&m, 0).unwrap_err();
             assert!(
-                matches!(e, DecodeError::Truncated { .. } | DecodeError::Unterminated { .. }),
+                matches!(
+                    e,
+                    DecodeError::Truncated { .. } | DecodeError::Unterminated { .. }
+                ),
                 "opcode {op}: {e:?}"
             );
         }
@@ -617,7 +740,10 @@ mod tests {
         );
         // SYMLINK needs two strings.
         let m = msg(opcode::SYMLINK, b"name\0target");
-        assert!(matches!(decode(&m, 0), Err(DecodeError::Unterminated { .. })));
+        assert!(matches!(
+            decode(&m, 0),
+            Err(DecodeError::Unterminated { .. })
+        ));
     }
 
     #[test]

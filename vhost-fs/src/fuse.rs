@@ -323,7 +323,11 @@ pub fn out_header(len: u32, error: i32, unique: u64) -> [u8; OUT_HEADER_LEN] {
 
 /// Appends one `fuse_dirent` (padded to 8 bytes) to `e`.
 pub fn encode_dirent(e: &mut Encoder, ino: u64, off: u64, typ: u32, name: &[u8]) {
-    e.u64(ino).u64(off).u32(name.len() as u32).u32(typ).bytes(name);
+    e.u64(ino)
+        .u64(off)
+        .u32(name.len() as u32)
+        .u32(typ)
+        .bytes(name);
     let pad = dirent_size(name.len()) - DIRENT_HEADER_LEN - name.len();
     e.zeros(pad);
 }

@@ -1,0 +1,393 @@
+//! The command line (virtiofsd's flag names, so the two can be swapped), parsed once into a
+//! checked [`Config`].
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::Parser;
+
+use crate::passthrough::creds::{IdMap, IdRule};
+use crate::passthrough::CachePolicy;
+
+/// vhost-user-fs daemon: shares a host directory with a guest over virtio-fs.
+#[derive(Debug, Parser)]
+#[command(name = "vhost-fs", version, about)]
+struct Cli {
+    /// vhost-user socket to listen on.
+    #[arg(long = "socket-path", value_name = "PATH", required_unless_present_any = ["fd", "print_capabilities"])]
+    socket_path: Option<PathBuf>,
+    /// Use this inherited, listening socket descriptor instead of --socket-path.
+    #[arg(long, value_name = "FD", conflicts_with = "socket_path")]
+    fd: Option<i32>,
+    /// The directory to share.
+    #[arg(
+        long = "shared-dir",
+        value_name = "DIR",
+        required_unless_present = "print_capabilities"
+    )]
+    shared_dir: Option<PathBuf>,
+    /// The tag the guest mounts (mount -t virtiofs TAG); by default the frontend's.
+    #[arg(long, value_name = "TAG")]
+    tag: Option<String>,
+    /// never | metadata | auto | always.
+    #[arg(long, default_value = "auto", value_name = "MODE")]
+    cache: String,
+    /// namespace | chroot | none (default: namespace when run as root, else none).
+    #[arg(long, value_name = "KIND")]
+    sandbox: Option<String>,
+    /// Refuse every operation that would change the share.
+    #[arg(long)]
+    readonly: bool,
+    /// Serve extended attributes.
+    #[arg(long)]
+    xattr: bool,
+    /// Accepted for compatibility: each queue has its own worker thread and io_uring.
+    #[arg(long = "thread-pool-size", value_name = "N")]
+    thread_pool_size: Option<usize>,
+    /// Request queues offered (virtiofsd offers one).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    queues: u16,
+    /// Largest virtqueue size offered.
+    #[arg(long = "queue-size", default_value_t = 1024, value_name = "N")]
+    queue_size: u16,
+    /// READs and WRITEs in flight per queue.
+    #[arg(long = "queue-depth", default_value_t = 64, value_name = "N")]
+    queue_depth: u32,
+    /// Tell the guest about submounts, so each gets its own st_dev.
+    #[arg(long = "announce-submounts")]
+    announce_submounts: bool,
+    /// guest:F:T:N | host:F:T:N | squash-guest:F:T:N | squash-host:F:T:N | forbid-guest:F:N | map:G:H:N.
+    #[arg(long = "translate-uid", value_name = "MAP")]
+    translate_uid: Vec<String>,
+    /// As --translate-uid, for group ids.
+    #[arg(long = "translate-gid", value_name = "MAP")]
+    translate_gid: Vec<String>,
+    /// Limit on open files (default: the hard limit, at most 1048576).
+    #[arg(long = "rlimit-nofile", value_name = "N")]
+    rlimit_nofile: Option<u64>,
+    /// Print the vhost-user capabilities (JSON) and exit.
+    #[arg(long = "print-capabilities")]
+    print_capabilities: bool,
+    /// Serve GET /metrics and GET /v1/share over HTTP on this unix socket.
+    #[arg(long = "api-socket", value_name = "PATH")]
+    api_socket: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sandbox {
+    Namespace,
+    Chroot,
+    None,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    Path(PathBuf),
+    Fd(i32),
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: Listen,
+    pub shared_dir: PathBuf,
+    pub tag: Option<String>,
+    pub cache: CachePolicy,
+    pub sandbox: Sandbox,
+    pub readonly: bool,
+    pub xattr: bool,
+    pub queues: u16,
+    pub queue_size: u16,
+    pub queue_depth: u32,
+    pub announce_submounts: bool,
+    pub uid_map: IdMap,
+    pub gid_map: IdMap,
+    pub rlimit_nofile: Option<u64>,
+    pub api_socket: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("--shared-dir {0}: not a directory")]
+    SharedDir(PathBuf),
+    #[error("--cache {0}: expected never, metadata, auto or always")]
+    Cache(String),
+    #[error("--sandbox {0}: expected namespace, chroot or none")]
+    Sandbox(String),
+    #[error("--sandbox {0}: needs root")]
+    SandboxNeedsRoot(String),
+    #[error("--queues {0}: must be between 1 and 16")]
+    Queues(u16),
+    #[error("--queue-size {0}: must be a power of two between 64 and 1024")]
+    QueueSize(u16),
+    #[error("--queue-depth {0}: must be between 1 and 1024")]
+    QueueDepth(u32),
+    #[error("--tag {0:?}: must be 1 to 36 bytes")]
+    Tag(String),
+    #[error("--translate-{0}: {1}")]
+    Translate(&'static str, String),
+    #[error("--rlimit-nofile {0}: must be at least 64")]
+    Rlimit(u64),
+}
+
+pub enum Command {
+    Run(Box<Config>),
+    /// `--help`, `--version` or `--print-capabilities`: print this and exit 0.
+    Print(String),
+}
+
+/// What `--print-capabilities` prints (the vhost-user backend JSON of the QEMU spec).
+pub const CAPABILITIES: &str = "{\n  \"type\": \"fs\"\n}\n";
+
+impl Config {
+    pub fn parse<I, T>(args: I) -> Result<Command, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        let cli = match Cli::try_parse_from(args) {
+            Ok(cli) => cli,
+            Err(e) => {
+                use clap::error::ErrorKind::*;
+                if matches!(e.kind(), DisplayHelp | DisplayVersion) {
+                    return Ok(Command::Print(e.to_string()));
+                }
+                let text = e.to_string();
+                let line = text
+                    .lines()
+                    .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more"))
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                return Err(ConfigError::Usage(
+                    line.trim_start_matches("error: ").to_string(),
+                ));
+            }
+        };
+        if cli.print_capabilities {
+            return Ok(Command::Print(CAPABILITIES.to_string()));
+        }
+        Config::try_from(cli).map(|c| Command::Run(Box::new(c)))
+    }
+}
+
+fn id_map(kind: &'static str, rules: &[String]) -> Result<IdMap, ConfigError> {
+    rules
+        .iter()
+        .map(|r| {
+            r.parse::<IdRule>()
+                .map_err(|e| ConfigError::Translate(kind, e))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(IdMap)
+}
+
+impl TryFrom<Cli> for Config {
+    type Error = ConfigError;
+
+    fn try_from(cli: Cli) -> Result<Self, ConfigError> {
+        let shared_dir = cli
+            .shared_dir
+            .ok_or_else(|| ConfigError::Usage("--shared-dir is required".into()))?;
+        if !shared_dir.is_dir() {
+            return Err(ConfigError::SharedDir(shared_dir));
+        }
+        let cache = match cli.cache.as_str() {
+            "never" | "none" => CachePolicy::Never,
+            "metadata" => CachePolicy::Metadata,
+            "auto" => CachePolicy::Auto,
+            "always" => CachePolicy::Always,
+            other => return Err(ConfigError::Cache(other.into())),
+        };
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        let sandbox = match cli.sandbox.as_deref() {
+            None => {
+                if root {
+                    Sandbox::Namespace
+                } else {
+                    Sandbox::None
+                }
+            }
+            Some("namespace") => Sandbox::Namespace,
+            Some("chroot") => Sandbox::Chroot,
+            Some("none") => Sandbox::None,
+            Some(other) => return Err(ConfigError::Sandbox(other.into())),
+        };
+        if sandbox != Sandbox::None && !root {
+            return Err(ConfigError::SandboxNeedsRoot(
+                cli.sandbox.unwrap_or_default(),
+            ));
+        }
+        if !(1..=16).contains(&cli.queues) {
+            return Err(ConfigError::Queues(cli.queues));
+        }
+        if !(64..=1024).contains(&cli.queue_size) || !cli.queue_size.is_power_of_two() {
+            return Err(ConfigError::QueueSize(cli.queue_size));
+        }
+        if !(1..=1024).contains(&cli.queue_depth) {
+            return Err(ConfigError::QueueDepth(cli.queue_depth));
+        }
+        if let Some(tag) = &cli.tag {
+            if tag.is_empty() || tag.len() > crate::device::TAG_LEN {
+                return Err(ConfigError::Tag(tag.clone()));
+            }
+        }
+        if let Some(n) = cli.rlimit_nofile {
+            if n < 64 {
+                return Err(ConfigError::Rlimit(n));
+            }
+        }
+        if let Some(n) = cli.thread_pool_size {
+            log::info!(
+                "--thread-pool-size {n}: each queue has its own worker thread and io_uring instead"
+            );
+        }
+        let listen = match (cli.socket_path, cli.fd) {
+            (Some(p), _) => Listen::Path(p),
+            (None, Some(fd)) => Listen::Fd(fd),
+            (None, None) => {
+                return Err(ConfigError::Usage(
+                    "--socket-path or --fd is required".into(),
+                ))
+            }
+        };
+        Ok(Config {
+            listen,
+            shared_dir,
+            tag: cli.tag,
+            cache,
+            sandbox,
+            readonly: cli.readonly,
+            xattr: cli.xattr,
+            queues: cli.queues,
+            queue_size: cli.queue_size,
+            queue_depth: cli.queue_depth,
+            announce_submounts: cli.announce_submounts,
+            uid_map: id_map("uid", &cli.translate_uid)?,
+            gid_map: id_map("gid", &cli.translate_gid)?,
+            rlimit_nofile: cli.rlimit_nofile,
+            api_socket: cli.api_socket,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        let mut all = vec!["vhost-fs"];
+        all.extend_from_slice(args);
+        match Config::parse(all) {
+            Ok(Command::Run(c)) => Ok(*c),
+            Ok(Command::Print(p)) => Err(format!("print:{p}")),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    #[test]
+    fn parses_virtiofsd_style_flags() {
+        let c = parse(&[
+            "--socket-path",
+            "/tmp/s",
+            "--shared-dir",
+            "/tmp",
+            "--cache",
+            "always",
+            "--sandbox",
+            "none",
+            "--queues",
+            "4",
+            "--xattr",
+            "--readonly",
+            "--translate-uid",
+            "map:0:1000:1",
+            "--tag",
+            "share",
+            "--thread-pool-size",
+            "8",
+            "--announce-submounts",
+        ])
+        .unwrap();
+        assert_eq!(c.queues, 4);
+        assert_eq!(c.cache, CachePolicy::Always);
+        assert_eq!(c.sandbox, Sandbox::None);
+        assert!(c.readonly && c.xattr && c.announce_submounts);
+        assert_eq!(c.uid_map.to_host(0).unwrap(), 1000);
+        assert_eq!(c.listen, Listen::Path("/tmp/s".into()));
+    }
+
+    #[test]
+    fn print_capabilities_needs_nothing_else() {
+        assert_eq!(
+            parse(&["--print-capabilities"]).unwrap_err(),
+            format!("print:{CAPABILITIES}")
+        );
+    }
+
+    #[test]
+    fn bad_flags_are_one_line_naming_the_problem() {
+        for (args, needle) in [
+            (vec!["--shared-dir", "/tmp"], "--socket-path"),
+            (
+                vec!["--socket-path", "s", "--shared-dir", "/nonexistent-dir"],
+                "--shared-dir",
+            ),
+            (
+                vec![
+                    "--socket-path",
+                    "s",
+                    "--shared-dir",
+                    "/tmp",
+                    "--cache",
+                    "sometimes",
+                ],
+                "--cache",
+            ),
+            (
+                vec![
+                    "--socket-path",
+                    "s",
+                    "--shared-dir",
+                    "/tmp",
+                    "--sandbox",
+                    "jail",
+                ],
+                "--sandbox",
+            ),
+            (
+                vec![
+                    "--socket-path",
+                    "s",
+                    "--shared-dir",
+                    "/tmp",
+                    "--queues",
+                    "0",
+                ],
+                "--queues",
+            ),
+            (
+                vec![
+                    "--socket-path",
+                    "s",
+                    "--shared-dir",
+                    "/tmp",
+                    "--translate-uid",
+                    "map:1",
+                ],
+                "--translate-uid",
+            ),
+            (
+                vec!["--socket-path", "s", "--shared-dir", "/tmp", "--bogus"],
+                "--bogus",
+            ),
+        ] {
+            let e = parse(&args).unwrap_err();
+            assert!(e.contains(needle), "{args:?}: {e}");
+            assert!(!e.contains('\n'), "{args:?}: {e}");
+        }
+    }
+}

@@ -1,0 +1,315 @@
+//! The daemon's lifecycle: open the share, bind the sockets, enter the sandbox, serve one
+//! frontend, and exit when it disconnects (as virtiofsd does); on SIGTERM or SIGINT stop
+//! taking requests, finish those in flight and exit.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::UnixListener;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{bail, Context, Result};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use storage_core::engine::{new_engine, probe_io_uring, EngineKind};
+
+use crate::backend::FsBackend;
+use crate::config::{Config, Listen};
+use crate::device::FsDevice;
+use crate::filesystem::FileSystem;
+use crate::passthrough::{creds, PassthroughConfig, PassthroughFs};
+use crate::read_only::ReadOnly;
+use crate::server::{self, Server};
+use crate::socket::{self, SocketFile};
+use crate::worker::QueueWorker;
+use crate::{api, sandbox};
+
+struct Control {
+    wake: EventFd,
+    connection: Mutex<Option<ShutdownHandle>>,
+}
+
+pub struct Daemon {
+    config: Config,
+    device: Arc<FsDevice>,
+    backend: Arc<FsBackend>,
+    listener: UnixListener,
+    _socket_file: Option<SocketFile>,
+    _api_file: Option<SocketFile>,
+    control: Arc<Control>,
+}
+
+fn open_dir(path: &std::path::Path, flags: i32) -> Result<OwnedFd> {
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    // SAFETY: `c` is NUL-terminated; the result is checked.
+    let fd = unsafe { libc::open(c.as_ptr(), flags | libc::O_DIRECTORY | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("cannot open {}", path.display()));
+    }
+    // SAFETY: a new descriptor nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+impl Daemon {
+    /// Start-up: everything that can fail because of the user's input fails here.
+    pub fn new(config: Config) -> Result<Self> {
+        // SAFETY: umask has no preconditions. Modes the guest asks for are applied as given.
+        unsafe { libc::umask(0) };
+        let nofile =
+            sandbox::set_nofile(config.rlimit_nofile).context("cannot set the open-file limit")?;
+        let root_fd = open_dir(&config.shared_dir, libc::O_PATH)?;
+        // Opened before the sandbox hides /proc: files are reopened through it.
+        let proc_fd = open_dir(std::path::Path::new("/proc/self/fd"), libc::O_PATH)?;
+        let (listener, socket_file) = match &config.listen {
+            Listen::Path(p) => {
+                let (l, f) = socket::bind(p)?;
+                (l, Some(f))
+            }
+            Listen::Fd(fd) => {
+                let mut st = std::mem::MaybeUninit::<libc::stat>::zeroed();
+                // SAFETY: `st` is a valid out-buffer.
+                if unsafe { libc::fstat(*fd, st.as_mut_ptr()) } != 0
+                    // SAFETY: fstat succeeded, so `st` is initialised.
+                    || unsafe { st.assume_init() }.st_mode & libc::S_IFMT != libc::S_IFSOCK
+                {
+                    bail!("--fd {fd}: not an open socket");
+                }
+                // SAFETY: the user handed us this listening socket to own.
+                (unsafe { UnixListener::from_raw_fd(*fd) }, None)
+            }
+        };
+        let api = match &config.api_socket {
+            Some(p) => Some(socket::bind(p)?),
+            None => None,
+        };
+        sandbox::enter(config.sandbox, &config.shared_dir)?;
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        if root {
+            creds::drop_supplementary_groups().context("cannot drop supplementary groups")?;
+        }
+        block_termination_signals()?;
+        server::install_interrupt_handler().context("cannot install the interrupt handler")?;
+
+        let engine_kind = match probe_io_uring() {
+            Ok(()) => EngineKind::IoUring,
+            Err(e) => {
+                log::warn!(
+                    "io_uring unavailable ({e}); file data goes through the synchronous engine"
+                );
+                EngineKind::Sync
+            }
+        };
+        let passthrough = Arc::new(PassthroughFs::new(
+            root_fd,
+            proc_fd,
+            PassthroughConfig {
+                cache: config.cache,
+                xattr: config.xattr,
+                announce_submounts: config.announce_submounts,
+                uid_map: config.uid_map.clone(),
+                gid_map: config.gid_map.clone(),
+                switch_creds: root,
+            },
+        )?);
+        let fs: Arc<dyn FileSystem> = if config.readonly {
+            Arc::new(ReadOnly(passthrough.clone()))
+        } else {
+            passthrough.clone()
+        };
+        let device = Arc::new(FsDevice::new(
+            Server::new(fs),
+            passthrough,
+            config.shared_dir.display().to_string(),
+            config.tag.clone(),
+            config.readonly,
+            config.queues,
+            config.queue_size,
+            config.queue_depth,
+            engine_kind.name(),
+        ));
+        let workers = (0..device.num_queues())
+            .map(|i| {
+                // The high-priority queue carries FORGET and INTERRUPT only: no data.
+                let depth = if i == 0 { 1 } else { config.queue_depth };
+                let engine =
+                    new_engine(engine_kind, depth).context("cannot create an I/O engine")?;
+                QueueWorker::new(i, device.clone(), engine, depth)
+                    .context("cannot create a queue worker")
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let backend = Arc::new(FsBackend::new(device.clone(), workers));
+        let api_file = match api {
+            Some((l, f)) => {
+                api::spawn(l, device.clone()).context("cannot start the API thread")?;
+                Some(f)
+            }
+            None => None,
+        };
+        let control = Arc::new(Control {
+            wake: EventFd::new(EFD_NONBLOCK).context("cannot create eventfd")?,
+            connection: Mutex::new(None),
+        });
+        spawn_signal_thread(control.clone(), device.clone())?;
+        log::info!(
+            "sharing {}{} with {} request queue(s) of depth {}, cache {:?}, sandbox {:?}, {} engine, up to {nofile} open files",
+            config.shared_dir.display(),
+            if config.readonly { " read-only" } else { "" },
+            config.queues,
+            config.queue_depth,
+            config.cache,
+            config.sandbox,
+            engine_kind.name(),
+        );
+        Ok(Daemon {
+            config,
+            device,
+            backend,
+            listener,
+            _socket_file: socket_file,
+            _api_file: api_file,
+            control,
+        })
+    }
+
+    /// Serves one frontend; returns when it disconnects or a signal stops the daemon.
+    pub fn run(self) -> Result<()> {
+        match &self.config.listen {
+            Listen::Path(p) => eprintln!("vhost-fs: listening on {}", p.display()),
+            Listen::Fd(fd) => eprintln!("vhost-fs: listening on fd {fd}"),
+        }
+        if !self.wait_for_client()? {
+            return Ok(());
+        }
+        let mut listener = Listener::from(self.listener.try_clone()?);
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        self.backend.attach(&mem);
+        let mut daemon = VhostUserDaemon::new("vhost-fs".into(), self.backend.clone(), mem)
+            .map_err(|e| anyhow::anyhow!("cannot set up the vhost-user handler: {e}"))?;
+        for (i, handler) in daemon.get_epoll_handlers().iter().enumerate() {
+            let worker = self.backend.worker(i);
+            if let Some(fd) = worker.completion_fd() {
+                handler
+                    .register_listener(fd, EventSet::IN, self.backend.completion_event_id())
+                    .context("cannot watch the completion eventfd")?;
+            }
+            handler
+                .register_listener(
+                    worker.deferred_fd(),
+                    EventSet::IN,
+                    self.backend.deferred_event_id(),
+                )
+                .context("cannot watch the deferred-reply eventfd")?;
+        }
+        daemon
+            .start(&mut listener)
+            .map_err(|e| anyhow::anyhow!("cannot accept a frontend: {e}"))?;
+        self.device.connected.store(true, Ordering::SeqCst);
+        self.device.connections.fetch_add(1, Ordering::Relaxed);
+        log::info!("frontend connected");
+        *lock(&self.control.connection) = daemon.shutdown_handle();
+        if self.device.stopping.load(Ordering::SeqCst) {
+            if let Some(h) = lock(&self.control.connection).take() {
+                h.shutdown();
+            }
+        }
+        let result = daemon.wait();
+        lock(&self.control.connection).take();
+        self.device.connected.store(false, Ordering::SeqCst);
+        match result {
+            Ok(()) => log::info!("frontend disconnected; exiting"),
+            Err(e) => log::info!("frontend connection ended ({e}); exiting"),
+        }
+        self.backend.drain_all();
+        Ok(())
+    }
+
+    fn wait_for_client(&self) -> Result<bool> {
+        loop {
+            if self.device.stopping.load(Ordering::SeqCst) {
+                return Ok(false);
+            }
+            let mut fds = [
+                libc::pollfd {
+                    fd: self.listener.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: self.control.wake.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: `fds` is a valid array of two pollfds for the call.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e).context("poll on the listening socket failed");
+            }
+            if self.device.stopping.load(Ordering::SeqCst) {
+                return Ok(false);
+            }
+            if fds[0].revents & libc::POLLIN != 0 {
+                return Ok(true);
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn termination_signals() -> libc::sigset_t {
+    // SAFETY: sigemptyset/sigaddset initialise and fill the set we own.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        set
+    }
+}
+
+fn block_termination_signals() -> Result<()> {
+    let set = termination_signals();
+    // SAFETY: `set` is a valid, initialised signal set.
+    let ret = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if ret != 0 {
+        bail!("cannot block termination signals: error {ret}");
+    }
+    Ok(())
+}
+
+fn spawn_signal_thread(control: Arc<Control>, device: Arc<FsDevice>) -> Result<()> {
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            let set = termination_signals();
+            let mut sig = 0;
+            // SAFETY: `set` is initialised and `sig` is a valid out-pointer.
+            if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+                continue;
+            }
+            if device.stopping.swap(true, Ordering::SeqCst) {
+                log::warn!("second termination signal: exiting at once");
+                std::process::exit(1);
+            }
+            log::info!("signal {sig}: finishing in-flight requests and shutting down");
+            let _ = control.wake.write(1);
+            if let Some(h) = lock(&control.connection).take() {
+                h.shutdown();
+            }
+        })
+        .context("cannot start the signal thread")?;
+    Ok(())
+}

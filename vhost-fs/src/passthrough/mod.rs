@@ -1,0 +1,1061 @@
+//! The passthrough filesystem: the guest sees a host directory.
+//!
+//! Every inode the guest knows is held as an `O_PATH` descriptor, and every name is resolved
+//! relative to its parent's descriptor with `openat2(RESOLVE_BENEATH |
+//! RESOLVE_NO_MAGICLINKS)` and `O_NOFOLLOW`: a name is one component, never a path, and a
+//! symlink is an inode of its own that we create and read but never follow. Files are opened
+//! for I/O only by reopening such a descriptor through `/proc/self/fd`, and only when it is a
+//! regular file or a directory, so FIFOs, sockets and device nodes are never opened. Objects
+//! are created with the caller's credentials (see [`creds`]) and `O_EXCL`.
+
+pub mod creds;
+pub mod sys;
+
+use std::collections::HashMap;
+use std::ffi::CStr;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use crate::decode::{LkIn, SetattrIn};
+use crate::filesystem::{Context, FileSystem, Handle, Inode, Opened, XattrReply};
+use crate::fuse::{self, fattr, fopen, init, Attr, EntryOut, FileLock, StatFs, Timeout};
+
+use creds::IdMap;
+use sys::errno;
+
+/// How long the guest may cache names, attributes and data (virtiofsd's `--cache`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CachePolicy {
+    Never,
+    Metadata,
+    Auto,
+    Always,
+}
+
+impl CachePolicy {
+    /// The entry and attribute timeout, as virtiofsd sets it.
+    pub fn timeout(self) -> Duration {
+        match self {
+            CachePolicy::Never => Duration::ZERO,
+            CachePolicy::Metadata | CachePolicy::Always => Duration::from_secs(86400),
+            CachePolicy::Auto => Duration::from_secs(1),
+        }
+    }
+
+    /// `FOPEN_*` flags for an open of a file (`dir` false) or directory, as virtiofsd.
+    pub fn open_flags(self, dir: bool) -> u32 {
+        match (self, dir) {
+            (CachePolicy::Never, false) => fopen::DIRECT_IO,
+            (CachePolicy::Never, true) => 0,
+            (CachePolicy::Metadata, false) => fopen::DIRECT_IO,
+            (CachePolicy::Metadata, true) => fopen::CACHE_DIR | fopen::KEEP_CACHE,
+            (CachePolicy::Always, false) => fopen::KEEP_CACHE,
+            (CachePolicy::Always, true) => fopen::KEEP_CACHE | fopen::CACHE_DIR,
+            (CachePolicy::Auto, _) => 0,
+        }
+    }
+
+    /// `FOPEN_*` flags for a file made by CREATE (virtiofsd differs from OPEN here).
+    pub fn create_flags(self) -> u32 {
+        match self {
+            CachePolicy::Never | CachePolicy::Metadata => fopen::DIRECT_IO,
+            CachePolicy::Always => fopen::KEEP_CACHE,
+            CachePolicy::Auto => 0,
+        }
+    }
+}
+
+/// What the passthrough filesystem is configured to do.
+#[derive(Debug, Clone)]
+pub struct PassthroughConfig {
+    pub cache: CachePolicy,
+    pub xattr: bool,
+    pub announce_submounts: bool,
+    pub uid_map: IdMap,
+    pub gid_map: IdMap,
+    /// Create files with the caller's ids (the daemon runs as root).
+    pub switch_creds: bool,
+}
+
+struct InodeData {
+    /// `O_PATH | O_NOFOLLOW` descriptor of the inode.
+    fd: OwnedFd,
+    dev: u64,
+    ino: u64,
+    /// `S_IFMT` bits: fixed for the inode's lifetime.
+    kind: u32,
+    lookups: AtomicU64,
+}
+
+#[derive(Default)]
+struct InodeMap {
+    by_id: HashMap<Inode, Arc<InodeData>>,
+    by_key: HashMap<(u64, u64), Inode>,
+    next: Inode,
+}
+
+struct HandleData {
+    inode: Inode,
+    file: Arc<File>,
+    /// Serialises seek + getdents64 on directory handles.
+    dir: Mutex<()>,
+}
+
+pub struct PassthroughFs {
+    cfg: PassthroughConfig,
+    proc_self_fd: OwnedFd,
+    root: Arc<InodeData>,
+    inodes: RwLock<InodeMap>,
+    handles: RwLock<HashMap<Handle, Arc<HandleData>>>,
+    next_handle: AtomicU64,
+    announce_submounts: AtomicBool,
+}
+
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|p| p.into_inner())
+}
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Refuses names that are not a single component: empty, containing `/`, or (where a name
+/// is created, removed or renamed) `.` and `..`.
+pub fn check_name(name: &CStr, creating: bool) -> io::Result<()> {
+    let b = name.to_bytes();
+    if b.is_empty() || b.contains(&b'/') {
+        return Err(errno(libc::EINVAL));
+    }
+    if creating && (b == b"." || b == b"..") {
+        return Err(errno(libc::EINVAL));
+    }
+    if b.len() > 255 {
+        return Err(errno(libc::ENAMETOOLONG));
+    }
+    Ok(())
+}
+
+fn s_type(mode: u32) -> u32 {
+    mode & libc::S_IFMT
+}
+
+impl PassthroughFs {
+    /// Serves the directory `root` (an open descriptor of it). `proc_self_fd` is an open
+    /// `/proc/self/fd` directory, kept because the sandbox hides `/proc`.
+    pub fn new(root: OwnedFd, proc_self_fd: OwnedFd, cfg: PassthroughConfig) -> io::Result<Self> {
+        let st = sys::fstat(root.as_fd())?;
+        if s_type(st.st_mode) != libc::S_IFDIR {
+            return Err(errno(libc::ENOTDIR));
+        }
+        let root = Arc::new(InodeData {
+            fd: root,
+            dev: st.st_dev,
+            ino: st.st_ino,
+            kind: libc::S_IFDIR,
+            lookups: AtomicU64::new(2),
+        });
+        let fs = PassthroughFs {
+            cfg,
+            proc_self_fd,
+            root,
+            inodes: RwLock::new(InodeMap::default()),
+            handles: RwLock::new(HashMap::new()),
+            next_handle: AtomicU64::new(1),
+            announce_submounts: AtomicBool::new(false),
+        };
+        fs.reset();
+        Ok(fs)
+    }
+
+    fn reset(&self) {
+        let mut map = write(&self.inodes);
+        map.by_id.clear();
+        map.by_key.clear();
+        map.by_id.insert(fuse::ROOT_ID, self.root.clone());
+        map.by_key
+            .insert((self.root.dev, self.root.ino), fuse::ROOT_ID);
+        map.next = fuse::ROOT_ID + 1;
+        drop(map);
+        write(&self.handles).clear();
+    }
+
+    /// Inodes the guest holds (for metrics).
+    pub fn inode_count(&self) -> usize {
+        read(&self.inodes).by_id.len()
+    }
+
+    /// Open handles (for metrics).
+    pub fn handle_count(&self) -> usize {
+        read(&self.handles).len()
+    }
+
+    fn inode(&self, id: Inode) -> io::Result<Arc<InodeData>> {
+        read(&self.inodes)
+            .by_id
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| errno(libc::EBADF))
+    }
+
+    fn handle(&self, inode: Inode, fh: Handle) -> io::Result<Arc<HandleData>> {
+        let h = read(&self.handles)
+            .get(&fh)
+            .cloned()
+            .ok_or_else(|| errno(libc::EBADF))?;
+        if h.inode != inode {
+            return Err(errno(libc::EBADF));
+        }
+        Ok(h)
+    }
+
+    fn proc_fd(&self) -> BorrowedFd<'_> {
+        self.proc_self_fd.as_fd()
+    }
+
+    fn timeout(&self) -> Timeout {
+        self.cfg.cache.timeout().into()
+    }
+
+    fn guest_attr(&self, st: &libc::stat, parent_dev: Option<u64>) -> Attr {
+        let mut a = Attr::from_stat(st);
+        a.uid = self.cfg.uid_map.to_guest(a.uid);
+        a.gid = self.cfg.gid_map.to_guest(a.gid);
+        if self.announce_submounts.load(Ordering::Relaxed)
+            && s_type(st.st_mode) == libc::S_IFDIR
+            && parent_dev.is_some_and(|d| d != st.st_dev)
+        {
+            a.flags |= fuse::ATTR_SUBMOUNT;
+        }
+        a
+    }
+
+    /// Host ids for a guest caller.
+    fn host_ids(&self, ctx: Context) -> io::Result<(u32, u32)> {
+        Ok((
+            self.cfg.uid_map.to_host(ctx.uid)?,
+            self.cfg.gid_map.to_host(ctx.gid)?,
+        ))
+    }
+
+    fn as_caller(&self, ctx: Context) -> io::Result<creds::CredsGuard> {
+        let (uid, gid) = self.host_ids(ctx)?;
+        creds::switch(self.cfg.switch_creds, uid, gid)
+    }
+
+    /// Adds one lookup of the inode behind `fd` (a new O_PATH descriptor) and returns its
+    /// entry.
+    fn register(&self, fd: OwnedFd, parent_dev: Option<u64>) -> io::Result<EntryOut> {
+        let st = sys::fstat(fd.as_fd())?;
+        let key = (st.st_dev, st.st_ino);
+        let mut map = write(&self.inodes);
+        let id = match map.by_key.get(&key).copied() {
+            Some(id) => {
+                if let Some(d) = map.by_id.get(&id) {
+                    d.lookups.fetch_add(1, Ordering::Relaxed);
+                }
+                id
+            }
+            None => {
+                let id = map.next;
+                map.next += 1;
+                map.by_id.insert(
+                    id,
+                    Arc::new(InodeData {
+                        fd,
+                        dev: st.st_dev,
+                        ino: st.st_ino,
+                        kind: s_type(st.st_mode),
+                        lookups: AtomicU64::new(1),
+                    }),
+                );
+                map.by_key.insert(key, id);
+                id
+            }
+        };
+        drop(map);
+        Ok(EntryOut {
+            nodeid: id,
+            generation: 0,
+            entry_valid: self.timeout(),
+            attr_valid: self.timeout(),
+            attr: self.guest_attr(&st, parent_dev),
+        })
+    }
+
+    fn do_lookup(&self, parent: &InodeData, name: &CStr) -> io::Result<EntryOut> {
+        let fd = match name.to_bytes() {
+            b"." => sys::openat(parent.fd.as_fd(), c".", libc::O_PATH | libc::O_NOFOLLOW)?,
+            b".." => {
+                // Never above the share: the root's parent is the root.
+                if parent.dev == self.root.dev && parent.ino == self.root.ino {
+                    sys::openat(self.root.fd.as_fd(), c".", libc::O_PATH)?
+                } else {
+                    sys::openat(parent.fd.as_fd(), c"..", libc::O_PATH | libc::O_NOFOLLOW)?
+                }
+            }
+            _ => sys::openat_beneath(parent.fd.as_fd(), name, libc::O_PATH, 0)?,
+        };
+        self.register(fd, Some(parent.dev))
+    }
+
+    /// Reopens an inode for I/O; only regular files and directories.
+    fn open_inode(&self, data: &InodeData, flags: i32) -> io::Result<File> {
+        match data.kind {
+            libc::S_IFREG => {
+                if flags & libc::O_DIRECTORY != 0 {
+                    return Err(errno(libc::ENOTDIR));
+                }
+            }
+            libc::S_IFDIR => {}
+            libc::S_IFLNK => return Err(errno(libc::ELOOP)),
+            // FIFOs, sockets and device nodes are never opened.
+            _ => return Err(errno(libc::EACCES)),
+        }
+        sys::reopen(self.proc_fd(), data.fd.as_raw_fd(), flags)
+    }
+
+    fn new_handle(&self, inode: Inode, file: File) -> Handle {
+        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        write(&self.handles).insert(
+            fh,
+            Arc::new(HandleData {
+                inode,
+                file: Arc::new(file),
+                dir: Mutex::new(()),
+            }),
+        );
+        fh
+    }
+
+    /// Clears set-user-ID, and set-group-ID when group-executable, as the kernel does when
+    /// an unprivileged user writes or truncates.
+    fn kill_suidgid(&self, fd: i32) -> io::Result<()> {
+        let mut st = std::mem::MaybeUninit::<libc::stat>::zeroed();
+        // SAFETY: `st` is a valid out-buffer.
+        sys::cvt(unsafe { libc::fstat(fd, st.as_mut_ptr()) })?;
+        // SAFETY: fstat succeeded.
+        let mode = unsafe { st.assume_init() }.st_mode;
+        let mut new = mode & !libc::S_ISUID;
+        if mode & libc::S_IXGRP != 0 {
+            new &= !libc::S_ISGID;
+        }
+        if new != mode {
+            sys::fchmod(fd, new & 0o7777)?;
+        }
+        Ok(())
+    }
+
+    fn open_flags(&self, flags: u32) -> i32 {
+        // The guest's flags, minus what would change how the name is resolved or created.
+        (flags as i32)
+            & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_NOFOLLOW | libc::O_PATH)
+    }
+
+    fn lock_fd(&self, inode: Inode, fh: Handle) -> io::Result<Arc<HandleData>> {
+        self.handle(inode, fh)
+    }
+}
+
+fn to_flock(lk: &FileLock) -> io::Result<libc::flock> {
+    // SAFETY: flock is plain old data; all-zero is a valid value.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = match lk.typ as i32 {
+        libc::F_RDLCK => libc::F_RDLCK as i16,
+        libc::F_WRLCK => libc::F_WRLCK as i16,
+        libc::F_UNLCK => libc::F_UNLCK as i16,
+        _ => return Err(errno(libc::EINVAL)),
+    };
+    fl.l_whence = libc::SEEK_SET as i16;
+    fl.l_start = i64::try_from(lk.start).map_err(|_| errno(libc::EINVAL))?;
+    // FUSE says "to the end" with OFFSET_MAX; the kernel says it with length 0.
+    fl.l_len = if lk.end >= i64::MAX as u64 {
+        0
+    } else {
+        let len = lk
+            .end
+            .checked_sub(lk.start)
+            .ok_or_else(|| errno(libc::EINVAL))?
+            + 1;
+        i64::try_from(len).map_err(|_| errno(libc::EINVAL))?
+    };
+    Ok(fl)
+}
+
+impl FileSystem for PassthroughFs {
+    fn init(&self, capable: u64) -> io::Result<u64> {
+        self.reset();
+        let mut want = init::ASYNC_READ
+            | init::PARALLEL_DIROPS
+            | init::BIG_WRITES
+            | init::MAX_PAGES
+            | init::POSIX_LOCKS
+            | init::FLOCK_LOCKS
+            | init::ATOMIC_O_TRUNC
+            | init::HANDLE_KILLPRIV_V2;
+        if self.cfg.cache != CachePolicy::Never {
+            want |= init::DO_READDIRPLUS | init::READDIRPLUS_AUTO;
+        }
+        if self.cfg.cache == CachePolicy::Auto {
+            want |= init::AUTO_INVAL_DATA;
+        }
+        if self.cfg.announce_submounts {
+            if capable & init::SUBMOUNTS != 0 {
+                want |= init::SUBMOUNTS;
+                self.announce_submounts.store(true, Ordering::Relaxed);
+            } else {
+                log::warn!("the guest cannot take announced submounts");
+            }
+        }
+        Ok(want & capable)
+    }
+
+    fn destroy(&self) {
+        self.reset();
+    }
+
+    fn lookup(&self, _ctx: Context, parent: Inode, name: &CStr) -> io::Result<EntryOut> {
+        check_name(name, false)?;
+        let p = self.inode(parent)?;
+        self.do_lookup(&p, name)
+    }
+
+    fn forget(&self, inode: Inode, count: u64) {
+        if inode == fuse::ROOT_ID {
+            return;
+        }
+        let mut map = write(&self.inodes);
+        let Some(data) = map.by_id.get(&inode).cloned() else {
+            return;
+        };
+        let left = data
+            .lookups
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_sub(count))
+            })
+            .map(|old| old.saturating_sub(count))
+            .unwrap_or(0);
+        if left == 0 {
+            map.by_id.remove(&inode);
+            if map.by_key.get(&(data.dev, data.ino)) == Some(&inode) {
+                map.by_key.remove(&(data.dev, data.ino));
+            }
+        }
+    }
+
+    fn getattr(
+        &self,
+        _ctx: Context,
+        inode: Inode,
+        fh: Option<Handle>,
+    ) -> io::Result<(Attr, Timeout)> {
+        let st = match fh.and_then(|fh| self.handle(inode, fh).ok()) {
+            Some(h) => sys::fstat(h.file.as_fd())?,
+            None => sys::fstat(self.inode(inode)?.fd.as_fd())?,
+        };
+        Ok((self.guest_attr(&st, None), self.timeout()))
+    }
+
+    fn setattr(&self, ctx: Context, inode: Inode, a: &SetattrIn) -> io::Result<(Attr, Timeout)> {
+        let data = self.inode(inode)?;
+        let handle = if a.valid & fattr::FH != 0 {
+            Some(self.handle(inode, a.fh)?)
+        } else {
+            None
+        };
+        let ifd = data.fd.as_raw_fd();
+        if a.valid & fattr::MODE != 0 {
+            match &handle {
+                Some(h) => sys::fchmod(h.file.as_raw_fd(), a.mode & 0o7777)?,
+                None => sys::chmod_inode(self.proc_fd(), ifd, a.mode & 0o7777)?,
+            }
+        }
+        if a.valid & (fattr::UID | fattr::GID) != 0 {
+            let uid = if a.valid & fattr::UID != 0 {
+                self.cfg.uid_map.to_host(a.uid)?
+            } else {
+                u32::MAX
+            };
+            let gid = if a.valid & fattr::GID != 0 {
+                self.cfg.gid_map.to_host(a.gid)?
+            } else {
+                u32::MAX
+            };
+            // The host kernel clears set-id bits on chown, as it would for a local chown.
+            sys::fchown_inode(ifd, uid, gid)?;
+        }
+        if a.valid & fattr::SIZE != 0 {
+            let owned;
+            let fd = match &handle {
+                Some(h) => h.file.as_raw_fd(),
+                None => {
+                    if data.kind != libc::S_IFREG {
+                        return Err(errno(if data.kind == libc::S_IFDIR {
+                            libc::EISDIR
+                        } else {
+                            libc::EINVAL
+                        }));
+                    }
+                    let _caller = self.as_caller(ctx)?;
+                    owned = self.open_inode(&data, libc::O_WRONLY)?;
+                    owned.as_raw_fd()
+                }
+            };
+            sys::ftruncate(fd, a.size)?;
+            if a.valid & fattr::KILL_SUIDGID != 0 {
+                self.kill_suidgid(fd)?;
+            }
+        }
+        if a.valid & (fattr::ATIME | fattr::MTIME) != 0 {
+            let ts = |set: u32, now: u32, secs: u64, nsecs: u32| {
+                if a.valid & set == 0 {
+                    libc::timespec {
+                        tv_sec: 0,
+                        tv_nsec: libc::UTIME_OMIT,
+                    }
+                } else if a.valid & now != 0 {
+                    libc::timespec {
+                        tv_sec: 0,
+                        tv_nsec: libc::UTIME_NOW,
+                    }
+                } else {
+                    libc::timespec {
+                        tv_sec: secs as i64,
+                        tv_nsec: i64::from(nsecs),
+                    }
+                }
+            };
+            let times = [
+                ts(fattr::ATIME, fattr::ATIME_NOW, a.atime, a.atimensec),
+                ts(fattr::MTIME, fattr::MTIME_NOW, a.mtime, a.mtimensec),
+            ];
+            match &handle {
+                Some(h) => sys::futimens(h.file.as_raw_fd(), &times)?,
+                None => sys::utimens_inode(self.proc_fd(), ifd, &times)?,
+            }
+        }
+        self.getattr(ctx, inode, None)
+    }
+
+    fn readlink(&self, _ctx: Context, inode: Inode) -> io::Result<Vec<u8>> {
+        let data = self.inode(inode)?;
+        if data.kind != libc::S_IFLNK {
+            return Err(errno(libc::EINVAL));
+        }
+        sys::readlink(data.fd.as_raw_fd())
+    }
+
+    fn symlink(
+        &self,
+        ctx: Context,
+        parent: Inode,
+        name: &CStr,
+        target: &CStr,
+    ) -> io::Result<EntryOut> {
+        check_name(name, true)?;
+        let p = self.inode(parent)?;
+        {
+            let _caller = self.as_caller(ctx)?;
+            sys::symlinkat(target, p.fd.as_raw_fd(), name)?;
+        }
+        self.do_lookup(&p, name)
+    }
+
+    fn mknod(
+        &self,
+        ctx: Context,
+        parent: Inode,
+        name: &CStr,
+        mode: u32,
+        rdev: u32,
+        umask: u32,
+    ) -> io::Result<EntryOut> {
+        check_name(name, true)?;
+        let p = self.inode(parent)?;
+        {
+            let _caller = self.as_caller(ctx)?;
+            sys::mknodat(p.fd.as_raw_fd(), name, mode & !umask, rdev)?;
+        }
+        self.do_lookup(&p, name)
+    }
+
+    fn mkdir(
+        &self,
+        ctx: Context,
+        parent: Inode,
+        name: &CStr,
+        mode: u32,
+        umask: u32,
+    ) -> io::Result<EntryOut> {
+        check_name(name, true)?;
+        let p = self.inode(parent)?;
+        {
+            let _caller = self.as_caller(ctx)?;
+            sys::mkdirat(p.fd.as_raw_fd(), name, mode & !umask & 0o7777)?;
+        }
+        self.do_lookup(&p, name)
+    }
+
+    fn unlink(&self, _ctx: Context, parent: Inode, name: &CStr) -> io::Result<()> {
+        check_name(name, true)?;
+        sys::unlinkat(self.inode(parent)?.fd.as_raw_fd(), name, 0)
+    }
+
+    fn rmdir(&self, _ctx: Context, parent: Inode, name: &CStr) -> io::Result<()> {
+        check_name(name, true)?;
+        sys::unlinkat(self.inode(parent)?.fd.as_raw_fd(), name, libc::AT_REMOVEDIR)
+    }
+
+    fn rename(
+        &self,
+        _ctx: Context,
+        olddir: Inode,
+        oldname: &CStr,
+        newdir: Inode,
+        newname: &CStr,
+        flags: u32,
+    ) -> io::Result<()> {
+        check_name(oldname, true)?;
+        check_name(newname, true)?;
+        if flags & !(libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE) != 0 {
+            return Err(errno(libc::EINVAL));
+        }
+        let o = self.inode(olddir)?;
+        let n = self.inode(newdir)?;
+        sys::renameat2(o.fd.as_raw_fd(), oldname, n.fd.as_raw_fd(), newname, flags)
+    }
+
+    fn link(
+        &self,
+        _ctx: Context,
+        inode: Inode,
+        newparent: Inode,
+        newname: &CStr,
+    ) -> io::Result<EntryOut> {
+        check_name(newname, true)?;
+        let data = self.inode(inode)?;
+        let p = self.inode(newparent)?;
+        sys::linkat_inode(data.fd.as_raw_fd(), p.fd.as_raw_fd(), newname)?;
+        self.do_lookup(&p, newname)
+    }
+
+    fn open(&self, ctx: Context, inode: Inode, flags: u32, open_flags: u32) -> io::Result<Opened> {
+        let data = self.inode(inode)?;
+        if data.kind == libc::S_IFDIR && (flags as i32) & libc::O_ACCMODE != libc::O_RDONLY {
+            return Err(errno(libc::EISDIR));
+        }
+        let file = self.open_inode(&data, self.open_flags(flags))?;
+        if open_flags & fuse::OPEN_KILL_SUIDGID != 0 && (flags as i32) & libc::O_TRUNC != 0 {
+            self.kill_suidgid(file.as_raw_fd())?;
+        }
+        let _ = ctx;
+        let fh = self.new_handle(inode, file);
+        Ok(Opened {
+            fh,
+            open_flags: self.cfg.cache.open_flags(false),
+        })
+    }
+
+    fn create(
+        &self,
+        ctx: Context,
+        parent: Inode,
+        name: &CStr,
+        mode: u32,
+        flags: u32,
+        umask: u32,
+        open_flags: u32,
+    ) -> io::Result<(EntryOut, Opened)> {
+        check_name(name, true)?;
+        let p = self.inode(parent)?;
+        let oflags = self.open_flags(flags);
+        let created = {
+            let _caller = self.as_caller(ctx)?;
+            sys::openat_beneath(
+                p.fd.as_fd(),
+                name,
+                oflags | libc::O_CREAT | libc::O_EXCL,
+                mode & !umask,
+            )
+        };
+        let file = match created {
+            Ok(fd) => File::from(fd),
+            // The name appeared since the guest looked: open what is there, as open(2)
+            // without O_EXCL would, but only if it is a regular file.
+            Err(e)
+                if e.raw_os_error() == Some(libc::EEXIST) && (flags as i32) & libc::O_EXCL == 0 =>
+            {
+                let entry = self.do_lookup(&p, name)?;
+                let data = self.inode(entry.nodeid)?;
+                let opened = match data.kind {
+                    libc::S_IFREG => self.open_inode(&data, oflags),
+                    libc::S_IFDIR => Err(errno(libc::EISDIR)),
+                    _ => Err(errno(libc::EEXIST)),
+                };
+                let file = match opened {
+                    Ok(f) => f,
+                    Err(e) => {
+                        self.forget(entry.nodeid, 1);
+                        return Err(e);
+                    }
+                };
+                if open_flags & fuse::OPEN_KILL_SUIDGID != 0 && oflags & libc::O_TRUNC != 0 {
+                    self.kill_suidgid(file.as_raw_fd())?;
+                }
+                let fh = self.new_handle(entry.nodeid, file);
+                return Ok((
+                    entry,
+                    Opened {
+                        fh,
+                        open_flags: self.cfg.cache.create_flags(),
+                    },
+                ));
+            }
+            Err(e) => return Err(e),
+        };
+        // The O_PATH descriptor of exactly the inode we created (not whatever the name
+        // points at by now).
+        let path_fd = sys::openat(
+            self.proc_fd(),
+            &sys::fd_name(file.as_raw_fd()),
+            libc::O_PATH,
+        )?;
+        let entry = self.register(path_fd, Some(p.dev))?;
+        let fh = self.new_handle(entry.nodeid, file);
+        Ok((
+            entry,
+            Opened {
+                fh,
+                open_flags: self.cfg.cache.create_flags(),
+            },
+        ))
+    }
+
+    fn read_file(&self, _ctx: Context, inode: Inode, fh: Handle) -> io::Result<Arc<File>> {
+        Ok(self.handle(inode, fh)?.file.clone())
+    }
+
+    fn write_file(
+        &self,
+        _ctx: Context,
+        inode: Inode,
+        fh: Handle,
+        kill_priv: bool,
+    ) -> io::Result<Arc<File>> {
+        let h = self.handle(inode, fh)?;
+        if kill_priv {
+            self.kill_suidgid(h.file.as_raw_fd())?;
+        }
+        Ok(h.file.clone())
+    }
+
+    fn statfs(&self, _ctx: Context, inode: Inode) -> io::Result<StatFs> {
+        let st = sys::fstatvfs(self.inode(inode)?.fd.as_raw_fd())?;
+        Ok(StatFs {
+            blocks: st.f_blocks,
+            bfree: st.f_bfree,
+            bavail: st.f_bavail,
+            files: st.f_files,
+            ffree: st.f_ffree,
+            bsize: st.f_bsize as u32,
+            namelen: st.f_namemax as u32,
+            frsize: st.f_frsize as u32,
+        })
+    }
+
+    fn release(
+        &self,
+        _ctx: Context,
+        inode: Inode,
+        fh: Handle,
+        flock_unlock: bool,
+        _lock_owner: u64,
+    ) -> io::Result<()> {
+        let h = self.handle(inode, fh)?;
+        write(&self.handles).remove(&fh);
+        if flock_unlock {
+            sys::flock(h.file.as_raw_fd(), libc::LOCK_UN)?;
+        }
+        Ok(())
+    }
+
+    fn flush(&self, _ctx: Context, inode: Inode, fh: Handle, _lock_owner: u64) -> io::Result<()> {
+        // close(2) of any descriptor drops the caller's POSIX locks on the file: drop the
+        // open file description's locks.
+        let h = self.handle(inode, fh)?;
+        let mut fl = to_flock(&FileLock {
+            start: 0,
+            end: u64::MAX,
+            typ: libc::F_UNLCK as u32,
+            pid: 0,
+        })?;
+        sys::ofd_lock(h.file.as_raw_fd(), libc::F_OFD_SETLK, &mut fl)
+    }
+
+    fn fsync(&self, _ctx: Context, inode: Inode, fh: Handle, datasync: bool) -> io::Result<()> {
+        sys::fsync(self.handle(inode, fh)?.file.as_raw_fd(), datasync)
+    }
+
+    fn opendir(&self, _ctx: Context, inode: Inode, _flags: u32) -> io::Result<Opened> {
+        let data = self.inode(inode)?;
+        if data.kind != libc::S_IFDIR {
+            return Err(errno(libc::ENOTDIR));
+        }
+        let file = self.open_inode(&data, libc::O_RDONLY | libc::O_DIRECTORY)?;
+        Ok(Opened {
+            fh: self.new_handle(inode, file),
+            open_flags: self.cfg.cache.open_flags(true),
+        })
+    }
+
+    fn readdir(
+        &self,
+        _ctx: Context,
+        inode: Inode,
+        fh: Handle,
+        offset: u64,
+        size: u32,
+        plus: bool,
+    ) -> io::Result<Vec<u8>> {
+        let h = self.handle(inode, fh)?;
+        let parent = self.inode(inode)?;
+        let size = size as usize;
+        let mut out = fuse::Encoder::with_capacity(size.min(64 * 1024));
+        let _guard = h.dir.lock().unwrap_or_else(|p| p.into_inner());
+        let fd = h.file.as_raw_fd();
+        sys::lseek(fd, offset, libc::SEEK_SET)?;
+        let mut buf = vec![0u8; 32 * 1024];
+        'outer: loop {
+            let n = sys::getdents64(fd, &mut buf)?;
+            if n == 0 {
+                break;
+            }
+            for d in sys::parse_dirents(&buf[..n]) {
+                let typ = u32::from(d.typ);
+                let need =
+                    fuse::dirent_size(d.name.len()) + if plus { fuse::ENTRY_OUT_LEN } else { 0 };
+                if out.len() + need > size {
+                    break 'outer;
+                }
+                if plus {
+                    let entry = if d.name == b"." || d.name == b".." {
+                        EntryOut::default()
+                    } else {
+                        let name = std::ffi::CString::new(d.name).map_err(|_| errno(libc::EIO))?;
+                        match self.do_lookup(&parent, &name) {
+                            Ok(e) => e,
+                            // Removed since getdents: skip it.
+                            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+                            Err(e) => return Err(e),
+                        }
+                    };
+                    entry.encode(&mut out);
+                }
+                fuse::encode_dirent(&mut out, d.ino, d.off, typ, d.name);
+            }
+        }
+        Ok(out.0)
+    }
+
+    fn releasedir(&self, _ctx: Context, inode: Inode, fh: Handle) -> io::Result<()> {
+        self.handle(inode, fh)?;
+        write(&self.handles).remove(&fh);
+        Ok(())
+    }
+
+    fn fsyncdir(&self, _ctx: Context, inode: Inode, fh: Handle, datasync: bool) -> io::Result<()> {
+        sys::fsync(self.handle(inode, fh)?.file.as_raw_fd(), datasync)
+    }
+
+    fn setxattr(
+        &self,
+        _ctx: Context,
+        inode: Inode,
+        name: &CStr,
+        value: &[u8],
+        flags: u32,
+    ) -> io::Result<()> {
+        if !self.cfg.xattr {
+            return Err(errno(libc::ENOSYS));
+        }
+        let f = self.xattr_file(inode)?;
+        sys::fsetxattr(f.as_raw_fd(), name, value, flags as i32)
+    }
+
+    fn getxattr(
+        &self,
+        _ctx: Context,
+        inode: Inode,
+        name: &CStr,
+        size: u32,
+    ) -> io::Result<XattrReply> {
+        if !self.cfg.xattr {
+            return Err(errno(libc::ENOSYS));
+        }
+        let f = self.xattr_file(inode)?;
+        if size == 0 {
+            let n = sys::fgetxattr(f.as_raw_fd(), name, &mut [])?;
+            return Ok(XattrReply::Size(n as u32));
+        }
+        let mut buf = vec![0u8; size as usize];
+        let n = sys::fgetxattr(f.as_raw_fd(), name, &mut buf)?;
+        buf.truncate(n);
+        Ok(XattrReply::Data(buf))
+    }
+
+    fn listxattr(&self, _ctx: Context, inode: Inode, size: u32) -> io::Result<XattrReply> {
+        if !self.cfg.xattr {
+            return Err(errno(libc::ENOSYS));
+        }
+        let f = self.xattr_file(inode)?;
+        if size == 0 {
+            let n = sys::flistxattr(f.as_raw_fd(), &mut [])?;
+            return Ok(XattrReply::Size(n as u32));
+        }
+        let mut buf = vec![0u8; size as usize];
+        let n = sys::flistxattr(f.as_raw_fd(), &mut buf)?;
+        buf.truncate(n);
+        Ok(XattrReply::Data(buf))
+    }
+
+    fn removexattr(&self, _ctx: Context, inode: Inode, name: &CStr) -> io::Result<()> {
+        if !self.cfg.xattr {
+            return Err(errno(libc::ENOSYS));
+        }
+        let f = self.xattr_file(inode)?;
+        sys::fremovexattr(f.as_raw_fd(), name)
+    }
+
+    fn getlk(&self, _ctx: Context, inode: Inode, lk: &LkIn) -> io::Result<FileLock> {
+        let h = self.lock_fd(inode, lk.fh)?;
+        let mut fl = to_flock(&lk.lock)?;
+        sys::ofd_lock(h.file.as_raw_fd(), libc::F_OFD_GETLK, &mut fl)?;
+        let start = fl.l_start as u64;
+        let end = if fl.l_len == 0 {
+            i64::MAX as u64
+        } else {
+            start + fl.l_len as u64 - 1
+        };
+        Ok(FileLock {
+            start,
+            end,
+            typ: fl.l_type as u32,
+            pid: 0,
+        })
+    }
+
+    fn setlk(&self, _ctx: Context, inode: Inode, lk: &LkIn, wait: bool) -> io::Result<()> {
+        let h = self.lock_fd(inode, lk.fh)?;
+        let fd = h.file.as_raw_fd();
+        if lk.lk_flags & fuse::LK_FLOCK != 0 {
+            let op = match lk.lock.typ as i32 {
+                libc::F_RDLCK => libc::LOCK_SH,
+                libc::F_WRLCK => libc::LOCK_EX,
+                libc::F_UNLCK => libc::LOCK_UN,
+                _ => return Err(errno(libc::EINVAL)),
+            };
+            return sys::flock(fd, if wait { op } else { op | libc::LOCK_NB });
+        }
+        let mut fl = to_flock(&lk.lock)?;
+        sys::ofd_lock(
+            fd,
+            if wait {
+                libc::F_OFD_SETLKW
+            } else {
+                libc::F_OFD_SETLK
+            },
+            &mut fl,
+        )
+    }
+
+    fn access(&self, ctx: Context, inode: Inode, mask: u32) -> io::Result<()> {
+        let data = self.inode(inode)?;
+        let _caller = self.as_caller(ctx)?;
+        sys::faccessat_inode(self.proc_fd(), data.fd.as_raw_fd(), mask as i32)
+    }
+
+    fn fallocate(
+        &self,
+        _ctx: Context,
+        inode: Inode,
+        fh: Handle,
+        mode: u32,
+        offset: u64,
+        length: u64,
+    ) -> io::Result<()> {
+        sys::fallocate(
+            self.handle(inode, fh)?.file.as_raw_fd(),
+            mode as i32,
+            offset,
+            length,
+        )
+    }
+
+    fn lseek(
+        &self,
+        _ctx: Context,
+        inode: Inode,
+        fh: Handle,
+        offset: u64,
+        whence: u32,
+    ) -> io::Result<u64> {
+        let whence = whence as i32;
+        if !matches!(
+            whence,
+            libc::SEEK_SET | libc::SEEK_CUR | libc::SEEK_END | libc::SEEK_DATA | libc::SEEK_HOLE
+        ) {
+            return Err(errno(libc::EINVAL));
+        }
+        sys::lseek(self.handle(inode, fh)?.file.as_raw_fd(), offset, whence)
+    }
+
+    fn copy_file_range(
+        &self,
+        _ctx: Context,
+        inode_in: Inode,
+        fh_in: Handle,
+        off_in: u64,
+        inode_out: Inode,
+        fh_out: Handle,
+        off_out: u64,
+        len: u64,
+        flags: u64,
+    ) -> io::Result<usize> {
+        let flags = u32::try_from(flags).map_err(|_| errno(libc::EINVAL))?;
+        let i = self.handle(inode_in, fh_in)?;
+        let o = self.handle(inode_out, fh_out)?;
+        sys::copy_file_range(
+            i.file.as_raw_fd(),
+            off_in,
+            o.file.as_raw_fd(),
+            off_out,
+            len,
+            flags,
+        )
+    }
+
+    fn syncfs(&self, _ctx: Context, inode: Inode) -> io::Result<()> {
+        let data = self.inode(inode)?;
+        let f = self.open_inode(&data, libc::O_RDONLY | libc::O_NONBLOCK)?;
+        sys::syncfs(f.as_raw_fd())
+    }
+}
+
+impl PassthroughFs {
+    /// A descriptor for the xattr calls: regular files and directories only (the `f*xattr`
+    /// calls need a descriptor open for I/O, and nothing else is ever opened).
+    fn xattr_file(&self, inode: Inode) -> io::Result<File> {
+        let data = self.inode(inode)?;
+        match data.kind {
+            libc::S_IFREG | libc::S_IFDIR => {
+                self.open_inode(&data, libc::O_RDONLY | libc::O_NONBLOCK)
+            }
+            _ => Err(errno(libc::EOPNOTSUPP)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

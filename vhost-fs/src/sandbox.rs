@@ -1,0 +1,103 @@
+//! Confining the daemon to the share before it serves a guest.
+//!
+//! - `namespace`: a private mount namespace whose root is the shared directory (bind-mounted
+//!   onto itself, then `pivot_root`), so no path the process could ever form names anything
+//!   outside the share. `/proc` is gone afterwards; the caller opens `/proc/self/fd` first.
+//! - `chroot`: `chroot` into the share (weaker: no new namespace).
+//! - `none`: nothing beyond the per-request checks (`openat2` with `RESOLVE_BENEATH`).
+//!
+//! Runs before any thread is started (`unshare` of the mount namespace needs that).
+
+use std::ffi::CString;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use crate::config::Sandbox;
+use crate::passthrough::sys::cvt;
+
+#[derive(Debug, thiserror::Error)]
+#[error("sandbox ({step}): {source}")]
+pub struct SandboxError {
+    step: &'static str,
+    #[source]
+    source: io::Error,
+}
+
+fn step(step: &'static str, r: io::Result<i32>) -> Result<(), SandboxError> {
+    r.map(drop).map_err(|source| SandboxError { step, source })
+}
+
+pub fn enter(kind: Sandbox, shared_dir: &Path) -> Result<(), SandboxError> {
+    let dir = CString::new(shared_dir.as_os_str().as_bytes()).map_err(|_| SandboxError {
+        step: "path",
+        source: io::Error::from_raw_os_error(libc::EINVAL),
+    })?;
+    match kind {
+        Sandbox::None => Ok(()),
+        Sandbox::Chroot => {
+            // SAFETY: `dir` is NUL-terminated; chroot and chdir take no other memory.
+            step("chroot", cvt(unsafe { libc::chroot(dir.as_ptr()) }))?;
+            // SAFETY: a static NUL-terminated path.
+            step("chdir /", cvt(unsafe { libc::chdir(c"/".as_ptr()) }))
+        }
+        Sandbox::Namespace => {
+            // SAFETY: every call below takes NUL-terminated static or owned strings and
+            // null pointers where the kernel allows them; results are checked.
+            unsafe {
+                step("unshare", cvt(libc::unshare(libc::CLONE_NEWNS)))?;
+                // Our mounts must not propagate back to the host.
+                step(
+                    "make / a slave",
+                    cvt(libc::mount(
+                        std::ptr::null(),
+                        c"/".as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_SLAVE | libc::MS_REC,
+                        std::ptr::null(),
+                    )),
+                )?;
+                step(
+                    "bind-mount the share",
+                    cvt(libc::mount(
+                        dir.as_ptr(),
+                        dir.as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_BIND | libc::MS_REC,
+                        std::ptr::null(),
+                    )),
+                )?;
+                step("chdir into the share", cvt(libc::chdir(dir.as_ptr())))?;
+                step(
+                    "pivot_root",
+                    cvt(libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as i32),
+                )?;
+                // The old root is stacked on the new one: detach it.
+                step(
+                    "unmount the old root",
+                    cvt(libc::umount2(c".".as_ptr(), libc::MNT_DETACH)),
+                )?;
+                step("chdir /", cvt(libc::chdir(c"/".as_ptr())))?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Sets the open-file limit: `n`, or the hard limit capped at 1 Mi when `n` is `None`.
+pub fn set_nofile(n: Option<u64>) -> io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid out-buffer.
+    cvt(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) })?;
+    let want = n.unwrap_or_else(|| lim.rlim_max.min(1 << 20));
+    lim.rlim_cur = want;
+    if lim.rlim_max < want {
+        lim.rlim_max = want;
+    }
+    // SAFETY: `lim` is a valid rlimit.
+    cvt(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) })?;
+    Ok(want)
+}

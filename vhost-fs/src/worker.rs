@@ -1,0 +1,644 @@
+//! One queue worker: takes FUSE requests from one virtqueue, answers metadata requests
+//! through the server at once, and runs READ and WRITE on the worker's own I/O engine (its
+//! own io_uring) straight between the host file and guest memory, many in flight.
+//!
+//! A kick (or a completion) calls [`QueueWorker::run`]: it pops chains while a slot is free,
+//! copies each request's header and arguments out of guest memory (WRITE data stays where
+//! it is), hands them to the server, and either writes the reply at once or starts the data
+//! transfer on the engine. The batch is submitted in one call; completions are reaped, their
+//! reply headers written and the guest notified once per pass. SETLKW, which can block for
+//! as long as another holder keeps its lock, runs on a thread of its own and comes back
+//! through the worker's deferred-reply eventfd.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
+use std::time::Instant;
+
+use vhost_user_backend::{VringMutex, VringState, VringT};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use storage_core::engine::{AnyEngine, EngineOp, FileId, IoEngine};
+use storage_core::metrics::{ErrorClass, OpClass, QueueMetrics};
+
+use crate::chain::{self, Segment};
+use crate::device::FsDevice;
+use crate::fuse::{self, opcode, IN_HEADER_LEN, OUT_HEADER_LEN, WRITE_IN_LEN};
+use crate::server::{Outcome, Reply};
+
+pub type GuestMemory = GuestMemoryMmap<()>;
+pub type Vring = VringMutex<GuestMemoryAtomic<GuestMemory>>;
+type State = VringState<GuestMemoryAtomic<GuestMemory>>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Read,
+    Write,
+    /// A blocking request running on its own thread.
+    Blocking,
+}
+
+struct Slot {
+    head: u16,
+    unique: u64,
+    kind: Kind,
+    file: Option<Arc<File>>,
+    offset: u64,
+    len: u64,
+    done: u64,
+    /// The data buffers in guest memory (capacity `MAX_IOVECS`, allocated once).
+    iov: Vec<libc::iovec>,
+    iov_start: usize,
+    /// The chain's segments, to write the reply header when the transfer completes.
+    segments: Vec<Segment>,
+    started: Instant,
+    /// Keeps the guest memory the iovecs point into mapped until the request completes.
+    mem: Option<Arc<GuestMemory>>,
+}
+
+// SAFETY: the iovecs point into guest memory that the slot keeps mapped through `mem`; they
+// are only used by the thread that owns the worker (behind its mutex).
+unsafe impl Send for Slot {}
+
+pub struct QueueWorker {
+    index: usize,
+    device: Arc<FsDevice>,
+    metrics: Arc<QueueMetrics>,
+    engine: AnyEngine,
+    slots: Box<[Slot]>,
+    free: Vec<u16>,
+    segments: Vec<Segment>,
+    msg: Vec<u8>,
+    mem: Option<GuestMemoryAtomic<GuestMemory>>,
+    vring: Option<Vring>,
+    throttled: bool,
+    deferred_tx: Sender<(u16, Reply)>,
+    deferred_rx: Receiver<(u16, Reply)>,
+    deferred_fd: Arc<EventFd>,
+}
+
+// SAFETY: every raw pointer lives in a slot (see `Slot`); the rest is Send.
+unsafe impl Send for QueueWorker {}
+
+impl QueueWorker {
+    pub fn new(
+        index: usize,
+        device: Arc<FsDevice>,
+        engine: AnyEngine,
+        depth: u32,
+    ) -> std::io::Result<Self> {
+        let slots = (0..depth)
+            .map(|_| Slot {
+                head: 0,
+                unique: 0,
+                kind: Kind::Read,
+                file: None,
+                offset: 0,
+                len: 0,
+                done: 0,
+                iov: Vec::with_capacity(chain::MAX_IOVECS),
+                iov_start: 0,
+                segments: Vec::new(),
+                started: Instant::now(),
+                mem: None,
+            })
+            .collect();
+        let (deferred_tx, deferred_rx) = channel();
+        Ok(QueueWorker {
+            index,
+            metrics: device.queue_metrics(index),
+            device,
+            engine,
+            slots,
+            free: (0..depth as u16).rev().collect(),
+            segments: Vec::with_capacity(chain::MAX_SEGMENTS),
+            msg: Vec::with_capacity(fuse::MAX_NON_WRITE_MESSAGE),
+            mem: None,
+            vring: None,
+            throttled: false,
+            deferred_tx,
+            deferred_rx,
+            deferred_fd: Arc::new(EventFd::new(EFD_NONBLOCK)?),
+        })
+    }
+
+    pub fn completion_fd(&self) -> Option<i32> {
+        self.engine.completion_fd()
+    }
+
+    pub fn deferred_fd(&self) -> i32 {
+        self.deferred_fd.as_raw_fd()
+    }
+
+    pub fn attach(&mut self, mem: GuestMemoryAtomic<GuestMemory>) {
+        self.mem = Some(mem);
+        self.vring = None;
+        self.throttled = false;
+    }
+
+    pub fn kick(&mut self, vring: &Vring) {
+        if self.vring.is_none() {
+            self.vring = Some(vring.clone());
+        }
+        self.run(vring);
+    }
+
+    pub fn completions_ready(&mut self) {
+        self.engine.ack_completion_fd();
+        if let Some(vring) = self.vring.clone() {
+            self.run(&vring);
+        }
+    }
+
+    pub fn deferred_ready(&mut self) {
+        let _ = self.deferred_fd.read();
+        if let Some(vring) = self.vring.clone() {
+            self.run(&vring);
+        }
+    }
+
+    fn run(&mut self, vring: &Vring) {
+        let Some(mem) = self.mem.as_ref().map(|m| m.memory().into_inner()) else {
+            return;
+        };
+        let mut state = vring.get_mut();
+        let _ = state.disable_notification();
+        loop {
+            loop {
+                let mut used = self.reap(&mut state);
+                used += self.reap_deferred(&mut state);
+                let mut progress = used;
+                if !self.device.stopping.load(Ordering::Relaxed) {
+                    progress += self.pull(&mut state, &mem, &mut used);
+                }
+                if let Err(e) = self.engine.submit() {
+                    log::error!("queue {}: submit failed: {e}", self.index);
+                }
+                let inline = self.reap(&mut state);
+                used += inline;
+                progress += inline;
+                if used > 0 {
+                    notify(&mut state, self.index);
+                }
+                if progress == 0 {
+                    break;
+                }
+            }
+            self.metrics.set_in_flight(self.engine.in_flight());
+            if self.throttled || self.device.stopping.load(Ordering::Relaxed) {
+                return;
+            }
+            match state.enable_notification() {
+                Ok(true) => {
+                    let _ = state.disable_notification();
+                    continue;
+                }
+                _ => return,
+            }
+        }
+    }
+
+    /// Pops and serves requests while slots are free; returns how many were popped.
+    fn pull(&mut self, state: &mut State, mem: &Arc<GuestMemory>, used: &mut usize) -> usize {
+        let mut pulled = 0;
+        self.throttled = false;
+        loop {
+            if pulled == self.device.submit_batch {
+                return pulled;
+            }
+            if self.free.is_empty() {
+                self.throttled = true;
+                self.metrics.throttled();
+                return pulled;
+            }
+            let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&**mem) else {
+                return pulled;
+            };
+            pulled += 1;
+            let head = chain.head_index();
+            if self.serve(state, head, chain, mem) {
+                *used += 1;
+            }
+        }
+    }
+
+    /// Serves one chain; returns true if it was answered here.
+    fn serve(
+        &mut self,
+        state: &mut State,
+        head: u16,
+        descriptors: impl Iterator<Item = virtio_queue::desc::split::Descriptor>,
+        mem: &Arc<GuestMemory>,
+    ) -> bool {
+        let started = Instant::now();
+        let Ok((readable, writable)) = chain::collect(descriptors, &mut self.segments) else {
+            self.metrics.failed(OpClass::Other, ErrorClass::Malformed);
+            add_used(state, head, 0);
+            return true;
+        };
+        let mut header = [0u8; IN_HEADER_LEN];
+        if readable < IN_HEADER_LEN as u64
+            || chain::read_stream(&self.segments, 0, &mut header, &**mem).is_err()
+        {
+            self.metrics.failed(OpClass::Other, ErrorClass::Malformed);
+            add_used(state, head, 0);
+            return true;
+        }
+        let op = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+        let (msg_len, data_len) =
+            if op == opcode::WRITE && readable >= (IN_HEADER_LEN + WRITE_IN_LEN) as u64 {
+                let n = IN_HEADER_LEN + WRITE_IN_LEN;
+                (n, readable - n as u64)
+            } else {
+                (
+                    readable.min(fuse::MAX_NON_WRITE_MESSAGE as u64 + 1) as usize,
+                    0,
+                )
+            };
+        let class = match op {
+            opcode::READ => OpClass::Read,
+            opcode::WRITE => OpClass::Write,
+            opcode::FSYNC | opcode::FSYNCDIR | opcode::FLUSH | opcode::SYNCFS => OpClass::Flush,
+            _ => OpClass::Other,
+        };
+        let mut msg = std::mem::take(&mut self.msg);
+        msg.clear();
+        msg.resize(msg_len, 0);
+        let outcome = if msg_len > fuse::MAX_NON_WRITE_MESSAGE {
+            // Larger than anything we announced: refuse without reading it.
+            let h = crate::decode::InHeader::decode(&header).ok();
+            (h, Outcome::Reply(Reply::err(libc::E2BIG)))
+        } else if chain::read_stream(&self.segments, 0, &mut msg, &**mem).is_err() {
+            (None, Outcome::NoReply)
+        } else {
+            self.device.server.handle(&msg, data_len)
+        };
+        self.msg = msg;
+        let (Some(h), outcome) = outcome else {
+            self.metrics.failed(class, ErrorClass::Malformed);
+            add_used(state, head, 0);
+            return true;
+        };
+        let unique = h.unique;
+        match outcome {
+            Outcome::NoReply => {
+                self.metrics.completed(class, 0, started.elapsed());
+                add_used(state, head, 0);
+                true
+            }
+            Outcome::Reply(reply) => {
+                self.count(class, &reply, started);
+                self.answer(state, head, unique, &reply, mem, None);
+                true
+            }
+            Outcome::Read { file, offset, size } => {
+                let room = writable.saturating_sub(OUT_HEADER_LEN as u64);
+                if writable < OUT_HEADER_LEN as u64 {
+                    self.metrics.failed(class, ErrorClass::Malformed);
+                    add_used(state, head, 0);
+                    return true;
+                }
+                let len = room.min(u64::from(size));
+                self.start_transfer(
+                    state,
+                    head,
+                    unique,
+                    Kind::Read,
+                    file,
+                    offset,
+                    len,
+                    mem,
+                    started,
+                )
+            }
+            Outcome::Write { file, offset, size } => {
+                let len = u64::from(size);
+                self.start_transfer(
+                    state,
+                    head,
+                    unique,
+                    Kind::Write,
+                    file,
+                    offset,
+                    len,
+                    mem,
+                    started,
+                )
+            }
+            Outcome::Blocking(f) => {
+                let Some(index) = self.free.pop() else {
+                    self.answer(state, head, unique, &Reply::err(libc::EAGAIN), mem, None);
+                    return true;
+                };
+                let slot = &mut self.slots[index as usize];
+                slot.head = head;
+                slot.unique = unique;
+                slot.kind = Kind::Blocking;
+                slot.started = started;
+                slot.segments.clone_from(&self.segments);
+                slot.mem = Some(mem.clone());
+                let tx = self.deferred_tx.clone();
+                let wake = self.deferred_fd.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("fs-lock-wait".into())
+                    .spawn(move || {
+                        let reply = f();
+                        let _ = tx.send((index, reply));
+                        let _ = wake.write(1);
+                    });
+                if spawned.is_err() {
+                    let slot = &mut self.slots[index as usize];
+                    slot.mem = None;
+                    self.free.push(index);
+                    self.answer(state, head, unique, &Reply::err(libc::EAGAIN), mem, None);
+                    return true;
+                }
+                false
+            }
+        }
+    }
+
+    fn count(&self, class: OpClass, reply: &Reply, started: Instant) {
+        match reply.error {
+            0 => self.metrics.completed(class, 0, started.elapsed()),
+            e if e == -libc::ENOSYS => self.metrics.failed(class, ErrorClass::Unsupported),
+            e if e == -libc::EINVAL || e == -libc::E2BIG => {
+                self.metrics.failed(class, ErrorClass::Malformed)
+            }
+            _ => self.metrics.failed(class, ErrorClass::Io),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn start_transfer(
+        &mut self,
+        state: &mut State,
+        head: u16,
+        unique: u64,
+        kind: Kind,
+        file: Arc<File>,
+        offset: u64,
+        len: u64,
+        mem: &Arc<GuestMemory>,
+        started: Instant,
+    ) -> bool {
+        let class = if kind == Kind::Read {
+            OpClass::Read
+        } else {
+            OpClass::Write
+        };
+        let Some(index) = self.free.pop() else {
+            // `pull` checks for a free slot first; answer rather than lose the chain.
+            self.answer(state, head, unique, &Reply::err(libc::EAGAIN), mem, None);
+            return true;
+        };
+        let slot = &mut self.slots[index as usize];
+        let (writable, skip) = match kind {
+            Kind::Read => (true, OUT_HEADER_LEN as u64),
+            _ => (false, (IN_HEADER_LEN + WRITE_IN_LEN) as u64),
+        };
+        if chain::stream_to_iov(&self.segments, writable, skip, len, &**mem, &mut slot.iov).is_err()
+        {
+            self.free.push(index);
+            self.metrics.failed(class, ErrorClass::Malformed);
+            self.answer(state, head, unique, &Reply::err(libc::EFAULT), mem, None);
+            return true;
+        }
+        slot.head = head;
+        slot.unique = unique;
+        slot.kind = kind;
+        slot.file = Some(file);
+        slot.offset = offset;
+        slot.len = len;
+        slot.done = 0;
+        slot.iov_start = 0;
+        slot.started = started;
+        slot.segments.clone_from(&self.segments);
+        slot.mem = Some(mem.clone());
+        if len == 0 {
+            self.finish_transfer(state, index, 0);
+            return true;
+        }
+        if start(&mut self.engine, slot, index).is_err() {
+            self.metrics.throttled();
+            self.finish_transfer(state, index, -libc::EAGAIN);
+            return true;
+        }
+        false
+    }
+
+    /// Writes a reply (header and body) into the chain's writable stream and returns the
+    /// chain. `segments` defaults to the chain being served now.
+    fn answer(
+        &self,
+        state: &mut State,
+        head: u16,
+        unique: u64,
+        reply: &Reply,
+        mem: &GuestMemory,
+        segments: Option<&[Segment]>,
+    ) {
+        let segments = segments.unwrap_or(&self.segments);
+        let total = OUT_HEADER_LEN + reply.body.len();
+        let ok = chain::write_stream(
+            segments,
+            0,
+            &fuse::out_header(total as u32, reply.error, unique),
+            mem,
+        )
+        .is_ok()
+            && chain::write_stream(segments, OUT_HEADER_LEN as u64, &reply.body, mem).is_ok();
+        if ok {
+            add_used(state, head, total as u32);
+            return;
+        }
+        // The guest gave too little room: say so if even the header does not fit.
+        let hdr = fuse::out_header(OUT_HEADER_LEN as u32, -libc::ERANGE, unique);
+        if chain::write_stream(segments, 0, &hdr, mem).is_ok() {
+            add_used(state, head, OUT_HEADER_LEN as u32);
+        } else {
+            add_used(state, head, 0);
+        }
+    }
+
+    fn reap(&mut self, state: &mut State) -> usize {
+        let mut answered = 0;
+        while let Some(c) = self.engine.pop_completion() {
+            if self.complete(state, c.user_data as u16, c.result) {
+                answered += 1;
+            }
+        }
+        answered
+    }
+
+    fn reap_deferred(&mut self, state: &mut State) -> usize {
+        let mut answered = 0;
+        while let Ok((index, reply)) = self.deferred_rx.try_recv() {
+            let slot = &mut self.slots[index as usize];
+            let Some(mem) = slot.mem.take() else { continue };
+            let (head, unique) = (slot.head, slot.unique);
+            let segments = std::mem::take(&mut slot.segments);
+            let started = slot.started;
+            self.count(OpClass::Other, &reply, started);
+            self.answer(state, head, unique, &reply, &mem, Some(&segments));
+            self.slots[index as usize].segments = segments;
+            self.free.push(index);
+            answered += 1;
+        }
+        answered
+    }
+
+    /// Advances one transfer after an engine completion; true if it was answered.
+    fn complete(&mut self, state: &mut State, index: u16, result: i32) -> bool {
+        let slot = &mut self.slots[index as usize];
+        if result < 0 {
+            self.finish_transfer(state, index, result);
+            return true;
+        }
+        let n = result as u64;
+        slot.done += n;
+        // A short read means end of file; a short write is continued.
+        if slot.kind == Kind::Write && slot.done < slot.len {
+            if n == 0 {
+                self.finish_transfer(state, index, -libc::EIO);
+                return true;
+            }
+            advance(slot, n);
+            if start(&mut self.engine, slot, index).is_err() {
+                self.finish_transfer(state, index, -libc::EIO);
+                return true;
+            }
+            return false;
+        }
+        self.finish_transfer(state, index, 0);
+        true
+    }
+
+    /// Answers a READ or WRITE: `error` is 0 or a negated errno.
+    fn finish_transfer(&mut self, state: &mut State, index: u16, error: i32) {
+        let slot = &mut self.slots[index as usize];
+        let Some(mem) = slot.mem.take() else { return };
+        slot.file = None;
+        let class = if slot.kind == Kind::Read {
+            OpClass::Read
+        } else {
+            OpClass::Write
+        };
+        let (reply_len, body): (u32, Vec<u8>) = if error < 0 {
+            (OUT_HEADER_LEN as u32, Vec::new())
+        } else if slot.kind == Kind::Read {
+            ((OUT_HEADER_LEN as u64 + slot.done) as u32, Vec::new())
+        } else {
+            let mut out = fuse::Encoder::default();
+            out.u32(slot.done as u32).u32(0);
+            ((OUT_HEADER_LEN + 8) as u32, out.0)
+        };
+        let hdr = fuse::out_header(reply_len, error, slot.unique);
+        let ok = chain::write_stream(&slot.segments, 0, &hdr, &*mem).is_ok()
+            && chain::write_stream(&slot.segments, OUT_HEADER_LEN as u64, &body, &*mem).is_ok();
+        add_used(state, slot.head, if ok { reply_len } else { 0 });
+        if error < 0 {
+            self.metrics.failed(class, ErrorClass::Io);
+        } else {
+            self.metrics
+                .completed(class, slot.done, slot.started.elapsed());
+        }
+        self.free.push(index);
+    }
+
+    /// Waits for every transfer in flight and answers it (ring stop, disconnect, shutdown).
+    pub fn drain(&mut self) {
+        while self.engine.in_flight() > 0 {
+            if let Some(vring) = self.vring.clone() {
+                let mut state = vring.get_mut();
+                if self.reap(&mut state) > 0 {
+                    notify(&mut state, self.index);
+                }
+            } else {
+                while let Some(c) = self.engine.pop_completion() {
+                    let slot = &mut self.slots[c.user_data as usize];
+                    slot.mem = None;
+                    slot.file = None;
+                    self.free.push(c.user_data as u16);
+                }
+            }
+            if self.engine.in_flight() > 0 {
+                if let Err(e) = self.engine.submit().and_then(|_| self.engine.wait()) {
+                    log::error!("queue {}: cannot wait for in-flight I/O: {e}", self.index);
+                    break;
+                }
+            }
+        }
+        self.metrics.set_in_flight(self.engine.in_flight());
+    }
+}
+
+/// Starts (or continues) the slot's transfer on the engine.
+fn start(
+    engine: &mut AnyEngine,
+    slot: &Slot,
+    index: u16,
+) -> Result<(), storage_core::engine::EngineFull> {
+    let Some(file) = slot.file.as_ref() else {
+        return Err(storage_core::engine::EngineFull);
+    };
+    let iov = &slot.iov[slot.iov_start..];
+    let fid = FileId::from_fd(file.as_raw_fd());
+    let offset = slot.offset + slot.done;
+    let op = if slot.kind == Kind::Read {
+        EngineOp::Readv {
+            file: fid,
+            offset,
+            iov: iov.as_ptr(),
+            iovcnt: iov.len() as u32,
+        }
+    } else {
+        EngineOp::Writev {
+            file: fid,
+            offset,
+            iov: iov.as_ptr(),
+            iovcnt: iov.len() as u32,
+        }
+    };
+    // SAFETY: the iovecs live in the slot, which is neither reused nor modified until this
+    // operation completes; they describe guest memory kept mapped by `slot.mem`; the file
+    // stays open through `slot.file`.
+    unsafe { engine.push(op, u64::from(index)) }
+}
+
+/// Skips `n` transferred bytes of the slot's iovecs.
+fn advance(slot: &mut Slot, mut n: u64) {
+    while n > 0 && slot.iov_start < slot.iov.len() {
+        let v = &mut slot.iov[slot.iov_start];
+        if n >= v.iov_len as u64 {
+            n -= v.iov_len as u64;
+            slot.iov_start += 1;
+        } else {
+            // SAFETY: n < iov_len, so the advanced pointer stays inside the same buffer.
+            v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n as usize) }.cast();
+            v.iov_len -= n as usize;
+            n = 0;
+        }
+    }
+}
+
+fn notify(state: &mut State, index: usize) {
+    match state.needs_notification() {
+        Ok(true) | Err(_) => {
+            if let Err(e) = state.signal_used_queue() {
+                log::warn!("queue {index}: cannot signal the guest: {e}");
+            }
+        }
+        Ok(false) => {}
+    }
+}
+
+fn add_used(state: &mut State, head: u16, len: u32) {
+    if let Err(e) = state.add_used(head, len) {
+        log::warn!("cannot add chain {head} to the used ring: {e}");
+    }
+}
