@@ -133,12 +133,21 @@ impl TierState {
         for (b, _) in resident {
             let slots = &s.slots;
             let map = &s.map;
-            let mut evictable =
-                |v: BlockId| map.get(&v).is_some_and(|&i| !slots[i as usize].pinned());
-            if let Ok(Some(victim)) = s.policy.insert(b, &mut evictable) {
-                // More resident blocks than the policy holds (a smaller reserve before):
-                // drop the victim if it is clean.
-                Self::evict_into(&mut s, victim);
+            // Only clean blocks may go: dropping a dirty one would lose acknowledged data.
+            let mut evictable = |v: BlockId| {
+                map.get(&v)
+                    .is_some_and(|&i| matches!(slots[i as usize].use_, Use::Clean(_)))
+            };
+            match s.policy.insert(b, &mut evictable) {
+                Ok(Some(victim)) => {
+                    log::warn!("cache policy evicted block {victim} while recovering");
+                    Self::evict_into(&mut s, victim);
+                }
+                Ok(None) => {}
+                Err(_) => log::warn!(
+                    "cache policy has no room for dirty block {b} while recovering; it stays \
+                     cached until written back"
+                ),
             }
         }
         s
