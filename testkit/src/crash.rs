@@ -167,7 +167,7 @@ impl Verifier {
             for slot in 0..depth {
                 // Half the writes go to a small hot set, so blocks are rewritten often.
                 let r = self.random();
-                let lba = if r % 2 == 0 {
+                let lba = if r.is_multiple_of(2) {
                     r / 2 % 64
                 } else {
                     r / 2 % self.blocks
