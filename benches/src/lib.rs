@@ -44,6 +44,57 @@ pub fn random_block(rng: &mut Rng, capacity: u64, block: u64) -> u64 {
     rng.below(blocks) * block
 }
 
+/// A Zipf distribution over `n` items (Gray et al.'s generator, as in YCSB), with ranks
+/// scrambled over the item space so the hot items do not sit side by side on the disk.
+#[derive(Clone, Copy, Debug)]
+pub struct Zipf {
+    n: u64,
+    theta: f64,
+    alpha: f64,
+    zetan: f64,
+    eta: f64,
+}
+
+impl Zipf {
+    /// `n` items (blocks) with skew `theta` (0.99 for the classic hot-spot workload).
+    pub fn new(n: u64, theta: f64) -> Zipf {
+        assert!(n >= 2 && theta > 0.0 && theta < 1.0);
+        let zeta = |k: u64| (1..=k).map(|i| 1.0 / (i as f64).powf(theta)).sum::<f64>();
+        let zetan = zeta(n);
+        let zeta2 = zeta(2);
+        Zipf {
+            n,
+            theta,
+            alpha: 1.0 / (1.0 - theta),
+            zetan,
+            eta: (1.0 - (2.0 / n as f64).powf(1.0 - theta)) / (1.0 - zeta2 / zetan),
+        }
+    }
+
+    /// A rank in `[0, n)`; rank 0 is the most popular.
+    pub fn rank(&self, rng: &mut Rng) -> u64 {
+        let u = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        let uz = u * self.zetan;
+        if uz < 1.0 {
+            return 0;
+        }
+        if uz < 1.0 + 0.5f64.powf(self.theta) {
+            return 1;
+        }
+        ((self.n as f64 * (self.eta * u - self.eta + 1.0).powf(self.alpha)) as u64).min(self.n - 1)
+    }
+
+    /// A block index in `[0, n)`: the rank, scrambled (a bijection when `n` is a power of two).
+    pub fn block(&self, rng: &mut Rng) -> u64 {
+        let r = self.rank(rng);
+        if self.n.is_power_of_two() {
+            r.wrapping_mul(0x9E37_79B9_7F4A_7C15) & (self.n - 1)
+        } else {
+            r.wrapping_mul(0x9E37_79B9_7F4A_7C15) % self.n
+        }
+    }
+}
+
 /// Latency histogram: log-linear buckets (64 per power of two of nanoseconds), so every
 /// percentile is within 1/64 (1.6%) of the true value, in fixed memory however long the run.
 #[derive(Clone, Debug)]
@@ -162,6 +213,8 @@ pub struct Workload {
     pub depth: usize,
     /// Offsets are drawn from `[0, span)` (whole blocks).
     pub span: u64,
+    /// Draw blocks from this Zipf distribution instead of uniformly.
+    pub zipf: Option<Zipf>,
     pub duration: Duration,
     pub seed: u64,
 }
@@ -206,7 +259,10 @@ pub fn run_workload(queue: &mut Queue, w: &Workload) -> Result<RunResult, Client
                   rng: &mut Rng,
                   started: &mut [Instant],
                   slot: usize| {
-        let offset = random_block(rng, w.span, w.block as u64);
+        let offset = match &w.zipf {
+            Some(z) => z.block(rng) * w.block as u64,
+            None => random_block(rng, w.span, w.block as u64),
+        };
         let op = match w.pattern {
             Pattern::RandRead => SlotOp::Read(offset),
             Pattern::RandWrite => SlotOp::Write(offset),
@@ -287,6 +343,23 @@ mod tests {
             hits[r.below(16) as usize] += 1;
         }
         assert!(hits.iter().all(|&h| (800..1200).contains(&h)), "{hits:?}");
+    }
+
+    #[test]
+    fn zipf_is_skewed_and_in_range() {
+        let z = Zipf::new(1 << 16, 0.99);
+        let mut r = Rng::new(5);
+        let mut counts = std::collections::HashMap::new();
+        for _ in 0..100_000 {
+            let b = z.block(&mut r);
+            assert!(b < 1 << 16);
+            *counts.entry(b).or_insert(0u32) += 1;
+        }
+        let mut c: Vec<u32> = counts.values().copied().collect();
+        c.sort_unstable_by(|a, b| b.cmp(a));
+        // The 1% most popular blocks take well over a third of the accesses.
+        let top: u32 = c.iter().take(655).sum();
+        assert!(top > 35_000, "top 1% got {top} of 100000");
     }
 
     #[test]

@@ -39,6 +39,7 @@ fn random_writes_then_reads_through_qsd() {
         block: BLOCK,
         depth,
         span: SIZE,
+        zipf: None,
         duration: Duration::from_millis(300),
         seed: 5,
     };

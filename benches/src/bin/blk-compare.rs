@@ -221,6 +221,7 @@ fn run(args: Args) -> Result<()> {
                     block: BLOCK,
                     depth: case.depth,
                     span: size,
+                    zipf: None,
                     duration: run_time,
                     seed: 1000 * round as u64 + ci as u64,
                 };

@@ -2,12 +2,15 @@
 //! I/O trace and reports their miss ratios, one JSON line per policy on stdout.
 //!
 //! Trace format: CSV with the header `version,time,op,size,lbn` (the CloudPhysics trace in
-//! libCacheSim's test data): `size` in bytes, `lbn` in 512-byte sectors; `op` is ignored.
+//! libCacheSim's test data): `size` in bytes, `lbn` in 512-byte sectors; `op` the SCSI opcode
+//! in hex (`28`/`88`/`a8` reads, `2a`/`8a`/`aa` writes; other opcodes must have size 0).
 //!
 //! Block model: a request covers the cache blocks `lbn*512/B .. ceil((lbn*512+size)/B)` for a
 //! block size `B` (`--block-kib`, 4 KiB by default); every block is one reference, reads and
 //! writes alike. A reference to a resident block is a hit (`touch`); otherwise it is a miss,
-//! and the block is inserted if `should_admit` agrees, with every block evictable.
+//! and the block is inserted if `should_admit` agrees, with every block evictable. Each
+//! reference carries the [`AccessHint`] the tier gives the policy for that request (read or
+//! write, blocks covered), so hint-aware policies run exactly as in the daemon.
 //!
 //! `--opt` adds Belady's offline optimum under the same model (with bypass: a missed block is
 //! not cached when it is next used later than every resident block), for reference.
@@ -23,7 +26,7 @@ use std::time::Instant;
 
 use clap::Parser;
 use serde_json::json;
-use storage_core::cache::{self, BlockId, CachePolicy};
+use storage_core::cache::{self, AccessHint, BlockId, CachePolicy};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -71,8 +74,11 @@ enum ReplayError {
     },
 }
 
-/// One reference per cache block touched, in trace order.
-fn load_references(path: &Path, block_bytes: u64) -> Result<Vec<BlockId>, ReplayError> {
+/// One reference per cache block touched, in trace order, with its request's hint.
+fn load_references(
+    path: &Path,
+    block_bytes: u64,
+) -> Result<Vec<(BlockId, AccessHint)>, ReplayError> {
     let shown = path.display().to_string();
     let io = |source| ReplayError::Io {
         path: shown.clone(),
@@ -105,27 +111,37 @@ fn load_references(path: &Path, block_bytes: u64) -> Result<Vec<BlockId>, Replay
                 .map_err(|e| parse_err(format!("{name} {:?}: {e}", fields[i])))
         };
         let size = num(3, "size")?;
+        let write = match fields[2].trim().to_ascii_lowercase().as_str() {
+            "28" | "88" | "a8" => false,
+            "2a" | "8a" | "aa" => true,
+            _ if size == 0 => continue,
+            op => return Err(parse_err(format!("op {op:?}: not a read or write"))),
+        };
         let lbn = num(4, "lbn")?;
         let start = lbn
             .checked_mul(512)
             .and_then(|s| s.checked_add(size).map(|end| (s, end)))
             .ok_or_else(|| parse_err("lbn/size overflow".into()))?;
         let (first, end) = (start.0 / block_bytes, start.1.div_ceil(block_bytes));
-        refs.extend(first..end);
+        let hint = AccessHint::new(write, end - first);
+        refs.extend((first..end).map(|b| (b, hint)));
     }
     Ok(refs)
 }
 
 /// Misses of `policy` over `refs`, and the time spent in it.
-fn replay(policy: &mut dyn CachePolicy, refs: &[BlockId]) -> (u64, std::time::Duration) {
+fn replay(
+    policy: &mut dyn CachePolicy,
+    refs: &[(BlockId, AccessHint)],
+) -> (u64, std::time::Duration) {
     let mut misses = 0u64;
     let started = Instant::now();
-    for &block in refs {
+    for &(block, hint) in refs {
         if policy.contains(block) {
-            policy.touch(block);
+            policy.touch(block, hint);
         } else {
             misses += 1;
-            if policy.should_admit(block) {
+            if policy.should_admit(block, hint) {
                 // Every block is evictable in the replay, so insert cannot fail.
                 let _ = policy.insert(block, &mut |_| true);
             }
@@ -227,6 +243,7 @@ fn run() -> Result<(), ReplayError> {
         None => vec![cache::DEFAULT_POLICY],
         Some("all") => cache::POLICY_NAMES.to_vec(),
         Some(p) if cache::POLICY_NAMES.contains(&p) => vec![p],
+        Some(p) if p.contains(',') => p.split(',').collect(),
         Some(p) => return Err(ReplayError::UnknownPolicy(p.to_string())),
     };
     let capacities = args
@@ -244,7 +261,9 @@ fn run() -> Result<(), ReplayError> {
     let refs = load_references(&args.trace, args.block_kib * 1024)?;
     for &(mib, blocks) in &capacities {
         for &name in &policies {
-            let mut policy = cache::by_name(name, blocks).expect("name from POLICY_NAMES");
+            let Some(mut policy) = cache::by_name(name, blocks) else {
+                return Err(ReplayError::UnknownPolicy(name.into()));
+            };
             let (misses, took) = replay(policy.as_mut(), &refs);
             eprintln!(
                 "cache-replay: {name} {mib} MiB: {:.1} ns/reference over {} references",
@@ -254,7 +273,8 @@ fn run() -> Result<(), ReplayError> {
             print_line(name, mib, refs.len(), misses);
         }
         if args.opt {
-            print_line("opt", mib, refs.len(), belady(&refs, blocks));
+            let blocks_only: Vec<BlockId> = refs.iter().map(|&(b, _)| b).collect();
+            print_line("opt", mib, refs.len(), belady(&blocks_only, blocks));
         }
     }
     Ok(())
@@ -267,5 +287,34 @@ fn main() -> ExitCode {
             eprintln!("cache-replay: {e}");
             ExitCode::from(2)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(csv: &str) -> Result<Vec<(BlockId, AccessHint)>, ReplayError> {
+        let path =
+            std::env::temp_dir().join(format!("cache-replay-test-{}.csv", std::process::id()));
+        std::fs::write(&path, csv).unwrap();
+        let refs = load_references(&path, 4096);
+        std::fs::remove_file(&path).unwrap();
+        refs
+    }
+
+    #[test]
+    fn references_carry_the_tier_hint() {
+        // A 64 KiB read at sector 1 covers blocks 0..=16 (17 blocks); a 4 KiB write block 2.
+        let refs =
+            load("version,time,op,size,lbn\n1,0,28,65536,1\n1,1,2a,4096,16\n1,2,35,0,0\n").unwrap();
+        assert_eq!(refs.len(), 18);
+        assert!(refs[..17]
+            .iter()
+            .enumerate()
+            .all(|(i, &(b, h))| b == i as u64 && h == AccessHint::read(17)));
+        assert_eq!(refs[17], (2, AccessHint::write(1)));
+        let err = load("version,time,op,size,lbn\n1,0,12,512,0\n").unwrap_err();
+        assert!(err.to_string().contains("not a read or write"), "{err}");
     }
 }

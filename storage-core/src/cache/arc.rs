@@ -6,7 +6,7 @@
 //! tunes its recency/frequency balance to the workload with no parameters.
 
 use super::entries::{Entries, Queue};
-use super::policy::{BlockId, CachePolicy, NoVictim};
+use super::policy::{AccessHint, BlockId, CachePolicy, NoVictim};
 
 const T1: u8 = 0;
 const T2: u8 = 1;
@@ -92,7 +92,7 @@ impl CachePolicy for Arc {
             .is_some_and(|idx| self.entries.get(idx).queue <= T2)
     }
 
-    fn touch(&mut self, block: BlockId) {
+    fn touch(&mut self, block: BlockId, _hint: AccessHint) {
         if let Some(idx) = self.entries.find(block) {
             let [t1, t2, _, _] = &mut self.queues;
             match self.entries.get(idx).queue {
@@ -106,7 +106,7 @@ impl CachePolicy for Arc {
         }
     }
 
-    fn should_admit(&mut self, _block: BlockId) -> bool {
+    fn should_admit(&mut self, _block: BlockId, _hint: AccessHint) -> bool {
         true
     }
 

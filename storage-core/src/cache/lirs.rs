@@ -10,9 +10,19 @@
 //! Layout: stack S is the entries' primary queue; an entry can at the same time be in Q (the
 //! FIFO of resident HIR blocks) or in NR (the non-resident HIR blocks in S, oldest first, so
 //! their number can be bounded), which use a second, parallel set of links.
+//!
+//! `lirs-hint` ([`LirsConfig::HINTED`]) adds one rule, fed by the tier's [`AccessHint`]: a hit
+//! by a *large read* on a resident HIR block is a correlated reference, not evidence of a
+//! short IRR. It refreshes the block (top of S, head of Q) but does not make it LIR. On VM
+//! traces, blocks of large reads come back soon only as part of the same stream (the next
+//! request re-reading a block the previous one ended in, read-ahead overlap) and otherwise
+//! not for a long time; the paper's rule promotes those blocks and demotes genuinely hot LIR
+//! blocks for them. A miss is unaffected: a block returning while still a ghost in S is
+//! promoted whatever the request, so a hot set touched only by large reads is still learned
+//! (one miss later). Writes and small reads keep the paper's rules.
 
 use super::entries::{Entries, Queue, NIL};
-use super::policy::{BlockId, CachePolicy, NoVictim};
+use super::policy::{AccessHint, BlockId, CachePolicy, NoVictim};
 
 /// Entry states, in `Entry::queue`.
 const LIR: u8 = 0;
@@ -29,12 +39,25 @@ pub struct LirsConfig {
     pub hir_ratio: f64,
     /// Non-resident HIR entries remembered, as a share of the slots.
     pub ghost_ratio: f64,
+    /// A read covering at least this many blocks is *large*: its hits on resident HIR blocks
+    /// do not promote them to LIR (see the module docs). 0 turns the rule off.
+    pub large_read_blocks: u32,
 }
 
 impl LirsConfig {
+    /// The paper's LIRS: 1% HIR, as many ghosts as slots, hints ignored.
     pub const PAPER: Self = Self {
         hir_ratio: 0.01,
         ghost_ratio: 1.0,
+        large_read_blocks: 0,
+    };
+
+    /// `lirs-hint`: the paper's LIRS plus the large-read rule. Large means 16 cache blocks or
+    /// more (64 KiB at the default 4 KiB block): the size where guest read-ahead and
+    /// streaming requests start, well above the 1-8 block requests of random I/O.
+    pub const HINTED: Self = Self {
+        large_read_blocks: 16,
+        ..Self::PAPER
     };
 }
 
@@ -85,6 +108,8 @@ impl AuxQueue {
 
 pub struct Lirs {
     name: &'static str,
+    /// `LirsConfig::large_read_blocks`, 0 for "never".
+    large_read_blocks: u32,
     capacity: usize,
     lir_capacity: usize,
     ghost_capacity: usize,
@@ -110,6 +135,7 @@ impl Lirs {
         let max = capacity_blocks + ghost_capacity + 1;
         Self {
             name,
+            large_read_blocks: config.large_read_blocks,
             capacity: capacity_blocks,
             lir_capacity: capacity_blocks.saturating_sub(hir),
             ghost_capacity,
@@ -120,6 +146,11 @@ impl Lirs {
             hir: AuxQueue::new(),
             ghosts: AuxQueue::new(),
         }
+    }
+
+    /// Whether a reference by `hint` is a large read, whose hits do not promote.
+    fn large_read(&self, hint: AccessHint) -> bool {
+        self.large_read_blocks != 0 && !hint.write && hint.request_blocks >= self.large_read_blocks
     }
 
     fn in_stack(&self, idx: u32) -> bool {
@@ -244,7 +275,7 @@ impl CachePolicy for Lirs {
             .is_some_and(|idx| self.entries.get(idx).queue != NONRESIDENT)
     }
 
-    fn touch(&mut self, block: BlockId) {
+    fn touch(&mut self, block: BlockId, hint: AccessHint) {
         let Some(idx) = self.entries.find(block) else {
             return;
         };
@@ -256,12 +287,14 @@ impl CachePolicy for Lirs {
                     self.prune();
                 }
             }
-            HIR if self.in_stack(idx) => {
+            HIR if self.in_stack(idx) && !self.large_read(hint) => {
                 // Reused while still in S: its IRR beats the bottom LIR block's recency.
                 self.hir.unlink(&mut self.aux, idx);
                 self.promote(idx);
             }
             HIR => {
+                // Not in S (its IRR is unknown), or a large read's correlated reference: a
+                // fresh start as the newest HIR block.
                 self.stack_top(idx);
                 self.hir.unlink(&mut self.aux, idx);
                 self.hir.push_head(&mut self.aux, idx);
@@ -270,7 +303,7 @@ impl CachePolicy for Lirs {
         }
     }
 
-    fn should_admit(&mut self, _block: BlockId) -> bool {
+    fn should_admit(&mut self, _block: BlockId, _hint: AccessHint) -> bool {
         true
     }
 

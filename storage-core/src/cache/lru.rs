@@ -2,7 +2,7 @@
 //! are measured against.
 
 use super::entries::{Entries, Queue};
-use super::policy::{BlockId, CachePolicy, NoVictim};
+use super::policy::{AccessHint, BlockId, CachePolicy, NoVictim};
 
 /// Queue tag of resident entries (LRU has only one queue).
 const RESIDENT: u8 = 0;
@@ -41,13 +41,13 @@ impl CachePolicy for Lru {
         self.entries.find(block).is_some()
     }
 
-    fn touch(&mut self, block: BlockId) {
+    fn touch(&mut self, block: BlockId, _hint: AccessHint) {
         if let Some(idx) = self.entries.find(block) {
             self.entries.refresh(&mut self.queue, idx);
         }
     }
 
-    fn should_admit(&mut self, _block: BlockId) -> bool {
+    fn should_admit(&mut self, _block: BlockId, _hint: AccessHint) -> bool {
         true
     }
 

@@ -11,7 +11,7 @@
 //! [`S3FifoConfig`] exposes the knobs so that tuned variants can share this code.
 
 use super::entries::{Entries, Queue, NIL};
-use super::policy::{BlockId, CachePolicy, NoVictim};
+use super::policy::{AccessHint, BlockId, CachePolicy, NoVictim};
 
 const SMALL: u8 = 0;
 const MAIN: u8 = 1;
@@ -175,7 +175,7 @@ impl CachePolicy for S3Fifo {
             .is_some_and(|idx| self.entries.get(idx).queue != GHOST)
     }
 
-    fn touch(&mut self, block: BlockId) {
+    fn touch(&mut self, block: BlockId, _hint: AccessHint) {
         if let Some(idx) = self.entries.find(block) {
             let e = self.entries.get_mut(idx);
             if e.queue != GHOST && e.freq < self.config.max_freq {
@@ -184,7 +184,7 @@ impl CachePolicy for S3Fifo {
         }
     }
 
-    fn should_admit(&mut self, _block: BlockId) -> bool {
+    fn should_admit(&mut self, _block: BlockId, _hint: AccessHint) -> bool {
         // S3-FIFO admits everything to small; its filter is the quick exit from there.
         true
     }

@@ -6,20 +6,26 @@ use std::collections::BTreeSet;
 
 use proptest::prelude::*;
 
-use super::policy::{BlockId, CachePolicy, NoVictim};
+use super::policy::{AccessHint, BlockId, CachePolicy, NoVictim};
 use super::{by_name, DEFAULT_POLICY, POLICY_NAMES};
 
 fn policy(name: &str, capacity: usize) -> Box<dyn CachePolicy> {
     by_name(name, capacity).expect("known policy")
 }
 
-/// One reference the way the tier (and `cache-replay`) makes it; returns whether it hit.
+/// One reference the way the tier (and `cache-replay`) makes it, as a one-block read; returns
+/// whether it hit.
 fn access(p: &mut dyn CachePolicy, block: BlockId) -> bool {
+    access_with(p, block, AccessHint::default())
+}
+
+/// One reference by a request described by `hint`; returns whether it hit.
+fn access_with(p: &mut dyn CachePolicy, block: BlockId, hint: AccessHint) -> bool {
     if p.contains(block) {
-        p.touch(block);
+        p.touch(block, hint);
         true
     } else {
-        if p.should_admit(block) {
+        if p.should_admit(block, hint) {
             p.insert(block, &mut |_| true)
                 .expect("everything evictable");
         }
@@ -113,7 +119,7 @@ fn s3fifo_promotes_hit_blocks_and_remembers_ghosts() {
     assert_eq!(p.insert(100, &mut |_| true), Ok(Some(0)));
     assert_eq!(p.insert(101, &mut |_| true), Ok(Some(100)));
     // 101 is hit while in small: on eviction it moves to main instead of leaving.
-    p.touch(101);
+    p.touch(101, AccessHint::default());
     let evicted = p.insert(102, &mut |_| true).unwrap().unwrap();
     assert_ne!(evicted, 101);
     assert!(p.contains(101));
@@ -144,6 +150,67 @@ fn lirs_keeps_low_irr_blocks_through_a_scan() {
     }
     let kept = (0..50).filter(|&b| p.contains(b)).count();
     assert_eq!(kept, 50, "a one-time scan displaced hot LIR blocks");
+}
+
+#[test]
+fn access_hint_constructors() {
+    assert_eq!(AccessHint::default(), AccessHint::read(1));
+    assert_eq!(
+        AccessHint::write(17),
+        AccessHint {
+            write: true,
+            request_blocks: 17
+        }
+    );
+    assert_eq!(
+        AccessHint::read(0).request_blocks,
+        1,
+        "a request covers a block"
+    );
+    assert_eq!(AccessHint::read(u64::MAX).request_blocks, u32::MAX);
+}
+
+/// A 100-slot LIRS (99 LIR, 1 HIR) whose LIR set is blocks 0..99 (0 at the bottom of S) and
+/// whose one HIR slot holds block 500, fresh at the top of S.
+fn lirs_with_hir_500(name: &str) -> Box<dyn CachePolicy> {
+    let mut p = policy(name, 100);
+    for b in 0..100 {
+        access(p.as_mut(), b);
+    }
+    assert!(!access(p.as_mut(), 500));
+    assert!(p.contains(500) && p.contains(0));
+    p
+}
+
+#[test]
+fn lirs_hint_large_read_hits_do_not_promote() {
+    let large_read = AccessHint::read(16);
+    // The paper's LIRS: any hit on an HIR block in S makes it LIR; the bottom LIR block (0)
+    // is demoted and is the next victim.
+    let mut p = lirs_with_hir_500("lirs");
+    p.touch(500, large_read);
+    assert_eq!(p.insert(600, &mut |_| true), Ok(Some(0)));
+    // lirs-hint: a large read's hit is a correlated reference; 500 stays HIR and goes first.
+    let mut p = lirs_with_hir_500("lirs-hint");
+    p.touch(500, large_read);
+    assert_eq!(p.insert(600, &mut |_| true), Ok(Some(500)));
+    // Writes and small reads (and reads just under the threshold) keep the paper's rule.
+    for hint in [
+        AccessHint::write(16),
+        AccessHint::read(1),
+        AccessHint::read(15),
+    ] {
+        let mut p = lirs_with_hir_500("lirs-hint");
+        p.touch(500, hint);
+        assert_eq!(p.insert(600, &mut |_| true), Ok(Some(0)), "{hint:?}");
+    }
+    // A block that a large read misses on while it is a ghost in S is still promoted.
+    let mut p = lirs_with_hir_500("lirs-hint");
+    assert_eq!(p.insert(600, &mut |_| true), Ok(Some(500)));
+    assert!(!access_with(p.as_mut(), 500, large_read));
+    // 500 became LIR, demoting the bottom LIR block (0), which goes next.
+    assert_eq!(p.insert(700, &mut |_| true), Ok(Some(0)));
+    assert!(p.contains(500));
 }
 
 #[test]
@@ -193,14 +260,16 @@ fn zero_capacity_caches_nothing() {
 
 #[derive(Clone, Debug)]
 enum Op {
-    /// Reference a block (hit: touch; miss: should_admit then insert with `pinned` mask).
-    Access(BlockId, u8),
+    /// Reference a block by a request described by the hint (hit: touch; miss: should_admit
+    /// then insert with `pinned` mask).
+    Access(BlockId, u8, AccessHint),
     Remove(BlockId),
 }
 
 fn op() -> impl Strategy<Value = Op> {
+    let hint = (any::<bool>(), 1..40u64).prop_map(|(w, n)| AccessHint::new(w, n));
     prop_oneof![
-        8 => (0..64u64, any::<u8>()).prop_map(|(b, pins)| Op::Access(b, pins)),
+        8 => (0..64u64, any::<u8>(), hint).prop_map(|(b, pins, h)| Op::Access(b, pins, h)),
         1 => (0..64u64).prop_map(Op::Remove),
     ]
 }
@@ -215,10 +284,10 @@ proptest! {
             let mut model = BTreeSet::new();
             for op in &ops {
                 match *op {
-                    Op::Access(b, pins) => {
+                    Op::Access(b, pins, hint) => {
                         if p.contains(b) {
-                            p.touch(b);
-                        } else if p.should_admit(b) {
+                            p.touch(b, hint);
+                        } else if p.should_admit(b, hint) {
                             // Blocks whose low bits are set in `pins` are pinned.
                             let mut evictable = |v: BlockId| pins & (1 << (v % 8)) == 0;
                             let any_free = model.iter().any(|&v| evictable(v));
@@ -284,5 +353,63 @@ fn default_resists_scans_better_than_lru() {
     assert!(
         default > lru + 0.05,
         "scan mix: {DEFAULT_POLICY} hit ratio {default:.3} vs lru {lru:.3}"
+    );
+}
+
+fn hit_ratio_hinted(name: &str, capacity: usize, refs: &[(BlockId, AccessHint)]) -> f64 {
+    let mut p = policy(name, capacity);
+    let hits = refs
+        .iter()
+        .filter(|&&(b, h)| access_with(p.as_mut(), b, h))
+        .count();
+    assert!(p.len() <= capacity);
+    hits as f64 / refs.len() as f64
+}
+
+#[test]
+fn default_resists_unaligned_streams() {
+    // A hot Zipf set of small reads and writes, interleaved with one-time streams of 64 KiB
+    // reads that are not block-aligned: each request covers 17 blocks and shares its first
+    // with the previous request's last (what a block cache sees of a guest reading a file).
+    // The paper's LIRS takes every shared block's second reference as a short IRR and makes
+    // it LIR, at the expense of the hot set; the default must not.
+    let zipf = Zipf::new(2_000, 0.99);
+    let mut rng = Rng(11);
+    let mut refs = Vec::new();
+    let mut next_stream: BlockId = 10_000_000;
+    for _ in 0..30 {
+        for _ in 0..5_000 {
+            let hint = AccessHint::new(rng.next().is_multiple_of(3), 1 + rng.next() % 2);
+            refs.push((zipf.sample(&mut rng), hint));
+        }
+        for _ in 0..200 {
+            refs.extend((next_stream..next_stream + 17).map(|b| (b, AccessHint::read(17))));
+            next_stream += 16;
+        }
+        next_stream += 1_000;
+    }
+    let lru = hit_ratio_hinted("lru", 1_000, &refs);
+    let lirs = hit_ratio_hinted("lirs", 1_000, &refs);
+    let default = hit_ratio_hinted(DEFAULT_POLICY, 1_000, &refs);
+    assert!(
+        default > lru + 0.05 && default > lirs + 0.01,
+        "unaligned streams: {DEFAULT_POLICY} hit ratio {default:.3} vs lru {lru:.3}, lirs {lirs:.3}"
+    );
+}
+
+#[test]
+fn default_learns_a_hot_set_read_only_by_large_reads() {
+    // The large-read rule must not blind the default to reuse: the same Zipf workload as
+    // `default_beats_lru_on_zipf`, every reference from a large read.
+    let zipf = Zipf::new(20_000, 0.99);
+    let mut rng = Rng(42);
+    let refs: Vec<(BlockId, AccessHint)> = (0..300_000)
+        .map(|_| (zipf.sample(&mut rng), AccessHint::read(32)))
+        .collect();
+    let lru = hit_ratio_hinted("lru", 1_000, &refs);
+    let default = hit_ratio_hinted(DEFAULT_POLICY, 1_000, &refs);
+    assert!(
+        default > lru + 0.02,
+        "zipf by large reads: {DEFAULT_POLICY} hit ratio {default:.3} vs lru {lru:.3}"
     );
 }

@@ -7,7 +7,7 @@
 //! bursts a chance; the duel keeps one-time blocks (scans) from displacing the frequent ones.
 
 use super::entries::{Entries, Queue};
-use super::policy::{BlockId, CachePolicy, NoVictim};
+use super::policy::{AccessHint, BlockId, CachePolicy, NoVictim};
 use super::sketch::FrequencySketch;
 
 const WINDOW: u8 = 0;
@@ -151,7 +151,7 @@ impl CachePolicy for WTinyLfu {
         self.entries.find(block).is_some()
     }
 
-    fn touch(&mut self, block: BlockId) {
+    fn touch(&mut self, block: BlockId, _hint: AccessHint) {
         self.sketch.increment(block);
         let Some(idx) = self.entries.find(block) else {
             return;
@@ -172,7 +172,7 @@ impl CachePolicy for WTinyLfu {
         }
     }
 
-    fn should_admit(&mut self, block: BlockId) -> bool {
+    fn should_admit(&mut self, block: BlockId, _hint: AccessHint) -> bool {
         // Every miss enters the window; the frequency filter acts when it leaves. Count the
         // miss so that a block's history includes the times it was not cached.
         self.sketch.increment(block);

@@ -11,6 +11,7 @@ mod null;
 mod raw;
 mod spec;
 
+pub(crate) use factory::on_tmpfs;
 pub use factory::{open_disk, AnyDisk, AnyQueue};
 pub use null::{NullDisk, NullQueue};
 pub use raw::{RawDisk, RawQueue};

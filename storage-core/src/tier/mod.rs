@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
-use crate::cache::policy::BlockId;
+use crate::cache::policy::{AccessHint, BlockId};
 use crate::disk::{check_op, Disk, DiskInfo, DiskOp, DiskQueue, StartError};
 use crate::engine::{
     new_engine, new_engine_notifying, AnyEngine, Completion, EngineKind, EngineOp, FileId, IoEngine,
@@ -283,6 +283,8 @@ struct Shared {
     bg_cv: Condvar,
     high_watermark: usize,
     low_watermark: usize,
+    /// The cache file is on tmpfs: the synchronous engine is faster there (see the factory).
+    cache_on_tmpfs: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -476,6 +478,7 @@ impl TieredDisk {
             bg_cv: Condvar::new(),
             high_watermark: slots * HIGH_WATERMARK_PCT / 100,
             low_watermark: slots * LOW_WATERMARK_PCT / 100,
+            cache_on_tmpfs: crate::disk::on_tmpfs(&spec.cache),
             state: Mutex::new(state),
         });
         shared.metrics.slots.store(slots as u64, Relaxed);
@@ -721,7 +724,11 @@ impl TieredQueue {
             new_engine_notifying(EngineKind::IoUring, RING_ENTRIES, fd)
                 .or_else(|_| new_engine(EngineKind::Sync, RING_ENTRIES))
         };
-        let mut cache_eng = engine()?;
+        let mut cache_eng = if sh.cache_on_tmpfs {
+            new_engine(EngineKind::Sync, RING_ENTRIES)?
+        } else {
+            engine()?
+        };
         let mut cap_eng = engine()?;
         let cache_fid = cache_eng.register_file(sh.cache.as_raw_fd())?;
         let cap_fid = cap_eng.register_file(sh.cap.as_raw_fd())?;
@@ -856,6 +863,7 @@ impl TieredQueue {
     fn start_read(&mut self, tag: u64, offset: u64, len: u64) -> Result<(), StartError> {
         let bs = self.sh.block;
         let (first, last) = (offset / bs, (offset + len - 1) / bs);
+        let hint = AccessHint::read(last - first + 1);
         let bypass = self.sequential(offset, len);
         {
             let sh = self.sh.clone();
@@ -866,7 +874,7 @@ impl TieredQueue {
             for b in first..=last {
                 if let Some(slot) = st.resident(b) {
                     st.slots[slot as usize].readers += 1;
-                    st.policy.touch(b);
+                    st.policy.touch(b, hint);
                     req.hits.push(slot);
                     self.sources.push(Some(slot));
                     sh.metrics.read_hits.fetch_add(1, Relaxed);
@@ -876,7 +884,7 @@ impl TieredQueue {
                 sh.metrics.read_misses.fetch_add(1, Relaxed);
                 let full = b * bs >= offset && (b + 1) * bs <= offset + len;
                 if full && !bypass && req.promotions.len() < spare_bufs {
-                    if let Some((slot, victim)) = st.admit(b) {
+                    if let Some((slot, victim)) = st.admit(b, hint) {
                         if victim.is_some() {
                             sh.metrics.evictions.fetch_add(1, Relaxed);
                         }
@@ -915,6 +923,7 @@ impl TieredQueue {
     fn start_write(&mut self, tag: u64, offset: u64, len: u64) -> Result<(), StartError> {
         let bs = self.sh.block;
         let (first, last) = (offset / bs, (offset + len - 1) / bs);
+        let hint = AccessHint::write(last - first + 1);
         let bypass = self.sequential(offset, len);
         let mode = self.sh.mode;
         // Per block: Some(slot) to write into the cache, None for the capacity device.
@@ -944,7 +953,7 @@ impl TieredQueue {
                         st.slots[slot as usize].writers += 1;
                         let g = &mut st.slots[slot as usize].generation;
                         *g = g.wrapping_add(1);
-                        st.policy.touch(b);
+                        st.policy.touch(b, hint);
                         req.cache_writes.push(slot);
                         sh.metrics.write_hits.fetch_add(1, Relaxed);
                         Some(slot)
@@ -952,7 +961,7 @@ impl TieredQueue {
                     (CacheMode::WriteBack, None) => {
                         sh.metrics.write_misses.fetch_add(1, Relaxed);
                         if full && !bypass && !too_dirty {
-                            match st.admit(b) {
+                            match st.admit(b, hint) {
                                 Some((slot, victim)) => {
                                     if victim.is_some() {
                                         sh.metrics.evictions.fetch_add(1, Relaxed);

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use crate::cache::policy::{BlockId, CachePolicy};
+use crate::cache::policy::{AccessHint, BlockId, CachePolicy};
 
 use super::layout::{Record, SlotState};
 
@@ -193,9 +193,15 @@ impl TierState {
 
     /// Admits `block` into a free slot (policy permitting), evicting a clean unpinned block
     /// if the policy is full. The slot is `Filling` and pinned by one writer. `None` if the
-    /// policy declines, nothing can be evicted or no durable-free slot is left.
-    pub fn admit(&mut self, block: BlockId) -> Option<(u32, Option<BlockId>)> {
-        if self.failed || self.free.is_empty() || !self.policy.should_admit(block) {
+    /// policy declines, nothing can be evicted or no durable-free slot is left. `hint`
+    /// describes the request that missed (see [`AccessHint`]).
+    pub fn admit(&mut self, block: BlockId, hint: AccessHint) -> Option<(u32, Option<BlockId>)> {
+        // Already cached or being filled (another request missed on it first): inserting it
+        // again would break the policy's invariants and the map.
+        if self.failed || self.free.is_empty() || self.map.contains_key(&block) {
+            return None;
+        }
+        if !self.policy.should_admit(block, hint) {
             return None;
         }
         let slots = &self.slots;
@@ -231,9 +237,12 @@ impl TierState {
             return false;
         };
         if sl.cancelled || !ok {
+            let cancelled = sl.cancelled;
             sl.use_ = Use::Free;
             sl.cancelled = false;
-            if !ok {
+            // A cancelled fill was already unmapped (and the block may have been admitted
+            // again elsewhere since); a failed one is unmapped here.
+            if !cancelled && self.map.get(&block) == Some(&slot) {
                 self.map.remove(&block);
                 self.policy.remove(block);
             }
