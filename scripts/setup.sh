@@ -11,9 +11,10 @@ log() { printf 'setup: %s\n' "$*"; }
 
 # Debian packages the tests run as real clients and peers (see shared/REAL-CLIENTS.md):
 # QEMU and its storage daemon, busybox for the guest initramfs, firmware for boot tests,
-# qemu-img as the image oracle, xz for compressed kernel modules.
+# qemu-img as the image oracle, xz for compressed kernel modules, nasm for the BIOS boot
+# program firmware-tests assembles.
 # libseccomp-dev and libcap-ng-dev build virtiofsd, the reference server for vhost-fs.
-PACKAGES=(qemu-system-x86 busybox-static cpio seabios ovmf qemu-utils xz-utils libseccomp-dev libcap-ng-dev)
+PACKAGES=(qemu-system-x86 busybox-static cpio seabios ovmf nasm qemu-utils xz-utils libseccomp-dev libcap-ng-dev)
 
 SUDO=()
 if [[ $(id -u) -ne 0 ]]; then

@@ -8,7 +8,11 @@
 //!   per process, followed by a small per-test archive holding `/test.sh` and data files
 //!   (Linux unpacks concatenated newc archives in order);
 //! - running QEMU (TCG, vhost-user-capable shared memory) with a hard timeout, capturing the
-//!   serial console into a [`GuestRun`] and into `target/guest-logs/<test name>.log`.
+//!   serial console into a [`GuestRun`] and into `target/guest-logs/<test name>.log`;
+//! - firmware boots ([`Firmware::SeaBios`], [`Firmware::Ovmf`]) from a [`BlkDisk`] with a
+//!   `bootindex`, for guests that are not our initramfs (a BIOS boot program that halts is
+//!   stopped with [`Guest::stop_when_console_contains`]) or that carry it on their boot disk
+//!   ([`Guest::initramfs`], [`Guest::kernel_command_line`]; `crate::image` builds the disk).
 //!
 //! The guest's `/init` runs `/test.sh`, prints `STRATA-GUEST-EXIT <status>` and powers off.
 //! The script reports what it saw with lines `RESULT key=value [key=value ...]`, read back
@@ -31,7 +35,7 @@ use std::fs;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -447,9 +451,85 @@ fn elf_has_interpreter(elf: &[u8]) -> Result<bool> {
 
 #[derive(Debug, Clone)]
 enum Device {
-    Blk { socket: PathBuf, queues: u16 },
+    Blk(BlkDisk),
     Fs { socket: PathBuf, tag: String },
 }
+
+/// A vhost-user-blk disk as the guest sees it: QEMU's `vhost-user-blk-pci` device.
+#[derive(Debug, Clone)]
+pub struct BlkDisk {
+    socket: PathBuf,
+    queues: u16,
+    bootindex: Option<u32>,
+    properties: Vec<String>,
+}
+
+impl BlkDisk {
+    /// The disk served on `socket`, with one queue.
+    pub fn new(socket: impl AsRef<Path>) -> Self {
+        Self {
+            socket: socket.as_ref().to_path_buf(),
+            queues: 1,
+            bootindex: None,
+            properties: Vec::new(),
+        }
+    }
+
+    /// Number of virtqueues (QEMU refuses more than the backend offers).
+    pub fn queues(mut self, queues: u16) -> Self {
+        self.queues = queues;
+        self
+    }
+
+    /// The firmware's boot order for this disk (`bootindex=N`; 0 boots first).
+    pub fn bootindex(mut self, index: u32) -> Self {
+        self.bootindex = Some(index);
+        self
+    }
+
+    /// An extra device property, e.g. `disable-legacy=on` (a modern-only device) or
+    /// `disable-modern=on` (a legacy-only one). QEMU's default is a transitional device.
+    pub fn property(mut self, property: &str) -> Self {
+        self.properties.push(property.to_owned());
+        self
+    }
+
+    fn device_arg(&self, chardev: &str) -> String {
+        let mut arg = format!(
+            "vhost-user-blk-pci,chardev={chardev},num-queues={}",
+            self.queues
+        );
+        if let Some(index) = self.bootindex {
+            arg.push_str(&format!(",bootindex={index}"));
+        }
+        for property in &self.properties {
+            arg.push(',');
+            arg.push_str(property);
+        }
+        arg
+    }
+}
+
+/// What the guest boots: the kernel directly, or a firmware that boots from a disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Firmware {
+    /// QEMU loads the guest kernel and initramfs itself (`-kernel`, `-initrd`): the fastest
+    /// boot, and the default.
+    DirectKernel,
+    /// SeaBIOS (Debian's `seabios`, QEMU's default BIOS), booting the disk with the lowest
+    /// `bootindex`. Nothing from the guest assets is loaded.
+    SeaBios,
+    /// OVMF (Debian's `ovmf`), a UEFI firmware, with a fresh copy of its variable store.
+    /// It boots `EFI/BOOT/BOOTX64.EFI` from the boot disk's EFI system partition, or falls
+    /// back to its UEFI shell, which runs `startup.nsh` from the first file system.
+    Ovmf,
+}
+
+/// SeaBIOS as Debian installs it.
+pub const SEABIOS_BIN: &str = "/usr/share/seabios/bios.bin";
+/// OVMF's code and the variable store template that goes with it (2 MiB flash layout).
+pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE.fd";
+pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS.fd";
 
 /// A Linux guest to run once: what it runs, which devices it has, how long it may take.
 #[derive(Debug, Clone)]
@@ -463,6 +543,8 @@ pub struct Guest {
     timeout: Duration,
     qemu_args: Vec<OsString>,
     kernel_args: Vec<String>,
+    firmware: Firmware,
+    stop_marker: Option<String>,
 }
 
 impl Guest {
@@ -479,6 +561,8 @@ impl Guest {
             timeout: DEFAULT_TIMEOUT,
             qemu_args: Vec::new(),
             kernel_args: Vec::new(),
+            firmware: Firmware::DirectKernel,
+            stop_marker: None,
         }
     }
 
@@ -502,12 +586,56 @@ impl Guest {
 
     /// Adds a vhost-user-blk disk served on `socket` with `queues` virtqueues. Disks appear in
     /// the guest as /dev/vda, /dev/vdb, ... in the order they are added.
-    pub fn blk_disk(mut self, socket: impl AsRef<Path>, queues: u16) -> Self {
-        self.devices.push(Device::Blk {
-            socket: socket.as_ref().to_path_buf(),
-            queues,
-        });
+    pub fn blk_disk(self, socket: impl AsRef<Path>, queues: u16) -> Self {
+        self.blk_device(BlkDisk::new(socket).queues(queues))
+    }
+
+    /// Adds a vhost-user-blk disk with the options `disk` sets (boot order, properties).
+    pub fn blk_device(mut self, disk: BlkDisk) -> Self {
+        self.devices.push(Device::Blk(disk));
         self
+    }
+
+    /// What boots the guest; [`Firmware::DirectKernel`] unless set.
+    pub fn firmware(mut self, firmware: Firmware) -> Self {
+        self.firmware = firmware;
+        self
+    }
+
+    /// Ends the run as soon as the console shows `marker` (QEMU is killed then), for guests
+    /// that cannot power off by themselves, such as a BIOS boot program. Such a run
+    /// succeeds when the marker appeared; see [`GuestRun::ensure_success`].
+    pub fn stop_when_console_contains(mut self, marker: &str) -> Self {
+        self.stop_marker = Some(marker.to_owned());
+        self
+    }
+
+    /// The initramfs this guest boots with: the base archive (busybox, modules, `/init`)
+    /// followed by the test's own (`/test.sh` and the files added). A test that boots a
+    /// kernel through firmware puts it on the boot disk.
+    pub fn initramfs(&self) -> Result<Vec<u8>> {
+        let assets = GuestAssets::locate()?;
+        let base = base_initramfs(&assets)?;
+        let mut extra = CpioArchive::new();
+        extra.file("test.sh", 0o755, self.script.as_bytes())?;
+        for (path, perm, data) in &self.files {
+            extra.file(path, *perm, data)?;
+        }
+        let mut bytes = Vec::with_capacity(base.len());
+        bytes.extend_from_slice(&base);
+        bytes.extend_from_slice(&extra.finish()?);
+        Ok(bytes)
+    }
+
+    /// The kernel command line a directly booted guest gets; a test that boots the kernel
+    /// through firmware passes it on (e.g. in `startup.nsh`).
+    pub fn kernel_command_line(&self) -> String {
+        let mut append = String::from("console=ttyS0 panic=-1 quiet");
+        for arg in &self.kernel_args {
+            append.push(' ');
+            append.push_str(arg);
+        }
+        append
     }
 
     /// Adds a vhost-user-fs share served on `socket`; the guest mounts it with
@@ -550,36 +678,57 @@ impl Guest {
         self
     }
 
-    /// The QEMU command line for an initramfs at `initrd`.
-    fn command(&self, qemu: &Path, assets: &GuestAssets, initrd: &Path) -> Command {
+    /// The QEMU command line: the kernel from `assets` and the initramfs at `initrd` for a
+    /// direct boot, otherwise the firmware (with OVMF's variable store copied into `workdir`).
+    fn command(
+        &self,
+        qemu: &Path,
+        assets: Option<&GuestAssets>,
+        initrd: &Path,
+        workdir: &Path,
+    ) -> Result<Command> {
         let mut cmd = Command::new(qemu);
         let mem = format!("{}M", self.memory_mib);
-        let mut append = String::from("console=ttyS0 panic=-1 quiet");
-        for arg in &self.kernel_args {
-            append.push(' ');
-            append.push_str(arg);
-        }
         cmd.args(["-accel", "tcg", "-m", &mem, "-smp", &self.cpus.to_string()])
             .args(["-nographic", "-no-reboot"])
             // No default NIC: its option ROM only slows the boot, and no test uses a network.
-            .args(["-nic", "none"])
-            .arg("-kernel")
-            .arg(&assets.kernel)
-            .arg("-initrd")
-            .arg(initrd)
-            .args(["-append", &append])
-            .arg("-object")
+            .args(["-nic", "none"]);
+        match self.firmware {
+            Firmware::DirectKernel => {
+                let assets = assets.ok_or_else(|| anyhow!("a direct boot needs the kernel"))?;
+                cmd.arg("-kernel")
+                    .arg(&assets.kernel)
+                    .arg("-initrd")
+                    .arg(initrd)
+                    .args(["-append", &self.kernel_command_line()]);
+            }
+            Firmware::SeaBios => {
+                let bios = require_file(Path::new(SEABIOS_BIN), "SeaBIOS")?;
+                cmd.arg("-bios").arg(bios);
+            }
+            Firmware::Ovmf => {
+                let code = require_file(Path::new(OVMF_CODE), "OVMF")?;
+                let template = require_file(Path::new(OVMF_VARS), "OVMF's variable store")?;
+                let vars = workdir.join("OVMF_VARS.fd");
+                fs::copy(&template, &vars)
+                    .with_context(|| format!("copying {}", template.display()))?;
+                let mut code_arg = OsString::from("if=pflash,format=raw,unit=0,readonly=on,file=");
+                code_arg.push(qemu_escape(&code));
+                let mut vars_arg = OsString::from("if=pflash,format=raw,unit=1,file=");
+                vars_arg.push(qemu_escape(&vars));
+                cmd.arg("-drive").arg(code_arg).arg("-drive").arg(vars_arg);
+            }
+        }
+        cmd.arg("-object")
             .arg(format!("memory-backend-memfd,id=mem,size={mem},share=on"))
             .args(["-numa", "node,memdev=mem"]);
         for (i, device) in self.devices.iter().enumerate() {
             let mut chardev = OsString::from(format!("socket,id=c{i},path="));
             match device {
-                Device::Blk { socket, queues } => {
-                    chardev.push(qemu_escape(socket));
+                Device::Blk(disk) => {
+                    chardev.push(qemu_escape(&disk.socket));
                     cmd.arg("-chardev").arg(chardev);
-                    cmd.arg("-device").arg(format!(
-                        "vhost-user-blk-pci,chardev=c{i},num-queues={queues}"
-                    ));
+                    cmd.arg("-device").arg(disk.device_arg(&format!("c{i}")));
                 }
                 Device::Fs { socket, tag } => {
                     chardev.push(qemu_escape(socket));
@@ -594,7 +743,7 @@ impl Guest {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        cmd
+        Ok(cmd)
     }
 
     /// Boots the guest, waits for it to power off (or kills it at the timeout) and returns
@@ -602,26 +751,20 @@ impl Guest {
     /// started; a guest that failed is an `Ok` whose [`GuestRun::ensure_success`] says why.
     pub fn run(self) -> Result<GuestRun> {
         let qemu = require_tool("qemu-system-x86_64")?;
-        let assets = GuestAssets::locate()?;
-        let base = base_initramfs(&assets)?;
-
-        let mut extra = CpioArchive::new();
-        extra.file("test.sh", 0o755, self.script.as_bytes())?;
-        for (path, perm, data) in &self.files {
-            extra.file(path, *perm, data)?;
-        }
-        let extra = extra.finish()?;
-
         let workdir = tempfile::Builder::new()
             .prefix("strata-guest-")
             .tempdir()
             .context("creating the guest's temp dir")?;
         let initrd = workdir.path().join("initrd.cpio");
-        let mut file = fs::File::create(&initrd)?;
-        file.write_all(&base)?;
-        file.write_all(&extra)?;
-        file.sync_all()?;
-        drop(file);
+        // A firmware boot loads nothing from the host; the kernel, if any, is on its disk.
+        let assets = if self.firmware == Firmware::DirectKernel {
+            let mut file = fs::File::create(&initrd)?;
+            file.write_all(&self.initramfs()?)?;
+            file.sync_all()?;
+            Some(GuestAssets::locate()?)
+        } else {
+            None
+        };
 
         let log_dir = target_dir().join("guest-logs");
         fs::create_dir_all(&log_dir).with_context(|| format!("creating {}", log_dir.display()))?;
@@ -629,7 +772,7 @@ impl Guest {
         let mut log = fs::File::create(&log_path)
             .with_context(|| format!("creating {}", log_path.display()))?;
 
-        let mut cmd = self.command(&qemu, &assets, &initrd);
+        let mut cmd = self.command(&qemu, assets.as_ref(), &initrd, workdir.path())?;
         writeln!(log, "# {cmd:?}")?;
         writeln!(log, "# timeout {:?}", self.timeout)?;
         log.flush()?;
@@ -644,14 +787,22 @@ impl Guest {
         // The console is copied to the log as it arrives, so a run that hangs or crashes the
         // test process still leaves what the guest printed.
         let console_log = log.try_clone()?;
-        let console_reader = thread::spawn(move || drain(stdout, Some(console_log)));
-        let stderr_reader = thread::spawn(move || drain(stderr, None));
+        let seen = Arc::new(AtomicBool::new(false));
+        let marker = self.stop_marker.clone().map(|m| (m, seen.clone()));
+        let console_reader = thread::spawn(move || drain(stdout, Some(console_log), marker));
+        let stderr_reader = thread::spawn(move || drain(stderr, None, None));
 
         let deadline = start + self.timeout;
         let mut timed_out = false;
+        let mut stopped_at_marker = false;
         let status = loop {
             if let Some(status) = child.0.try_wait()? {
                 break status;
+            }
+            if seen.load(Ordering::Acquire) {
+                stopped_at_marker = true;
+                let _ = child.0.kill();
+                break child.0.wait()?;
             }
             if Instant::now() >= deadline {
                 timed_out = true;
@@ -672,13 +823,15 @@ impl Guest {
         writeln!(log, "\n# qemu stderr:\n{stderr}")?;
         writeln!(
             log,
-            "# qemu {status}, timed out: {timed_out}, elapsed {elapsed:.1?}"
+            "# qemu {status}, timed out: {timed_out}, stopped at the marker: \
+             {stopped_at_marker}, elapsed {elapsed:.1?}"
         )?;
         Ok(GuestRun {
             console,
             stderr,
             status,
             timed_out,
+            stopped_at_marker,
             elapsed,
             timeout: self.timeout,
             log_path,
@@ -698,8 +851,13 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// Reads `pipe` to its end, mirroring it into `log`, and returns it as (lossy) text.
-fn drain(mut pipe: impl Read, mut log: Option<fs::File>) -> String {
+/// Reads `pipe` to its end, mirroring it into `log`, and returns it as (lossy) text. With a
+/// `marker`, sets its flag once the text so far contains it.
+fn drain(
+    mut pipe: impl Read,
+    mut log: Option<fs::File>,
+    marker: Option<(String, Arc<AtomicBool>)>,
+) -> String {
     let mut all = Vec::new();
     let mut chunk = [0u8; 8192];
     loop {
@@ -707,6 +865,16 @@ fn drain(mut pipe: impl Read, mut log: Option<fs::File>) -> String {
             Ok(0) => break,
             Ok(n) => {
                 all.extend_from_slice(&chunk[..n]);
+                if let Some((text, seen)) = &marker {
+                    // Only the new bytes and a marker's length before them can hold a new match.
+                    let from = all.len().saturating_sub(n + text.len());
+                    if all[from..]
+                        .windows(text.len().max(1))
+                        .any(|w| w == text.as_bytes())
+                    {
+                        seen.store(true, Ordering::Release);
+                    }
+                }
                 if let Some(file) = log.as_mut() {
                     // A log write failure must not stop us from draining QEMU's pipe.
                     let _ = file.write_all(&chunk[..n]);
@@ -756,6 +924,9 @@ pub struct GuestRun {
     pub status: ExitStatus,
     /// Whether QEMU was killed at the timeout.
     pub timed_out: bool,
+    /// Whether the harness stopped QEMU because the console showed the marker given to
+    /// [`Guest::stop_when_console_contains`].
+    pub stopped_at_marker: bool,
     /// Wall time from starting QEMU to its exit.
     pub elapsed: Duration,
     timeout: Duration,
@@ -807,8 +978,12 @@ impl GuestRun {
     }
 
     /// Checks the run ended the way a passing test does: QEMU exited by itself and cleanly,
-    /// `/init` set the guest up, and `/test.sh` exited 0.
+    /// `/init` set the guest up, and `/test.sh` exited 0; or, for a run with a stop marker,
+    /// the console showed the marker (QEMU is then stopped by the harness).
     pub fn ensure_success(&self) -> Result<()> {
+        if self.stopped_at_marker {
+            return Ok(());
+        }
         let problem = if self.timed_out {
             format!("QEMU was killed after the {:?} timeout", self.timeout)
         } else if !self.status.success() {
@@ -850,6 +1025,7 @@ mod tests {
             stderr: String::new(),
             status: ExitStatus::from_raw(0),
             timed_out: false,
+            stopped_at_marker: false,
             elapsed: Duration::ZERO,
             timeout: DEFAULT_TIMEOUT,
             log_path: PathBuf::from("/dev/null"),
@@ -945,6 +1121,73 @@ mod tests {
                 .lines()
                 .any(|l| l.starts_with("-rwxr-xr-x") && l.contains(" 13 ")),
             "{listing}"
+        );
+    }
+
+    /// A reader that hands out its bytes a few at a time, as a pipe may.
+    struct Trickle<'a>(&'a [u8], usize);
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.1.min(self.0.len()).min(buf.len());
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn stop_marker_is_seen_across_reads() {
+        let console = b"SeaBIOS\r\nRESULT a=1\r\nRESULT done=yes\r\n";
+        for step in [1, 3, 7, console.len()] {
+            let seen = Arc::new(AtomicBool::new(false));
+            let marker = Some(("RESULT done=".to_owned(), seen.clone()));
+            let text = drain(Trickle(console, step), None, marker);
+            assert!(seen.load(Ordering::Acquire), "chunks of {step}");
+            assert!(text.ends_with("done=yes\n"), "{text:?}");
+        }
+        let seen = Arc::new(AtomicBool::new(false));
+        drain(
+            Trickle(b"RESULT done", 2),
+            None,
+            Some(("RESULT done=".to_owned(), seen.clone())),
+        );
+        assert!(!seen.load(Ordering::Acquire));
+    }
+
+    #[test]
+    fn firmware_runs_get_their_firmware_and_boot_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let guest = Guest::new("cmdline")
+            .firmware(Firmware::SeaBios)
+            .blk_device(
+                BlkDisk::new("/tmp/a,b.sock")
+                    .queues(2)
+                    .bootindex(0)
+                    .property("disable-legacy=on"),
+            );
+        let cmd = guest
+            .command(Path::new("qemu"), None, Path::new("/none"), dir.path())
+            .unwrap();
+        let args: Vec<String> = cmd
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            args.windows(2).any(|w| w == ["-bios", SEABIOS_BIN]),
+            "{args:?}"
+        );
+        assert!(!args.iter().any(|a| a == "-kernel"), "{args:?}");
+        assert!(
+            args.contains(&"socket,id=c0,path=/tmp/a,,b.sock".to_owned()),
+            "{args:?}"
+        );
+        assert!(
+            args.contains(
+                &"vhost-user-blk-pci,chardev=c0,num-queues=2,bootindex=0,disable-legacy=on"
+                    .to_owned()
+            ),
+            "{args:?}"
         );
     }
 

@@ -2,6 +2,8 @@
 pub mod blkio_client;
 pub mod crash;
 pub mod daemon;
+pub mod fuse_client;
 pub mod guest;
 pub mod http;
+pub mod image;
 pub mod tools;

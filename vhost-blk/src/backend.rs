@@ -15,7 +15,7 @@ use vmm_sys_util::event::{
 };
 
 use crate::device::BlkDevice;
-use crate::virtio_blk::CONFIG_WRITEBACK_OFFSET;
+use crate::virtio_blk::{CONFIG_WRITEBACK_OFFSET, VIRTIO_F_VERSION_1};
 use crate::worker::{GuestMemory, QueueWorker, Vring};
 
 /// The backend handed to `vhost-user-backend`: the device plus one worker per queue.
@@ -81,6 +81,13 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn acked_features(&self, features: u64) {
+        // Firmware (OVMF, SeaBIOS on a legacy-only device) drives QEMU's transitional device
+        // through the legacy interface. Nothing changes for us on a little-endian host: the
+        // frontend gives each ring part's address, the request parser takes any layout, and
+        // virtio-queue reads little-endian rings either way.
+        if features & (1 << VIRTIO_F_VERSION_1) == 0 {
+            log::info!("legacy virtio driver (no VERSION_1): features {features:#x}");
+        }
         self.device
             .acked_features
             .store(features, Ordering::Relaxed);

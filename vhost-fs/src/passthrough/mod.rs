@@ -826,7 +826,12 @@ impl FileSystem for PassthroughFs {
         let _guard = h.dir.lock().unwrap_or_else(|p| p.into_inner());
         let fd = h.file.as_raw_fd();
         sys::lseek(fd, offset, libc::SEEK_SET)?;
-        let mut buf = vec![0u8; 32 * 1024];
+        // Read about as many host entries as the reply can hold, not more: every entry read
+        // past what fits is read again by the next call (after the seek above). A
+        // `linux_dirent64` is about the size of a `fuse_dirent`; a `fuse_direntplus` is
+        // some 128 bytes more. 512 bytes always hold one entry (a 255-byte name needs 280).
+        let want = if plus { size / 4 } else { size };
+        let mut buf = vec![0u8; want.clamp(512, 32 * 1024)];
         'outer: loop {
             let n = sys::getdents64(fd, &mut buf)?;
             if n == 0 {

@@ -1,0 +1,719 @@
+//! FUSE over vhost-user without a VM: testkit's FUSE client drives the vhost-fs process
+//! through its socket, and every effect is checked from the host.
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use testkit::daemon::Daemon;
+use testkit::fuse_client::{
+    opcode, vhost_fs_command, ClientOptions, FileLock, FuseClient, FATTR_SIZE, LK_FLOCK, ROOT_ID,
+};
+
+/// A vhost-fs process serving `share`, with a sibling directory `outside` that the guest
+/// must never reach, and a connected, initialised client.
+struct Fixture {
+    _dir: tempfile::TempDir,
+    share: PathBuf,
+    outside: PathBuf,
+    daemon: Daemon,
+    client: FuseClient,
+}
+
+fn start(extra: &[&str]) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let share = dir.path().join("share");
+    let outside = dir.path().join("outside");
+    std::fs::create_dir(&share).unwrap();
+    std::fs::create_dir(&outside).unwrap();
+    std::fs::write(outside.join("secret"), b"host secret").unwrap();
+    let socket = dir.path().join("fs.sock");
+    let daemon = vhost_fs_command(&socket, &share)
+        .unwrap()
+        .args(extra)
+        .spawn()
+        .unwrap();
+    let mut client = FuseClient::connect(&socket, ClientOptions::default()).unwrap();
+    client.init().unwrap();
+    Fixture {
+        _dir: dir,
+        share,
+        outside,
+        daemon,
+        client,
+    }
+}
+
+impl Fixture {
+    /// The daemon is still running and answers a GETATTR of the root.
+    fn assert_alive(&mut self) {
+        assert!(
+            self.daemon.try_wait().unwrap().is_none(),
+            "daemon exited:\n{}",
+            self.daemon.output()
+        );
+        self.client
+            .getattr(ROOT_ID)
+            .expect("daemon stopped serving");
+    }
+
+    /// The outside directory holds exactly the secret, unchanged.
+    fn assert_outside_untouched(&self) {
+        let names: Vec<_> = std::fs::read_dir(&self.outside)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("secret")]);
+        assert_eq!(
+            std::fs::read(self.outside.join("secret")).unwrap(),
+            b"host secret"
+        );
+        let parent = self.share.parent().unwrap();
+        let mut top: Vec<_> = std::fs::read_dir(parent)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        top.sort();
+        assert_eq!(top, ["fs.sock", "outside", "share"]);
+    }
+}
+
+fn errno(r: std::io::Result<impl std::fmt::Debug>) -> i32 {
+    match r {
+        Ok(v) => panic!("expected an error, got {v:?}"),
+        Err(e) => e
+            .raw_os_error()
+            .unwrap_or_else(|| panic!("not an errno: {e}")),
+    }
+}
+
+const RW_CREATE: u32 = libc::O_RDWR as u32;
+const LONG: Duration = Duration::from_secs(10);
+
+#[test]
+fn init_lookup_getattr_create_write_read() {
+    let mut f = start(&[]);
+    let c = &mut f.client;
+    assert_eq!(c.max_write, 1 << 20);
+    let root = c.getattr(ROOT_ID).unwrap();
+    assert_eq!(root.ino, std::fs::metadata(&f.share).unwrap().ino());
+    assert_eq!(root.mode & libc::S_IFMT, libc::S_IFDIR);
+
+    let (e, fh) = c.create(ROOT_ID, b"file", 0o640, RW_CREATE).unwrap();
+    assert_eq!(e.attr.mode, libc::S_IFREG | 0o640);
+    let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    assert_eq!(
+        c.write(e.nodeid, fh, 4096, &data).unwrap(),
+        data.len() as u32
+    );
+    let host = std::fs::read(f.share.join("file")).unwrap();
+    assert_eq!(host.len(), 4096 + data.len());
+    assert_eq!(&host[4096..], &data[..]);
+    // Reads span the hole, the data and stop at the end of the file.
+    let back = c.read(e.nodeid, fh, 0, 128 * 1024).unwrap();
+    assert_eq!(back.len(), 4096 + data.len());
+    assert!(back[..4096].iter().all(|&b| b == 0));
+    assert_eq!(&back[4096..], &data[..]);
+    let tail = c
+        .read(e.nodeid, fh, (4096 + data.len() - 10) as u64, 4096)
+        .unwrap();
+    assert_eq!(tail, &data[data.len() - 10..]);
+    let looked = c.lookup(ROOT_ID, b"file").unwrap();
+    assert_eq!(looked.nodeid, e.nodeid);
+    assert_eq!(c.getattr(e.nodeid).unwrap().size, host.len() as u64);
+    // Truncate through SETATTR.
+    assert_eq!(c.setattr(e.nodeid, FATTR_SIZE, 10, 0).unwrap().size, 10);
+    assert_eq!(std::fs::metadata(f.share.join("file")).unwrap().len(), 10);
+    c.release(e.nodeid, fh).unwrap();
+    assert_eq!(errno(c.lookup(ROOT_ID, b"missing")), libc::ENOENT);
+    // A handle that was released is gone.
+    assert_eq!(errno(c.read(e.nodeid, fh, 0, 10)), libc::EBADF);
+}
+
+#[test]
+fn readdirplus_lists_every_entry_with_attributes() {
+    let mut f = start(&[]);
+    for i in 0..300 {
+        std::fs::write(f.share.join(format!("f{i:03}")), vec![1u8; i]).unwrap();
+    }
+    std::fs::create_dir(f.share.join("sub")).unwrap();
+    // Small chunks, so the listing takes many calls and offsets must resume correctly.
+    let all = f.client.readdir_all(ROOT_ID, true, 4096).unwrap();
+    let mut names: Vec<String> = all
+        .iter()
+        .map(|d| String::from_utf8(d.name.clone()).unwrap())
+        .collect();
+    names.sort();
+    let mut want: Vec<String> = (0..300).map(|i| format!("f{i:03}")).collect();
+    want.extend([".".into(), "..".into(), "sub".into()]);
+    want.sort();
+    assert_eq!(names, want);
+    for d in &all {
+        let e = d.entry.unwrap();
+        match &d.name[..] {
+            b"." | b".." => assert_eq!(e.nodeid, 0),
+            b"sub" => assert_eq!(e.attr.mode & libc::S_IFMT, libc::S_IFDIR),
+            name => {
+                let i: usize = std::str::from_utf8(&name[1..]).unwrap().parse().unwrap();
+                assert_eq!(e.attr.size, i as u64);
+                assert_ne!(e.nodeid, 0);
+            }
+        }
+    }
+    let plain = f.client.readdir_all(ROOT_ID, false, 8192).unwrap();
+    assert_eq!(plain.len(), all.len());
+    assert!(plain.iter().all(|d| d.entry.is_none()));
+}
+
+#[test]
+fn rename2_noreplace_and_exchange() {
+    let mut f = start(&[]);
+    std::fs::write(f.share.join("a"), b"A").unwrap();
+    std::fs::write(f.share.join("b"), b"B").unwrap();
+    let c = &mut f.client;
+    assert_eq!(
+        errno(c.rename2(ROOT_ID, b"a", ROOT_ID, b"b", libc::RENAME_NOREPLACE)),
+        libc::EEXIST
+    );
+    assert_eq!(std::fs::read(f.share.join("b")).unwrap(), b"B");
+    c.rename2(ROOT_ID, b"a", ROOT_ID, b"b", libc::RENAME_EXCHANGE)
+        .unwrap();
+    assert_eq!(std::fs::read(f.share.join("a")).unwrap(), b"B");
+    assert_eq!(std::fs::read(f.share.join("b")).unwrap(), b"A");
+    let d = c.mkdir(ROOT_ID, b"d", 0o755).unwrap();
+    c.rename2(ROOT_ID, b"a", d.nodeid, b"moved", libc::RENAME_NOREPLACE)
+        .unwrap();
+    assert_eq!(std::fs::read(f.share.join("d/moved")).unwrap(), b"B");
+    assert_eq!(
+        errno(c.rename2(ROOT_ID, b"a", ROOT_ID, b"z", 0)),
+        libc::ENOENT
+    );
+    // Unknown flags are refused.
+    assert_eq!(
+        errno(c.rename2(ROOT_ID, b"b", ROOT_ID, b"c", 1 << 7)),
+        libc::EINVAL
+    );
+}
+
+#[test]
+fn posix_locks_conflict_and_flock() {
+    let mut f = start(&[]);
+    let c = &mut f.client;
+    let (e, fh1) = c.create(ROOT_ID, b"locked", 0o644, RW_CREATE).unwrap();
+    let fh2 = c.open(e.nodeid, libc::O_RDWR as u32).unwrap();
+    let wr = |start, end| FileLock {
+        start,
+        end,
+        typ: libc::F_WRLCK as u32,
+        pid: 1,
+    };
+    c.setlk(e.nodeid, fh1, 1, wr(0, 99), 0).unwrap();
+    assert_eq!(
+        errno(c.setlk(e.nodeid, fh2, 2, wr(50, 60), 0)),
+        libc::EAGAIN
+    );
+    // A range that does not overlap is free.
+    c.setlk(e.nodeid, fh2, 2, wr(100, 200), 0).unwrap();
+    let seen = c.getlk(e.nodeid, fh2, 2, wr(0, 10)).unwrap();
+    assert_eq!(seen.typ, libc::F_WRLCK as u32);
+    assert_eq!((seen.start, seen.end), (0, 99));
+    let free = c.getlk(e.nodeid, fh2, 2, wr(300, 400)).unwrap();
+    assert_eq!(free.typ, libc::F_UNLCK as u32);
+    let unlock = FileLock {
+        typ: libc::F_UNLCK as u32,
+        ..wr(0, 99)
+    };
+    c.setlk(e.nodeid, fh1, 1, unlock, 0).unwrap();
+    c.setlk(e.nodeid, fh2, 2, wr(50, 60), 0).unwrap();
+
+    // BSD flock: exclusive on one handle excludes the other.
+    let ex = wr(0, u64::MAX);
+    c.setlk(e.nodeid, fh1, 1, ex, LK_FLOCK).unwrap();
+    assert_eq!(
+        errno(c.setlk(e.nodeid, fh2, 2, ex, LK_FLOCK)),
+        libc::EWOULDBLOCK
+    );
+    // The host sees the flock too.
+    let host = std::fs::File::open(f.share.join("locked")).unwrap();
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor we own.
+    let r = unsafe { libc::flock(host.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    assert_eq!(r, -1);
+    c.setlk(
+        e.nodeid,
+        fh1,
+        1,
+        FileLock {
+            typ: libc::F_UNLCK as u32,
+            ..ex
+        },
+        LK_FLOCK,
+    )
+    .unwrap();
+    c.setlk(e.nodeid, fh2, 2, ex, LK_FLOCK).unwrap();
+}
+
+#[test]
+fn interrupt_ends_a_blocked_setlkw() {
+    let mut f = start(&[]);
+    let c = &mut f.client;
+    let (e, fh1) = c.create(ROOT_ID, b"wait", 0o644, RW_CREATE).unwrap();
+    let fh2 = c.open(e.nodeid, libc::O_RDWR as u32).unwrap();
+    let wr = FileLock {
+        start: 0,
+        end: 9,
+        typ: libc::F_WRLCK as u32,
+        pid: 1,
+    };
+    c.setlk(e.nodeid, fh1, 1, wr, 0).unwrap();
+    let args = FuseClient::lk_args(fh2, 2, wr, 0);
+    let waiting = c.start(opcode::SETLKW, e.nodeid, &args.0, &[], 64).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!c.is_done(waiting), "SETLKW did not block");
+    // Other requests are still served while it blocks.
+    c.getattr(e.nodeid).unwrap();
+    // INTERRUPT may race with the waiter registering: repeat until it lands.
+    let mut reply = None;
+    for _ in 0..20 {
+        c.interrupt(waiting).unwrap();
+        match c.wait(waiting, Duration::from_millis(250)) {
+            Ok(r) => {
+                reply = Some(r);
+                break;
+            }
+            Err(testkit::fuse_client::FuseClientError::Timeout(..)) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let reply = reply.expect("SETLKW was not interrupted");
+    assert_eq!(reply.error, -libc::EINTR);
+    // The lock holder is unaffected and the waiter can retry once it is released.
+    c.setlk(
+        e.nodeid,
+        fh1,
+        1,
+        FileLock {
+            typ: libc::F_UNLCK as u32,
+            ..wr
+        },
+        0,
+    )
+    .unwrap();
+    let again = c.start(opcode::SETLKW, e.nodeid, &args.0, &[], 64).unwrap();
+    assert_eq!(c.wait(again, LONG).unwrap().error, 0);
+}
+
+#[test]
+fn xattrs_need_the_flag() {
+    let mut f = start(&["--xattr"]);
+    let c = &mut f.client;
+    let (e, fh) = c.create(ROOT_ID, b"x", 0o644, RW_CREATE).unwrap();
+    c.release(e.nodeid, fh).unwrap();
+    c.setxattr(e.nodeid, b"user.color", b"blue").unwrap();
+    let size = c.getxattr(e.nodeid, b"user.color", 0).unwrap();
+    assert_eq!(u32::from_le_bytes(size[..4].try_into().unwrap()), 4);
+    assert_eq!(c.getxattr(e.nodeid, b"user.color", 64).unwrap(), b"blue");
+    let list = c.listxattr(e.nodeid, 256).unwrap();
+    assert!(list.split(|&b| b == 0).any(|n| n == b"user.color"));
+    // The host sees it.
+    let path = CString::new(f.share.join("x").as_os_str().as_bytes()).unwrap();
+    let mut buf = [0u8; 16];
+    // SAFETY: NUL-terminated strings and a buffer of the given length.
+    let n = unsafe {
+        libc::getxattr(
+            path.as_ptr(),
+            c"user.color".as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    assert_eq!(&buf[..n as usize], b"blue");
+    c.removexattr(e.nodeid, b"user.color").unwrap();
+    assert_eq!(
+        errno(c.getxattr(e.nodeid, b"user.color", 64)),
+        libc::ENODATA
+    );
+    // Without --xattr, the guest is told xattrs are not supported.
+    let mut plain = start(&[]);
+    let (e, _) = plain
+        .client
+        .create(ROOT_ID, b"y", 0o644, RW_CREATE)
+        .unwrap();
+    assert_eq!(
+        errno(plain.client.setxattr(e.nodeid, b"user.a", b"1")),
+        libc::ENOSYS
+    );
+}
+
+#[test]
+fn lseek_copy_file_range_fallocate_statfs_syncfs() {
+    let mut f = start(&[]);
+    let c = &mut f.client;
+    let (e, fh) = c.create(ROOT_ID, b"sparse", 0o644, RW_CREATE).unwrap();
+    c.write(e.nodeid, fh, 1 << 20, &[7u8; 4096]).unwrap();
+    c.fsync(e.nodeid, fh).unwrap();
+    // Compare with what the host's lseek says on the same file.
+    let host = std::fs::File::open(f.share.join("sparse")).unwrap();
+    use std::os::fd::AsRawFd;
+    let host_seek = |off: i64, whence| {
+        // SAFETY: lseek on a descriptor we own.
+        unsafe { libc::lseek(host.as_raw_fd(), off, whence) as u64 }
+    };
+    for (off, whence) in [
+        (0, libc::SEEK_DATA),
+        (0, libc::SEEK_HOLE),
+        (1 << 20, libc::SEEK_HOLE),
+    ] {
+        assert_eq!(
+            c.lseek(e.nodeid, fh, off as u64, whence as u32).unwrap(),
+            host_seek(off, whence),
+            "lseek({off}, {whence})"
+        );
+    }
+    assert_eq!(
+        errno(c.lseek(e.nodeid, fh, 2 << 20, libc::SEEK_DATA as u32)),
+        libc::ENXIO
+    );
+
+    let (e2, fh2) = c.create(ROOT_ID, b"copy", 0o644, RW_CREATE).unwrap();
+    let n = c
+        .copy_file_range(e.nodeid, fh, 1 << 20, e2.nodeid, fh2, 100, 4096)
+        .unwrap();
+    assert_eq!(n, 4096);
+    let copied = std::fs::read(f.share.join("copy")).unwrap();
+    assert_eq!(copied.len(), 4196);
+    assert!(copied[100..].iter().all(|&b| b == 7));
+
+    c.fallocate(e2.nodeid, fh2, 0, 3 << 20, 0).unwrap();
+    let m = std::fs::metadata(f.share.join("copy")).unwrap();
+    assert_eq!(m.len(), 3 << 20);
+    assert!(m.blocks() * 512 >= 3 << 20, "not allocated");
+    c.fallocate(
+        e2.nodeid,
+        fh2,
+        0,
+        1 << 20,
+        (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE) as u32,
+    )
+    .unwrap();
+    let m2 = std::fs::metadata(f.share.join("copy")).unwrap();
+    assert_eq!(m2.len(), 3 << 20);
+    assert!(m2.blocks() < m.blocks(), "hole not punched");
+
+    let st = c.statfs(ROOT_ID).unwrap();
+    let path = CString::new(f.share.as_os_str().as_bytes()).unwrap();
+    // SAFETY: statvfs fills the zeroed struct we own.
+    let host_st = unsafe {
+        let mut s: libc::statvfs = std::mem::zeroed();
+        assert_eq!(libc::statvfs(path.as_ptr(), &mut s), 0);
+        s
+    };
+    assert_eq!(st.blocks, host_st.f_blocks);
+    assert_eq!(u64::from(st.bsize), host_st.f_bsize);
+    assert_eq!(u64::from(st.namelen), host_st.f_namemax);
+    c.syncfs().unwrap();
+}
+
+#[test]
+fn malformed_messages_get_errors_and_the_daemon_survives() {
+    let mut f = start(&[]);
+    let c = &mut f.client;
+    let reply_room = 4096;
+    // The header's length says more than arrived.
+    let u = c.next_unique();
+    let mut h = c.header(200, opcode::LOOKUP, u, ROOT_ID);
+    let u = c.start_raw(1, &[&h, b"name\0"], reply_room, true).unwrap();
+    let r = c.wait(u, LONG).unwrap();
+    assert_eq!((r.error, r.unique), (-libc::EINVAL, u));
+    // A name without its NUL.
+    let u = c.next_unique();
+    h = c.header(44, opcode::LOOKUP, u, ROOT_ID);
+    let r = c.start_raw(1, &[&h, b"name"], reply_room, true).unwrap();
+    assert_eq!(c.wait(r, LONG).unwrap().error, -libc::EINVAL);
+    // Arguments cut short, for every opcode that has fixed arguments.
+    for op in [
+        opcode::GETATTR,
+        opcode::SETATTR,
+        opcode::OPEN,
+        opcode::READ,
+        opcode::WRITE,
+        opcode::CREATE,
+        opcode::MKNOD,
+        opcode::RENAME2,
+        opcode::SETLK,
+        opcode::GETLK,
+        opcode::LSEEK,
+        opcode::FALLOCATE,
+        opcode::COPY_FILE_RANGE,
+        opcode::SETXATTR,
+    ] {
+        let u = c.next_unique();
+        let h = c.header(43, op, u, ROOT_ID);
+        let r = c.start_raw(1, &[&h, &[1, 2, 3]], reply_room, true).unwrap();
+        assert_eq!(c.wait(r, LONG).unwrap().error, -libc::EINVAL, "opcode {op}");
+    }
+    // A READ larger than we announced.
+    let args = FuseClient::read_args(0, 0, 64 << 20);
+    let r = c.call(opcode::READ, ROOT_ID, &args.0, &[], 64).unwrap();
+    assert_eq!(r.error, -libc::E2BIG);
+    // Unknown opcodes are ENOSYS.
+    let r = c.call(9999, ROOT_ID, &[], &[], 64).unwrap();
+    assert_eq!(r.error, -libc::ENOSYS);
+    // Shorter than a header: no reply, the chain comes back empty.
+    let r = c.start_raw(1, &[&[0u8; 12]], reply_room, true).unwrap();
+    assert_eq!(c.wait(r, LONG).unwrap().used_len, 0);
+    // No room for even the reply header.
+    let args = FuseClient::read_args(0, 0, 8);
+    let r = c
+        .start(opcode::GETATTR, ROOT_ID, &args.0[..16], &[], 8)
+        .unwrap();
+    assert_eq!(c.wait(r, LONG).unwrap().used_len, 0);
+    f.assert_alive();
+}
+
+#[test]
+fn malformed_chains_are_refused_and_the_daemon_survives() {
+    use testkit::fuse_client::transport::Segment;
+    let mut f = start(&[]);
+    let c = &mut f.client;
+    let size = c.transport().memory_size();
+    let scratch = c.transport().alloc(4096).unwrap();
+    let h = c.header(56, opcode::GETATTR, 999, ROOT_ID);
+    scratch.write(0, &h);
+    scratch.write(40, &[0; 16]);
+    let chains: Vec<Vec<Segment>> = vec![
+        // A writable descriptor before the readable one.
+        vec![
+            Segment {
+                gpa: scratch.gpa + 1024,
+                len: 1024,
+                writable: true,
+            },
+            Segment {
+                gpa: scratch.gpa,
+                len: 56,
+                writable: false,
+            },
+        ],
+        // The request lies outside guest memory.
+        vec![
+            Segment {
+                gpa: size + 4096,
+                len: 56,
+                writable: false,
+            },
+            Segment {
+                gpa: scratch.gpa + 1024,
+                len: 1024,
+                writable: true,
+            },
+        ],
+        // The reply buffer runs off the end of guest memory.
+        vec![
+            Segment {
+                gpa: scratch.gpa,
+                len: 56,
+                writable: false,
+            },
+            Segment {
+                gpa: size - 8,
+                len: 4096,
+                writable: true,
+            },
+        ],
+        // A length that wraps the address space.
+        vec![
+            Segment {
+                gpa: u64::MAX - 16,
+                len: 56,
+                writable: false,
+            },
+            Segment {
+                gpa: scratch.gpa + 1024,
+                len: 1024,
+                writable: true,
+            },
+        ],
+    ];
+    for chain in &chains {
+        let t = c.transport();
+        t.add_chain(1, chain).unwrap();
+        t.force_kick(1).unwrap();
+        let used = t.wait_used(1, LONG).unwrap();
+        assert!(
+            used.len <= 16,
+            "{chain:?}: device claims {} bytes",
+            used.len
+        );
+    }
+    f.assert_alive();
+}
+
+#[test]
+fn init_again_without_destroy_resets_the_session() {
+    let mut f = start(&[]);
+    let c = &mut f.client;
+    let (e, fh) = c.create(ROOT_ID, b"held", 0o644, RW_CREATE).unwrap();
+    c.write(e.nodeid, fh, 0, b"data").unwrap();
+    c.init().unwrap();
+    // The old node ids and handles are gone; the root and the file's data are not.
+    assert_eq!(errno(c.getattr(e.nodeid)), libc::EBADF);
+    assert_eq!(errno(c.read(e.nodeid, fh, 0, 4)), libc::EBADF);
+    let again = c.lookup(ROOT_ID, b"held").unwrap();
+    let fh = c.open(again.nodeid, libc::O_RDONLY as u32).unwrap();
+    assert_eq!(c.read(again.nodeid, fh, 0, 4).unwrap(), b"data");
+    // DESTROY, then nothing but INIT is served.
+    c.destroy().unwrap();
+    assert_eq!(errno(c.getattr(ROOT_ID)), libc::EIO);
+    c.init().unwrap();
+    c.getattr(ROOT_ID).unwrap();
+}
+
+#[test]
+fn escape_attempts_fail_and_leave_the_host_untouched() {
+    let mut f = start(&[]);
+    let outside = f.outside.clone();
+    std::fs::create_dir(f.share.join("sub")).unwrap();
+    // Host-made symlinks pointing out of the share.
+    std::os::unix::fs::symlink(&outside, f.share.join("to_outside")).unwrap();
+    std::os::unix::fs::symlink(outside.join("secret"), f.share.join("to_secret")).unwrap();
+    std::os::unix::fs::symlink("../outside/secret", f.share.join("relative")).unwrap();
+    let fifo = CString::new(f.share.join("fifo").as_os_str().as_bytes()).unwrap();
+    // SAFETY: a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o666) }, 0);
+    let c = &mut f.client;
+
+    // Names are one component.
+    for name in [
+        &b"../outside"[..],
+        b"sub/../../outside",
+        b"/etc",
+        b"a/b",
+        b"",
+    ] {
+        assert_eq!(errno(c.lookup(ROOT_ID, name)), libc::EINVAL, "{name:?}");
+        assert_eq!(
+            errno(c.create(ROOT_ID, name, 0o644, RW_CREATE)),
+            libc::EINVAL
+        );
+        assert_eq!(errno(c.mkdir(ROOT_ID, name, 0o755)), libc::EINVAL);
+    }
+    // `..` of the root is the root.
+    let up = c.lookup(ROOT_ID, b"..").unwrap();
+    assert_eq!(up.attr.ino, std::fs::metadata(&f.share).unwrap().ino());
+    let up2 = c.lookup(up.nodeid, b"..").unwrap();
+    assert_eq!(up2.attr.ino, up.attr.ino);
+    assert_eq!(errno(c.lookup(up.nodeid, b"outside")), libc::ENOENT);
+    // Creating, removing or renaming `.` and `..` is refused.
+    assert_eq!(errno(c.mkdir(ROOT_ID, b"..", 0o755)), libc::EINVAL);
+    assert_eq!(errno(c.unlink(ROOT_ID, b"..")), libc::EINVAL);
+    assert_eq!(
+        errno(c.rename2(ROOT_ID, b"sub", ROOT_ID, b"..", 0)),
+        libc::EINVAL
+    );
+
+    // Symlinks are never followed: not by lookup, open, create, setattr or xattr.
+    let link = c.lookup(ROOT_ID, b"to_outside").unwrap();
+    assert_eq!(link.attr.mode & libc::S_IFMT, libc::S_IFLNK);
+    assert_ne!(errno(c.lookup(link.nodeid, b"secret")), 0);
+    assert_ne!(errno(c.opendir(link.nodeid)), 0);
+    assert_ne!(
+        errno(c.create(link.nodeid, b"planted", 0o644, RW_CREATE)),
+        0
+    );
+    assert_ne!(errno(c.mkdir(link.nodeid, b"planted", 0o755)), 0);
+    for name in [&b"to_secret"[..], b"relative"] {
+        let l = c.lookup(ROOT_ID, name).unwrap();
+        assert_eq!(errno(c.open(l.nodeid, libc::O_RDWR as u32)), libc::ELOOP);
+        assert_eq!(
+            errno(c.open(l.nodeid, (libc::O_RDWR | libc::O_TRUNC) as u32)),
+            libc::ELOOP
+        );
+        let _ = c.setattr(l.nodeid, FATTR_SIZE, 0, 0);
+        assert!(!c.readlink(l.nodeid).unwrap().is_empty());
+    }
+    // A guest-made symlink to a host path is just text.
+    let g = c.symlink(ROOT_ID, b"guest_link", b"/etc/shadow").unwrap();
+    assert_eq!(errno(c.open(g.nodeid, libc::O_RDONLY as u32)), libc::ELOOP);
+    assert_eq!(c.readlink(g.nodeid).unwrap(), b"/etc/shadow");
+    // CREATE over an existing symlink does not write through it.
+    assert_ne!(errno(c.create(ROOT_ID, b"to_secret", 0o644, RW_CREATE)), 0);
+
+    // Links and renames name inodes only by node id: unknown ids are refused, and a name
+    // never leaves its directory.
+    assert_eq!(errno(c.link(12345, ROOT_ID, b"stolen")), libc::EBADF);
+    assert_eq!(
+        errno(c.rename2(ROOT_ID, b"sub", 12345, b"gone", 0)),
+        libc::EBADF
+    );
+    assert_eq!(
+        errno(c.rename2(ROOT_ID, b"sub", ROOT_ID, b"../outside/sub", 0)),
+        libc::EINVAL
+    );
+    assert_eq!(errno(c.link(link.nodeid, ROOT_ID, b"../x")), libc::EINVAL);
+    // A hard link of the symlink stays a symlink inside the share.
+    let hl = c.link(link.nodeid, ROOT_ID, b"hardlink").unwrap();
+    assert_eq!(hl.attr.mode & libc::S_IFMT, libc::S_IFLNK);
+
+    // FIFOs (host-made and guest-made) are never opened: no hang, an error.
+    let fifo = c.lookup(ROOT_ID, b"fifo").unwrap();
+    assert_eq!(
+        errno(c.open(fifo.nodeid, libc::O_RDONLY as u32)),
+        libc::EACCES
+    );
+    let gf = c
+        .mknod(ROOT_ID, b"guest_fifo", libc::S_IFIFO | 0o644, 0)
+        .unwrap();
+    assert_eq!(
+        errno(c.open(gf.nodeid, libc::O_WRONLY as u32)),
+        libc::EACCES
+    );
+    assert!(std::fs::symlink_metadata(f.share.join("guest_fifo"))
+        .unwrap()
+        .file_type()
+        .is_fifo());
+
+    f.assert_alive();
+    f.assert_outside_untouched();
+    // Host-side: the symlinks still point where they did, and nothing was planted.
+    assert_eq!(
+        std::fs::read_link(f.share.join("to_outside")).unwrap(),
+        outside
+    );
+    assert!(!Path::new(&outside).join("planted").exists());
+}
+
+/// The client is a faithful FUSE driver, not one shaped to our daemon: the same sequence
+/// against virtiofsd gives the same host-visible results.
+#[test]
+fn the_same_client_drives_virtiofsd() {
+    let dir = tempfile::tempdir().unwrap();
+    let share = dir.path().join("share");
+    std::fs::create_dir(&share).unwrap();
+    let socket = dir.path().join("virtiofsd.sock");
+    let _daemon = testkit::fuse_client::virtiofsd_command(&socket, &share)
+        .unwrap_or_else(|e| panic!("this test needs virtiofsd: {e:#}"))
+        .spawn()
+        .unwrap();
+    let mut c = FuseClient::connect(&socket, ClientOptions::default()).unwrap();
+    c.init().unwrap();
+    let (e, fh) = c.create(ROOT_ID, b"file", 0o644, RW_CREATE).unwrap();
+    assert_eq!(c.write(e.nodeid, fh, 0, &[5u8; 8192]).unwrap(), 8192);
+    assert_eq!(c.read(e.nodeid, fh, 4096, 8192).unwrap(), vec![5u8; 4096]);
+    c.release(e.nodeid, fh).unwrap();
+    c.mkdir(ROOT_ID, b"dir", 0o755).unwrap();
+    let names: Vec<Vec<u8>> = c
+        .readdir_all(ROOT_ID, true, 4096)
+        .unwrap()
+        .into_iter()
+        .map(|d| d.name)
+        .collect();
+    assert!(names.contains(&b"file".to_vec()) && names.contains(&b"dir".to_vec()));
+    c.rename2(ROOT_ID, b"file", ROOT_ID, b"moved", libc::RENAME_NOREPLACE)
+        .unwrap();
+    assert_eq!(std::fs::read(share.join("moved")).unwrap(), vec![5u8; 8192]);
+    // virtiofsd answers ENOENT where we answer EINVAL; both refuse.
+    errno(c.lookup(ROOT_ID, b"a/b"));
+}
