@@ -12,9 +12,9 @@ log() { printf 'setup: %s\n' "$*"; }
 # Debian packages the tests run as real clients and peers (see shared/REAL-CLIENTS.md):
 # QEMU and its storage daemon, busybox for the guest initramfs, firmware for boot tests,
 # qemu-img as the image oracle, xz for compressed kernel modules, nasm for the BIOS boot
-# program firmware-tests assembles.
+# program firmware-tests assembles, e2fsprogs for e2fsck on the file systems guests make.
 # libseccomp-dev and libcap-ng-dev build virtiofsd, the reference server for vhost-fs.
-PACKAGES=(qemu-system-x86 busybox-static cpio seabios ovmf nasm qemu-utils xz-utils libseccomp-dev libcap-ng-dev)
+PACKAGES=(qemu-system-x86 busybox-static cpio seabios ovmf nasm e2fsprogs qemu-utils xz-utils libseccomp-dev libcap-ng-dev)
 
 SUDO=()
 if [[ $(id -u) -ne 0 ]]; then

@@ -1,8 +1,10 @@
-//! `strata-demo`: the README's main command. In a scratch directory it creates a disk image,
-//! starts `vhost-blk` on it with an API socket, boots a Linux guest under QEMU that writes,
-//! reads back and checks data through the kernel's virtio-blk driver and builds a filesystem,
-//! then prints what was served (from the daemon's `/metrics`), checks the image from the
-//! host, and shuts the daemon down cleanly.
+//! `strata-demo`: the README's main command. In a scratch directory it starts `vhost-blk` on a
+//! tiered disk (a capacity image behind a write-back cache file) and `vhost-fs` on a shared
+//! directory, boots a Linux guest under QEMU that writes, reads back and checks raw data
+//! through the kernel's virtio-blk driver, builds an ext2 filesystem, copies a tree from the
+//! virtio-fs share onto it and checks it both ways, then prints what was served (from the
+//! daemons' `/metrics`, cache hit ratio included), checks the image from the host, and shuts
+//! everything down cleanly.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -13,6 +15,7 @@ use testkit::guest::Guest;
 use testkit::http;
 
 const IMAGE_MIB: u64 = 256;
+const CACHE_MIB: u64 = 64;
 const DATA_MIB: u64 = 8;
 /// Where the guest puts the raw data: past the filesystem, which takes the first 192 MiB.
 const DATA_OFFSET_MIB: u64 = 224;
@@ -37,6 +40,8 @@ fn data(len: usize) -> Vec<u8> {
 
 const GUEST_SCRIPT: &str = r#"
 set -e
+mkdir -p /share && mount -t virtiofs share /share
+echo "guest: mounted the virtio-fs share: $(ls /share | wc -l) entries, $(du -s /share | cut -f1) KiB"
 echo "guest: /dev/vda is $(( $(cat /sys/block/vda/size) / 2048 )) MiB with $(ls /sys/block/vda/mq | wc -l) queue(s)"
 echo "guest: writing 8 MiB of test data at 224 MiB (O_DIRECT, fsync)"
 dd if=/data.bin of=/dev/vda bs=1M seek=224 oflag=direct conv=fsync 2>&1 | tail -1 | sed 's/^/guest:   /'
@@ -48,14 +53,33 @@ echo "guest: md5 written $want, read back $got"
 echo "guest: making an ext2 filesystem on the first 192 MiB"
 mke2fs -q -b 4096 /dev/vda 49152
 mkdir -p /mnt && mount -t ext2 /dev/vda /mnt
-cp /data.bin /mnt/a.bin && cp /data.bin /mnt/b.bin && mkdir /mnt/dir && echo hello > /mnt/dir/hello.txt
+cp /data.bin /mnt/a.bin && cp -a /share/tree /mnt/tree
+(cd /share/tree && find . -type f | sort | xargs md5sum) > /tmp/share.md5
 sync && umount /mnt
-echo "guest: remounted; checking files"
+echo "guest: copied the share's tree onto the disk; remounted; checking checksums both ways"
 mount -t ext2 /dev/vda /mnt
-[ "$(md5sum < /mnt/a.bin | cut -d' ' -f1)" = "$want" ] && [ "$(md5sum < /mnt/b.bin | cut -d' ' -f1)" = "$want" ] && [ "$(cat /mnt/dir/hello.txt)" = hello ] && echo "RESULT fs=ok" || { echo "RESULT fs=mismatch"; exit 1; }
-ls -l /mnt | sed 's/^/guest:   /'
+(cd /mnt/tree && md5sum -c -s /tmp/share.md5) && (cd /mnt/tree && find . -type f | sort | xargs md5sum) | cmp -s - /tmp/share.md5 && [ "$(md5sum < /mnt/a.bin | cut -d' ' -f1)" = "$want" ] && echo "RESULT fs=ok" || { echo "RESULT fs=mismatch"; exit 1; }
+echo "guest:   $(find /mnt/tree -type f | wc -l) files, $(du -s /mnt/tree | cut -f1) KiB verified"
+cp /mnt/a.bin /share/from-guest.bin && sync
 umount /mnt
+umount /share
 "#;
+
+/// A small tree to share: nested directories, text and binary files.
+fn make_tree(root: &Path) -> Result<()> {
+    for (i, d) in ["docs", "docs/notes", "bin", "data/a/b"].iter().enumerate() {
+        let dir = root.join(d);
+        std::fs::create_dir_all(&dir)?;
+        for j in 0..5 {
+            std::fs::write(
+                dir.join(format!("file-{j}.txt")),
+                format!("file {j} in {d}\n").repeat(100 * (i + 1)),
+            )?;
+        }
+        std::fs::write(dir.join("blob.bin"), data(256 << 10))?;
+    }
+    Ok(())
+}
 
 fn metric(samples: &[http::Sample], name: &str, label: &str) -> f64 {
     samples
@@ -89,7 +113,7 @@ fn quantile(samples: &[http::Sample], q: f64) -> Option<f64> {
         .map(|(le, _)| *le)
 }
 
-fn summary(api: &Path) -> Result<()> {
+fn summary(api: &Path, fs_api: &Path) -> Result<()> {
     let text = http::get(api, "/metrics").context("GET /metrics")?.text();
     let s = http::parse_prometheus(&text).map_err(anyhow::Error::msg)?;
     let mib = |b: f64| b / (1 << 20) as f64;
@@ -103,6 +127,35 @@ fn summary(api: &Path) -> Result<()> {
     }
     let errors = metric(&s, "strata_blk_errors_total", "");
     say(format!("  errors: {errors}"));
+    let hits = metric(&s, "strata_blk_cache_read_hits_total", "");
+    let misses = metric(&s, "strata_blk_cache_read_misses_total", "");
+    if hits + misses > 0.0 {
+        say(format!(
+            "  cache: {:.1}% read hit ratio ({hits} hits, {misses} misses), {} promotions, {} dirty blocks, {} written back",
+            100.0 * hits / (hits + misses),
+            metric(&s, "strata_blk_cache_promotions_total", ""),
+            metric(&s, "strata_blk_cache_dirty_blocks", ""),
+            metric(&s, "strata_blk_cache_writeback_blocks_total", ""),
+        ));
+    }
+    if let Ok(r) = http::get(fs_api, "/metrics") {
+        if let Ok(fs) = http::parse_prometheus(&r.text()) {
+            let total: f64 = fs
+                .iter()
+                .filter(|x| x.name.ends_with("_requests_total"))
+                .map(|x| x.value)
+                .sum();
+            let bytes: f64 = fs
+                .iter()
+                .filter(|x| x.name.ends_with("_bytes_total"))
+                .map(|x| x.value)
+                .sum();
+            say(format!(
+                "what vhost-fs served: {total} FUSE requests, {:.1} MiB of file data",
+                mib(bytes)
+            ));
+        }
+    }
     if let (Some(p50), Some(p99)) = (quantile(&s, 0.5), quantile(&s, 0.99)) {
         say(format!(
             "  latency: p50 <= {:.0} us, p99 <= {:.0} us (histogram bucket bounds)",
@@ -142,22 +195,48 @@ fn main() -> Result<()> {
     let file = std::fs::File::create(&image)?;
     file.set_len(IMAGE_MIB << 20)?;
     drop(file);
-    say(format!("created a {IMAGE_MIB} MiB raw disk image"));
+    let cache = dir.join("cache.img");
+    say(format!(
+        "created a {IMAGE_MIB} MiB capacity image; its {CACHE_MIB} MiB write-back cache file is created by vhost-blk"
+    ));
 
     let (sock, api) = (dir.join("blk.sock"), dir.join("blk-api.sock"));
     let mut daemon = DaemonCommand::vhost_blk()?
         .args(["--socket".as_ref(), sock.as_os_str()])
         .args([
             "--disk".to_string(),
-            format!("path={},serial=strata-demo", image.display()),
+            format!(
+                "path={},cache={},cache-size={CACHE_MIB}M,cache-mode=writeback,serial=strata-demo",
+                image.display(),
+                cache.display()
+            ),
         ])
         .args(["--queues", "2"])
         .args(["--api-socket".as_ref(), api.as_os_str()])
         .spawn()
         .context("cannot start vhost-blk")?;
     say(format!(
-        "vhost-blk is serving the image on {} (2 queues, io_uring)",
+        "vhost-blk is serving the tiered disk on {} (2 queues)",
         sock.display()
+    ));
+
+    let share = dir.join("share");
+    make_tree(&share.join("tree"))?;
+    let (fs_sock, fs_api) = (dir.join("fs.sock"), dir.join("fs-api.sock"));
+    let mut fs_daemon = DaemonCommand::new(testkit::daemon::try_binary_path("vhost-fs")?)
+        .readiness(testkit::daemon::Readiness::StderrContains(
+            "listening on".into(),
+        ))
+        .args(["--socket-path".as_ref(), fs_sock.as_os_str()])
+        .args(["--shared-dir".as_ref(), share.as_os_str()])
+        .args(["--tag", "share", "--sandbox", "none"])
+        .args(["--api-socket".as_ref(), fs_api.as_os_str()])
+        .spawn()
+        .context("cannot start vhost-fs")?;
+    say(format!(
+        "vhost-fs is sharing {} on {} (tag \"share\")",
+        share.display(),
+        fs_sock.display()
     ));
 
     say("booting a Linux guest under QEMU (TCG, about 5-10 s)...");
@@ -166,6 +245,7 @@ fn main() -> Result<()> {
         .script(GUEST_SCRIPT)
         .file("/data.bin", payload.clone())
         .blk_disk(&sock, 2)
+        .fs_share(&fs_sock, "share")
         .timeout(Duration::from_secs(240))
         .run()?;
     for line in run.console.lines().filter(|l| l.starts_with("guest:")) {
@@ -179,21 +259,49 @@ fn main() -> Result<()> {
         "guest finished in {:.1} s",
         run.elapsed.as_secs_f64()
     ));
-    summary(&api)?;
+    summary(&api, &fs_api)?;
+    let back = std::fs::read(share.join("from-guest.bin"))?;
+    if back != payload {
+        bail!("the file the guest wrote into the share differs");
+    }
+    say("host check: the file the guest wrote into the share is exactly the test data");
 
     let status = daemon.terminate()?;
     if !status.success() {
         bail!("vhost-blk exited with {status} on SIGTERM");
     }
     say("vhost-blk drained, flushed and exited cleanly on SIGTERM");
-
-    let img = std::fs::read(&image)?;
-    let at = (DATA_OFFSET_MIB << 20) as usize;
-    if img[at..at + payload.len()] != payload[..] {
-        bail!("the image does not hold what the guest wrote at {DATA_OFFSET_MIB} MiB");
+    // Like virtiofsd, vhost-fs exits when its frontend goes away; stop it if it has not.
+    if fs_daemon.try_wait()?.is_none() {
+        fs_daemon.terminate()?;
     }
+
+    // In write-back mode part of the data may still be only in the cache: check through the
+    // disk as a whole (a fresh daemon recovering the cache), not the capacity image alone.
+    let mut check = DaemonCommand::vhost_blk()?
+        .args(["--socket".as_ref(), sock.as_os_str()])
+        .args([
+            "--disk".to_string(),
+            format!(
+                "path={},cache={},cache-size={CACHE_MIB}M,cache-mode=writeback",
+                image.display(),
+                cache.display()
+            ),
+        ])
+        .spawn()?;
+    let mut client = testkit::blkio_client::Client::open(&sock, 1)?;
+    let at = DATA_OFFSET_MIB << 20;
+    let mut got = Vec::new();
+    for k in 0..DATA_MIB {
+        got.extend(client.queue(0).read(at + (k << 20), 1 << 20)?);
+    }
+    drop(client);
+    if got != payload {
+        bail!("the disk does not hold what the guest wrote at {DATA_OFFSET_MIB} MiB");
+    }
+    check.terminate()?;
     say(format!(
-        "host check: the image holds exactly the {DATA_MIB} MiB the guest wrote at {DATA_OFFSET_MIB} MiB"
+        "host check: after a restart (the cache recovered from its journal), the disk holds exactly the {DATA_MIB} MiB the guest wrote at {DATA_OFFSET_MIB} MiB"
     ));
     say(format!(
         "done in {:.1} s; no process left behind",
