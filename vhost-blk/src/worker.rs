@@ -146,9 +146,9 @@ impl QueueWorker {
     /// eventfds; the guest need not kick meanwhile, because notifications stay suppressed.
     /// Any activity restarts the window, so an idle queue costs no CPU.
     fn run(&mut self, vring: &Vring) {
-        let Some(mem) = self.mem.as_ref().map(|m| m.memory().into_inner()) else {
+        if self.mem.is_none() {
             return;
-        };
+        }
         let poll = self.device.poll;
         let mut state = vring.get_mut();
         let _ = state.disable_notification();
@@ -159,7 +159,7 @@ impl QueueWorker {
                 let mut used = self.reap(&mut state);
                 let mut progress = used;
                 if !stopping {
-                    progress += self.pull(&mut state, &mem, &mut used);
+                    progress += self.pull(&mut state, &mut used);
                 }
                 if let Err(e) = self.queue.submit() {
                     log::error!("queue {}: submit failed: {e}", self.index);
@@ -208,7 +208,6 @@ impl QueueWorker {
     fn pull(
         &mut self,
         state: &mut VringState<GuestMemoryAtomic<GuestMemory>>,
-        mem: &Arc<GuestMemory>,
         used: &mut usize,
     ) -> usize {
         let mut pulled = 0;
@@ -222,6 +221,13 @@ impl QueueWorker {
                 self.metrics.throttled();
                 return pulled;
             }
+            // The current memory map, loaded per request: the frontend may add regions at
+            // any time (libblkio maps buffers as it goes), and a busy, polling worker would
+            // otherwise keep translating with the map it started with.
+            let Some(mem) = self.mem.as_ref().map(|m| m.memory().into_inner()) else {
+                return pulled;
+            };
+            let mem = &mem;
             let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&**mem) else {
                 return pulled;
             };
@@ -255,11 +261,23 @@ impl QueueWorker {
     ) -> bool {
         let (kind, status) = match parsed {
             Parsed::Dropped => {
+                log::warn!(
+                    "queue {}: chain {head} has no status byte; returned unused",
+                    self.index
+                );
                 self.metrics.failed(OpClass::Other, ErrorClass::Malformed);
                 add_used(state, head, 0);
                 return true;
             }
             Parsed::Refused { status, refusal } => {
+                if refusal.error != ErrorClass::Unsupported {
+                    log::warn!(
+                        "queue {}: {:?} request refused ({:?})",
+                        self.index,
+                        refusal.class,
+                        refusal.error
+                    );
+                }
                 // SAFETY: `status` was translated from `mem`, which we hold.
                 unsafe { status.write(refusal.status) };
                 self.metrics.failed(refusal.class, refusal.error);
@@ -307,6 +325,7 @@ impl QueueWorker {
                 false
             }
             Err(e) => {
+                log::warn!("queue {}: {:?} refused by the disk: {e}", self.index, kind);
                 let error = match e {
                     StartError::OutOfRange => ErrorClass::OutOfRange,
                     StartError::ReadOnly => ErrorClass::ReadOnly,
@@ -341,7 +360,7 @@ impl QueueWorker {
         let slot = &mut self.slots[index as usize];
         let class = slot.kind.class();
         if result < 0 {
-            log::debug!(
+            log::warn!(
                 "queue {}: {:?} failed: {}",
                 self.index,
                 slot.kind,

@@ -1361,6 +1361,7 @@ impl DiskQueue for TieredQueue {
             Err(e) => {
                 // `room` was checked, so pushes cannot fail; should one, fail the request
                 // rather than leave pieces behind unaccounted.
+                log::warn!("tier: could not start request {tag}: {e}");
                 self.fail_start(tag);
                 if self.reqs[tag as usize].pending > 0 {
                     self.reqs[tag as usize].error = -libc::EIO;
@@ -1415,6 +1416,17 @@ impl DiskQueue for TieredQueue {
             let req = &mut self.reqs[tag as usize];
             req.pending -= 1;
             if c.result < 0 {
+                log::warn!(
+                    "tier: {} piece of request {tag} ({:?} at {}) failed: {}",
+                    if c.user_data & CACHE_TARGET != 0 {
+                        "cache"
+                    } else {
+                        "capacity"
+                    },
+                    req.kind,
+                    req.offset,
+                    io::Error::from_raw_os_error(-c.result)
+                );
                 if c.user_data & CACHE_TARGET != 0 {
                     if req.cache_error == 0 {
                         req.cache_error = c.result;
