@@ -15,7 +15,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use storage_core::engine::{new_engine, probe_io_uring, EngineKind};
+use storage_core::engine::{new_engine, EngineKind};
 
 use crate::backend::FsBackend;
 use crate::config::{Config, Listen};
@@ -63,6 +63,12 @@ impl Daemon {
         let nofile =
             sandbox::set_nofile(config.rlimit_nofile).context("cannot set the open-file limit")?;
         let root_fd = open_dir(&config.shared_dir, libc::O_PATH)?;
+        // The synchronous engine where io_uring is missing, and for shares on tmpfs, where
+        // io_uring would hand every read to a worker thread (see storage-core's factory).
+        let engine_kind = storage_core::disk::engine_for_path(&config.shared_dir);
+        if engine_kind == EngineKind::Sync {
+            log::info!("file data goes through the synchronous engine");
+        }
         // Opened before the sandbox hides /proc: files are reopened through it.
         let proc_fd = open_dir(std::path::Path::new("/proc/self/fd"), libc::O_PATH)?;
         let (listener, socket_file) = match &config.listen {
@@ -96,15 +102,6 @@ impl Daemon {
         block_termination_signals()?;
         server::install_interrupt_handler().context("cannot install the interrupt handler")?;
 
-        let engine_kind = match probe_io_uring() {
-            Ok(()) => EngineKind::IoUring,
-            Err(e) => {
-                log::warn!(
-                    "io_uring unavailable ({e}); file data goes through the synchronous engine"
-                );
-                EngineKind::Sync
-            }
-        };
         let passthrough = Arc::new(PassthroughFs::new(
             root_fd,
             proc_fd,

@@ -42,6 +42,24 @@ pub(crate) fn on_tmpfs(path: &std::path::Path) -> bool {
     }
 }
 
+/// The engine to use for files under `path`: the synchronous one where io_uring is
+/// unavailable or the files live on tmpfs (see [`on_tmpfs`]), io_uring otherwise. Shared by
+/// disks and by vhost-fs's shared directories.
+pub fn engine_for_path(path: &std::path::Path) -> EngineKind {
+    if !io_uring_available() {
+        return EngineKind::Sync;
+    }
+    if on_tmpfs(path) {
+        log::info!(
+            "{}: on tmpfs, which never blocks on I/O but has no non-blocking reads for \
+             io_uring; using the synchronous engine",
+            path.display()
+        );
+        return EngineKind::Sync;
+    }
+    EngineKind::IoUring
+}
+
 /// Opens the disk a spec describes.
 pub fn open_disk(spec: &DiskSpec) -> Result<AnyDisk, StorageError> {
     let engine = match spec.engine {
@@ -55,17 +73,9 @@ pub fn open_disk(spec: &DiskSpec) -> Result<AnyDisk, StorageError> {
             }
             EngineKind::IoUring
         }
-        None if !io_uring_available() => EngineKind::Sync,
         None => match &spec.source {
-            DiskSource::File(path) if on_tmpfs(path) => {
-                log::info!(
-                    "{}: on tmpfs, which never blocks on I/O but has no non-blocking reads \
-                     for io_uring; using the synchronous engine",
-                    path.display()
-                );
-                EngineKind::Sync
-            }
-            _ => EngineKind::IoUring,
+            DiskSource::File(path) => engine_for_path(path),
+            DiskSource::Null { .. } => EngineKind::Sync,
         },
     };
     match (&spec.source, &spec.tier) {

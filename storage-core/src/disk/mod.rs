@@ -12,7 +12,7 @@ mod raw;
 mod spec;
 
 pub(crate) use factory::on_tmpfs;
-pub use factory::{open_disk, AnyDisk, AnyQueue};
+pub use factory::{engine_for_path, open_disk, AnyDisk, AnyQueue};
 pub use null::{NullDisk, NullQueue};
 pub use raw::{RawDisk, RawQueue};
 pub use spec::{DiskSource, DiskSpec, SpecError};
