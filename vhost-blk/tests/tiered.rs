@@ -316,3 +316,89 @@ fn a_cache_of_another_disk_or_format_is_refused_unless_forced() {
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(d.terminate().expect("stop").success());
 }
+
+#[test]
+fn capacity_device_errors_reach_the_guest_and_are_counted() {
+    let tier = Tier::new("writethrough", "");
+    let mut d = tier.start();
+    {
+        let mut c = tier.client(&d);
+        let q = c.queue(0);
+        assert_eq!(q.read(0, 4096).expect("read"), initial()[..4096].to_vec());
+        // The capacity device shrinks under the daemon (a failing or resized device): a
+        // read past its new end must fail, not return whatever was in the buffer.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(tier.path("capacity.img"))
+            .unwrap()
+            .set_len(CAP / 2)
+            .unwrap();
+        let err = q
+            .read(CAP / 2 + 8 * MIB / 2, 4096)
+            .expect_err("read past the new end");
+        assert_eq!(err.errno(), Some(libc::EIO), "{err}");
+        // The rest of the disk keeps working.
+        assert_eq!(
+            q.read(4096, 4096).expect("read"),
+            initial()[4096..8192].to_vec()
+        );
+    }
+    let errors = tier.metric("strata_blk_capacity_device_errors_total");
+    assert!(errors >= 1.0, "capacity errors counted: {errors}");
+    assert!(d.terminate().expect("stop").success());
+}
+
+#[test]
+fn a_failed_cache_device_is_taken_out_of_service_without_losing_data() {
+    let tier = Tier::new("writethrough", ",seq-cutoff=0");
+    let mut d = tier.start();
+    let hot = 256 * 4096u64;
+    {
+        let mut c = tier.client(&d);
+        let q = c.queue(0);
+        for off in (0..hot).step_by(4096) {
+            q.read(off, 4096).expect("read");
+        }
+    }
+    for _ in 0..100 {
+        if tier.metric("strata_blk_cache_promotions_total") >= 128.0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(tier.metric("strata_blk_cache_promotions_total") >= 1.0);
+    // The cache device loses its data area (every cached block now reads short).
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(tier.path("cache.img"))
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    {
+        let mut c = tier.client(&d);
+        let q = c.queue(0);
+        let expected = initial();
+        for off in (0..hot).step_by(4096) {
+            let got = q.read(off, 4096).expect("read after the cache failed");
+            assert!(
+                got[..] == expected[off as usize..off as usize + 4096],
+                "block at {off}"
+            );
+        }
+        // Writes go on (write-through: to the capacity device).
+        q.write(0, &[9u8; 4096]).expect("write");
+        assert_eq!(q.read(0, 4096).expect("read"), vec![9u8; 4096]);
+    }
+    assert_eq!(
+        tier.metric("strata_blk_cache_failed"),
+        1.0,
+        "cache out of service"
+    );
+    assert!(tier.metric("strata_blk_cache_device_errors_total") >= 1.0);
+    assert!(d.terminate().expect("stop").success());
+    let output = d.output();
+    assert!(
+        output.contains("taking the cache out of service"),
+        "{output}"
+    );
+}

@@ -614,6 +614,16 @@ struct Req {
     /// Blocks to promote after a read miss: (slot, block).
     promotions: Vec<(u32, BlockId)>,
     wrote_capacity: bool,
+    /// Bytes the pieces on each device should move, and did: a short transfer (a device
+    /// that shrank, a failing device) is an I/O error, not a success.
+    expected_cache: u64,
+    expected_cap: u64,
+    moved_cache: u64,
+    moved_cap: u64,
+    /// A read hit a dirty block (its only copy is in the cache).
+    dirty_hit: bool,
+    /// A read is being retried on the capacity device after a cache error.
+    retried: bool,
 }
 
 impl Req {
@@ -633,6 +643,12 @@ impl Req {
             fills: Vec::with_capacity(64),
             promotions: Vec::with_capacity(64),
             wrote_capacity: false,
+            expected_cache: 0,
+            expected_cap: 0,
+            moved_cache: 0,
+            moved_cap: 0,
+            dirty_hit: false,
+            retried: false,
         }
     }
 }
@@ -850,6 +866,11 @@ impl TieredQueue {
             }
         };
         req.pending += 1;
+        if cache {
+            req.expected_cache += len;
+        } else {
+            req.expected_cap += len;
+        }
         let ud = tag | if cache { CACHE_TARGET } else { 0 };
         self.push(cache, op, ud)
     }
@@ -872,7 +893,15 @@ impl TieredQueue {
             let spare_bufs = self.free_bufs.len();
             self.sources.clear();
             for b in first..=last {
-                if let Some(slot) = st.resident(b) {
+                // Once the cache device has failed, only dirty blocks (whose only copy is
+                // there) are read from it; clean ones come from the capacity device.
+                let resident = st.resident(b).filter(|&slot| {
+                    !st.failed || matches!(st.slots[slot as usize].use_, Use::Dirty(_))
+                });
+                if let Some(slot) = resident {
+                    if matches!(st.slots[slot as usize].use_, Use::Dirty(_)) {
+                        req.dirty_hit = true;
+                    }
                     st.slots[slot as usize].readers += 1;
                     st.policy.touch(b, hint);
                     req.hits.push(slot);
@@ -1220,7 +1249,20 @@ impl TieredQueue {
     }
 
     /// A guest request's last piece completed: settle the state and produce its completion.
-    fn finish(&mut self, tag: u64) -> Completion {
+    fn finish(&mut self, tag: u64) -> Option<Completion> {
+        {
+            let r = &mut self.reqs[tag as usize];
+            if r.error == 0 && r.moved_cap < r.expected_cap {
+                r.error = -libc::EIO;
+                log::warn!(
+                    "tier: short transfer on the capacity device at offset {}",
+                    r.offset
+                );
+            }
+            if r.cache_error == 0 && r.moved_cache < r.expected_cache {
+                r.cache_error = -libc::EIO;
+            }
+        }
         let (error, kind, len) = {
             let r = &self.reqs[tag as usize];
             (r.error, r.kind, r.len)
@@ -1228,9 +1270,30 @@ impl TieredQueue {
         if error != 0 {
             self.sh.metrics.capacity_errors.fetch_add(1, Relaxed);
         }
+        let cache_error = self.reqs[tag as usize].cache_error;
+        // A read that failed on the cache device but had no dirty block there: every byte is
+        // on the capacity device too. Take the cache out of service and read from there.
+        let r = &self.reqs[tag as usize];
+        if kind == Kind::Read && cache_error != 0 && error == 0 && !r.dirty_hit && !r.retried {
+            self.release(tag, false);
+            let r = &mut self.reqs[tag as usize];
+            r.retried = true;
+            r.cache_error = 0;
+            r.iov.clear();
+            r.expected_cache = 0;
+            r.expected_cap = 0;
+            r.moved_cache = 0;
+            r.moved_cap = 0;
+            let (offset, len) = (r.offset, r.len);
+            if self.piece(tag, false, false, offset, 0, len).is_ok() {
+                self.needs_submit = true;
+                return None;
+            }
+            self.reqs[tag as usize].error = -libc::EIO;
+        }
+        let error = self.reqs[tag as usize].error;
         // A failed cache write in write-through/around mode is not the guest's error: the
         // capacity device has the data.
-        let cache_error = self.reqs[tag as usize].cache_error;
         let guest_error = if error != 0 {
             error
         } else if cache_error != 0 && (self.sh.mode == CacheMode::WriteBack || kind == Kind::Read) {
@@ -1249,10 +1312,10 @@ impl TieredQueue {
         } else {
             0
         };
-        Completion {
+        Some(Completion {
             user_data: tag,
             result,
-        }
+        })
     }
 
     fn fail_start(&mut self, tag: u64) {
@@ -1295,6 +1358,12 @@ impl DiskQueue for TieredQueue {
         req.error = 0;
         req.cache_error = 0;
         req.wrote_capacity = false;
+        req.expected_cache = 0;
+        req.expected_cap = 0;
+        req.moved_cache = 0;
+        req.moved_cap = 0;
+        req.dirty_hit = false;
+        req.retried = false;
         req.iov.clear();
         req.iov.reserve(
             blocks as usize * 2
@@ -1415,6 +1484,13 @@ impl DiskQueue for TieredQueue {
             let tag = c.user_data & TAG_MASK;
             let req = &mut self.reqs[tag as usize];
             req.pending -= 1;
+            if c.result > 0 {
+                if c.user_data & CACHE_TARGET != 0 {
+                    req.moved_cache += c.result as u64;
+                } else {
+                    req.moved_cap += c.result as u64;
+                }
+            }
             if c.result < 0 {
                 log::warn!(
                     "tier: {} piece of request {tag} ({:?} at {}) failed: {}",
@@ -1436,8 +1512,10 @@ impl DiskQueue for TieredQueue {
                 }
             }
             if req.pending == 0 {
-                self.in_flight -= 1;
-                return Some(self.finish(tag));
+                if let Some(done) = self.finish(tag) {
+                    self.in_flight -= 1;
+                    return Some(done);
+                }
             }
         }
     }
