@@ -2,17 +2,15 @@
 //! Prometheus text format and `GET /v1/disk` as JSON. One connection at a time, one request
 //! per connection; this is a control plane, not a data path.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
+use daemon_support::api::{self, escape_label as escape, Response};
+use daemon_support::socket::{self, SocketError, SocketFile};
 use storage_core::metrics::QueueMetrics;
 
 use crate::device::BlkDevice;
-use crate::socket::{self, SocketError, SocketFile};
 
 /// The API server; the socket file goes away when this is dropped.
 pub struct ApiServer {
@@ -21,75 +19,23 @@ pub struct ApiServer {
 
 impl ApiServer {
     pub fn start(path: &Path, device: Arc<BlkDevice>) -> Result<Self, SocketError> {
-        let listener = socket::bind(path)?;
-        std::thread::Builder::new()
-            .name("api".into())
-            .spawn(move || serve(listener, device))
-            .map_err(|source| SocketError::Bind {
-                path: path.to_owned(),
-                source,
-            })?;
-        Ok(ApiServer {
-            _file: SocketFile(path.to_owned()),
+        let (listener, file) = socket::bind(path)?;
+        api::serve(listener, move |method, target| {
+            route(method, target, &device)
         })
+        .map_err(|source| SocketError::Bind {
+            path: path.to_owned(),
+            source,
+        })?;
+        Ok(ApiServer { _file: file })
     }
 }
 
-fn serve(listener: UnixListener, device: Arc<BlkDevice>) {
-    for stream in listener.incoming() {
-        match stream {
-            Ok(stream) => {
-                if let Err(e) = handle(stream, &device) {
-                    log::debug!("api: {e}");
-                }
-            }
-            Err(e) => log::warn!("api: accept failed: {e}"),
-        }
-    }
-}
-
-fn handle(stream: UnixStream, device: &BlkDevice) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut request_line = String::new();
-    reader.read_line(&mut request_line)?;
-    // Skip the headers; no request here has a body.
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line)? == 0 || line == "\r\n" || line == "\n" {
-            break;
-        }
-    }
-    let mut parts = request_line.split_whitespace();
-    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let (status, content_type, body) = route(method, target, device);
-    let mut stream = stream;
-    write!(
-        stream,
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    )?;
-    stream.write_all(body.as_bytes())
-}
-
-fn route(method: &str, target: &str, device: &BlkDevice) -> (&'static str, &'static str, String) {
+fn route(method: &str, target: &str, device: &BlkDevice) -> Response {
     match (method, target) {
-        ("GET", "/metrics") => (
-            "200 OK",
-            "text/plain; version=0.0.4",
-            render_metrics(device),
-        ),
-        ("GET", "/v1/disk") => ("200 OK", "application/json", disk_json(device).to_string()),
-        (_, "/metrics" | "/v1/disk") => (
-            "405 Method Not Allowed",
-            "application/json",
-            r#"{"error":"only GET is allowed"}"#.to_string(),
-        ),
-        _ => (
-            "404 Not Found",
-            "application/json",
-            r#"{"error":"unknown path; try /metrics or /v1/disk"}"#.to_string(),
-        ),
+        ("GET", "/metrics") => Response::ok("text/plain; version=0.0.4", render_metrics(device)),
+        ("GET", "/v1/disk") => Response::ok("application/json", disk_json(device).to_string()),
+        _ => Response::not_found_or_not_allowed(method, target, &["/metrics", "/v1/disk"]),
     }
 }
 
@@ -124,10 +70,6 @@ pub fn render_metrics(device: &BlkDevice) -> String {
         device.connections.load(Ordering::Relaxed)
     ));
     out
-}
-
-fn escape(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"")
 }
 
 /// What `GET /v1/disk` reports.

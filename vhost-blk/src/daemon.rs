@@ -20,8 +20,9 @@ use crate::api::ApiServer;
 use crate::backend::BlkBackend;
 use crate::config::Config;
 use crate::device::BlkDevice;
-use crate::socket::{self, SocketFile};
 use crate::worker::QueueWorker;
+use daemon_support::signals::{block_termination_signals, spawn_signal_thread};
+use daemon_support::socket::{self, SocketFile};
 
 /// Shutdown state shared with the signal thread.
 struct Control {
@@ -43,7 +44,7 @@ pub struct Daemon {
 impl Daemon {
     /// Start-up: everything that can fail because of the user's input fails here.
     pub fn new(config: Config) -> Result<Self> {
-        block_termination_signals()?;
+        block_termination_signals().context("cannot block termination signals")?;
         let disk = open_disk(&config.disk)?;
         let device = Arc::new(BlkDevice::new(
             config.disk.clone(),
@@ -69,12 +70,24 @@ impl Daemon {
             Some(path) => Some(ApiServer::start(path, device.clone())?),
             None => None,
         };
-        let listener = socket::bind(&config.socket)?;
+        let (listener, socket_file) = socket::bind(&config.socket)?;
         let control = Arc::new(Control {
             wake: EventFd::new(EFD_NONBLOCK).context("cannot create eventfd")?,
             connection: Mutex::new(None),
         });
-        spawn_signal_thread(control.clone(), device.clone())?;
+        let (c, dev) = (control.clone(), device.clone());
+        spawn_signal_thread(move |sig| {
+            if dev.stopping.swap(true, Ordering::SeqCst) {
+                log::warn!("second termination signal: exiting without draining");
+                std::process::exit(1);
+            }
+            log::info!("signal {sig}: draining in-flight requests and shutting down");
+            let _ = c.wake.write(1);
+            if let Some(h) = lock(&c.connection).take() {
+                h.shutdown();
+            }
+        })
+        .context("cannot start the signal thread")?;
         let info = device.info();
         log::info!(
             "serving {} ({} format, {} bytes{}, {} engine) with {} queue(s) of depth {}, polling {} us",
@@ -88,7 +101,7 @@ impl Daemon {
             config.poll.as_micros()
         );
         Ok(Daemon {
-            _socket_file: SocketFile(config.socket.clone()),
+            _socket_file: socket_file,
             config,
             device,
             backend,
@@ -199,51 +212,4 @@ impl Daemon {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn termination_signals() -> libc::sigset_t {
-    // SAFETY: sigemptyset/sigaddset initialise and fill the set we own.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        set
-    }
-}
-
-/// Blocks SIGTERM/SIGINT in this thread, so that every thread started later inherits the
-/// mask and only the signal thread receives them (through sigwait).
-fn block_termination_signals() -> Result<()> {
-    let set = termination_signals();
-    // SAFETY: `set` is a valid, initialised signal set; the old mask is not needed.
-    let ret = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-    if ret != 0 {
-        anyhow::bail!("cannot block termination signals: error {ret}");
-    }
-    Ok(())
-}
-
-fn spawn_signal_thread(control: Arc<Control>, device: Arc<BlkDevice>) -> Result<()> {
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || loop {
-            let set = termination_signals();
-            let mut sig = 0;
-            // SAFETY: `set` is initialised and `sig` is a valid out-pointer.
-            if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
-                continue;
-            }
-            if device.stopping.swap(true, Ordering::SeqCst) {
-                log::warn!("second termination signal: exiting without draining");
-                std::process::exit(1);
-            }
-            log::info!("signal {sig}: draining in-flight requests and shutting down");
-            let _ = control.wake.write(1);
-            if let Some(h) = lock(&control.connection).take() {
-                h.shutdown();
-            }
-        })
-        .context("cannot start the signal thread")?;
-    Ok(())
 }

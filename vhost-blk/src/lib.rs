@@ -12,6 +12,5 @@ pub mod config;
 pub mod daemon;
 pub mod device;
 pub mod request;
-pub mod socket;
 pub mod virtio_blk;
 pub mod worker;

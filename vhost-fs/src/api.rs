@@ -2,73 +2,22 @@
 //! format, with the same per-queue series as vhost-blk under the `strata_fs` prefix, and
 //! `GET /v1/share` as JSON. One request per connection; a control plane, not a data path.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
+use daemon_support::api::{self, escape_label as escape, Response};
 use storage_core::metrics::QueueMetrics;
 
 use crate::device::FsDevice;
 
 /// Serves the API on `listener` from a thread of its own.
 pub fn spawn(listener: UnixListener, device: Arc<FsDevice>) -> std::io::Result<()> {
-    std::thread::Builder::new()
-        .name("api".into())
-        .spawn(move || {
-            for stream in listener.incoming() {
-                match stream {
-                    Ok(s) => {
-                        if let Err(e) = handle(s, &device) {
-                            log::debug!("api: {e}");
-                        }
-                    }
-                    Err(e) => log::warn!("api: accept failed: {e}"),
-                }
-            }
-        })?;
-    Ok(())
-}
-
-fn handle(stream: UnixStream, device: &FsDevice) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut request_line = String::new();
-    reader.read_line(&mut request_line)?;
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line)? == 0 || line == "\r\n" || line == "\n" {
-            break;
-        }
-    }
-    let mut parts = request_line.split_whitespace();
-    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let (status, ctype, body) = match (method, target) {
-        ("GET", "/metrics") => (
-            "200 OK",
-            "text/plain; version=0.0.4",
-            render_metrics(device),
-        ),
-        ("GET", "/v1/share") => ("200 OK", "application/json", share_json(device).to_string()),
-        (_, "/metrics" | "/v1/share") => (
-            "405 Method Not Allowed",
-            "application/json",
-            r#"{"error":"only GET is allowed"}"#.to_string(),
-        ),
-        _ => (
-            "404 Not Found",
-            "application/json",
-            r#"{"error":"unknown path; try /metrics or /v1/share"}"#.to_string(),
-        ),
-    };
-    let mut stream = stream;
-    write!(stream, "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len())?;
-    stream.write_all(body.as_bytes())
-}
-
-fn escape(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"")
+    api::serve(listener, move |method, target| match (method, target) {
+        ("GET", "/metrics") => Response::ok("text/plain; version=0.0.4", render_metrics(&device)),
+        ("GET", "/v1/share") => Response::ok("application/json", share_json(&device).to_string()),
+        _ => Response::not_found_or_not_allowed(method, target, &["/metrics", "/v1/share"]),
+    })
 }
 
 pub fn render_metrics(device: &FsDevice) -> String {

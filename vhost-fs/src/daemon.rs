@@ -15,6 +15,8 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use daemon_support::signals::{block_termination_signals, spawn_signal_thread};
+use daemon_support::socket::{self, SocketFile};
 use storage_core::engine::{new_engine, EngineKind};
 
 use crate::backend::FsBackend;
@@ -24,7 +26,6 @@ use crate::filesystem::FileSystem;
 use crate::passthrough::{creds, PassthroughConfig, PassthroughFs};
 use crate::read_only::ReadOnly;
 use crate::server::{self, Server};
-use crate::socket::{self, SocketFile};
 use crate::worker::QueueWorker;
 use crate::{api, sandbox};
 
@@ -99,7 +100,7 @@ impl Daemon {
         if root {
             creds::drop_supplementary_groups().context("cannot drop supplementary groups")?;
         }
-        block_termination_signals()?;
+        block_termination_signals().context("cannot block termination signals")?;
         server::install_interrupt_handler().context("cannot install the interrupt handler")?;
 
         let passthrough = Arc::new(PassthroughFs::new(
@@ -152,7 +153,19 @@ impl Daemon {
             wake: EventFd::new(EFD_NONBLOCK).context("cannot create eventfd")?,
             connection: Mutex::new(None),
         });
-        spawn_signal_thread(control.clone(), device.clone())?;
+        let (c, dev) = (control.clone(), device.clone());
+        spawn_signal_thread(move |sig| {
+            if dev.stopping.swap(true, Ordering::SeqCst) {
+                log::warn!("second termination signal: exiting at once");
+                std::process::exit(1);
+            }
+            log::info!("signal {sig}: finishing in-flight requests and shutting down");
+            let _ = c.wake.write(1);
+            if let Some(h) = lock(&c.connection).take() {
+                h.shutdown();
+            }
+        })
+        .context("cannot start the signal thread")?;
         log::info!(
             "sharing {}{} with {} request queue(s) of depth {}, cache {:?}, sandbox {:?}, {} engine, up to {nofile} open files",
             config.shared_dir.display(),
@@ -264,49 +277,4 @@ impl Daemon {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn termination_signals() -> libc::sigset_t {
-    // SAFETY: sigemptyset/sigaddset initialise and fill the set we own.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        set
-    }
-}
-
-fn block_termination_signals() -> Result<()> {
-    let set = termination_signals();
-    // SAFETY: `set` is a valid, initialised signal set.
-    let ret = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-    if ret != 0 {
-        bail!("cannot block termination signals: error {ret}");
-    }
-    Ok(())
-}
-
-fn spawn_signal_thread(control: Arc<Control>, device: Arc<FsDevice>) -> Result<()> {
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || loop {
-            let set = termination_signals();
-            let mut sig = 0;
-            // SAFETY: `set` is initialised and `sig` is a valid out-pointer.
-            if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
-                continue;
-            }
-            if device.stopping.swap(true, Ordering::SeqCst) {
-                log::warn!("second termination signal: exiting at once");
-                std::process::exit(1);
-            }
-            log::info!("signal {sig}: finishing in-flight requests and shutting down");
-            let _ = control.wake.write(1);
-            if let Some(h) = lock(&control.connection).take() {
-                h.shutdown();
-            }
-        })
-        .context("cannot start the signal thread")?;
-    Ok(())
 }

@@ -27,5 +27,4 @@ pub mod passthrough;
 pub mod read_only;
 pub mod sandbox;
 pub mod server;
-pub mod socket;
 pub mod worker;

@@ -24,6 +24,8 @@ pub enum SocketError {
     },
 }
 
+/// Binds a listening unix socket at `path`, replacing a stale socket file and refusing a
+/// live one; the returned guard removes the file when dropped.
 pub fn bind(path: &Path) -> Result<(UnixListener, SocketFile), SocketError> {
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
@@ -31,6 +33,7 @@ pub fn bind(path: &Path) -> Result<(UnixListener, SocketFile), SocketError> {
         }
         match UnixStream::connect(path) {
             Ok(_) => return Err(SocketError::InUse(path.to_owned())),
+            // Nobody listens: a leftover from a daemon that died. Replace it.
             Err(_) => {
                 let _ = std::fs::remove_file(path);
             }
