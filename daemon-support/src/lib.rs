@@ -1,9 +1,11 @@
-//! daemon-support: the process plumbing both of Strata's vhost-user daemons need and that
-//! has nothing to do with their protocols: binding unix sockets ([`socket`]), receiving
-//! termination signals on one thread ([`signals`]), serving the HTTP API's requests
-//! ([`api`]; each daemon supplies its routes), and one-line command-line errors ([`cli`]).
+//! daemon-support: what both of Strata's vhost-user daemons need below their device
+//! protocols: descriptor chains read as byte streams and turned into iovecs into guest
+//! memory ([`chain`]), binding unix sockets and waiting for a frontend ([`socket`]),
+//! termination signals on one thread ([`signals`]), the HTTP API listener ([`api`]; each
+//! daemon supplies its routes), and one-line command-line errors ([`cli`]).
 
 pub mod api;
+pub mod chain;
 pub mod cli;
 pub mod signals;
 pub mod socket;

@@ -59,6 +59,48 @@ pub fn bind(path: &Path) -> Result<(UnixListener, SocketFile), SocketError> {
     ))
 }
 
+/// Waits until `listener` has a frontend to accept (true), or the daemon is stopping
+/// (false): `stopping()` says so, checked whenever `wake` (an eventfd the signal handler
+/// writes) or the listener becomes readable.
+pub fn wait_for_client(
+    listener: std::os::unix::io::RawFd,
+    wake: std::os::unix::io::RawFd,
+    stopping: impl Fn() -> bool,
+) -> io::Result<bool> {
+    loop {
+        if stopping() {
+            return Ok(false);
+        }
+        let mut fds = [
+            libc::pollfd {
+                fd: listener,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: wake,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a valid array of two pollfds for the duration of the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if stopping() {
+            return Ok(false);
+        }
+        if fds[0].revents & libc::POLLIN != 0 {
+            return Ok(true);
+        }
+    }
+}
+
 /// Removes the socket file when dropped.
 pub struct SocketFile {
     dir: OwnedFd,

@@ -36,8 +36,6 @@ pub struct BlkDevice {
     pub stopping: AtomicBool,
     /// How long a worker keeps polling an idle queue before sleeping (zero: never polls).
     pub poll: Duration,
-    /// Requests started per submission before completions are reaped and signalled.
-    pub submit_batch: usize,
     queues: Vec<Arc<QueueMetrics>>,
 }
 
@@ -64,7 +62,6 @@ impl BlkDevice {
             connections: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
             poll,
-            submit_batch: SUBMIT_BATCH,
             queues: (0..num_queues)
                 .map(|_| Arc::new(QueueMetrics::default()))
                 .collect(),

@@ -7,25 +7,15 @@
 //! host pointer is formed, so a request can never reach outside guest memory; data buffers
 //! become iovecs into guest memory, used in place.
 
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
+use daemon_support::chain::{collect_all, read_stream, stream_to_iov};
+use vm_memory::{Address, GuestMemoryBackend};
 
 use storage_core::metrics::{ErrorClass, OpClass};
 use storage_core::units::{Sector, SECTOR_SIZE};
 
 use crate::virtio_blk::*;
 
-/// Most descriptors one request may use (the longest chain a 1024-entry queue can hold).
-pub const MAX_SEGMENTS: usize = 1024;
-/// Most iovecs one request may become (the kernel's IOV_MAX).
-pub const MAX_IOVECS: usize = 1024;
-
-/// One descriptor of a chain.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Segment {
-    pub addr: GuestAddress,
-    pub len: u32,
-    pub writable: bool,
-}
+pub use daemon_support::chain::{Segment, MAX_IOVECS, MAX_SEGMENTS};
 
 /// A validated request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,42 +131,20 @@ pub fn parse<M: GuestMemoryBackend>(
     segments: &mut Vec<Segment>,
     iov: &mut Vec<libc::iovec>,
 ) -> Parsed {
-    segments.clear();
     iov.clear();
-    let (mut readable, mut writable) = (0u64, 0u64);
-    let mut too_long = false;
-    let mut misordered = false;
-    for d in descriptors {
-        if segments.len() == MAX_SEGMENTS {
-            too_long = true;
-            break;
-        }
-        let seg = Segment {
-            addr: d.addr(),
-            len: d.len(),
-            writable: d.is_write_only(),
-        };
-        if seg.writable {
-            writable += u64::from(seg.len);
-        } else {
-            if writable > 0 {
-                misordered = true;
-            }
-            readable += u64::from(seg.len);
-        }
-        segments.push(seg);
-    }
+    let chain = collect_all(descriptors, segments);
+    let (readable, writable) = (chain.readable, chain.writable);
 
     // The status byte is the last writable byte; without one the guest cannot be answered.
     let Some(status) = status_byte(segments, mem) else {
         return Parsed::Dropped;
     };
     let malformed = |class| refuse(status, VIRTIO_BLK_S_IOERR, class, ErrorClass::Malformed);
-    if too_long || misordered || readable < REQUEST_HEADER_LEN as u64 {
+    if chain.too_long || chain.misordered || readable < REQUEST_HEADER_LEN as u64 {
         return malformed(OpClass::Other);
     }
     let mut header = [0u8; REQUEST_HEADER_LEN];
-    if read_stream(segments, false, 0, &mut header, mem).is_err() {
+    if read_stream(segments, 0, &mut header, mem).is_err() {
         return malformed(OpClass::Other);
     }
     let req_type = u32::from_le_bytes(header[0..4].try_into().unwrap_or_default());
@@ -236,7 +204,7 @@ pub fn parse<M: GuestMemoryBackend>(
                 return malformed(class);
             }
             let mut seg = [0u8; DISCARD_SEGMENT_LEN];
-            if read_stream(segments, false, REQUEST_HEADER_LEN as u64, &mut seg, mem).is_err() {
+            if read_stream(segments, REQUEST_HEADER_LEN as u64, &mut seg, mem).is_err() {
                 return malformed(class);
             }
             let sector = Sector(u64::from_le_bytes(seg[0..8].try_into().unwrap_or_default()));
@@ -286,89 +254,6 @@ fn status_byte<M: GuestMemoryBackend>(segments: &[Segment], mem: &M) -> Option<S
     Some(StatusByte(slice.ptr_guard_mut().as_ptr()))
 }
 
-#[derive(Debug)]
-struct BadMemory;
-
-/// Visits the byte window `[skip, skip + len)` of the readable or writable stream as guest
-/// ranges, in order.
-fn for_each_range(
-    segments: &[Segment],
-    writable: bool,
-    skip: u64,
-    len: u64,
-    mut f: impl FnMut(GuestAddress, u64) -> Result<(), BadMemory>,
-) -> Result<(), BadMemory> {
-    let (mut pos, end) = (0u64, skip + len);
-    for s in segments.iter().filter(|s| s.writable == writable) {
-        let (s_start, s_end) = (pos, pos + u64::from(s.len));
-        pos = s_end;
-        let (a, b) = (s_start.max(skip), s_end.min(end));
-        if a < b {
-            let addr = s.addr.checked_add(a - s_start).ok_or(BadMemory)?;
-            f(addr, b - a)?;
-        }
-        if pos >= end {
-            break;
-        }
-    }
-    Ok(())
-}
-
-/// Copies `buf.len()` bytes from the stream at `skip` (headers and discard segments).
-fn read_stream<M: GuestMemoryBackend>(
-    segments: &[Segment],
-    writable: bool,
-    skip: u64,
-    buf: &mut [u8],
-    mem: &M,
-) -> Result<(), BadMemory> {
-    let mut done = 0usize;
-    for_each_range(segments, writable, skip, buf.len() as u64, |addr, n| {
-        let n = n as usize;
-        mem.read_slice(&mut buf[done..done + n], addr)
-            .map_err(|_| BadMemory)?;
-        done += n;
-        Ok(())
-    })?;
-    if done == buf.len() {
-        Ok(())
-    } else {
-        Err(BadMemory)
-    }
-}
-
-/// Describes the stream window `[skip, skip + len)` as host iovecs into guest memory,
-/// splitting where the window crosses memory regions.
-fn stream_to_iov<M: GuestMemoryBackend>(
-    segments: &[Segment],
-    writable: bool,
-    skip: u64,
-    len: u64,
-    mem: &M,
-    iov: &mut Vec<libc::iovec>,
-) -> Result<(), BadMemory> {
-    let mut total = 0u64;
-    for_each_range(segments, writable, skip, len, |addr, n| {
-        for slice in mem.get_slices(addr, n as usize) {
-            let slice = slice.map_err(|_| BadMemory)?;
-            if iov.len() == MAX_IOVECS {
-                return Err(BadMemory);
-            }
-            iov.push(libc::iovec {
-                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
-                iov_len: slice.len(),
-            });
-            total += slice.len() as u64;
-        }
-        Ok(())
-    })?;
-    if total == len {
-        Ok(())
-    } else {
-        Err(BadMemory)
-    }
-}
-
 /// Copies `data` into the buffers of `iov`; returns the bytes copied.
 ///
 /// # Safety
@@ -395,7 +280,7 @@ mod tests {
     use proptest::prelude::*;
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
-    use vm_memory::GuestMemoryMmap;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
     const MEM: u64 = 0x10_0000;
     const CAPACITY: u64 = 1 << 20; // 2048 sectors

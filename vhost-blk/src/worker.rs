@@ -213,7 +213,7 @@ impl QueueWorker {
         let mut pulled = 0;
         self.throttled = false;
         loop {
-            if pulled == self.device.submit_batch {
+            if pulled == crate::device::SUBMIT_BATCH {
                 return pulled;
             }
             if self.free.is_empty() {
@@ -224,11 +224,11 @@ impl QueueWorker {
             // The current memory map, loaded per request: the frontend may add regions at
             // any time (libblkio maps buffers as it goes), and a busy, polling worker would
             // otherwise keep translating with the map it started with.
+            // The slot that takes the request keeps this reference (moved, not cloned again).
             let Some(mem) = self.mem.as_ref().map(|m| m.memory().into_inner()) else {
                 return pulled;
             };
-            let mem = &mem;
-            let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&**mem) else {
+            let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&*mem) else {
                 return pulled;
             };
             pulled += 1;
@@ -236,7 +236,7 @@ impl QueueWorker {
             let capacity = self.device.capacity();
             let parsed = request::parse(
                 chain,
-                &**mem,
+                &*mem,
                 capacity,
                 &mut self.segments,
                 &mut self.scratch_iov,
@@ -257,7 +257,7 @@ impl QueueWorker {
         state: &mut VringState<GuestMemoryAtomic<GuestMemory>>,
         head: u16,
         parsed: Parsed,
-        mem: &Arc<GuestMemory>,
+        mem: Arc<GuestMemory>,
     ) -> bool {
         let (kind, status) = match parsed {
             Parsed::Dropped => {
@@ -312,7 +312,7 @@ impl QueueWorker {
         slot.done = 0;
         slot.phase = Phase::Io;
         slot.started = Instant::now();
-        slot.mem = Some(mem.clone());
+        slot.mem = Some(mem);
         match start(&mut self.queue, slot, index) {
             Ok(()) => false,
             Err(StartError::Busy) => {

@@ -18,20 +18,14 @@ fn no_acknowledged_flushed_write_is_lost_or_torn_across_sigkill() {
         .unwrap()
         .set_len(blocks * 4096)
         .unwrap();
-    let modes: Vec<String> = std::env::var("CRASH_MODES")
-        .map(|m| m.split(",").map(String::from).collect())
-        .unwrap_or_else(|_| {
-            [
-                "writeback",
-                "writeback",
-                "writeback",
-                "writethrough",
-                "writeback",
-                "writearound",
-            ]
-            .map(String::from)
-            .to_vec()
-        });
+    let modes = [
+        "writeback",
+        "writeback",
+        "writeback",
+        "writethrough",
+        "writeback",
+        "writearound",
+    ];
     let report = run_rounds(blocks, 50, 0x5eed_cafe, &sock, |round| {
         DaemonCommand::vhost_blk()
             .unwrap_or_else(|e| panic!("{e}"))

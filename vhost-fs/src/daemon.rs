@@ -240,38 +240,12 @@ impl Daemon {
     }
 
     fn wait_for_client(&self) -> Result<bool> {
-        loop {
-            if self.device.stopping.load(Ordering::SeqCst) {
-                return Ok(false);
-            }
-            let mut fds = [
-                libc::pollfd {
-                    fd: self.listener.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: self.control.wake.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
-            // SAFETY: `fds` is a valid array of two pollfds for the call.
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e).context("poll on the listening socket failed");
-            }
-            if self.device.stopping.load(Ordering::SeqCst) {
-                return Ok(false);
-            }
-            if fds[0].revents & libc::POLLIN != 0 {
-                return Ok(true);
-            }
-        }
+        socket::wait_for_client(
+            self.listener.as_raw_fd(),
+            self.control.wake.as_raw_fd(),
+            || self.device.stopping.load(Ordering::SeqCst),
+        )
+        .context("poll on the listening socket failed")
     }
 }
 

@@ -16,7 +16,6 @@
 
 pub mod api;
 pub mod backend;
-pub mod chain;
 pub mod config;
 pub mod daemon;
 pub mod decode;

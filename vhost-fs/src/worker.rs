@@ -25,10 +25,10 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use storage_core::engine::{AnyEngine, EngineOp, FileId, IoEngine};
 use storage_core::metrics::{ErrorClass, OpClass, QueueMetrics};
 
-use crate::chain::{self, Segment};
 use crate::device::FsDevice;
 use crate::fuse::{self, opcode, IN_HEADER_LEN, OUT_HEADER_LEN, WRITE_IN_LEN};
 use crate::server::{Outcome, Reply};
+use daemon_support::chain::{self, Segment};
 
 pub type GuestMemory = GuestMemoryMmap<()>;
 pub type Vring = VringMutex<GuestMemoryAtomic<GuestMemory>>;

@@ -22,7 +22,6 @@ pub struct UringEngine {
     notify: RawFd,
     _eventfd: Option<OwnedFd>,
     files: Vec<RawFd>,
-    enabled: bool,
     in_flight: usize,
     capacity: usize,
     /// Operations queued in the SQ but not yet handed to the kernel.
@@ -86,7 +85,6 @@ impl UringEngine {
             notify,
             _eventfd: owned,
             files: Vec::new(),
-            enabled: true,
             in_flight: 0,
             capacity: depth as usize,
             unsubmitted: 0,
@@ -115,7 +113,6 @@ impl IoEngine for UringEngine {
 
     #[inline]
     unsafe fn push(&mut self, op: EngineOp, user_data: u64) -> Result<(), EngineFull> {
-        debug_assert!(self.enabled);
         if self.in_flight >= self.capacity {
             return Err(EngineFull);
         }

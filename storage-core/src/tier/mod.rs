@@ -887,7 +887,7 @@ impl TieredQueue {
         let hint = AccessHint::read(last - first + 1);
         let bypass = self.sequential(offset, len);
         {
-            let sh = self.sh.clone();
+            let sh = &self.sh;
             let mut st = sh.state();
             let req = &mut self.reqs[tag as usize];
             let spare_bufs = self.free_bufs.len();
@@ -960,7 +960,7 @@ impl TieredQueue {
         targets.clear();
         let mut to_capacity_everything = false;
         {
-            let sh = self.sh.clone();
+            let sh = &self.sh;
             let mut st = sh.state();
             let req = &mut self.reqs[tag as usize];
             let too_dirty = st.dirty >= sh.high_watermark;
@@ -1072,7 +1072,7 @@ impl TieredQueue {
         let (first, last) = (offset / bs, (offset + len - 1) / bs);
         let mut partial: Vec<(u32, u64, u64)> = Vec::new();
         {
-            let sh = self.sh.clone();
+            let sh = &self.sh;
             let mut st = sh.state();
             let req = &mut self.reqs[tag as usize];
             for b in first..=last {
@@ -1126,7 +1126,7 @@ impl TieredQueue {
     /// start).
     fn release(&mut self, tag: u64, ok: bool) {
         let mode = self.sh.mode;
-        let sh = self.sh.clone();
+        let sh = &self.sh;
         let mut st = sh.state();
         let req = &mut self.reqs[tag as usize];
         for &slot in &req.hits {
@@ -1236,7 +1236,7 @@ impl TieredQueue {
     fn finish_promotion(&mut self, buf_i: u16, result: i32) {
         let slot = self.promotions[buf_i as usize].slot;
         self.free_bufs.push(buf_i);
-        let sh = self.sh.clone();
+        let sh = &self.sh;
         let mut st = sh.state();
         let ok = result >= 0 && result as u64 == sh.block;
         if result < 0 {

@@ -1,5 +1,6 @@
 //! A descriptor chain as two byte streams, as VIRTIO_F_ANY_LAYOUT allows: the readable part
-//! (the FUSE request) and the writable part (room for the reply). Every guest address is
+//! (a request: a virtio-blk header and data, a FUSE message) and the writable part (room for
+//! data and the reply). Every guest address is
 //! translated through the guest memory map with its length before any host pointer is
 //! formed, so nothing here can reach outside guest memory.
 
@@ -22,17 +23,34 @@ pub struct Segment {
 #[error("malformed descriptor chain")]
 pub struct BadChain;
 
-/// Collects the chain's descriptors into `segments`; returns the readable and writable
-/// byte counts.
-pub fn collect(
+/// A collected chain: its byte counts and what, if anything, is wrong with its shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Collected {
+    pub readable: u64,
+    pub writable: u64,
+    /// More than [`MAX_SEGMENTS`] descriptors (only the first ones were collected).
+    pub too_long: bool,
+    /// A readable descriptor after a writable one.
+    pub misordered: bool,
+}
+
+/// Collects the chain's descriptors into `segments` (at most [`MAX_SEGMENTS`]), even when
+/// its shape is wrong, so that a device can still find where to put an error status.
+pub fn collect_all(
     descriptors: impl Iterator<Item = virtio_queue::desc::split::Descriptor>,
     segments: &mut Vec<Segment>,
-) -> Result<(u64, u64), BadChain> {
+) -> Collected {
     segments.clear();
-    let (mut readable, mut writable) = (0u64, 0u64);
+    let mut c = Collected {
+        readable: 0,
+        writable: 0,
+        too_long: false,
+        misordered: false,
+    };
     for d in descriptors {
         if segments.len() == MAX_SEGMENTS {
-            return Err(BadChain);
+            c.too_long = true;
+            break;
         }
         let seg = Segment {
             addr: d.addr(),
@@ -40,16 +58,29 @@ pub fn collect(
             writable: d.is_write_only(),
         };
         if seg.writable {
-            writable += u64::from(seg.len);
+            c.writable += u64::from(seg.len);
         } else {
-            if writable > 0 {
-                return Err(BadChain);
+            if c.writable > 0 {
+                c.misordered = true;
             }
-            readable += u64::from(seg.len);
+            c.readable += u64::from(seg.len);
         }
         segments.push(seg);
     }
-    Ok((readable, writable))
+    c
+}
+
+/// Collects the chain's descriptors into `segments`; returns the readable and writable
+/// byte counts, or `BadChain` for a chain that is too long or misordered.
+pub fn collect(
+    descriptors: impl Iterator<Item = virtio_queue::desc::split::Descriptor>,
+    segments: &mut Vec<Segment>,
+) -> Result<(u64, u64), BadChain> {
+    let c = collect_all(descriptors, segments);
+    if c.too_long || c.misordered {
+        return Err(BadChain);
+    }
+    Ok((c.readable, c.writable))
 }
 
 /// Visits the byte window `[skip, skip + len)` of one stream as guest ranges, in order.
