@@ -11,7 +11,7 @@
 pub mod creds;
 pub mod sys;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::CStr;
 use std::fs::File;
 use std::io;
@@ -105,6 +105,19 @@ struct HandleData {
     dir: Mutex<()>,
 }
 
+/// The POSIX locks of one lock owner on one inode, held as OFD locks on a host open file
+/// description of the owner's own. A guest's POSIX locks belong to its process (the FUSE
+/// lock owner), not to the file it locked through: one owner's locks through two handles
+/// never conflict, and closing any of its descriptors (FLUSH) drops them all. One host file
+/// per (inode, owner) gives exactly that, as QEMU's C virtiofsd did.
+struct PosixLockFile {
+    file: Arc<File>,
+    /// Handles the owner locked through. An OFD lock's owner is the guest's open file, which
+    /// has one handle and sends no FLUSH for it: when the last of these handles is released,
+    /// the owner's locks go with it.
+    handles: HashSet<Handle>,
+}
+
 pub struct PassthroughFs {
     cfg: PassthroughConfig,
     proc_self_fd: OwnedFd,
@@ -113,6 +126,8 @@ pub struct PassthroughFs {
     handles: RwLock<HashMap<Handle, Arc<HandleData>>>,
     next_handle: AtomicU64,
     announce_submounts: AtomicBool,
+    /// POSIX lock files by inode, then lock owner.
+    posix_locks: Mutex<HashMap<Inode, HashMap<u64, PosixLockFile>>>,
 }
 
 fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -165,6 +180,7 @@ impl PassthroughFs {
             handles: RwLock::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
             announce_submounts: AtomicBool::new(false),
+            posix_locks: Mutex::new(HashMap::new()),
         };
         fs.reset();
         Ok(fs)
@@ -180,6 +196,83 @@ impl PassthroughFs {
         map.next = fuse::ROOT_ID + 1;
         drop(map);
         write(&self.handles).clear();
+        self.posix_locks().clear();
+    }
+
+    fn posix_locks(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<Inode, HashMap<u64, PosixLockFile>>> {
+        self.posix_locks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The host file that holds `owner`'s POSIX locks on `inode`, opened on first use, with
+    /// `fh` (a handle of the inode the guest locks through) recorded.
+    fn posix_lock_file(&self, inode: Inode, fh: Handle, owner: u64) -> io::Result<Arc<File>> {
+        let h = self.handle(inode, fh)?;
+        let mut locks = self.posix_locks();
+        let owners = locks.entry(inode).or_default();
+        if let Some(entry) = owners.get_mut(&owner) {
+            entry.handles.insert(fh);
+            return Ok(entry.file.clone());
+        }
+        // Read and write, so the owner can take either kind of lock through any of its
+        // handles; where that is refused (a directory, a file being executed), the access
+        // of the handle it locks through, which is what the guest could lock with anyway.
+        let data = self.inode(inode)?;
+        let file = match self.open_inode(&data, libc::O_RDWR | libc::O_NONBLOCK) {
+            Ok(f) => f,
+            Err(_) => {
+                let mode = sys::access_mode(h.file.as_raw_fd())?;
+                self.open_inode(&data, mode | libc::O_NONBLOCK)?
+            }
+        };
+        let file = Arc::new(file);
+        owners.insert(
+            owner,
+            PosixLockFile {
+                file: file.clone(),
+                handles: HashSet::from([fh]),
+            },
+        );
+        Ok(file)
+    }
+
+    /// Drops every POSIX lock `owner` holds on `inode` (close(2) semantics).
+    fn drop_posix_locks(&self, inode: Inode, owner: u64) -> io::Result<()> {
+        let mut locks = self.posix_locks();
+        let Some(owners) = locks.get_mut(&inode) else {
+            return Ok(());
+        };
+        let Some(entry) = owners.remove(&owner) else {
+            return Ok(());
+        };
+        if owners.is_empty() {
+            locks.remove(&inode);
+        }
+        drop(locks);
+        // Unlock explicitly: a blocked SETLKW may still hold a reference to the file.
+        let mut fl = to_flock(&FileLock {
+            start: 0,
+            end: u64::MAX,
+            typ: libc::F_UNLCK as u32,
+            pid: 0,
+        })?;
+        sys::ofd_lock(entry.file.as_raw_fd(), libc::F_OFD_SETLK, &mut fl)
+    }
+
+    /// `fh` is released: owners that locked only through it lose their locks.
+    fn release_posix_locks(&self, inode: Inode, fh: Handle) {
+        let mut locks = self.posix_locks();
+        let Some(owners) = locks.get_mut(&inode) else {
+            return;
+        };
+        owners.retain(|_, entry| {
+            entry.handles.remove(&fh);
+            !entry.handles.is_empty()
+        });
+        if owners.is_empty() {
+            locks.remove(&inode);
+        }
     }
 
     /// Inodes the guest holds (for metrics).
@@ -352,10 +445,6 @@ impl PassthroughFs {
         // The guest's flags, minus what would change how the name is resolved or created.
         (flags as i32)
             & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_NOFOLLOW | libc::O_PATH)
-    }
-
-    fn lock_fd(&self, inode: Inode, fh: Handle) -> io::Result<Arc<HandleData>> {
-        self.handle(inode, fh)
     }
 }
 
@@ -775,23 +864,17 @@ impl FileSystem for PassthroughFs {
     ) -> io::Result<()> {
         let h = self.handle(inode, fh)?;
         write(&self.handles).remove(&fh);
+        self.release_posix_locks(inode, fh);
         if flock_unlock {
             sys::flock(h.file.as_raw_fd(), libc::LOCK_UN)?;
         }
         Ok(())
     }
 
-    fn flush(&self, _ctx: Context, inode: Inode, fh: Handle, _lock_owner: u64) -> io::Result<()> {
-        // close(2) of any descriptor drops the caller's POSIX locks on the file: drop the
-        // open file description's locks.
-        let h = self.handle(inode, fh)?;
-        let mut fl = to_flock(&FileLock {
-            start: 0,
-            end: u64::MAX,
-            typ: libc::F_UNLCK as u32,
-            pid: 0,
-        })?;
-        sys::ofd_lock(h.file.as_raw_fd(), libc::F_OFD_SETLK, &mut fl)
+    fn flush(&self, _ctx: Context, inode: Inode, fh: Handle, lock_owner: u64) -> io::Result<()> {
+        // close(2) of any descriptor drops the caller's POSIX locks on the file.
+        self.handle(inode, fh)?;
+        self.drop_posix_locks(inode, lock_owner)
     }
 
     fn fsync(&self, _ctx: Context, inode: Inode, fh: Handle, datasync: bool) -> io::Result<()> {
@@ -934,9 +1017,10 @@ impl FileSystem for PassthroughFs {
     }
 
     fn getlk(&self, _ctx: Context, inode: Inode, lk: &LkIn) -> io::Result<FileLock> {
-        let h = self.lock_fd(inode, lk.fh)?;
         let mut fl = to_flock(&lk.lock)?;
-        sys::ofd_lock(h.file.as_raw_fd(), libc::F_OFD_GETLK, &mut fl)?;
+        // Conflicts with other owners only, as F_GETLK reports them.
+        let file = self.posix_lock_file(inode, lk.fh, lk.owner)?;
+        sys::ofd_lock(file.as_raw_fd(), libc::F_OFD_GETLK, &mut fl)?;
         let start = fl.l_start as u64;
         let end = if fl.l_len == 0 {
             i64::MAX as u64
@@ -952,9 +1036,10 @@ impl FileSystem for PassthroughFs {
     }
 
     fn setlk(&self, _ctx: Context, inode: Inode, lk: &LkIn, wait: bool) -> io::Result<()> {
-        let h = self.lock_fd(inode, lk.fh)?;
-        let fd = h.file.as_raw_fd();
         if lk.lk_flags & fuse::LK_FLOCK != 0 {
+            // flock locks belong to the open file, which is the handle's own.
+            let h = self.handle(inode, lk.fh)?;
+            let fd = h.file.as_raw_fd();
             let op = match lk.lock.typ as i32 {
                 libc::F_RDLCK => libc::LOCK_SH,
                 libc::F_WRLCK => libc::LOCK_EX,
@@ -964,8 +1049,19 @@ impl FileSystem for PassthroughFs {
             return sys::flock(fd, if wait { op } else { op | libc::LOCK_NB });
         }
         let mut fl = to_flock(&lk.lock)?;
+        if lk.lock.typ == libc::F_UNLCK as u32
+            && !self
+                .posix_locks()
+                .get(&inode)
+                .is_some_and(|o| o.contains_key(&lk.owner))
+        {
+            // Nothing of this owner's to unlock; no need for a lock file.
+            self.handle(inode, lk.fh)?;
+            return Ok(());
+        }
+        let file = self.posix_lock_file(inode, lk.fh, lk.owner)?;
         sys::ofd_lock(
-            fd,
+            file.as_raw_fd(),
             if wait {
                 libc::F_OFD_SETLKW
             } else {

@@ -107,6 +107,12 @@ pub fn reopen(proc_self_fd: BorrowedFd<'_>, fd: RawFd, flags: i32) -> io::Result
     openat(proc_self_fd, &fd_name(fd), flags).map(File::from)
 }
 
+/// The `O_ACCMODE` bits `fd` was opened with.
+pub fn access_mode(fd: RawFd) -> io::Result<i32> {
+    // SAFETY: F_GETFL takes no argument and passes no memory.
+    cvt(unsafe { libc::fcntl(fd, libc::F_GETFL) }).map(|flags| flags & libc::O_ACCMODE)
+}
+
 pub fn fchmod(fd: RawFd, mode: u32) -> io::Result<()> {
     // SAFETY: no memory is passed.
     cvt(unsafe { libc::fchmod(fd, mode) }).map(drop)

@@ -429,6 +429,68 @@ fn locks_conflict_between_handles_and_flock_works() {
     );
 }
 
+/// POSIX locks belong to the lock owner (the guest process), not to the handle: an owner's
+/// locks through two handles never conflict, another owner's do even through the same
+/// handle, FLUSH drops all of the owner's locks, and releasing the only handle an owner
+/// locked through (an OFD lock's owner is its open file) drops them too.
+#[test]
+fn posix_locks_belong_to_the_lock_owner() {
+    let (_d, _share, fs) = setup();
+    let e = fs.lookup(CTX, fuse::ROOT_ID, c"file").unwrap();
+    let a = fs.open(CTX, e.nodeid, libc::O_RDWR as u32, 0).unwrap();
+    let b = fs.open(CTX, e.nodeid, libc::O_RDONLY as u32, 0).unwrap();
+    let lk = |fh, owner, typ: i32, start: u64, end: u64| LkIn {
+        fh,
+        owner,
+        lock: FileLock {
+            start,
+            end,
+            typ: typ as u32,
+            pid: 1,
+        },
+        lk_flags: 0,
+    };
+    const P1: u64 = 0x1111;
+    const P2: u64 = 0x2222;
+    fs.setlk(CTX, e.nodeid, &lk(a.fh, P1, libc::F_WRLCK, 0, 99), false)
+        .unwrap();
+    // The same owner through another handle (read-only, even): no conflict.
+    let own = fs
+        .getlk(CTX, e.nodeid, &lk(b.fh, P1, libc::F_WRLCK, 0, 9))
+        .unwrap();
+    assert_eq!(own.typ, libc::F_UNLCK as u32);
+    fs.setlk(CTX, e.nodeid, &lk(b.fh, P1, libc::F_RDLCK, 200, 209), false)
+        .unwrap();
+    // Another owner through the very handle P1 locked with: a conflict.
+    assert_eq!(
+        errno_of(fs.setlk(CTX, e.nodeid, &lk(a.fh, P2, libc::F_WRLCK, 50, 59), false)),
+        libc::EAGAIN
+    );
+    let seen = fs
+        .getlk(CTX, e.nodeid, &lk(a.fh, P2, libc::F_WRLCK, 50, 59))
+        .unwrap();
+    assert_eq!(
+        (seen.typ, seen.start, seen.end),
+        (libc::F_WRLCK as u32, 0, 99)
+    );
+    // P1 closes one descriptor: all of its locks go, whichever handle they came through.
+    fs.flush(CTX, e.nodeid, b.fh, P1).unwrap();
+    fs.setlk(CTX, e.nodeid, &lk(a.fh, P2, libc::F_WRLCK, 0, 299), false)
+        .unwrap();
+    // An owner that locked only through `b` loses its locks when `b` is released.
+    fs.setlk(CTX, e.nodeid, &lk(a.fh, P2, libc::F_UNLCK, 0, 299), false)
+        .unwrap();
+    fs.setlk(CTX, e.nodeid, &lk(b.fh, P1, libc::F_RDLCK, 0, 9), false)
+        .unwrap();
+    assert_eq!(
+        errno_of(fs.setlk(CTX, e.nodeid, &lk(a.fh, P2, libc::F_WRLCK, 0, 9), false)),
+        libc::EAGAIN
+    );
+    fs.release(CTX, e.nodeid, b.fh, false, 0).unwrap();
+    fs.setlk(CTX, e.nodeid, &lk(a.fh, P2, libc::F_WRLCK, 0, 9), false)
+        .unwrap();
+}
+
 #[test]
 fn xattrs_seek_and_copy_file_range() {
     let (_d, share, fs) = setup();
