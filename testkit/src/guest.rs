@@ -6,7 +6,8 @@
 //!   unpacks into `<workspace>/.cache/guest` (or `$STRATA_GUEST_DIR`);
 //! - the initramfs: a base archive (static busybox, the virtio modules, an `/init`) built once
 //!   per process, followed by a small per-test archive holding `/test.sh` and data files
-//!   (Linux unpacks concatenated newc archives in order);
+//!   (Linux unpacks concatenated newc archives in order), and static guest programs built
+//!   from workspace crates ([`static_guest_program`]) for what busybox has no tool for;
 //! - running QEMU (TCG, vhost-user-capable shared memory) with a hard timeout, capturing the
 //!   serial console into a [`GuestRun`] and into `target/guest-logs/<test name>.log`;
 //! - firmware boots ([`Firmware::SeaBios`], [`Firmware::Ovmf`]) from a [`BlkDisk`] with a
@@ -363,6 +364,67 @@ pub fn base_initramfs(assets: &GuestAssets) -> Result<Arc<Vec<u8>>> {
     Ok(bytes)
 }
 
+/// The target guest programs are built for: the host's own, linked statically (no other
+/// target can be installed here; see shared/REAL-CLIENTS.md).
+const GUEST_PROGRAM_TARGET: &str = "x86_64-unknown-linux-gnu";
+
+/// Builds the workspace binary `package` (a crate whose binary has the same name, such as
+/// `guest-fs-ops`) as a static program a busybox guest can run, and returns its bytes.
+///
+/// It is built once per process with `cargo build --release --offline` and
+/// `-C target-feature=+crt-static` into `<target>/guest-programs`: a target directory of its
+/// own, so the different flags never invalidate the workspace's build and the nested cargo
+/// never waits for the lock of the cargo running the tests. Only crates already in the
+/// workspace's lock file and cache are used; nothing is fetched at test time.
+pub fn static_guest_program(package: &str) -> Result<Arc<Vec<u8>>> {
+    static CACHE: OnceLock<Mutex<HashMap<String, Arc<Vec<u8>>>>> = OnceLock::new();
+    let mut cache = CACHE
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(bytes) = cache.get(package) {
+        return Ok(bytes.clone());
+    }
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo"));
+    let target_dir = target_dir().join("guest-programs");
+    let output = Command::new(&cargo)
+        .args(["build", "--release", "--offline", "--quiet", "-p", package])
+        .args(["--bin", package, "--target", GUEST_PROGRAM_TARGET])
+        .arg("--manifest-path")
+        .arg(workspace_root().join("Cargo.toml"))
+        .env("CARGO_TARGET_DIR", &target_dir)
+        // CARGO_ENCODED_RUSTFLAGS wins over RUSTFLAGS; set it, whatever the caller had.
+        .env("CARGO_ENCODED_RUSTFLAGS", "-Ctarget-feature=+crt-static")
+        .env_remove("RUSTFLAGS")
+        // Small enough to add little to the initramfs the guest unpacks.
+        .env("CARGO_PROFILE_RELEASE_DEBUG", "0")
+        .env("CARGO_PROFILE_RELEASE_STRIP", "true")
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {} to build {package}", cargo.to_string_lossy()))?;
+    if !output.status.success() {
+        bail!(
+            "building the guest program {package} failed ({}):\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let path = target_dir
+        .join(GUEST_PROGRAM_TARGET)
+        .join("release")
+        .join(package);
+    let bytes = fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    if elf_has_interpreter(&bytes)? {
+        bail!(
+            "{} is dynamically linked although built with +crt-static",
+            path.display()
+        );
+    }
+    let bytes = Arc::new(bytes);
+    cache.insert(package.to_owned(), bytes.clone());
+    Ok(bytes)
+}
+
 /// Maps each wanted module name to its file, `.ko` or `.ko.xz`.
 fn find_modules(kernel_dir: &Path) -> Result<HashMap<&'static str, PathBuf>> {
     let mut found = HashMap::new();
@@ -434,9 +496,9 @@ fn elf_has_interpreter(elf: &[u8]) -> Result<bool> {
             .map(|b| u64::from_le_bytes(b.try_into().expect("slice of 8 bytes")))
     };
     if elf.get(..5) != Some(b"\x7fELF\x02".as_slice()) {
-        bail!("busybox is not a 64-bit ELF program");
+        bail!("not a 64-bit ELF program");
     }
-    let malformed = || anyhow!("busybox: malformed ELF header");
+    let malformed = || anyhow!("malformed ELF header");
     let phoff = usize::try_from(u64_at(0x20).ok_or_else(malformed)?)?;
     let phentsize = usize::from(u16_at(0x36).ok_or_else(malformed)?);
     let phnum = usize::from(u16_at(0x38).ok_or_else(malformed)?);
