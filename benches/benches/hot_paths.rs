@@ -114,7 +114,7 @@ fn bench_engines(c: &mut Criterion) {
             b.iter(|| read_batch(&mut q, &mut bufs, &mut iovs, &mut seed))
         });
     }
-    let null = NullDisk::new(64 << 20, false);
+    let null = NullDisk::new(64 << 20, false, true);
     let mut q = null.new_queue(BATCH as u32).unwrap();
     let mut bufs = vec![vec![0u8; BLOCK]; BATCH];
     let mut iovs = vec![

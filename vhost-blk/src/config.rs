@@ -14,8 +14,9 @@ struct Cli {
     /// Path of the vhost-user socket to listen on.
     #[arg(long, value_name = "PATH")]
     socket: PathBuf,
-    /// The disk: path=FILE|null[,size=BYTES][,readonly=on|off][,direct=on|off][,serial=STR]
-    /// [,engine=io_uring|sync].
+    /// The disk: path=FILE|null[,size=BYTES][,read-zeroes=on|off][,readonly=on|off]
+    /// [,direct=on|off][,serial=STR][,engine=io_uring|sync], plus the cache keys of a tiered
+    /// disk (see README).
     #[arg(long, value_name = "SPEC")]
     disk: String,
     /// Number of request queues offered (one worker thread each).

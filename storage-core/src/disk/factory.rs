@@ -79,7 +79,11 @@ pub fn open_disk(spec: &DiskSpec) -> Result<AnyDisk, StorageError> {
         },
     };
     match (&spec.source, &spec.tier) {
-        (DiskSource::Null { size }, _) => Ok(AnyDisk::Null(NullDisk::new(*size, spec.read_only))),
+        (DiskSource::Null { size, read_zeroes }, _) => Ok(AnyDisk::Null(NullDisk::new(
+            *size,
+            spec.read_only,
+            *read_zeroes,
+        ))),
         (DiskSource::File(path), Some(tier)) => {
             TieredDisk::open(path, spec.read_only, spec.direct, tier).map(AnyDisk::Tiered)
         }

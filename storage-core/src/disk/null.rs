@@ -1,5 +1,6 @@
 //! The null format: a disk of a given size with no storage behind it. Writes are accepted and
-//! dropped, reads return zeroes. It measures a daemon's own cost, without the storage.
+//! dropped, reads return zeroes (or, with `read-zeroes=off` as in QEMU's null-co, leave the
+//! buffer as it is). It measures a daemon's own cost, without the storage.
 
 use std::collections::VecDeque;
 use std::io;
@@ -12,10 +13,11 @@ use super::{check_op, Disk, DiskInfo, DiskOp, DiskQueue, StartError};
 
 pub struct NullDisk {
     info: DiskInfo,
+    read_zeroes: bool,
 }
 
 impl NullDisk {
-    pub fn new(size: u64, read_only: bool) -> Self {
+    pub fn new(size: u64, read_only: bool, read_zeroes: bool) -> Self {
         NullDisk {
             info: DiskInfo {
                 capacity: size,
@@ -27,6 +29,7 @@ impl NullDisk {
                 engine: EngineKind::Sync,
                 discard: true,
             },
+            read_zeroes,
         }
     }
 }
@@ -43,6 +46,7 @@ impl Disk for NullDisk {
             done: VecDeque::with_capacity(depth.max(1) as usize),
             capacity: self.info.capacity,
             read_only: self.info.read_only,
+            read_zeroes: self.read_zeroes,
         })
     }
 
@@ -55,6 +59,7 @@ pub struct NullQueue {
     done: VecDeque<Completion>,
     capacity: u64,
     read_only: bool,
+    read_zeroes: bool,
 }
 
 impl DiskQueue for NullQueue {
@@ -66,6 +71,9 @@ impl DiskQueue for NullQueue {
         }
         let mut bytes = 0usize;
         match op {
+            DiskOp::Read { iov, .. } if !self.read_zeroes => {
+                bytes = iov.iter().map(|v| v.iov_len).sum()
+            }
             DiskOp::Read { iov, .. } => {
                 for v in iov {
                     // SAFETY: the caller guarantees each iovec describes a valid writable

@@ -16,8 +16,10 @@ pub const MAX_SERIAL_LEN: usize = 20;
 pub enum DiskSource {
     /// A regular file or block device.
     File(PathBuf),
-    /// No storage: writes are accepted and dropped, reads return zeroes.
-    Null { size: u64 },
+    /// No storage: writes are accepted and dropped. Reads fill the buffer with zeroes, or with
+    /// `read_zeroes` off (QEMU null-co's `read-zeroes=off`) leave it untouched: the guest
+    /// then reads back its own buffer, which measures the daemon alone.
+    Null { size: u64, read_zeroes: bool },
 }
 
 /// A parsed, checked disk spec.
@@ -45,8 +47,8 @@ pub enum SpecError {
     #[error("disk spec key {0:?} is given twice")]
     Duplicate(String),
     #[error(
-        "unknown disk spec key {0:?} (known: path, size, readonly, direct, serial, engine, \
-         cache, cache-size, cache-mode, cache-policy, cache-block, seq-cutoff, cache-format)"
+        "unknown disk spec key {0:?} (known: path, size, read-zeroes, readonly, direct, serial, \
+         engine, cache, cache-size, cache-mode, cache-policy, cache-block, seq-cutoff, cache-format)"
     )]
     UnknownKey(String),
     #[error("disk spec {key}={value:?}: {reason}")]
@@ -90,6 +92,7 @@ impl FromStr for DiskSpec {
         let mut cache_block: Option<u64> = None;
         let mut seq_cutoff: Option<u64> = None;
         let mut force_format = false;
+        let mut read_zeroes = None;
         let mut seen: Vec<&str> = Vec::new();
         for item in s.split(',').filter(|i| !i.is_empty()) {
             let (key, value) = item
@@ -118,6 +121,7 @@ impl FromStr for DiskSpec {
                 }
                 "readonly" => read_only = Some(on_off("readonly", value)?),
                 "direct" => direct = Some(on_off("direct", value)?),
+                "read-zeroes" => read_zeroes = Some(on_off("read-zeroes", value)?),
                 "serial" => {
                     if value.len() > MAX_SERIAL_LEN {
                         return Err(bad("serial", value, "at most 20 bytes"));
@@ -194,8 +198,18 @@ impl FromStr for DiskSpec {
         let path = path.ok_or(SpecError::MissingPath)?;
         let source = if path == "null" {
             let size = size.ok_or_else(|| bad("path", "null", "a null disk needs size="))?;
-            DiskSource::Null { size }
+            DiskSource::Null {
+                size,
+                read_zeroes: read_zeroes.unwrap_or(true),
+            }
         } else {
+            if read_zeroes.is_some() {
+                return Err(bad(
+                    "read-zeroes",
+                    "",
+                    "only a null disk takes read-zeroes=",
+                ));
+            }
             if let Some(size) = size {
                 return Err(bad(
                     "size",
@@ -260,7 +274,7 @@ impl DiskSpec {
                 .unwrap_or_else(|_| p.clone())
                 .to_string_lossy()
                 .into_owned(),
-            DiskSource::Null { size } => format!("null:{size}"),
+            DiskSource::Null { size, .. } => format!("null:{size}"),
         };
         let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
         for b in name.bytes() {
@@ -313,7 +327,21 @@ mod tests {
     #[test]
     fn parses_a_null_spec_with_suffix() {
         let spec: DiskSpec = "path=null,size=2G".parse().unwrap();
-        assert_eq!(spec.source, DiskSource::Null { size: 2 << 30 });
+        assert_eq!(
+            spec.source,
+            DiskSource::Null {
+                size: 2 << 30,
+                read_zeroes: true
+            }
+        );
+        let spec: DiskSpec = "path=null,size=1M,read-zeroes=off".parse().unwrap();
+        assert_eq!(
+            spec.source,
+            DiskSource::Null {
+                size: 1 << 20,
+                read_zeroes: false
+            }
+        );
     }
 
     #[test]
@@ -323,6 +351,7 @@ mod tests {
             ("readonly=on", "missing path"),
             ("path=null", "needs size"),
             ("path=a,size=1G", "only a null disk"),
+            ("path=a,read-zeroes=off", "only a null disk"),
             ("path=a,readonly=maybe", "on or off"),
             ("path=a,colour=blue", "unknown"),
             ("path=a,path=b", "twice"),
