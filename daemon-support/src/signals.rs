@@ -40,3 +40,14 @@ pub fn spawn_signal_thread(on_signal: impl Fn(i32) + Send + 'static) -> io::Resu
         })?;
     Ok(())
 }
+
+/// Ignores SIGXFSZ for the whole process. A write past RLIMIT_FSIZE then fails with EFBIG,
+/// which the I/O paths answer as an I/O error, instead of killing the daemon (the default
+/// action) with every request in flight.
+pub fn ignore_file_size_signal() -> io::Result<()> {
+    // SAFETY: installing SIG_IGN has no memory preconditions; the result is checked.
+    if unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) } == libc::SIG_ERR {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -21,7 +21,9 @@ use crate::backend::BlkBackend;
 use crate::config::Config;
 use crate::device::BlkDevice;
 use crate::worker::QueueWorker;
-use daemon_support::signals::{block_termination_signals, spawn_signal_thread};
+use daemon_support::signals::{
+    block_termination_signals, ignore_file_size_signal, spawn_signal_thread,
+};
 use daemon_support::socket::{self, SocketFile};
 
 /// Shutdown state shared with the signal thread.
@@ -45,6 +47,7 @@ impl Daemon {
     /// Start-up: everything that can fail because of the user's input fails here.
     pub fn new(config: Config) -> Result<Self> {
         block_termination_signals().context("cannot block termination signals")?;
+        ignore_file_size_signal().context("cannot ignore SIGXFSZ")?;
         let disk = open_disk(&config.disk)?;
         let device = Arc::new(BlkDevice::new(
             config.disk.clone(),

@@ -402,3 +402,109 @@ fn a_failed_cache_device_is_taken_out_of_service_without_losing_data() {
         "{output}"
     );
 }
+
+/// Waits up to 10 s for `cond` on the daemon's metrics.
+fn wait_for_metric(tier: &Tier, name: &str, cond: impl Fn(f64) -> bool) -> f64 {
+    let mut value = tier.metric(name);
+    for _ in 0..500 {
+        if cond(value) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        value = tier.metric(name);
+    }
+    value
+}
+
+#[test]
+fn a_failed_cache_in_writeback_mode_keeps_serving_and_writes_back_its_dirty_blocks() {
+    let tier = Tier::new("writeback", ",seq-cutoff=0,cache-policy=lru");
+    let mut d = tier.start();
+    let mut model = initial();
+    let layout = storage_core::tier::Layout::for_size(CACHE, 4096).expect("layout");
+    // Slots are handed out from slot 0 up on a fresh cache: 48 written blocks (dirty) and
+    // 16 read ones (clean) fill slots 0..64. Every write this test makes lands below `limit`.
+    let limit = layout.slot_offset(64);
+    let written = 48 * 4096u64;
+    assert!(128 * 4096 < limit);
+    let mut c = tier.client(&d);
+    let q = c.queue(0);
+    for b in 0..48u64 {
+        let data = vec![b as u8 ^ 0x5a; 4096];
+        q.write(b * 4096, &data).expect("write");
+        model[(b * 4096) as usize..((b + 1) * 4096) as usize].copy_from_slice(&data);
+    }
+    q.flush().expect("flush");
+    for b in 64..80u64 {
+        q.read(b * 4096, 4096).expect("read");
+    }
+    // Blocks filled by write-back writes count as promotions too.
+    let promoted = wait_for_metric(&tier, "strata_blk_cache_promotions_total", |v| v >= 64.0);
+    assert_eq!(promoted, 64.0);
+    let dirty = tier.metric("strata_blk_cache_dirty_blocks");
+    assert!(dirty >= 1.0, "dirty blocks before the failure: {dirty}");
+
+    // The cache device fails for writes past slot 63 (RLIMIT_FSIZE on the daemon: such
+    // writes get EFBIG), while every block already on it stays readable.
+    let rlimit = libc::rlimit {
+        rlim_cur: limit,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: prlimit reads `rlimit` and writes nothing (null old-limit pointer).
+    let rc = unsafe {
+        libc::prlimit(
+            d.pid() as libc::pid_t,
+            libc::RLIMIT_FSIZE,
+            &rlimit,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    // Misses elsewhere on the disk are promoted into slots 64 and up: those writes fail.
+    for off in (8 * MIB..8 * MIB + 32 * 4096).step_by(4096) {
+        let got = q.read(off, 4096).expect("read of a missed block");
+        assert!(got[..] == model[off as usize..off as usize + 4096], "{off}");
+    }
+    let failed = wait_for_metric(&tier, "strata_blk_cache_failed", |v| v == 1.0);
+    assert_eq!(failed, 1.0, "cache out of service\n{}", d.output());
+
+    // Dirty blocks are still served from the cache device.
+    let got = q.read(0, written as usize).expect("read back");
+    assert!(got[..] == model[..written as usize], "data written before");
+    // Writes go on: a whole block over a cached clean block, part of a (possibly still
+    // dirty) block, and a block that was never cached. Only the partial write may still go
+    // to the cache device (the rest of its block may exist only there).
+    let hits_before = tier.metric("strata_blk_cache_write_hits_total");
+    for (offset, len, byte) in [
+        (64 * 4096u64, 4096usize, 0xe1u8),
+        (4096 + 512, 1024, 0xe2),
+        (100 * 4096, 4096, 0xe3),
+    ] {
+        q.write(offset, &vec![byte; len])
+            .expect("write after the failure");
+        model[offset as usize..offset as usize + len].fill(byte);
+    }
+    q.flush().expect("flush after the failure");
+    let hits = tier.metric("strata_blk_cache_write_hits_total") - hits_before;
+    assert!(hits <= 1.0, "{hits} writes went to the failed cache device");
+    let got = q.read(0, 128 * 4096).expect("read back");
+    assert!(got[..] == model[..128 * 4096], "data after the failure");
+
+    // The cleaner empties the cache of every dirty block, whatever the watermarks.
+    let dirty = wait_for_metric(&tier, "strata_blk_cache_dirty_blocks", |v| v == 0.0);
+    assert_eq!(dirty, 0.0, "dirty blocks left\n{}", d.output());
+    assert_eq!(tier.metric("strata_blk_cache_lost_blocks_total"), 0.0);
+    drop(c);
+    assert!(d.terminate().expect("stop").success());
+    let output = d.output();
+    assert!(
+        output.contains("taking the cache out of service"),
+        "{output}"
+    );
+    // The capacity device alone now holds everything the guest wrote.
+    let capacity = std::fs::read(tier.path("capacity.img")).expect("capacity image");
+    assert!(
+        capacity == model,
+        "capacity device differs from what was written"
+    );
+}

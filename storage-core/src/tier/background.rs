@@ -161,9 +161,15 @@ fn cleaner_thread(sh: Arc<Shared>) {
         if lock(&sh.bg).shutdown {
             return;
         }
-        let dirty = sh.state().dirty;
-        if dirty > sh.low_watermark {
-            if clean_batch(&sh, CLEAN_BATCH) == 0 {
+        let (dirty, failed) = {
+            let st = sh.state();
+            (st.dirty, st.failed)
+        };
+        // Down to the low watermark, so blocks rewritten soon stay in the cache; out of
+        // service, every dirty block that can still be read goes to the capacity device.
+        let floor = if failed { 0 } else { sh.low_watermark };
+        if dirty > floor {
+            if clean_batch(&sh, (dirty - floor).min(CLEAN_BATCH)) == 0 {
                 std::thread::sleep(CLEANER_INTERVAL);
             }
         } else {
@@ -183,7 +189,7 @@ pub(super) fn clean_batch(sh: &Shared, max: usize) -> usize {
                 break;
             }
             if let Use::Dirty(b) = s.use_ {
-                if s.writers == 0 && !s.cleaning {
+                if s.writers == 0 && !s.cleaning && !s.unreadable {
                     s.cleaning = true;
                     picked.push((i as u32, b, s.generation));
                 }
@@ -200,6 +206,7 @@ pub(super) fn clean_batch(sh: &Shared, max: usize) -> usize {
         if let Err(e) = sh.cache.read_exact_at(data, sh.slot_offset(slot)) {
             sh.metrics.lost_blocks.fetch_add(1, Relaxed);
             let mut st = sh.state();
+            st.slots[slot as usize].unreadable = true;
             sh.cache_failed(
                 &mut st,
                 "write-back read",

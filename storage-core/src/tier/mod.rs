@@ -972,6 +972,20 @@ impl TieredQueue {
                 let resident = st.resident(b);
                 let full = b * bs >= offset && (b + 1) * bs <= offset + len;
                 let target = match (mode, resident) {
+                    // Out of service: a clean copy is dropped and the write goes to the
+                    // capacity device; so is a dirty block the write replaces whole (unless
+                    // the cleaner is copying it out, whose late write-back would land on top
+                    // of ours). A dirty block written in part keeps going to its slot: the
+                    // rest of its data exists only there.
+                    (_, Some(slot))
+                        if st.failed && {
+                            let sl = &st.slots[slot as usize];
+                            !matches!(sl.use_, Use::Dirty(_)) || (full && !sl.cleaning)
+                        } =>
+                    {
+                        st.invalidate(b);
+                        None
+                    }
                     (CacheMode::WriteAround, Some(slot))
                         if !matches!(st.slots[slot as usize].use_, Use::Dirty(_)) =>
                     {

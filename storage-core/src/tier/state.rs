@@ -58,6 +58,9 @@ pub struct Slot {
     /// A write that raced a fill cancelled it; the fill's completion frees the slot.
     pub cancelled: bool,
     pub cleaning: bool,
+    /// The cleaner could not read this dirty block back from the cache device; it stops
+    /// trying (the loss is counted and logged once). Cleared when the slot is freed.
+    pub unreadable: bool,
 }
 
 impl Slot {
@@ -69,6 +72,7 @@ impl Slot {
             generation: 0,
             cancelled: false,
             cleaning: false,
+            unreadable: false,
         }
     }
 
@@ -184,6 +188,7 @@ impl TierState {
                 s.dirty -= 1;
             }
             sl.use_ = Use::Free;
+            sl.unreadable = false;
             s.records.push(Record {
                 slot,
                 state: SlotState::Free,
