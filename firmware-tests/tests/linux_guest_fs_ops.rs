@@ -1,13 +1,15 @@
 //! The file operations a guest's busybox has no tool for, run by a real Linux guest on a
 //! vhost-fs share and on a virtiofsd share side by side.
 //!
-//! One guest (Debian's cloud kernel under QEMU TCG) mounts two shares: `ours` from vhost-fs
-//! and `theirs` from virtiofsd, both with `--xattr`. It runs `guest-fs-ops` (a static Rust
+//! One guest (Debian's cloud kernel under QEMU TCG) mounts three shares, all with `--xattr`:
+//! `ours` from vhost-fs as it runs by default (inodes held as file handles), `fds` from
+//! vhost-fs with `--inode-file-handles=never` (inodes held as O_PATH descriptors) and
+//! `theirs` from virtiofsd. It runs `guest-fs-ops` (a static Rust
 //! program from this workspace, put in its initramfs) on each: flock, POSIX byte-range and
 //! OFD locks, the four xattr operations, RENAME2 (NOREPLACE, EXCHANGE), SEEK_DATA/SEEK_HOLE,
 //! COPY_FILE_RANGE, FALLOCATE with punch hole, SYNCFS, FSYNC, FSYNCDIR, MKNOD of a FIFO,
-//! ACCESS and the usual errors; then renames and links across the two mounts. Every result
-//! line from our share must equal virtiofsd's, in the same order; the values that matter are
+//! ACCESS and the usual errors; then renames and links across two mounts. Every result
+//! line from each of our shares must equal virtiofsd's, in the same order; the values that matter are
 //! also checked for themselves. The host then checks what each share holds: contents,
 //! xattrs, names, and the hole layout.
 //!
@@ -36,14 +38,16 @@ const PROGRAM: &str = "guest-fs-ops";
 
 const SCRIPT: &str = r#"
 set -u
-mkdir -p /mnt/ours /mnt/theirs
-mount -t virtiofs ours /mnt/ours || { echo "STRATA-GUEST-ERROR mount ours failed"; exit 1; }
-mount -t virtiofs theirs /mnt/theirs || { echo "STRATA-GUEST-ERROR mount theirs failed"; exit 1; }
-/bin/guest-fs-ops run /mnt/ours ours || echo "RESULT ours.program_failed=$?"
-/bin/guest-fs-ops run /mnt/theirs theirs || echo "RESULT theirs.program_failed=$?"
+for tag in ours fds theirs; do
+    mkdir -p /mnt/$tag
+    mount -t virtiofs $tag /mnt/$tag || { echo "STRATA-GUEST-ERROR mount $tag failed"; exit 1; }
+done
+for tag in ours fds theirs; do
+    /bin/guest-fs-ops run /mnt/$tag $tag || echo "RESULT $tag.program_failed=$?"
+done
 /bin/guest-fs-ops cross /mnt/ours /mnt/theirs cross || echo "RESULT cross.program_failed=$?"
 sync
-umount /mnt/ours && umount /mnt/theirs && echo "RESULT umount=ok"
+umount /mnt/ours && umount /mnt/fds && umount /mnt/theirs && echo "RESULT umount=ok"
 "#;
 
 /// The result lines under `prefix.`, in the order printed, with the prefix removed.
@@ -156,67 +160,77 @@ fn check_host_side(name: &str, share: &Path) -> Result<()> {
 fn guest_file_ops_match_between_vhost_fs_and_virtiofsd() -> Result<()> {
     let program = static_guest_program(PROGRAM).context("building the guest program")?;
     let dir = tempfile::tempdir()?;
+    let names = ["ours", "fds", "theirs"];
     let mut shares = Vec::new();
-    for name in ["ours", "theirs"] {
+    for name in names {
         let share = dir.path().join(format!("{name}-share"));
         fs::create_dir(&share)?;
         shares.push(share);
     }
-    let ours_sock = dir.path().join("ours.sock");
-    let theirs_sock = dir.path().join("theirs.sock");
-    let mut ours: Daemon = vhost_fs_command(&ours_sock, &shares[0])?
+    let sock = |name: &str| dir.path().join(format!("{name}.sock"));
+    let ours: Daemon = vhost_fs_command(&sock("ours"), &shares[0])?
         .arg("--xattr")
         .spawn()?;
-    let mut theirs: Daemon = virtiofsd_command(&theirs_sock, &shares[1])
+    let fds: Daemon = vhost_fs_command(&sock("fds"), &shares[1])?
+        .args(["--xattr", "--inode-file-handles=never"])
+        .spawn()?;
+    let theirs: Daemon = virtiofsd_command(&sock("theirs"), &shares[2])
         .context("virtiofsd is the reference server here: run scripts/setup.sh")?
         .arg("--xattr")
         .spawn()?;
+    let daemons = [ours, fds, theirs];
 
     let started = Instant::now();
-    let run = Guest::new("guest_file_ops_match_between_vhost_fs_and_virtiofsd")
-        .fs_share(&ours_sock, "ours")
-        .fs_share(&theirs_sock, "theirs")
+    let mut guest = Guest::new("guest_file_ops_match_between_vhost_fs_and_virtiofsd");
+    for name in names {
+        guest = guest.fs_share(sock(name), name);
+    }
+    let run = guest
         .executable(&format!("/bin/{PROGRAM}"), program.as_slice())
         .script(SCRIPT)
         .timeout(Duration::from_secs(120))
         .run()?;
     eprintln!("guest run took {:.1?}", started.elapsed());
     let outputs = || {
-        format!(
-            "vhost-fs output:\n{}\nvirtiofsd output:\n{}",
-            ours.output(),
-            theirs.output()
-        )
+        names
+            .iter()
+            .zip(&daemons)
+            .map(|(n, d)| format!("{n} output:\n{}", d.output()))
+            .collect::<Vec<_>>()
+            .join("\n")
     };
     run.ensure_success().with_context(outputs)?;
     ensure!(run.require("umount")? == "ok");
 
     let results = run.results();
-    let ours_lines = lines_for(&results, "ours");
     let theirs_lines = lines_for(&results, "theirs");
-    ensure!(
-        ours_lines.len() > 100,
-        "too few results from our share ({}):\n{}",
-        ours_lines.len(),
-        run.context()
-    );
-    let ours_keys: Vec<_> = ours_lines.iter().map(|(k, _)| *k).collect();
     let theirs_keys: Vec<_> = theirs_lines.iter().map(|(k, _)| *k).collect();
-    ensure!(
-        ours_keys == theirs_keys,
-        "the two runs reported different operations:\nours   {ours_keys:?}\ntheirs {theirs_keys:?}"
-    );
-    let mut mismatches = Vec::new();
-    for (&(key, o), &(_, t)) in ours_lines.iter().zip(&theirs_lines) {
-        if o != t {
-            mismatches.push(format!("{key}: vhost-fs {o}, virtiofsd {t}"));
-        }
+    for ours_name in ["ours", "fds"] {
+        let ours_lines = lines_for(&results, ours_name);
+        ensure!(
+            ours_lines.len() > 100,
+            "too few results from the {ours_name} share ({}):\n{}",
+            ours_lines.len(),
+            run.context()
+        );
+        let ours_keys: Vec<_> = ours_lines.iter().map(|(k, _)| *k).collect();
+        ensure!(
+            ours_keys == theirs_keys,
+            "the runs reported different operations:\n{ours_name} {ours_keys:?}\ntheirs {theirs_keys:?}"
+        );
+        let mismatches: Vec<String> = ours_lines
+            .iter()
+            .zip(&theirs_lines)
+            .filter(|((_, o), (_, t))| o != t)
+            .map(|((key, o), (_, t))| format!("{key}: vhost-fs ({ours_name}) {o}, virtiofsd {t}"))
+            .collect();
+        ensure!(
+            mismatches.is_empty(),
+            "vhost-fs ({ours_name}) and virtiofsd differ:\n{}",
+            mismatches.join("\n")
+        );
     }
-    ensure!(
-        mismatches.is_empty(),
-        "vhost-fs and virtiofsd differ:\n{}",
-        mismatches.join("\n")
-    );
+    let ours_lines = lines_for(&results, "ours");
 
     // The values themselves, where a wrong answer on both sides would otherwise pass.
     let ours_map: std::collections::HashMap<_, _> = ours_lines.iter().copied().collect();
@@ -284,10 +298,7 @@ fn guest_file_ops_match_between_vhost_fs_and_virtiofsd() -> Result<()> {
         );
     }
 
-    for (name, share, daemon) in [
-        ("vhost-fs", &shares[0], &mut ours),
-        ("virtiofsd", &shares[1], &mut theirs),
-    ] {
+    for ((name, share), daemon) in names.iter().zip(&shares).zip(&daemons) {
         check_host_side(name, share).with_context(|| daemon.output())?;
     }
     Ok(())

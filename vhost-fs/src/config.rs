@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use clap::Parser;
 
 use crate::passthrough::creds::{IdMap, IdRule};
-use crate::passthrough::CachePolicy;
+use crate::passthrough::{CachePolicy, InodeFileHandles};
 
 /// vhost-user-fs daemon: shares a host directory with a guest over virtio-fs.
 #[derive(Debug, Parser)]
@@ -62,6 +62,15 @@ struct Cli {
     /// As --translate-uid, for group ids.
     #[arg(long = "translate-gid", value_name = "MAP")]
     translate_gid: Vec<String>,
+    /// never | prefer | mandatory: hold the inodes the guest knows as file handles instead
+    /// of open O_PATH descriptors (needs CAP_DAC_READ_SEARCH); prefer falls back to
+    /// descriptors where a filesystem has no handles. virtiofsd's default.
+    #[arg(
+        long = "inode-file-handles",
+        default_value = "prefer",
+        value_name = "MODE"
+    )]
+    inode_file_handles: String,
     /// Limit on open files (default: the hard limit, at most 1048576).
     #[arg(long = "rlimit-nofile", value_name = "N")]
     rlimit_nofile: Option<u64>,
@@ -102,6 +111,7 @@ pub struct Config {
     pub uid_map: IdMap,
     pub gid_map: IdMap,
     pub rlimit_nofile: Option<u64>,
+    pub inode_file_handles: InodeFileHandles,
     pub api_socket: Option<PathBuf>,
 }
 
@@ -129,6 +139,8 @@ pub enum ConfigError {
     Translate(&'static str, String),
     #[error("--rlimit-nofile {0}: must be at least 64")]
     Rlimit(u64),
+    #[error("{0}")]
+    InodeFileHandles(String),
 }
 
 pub enum Command {
@@ -259,6 +271,10 @@ impl TryFrom<Cli> for Config {
             uid_map: id_map("uid", &cli.translate_uid)?,
             gid_map: id_map("gid", &cli.translate_gid)?,
             rlimit_nofile: cli.rlimit_nofile,
+            inode_file_handles: cli
+                .inode_file_handles
+                .parse()
+                .map_err(ConfigError::InodeFileHandles)?,
             api_socket: cli.api_socket,
         })
     }

@@ -113,6 +113,7 @@ impl Daemon {
                 uid_map: config.uid_map.clone(),
                 gid_map: config.gid_map.clone(),
                 switch_creds: root,
+                inode_file_handles: config.inode_file_handles,
             },
         )?);
         let fs: Arc<dyn FileSystem> = if config.readonly {

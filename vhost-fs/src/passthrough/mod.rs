@@ -1,14 +1,17 @@
 //! The passthrough filesystem: the guest sees a host directory.
 //!
-//! Every inode the guest knows is held as an `O_PATH` descriptor, and every name is resolved
-//! relative to its parent's descriptor with `openat2(RESOLVE_BENEATH |
-//! RESOLVE_NO_MAGICLINKS)` and `O_NOFOLLOW`: a name is one component, never a path, and a
-//! symlink is an inode of its own that we create and read but never follow. Files are opened
-//! for I/O only by reopening such a descriptor through `/proc/self/fd`, and only when it is a
-//! regular file or a directory, so FIFOs, sockets and device nodes are never opened. Objects
-//! are created with the caller's credentials (see [`creds`]) and `O_EXCL`.
+//! Every inode the guest knows is held as an `O_PATH` descriptor, or, with
+//! `--inode-file-handles`, as a file handle that gives one back on demand (see
+//! [`file_handle`]). Every name is resolved relative to its parent's descriptor with
+//! `openat2(RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)` and `O_NOFOLLOW`: a name is one
+//! component, never a path, and a symlink is an inode of its own that we create and read but
+//! never follow. Files are opened for I/O only by reopening such a descriptor through
+//! `/proc/self/fd` (or by opening its handle), and only when it is a regular file or a
+//! directory, so FIFOs, sockets and device nodes are never opened. Objects are created with
+//! the caller's credentials (see [`creds`]) and `O_EXCL`.
 
 pub mod creds;
+pub mod file_handle;
 pub mod sys;
 
 use std::collections::{HashMap, HashSet};
@@ -25,6 +28,8 @@ use crate::filesystem::{Context, FileSystem, Handle, Inode, Opened, XattrReply};
 use crate::fuse::{self, fattr, fopen, init, Attr, EntryOut, FileLock, StatFs, Timeout};
 
 use creds::IdMap;
+pub use file_handle::InodeFileHandles;
+use file_handle::{FileHandle, MountFds};
 use sys::errno;
 
 /// How long the guest may cache names, attributes and data (virtiofsd's `--cache`).
@@ -79,16 +84,57 @@ pub struct PassthroughConfig {
     pub gid_map: IdMap,
     /// Create files with the caller's ids (the daemon runs as root).
     pub switch_creds: bool,
+    /// Hold inodes as file handles instead of O_PATH descriptors.
+    pub inode_file_handles: InodeFileHandles,
+}
+
+/// How an inode is held.
+enum InodeFile {
+    /// An `O_PATH | O_NOFOLLOW` descriptor.
+    Fd(OwnedFd),
+    /// A file handle: no descriptor stays open.
+    Handle(FileHandle),
+}
+
+/// A descriptor of an inode for one call: its own, or one opened from its handle.
+enum InodeFd<'a> {
+    Held(BorrowedFd<'a>),
+    Opened(OwnedFd),
+}
+
+impl AsFd for InodeFd<'_> {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            InodeFd::Held(fd) => *fd,
+            InodeFd::Opened(fd) => fd.as_fd(),
+        }
+    }
+}
+
+impl AsRawFd for InodeFd<'_> {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.as_fd().as_raw_fd()
+    }
 }
 
 struct InodeData {
-    /// `O_PATH | O_NOFOLLOW` descriptor of the inode.
-    fd: OwnedFd,
+    file: InodeFile,
     dev: u64,
     ino: u64,
     /// `S_IFMT` bits: fixed for the inode's lifetime.
     kind: u32,
     lookups: AtomicU64,
+}
+
+impl InodeData {
+    /// An `O_PATH` descriptor of the inode, to resolve names under, stat, or reach through
+    /// `/proc/self/fd`.
+    fn path_fd(&self) -> io::Result<InodeFd<'_>> {
+        match &self.file {
+            InodeFile::Fd(fd) => Ok(InodeFd::Held(fd.as_fd())),
+            InodeFile::Handle(h) => h.open(libc::O_PATH | libc::O_NOFOLLOW).map(InodeFd::Opened),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -126,6 +172,11 @@ pub struct PassthroughFs {
     handles: RwLock<HashMap<Handle, Arc<HandleData>>>,
     next_handle: AtomicU64,
     announce_submounts: AtomicBool,
+    /// How inodes are held; `Prefer` becomes `Never` when handles cannot be opened.
+    handles_mode: InodeFileHandles,
+    mounts: MountFds,
+    /// A lookup was refused because `Mandatory` met a filesystem without handles (logged once).
+    warned_no_handles: AtomicBool,
     /// POSIX lock files by inode, then lock owner.
     posix_locks: Mutex<HashMap<Inode, HashMap<u64, PosixLockFile>>>,
 }
@@ -165,8 +216,10 @@ impl PassthroughFs {
         if s_type(st.st_mode) != libc::S_IFDIR {
             return Err(errno(libc::ENOTDIR));
         }
+        let handles_mode = Self::check_handles(cfg.inode_file_handles, &root, &proc_self_fd)?;
         let root = Arc::new(InodeData {
-            fd: root,
+            // The root is in use all the time: it keeps its descriptor.
+            file: InodeFile::Fd(root),
             dev: st.st_dev,
             ino: st.st_ino,
             kind: libc::S_IFDIR,
@@ -180,10 +233,125 @@ impl PassthroughFs {
             handles: RwLock::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
             announce_submounts: AtomicBool::new(false),
+            handles_mode,
+            mounts: MountFds::default(),
+            warned_no_handles: AtomicBool::new(false),
             posix_locks: Mutex::new(HashMap::new()),
         };
         fs.reset();
         Ok(fs)
+    }
+
+    /// What `--inode-file-handles` can be on this share: `Mandatory` needs handles on the
+    /// share's filesystem that we can open (CAP_DAC_READ_SEARCH); `Prefer` without the
+    /// capability is `Never`, since no handle could ever be opened.
+    fn check_handles(
+        mode: InodeFileHandles,
+        root: &OwnedFd,
+        proc_self_fd: &OwnedFd,
+    ) -> io::Result<InodeFileHandles> {
+        if mode == InodeFileHandles::Never {
+            return Ok(mode);
+        }
+        let probe = sys::reopen(
+            proc_self_fd.as_fd(),
+            root.as_raw_fd(),
+            libc::O_RDONLY | libc::O_DIRECTORY,
+        )
+        .and_then(|dir| file_handle::probe(root.as_fd(), dir));
+        match (probe, mode) {
+            (Ok(_), _) => Ok(mode),
+            (Err(e), InodeFileHandles::Mandatory) => Err(io::Error::new(
+                e.kind(),
+                format!(
+                    "--inode-file-handles=mandatory: {}: {e}",
+                    match e.raw_os_error() {
+                        Some(libc::EOPNOTSUPP) =>
+                            "the shared directory's filesystem does not support file handles",
+                        Some(libc::EPERM) => "cannot open file handles (needs CAP_DAC_READ_SEARCH)",
+                        _ => "cannot use file handles on the shared directory",
+                    }
+                ),
+            )),
+            (Err(e), _) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                // Other filesystems below the share may still have them.
+                log::info!("the shared directory's filesystem has no file handles: its inodes are held as O_PATH descriptors");
+                Ok(mode)
+            }
+            (Err(e), _) => {
+                log::warn!(
+                    "file handles cannot be used ({e}): inodes are held as O_PATH descriptors"
+                );
+                Ok(InodeFileHandles::Never)
+            }
+        }
+    }
+
+    /// How a newly looked-up inode is held: `fd` itself, or its handle (when the mode asks
+    /// for handles and its filesystem has them). `parent` is the directory it was found in,
+    /// a candidate mount descriptor.
+    fn hold(&self, fd: OwnedFd, kind: u32, parent: Option<&InodeData>) -> io::Result<InodeFile> {
+        if self.handles_mode == InodeFileHandles::Never {
+            return Ok(InodeFile::Fd(fd));
+        }
+        let handle = match file_handle::handle_of(fd.as_fd()) {
+            Ok(Some(h)) => Ok(h),
+            Ok(None) => Err(errno(libc::EOPNOTSUPP)),
+            Err(e) => Err(e),
+        }
+        .and_then(|h| {
+            let mount = match self.mounts.get(h.mount_id) {
+                Some(m) => m,
+                None => self
+                    .mounts
+                    .insert(h.mount_id, self.mount_file(&fd, kind, h.mount_id, parent)?),
+            };
+            h.bind(mount)
+        });
+        match (handle, self.handles_mode) {
+            (Ok(h), _) => Ok(InodeFile::Handle(h)),
+            (Err(e), InodeFileHandles::Mandatory) => {
+                if !self.warned_no_handles.swap(true, Ordering::Relaxed) {
+                    log::warn!("--inode-file-handles=mandatory: refusing an inode without a usable file handle ({e})");
+                }
+                Err(e)
+            }
+            (Err(_), _) => Ok(InodeFile::Fd(fd)),
+        }
+    }
+
+    /// A descriptor on mount `mount_id` that `open_by_handle_at` accepts (not O_PATH): the
+    /// inode itself when it is a directory, else the directory it was found in if that is on
+    /// the same mount, else the inode itself when it is a regular file. Special files are
+    /// never opened.
+    fn mount_file(
+        &self,
+        fd: &OwnedFd,
+        kind: u32,
+        mount_id: i32,
+        parent: Option<&InodeData>,
+    ) -> io::Result<OwnedFd> {
+        let reopen = |raw: i32, flags: i32| {
+            sys::reopen(self.proc_fd(), raw, flags | libc::O_NONBLOCK).map(OwnedFd::from)
+        };
+        if kind == libc::S_IFDIR {
+            return reopen(fd.as_raw_fd(), libc::O_RDONLY | libc::O_DIRECTORY);
+        }
+        if let Some(p) = parent {
+            let pfd = p.path_fd()?;
+            if file_handle::mount_id(pfd.as_fd())? == mount_id {
+                return reopen(pfd.as_raw_fd(), libc::O_RDONLY | libc::O_DIRECTORY);
+            }
+        }
+        if kind == libc::S_IFREG {
+            return reopen(fd.as_raw_fd(), libc::O_RDONLY);
+        }
+        Err(errno(libc::EOPNOTSUPP))
+    }
+
+    /// Mounts with a descriptor open for file handles (for tests and metrics).
+    pub fn mount_fd_count(&self) -> usize {
+        self.mounts.open_count()
     }
 
     fn reset(&self) {
@@ -338,37 +506,43 @@ impl PassthroughFs {
         creds::switch(self.cfg.switch_creds, uid, gid)
     }
 
-    /// Adds one lookup of the inode behind `fd` (a new O_PATH descriptor) and returns its
-    /// entry.
-    fn register(&self, fd: OwnedFd, parent_dev: Option<u64>) -> io::Result<EntryOut> {
+    /// Adds one lookup of the inode behind `fd` (a new O_PATH descriptor, found in `parent`
+    /// unless it is the root) and returns its entry.
+    fn register(&self, fd: OwnedFd, parent: Option<&InodeData>) -> io::Result<EntryOut> {
         let st = sys::fstat(fd.as_fd())?;
         let key = (st.st_dev, st.st_ino);
-        let mut map = write(&self.inodes);
-        let id = match map.by_key.get(&key).copied() {
-            Some(id) => {
-                if let Some(d) = map.by_id.get(&id) {
-                    d.lookups.fetch_add(1, Ordering::Relaxed);
-                }
-                id
-            }
-            None => {
-                let id = map.next;
+        let parent_dev = parent.map(|p| p.dev);
+        let known = |map: &InodeMap| {
+            let id = map.by_key.get(&key).copied()?;
+            map.by_id.get(&id)?.lookups.fetch_add(1, Ordering::Relaxed);
+            Some(id)
+        };
+        // The same host inode under two names is one guest inode.
+        let mut id = known(&write(&self.inodes));
+        if id.is_none() {
+            // Made without the map locked: it may take system calls.
+            let file = self.hold(fd, s_type(st.st_mode), parent)?;
+            let mut map = write(&self.inodes);
+            // Another lookup may have registered it meanwhile.
+            id = known(&map);
+            if id.is_none() {
+                let new = map.next;
                 map.next += 1;
                 map.by_id.insert(
-                    id,
+                    new,
                     Arc::new(InodeData {
-                        fd,
+                        file,
                         dev: st.st_dev,
                         ino: st.st_ino,
                         kind: s_type(st.st_mode),
                         lookups: AtomicU64::new(1),
                     }),
                 );
-                map.by_key.insert(key, id);
-                id
+                map.by_key.insert(key, new);
+                id = Some(new);
             }
-        };
-        drop(map);
+        }
+        let id = id.ok_or_else(|| errno(libc::EIO))?;
         Ok(EntryOut {
             nodeid: id,
             generation: 0,
@@ -379,19 +553,21 @@ impl PassthroughFs {
     }
 
     fn do_lookup(&self, parent: &InodeData, name: &CStr) -> io::Result<EntryOut> {
+        let pfd = parent.path_fd()?;
         let fd = match name.to_bytes() {
-            b"." => sys::openat(parent.fd.as_fd(), c".", libc::O_PATH | libc::O_NOFOLLOW)?,
+            b"." => sys::openat(pfd.as_fd(), c".", libc::O_PATH | libc::O_NOFOLLOW)?,
             b".." => {
                 // Never above the share: the root's parent is the root.
                 if parent.dev == self.root.dev && parent.ino == self.root.ino {
-                    sys::openat(self.root.fd.as_fd(), c".", libc::O_PATH)?
+                    sys::openat(self.root.path_fd()?.as_fd(), c".", libc::O_PATH)?
                 } else {
-                    sys::openat(parent.fd.as_fd(), c"..", libc::O_PATH | libc::O_NOFOLLOW)?
+                    sys::openat(pfd.as_fd(), c"..", libc::O_PATH | libc::O_NOFOLLOW)?
                 }
             }
-            _ => sys::openat_beneath(parent.fd.as_fd(), name, libc::O_PATH, 0)?,
+            _ => sys::openat_beneath(pfd.as_fd(), name, libc::O_PATH, 0)?,
         };
-        self.register(fd, Some(parent.dev))
+        drop(pfd);
+        self.register(fd, Some(parent))
     }
 
     /// Reopens an inode for I/O; only regular files and directories.
@@ -407,7 +583,10 @@ impl PassthroughFs {
             // FIFOs, sockets and device nodes are never opened.
             _ => return Err(errno(libc::EACCES)),
         }
-        sys::reopen(self.proc_fd(), data.fd.as_raw_fd(), flags)
+        match &data.file {
+            InodeFile::Fd(fd) => sys::reopen(self.proc_fd(), fd.as_raw_fd(), flags),
+            InodeFile::Handle(h) => h.open(sys::reopen_flags(flags)).map(File::from),
+        }
     }
 
     fn new_handle(&self, inode: Inode, file: File) -> Handle {
@@ -490,6 +669,8 @@ impl FileSystem for PassthroughFs {
         if self.cfg.cache == CachePolicy::Auto {
             want |= init::AUTO_INVAL_DATA;
         }
+        // Negotiated anew by every INIT: a guest that no longer offers it is told nothing.
+        self.announce_submounts.store(false, Ordering::Relaxed);
         if self.cfg.announce_submounts {
             if capable & init::SUBMOUNTS != 0 {
                 want |= init::SUBMOUNTS;
@@ -542,7 +723,7 @@ impl FileSystem for PassthroughFs {
     ) -> io::Result<(Attr, Timeout)> {
         let st = match fh.and_then(|fh| self.handle(inode, fh).ok()) {
             Some(h) => sys::fstat(h.file.as_fd())?,
-            None => sys::fstat(self.inode(inode)?.fd.as_fd())?,
+            None => sys::fstat(self.inode(inode)?.path_fd()?.as_fd())?,
         };
         Ok((self.guest_attr(&st, None), self.timeout()))
     }
@@ -554,7 +735,8 @@ impl FileSystem for PassthroughFs {
         } else {
             None
         };
-        let ifd = data.fd.as_raw_fd();
+        let path_fd = data.path_fd()?;
+        let ifd = path_fd.as_raw_fd();
         if a.valid & fattr::MODE != 0 {
             match &handle {
                 Some(h) => sys::fchmod(h.file.as_raw_fd(), a.mode & 0o7777)?,
@@ -588,7 +770,9 @@ impl FileSystem for PassthroughFs {
                         }));
                     }
                     let _caller = self.as_caller(ctx)?;
-                    owned = self.open_inode(&data, libc::O_WRONLY)?;
+                    // Through /proc, so the caller's permission to write is checked (a
+                    // handle would be opened with our capabilities).
+                    owned = sys::reopen(self.proc_fd(), ifd, libc::O_WRONLY)?;
                     owned.as_raw_fd()
                 }
             };
@@ -633,7 +817,7 @@ impl FileSystem for PassthroughFs {
         if data.kind != libc::S_IFLNK {
             return Err(errno(libc::EINVAL));
         }
-        sys::readlink(data.fd.as_raw_fd())
+        sys::readlink(data.path_fd()?.as_raw_fd())
     }
 
     fn symlink(
@@ -646,8 +830,10 @@ impl FileSystem for PassthroughFs {
         check_name(name, true)?;
         let p = self.inode(parent)?;
         {
+            // Descriptors first: opening a handle needs our capabilities, not the caller's.
+            let pfd = p.path_fd()?;
             let _caller = self.as_caller(ctx)?;
-            sys::symlinkat(target, p.fd.as_raw_fd(), name)?;
+            sys::symlinkat(target, pfd.as_raw_fd(), name)?;
         }
         self.do_lookup(&p, name)
     }
@@ -664,8 +850,9 @@ impl FileSystem for PassthroughFs {
         check_name(name, true)?;
         let p = self.inode(parent)?;
         {
+            let pfd = p.path_fd()?;
             let _caller = self.as_caller(ctx)?;
-            sys::mknodat(p.fd.as_raw_fd(), name, mode & !umask, rdev)?;
+            sys::mknodat(pfd.as_raw_fd(), name, mode & !umask, rdev)?;
         }
         self.do_lookup(&p, name)
     }
@@ -681,20 +868,25 @@ impl FileSystem for PassthroughFs {
         check_name(name, true)?;
         let p = self.inode(parent)?;
         {
+            let pfd = p.path_fd()?;
             let _caller = self.as_caller(ctx)?;
-            sys::mkdirat(p.fd.as_raw_fd(), name, mode & !umask & 0o7777)?;
+            sys::mkdirat(pfd.as_raw_fd(), name, mode & !umask & 0o7777)?;
         }
         self.do_lookup(&p, name)
     }
 
     fn unlink(&self, _ctx: Context, parent: Inode, name: &CStr) -> io::Result<()> {
         check_name(name, true)?;
-        sys::unlinkat(self.inode(parent)?.fd.as_raw_fd(), name, 0)
+        sys::unlinkat(self.inode(parent)?.path_fd()?.as_raw_fd(), name, 0)
     }
 
     fn rmdir(&self, _ctx: Context, parent: Inode, name: &CStr) -> io::Result<()> {
         check_name(name, true)?;
-        sys::unlinkat(self.inode(parent)?.fd.as_raw_fd(), name, libc::AT_REMOVEDIR)
+        sys::unlinkat(
+            self.inode(parent)?.path_fd()?.as_raw_fd(),
+            name,
+            libc::AT_REMOVEDIR,
+        )
     }
 
     fn rename(
@@ -713,7 +905,8 @@ impl FileSystem for PassthroughFs {
         }
         let o = self.inode(olddir)?;
         let n = self.inode(newdir)?;
-        sys::renameat2(o.fd.as_raw_fd(), oldname, n.fd.as_raw_fd(), newname, flags)
+        let (ofd, nfd) = (o.path_fd()?, n.path_fd()?);
+        sys::renameat2(ofd.as_raw_fd(), oldname, nfd.as_raw_fd(), newname, flags)
     }
 
     fn link(
@@ -726,7 +919,11 @@ impl FileSystem for PassthroughFs {
         check_name(newname, true)?;
         let data = self.inode(inode)?;
         let p = self.inode(newparent)?;
-        sys::linkat_inode(data.fd.as_raw_fd(), p.fd.as_raw_fd(), newname)?;
+        sys::linkat_inode(
+            data.path_fd()?.as_raw_fd(),
+            p.path_fd()?.as_raw_fd(),
+            newname,
+        )?;
         self.do_lookup(&p, newname)
     }
 
@@ -761,9 +958,10 @@ impl FileSystem for PassthroughFs {
         let p = self.inode(parent)?;
         let oflags = self.open_flags(flags);
         let created = {
+            let pfd = p.path_fd()?;
             let _caller = self.as_caller(ctx)?;
             sys::openat_beneath(
-                p.fd.as_fd(),
+                pfd.as_fd(),
                 name,
                 oflags | libc::O_CREAT | libc::O_EXCL,
                 mode & !umask,
@@ -811,7 +1009,7 @@ impl FileSystem for PassthroughFs {
             &sys::fd_name(file.as_raw_fd()),
             libc::O_PATH,
         )?;
-        let entry = self.register(path_fd, Some(p.dev))?;
+        let entry = self.register(path_fd, Some(&p))?;
         let fh = self.new_handle(entry.nodeid, file);
         Ok((
             entry,
@@ -841,7 +1039,7 @@ impl FileSystem for PassthroughFs {
     }
 
     fn statfs(&self, _ctx: Context, inode: Inode) -> io::Result<StatFs> {
-        let st = sys::fstatvfs(self.inode(inode)?.fd.as_raw_fd())?;
+        let st = sys::fstatvfs(self.inode(inode)?.path_fd()?.as_raw_fd())?;
         Ok(StatFs {
             blocks: st.f_blocks,
             bfree: st.f_bfree,
@@ -1073,8 +1271,9 @@ impl FileSystem for PassthroughFs {
 
     fn access(&self, ctx: Context, inode: Inode, mask: u32) -> io::Result<()> {
         let data = self.inode(inode)?;
+        let pfd = data.path_fd()?;
         let _caller = self.as_caller(ctx)?;
-        sys::faccessat_inode(self.proc_fd(), data.fd.as_raw_fd(), mask as i32)
+        sys::faccessat_inode(self.proc_fd(), pfd.as_raw_fd(), mask as i32)
     }
 
     fn fallocate(

@@ -103,8 +103,12 @@ pub fn fd_name(fd: RawFd) -> std::ffi::CString {
 /// Reopens the inode behind the O_PATH descriptor `fd` with `flags`, through the
 /// `/proc/self/fd` directory `proc_self_fd`. The caller has checked the inode's type.
 pub fn reopen(proc_self_fd: BorrowedFd<'_>, fd: RawFd, flags: i32) -> io::Result<File> {
-    let flags = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_NOFOLLOW);
-    openat(proc_self_fd, &fd_name(fd), flags).map(File::from)
+    openat(proc_self_fd, &fd_name(fd), reopen_flags(flags)).map(File::from)
+}
+
+/// `flags` without what would create a file or refuse the (already resolved) inode.
+pub fn reopen_flags(flags: i32) -> i32 {
+    flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_NOFOLLOW)
 }
 
 /// The `O_ACCMODE` bits `fd` was opened with.

@@ -7,6 +7,12 @@ use std::path::Path;
 
 use super::*;
 
+thread_local! {
+    /// How the tests on this thread hold inodes (each test runs on its own thread).
+    static MODE: std::cell::Cell<InodeFileHandles> =
+        const { std::cell::Cell::new(InodeFileHandles::Never) };
+}
+
 fn fs_for(share: &Path) -> PassthroughFs {
     let root = sys::openat(
         std::fs::File::open("/").unwrap().as_fd(),
@@ -30,6 +36,7 @@ fn fs_for(share: &Path) -> PassthroughFs {
             uid_map: IdMap::default(),
             gid_map: IdMap::default(),
             switch_creds: is_root(),
+            inode_file_handles: MODE.get(),
         },
     )
     .unwrap();
@@ -542,4 +549,73 @@ fn xattrs_seek_and_copy_file_range() {
     let data = std::fs::read(share.join("sparse")).unwrap();
     assert_eq!(&data[..6], b"inside");
     fs.syncfs(CTX, fuse::ROOT_ID).unwrap();
+}
+
+/// Every test above again, with inodes held as file handles (mandatory, so a fallback to
+/// descriptors cannot hide a difference): the escapes fail the same way and every operation
+/// works the same. open_by_handle_at needs CAP_DAC_READ_SEARCH, so this needs root.
+#[test]
+fn everything_holds_with_file_handles() {
+    assert!(
+        is_root(),
+        "file handles need CAP_DAC_READ_SEARCH: run the tests as root"
+    );
+    MODE.set(InodeFileHandles::Mandatory);
+    lookup_of_dotdot_at_the_root_stays_at_the_root();
+    names_with_slashes_or_empty_are_refused_everywhere();
+    a_symlink_to_etc_is_created_and_read_but_never_followed();
+    a_symlink_planted_by_the_host_is_not_followed_either();
+    rename_and_link_cannot_cross_the_share_edge();
+    fifos_sockets_and_devices_are_never_opened();
+    create_read_write_readdir_and_forget();
+    writes_clear_setuid_when_the_guest_asks_and_chown_clears_it_too();
+    files_are_created_with_the_callers_ids();
+    locks_conflict_between_handles_and_flock_works();
+    posix_locks_belong_to_the_lock_owner();
+    xattrs_seek_and_copy_file_range();
+}
+
+/// With handles, a looked-up inode keeps no descriptor: only the share's mount has one.
+/// Two names of one host inode are one guest inode either way, and an inode removed on the
+/// host while only its handle is held answers ESTALE rather than some other file.
+#[test]
+fn handles_keep_no_descriptor_per_inode_and_identity_holds() {
+    assert!(
+        is_root(),
+        "file handles need CAP_DAC_READ_SEARCH: run the tests as root"
+    );
+    MODE.set(InodeFileHandles::Mandatory);
+    let (_d, share, fs) = setup();
+    assert_eq!(fs.mount_fd_count(), 0);
+    let open_fds = || std::fs::read_dir("/proc/self/fd").unwrap().count();
+    let before = open_fds();
+    let mut ids = Vec::new();
+    for i in 0..50 {
+        std::fs::write(share.join(format!("f{i}")), "x").unwrap();
+        let name = CString::new(format!("f{i}")).unwrap();
+        ids.push(fs.lookup(CTX, fuse::ROOT_ID, &name).unwrap().nodeid);
+    }
+    // Other tests open files on other threads: allow some noise, but not 50.
+    assert!(open_fds() < before + 10, "{} -> {}", before, open_fds());
+    assert_eq!(fs.mount_fd_count(), 1);
+    std::fs::hard_link(share.join("f0"), share.join("sub/alias")).unwrap();
+    let sub = fs.lookup(CTX, fuse::ROOT_ID, c"sub").unwrap();
+    let alias = fs.lookup(CTX, sub.nodeid, c"alias").unwrap();
+    assert_eq!(alias.nodeid, ids[0]);
+    let o = fs
+        .open(CTX, alias.nodeid, libc::O_RDONLY as u32, 0)
+        .unwrap();
+    fs.release(CTX, alias.nodeid, o.fh, false, 0).unwrap();
+    // Gone on the host: the handle no longer opens.
+    std::fs::remove_file(share.join("f1")).unwrap();
+    assert_eq!(
+        errno_of(fs.open(CTX, ids[1], libc::O_RDONLY as u32, 0)),
+        libc::ESTALE
+    );
+    // Forgetting every inode on the mount closes its descriptor.
+    for id in ids {
+        fs.forget(id, 2);
+    }
+    fs.forget(sub.nodeid, 1);
+    assert_eq!(fs.mount_fd_count(), 0);
 }
