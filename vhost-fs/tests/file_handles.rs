@@ -170,6 +170,33 @@ fn open_descriptors_stay_bounded_with_file_handles() {
     assert!(mandatory <= 4, "mandatory: {grown:?}");
 }
 
+/// tmpfs has file handles too (shares on /dev/shm are common where speed matters), so
+/// `mandatory` serves it.
+#[test]
+fn tmpfs_has_file_handles() {
+    let shm = Path::new("/dev/shm");
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::zeroed();
+    let path = std::ffi::CString::new("/dev/shm").unwrap();
+    // SAFETY: a NUL-terminated path and a valid out-buffer.
+    let ok = unsafe { libc::statfs(path.as_ptr(), st.as_mut_ptr()) } == 0;
+    // SAFETY: statfs succeeded and filled the buffer (zeroed before in any case).
+    let fs_type = unsafe { st.assume_init() }.f_type;
+    assert!(
+        ok && fs_type == libc::TMPFS_MAGIC,
+        "/dev/shm is not a tmpfs on this machine"
+    );
+    let dir = tempfile::tempdir_in(shm).unwrap();
+    let share = dir.path().join("share");
+    std::fs::create_dir_all(share.join("d")).unwrap();
+    std::fs::write(share.join("d/f"), b"on tmpfs").unwrap();
+    let mut f = start_on(&share, dir, "mandatory", &[]);
+    let d = f.client.lookup(ROOT_ID, b"d").unwrap();
+    let e = f.client.lookup(d.nodeid, b"f").unwrap();
+    let fh = f.client.open(e.nodeid, libc::O_RDONLY as u32).unwrap();
+    assert_eq!(f.client.read(e.nodeid, fh, 0, 64).unwrap(), b"on tmpfs");
+    f.client.release(e.nodeid, fh).unwrap();
+}
+
 /// procfs has no file handles: `prefer` holds its inodes as descriptors and serves them.
 #[test]
 fn prefer_falls_back_to_descriptors_where_there_are_no_handles() {

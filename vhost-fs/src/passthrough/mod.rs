@@ -260,7 +260,10 @@ impl PassthroughFs {
         )
         .and_then(|dir| file_handle::probe(root.as_fd(), dir));
         match (probe, mode) {
-            (Ok(_), _) => Ok(mode),
+            (Ok(_), _) => {
+                log::info!("inodes are held as file handles ({mode:?})");
+                Ok(mode)
+            }
             (Err(e), InodeFileHandles::Mandatory) => Err(io::Error::new(
                 e.kind(),
                 format!(
