@@ -21,7 +21,7 @@ use std::ffi::CString;
 use std::fmt::Display;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -291,16 +291,50 @@ fn mknod(path: &Path, mode: libc::mode_t) -> io::Result<()> {
     cvt(unsafe { libc::mknod(p.as_ptr(), mode, 0) }).map(drop)
 }
 
+/// The child's end of a pipe: tells the parent the child got as far as the parent waits for.
+struct Ready(File);
+
+impl Ready {
+    fn signal(&self) {
+        let _ = (&self.0).write_all(b"r");
+    }
+}
+
+/// The parent's end: waits for [`Ready::signal`], or for the child to exit without it.
+struct WaitReady(File);
+
+impl WaitReady {
+    fn wait(&self) {
+        let _ = (&self.0).read(&mut [0u8; 1]);
+    }
+}
+
+fn pipe() -> io::Result<(File, File)> {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` is a valid out-array of two descriptors.
+    cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    // SAFETY: pipe2 returned two new descriptors that nothing else owns.
+    Ok(unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) })
+}
+
 /// Forks; the child runs `child` (which prints its own lines) and exits. The parent runs
 /// `parent` while the child lives and reports its result as `parent_key` once the child
-/// has exited (so lines never interleave), then the child's exit status as `key`.
+/// has exited (so lines never interleave), then the child's exit status as `key`. The two
+/// sides synchronise through the pipe, not through timing.
 fn with_child(
     r: &Report,
     key: &str,
-    child: impl FnOnce() -> i32,
+    child: impl FnOnce(&Ready) -> i32,
     parent_key: &str,
-    parent: impl FnOnce() -> io::Result<()>,
+    parent: impl FnOnce(&WaitReady) -> io::Result<()>,
 ) {
+    let (read_end, write_end) = match pipe() {
+        Ok(p) => p,
+        Err(e) => {
+            r.line(key, errno_name(&e));
+            return;
+        }
+    };
     // Nothing buffered may be printed twice.
     let _ = io::stdout().flush();
     // SAFETY: this program is single-threaded, so the child may run arbitrary code.
@@ -310,12 +344,15 @@ fn with_child(
         return;
     }
     if pid == 0 {
-        let code = child();
+        drop(read_end);
+        let code = child(&Ready(write_end));
         let _ = io::stdout().flush();
         // SAFETY: ends the child without running the parent's exit handlers twice.
         unsafe { libc::_exit(code) };
     }
-    let parent_result = parent();
+    // Without the parent's copy of the write end, a child that exits unready ends the wait.
+    drop(write_end);
+    let parent_result = parent(&WaitReady(read_end));
     let mut status = 0;
     // SAFETY: `pid` is our child; `status` is a valid out-pointer.
     let waited = unsafe { libc::waitpid(pid, &mut status, 0) };
@@ -333,8 +370,8 @@ fn rw(path: &Path) -> io::Result<File> {
     OpenOptions::new().read(true).write(true).open(path)
 }
 
-/// Gives a child time to block before the parent lets it go. Results do not depend on it:
-/// a child that has not blocked yet simply gets the lock at once.
+/// Gives a child that said it is about to block time to do so before the parent lets it go.
+/// Results do not depend on it: a child that has not blocked yet gets the lock at once.
 fn pause() {
     std::thread::sleep(Duration::from_millis(300));
 }
@@ -430,12 +467,16 @@ fn flock_ops(d: &Path, r: &Report) -> io::Result<()> {
     with_child(
         r,
         "flock_wait_child",
-        || match flock(&b, libc::LOCK_EX) {
-            Ok(()) => 0,
-            Err(_) => 1,
+        |ready| {
+            ready.signal();
+            match flock(&b, libc::LOCK_EX) {
+                Ok(()) => 0,
+                Err(_) => 1,
+            }
         },
         "flock_release_for_child",
-        || {
+        |ready| {
+            ready.wait();
             pause();
             flock(&a, libc::LOCK_UN)
         },
@@ -471,7 +512,7 @@ fn posix_lock_ops(d: &Path, r: &Report) -> io::Result<()> {
     with_child(
         r,
         "posix_child",
-        || {
+        |ready| {
             let r = child_report;
             let Ok(c) = rw(&path) else { return 2 };
             r.res(
@@ -490,7 +531,8 @@ fn posix_lock_ops(d: &Path, r: &Report) -> io::Result<()> {
                 "posix_child_setlk_disjoint",
                 setlk(&c, libc::F_SETLK, libc::F_WRLCK, 200, 10),
             );
-            // Blocks until the parent unlocks.
+            // Blocks until the parent unlocks, which it does only after this signal.
+            ready.signal();
             r.done(
                 "posix_child_setlkw",
                 setlk(&c, libc::F_SETLKW, libc::F_WRLCK, 0, 1),
@@ -498,7 +540,8 @@ fn posix_lock_ops(d: &Path, r: &Report) -> io::Result<()> {
             0
         },
         "posix_unlock_for_child",
-        || {
+        |ready| {
+            ready.wait();
             pause();
             setlk(&a, libc::F_SETLK, libc::F_UNLCK, 0, 100)
         },
@@ -520,7 +563,7 @@ fn posix_lock_ops(d: &Path, r: &Report) -> io::Result<()> {
     with_child(
         r,
         "posix_after_close_child",
-        || {
+        |_| {
             let Ok(c) = rw(&path) else { return 2 };
             child_report.done(
                 "posix_child_setlk_after_close",
@@ -529,7 +572,7 @@ fn posix_lock_ops(d: &Path, r: &Report) -> io::Result<()> {
             0
         },
         "posix_after_close_parent",
-        || Ok(()),
+        |_| Ok(()),
     );
     Ok(())
 }
