@@ -557,19 +557,29 @@ impl PassthroughFs {
 
     fn do_lookup(&self, parent: &InodeData, name: &CStr) -> io::Result<EntryOut> {
         let pfd = parent.path_fd()?;
+        self.lookup_at(parent, pfd.as_fd(), name)
+    }
+
+    /// [`do_lookup`](Self::do_lookup) through `pfd`, a descriptor of `parent` the caller
+    /// already has (READDIRPLUS uses its open directory rather than open a handle per entry).
+    fn lookup_at(
+        &self,
+        parent: &InodeData,
+        pfd: BorrowedFd<'_>,
+        name: &CStr,
+    ) -> io::Result<EntryOut> {
         let fd = match name.to_bytes() {
-            b"." => sys::openat(pfd.as_fd(), c".", libc::O_PATH | libc::O_NOFOLLOW)?,
+            b"." => sys::openat(pfd, c".", libc::O_PATH | libc::O_NOFOLLOW)?,
             b".." => {
                 // Never above the share: the root's parent is the root.
                 if parent.dev == self.root.dev && parent.ino == self.root.ino {
                     sys::openat(self.root.path_fd()?.as_fd(), c".", libc::O_PATH)?
                 } else {
-                    sys::openat(pfd.as_fd(), c"..", libc::O_PATH | libc::O_NOFOLLOW)?
+                    sys::openat(pfd, c"..", libc::O_PATH | libc::O_NOFOLLOW)?
                 }
             }
-            _ => sys::openat_beneath(pfd.as_fd(), name, libc::O_PATH, 0)?,
+            _ => sys::openat_beneath(pfd, name, libc::O_PATH, 0)?,
         };
-        drop(pfd);
         self.register(fd, Some(parent))
     }
 
@@ -1133,7 +1143,7 @@ impl FileSystem for PassthroughFs {
                         EntryOut::default()
                     } else {
                         let name = std::ffi::CString::new(d.name).map_err(|_| errno(libc::EIO))?;
-                        match self.do_lookup(&parent, &name) {
+                        match self.lookup_at(&parent, h.file.as_fd(), &name) {
                             Ok(e) => e,
                             // Removed since getdents: skip it.
                             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
