@@ -53,11 +53,13 @@ pub struct InHeader {
 }
 
 impl InHeader {
-    /// Decodes the header alone (the first [`IN_HEADER_LEN`] bytes).
+    /// Decodes the header alone (the first [`IN_HEADER_LEN`] bytes, all of which must be
+    /// there: the fields end at 36, and the last 4 are padding, or `total_extlen` and
+    /// padding in 7.38, but still part of the header).
     pub fn decode(buf: &[u8]) -> Result<Self, DecodeError> {
         let mut r = Reader::new(buf, 0);
         let h = (|| {
-            Some(InHeader {
+            let h = InHeader {
                 len: r.u32()?,
                 opcode: r.u32()?,
                 unique: r.u64()?,
@@ -65,7 +67,9 @@ impl InHeader {
                 uid: r.u32()?,
                 gid: r.u32()?,
                 pid: r.u32()?,
-            })
+            };
+            r.skip(IN_HEADER_LEN - 36)?;
+            Some(h)
         })();
         h.ok_or(DecodeError::NoHeader(buf.len()))
     }
@@ -680,6 +684,14 @@ mod tests {
     #[test]
     fn short_or_lying_headers_are_refused() {
         assert_eq!(decode(&[0; 10], 0), Err(DecodeError::NoHeader(10)));
+        // Found by the fuzzer: every field but the padding, and a length that agrees. It
+        // was accepted as a 39-byte message (a STATFS of 36 bytes decoded).
+        for n in 36..IN_HEADER_LEN {
+            let mut m = msg(opcode::STATFS, &[]);
+            m.truncate(n);
+            m[0..4].copy_from_slice(&(n as u32).to_le_bytes());
+            assert_eq!(decode(&m, 0), Err(DecodeError::NoHeader(n)), "{n} bytes");
+        }
         let mut m = msg(opcode::LOOKUP, b"file\0");
         m[0] = 200;
         assert!(matches!(
