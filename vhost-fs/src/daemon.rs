@@ -29,6 +29,9 @@ use crate::server::{self, Server};
 use crate::worker::QueueWorker;
 use crate::{api, sandbox};
 
+/// Request slots of the high-priority queue.
+const HIPRIO_DEPTH: u32 = 8;
+
 struct Control {
     wake: EventFd,
     connection: Mutex<Option<ShutdownHandle>>,
@@ -134,8 +137,13 @@ impl Daemon {
         ));
         let workers = (0..device.num_queues())
             .map(|i| {
-                // The high-priority queue carries FORGET and INTERRUPT only: no data.
-                let depth = if i == 0 { 1 } else { config.queue_depth };
+                // The high-priority queue carries FORGET and INTERRUPT only: no data, but a
+                // few slots so an INTERRUPT waiting for its target does not hold up FORGETs.
+                let depth = if i == 0 {
+                    HIPRIO_DEPTH
+                } else {
+                    config.queue_depth
+                };
                 let engine =
                     new_engine(engine_kind, depth).context("cannot create an I/O engine")?;
                 QueueWorker::new(i, device.clone(), engine, depth)

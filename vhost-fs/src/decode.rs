@@ -259,7 +259,8 @@ pub enum Request<'a> {
 }
 
 impl Request<'_> {
-    /// Whether the guest expects no reply (FORGET, BATCH_FORGET, INTERRUPT).
+    /// Whether the guest expects no reply (FORGET, BATCH_FORGET; INTERRUPT gets one only
+    /// to say EAGAIN).
     pub fn no_reply(&self) -> bool {
         matches!(
             self,

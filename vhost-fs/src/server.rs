@@ -1,14 +1,15 @@
 //! The FUSE message server: decodes a message, validates it, dispatches it to the
 //! [`FileSystem`] and encodes the reply body. It knows nothing about virtqueues: READ and
 //! WRITE come back as [`Outcome::Read`]/[`Outcome::Write`] for the queue worker to run on its
-//! I/O engine straight between the file and guest memory, and SETLKW as
-//! [`Outcome::Blocking`] for the worker to run off its thread.
+//! I/O engine straight between the file and guest memory, and SETLKW and INTERRUPT as
+//! [`Outcome::Blocking`] for the worker to run on a thread of their own.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use crate::decode::{self, DecodeError, InHeader, Request};
 use crate::filesystem::{Context, FileSystem, XattrReply};
@@ -39,7 +40,7 @@ impl Reply {
 /// What the worker does with a message.
 pub enum Outcome {
     Reply(Reply),
-    /// FORGET, BATCH_FORGET, INTERRUPT: the guest expects nothing back.
+    /// FORGET, BATCH_FORGET, a malformed INTERRUPT: the guest expects nothing back.
     NoReply,
     /// Read up to `size` bytes at `offset` of `file` into the reply's data buffers.
     Read {
@@ -53,14 +54,36 @@ pub enum Outcome {
         offset: u64,
         size: u32,
     },
-    /// A request that may block (SETLKW): run it on its own thread. INTERRUPT of `unique`
-    /// interrupts that thread.
-    Blocking(Box<dyn FnOnce() -> Reply + Send>),
+    /// A request that may block for as long as someone else decides (SETLKW, an INTERRUPT
+    /// waiting for its target): run it on a thread of its own, not on a queue's thread.
+    /// `None` returns the chain without a reply.
+    Blocking(Box<dyn FnOnce() -> Option<Reply> + Send>),
+}
+
+/// How long an INTERRUPT waits for the request it names to show up before it is answered
+/// EAGAIN. It travels on the high-priority queue and can overtake its target; the kernel
+/// sends it again after EAGAIN while the target is still pending, and ignores the EAGAIN
+/// when the target has already been answered.
+pub const INTERRUPT_GRACE: Duration = Duration::from_millis(20);
+
+/// How long an interrupted request may take to leave its blocking call before we stop
+/// signalling it (see [`Waiters::interrupt`]).
+const INTERRUPT_PERSIST: Duration = Duration::from_secs(5);
+
+struct Waiter {
+    thread: libc::pthread_t,
+    /// Tells apart two requests a misbehaving guest sent with the same id.
+    token: u64,
 }
 
 /// Threads blocked in SETLKW, by request id, so INTERRUPT can reach them.
 #[derive(Default)]
-pub struct Waiters(Mutex<HashMap<u64, libc::pthread_t>>);
+pub struct Waiters {
+    map: Mutex<HashMap<u64, Waiter>>,
+    /// Signalled whenever a waiter comes or goes.
+    changed: Condvar,
+    next_token: AtomicU64,
+}
 
 /// The signal that interrupts a blocked request; its handler does nothing, and it is
 /// installed without `SA_RESTART` so the blocked call fails with `EINTR`.
@@ -70,29 +93,70 @@ impl Waiters {
     /// Runs `f` as request `unique`, interruptible by [`Waiters::interrupt`].
     pub fn run<T>(&self, unique: u64, f: impl FnOnce() -> T) -> T {
         // SAFETY: pthread_self has no preconditions.
-        let me = unsafe { libc::pthread_self() };
-        self.lock().insert(unique, me);
+        let thread = unsafe { libc::pthread_self() };
+        let token = self.next_token.fetch_add(1, Ordering::Relaxed);
+        self.lock().insert(unique, Waiter { thread, token });
+        self.changed.notify_all();
         let r = f();
-        self.lock().remove(&unique);
+        let mut map = self.lock();
+        if map.get(&unique).is_some_and(|w| w.token == token) {
+            map.remove(&unique);
+        }
+        drop(map);
+        self.changed.notify_all();
         r
     }
 
-    /// Interrupts the thread serving `unique`, if it is still blocked.
-    pub fn interrupt(&self, unique: u64) -> bool {
-        let map = self.lock();
-        match map.get(&unique) {
-            Some(&t) => {
-                // SAFETY: the thread is alive: it removes itself (under this lock) before
-                // it returns from `run`.
-                unsafe { libc::pthread_kill(t, INTERRUPT_SIGNAL) };
-                true
+    /// Interrupts request `unique`: waits up to `grace` for it to start waiting, then
+    /// signals its thread until it stops. A signal that arrives just before the thread
+    /// enters its blocking call is lost, so it is repeated (as libfuse does) with a growing
+    /// pause, for at most [`INTERRUPT_PERSIST`]. Returns false if no such request showed up.
+    pub fn interrupt(&self, unique: u64, grace: Duration) -> bool {
+        let deadline = Instant::now() + grace;
+        let mut map = self.lock();
+        let token = loop {
+            if let Some(w) = map.get(&unique) {
+                break w.token;
             }
-            None => false,
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            map = self.wait(map, left);
+        };
+        let give_up = Instant::now() + INTERRUPT_PERSIST;
+        let mut pause = Duration::from_millis(1);
+        loop {
+            match map.get(&unique) {
+                Some(w) if w.token == token => {
+                    // SAFETY: the thread is alive: it removes its entry (under this lock,
+                    // which we hold) before it returns from `run`.
+                    unsafe { libc::pthread_kill(w.thread, INTERRUPT_SIGNAL) };
+                }
+                _ => return true,
+            }
+            if Instant::now() >= give_up {
+                log::warn!("request {unique} ignores its interrupt; giving up");
+                return true;
+            }
+            map = self.wait(map, pause);
+            pause = (pause * 2).min(Duration::from_millis(100));
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, libc::pthread_t>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    fn wait<'a>(
+        &self,
+        map: MutexGuard<'a, HashMap<u64, Waiter>>,
+        timeout: Duration,
+    ) -> MutexGuard<'a, HashMap<u64, Waiter>> {
+        match self.changed.wait_timeout(map, timeout) {
+            Ok((m, _)) => m,
+            Err(p) => p.into_inner().0,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, Waiter>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -319,16 +383,28 @@ impl Server {
                 let unique = h.unique;
                 Outcome::Blocking(Box::new(move || {
                     let res = waiters.run(unique, || fs.setlk(ctx, ino, &lk, true));
-                    res.map(|()| Reply::ok(Vec::new()))
-                        .unwrap_or_else(Reply::from_io)
+                    Some(
+                        res.map(|()| Reply::ok(Vec::new()))
+                            .unwrap_or_else(Reply::from_io),
+                    )
                 }))
             }
             Request::Access { mask } => empty(fs.access(ctx, ino, mask)),
             Request::Interrupt { unique } => {
-                // Only blocking requests can be interrupted; others finish soon anyway,
-                // which the protocol allows.
-                self.waiters.interrupt(unique);
-                Outcome::NoReply
+                // Linux's fuse.rst, "Interrupting filesystem operations": a request we can
+                // interrupt (a blocked SETLKW) is answered EINTR and the INTERRUPT gets no
+                // reply; every other request finishes soon anyway, which the protocol
+                // allows. When the target cannot be found, the INTERRUPT is answered EAGAIN
+                // after a grace period, so the kernel sends it again if the target is still
+                // pending (it may not have reached us yet) and drops it if it was answered.
+                let waiters = self.waiters.clone();
+                Outcome::Blocking(Box::new(move || {
+                    if waiters.interrupt(unique, INTERRUPT_GRACE) {
+                        None
+                    } else {
+                        Some(Reply::err(libc::EAGAIN))
+                    }
+                }))
             }
             Request::Fallocate {
                 fh,
@@ -484,6 +560,63 @@ mod tests {
         assert!(matches!(o, Outcome::NoReply));
         let (_, o) = s.handle(&msg(opcode::FORGET, 6, &[1]), 0);
         assert!(matches!(o, Outcome::NoReply));
+    }
+
+    fn run_blocking(o: Outcome) -> Option<Reply> {
+        match o {
+            Outcome::Blocking(f) => f(),
+            _ => panic!("expected a blocking request"),
+        }
+    }
+
+    #[test]
+    fn an_interrupt_of_an_unknown_request_is_answered_eagain_after_a_grace() {
+        let s = Server::new(Arc::new(Nothing));
+        s.handle(&init_msg(), 0);
+        let t = Instant::now();
+        let (h, o) = s.handle(&msg(opcode::INTERRUPT, 9, &77u64.to_le_bytes()), 0);
+        assert_eq!(h.unwrap().unique, 9);
+        assert_eq!(run_blocking(o), Some(Reply::err(libc::EAGAIN)));
+        assert!(t.elapsed() >= INTERRUPT_GRACE);
+        // A malformed INTERRUPT is dropped.
+        let (_, o) = s.handle(&msg(opcode::INTERRUPT, 10, &[1, 2]), 0);
+        assert!(matches!(o, Outcome::NoReply));
+    }
+
+    /// A thread blocked in a system call as request 42, interruptible like SETLKW.
+    fn blocked_waiter(w: &Arc<Waiters>, delay: Duration) -> std::thread::JoinHandle<i32> {
+        install_interrupt_handler().unwrap();
+        let w = w.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(delay);
+            w.run(42, || {
+                // SAFETY: poll with no descriptors only sleeps.
+                let r = unsafe { libc::poll(std::ptr::null_mut(), 0, 20_000) };
+                if r < 0 {
+                    io::Error::last_os_error().raw_os_error().unwrap_or(0)
+                } else {
+                    0
+                }
+            })
+        })
+    }
+
+    #[test]
+    fn interrupt_ends_a_blocked_waiter_even_one_that_registers_late() {
+        let w = Arc::new(Waiters::default());
+        // Blocked before the INTERRUPT comes.
+        let t = blocked_waiter(&w, Duration::ZERO);
+        std::thread::sleep(Duration::from_millis(50));
+        let started = Instant::now();
+        assert!(w.interrupt(42, INTERRUPT_GRACE));
+        assert_eq!(t.join().unwrap(), libc::EINTR);
+        assert!(started.elapsed() < Duration::from_secs(5));
+        // The INTERRUPT overtook its request: it waits for it within the grace period.
+        let t = blocked_waiter(&w, Duration::from_millis(5));
+        assert!(w.interrupt(42, Duration::from_secs(5)));
+        assert_eq!(t.join().unwrap(), libc::EINTR);
+        // Nothing by that id: not found once the grace period is over.
+        assert!(!w.interrupt(42, Duration::from_millis(1)));
     }
 
     #[test]

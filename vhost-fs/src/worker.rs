@@ -7,8 +7,9 @@
 //! it is), hands them to the server, and either writes the reply at once or starts the data
 //! transfer on the engine. The batch is submitted in one call; completions are reaped, their
 //! reply headers written and the guest notified once per pass. SETLKW, which can block for
-//! as long as another holder keeps its lock, runs on a thread of its own and comes back
-//! through the worker's deferred-reply eventfd.
+//! as long as another holder keeps its lock, and INTERRUPT, which may wait for its target,
+//! run on a thread of their own; their replies come back through the worker's
+//! deferred-reply eventfd.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -38,14 +39,19 @@ type State = VringState<GuestMemoryAtomic<GuestMemory>>;
 enum Kind {
     Read,
     Write,
-    /// A blocking request running on its own thread.
+    /// A request running on its own thread, for as long as it blocks.
     Blocking,
 }
+
+/// A reply coming back from another thread: the slot and what to answer (`None`: return
+/// the chain without a reply).
+type Deferred = (u16, Option<Reply>);
 
 struct Slot {
     head: u16,
     unique: u64,
     kind: Kind,
+    class: OpClass,
     file: Option<Arc<File>>,
     offset: u64,
     len: u64,
@@ -76,8 +82,8 @@ pub struct QueueWorker {
     mem: Option<GuestMemoryAtomic<GuestMemory>>,
     vring: Option<Vring>,
     throttled: bool,
-    deferred_tx: Sender<(u16, Reply)>,
-    deferred_rx: Receiver<(u16, Reply)>,
+    deferred_tx: Sender<Deferred>,
+    deferred_rx: Receiver<Deferred>,
     deferred_fd: Arc<EventFd>,
 }
 
@@ -96,6 +102,7 @@ impl QueueWorker {
                 head: 0,
                 unique: 0,
                 kind: Kind::Read,
+                class: OpClass::Other,
                 file: None,
                 offset: 0,
                 len: 0,
@@ -330,36 +337,53 @@ impl QueueWorker {
                 )
             }
             Outcome::Blocking(f) => {
-                let Some(index) = self.free.pop() else {
+                let Some(index) = self.defer(head, unique, Kind::Blocking, class, mem, started)
+                else {
                     self.answer(state, head, unique, &Reply::err(libc::EAGAIN), mem, None);
                     return true;
                 };
-                let slot = &mut self.slots[index as usize];
-                slot.head = head;
-                slot.unique = unique;
-                slot.kind = Kind::Blocking;
-                slot.started = started;
-                slot.segments.clone_from(&self.segments);
-                slot.mem = Some(mem.clone());
-                let tx = self.deferred_tx.clone();
-                let wake = self.deferred_fd.clone();
+                let (tx, wake) = (self.deferred_tx.clone(), self.deferred_fd.clone());
                 let spawned = std::thread::Builder::new()
-                    .name("fs-lock-wait".into())
+                    .name("fs-blocking".into())
                     .spawn(move || {
-                        let reply = f();
-                        let _ = tx.send((index, reply));
+                        let _ = tx.send((index, f()));
                         let _ = wake.write(1);
                     });
                 if spawned.is_err() {
-                    let slot = &mut self.slots[index as usize];
-                    slot.mem = None;
-                    self.free.push(index);
+                    self.undefer(index);
                     self.answer(state, head, unique, &Reply::err(libc::EAGAIN), mem, None);
                     return true;
                 }
                 false
             }
         }
+    }
+
+    /// Takes a slot for a request answered later from another thread.
+    fn defer(
+        &mut self,
+        head: u16,
+        unique: u64,
+        kind: Kind,
+        class: OpClass,
+        mem: &Arc<GuestMemory>,
+        started: Instant,
+    ) -> Option<u16> {
+        let index = self.free.pop()?;
+        let slot = &mut self.slots[index as usize];
+        slot.head = head;
+        slot.unique = unique;
+        slot.kind = kind;
+        slot.class = class;
+        slot.started = started;
+        slot.segments.clone_from(&self.segments);
+        slot.mem = Some(mem.clone());
+        Some(index)
+    }
+
+    fn undefer(&mut self, index: u16) {
+        self.slots[index as usize].mem = None;
+        self.free.push(index);
     }
 
     fn count(&self, class: OpClass, reply: &Reply, started: Instant) {
@@ -478,18 +502,46 @@ impl QueueWorker {
     fn reap_deferred(&mut self, state: &mut State) -> usize {
         let mut answered = 0;
         while let Ok((index, reply)) = self.deferred_rx.try_recv() {
-            let slot = &mut self.slots[index as usize];
-            let Some(mem) = slot.mem.take() else { continue };
-            let (head, unique) = (slot.head, slot.unique);
-            let segments = std::mem::take(&mut slot.segments);
-            let started = slot.started;
-            self.count(OpClass::Other, &reply, started);
-            self.answer(state, head, unique, &reply, &mem, Some(&segments));
-            self.slots[index as usize].segments = segments;
-            self.free.push(index);
-            answered += 1;
+            if self.finish_deferred(Some(state), index, reply) {
+                answered += 1;
+            }
         }
         answered
+    }
+
+    /// Answers a request that came back from another thread and frees its slot; without a
+    /// ring (the frontend is gone) the slot is only freed. True if a chain was used.
+    fn finish_deferred(
+        &mut self,
+        state: Option<&mut State>,
+        index: u16,
+        reply: Option<Reply>,
+    ) -> bool {
+        let Some(slot) = self.slots.get_mut(usize::from(index)) else {
+            return false;
+        };
+        let Some(mem) = slot.mem.take() else {
+            return false;
+        };
+        let (head, unique, class, started) = (slot.head, slot.unique, slot.class, slot.started);
+        let segments = std::mem::take(&mut slot.segments);
+        self.free.push(index);
+        let Some(state) = state else {
+            self.slots[usize::from(index)].segments = segments;
+            return false;
+        };
+        match reply {
+            Some(reply) => {
+                self.count(class, &reply, started);
+                self.answer(state, head, unique, &reply, &mem, Some(&segments));
+            }
+            None => {
+                self.metrics.completed(class, 0, started.elapsed());
+                add_used(state, head, 0);
+            }
+        }
+        self.slots[usize::from(index)].segments = segments;
+        true
     }
 
     /// Advances one transfer after an engine completion; true if it was answered.
@@ -551,6 +603,7 @@ impl QueueWorker {
     }
 
     /// Waits for every transfer in flight and answers it (ring stop, disconnect, shutdown).
+    /// Requests blocked on their own thread (SETLKW) are not waited for: they may never end.
     pub fn drain(&mut self) {
         while self.engine.in_flight() > 0 {
             if let Some(vring) = self.vring.clone() {

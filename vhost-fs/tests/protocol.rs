@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use testkit::daemon::Daemon;
 use testkit::fuse_client::{
-    opcode, vhost_fs_command, ClientOptions, FileLock, FuseClient, FATTR_SIZE, LK_FLOCK, ROOT_ID,
+    opcode, vhost_fs_command, Args, ClientOptions, FileLock, FuseClient, FATTR_SIZE, HIPRIO,
+    LK_FLOCK, ROOT_ID,
 };
 
 /// A vhost-fs process serving `share`, with a sibling directory `outside` that the guest
@@ -255,6 +256,14 @@ fn posix_locks_conflict_and_flock() {
     c.setlk(e.nodeid, fh2, 2, ex, LK_FLOCK).unwrap();
 }
 
+/// Sends INTERRUPT of `target` on the high-priority queue with room for a reply (the
+/// kernel's INTERRUPT can be answered EAGAIN); returns its own request id.
+fn send_interrupt(c: &mut FuseClient, target: u64) -> u64 {
+    let args = Args::new().u64(target);
+    c.start_on(HIPRIO, opcode::INTERRUPT, 0, &args.0, &[], 64, true)
+        .unwrap()
+}
+
 #[test]
 fn interrupt_ends_a_blocked_setlkw() {
     let mut f = start(&[]);
@@ -267,6 +276,10 @@ fn interrupt_ends_a_blocked_setlkw() {
         typ: libc::F_WRLCK as u32,
         pid: 1,
     };
+    let unlock = FileLock {
+        typ: libc::F_UNLCK as u32,
+        ..wr
+    };
     c.setlk(e.nodeid, fh1, 1, wr, 0).unwrap();
     let args = FuseClient::lk_args(fh2, 2, wr, 0);
     let waiting = c.start(opcode::SETLKW, e.nodeid, &args.0, &[], 64).unwrap();
@@ -274,35 +287,57 @@ fn interrupt_ends_a_blocked_setlkw() {
     assert!(!c.is_done(waiting), "SETLKW did not block");
     // Other requests are still served while it blocks.
     c.getattr(e.nodeid).unwrap();
-    // INTERRUPT may race with the waiter registering: repeat until it lands.
-    let mut reply = None;
-    for _ in 0..20 {
-        c.interrupt(waiting).unwrap();
-        match c.wait(waiting, Duration::from_millis(250)) {
-            Ok(r) => {
-                reply = Some(r);
-                break;
-            }
-            Err(testkit::fuse_client::FuseClientError::Timeout(..)) => {}
-            Err(e) => panic!("{e}"),
-        }
+    // One INTERRUPT is enough: the request is answered EINTR, the INTERRUPT gets no reply.
+    let int = send_interrupt(c, waiting);
+    assert_eq!(c.wait(waiting, LONG).unwrap().error, -libc::EINTR);
+    let r = c.wait(int, LONG).unwrap();
+    assert_eq!(
+        r.used_len, 0,
+        "an INTERRUPT that found its request is not answered"
+    );
+
+    // An INTERRUPT naming nothing in flight (a request answered already, or an id never
+    // used) is answered EAGAIN with its own id and nothing else (fuse.rst, "Interrupting
+    // filesystem operations"): the kernel requeues it if the original is still pending.
+    let answered = c
+        .start(opcode::GETATTR, e.nodeid, &[0; 16], &[], 256)
+        .unwrap();
+    assert_eq!(c.wait(answered, LONG).unwrap().error, 0);
+    for target in [answered, 0xdead_0000] {
+        let int = send_interrupt(c, target);
+        let r = c.wait(int, LONG).unwrap();
+        assert_eq!(
+            (r.error, r.unique, r.used_len),
+            (-libc::EAGAIN, int, 16),
+            "INTERRUPT of {target:#x}"
+        );
     }
-    let reply = reply.expect("SETLKW was not interrupted");
-    assert_eq!(reply.error, -libc::EINTR);
+
+    // The INTERRUPT overtakes its SETLKW (it travels on the high-priority queue): it is
+    // sent first, naming the id the SETLKW gets next. Like the kernel, the client sends it
+    // again whenever it is answered EAGAIN while the SETLKW is still pending.
+    let target = c.next_unique() + 1;
+    let mut int = send_interrupt(c, target);
+    let overtaken = c.start(opcode::SETLKW, e.nodeid, &args.0, &[], 64).unwrap();
+    assert_eq!(overtaken, target);
+    let mut resent = 0;
+    loop {
+        let r = c.wait(int, LONG).unwrap();
+        if r.used_len == 0 || c.is_done(overtaken) {
+            break;
+        }
+        assert_eq!(r.error, -libc::EAGAIN);
+        resent += 1;
+        assert!(resent < 100, "the SETLKW never showed up for its INTERRUPT");
+        int = send_interrupt(c, target);
+    }
+    assert_eq!(c.wait(overtaken, LONG).unwrap().error, -libc::EINTR);
+
     // The lock holder is unaffected and the waiter can retry once it is released.
-    c.setlk(
-        e.nodeid,
-        fh1,
-        1,
-        FileLock {
-            typ: libc::F_UNLCK as u32,
-            ..wr
-        },
-        0,
-    )
-    .unwrap();
+    c.setlk(e.nodeid, fh1, 1, unlock, 0).unwrap();
     let again = c.start(opcode::SETLKW, e.nodeid, &args.0, &[], 64).unwrap();
     assert_eq!(c.wait(again, LONG).unwrap().error, 0);
+    f.assert_alive();
 }
 
 #[test]
