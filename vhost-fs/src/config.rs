@@ -41,9 +41,11 @@ struct Cli {
     /// Serve extended attributes.
     #[arg(long)]
     xattr: bool,
-    /// Accepted for compatibility: each queue has its own worker thread and io_uring.
-    #[arg(long = "thread-pool-size", value_name = "N")]
-    thread_pool_size: Option<usize>,
+    /// Threads, shared by the queues, that run requests making blocking system calls, so
+    /// a slow one does not hold up its queue; 0 serves them on the queue's thread.
+    /// READ and WRITE always go through the queue's io_uring.
+    #[arg(long = "thread-pool-size", default_value_t = 0, value_name = "N")]
+    thread_pool_size: usize,
     /// Request queues offered (virtiofsd offers one).
     #[arg(long, default_value_t = 1, value_name = "N")]
     queues: u16,
@@ -108,6 +110,8 @@ pub struct Config {
     pub queue_size: u16,
     pub queue_depth: u32,
     pub announce_submounts: bool,
+    /// 0: no pool.
+    pub thread_pool_size: usize,
     pub uid_map: IdMap,
     pub gid_map: IdMap,
     pub rlimit_nofile: Option<u64>,
@@ -141,6 +145,8 @@ pub enum ConfigError {
     Rlimit(u64),
     #[error("{0}")]
     InodeFileHandles(String),
+    #[error("--thread-pool-size {0}: must be at most 1024")]
+    ThreadPoolSize(usize),
 }
 
 pub enum Command {
@@ -242,10 +248,8 @@ impl TryFrom<Cli> for Config {
                 return Err(ConfigError::Rlimit(n));
             }
         }
-        if let Some(n) = cli.thread_pool_size {
-            log::info!(
-                "--thread-pool-size {n}: each queue has its own worker thread and io_uring instead"
-            );
+        if cli.thread_pool_size > 1024 {
+            return Err(ConfigError::ThreadPoolSize(cli.thread_pool_size));
         }
         let listen = match (cli.socket_path, cli.fd) {
             (Some(p), _) => Listen::Path(p),
@@ -268,6 +272,7 @@ impl TryFrom<Cli> for Config {
             queue_size: cli.queue_size,
             queue_depth: cli.queue_depth,
             announce_submounts: cli.announce_submounts,
+            thread_pool_size: cli.thread_pool_size,
             uid_map: id_map("uid", &cli.translate_uid)?,
             gid_map: id_map("gid", &cli.translate_gid)?,
             rlimit_nofile: cli.rlimit_nofile,
@@ -322,6 +327,9 @@ mod tests {
         assert_eq!(c.cache, CachePolicy::Always);
         assert_eq!(c.sandbox, Sandbox::None);
         assert!(c.readonly && c.xattr && c.announce_submounts);
+        assert_eq!(c.thread_pool_size, 8);
+        let plain = parse(&["--socket-path", "s", "--shared-dir", "/tmp"]).unwrap();
+        assert_eq!(plain.thread_pool_size, 0);
         assert_eq!(c.uid_map.to_host(0).unwrap(), 1000);
         assert_eq!(c.listen, Listen::Path("/tmp/s".into()));
     }
@@ -389,6 +397,17 @@ mod tests {
             (
                 vec!["--socket-path", "s", "--shared-dir", "/tmp", "--bogus"],
                 "--bogus",
+            ),
+            (
+                vec![
+                    "--socket-path",
+                    "s",
+                    "--shared-dir",
+                    "/tmp",
+                    "--thread-pool-size",
+                    "5000",
+                ],
+                "--thread-pool-size",
             ),
         ] {
             let e = parse(&args).unwrap_err();

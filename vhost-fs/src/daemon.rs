@@ -24,6 +24,7 @@ use crate::config::{Config, Listen};
 use crate::device::FsDevice;
 use crate::filesystem::FileSystem;
 use crate::passthrough::{creds, PassthroughConfig, PassthroughFs};
+use crate::pool::ThreadPool;
 use crate::read_only::ReadOnly;
 use crate::server::{self, Server};
 use crate::worker::QueueWorker;
@@ -135,6 +136,14 @@ impl Daemon {
             config.queue_depth,
             engine_kind.name(),
         ));
+        // Started after the sandbox and with the termination signals blocked: its threads
+        // inherit both.
+        let pool = match config.thread_pool_size {
+            0 => None,
+            n => Some(Arc::new(
+                ThreadPool::new(n).context("cannot start the thread pool")?,
+            )),
+        };
         let workers = (0..device.num_queues())
             .map(|i| {
                 // The high-priority queue carries FORGET and INTERRUPT only: no data, but a
@@ -146,7 +155,7 @@ impl Daemon {
                 };
                 let engine =
                     new_engine(engine_kind, depth).context("cannot create an I/O engine")?;
-                QueueWorker::new(i, device.clone(), engine, depth)
+                QueueWorker::new(i, device.clone(), engine, depth, pool.clone())
                     .context("cannot create a queue worker")
             })
             .collect::<Result<Vec<_>>>()?;
@@ -176,11 +185,15 @@ impl Daemon {
         })
         .context("cannot start the signal thread")?;
         log::info!(
-            "sharing {}{} with {} request queue(s) of depth {}, cache {:?}, sandbox {:?}, {} engine, up to {nofile} open files",
+            "sharing {}{} with {} request queue(s) of depth {}, {}, cache {:?}, sandbox {:?}, {} engine, up to {nofile} open files",
             config.shared_dir.display(),
             if config.readonly { " read-only" } else { "" },
             config.queues,
             config.queue_depth,
+            match config.thread_pool_size {
+                0 => "blocking requests on the queue threads".to_string(),
+                n => format!("blocking requests on a pool of {n} threads"),
+            },
             config.cache,
             config.sandbox,
             engine_kind.name(),

@@ -12,7 +12,8 @@
 //!   [`read_only`] wraps any filesystem and refuses every write.
 //!
 //! [`device`] holds what they share, [`api`] serves metrics, [`config`] parses the command
-//! line (virtiofsd's flag names), [`sandbox`] confines the process to the share.
+//! line (virtiofsd's flag names), [`sandbox`] confines the process to the share, and
+//! [`pool`] is the optional thread pool for blocking requests (`--thread-pool-size`).
 
 pub mod api;
 pub mod backend;
@@ -23,6 +24,7 @@ pub mod device;
 pub mod filesystem;
 pub mod fuse;
 pub mod passthrough;
+pub mod pool;
 pub mod read_only;
 pub mod sandbox;
 pub mod server;

@@ -55,9 +55,22 @@ pub enum Outcome {
         size: u32,
     },
     /// A request that may block for as long as someone else decides (SETLKW, an INTERRUPT
-    /// waiting for its target): run it on a thread of its own, not on a queue's thread.
-    /// `None` returns the chain without a reply.
+    /// waiting for its target): run it on a thread of its own, not on a queue's thread
+    /// (nor the pool's). `None` returns the chain without a reply.
     Blocking(Box<dyn FnOnce() -> Option<Reply> + Send>),
+}
+
+/// Whether requests with this opcode are served on the queue's own thread even when a
+/// thread pool is configured: READ and WRITE only hand their transfer to the queue's I/O
+/// engine, SETLKW and INTERRUPT only hand a closure to a thread of their own, FORGETs
+/// touch nothing but the inode table, and INIT and DESTROY change the session every other
+/// request depends on. Everything else makes blocking system calls.
+pub fn runs_inline(opcode: u32) -> bool {
+    use fuse::opcode::*;
+    matches!(
+        opcode,
+        READ | WRITE | SETLKW | INTERRUPT | FORGET | BATCH_FORGET | INIT | DESTROY
+    )
 }
 
 /// How long an INTERRUPT waits for the request it names to show up before it is answered

@@ -8,8 +8,11 @@
 //! transfer on the engine. The batch is submitted in one call; completions are reaped, their
 //! reply headers written and the guest notified once per pass. SETLKW, which can block for
 //! as long as another holder keeps its lock, and INTERRUPT, which may wait for its target,
-//! run on a thread of their own; their replies come back through the worker's
-//! deferred-reply eventfd.
+//! run on a thread of their own. With `--thread-pool-size N` (N > 0), every other request
+//! that makes blocking system calls (see [`server::runs_inline`]) runs on the daemon's
+//! [`ThreadPool`] instead of the queue's thread, so one slow operation does not hold up the
+//! queue; its reply is put on the used ring when it completes, in completion order.
+//! Replies from other threads come back through the worker's deferred-reply eventfd.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -28,7 +31,8 @@ use storage_core::metrics::{ErrorClass, OpClass, QueueMetrics};
 
 use crate::device::FsDevice;
 use crate::fuse::{self, opcode, IN_HEADER_LEN, OUT_HEADER_LEN, WRITE_IN_LEN};
-use crate::server::{Outcome, Reply};
+use crate::pool::ThreadPool;
+use crate::server::{self, Outcome, Reply, Server};
 use daemon_support::chain::{self, Segment};
 
 pub type GuestMemory = GuestMemoryMmap<()>;
@@ -39,6 +43,8 @@ type State = VringState<GuestMemoryAtomic<GuestMemory>>;
 enum Kind {
     Read,
     Write,
+    /// A request running on the thread pool: it finishes soon, so `drain` waits for it.
+    Pooled,
     /// A request running on its own thread, for as long as it blocks.
     Blocking,
 }
@@ -85,6 +91,10 @@ pub struct QueueWorker {
     deferred_tx: Sender<Deferred>,
     deferred_rx: Receiver<Deferred>,
     deferred_fd: Arc<EventFd>,
+    /// `--thread-pool-size` > 0: the pool shared by every queue.
+    pool: Option<Arc<ThreadPool>>,
+    /// Requests of this queue on the pool.
+    pooled: usize,
 }
 
 // SAFETY: every raw pointer lives in a slot (see `Slot`); the rest is Send.
@@ -96,6 +106,7 @@ impl QueueWorker {
         device: Arc<FsDevice>,
         engine: AnyEngine,
         depth: u32,
+        pool: Option<Arc<ThreadPool>>,
     ) -> std::io::Result<Self> {
         let slots = (0..depth)
             .map(|_| Slot {
@@ -130,6 +141,8 @@ impl QueueWorker {
             deferred_tx,
             deferred_rx,
             deferred_fd: Arc::new(EventFd::new(EFD_NONBLOCK)?),
+            pool,
+            pooled: 0,
         })
     }
 
@@ -195,7 +208,8 @@ impl QueueWorker {
                     break;
                 }
             }
-            self.metrics.set_in_flight(self.engine.in_flight());
+            self.metrics
+                .set_in_flight(self.engine.in_flight() + self.pooled);
             if self.throttled || self.device.stopping.load(Ordering::Relaxed) {
                 return;
             }
@@ -272,6 +286,13 @@ impl QueueWorker {
             opcode::FSYNC | opcode::FSYNCDIR | opcode::FLUSH | opcode::SYNCFS => OpClass::Flush,
             _ => OpClass::Other,
         };
+        let pooled = self
+            .pool
+            .as_ref()
+            .filter(|_| msg_len <= fuse::MAX_NON_WRITE_MESSAGE && !server::runs_inline(op));
+        if let Some(pool) = pooled.cloned() {
+            return self.serve_on_pool(state, head, &header, msg_len, class, mem, &pool, started);
+        }
         let mut msg = std::mem::take(&mut self.msg);
         msg.clear();
         msg.resize(msg_len, 0);
@@ -384,6 +405,47 @@ impl QueueWorker {
     fn undefer(&mut self, index: u16) {
         self.slots[index as usize].mem = None;
         self.free.push(index);
+    }
+
+    /// Hands a request to the thread pool: its message is copied out of guest memory here,
+    /// decoded, dispatched and encoded there (with the caller's credentials switched on
+    /// that thread), and the reply comes back through the deferred-reply eventfd. Returns
+    /// true if it was answered here.
+    #[allow(clippy::too_many_arguments)]
+    fn serve_on_pool(
+        &mut self,
+        state: &mut State,
+        head: u16,
+        header: &[u8; IN_HEADER_LEN],
+        msg_len: usize,
+        class: OpClass,
+        mem: &Arc<GuestMemory>,
+        pool: &ThreadPool,
+        started: Instant,
+    ) -> bool {
+        let unique = u64::from_le_bytes([
+            header[8], header[9], header[10], header[11], header[12], header[13], header[14],
+            header[15],
+        ]);
+        let mut msg = vec![0u8; msg_len];
+        if chain::read_stream(&self.segments, 0, &mut msg, &**mem).is_err() {
+            self.metrics.failed(class, ErrorClass::Malformed);
+            add_used(state, head, 0);
+            return true;
+        }
+        let Some(index) = self.defer(head, unique, Kind::Pooled, class, mem, started) else {
+            // `pull` checks for a free slot first; answer rather than lose the chain.
+            self.answer(state, head, unique, &Reply::err(libc::EAGAIN), mem, None);
+            return true;
+        };
+        self.pooled += 1;
+        let (tx, wake) = (self.deferred_tx.clone(), self.deferred_fd.clone());
+        let device = self.device.clone();
+        pool.execute(Box::new(move || {
+            let _ = tx.send((index, handle_pooled(&device.server, &msg)));
+            let _ = wake.write(1);
+        }));
+        false
     }
 
     fn count(&self, class: OpClass, reply: &Reply, started: Instant) {
@@ -523,6 +585,9 @@ impl QueueWorker {
         let Some(mem) = slot.mem.take() else {
             return false;
         };
+        if slot.kind == Kind::Pooled {
+            self.pooled -= 1;
+        }
         let (head, unique, class, started) = (slot.head, slot.unique, slot.class, slot.started);
         let segments = std::mem::take(&mut slot.segments);
         self.free.push(index);
@@ -602,9 +667,26 @@ impl QueueWorker {
         self.free.push(index);
     }
 
-    /// Waits for every transfer in flight and answers it (ring stop, disconnect, shutdown).
-    /// Requests blocked on their own thread (SETLKW) are not waited for: they may never end.
+    /// Waits for every transfer in flight and every request on the thread pool, and
+    /// answers them (ring stop, disconnect, shutdown). Requests blocked on their own thread
+    /// (SETLKW) are not waited for: they may never end.
     pub fn drain(&mut self) {
+        while self.pooled > 0 {
+            let Ok((index, reply)) = self.deferred_rx.recv() else {
+                break;
+            };
+            match self.vring.clone() {
+                Some(vring) => {
+                    let mut state = vring.get_mut();
+                    if self.finish_deferred(Some(&mut state), index, reply) {
+                        notify(&mut state, self.index);
+                    }
+                }
+                None => {
+                    self.finish_deferred(None, index, reply);
+                }
+            }
+        }
         while self.engine.in_flight() > 0 {
             if let Some(vring) = self.vring.clone() {
                 let mut state = vring.get_mut();
@@ -626,7 +708,26 @@ impl QueueWorker {
                 }
             }
         }
-        self.metrics.set_in_flight(self.engine.in_flight());
+        self.metrics
+            .set_in_flight(self.engine.in_flight() + self.pooled);
+    }
+}
+
+/// Serves one message on a pool thread (its opcode is not [`server::runs_inline`]).
+fn handle_pooled(server: &Server, msg: &[u8]) -> Option<Reply> {
+    match server.handle(msg, 0) {
+        (None, _) | (Some(_), Outcome::NoReply) => None,
+        (Some(_), Outcome::Reply(r)) => Some(r),
+        // Not reached (SETLKW and INTERRUPT run inline and hand their closure to a thread
+        // of their own); if it were, the answer would still be right, only slower to come.
+        (Some(_), Outcome::Blocking(f)) => f(),
+        (Some(h), Outcome::Read { .. } | Outcome::Write { .. }) => {
+            log::error!(
+                "opcode {} came back as a data transfer on the thread pool",
+                h.opcode
+            );
+            Some(Reply::err(libc::EIO))
+        }
     }
 }
 

@@ -24,19 +24,25 @@ struct Fixture {
 }
 
 fn start(extra: &[&str]) -> Fixture {
+    start_with(extra, ClientOptions::default(), |_| {})
+}
+
+/// [`start`] with client options, and `prepare` run on the share before the daemon starts.
+fn start_with(extra: &[&str], opts: ClientOptions, prepare: impl FnOnce(&Path)) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let share = dir.path().join("share");
     let outside = dir.path().join("outside");
     std::fs::create_dir(&share).unwrap();
     std::fs::create_dir(&outside).unwrap();
     std::fs::write(outside.join("secret"), b"host secret").unwrap();
+    prepare(&share);
     let socket = dir.path().join("fs.sock");
     let daemon = vhost_fs_command(&socket, &share)
         .unwrap()
         .args(extra)
         .spawn()
         .unwrap();
-    let mut client = FuseClient::connect(&socket, ClientOptions::default()).unwrap();
+    let mut client = FuseClient::connect(&socket, opts).unwrap();
     client.init().unwrap();
     Fixture {
         _dir: dir,
@@ -337,6 +343,156 @@ fn interrupt_ends_a_blocked_setlkw() {
     c.setlk(e.nodeid, fh1, 1, unlock, 0).unwrap();
     let again = c.start(opcode::SETLKW, e.nodeid, &args.0, &[], 64).unwrap();
     assert_eq!(c.wait(again, LONG).unwrap().error, 0);
+    f.assert_alive();
+}
+
+/// Takes a read lease on `path` for this process: an open for writing (by anyone else)
+/// then blocks until the lease is given up (or /proc/sys/fs/lease-break-time passes).
+/// The break is signalled with SIGURG, which is ignored by default, not SIGIO, which would
+/// kill the test.
+fn read_lease(path: &Path) -> std::fs::File {
+    // <fcntl.h>'s F_SETSIG, which the libc crate does not export.
+    const F_SETSIG: i32 = 10;
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path).unwrap();
+    // SAFETY: fcntl on a descriptor we own, with integer arguments.
+    unsafe {
+        assert_eq!(libc::fcntl(file.as_raw_fd(), F_SETSIG, libc::SIGURG), 0);
+        assert_eq!(
+            libc::fcntl(file.as_raw_fd(), libc::F_SETLEASE, libc::F_RDLCK),
+            0,
+            "F_SETLEASE: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    file
+}
+
+fn give_up_lease(file: &std::fs::File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: as in `read_lease`.
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLEASE, libc::F_UNLCK) };
+    assert_eq!(r, 0);
+}
+
+/// `--thread-pool-size`: an OPEN that blocks in the host kernel (it waits for a lease we
+/// hold to be given up) holds up one pool thread, not its queue: later requests on the
+/// same queue are answered meanwhile. Without the pool the same OPEN holds up the queue,
+/// which is what the flag is for.
+#[test]
+fn thread_pool_serves_a_queue_past_a_blocked_open() {
+    for pool in ["2", "0"] {
+        let mut f = start(&["--thread-pool-size", pool]);
+        std::fs::write(f.share.join("leased"), b"x").unwrap();
+        let lease = read_lease(&f.share.join("leased"));
+        let c = &mut f.client;
+        let e = c.lookup(ROOT_ID, b"leased").unwrap();
+        let open_args = Args::new().u32(libc::O_RDWR as u32).u32(0);
+        let open = c
+            .start(opcode::OPEN, e.nodeid, &open_args.0, &[], 64)
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            !c.is_done(open),
+            "pool {pool}: OPEN did not wait for the lease"
+        );
+        let getattr = c
+            .start(opcode::GETATTR, ROOT_ID, &[0; 16], &[], 256)
+            .unwrap();
+        if pool == "0" {
+            std::thread::sleep(Duration::from_millis(300));
+            assert!(
+                !c.is_done(getattr),
+                "without a pool the queue should be held up"
+            );
+            give_up_lease(&lease);
+            assert_eq!(c.wait(open, LONG).unwrap().error, 0);
+            assert_eq!(c.wait(getattr, LONG).unwrap().error, 0);
+            continue;
+        }
+        assert_eq!(c.wait(getattr, LONG).unwrap().error, 0);
+        // More of everything while the OPEN still waits: metadata on the pool, data on
+        // the queue's engine.
+        let d = c.mkdir(ROOT_ID, b"d", 0o755).unwrap();
+        let (file, fh) = c.create(d.nodeid, b"f", 0o644, RW_CREATE).unwrap();
+        c.write(file.nodeid, fh, 0, b"while blocked").unwrap();
+        assert_eq!(c.read(file.nodeid, fh, 0, 64).unwrap(), b"while blocked");
+        assert!(!c.is_done(open), "the lease was given up behind our back");
+        give_up_lease(&lease);
+        let r = c.wait(open, LONG).unwrap();
+        assert_eq!(r.error, 0);
+        assert_eq!(
+            std::fs::read(f.share.join("d/f")).unwrap(),
+            b"while blocked"
+        );
+        f.assert_alive();
+    }
+}
+
+/// Many requests at once on two queues, served by a pool of three threads: every reply
+/// comes back, matched to its request, and every effect is on the host.
+#[test]
+fn thread_pool_serves_many_concurrent_requests() {
+    let opts = ClientOptions {
+        request_queues: 2,
+        slots: 32,
+        ..ClientOptions::default()
+    };
+    let mut f = start_with(&["--thread-pool-size", "3", "--queues", "2"], opts, |_| {});
+    let c = &mut f.client;
+    let mut dirs = Vec::new();
+    for round in 0..4 {
+        let mut in_flight = Vec::new();
+        for i in 0..32 {
+            let name = format!("d{round}-{i}");
+            let args = Args::new().u32(0o755).u32(0).name(name.as_bytes());
+            let queue = 1 + i % 2;
+            let u = c
+                .start_on(queue, opcode::MKDIR, ROOT_ID, &args.0, &[], 256, true)
+                .unwrap();
+            in_flight.push((u, name));
+        }
+        for (u, name) in in_flight {
+            let r = c.wait(u, LONG).unwrap();
+            assert_eq!((r.error, r.unique), (0, u), "{name}");
+            let nodeid = u64::from_le_bytes(r.body[..8].try_into().unwrap());
+            dirs.push((nodeid, name));
+        }
+    }
+    // Lookups and getattrs of all of them, all in flight at once.
+    for chunk in dirs.chunks(16) {
+        let mut in_flight = Vec::new();
+        for (i, (nodeid, name)) in chunk.iter().enumerate() {
+            let args = Args::new().name(name.as_bytes());
+            let l = c
+                .start_on(1 + i % 2, opcode::LOOKUP, ROOT_ID, &args.0, &[], 256, true)
+                .unwrap();
+            let g = c
+                .start_on(
+                    2 - i % 2,
+                    opcode::GETATTR,
+                    *nodeid,
+                    &[0; 16],
+                    &[],
+                    256,
+                    true,
+                )
+                .unwrap();
+            in_flight.push((l, g, *nodeid));
+        }
+        for (l, g, nodeid) in in_flight {
+            let r = c.wait(l, LONG).unwrap();
+            assert_eq!(r.error, 0);
+            assert_eq!(u64::from_le_bytes(r.body[..8].try_into().unwrap()), nodeid);
+            let r = c.wait(g, LONG).unwrap();
+            assert_eq!(r.error, 0);
+            // fuse_attr_out: valid (8), valid_nsec, dummy, then fuse_attr (mode at 60).
+            let mode = u32::from_le_bytes(r.body[16 + 60..16 + 64].try_into().unwrap());
+            assert_eq!(mode & libc::S_IFMT, libc::S_IFDIR);
+        }
+    }
+    let on_host = std::fs::read_dir(&f.share).unwrap().count();
+    assert_eq!(on_host, dirs.len());
     f.assert_alive();
 }
 

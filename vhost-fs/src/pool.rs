@@ -1,0 +1,154 @@
+//! The thread pool behind `--thread-pool-size N`: N threads, shared by every queue worker,
+//! that run requests which make blocking system calls (see `server::runs_inline`), so a
+//! slow one (an open that waits for a lease break, a fsync, a lookup on a slow host
+//! filesystem) holds up one pool thread instead of its whole queue.
+//!
+//! Jobs are bounded by their callers: a queue worker hands over a request only when it has
+//! a free request slot, so at most the sum of the queue depths wait here. Threads are
+//! created at start-up, after the sandbox is entered and the termination signals are
+//! blocked, so they inherit both. Each job switches credentials itself (on its own
+//! thread, with the raw syscalls) for as long as it runs.
+
+use std::collections::VecDeque;
+use std::io;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+pub type Job = Box<dyn FnOnce() + Send>;
+
+#[derive(Default)]
+struct Queue {
+    jobs: VecDeque<Job>,
+    closed: bool,
+}
+
+#[derive(Default)]
+struct Shared {
+    queue: Mutex<Queue>,
+    ready: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+pub struct ThreadPool {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl ThreadPool {
+    /// Starts `size` threads (at least one).
+    pub fn new(size: usize) -> io::Result<Self> {
+        let shared = Arc::new(Shared::default());
+        let mut pool = ThreadPool {
+            shared,
+            threads: Vec::with_capacity(size),
+        };
+        for i in 0..size.max(1) {
+            let shared = pool.shared.clone();
+            // On failure, dropping `pool` stops the threads already started.
+            let t = std::thread::Builder::new()
+                .name(format!("fs-pool-{i}"))
+                .spawn(move || work(&shared))?;
+            pool.threads.push(t);
+        }
+        Ok(pool)
+    }
+
+    pub fn size(&self) -> usize {
+        self.threads.len()
+    }
+
+    /// Queues `job` for the next free thread.
+    pub fn execute(&self, job: Job) {
+        self.shared.lock().jobs.push_back(job);
+        self.shared.ready.notify_one();
+    }
+}
+
+fn work(shared: &Shared) {
+    loop {
+        let job = {
+            let mut q = shared.lock();
+            loop {
+                if let Some(job) = q.jobs.pop_front() {
+                    break job;
+                }
+                if q.closed {
+                    return;
+                }
+                q = shared.ready.wait(q).unwrap_or_else(|p| p.into_inner());
+            }
+        };
+        job();
+    }
+}
+
+impl Drop for ThreadPool {
+    /// Runs the jobs still queued, then stops the threads.
+    fn drop(&mut self) {
+        self.shared.lock().closed = true;
+        self.shared.ready.notify_all();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc::channel;
+    use std::time::Duration;
+
+    #[test]
+    fn runs_jobs_on_its_threads_and_a_blocked_one_does_not_stop_the_others() {
+        let pool = ThreadPool::new(2).unwrap();
+        assert_eq!(pool.size(), 2);
+        let (block_tx, block_rx) = channel::<()>();
+        let (done_tx, done_rx) = channel();
+        // One job blocks a thread until we let it go...
+        let tx = done_tx.clone();
+        pool.execute(Box::new(move || {
+            let _ = block_rx.recv();
+            let _ = tx.send(usize::MAX);
+        }));
+        // ...and the other thread still serves everything else.
+        for i in 0..100 {
+            let tx = done_tx.clone();
+            pool.execute(Box::new(move || {
+                let name = std::thread::current().name().map(str::to_owned);
+                assert!(name.is_some_and(|n| n.starts_with("fs-pool-")));
+                let _ = tx.send(i);
+            }));
+        }
+        let mut seen: Vec<usize> = (0..100)
+            .map(|_| done_rx.recv_timeout(Duration::from_secs(10)).unwrap())
+            .collect();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..100).collect::<Vec<_>>());
+        block_tx.send(()).unwrap();
+        assert_eq!(
+            done_rx.recv_timeout(Duration::from_secs(10)).unwrap(),
+            usize::MAX
+        );
+    }
+
+    #[test]
+    fn drop_finishes_queued_jobs() {
+        let (tx, rx) = channel();
+        {
+            let pool = ThreadPool::new(1).unwrap();
+            for i in 0..10 {
+                let tx = tx.clone();
+                pool.execute(Box::new(move || {
+                    let _ = tx.send(i);
+                }));
+            }
+        }
+        assert_eq!(rx.try_iter().count(), 10);
+    }
+}
