@@ -55,9 +55,13 @@ struct Cli {
     /// READs and WRITEs in flight per queue.
     #[arg(long = "queue-depth", default_value_t = 64, value_name = "N")]
     queue_depth: u32,
-    /// Tell the guest about submounts, so each gets its own st_dev.
-    #[arg(long = "announce-submounts")]
+    /// Tell the guest which directories are mount points, so each gets its own st_dev
+    /// (the default, as virtiofsd's).
+    #[arg(long = "announce-submounts", overrides_with = "no_announce_submounts")]
     announce_submounts: bool,
+    /// Do not tell the guest which directories are mount points.
+    #[arg(long = "no-announce-submounts", overrides_with = "announce_submounts")]
+    no_announce_submounts: bool,
     /// guest:F:T:N | host:F:T:N | squash-guest:F:T:N | squash-host:F:T:N | forbid-guest:F:N | map:G:H:N.
     #[arg(long = "translate-uid", value_name = "MAP")]
     translate_uid: Vec<String>,
@@ -271,7 +275,8 @@ impl TryFrom<Cli> for Config {
             queues: cli.queues,
             queue_size: cli.queue_size,
             queue_depth: cli.queue_depth,
-            announce_submounts: cli.announce_submounts,
+            // Only one of the two is set at most: the last given overrides the other.
+            announce_submounts: cli.announce_submounts || !cli.no_announce_submounts,
             thread_pool_size: cli.thread_pool_size,
             uid_map: id_map("uid", &cli.translate_uid)?,
             gid_map: id_map("gid", &cli.translate_gid)?,
@@ -327,6 +332,16 @@ mod tests {
         assert_eq!(c.cache, CachePolicy::Always);
         assert_eq!(c.sandbox, Sandbox::None);
         assert!(c.readonly && c.xattr && c.announce_submounts);
+        let no = |args: &[&str]| {
+            let mut all = vec!["--socket-path", "s", "--shared-dir", "/tmp"];
+            all.extend_from_slice(args);
+            !parse(&all).unwrap().announce_submounts
+        };
+        // On unless turned off; the last of the two flags wins.
+        assert!(!no(&[]));
+        assert!(no(&["--no-announce-submounts"]));
+        assert!(!no(&["--no-announce-submounts", "--announce-submounts"]));
+        assert!(no(&["--announce-submounts", "--no-announce-submounts"]));
         assert_eq!(c.thread_pool_size, 8);
         let plain = parse(&["--socket-path", "s", "--shared-dir", "/tmp"]).unwrap();
         assert_eq!(plain.thread_pool_size, 0);

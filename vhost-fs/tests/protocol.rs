@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use testkit::daemon::Daemon;
 use testkit::fuse_client::{
-    opcode, vhost_fs_command, Args, ClientOptions, FileLock, FuseClient, FATTR_SIZE, HIPRIO,
-    LK_FLOCK, ROOT_ID,
+    init_flags, opcode, vhost_fs_command, Args, ClientOptions, FileLock, FuseClient, FATTR_SIZE,
+    HIPRIO, LK_FLOCK, ROOT_ID,
 };
 
 /// A vhost-fs process serving `share`, with a sibling directory `outside` that the guest
@@ -494,6 +494,106 @@ fn thread_pool_serves_many_concurrent_requests() {
     let on_host = std::fs::read_dir(&f.share).unwrap().count();
     assert_eq!(on_host, dirs.len());
     f.assert_alive();
+}
+
+/// Mounts a tmpfs on `dir` until dropped (lazily unmounted: the daemon may still hold a
+/// descriptor in it).
+struct TmpfsMount(CString);
+
+impl TmpfsMount {
+    fn new(dir: &Path) -> Self {
+        let target = CString::new(dir.as_os_str().as_bytes()).unwrap();
+        // SAFETY: NUL-terminated strings that outlive the call.
+        let r = unsafe {
+            libc::mount(
+                c"tmpfs".as_ptr(),
+                target.as_ptr(),
+                c"tmpfs".as_ptr(),
+                0,
+                c"size=1m".as_ptr().cast(),
+            )
+        };
+        assert_eq!(
+            r,
+            0,
+            "mounting a tmpfs needs root: {}",
+            std::io::Error::last_os_error()
+        );
+        TmpfsMount(target)
+    }
+}
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        // SAFETY: a NUL-terminated path.
+        unsafe { libc::umount2(self.0.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+/// `fuse_attr.flags` of a LOOKUP reply (`fuse_entry_out`: 40 bytes, then `fuse_attr`
+/// with `flags` at 84).
+fn lookup_attr_flags(c: &mut FuseClient, parent: u64, name: &[u8]) -> u32 {
+    let r = c
+        .call(opcode::LOOKUP, parent, &Args::new().name(name).0, &[], 256)
+        .unwrap();
+    assert_eq!(r.error, 0, "LOOKUP {name:?}");
+    u32::from_le_bytes(r.body[40 + 84..40 + 88].try_into().unwrap())
+}
+
+const INIT_SUBMOUNTS: u64 = 1 << 27;
+const ATTR_SUBMOUNT: u32 = 1;
+
+/// Submounts are announced by default, as virtiofsd does (`--announce-submounts` says so
+/// explicitly): SUBMOUNTS is negotiated in INIT, and a directory on another device than
+/// its parent (a tmpfs mounted inside the share) carries FUSE_ATTR_SUBMOUNT, so the guest
+/// gives it its own st_dev. Other directories do not, and with `--no-announce-submounts`
+/// (or when the guest does not offer SUBMOUNTS) nothing is announced.
+#[test]
+fn announce_submounts_marks_mount_points() {
+    let mut f = start_with(&[], ClientOptions::default(), |share| {
+        std::fs::create_dir(share.join("mnt")).unwrap();
+        std::fs::create_dir(share.join("plain")).unwrap();
+    });
+    let _mount = TmpfsMount::new(&f.share.join("mnt"));
+    std::fs::create_dir(f.share.join("mnt/inner")).unwrap();
+    let st_dev = |p: &Path| std::fs::metadata(p).unwrap().dev();
+    assert_ne!(st_dev(&f.share.join("mnt")), st_dev(&f.share));
+    let c = &mut f.client;
+    let want = init_flags::DEFAULT | INIT_SUBMOUNTS;
+    let got = c.init_with(want).unwrap();
+    assert_ne!(
+        got & INIT_SUBMOUNTS,
+        0,
+        "SUBMOUNTS not negotiated: {got:#x}"
+    );
+    assert_eq!(
+        lookup_attr_flags(c, ROOT_ID, b"mnt") & ATTR_SUBMOUNT,
+        ATTR_SUBMOUNT
+    );
+    assert_eq!(lookup_attr_flags(c, ROOT_ID, b"plain") & ATTR_SUBMOUNT, 0);
+    // Inside the submount, a directory on the same device is not a mount point.
+    let m = c.lookup(ROOT_ID, b"mnt").unwrap();
+    assert_eq!(lookup_attr_flags(c, m.nodeid, b"inner") & ATTR_SUBMOUNT, 0);
+    // A guest that does not offer SUBMOUNTS is told nothing.
+    let got = c.init_with(init_flags::DEFAULT).unwrap();
+    assert_eq!(got & INIT_SUBMOUNTS, 0);
+    assert_eq!(lookup_attr_flags(c, ROOT_ID, b"mnt") & ATTR_SUBMOUNT, 0);
+
+    // With --no-announce-submounts, nothing is announced either.
+    let mut plain = start_with(
+        &["--no-announce-submounts"],
+        ClientOptions::default(),
+        |share| {
+            std::fs::create_dir(share.join("mnt")).unwrap();
+        },
+    );
+    let _mount2 = TmpfsMount::new(&plain.share.join("mnt"));
+    let got = plain.client.init_with(want).unwrap();
+    assert_eq!(got & INIT_SUBMOUNTS, 0);
+    assert_eq!(
+        lookup_attr_flags(&mut plain.client, ROOT_ID, b"mnt") & ATTR_SUBMOUNT,
+        0
+    );
 }
 
 #[test]
