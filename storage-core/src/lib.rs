@@ -9,6 +9,7 @@
 //!   [`disk::DiskQueue`] that a daemon's queue worker drives, the disk spec and the one
 //!   factory ([`disk::open_disk`]) that validates a spec, opens the disk and probes io_uring.
 //! - [`metrics`]: counters and latency histograms owned by the device that counts them.
+//! - [`huge_pages`]: huge-page-backed arrays for the tables the data path reads at random.
 //!
 //! Nothing here knows about virtio or vhost-user: the daemons translate their protocol into
 //! [`disk::DiskOp`]s.
@@ -17,6 +18,7 @@ pub mod cache;
 pub mod disk;
 pub mod engine;
 pub mod error;
+pub mod huge_pages;
 pub mod metrics;
 pub mod tier;
 pub mod units;

@@ -6,32 +6,12 @@
 //! before new data may be written into it, so evictions go to `pending_free` and only the
 //! journal thread moves them to `free` after it has synced that record.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
-
-/// Block ids are integers the daemon computes, not attacker-chosen keys: a multiplicative
-/// hash is enough, and SipHash showed up at 4.5% of the worker's time under Zipf reads.
-#[derive(Default)]
-pub struct BlockHasher(u64);
-
-impl Hasher for BlockHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0.rotate_left(5) ^ u64::from(b)).wrapping_mul(0x517c_c1b7_2722_0a95);
-        }
-    }
-    fn write_u64(&mut self, v: u64) {
-        self.0 = (v ^ (v >> 32)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-}
-
-type BlockMap = HashMap<BlockId, u32, BuildHasherDefault<BlockHasher>>;
+use std::io;
 
 use crate::cache::policy::{AccessHint, BlockId, CachePolicy};
+use crate::huge_pages::HugeArray;
 
+use super::block_map::BlockMap;
 use super::layout::{Record, SlotState};
 
 /// What a slot is doing now (the persisted view collapses `Filling` to `Free`).
@@ -90,7 +70,8 @@ impl Slot {
 }
 
 pub struct TierState {
-    pub slots: Vec<Slot>,
+    /// In huge pages: looked up at random on every hit (see `huge_pages`).
+    pub slots: HugeArray<Slot>,
     /// Block -> slot, for slots in `Filling`, `Clean` or `Dirty`.
     pub map: BlockMap,
     /// Slots whose `Free` state is durable: ready for new data.
@@ -109,10 +90,10 @@ pub struct TierState {
 
 impl TierState {
     /// State rebuilt from persisted slot states (a fresh cache is all `Free`).
-    pub fn new(persisted: &[SlotState], policy: Box<dyn CachePolicy>) -> Self {
+    pub fn new(persisted: &[SlotState], policy: Box<dyn CachePolicy>) -> io::Result<Self> {
         let mut s = TierState {
-            slots: vec![Slot::free(); persisted.len()],
-            map: BlockMap::with_capacity_and_hasher(persisted.len(), Default::default()),
+            slots: HugeArray::new(persisted.len(), Slot::free())?,
+            map: BlockMap::new(persisted.len())?,
             free: Vec::with_capacity(persisted.len()),
             pending_free: Vec::with_capacity(persisted.len()),
             records: Vec::with_capacity(4096),
@@ -151,9 +132,13 @@ impl TierState {
         }
         // Tell the policy about resident blocks, dirty ones first so they are the last to go.
         let mut resident: Vec<(BlockId, bool)> = s
-            .map
+            .slots
             .iter()
-            .map(|(&b, &slot)| (b, matches!(s.slots[slot as usize].use_, Use::Dirty(_))))
+            .filter_map(|sl| match sl.use_ {
+                Use::Clean(b) => Some((b, false)),
+                Use::Dirty(b) => Some((b, true)),
+                _ => None,
+            })
             .collect();
         resident.sort_by_key(|&(b, dirty)| (!dirty, b));
         for (b, _) in resident {
@@ -161,8 +146,8 @@ impl TierState {
             let map = &s.map;
             // Only clean blocks may go: dropping a dirty one would lose acknowledged data.
             let mut evictable = |v: BlockId| {
-                map.get(&v)
-                    .is_some_and(|&i| matches!(slots[i as usize].use_, Use::Clean(_)))
+                map.get(v)
+                    .is_some_and(|i| matches!(slots[i as usize].use_, Use::Clean(_)))
             };
             match s.policy.insert(b, &mut evictable) {
                 Ok(Some(victim)) => {
@@ -176,13 +161,13 @@ impl TierState {
                 ),
             }
         }
-        s
+        Ok(s)
     }
 
     /// Removes `victim` from the map and queues its slot for reuse (after its `Free` record
     /// is durable). Dirty victims are never chosen (`evictable` refuses them).
     fn evict_into(s: &mut TierState, victim: BlockId) {
-        if let Some(slot) = s.map.remove(&victim) {
+        if let Some(slot) = s.map.remove(victim) {
             let sl = &mut s.slots[slot as usize];
             if matches!(sl.use_, Use::Dirty(_)) {
                 s.dirty -= 1;
@@ -199,7 +184,7 @@ impl TierState {
 
     /// The slot holding `block` readable from the cache (clean or dirty), if any.
     pub fn resident(&self, block: BlockId) -> Option<u32> {
-        let &slot = self.map.get(&block)?;
+        let slot = self.map.get(block)?;
         match self.slots[slot as usize].use_ {
             Use::Clean(_) | Use::Dirty(_) => Some(slot),
             _ => None,
@@ -208,11 +193,11 @@ impl TierState {
 
     /// Cancels a fill in flight for `block`, if any: the block is treated as not cached.
     pub fn cancel_fill(&mut self, block: BlockId) {
-        if let Some(&slot) = self.map.get(&block) {
+        if let Some(slot) = self.map.get(block) {
             let sl = &mut self.slots[slot as usize];
             if let Use::Filling(_) = sl.use_ {
                 sl.cancelled = true;
-                self.map.remove(&block);
+                self.map.remove(block);
                 self.policy.remove(block);
             }
         }
@@ -225,7 +210,7 @@ impl TierState {
     pub fn admit(&mut self, block: BlockId, hint: AccessHint) -> Option<(u32, Option<BlockId>)> {
         // Already cached or being filled (another request missed on it first): inserting it
         // again would break the policy's invariants and the map.
-        if self.failed || self.free.is_empty() || self.map.contains_key(&block) {
+        if self.failed || self.free.is_empty() || self.map.contains(block) {
             return None;
         }
         if !self.policy.should_admit(block, hint) {
@@ -234,7 +219,7 @@ impl TierState {
         let slots = &self.slots;
         let map = &self.map;
         let mut evictable = |v: BlockId| {
-            map.get(&v).is_some_and(|&i| {
+            map.get(v).is_some_and(|i| {
                 let s = &slots[i as usize];
                 matches!(s.use_, Use::Clean(_)) && !s.pinned()
             })
@@ -243,7 +228,7 @@ impl TierState {
         if let Some(v) = victim {
             // The policy must only pick what `evictable` allowed; a dirty or busy victim
             // would lose data or be reused under I/O, so never trust it blindly.
-            let ok = self.map.get(&v).is_some_and(|&i| {
+            let ok = self.map.get(v).is_some_and(|i| {
                 let s = &self.slots[i as usize];
                 matches!(s.use_, Use::Clean(_)) && !s.pinned()
             });
@@ -280,8 +265,8 @@ impl TierState {
             sl.cancelled = false;
             // A cancelled fill was already unmapped (and the block may have been admitted
             // again elsewhere since); a failed one is unmapped here.
-            if !cancelled && self.map.get(&block) == Some(&slot) {
-                self.map.remove(&block);
+            if !cancelled && self.map.get(block) == Some(slot) {
+                self.map.remove(block);
                 self.policy.remove(block);
             }
             // Nothing durable ever named this block in this slot: it is free at once.
