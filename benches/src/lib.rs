@@ -434,3 +434,54 @@ mod tests {
         assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
     }
 }
+
+/// CPU pinning for side-by-side runs. On a 2-core machine the client and the daemon under
+/// test each need a core; left to the scheduler they sometimes share one for a while, and
+/// the same run then measures half as fast (bimodal results). Pinning the client to the last
+/// CPU and every thread of the daemon to the first gives each target the same layout.
+pub mod pin {
+    use std::io;
+
+    fn set(tid: libc::pid_t, cpu: usize) -> io::Result<()> {
+        // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET write only into `set`.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: as above; `cpu` is below the set's capacity (checked by the callers via
+        // `cpus()`, which is far below CPU_SETSIZE on any machine we run on).
+        unsafe {
+            libc::CPU_ZERO(&mut set);
+            libc::CPU_SET(cpu, &mut set);
+        }
+        // SAFETY: `set` is initialised and its size is passed with it.
+        let rc = unsafe { libc::sched_setaffinity(tid, std::mem::size_of_val(&set), &set) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// CPUs online.
+    pub fn cpus() -> usize {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+
+    /// Pins the calling thread to `cpu`.
+    pub fn current_thread(cpu: usize) -> io::Result<()> {
+        set(0, cpu)
+    }
+
+    /// Pins every thread of process `pid` to `cpu` (threads it starts later inherit it).
+    pub fn process(pid: u32, cpu: usize) -> io::Result<()> {
+        for entry in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+            let tid: libc::pid_t = match entry?.file_name().to_string_lossy().parse() {
+                Ok(t) => t,
+                Err(_) => continue,
+            };
+            // A thread that exited meanwhile is no error.
+            match set(tid, cpu) {
+                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
+                other => other?,
+            }
+        }
+        Ok(())
+    }
+}

@@ -4,7 +4,9 @@
 //! translated through the guest memory map with its length before any host pointer is
 //! formed, so nothing here can reach outside guest memory.
 
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
+use virtio_queue::desc::split::Descriptor;
+use vm_memory::bitmap::MS;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
 
 /// Most descriptors one chain may have.
 pub const MAX_SEGMENTS: usize = 1024;
@@ -32,6 +34,128 @@ pub struct Collected {
     pub too_long: bool,
     /// A readable descriptor after a writable one.
     pub misordered: bool,
+}
+
+const DESC_SIZE: usize = std::mem::size_of::<Descriptor>();
+const VRING_DESC_F_NEXT: u16 = 1;
+const VRING_DESC_F_INDIRECT: u16 = 4;
+
+/// The descriptors of one chain, read straight from its descriptor table.
+///
+/// Yields exactly what virtio-queue's `DescriptorChain` iterator yields, with the same limits
+/// (at most as many descriptors as the table has entries, one level of indirection through
+/// a table whose length is a multiple of 16 and at most 65535 entries, 4 GiB per chain,
+/// nothing more after a descriptor cannot be read), but translates each table through the
+/// memory map once instead of for every descriptor: with a read through the map per
+/// descriptor, walking chains was a quarter of the worker's time on the null device. A table
+/// that does not lie within one memory region is read descriptor by descriptor, as before.
+pub struct Descriptors<'a, M: GuestMemoryBackend> {
+    mem: &'a M,
+    /// The current table: its guest address, entry count, and its mapping if it lies within
+    /// one region.
+    table: GuestAddress,
+    entries: u16,
+    mapped: Option<VolatileSlice<'a, MS<'a, M>>>,
+    next_index: u16,
+    ttl: u16,
+    indirect: bool,
+    yielded: u32,
+}
+
+impl<'a, M: GuestMemoryBackend> Descriptors<'a, M> {
+    /// The chain starting at `head` in the queue's descriptor table at `table`, of
+    /// `queue_size` entries.
+    pub fn new(mem: &'a M, table: GuestAddress, queue_size: u16, head: u16) -> Self {
+        let mut d = Descriptors {
+            mem,
+            table,
+            entries: 0,
+            mapped: None,
+            next_index: head,
+            ttl: queue_size,
+            indirect: false,
+            yielded: 0,
+        };
+        d.set_table(table, queue_size);
+        d
+    }
+
+    fn set_table(&mut self, table: GuestAddress, entries: u16) {
+        let len = usize::from(entries) * DESC_SIZE;
+        self.table = table;
+        self.entries = entries;
+        self.mapped = self
+            .mem
+            .get_slice(table, len)
+            .ok()
+            .filter(|s| s.len() == len);
+    }
+
+    fn read(&self, index: u16) -> Option<Descriptor> {
+        let offset = usize::from(index) * DESC_SIZE;
+        let raw: [u8; DESC_SIZE] = match &self.mapped {
+            Some(slice) => {
+                // `index < entries` (checked by the caller), so the 16 bytes lie inside the
+                // slice.
+                let guard = slice.ptr_guard();
+                // SAFETY: the slice maps `entries * 16` bytes of guest memory, valid for
+                // reads while `mem` is borrowed ('a); `offset + 16` is within it. A byte
+                // array has alignment 1, and a volatile read tolerates the guest writing
+                // concurrently (we only ever see some value of each byte).
+                unsafe { std::ptr::read_volatile(guard.as_ptr().add(offset).cast()) }
+            }
+            None => self
+                .mem
+                .read_obj::<[u8; DESC_SIZE]>(self.table.checked_add(offset as u64)?)
+                .ok()?,
+        };
+        let u16_at = |i: usize| u16::from_le_bytes([raw[i], raw[i + 1]]);
+        Some(Descriptor::new(
+            u64::from_le_bytes(raw[0..8].try_into().ok()?),
+            u32::from_le_bytes(raw[8..12].try_into().ok()?),
+            u16_at(12),
+            u16_at(14),
+        ))
+    }
+}
+
+impl<M: GuestMemoryBackend> Iterator for Descriptors<'_, M> {
+    type Item = Descriptor;
+
+    fn next(&mut self) -> Option<Descriptor> {
+        loop {
+            if self.ttl == 0 || self.next_index >= self.entries {
+                return None;
+            }
+            let desc = self.read(self.next_index)?;
+            if desc.flags() & VRING_DESC_F_INDIRECT != 0 {
+                // One level only, a whole number of entries, at most 65535 of them
+                // (VIRTIO 1.2, 2.7.5.3.1).
+                let len = desc.len() as usize;
+                if self.indirect
+                    || !len.is_multiple_of(DESC_SIZE)
+                    || len / DESC_SIZE > usize::from(u16::MAX)
+                {
+                    return None;
+                }
+                let entries = (len / DESC_SIZE) as u16;
+                self.set_table(desc.addr(), entries);
+                self.next_index = 0;
+                self.ttl = entries;
+                self.indirect = true;
+                continue;
+            }
+            // A chain longer than 2^32 bytes is illegal (VIRTIO 1.2, 2.7.5.2).
+            self.yielded = self.yielded.checked_add(desc.len())?;
+            if desc.flags() & VRING_DESC_F_NEXT != 0 {
+                self.next_index = desc.next();
+                self.ttl -= 1;
+            } else {
+                self.ttl = 0;
+            }
+            return Some(desc);
+        }
+    }
 }
 
 /// Collects the chain's descriptors into `segments` (at most [`MAX_SEGMENTS`]), even when

@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use vhost_user_backend::{VringMutex, VringState, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 use storage_core::disk::{AnyQueue, DiskOp, DiskQueue, StartError};
 use storage_core::metrics::{ErrorClass, OpClass, QueueMetrics};
@@ -212,6 +212,14 @@ impl QueueWorker {
     ) -> usize {
         let mut pulled = 0;
         self.throttled = false;
+        // The current memory map and the clock, read once per batch. The map must be
+        // reloaded for each batch: the frontend may add regions at any time (libblkio maps
+        // buffers as it goes), and a busy, polling worker would otherwise keep translating
+        // with the map it started with. Each slot that takes a request holds a reference.
+        let Some(mem) = self.mem.as_ref().map(|m| m.memory().into_inner()) else {
+            return 0;
+        };
+        let now = Instant::now();
         loop {
             if pulled == crate::device::SUBMIT_BATCH {
                 return pulled;
@@ -221,27 +229,29 @@ impl QueueWorker {
                 self.metrics.throttled();
                 return pulled;
             }
-            // The current memory map, loaded per request: the frontend may add regions at
-            // any time (libblkio maps buffers as it goes), and a busy, polling worker would
-            // otherwise keep translating with the map it started with.
-            // The slot that takes the request keeps this reference (moved, not cloned again).
-            let Some(mem) = self.mem.as_ref().map(|m| m.memory().into_inner()) else {
-                return pulled;
-            };
             let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&*mem) else {
                 return pulled;
             };
             pulled += 1;
             let head = chain.head_index();
             let capacity = self.device.capacity();
+            // virtio-queue pops the head (and checks it); the chain is walked by our reader,
+            // which maps the descriptor table once rather than once per descriptor.
+            let queue = state.get_queue();
+            let descriptors = daemon_support::chain::Descriptors::new(
+                &*mem,
+                GuestAddress(queue.desc_table()),
+                queue.size(),
+                head,
+            );
             let parsed = request::parse(
-                chain,
+                descriptors,
                 &*mem,
                 capacity,
                 &mut self.segments,
                 &mut self.scratch_iov,
             );
-            if self.begin(state, head, parsed, mem) {
+            if self.begin(state, head, parsed, &mem, now) {
                 *used += 1;
             }
             if self.throttled {
@@ -257,7 +267,8 @@ impl QueueWorker {
         state: &mut VringState<GuestMemoryAtomic<GuestMemory>>,
         head: u16,
         parsed: Parsed,
-        mem: Arc<GuestMemory>,
+        mem: &Arc<GuestMemory>,
+        now: Instant,
     ) -> bool {
         let (kind, status) = match parsed {
             Parsed::Dropped => {
@@ -311,8 +322,8 @@ impl QueueWorker {
         slot.iov_start = 0;
         slot.done = 0;
         slot.phase = Phase::Io;
-        slot.started = Instant::now();
-        slot.mem = Some(mem);
+        slot.started = now;
+        slot.mem = Some(mem.clone());
         match start(&mut self.queue, slot, index) {
             Ok(()) => false,
             Err(StartError::Busy) => {
@@ -341,9 +352,11 @@ impl QueueWorker {
     /// Reaps completions; returns how many requests were answered.
     fn reap(&mut self, state: &mut VringState<GuestMemoryAtomic<GuestMemory>>) -> usize {
         let mut answered = 0;
+        // One clock read per reaping pass, not per request.
+        let mut now = None;
         while let Some(c) = self.queue.pop_completion() {
             let index = c.user_data as u16;
-            if self.complete(state, index, c.result) {
+            if self.complete(state, index, c.result, &mut now) {
                 answered += 1;
             }
         }
@@ -356,6 +369,7 @@ impl QueueWorker {
         state: &mut VringState<GuestMemoryAtomic<GuestMemory>>,
         index: u16,
         result: i32,
+        now: &mut Option<Instant>,
     ) -> bool {
         let slot = &mut self.slots[index as usize];
         let class = slot.kind.class();
@@ -408,7 +422,9 @@ impl QueueWorker {
             RequestKind::Write { len, .. } => (len, 1),
             _ => (0, 1),
         };
-        self.metrics.completed(class, bytes, slot.started.elapsed());
+        let now = *now.get_or_insert_with(Instant::now);
+        self.metrics
+            .completed(class, bytes, now.saturating_duration_since(slot.started));
         self.finish(state, index, VIRTIO_BLK_S_OK, used_len);
         true
     }

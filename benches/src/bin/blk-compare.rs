@@ -53,6 +53,10 @@ struct Args {
     /// randread-4k-qd1, null-randread-4k-qd32.
     #[arg(long, value_delimiter = ',')]
     workloads: Vec<String>,
+    /// Leave CPU placement to the scheduler (default: the client on the last CPU, every
+    /// daemon thread on the first, the same for every target).
+    #[arg(long)]
+    no_pin: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -246,6 +250,14 @@ fn run(args: Args) -> Result<()> {
                     .iter()
                     .find(|(k, _)| *k == (target, case.device))
                     .map(|(_, s)| s);
+                if !args.no_pin && benches::pin::cpus() >= 2 {
+                    benches::pin::current_thread(benches::pin::cpus() - 1)
+                        .context("pinning the client")?;
+                    if let Some(s) = server {
+                        benches::pin::process(s.daemon.pid(), 0)
+                            .with_context(|| format!("pinning {}", target.name()))?;
+                    }
+                }
                 let rec = measure(case, target, round, &workload, warmup, server, &file)?;
                 eprintln!(
                     "round {} {:<22} {:<8} {:>9.0} IOPS  p50 {:>7.1} µs  p99 {:>7.1} µs{}",
