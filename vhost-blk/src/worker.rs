@@ -154,6 +154,7 @@ impl QueueWorker {
         let _ = state.disable_notification();
         loop {
             let mut idle_since: Option<Instant> = None;
+            let mut spins = 0u32;
             loop {
                 let stopping = self.device.stopping.load(Ordering::Relaxed);
                 let mut used = self.reap(&mut state);
@@ -172,14 +173,19 @@ impl QueueWorker {
                 }
                 if progress > 0 {
                     idle_since = None;
+                    spins = 0;
                     continue;
                 }
                 if poll.is_zero() || stopping {
                     break;
                 }
-                let now = Instant::now();
-                if now.duration_since(*idle_since.get_or_insert(now)) >= poll {
-                    break;
+                // The clock is read every few idle looks, not on each.
+                spins = spins.wrapping_add(1);
+                if spins % 16 == 1 {
+                    let now = Instant::now();
+                    if now.duration_since(*idle_since.get_or_insert(now)) >= poll {
+                        break;
+                    }
                 }
                 // Let the frontend thread at the vring between looks.
                 drop(state);
@@ -212,14 +218,12 @@ impl QueueWorker {
     ) -> usize {
         let mut pulled = 0;
         self.throttled = false;
-        // The current memory map and the clock, read once per batch. The map must be
-        // reloaded for each batch: the frontend may add regions at any time (libblkio maps
-        // buffers as it goes), and a busy, polling worker would otherwise keep translating
-        // with the map it started with. Each slot that takes a request holds a reference.
-        let Some(mem) = self.mem.as_ref().map(|m| m.memory().into_inner()) else {
-            return 0;
-        };
-        let now = Instant::now();
+        // The current memory map, loaded for each batch: the frontend may add regions at any
+        // time (libblkio maps buffers as it goes), and a busy, polling worker would otherwise
+        // keep translating with the map it started with. Each slot that takes a request
+        // holds a reference. The reference and the clock are taken only once a chain is
+        // there: a polling worker mostly finds none.
+        let mut batch: Option<(Arc<GuestMemory>, Instant)> = None;
         loop {
             if pulled == crate::device::SUBMIT_BATCH {
                 return pulled;
@@ -229,29 +233,49 @@ impl QueueWorker {
                 self.metrics.throttled();
                 return pulled;
             }
-            let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&*mem) else {
+            let head = match &batch {
+                Some((mem, _)) => state
+                    .get_queue_mut()
+                    .pop_descriptor_chain(&**mem)
+                    .map(|c| c.head_index()),
+                None => {
+                    let Some(atomic) = self.mem.as_ref() else {
+                        return pulled;
+                    };
+                    let guard = atomic.memory();
+                    let head = state
+                        .get_queue_mut()
+                        .pop_descriptor_chain(&*guard)
+                        .map(|c| c.head_index());
+                    if head.is_some() {
+                        batch = Some((guard.into_inner(), Instant::now()));
+                    }
+                    head
+                }
+            };
+            let (Some(head), Some((mem, now))) = (head, &batch) else {
                 return pulled;
             };
+            let now = *now;
             pulled += 1;
-            let head = chain.head_index();
             let capacity = self.device.capacity();
             // virtio-queue pops the head (and checks it); the chain is walked by our reader,
             // which maps the descriptor table once rather than once per descriptor.
             let queue = state.get_queue();
             let descriptors = daemon_support::chain::Descriptors::new(
-                &*mem,
+                &**mem,
                 GuestAddress(queue.desc_table()),
                 queue.size(),
                 head,
             );
             let parsed = request::parse(
                 descriptors,
-                &*mem,
+                &**mem,
                 capacity,
                 &mut self.segments,
                 &mut self.scratch_iov,
             );
-            if self.begin(state, head, parsed, &mem, now) {
+            if self.begin(state, head, parsed, mem, now) {
                 *used += 1;
             }
             if self.throttled {
