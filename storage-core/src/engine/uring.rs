@@ -18,10 +18,17 @@ const MAX_FILES: u32 = 8;
 
 pub struct UringEngine {
     ring: IoUring,
+    /// The batch's first read or write on a buffered file, held back from the ring: if it
+    /// stays alone in its batch, `submit` tries it synchronously first (see `try_inline`).
+    held: Option<(EngineOp, u64)>,
+    /// Completions of operations done synchronously, returned before the ring's.
+    inline_done: std::collections::VecDeque<Completion>,
     /// The eventfd completions are signalled on, and ours to close if we created it.
     notify: RawFd,
     _eventfd: Option<OwnedFd>,
     files: Vec<RawFd>,
+    /// Per registered file: opened without O_DIRECT (a page-cache hit can complete inline).
+    buffered: Vec<bool>,
     in_flight: usize,
     capacity: usize,
     /// Operations queued in the SQ but not yet handed to the kernel.
@@ -82,15 +89,23 @@ impl UringEngine {
         ring.submitter().register_eventfd(notify)?;
         Ok(UringEngine {
             ring,
+            held: None,
+            inline_done: std::collections::VecDeque::with_capacity(4),
             notify,
             _eventfd: owned,
             files: Vec::new(),
+            buffered: Vec::new(),
             in_flight: 0,
             capacity: depth as usize,
             unsubmitted: 0,
         })
     }
 }
+
+// SAFETY: the only non-Send part is the held operation's iovec pointer, which `push`'s
+// contract keeps valid until submit; whichever thread owns the engine uses it, exactly like
+// the SQEs already in the ring, which the kernel reads on submit.
+unsafe impl Send for UringEngine {}
 
 // The register opcodes still needed after the ring is enabled (kernel ABI values from
 // <linux/io_uring.h>; the io-uring crate does not export them).
@@ -108,6 +123,10 @@ impl IoEngine for UringEngine {
         }
         self.ring.submitter().register_files_update(index, &[fd])?;
         self.files.push(fd);
+        // SAFETY: F_GETFL only reads the descriptor's flags.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        self.buffered
+            .push(flags >= 0 && flags & libc::O_DIRECT == 0);
         Ok(FileId(FileRepr::Fixed(index)))
     }
 
@@ -116,6 +135,162 @@ impl IoEngine for UringEngine {
         if self.in_flight >= self.capacity {
             return Err(EngineFull);
         }
+        // A second operation in the batch: the held one goes to the ring first, in order.
+        if let Some((held, tag)) = self.held.take() {
+            // SAFETY: the held operation was pushed under the same contract.
+            if let Err(e) = unsafe { self.push_ring(held, tag) } {
+                self.held = Some((held, tag));
+                return Err(e);
+            }
+            self.in_flight -= 1;
+        } else if self.unsubmitted == 0 && self.inline_candidate(&op).is_some() {
+            self.held = Some((op, user_data));
+            self.in_flight += 1;
+            return Ok(());
+        }
+        // SAFETY: the caller upholds `push`'s contract.
+        unsafe { self.push_ring(op, user_data) }
+    }
+
+    #[inline]
+    fn submit(&mut self) -> io::Result<()> {
+        if let Some((op, tag)) = self.held.take() {
+            self.in_flight -= 1;
+            if let Some(done) = self.try_inline(&op, tag) {
+                self.in_flight += 1;
+                self.inline_done.push_back(done);
+                return Ok(());
+            }
+            // SAFETY: pushed under `push`'s contract, which holds until its completion.
+            if unsafe { self.push_ring(op, tag) }.is_err() {
+                return Err(io::Error::other("io_uring submission queue full"));
+            }
+        }
+        self.submit_ring()
+    }
+
+    #[inline]
+    fn pop_completion(&mut self) -> Option<Completion> {
+        if let Some(c) = self.inline_done.pop_front() {
+            self.in_flight -= 1;
+            return Some(c);
+        }
+        let cqe = self.ring.completion().next()?;
+        self.in_flight -= 1;
+        Some(Completion {
+            user_data: cqe.user_data(),
+            result: cqe.result(),
+        })
+    }
+
+    fn wait(&mut self) -> io::Result<()> {
+        if self.held.is_some() {
+            self.submit()?;
+        }
+        if self.in_flight == 0 || !self.inline_done.is_empty() || !self.ring.completion().is_empty()
+        {
+            return Ok(());
+        }
+        loop {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {
+                    self.unsubmitted = 0;
+                    return Ok(());
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn completion_fd(&self) -> Option<RawFd> {
+        Some(self.notify)
+    }
+
+    fn ack_completion_fd(&self) {
+        let mut buf = [0u8; 8];
+        // SAFETY: reading 8 bytes into a valid 8-byte buffer from the nonblocking eventfd,
+        // which stays open while the ring exists (ours, or the caller's by contract).
+        unsafe { libc::read(self.notify, buf.as_mut_ptr().cast(), 8) };
+    }
+
+    #[inline]
+    fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    fn kind(&self) -> EngineKind {
+        EngineKind::IoUring
+    }
+}
+
+impl UringEngine {
+    /// The descriptor of a read or write on a registered buffered file: the operations a
+    /// page-cache hit can finish without blocking.
+    fn inline_candidate(&self, op: &EngineOp) -> Option<RawFd> {
+        let file = match *op {
+            EngineOp::Readv { file, .. } | EngineOp::Writev { file, .. } => file,
+            _ => return None,
+        };
+        match file.0 {
+            FileRepr::Fixed(i) if self.buffered.get(i as usize) == Some(&true) => {
+                self.files.get(i as usize).copied()
+            }
+            _ => None,
+        }
+    }
+
+    /// Runs a lone read or write synchronously with RWF_NOWAIT, returning its completion
+    /// if it finished whole. A request alone in its batch gains nothing from the ring, and
+    /// the round trip through it cost a page-cached 4 KiB read about 3 µs more than
+    /// `preadv2` at queue depth 1 (blk-compare p50 9.2 vs 6.0 µs). Data not in the page
+    /// cache (EAGAIN), a short transfer or an error go to the ring as usual, which then
+    /// gives the authoritative result; repeating a partial read or write is harmless.
+    fn try_inline(&self, op: &EngineOp, tag: u64) -> Option<Completion> {
+        let fd = self.inline_candidate(op)?;
+        let (write, offset, iov, iovcnt) = match *op {
+            EngineOp::Readv {
+                offset,
+                iov,
+                iovcnt,
+                ..
+            } => (false, offset, iov, iovcnt),
+            EngineOp::Writev {
+                offset,
+                iov,
+                iovcnt,
+                ..
+            } => (true, offset, iov, iovcnt),
+            _ => return None,
+        };
+        // SAFETY: `push`'s contract keeps the iovec array valid until this submit returns
+        // and its buffers until the completion is popped; `fd` is a registered file, open
+        // while the engine exists.
+        let (n, len) = unsafe {
+            let len: usize = std::slice::from_raw_parts(iov, iovcnt as usize)
+                .iter()
+                .map(|v| v.iov_len)
+                .sum();
+            let n = if write {
+                libc::pwritev2(fd, iov, iovcnt as i32, offset as i64, libc::RWF_NOWAIT)
+            } else {
+                libc::preadv2(fd, iov, iovcnt as i32, offset as i64, libc::RWF_NOWAIT)
+            };
+            (n, len)
+        };
+        (n >= 0 && n as usize == len).then(|| Completion {
+            user_data: tag,
+            result: i32::try_from(n).unwrap_or(i32::MAX),
+        })
+    }
+
+    /// Queues `op` in the submission ring.
+    ///
+    /// # Safety
+    ///
+    /// As [`IoEngine::push`].
+    #[inline]
+    unsafe fn push_ring(&mut self, op: EngineOp, user_data: u64) -> Result<(), EngineFull> {
         // The same operation on a fixed file or a plain descriptor.
         macro_rules! on_file {
             ($file:expr, |$t:ident| $build:expr) => {
@@ -174,8 +349,7 @@ impl IoEngine for UringEngine {
         Ok(())
     }
 
-    #[inline]
-    fn submit(&mut self) -> io::Result<()> {
+    fn submit_ring(&mut self) -> io::Result<()> {
         if self.unsubmitted == 0 {
             return Ok(());
         }
@@ -194,51 +368,5 @@ impl IoEngine for UringEngine {
                 Err(e) => return Err(e),
             }
         }
-    }
-
-    #[inline]
-    fn pop_completion(&mut self) -> Option<Completion> {
-        let cqe = self.ring.completion().next()?;
-        self.in_flight -= 1;
-        Some(Completion {
-            user_data: cqe.user_data(),
-            result: cqe.result(),
-        })
-    }
-
-    fn wait(&mut self) -> io::Result<()> {
-        if self.in_flight == 0 || !self.ring.completion().is_empty() {
-            return Ok(());
-        }
-        loop {
-            match self.ring.submit_and_wait(1) {
-                Ok(_) => {
-                    self.unsubmitted = 0;
-                    return Ok(());
-                }
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
-    fn completion_fd(&self) -> Option<RawFd> {
-        Some(self.notify)
-    }
-
-    fn ack_completion_fd(&self) {
-        let mut buf = [0u8; 8];
-        // SAFETY: reading 8 bytes into a valid 8-byte buffer from the nonblocking eventfd,
-        // which stays open while the ring exists (ours, or the caller's by contract).
-        unsafe { libc::read(self.notify, buf.as_mut_ptr().cast(), 8) };
-    }
-
-    #[inline]
-    fn in_flight(&self) -> usize {
-        self.in_flight
-    }
-
-    fn kind(&self) -> EngineKind {
-        EngineKind::IoUring
     }
 }
