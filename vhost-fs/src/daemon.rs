@@ -15,7 +15,9 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use daemon_support::signals::{block_termination_signals, spawn_signal_thread};
+use daemon_support::signals::{
+    block_termination_signals, ignore_file_size_signal, spawn_signal_thread,
+};
 use daemon_support::socket::{self, SocketFile};
 use storage_core::engine::{new_engine, EngineKind};
 
@@ -105,6 +107,8 @@ impl Daemon {
             creds::drop_supplementary_groups().context("cannot drop supplementary groups")?;
         }
         block_termination_signals().context("cannot block termination signals")?;
+        // A guest write past RLIMIT_FSIZE must fail with EFBIG, not kill the daemon.
+        ignore_file_size_signal().context("cannot ignore SIGXFSZ")?;
         server::install_interrupt_handler().context("cannot install the interrupt handler")?;
 
         let passthrough = Arc::new(PassthroughFs::new(
