@@ -1008,3 +1008,43 @@ fn the_same_client_drives_virtiofsd() {
     // virtiofsd answers ENOENT where we answer EINVAL; both refuse.
     errno(c.lookup(ROOT_ID, b"a/b"));
 }
+
+#[test]
+fn a_write_past_the_file_size_limit_fails_and_the_daemon_survives() {
+    // On tmpfs, where writes are plain pwritev calls on the queue's thread (on io_uring they
+    // run on io-wq threads, which never take the signal).
+    let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+    let share = dir.path().join("share");
+    std::fs::create_dir(&share).unwrap();
+    let socket = dir.path().join("fs.sock");
+    let mut daemon = vhost_fs_command(&socket, &share).unwrap().spawn().unwrap();
+    let mut c = FuseClient::connect(&socket, ClientOptions::default()).unwrap();
+    c.init().unwrap();
+    // The host limits the daemon's file size (RLIMIT_FSIZE, as a platform team may): a guest
+    // write past it must fail with EFBIG, not kill the daemon with SIGXFSZ.
+    let limit = libc::rlimit {
+        rlim_cur: 1 << 20,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: prlimit reads `limit` and writes nothing (null old-limit pointer).
+    let rc = unsafe {
+        libc::prlimit(
+            daemon.pid() as libc::pid_t,
+            libc::RLIMIT_FSIZE,
+            &limit,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    let (e, fh) = c.create(ROOT_ID, b"big", 0o600, RW_CREATE).unwrap();
+    assert_eq!(errno(c.write(e.nodeid, fh, 2 << 20, b"past")), libc::EFBIG);
+    assert_eq!(c.write(e.nodeid, fh, 0, b"below").unwrap(), 5);
+    c.release(e.nodeid, fh).unwrap();
+    assert_eq!(std::fs::read(share.join("big")).unwrap(), b"below");
+    assert!(
+        daemon.try_wait().unwrap().is_none(),
+        "daemon exited:\n{}",
+        daemon.output()
+    );
+    c.getattr(ROOT_ID).expect("daemon stopped serving");
+}
