@@ -233,6 +233,7 @@ pub(super) fn clean_batch(sh: &Shared, max: usize) -> usize {
         s.cleaning = false;
         if synced && ok[k] && s.use_ == Use::Dirty(block) && s.generation == generation {
             s.use_ = Use::Clean(block);
+            st.sync_entry(slot);
             st.dirty -= 1;
             st.records.push(Record {
                 slot,

@@ -609,9 +609,9 @@ enum Kind {
 }
 
 /// Drops the read pins a queue deferred (see `TieredQueue::unpin`).
-fn unpin(st: &mut TierState, slots: &mut Vec<u32>) {
-    for slot in slots.drain(..) {
-        st.slots[slot as usize].readers -= 1;
+fn unpin(st: &mut TierState, pins: &mut Vec<(u32, BlockId)>) {
+    for (slot, block) in pins.drain(..) {
+        st.unpin_read(slot, block);
     }
 }
 
@@ -628,8 +628,8 @@ struct Req {
     iov: Vec<libc::iovec>,
     guest_iov: *const libc::iovec,
     guest_iovcnt: usize,
-    /// Slots pinned for reading.
-    hits: Vec<u32>,
+    /// Slots pinned for reading, and their blocks.
+    hits: Vec<(u32, BlockId)>,
     /// Resident slots being written.
     cache_writes: Vec<u32>,
     /// Slots being filled by this write (write-back allocation).
@@ -743,7 +743,7 @@ pub struct TieredQueue {
     needs_submit: bool,
     /// Read pins of finished requests, dropped at the next lock this queue takes anyway:
     /// a read served wholly from the cache then locks the state once, not twice.
-    unpin: Vec<u32>,
+    unpin: Vec<(u32, BlockId)>,
     /// Read hits and misses not yet added to the shared counters (once per submit, not
     /// one locked add per block).
     read_hits: u64,
@@ -954,16 +954,10 @@ impl TieredQueue {
             for b in first..=last {
                 // Once the cache device has failed, only dirty blocks (whose only copy is
                 // there) are read from it; clean ones come from the capacity device.
-                let resident = st.resident(b).filter(|&slot| {
-                    !st.failed || matches!(st.slots[slot as usize].use_, Use::Dirty(_))
-                });
-                if let Some(slot) = resident {
-                    if matches!(st.slots[slot as usize].use_, Use::Dirty(_)) {
-                        req.dirty_hit = true;
-                    }
-                    st.slots[slot as usize].readers += 1;
+                if let Some((slot, dirty)) = st.pin_read(b) {
+                    req.dirty_hit |= dirty;
                     st.policy.touch(b, hint);
-                    req.hits.push(slot);
+                    req.hits.push((slot, b));
                     self.sources.push(Some(slot));
                     self.read_hits += 1;
                     continue;
@@ -1216,8 +1210,8 @@ impl TieredQueue {
         let mut st = sh.state();
         unpin(&mut st, &mut self.unpin);
         let req = &mut self.reqs[tag as usize];
-        for &slot in &req.hits {
-            st.slots[slot as usize].readers -= 1;
+        for &(slot, block) in &req.hits {
+            st.unpin_read(slot, block);
         }
         let cache_failed = req.cache_error != 0;
         for &slot in &req.cache_writes {

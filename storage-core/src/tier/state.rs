@@ -11,7 +11,7 @@ use std::io;
 use crate::cache::policy::{AccessHint, BlockId, CachePolicy};
 use crate::huge_pages::HugeArray;
 
-use super::block_map::BlockMap;
+use super::block_map::{BlockMap, Entry, CLEAN, DIRTY, FILLING};
 use super::layout::{Record, SlotState};
 
 /// What a slot is doing now (the persisted view collapses `Filling` to `Free`).
@@ -29,6 +29,8 @@ pub enum Use {
 pub struct Slot {
     pub use_: Use,
     /// Cache reads in flight from this slot.
+    /// Reads in flight from this slot whose block is no longer mapped to it (while it is
+    /// mapped, its map entry counts them; unmapping moves the count here).
     pub readers: u32,
     /// Cache writes in flight into this slot.
     pub writers: u32,
@@ -121,14 +123,21 @@ impl TierState {
                     b
                 }
             };
-            if s.map.insert(block, slot).is_some() {
+            if s.map.contains(block) {
                 // Two slots claim one block: keep the first, free the duplicate. Only a
                 // damaged cache can get here; the journal order makes it impossible otherwise.
+                // (Checked before inserting: an insert would remap the block to the slot
+                // being freed.)
                 log::warn!("cache slot {slot} duplicates block {block}; dropping it");
+                if matches!(s.slots[i].use_, Use::Dirty(_)) {
+                    s.dirty -= 1;
+                }
                 s.slots[i] = Slot::free();
                 s.free.push(slot);
                 continue;
             }
+            s.map.insert(block, slot);
+            s.sync_entry(slot);
         }
         // Tell the policy about resident blocks, dirty ones first so they are the last to go.
         let mut resident: Vec<(BlockId, bool)> = s
@@ -142,13 +151,9 @@ impl TierState {
             .collect();
         resident.sort_by_key(|&(b, dirty)| (!dirty, b));
         for (b, _) in resident {
-            let slots = &s.slots;
             let map = &s.map;
             // Only clean blocks may go: dropping a dirty one would lose acknowledged data.
-            let mut evictable = |v: BlockId| {
-                map.get(v)
-                    .is_some_and(|i| matches!(slots[i as usize].use_, Use::Clean(_)))
-            };
+            let mut evictable = |v: BlockId| map.entry(v).is_some_and(|e| e.state == CLEAN);
             match s.policy.insert(b, &mut evictable) {
                 Ok(Some(victim)) => {
                     log::warn!("cache policy evicted block {victim} while recovering");
@@ -167,7 +172,8 @@ impl TierState {
     /// Removes `victim` from the map and queues its slot for reuse (after its `Free` record
     /// is durable). Dirty victims are never chosen (`evictable` refuses them).
     fn evict_into(s: &mut TierState, victim: BlockId) {
-        if let Some(slot) = s.map.remove(victim) {
+        if let Some(e) = s.unmap(victim) {
+            let slot = e.slot;
             let sl = &mut s.slots[slot as usize];
             if matches!(sl.use_, Use::Dirty(_)) {
                 s.dirty -= 1;
@@ -184,11 +190,61 @@ impl TierState {
 
     /// The slot holding `block` readable from the cache (clean or dirty), if any.
     pub fn resident(&self, block: BlockId) -> Option<u32> {
-        let slot = self.map.get(block)?;
-        match self.slots[slot as usize].use_ {
-            Use::Clean(_) | Use::Dirty(_) => Some(slot),
-            _ => None,
+        let e = self.map.entry(block)?;
+        (e.state != FILLING).then_some(e.slot)
+    }
+
+    /// A cache hit: pins `block`'s slot for a read and returns it and whether it is dirty.
+    /// Once the cache has failed, only dirty blocks (whose only copy is there) are read from
+    /// it. Touches only the map entry.
+    #[inline]
+    pub fn pin_read(&mut self, block: BlockId) -> Option<(u32, bool)> {
+        let failed = self.failed;
+        let e = self.map.entry_mut(block)?;
+        if e.state == FILLING || (failed && e.state != DIRTY) {
+            return None;
         }
+        e.readers += 1;
+        Some((e.slot, e.state == DIRTY))
+    }
+
+    /// Drops a read pin taken by [`pin_read`](Self::pin_read) on `slot` for `block`.
+    #[inline]
+    pub fn unpin_read(&mut self, slot: u32, block: BlockId) {
+        match self.map.entry_mut(block) {
+            // Still mapped there: the pin is in the entry. (A pinned slot is never reused,
+            // so the block cannot have been mapped to this slot anew meanwhile.)
+            Some(e) if e.slot == slot => e.readers -= 1,
+            _ => self.slots[slot as usize].readers -= 1,
+        }
+    }
+
+    /// Unmaps `block`, moving the read pins its entry held to its slot.
+    fn unmap(&mut self, block: BlockId) -> Option<Entry> {
+        let e = self.map.remove(block)?;
+        self.slots[e.slot as usize].readers += u32::from(e.readers);
+        Some(e)
+    }
+
+    /// Copies `slot`'s state into its block's map entry (after every change of `use_` of
+    /// a mapped slot).
+    pub fn sync_entry(&mut self, slot: u32) {
+        let (block, state) = match self.slots[slot as usize].use_ {
+            Use::Free => return,
+            Use::Filling(b) => (b, FILLING),
+            Use::Clean(b) => (b, CLEAN),
+            Use::Dirty(b) => (b, DIRTY),
+        };
+        if let Some(e) = self.map.entry_mut(block) {
+            if e.slot == slot {
+                e.state = state;
+            }
+        }
+    }
+
+    /// A clean block nobody reads or writes.
+    fn evictable(e: &Entry, slot: &Slot) -> bool {
+        e.state == CLEAN && e.readers == 0 && !slot.pinned()
     }
 
     /// Cancels a fill in flight for `block`, if any: the block is treated as not cached.
@@ -197,7 +253,7 @@ impl TierState {
             let sl = &mut self.slots[slot as usize];
             if let Use::Filling(_) = sl.use_ {
                 sl.cancelled = true;
-                self.map.remove(block);
+                self.unmap(block);
                 self.policy.remove(block);
             }
         }
@@ -219,19 +275,17 @@ impl TierState {
         let slots = &self.slots;
         let map = &self.map;
         let mut evictable = |v: BlockId| {
-            map.get(v).is_some_and(|i| {
-                let s = &slots[i as usize];
-                matches!(s.use_, Use::Clean(_)) && !s.pinned()
-            })
+            map.entry(v)
+                .is_some_and(|e| Self::evictable(e, &slots[e.slot as usize]))
         };
         let victim = self.policy.insert(block, &mut evictable).ok()?;
         if let Some(v) = victim {
             // The policy must only pick what `evictable` allowed; a dirty or busy victim
             // would lose data or be reused under I/O, so never trust it blindly.
-            let ok = self.map.get(v).is_some_and(|i| {
-                let s = &self.slots[i as usize];
-                matches!(s.use_, Use::Clean(_)) && !s.pinned()
-            });
+            let ok = self
+                .map
+                .entry(v)
+                .is_some_and(|e| Self::evictable(e, &self.slots[e.slot as usize]));
             if !ok {
                 log::error!("cache policy chose block {v}, which cannot be evicted; not admitting");
                 self.policy.remove(block);
@@ -263,14 +317,16 @@ impl TierState {
             let cancelled = sl.cancelled;
             sl.use_ = Use::Free;
             sl.cancelled = false;
+            let writers = sl.writers;
             // A cancelled fill was already unmapped (and the block may have been admitted
-            // again elsewhere since); a failed one is unmapped here.
+            // again elsewhere since); a failed one is unmapped here. A filling block is
+            // never read, so no pins move.
             if !cancelled && self.map.get(block) == Some(slot) {
-                self.map.remove(block);
+                self.unmap(block);
                 self.policy.remove(block);
             }
             // Nothing durable ever named this block in this slot: it is free at once.
-            if sl.writers == 0 {
+            if writers == 0 {
                 self.free.push(slot);
             } else {
                 self.pending_free.push(slot);
@@ -285,6 +341,7 @@ impl TierState {
             sl.use_ = Use::Clean(block);
             SlotState::Clean(block)
         };
+        self.sync_entry(slot);
         self.records.push(Record { slot, state });
         true
     }
@@ -325,6 +382,7 @@ impl TierState {
                     state: SlotState::Clean(block),
                 });
             }
+            self.sync_entry(slot);
         }
     }
 
