@@ -12,8 +12,10 @@ use std::ptr::NonNull;
 
 /// The x86-64 and arm64 (4 KiB granule) transparent huge page size.
 const HUGE_PAGE: usize = 2 << 20;
+const SMALL_PAGE: usize = 4096;
 
-/// `len` values of `T` in their own anonymous mapping, 2 MiB-aligned.
+/// `len` values of `T` in their own anonymous mapping, 2 MiB-aligned (below 1 MiB, in
+/// ordinary pages).
 pub struct HugeArray<T: Copy> {
     ptr: NonNull<T>,
     len: usize,
@@ -39,9 +41,16 @@ impl<T: Copy> HugeArray<T> {
                 mapped: 0,
             });
         }
-        let mapped = bytes.div_ceil(HUGE_PAGE) * HUGE_PAGE;
+        // Small arrays fit the TLB anyway; a huge page each would only waste memory.
+        let huge = bytes >= HUGE_PAGE / 2;
+        let (unit, slack) = if huge {
+            (HUGE_PAGE, HUGE_PAGE)
+        } else {
+            (SMALL_PAGE, 0)
+        };
+        let mapped = bytes.div_ceil(unit) * unit;
         // Map one huge page more than needed, then trim to an aligned window.
-        let reserve = mapped + HUGE_PAGE;
+        let reserve = mapped + slack;
         // SAFETY: a fresh private anonymous mapping; no existing memory is affected.
         let raw = unsafe {
             libc::mmap(
@@ -57,7 +66,7 @@ impl<T: Copy> HugeArray<T> {
             return Err(io::Error::last_os_error());
         }
         let start = raw as usize;
-        let aligned = start.next_multiple_of(HUGE_PAGE);
+        let aligned = start.next_multiple_of(unit);
         let head = aligned - start;
         let tail = reserve - head - mapped;
         // SAFETY: both ranges lie inside the mapping made above and outside the window kept;
@@ -72,12 +81,14 @@ impl<T: Copy> HugeArray<T> {
         }
         // Before the first touch, so the faults below allocate huge pages. A kernel without
         // THP refuses: the array still works in small pages.
-        // SAFETY: advice on our own mapping; it does not change its contents.
-        unsafe { libc::madvise(aligned as *mut libc::c_void, mapped, libc::MADV_HUGEPAGE) };
+        if huge {
+            // SAFETY: advice on our own mapping; it does not change its contents.
+            unsafe { libc::madvise(aligned as *mut libc::c_void, mapped, libc::MADV_HUGEPAGE) };
+        }
         let ptr = aligned as *mut T;
         for i in 0..len {
             // SAFETY: `i < len`, so the write lies within the `mapped >= len * size_of::<T>()`
-            // bytes at `ptr`, which is aligned for T (2 MiB-aligned, and T's alignment is a
+            // bytes at `ptr`, which is aligned for T (page-aligned, and T's alignment is a
             // power of two below that).
             unsafe { ptr.add(i).write(init) };
         }
