@@ -12,6 +12,10 @@
 //!
 //! Queue 0 is the high-priority queue (FORGET, INTERRUPT); requests go to queue 1 unless
 //! told otherwise.
+//!
+//! The protocol constants and layouts here are written from the kernel header, not taken
+//! from `vhost_fs::fuse`, on purpose: a client that shared the daemon's definitions would
+//! agree with any mistake in them, and the protocol tests would still pass.
 
 pub mod transport;
 
