@@ -28,7 +28,6 @@ pub enum Use {
 #[derive(Debug, Clone, Copy)]
 pub struct Slot {
     pub use_: Use,
-    /// Cache reads in flight from this slot.
     /// Reads in flight from this slot whose block is no longer mapped to it (while it is
     /// mapped, its map entry counts them; unmapping moves the count here).
     pub readers: u32,
