@@ -229,9 +229,23 @@ impl QueueWorker {
         // The current memory map, loaded for each batch: the frontend may add regions at any
         // time (libblkio maps buffers as it goes), and a busy, polling worker would otherwise
         // keep translating with the map it started with. Each slot that takes a request
-        // holds a reference. The reference and the clock are taken only once a chain is
-        // there: a polling worker mostly finds none.
-        let mut batch: Option<(Arc<GuestMemory>, Instant)> = None;
+        // holds a reference. A polling worker mostly finds nothing: it finds out before
+        // paying for the reference and a clock reading.
+        let (mem, now) = {
+            let Some(atomic) = self.mem.as_ref() else {
+                return 0;
+            };
+            let guard = atomic.memory();
+            let queue = state.get_queue();
+            let idle = queue
+                .avail_idx(&*guard, Ordering::Acquire)
+                .is_ok_and(|i| i.0 == queue.next_avail());
+            // With every slot busy the loop below still runs, to note the throttling.
+            if idle && !self.free.is_empty() {
+                return 0;
+            }
+            (guard.into_inner(), Instant::now())
+        };
         loop {
             if pulled == crate::device::SUBMIT_BATCH {
                 return pulled;
@@ -241,49 +255,29 @@ impl QueueWorker {
                 self.metrics.throttled();
                 return pulled;
             }
-            let head = match &batch {
-                Some((mem, _)) => state
-                    .get_queue_mut()
-                    .pop_descriptor_chain(&**mem)
-                    .map(|c| c.head_index()),
-                None => {
-                    let Some(atomic) = self.mem.as_ref() else {
-                        return pulled;
-                    };
-                    let guard = atomic.memory();
-                    let head = state
-                        .get_queue_mut()
-                        .pop_descriptor_chain(&*guard)
-                        .map(|c| c.head_index());
-                    if head.is_some() {
-                        batch = Some((guard.into_inner(), Instant::now()));
-                    }
-                    head
-                }
-            };
-            let (Some(head), Some((mem, now))) = (head, &batch) else {
+            let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&*mem) else {
                 return pulled;
             };
-            let now = *now;
+            let head = chain.head_index();
             pulled += 1;
             let capacity = self.device.capacity();
             // virtio-queue pops the head (and checks it); the chain is walked by our reader,
             // which maps the descriptor table once rather than once per descriptor.
             let queue = state.get_queue();
             let descriptors = daemon_support::chain::Descriptors::new(
-                &**mem,
+                &*mem,
                 GuestAddress(queue.desc_table()),
                 queue.size(),
                 head,
             );
             let parsed = request::parse(
                 descriptors,
-                &**mem,
+                &*mem,
                 capacity,
                 &mut self.segments,
                 &mut self.scratch_iov,
             );
-            if self.begin(state, head, parsed, mem, now) {
+            if self.begin(state, head, parsed, &mem, now) {
                 *used += 1;
             }
             if self.throttled {

@@ -20,7 +20,8 @@ pub struct UringEngine {
     ring: IoUring,
     /// The batch's first read or write on a buffered file, held back from the ring: if it
     /// stays alone in its batch, `submit` tries it synchronously first (see `try_inline`).
-    held: Option<(EngineOp, u64)>,
+    /// With the operation: its tag and the file's descriptor.
+    held: Option<(EngineOp, u64, RawFd)>,
     /// Completions of operations done synchronously, returned before the ring's.
     inline_done: std::collections::VecDeque<Completion>,
     /// The eventfd completions are signalled on, and ours to close if we created it.
@@ -136,15 +137,15 @@ impl IoEngine for UringEngine {
             return Err(EngineFull);
         }
         // A second operation in the batch: the held one goes to the ring first, in order.
-        if let Some((held, tag)) = self.held.take() {
+        if let Some((held, tag, fd)) = self.held.take() {
             // SAFETY: the held operation was pushed under the same contract.
             if let Err(e) = unsafe { self.push_ring(held, tag) } {
-                self.held = Some((held, tag));
+                self.held = Some((held, tag, fd));
                 return Err(e);
             }
             self.in_flight -= 1;
-        } else if self.unsubmitted == 0 && self.inline_candidate(&op).is_some() {
-            self.held = Some((op, user_data));
+        } else if let Some(fd) = self.inline_candidate(&op).filter(|_| self.unsubmitted == 0) {
+            self.held = Some((op, user_data, fd));
             self.in_flight += 1;
             return Ok(());
         }
@@ -154,13 +155,14 @@ impl IoEngine for UringEngine {
 
     #[inline]
     fn submit(&mut self) -> io::Result<()> {
-        if let Some((op, tag)) = self.held.take() {
-            self.in_flight -= 1;
-            if let Some(done) = self.try_inline(&op, tag) {
-                self.in_flight += 1;
+        if let Some((op, tag, fd)) = self.held.take() {
+            // Held operations count as in flight already, and stay so until popped.
+            if let Some(done) = self.try_inline(fd, &op, tag) {
                 self.inline_done.push_back(done);
                 return Ok(());
             }
+            // `push_ring` counts it again.
+            self.in_flight -= 1;
             // SAFETY: pushed under `push`'s contract, which holds until its completion.
             if unsafe { self.push_ring(op, tag) }.is_err() {
                 return Err(io::Error::other("io_uring submission queue full"));
@@ -246,8 +248,7 @@ impl UringEngine {
     /// `preadv2` at queue depth 1 (blk-compare p50 9.2 vs 6.0 µs). Data not in the page
     /// cache (EAGAIN), a short transfer or an error go to the ring as usual, which then
     /// gives the authoritative result; repeating a partial read or write is harmless.
-    fn try_inline(&self, op: &EngineOp, tag: u64) -> Option<Completion> {
-        let fd = self.inline_candidate(op)?;
+    fn try_inline(&self, fd: RawFd, op: &EngineOp, tag: u64) -> Option<Completion> {
         let (write, offset, iov, iovcnt) = match *op {
             EngineOp::Readv {
                 offset,
