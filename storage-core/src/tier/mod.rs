@@ -608,13 +608,6 @@ enum Kind {
     Discard,
 }
 
-/// Drops the read pins a queue deferred (see `TieredQueue::unpin`).
-fn unpin(st: &mut TierState, pins: &mut Vec<(u32, BlockId)>) {
-    for (slot, block) in pins.drain(..) {
-        st.unpin_read(slot, block);
-    }
-}
-
 /// One guest request in flight on a tiered queue.
 struct Req {
     kind: Kind,
@@ -766,7 +759,7 @@ impl TieredQueue {
     fn settle(&mut self) {
         if !self.unpin.is_empty() {
             let mut st = self.sh.state();
-            unpin(&mut st, &mut self.unpin);
+            st.unpin_reads(self.unpin.drain(..));
         }
         if self.read_hits > 0 {
             self.sh.metrics.read_hits.fetch_add(self.read_hits, Relaxed);
@@ -947,7 +940,7 @@ impl TieredQueue {
         {
             let sh = &self.sh;
             let mut st = sh.state();
-            unpin(&mut st, &mut self.unpin);
+            st.unpin_reads(self.unpin.drain(..));
             let req = &mut self.reqs[tag as usize];
             let spare_bufs = self.free_bufs.len();
             self.sources.clear();
@@ -1015,7 +1008,7 @@ impl TieredQueue {
         {
             let sh = &self.sh;
             let mut st = sh.state();
-            unpin(&mut st, &mut self.unpin);
+            st.unpin_reads(self.unpin.drain(..));
             let req = &mut self.reqs[tag as usize];
             let too_dirty = st.dirty >= sh.high_watermark;
             if bypass || too_dirty || st.failed {
@@ -1208,11 +1201,9 @@ impl TieredQueue {
         let mode = self.sh.mode;
         let sh = &self.sh;
         let mut st = sh.state();
-        unpin(&mut st, &mut self.unpin);
+        st.unpin_reads(self.unpin.drain(..));
         let req = &mut self.reqs[tag as usize];
-        for &(slot, block) in &req.hits {
-            st.unpin_read(slot, block);
-        }
+        st.unpin_reads(req.hits.iter().copied());
         let cache_failed = req.cache_error != 0;
         for &slot in &req.cache_writes {
             if cache_failed {

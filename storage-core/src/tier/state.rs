@@ -218,6 +218,13 @@ impl TierState {
         }
     }
 
+    /// [`unpin_read`](Self::unpin_read) for each `(slot, block)`.
+    pub fn unpin_reads(&mut self, pins: impl IntoIterator<Item = (u32, BlockId)>) {
+        for (slot, block) in pins {
+            self.unpin_read(slot, block);
+        }
+    }
+
     /// Unmaps `block`, moving the read pins its entry held to its slot.
     fn unmap(&mut self, block: BlockId) -> Option<Entry> {
         let e = self.map.remove(block)?;
