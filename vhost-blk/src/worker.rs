@@ -226,28 +226,32 @@ impl QueueWorker {
     ) -> usize {
         let mut pulled = 0;
         self.throttled = false;
-        // The current memory map, loaded for each batch: the frontend may add regions at any
-        // time (libblkio maps buffers as it goes), and a busy, polling worker would otherwise
-        // keep translating with the map it started with. Each slot that takes a request
-        // holds a reference. A polling worker mostly finds nothing: it finds out before
-        // paying for the reference and a clock reading.
-        let (mem, now) = {
+        // The memory map is loaded for each batch, after reading how many chains the driver
+        // has published: a driver maps a new region (libblkio maps buffers as it goes) and
+        // waits for our acknowledgement before it publishes a chain that uses it, so a map
+        // loaded after seeing the chain knows the region; one loaded before may not, and a
+        // busy, polling worker would keep translating with a stale one. So the batch takes
+        // only the chains published before the load. Each slot that takes a request holds
+        // a reference. A polling worker mostly finds nothing: it finds out before paying for
+        // the reference and a clock reading.
+        let (mem, now, published) = {
             let Some(atomic) = self.mem.as_ref() else {
                 return 0;
             };
-            let guard = atomic.memory();
             let queue = state.get_queue();
-            let idle = queue
-                .avail_idx(&*guard, Ordering::Acquire)
-                .is_ok_and(|i| i.0 == queue.next_avail());
+            let published = queue
+                .avail_idx(&*atomic.memory(), Ordering::Acquire)
+                .map_or(usize::MAX, |i| {
+                    usize::from(i.0.wrapping_sub(queue.next_avail()))
+                });
             // With every slot busy the loop below still runs, to note the throttling.
-            if idle && !self.free.is_empty() {
+            if published == 0 && !self.free.is_empty() {
                 return 0;
             }
-            (guard.into_inner(), Instant::now())
+            (atomic.memory().into_inner(), Instant::now(), published)
         };
         loop {
-            if pulled == crate::device::SUBMIT_BATCH {
+            if pulled == crate::device::SUBMIT_BATCH || (pulled > 0 && pulled >= published) {
                 return pulled;
             }
             if self.free.is_empty() {
