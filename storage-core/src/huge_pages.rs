@@ -101,6 +101,29 @@ impl<T: Copy> HugeArray<T> {
     }
 }
 
+impl<T: Copy> HugeArray<T> {
+    /// The first element's address (stable for the array's life: it never moves).
+    pub fn as_ptr(&self) -> *const T {
+        self.ptr.as_ptr()
+    }
+}
+
+/// Asks the CPU to start loading the cache line at `p`, so that a lookup a little later finds
+/// it there: a batch of random lookups into these tables then overlaps its cache misses
+/// instead of waiting for each in turn. Only a hint: any address may be passed, and none is
+/// dereferenced.
+#[inline(always)]
+pub fn prefetch<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: PREFETCHT0 is a hint: it never faults and has no architectural effect, whatever
+    // the address; SSE, which provides it, is part of the x86-64 baseline.
+    unsafe {
+        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(p.cast())
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 impl<T: Copy> Deref for HugeArray<T> {
     type Target = [T];
 

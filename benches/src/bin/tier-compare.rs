@@ -56,6 +56,13 @@ struct Args {
     /// tier the benchmark was specified with on a disk that is faster. 0: the disk as it is.
     #[arg(long, default_value_t = 0)]
     capacity_iops: u64,
+    /// Which loads to measure, of zipf and hot.
+    #[arg(long, value_delimiter = ',', default_value = "zipf,hot")]
+    loads: Vec<String>,
+    /// Leave CPU placement to the scheduler (default: the client on the last CPU, every
+    /// daemon thread on the first, the same for every target; see `benches::pin`).
+    #[arg(long)]
+    no_pin: bool,
 }
 
 /// A blkio cgroup (v1) that limits its members' IOPS on one disk; removed on drop (after
@@ -162,7 +169,11 @@ struct Record {
     hit_ratio: Option<f64>,
 }
 
-fn run(s: &Served, workload: &'static str, w: &Workload) -> Result<Record> {
+fn run(s: &Served, workload: &'static str, w: &Workload, pin: bool) -> Result<Record> {
+    if pin && benches::pin::cpus() >= 2 {
+        benches::pin::current_thread(benches::pin::cpus() - 1).context("pinning the client")?;
+        benches::pin::process(s.daemon.pid(), 0).with_context(|| format!("pinning {}", s.name))?;
+    }
     let opts = ClientOptions::default().buffer_per_queue(DEPTH * BLOCK);
     let mut client = Client::open_with(Target::VhostUser(&s.socket), &opts)
         .with_context(|| format!("{}: connecting", s.name))?;
@@ -286,6 +297,13 @@ fn main() -> Result<()> {
         }
     };
 
+    for load in &args.loads {
+        if load != "zipf" && load != "hot" {
+            anyhow::bail!("--loads: unknown load {load:?} (known: zipf, hot)");
+        }
+    }
+    let measures = |load: &str| args.loads.iter().any(|l| l == load);
+    let pin = !args.no_pin;
     let blocks = size / BLOCK as u64;
     let dur = Duration::from_secs(args.seconds);
     let zipf = Workload {
@@ -305,24 +323,27 @@ fn main() -> Result<()> {
         ..zipf
     };
 
-    eprintln!(
-        "warming the cache with {} s of Zipf reads...",
-        args.warm_seconds
-    );
-    run(
-        &tiered,
-        "warm-up",
-        &Workload {
-            duration: Duration::from_secs(args.warm_seconds),
-            seed: 99,
-            ..zipf
-        },
-    )?;
     let mut records = Vec::new();
+    if measures("zipf") {
+        eprintln!(
+            "warming the cache with {} s of Zipf reads...",
+            args.warm_seconds
+        );
+        run(
+            &tiered,
+            "warm-up",
+            &Workload {
+                duration: Duration::from_secs(args.warm_seconds),
+                seed: 99,
+                ..zipf
+            },
+            pin,
+        )?;
+    }
     // Each workload is measured in its own steady state: first every Zipf round (after the
     // Zipf warm-up), then every hot-region round (after warming that region). Interleaving
     // them let each warm-up evict the other's working set (Zipf hit ratio 81% -> 74%).
-    for round in 0..args.rounds {
+    for round in 0..args.rounds * usize::from(measures("zipf")) {
         eprintln!("zipf round {}", round + 1);
         for target in [&capacity, &tiered] {
             records.push(run(
@@ -332,13 +353,14 @@ fn main() -> Result<()> {
                     seed: round as u64 + 10,
                     ..zipf
                 },
+                pin,
             )?);
         }
     }
     // Warm the hot region (random order, so it is not a sequential stream the cache would
     // bypass) until a pass hits on every block.
     let mut warmed = 0;
-    loop {
+    while measures("hot") {
         let pass = run(
             &tiered,
             "hot-warm",
@@ -347,13 +369,14 @@ fn main() -> Result<()> {
                 seed: 7 + warmed,
                 ..hot
             },
+            pin,
         )?;
         warmed += 3;
         if pass.hit_ratio.unwrap_or(0.0) >= 0.9999 || warmed >= args.warm_seconds.max(3) {
             break;
         }
     }
-    for round in 0..args.rounds {
+    for round in 0..args.rounds * usize::from(measures("hot")) {
         eprintln!("hot round {}", round + 1);
         for target in [&tiered, &shm_raw] {
             records.push(run(
@@ -363,17 +386,18 @@ fn main() -> Result<()> {
                     seed: round as u64 + 20,
                     ..hot
                 },
+                pin,
             )?);
         }
     }
 
-    let med = |workload: &str, target: &str| -> f64 {
+    let med = |workload: &str, target: &str| -> Option<f64> {
         let v: Vec<f64> = records
             .iter()
             .filter(|r| r.workload == workload && r.target == target)
             .map(|r| r.result.iops())
             .collect();
-        median(&v)
+        (!v.is_empty()).then(|| median(&v))
     };
     println!(
         "\ntier-compare: 4 KiB random reads, depth {DEPTH}, 1 queue, {} s per run, {} rounds; \
@@ -420,21 +444,26 @@ fn main() -> Result<()> {
     };
     let zipf_rounds = per_round("zipf", "tiered", "capacity");
     let hot_rounds = per_round("hot", "tiered", "shm-raw");
-    let (zipf_ratio, hot_ratio) = (median(&zipf_rounds), median(&hot_rounds));
+    let ratio = |v: &[f64]| (!v.is_empty()).then(|| median(v));
+    let (zipf_ratio, hot_ratio) = (ratio(&zipf_rounds), ratio(&hot_rounds));
     let show = |v: &[f64]| {
         v.iter()
             .map(|r| format!("{r:.2}"))
             .collect::<Vec<_>>()
             .join(" ")
     };
-    println!(
-        "ratio zipf tiered/capacity  {zipf_ratio:.2}  (target >= 5; per round: {})",
-        show(&zipf_rounds)
-    );
-    println!(
-        "ratio hot  tiered/shm-raw   {hot_ratio:.2}  (target >= 0.9; per round: {})",
-        show(&hot_rounds)
-    );
+    if let Some(r) = zipf_ratio {
+        println!(
+            "ratio zipf tiered/capacity  {r:.2}  (target >= 5; per round: {})",
+            show(&zipf_rounds)
+        );
+    }
+    if let Some(r) = hot_ratio {
+        println!(
+            "ratio hot  tiered/shm-raw   {r:.2}  (target >= 0.9; per round: {})",
+            show(&hot_rounds)
+        );
+    }
     let json = serde_json::json!({
         "bench": "tier-compare",
         "capacity_gib": args.size_gib,

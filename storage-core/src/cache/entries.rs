@@ -16,7 +16,7 @@
 //! policy's `touch` was 7% of a warm cache's hit path).
 
 use super::policy::BlockId;
-use crate::huge_pages::HugeArray;
+use crate::huge_pages::{prefetch, HugeArray};
 
 /// "No entry": the end of a queue, an empty index slot, a free-list end.
 pub(crate) const NIL: u32 = u32::MAX;
@@ -138,6 +138,30 @@ impl Entries {
                 return Some(idx);
             }
             slot = (slot + 1) & mask;
+        }
+    }
+
+    /// Starts loading the index slot where `block`'s lookup begins.
+    #[inline]
+    pub(crate) fn prefetch_lookup(&self, block: BlockId) {
+        prefetch(self.index.as_ptr().wrapping_add(self.home(block)));
+    }
+
+    /// Starts loading entry `idx`.
+    #[inline]
+    pub(crate) fn prefetch_entry(&self, idx: u32) {
+        prefetch(self.slab.as_ptr().wrapping_add(idx as usize));
+    }
+
+    /// Starts loading the queue neighbours of entry `idx`, which moving it to a queue's
+    /// head writes to.
+    #[inline]
+    pub(crate) fn prefetch_neighbours(&self, idx: u32) {
+        let e = &self.slab[idx as usize];
+        for n in [e.prev, e.next] {
+            if n != NIL {
+                self.prefetch_entry(n);
+            }
         }
     }
 

@@ -122,6 +122,8 @@ pub struct Lirs {
     hir: AuxQueue,
     /// Non-resident HIR blocks in S, newest at the head.
     ghosts: AuxQueue,
+    /// Scratch for `touch_many`: the entries of a batch's blocks.
+    found: Vec<u32>,
 }
 
 impl Lirs {
@@ -145,6 +147,8 @@ impl Lirs {
             aux: vec![[NIL, NIL]; max].into_boxed_slice(),
             hir: AuxQueue::new(),
             ghosts: AuxQueue::new(),
+            // A batch is at most a queue's depth of requests (32 by default).
+            found: Vec::with_capacity(256),
         }
     }
 
@@ -300,6 +304,35 @@ impl CachePolicy for Lirs {
                 self.hir.push_head(&mut self.aux, idx);
             }
             _ => {}
+        }
+    }
+
+    fn touch_many(&mut self, hits: &[(BlockId, AccessHint)]) {
+        // A touch reads the index, then the entry it names, then writes the entry's stack
+        // neighbours: three dependent cache misses, the largest cost of a warm cache's hit.
+        // Prefetching each level for the whole batch first overlaps them.
+        for &(block, _) in hits {
+            self.entries.prefetch_lookup(block);
+        }
+        self.found.clear();
+        for &(block, _) in hits {
+            let idx = self.entries.find(block).unwrap_or(NIL);
+            if idx != NIL {
+                self.entries.prefetch_entry(idx);
+            }
+            self.found.push(idx);
+        }
+        for &idx in &self.found {
+            if idx != NIL {
+                self.entries.prefetch_neighbours(idx);
+            }
+        }
+        for (i, &(block, hint)) in hits.iter().enumerate() {
+            // Entries found above may have been released by an earlier touch's pruning
+            // (ghosts only), so residency is checked again.
+            if self.found[i] != NIL && self.contains(block) {
+                self.touch(block, hint);
+            }
         }
     }
 

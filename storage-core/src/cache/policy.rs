@@ -79,6 +79,17 @@ pub trait CachePolicy: Send {
     /// A hit: `block` (resident) was read or written by a request described by `hint`.
     fn touch(&mut self, block: BlockId, hint: AccessHint);
 
+    /// Hits on several blocks, in order: [`touch`](Self::touch) for each that is still
+    /// resident. The tier hands over a batch's read hits at once, so that a policy can
+    /// overlap the CPU-cache misses of their lookups instead of waiting for each in turn.
+    fn touch_many(&mut self, hits: &[(BlockId, AccessHint)]) {
+        for &(block, hint) in hits {
+            if self.contains(block) {
+                self.touch(block, hint);
+            }
+        }
+    }
+
     /// A miss on `block` by a request described by `hint`: should it be admitted? May update
     /// the policy's history (ghost entries, frequency sketches) but never changes residency.
     fn should_admit(&mut self, block: BlockId, hint: AccessHint) -> bool;

@@ -320,6 +320,49 @@ proptest! {
             }
         }
     }
+    /// The tier hands a batch's hits to `touch_many` after the batch (the blocks stay pinned
+    /// until then): that must leave every policy exactly as touching them one by one would.
+    #[test]
+    fn touch_many_is_touch_one_by_one(
+        cap in 1usize..20,
+        ops in prop::collection::vec(op(), 1..400),
+        batch in 1usize..10,
+    ) {
+        for &name in POLICY_NAMES {
+            let (mut one, mut many) = (policy(name, cap), policy(name, cap));
+            for chunk in ops.chunks(batch) {
+                let mut hits = Vec::new();
+                for op in chunk {
+                    match *op {
+                        Op::Access(b, _, hint) if one.contains(b) => hits.push((b, hint)),
+                        Op::Access(b, _, hint) => {
+                            let admit = one.should_admit(b, hint);
+                            prop_assert_eq!(admit, many.should_admit(b, hint), "{}", name);
+                            if admit {
+                                let mut pinned = |v: BlockId| !hits.iter().any(|h| h.0 == v);
+                                let a = one.insert(b, &mut pinned);
+                                prop_assert_eq!(a, many.insert(b, &mut pinned), "{}", name);
+                            }
+                        }
+                        Op::Remove(b) => {
+                            one.remove(b);
+                            many.remove(b);
+                        }
+                    }
+                }
+                for &(b, hint) in &hits {
+                    if one.contains(b) {
+                        one.touch(b, hint);
+                    }
+                }
+                many.touch_many(&hits);
+                prop_assert_eq!(one.len(), many.len(), "{}", name);
+                for b in 0..64 {
+                    prop_assert_eq!(one.contains(b), many.contains(b), "{}: block {}", name, b);
+                }
+            }
+        }
+    }
 }
 
 #[test]

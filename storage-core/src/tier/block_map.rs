@@ -44,6 +44,31 @@ pub struct BlockMap {
     len: usize,
 }
 
+/// Fibonacci hashing: the top bits of the product pick the entry where a lookup starts.
+#[inline]
+fn home(block: BlockId, shift: u32) -> usize {
+    (block.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> shift) as usize
+}
+
+/// Starts loading the map entry where a block's lookup begins, without the state lock:
+/// the tier issues it when a request arrives and looks the block up when the batch is
+/// submitted, so the batch's map misses overlap.
+#[derive(Clone, Copy)]
+pub struct Prefetcher {
+    base: *const Entry,
+    shift: u32,
+}
+
+// SAFETY: the pointer is only passed to `huge_pages::prefetch`, never dereferenced.
+unsafe impl Send for Prefetcher {}
+
+impl Prefetcher {
+    #[inline]
+    pub fn prefetch(&self, block: BlockId) {
+        crate::huge_pages::prefetch(self.base.wrapping_add(home(block, self.shift)));
+    }
+}
+
 impl BlockMap {
     /// A map for at most `max_len` blocks (the number of cache slots).
     pub fn new(max_len: usize) -> io::Result<BlockMap> {
@@ -64,9 +89,18 @@ impl BlockMap {
         })
     }
 
+    /// A [`Prefetcher`] for this map. Its entries never move, so it stays accurate for the
+    /// map's life (and after that, prefetching is still harmless).
+    pub fn prefetcher(&self) -> Prefetcher {
+        Prefetcher {
+            base: self.entries.as_ptr(),
+            shift: self.shift,
+        }
+    }
+
     #[inline]
     fn home(&self, block: BlockId) -> usize {
-        (block.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> self.shift) as usize
+        home(block, self.shift)
     }
 
     /// The index of `block`'s entry, or of the empty entry where it would go.
