@@ -1457,6 +1457,11 @@ impl TieredQueue {
 impl DiskQueue for TieredQueue {
     unsafe fn start(&mut self, op: DiskOp<'_>, tag: u64) -> Result<(), StartError> {
         check_op(&op, self.sh.capacity, false)?;
+        if !matches!(op, DiskOp::Read { .. } | DiskOp::Write { .. }) {
+            // Reads and writes wait for `submit`; anything else starts after those that
+            // came before it, so requests still start in the order they arrive.
+            self.run_deferred();
+        }
         let bs = self.sh.block;
         let blocks = op
             .range()
