@@ -57,6 +57,11 @@ struct Args {
     /// daemon thread on the first, the same for every target).
     #[arg(long)]
     no_pin: bool,
+    /// Print each run's latency deciles. Depth-1 latency is bimodal on a VM: a completion
+    /// that lands before the client thread has gone to sleep costs about 3 µs less than one
+    /// that has to wake it, so the p50 moves with the share of each.
+    #[arg(long)]
+    deciles: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -90,6 +95,15 @@ struct Case {
     depth: usize,
     targets: &'static [Target],
 }
+
+/// The goals each ratio is measured against (issue 2).
+const TARGETS: &[(&str, &str)] = &[
+    ("randread-4k-qd32:ours/qsd", ">= 2.0"),
+    ("randread-4k-qd32:ours/io_uring", ">= 0.6"),
+    ("randwrite-4k-qd32:ours/qsd", ">= 1.5"),
+    ("randread-4k-qd1:ours/qsd p50", "<= 0.5"),
+    ("null-randread-4k-qd32:ours/qsd", ">= 1.1"),
+];
 
 const CASES: &[Case] = &[
     Case {
@@ -271,6 +285,12 @@ fn run(args: Args) -> Result<()> {
                         .map(|c| format!("  daemon CPU {:.2} s", c.as_secs_f64()))
                         .unwrap_or_default()
                 );
+                if args.deciles {
+                    let d: Vec<String> = (1..10)
+                        .map(|i| format!("{:.1}", us(rec.latency.percentile(i as f64 * 10.0))))
+                        .collect();
+                    eprintln!("  deciles µs: {}", d.join(" "));
+                }
                 records.push(rec);
             }
         }
@@ -499,8 +519,14 @@ fn measure(
     })
 }
 
-/// Per-round ratio of `a`'s IOPS to `b`'s in one case, then its median over rounds.
-fn ratio(records: &[Record], case: &str, a: Target, b: Target) -> Option<(f64, Vec<f64>)> {
+/// Per-round ratio of `a`'s `metric` to `b`'s in one case, then its median over rounds.
+fn ratio(
+    records: &[Record],
+    case: &str,
+    a: Target,
+    b: Target,
+    metric: impl Fn(&Record) -> f64,
+) -> Option<(f64, Vec<f64>)> {
     let rounds = records.iter().map(|r| r.round).max()? + 1;
     let per_round: Vec<f64> = (0..rounds)
         .filter_map(|round| {
@@ -509,7 +535,7 @@ fn ratio(records: &[Record], case: &str, a: Target, b: Target) -> Option<(f64, V
                     .iter()
                     .find(|r| r.case == case && r.target == t && r.round == round)
             };
-            Some(find(a)?.iops / find(b)?.iops)
+            Some(metric(find(a)?) / metric(find(b)?))
         })
         .collect();
     if per_round.is_empty() {
@@ -591,23 +617,41 @@ fn report(args: &Args, file: &Path, records: &[Record]) {
     }
 
     println!();
+    let show = |key: &str, med: f64, per_round: &[f64]| {
+        println!(
+            "ratio {key:<40} {med:>6.2}  ({}per round: {})",
+            TARGETS
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map_or(String::new(), |(_, t)| format!("target {t}; ")),
+            per_round
+                .iter()
+                .map(|r| format!("{r:.2}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+    };
     let mut ratios = serde_json::Map::new();
+    let mut latency_ratios = serde_json::Map::new();
     for case in CASES {
         for (a, b) in [(Target::Ours, Target::Qsd), (Target::Ours, Target::IoUring)] {
             if !(case.targets.contains(&a) && case.targets.contains(&b)) {
                 continue;
             }
-            if let Some((med, per_round)) = ratio(records, case.name, a, b) {
+            if let Some((med, per_round)) = ratio(records, case.name, a, b, |r| r.iops) {
                 let key = format!("{}:{}/{}", case.name, a.name(), b.name());
-                println!(
-                    "ratio {key:<40} {med:>6.2}  (per round: {})",
-                    per_round
-                        .iter()
-                        .map(|r| format!("{r:.2}"))
-                        .collect::<Vec<_>>()
-                        .join(" ")
-                );
+                show(&key, med, &per_round);
                 ratios.insert(key, json!(med));
+            }
+            // At depth 1 the figure of merit is latency (lower is better).
+            if case.depth > 1 {
+                continue;
+            }
+            let p50 = |r: &Record| r.latency.percentile(50.0).as_secs_f64();
+            if let Some((med, per_round)) = ratio(records, case.name, a, b, p50) {
+                let key = format!("{}:{}/{} p50", case.name, a.name(), b.name());
+                show(&key, med, &per_round);
+                latency_ratios.insert(key, json!(med));
             }
         }
     }
@@ -625,6 +669,7 @@ fn report(args: &Args, file: &Path, records: &[Record]) {
         "seconds_per_run": args.seconds,
         "results": rows,
         "ratios_iops": ratios,
+        "ratios_p50_latency": latency_ratios,
     });
     println!("{line}");
 }
