@@ -138,6 +138,30 @@ pub trait DiskQueue: Send {
 // BLKGETSIZE64 = _IOR(0x12, 114, size_t)
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 
+/// Opens `path` with `opts` plus `flags` and O_NOATIME, or without O_NOATIME where that is
+/// not permitted (it needs the file's owner or CAP_FOWNER).
+///
+/// Why: a daemon reads its images at random all day; their access times tell nobody
+/// anything, and keeping them costs every buffered read a trip through touch_atime, about
+/// 0.3 µs here, a fifth of a page-cached 4 KiB read.
+pub(crate) fn open_noatime(
+    opts: &std::fs::OpenOptions,
+    flags: i32,
+    path: &std::path::Path,
+) -> io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match opts
+        .clone()
+        .custom_flags(flags | libc::O_NOATIME)
+        .open(path)
+    {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+            opts.clone().custom_flags(flags).open(path)
+        }
+        other => other,
+    }
+}
+
 /// The size of a regular file or block device.
 pub(crate) fn device_size(file: &std::fs::File, meta: &std::fs::Metadata) -> io::Result<u64> {
     use std::os::unix::fs::FileTypeExt;

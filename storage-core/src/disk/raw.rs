@@ -2,7 +2,6 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::Path;
 use std::sync::Arc;
@@ -30,16 +29,13 @@ impl RawDisk {
         if direct {
             flags |= libc::O_DIRECT;
         }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .custom_flags(flags)
-            .open(path)
-            .map_err(|e| {
-                StorageError::new(StorageErrorKind::Open, "cannot open disk image")
-                    .with_path(path)
-                    .with_source(e)
-            })?;
+        let file =
+            super::open_noatime(OpenOptions::new().read(true).write(!read_only), flags, path)
+                .map_err(|e| {
+                    StorageError::new(StorageErrorKind::Open, "cannot open disk image")
+                        .with_path(path)
+                        .with_source(e)
+                })?;
         let meta = file.metadata().map_err(|e| {
             StorageError::new(StorageErrorKind::Open, "cannot stat disk image")
                 .with_path(path)
@@ -276,5 +272,69 @@ impl DiskQueue for RawQueue {
     #[inline]
     fn in_flight(&self) -> usize {
         self.engine.in_flight()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn reads_leave_the_image_access_time_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.img");
+        std::fs::File::create(&path)
+            .unwrap()
+            .write_all(&[7u8; 8192])
+            .unwrap();
+        // An access time older than the modification time: relatime would update it on the
+        // next read.
+        let old = libc::timespec {
+            tv_sec: 1_000_000,
+            tv_nsec: 0,
+        };
+        let times = [
+            old,
+            libc::timespec {
+                tv_sec: 0,
+                tv_nsec: libc::UTIME_OMIT,
+            },
+        ];
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path and a two-element times array.
+        let rc = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), 0) };
+        assert_eq!(rc, 0, "utimensat: {}", std::io::Error::last_os_error());
+        for kind in [EngineKind::Sync, EngineKind::IoUring] {
+            let disk = RawDisk::open(&path, false, false, kind).unwrap();
+            let mut q = disk.new_queue(4).unwrap();
+            let mut buf = vec![0u8; 4096];
+            let iov = [libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
+            }];
+            // SAFETY: `iov` and `buf` outlive the request, which is waited for below.
+            unsafe {
+                q.start(
+                    DiskOp::Read {
+                        offset: 0,
+                        iov: &iov,
+                    },
+                    1,
+                )
+            }
+            .unwrap();
+            q.submit().unwrap();
+            let done = loop {
+                if let Some(c) = q.pop_completion() {
+                    break c;
+                }
+                q.wait().unwrap();
+            };
+            assert_eq!(done.result, 4096);
+            assert_eq!(buf, vec![7u8; 4096]);
+        }
+        assert_eq!(std::fs::metadata(&path).unwrap().atime(), 1_000_000);
     }
 }

@@ -21,7 +21,7 @@ use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
@@ -357,12 +357,9 @@ impl TieredDisk {
         if direct {
             flags |= libc::O_DIRECT;
         }
-        let cap = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .custom_flags(flags)
-            .open(path)
-            .map_err(|e| open_err(path, "cannot open capacity device", e))?;
+        let cap =
+            crate::disk::open_noatime(OpenOptions::new().read(true).write(!read_only), flags, path)
+                .map_err(|e| open_err(path, "cannot open capacity device", e))?;
         let meta = cap
             .metadata()
             .map_err(|e| open_err(path, "cannot stat capacity device", e))?;
@@ -386,22 +383,15 @@ impl TieredDisk {
                 .to_string(),
         };
         let created = !spec.cache.exists();
-        // The cache device is ours alone: access times on it mean nothing, and keeping them
-        // costs every hit a trip through touch_atime. O_NOATIME needs ownership (or
-        // CAP_FOWNER); without it, open normally.
-        let open_cache = |flags: i32| {
+        let cache = crate::disk::open_noatime(
             OpenOptions::new()
                 .read(true)
                 .write(true)
                 .create(true)
-                .truncate(false)
-                .custom_flags(flags)
-                .open(&spec.cache)
-        };
-        let cache = match open_cache(libc::O_CLOEXEC | libc::O_NOATIME) {
-            Err(e) if e.raw_os_error() == Some(libc::EPERM) => open_cache(libc::O_CLOEXEC),
-            other => other,
-        }
+                .truncate(false),
+            libc::O_CLOEXEC,
+            &spec.cache,
+        )
         .map_err(|e| open_err(&spec.cache, "cannot open cache device", e))?;
         let cache_meta = cache
             .metadata()
