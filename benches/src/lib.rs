@@ -305,6 +305,19 @@ pub fn run_workload(queue: &mut Queue, w: &Workload) -> Result<RunResult, Client
     })
 }
 
+/// CPU time the hypervisor gave to other guests while this machine's CPUs wanted to run
+/// (the `steal` column of /proc/stat, all CPUs), or `None` where it cannot be read. A run
+/// during which it grows was disturbed from outside: its figures say more about the host
+/// than about the software under test.
+pub fn steal_time() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let cpu = stat.lines().next()?.strip_prefix("cpu ")?;
+    let ticks: u64 = cpu.split_whitespace().nth(7)?.parse().ok()?;
+    // SAFETY: sysconf has no memory preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| Duration::from_secs_f64(ticks as f64 / hz as f64))
+}
+
 /// Median of a non-empty list (mean of the middle two for even lengths).
 pub fn median(values: &[f64]) -> f64 {
     assert!(!values.is_empty(), "median of nothing");

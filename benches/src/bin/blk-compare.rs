@@ -151,6 +151,8 @@ struct Record {
     errors: u64,
     /// Daemon CPU (user + system) during the measured run; `None` for io_uring (in-process).
     daemon_cpu: Option<Duration>,
+    /// CPU time stolen by the host during the run (`benches::steal_time`).
+    steal: Option<Duration>,
     ops: u64,
 }
 
@@ -285,6 +287,13 @@ fn run(args: Args) -> Result<()> {
                         .map(|c| format!("  daemon CPU {:.2} s", c.as_secs_f64()))
                         .unwrap_or_default()
                 );
+                if let Some(st) = rec.steal.filter(|s| *s >= run_time / 50) {
+                    eprintln!(
+                        "  WARNING: the host stole {:.2} s of CPU during this run; its figures \
+                         are disturbed",
+                        st.as_secs_f64()
+                    );
+                }
                 if args.deciles {
                     let d: Vec<String> = (1..10)
                         .map(|i| format!("{:.1}", us(rec.latency.percentile(i as f64 * 10.0))))
@@ -489,8 +498,10 @@ fn measure(
 
     let pid = server.map(|s| s.daemon.pid());
     let cpu0 = pid.map(daemon::cpu_time).transpose()?;
+    let steal0 = benches::steal_time();
     let result = run_workload(queue, workload)
         .with_context(|| format!("{} {}: run", case.name, target.name()))?;
+    let steal1 = benches::steal_time();
     let cpu1 = pid.map(daemon::cpu_time).transpose()?;
     if let Some(e) = &result.first_error {
         eprintln!(
@@ -514,6 +525,7 @@ fn measure(
         iops: result.iops(),
         errors: result.errors,
         daemon_cpu: cpu0.zip(cpu1).map(|(a, b)| b.saturating_sub(a)),
+        steal: steal0.zip(steal1).map(|(a, b)| b.saturating_sub(a)),
         ops: result.ops,
         latency: result.latency,
     })
@@ -612,6 +624,10 @@ fn report(args: &Args, file: &Path, records: &[Record]) {
                 "errors": rs.iter().map(|r| r.errors).sum::<u64>(),
                 "daemon_cpu_s_per_run": cpu_per_run,
                 "daemon_cpu_us_per_io": cpu_per_io,
+                "host_steal_s_per_round": rs
+                    .iter()
+                    .map(|r| r.steal.map(|d| d.as_secs_f64()))
+                    .collect::<Vec<_>>(),
             }));
         }
     }

@@ -184,8 +184,20 @@ fn run(s: &Served, workload: &'static str, w: &Workload, pin: bool) -> Result<Re
         metric(&s.api, "strata_blk_cache_read_misses_total"),
     );
     let cpu0 = daemon::cpu_time(s.daemon.pid())?;
+    let steal0 = benches::steal_time();
     let result = run_workload(client.queue(0), w)?;
+    let steal1 = benches::steal_time();
     let cpu1 = daemon::cpu_time(s.daemon.pid())?;
+    if let Some(st) = steal0
+        .zip(steal1)
+        .map(|(a, b)| b.saturating_sub(a))
+        .filter(|st| *st >= w.duration / 50)
+    {
+        eprintln!(
+            "  WARNING: the host stole {:.2} s of CPU during this run; its figures are disturbed",
+            st.as_secs_f64()
+        );
+    }
     let (h1, m1) = (
         metric(&s.api, "strata_blk_cache_read_hits_total"),
         metric(&s.api, "strata_blk_cache_read_misses_total"),
