@@ -314,13 +314,12 @@ impl CachePolicy for Lirs {
         for &(block, _) in hits {
             self.entries.prefetch_lookup(block);
         }
+        for &(block, _) in hits {
+            self.entries.prefetch_home_entry(block);
+        }
         self.found.clear();
         for &(block, _) in hits {
-            let idx = self.entries.find(block).unwrap_or(NIL);
-            if idx != NIL {
-                self.entries.prefetch_entry(idx);
-            }
-            self.found.push(idx);
+            self.found.push(self.entries.find(block).unwrap_or(NIL));
         }
         for &idx in &self.found {
             if idx != NIL {

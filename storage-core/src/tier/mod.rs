@@ -738,6 +738,8 @@ pub struct TieredQueue {
     map_prefetch: block_map::Prefetcher,
     /// Read hits of the deferred requests, handed to the policy after the batch.
     touches: Vec<(BlockId, AccessHint)>,
+    /// Each planned read's entries of `sources`, while a run of reads is started.
+    plans: Vec<std::ops::Range<usize>>,
 }
 
 // SAFETY: the raw pointers in `Req` (guest iovecs) and `Promotion` (our own buffers) are only
@@ -835,6 +837,7 @@ impl TieredQueue {
             deferred_need: 0,
             map_prefetch,
             touches: Vec::with_capacity(4096),
+            plans: Vec::with_capacity(depth as usize),
             sh,
         })
     }
@@ -944,28 +947,39 @@ impl TieredQueue {
             return;
         }
         let mut deferred = std::mem::take(&mut self.deferred);
-        for &tag in &deferred {
-            let req = &self.reqs[tag as usize];
-            let (offset, len) = (req.offset, req.len);
-            let result = if matches!(req.kind, Kind::Read) {
-                self.start_read(tag, offset, len)
-            } else {
-                self.start_write(tag, offset, len)
-            };
-            if let Err(e) = result {
-                // `room` counted the queued requests, so pushes cannot fail; should one,
-                // fail the request rather than leave pieces behind unaccounted.
-                log::warn!("tier: could not start request {tag}: {e}");
-                self.fail_start(tag);
-                if self.reqs[tag as usize].pending > 0 {
-                    self.reqs[tag as usize].error = -libc::EIO;
-                } else {
-                    self.local.push_back(Completion {
-                        user_data: tag,
-                        result: -libc::EIO,
-                    });
+        let is_read = |q: &Self, tag: u64| matches!(q.reqs[tag as usize].kind, Kind::Read);
+        let sh = self.sh.clone();
+        let mut i = 0;
+        while i < deferred.len() {
+            if !is_read(self, deferred[i]) {
+                let tag = deferred[i];
+                let (offset, len) = (self.reqs[tag as usize].offset, self.reqs[tag as usize].len);
+                let result = self.start_write(tag, offset, len);
+                self.start_failed(tag, result);
+                i += 1;
+                continue;
+            }
+            // A run of reads is planned under one lock, then issued (the pieces may do I/O,
+            // which the lock is never held across).
+            let mut end = i;
+            self.sources.clear();
+            self.plans.clear();
+            {
+                let mut st = sh.state();
+                st.unpin_reads(self.unpin.drain(..));
+                while end < deferred.len() && is_read(self, deferred[end]) {
+                    let from = self.sources.len();
+                    self.plan_read(&mut st, deferred[end]);
+                    self.plans.push(from..self.sources.len());
+                    end += 1;
                 }
             }
+            for (k, &tag) in deferred[i..end].iter().enumerate() {
+                let range = self.plans[k].clone();
+                let result = self.issue_read(tag, range);
+                self.start_failed(tag, result);
+            }
+            i = end;
         }
         deferred.clear();
         self.deferred = deferred;
@@ -977,53 +991,59 @@ impl TieredQueue {
         }
     }
 
-    fn start_read(&mut self, tag: u64, offset: u64, len: u64) -> Result<(), StartError> {
-        let bs = self.sh.block;
+    /// Decides where each block of a read comes from, under the state lock the caller holds
+    /// (pins the hits, admits misses per the policy), appending one source per block to
+    /// `self.sources`.
+    fn plan_read(&mut self, st: &mut TierState, tag: u64) {
+        let (offset, len) = (self.reqs[tag as usize].offset, self.reqs[tag as usize].len);
+        let bypass = self.sequential(offset, len);
+        let sh = &self.sh;
+        let bs = sh.block;
+        let req = &mut self.reqs[tag as usize];
         let (first, last) = (offset / bs, (offset + len - 1) / bs);
         let hint = AccessHint::read(last - first + 1);
-        let bypass = self.sequential(offset, len);
-        {
-            let sh = &self.sh;
-            let mut st = sh.state();
-            st.unpin_reads(self.unpin.drain(..));
-            let req = &mut self.reqs[tag as usize];
-            let spare_bufs = self.free_bufs.len();
-            self.sources.clear();
-            for b in first..=last {
-                // Once the cache device has failed, only dirty blocks (whose only copy is
-                // there) are read from it; clean ones come from the capacity device.
-                if let Some((slot, dirty)) = st.pin_read(b) {
-                    req.dirty_hit |= dirty;
-                    self.touches.push((b, hint));
-                    req.hits.push((slot, b));
-                    self.sources.push(Some(slot));
-                    self.read_hits += 1;
-                    continue;
-                }
-                self.sources.push(None);
-                self.read_misses += 1;
-                let full = b * bs >= offset && (b + 1) * bs <= offset + len;
-                if full && !bypass && req.promotions.len() < spare_bufs {
-                    if let Some((slot, victim)) = st.admit(b, hint) {
-                        if victim.is_some() {
-                            sh.metrics.evictions.fetch_add(1, Relaxed);
-                        }
-                        req.promotions.push((slot, b));
-                    }
-                }
+        let spare_bufs = self.free_bufs.len();
+        for b in first..=last {
+            // Once the cache device has failed, only dirty blocks (whose only copy is
+            // there) are read from it; clean ones come from the capacity device.
+            if let Some((slot, dirty)) = st.pin_read(b) {
+                req.dirty_hit |= dirty;
+                self.touches.push((b, hint));
+                req.hits.push((slot, b));
+                self.sources.push(Some(slot));
+                self.read_hits += 1;
+                continue;
             }
-            if bypass {
-                sh.metrics.bypassed.fetch_add(1, Relaxed);
+            self.sources.push(None);
+            self.read_misses += 1;
+            let full = b * bs >= offset && (b + 1) * bs <= offset + len;
+            if full && !bypass && req.promotions.len() < spare_bufs {
+                if let Some((slot, victim)) = st.admit(b, hint) {
+                    if victim.is_some() {
+                        sh.metrics.evictions.fetch_add(1, Relaxed);
+                    }
+                    req.promotions.push((slot, b));
+                }
             }
         }
-        // Pieces: each hit block from its slot; runs of missed blocks from the capacity device.
+        if bypass {
+            sh.metrics.bypassed.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Pushes a planned read's pieces: each hit block from its slot, runs of missed blocks
+    /// from the capacity device. `sources` are the read's entries of `self.sources`.
+    fn issue_read(&mut self, tag: u64, sources: std::ops::Range<usize>) -> Result<(), StartError> {
+        let bs = self.sh.block;
+        let (offset, len) = (self.reqs[tag as usize].offset, self.reqs[tag as usize].len);
+        let first = offset / bs;
         let mut run_start: Option<u64> = None;
-        let sources = std::mem::take(&mut self.sources);
-        for (i, source) in sources.iter().enumerate() {
+        for i in 0..sources.len() {
+            let source = self.sources[sources.start + i];
             let b = first + i as u64;
             let lo = (b * bs).max(offset);
             let hi = ((b + 1) * bs).min(offset + len);
-            if let Some(slot) = *source {
+            if let Some(slot) = source {
                 if let Some(rs) = run_start.take() {
                     self.piece(tag, false, false, rs, rs - offset, lo - rs)?;
                 }
@@ -1033,11 +1053,29 @@ impl TieredQueue {
                 run_start = Some(lo);
             }
         }
-        self.sources = sources;
         if let Some(rs) = run_start {
             self.piece(tag, false, false, rs, rs - offset, offset + len - rs)?;
         }
         Ok(())
+    }
+
+    /// Fails a deferred request that could not be started (`room` counted the queued
+    /// requests, so pushes cannot fail; should one, fail the request rather than leave
+    /// pieces behind unaccounted).
+    fn start_failed(&mut self, tag: u64, result: Result<(), StartError>) {
+        let Err(e) = result else {
+            return;
+        };
+        log::warn!("tier: could not start request {tag}: {e}");
+        self.fail_start(tag);
+        if self.reqs[tag as usize].pending > 0 {
+            self.reqs[tag as usize].error = -libc::EIO;
+        } else {
+            self.local.push_back(Completion {
+                user_data: tag,
+                result: -libc::EIO,
+            });
+        }
     }
 
     fn start_write(&mut self, tag: u64, offset: u64, len: u64) -> Result<(), StartError> {
