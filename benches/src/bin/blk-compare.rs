@@ -222,6 +222,12 @@ fn run(args: Args) -> Result<()> {
         None
     };
 
+    // Declared before the daemons, so it is removed after they have exited.
+    let cpuset = if args.no_pin || benches::pin::cpus() < 2 {
+        None
+    } else {
+        benches::pin::Cpuset::new(0).context("making a cpuset for the daemons")?
+    };
     // Start every daemon once; they stay up for all rounds (each run is a new client).
     let mut served: Vec<((Target, Device), Served)> = Vec::new();
     for case in &cases {
@@ -233,6 +239,10 @@ fn run(args: Args) -> Result<()> {
                 continue;
             }
             let s = start(t, case.device, &file, size, tmp.path(), ours_bin.as_deref())?;
+            if let Some(set) = &cpuset {
+                set.add(s.daemon.pid())
+                    .with_context(|| format!("moving {} into the cpuset", t.name()))?;
+            }
             served.push(((t, case.device), s));
         }
     }
