@@ -298,8 +298,18 @@ impl UringEngine {
             // engine exists.
             let n =
                 unsafe { libc::pwritev2(fd, iov, iovcnt as i32, offset as i64, libc::RWF_NOWAIT) };
+            // SAFETY: as above: `iovcnt` iovecs, valid until the completion.
+            let len: usize = unsafe { std::slice::from_raw_parts(iov, iovcnt as usize) }
+                .iter()
+                .map(|v| v.iov_len)
+                .sum();
             if n >= 0 {
                 self.nowait_writes[i] = NowaitWrites::Supported;
+                if n as usize != len {
+                    // Stopped part-way where it would block: the ring does the whole write
+                    // again (rewriting the same bytes is harmless).
+                    return None;
+                }
                 n as i64
             } else {
                 let err = io::Error::last_os_error().raw_os_error();

@@ -736,7 +736,7 @@ pub struct TieredQueue {
     /// Ring entries the deferred requests may take (blocks + 1 each), for `room`.
     deferred_need: usize,
     map_prefetch: block_map::Prefetcher,
-    /// Read hits of the deferred requests, handed to the policy after the batch.
+    /// Read hits of a run of deferred reads, handed to the policy after planning the run.
     touches: Vec<(BlockId, AccessHint)>,
     /// Each planned read's entries of `sources`, while a run of reads is started.
     plans: Vec<std::ops::Range<usize>>,
@@ -921,14 +921,31 @@ impl TieredQueue {
                 iovcnt,
             }
         };
+        let ud = tag | if cache { CACHE_TARGET } else { 0 };
+        self.push_counted(tag, cache, op, ud, len)
+    }
+
+    /// Pushes one piece of request `tag` and counts it in the request's `pending` (and
+    /// `len` in its expected bytes), only once the push succeeded: a piece that never went
+    /// out must not be waited for. (Completions are reaped on this thread, so counting
+    /// after the push is in time even for an engine that completes inside `push`.)
+    fn push_counted(
+        &mut self,
+        tag: u64,
+        cache: bool,
+        op: EngineOp,
+        user_data: u64,
+        len: u64,
+    ) -> Result<(), StartError> {
+        self.push(cache, op, user_data)?;
+        let req = &mut self.reqs[tag as usize];
         req.pending += 1;
         if cache {
             req.expected_cache += len;
         } else {
             req.expected_cap += len;
         }
-        let ud = tag | if cache { CACHE_TARGET } else { 0 };
-        self.push(cache, op, ud)
+        Ok(())
     }
 
     fn room(&self, blocks: u64) -> bool {
@@ -973,6 +990,10 @@ impl TieredQueue {
                     self.plans.push(from..self.sources.len());
                     end += 1;
                 }
+                // The run's hits reach the policy at once (it prefetches their entries),
+                // still before any later write or other queue can change those blocks.
+                st.policy.touch_many(&self.touches);
+                self.touches.clear();
             }
             for (k, &tag) in deferred[i..end].iter().enumerate() {
                 let range = self.plans[k].clone();
@@ -984,11 +1005,6 @@ impl TieredQueue {
         deferred.clear();
         self.deferred = deferred;
         self.deferred_need = 0;
-        // The batch's read hits, for the policy in one go (it prefetches their entries).
-        if !self.touches.is_empty() {
-            self.sh.state().policy.touch_many(&self.touches);
-            self.touches.clear();
-        }
     }
 
     /// Decides where each block of a read comes from, under the state lock the caller holds
@@ -1243,27 +1259,25 @@ impl TieredQueue {
         }
         for (slot, at, n) in partial {
             let dev = self.sh.slot_offset(slot) + at;
-            self.reqs[tag as usize].pending += 1;
             let op = EngineOp::Fallocate {
                 file: self.cache_fid,
                 mode: libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
                 offset: dev,
                 len: n,
             };
-            self.push(true, op, tag | CACHE_TARGET)?;
+            self.push_counted(tag, true, op, tag | CACHE_TARGET, 0)?;
         }
         let mode = match kind {
             Kind::Zeroes { unmap: false } => libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
             _ => libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
         };
-        self.reqs[tag as usize].pending += 1;
         let op = EngineOp::Fallocate {
             file: self.cap_fid,
             mode,
             offset,
             len,
         };
-        self.push(false, op, tag)
+        self.push_counted(tag, false, op, tag, 0)
     }
 
     /// Everything a request pinned or reserved is released when it finishes (or fails to
