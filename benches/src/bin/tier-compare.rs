@@ -357,19 +357,22 @@ fn main() -> Result<()> {
     // Each workload is measured in its own steady state: first every Zipf round (after the
     // Zipf warm-up), then every hot-region round (after warming that region). Interleaving
     // them let each warm-up evict the other's working set (Zipf hit ratio 81% -> 74%).
-    for round in 0..args.rounds * usize::from(measures("zipf")) {
-        eprintln!("zipf round {}", round + 1);
-        for target in [&capacity, &tiered] {
-            records.push(run(
-                target,
-                "zipf",
-                &Workload {
-                    seed: round as u64 + 10,
-                    ..zipf
-                },
-                pin,
-            )?);
+    // Every round runs the load on both targets, back to back.
+    let mut rounds = |load: &'static str, targets: [&Served; 2], w: &Workload, seed: u64| {
+        for round in 0..args.rounds {
+            eprintln!("{load} round {}", round + 1);
+            for target in targets {
+                let w = Workload {
+                    seed: round as u64 + seed,
+                    ..*w
+                };
+                records.push(run(target, load, &w, pin)?);
+            }
         }
+        anyhow::Ok(())
+    };
+    if measures("zipf") {
+        rounds("zipf", [&capacity, &tiered], &zipf, 10)?;
     }
     // Warm the hot region (random order, so it is not a sequential stream the cache would
     // bypass) until a pass hits on every block.
@@ -390,19 +393,8 @@ fn main() -> Result<()> {
             break;
         }
     }
-    for round in 0..args.rounds * usize::from(measures("hot")) {
-        eprintln!("hot round {}", round + 1);
-        for target in [&tiered, &shm_raw] {
-            records.push(run(
-                target,
-                "hot",
-                &Workload {
-                    seed: round as u64 + 20,
-                    ..hot
-                },
-                pin,
-            )?);
-        }
+    if measures("hot") {
+        rounds("hot", [&tiered, &shm_raw], &hot, 20)?;
     }
 
     let med = |workload: &str, target: &str| -> Option<f64> {
