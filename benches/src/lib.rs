@@ -318,6 +318,25 @@ pub fn steal_time() -> Option<Duration> {
     (hz > 0).then(|| Duration::from_secs_f64(ticks as f64 / hz as f64))
 }
 
+/// Runs `f` and returns, with its result, the CPU time the host stole meanwhile
+/// (`steal_time`); `None` where that cannot be read.
+pub fn with_steal<T>(f: impl FnOnce() -> T) -> (T, Option<Duration>) {
+    let before = steal_time();
+    let out = f();
+    let stolen = before.zip(steal_time()).map(|(a, b)| b.saturating_sub(a));
+    (out, stolen)
+}
+
+/// Warns when the host stole at least 2% of a run of `run`: its figures are disturbed.
+pub fn warn_if_stolen(stolen: Option<Duration>, run: Duration) {
+    if let Some(st) = stolen.filter(|st| *st >= run / 50) {
+        eprintln!(
+            "  WARNING: the host stole {:.2} s of CPU during this run; its figures are disturbed",
+            st.as_secs_f64()
+        );
+    }
+}
+
 /// Median of a non-empty list (mean of the middle two for even lengths).
 pub fn median(values: &[f64]) -> f64 {
     assert!(!values.is_empty(), "median of nothing");
@@ -482,44 +501,39 @@ pub mod pin {
         set(0, cpu)
     }
 
-    /// A cpuset cgroup (v1) that confines daemons to one CPU, removed on drop (once its
-    /// daemons have exited). Unlike `process`, it also binds threads the kernel starts for
-    /// them later: io_uring's io-wq workers take their CPUs from the cpuset, not from the
-    /// affinity of the thread that made the ring, so without it a daemon whose ring predates
-    /// the pinning (qemu-storage-daemon's) had workers on the client's CPU in some runs and
-    /// not in others (randwrite 148K-222K IOPS from run to run).
-    pub struct Cpuset {
-        dir: std::path::PathBuf,
+    /// A cpuset cgroup of `cpu` alone, or `None` where the cgroup-v1 cpuset controller is
+    /// not mounted (then `process` pinning is all there is).
+    ///
+    /// Unlike `process`, it also binds threads the kernel starts for its members later:
+    /// io_uring's io-wq workers take their CPUs from the cpuset, not from the affinity of
+    /// the thread that made the ring, so without it a daemon whose ring predates the pinning
+    /// (qemu-storage-daemon's) had workers on the client's CPU in some runs and not in
+    /// others (randwrite 148K-222K IOPS from run to run).
+    pub fn cpuset(cpu: usize) -> io::Result<Option<crate::cgroup::Group>> {
+        let root = std::path::Path::new("/sys/fs/cgroup/cpuset");
+        let Ok(mems) = std::fs::read_to_string(root.join("cpuset.mems")) else {
+            return Ok(None);
+        };
+        // A cpuset takes tasks only once it has both memory nodes and CPUs.
+        crate::cgroup::Group::new(
+            "cpuset",
+            &[
+                ("cpuset.mems", mems.trim().to_string()),
+                ("cpuset.cpus", cpu.to_string()),
+            ],
+        )
+        .map(Some)
     }
 
-    impl Cpuset {
-        /// A cpuset of `cpu` alone, or `None` where the cgroup-v1 cpuset controller is not
-        /// mounted (then `process` pinning is all there is).
-        pub fn new(cpu: usize) -> io::Result<Option<Cpuset>> {
-            let root = std::path::Path::new("/sys/fs/cgroup/cpuset");
-            if !root.join("cpuset.cpus").exists() {
-                return Ok(None);
-            }
-            let dir = root.join(format!("strata-bench-{}", std::process::id()));
-            std::fs::create_dir_all(&dir)?;
-            let set = Cpuset { dir };
-            // A cpuset takes tasks only once it has both CPUs and memory nodes.
-            let mems = std::fs::read_to_string(root.join("cpuset.mems"))?;
-            std::fs::write(set.dir.join("cpuset.mems"), mems.trim())?;
-            std::fs::write(set.dir.join("cpuset.cpus"), cpu.to_string())?;
-            Ok(Some(set))
+    /// The layout every side-by-side run uses: the calling (client) thread on the last
+    /// CPU, every thread of the daemon under test, if any, on the first. Nothing on a
+    /// single CPU.
+    pub fn client_and_daemon(daemon: Option<u32>) -> io::Result<()> {
+        if cpus() < 2 {
+            return Ok(());
         }
-
-        /// Moves process `pid` (all its threads) into the cpuset.
-        pub fn add(&self, pid: u32) -> io::Result<()> {
-            std::fs::write(self.dir.join("cgroup.procs"), pid.to_string())
-        }
-    }
-
-    impl Drop for Cpuset {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir(&self.dir);
-        }
+        current_thread(cpus() - 1)?;
+        daemon.map_or(Ok(()), |pid| process(pid, 0))
     }
 
     /// Pins every thread of process `pid` to `cpu` (threads it starts later inherit it).
@@ -536,5 +550,45 @@ pub mod pin {
             }
         }
         Ok(())
+    }
+}
+
+/// Cgroup-v1 groups the benches put daemons in (a CPU set, a disk throttle).
+pub mod cgroup {
+    use std::io;
+    use std::path::{Path, PathBuf};
+
+    /// A group under one controller, made with its settings, removed on drop (once its
+    /// member processes have exited).
+    pub struct Group {
+        dir: PathBuf,
+    }
+
+    impl Group {
+        /// A new group of `controller` (which must be mounted at /sys/fs/cgroup/CONTROLLER)
+        /// with each `(file, value)` of `settings` written, in order.
+        pub fn new(controller: &str, settings: &[(&str, String)]) -> io::Result<Group> {
+            let root = Path::new("/sys/fs/cgroup").join(controller);
+            let dir = root.join(format!("strata-bench-{}", std::process::id()));
+            std::fs::create_dir_all(&dir)?;
+            let group = Group { dir };
+            for (file, value) in settings {
+                std::fs::write(group.dir.join(file), value).map_err(|e| {
+                    io::Error::new(e.kind(), format!("setting {controller} {file}: {e}"))
+                })?;
+            }
+            Ok(group)
+        }
+
+        /// Moves process `pid` (all its threads) into the group.
+        pub fn add(&self, pid: u32) -> io::Result<()> {
+            std::fs::write(self.dir.join("cgroup.procs"), pid.to_string())
+        }
+    }
+
+    impl Drop for Group {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir(&self.dir);
+        }
     }
 }

@@ -593,6 +593,29 @@ pub fn wait_for_path(path: &Path, timeout: Duration) -> bool {
     true
 }
 
+/// Limits the size of files process `pid` may write to `bytes` (RLIMIT_FSIZE, as a host may
+/// set it on a daemon): writes past it fail with EFBIG, or raise SIGXFSZ where that is not
+/// ignored.
+pub fn limit_file_size(pid: u32, bytes: u64) -> std::io::Result<()> {
+    let limit = libc::rlimit {
+        rlim_cur: bytes,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: prlimit reads `limit` and writes nothing (null old-limit pointer).
+    let rc = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_FSIZE,
+            &limit,
+            std::ptr::null_mut(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// CPU time (user + system) a process has used so far, from `/proc/PID/stat`. Benches use it to
 /// report what a daemon spent per run.
 pub fn cpu_time(pid: u32) -> std::io::Result<Duration> {

@@ -248,6 +248,8 @@ impl QueueWorker {
             if published == 0 && !self.free.is_empty() {
                 return 0;
             }
+            // A second load, on purpose: the one above may predate the published chains'
+            // regions.
             (atomic.memory().into_inner(), Instant::now(), published)
         };
         loop {

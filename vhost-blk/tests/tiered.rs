@@ -446,20 +446,7 @@ fn a_failed_cache_in_writeback_mode_keeps_serving_and_writes_back_its_dirty_bloc
 
     // The cache device fails for writes past slot 63 (RLIMIT_FSIZE on the daemon: such
     // writes get EFBIG), while every block already on it stays readable.
-    let rlimit = libc::rlimit {
-        rlim_cur: limit,
-        rlim_max: libc::RLIM_INFINITY,
-    };
-    // SAFETY: prlimit reads `rlimit` and writes nothing (null old-limit pointer).
-    let rc = unsafe {
-        libc::prlimit(
-            d.pid() as libc::pid_t,
-            libc::RLIMIT_FSIZE,
-            &rlimit,
-            std::ptr::null_mut(),
-        )
-    };
-    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    testkit::daemon::limit_file_size(d.pid(), limit).expect("prlimit");
     // Misses elsewhere on the disk are promoted into slots 64 and up: those writes fail.
     for off in (8 * MIB..8 * MIB + 32 * 4096).step_by(4096) {
         let got = q.read(off, 4096).expect("read of a missed block");

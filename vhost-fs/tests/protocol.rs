@@ -1022,20 +1022,7 @@ fn a_write_past_the_file_size_limit_fails_and_the_daemon_survives() {
     c.init().unwrap();
     // The host limits the daemon's file size (RLIMIT_FSIZE, as a platform team may): a guest
     // write past it must fail with EFBIG, not kill the daemon with SIGXFSZ.
-    let limit = libc::rlimit {
-        rlim_cur: 1 << 20,
-        rlim_max: libc::RLIM_INFINITY,
-    };
-    // SAFETY: prlimit reads `limit` and writes nothing (null old-limit pointer).
-    let rc = unsafe {
-        libc::prlimit(
-            daemon.pid() as libc::pid_t,
-            libc::RLIMIT_FSIZE,
-            &limit,
-            std::ptr::null_mut(),
-        )
-    };
-    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    testkit::daemon::limit_file_size(daemon.pid(), 1 << 20).expect("prlimit");
     let (e, fh) = c.create(ROOT_ID, b"big", 0o600, RW_CREATE).unwrap();
     assert_eq!(errno(c.write(e.nodeid, fh, 2 << 20, b"past")), libc::EFBIG);
     assert_eq!(c.write(e.nodeid, fh, 0, b"below").unwrap(), 5);

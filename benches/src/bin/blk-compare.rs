@@ -226,7 +226,7 @@ fn run(args: Args) -> Result<()> {
     let cpuset = if args.no_pin || benches::pin::cpus() < 2 {
         None
     } else {
-        benches::pin::Cpuset::new(0).context("making a cpuset for the daemons")?
+        benches::pin::cpuset(0).context("making a cpuset for the daemons")?
     };
     // Start every daemon once; they stay up for all rounds (each run is a new client).
     let mut served: Vec<((Target, Device), Served)> = Vec::new();
@@ -276,13 +276,9 @@ fn run(args: Args) -> Result<()> {
                     .iter()
                     .find(|(k, _)| *k == (target, case.device))
                     .map(|(_, s)| s);
-                if !args.no_pin && benches::pin::cpus() >= 2 {
-                    benches::pin::current_thread(benches::pin::cpus() - 1)
-                        .context("pinning the client")?;
-                    if let Some(s) = server {
-                        benches::pin::process(s.daemon.pid(), 0)
-                            .with_context(|| format!("pinning {}", target.name()))?;
-                    }
+                if !args.no_pin {
+                    benches::pin::client_and_daemon(server.map(|s| s.daemon.pid()))
+                        .with_context(|| format!("pinning the client and {}", target.name()))?;
                 }
                 let rec = measure(case, target, round, &workload, warmup, server, &file)?;
                 eprintln!(
@@ -297,13 +293,7 @@ fn run(args: Args) -> Result<()> {
                         .map(|c| format!("  daemon CPU {:.2} s", c.as_secs_f64()))
                         .unwrap_or_default()
                 );
-                if let Some(st) = rec.steal.filter(|s| *s >= run_time / 50) {
-                    eprintln!(
-                        "  WARNING: the host stole {:.2} s of CPU during this run; its figures \
-                         are disturbed",
-                        st.as_secs_f64()
-                    );
-                }
+                benches::warn_if_stolen(rec.steal, run_time);
                 if args.deciles {
                     let d: Vec<String> = (1..10)
                         .map(|i| format!("{:.1}", us(rec.latency.percentile(i as f64 * 10.0))))
@@ -508,10 +498,8 @@ fn measure(
 
     let pid = server.map(|s| s.daemon.pid());
     let cpu0 = pid.map(daemon::cpu_time).transpose()?;
-    let steal0 = benches::steal_time();
-    let result = run_workload(queue, workload)
-        .with_context(|| format!("{} {}: run", case.name, target.name()))?;
-    let steal1 = benches::steal_time();
+    let (result, steal) = benches::with_steal(|| run_workload(queue, workload));
+    let result = result.with_context(|| format!("{} {}: run", case.name, target.name()))?;
     let cpu1 = pid.map(daemon::cpu_time).transpose()?;
     if let Some(e) = &result.first_error {
         eprintln!(
@@ -535,7 +523,7 @@ fn measure(
         iops: result.iops(),
         errors: result.errors,
         daemon_cpu: cpu0.zip(cpu1).map(|(a, b)| b.saturating_sub(a)),
-        steal: steal0.zip(steal1).map(|(a, b)| b.saturating_sub(a)),
+        steal,
         ops: result.ops,
         latency: result.latency,
     })

@@ -66,57 +66,36 @@ struct Args {
     no_pin: bool,
 }
 
-/// A blkio cgroup (v1) that limits its members' IOPS on one disk; removed on drop (after
-/// the daemons in it have exited).
-struct Throttle {
-    dir: PathBuf,
-}
-
-impl Throttle {
-    fn new(file: &Path, iops: u64) -> Result<Throttle> {
-        use std::os::unix::fs::MetadataExt;
-        let dev = std::fs::metadata(file)?.dev();
-        let (major, minor) = (libc::major(dev), libc::minor(dev));
-        // Throttling applies to whole disks: a partition is limited through its disk.
-        let sys = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
-        let disk = if sys.join("partition").exists() {
-            std::fs::read_to_string(sys.join("../dev"))?
-                .trim()
-                .to_string()
-        } else {
-            format!("{major}:{minor}")
-        };
-        let root = Path::new("/sys/fs/cgroup/blkio");
-        if !root.join("blkio.throttle.read_iops_device").exists() {
-            anyhow::bail!(
-                "--capacity-iops needs the cgroup-v1 blkio controller at {} \
-                 (--capacity-iops 0 measures the disk unthrottled)",
-                root.display()
-            );
-        }
-        let dir = root.join(format!("strata-tier-compare-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let t = Throttle { dir };
-        for knob in [
-            "blkio.throttle.read_iops_device",
-            "blkio.throttle.write_iops_device",
-        ] {
-            std::fs::write(t.dir.join(knob), format!("{disk} {iops}"))
-                .with_context(|| format!("setting {knob}"))?;
-        }
-        Ok(t)
+/// A blkio cgroup (v1) that limits its members' IOPS on the disk holding `file`.
+fn throttle(file: &Path, iops: u64) -> Result<benches::cgroup::Group> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(file)?.dev();
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    // Throttling applies to whole disks: a partition is limited through its disk.
+    let sys = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
+    let disk = if sys.join("partition").exists() {
+        std::fs::read_to_string(sys.join("../dev"))?
+            .trim()
+            .to_string()
+    } else {
+        format!("{major}:{minor}")
+    };
+    let root = Path::new("/sys/fs/cgroup/blkio");
+    if !root.join("blkio.throttle.read_iops_device").exists() {
+        anyhow::bail!(
+            "--capacity-iops needs the cgroup-v1 blkio controller at {} \
+             (--capacity-iops 0 measures the disk unthrottled)",
+            root.display()
+        );
     }
-
-    fn add(&self, pid: u32) -> Result<()> {
-        std::fs::write(self.dir.join("cgroup.procs"), pid.to_string())
-            .with_context(|| format!("moving {pid} into {}", self.dir.display()))
-    }
-}
-
-impl Drop for Throttle {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.dir);
-    }
+    let limit = format!("{disk} {iops}");
+    Ok(benches::cgroup::Group::new(
+        "blkio",
+        &[
+            ("blkio.throttle.read_iops_device", limit.clone()),
+            ("blkio.throttle.write_iops_device", limit),
+        ],
+    )?)
 }
 
 const BLOCK: usize = 4096;
@@ -172,9 +151,9 @@ struct Record {
 }
 
 fn run(s: &Served, workload: &'static str, w: &Workload, pin: bool) -> Result<Record> {
-    if pin && benches::pin::cpus() >= 2 {
-        benches::pin::current_thread(benches::pin::cpus() - 1).context("pinning the client")?;
-        benches::pin::process(s.daemon.pid(), 0).with_context(|| format!("pinning {}", s.name))?;
+    if pin {
+        benches::pin::client_and_daemon(Some(s.daemon.pid()))
+            .with_context(|| format!("pinning the client and {}", s.name))?;
     }
     let opts = ClientOptions::default().buffer_per_queue(DEPTH * BLOCK);
     let mut client = Client::open_with(Target::VhostUser(&s.socket), &opts)
@@ -184,20 +163,10 @@ fn run(s: &Served, workload: &'static str, w: &Workload, pin: bool) -> Result<Re
         metric(&s.api, "strata_blk_cache_read_misses_total"),
     );
     let cpu0 = daemon::cpu_time(s.daemon.pid())?;
-    let steal0 = benches::steal_time();
-    let result = run_workload(client.queue(0), w)?;
-    let steal1 = benches::steal_time();
+    let (result, stolen) = benches::with_steal(|| run_workload(client.queue(0), w));
+    let result = result?;
     let cpu1 = daemon::cpu_time(s.daemon.pid())?;
-    if let Some(st) = steal0
-        .zip(steal1)
-        .map(|(a, b)| b.saturating_sub(a))
-        .filter(|st| *st >= w.duration / 50)
-    {
-        eprintln!(
-            "  WARNING: the host stole {:.2} s of CPU during this run; its figures are disturbed",
-            st.as_secs_f64()
-        );
-    }
+    benches::warn_if_stolen(stolen, w.duration);
     let (h1, m1) = (
         metric(&s.api, "strata_blk_cache_read_hits_total"),
         metric(&s.api, "strata_blk_cache_read_misses_total"),
@@ -300,10 +269,10 @@ fn main() -> Result<()> {
         "shm-raw",
         format!("path={}", raw.display()),
     )?;
-    let throttle = match args.capacity_iops {
+    let throttled = match args.capacity_iops {
         0 => None,
         iops => {
-            let t = Throttle::new(&cap, iops)?;
+            let t = throttle(&cap, iops)?;
             t.add(capacity.daemon.pid())?;
             t.add(tiered.daemon.pid())?;
             eprintln!("capacity disk throttled to {iops} IOPS for the capacity and tiered daemons");
@@ -488,6 +457,6 @@ fn main() -> Result<()> {
     });
     println!("{json}");
     drop((capacity, tiered, shm_raw));
-    drop(throttle);
+    drop(throttled);
     Ok(())
 }

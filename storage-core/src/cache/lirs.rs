@@ -258,31 +258,9 @@ impl Lirs {
         }
         Err(NoVictim)
     }
-}
 
-impl CachePolicy for Lirs {
-    fn name(&self) -> &'static str {
-        self.name
-    }
-
-    fn capacity(&self) -> usize {
-        self.capacity
-    }
-
-    fn len(&self) -> usize {
-        self.lir_count + self.hir.len
-    }
-
-    fn contains(&self, block: BlockId) -> bool {
-        self.entries
-            .find(block)
-            .is_some_and(|idx| self.entries.get(idx).queue != NONRESIDENT)
-    }
-
-    fn touch(&mut self, block: BlockId, hint: AccessHint) {
-        let Some(idx) = self.entries.find(block) else {
-            return;
-        };
+    /// A hit on entry `idx` (a no-op for a non-resident one): the paper's rules.
+    fn touch_entry(&mut self, idx: u32, hint: AccessHint) {
         match self.entries.get(idx).queue {
             LIR => {
                 let was_bottom = self.stack.tail() == idx;
@@ -306,6 +284,32 @@ impl CachePolicy for Lirs {
             _ => {}
         }
     }
+}
+
+impl CachePolicy for Lirs {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    fn len(&self) -> usize {
+        self.lir_count + self.hir.len
+    }
+
+    fn contains(&self, block: BlockId) -> bool {
+        self.entries
+            .find(block)
+            .is_some_and(|idx| self.entries.get(idx).queue != NONRESIDENT)
+    }
+
+    fn touch(&mut self, block: BlockId, hint: AccessHint) {
+        if let Some(idx) = self.entries.find(block) {
+            self.touch_entry(idx, hint);
+        }
+    }
 
     fn touch_many(&mut self, hits: &[(BlockId, AccessHint)]) {
         // A touch reads the index, then the entry it names, then writes the entry's stack
@@ -326,11 +330,12 @@ impl CachePolicy for Lirs {
                 self.entries.prefetch_neighbours(idx);
             }
         }
-        for (i, &(block, hint)) in hits.iter().enumerate() {
-            // Entries found above may have been released by an earlier touch's pruning
-            // (ghosts only), so residency is checked again.
-            if self.found[i] != NIL && self.contains(block) {
-                self.touch(block, hint);
+        for (i, &(_, hint)) in hits.iter().enumerate() {
+            // An earlier touch's pruning may have released a ghost found above; a released
+            // entry keeps its NONRESIDENT tag (touches allocate none), so it stays a no-op.
+            let idx = self.found[i];
+            if idx != NIL {
+                self.touch_entry(idx, hint);
             }
         }
     }

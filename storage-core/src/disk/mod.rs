@@ -195,3 +195,48 @@ pub(crate) fn check_op(op: &DiskOp<'_>, capacity: u64, read_only: bool) -> Resul
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::unix::fs::{FileExt, MetadataExt};
+
+    /// Raw disks, capacity and cache devices all open their files through `open_noatime`.
+    #[test]
+    fn reads_leave_the_image_access_time_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.img");
+        std::fs::File::create(&path)
+            .unwrap()
+            .write_all(&[7u8; 8192])
+            .unwrap();
+        // An access time older than the modification time: relatime would update it on the
+        // next read.
+        let old = libc::timespec {
+            tv_sec: 1_000_000,
+            tv_nsec: 0,
+        };
+        let times = [
+            old,
+            libc::timespec {
+                tv_sec: 0,
+                tv_nsec: libc::UTIME_OMIT,
+            },
+        ];
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path and a two-element times array.
+        let rc = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), 0) };
+        assert_eq!(rc, 0, "utimensat: {}", std::io::Error::last_os_error());
+        let file = open_noatime(
+            std::fs::OpenOptions::new().read(true).write(true),
+            libc::O_CLOEXEC,
+            &path,
+        )
+        .unwrap();
+        let mut buf = vec![0u8; 4096];
+        assert_eq!(file.read_at(&mut buf, 0).unwrap(), 4096);
+        assert_eq!(buf, vec![7u8; 4096]);
+        assert_eq!(std::fs::metadata(&path).unwrap().atime(), 1_000_000);
+    }
+}

@@ -214,3 +214,14 @@ pub fn new_engine_notifying(kind: EngineKind, depth: u32, eventfd: RawFd) -> io:
 pub fn probe_io_uring() -> Result<(), io::Error> {
     UringEngine::new(2).map(|_| ())
 }
+
+/// A syscall's return value as a completion result: the count, or -errno.
+pub(crate) fn result_of(ret: isize) -> i32 {
+    if ret < 0 {
+        -io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO)
+    } else {
+        i32::try_from(ret).unwrap_or(i32::MAX)
+    }
+}

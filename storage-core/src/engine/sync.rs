@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::unix::io::RawFd;
 
-use super::{Completion, EngineFull, EngineKind, EngineOp, FileId, FileRepr, IoEngine};
+use super::{result_of, Completion, EngineFull, EngineKind, EngineOp, FileId, FileRepr, IoEngine};
 
 pub struct SyncEngine {
     files: Vec<RawFd>,
@@ -29,16 +29,6 @@ impl SyncEngine {
             FileRepr::Fixed(i) => self.files[i as usize],
             FileRepr::Fd(fd) => fd,
         }
-    }
-}
-
-fn result_of(ret: isize) -> i32 {
-    if ret < 0 {
-        -io::Error::last_os_error()
-            .raw_os_error()
-            .unwrap_or(libc::EIO)
-    } else {
-        i32::try_from(ret).unwrap_or(i32::MAX)
     }
 }
 

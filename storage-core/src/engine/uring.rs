@@ -129,6 +129,77 @@ enum NowaitWrites {
     Unsupported,
 }
 
+/// The parts of a read or write that the engine may do itself, outside the ring.
+#[derive(Clone, Copy)]
+struct ReadWrite {
+    write: bool,
+    file: FileId,
+    offset: u64,
+    iov: *const libc::iovec,
+    iovcnt: u32,
+}
+
+impl ReadWrite {
+    fn of(op: &EngineOp) -> Option<ReadWrite> {
+        let (write, file, offset, iov, iovcnt) = match *op {
+            EngineOp::Readv {
+                file,
+                offset,
+                iov,
+                iovcnt,
+            } => (false, file, offset, iov, iovcnt),
+            EngineOp::Writev {
+                file,
+                offset,
+                iov,
+                iovcnt,
+            } => (true, file, offset, iov, iovcnt),
+            _ => return None,
+        };
+        Some(ReadWrite {
+            write,
+            file,
+            offset,
+            iov,
+            iovcnt,
+        })
+    }
+
+    /// Does it on `fd` with RWF_NOWAIT: its completion if it finished whole, else the errno
+    /// (0 for a transfer that stopped part-way).
+    ///
+    /// # Safety
+    ///
+    /// The iovec array and its buffers must be valid (as `IoEngine::push` requires), and
+    /// `fd` open.
+    unsafe fn nowait(&self, fd: RawFd, tag: u64) -> Result<Completion, i32> {
+        // SAFETY: the caller's contract.
+        let (n, len) = unsafe {
+            let len =
+                crate::disk::iov_len(std::slice::from_raw_parts(self.iov, self.iovcnt as usize));
+            let (cnt, off) = (self.iovcnt as i32, self.offset as i64);
+            let n = if self.write {
+                libc::pwritev2(fd, self.iov, cnt, off, libc::RWF_NOWAIT)
+            } else {
+                libc::preadv2(fd, self.iov, cnt, off, libc::RWF_NOWAIT)
+            };
+            (n, len)
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO));
+        }
+        if n as u64 != len {
+            return Err(0);
+        }
+        Ok(Completion {
+            user_data: tag,
+            result: super::result_of(n),
+        })
+    }
+}
+
 /// io-wq workers per ring for work that cannot complete inline (see `UringEngine::new`).
 const IOWQ_BOUNDED_WORKERS: u32 = 2;
 
@@ -249,19 +320,22 @@ impl IoEngine for UringEngine {
 }
 
 impl UringEngine {
-    /// The descriptor of a read or write on a registered buffered file: the operations a
-    /// page-cache hit can finish without blocking.
-    fn inline_candidate(&self, op: &EngineOp) -> Option<RawFd> {
-        let file = match *op {
-            EngineOp::Readv { file, .. } | EngineOp::Writev { file, .. } => file,
-            _ => return None,
-        };
+    /// The index and descriptor of `file` if it is registered and buffered (a page-cache
+    /// hit can finish an operation on it without blocking).
+    fn buffered_file(&self, file: FileId) -> Option<(usize, RawFd)> {
         match file.0 {
             FileRepr::Fixed(i) if self.buffered.get(i as usize) == Some(&true) => {
-                self.files.get(i as usize).copied()
+                Some((i as usize, self.files[i as usize]))
             }
             _ => None,
         }
+    }
+
+    /// The descriptor of a read or write on a registered buffered file: the operations a
+    /// page-cache hit can finish without blocking.
+    fn inline_candidate(&self, op: &EngineOp) -> Option<RawFd> {
+        let rw = ReadWrite::of(op)?;
+        self.buffered_file(rw.file).map(|(_, fd)| fd)
     }
 
     /// Does a buffered write here and now where the ring would only pass it to an io-wq
@@ -274,68 +348,29 @@ impl UringEngine {
     /// The price: a write that blocks (dirty-page throttling) holds up this queue's other
     /// requests, as it would with a synchronous engine.
     fn write_sync(&mut self, op: &EngineOp, tag: u64) -> Option<Completion> {
-        let EngineOp::Writev {
-            file: FileId(FileRepr::Fixed(i)),
-            offset,
-            iov,
-            iovcnt,
-        } = *op
-        else {
-            return None;
-        };
-        let i = i as usize;
-        if self.buffered.get(i) != Some(&true) {
-            return None;
-        }
-        let fd = self.files[i];
-        let mode = self.nowait_writes[i];
-        if mode == NowaitWrites::Supported {
-            return None;
-        }
-        let n = if mode == NowaitWrites::Unknown {
+        let rw = ReadWrite::of(op).filter(|rw| rw.write)?;
+        let (i, fd) = self.buffered_file(rw.file)?;
+        match self.nowait_writes[i] {
+            NowaitWrites::Supported => return None,
+            NowaitWrites::Unsupported => {}
             // SAFETY: `push`'s contract keeps the iovecs and their buffers valid until the
             // operation's completion is popped; `fd` is a registered file, open while the
             // engine exists.
-            let n =
-                unsafe { libc::pwritev2(fd, iov, iovcnt as i32, offset as i64, libc::RWF_NOWAIT) };
-            // SAFETY: as above: `iovcnt` iovecs, valid until the completion.
-            let len: usize = unsafe { std::slice::from_raw_parts(iov, iovcnt as usize) }
-                .iter()
-                .map(|v| v.iov_len)
-                .sum();
-            if n >= 0 {
-                self.nowait_writes[i] = NowaitWrites::Supported;
-                if n as usize != len {
-                    // Stopped part-way where it would block: the ring does the whole write
-                    // again (rewriting the same bytes is harmless).
-                    return None;
-                }
-                n as i64
-            } else {
-                let err = io::Error::last_os_error().raw_os_error();
-                if err != Some(libc::EOPNOTSUPP) {
-                    // EAGAIN and the like: supported, but not now; the ring retries.
+            NowaitWrites::Unknown => match unsafe { rw.nowait(fd, tag) } {
+                Err(libc::EOPNOTSUPP) => self.nowait_writes[i] = NowaitWrites::Unsupported,
+                done => {
+                    // Done whole, or refused for now (EAGAIN) or stopped part-way: then
+                    // the ring does the whole write (rewriting the same bytes is harmless).
                     self.nowait_writes[i] = NowaitWrites::Supported;
-                    return None;
+                    return done.ok();
                 }
-                self.nowait_writes[i] = NowaitWrites::Unsupported;
-                // SAFETY: as above.
-                unsafe { libc::pwritev(fd, iov, iovcnt as i32, offset as i64) as i64 }
-            }
-        } else {
-            // SAFETY: as above.
-            unsafe { libc::pwritev(fd, iov, iovcnt as i32, offset as i64) as i64 }
-        };
-        let result = if n < 0 {
-            -io::Error::last_os_error()
-                .raw_os_error()
-                .unwrap_or(libc::EIO)
-        } else {
-            i32::try_from(n).unwrap_or(i32::MAX)
-        };
+            },
+        }
+        // SAFETY: as above.
+        let n = unsafe { libc::pwritev(fd, rw.iov, rw.iovcnt as i32, rw.offset as i64) };
         Some(Completion {
             user_data: tag,
-            result,
+            result: super::result_of(n),
         })
     }
 
@@ -346,40 +381,10 @@ impl UringEngine {
     /// cache (EAGAIN), a short transfer or an error go to the ring as usual, which then
     /// gives the authoritative result; repeating a partial read or write is harmless.
     fn try_inline(&self, fd: RawFd, op: &EngineOp, tag: u64) -> Option<Completion> {
-        let (write, offset, iov, iovcnt) = match *op {
-            EngineOp::Readv {
-                offset,
-                iov,
-                iovcnt,
-                ..
-            } => (false, offset, iov, iovcnt),
-            EngineOp::Writev {
-                offset,
-                iov,
-                iovcnt,
-                ..
-            } => (true, offset, iov, iovcnt),
-            _ => return None,
-        };
         // SAFETY: `push`'s contract keeps the iovec array valid until this submit returns
         // and its buffers until the completion is popped; `fd` is a registered file, open
         // while the engine exists.
-        let (n, len) = unsafe {
-            let len: usize = std::slice::from_raw_parts(iov, iovcnt as usize)
-                .iter()
-                .map(|v| v.iov_len)
-                .sum();
-            let n = if write {
-                libc::pwritev2(fd, iov, iovcnt as i32, offset as i64, libc::RWF_NOWAIT)
-            } else {
-                libc::preadv2(fd, iov, iovcnt as i32, offset as i64, libc::RWF_NOWAIT)
-            };
-            (n, len)
-        };
-        (n >= 0 && n as usize == len).then(|| Completion {
-            user_data: tag,
-            result: i32::try_from(n).unwrap_or(i32::MAX),
-        })
+        unsafe { ReadWrite::of(op)?.nowait(fd, tag) }.ok()
     }
 
     /// Queues `op` in the submission ring.

@@ -738,8 +738,6 @@ pub struct TieredQueue {
     map_prefetch: block_map::Prefetcher,
     /// Read hits of a run of deferred reads, handed to the policy after planning the run.
     touches: Vec<(BlockId, AccessHint)>,
-    /// Each planned read's entries of `sources`, while a run of reads is started.
-    plans: Vec<std::ops::Range<usize>>,
 }
 
 // SAFETY: the raw pointers in `Req` (guest iovecs) and `Promotion` (our own buffers) are only
@@ -837,7 +835,6 @@ impl TieredQueue {
             deferred_need: 0,
             map_prefetch,
             touches: Vec::with_capacity(4096),
-            plans: Vec::with_capacity(depth as usize),
             sh,
         })
     }
@@ -980,14 +977,11 @@ impl TieredQueue {
             // which the lock is never held across).
             let mut end = i;
             self.sources.clear();
-            self.plans.clear();
             {
                 let mut st = sh.state();
                 st.unpin_reads(self.unpin.drain(..));
                 while end < deferred.len() && is_read(self, deferred[end]) {
-                    let from = self.sources.len();
                     self.plan_read(&mut st, deferred[end]);
-                    self.plans.push(from..self.sources.len());
                     end += 1;
                 }
                 // The run's hits reach the policy at once (it prefetches their entries),
@@ -995,9 +989,11 @@ impl TieredQueue {
                 st.policy.touch_many(&self.touches);
                 self.touches.clear();
             }
-            for (k, &tag) in deferred[i..end].iter().enumerate() {
-                let range = self.plans[k].clone();
-                let result = self.issue_read(tag, range);
+            // Each read's sources follow the previous read's, one per block.
+            let mut at = 0;
+            for &tag in &deferred[i..end] {
+                let result = self.issue_read(tag, at);
+                at += self.blocks(tag);
                 self.start_failed(tag, result);
             }
             i = end;
@@ -1047,15 +1043,25 @@ impl TieredQueue {
         }
     }
 
+    /// Cache blocks request `tag` covers.
+    fn blocks(&self, tag: u64) -> usize {
+        let (offset, len, bs) = (
+            self.reqs[tag as usize].offset,
+            self.reqs[tag as usize].len,
+            self.sh.block,
+        );
+        ((offset + len - 1) / bs - offset / bs + 1) as usize
+    }
+
     /// Pushes a planned read's pieces: each hit block from its slot, runs of missed blocks
-    /// from the capacity device. `sources` are the read's entries of `self.sources`.
-    fn issue_read(&mut self, tag: u64, sources: std::ops::Range<usize>) -> Result<(), StartError> {
+    /// from the capacity device. Its sources are `self.sources[at..]`, one per block.
+    fn issue_read(&mut self, tag: u64, at: usize) -> Result<(), StartError> {
         let bs = self.sh.block;
         let (offset, len) = (self.reqs[tag as usize].offset, self.reqs[tag as usize].len);
         let first = offset / bs;
         let mut run_start: Option<u64> = None;
-        for i in 0..sources.len() {
-            let source = self.sources[sources.start + i];
+        for i in 0..self.blocks(tag) {
+            let source = self.sources[at + i];
             let b = first + i as u64;
             let lo = (b * bs).max(offset);
             let hi = ((b + 1) * bs).min(offset + len);
