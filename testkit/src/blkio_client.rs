@@ -108,6 +108,9 @@ pub struct ClientOptions {
     pub buffer_per_queue: usize,
     /// Deadline for any single wait for completions.
     pub io_timeout: Duration,
+    /// Use libblkio poll queues: the client spins on the used ring instead of sleeping on
+    /// the completion eventfd, and asks the device not to signal it. vhost-user only.
+    pub poll: bool,
 }
 
 impl Default for ClientOptions {
@@ -118,6 +121,7 @@ impl Default for ClientOptions {
             read_only: false,
             buffer_per_queue: 4 << 20,
             io_timeout: Duration::from_secs(30),
+            poll: false,
         }
     }
 }
@@ -141,6 +145,10 @@ impl ClientOptions {
     }
     pub fn io_timeout(mut self, timeout: Duration) -> Self {
         self.io_timeout = timeout;
+        self
+    }
+    pub fn poll(mut self, poll: bool) -> Self {
+        self.poll = poll;
         self
     }
 }
@@ -224,9 +232,19 @@ impl Client {
         blkio.connect().map_err(setup("connect"))?;
 
         let num_queues = i32::try_from(opts.num_queues).expect("queue count fits i32");
+        let (interrupt_queues, poll_queues) = if opts.poll {
+            (0, num_queues)
+        } else {
+            (num_queues, 0)
+        };
         blkio
-            .set_i32("num-queues", num_queues)
+            .set_i32("num-queues", interrupt_queues)
             .map_err(setup("set num-queues"))?;
+        if opts.poll {
+            blkio
+                .set_i32("num-poll-queues", poll_queues)
+                .map_err(setup("set num-poll-queues"))?;
+        }
         if let Some(size) = opts.queue_size {
             let size = i32::try_from(size).expect("queue size fits i32");
             let name = match target {
@@ -255,8 +273,12 @@ impl Client {
             .map_err(setup("map_mem_region"))?;
 
         let blkio = Arc::new(blkio);
-        let queues = outcome
-            .queues
+        let queues = if opts.poll {
+            outcome.poll_queues
+        } else {
+            outcome.queues
+        };
+        let queues = queues
             .into_iter()
             .enumerate()
             .map(|(index, q)| Queue {

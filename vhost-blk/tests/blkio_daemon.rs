@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use testkit::blkio_client::{Client, ClientOptions, SlotOp, Target};
+use testkit::blkio_client::{Client, ClientOptions, Queue, SlotOp, Target};
 use testkit::daemon::{self, Daemon, DaemonCommand};
 use testkit::http;
 
@@ -178,6 +178,37 @@ impl Fixture {
     fn client(&self, queues: usize) -> Client {
         Client::open(&self.sock, queues)
             .unwrap_or_else(|e| panic!("{e}\ndaemon output:\n{}", self.daemon.output()))
+    }
+}
+
+/// Writes `blocks` blocks of `block` bytes from `base` on, block `b` holding
+/// `pattern(seed(b), block)`, keeping up to `depth` in flight.
+fn write_pattern_blocks(
+    q: &mut Queue,
+    depth: usize,
+    block: usize,
+    blocks: usize,
+    base: u64,
+    seed: impl Fn(usize) -> u8,
+    what: &str,
+) {
+    let mut p = q.pipeline(depth, block).unwrap();
+    let mut next = 0usize;
+    let mut done = 0usize;
+    while done < blocks {
+        for slot in 0..depth {
+            if next < blocks && p.is_free(slot) {
+                p.slot_mut(slot)
+                    .copy_from_slice(&pattern(seed(next), block));
+                p.submit(slot, SlotOp::Write(base + (next * block) as u64));
+                next += 1;
+            }
+        }
+        done += p
+            .wait(1, |slot, r| {
+                r.unwrap_or_else(|e| panic!("{what} slot {slot}: {e}"))
+            })
+            .unwrap();
     }
 }
 
@@ -543,25 +574,8 @@ fn two_queues_from_two_threads() {
                 let base = idx as u64 * per_queue;
                 let blocks = (per_queue / block as u64) as usize;
                 let seed = |b: usize| (b as u8).wrapping_add(idx as u8 * 100);
-                let mut p = q.pipeline(depth, block).unwrap();
-                let mut next = 0usize;
-                let mut done = 0usize;
-                while done < blocks {
-                    for slot in 0..depth {
-                        if next < blocks && p.is_free(slot) {
-                            p.slot_mut(slot)
-                                .copy_from_slice(&pattern(seed(next), block));
-                            p.submit(slot, SlotOp::Write(base + (next * block) as u64));
-                            next += 1;
-                        }
-                    }
-                    done += p
-                        .wait(1, |slot, r| {
-                            r.unwrap_or_else(|e| panic!("queue {idx} slot {slot}: {e}"))
-                        })
-                        .unwrap();
-                }
-                drop(p);
+                let what = format!("queue {idx}");
+                write_pattern_blocks(&mut q, depth, block, blocks, base, seed, &what);
                 q
             })
         })
@@ -576,6 +590,34 @@ fn two_queues_from_two_threads() {
             let what = format!("queue {reader} reading block {b} of queue {writer}");
             assert_bytes(&q.read(off, block).unwrap(), &pattern(seed, block), &what);
         }
+    }
+}
+
+/// A client that polls its used ring (libblkio poll queues, as SPDK-style pollers do) asks
+/// the device not to signal it; completions must still be published without a notification.
+#[test]
+fn polling_client_gets_completions_without_notifications() {
+    let f = Fixture::start(DiskOpts::default());
+    let opts = ClientOptions::default()
+        .poll(true)
+        .io_timeout(Duration::from_secs(10));
+    let mut c = Client::open_with(Target::VhostUser(&f.sock), &opts)
+        .unwrap_or_else(|e| panic!("{e}\ndaemon output:\n{}", f.daemon.output()));
+    let q = c.queue(0);
+    let (block, blocks) = (4096usize, 256usize);
+    write_pattern_blocks(q, 8, block, blocks, 0, |b| b as u8, "polling client");
+    for b in (0..blocks).step_by(17) {
+        let what = format!("block {b} read back by the polling client");
+        assert_bytes(
+            &q.read((b * block) as u64, block).unwrap(),
+            &pattern(b as u8, block),
+            &what,
+        );
+        assert_bytes(
+            &host_read(f.img.as_ref().unwrap(), (b * block) as u64, block),
+            &pattern(b as u8, block),
+            &format!("block {b} in the image"),
+        );
     }
 }
 
