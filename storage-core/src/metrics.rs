@@ -254,7 +254,7 @@ impl QueueMetrics {
             (
                 "request_duration_seconds",
                 "histogram",
-                "Request latency from submission to completion.",
+                "Request latency, from the daemon taking a request to answering it.",
             ),
         ] {
             let _ = writeln!(out, "# HELP {prefix}_{name} {help}");

@@ -11,13 +11,16 @@
 //! path allocates nothing. No lock is shared with other queues: the worker's own mutex is
 //! taken only by its event-loop thread, and by the control thread when it drains the queue.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use vhost_user_backend::{VringMutex, VringState, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{
+    Address, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
+    GuestMemoryMmap,
+};
 
 use storage_core::disk::{AnyQueue, DiskOp, DiskQueue, StartError};
 use storage_core::metrics::{ErrorClass, OpClass, QueueMetrics};
@@ -27,6 +30,10 @@ use crate::request::{self, Parsed, RequestKind, Segment, StatusByte};
 use crate::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 
 pub type GuestMemory = GuestMemoryMmap<()>;
+
+/// Looks at the avail index per idle watch (about 1 µs) before the full look, which also
+/// checks the shutdown flag and the clock.
+const WATCH_LOOKS: u32 = 64;
 pub type Vring = VringMutex<GuestMemoryAtomic<GuestMemory>>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,6 +80,9 @@ pub struct QueueWorker {
     vring: Option<Vring>,
     /// Requests are waiting in the virtqueue because every slot is busy.
     throttled: bool,
+    /// Requests answered since the guest was last notified, for the metrics: kind, bytes
+    /// and start. Recorded after the notification, which they would otherwise delay.
+    answered: Vec<(OpClass, u64, Instant)>,
 }
 
 // SAFETY: `scratch_iov` holds pointers only transiently during `run` (they are copied into a
@@ -106,6 +116,9 @@ impl QueueWorker {
             mem: None,
             vring: None,
             throttled: false,
+            // Two passes' worth: a slot can be answered, refilled and answered again
+            // before the notification.
+            answered: Vec::with_capacity(2 * depth as usize),
         }
     }
 
@@ -171,6 +184,7 @@ impl QueueWorker {
                 if used > 0 {
                     self.notify(&mut state);
                 }
+                self.record_answered();
                 if progress > 0 {
                     idle_since = None;
                     spins = 0;
@@ -181,12 +195,16 @@ impl QueueWorker {
                 }
                 // The clock is read every few idle looks, not on each.
                 spins = spins.wrapping_add(1);
-                if spins % 16 == 1 {
+                if spins % 4 == 1 {
                     let now = Instant::now();
                     if now.duration_since(*idle_since.get_or_insert(now)) >= poll {
                         break;
                     }
                 }
+                let avail = {
+                    let queue = state.get_queue();
+                    (GuestAddress(queue.avail_ring()), queue.next_avail())
+                };
                 // Let the frontend thread at the vring between looks.
                 drop(state);
                 if self.queue.in_flight() > 0 {
@@ -196,7 +214,7 @@ impl QueueWorker {
                     // with both on one CPU: the worker spent half of it polling).
                     std::thread::yield_now();
                 } else {
-                    std::hint::spin_loop();
+                    self.watch_avail(avail.0, avail.1);
                 }
                 state = vring.get_mut();
             }
@@ -214,6 +232,42 @@ impl QueueWorker {
                 }
                 _ => return,
             }
+        }
+    }
+
+    /// Watches the avail index of an idle queue for a short while, returning as soon as the
+    /// driver publishes a chain past `next_avail` (or after `WATCH_LOOKS` looks).
+    ///
+    /// A full look (reap, pull, submit, the vring lock) takes about 130 ns; this one is a
+    /// single load, so a request is seen sooner. At depth 1 that matters beyond its size:
+    /// a completion that lands before the client's CPU has halted saves the ~3 µs it takes
+    /// to wake it, and 0.12 µs more daemon time turned most such completions into late ones
+    /// (blk-compare randread-4k-qd1 deciles).
+    fn watch_avail(&self, avail_ring: GuestAddress, next_avail: u16) {
+        let Some(atomic) = self.mem.as_ref() else {
+            return;
+        };
+        let mem = atomic.memory();
+        // The index is the ring's second u16.
+        let idx = avail_ring
+            .checked_add(2)
+            .and_then(|a| mem.get_slice(a, 2).ok())
+            .map(|slice| slice.ptr_guard().as_ptr().cast::<u16>().cast_mut())
+            .filter(|p| p.is_aligned());
+        let Some(idx) = idx else {
+            std::hint::spin_loop();
+            return;
+        };
+        // SAFETY: `idx` points at two bytes inside a region of `mem` (mapped read-write),
+        // which stays mapped while the guard is held (to the end of this function), and is
+        // aligned for a u16. It is only loaded, and atomically: the driver writes it
+        // concurrently, and virtio-queue reads it atomically too.
+        let idx = unsafe { AtomicU16::from_ptr(idx) };
+        for _ in 0..WATCH_LOOKS {
+            if u16::from_le(idx.load(Ordering::Acquire)) != next_avail {
+                return;
+            }
+            std::hint::spin_loop();
         }
     }
 
@@ -384,15 +438,26 @@ impl QueueWorker {
     /// Reaps completions; returns how many requests were answered.
     fn reap(&mut self, state: &mut VringState<GuestMemoryAtomic<GuestMemory>>) -> usize {
         let mut answered = 0;
-        // One clock read per reaping pass, not per request.
-        let mut now = None;
         while let Some(c) = self.queue.pop_completion() {
             let index = c.user_data as u16;
-            if self.complete(state, index, c.result, &mut now) {
+            if self.complete(state, index, c.result) {
                 answered += 1;
             }
         }
         answered
+    }
+
+    /// Records the requests answered since the last call in the metrics, with one clock
+    /// reading: their latency runs to the guest's notification.
+    fn record_answered(&mut self) {
+        if self.answered.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        for (class, bytes, started) in self.answered.drain(..) {
+            self.metrics
+                .completed(class, bytes, now.saturating_duration_since(started));
+        }
     }
 
     /// Advances one request after an engine completion. Returns true if it was answered.
@@ -401,7 +466,6 @@ impl QueueWorker {
         state: &mut VringState<GuestMemoryAtomic<GuestMemory>>,
         index: u16,
         result: i32,
-        now: &mut Option<Instant>,
     ) -> bool {
         let slot = &mut self.slots[index as usize];
         let class = slot.kind.class();
@@ -454,9 +518,11 @@ impl QueueWorker {
             RequestKind::Write { len, .. } => (len, 1),
             _ => (0, 1),
         };
-        let now = *now.get_or_insert_with(Instant::now);
-        self.metrics
-            .completed(class, bytes, now.saturating_duration_since(slot.started));
+        let started = slot.started;
+        if self.answered.len() == self.answered.capacity() {
+            self.record_answered();
+        }
+        self.answered.push((class, bytes, started));
         self.finish(state, index, VIRTIO_BLK_S_OK, used_len);
         true
     }
@@ -498,6 +564,7 @@ impl QueueWorker {
                 if answered > 0 {
                     self.notify(&mut state);
                 }
+                self.record_answered();
             } else {
                 while let Some(c) = self.queue.pop_completion() {
                     let slot = &mut self.slots[c.user_data as usize];
