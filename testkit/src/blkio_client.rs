@@ -109,7 +109,8 @@ pub struct ClientOptions {
     /// Deadline for any single wait for completions.
     pub io_timeout: Duration,
     /// Use libblkio poll queues: the client spins on the used ring instead of sleeping on
-    /// the completion eventfd, and asks the device not to signal it. vhost-user only.
+    /// the completion eventfd, and asks the device not to signal it. vhost-user only:
+    /// ignored for the io_uring driver, whose poll queues need O_DIRECT.
     pub poll: bool,
 }
 
@@ -232,7 +233,8 @@ impl Client {
         blkio.connect().map_err(setup("connect"))?;
 
         let num_queues = i32::try_from(opts.num_queues).expect("queue count fits i32");
-        let (interrupt_queues, poll_queues) = if opts.poll {
+        let poll = opts.poll && matches!(target, Target::VhostUser(_));
+        let (interrupt_queues, poll_queues) = if poll {
             (0, num_queues)
         } else {
             (num_queues, 0)
@@ -240,7 +242,7 @@ impl Client {
         blkio
             .set_i32("num-queues", interrupt_queues)
             .map_err(setup("set num-queues"))?;
-        if opts.poll {
+        if poll {
             blkio
                 .set_i32("num-poll-queues", poll_queues)
                 .map_err(setup("set num-poll-queues"))?;
@@ -273,7 +275,7 @@ impl Client {
             .map_err(setup("map_mem_region"))?;
 
         let blkio = Arc::new(blkio);
-        let queues = if opts.poll {
+        let queues = if poll {
             outcome.poll_queues
         } else {
             outcome.queues

@@ -19,7 +19,7 @@ use vhost_user_backend::{VringMutex, VringState, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{
     Address, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
-    GuestMemoryMmap,
+    GuestMemoryMmap, VolatileMemory,
 };
 
 use storage_core::disk::{AnyQueue, DiskOp, DiskQueue, StartError};
@@ -80,6 +80,10 @@ pub struct QueueWorker {
     vring: Option<Vring>,
     /// Requests are waiting in the virtqueue because every slot is busy.
     throttled: bool,
+    /// The driver published more chains than the ring holds: its avail index is corrupt, so
+    /// no request is taken from this ring until the frontend stops or replaces it (as QEMU's
+    /// libvhost-user marks such a device broken). Requests in flight are still answered.
+    broken: bool,
     /// Requests answered since the guest was last notified, for the metrics: kind, bytes
     /// and start. Recorded after the notification, which they would otherwise delay.
     answered: Vec<(OpClass, u64, Instant)>,
@@ -116,6 +120,7 @@ impl QueueWorker {
             mem: None,
             vring: None,
             throttled: false,
+            broken: false,
             // Two passes' worth: a slot can be answered, refilled and answered again
             // before the notification.
             answered: Vec::with_capacity(2 * depth as usize),
@@ -133,6 +138,7 @@ impl QueueWorker {
         self.mem = Some(mem);
         self.vring = None;
         self.throttled = false;
+        self.broken = false;
     }
 
     /// Handles a kick of `vring`.
@@ -167,7 +173,6 @@ impl QueueWorker {
         let _ = state.disable_notification();
         loop {
             let mut idle_since: Option<Instant> = None;
-            let mut spins = 0u32;
             loop {
                 let stopping = self.device.stopping.load(Ordering::Relaxed);
                 let mut used = self.reap(&mut state);
@@ -187,19 +192,16 @@ impl QueueWorker {
                 self.record_answered();
                 if progress > 0 {
                     idle_since = None;
-                    spins = 0;
                     continue;
                 }
-                if poll.is_zero() || stopping {
+                if poll.is_zero() || stopping || self.broken {
                     break;
                 }
-                // The clock is read every few idle looks, not on each.
-                spins = spins.wrapping_add(1);
-                if spins % 4 == 1 {
-                    let now = Instant::now();
-                    if now.duration_since(*idle_since.get_or_insert(now)) >= poll {
-                        break;
-                    }
+                // An idle look waits for a watch of the avail index or a yield (a microsecond
+                // or more), so reading the clock on each costs little.
+                let now = Instant::now();
+                if now.duration_since(*idle_since.get_or_insert(now)) >= poll {
+                    break;
                 }
                 let avail = {
                     let queue = state.get_queue();
@@ -219,8 +221,10 @@ impl QueueWorker {
                 state = vring.get_mut();
             }
             self.metrics.set_in_flight(self.queue.in_flight());
-            // Throttled: completions (their eventfd) bring us back, not kicks.
-            if self.throttled || self.device.stopping.load(Ordering::Relaxed) {
+            // Throttled: completions (their eventfd) bring us back, not kicks. Broken: the
+            // ring stays stopped until the frontend resets it; re-enabling kicks would only
+            // report the bad index again.
+            if self.throttled || self.broken || self.device.stopping.load(Ordering::Relaxed) {
                 return;
             }
             // Re-enable kicks, then look once more: a request that arrived in between
@@ -248,21 +252,18 @@ impl QueueWorker {
             return;
         };
         let mem = atomic.memory();
-        // The index is the ring's second u16.
-        let idx = avail_ring
+        // The index is the ring's second u16. An address the guest made up (unmapped,
+        // misaligned) fails here, and the full looks deal with it.
+        let slice = avail_ring
             .checked_add(2)
-            .and_then(|a| mem.get_slice(a, 2).ok())
-            .map(|slice| slice.ptr_guard().as_ptr().cast::<u16>().cast_mut())
-            .filter(|p| p.is_aligned());
-        let Some(idx) = idx else {
+            .and_then(|a| mem.get_slice(a, 2).ok());
+        let Some(idx) = slice
+            .as_ref()
+            .and_then(|s| s.get_atomic_ref::<AtomicU16>(0).ok())
+        else {
             std::hint::spin_loop();
             return;
         };
-        // SAFETY: `idx` points at two bytes inside a region of `mem` (mapped read-write),
-        // which stays mapped while the guard is held (to the end of this function), and is
-        // aligned for a u16. It is only loaded, and atomically: the driver writes it
-        // concurrently, and virtio-queue reads it atomically too.
-        let idx = unsafe { AtomicU16::from_ptr(idx) };
         for _ in 0..WATCH_LOOKS {
             if u16::from_le(idx.load(Ordering::Acquire)) != next_avail {
                 return;
@@ -280,6 +281,9 @@ impl QueueWorker {
     ) -> usize {
         let mut pulled = 0;
         self.throttled = false;
+        if self.broken {
+            return 0;
+        }
         // The memory map is loaded for each batch, after reading how many chains the driver
         // has published: a driver maps a new region (libblkio maps buffers as it goes) and
         // waits for our acknowledgement before it publishes a chain that uses it, so a map
@@ -293,6 +297,7 @@ impl QueueWorker {
                 return 0;
             };
             let queue = state.get_queue();
+            // Unreadable (a ring address outside guest memory): popping fails below too.
             let published = queue
                 .avail_idx(&*atomic.memory(), Ordering::Acquire)
                 .map_or(usize::MAX, |i| {
@@ -300,6 +305,17 @@ impl QueueWorker {
                 });
             // With every slot busy the loop below still runs, to note the throttling.
             if published == 0 && !self.free.is_empty() {
+                return 0;
+            }
+            if published > usize::from(queue.size()) && published != usize::MAX {
+                log::error!(
+                    "queue {}: the driver's avail index is {published} chains ahead on a ring \
+                     of {}; taking no more requests from it until it is reset",
+                    self.index,
+                    queue.size()
+                );
+                self.metrics.failed(OpClass::Other, ErrorClass::Malformed);
+                self.broken = true;
                 return 0;
             }
             // A second load, on purpose: the one above may predate the published chains'
@@ -580,6 +596,8 @@ impl QueueWorker {
             }
         }
         self.metrics.set_in_flight(self.queue.in_flight());
+        // Whatever follows (a new ring base, a new frontend, shutdown) starts the ring anew.
+        self.broken = false;
     }
 }
 
@@ -626,5 +644,148 @@ fn advance(slot: &mut Slot, mut n: u64) {
 fn add_used(state: &mut VringState<GuestMemoryAtomic<GuestMemory>>, head: u16, len: u32) {
     if let Err(e) = state.add_used(head, len) {
         log::warn!("cannot add chain {head} to the used ring: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use storage_core::disk::{open_disk, Disk, DiskSpec};
+    use vhost_user_backend::VringT;
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::Bytes;
+
+    use crate::virtio_blk::VIRTIO_BLK_T_IN;
+
+    const RING: u16 = 16;
+    const HDR: u64 = 0x1_0000;
+    const DATA: u64 = 0x2_0000;
+    const STATUS: u64 = 0x3_0000;
+
+    /// A worker on a 1 MiB null disk, attached to 1 MiB of guest memory, and its ring (laid
+    /// out by virtio-queue's mock at address 0, started).
+    fn setup(poll: Duration) -> (Guest, Vring, QueueWorker) {
+        let gm = GuestMemory::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let mem = GuestMemoryAtomic::new(gm);
+        let spec: DiskSpec = "path=null,size=1M".parse().unwrap();
+        let disk = open_disk(&spec).unwrap();
+        let device = Arc::new(BlkDevice::new(spec, disk, 1, RING, 4, poll));
+        let queue = device.disk.new_queue(4).unwrap();
+        let mut worker = QueueWorker::new(0, device, queue, 4);
+        worker.attach(mem.clone());
+        let vring = Vring::new(mem.clone(), RING).unwrap();
+        let guard = mem.memory();
+        // Creating the mock zeroes the rings' headers; it is not kept, as it borrows.
+        let mock = MockSplitQueue::new(&*guard, RING);
+        vring.set_queue_size(RING);
+        vring
+            .set_queue_info(
+                mock.desc_table_addr().0,
+                mock.avail_addr().0,
+                mock.used_addr().0,
+            )
+            .unwrap();
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+        let (avail, used) = (mock.avail_addr().0, mock.used_addr().0);
+        drop(guard);
+        (Guest { mem, avail, used }, vring, worker)
+    }
+
+    /// A test's guest memory and where its rings are (the descriptor table is at 0).
+    struct Guest {
+        mem: GuestMemoryAtomic<GuestMemory>,
+        avail: u64,
+        used: u64,
+    }
+
+    /// Publishes a 512-byte read of sector 1 in descriptors `at`..`at + 3`.
+    fn publish_read(g: &Guest, at: u16) {
+        let guard = g.mem.memory();
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
+        h[8..16].copy_from_slice(&1u64.to_le_bytes());
+        guard.write_slice(&h, GuestAddress(HDR)).unwrap();
+        guard.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+        let (next, write) = (VRING_DESC_F_NEXT as u16, VRING_DESC_F_WRITE as u16);
+        let descs = [
+            SplitDescriptor::new(HDR, 16, next, at + 1),
+            SplitDescriptor::new(DATA, 512, write | next, at + 2),
+            SplitDescriptor::new(STATUS, 1, write, 0),
+        ];
+        for (i, d) in descs.into_iter().enumerate() {
+            let addr = GuestAddress(16 * (u64::from(at) + i as u64));
+            guard.write_obj(RawDescriptor::from(d), addr).unwrap();
+        }
+        let idx: u16 = guard.read_obj(GuestAddress(g.avail + 2)).unwrap();
+        let slot = GuestAddress(g.avail + 4 + 2 * u64::from(idx % RING));
+        guard.write_obj(at, slot).unwrap();
+        set_avail_idx(g, idx.wrapping_add(1));
+    }
+
+    fn set_avail_idx(g: &Guest, idx: u16) {
+        g.mem
+            .memory()
+            .write_obj(idx, GuestAddress(g.avail + 2))
+            .unwrap();
+    }
+
+    fn used_idx(g: &Guest) -> u16 {
+        g.mem.memory().read_obj(GuestAddress(g.used + 2)).unwrap()
+    }
+
+    /// Runs one kick on another thread and fails the test if it does not return.
+    fn kick_returns(worker: QueueWorker, vring: &Vring) -> QueueWorker {
+        let (tx, rx) = mpsc::channel();
+        let vring = vring.clone();
+        std::thread::spawn(move || {
+            let mut worker = worker;
+            worker.kick(&vring);
+            let _ = tx.send(worker);
+        });
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("the worker kept running after its kick: it never went back to sleep")
+    }
+
+    #[test]
+    fn a_kick_answers_a_read_and_the_worker_returns() {
+        for poll in [Duration::ZERO, Duration::from_micros(200)] {
+            let (g, vring, worker) = setup(poll);
+            publish_read(&g, 0);
+            let worker = kick_returns(worker, &vring);
+            assert_eq!(used_idx(&g), 1, "poll {poll:?}: the read was not answered");
+            let status: u8 = g.mem.memory().read_obj(GuestAddress(STATUS)).unwrap();
+            assert_eq!(status, VIRTIO_BLK_S_OK, "poll {poll:?}");
+            assert_eq!(worker.metrics.requests(OpClass::Read), 1, "poll {poll:?}");
+        }
+    }
+
+    /// A driver that moves its avail index further ahead than the ring holds gets no more
+    /// requests taken, and the worker does not spin on the bad index (holding its lock, it
+    /// would block the frontend's next connection); once the ring is reset, it serves again.
+    #[test]
+    fn an_avail_index_past_the_ring_stops_the_queue_until_it_is_reset() {
+        let (g, vring, worker) = setup(Duration::from_micros(200));
+        set_avail_idx(&g, RING + 1);
+        let worker = kick_returns(worker, &vring);
+        assert_eq!(used_idx(&g), 0);
+        assert_eq!(worker.metrics.errors(ErrorClass::Malformed), 1);
+        // A second kick changes nothing and is not reported again.
+        let mut worker = kick_returns(worker, &vring);
+        assert_eq!(worker.metrics.errors(ErrorClass::Malformed), 1);
+
+        // The frontend stops the ring (GET_VRING_BASE drains it) and restarts it from
+        // next_avail, with a sane index.
+        worker.drain();
+        set_avail_idx(&g, 0);
+        publish_read(&g, 0);
+        let worker = kick_returns(worker, &vring);
+        assert_eq!(used_idx(&g), 1, "the reset ring was not served");
+        assert_eq!(worker.metrics.requests(OpClass::Read), 1);
     }
 }
