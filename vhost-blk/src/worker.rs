@@ -25,6 +25,8 @@ use vm_memory::{
 use storage_core::disk::{AnyQueue, DiskOp, DiskQueue, StartError};
 use storage_core::metrics::{ErrorClass, OpClass, QueueMetrics};
 
+use daemon_support::ring::Avail;
+
 use crate::device::BlkDevice;
 use crate::request::{self, Parsed, RequestKind, Segment, StatusByte};
 use crate::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
@@ -297,25 +299,23 @@ impl QueueWorker {
                 return 0;
             };
             let queue = state.get_queue();
-            // Unreadable (a ring address outside guest memory): popping fails below too.
-            let published = queue
-                .avail_idx(&*atomic.memory(), Ordering::Acquire)
-                .map_or(usize::MAX, |i| {
-                    usize::from(i.0.wrapping_sub(queue.next_avail()))
-                });
+            let published = match daemon_support::ring::avail(queue, &*atomic.memory()) {
+                Avail::Published(n) => n,
+                // Popping fails below too, and so does re-enabling kicks: the worker sleeps.
+                Avail::Unreadable => usize::MAX,
+                Avail::Corrupt { ahead, size } => {
+                    log::error!(
+                        "queue {}: the driver's avail index is {ahead} chains ahead on a \
+                         ring of {size}; taking no more requests from it until it is reset",
+                        self.index
+                    );
+                    self.metrics.failed(OpClass::Other, ErrorClass::Malformed);
+                    self.broken = true;
+                    return 0;
+                }
+            };
             // With every slot busy the loop below still runs, to note the throttling.
             if published == 0 && !self.free.is_empty() {
-                return 0;
-            }
-            if published > usize::from(queue.size()) && published != usize::MAX {
-                log::error!(
-                    "queue {}: the driver's avail index is {published} chains ahead on a ring \
-                     of {}; taking no more requests from it until it is reset",
-                    self.index,
-                    queue.size()
-                );
-                self.metrics.failed(OpClass::Other, ErrorClass::Malformed);
-                self.broken = true;
                 return 0;
             }
             // A second load, on purpose: the one above may predate the published chains'

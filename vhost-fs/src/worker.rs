@@ -34,6 +34,7 @@ use crate::fuse::{self, opcode, IN_HEADER_LEN, OUT_HEADER_LEN, WRITE_IN_LEN};
 use crate::pool::ThreadPool;
 use crate::server::{self, Outcome, Reply, Server};
 use daemon_support::chain::{self, Segment};
+use daemon_support::ring::{self, Avail};
 
 pub type GuestMemory = GuestMemoryMmap<()>;
 pub type Vring = VringMutex<GuestMemoryAtomic<GuestMemory>>;
@@ -88,6 +89,9 @@ pub struct QueueWorker {
     mem: Option<GuestMemoryAtomic<GuestMemory>>,
     vring: Option<Vring>,
     throttled: bool,
+    /// The driver's avail index ran more than a ring ahead: no request is taken from this
+    /// queue until the frontend stops or replaces it (see `daemon_support::ring`).
+    broken: bool,
     deferred_tx: Sender<Deferred>,
     deferred_rx: Receiver<Deferred>,
     deferred_fd: Arc<EventFd>,
@@ -138,6 +142,7 @@ impl QueueWorker {
             mem: None,
             vring: None,
             throttled: false,
+            broken: false,
             deferred_tx,
             deferred_rx,
             deferred_fd: Arc::new(EventFd::new(EFD_NONBLOCK)?),
@@ -158,6 +163,7 @@ impl QueueWorker {
         self.mem = Some(mem);
         self.vring = None;
         self.throttled = false;
+        self.broken = false;
     }
 
     pub fn kick(&mut self, vring: &Vring) {
@@ -210,7 +216,8 @@ impl QueueWorker {
             }
             self.metrics
                 .set_in_flight(self.engine.in_flight() + self.pooled);
-            if self.throttled || self.device.stopping.load(Ordering::Relaxed) {
+            // Broken: re-enabling kicks would only report the bad index again.
+            if self.throttled || self.broken || self.device.stopping.load(Ordering::Relaxed) {
                 return;
             }
             match state.enable_notification() {
@@ -227,6 +234,19 @@ impl QueueWorker {
     fn pull(&mut self, state: &mut State, mem: &Arc<GuestMemory>, used: &mut usize) -> usize {
         let mut pulled = 0;
         self.throttled = false;
+        if self.broken {
+            return 0;
+        }
+        if let Avail::Corrupt { ahead, size } = ring::avail(state.get_queue(), &**mem) {
+            log::error!(
+                "queue {}: the driver's avail index is {ahead} chains ahead on a ring of \
+                 {size}; taking no more requests from it until it is reset",
+                self.index
+            );
+            self.metrics.failed(OpClass::Other, ErrorClass::Malformed);
+            self.broken = true;
+            return 0;
+        }
         loop {
             if pulled == self.device.submit_batch {
                 return pulled;
@@ -710,6 +730,8 @@ impl QueueWorker {
         }
         self.metrics
             .set_in_flight(self.engine.in_flight() + self.pooled);
+        // Whatever follows (a new ring base, a new frontend, shutdown) starts the ring anew.
+        self.broken = false;
     }
 }
 

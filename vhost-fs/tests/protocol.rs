@@ -842,6 +842,43 @@ fn malformed_chains_are_refused_and_the_daemon_survives() {
     f.assert_alive();
 }
 
+/// A driver whose avail index runs more than a ring ahead gets that queue stopped, not a
+/// worker spinning on it while holding its lock (the frontend's disconnect then never
+/// finished, so the daemon never exited).
+#[test]
+fn a_corrupt_avail_index_stops_its_queue_and_the_daemon_still_ends_cleanly() {
+    let mut f = start(&[]);
+    let t = f.client.transport();
+    t.corrupt_avail_index(1, 1000);
+    t.force_kick(1).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        f.daemon.try_wait().unwrap().is_none(),
+        "daemon exited:\n{}",
+        f.daemon.output()
+    );
+    assert!(
+        f.daemon.output().contains("1000 chains ahead"),
+        "the bad index was not reported:\n{}",
+        f.daemon.output()
+    );
+    // Like virtiofsd, vhost-fs exits when its frontend goes away.
+    drop(f.client);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = f.daemon.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon did not end within 20 s of the disconnect:\n{}",
+            f.daemon.output()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}\n{}", f.daemon.output());
+}
+
 #[test]
 fn init_again_without_destroy_resets_the_session() {
     let mut f = start(&[]);

@@ -423,6 +423,16 @@ impl Transport {
         Ok(head)
     }
 
+    /// Misbehaves as a broken driver would: publishes an avail index `ahead` chains past the
+    /// device's position (more than the ring holds, for `ahead` > the queue size) with no
+    /// chains behind it. For tests that the device survives it.
+    pub fn corrupt_avail_index(&mut self, queue: usize, ahead: u16) {
+        let q = &mut self.queues[queue];
+        q.avail_idx = q.avail_idx.wrapping_add(ahead);
+        q.avail_idx_ref()
+            .store(q.avail_idx.to_le(), Ordering::Release);
+    }
+
     /// Tells the backend about new chains on `queue`, unless it said it does not need it.
     pub fn kick(&self, queue: usize) -> Result<(), TransportError> {
         let q = &self.queues[queue];
