@@ -4,11 +4,13 @@
 //! measured: random offsets ([`Rng`], [`random_block`]), a latency histogram with percentiles
 //! ([`Histogram`]), and the queue-depth loop that keeps N requests in flight on one libblkio
 //! queue and times each of them ([`run_workload`]). The `blk-compare` binary and the criterion
-//! suites build on it.
+//! suites build on it. [`wake`] measures what waking a sleeping client costs on this machine.
 
 use std::time::{Duration, Instant};
 
 use testkit::blkio_client::{ClientError, Queue, SlotOp};
+
+pub mod wake;
 
 /// xorshift64*: small, fast, and reproducible from a seed, so two daemons see the same offset
 /// sequence. Not for anything but choosing offsets.
@@ -354,6 +356,19 @@ pub fn median(values: &[f64]) -> f64 {
 mod tests {
     use super::*;
 
+    /// A pinned client must still see every CPU, or it stops pinning the daemons.
+    #[test]
+    fn the_cpu_count_ignores_the_callers_pinning() {
+        let before = pin::cpus();
+        let pinned = std::thread::spawn(|| {
+            pin::current_thread(0).unwrap();
+            pin::cpus()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(pinned, before);
+    }
+
     #[test]
     fn rng_is_reproducible_and_spreads() {
         let a: Vec<u64> = {
@@ -491,9 +506,13 @@ pub mod pin {
         Ok(())
     }
 
-    /// CPUs online.
+    /// CPUs online. Not `available_parallelism`, which counts only the CPUs the calling
+    /// thread may run on: once `client_and_daemon` had pinned the client, it said 1, and
+    /// every later call left the daemon under test unpinned.
     pub fn cpus() -> usize {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
+        // SAFETY: sysconf has no memory preconditions.
+        let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+        usize::try_from(n).unwrap_or(1).max(1)
     }
 
     /// Pins the calling thread to `cpu`.

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use benches::wake::WakeLatency;
 use benches::{median, run_workload, Histogram, Pattern, Workload};
 use clap::Parser;
 use serde_json::json;
@@ -111,6 +112,9 @@ const TARGETS: &[(&str, &str)] = &[
     ("null-randread-4k-qd32:ours/qsd", ">= 1.1"),
 ];
 
+/// The depth-1 case, whose latency includes waking the client (see `benches::wake`).
+const QD1_CASE: &str = "randread-4k-qd1";
+
 const CASES: &[Case] = &[
     Case {
         name: "randread-4k-qd32",
@@ -127,7 +131,7 @@ const CASES: &[Case] = &[
         targets: &[Target::Ours, Target::Qsd],
     },
     Case {
-        name: "randread-4k-qd1",
+        name: QD1_CASE,
         device: Device::File,
         pattern: Pattern::RandRead,
         depth: 1,
@@ -334,7 +338,17 @@ fn run(args: Args) -> Result<()> {
         }
     }
 
-    report(&args, &file, &records);
+    // What one wake-up of a sleeping client costs here, in the depth-1 runs' placement: the
+    // daemons signal from the first CPU, the client sleeps on the last.
+    let wake = (records.iter().any(|r| r.case == QD1_CASE) && !args.no_pin && !args.client_poll)
+        .then(|| {
+            let last = benches::pin::cpus() - 1;
+            (last > 0).then(|| benches::wake::measure(0, last, Duration::from_micros(5), 2000))
+        })
+        .flatten()
+        .transpose()
+        .context("measuring this machine's wake-up latency")?;
+    report(&args, &file, &records, wake);
     Ok(())
 }
 
@@ -575,7 +589,7 @@ fn ratio(
     }
 }
 
-fn report(args: &Args, file: &Path, records: &[Record]) {
+fn report(args: &Args, file: &Path, records: &[Record], wake: Option<WakeLatency>) {
     println!();
     println!(
         "blk-compare: 4 KiB requests, 1 queue, {} s per run, {} rounds; file {} ({} GiB, page-cached)",
@@ -699,6 +713,15 @@ fn report(args: &Args, file: &Path, records: &[Record]) {
         "note: both null devices run with read-zeroes=off (reads leave the buffer untouched), \
          so they measure the daemons alone"
     );
+    if let Some(w) = wake {
+        println!(
+            "note: on this machine a thread asleep on the client's CPU runs {:.1} µs after an \
+             eventfd write from the daemons' CPU, which costs the writer {:.1} µs; at depth 1 \
+             every request whose client sleeps until signalled pays that wake-up",
+            us(w.wake),
+            us(w.write)
+        );
+    }
     let line = json!({
         "bench": "blk-compare",
         "file": file.display().to_string(),
@@ -711,6 +734,7 @@ fn report(args: &Args, file: &Path, records: &[Record]) {
         "results": rows,
         "ratios_iops": ratios,
         "ratios_p50_latency": latency_ratios,
+        "wake_up_us": wake.map(|w| json!({"wake": us(w.wake), "write": us(w.write)})),
     });
     println!("{line}");
 }
