@@ -359,14 +359,15 @@ mod tests {
     /// A pinned client must still see every CPU, or it stops pinning the daemons.
     #[test]
     fn the_cpu_count_ignores_the_callers_pinning() {
-        let before = pin::cpus();
+        let before = pin::allowed().to_vec();
         let pinned = std::thread::spawn(|| {
-            pin::current_thread(0).unwrap();
-            pin::cpus()
+            pin::current_thread(pin::client_cpu()).unwrap();
+            pin::allowed().to_vec()
         })
         .join()
         .unwrap();
         assert_eq!(pinned, before);
+        assert!(pin::daemon_cpu() <= pin::client_cpu());
     }
 
     #[test]
@@ -492,8 +493,8 @@ pub mod pin {
     fn set(tid: libc::pid_t, cpu: usize) -> io::Result<()> {
         // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET write only into `set`.
         let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-        // SAFETY: as above; `cpu` is below the set's capacity (checked by the callers via
-        // `cpus()`, which is far below CPU_SETSIZE on any machine we run on).
+        // SAFETY: as above; libc's CPU_SET indexes the set's word array with a bounds check,
+        // so a `cpu` past its capacity panics rather than writing outside it.
         unsafe {
             libc::CPU_ZERO(&mut set);
             libc::CPU_SET(cpu, &mut set);
@@ -506,13 +507,41 @@ pub mod pin {
         Ok(())
     }
 
-    /// CPUs online. Not `available_parallelism`, which counts only the CPUs the calling
-    /// thread may run on: once `client_and_daemon` had pinned the client, it said 1, and
-    /// every later call left the daemon under test unpinned.
+    /// The CPUs this process may run on (taskset, a container's cpuset), in order, as they
+    /// were at the first call. Read once: after `client_and_daemon` pins the client, the
+    /// caller's own set is one CPU, and counting that left every later daemon unpinned.
+    pub fn allowed() -> &'static [usize] {
+        static ALLOWED: std::sync::OnceLock<Vec<usize>> = std::sync::OnceLock::new();
+        ALLOWED.get_or_init(|| {
+            // SAFETY: cpu_set_t is plain data, filled by the kernel below.
+            let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+            // SAFETY: `set` is valid for writes of its own size, which is passed with it.
+            let rc = unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) };
+            let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
+                // SAFETY: `cpu` is below CPU_SETSIZE, the set's capacity.
+                .filter(|&cpu| rc == 0 && unsafe { libc::CPU_ISSET(cpu, &set) })
+                .collect();
+            if cpus.is_empty() {
+                vec![0]
+            } else {
+                cpus
+            }
+        })
+    }
+
+    /// How many CPUs this process may run on (see `allowed`).
     pub fn cpus() -> usize {
-        // SAFETY: sysconf has no memory preconditions.
-        let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
-        usize::try_from(n).unwrap_or(1).max(1)
+        allowed().len()
+    }
+
+    /// The CPU the daemons under test get: the first allowed one.
+    pub fn daemon_cpu() -> usize {
+        allowed()[0]
+    }
+
+    /// The CPU the client gets: the last allowed one.
+    pub fn client_cpu() -> usize {
+        allowed()[allowed().len() - 1]
     }
 
     /// Pins the calling thread to `cpu`.
@@ -551,8 +580,8 @@ pub mod pin {
         if cpus() < 2 {
             return Ok(());
         }
-        current_thread(cpus() - 1)?;
-        daemon.map_or(Ok(()), |pid| process(pid, 0))
+        current_thread(client_cpu())?;
+        daemon.map_or(Ok(()), |pid| process(pid, daemon_cpu()))
     }
 
     /// Pins every thread of process `pid` to `cpu` (threads it starts later inherit it).

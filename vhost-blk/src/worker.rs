@@ -172,6 +172,12 @@ impl QueueWorker {
         }
         let poll = self.device.poll;
         let mut state = vring.get_mut();
+        // A stopped ring (GET_VRING_BASE drained it first) is left alone until it is
+        // started again: a completion or kick that arrives in between must neither take
+        // requests nor, seeing work it cannot pop, loop on re-enabling kicks.
+        if !state.get_queue().ready() {
+            return;
+        }
         let _ = state.disable_notification();
         loop {
             let mut idle_since: Option<Instant> = None;
@@ -779,11 +785,16 @@ mod tests {
         let mut worker = kick_returns(worker, &vring);
         assert_eq!(worker.metrics.errors(ErrorClass::Malformed), 1);
 
-        // The frontend stops the ring (GET_VRING_BASE drains it) and restarts it from
-        // next_avail, with a sane index.
+        // The frontend stops the ring (GET_VRING_BASE marks it not ready and drains it). A
+        // kick that still arrives meets the bad index on a stopped ring: nothing happens.
+        vring.set_queue_ready(false);
         worker.drain();
+        let worker = kick_returns(worker, &vring);
+        assert_eq!(worker.metrics.errors(ErrorClass::Malformed), 1);
+        // Restarted from next_avail, with a sane index, the queue serves again.
         set_avail_idx(&g, 0);
         publish_read(&g, 0);
+        vring.set_queue_ready(true);
         let worker = kick_returns(worker, &vring);
         assert_eq!(used_idx(&g), 1, "the reset ring was not served");
         assert_eq!(worker.metrics.requests(OpClass::Read), 1);

@@ -192,6 +192,12 @@ impl QueueWorker {
             return;
         };
         let mut state = vring.get_mut();
+        // A stopped ring (GET_VRING_BASE drained it first) is left alone until it is
+        // started again: a completion or kick that arrives in between must neither take
+        // requests nor, seeing work it cannot pop, loop on re-enabling kicks.
+        if !state.get_queue().ready() {
+            return;
+        }
         let _ = state.disable_notification();
         loop {
             loop {

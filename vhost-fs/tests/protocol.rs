@@ -851,15 +851,18 @@ fn a_corrupt_avail_index_stops_its_queue_and_the_daemon_still_ends_cleanly() {
     let t = f.client.transport();
     t.corrupt_avail_index(1, 1000);
     t.force_kick(1).unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    let deadline = std::time::Instant::now() + LONG;
+    while !f.daemon.output().contains("1000 chains ahead") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the bad index was not reported:\n{}",
+            f.daemon.output()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert!(
         f.daemon.try_wait().unwrap().is_none(),
         "daemon exited:\n{}",
-        f.daemon.output()
-    );
-    assert!(
-        f.daemon.output().contains("1000 chains ahead"),
-        "the bad index was not reported:\n{}",
         f.daemon.output()
     );
     // Like virtiofsd, vhost-fs exits when its frontend goes away.
