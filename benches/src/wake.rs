@@ -85,7 +85,7 @@ fn spin_until(mut cond: impl FnMut() -> bool) -> io::Result<()> {
 }
 
 /// Writes the eventfd from `waker_cpu` `samples` times, each `asleep_for` after a thread on
-/// `sleeper_cpu` went to sleep on it, and times the wake-ups.
+/// `sleeper_cpu` went to sleep on it (at least once), and times the wake-ups.
 pub fn measure(
     waker_cpu: usize,
     sleeper_cpu: usize,
@@ -112,11 +112,11 @@ pub fn measure(
         Ok(())
     });
     let s = Arc::clone(&shared);
-    let waking = std::thread::spawn(move || -> io::Result<(Vec<u64>, Vec<u64>)> {
+    let waking = std::thread::spawn(move || -> io::Result<(Vec<f64>, Vec<f64>)> {
         pin::current_thread(waker_cpu)?;
         let gap = asleep_for.as_nanos() as u64;
         let (mut wakes, mut writes) = (Vec::with_capacity(samples), Vec::with_capacity(samples));
-        for _ in 0..samples {
+        for _ in 0..samples.max(1) {
             // A fresh sleep: the sleeper stored its time after its last wake-up.
             spin_until(|| {
                 let since = s.sleeping_since.load(Ordering::Acquire);
@@ -127,9 +127,9 @@ pub fn measure(
             s.woke_at.store(0, Ordering::Release);
             let t0 = s.now();
             s.write();
-            writes.push(s.now() - t0);
+            writes.push((s.now() - t0) as f64);
             spin_until(|| s.woke_at.load(Ordering::Acquire) != 0)?;
-            wakes.push(s.woke_at.load(Ordering::Acquire).saturating_sub(t0));
+            wakes.push(s.woke_at.load(Ordering::Acquire).saturating_sub(t0) as f64);
         }
         Ok((wakes, writes))
     });
@@ -142,14 +142,11 @@ pub fn measure(
         .join()
         .map_err(|_| io::Error::other("the sleeping thread panicked"));
     slept??;
-    let (mut wakes, mut writes) = measured??;
-    let median = |v: &mut Vec<u64>| {
-        v.sort_unstable();
-        Duration::from_nanos(v.get(v.len() / 2).copied().unwrap_or(0))
-    };
+    let (wakes, writes) = measured??;
+    let median_of = |ns: &[f64]| Duration::from_nanos(crate::median(ns) as u64);
     Ok(WakeLatency {
-        wake: median(&mut wakes),
-        write: median(&mut writes),
+        wake: median_of(&wakes),
+        write: median_of(&writes),
     })
 }
 

@@ -38,6 +38,54 @@ pub fn avail<M: GuestMemoryBackend>(queue: &Queue, mem: &M) -> Avail {
     }
 }
 
+/// Whether a queue still takes requests from its driver. A corrupt avail index breaks it:
+/// no more requests are taken until the ring is reset (drained for a stop, or a new
+/// frontend), as libvhost-user marks such a device broken. Requests in flight are still
+/// answered; that is the worker's part.
+#[derive(Debug, Default)]
+pub struct Health {
+    broken: bool,
+}
+
+impl Health {
+    pub fn is_broken(&self) -> bool {
+        self.broken
+    }
+
+    /// The ring starts anew.
+    pub fn reset(&mut self) {
+        self.broken = false;
+    }
+
+    /// How many chains queue `index` may take now, or `None` once it is broken. The index
+    /// that breaks it is logged, and `on_break` runs (the caller counts it), once. An
+    /// unreadable index gives `usize::MAX`: popping then fails and says so.
+    pub fn published<M: GuestMemoryBackend>(
+        &mut self,
+        index: usize,
+        queue: &Queue,
+        mem: &M,
+        on_break: impl FnOnce(),
+    ) -> Option<usize> {
+        if self.broken {
+            return None;
+        }
+        match avail(queue, mem) {
+            Avail::Published(n) => Some(n),
+            Avail::Unreadable => Some(usize::MAX),
+            Avail::Corrupt { ahead, size } => {
+                log::error!(
+                    "queue {index}: the driver's avail index is {ahead} chains ahead on a \
+                     ring of {size}; taking no more requests from it until it is reset"
+                );
+                self.broken = true;
+                on_break();
+                None
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

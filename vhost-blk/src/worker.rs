@@ -25,7 +25,7 @@ use vm_memory::{
 use storage_core::disk::{AnyQueue, DiskOp, DiskQueue, StartError};
 use storage_core::metrics::{ErrorClass, OpClass, QueueMetrics};
 
-use daemon_support::ring::Avail;
+use daemon_support::ring;
 
 use crate::device::BlkDevice;
 use crate::request::{self, Parsed, RequestKind, Segment, StatusByte};
@@ -82,10 +82,8 @@ pub struct QueueWorker {
     vring: Option<Vring>,
     /// Requests are waiting in the virtqueue because every slot is busy.
     throttled: bool,
-    /// The driver published more chains than the ring holds: its avail index is corrupt, so
-    /// no request is taken from this ring until the frontend stops or replaces it (as QEMU's
-    /// libvhost-user marks such a device broken). Requests in flight are still answered.
-    broken: bool,
+    /// Broken once the driver's avail index proves corrupt (see `daemon_support::ring`).
+    health: ring::Health,
     /// Requests answered since the guest was last notified, for the metrics: kind, bytes
     /// and start. Recorded after the notification, which they would otherwise delay.
     answered: Vec<(OpClass, u64, Instant)>,
@@ -122,7 +120,7 @@ impl QueueWorker {
             mem: None,
             vring: None,
             throttled: false,
-            broken: false,
+            health: ring::Health::default(),
             // Two passes' worth: a slot can be answered, refilled and answered again
             // before the notification.
             answered: Vec::with_capacity(2 * depth as usize),
@@ -140,7 +138,7 @@ impl QueueWorker {
         self.mem = Some(mem);
         self.vring = None;
         self.throttled = false;
-        self.broken = false;
+        self.health.reset();
     }
 
     /// Handles a kick of `vring`.
@@ -202,7 +200,7 @@ impl QueueWorker {
                     idle_since = None;
                     continue;
                 }
-                if poll.is_zero() || stopping || self.broken {
+                if poll.is_zero() || stopping || self.health.is_broken() {
                     break;
                 }
                 // An idle look waits for a watch of the avail index or a yield (a microsecond
@@ -232,7 +230,10 @@ impl QueueWorker {
             // Throttled: completions (their eventfd) bring us back, not kicks. Broken: the
             // ring stays stopped until the frontend resets it; re-enabling kicks would only
             // report the bad index again.
-            if self.throttled || self.broken || self.device.stopping.load(Ordering::Relaxed) {
+            if self.throttled
+                || self.health.is_broken()
+                || self.device.stopping.load(Ordering::Relaxed)
+            {
                 return;
             }
             // Re-enable kicks, then look once more: a request that arrived in between
@@ -289,9 +290,6 @@ impl QueueWorker {
     ) -> usize {
         let mut pulled = 0;
         self.throttled = false;
-        if self.broken {
-            return 0;
-        }
         // The memory map is loaded for each batch, after reading how many chains the driver
         // has published: a driver maps a new region (libblkio maps buffers as it goes) and
         // waits for our acknowledgement before it publishes a chain that uses it, so a map
@@ -305,20 +303,14 @@ impl QueueWorker {
                 return 0;
             };
             let queue = state.get_queue();
-            let published = match daemon_support::ring::avail(queue, &*atomic.memory()) {
-                Avail::Published(n) => n,
-                // Popping fails below too, and so does re-enabling kicks: the worker sleeps.
-                Avail::Unreadable => usize::MAX,
-                Avail::Corrupt { ahead, size } => {
-                    log::error!(
-                        "queue {}: the driver's avail index is {ahead} chains ahead on a \
-                         ring of {size}; taking no more requests from it until it is reset",
-                        self.index
-                    );
-                    self.metrics.failed(OpClass::Other, ErrorClass::Malformed);
-                    self.broken = true;
-                    return 0;
-                }
+            let metrics = &self.metrics;
+            let Some(published) =
+                self.health
+                    .published(self.index, queue, &*atomic.memory(), || {
+                        metrics.failed(OpClass::Other, ErrorClass::Malformed)
+                    })
+            else {
+                return 0;
             };
             // With every slot busy the loop below still runs, to note the throttling.
             if published == 0 && !self.free.is_empty() {
@@ -603,7 +595,7 @@ impl QueueWorker {
         }
         self.metrics.set_in_flight(self.queue.in_flight());
         // Whatever follows (a new ring base, a new frontend, shutdown) starts the ring anew.
-        self.broken = false;
+        self.health.reset();
     }
 }
 

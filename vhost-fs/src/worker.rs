@@ -34,7 +34,7 @@ use crate::fuse::{self, opcode, IN_HEADER_LEN, OUT_HEADER_LEN, WRITE_IN_LEN};
 use crate::pool::ThreadPool;
 use crate::server::{self, Outcome, Reply, Server};
 use daemon_support::chain::{self, Segment};
-use daemon_support::ring::{self, Avail};
+use daemon_support::ring;
 
 pub type GuestMemory = GuestMemoryMmap<()>;
 pub type Vring = VringMutex<GuestMemoryAtomic<GuestMemory>>;
@@ -89,9 +89,8 @@ pub struct QueueWorker {
     mem: Option<GuestMemoryAtomic<GuestMemory>>,
     vring: Option<Vring>,
     throttled: bool,
-    /// The driver's avail index ran more than a ring ahead: no request is taken from this
-    /// queue until the frontend stops or replaces it (see `daemon_support::ring`).
-    broken: bool,
+    /// Broken once the driver's avail index proves corrupt (see `daemon_support::ring`).
+    health: ring::Health,
     deferred_tx: Sender<Deferred>,
     deferred_rx: Receiver<Deferred>,
     deferred_fd: Arc<EventFd>,
@@ -142,7 +141,7 @@ impl QueueWorker {
             mem: None,
             vring: None,
             throttled: false,
-            broken: false,
+            health: ring::Health::default(),
             deferred_tx,
             deferred_rx,
             deferred_fd: Arc::new(EventFd::new(EFD_NONBLOCK)?),
@@ -163,7 +162,7 @@ impl QueueWorker {
         self.mem = Some(mem);
         self.vring = None;
         self.throttled = false;
-        self.broken = false;
+        self.health.reset();
     }
 
     pub fn kick(&mut self, vring: &Vring) {
@@ -223,7 +222,10 @@ impl QueueWorker {
             self.metrics
                 .set_in_flight(self.engine.in_flight() + self.pooled);
             // Broken: re-enabling kicks would only report the bad index again.
-            if self.throttled || self.broken || self.device.stopping.load(Ordering::Relaxed) {
+            if self.throttled
+                || self.health.is_broken()
+                || self.device.stopping.load(Ordering::Relaxed)
+            {
                 return;
             }
             match state.enable_notification() {
@@ -240,17 +242,13 @@ impl QueueWorker {
     fn pull(&mut self, state: &mut State, mem: &Arc<GuestMemory>, used: &mut usize) -> usize {
         let mut pulled = 0;
         self.throttled = false;
-        if self.broken {
-            return 0;
-        }
-        if let Avail::Corrupt { ahead, size } = ring::avail(state.get_queue(), &**mem) {
-            log::error!(
-                "queue {}: the driver's avail index is {ahead} chains ahead on a ring of \
-                 {size}; taking no more requests from it until it is reset",
-                self.index
-            );
-            self.metrics.failed(OpClass::Other, ErrorClass::Malformed);
-            self.broken = true;
+        let metrics = &self.metrics;
+        let published = self
+            .health
+            .published(self.index, state.get_queue(), &**mem, || {
+                metrics.failed(OpClass::Other, ErrorClass::Malformed)
+            });
+        if published.is_none() {
             return 0;
         }
         loop {
@@ -737,7 +735,7 @@ impl QueueWorker {
         self.metrics
             .set_in_flight(self.engine.in_flight() + self.pooled);
         // Whatever follows (a new ring base, a new frontend, shutdown) starts the ring anew.
-        self.broken = false;
+        self.health.reset();
     }
 }
 

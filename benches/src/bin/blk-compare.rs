@@ -200,7 +200,6 @@ fn run(args: Args) -> Result<()> {
         .collect();
     let size = args.size_gib * GIB;
     let run_time = Duration::from_secs(args.seconds);
-    let warmup = (run_time / 5).min(Duration::from_secs(1));
 
     let tmp = tempfile::Builder::new()
         .prefix("blk-compare.")
@@ -291,18 +290,15 @@ fn run(args: Args) -> Result<()> {
                     benches::pin::client_and_daemon(server.map(|s| s.daemon.pid()))
                         .with_context(|| format!("pinning the client and {}", target.name()))?;
                 }
-                let rec = Record {
+                let rec = measure(
+                    case,
+                    target,
                     round,
-                    ..measure(
-                        case,
-                        target,
-                        &workload,
-                        warmup,
-                        server,
-                        &file,
-                        args.client_poll,
-                    )?
-                };
+                    &workload,
+                    server,
+                    &file,
+                    args.client_poll,
+                )?;
                 eprintln!(
                     "round {} {:<22} {:<8} {:>9.0} IOPS  p50 {:>7.1} µs  p99 {:>7.1} µs{}",
                     round + 1,
@@ -498,12 +494,12 @@ fn start(
     Ok(Served { daemon, socket })
 }
 
-/// One run of `workload` on `target`; the caller fills in the round.
+/// One run of `workload` on `target`, after a warm-up of a fifth of it (at most 1 s).
 fn measure(
     case: &Case,
     target: Target,
+    round: usize,
     workload: &Workload,
-    warmup: Duration,
     server: Option<&Served>,
     file: &Path,
     client_poll: bool,
@@ -528,7 +524,7 @@ fn measure(
     run_workload(
         queue,
         &Workload {
-            duration: warmup,
+            duration: (workload.duration / 5).min(Duration::from_secs(1)),
             seed: workload.seed ^ 0xFFFF,
             ..*workload
         },
@@ -558,7 +554,7 @@ fn measure(
     Ok(Record {
         case: case.name,
         target,
-        round: 0,
+        round,
         iops: result.iops(),
         errors: result.errors,
         daemon_cpu: cpu0.zip(cpu1).map(|(a, b)| b.saturating_sub(a)),
