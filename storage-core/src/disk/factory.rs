@@ -85,7 +85,7 @@ pub fn open_disk(spec: &DiskSpec) -> Result<AnyDisk, StorageError> {
             *read_zeroes,
         ))),
         (DiskSource::File(path), Some(tier)) => {
-            TieredDisk::open(path, spec.read_only, spec.direct, tier).map(AnyDisk::Tiered)
+            TieredDisk::open(path, spec.read_only, spec.direct, engine, tier).map(AnyDisk::Tiered)
         }
         (DiskSource::File(path), None) => {
             RawDisk::open(path, spec.read_only, spec.direct, engine).map(AnyDisk::Raw)
@@ -110,11 +110,17 @@ impl AnyDisk {
     }
 }
 
-/// The queue of any disk format.
+/// The queue of any disk format, and the one place where a read-only disk refuses writes,
+/// whatever its format: a format never sees a write, discard or write-zeroes it must refuse.
+pub struct AnyQueue {
+    read_only: bool,
+    format: FormatQueue,
+}
+
 // One per worker, created once and never moved on the hot path: boxing the large variant
 // would only add a pointer chase per request.
 #[allow(clippy::large_enum_variant)]
-pub enum AnyQueue {
+enum FormatQueue {
     Raw(RawQueue),
     Null(NullQueue),
     Tiered(TieredQueue),
@@ -132,10 +138,14 @@ impl Disk for AnyDisk {
     }
 
     fn new_queue(&self, depth: u32) -> Result<AnyQueue, StorageError> {
-        Ok(match self {
-            AnyDisk::Raw(d) => AnyQueue::Raw(d.new_queue(depth)?),
-            AnyDisk::Null(d) => AnyQueue::Null(d.new_queue(depth)?),
-            AnyDisk::Tiered(d) => AnyQueue::Tiered(d.new_queue(depth)?),
+        let format = match self {
+            AnyDisk::Raw(d) => FormatQueue::Raw(d.new_queue(depth)?),
+            AnyDisk::Null(d) => FormatQueue::Null(d.new_queue(depth)?),
+            AnyDisk::Tiered(d) => FormatQueue::Tiered(d.new_queue(depth)?),
+        };
+        Ok(AnyQueue {
+            read_only: self.info().read_only,
+            format,
         })
     }
 
@@ -150,10 +160,17 @@ impl Disk for AnyDisk {
 
 macro_rules! dispatch {
     ($self:expr, $q:ident => $body:expr) => {
-        match $self {
-            AnyQueue::Raw($q) => $body,
-            AnyQueue::Null($q) => $body,
-            AnyQueue::Tiered($q) => $body,
+        match &mut $self.format {
+            FormatQueue::Raw($q) => $body,
+            FormatQueue::Null($q) => $body,
+            FormatQueue::Tiered($q) => $body,
+        }
+    };
+    (ref $self:expr, $q:ident => $body:expr) => {
+        match &$self.format {
+            FormatQueue::Raw($q) => $body,
+            FormatQueue::Null($q) => $body,
+            FormatQueue::Tiered($q) => $body,
         }
     };
 }
@@ -161,6 +178,9 @@ macro_rules! dispatch {
 impl DiskQueue for AnyQueue {
     #[inline]
     unsafe fn start(&mut self, op: DiskOp<'_>, tag: u64) -> Result<(), StartError> {
+        if self.read_only && op.writes() {
+            return Err(StartError::ReadOnly);
+        }
         // SAFETY: the caller upholds `start`'s contract, shared by every format.
         dispatch!(self, q => unsafe { q.start(op, tag) })
     }
@@ -176,13 +196,13 @@ impl DiskQueue for AnyQueue {
         dispatch!(self, q => q.wait())
     }
     fn completion_fd(&self) -> Option<RawFd> {
-        dispatch!(self, q => q.completion_fd())
+        dispatch!(ref self, q => q.completion_fd())
     }
     fn ack_completion_fd(&self) {
-        dispatch!(self, q => q.ack_completion_fd())
+        dispatch!(ref self, q => q.ack_completion_fd())
     }
     #[inline]
     fn in_flight(&self) -> usize {
-        dispatch!(self, q => q.in_flight())
+        dispatch!(ref self, q => q.in_flight())
     }
 }

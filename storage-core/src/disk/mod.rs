@@ -182,11 +182,9 @@ pub(crate) fn device_size(file: &std::fs::File, meta: &std::fs::Metadata) -> io:
     }
 }
 
-/// Checks a request against the disk's size and write permission.
-pub(crate) fn check_op(op: &DiskOp<'_>, capacity: u64, read_only: bool) -> Result<(), StartError> {
-    if read_only && op.writes() {
-        return Err(StartError::ReadOnly);
-    }
+/// Checks a request's range against the disk's size. (Writes to a read-only disk are
+/// refused above the formats, by [`AnyQueue`].)
+pub(crate) fn check_op(op: &DiskOp<'_>, capacity: u64) -> Result<(), StartError> {
     if let Some((offset, len)) = op.range() {
         match offset.checked_add(len) {
             Some(end) if end <= capacity => {}

@@ -45,7 +45,6 @@ impl Disk for NullDisk {
         Ok(NullQueue {
             done: VecDeque::with_capacity(depth.max(1) as usize),
             capacity: self.info.capacity,
-            read_only: self.info.read_only,
             read_zeroes: self.read_zeroes,
         })
     }
@@ -58,14 +57,13 @@ impl Disk for NullDisk {
 pub struct NullQueue {
     done: VecDeque<Completion>,
     capacity: u64,
-    read_only: bool,
     read_zeroes: bool,
 }
 
 impl DiskQueue for NullQueue {
     #[inline]
     unsafe fn start(&mut self, op: DiskOp<'_>, tag: u64) -> Result<(), StartError> {
-        check_op(&op, self.capacity, self.read_only)?;
+        check_op(&op, self.capacity)?;
         if self.done.len() == self.done.capacity() {
             return Err(StartError::Busy);
         }

@@ -93,7 +93,6 @@ impl Disk for RawDisk {
             fid,
             file: self.file.clone(),
             capacity: self.info.capacity,
-            read_only: self.info.read_only,
             special: Vec::with_capacity(depth as usize),
         })
     }
@@ -129,7 +128,6 @@ pub struct RawQueue {
     /// Keeps the descriptor open while the engine uses it.
     file: Arc<File>,
     capacity: u64,
-    read_only: bool,
     special: Vec<Special>,
 }
 
@@ -171,7 +169,7 @@ impl RawQueue {
 impl DiskQueue for RawQueue {
     #[inline]
     unsafe fn start(&mut self, op: DiskOp<'_>, tag: u64) -> Result<(), StartError> {
-        check_op(&op, self.capacity, self.read_only)?;
+        check_op(&op, self.capacity)?;
         let fid = self.fid;
         let engine_op = match op {
             DiskOp::Read { offset, iov } => EngineOp::Readv {

@@ -12,6 +12,8 @@
 //! Two implementations: [`UringEngine`] (the data path) and [`SyncEngine`] (fallback where
 //! io_uring is unavailable, and the reference the property tests compare against).
 
+#[cfg(test)]
+pub(crate) mod faulty;
 mod sync;
 mod uring;
 
@@ -143,6 +145,9 @@ pub trait IoEngine: Send {
 pub enum AnyEngine {
     Uring(UringEngine),
     Sync(SyncEngine),
+    /// Tests only: the synchronous engine with injected faults.
+    #[cfg(test)]
+    Faulty(faulty::FaultyEngine),
 }
 
 macro_rules! dispatch {
@@ -150,6 +155,8 @@ macro_rules! dispatch {
         match $self {
             AnyEngine::Uring($e) => $body,
             AnyEngine::Sync($e) => $body,
+            #[cfg(test)]
+            AnyEngine::Faulty($e) => $body,
         }
     };
 }

@@ -50,53 +50,109 @@ pub(super) fn spawn(sh: Arc<Shared>, journal: Journal) -> io::Result<Vec<JoinHan
 }
 
 /// One round of the journal thread. Returns the result to report to the flushes it serves.
+///
+/// Order, for a power cut at any point: the cache device's data is synced before any record
+/// or checkpoint that names it is written, and those are synced before a flush completes.
 fn journal_round(sh: &Shared, journal: &mut Journal, sync: bool, checkpoint_anyway: bool) -> i32 {
-    let (records, pending, cap_unsynced, snapshot) = {
+    let (records, pending, cap_unsynced, snapshot, failed) = {
         let mut st = sh.state();
         let records: Vec<Record> = std::mem::take(&mut st.records);
         let snapshot =
             (checkpoint_anyway || journal.wants_checkpoint(records.len())).then(|| st.snapshot());
         let cap = sync && std::mem::take(&mut st.capacity_unsynced);
-        (records, st.pending_free.len(), cap, snapshot)
+        (records, st.pending_free.len(), cap, snapshot, st.failed)
     };
+    if failed && sh.mode != CacheMode::WriteBack {
+        // The capacity device holds every block; the cache's own contents can no longer be
+        // trusted (a write into a slot may have been lost), so it is never used again.
+        if !journal.retired() {
+            if let Err(e) = journal.retire(&sh.cache) {
+                log::error!("tier: could not mark the failed cache for reformatting: {e}");
+            } else {
+                log::warn!("tier: the failed cache will be reformatted when the disk reopens");
+            }
+        }
+    }
     let mut result = 0;
     let mut wrote = false;
-    if let Some(snapshot) = snapshot {
-        // The snapshot already includes every record taken with it.
-        if let Err(e) = journal.checkpoint(&sh.cache, &snapshot) {
-            log::error!("tier: checkpoint failed: {e}");
-            result = -e.raw_os_error().unwrap_or(libc::EIO);
+    if !journal.retired() {
+        let names_data = snapshot.is_some() || records.iter().any(|r| r.state != SlotState::Free);
+        if names_data {
+            // Data before the records that point at it.
+            if let Err(e) = sh.sync_cache() {
+                result = cache_sync_failed(sh, "data sync", &e);
+            }
         }
-    } else if !records.is_empty() {
-        if let Err(e) = journal.append(&sh.cache, &records) {
-            log::error!("tier: journal write failed: {e}");
-            result = -e.raw_os_error().unwrap_or(libc::EIO);
-            // Keep the records for the next round rather than lose them.
-            let mut st = sh.state();
-            let newer = std::mem::take(&mut st.records);
-            st.records = records;
-            st.records.extend(newer);
+        if result != 0 {
+            requeue(sh, records);
+        } else if let Some(snapshot) = snapshot {
+            // The snapshot already includes every record taken with it.
+            if let Err(e) = journal.checkpoint(&sh.cache, &snapshot) {
+                result = cache_sync_failed(sh, "checkpoint", &e);
+            }
+        } else if !records.is_empty() {
+            if let Err(e) = journal.append(&sh.cache, &records) {
+                result = cache_sync_failed(sh, "journal write", &e);
+                requeue(sh, records);
+            }
+            wrote = true;
         }
-        wrote = true;
-    }
-    if wrote || sync || pending > 0 {
-        if let Err(e) = sh.cache.sync_data() {
-            log::error!("tier: cache device sync failed: {e}");
-            result = -e.raw_os_error().unwrap_or(libc::EIO);
+        if result == 0 && (wrote || sync || pending > 0) {
+            if let Err(e) = sh.sync_cache() {
+                result = cache_sync_failed(sh, "journal sync", &e);
+            }
         }
     }
     if cap_unsynced {
-        if let Err(e) = sh.cap.sync_data() {
-            log::error!("tier: capacity device sync failed: {e}");
-            sh.metrics.capacity_errors.fetch_add(1, Relaxed);
-            result = -e.raw_os_error().unwrap_or(libc::EIO);
-            sh.state().capacity_unsynced = true;
+        if let Err(e) = sh.sync_capacity() {
+            result = capacity_sync_failed(sh, &e);
         }
+    }
+    let sticky = sh.state().flush_error;
+    if sticky != 0 {
+        result = sticky;
     }
     if result == 0 {
         sh.state().release_pending(pending);
     }
     result
+}
+
+/// Records that were not written go back in front of newer ones, for the next round.
+fn requeue(sh: &Shared, records: Vec<Record>) {
+    let mut st = sh.state();
+    let newer = std::mem::take(&mut st.records);
+    st.records = records;
+    st.records.extend(newer);
+}
+
+/// A write or sync of the cache device's metadata or data failed: the cache goes out of
+/// service, and in write-back mode, where it holds the only copy of dirty blocks, every
+/// later FLUSH fails too (what the failed sync covered may be gone). Returns the result
+/// for the flushes of this round.
+fn cache_sync_failed(sh: &Shared, what: &str, e: &io::Error) -> i32 {
+    let errno = e.raw_os_error().unwrap_or(libc::EIO);
+    log::error!("tier: cache device {what} failed: {e}");
+    let mut st = sh.state();
+    sh.cache_failed(&mut st, what, errno);
+    if sh.mode == CacheMode::WriteBack && st.flush_error == 0 {
+        st.flush_error = -errno;
+    }
+    -errno
+}
+
+/// A sync of the capacity device failed: data acknowledged to the guest may be lost, and the
+/// kernel will not say so again, so every later FLUSH fails.
+fn capacity_sync_failed(sh: &Shared, e: &io::Error) -> i32 {
+    let errno = e.raw_os_error().unwrap_or(libc::EIO);
+    log::error!("tier: capacity device sync failed: {e}; every later flush fails");
+    sh.metrics.capacity_errors.fetch_add(1, Relaxed);
+    let mut st = sh.state();
+    st.capacity_unsynced = true;
+    if st.flush_error == 0 {
+        st.flush_error = -errno;
+    }
+    -errno
 }
 
 fn journal_thread(sh: Arc<Shared>, mut journal: Journal) {
@@ -225,7 +281,15 @@ pub(super) fn clean_batch(sh: &Shared, max: usize) -> usize {
         }
         ok[k] = true;
     }
-    let synced = sh.cap.sync_data().is_ok();
+    let synced = match sh.sync_capacity() {
+        Ok(()) => true,
+        Err(e) => {
+            // The blocks stay dirty (their data is still in the cache), but the failed sync
+            // may also have covered guests' writes: later flushes must not succeed.
+            capacity_sync_failed(sh, &e);
+            false
+        }
+    };
     let mut cleaned = 0;
     let mut st = sh.state();
     for (k, &(slot, block, generation)) in picked.iter().enumerate() {

@@ -8,8 +8,8 @@ use std::io;
 use std::os::unix::fs::FileExt;
 
 use super::layout::{
-    crc32c, decode_journal_block, encode_journal_block, Layout, Owner, Record, SlotState,
-    Superblock, MAP_ENTRY, PAGE, RECORDS_PER_BLOCK,
+    crc32c, decode_journal_block, encode_journal_block, journal_block_crc, Chain, Layout, Owner,
+    Record, SlotState, Superblock, MAP_ENTRY, PAGE, RECORDS_PER_BLOCK,
 };
 use super::TierError;
 
@@ -23,6 +23,15 @@ pub struct Journal {
     checkpoint_seq: u64,
     /// Sequence number of the next journal block to write.
     next_seq: u64,
+    /// Checksum of the last journal block of the log (or the checkpoint's chain start):
+    /// the next block names it.
+    last_crc: u32,
+    /// The chain start stored with the live checkpoint.
+    checkpoint_chain: u32,
+    /// Stamped on the blocks this run writes (see `encode_journal_block`).
+    writer: u32,
+    /// The cache was erased for reformatting after a failure; nothing more is written.
+    retired: bool,
 }
 
 fn map_bytes(layout: &Layout, states: &[SlotState]) -> Vec<u8> {
@@ -37,13 +46,8 @@ fn map_bytes(layout: &Layout, states: &[SlotState]) -> Vec<u8> {
 impl Journal {
     /// Writes an empty cache format: every slot free.
     pub fn format(file: &File, layout: Layout, owner: Owner) -> io::Result<Journal> {
-        let format_id = {
-            let t = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or(0);
-            (t as u32) ^ (t >> 32) as u32 ^ std::process::id().rotate_left(16)
-        };
+        let format_id = nonce();
+        let chain = nonce();
         let empty = map_bytes(&layout, &vec![SlotState::Free; layout.slots as usize]);
         file.write_all_at(&empty, layout.map_offset(0))?;
         let mut j = Journal {
@@ -54,6 +58,10 @@ impl Journal {
             map_region: 1,
             checkpoint_seq: 0,
             next_seq: 1,
+            last_crc: chain,
+            checkpoint_chain: chain,
+            writer: nonce(),
+            retired: false,
         };
         // Invalidate both superblock copies first, so a crash mid-format leaves no valid one.
         file.write_all_at(&[0u8; 2 * PAGE as usize], 0)?;
@@ -96,17 +104,25 @@ impl Journal {
             })
             .collect();
         let mut seq = sb.checkpoint_seq + 1;
+        let mut prev = sb.chain;
         let mut replayed = 0;
         let mut b = [0u8; PAGE as usize];
-        // Replay until the first block that is not the next one in sequence (torn, never
-        // written, or from an earlier lap of the ring).
+        // Replay until the first block that is not the next one of this log (torn, never
+        // written, from an earlier lap of the ring, or left past the point where an earlier
+        // recovery stopped).
         while seq - sb.checkpoint_seq <= l.journal_blocks {
             if file.read_exact_at(&mut b, l.journal_offset(seq)).is_err() {
                 break;
             }
-            let Some(records) = decode_journal_block(&b, seq, sb.format_id) else {
+            let at = Chain {
+                seq,
+                format_id: sb.format_id,
+                prev,
+            };
+            let Some(records) = decode_journal_block(&b, at) else {
                 break;
             };
+            prev = journal_block_crc(&b);
             for r in records {
                 if let Some(s) = states.get_mut(r.slot as usize) {
                     *s = r.state;
@@ -124,6 +140,10 @@ impl Journal {
                 map_region: sb.map_region,
                 checkpoint_seq: sb.checkpoint_seq,
                 next_seq: seq,
+                last_crc: prev,
+                checkpoint_chain: sb.chain,
+                writer: nonce(),
+                retired: false,
             },
             states,
             replayed,
@@ -133,11 +153,30 @@ impl Journal {
     /// Appends `records` as journal blocks (not synced).
     pub fn append(&mut self, file: &File, records: &[Record]) -> io::Result<()> {
         for chunk in records.chunks(RECORDS_PER_BLOCK) {
-            let b = encode_journal_block(self.next_seq, self.format_id, chunk);
+            let at = Chain {
+                seq: self.next_seq,
+                format_id: self.format_id,
+                prev: self.last_crc,
+            };
+            let b = encode_journal_block(at, self.writer, chunk);
             file.write_all_at(&b, self.layout.journal_offset(self.next_seq))?;
             self.next_seq += 1;
+            self.last_crc = journal_block_crc(&b);
         }
         Ok(())
+    }
+
+    /// Erases both superblock copies, so that the next open finds no cache and formats the
+    /// device afresh, and stops all further writes. For a cache that failed while its data
+    /// was not needed (write-through, write-around): whatever it holds may be stale.
+    pub fn retire(&mut self, file: &File) -> io::Result<()> {
+        self.retired = true;
+        file.write_all_at(&[0u8; 2 * PAGE as usize], 0)?;
+        file.sync_data()
+    }
+
+    pub fn retired(&self) -> bool {
+        self.retired
     }
 
     /// Journal blocks that `records` would take.
@@ -160,6 +199,7 @@ impl Journal {
         file.write_all_at(&bytes, self.layout.map_offset(region))?;
         file.sync_data()?;
         self.checkpoint_seq = self.next_seq - 1;
+        self.checkpoint_chain = self.last_crc;
         self.commit_superblock(file, region, crc32c(&bytes))
     }
 
@@ -175,11 +215,27 @@ impl Journal {
             map_region: region,
             checkpoint_seq: self.checkpoint_seq,
             map_crc,
+            chain: self.checkpoint_chain,
         };
         let copy = (self.generation % 2) as u32;
         file.write_all_at(&sb.encode(), Layout::superblock_offset(copy))?;
         file.sync_data()
     }
+}
+
+/// A random number (the kernel's), or the clock's and pid's bits where that fails.
+fn nonce() -> u32 {
+    let mut v = 0u32;
+    // SAFETY: getrandom writes at most 4 bytes into `v`, which is 4 bytes long.
+    let n = unsafe { libc::getrandom((&mut v as *mut u32).cast(), 4, libc::GRND_NONBLOCK) };
+    if n == 4 {
+        return v;
+    }
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    (t as u32) ^ (t >> 32) as u32 ^ std::process::id().rotate_left(16)
 }
 
 #[cfg(test)]
@@ -312,6 +368,35 @@ mod tests {
             let (_, got, _) = Journal::recover(t.as_file()).unwrap();
             assert_eq!(got, history[i], "image {i}");
         }
+    }
+
+    /// Blocks left from an earlier run past the point where recovery stopped are never
+    /// replayed: recovery stops at a damaged block, the next run writes a block there, and
+    /// the old block after it (intact, with the next sequence number) must not apply.
+    #[test]
+    fn recovery_never_replays_a_stale_block_past_a_rewritten_one() {
+        let (f, l) = cache(2 << 20);
+        let mut j = Journal::format(f.as_file(), l, owner()).unwrap();
+        let first = j.next_seq;
+        j.append(f.as_file(), &[rec(0, SlotState::Clean(100))])
+            .unwrap();
+        j.append(f.as_file(), &[rec(1, SlotState::Dirty(200))])
+            .unwrap();
+        // The first block is torn; the second one landed.
+        f.as_file()
+            .write_all_at(&[0xffu8; 512], l.journal_offset(first) + 1024)
+            .unwrap();
+        let (mut j, states, replayed) = Journal::recover(f.as_file()).unwrap();
+        assert_eq!(replayed, 0);
+        assert!(states.iter().all(|s| *s == SlotState::Free));
+        // The next run writes one block where the torn one was.
+        j.append(f.as_file(), &[rec(2, SlotState::Clean(300))])
+            .unwrap();
+        let (_, states, replayed) = Journal::recover(f.as_file()).unwrap();
+        assert_eq!(replayed, 1, "only the new block is part of the log");
+        assert_eq!(states[2], SlotState::Clean(300));
+        assert_eq!(states[1], SlotState::Free, "the stale block must not apply");
+        assert_eq!(states[0], SlotState::Free);
     }
 
     #[test]

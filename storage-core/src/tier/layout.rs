@@ -17,7 +17,8 @@ use super::TierError;
 
 pub const PAGE: u64 = 4096;
 const MAGIC: &[u8; 8] = b"STRTIER1";
-const VERSION: u32 = 1;
+/// 2: journal blocks are chained (each names its predecessor's checksum).
+const VERSION: u32 = 2;
 /// Bytes per slot in a map region.
 pub const MAP_ENTRY: u64 = 16;
 /// Longest capacity path remembered in the superblock.
@@ -129,6 +130,9 @@ pub struct Superblock {
     /// Journal records up to and including this sequence number are in the checkpoint.
     pub checkpoint_seq: u64,
     pub map_crc: u32,
+    /// The checksum the journal block after the checkpoint must name as its predecessor's
+    /// (that of block `checkpoint_seq`, or a random start for a new format).
+    pub chain: u32,
 }
 
 impl Superblock {
@@ -149,6 +153,7 @@ impl Superblock {
         w.u32(self.map_region);
         w.u64(self.checkpoint_seq);
         w.u32(self.map_crc);
+        w.u32(self.chain);
         let path = self.owner.path.as_bytes();
         let n = path.len().min(MAX_PATH);
         w.u32(n as u32);
@@ -183,6 +188,7 @@ impl Superblock {
         let map_region = r.u32()?;
         let checkpoint_seq = r.u64()?;
         let map_crc = r.u32()?;
+        let chain = r.u32()?;
         let n = r.u32()? as usize;
         if n > MAX_PATH || map_region > 1 || layout.journal_blocks == 0 {
             return None;
@@ -201,6 +207,7 @@ impl Superblock {
             map_region,
             checkpoint_seq,
             map_crc,
+            chain,
         })
     }
 }
@@ -245,18 +252,34 @@ pub struct Record {
 }
 
 const JOURNAL_MAGIC: u32 = 0x4A52_4E4C; // "JRNL"
-const JOURNAL_HEADER: usize = 24;
+/// magic, checksum, sequence number, record count, format id, predecessor's checksum, writer.
+const JOURNAL_HEADER: usize = 32;
 /// Records in one 4 KiB journal block.
 pub const RECORDS_PER_BLOCK: usize = (PAGE as usize - JOURNAL_HEADER) / 16;
 
-/// Encodes one journal block holding `records` (at most [`RECORDS_PER_BLOCK`]).
-pub fn encode_journal_block(seq: u64, format_id: u32, records: &[Record]) -> [u8; PAGE as usize] {
+/// Where a journal block sits in its log: its sequence number, its format, and the checksum
+/// of the block before it. Replay accepts a block only if all three match, so a block left
+/// from an earlier run past the point where recovery stopped can never be taken for part
+/// of the current log: the new block written at that point has another checksum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Chain {
+    pub seq: u64,
+    pub format_id: u32,
+    pub prev: u32,
+}
+
+/// Encodes one journal block holding `records` (at most [`RECORDS_PER_BLOCK`]) at `at` in
+/// the log. `writer` differs for each run of the daemon, so a block it rewrites never
+/// matches the one that was there, byte for byte.
+pub fn encode_journal_block(at: Chain, writer: u32, records: &[Record]) -> [u8; PAGE as usize] {
     debug_assert!(records.len() <= RECORDS_PER_BLOCK);
     let mut b = [0u8; PAGE as usize];
     b[0..4].copy_from_slice(&JOURNAL_MAGIC.to_le_bytes());
-    b[8..16].copy_from_slice(&seq.to_le_bytes());
+    b[8..16].copy_from_slice(&at.seq.to_le_bytes());
     b[16..20].copy_from_slice(&(records.len() as u32).to_le_bytes());
-    b[20..24].copy_from_slice(&format_id.to_le_bytes());
+    b[20..24].copy_from_slice(&at.format_id.to_le_bytes());
+    b[24..28].copy_from_slice(&at.prev.to_le_bytes());
+    b[28..32].copy_from_slice(&writer.to_le_bytes());
     for (i, r) in records.iter().enumerate() {
         let at = JOURNAL_HEADER + i * 16;
         let mut e = r.state.encode();
@@ -268,8 +291,13 @@ pub fn encode_journal_block(seq: u64, format_id: u32, records: &[Record]) -> [u8
     b
 }
 
-/// Decodes a journal block if it is intact, belongs to this format and carries `seq`.
-pub fn decode_journal_block(b: &[u8], seq: u64, format_id: u32) -> Option<Vec<Record>> {
+/// The checksum of an encoded journal block (what its successor names).
+pub fn journal_block_crc(b: &[u8; PAGE as usize]) -> u32 {
+    u32::from_le_bytes([b[4], b[5], b[6], b[7]])
+}
+
+/// Decodes a journal block if it is intact and sits at `at` in the log.
+pub fn decode_journal_block(b: &[u8], at: Chain) -> Option<Vec<Record>> {
     if b.len() < PAGE as usize || b[0..4] != JOURNAL_MAGIC.to_le_bytes() {
         return None;
     }
@@ -277,8 +305,9 @@ pub fn decode_journal_block(b: &[u8], seq: u64, format_id: u32) -> Option<Vec<Re
     if crc32c(&b[8..PAGE as usize]) != crc {
         return None;
     }
-    if u64::from_le_bytes(b[8..16].try_into().ok()?) != seq
-        || u32::from_le_bytes(b[20..24].try_into().ok()?) != format_id
+    if u64::from_le_bytes(b[8..16].try_into().ok()?) != at.seq
+        || u32::from_le_bytes(b[20..24].try_into().ok()?) != at.format_id
+        || u32::from_le_bytes(b[24..28].try_into().ok()?) != at.prev
     {
         return None;
     }
@@ -370,6 +399,7 @@ mod tests {
             map_region: 1,
             checkpoint_seq: 42,
             map_crc: 0xdead_beef,
+            chain: 0x5eed,
         };
         let mut b = sb.encode();
         assert_eq!(Superblock::decode(&b), Some(sb));
@@ -389,15 +419,35 @@ mod tests {
                 },
             })
             .collect();
-        let b = encode_journal_block(5, 77, &recs);
-        assert_eq!(decode_journal_block(&b, 5, 77).unwrap(), recs);
-        assert!(decode_journal_block(&b, 6, 77).is_none(), "stale sequence");
+        let at = Chain {
+            seq: 5,
+            format_id: 77,
+            prev: 0xabc,
+        };
+        let b = encode_journal_block(at, 1, &recs);
+        assert_eq!(decode_journal_block(&b, at).unwrap(), recs);
+        let stale = Chain { seq: 6, ..at };
+        assert!(decode_journal_block(&b, stale).is_none(), "stale sequence");
+        let other = Chain {
+            format_id: 78,
+            ..at
+        };
         assert!(
-            decode_journal_block(&b, 5, 78).is_none(),
+            decode_journal_block(&b, other).is_none(),
             "another format's block"
+        );
+        let unchained = Chain { prev: 0xabd, ..at };
+        assert!(
+            decode_journal_block(&b, unchained).is_none(),
+            "a block whose predecessor is not the one before it"
+        );
+        assert_ne!(
+            journal_block_crc(&b),
+            journal_block_crc(&encode_journal_block(at, 2, &recs)),
+            "another writer's block differs"
         );
         let mut torn = b;
         torn[2000..].fill(0);
-        assert!(decode_journal_block(&torn, 5, 77).is_none());
+        assert!(decode_journal_block(&torn, at).is_none());
     }
 }

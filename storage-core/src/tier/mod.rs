@@ -16,6 +16,8 @@ mod block_map;
 mod journal;
 mod layout;
 mod state;
+#[cfg(test)]
+mod tests;
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
@@ -30,9 +32,7 @@ use std::thread::JoinHandle;
 
 use crate::cache::policy::{AccessHint, BlockId};
 use crate::disk::{check_op, Disk, DiskInfo, DiskOp, DiskQueue, StartError};
-use crate::engine::{
-    new_engine, new_engine_notifying, AnyEngine, Completion, EngineKind, EngineOp, FileId, IoEngine,
-};
+use crate::engine::{AnyEngine, Completion, EngineKind, EngineOp, FileId, IoEngine};
 use crate::error::{StorageError, StorageErrorKind};
 
 pub use layout::Layout;
@@ -245,6 +245,13 @@ const HIGH_WATERMARK_PCT: usize = 70;
 const RING_ENTRIES: u32 = 1024;
 /// Promotion buffers per queue (each one cache block).
 const PROMOTION_BUFFERS: usize = 64;
+/// The most cache blocks of one request started at once: a larger request is served in
+/// chunks of this many, one after another, so any request the device's limits allow fits
+/// the rings (each block may take an operation of its own).
+const CHUNK_BLOCKS: u64 = RING_ENTRIES as u64 / 4;
+/// Ring entries a discard or write-zeroes takes: a partial cached block at either end and
+/// the capacity device's range.
+const ZERO_OP_ENTRIES: u64 = 3;
 
 /// Completion hand-off from the background thread to one queue.
 struct Link {
@@ -284,8 +291,14 @@ struct Shared {
     bg_cv: Condvar,
     high_watermark: usize,
     low_watermark: usize,
-    /// The cache file is on tmpfs: the synchronous engine is faster there (see the factory).
+    /// The engine the factory chose for this disk: the capacity device's, and the cache
+    /// device's unless that lives on tmpfs, where the synchronous one is faster (see the
+    /// factory).
+    engine: EngineKind,
     cache_on_tmpfs: bool,
+    /// Tests only: faults injected into both devices' engines and synchronous calls.
+    #[cfg(test)]
+    faults: Arc<crate::engine::faulty::Faults>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -328,6 +341,55 @@ impl Shared {
     fn slot_offset(&self, slot: u32) -> u64 {
         self.layout.slot_offset(slot)
     }
+
+    /// The engines of one queue, for the cache and the capacity device.
+    fn engines(&self, eventfd: RawFd) -> io::Result<(AnyEngine, AnyEngine)> {
+        #[cfg(test)]
+        {
+            use crate::engine::faulty::{Device, FaultyEngine};
+            // Tests run on the synchronous engine with faults, whatever the factory chose.
+            let _ = (eventfd, self.engine, self.cache_on_tmpfs);
+            let faulty =
+                |d| AnyEngine::Faulty(FaultyEngine::new(RING_ENTRIES, d, self.faults.clone()));
+            Ok((faulty(Device::Cache), faulty(Device::Capacity)))
+        }
+        #[cfg(not(test))]
+        {
+            let cache_kind = if self.cache_on_tmpfs {
+                EngineKind::Sync
+            } else {
+                self.engine
+            };
+            Ok((
+                crate::engine::new_engine_notifying(cache_kind, RING_ENTRIES, eventfd)?,
+                crate::engine::new_engine_notifying(self.engine, RING_ENTRIES, eventfd)?,
+            ))
+        }
+    }
+
+    /// Makes the cache device's writes durable (in tests, through the injected faults).
+    fn sync_cache(&self) -> io::Result<()> {
+        #[cfg(test)]
+        if let Some(e) = self.faults.injected(
+            crate::engine::faulty::Device::Cache,
+            crate::engine::faulty::OpKind::Sync,
+        ) {
+            return Err(e);
+        }
+        self.cache.sync_data()
+    }
+
+    /// Makes the capacity device's writes durable (in tests, through the injected faults).
+    fn sync_capacity(&self) -> io::Result<()> {
+        #[cfg(test)]
+        if let Some(e) = self.faults.injected(
+            crate::engine::faulty::Device::Capacity,
+            crate::engine::faulty::OpKind::Sync,
+        ) {
+            return Err(e);
+        }
+        self.cap.sync_data()
+    }
 }
 
 /// A capacity device with a cache device in front.
@@ -342,10 +404,13 @@ fn storage_err(kind: StorageErrorKind, path: &Path, e: impl std::fmt::Display) -
 }
 
 impl TieredDisk {
+    /// Opens a tiered disk over the capacity device at `path`; `engine` is the factory's
+    /// choice for this disk (see [`crate::disk::open_disk`]).
     pub fn open(
         path: &Path,
         read_only: bool,
         direct: bool,
+        engine: EngineKind,
         spec: &TierSpec,
     ) -> Result<TieredDisk, StorageError> {
         let open_err = |p: &Path, what: &str, e: io::Error| {
@@ -484,7 +549,10 @@ impl TieredDisk {
             bg_cv: Condvar::new(),
             high_watermark: slots * HIGH_WATERMARK_PCT / 100,
             low_watermark: slots * LOW_WATERMARK_PCT / 100,
+            engine,
             cache_on_tmpfs: crate::disk::on_tmpfs(&spec.cache),
+            #[cfg(test)]
+            faults: Arc::default(),
             state: Mutex::new(state),
         });
         shared.metrics.slots.store(slots as u64, Relaxed);
@@ -515,7 +583,7 @@ impl TieredDisk {
                 direct,
                 format: "tiered",
                 path: path.display().to_string(),
-                engine: EngineKind::IoUring,
+                engine,
                 discard: !read_only,
             },
             shared,
@@ -603,6 +671,13 @@ struct Req {
     kind: Kind,
     offset: u64,
     len: u64,
+    /// The part of the request being served now (all of it unless it is larger than
+    /// [`CHUNK_BLOCKS`]); absolute byte offsets on the disk.
+    chunk_off: u64,
+    chunk_len: u64,
+    /// Blocks of this chunk with a capacity write in flight, registered in the state so
+    /// that no read admits them meanwhile (it could cache the data being replaced).
+    capacity_range: Option<(BlockId, BlockId)>,
     /// Engine operations still in flight.
     pending: u32,
     error: i32,
@@ -617,8 +692,11 @@ struct Req {
     cache_writes: Vec<u32>,
     /// Slots being filled by this write (write-back allocation).
     fills: Vec<u32>,
-    /// Blocks to promote after a read miss: (slot, block).
-    promotions: Vec<(u32, BlockId)>,
+    /// Blocks to promote after a read miss: (slot, block, buffer). The capacity device's
+    /// data is read into our buffer, copied to the guest and written to the slot from there:
+    /// the guest's own buffers are never what the cache stores (the guest can change them
+    /// at any moment).
+    promotions: Vec<(u32, BlockId, u16)>,
     wrote_capacity: bool,
     /// Bytes the pieces on each device should move, and did: a short transfer (a device
     /// that shrank, a failing device) is an I/O error, not a success.
@@ -638,6 +716,9 @@ impl Req {
             kind: Kind::Read,
             offset: 0,
             len: 0,
+            chunk_off: 0,
+            chunk_len: 0,
+            capacity_range: None,
             pending: 0,
             error: 0,
             cache_error: 0,
@@ -698,6 +779,17 @@ struct Promotion {
     iov: [libc::iovec; 1],
 }
 
+/// Where one block of a planned read comes from.
+#[derive(Debug, Clone, Copy)]
+enum Source {
+    /// The capacity device, straight into the guest's buffers.
+    Capacity,
+    /// A cache slot, pinned for the read.
+    Cache(u32),
+    /// The capacity device, into promotion buffer `n`, for the guest and the cache both.
+    Promote(u16),
+}
+
 /// user_data bits: promotion writes carry PROMOTION and their buffer index; pieces of guest
 /// requests carry the tag, and CACHE_TARGET when they go to the cache device.
 const PROMOTION: u64 = 1 << 63;
@@ -718,8 +810,11 @@ pub struct TieredQueue {
     free_bufs: Vec<u16>,
     promotions: Vec<Promotion>,
     local: VecDeque<Completion>,
-    /// Per-block plan of the request being started (scratch, reused).
-    sources: Vec<Option<u32>>,
+    /// Per-block plan of the reads being started (scratch, reused).
+    sources: Vec<Source>,
+    /// Per-block target of the write being started: a slot, or `None` for the capacity
+    /// device (scratch, reused).
+    targets: Vec<Option<u32>>,
     in_flight: usize,
     last_end: u64,
     run: u64,
@@ -733,6 +828,8 @@ pub struct TieredQueue {
     read_misses: u64,
     /// Reads and writes accepted by `start` and started at the next `submit`, in order.
     deferred: Vec<u64>,
+    /// Requests larger than a chunk whose next chunk waits for room in the rings.
+    continuing: VecDeque<u64>,
     /// Ring entries the deferred requests may take (blocks + 1 each), for `room`.
     deferred_need: usize,
     map_prefetch: block_map::Prefetcher,
@@ -781,16 +878,7 @@ impl TieredQueue {
         }
         // SAFETY: a fresh descriptor nobody else owns; it outlives both engines (field order).
         let own = unsafe { OwnedFd::from_raw_fd(fd) };
-        let engine = || {
-            new_engine_notifying(EngineKind::IoUring, RING_ENTRIES, fd)
-                .or_else(|_| new_engine(EngineKind::Sync, RING_ENTRIES))
-        };
-        let mut cache_eng = if sh.cache_on_tmpfs {
-            new_engine(EngineKind::Sync, RING_ENTRIES)?
-        } else {
-            engine()?
-        };
-        let mut cap_eng = engine()?;
+        let (mut cache_eng, mut cap_eng) = sh.engines(fd)?;
         let cache_fid = cache_eng.register_file(sh.cache.as_raw_fd())?;
         let cap_fid = cap_eng.register_file(sh.cap.as_raw_fd())?;
         let notify = fd;
@@ -824,6 +912,7 @@ impl TieredQueue {
                 .collect(),
             local: VecDeque::with_capacity(depth as usize),
             sources: Vec::with_capacity(256),
+            targets: Vec::with_capacity(CHUNK_BLOCKS as usize),
             in_flight: 0,
             last_end: u64::MAX,
             run: 0,
@@ -832,6 +921,7 @@ impl TieredQueue {
             read_hits: 0,
             read_misses: 0,
             deferred: Vec::with_capacity(depth as usize),
+            continuing: VecDeque::with_capacity(depth as usize),
             deferred_need: 0,
             map_prefetch,
             touches: Vec::with_capacity(4096),
@@ -945,10 +1035,26 @@ impl TieredQueue {
         Ok(())
     }
 
-    fn room(&self, blocks: u64) -> bool {
-        let need = blocks as usize + 1 + self.deferred_need;
+    /// Whether both rings have room for `entries` more operations (and one spare) besides
+    /// those the deferred requests will take.
+    fn room(&self, entries: u64) -> bool {
+        let need = entries as usize + 1 + self.deferred_need;
         self.cache_eng.in_flight() + need <= RING_ENTRIES as usize
             && self.cap_eng.in_flight() + need <= RING_ENTRIES as usize
+    }
+
+    /// Queues the next chunk of each large request whose last chunk finished, while the
+    /// rings have room for it (the rest wait for completions to make room).
+    fn resume_chunks(&mut self) {
+        while let Some(&tag) = self.continuing.front() {
+            let entries = self.blocks(tag) as u64;
+            if !self.room(entries) {
+                break;
+            }
+            self.continuing.pop_front();
+            self.deferred.push(tag);
+            self.deferred_need += entries as usize + 1;
+        }
     }
 
     /// Starts the reads and writes that `start` queued, in the order they came.
@@ -967,8 +1073,7 @@ impl TieredQueue {
         while i < deferred.len() {
             if !is_read(self, deferred[i]) {
                 let tag = deferred[i];
-                let (offset, len) = (self.reqs[tag as usize].offset, self.reqs[tag as usize].len);
-                let result = self.start_write(tag, offset, len);
+                let result = self.start_write(tag);
                 self.start_failed(tag, result);
                 i += 1;
                 continue;
@@ -1003,18 +1108,17 @@ impl TieredQueue {
         self.deferred_need = 0;
     }
 
-    /// Decides where each block of a read comes from, under the state lock the caller holds
-    /// (pins the hits, admits misses per the policy), appending one source per block to
-    /// `self.sources`.
+    /// Decides where each block of a read's current chunk comes from, under the state lock
+    /// the caller holds (pins the hits, admits misses per the policy), appending one source
+    /// per block to `self.sources`.
     fn plan_read(&mut self, st: &mut TierState, tag: u64) {
-        let (offset, len) = (self.reqs[tag as usize].offset, self.reqs[tag as usize].len);
+        let (offset, len) = self.chunk(tag);
         let bypass = self.sequential(offset, len);
         let sh = &self.sh;
         let bs = sh.block;
         let req = &mut self.reqs[tag as usize];
         let (first, last) = (offset / bs, (offset + len - 1) / bs);
         let hint = AccessHint::read(last - first + 1);
-        let spare_bufs = self.free_bufs.len();
         for b in first..=last {
             // Once the cache device has failed, only dirty blocks (whose only copy is
             // there) are read from it; clean ones come from the capacity device.
@@ -1022,42 +1126,72 @@ impl TieredQueue {
                 req.dirty_hit |= dirty;
                 self.touches.push((b, hint));
                 req.hits.push((slot, b));
-                self.sources.push(Some(slot));
+                self.sources.push(Source::Cache(slot));
                 self.read_hits += 1;
                 continue;
             }
-            self.sources.push(None);
             self.read_misses += 1;
             let full = b * bs >= offset && (b + 1) * bs <= offset + len;
-            if full && !bypass && req.promotions.len() < spare_bufs {
-                if let Some((slot, victim)) = st.admit(b, hint) {
-                    if victim.is_some() {
-                        sh.metrics.evictions.fetch_add(1, Relaxed);
+            let mut source = Source::Capacity;
+            if full && !bypass {
+                if let Some(&buf) = self.free_bufs.last() {
+                    if let Some((slot, victim)) = st.admit(b, hint) {
+                        if victim.is_some() {
+                            sh.metrics.evictions.fetch_add(1, Relaxed);
+                        }
+                        self.free_bufs.pop();
+                        req.promotions.push((slot, b, buf));
+                        source = Source::Promote(buf);
                     }
-                    req.promotions.push((slot, b));
                 }
             }
+            self.sources.push(source);
         }
         if bypass {
             sh.metrics.bypassed.fetch_add(1, Relaxed);
         }
     }
 
-    /// Cache blocks request `tag` covers.
+    /// The byte range of request `tag`'s current chunk.
+    fn chunk(&self, tag: u64) -> (u64, u64) {
+        let r = &self.reqs[tag as usize];
+        (r.chunk_off, r.chunk_len)
+    }
+
+    /// Makes the part of request `tag` after its current chunk the current chunk (at most
+    /// [`CHUNK_BLOCKS`] blocks); `false` when nothing is left.
+    fn next_chunk(&mut self, tag: u64) -> bool {
+        let bs = self.sh.block;
+        let r = &mut self.reqs[tag as usize];
+        let end = r.offset + r.len;
+        let start = if r.chunk_len == 0 {
+            r.offset
+        } else {
+            r.chunk_off + r.chunk_len
+        };
+        if start >= end {
+            return false;
+        }
+        let limit = (start / bs + CHUNK_BLOCKS) * bs;
+        r.chunk_off = start;
+        r.chunk_len = end.min(limit) - start;
+        true
+    }
+
+    /// Cache blocks the current chunk of request `tag` covers.
     fn blocks(&self, tag: u64) -> usize {
-        let (offset, len, bs) = (
-            self.reqs[tag as usize].offset,
-            self.reqs[tag as usize].len,
-            self.sh.block,
-        );
+        let (offset, len) = self.chunk(tag);
+        let bs = self.sh.block;
         ((offset + len - 1) / bs - offset / bs + 1) as usize
     }
 
-    /// Pushes a planned read's pieces: each hit block from its slot, runs of missed blocks
-    /// from the capacity device. Its sources are `self.sources[at..]`, one per block.
+    /// Pushes a planned read chunk's pieces: each hit block from its slot, each promoted
+    /// block into its buffer, runs of other missed blocks from the capacity device. Its
+    /// sources are `self.sources[at..]`, one per block.
     fn issue_read(&mut self, tag: u64, at: usize) -> Result<(), StartError> {
         let bs = self.sh.block;
-        let (offset, len) = (self.reqs[tag as usize].offset, self.reqs[tag as usize].len);
+        let (offset, len) = self.chunk(tag);
+        let base = self.reqs[tag as usize].offset;
         let first = offset / bs;
         let mut run_start: Option<u64> = None;
         for i in 0..self.blocks(tag) {
@@ -1065,18 +1199,38 @@ impl TieredQueue {
             let b = first + i as u64;
             let lo = (b * bs).max(offset);
             let hi = ((b + 1) * bs).min(offset + len);
-            if let Some(slot) = source {
-                if let Some(rs) = run_start.take() {
-                    self.piece(tag, false, false, rs, rs - offset, lo - rs)?;
+            match source {
+                Source::Capacity => {
+                    run_start.get_or_insert(lo);
                 }
-                let dev = self.sh.slot_offset(slot) + (lo - b * bs);
-                self.piece(tag, true, false, dev, lo - offset, hi - lo)?;
-            } else if run_start.is_none() {
-                run_start = Some(lo);
+                Source::Cache(slot) => {
+                    if let Some(rs) = run_start.take() {
+                        self.piece(tag, false, false, rs, rs - base, lo - rs)?;
+                    }
+                    let dev = self.sh.slot_offset(slot) + (lo - b * bs);
+                    self.piece(tag, true, false, dev, lo - base, hi - lo)?;
+                }
+                Source::Promote(buf) => {
+                    if let Some(rs) = run_start.take() {
+                        self.piece(tag, false, false, rs, rs - base, lo - rs)?;
+                    }
+                    let p = &mut self.promotions[buf as usize];
+                    p.iov[0] = libc::iovec {
+                        iov_base: self.bufs[buf as usize].ptr.cast(),
+                        iov_len: bs as usize,
+                    };
+                    let op = EngineOp::Readv {
+                        file: self.cap_fid,
+                        offset: b * bs,
+                        iov: p.iov.as_ptr(),
+                        iovcnt: 1,
+                    };
+                    self.push_counted(tag, false, op, tag, bs)?;
+                }
             }
         }
         if let Some(rs) = run_start {
-            self.piece(tag, false, false, rs, rs - offset, offset + len - rs)?;
+            self.piece(tag, false, false, rs, rs - base, offset + len - rs)?;
         }
         Ok(())
     }
@@ -1100,14 +1254,17 @@ impl TieredQueue {
         }
     }
 
-    fn start_write(&mut self, tag: u64, offset: u64, len: u64) -> Result<(), StartError> {
+    /// Plans and pushes the current chunk of write `tag`.
+    fn start_write(&mut self, tag: u64) -> Result<(), StartError> {
+        let (offset, len) = self.chunk(tag);
+        let base = self.reqs[tag as usize].offset;
         let bs = self.sh.block;
         let (first, last) = (offset / bs, (offset + len - 1) / bs);
         let hint = AccessHint::write(last - first + 1);
         let bypass = self.sequential(offset, len);
         let mode = self.sh.mode;
         // Per block: Some(slot) to write into the cache, None for the capacity device.
-        let mut targets = std::mem::take(&mut self.sources);
+        let mut targets = std::mem::take(&mut self.targets);
         targets.clear();
         let mut to_capacity_everything = false;
         {
@@ -1183,11 +1340,31 @@ impl TieredQueue {
             }
             if to_capacity_everything || targets.iter().any(Option::is_none) {
                 req.wrote_capacity = true;
+                st.begin_capacity_write(first, last);
+                req.capacity_range = Some((first, last));
             }
             sh.update_gauges(&st);
         }
+        let result = self.push_write(tag, &targets, to_capacity_everything, base);
+        self.targets = targets;
+        result
+    }
+
+    /// Pushes the pieces of a planned write chunk: the whole chunk to the capacity device
+    /// when `to_capacity_everything`, each block with a target slot to the cache, and runs
+    /// of the other blocks to the capacity device.
+    fn push_write(
+        &mut self,
+        tag: u64,
+        targets: &[Option<u32>],
+        to_capacity_everything: bool,
+        base: u64,
+    ) -> Result<(), StartError> {
+        let (offset, len) = self.chunk(tag);
+        let bs = self.sh.block;
+        let first = offset / bs;
         if to_capacity_everything {
-            self.piece(tag, false, true, offset, 0, len)?;
+            self.piece(tag, false, true, offset, offset - base, len)?;
         }
         let mut run_start: Option<u64> = None;
         for (i, target) in targets.iter().enumerate() {
@@ -1198,27 +1375,20 @@ impl TieredQueue {
                 Some(slot) => {
                     if let Some(rs) = run_start.take() {
                         if !to_capacity_everything {
-                            if let Err(e) = self.piece(tag, false, true, rs, rs - offset, lo - rs) {
-                                self.sources = targets;
-                                return Err(e);
-                            }
+                            self.piece(tag, false, true, rs, rs - base, lo - rs)?;
                         }
                     }
                     let dev = self.sh.slot_offset(*slot) + (lo - b * bs);
-                    if let Err(e) = self.piece(tag, true, true, dev, lo - offset, hi - lo) {
-                        self.sources = targets;
-                        return Err(e);
-                    }
+                    self.piece(tag, true, true, dev, lo - base, hi - lo)?;
                 }
                 None => {
                     run_start.get_or_insert(lo);
                 }
             }
         }
-        self.sources = targets;
         if let Some(rs) = run_start {
             if !to_capacity_everything {
-                self.piece(tag, false, true, rs, rs - offset, offset + len - rs)?;
+                self.piece(tag, false, true, rs, rs - base, offset + len - rs)?;
             }
         }
         Ok(())
@@ -1261,6 +1431,8 @@ impl TieredQueue {
                 }
             }
             req.wrote_capacity = true;
+            st.begin_capacity_write(first, last);
+            req.capacity_range = Some((first, last));
             sh.update_gauges(&st);
         }
         for (slot, at, n) in partial {
@@ -1332,9 +1504,13 @@ impl TieredQueue {
         if req.wrote_capacity && ok {
             st.capacity_unsynced = true;
         }
+        if let Some((first, last)) = req.capacity_range.take() {
+            st.end_capacity_write(first, last);
+        }
         if !ok || cache_failed {
-            for &(slot, _) in &req.promotions {
+            for &(slot, _, buf) in &req.promotions {
                 st.finish_fill(slot, false, false);
+                self.free_bufs.push(buf);
             }
             req.promotions.clear();
         }
@@ -1347,17 +1523,13 @@ impl TieredQueue {
         sh.update_gauges(&st);
     }
 
-    /// Starts the promotions of a finished read: copy each block from the guest's buffers
-    /// (before the guest may reuse them) and write it into its slot.
+    /// Starts the promotions of a finished read chunk: each promoted block was read into our
+    /// own buffer; copy it to the guest's buffers and write it into its slot from ours.
     fn start_promotions(&mut self, tag: u64) {
         let req = &mut self.reqs[tag as usize];
         let promos = std::mem::take(&mut req.promotions);
         let bs = self.sh.block;
-        for (slot, block) in promos.iter().copied() {
-            let Some(buf_i) = self.free_bufs.pop() else {
-                self.sh.state().finish_fill(slot, false, false);
-                continue;
-            };
+        for (slot, block, buf_i) in promos.iter().copied() {
             let req = &self.reqs[tag as usize];
             let skip = block * bs - req.offset;
             let buf = self.bufs[buf_i as usize].as_mut_slice();
@@ -1372,12 +1544,13 @@ impl TieredQueue {
                 let (lo, hi) = (a.max(skip), b.min(skip + bs));
                 if lo < hi {
                     let n = (hi - lo) as usize;
-                    // SAFETY: `[lo - a, lo - a + n)` lies inside this iovec's buffer and
-                    // `buf[copied..copied + n]` inside ours (n bytes of at most `bs`).
+                    // SAFETY: `[lo - a, lo - a + n)` lies inside this iovec's buffer, which
+                    // the guest gave us to write into, and `buf[copied..copied + n]` inside
+                    // ours (n bytes of at most `bs`); they cannot overlap (ours is private).
                     unsafe {
                         std::ptr::copy_nonoverlapping(
+                            buf.as_ptr().add(copied),
                             v.iov_base.cast::<u8>().add((lo - a) as usize),
-                            buf.as_mut_ptr().add(copied),
                             n,
                         )
                     };
@@ -1386,10 +1559,6 @@ impl TieredQueue {
             }
             let p = &mut self.promotions[buf_i as usize];
             p.slot = slot;
-            p.iov[0] = libc::iovec {
-                iov_base: self.bufs[buf_i as usize].ptr.cast(),
-                iov_len: bs as usize,
-            };
             let op = EngineOp::Writev {
                 file: self.cache_fid,
                 offset: self.sh.slot_offset(slot),
@@ -1459,8 +1628,11 @@ impl TieredQueue {
             r.expected_cap = 0;
             r.moved_cache = 0;
             r.moved_cap = 0;
-            let (offset, len) = (r.offset, r.len);
-            if self.piece(tag, false, false, offset, 0, len).is_ok() {
+            let (offset, len, base) = (r.chunk_off, r.chunk_len, r.offset);
+            if self
+                .piece(tag, false, false, offset, offset - base, len)
+                .is_ok()
+            {
                 self.needs_submit = true;
                 return None;
             }
@@ -1479,6 +1651,22 @@ impl TieredQueue {
         self.release(tag, guest_error == 0);
         if guest_error == 0 && kind == Kind::Read {
             self.start_promotions(tag);
+        }
+        if guest_error == 0 && matches!(kind, Kind::Read | Kind::Write) && self.next_chunk(tag) {
+            // The next chunk starts at the next submit that finds room for it.
+            let r = &mut self.reqs[tag as usize];
+            r.cache_error = 0;
+            r.dirty_hit = false;
+            r.retried = false;
+            r.wrote_capacity = false;
+            r.expected_cache = 0;
+            r.expected_cap = 0;
+            r.moved_cache = 0;
+            r.moved_cap = 0;
+            r.iov.clear();
+            self.continuing.push_back(tag);
+            self.needs_submit = true;
+            return None;
         }
         let result = if guest_error != 0 {
             guest_error
@@ -1504,33 +1692,30 @@ impl TieredQueue {
 
 impl DiskQueue for TieredQueue {
     unsafe fn start(&mut self, op: DiskOp<'_>, tag: u64) -> Result<(), StartError> {
-        check_op(&op, self.sh.capacity, false)?;
+        check_op(&op, self.sh.capacity)?;
         if !matches!(op, DiskOp::Read { .. } | DiskOp::Write { .. }) {
             // Reads and writes wait for `submit`; anything else starts after those that
             // came before it, so requests still start in the order they arrive.
             self.run_deferred();
         }
         let bs = self.sh.block;
-        let blocks = op
-            .range()
-            .map(|(o, l)| {
-                if l == 0 {
-                    0
-                } else {
-                    (o + l - 1) / bs - o / bs + 1
-                }
-            })
-            .unwrap_or(0);
-        if !self.room(blocks) {
-            if blocks + 1 > u64::from(RING_ENTRIES) / 2 {
-                log::warn!("request of {blocks} cache blocks is too large for a tiered disk");
-                self.local.push_back(Completion {
-                    user_data: tag,
-                    result: -libc::EINVAL,
-                });
-                self.in_flight += 1;
-                return Ok(());
-            }
+        // Ring entries this request needs at once: a read or write one chunk's blocks (a
+        // larger one goes chunk by chunk), a discard or write-zeroes a few.
+        let entries = match op {
+            DiskOp::Read { .. } | DiskOp::Write { .. } => op
+                .range()
+                .map(|(o, l)| {
+                    if l == 0 {
+                        0
+                    } else {
+                        ((o + l - 1) / bs - o / bs + 1).min(CHUNK_BLOCKS)
+                    }
+                })
+                .unwrap_or(0),
+            DiskOp::Discard { .. } | DiskOp::WriteZeroes { .. } => ZERO_OP_ENTRIES,
+            DiskOp::Flush => 0,
+        };
+        if !self.room(entries) {
             return Err(StartError::Busy);
         }
         let req = &mut self.reqs[tag as usize];
@@ -1544,9 +1729,14 @@ impl DiskQueue for TieredQueue {
         req.moved_cap = 0;
         req.dirty_hit = false;
         req.retried = false;
+        req.chunk_off = 0;
+        req.chunk_len = 0;
         req.iov.clear();
+        // Every piece of a chunk takes at most one iovec per guest iovec it spans and one
+        // for its start: reserved now, so the vector never moves while the engines hold
+        // pointers into it.
         req.iov.reserve(
-            blocks as usize * 2
+            entries as usize * 2
                 + 2
                 + match op {
                     DiskOp::Read { iov, .. } | DiskOp::Write { iov, .. } => iov.len(),
@@ -1573,14 +1763,15 @@ impl DiskQueue for TieredQueue {
                 } else {
                     Kind::Write
                 };
+                self.next_chunk(tag);
                 // The lookups wait for `submit` (see `run_deferred`); meanwhile the CPU
                 // fetches the map entries they will need.
                 let first = offset / bs;
-                for b in first..first + blocks.min(4) {
+                for b in first..first + entries.min(4) {
                     self.map_prefetch.prefetch(b);
                 }
                 self.deferred.push(tag);
-                self.deferred_need += blocks as usize + 1;
+                self.deferred_need += entries as usize + 1;
                 self.needs_submit = true;
                 self.in_flight += 1;
                 return Ok(());
@@ -1599,6 +1790,9 @@ impl DiskQueue for TieredQueue {
                 req.kind = kind;
                 req.offset = offset;
                 req.len = len;
+                // One piece per device, whatever the length: never more than one chunk.
+                req.chunk_off = offset;
+                req.chunk_len = len;
                 req.guest_iovcnt = 0;
                 if len == 0 {
                     self.local.push_back(Completion {
@@ -1634,6 +1828,7 @@ impl DiskQueue for TieredQueue {
 
     fn submit(&mut self) -> io::Result<()> {
         self.needs_submit = false;
+        self.resume_chunks();
         self.run_deferred();
         self.settle();
         self.cache_eng.submit()?;
@@ -1668,6 +1863,10 @@ impl DiskQueue for TieredQueue {
                 }
                 return None;
             };
+            if !self.continuing.is_empty() {
+                // This completion made room that a waiting chunk may need.
+                self.needs_submit = true;
+            }
             if c.user_data & PROMOTION != 0 {
                 self.finish_promotion((c.user_data & 0xffff) as u16, c.result);
                 continue;
@@ -1712,7 +1911,7 @@ impl DiskQueue for TieredQueue {
     }
 
     fn wait(&mut self) -> io::Result<()> {
-        if !self.deferred.is_empty() {
+        if !self.deferred.is_empty() || (!self.continuing.is_empty() && self.needs_submit) {
             return self.submit();
         }
         if !self.local.is_empty() || self.link.ready.load(Relaxed) > 0 {

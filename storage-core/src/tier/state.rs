@@ -87,6 +87,14 @@ pub struct TierState {
     pub failed: bool,
     /// Data was written to the capacity device since its last sync.
     pub capacity_unsynced: bool,
+    /// Block ranges (first, last) of capacity writes in flight, one per request chunk. A
+    /// read that misses on such a block is not promoted: its capacity read may return the
+    /// data being replaced, and the cache would keep that after the write is acknowledged.
+    capacity_writes: Vec<(BlockId, BlockId)>,
+    /// Set by a failed sync whose data may now be lost: every later FLUSH fails with it.
+    /// The kernel reports a writeback error once; a later sync that succeeds says nothing
+    /// of the pages it dropped (QEMU's file-posix does the same).
+    pub flush_error: i32,
 }
 
 impl TierState {
@@ -102,6 +110,8 @@ impl TierState {
             dirty: 0,
             failed: false,
             capacity_unsynced: false,
+            capacity_writes: Vec::with_capacity(1024),
+            flush_error: 0,
         };
         // Free slots are handed out from the end of the vector: push in reverse so a fresh
         // cache fills from slot 0 upwards.
@@ -275,6 +285,13 @@ impl TierState {
         if self.failed || self.free.is_empty() || self.map.contains(block) {
             return None;
         }
+        if self
+            .capacity_writes
+            .iter()
+            .any(|&(a, b)| a <= block && block <= b)
+        {
+            return None;
+        }
         if !self.policy.should_admit(block, hint) {
             return None;
         }
@@ -404,6 +421,23 @@ impl TierState {
             } else if sl.use_ == Use::Free {
                 self.pending_free.push(slot);
             }
+        }
+    }
+
+    /// A capacity write of blocks `first..=last` starts: they are not admitted until it ends.
+    pub fn begin_capacity_write(&mut self, first: BlockId, last: BlockId) {
+        self.capacity_writes.push((first, last));
+    }
+
+    /// The capacity write that [`begin_capacity_write`](Self::begin_capacity_write)
+    /// registered for `first..=last` ended.
+    pub fn end_capacity_write(&mut self, first: BlockId, last: BlockId) {
+        if let Some(i) = self
+            .capacity_writes
+            .iter()
+            .position(|&r| r == (first, last))
+        {
+            self.capacity_writes.swap_remove(i);
         }
     }
 

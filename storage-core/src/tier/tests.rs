@@ -1,0 +1,517 @@
+//! The tier's data path driven directly, without a daemon: each test opens a tiered disk on
+//! temporary files (its engines are the synchronous one with injected faults, see
+//! `engine::faulty`), drives a queue as a worker does, and checks what a guest would read.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use super::journal::Journal;
+use super::layout::SlotState;
+use super::*;
+use crate::disk::{AnyDisk, DiskOp, DiskQueue, StartError};
+use crate::engine::faulty::{Device, Fault, Faults, OpKind};
+
+const BS: u64 = 4096;
+const CAP: u64 = 32 << 20;
+const CACHE: u64 = 16 << 20;
+
+/// The capacity device's initial contents: every 8-byte word names its offset.
+fn initial(len: u64) -> Vec<u8> {
+    (0..len / 8)
+        .flat_map(|i| ((i * 8) ^ 0x5a5a_0000).to_le_bytes())
+        .collect()
+}
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    disk: TieredDisk,
+    /// What the disk must read back.
+    model: Vec<u8>,
+}
+
+impl Fixture {
+    fn new(mode: CacheMode) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let model = initial(CAP);
+        std::fs::write(dir.path().join("cap.img"), &model).unwrap();
+        let disk = Self::open_in(&dir, mode, false);
+        Fixture { dir, disk, model }
+    }
+
+    fn spec(dir: &tempfile::TempDir, mode: CacheMode) -> TierSpec {
+        TierSpec {
+            cache: dir.path().join("cache.img"),
+            cache_size: CACHE,
+            mode,
+            policy: None,
+            block_size: BS,
+            seq_cutoff: u64::MAX,
+            force_format: false,
+        }
+    }
+
+    fn open_in(dir: &tempfile::TempDir, mode: CacheMode, read_only: bool) -> TieredDisk {
+        TieredDisk::open(
+            &dir.path().join("cap.img"),
+            read_only,
+            false,
+            EngineKind::Sync,
+            &Self::spec(dir, mode),
+        )
+        .unwrap()
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn faults(&self) -> &Faults {
+        &self.disk.shared.faults
+    }
+
+    fn metric(&self, m: impl Fn(&TierMetrics) -> &AtomicU64) -> u64 {
+        m(&self.disk.shared.metrics).load(Relaxed)
+    }
+
+    fn reopen(&mut self, mode: CacheMode) {
+        // The old disk's threads stop (and flush) before the new one opens the files.
+        let old = std::mem::replace(&mut self.disk, Self::open_in(&self.dir, mode, false));
+        drop(old);
+        self.disk = Self::open_in(&self.dir, mode, false);
+    }
+}
+
+fn iov(buf: &mut [u8]) -> libc::iovec {
+    libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    }
+}
+
+/// Starts `op` (retrying while the queue is busy) without waiting for it.
+fn start(q: &mut impl DiskQueue, op: DiskOp<'_>, tag: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        // SAFETY: every test keeps the buffers and iovec arrays it passes alive until it
+        // has collected the request's completion (`complete`/`settle`).
+        match unsafe { q.start(op, tag) } {
+            Ok(()) => return,
+            Err(StartError::Busy) => {
+                q.submit().unwrap();
+                q.wait().unwrap();
+                assert!(Instant::now() < deadline, "queue stayed busy");
+            }
+            Err(e) => panic!("start failed: {e}"),
+        }
+    }
+}
+
+/// Drives the queue until every request and promotion has finished; returns the
+/// completions, by tag.
+fn settle(q: &mut impl DiskQueue) -> Vec<(u64, i32)> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut done = Vec::new();
+    loop {
+        q.submit().unwrap();
+        while let Some(c) = q.pop_completion() {
+            done.push((c.user_data, c.result));
+        }
+        if q.in_flight() == 0 {
+            return done;
+        }
+        q.wait().unwrap();
+        assert!(Instant::now() < deadline, "requests did not finish");
+    }
+}
+
+/// Runs one request to completion; returns its result.
+fn run(q: &mut impl DiskQueue, op: DiskOp<'_>) -> i32 {
+    start(q, op, 0);
+    let done = settle(q);
+    assert_eq!(done.len(), 1);
+    done[0].1
+}
+
+fn read(q: &mut impl DiskQueue, offset: u64, len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    let v = [iov(&mut buf)];
+    assert_eq!(run(q, DiskOp::Read { offset, iov: &v }), len as i32);
+    buf
+}
+
+fn write(q: &mut impl DiskQueue, offset: u64, data: &[u8]) -> i32 {
+    let mut buf = data.to_vec();
+    let v = [iov(&mut buf)];
+    run(q, DiskOp::Write { offset, iov: &v })
+}
+
+/// Item 1 of the security review: a read miss is promoted from the capacity device's data,
+/// never from the guest's buffer, which the guest can rewrite before the promotion runs.
+#[test]
+fn a_promotion_never_caches_what_the_guest_wrote_into_its_read_buffer() {
+    let f = Fixture::new(CacheMode::WriteThrough);
+    let mut q = f.disk.new_queue(8).unwrap();
+    let mut buf = vec![0u8; BS as usize];
+    let v = [iov(&mut buf)];
+    start(&mut q, DiskOp::Read { offset: 0, iov: &v }, 0);
+    // The capacity read has run (the engine is synchronous); the worker has not yet seen
+    // its completion. A guest rewrites its buffer meanwhile.
+    q.submit().unwrap();
+    // SAFETY: the buffer is ours; the engine has finished with it (synchronous engine).
+    unsafe { std::ptr::write_bytes(v[0].iov_base.cast::<u8>(), 0xee, BS as usize) };
+    let done = settle(&mut q);
+    assert_eq!(done, vec![(0, BS as i32)]);
+    assert_eq!(f.metric(|m| &m.promotions), 1, "the miss was promoted");
+    let again = read(&mut q, 0, BS as usize);
+    assert_eq!(
+        f.metric(|m| &m.read_hits),
+        1,
+        "the second read came from the cache"
+    );
+    assert!(
+        again == f.model[..BS as usize],
+        "the cache holds what the guest wrote into its read buffer"
+    );
+}
+
+/// Item 6: a read that misses while a capacity write of the same block is in flight must
+/// not cache the data that write replaces.
+#[test]
+fn a_read_racing_a_capacity_write_never_caches_the_old_data() {
+    let f = Fixture::new(CacheMode::WriteThrough);
+    let mut q = f.disk.new_queue(8).unwrap();
+    f.faults()
+        .add(Device::Capacity, OpKind::Write, Fault::Hold, Some(1));
+    let mut new = vec![0xabu8; BS as usize];
+    let wv = [iov(&mut new)];
+    start(
+        &mut q,
+        DiskOp::Write {
+            offset: 0,
+            iov: &wv,
+        },
+        0,
+    );
+    q.submit().unwrap();
+    let mut buf = vec![0u8; BS as usize];
+    let rv = [iov(&mut buf)];
+    start(
+        &mut q,
+        DiskOp::Read {
+            offset: 0,
+            iov: &rv,
+        },
+        1,
+    );
+    q.submit().unwrap();
+    f.faults().release();
+    let mut done = settle(&mut q);
+    done.sort();
+    assert_eq!(done, vec![(0, BS as i32), (1, BS as i32)]);
+    assert_eq!(read(&mut q, 0, BS as usize), vec![0xab; BS as usize]);
+}
+
+/// Item 7: requests far larger than the rings (4 MiB = 1024 cache blocks, many at once, in
+/// many iovecs) work, and so do discards of any size.
+#[test]
+fn large_requests_work_under_load() {
+    for mode in [CacheMode::WriteThrough, CacheMode::WriteBack] {
+        let mut f = Fixture::new(mode);
+        let mut q = f.disk.new_queue(8).unwrap();
+        const MIB4: usize = 4 << 20;
+        // Warm part of the range, so requests mix hits and misses.
+        for i in 0..64u64 {
+            read(&mut q, (1 << 20) + i * 3 * BS, BS as usize);
+        }
+        let mut data: Vec<Vec<u8>> = (0..3)
+            .map(|k| (0..MIB4).map(|i| (i / 4096 + k * 7 + i) as u8).collect())
+            .collect();
+        // One write in 4 KiB iovecs, the others in one iovec each.
+        let iovs0: Vec<libc::iovec> = data[0].chunks_mut(BS as usize).map(iov).collect();
+        let iovs1 = [iov(&mut data[1])];
+        let iovs2 = [iov(&mut data[2])];
+        let offsets = [1u64 << 20, 6 << 20, (12 << 20) + 512];
+        start(
+            &mut q,
+            DiskOp::Write {
+                offset: offsets[0],
+                iov: &iovs0,
+            },
+            0,
+        );
+        start(
+            &mut q,
+            DiskOp::Write {
+                offset: offsets[1],
+                iov: &iovs1,
+            },
+            1,
+        );
+        start(
+            &mut q,
+            DiskOp::Write {
+                offset: offsets[2],
+                iov: &iovs2,
+            },
+            2,
+        );
+        let mut done = settle(&mut q);
+        done.sort();
+        assert_eq!(
+            done,
+            vec![(0, MIB4 as i32), (1, MIB4 as i32), (2, MIB4 as i32)]
+        );
+        for (k, &o) in offsets.iter().enumerate() {
+            f.model[o as usize..o as usize + MIB4].copy_from_slice(&data[k]);
+        }
+        let discard = (20u64 << 20, 8u64 << 20);
+        let r = run(
+            &mut q,
+            DiskOp::WriteZeroes {
+                offset: discard.0,
+                len: discard.1,
+                unmap: false,
+            },
+        );
+        assert_eq!(r, 0, "{mode:?}: write-zeroes of 8 MiB");
+        f.model[discard.0 as usize..(discard.0 + discard.1) as usize].fill(0);
+        // Read everything back, 4 MiB at a time, several at once.
+        let mut bufs: Vec<Vec<u8>> = (0..CAP as usize / MIB4).map(|_| vec![0; MIB4]).collect();
+        let vs: Vec<[libc::iovec; 1]> = bufs.iter_mut().map(|b| [iov(b)]).collect();
+        for (i, v) in vs.iter().enumerate() {
+            let offset = (i * MIB4) as u64;
+            start(&mut q, DiskOp::Read { offset, iov: v }, i as u64);
+        }
+        let done = settle(&mut q);
+        assert!(done.iter().all(|&(_, r)| r == MIB4 as i32), "{done:?}");
+        for (i, b) in bufs.iter().enumerate() {
+            assert!(
+                b[..] == f.model[i * MIB4..(i + 1) * MIB4],
+                "{mode:?}: 4 MiB at {} MiB differs",
+                i * 4
+            );
+        }
+        drop(q);
+        f.reopen(mode);
+        let mut q = f.disk.new_queue(8).unwrap();
+        assert!(
+            read(&mut q, 0, CAP as usize) == f.model,
+            "{mode:?}: after reopening"
+        );
+    }
+}
+
+/// Item 2: a read-only tiered disk refuses writes, discards and write-zeroes, and neither
+/// device changes.
+#[test]
+fn a_read_only_tiered_disk_refuses_every_write_and_changes_nothing() {
+    let f = Fixture::new(CacheMode::WriteBack);
+    drop(f.disk);
+    let slots = |dir: &tempfile::TempDir| {
+        let cache = std::fs::File::open(dir.path().join("cache.img")).unwrap();
+        Journal::recover(&cache).unwrap().1
+    };
+    let cache_before = slots(&f.dir);
+    let disk = AnyDisk::Tiered(Fixture::open_in(&f.dir, CacheMode::WriteBack, true));
+    let mut q = disk.new_queue(8).unwrap();
+    let mut data = vec![1u8; BS as usize];
+    let v = [iov(&mut data)];
+    for op in [
+        DiskOp::Write { offset: 0, iov: &v },
+        DiskOp::Discard { offset: 0, len: BS },
+        DiskOp::WriteZeroes {
+            offset: 0,
+            len: BS,
+            unmap: true,
+        },
+    ] {
+        // SAFETY: `data` outlives the call; a refused request is never started.
+        let r = unsafe { q.start(op, 0) };
+        assert_eq!(r, Err(StartError::ReadOnly), "{op:?}");
+    }
+    drop(q);
+    drop(disk);
+    assert!(std::fs::read(f.dir.path().join("cap.img")).unwrap() == f.model);
+    assert!(slots(&f.dir) == cache_before);
+}
+
+/// Item 4: in write-back mode a failed sync of the cache takes it out of service and fails
+/// that flush and every later one (the kernel reports a writeback error once).
+#[test]
+fn a_failed_cache_sync_in_writeback_mode_fails_every_later_flush() {
+    let f = Fixture::new(CacheMode::WriteBack);
+    let mut q = f.disk.new_queue(8).unwrap();
+    assert_eq!(write(&mut q, 0, &[3u8; BS as usize]), BS as i32);
+    assert_eq!(run(&mut q, DiskOp::Flush), 0);
+    assert_eq!(write(&mut q, BS, &[4u8; BS as usize]), BS as i32);
+    f.faults().add(
+        Device::Cache,
+        OpKind::Sync,
+        Fault::Error(libc::EIO),
+        Some(1),
+    );
+    assert_eq!(run(&mut q, DiskOp::Flush), -libc::EIO);
+    assert!(
+        f.disk.metrics().failed.load(Relaxed),
+        "cache out of service"
+    );
+    assert_eq!(run(&mut q, DiskOp::Flush), -libc::EIO, "a later flush");
+    // Reads still return every acknowledged write (dirty blocks are served from the cache).
+    assert_eq!(read(&mut q, 0, BS as usize), vec![3u8; BS as usize]);
+    assert_eq!(read(&mut q, BS, BS as usize), vec![4u8; BS as usize]);
+}
+
+/// Item 4, the capacity device: a failed sync fails that flush and every later one.
+#[test]
+fn a_failed_capacity_sync_fails_every_later_flush() {
+    for mode in [CacheMode::WriteThrough, CacheMode::WriteAround] {
+        let f = Fixture::new(mode);
+        let mut q = f.disk.new_queue(8).unwrap();
+        assert_eq!(write(&mut q, 0, &[3u8; BS as usize]), BS as i32);
+        f.faults().add(
+            Device::Capacity,
+            OpKind::Sync,
+            Fault::Error(libc::EIO),
+            Some(1),
+        );
+        assert_eq!(run(&mut q, DiskOp::Flush), -libc::EIO, "{mode:?}");
+        assert_eq!(write(&mut q, BS, &[4u8; BS as usize]), BS as i32);
+        assert_eq!(
+            run(&mut q, DiskOp::Flush),
+            -libc::EIO,
+            "{mode:?}: a later flush"
+        );
+    }
+}
+
+/// Item 4, write-through: a failed cache sync takes the cache out of service; the capacity
+/// device has every block, so later flushes succeed, and the cache, whose slots may now
+/// hold stale data, is formatted afresh when the disk reopens.
+#[test]
+fn a_failed_cache_sync_in_writethrough_mode_retires_the_cache() {
+    let mut f = Fixture::new(CacheMode::WriteThrough);
+    let mut q = f.disk.new_queue(8).unwrap();
+    read(&mut q, 0, BS as usize);
+    assert_eq!(f.metric(|m| &m.resident_blocks), 1);
+    f.faults().add(
+        Device::Cache,
+        OpKind::Sync,
+        Fault::Error(libc::EIO),
+        Some(1),
+    );
+    assert_eq!(run(&mut q, DiskOp::Flush), -libc::EIO);
+    assert!(f.disk.metrics().failed.load(Relaxed));
+    assert_eq!(write(&mut q, 0, &[9u8; BS as usize]), BS as i32);
+    assert_eq!(
+        run(&mut q, DiskOp::Flush),
+        0,
+        "the capacity device holds everything"
+    );
+    drop(q);
+    f.reopen(CacheMode::WriteThrough);
+    assert_eq!(f.metric(|m| &m.resident_blocks), 0, "reformatted");
+    let mut q = f.disk.new_queue(8).unwrap();
+    assert_eq!(read(&mut q, 0, BS as usize), vec![9u8; BS as usize]);
+}
+
+/// Item 5: a journal record that names a slot is written only after the slot's data is
+/// durable. The data sync fails here, so no record may be on the device.
+#[test]
+fn no_record_reaches_the_device_before_its_data_is_synced() {
+    let f = Fixture::new(CacheMode::WriteBack);
+    let mut q = f.disk.new_queue(8).unwrap();
+    read(&mut q, 0, BS as usize);
+    assert_eq!(f.metric(|m| &m.promotions), 1);
+    f.faults().add(
+        Device::Cache,
+        OpKind::Sync,
+        Fault::Error(libc::EIO),
+        Some(1),
+    );
+    assert_eq!(run(&mut q, DiskOp::Flush), -libc::EIO);
+    let cache = std::fs::File::open(f.path("cache.img")).unwrap();
+    let (_, states, _) = Journal::recover(&cache).unwrap();
+    assert!(
+        states.iter().all(|s| *s == SlotState::Free),
+        "a record was written although its data's sync failed"
+    );
+}
+
+/// Fault injection: failed and short reads and writes on either device reach the guest as
+/// errors, and nothing acknowledged is lost.
+#[test]
+fn device_errors_reach_the_guest_and_lose_nothing_acknowledged() {
+    for mode in [CacheMode::WriteThrough, CacheMode::WriteBack] {
+        let f = Fixture::new(mode);
+        let mut q = f.disk.new_queue(8).unwrap();
+        let mut model = f.model[..(1 << 20)].to_vec();
+        let block = |b: u64, v: u8| (b * BS, vec![v; BS as usize]);
+        // Acknowledged writes and cached reads before the faults.
+        for b in 0..16u64 {
+            let (o, d) = block(b, b as u8 + 1);
+            assert_eq!(write(&mut q, o, &d), BS as i32);
+            model[o as usize..(o + BS) as usize].copy_from_slice(&d);
+        }
+        assert_eq!(run(&mut q, DiskOp::Flush), 0);
+        for b in 16..32u64 {
+            read(&mut q, b * BS, BS as usize);
+        }
+        // A failed capacity write, and a short one, are errors and change nothing.
+        for fault in [Fault::Error(libc::EIO), Fault::Short(100)] {
+            f.faults()
+                .add(Device::Capacity, OpKind::Write, fault, Some(1));
+            let (o, d) = block(40, 0x77);
+            let r = write(&mut q, o, &d);
+            if mode == CacheMode::WriteThrough {
+                assert!(r < 0, "{mode:?} {fault:?}: {r}");
+                // A failed write leaves the block undefined for the guest; restore it.
+                f.faults().clear();
+                assert_eq!(
+                    write(&mut q, o, &model[o as usize..(o + BS) as usize]),
+                    BS as i32
+                );
+            } else {
+                // Write-back puts a whole block in the cache: the capacity device is not
+                // written.
+                assert_eq!(r, BS as i32, "{mode:?} {fault:?}");
+                model[o as usize..(o + BS) as usize].copy_from_slice(&d);
+                f.faults().clear();
+            }
+        }
+        // A failed capacity read is an error.
+        f.faults().add(
+            Device::Capacity,
+            OpKind::Read,
+            Fault::Error(libc::EIO),
+            Some(1),
+        );
+        let mut buf = vec![0u8; BS as usize];
+        let v = [iov(&mut buf)];
+        assert_eq!(
+            run(
+                &mut q,
+                DiskOp::Read {
+                    offset: 100 * BS,
+                    iov: &v
+                }
+            ),
+            -libc::EIO
+        );
+        f.faults().clear();
+        // A failed cache read of a clean block is retried on the capacity device.
+        f.faults().add(
+            Device::Cache,
+            OpKind::Read,
+            Fault::Error(libc::EIO),
+            Some(1),
+        );
+        assert_eq!(
+            read(&mut q, 16 * BS, BS as usize),
+            model[16 * BS as usize..17 * BS as usize]
+        );
+        f.faults().clear();
+        // Every acknowledged write reads back.
+        assert!(read(&mut q, 0, 1 << 20) == model, "{mode:?}");
+    }
+}
