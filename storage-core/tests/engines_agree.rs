@@ -186,7 +186,10 @@ proptest! {
 #[test]
 fn out_of_range_and_read_only_are_refused_before_any_io() {
     let f = image();
-    let disk = RawDisk::open(f.path(), true, false, EngineKind::IoUring).unwrap();
+    // Read-only is enforced where every format's queue is wrapped: `AnyQueue`.
+    let disk = storage_core::disk::AnyDisk::Raw(
+        RawDisk::open(f.path(), true, false, EngineKind::IoUring).unwrap(),
+    );
     let mut q = disk.new_queue(4).unwrap();
     let mut buf = vec![0u8; 4096];
     let iov = [libc::iovec {

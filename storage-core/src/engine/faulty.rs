@@ -2,6 +2,9 @@
 //! rules that make chosen operations on one device fail, transfer short, or wait until the
 //! test releases them (a slow device, without sleeping). Tests of formats and tiers use it
 //! to prove what the guest sees when a device misbehaves; it is compiled only for tests.
+//!
+//! [`Faults`] also records, when asked, every write and sync that reaches each device, in
+//! one order across threads: the power-cut tests build crash states from that log.
 
 use std::collections::VecDeque;
 use std::io;
@@ -58,10 +61,25 @@ struct Rule {
     left: Option<u32>,
 }
 
+/// One write or sync that reached a device, in the recorded log.
+#[derive(Debug, Clone)]
+pub enum Event {
+    Write {
+        device: Device,
+        offset: u64,
+        data: Vec<u8>,
+    },
+    /// A sync of `device` completed: every write to it logged before index `covers` is
+    /// durable.
+    Sync { device: Device, covers: usize },
+}
+
 /// The rules, shared by every engine of a disk and by the test that drives it.
 #[derive(Debug, Default)]
 pub struct Faults {
     rules: Mutex<Vec<Rule>>,
+    /// The log of writes and syncs, while recording.
+    log: Mutex<Option<Vec<Event>>>,
     /// Bumped by `release`; each engine runs its held operations when it sees a new value.
     releases: AtomicU64,
     /// Operations that matched a rule.
@@ -105,6 +123,88 @@ impl Faults {
         }
         self.hits.fetch_add(1, Ordering::SeqCst);
         Some(rules[i].fault)
+    }
+
+    /// Starts recording writes and syncs (from an empty log).
+    pub fn start_recording(&self) {
+        *self.log.lock().unwrap() = Some(Vec::new());
+    }
+
+    /// Stops recording; returns the log.
+    pub fn take_log(&self) -> Vec<Event> {
+        self.log.lock().unwrap().take().unwrap_or_default()
+    }
+
+    /// The log's length now: a point in it, for the test's own marks.
+    pub fn mark(&self) -> usize {
+        self.log.lock().unwrap().as_ref().map_or(0, Vec::len)
+    }
+
+    pub fn record_write(&self, device: Device, offset: u64, data: &[u8]) {
+        if let Some(log) = self.log.lock().unwrap().as_mut() {
+            log.push(Event::Write {
+                device,
+                offset,
+                data: data.to_vec(),
+            });
+        }
+    }
+
+    /// A sync is about to start; pass the result to [`record_sync`](Self::record_sync).
+    pub fn sync_started(&self) -> usize {
+        self.mark()
+    }
+
+    pub fn record_sync(&self, device: Device, started: usize) {
+        if let Some(log) = self.log.lock().unwrap().as_mut() {
+            log.push(Event::Sync {
+                device,
+                covers: started,
+            });
+        }
+    }
+
+    /// Records what a data operation is about to write (before the engine runs it).
+    fn record_op(&self, device: Device, op: &EngineOp) {
+        let mut guard = self.log.lock().unwrap();
+        let Some(log) = guard.as_mut() else {
+            return;
+        };
+        match *op {
+            EngineOp::Writev {
+                offset,
+                iov,
+                iovcnt,
+                ..
+            } => {
+                let mut data = Vec::new();
+                for i in 0..iovcnt as usize {
+                    // SAFETY: `push`'s caller keeps `iovcnt` iovecs at `iov` valid, each
+                    // describing readable memory, until the operation completes.
+                    let v = unsafe { *iov.add(i) };
+                    // SAFETY: as above, `iov_base` holds `iov_len` readable bytes.
+                    data.extend_from_slice(unsafe {
+                        std::slice::from_raw_parts(v.iov_base.cast::<u8>(), v.iov_len)
+                    });
+                }
+                log.push(Event::Write {
+                    device,
+                    offset,
+                    data,
+                });
+            }
+            // Zeroing and hole punching read back as zeroes (KEEP_SIZE: the size stays).
+            EngineOp::Fallocate { offset, len, .. } => log.push(Event::Write {
+                device,
+                offset,
+                data: vec![0; len as usize],
+            }),
+            EngineOp::Fdatasync { .. } => {
+                let covers = log.len();
+                log.push(Event::Sync { device, covers });
+            }
+            EngineOp::Readv { .. } => {}
+        }
     }
 
     /// The error a synchronous call (a sync on a background thread) of `op` on `device`
@@ -156,6 +256,7 @@ impl FaultyEngine {
         }
         self.releases_seen = now;
         for (op, user_data) in std::mem::take(&mut self.held) {
+            self.faults.record_op(self.device, &op);
             // SAFETY: `push`'s caller keeps the buffers valid until this operation's
             // completion is popped, which has not happened yet.
             if unsafe { self.inner.push(op, user_data) }.is_err() {
@@ -179,6 +280,7 @@ impl IoEngine for FaultyEngine {
         }
         match self.faults.take(self.device, OpKind::of(&op)) {
             None => {
+                self.faults.record_op(self.device, &op);
                 // SAFETY: the caller upholds `push`'s contract for this operation.
                 unsafe { self.inner.push(op, user_data) }
             }

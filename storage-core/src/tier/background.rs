@@ -10,13 +10,12 @@
 //!   watermark, syncs it, and marks the blocks clean if nobody wrote them meanwhile.
 
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use super::journal::Journal;
+use super::journal::{Journal, Media};
 use super::layout::{Record, SlotState};
 use super::state::Use;
 use super::{lock, AlignedBuf, CacheMode, Link, Shared};
@@ -28,7 +27,7 @@ const JOURNAL_INTERVAL: Duration = Duration::from_millis(20);
 /// How often the cleaner looks for work.
 const CLEANER_INTERVAL: Duration = Duration::from_millis(10);
 /// Dirty blocks copied per cleaner pass.
-const CLEAN_BATCH: usize = 64;
+pub(super) const CLEAN_BATCH: usize = 64;
 
 pub(super) fn spawn(sh: Arc<Shared>, journal: Journal) -> io::Result<Vec<JoinHandle<()>>> {
     let mut threads = Vec::new();
@@ -54,13 +53,37 @@ pub(super) fn spawn(sh: Arc<Shared>, journal: Journal) -> io::Result<Vec<JoinHan
 /// Order, for a power cut at any point: the cache device's data is synced before any record
 /// or checkpoint that names it is written, and those are synced before a flush completes.
 fn journal_round(sh: &Shared, journal: &mut Journal, sync: bool, checkpoint_anyway: bool) -> i32 {
-    let (records, pending, cap_unsynced, snapshot, failed) = {
+    let mut result = 0;
+    // The capacity device first: the `Free` records of dirty blocks that capacity writes
+    // replaced may be written only once those writes are durable (they are written below,
+    // in this round). A round with such blocks syncs even when nobody flushes, so that
+    // their slots come back into use.
+    let (cap_unsynced, dropped) = {
+        let mut st = sh.state();
+        let cap =
+            (sync || !st.dropped_dirty.is_empty()) && std::mem::take(&mut st.capacity_unsynced);
+        let dropped = if cap {
+            std::mem::take(&mut st.dropped_dirty)
+        } else {
+            Vec::new()
+        };
+        (cap, dropped)
+    };
+    if cap_unsynced {
+        match sh.cap.sync() {
+            Ok(()) => sh.state().capacity_synced(dropped),
+            Err(e) => {
+                result = capacity_sync_failed(sh, &e);
+                sh.state().dropped_dirty.extend(dropped);
+            }
+        }
+    }
+    let (records, pending, snapshot, failed) = {
         let mut st = sh.state();
         let records: Vec<Record> = std::mem::take(&mut st.records);
         let snapshot =
             (checkpoint_anyway || journal.wants_checkpoint(records.len())).then(|| st.snapshot());
-        let cap = sync && std::mem::take(&mut st.capacity_unsynced);
-        (records, st.pending_free.len(), cap, snapshot, st.failed)
+        (records, st.pending_free.len(), snapshot, st.failed)
     };
     if failed && sh.mode != CacheMode::WriteBack {
         // The capacity device holds every block; the cache's own contents can no longer be
@@ -73,40 +96,42 @@ fn journal_round(sh: &Shared, journal: &mut Journal, sync: bool, checkpoint_anyw
             }
         }
     }
-    let mut result = 0;
-    let mut wrote = false;
-    if !journal.retired() {
-        let names_data = snapshot.is_some() || records.iter().any(|r| r.state != SlotState::Free);
-        if names_data {
-            // Data before the records that point at it.
-            if let Err(e) = sh.sync_cache() {
-                result = cache_sync_failed(sh, "data sync", &e);
+    let cache_result = {
+        let mut result = 0;
+        let mut wrote = false;
+        if !journal.retired() {
+            let names_data =
+                snapshot.is_some() || records.iter().any(|r| r.state != SlotState::Free);
+            if names_data {
+                // Data before the records that point at it.
+                if let Err(e) = sh.cache.sync() {
+                    result = cache_sync_failed(sh, "data sync", &e);
+                }
             }
-        }
-        if result != 0 {
-            requeue(sh, records);
-        } else if let Some(snapshot) = snapshot {
-            // The snapshot already includes every record taken with it.
-            if let Err(e) = journal.checkpoint(&sh.cache, &snapshot) {
-                result = cache_sync_failed(sh, "checkpoint", &e);
-            }
-        } else if !records.is_empty() {
-            if let Err(e) = journal.append(&sh.cache, &records) {
-                result = cache_sync_failed(sh, "journal write", &e);
+            if result != 0 {
                 requeue(sh, records);
+            } else if let Some(snapshot) = snapshot {
+                // The snapshot already includes every record taken with it.
+                if let Err(e) = journal.checkpoint(&sh.cache, &snapshot) {
+                    result = cache_sync_failed(sh, "checkpoint", &e);
+                }
+            } else if !records.is_empty() {
+                if let Err(e) = journal.append(&sh.cache, &records) {
+                    result = cache_sync_failed(sh, "journal write", &e);
+                    requeue(sh, records);
+                }
+                wrote = true;
             }
-            wrote = true;
-        }
-        if result == 0 && (wrote || sync || pending > 0) {
-            if let Err(e) = sh.sync_cache() {
-                result = cache_sync_failed(sh, "journal sync", &e);
+            if result == 0 && (wrote || sync || pending > 0) {
+                if let Err(e) = sh.cache.sync() {
+                    result = cache_sync_failed(sh, "journal sync", &e);
+                }
             }
         }
-    }
-    if cap_unsynced {
-        if let Err(e) = sh.sync_capacity() {
-            result = capacity_sync_failed(sh, &e);
-        }
+        result
+    };
+    if result == 0 {
+        result = cache_result;
     }
     let sticky = sh.state().flush_error;
     if sticky != 0 {
@@ -259,7 +284,7 @@ pub(super) fn clean_batch(sh: &Shared, max: usize) -> usize {
     let mut ok = vec![false; picked.len()];
     for (k, &(slot, block, _)) in picked.iter().enumerate() {
         let data = buf.as_mut_slice();
-        if let Err(e) = sh.cache.read_exact_at(data, sh.slot_offset(slot)) {
+        if let Err(e) = sh.cache.get(data, sh.slot_offset(slot)) {
             sh.metrics.lost_blocks.fetch_add(1, Relaxed);
             let mut st = sh.state();
             st.slots[slot as usize].unreadable = true;
@@ -274,14 +299,14 @@ pub(super) fn clean_batch(sh: &Shared, max: usize) -> usize {
         // The last block of a capacity device that is not a whole number of blocks.
         let at = block * bs;
         let n = (sh.capacity.saturating_sub(at)).min(bs) as usize;
-        if let Err(e) = sh.cap.write_all_at(&data[..n], at) {
+        if let Err(e) = sh.cap.put(&data[..n], at) {
             sh.metrics.capacity_errors.fetch_add(1, Relaxed);
             log::error!("tier: write-back of block {block} failed: {e}");
             continue;
         }
         ok[k] = true;
     }
-    let synced = match sh.sync_capacity() {
+    let synced = match sh.cap.sync() {
         Ok(()) => true,
         Err(e) => {
             // The blocks stay dirty (their data is still in the cache), but the failed sync

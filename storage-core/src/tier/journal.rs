@@ -7,6 +7,27 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 
+/// What the journal reads and writes: the cache file itself at open, and the tier's
+/// cache device (which tests record and fail on demand) on the journal thread.
+pub trait Media {
+    fn put(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    fn get(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Makes every write made so far durable (`fdatasync`).
+    fn sync(&self) -> io::Result<()>;
+}
+
+impl Media for File {
+    fn put(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.write_all_at(buf, offset)
+    }
+    fn get(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.read_exact_at(buf, offset)
+    }
+    fn sync(&self) -> io::Result<()> {
+        self.sync_data()
+    }
+}
+
 use super::layout::{
     crc32c, decode_journal_block, encode_journal_block, journal_block_crc, Chain, Layout, Owner,
     Record, SlotState, Superblock, MAP_ENTRY, PAGE, RECORDS_PER_BLOCK,
@@ -45,11 +66,11 @@ fn map_bytes(layout: &Layout, states: &[SlotState]) -> Vec<u8> {
 
 impl Journal {
     /// Writes an empty cache format: every slot free.
-    pub fn format(file: &File, layout: Layout, owner: Owner) -> io::Result<Journal> {
+    pub fn format(file: &impl Media, layout: Layout, owner: Owner) -> io::Result<Journal> {
         let format_id = nonce();
         let chain = nonce();
         let empty = map_bytes(&layout, &vec![SlotState::Free; layout.slots as usize]);
-        file.write_all_at(&empty, layout.map_offset(0))?;
+        file.put(&empty, layout.map_offset(0))?;
         let mut j = Journal {
             layout,
             owner,
@@ -64,21 +85,18 @@ impl Journal {
             retired: false,
         };
         // Invalidate both superblock copies first, so a crash mid-format leaves no valid one.
-        file.write_all_at(&[0u8; 2 * PAGE as usize], 0)?;
+        file.put(&[0u8; 2 * PAGE as usize], 0)?;
         j.commit_superblock(file, 0, crc32c(&empty))?;
         Ok(j)
     }
 
     /// Reads the live checkpoint and replays the journal. Returns the journal positioned
     /// after the last intact block, the slot states, and how many blocks were replayed.
-    pub fn recover(file: &File) -> Result<(Journal, Vec<SlotState>, u64), TierError> {
+    pub fn recover(file: &impl Media) -> Result<(Journal, Vec<SlotState>, u64), TierError> {
         let mut best: Option<Superblock> = None;
         for copy in 0..2 {
             let mut b = [0u8; PAGE as usize];
-            if file
-                .read_exact_at(&mut b, Layout::superblock_offset(copy))
-                .is_err()
-            {
+            if file.get(&mut b, Layout::superblock_offset(copy)).is_err() {
                 continue;
             }
             if let Some(sb) = Superblock::decode(&b) {
@@ -90,7 +108,7 @@ impl Journal {
         let sb = best.ok_or(TierError::NotACache)?;
         let l = sb.layout;
         let mut map = vec![0u8; (l.map_pages * PAGE) as usize];
-        file.read_exact_at(&mut map, l.map_offset(sb.map_region))
+        file.get(&mut map, l.map_offset(sb.map_region))
             .map_err(TierError::CacheIo)?;
         if crc32c(&map) != sb.map_crc {
             return Err(TierError::Damaged(
@@ -111,7 +129,7 @@ impl Journal {
         // written, from an earlier lap of the ring, or left past the point where an earlier
         // recovery stopped).
         while seq - sb.checkpoint_seq <= l.journal_blocks {
-            if file.read_exact_at(&mut b, l.journal_offset(seq)).is_err() {
+            if file.get(&mut b, l.journal_offset(seq)).is_err() {
                 break;
             }
             let at = Chain {
@@ -151,7 +169,7 @@ impl Journal {
     }
 
     /// Appends `records` as journal blocks (not synced).
-    pub fn append(&mut self, file: &File, records: &[Record]) -> io::Result<()> {
+    pub fn append(&mut self, file: &impl Media, records: &[Record]) -> io::Result<()> {
         for chunk in records.chunks(RECORDS_PER_BLOCK) {
             let at = Chain {
                 seq: self.next_seq,
@@ -159,7 +177,7 @@ impl Journal {
                 prev: self.last_crc,
             };
             let b = encode_journal_block(at, self.writer, chunk);
-            file.write_all_at(&b, self.layout.journal_offset(self.next_seq))?;
+            file.put(&b, self.layout.journal_offset(self.next_seq))?;
             self.next_seq += 1;
             self.last_crc = journal_block_crc(&b);
         }
@@ -169,10 +187,10 @@ impl Journal {
     /// Erases both superblock copies, so that the next open finds no cache and formats the
     /// device afresh, and stops all further writes. For a cache that failed while its data
     /// was not needed (write-through, write-around): whatever it holds may be stale.
-    pub fn retire(&mut self, file: &File) -> io::Result<()> {
+    pub fn retire(&mut self, file: &impl Media) -> io::Result<()> {
         self.retired = true;
-        file.write_all_at(&[0u8; 2 * PAGE as usize], 0)?;
-        file.sync_data()
+        file.put(&[0u8; 2 * PAGE as usize], 0)?;
+        file.sync()
     }
 
     pub fn retired(&self) -> bool {
@@ -193,18 +211,23 @@ impl Journal {
 
     /// Writes `states` (which must include every record appended so far) as the new
     /// checkpoint into the inactive map region, then switches the superblock to it. Syncs.
-    pub fn checkpoint(&mut self, file: &File, states: &[SlotState]) -> io::Result<()> {
+    pub fn checkpoint(&mut self, file: &impl Media, states: &[SlotState]) -> io::Result<()> {
         let region = 1 - self.map_region;
         let bytes = map_bytes(&self.layout, states);
-        file.write_all_at(&bytes, self.layout.map_offset(region))?;
-        file.sync_data()?;
+        file.put(&bytes, self.layout.map_offset(region))?;
+        file.sync()?;
         self.checkpoint_seq = self.next_seq - 1;
         self.checkpoint_chain = self.last_crc;
         self.commit_superblock(file, region, crc32c(&bytes))
     }
 
     /// Writes the next superblock generation into the copy the live one is not in; syncs.
-    fn commit_superblock(&mut self, file: &File, region: u32, map_crc: u32) -> io::Result<()> {
+    fn commit_superblock(
+        &mut self,
+        file: &impl Media,
+        region: u32,
+        map_crc: u32,
+    ) -> io::Result<()> {
         self.generation += 1;
         self.map_region = region;
         let sb = Superblock {
@@ -218,8 +241,8 @@ impl Journal {
             chain: self.checkpoint_chain,
         };
         let copy = (self.generation % 2) as u32;
-        file.write_all_at(&sb.encode(), Layout::superblock_offset(copy))?;
-        file.sync_data()
+        file.put(&sb.encode(), Layout::superblock_offset(copy))?;
+        file.sync()
     }
 }
 

@@ -13,8 +13,11 @@
 
 mod background;
 mod block_map;
+mod device;
 mod journal;
 mod layout;
+#[cfg(test)]
+mod power_cut_tests;
 mod state;
 #[cfg(test)]
 mod tests;
@@ -249,9 +252,10 @@ const PROMOTION_BUFFERS: usize = 64;
 /// chunks of this many, one after another, so any request the device's limits allow fits
 /// the rings (each block may take an operation of its own).
 const CHUNK_BLOCKS: u64 = RING_ENTRIES as u64 / 4;
-/// Ring entries a discard or write-zeroes takes: a partial cached block at either end and
-/// the capacity device's range.
-const ZERO_OP_ENTRIES: u64 = 3;
+/// Ring entries a discard or write-zeroes takes: a partial cached block at either end, the
+/// dirty blocks the cleaner is copying out (zeroed in their slots), and the capacity
+/// device's range.
+const ZERO_OP_ENTRIES: u64 = 3 + background::CLEAN_BATCH as u64;
 
 /// Completion hand-off from the background thread to one queue.
 struct Link {
@@ -283,8 +287,8 @@ struct Shared {
     block: u64,
     seq_cutoff: u64,
     capacity: u64,
-    cache: File,
-    cap: File,
+    cache: device::Dev,
+    cap: device::Dev,
     state: Mutex<TierState>,
     metrics: TierMetrics,
     bg: Mutex<BgQueue>,
@@ -296,9 +300,6 @@ struct Shared {
     /// factory).
     engine: EngineKind,
     cache_on_tmpfs: bool,
-    /// Tests only: faults injected into both devices' engines and synchronous calls.
-    #[cfg(test)]
-    faults: Arc<crate::engine::faulty::Faults>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -349,8 +350,8 @@ impl Shared {
             use crate::engine::faulty::{Device, FaultyEngine};
             // Tests run on the synchronous engine with faults, whatever the factory chose.
             let _ = (eventfd, self.engine, self.cache_on_tmpfs);
-            let faulty =
-                |d| AnyEngine::Faulty(FaultyEngine::new(RING_ENTRIES, d, self.faults.clone()));
+            let faults = &self.cache.faults;
+            let faulty = |d| AnyEngine::Faulty(FaultyEngine::new(RING_ENTRIES, d, faults.clone()));
             Ok((faulty(Device::Cache), faulty(Device::Capacity)))
         }
         #[cfg(not(test))]
@@ -365,30 +366,6 @@ impl Shared {
                 crate::engine::new_engine_notifying(self.engine, RING_ENTRIES, eventfd)?,
             ))
         }
-    }
-
-    /// Makes the cache device's writes durable (in tests, through the injected faults).
-    fn sync_cache(&self) -> io::Result<()> {
-        #[cfg(test)]
-        if let Some(e) = self.faults.injected(
-            crate::engine::faulty::Device::Cache,
-            crate::engine::faulty::OpKind::Sync,
-        ) {
-            return Err(e);
-        }
-        self.cache.sync_data()
-    }
-
-    /// Makes the capacity device's writes durable (in tests, through the injected faults).
-    fn sync_capacity(&self) -> io::Result<()> {
-        #[cfg(test)]
-        if let Some(e) = self.faults.injected(
-            crate::engine::faulty::Device::Capacity,
-            crate::engine::faulty::OpKind::Sync,
-        ) {
-            return Err(e);
-        }
-        self.cap.sync_data()
     }
 }
 
@@ -533,6 +510,17 @@ impl TieredDisk {
                 format!("cannot allocate the cache tables: {e}"),
             )
         })?;
+        #[cfg(not(test))]
+        let (cache, cap) = (device::Dev::new(cache), device::Dev::new(cap));
+        #[cfg(test)]
+        let (cache, cap) = {
+            use crate::engine::faulty::Device;
+            let faults = Arc::<crate::engine::faulty::Faults>::default();
+            (
+                device::Dev::new(cache, Device::Cache, faults.clone()),
+                device::Dev::new(cap, Device::Capacity, faults),
+            )
+        };
         let shared = Arc::new(Shared {
             layout: wanted,
             mode: spec.mode,
@@ -551,8 +539,6 @@ impl TieredDisk {
             low_watermark: slots * LOW_WATERMARK_PCT / 100,
             engine,
             cache_on_tmpfs: crate::disk::on_tmpfs(&spec.cache),
-            #[cfg(test)]
-            faults: Arc::default(),
             state: Mutex::new(state),
         });
         shared.metrics.slots.store(slots as u64, Relaxed);
@@ -692,6 +678,9 @@ struct Req {
     cache_writes: Vec<u32>,
     /// Slots being filled by this write (write-back allocation).
     fills: Vec<u32>,
+    /// Slots whose dirty block this write-zeroes or discard dropped (see
+    /// `TierState::drop_dirty`).
+    dropped: Vec<u32>,
     /// Blocks to promote after a read miss: (slot, block, buffer). The capacity device's
     /// data is read into our buffer, copied to the guest and written to the slot from there:
     /// the guest's own buffers are never what the cache stores (the guest can change them
@@ -728,6 +717,7 @@ impl Req {
             hits: Vec::with_capacity(64),
             cache_writes: Vec::with_capacity(64),
             fills: Vec::with_capacity(64),
+            dropped: Vec::new(),
             promotions: Vec::with_capacity(64),
             wrote_capacity: false,
             expected_cache: 0,
@@ -1413,10 +1403,25 @@ impl TieredQueue {
             let req = &mut self.reqs[tag as usize];
             for b in first..=last {
                 let full = b * bs >= offset && (b + 1) * bs <= offset + len;
-                if full || kind == Kind::Discard {
-                    if full {
-                        st.invalidate(b);
+                if full {
+                    if let Some(slot) = st.drop_dirty(b) {
+                        req.dropped.push(slot);
+                        continue;
                     }
+                    let cleaning = st
+                        .resident(b)
+                        .is_some_and(|slot| st.slots[slot as usize].cleaning);
+                    if !cleaning {
+                        st.invalidate(b);
+                        continue;
+                    }
+                    // A dirty block the cleaner is copying out: its late copy could land
+                    // on the capacity device after ours, so the block stays dirty in its
+                    // slot and is zeroed there (a discard, a hint, leaves it).
+                    if kind == Kind::Discard {
+                        continue;
+                    }
+                } else if kind == Kind::Discard {
                     continue;
                 }
                 st.cancel_fill(b);
@@ -1466,6 +1471,7 @@ impl TieredQueue {
             && req.cache_error == 0
             && req.cache_writes.is_empty()
             && req.fills.is_empty()
+            && req.dropped.is_empty()
             && !req.wrote_capacity
         {
             // Only read pins to drop (reads; the promotions of misses start after this).
@@ -1506,6 +1512,11 @@ impl TieredQueue {
         }
         if let Some((first, last)) = req.capacity_range.take() {
             st.end_capacity_write(first, last);
+        }
+        if !req.dropped.is_empty() {
+            // Their `Free` records wait for the next capacity sync (which they ask for).
+            st.dropped_dirty.append(&mut req.dropped);
+            st.capacity_unsynced = true;
         }
         if !ok || cache_failed {
             for &(slot, _, buf) in &req.promotions {

@@ -42,6 +42,10 @@ pub struct Slot {
     /// The cleaner could not read this dirty block back from the cache device; it stops
     /// trying (the loss is counted and logged once). Cleared when the slot is freed.
     pub unreadable: bool,
+    /// A dirty block that a capacity write replaced (write-zeroes, discard) was dropped from
+    /// this slot, but the cache device must keep saying the slot holds it until that write
+    /// is durable (see [`TierState::drop_dirty`]).
+    pub dropped: Option<BlockId>,
 }
 
 impl Slot {
@@ -54,6 +58,7 @@ impl Slot {
             cancelled: false,
             cleaning: false,
             unreadable: false,
+            dropped: None,
         }
     }
 
@@ -62,6 +67,9 @@ impl Slot {
     }
 
     pub fn persisted(&self) -> SlotState {
+        if let Some(b) = self.dropped {
+            return SlotState::Dirty(b);
+        }
         match self.use_ {
             Use::Free | Use::Filling(_) => SlotState::Free,
             Use::Clean(b) => SlotState::Clean(b),
@@ -87,6 +95,9 @@ pub struct TierState {
     pub failed: bool,
     /// Data was written to the capacity device since its last sync.
     pub capacity_unsynced: bool,
+    /// Slots whose dirty block a capacity write replaced, waiting for a capacity sync before
+    /// their `Free` records may be written.
+    pub dropped_dirty: Vec<u32>,
     /// Block ranges (first, last) of capacity writes in flight, one per request chunk. A
     /// read that misses on such a block is not promoted: its capacity read may return the
     /// data being replaced, and the cache would keep that after the write is acknowledged.
@@ -111,6 +122,7 @@ impl TierState {
             failed: false,
             capacity_unsynced: false,
             capacity_writes: Vec::with_capacity(1024),
+            dropped_dirty: Vec::new(),
             flush_error: 0,
         };
         // Free slots are handed out from the end of the vector: push in reverse so a fresh
@@ -376,6 +388,41 @@ impl TierState {
         if self.resident(block).is_some() {
             self.policy.remove(block);
             Self::evict_into(self, block);
+        }
+    }
+
+    /// Drops dirty `block` from the cache because a capacity write replaces it (a
+    /// write-zeroes or discard of the whole block), if it is dirty and the cleaner is not
+    /// copying it out. Reads go to the capacity device from now on, but the slot keeps its
+    /// persisted `Dirty` state and stays out of use until that write is durable: were its
+    /// `Free` record durable first, a power cut could bring back the capacity device's
+    /// older copy. The caller hands the slot to `dropped_dirty` when the write completes.
+    pub fn drop_dirty(&mut self, block: BlockId) -> Option<u32> {
+        let slot = self.resident(block)?;
+        let sl = &self.slots[slot as usize];
+        if !matches!(sl.use_, Use::Dirty(_)) || sl.cleaning {
+            return None;
+        }
+        self.unmap(block);
+        self.policy.remove(block);
+        self.dirty -= 1;
+        let sl = &mut self.slots[slot as usize];
+        sl.use_ = Use::Free;
+        sl.unreadable = false;
+        sl.dropped = Some(block);
+        Some(slot)
+    }
+
+    /// The capacity device was synced: the slots dropped before it are free once their
+    /// `Free` records are durable (they join the records and `pending_free`).
+    pub fn capacity_synced(&mut self, dropped: Vec<u32>) {
+        for slot in dropped {
+            self.slots[slot as usize].dropped = None;
+            self.records.push(Record {
+                slot,
+                state: SlotState::Free,
+            });
+            self.pending_free.push(slot);
         }
     }
 

@@ -67,7 +67,7 @@ impl Fixture {
     }
 
     fn faults(&self) -> &Faults {
-        &self.disk.shared.faults
+        &self.disk.shared.cache.faults
     }
 
     fn metric(&self, m: impl Fn(&TierMetrics) -> &AtomicU64) -> u64 {
@@ -82,7 +82,7 @@ impl Fixture {
     }
 }
 
-fn iov(buf: &mut [u8]) -> libc::iovec {
+pub(super) fn iov(buf: &mut [u8]) -> libc::iovec {
     libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),
@@ -90,7 +90,7 @@ fn iov(buf: &mut [u8]) -> libc::iovec {
 }
 
 /// Starts `op` (retrying while the queue is busy) without waiting for it.
-fn start(q: &mut impl DiskQueue, op: DiskOp<'_>, tag: u64) {
+pub(super) fn start(q: &mut impl DiskQueue, op: DiskOp<'_>, tag: u64) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         // SAFETY: every test keeps the buffers and iovec arrays it passes alive until it
@@ -109,7 +109,7 @@ fn start(q: &mut impl DiskQueue, op: DiskOp<'_>, tag: u64) {
 
 /// Drives the queue until every request and promotion has finished; returns the
 /// completions, by tag.
-fn settle(q: &mut impl DiskQueue) -> Vec<(u64, i32)> {
+pub(super) fn settle(q: &mut impl DiskQueue) -> Vec<(u64, i32)> {
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut done = Vec::new();
     loop {
@@ -126,7 +126,7 @@ fn settle(q: &mut impl DiskQueue) -> Vec<(u64, i32)> {
 }
 
 /// Runs one request to completion; returns its result.
-fn run(q: &mut impl DiskQueue, op: DiskOp<'_>) -> i32 {
+pub(super) fn run(q: &mut impl DiskQueue, op: DiskOp<'_>) -> i32 {
     start(q, op, 0);
     let done = settle(q);
     assert_eq!(done.len(), 1);

@@ -1,0 +1,82 @@
+//! One of the tier's two devices as its background threads use it: positioned reads and
+//! writes and syncs of the open file (the journal, checkpoints, write-back). Queue workers
+//! reach the same file through their engines. In tests every call goes through the
+//! injected faults and is recorded for the power-cut tests (see `engine::faulty`).
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::FileExt;
+
+use super::journal::Media;
+
+pub(crate) struct Dev {
+    file: File,
+    #[cfg(test)]
+    pub(crate) device: crate::engine::faulty::Device,
+    #[cfg(test)]
+    pub(crate) faults: std::sync::Arc<crate::engine::faulty::Faults>,
+}
+
+impl Dev {
+    #[cfg(not(test))]
+    pub(crate) fn new(file: File) -> Dev {
+        Dev { file }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn new(
+        file: File,
+        device: crate::engine::faulty::Device,
+        faults: std::sync::Arc<crate::engine::faulty::Faults>,
+    ) -> Dev {
+        Dev {
+            file,
+            device,
+            faults,
+        }
+    }
+
+    #[cfg(test)]
+    fn injected(&self, op: crate::engine::faulty::OpKind) -> io::Result<()> {
+        match self.faults.injected(self.device, op) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+impl AsRawFd for Dev {
+    fn as_raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+}
+
+impl Media for Dev {
+    fn put(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        #[cfg(test)]
+        {
+            self.injected(crate::engine::faulty::OpKind::Write)?;
+            self.faults.record_write(self.device, offset, buf);
+        }
+        self.file.write_all_at(buf, offset)
+    }
+
+    fn get(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        #[cfg(test)]
+        self.injected(crate::engine::faulty::OpKind::Read)?;
+        self.file.read_exact_at(buf, offset)
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        #[cfg(test)]
+        let started = {
+            self.injected(crate::engine::faulty::OpKind::Sync)?;
+            self.faults.sync_started()
+        };
+        self.file.sync_data()?;
+        #[cfg(test)]
+        self.faults.record_sync(self.device, started);
+        Ok(())
+    }
+}
