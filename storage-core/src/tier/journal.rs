@@ -90,9 +90,14 @@ impl Journal {
         Ok(j)
     }
 
-    /// Reads the live checkpoint and replays the journal. Returns the journal positioned
-    /// after the last intact block, the slot states, and how many blocks were replayed.
-    pub fn recover(file: &impl Media) -> Result<(Journal, Vec<SlotState>, u64), TierError> {
+    /// Reads the live checkpoint and replays the journal of a cache device of
+    /// `device_size` bytes. Returns the journal positioned after the last intact block, the
+    /// slot states, and how many blocks were replayed. Damaged metadata is refused, never
+    /// trusted for an offset or an allocation.
+    pub fn recover(
+        file: &impl Media,
+        device_size: u64,
+    ) -> Result<(Journal, Vec<SlotState>, u64), TierError> {
         let mut best: Option<Superblock> = None;
         for copy in 0..2 {
             let mut b = [0u8; PAGE as usize];
@@ -100,6 +105,9 @@ impl Journal {
                 continue;
             }
             if let Some(sb) = Superblock::decode(&b) {
+                if !sb.layout.valid_for(device_size) {
+                    continue;
+                }
                 if best.as_ref().is_none_or(|x| sb.generation > x.generation) {
                     best = Some(sb);
                 }
@@ -261,6 +269,12 @@ fn nonce() -> u32 {
     (t as u32) ^ (t >> 32) as u32 ^ std::process::id().rotate_left(16)
 }
 
+/// Recovery of a whole cache file (tests).
+#[cfg(test)]
+pub(super) fn recover_file(f: &File) -> Result<(Journal, Vec<SlotState>, u64), TierError> {
+    Journal::recover(f, f.metadata().map_err(TierError::CacheIo)?.len())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -288,7 +302,7 @@ mod tests {
     fn format_then_recover_is_all_free() {
         let (f, l) = cache(4 << 20);
         Journal::format(f.as_file(), l, owner()).unwrap();
-        let (j, states, replayed) = Journal::recover(f.as_file()).unwrap();
+        let (j, states, replayed) = recover_file(f.as_file()).unwrap();
         assert_eq!(j.owner, owner());
         assert_eq!(replayed, 0);
         assert!(states.iter().all(|s| *s == SlotState::Free));
@@ -308,7 +322,7 @@ mod tests {
             &[rec(0, SlotState::Clean(10)), rec(1, SlotState::Free)],
         )
         .unwrap();
-        let (_, states, replayed) = Journal::recover(f.as_file()).unwrap();
+        let (_, states, replayed) = recover_file(f.as_file()).unwrap();
         assert_eq!(replayed, 2);
         assert_eq!(states[0], SlotState::Clean(10));
         assert_eq!(states[1], SlotState::Free);
@@ -319,7 +333,7 @@ mod tests {
         j.checkpoint(f.as_file(), &snap).unwrap();
         j.append(f.as_file(), &[rec(6, SlotState::Clean(7))])
             .unwrap();
-        let (_, states, replayed) = Journal::recover(f.as_file()).unwrap();
+        let (_, states, replayed) = recover_file(f.as_file()).unwrap();
         assert_eq!(replayed, 1);
         assert_eq!(states[0], SlotState::Clean(10));
         assert_eq!(states[5], SlotState::Dirty(99));
@@ -370,7 +384,7 @@ mod tests {
                 torn[lo..hi].copy_from_slice(&after[lo..hi]);
                 let t = tempfile::NamedTempFile::new().unwrap();
                 std::fs::write(t.path(), &torn).unwrap();
-                let (_, got, _) = Journal::recover(t.as_file()).unwrap();
+                let (_, got, _) = recover_file(t.as_file()).unwrap();
                 let whole = torn == after;
                 assert!(
                     &got == history.last().unwrap() || (whole && got == next),
@@ -388,7 +402,7 @@ mod tests {
         for (i, img) in images.iter().enumerate() {
             let t = tempfile::NamedTempFile::new().unwrap();
             std::fs::write(t.path(), img).unwrap();
-            let (_, got, _) = Journal::recover(t.as_file()).unwrap();
+            let (_, got, _) = recover_file(t.as_file()).unwrap();
             assert_eq!(got, history[i], "image {i}");
         }
     }
@@ -409,13 +423,13 @@ mod tests {
         f.as_file()
             .write_all_at(&[0xffu8; 512], l.journal_offset(first) + 1024)
             .unwrap();
-        let (mut j, states, replayed) = Journal::recover(f.as_file()).unwrap();
+        let (mut j, states, replayed) = recover_file(f.as_file()).unwrap();
         assert_eq!(replayed, 0);
         assert!(states.iter().all(|s| *s == SlotState::Free));
         // The next run writes one block where the torn one was.
         j.append(f.as_file(), &[rec(2, SlotState::Clean(300))])
             .unwrap();
-        let (_, states, replayed) = Journal::recover(f.as_file()).unwrap();
+        let (_, states, replayed) = recover_file(f.as_file()).unwrap();
         assert_eq!(replayed, 1, "only the new block is part of the log");
         assert_eq!(states[2], SlotState::Clean(300));
         assert_eq!(states[1], SlotState::Free, "the stale block must not apply");
@@ -430,14 +444,14 @@ mod tests {
         j.checkpoint(f.as_file(), &states).unwrap();
         // Corrupt the newer copy (generation 2 lives in copy 0).
         f.as_file().write_all_at(&[0xff; 64], 100).unwrap();
-        let (_, got, _) = Journal::recover(f.as_file()).unwrap();
+        let (_, got, _) = recover_file(f.as_file()).unwrap();
         assert!(
             got.iter().all(|s| *s == SlotState::Free),
             "fell back to generation 1"
         );
         f.as_file().write_all_at(&[0xff; 64], PAGE + 100).unwrap();
         assert!(matches!(
-            Journal::recover(f.as_file()),
+            recover_file(f.as_file()),
             Err(TierError::NotACache)
         ));
     }

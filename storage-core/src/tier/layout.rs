@@ -85,6 +85,28 @@ impl Layout {
         }
     }
 
+    /// Whether this layout (read from a superblock, so possibly damaged) is one that
+    /// [`for_size`](Self::for_size) makes and fits on a device of `device_size` bytes: only
+    /// then may its numbers be used for offsets and allocations.
+    pub fn valid_for(&self, device_size: u64) -> bool {
+        let bs = self.block_size;
+        if !(4096..=65536).contains(&bs) || !bs.is_power_of_two() {
+            return false;
+        }
+        if self.slots < 16 || self.slots > u64::from(u32::MAX) {
+            return false;
+        }
+        if self.map_pages != (self.slots * MAP_ENTRY).div_ceil(PAGE)
+            || self.journal_blocks != (self.slots / 64).clamp(64, 4096)
+        {
+            return false;
+        }
+        // Small enough now that none of this overflows.
+        self.data_offset()
+            .checked_add(self.slots * bs)
+            .is_some_and(|end| end <= device_size)
+    }
+
     pub fn superblock_offset(copy: u32) -> u64 {
         u64::from(copy) * PAGE
     }
@@ -289,6 +311,42 @@ pub fn encode_journal_block(at: Chain, writer: u32, records: &[Record]) -> [u8; 
     let crc = crc32c(&b[8..]);
     b[4..8].copy_from_slice(&crc.to_le_bytes());
     b
+}
+
+/// Recomputes the checksums of every superblock copy and journal block in `image` (and the
+/// map checksum a superblock with a valid layout names), for the fuzz target: mutated
+/// metadata then reaches the checks behind the checksums.
+pub fn seal(image: &mut [u8]) {
+    let page = PAGE as usize;
+    // Offsets of map_crc and the checksum within an encoded superblock.
+    const MAP_CRC_AT: usize = 92;
+    let sum = |img: &mut [u8], at: usize| {
+        let crc = crc32c(&img[at..at + page - 4]);
+        img[at + page - 4..at + page].copy_from_slice(&crc.to_le_bytes());
+    };
+    for copy in 0..2usize {
+        let at = copy * page;
+        if image.len() < at + page || &image[at..at + 8] != MAGIC {
+            continue;
+        }
+        sum(image, at);
+        let Some(sb) = Superblock::decode(&image[at..at + page]) else {
+            continue;
+        };
+        if sb.layout.valid_for(image.len() as u64) {
+            let from = sb.layout.map_offset(sb.map_region) as usize;
+            let to = from + (sb.layout.map_pages * PAGE) as usize;
+            let crc = crc32c(&image[from..to]);
+            image[at + MAP_CRC_AT..at + MAP_CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
+            sum(image, at);
+        }
+    }
+    for at in (0..image.len().saturating_sub(page - 1)).step_by(page) {
+        if image[at..at + 4] == JOURNAL_MAGIC.to_le_bytes() {
+            let crc = crc32c(&image[at + 8..at + page]);
+            image[at + 4..at + 8].copy_from_slice(&crc.to_le_bytes());
+        }
+    }
 }
 
 /// The checksum of an encoded journal block (what its successor names).

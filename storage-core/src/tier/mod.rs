@@ -14,6 +14,8 @@
 mod background;
 mod block_map;
 mod device;
+#[doc(hidden)]
+pub mod fuzzing;
 mod journal;
 mod layout;
 #[cfg(test)]
@@ -457,9 +459,14 @@ impl TieredDisk {
                 .map_err(|e| tier_err(TierError::CacheIo(e)))?;
             (j, vec![SlotState::Free; wanted.slots as usize])
         } else {
-            match journal::Journal::recover(&cache) {
+            let cache_size = cache
+                .metadata()
+                .and_then(|m| crate::disk::device_size(&cache, &m))
+                .map_err(|e| open_err(&spec.cache, "cannot stat cache device", e))?;
+            match journal::Journal::recover(&cache, cache_size) {
                 Ok((j, states, replayed)) => {
                     check_owner(&j.owner, &owner).map_err(tier_err)?;
+                    check_blocks(&states, capacity, j.layout.block_size).map_err(tier_err)?;
                     if j.layout != wanted {
                         return Err(tier_err(TierError::WrongFormat {
                             cached: format!(
@@ -605,6 +612,19 @@ fn check_owner(cached: &Owner, actual: &Owner) -> Result<(), TierError> {
     }
     if (cached.dev, cached.ino) != (actual.dev, actual.ino) {
         return Err(wrong("file", cached.path.clone(), actual.path.clone()));
+    }
+    Ok(())
+}
+
+/// A recovered slot table may map only blocks of the capacity device.
+fn check_blocks(states: &[SlotState], capacity: u64, block: u64) -> Result<(), TierError> {
+    let blocks = capacity.div_ceil(block);
+    let outside =
+        |s: &SlotState| matches!(*s, SlotState::Clean(b) | SlotState::Dirty(b) if b >= blocks);
+    if states.iter().any(outside) {
+        return Err(TierError::Damaged(
+            "a cache slot maps a block beyond the end of the capacity device",
+        ));
     }
     Ok(())
 }

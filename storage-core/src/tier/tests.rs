@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-use super::journal::Journal;
 use super::layout::SlotState;
 use super::*;
 use crate::disk::{AnyDisk, DiskOp, DiskQueue, StartError};
@@ -310,7 +309,7 @@ fn a_read_only_tiered_disk_refuses_every_write_and_changes_nothing() {
     drop(f.disk);
     let slots = |dir: &tempfile::TempDir| {
         let cache = std::fs::File::open(dir.path().join("cache.img")).unwrap();
-        Journal::recover(&cache).unwrap().1
+        super::journal::recover_file(&cache).unwrap().1
     };
     let cache_before = slots(&f.dir);
     let disk = AnyDisk::Tiered(Fixture::open_in(&f.dir, CacheMode::WriteBack, true));
@@ -431,7 +430,7 @@ fn no_record_reaches_the_device_before_its_data_is_synced() {
     );
     assert_eq!(run(&mut q, DiskOp::Flush), -libc::EIO);
     let cache = std::fs::File::open(f.path("cache.img")).unwrap();
-    let (_, states, _) = Journal::recover(&cache).unwrap();
+    let (_, states, _) = super::journal::recover_file(&cache).unwrap();
     assert!(
         states.iter().all(|s| *s == SlotState::Free),
         "a record was written although its data's sync failed"
