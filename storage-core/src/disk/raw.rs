@@ -4,6 +4,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::Path;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 
 use crate::engine::{new_engine, AnyEngine, Completion, EngineKind, EngineOp, FileId, IoEngine};
@@ -15,6 +16,13 @@ use super::{check_op, Disk, DiskInfo, DiskOp, DiskQueue, StartError};
 pub struct RawDisk {
     file: Arc<File>,
     info: DiskInfo,
+    /// The first failed flush's error, shared by every queue: once a sync has failed, what
+    /// it covered may be lost and the kernel will not say so again (it reports a writeback
+    /// error once), so every later flush fails with it, as QEMU's file-posix does.
+    flush_error: Arc<AtomicI32>,
+    /// Tests only: the queues' engines inject these faults.
+    #[cfg(test)]
+    faults: Option<Arc<crate::engine::faulty::Faults>>,
 }
 
 impl RawDisk {
@@ -56,6 +64,9 @@ impl RawDisk {
             .with_path(path));
         }
         Ok(RawDisk {
+            flush_error: Arc::default(),
+            #[cfg(test)]
+            faults: None,
             file: Arc::new(file),
             info: DiskInfo {
                 capacity,
@@ -70,6 +81,19 @@ impl RawDisk {
     }
 }
 
+impl RawDisk {
+    fn queue(&self, engine: AnyEngine, fid: FileId, depth: u32) -> RawQueue {
+        RawQueue {
+            engine,
+            fid,
+            file: self.file.clone(),
+            capacity: self.info.capacity,
+            special: Vec::with_capacity(depth as usize),
+            flush_error: self.flush_error.clone(),
+        }
+    }
+}
+
 impl Disk for RawDisk {
     type Queue = RawQueue;
 
@@ -78,6 +102,16 @@ impl Disk for RawDisk {
     }
 
     fn new_queue(&self, depth: u32) -> Result<RawQueue, StorageError> {
+        #[cfg(test)]
+        if let Some(faults) = &self.faults {
+            use crate::engine::faulty::{Device, FaultyEngine};
+            let mut engine =
+                AnyEngine::Faulty(FaultyEngine::new(depth, Device::Capacity, faults.clone()));
+            let fid = engine
+                .register_file(self.file.as_raw_fd())
+                .expect("register");
+            return Ok(self.queue(engine, fid, depth));
+        }
         let mut engine = new_engine(self.info.engine, depth).map_err(|e| {
             StorageError::new(StorageErrorKind::Engine, "cannot create I/O engine")
                 .with_path(&self.info.path)
@@ -88,20 +122,23 @@ impl Disk for RawDisk {
                 .with_path(&self.info.path)
                 .with_source(e)
         })?;
-        Ok(RawQueue {
-            engine,
-            fid,
-            file: self.file.clone(),
-            capacity: self.info.capacity,
-            special: Vec::with_capacity(depth as usize),
-        })
+        Ok(self.queue(engine, fid, depth))
     }
 
     fn flush(&self) -> io::Result<()> {
         if self.info.read_only {
             return Ok(());
         }
-        self.file.sync_data()
+        let sticky = self.flush_error.load(Ordering::Relaxed);
+        if sticky != 0 {
+            return Err(io::Error::from_raw_os_error(-sticky));
+        }
+        self.file.sync_data().inspect_err(|e| {
+            let errno = e.raw_os_error().unwrap_or(libc::EIO);
+            let _ =
+                self.flush_error
+                    .compare_exchange(0, -errno, Ordering::Relaxed, Ordering::Relaxed);
+        })
     }
 }
 
@@ -109,10 +146,12 @@ impl Disk for RawDisk {
 enum SpecialKind {
     Discard,
     ZeroRange,
+    Flush,
 }
 
-/// An in-flight operation whose failure needs interpreting: discards are hints, and a
-/// filesystem without FALLOC_FL_ZERO_RANGE (tmpfs) gets zeroes written instead.
+/// An in-flight operation whose failure needs interpreting: discards are hints, a
+/// filesystem without FALLOC_FL_ZERO_RANGE (tmpfs) gets zeroes written instead, and a
+/// flush's failure is remembered for every later flush.
 #[derive(Debug, Clone, Copy)]
 struct Special {
     tag: u64,
@@ -129,6 +168,7 @@ pub struct RawQueue {
     file: Arc<File>,
     capacity: u64,
     special: Vec<Special>,
+    flush_error: Arc<AtomicI32>,
 }
 
 // 64 KiB of zeroes, aligned for O_DIRECT, for the rare write-zeroes fallback.
@@ -184,7 +224,18 @@ impl DiskQueue for RawQueue {
                 iov: iov.as_ptr(),
                 iovcnt: iov.len() as u32,
             },
-            DiskOp::Flush => EngineOp::Fdatasync { file: fid },
+            DiskOp::Flush => {
+                if self.special.len() == self.special.capacity() {
+                    return Err(StartError::Busy);
+                }
+                self.special.push(Special {
+                    tag,
+                    kind: SpecialKind::Flush,
+                    offset: 0,
+                    len: 0,
+                });
+                EngineOp::Fdatasync { file: fid }
+            }
             DiskOp::Discard { offset, len } | DiskOp::WriteZeroes { offset, len, .. } => {
                 let (kind, mode) = match op {
                     DiskOp::WriteZeroes { unmap: false, .. } => (
@@ -222,7 +273,10 @@ impl DiskQueue for RawQueue {
         match unsafe { self.engine.push(engine_op, tag) } {
             Ok(()) => Ok(()),
             Err(_) => {
-                if matches!(engine_op, EngineOp::Fallocate { .. }) {
+                if matches!(
+                    engine_op,
+                    EngineOp::Fallocate { .. } | EngineOp::Fdatasync { .. }
+                ) {
                     self.special.pop();
                 }
                 Err(StartError::Busy)
@@ -248,6 +302,20 @@ impl DiskQueue for RawQueue {
                     SpecialKind::ZeroRange if unsupported => {
                         c.result = self.write_zeroes_sync(s.offset, s.len)
                     }
+                    SpecialKind::Flush => {
+                        if c.result < 0 {
+                            let _ = self.flush_error.compare_exchange(
+                                0,
+                                c.result,
+                                Ordering::Relaxed,
+                                Ordering::Relaxed,
+                            );
+                        }
+                        let sticky = self.flush_error.load(Ordering::Relaxed);
+                        if sticky != 0 {
+                            c.result = sticky;
+                        }
+                    }
                     _ => {}
                 }
             }
@@ -270,5 +338,45 @@ impl DiskQueue for RawQueue {
     #[inline]
     fn in_flight(&self) -> usize {
         self.engine.in_flight()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::faulty::{Device, Fault, Faults, OpKind};
+
+    fn run(q: &mut RawQueue, op: DiskOp<'_>) -> i32 {
+        // SAFETY: the operations here carry no buffers.
+        unsafe { q.start(op, 7) }.unwrap();
+        q.submit().unwrap();
+        let c = q.pop_completion().expect("the engine completes inline");
+        assert_eq!(c.user_data, 7);
+        c.result
+    }
+
+    /// A failed flush fails every later one, on every queue and on the control plane: the
+    /// kernel reports a writeback error once, so a later sync that succeeds says nothing
+    /// of the data the failed one lost.
+    #[test]
+    fn a_failed_flush_fails_every_later_flush() {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        f.as_file().set_len(1 << 20).unwrap();
+        let mut disk = RawDisk::open(f.path(), false, false, EngineKind::Sync).unwrap();
+        let faults = Arc::new(Faults::default());
+        disk.faults = Some(faults.clone());
+        let mut q1 = disk.new_queue(4).unwrap();
+        let mut q2 = disk.new_queue(4).unwrap();
+        assert_eq!(run(&mut q1, DiskOp::Flush), 0);
+        faults.add(
+            Device::Capacity,
+            OpKind::Sync,
+            Fault::Error(libc::EIO),
+            Some(1),
+        );
+        assert_eq!(run(&mut q1, DiskOp::Flush), -libc::EIO);
+        assert_eq!(run(&mut q1, DiskOp::Flush), -libc::EIO, "a later flush");
+        assert_eq!(run(&mut q2, DiskOp::Flush), -libc::EIO, "another queue");
+        assert!(disk.flush().is_err(), "the control plane's flush");
     }
 }
