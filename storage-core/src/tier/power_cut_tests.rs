@@ -8,7 +8,7 @@
 //! another block's data, and recovery must succeed.
 //!
 //! `STRATA_POWER_CUT_STATES` sets how many crash states each workload explores (default
-//! 600; at most three per log position), `STRATA_POWER_CUT_RUNS` how many workloads (other
+//! 1000; at most three per log position), `STRATA_POWER_CUT_RUNS` how many workloads (other
 //! seeds) each mode runs (default 1): the long run raises both.
 
 use std::os::unix::fs::FileExt;
@@ -326,7 +326,7 @@ fn power_cuts(mode: CacheMode, seed: u64) {
 }
 
 fn power_cut_run(mode: CacheMode, seed: u64) {
-    let states = env_or("STRATA_POWER_CUT_STATES", 600);
+    let states = env_or("STRATA_POWER_CUT_STATES", 1000);
     let dir = tempfile::tempdir().unwrap();
     let rec = record(dir.path(), mode, seed, 400);
     let syncs = rec
