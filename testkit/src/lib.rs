@@ -3,6 +3,7 @@ pub mod blkio_client;
 pub mod crash;
 pub mod daemon;
 pub mod fuse_client;
+pub mod fuzz;
 pub mod guest;
 pub mod http;
 pub mod image;
