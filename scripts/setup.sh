@@ -92,4 +92,11 @@ else
     log "building virtiofsd (about 2 minutes, once)"
     cargo install --locked -q -j 1 virtiofsd
 fi
+# The suite checks formatting and lints first: both come with rustup's default profile.
+for tool in fmt clippy; do
+    if ! cargo "$tool" --version >/dev/null 2>&1; then
+        echo "setup: cargo $tool is missing: install it with 'rustup component add ${tool/fmt/rustfmt}'" >&2
+        exit 1
+    fi
+done
 log "done"

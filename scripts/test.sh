@@ -17,6 +17,12 @@ start=$SECONDS
 step "scripts/setup.sh"
 bash scripts/setup.sh
 
+step "cargo fmt --all -- --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+
 # Tests start the daemons as processes, so the binaries must exist before the tests run.
 step "cargo build --workspace --bins"
 cargo build --workspace --bins
