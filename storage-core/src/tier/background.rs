@@ -17,8 +17,10 @@ use std::time::Duration;
 
 use super::journal::{Journal, Media};
 use super::layout::{Record, SlotState};
+use super::queue::AlignedBuf;
+use super::shared::{lock, Link, Shared};
 use super::state::Use;
-use super::{lock, AlignedBuf, CacheMode, Link, Shared};
+use super::CacheMode;
 use crate::engine::Completion;
 use std::os::fd::{AsRawFd, FromRawFd};
 

@@ -6,10 +6,11 @@
 use std::cell::RefCell;
 use std::io;
 
+use super::disk::check_blocks;
 use super::journal::{Journal, Media};
 use super::layout::{Layout, Owner, Record, SlotState};
 use super::state::{TierState, Use};
-use super::{check_blocks, TierError};
+use super::TierError;
 
 /// A cache device in memory.
 struct Memory(RefCell<Vec<u8>>);

@@ -14,9 +14,13 @@
 use std::os::unix::fs::FileExt;
 
 use super::tests::{iov, run, settle, start};
+use std::path::Path;
+
 use super::*;
-use crate::disk::DiskOp;
+use crate::disk::{Disk, DiskOp};
 use crate::engine::faulty::{Device, Event};
+use crate::engine::EngineKind;
+use crate::StorageError;
 
 const BS: u64 = 4096;
 /// Blocks of the capacity device; the workload writes the first `HOT` of them, more than

@@ -7,9 +7,12 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use super::layout::SlotState;
+use std::sync::atomic::AtomicU64;
+
 use super::*;
-use crate::disk::{AnyDisk, DiskOp, DiskQueue, StartError};
+use crate::disk::{AnyDisk, Disk, DiskOp, DiskQueue, StartError};
 use crate::engine::faulty::{Device, Fault, Faults, OpKind};
+use crate::engine::EngineKind;
 
 const BS: u64 = 4096;
 const CAP: u64 = 32 << 20;

@@ -1,0 +1,322 @@
+//! Opening a tiered disk (formatting or recovering its cache device, checking that the
+//! cache belongs to this capacity device) and its control-plane handle.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+use super::layout::{Owner, SlotState};
+use super::queue::TieredQueue;
+use super::shared::{lock, BgQueue, Shared, HIGH_WATERMARK_PCT, LOW_WATERMARK_PCT};
+use super::state::TierState;
+use super::{
+    background, device, journal, layout, CacheMode, Layout, TierError, TierMetrics, TierSpec,
+};
+use crate::disk::{Disk, DiskInfo};
+use crate::engine::EngineKind;
+use crate::error::{StorageError, StorageErrorKind};
+
+/// A capacity device with a cache device in front.
+pub struct TieredDisk {
+    pub(super) shared: Arc<Shared>,
+    info: DiskInfo,
+    threads: Vec<JoinHandle<()>>,
+}
+
+pub(super) fn storage_err(
+    kind: StorageErrorKind,
+    path: &Path,
+    e: impl std::fmt::Display,
+) -> StorageError {
+    StorageError::new(kind, e.to_string()).with_path(path)
+}
+
+impl TieredDisk {
+    /// Opens a tiered disk over the capacity device at `path`; `engine` is the factory's
+    /// choice for this disk (see [`crate::disk::open_disk`]).
+    pub fn open(
+        path: &Path,
+        read_only: bool,
+        direct: bool,
+        engine: EngineKind,
+        spec: &TierSpec,
+    ) -> Result<TieredDisk, StorageError> {
+        let open_err = |p: &Path, what: &str, e: io::Error| {
+            StorageError::new(StorageErrorKind::Open, what)
+                .with_path(p)
+                .with_source(e)
+        };
+        let mut flags = libc::O_CLOEXEC;
+        if direct {
+            flags |= libc::O_DIRECT;
+        }
+        let cap =
+            crate::disk::open_noatime(OpenOptions::new().read(true).write(!read_only), flags, path)
+                .map_err(|e| open_err(path, "cannot open capacity device", e))?;
+        let meta = cap
+            .metadata()
+            .map_err(|e| open_err(path, "cannot stat capacity device", e))?;
+        let capacity = crate::disk::device_size(&cap, &meta)
+            .map_err(|e| open_err(path, "cannot read capacity device size", e))?
+            & !511;
+        if capacity == 0 {
+            return Err(storage_err(
+                StorageErrorKind::InvalidImage,
+                path,
+                "capacity device is empty",
+            ));
+        }
+        let owner = Owner {
+            size: capacity,
+            dev: meta.dev(),
+            ino: meta.ino(),
+            path: std::fs::canonicalize(path)
+                .unwrap_or_else(|_| path.to_owned())
+                .display()
+                .to_string(),
+        };
+        let created = !spec.cache.exists();
+        let cache = crate::disk::open_noatime(
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false),
+            libc::O_CLOEXEC,
+            &spec.cache,
+        )
+        .map_err(|e| open_err(&spec.cache, "cannot open cache device", e))?;
+        let cache_meta = cache
+            .metadata()
+            .map_err(|e| open_err(&spec.cache, "cannot stat cache device", e))?;
+        if created || (cache_meta.is_file() && cache_meta.len() < spec.cache_size) {
+            cache
+                .set_len(spec.cache_size)
+                .map_err(|e| open_err(&spec.cache, "cannot size cache file", e))?;
+        }
+        let wanted = Layout::for_size(spec.cache_size, spec.block_size)
+            .map_err(|e| storage_err(StorageErrorKind::InvalidSpec, &spec.cache, e))?;
+        let tier_err = |e: TierError| storage_err(StorageErrorKind::InvalidImage, &spec.cache, e);
+        let (journal, states) = if created || spec.force_format {
+            log::info!(
+                "formatting cache {} ({} blocks of {} bytes)",
+                spec.cache.display(),
+                wanted.slots,
+                wanted.block_size
+            );
+            let j = journal::Journal::format(&cache, wanted, owner.clone())
+                .map_err(|e| tier_err(TierError::CacheIo(e)))?;
+            (j, vec![SlotState::Free; wanted.slots as usize])
+        } else {
+            let cache_size = cache
+                .metadata()
+                .and_then(|m| crate::disk::device_size(&cache, &m))
+                .map_err(|e| open_err(&spec.cache, "cannot stat cache device", e))?;
+            match journal::Journal::recover(&cache, cache_size) {
+                Ok((j, states, replayed)) => {
+                    check_owner(&j.owner, &owner).map_err(tier_err)?;
+                    check_blocks(&states, capacity, j.layout.block_size).map_err(tier_err)?;
+                    if j.layout != wanted {
+                        return Err(tier_err(TierError::WrongFormat {
+                            cached: format!(
+                                "{}-byte blocks, {} slots",
+                                j.layout.block_size, j.layout.slots
+                            ),
+                            asked: format!(
+                                "{}-byte blocks, {} slots",
+                                wanted.block_size, wanted.slots
+                            ),
+                        }));
+                    }
+                    log::info!(
+                        "cache {}: recovered {} slots, {} journal blocks replayed",
+                        spec.cache.display(),
+                        states.iter().filter(|s| **s != SlotState::Free).count(),
+                        replayed
+                    );
+                    (j, states)
+                }
+                Err(TierError::NotACache) if is_blank(&cache) => {
+                    let j = journal::Journal::format(&cache, wanted, owner.clone())
+                        .map_err(|e| tier_err(TierError::CacheIo(e)))?;
+                    (j, vec![SlotState::Free; wanted.slots as usize])
+                }
+                Err(e) => return Err(tier_err(e)),
+            }
+        };
+        let slots = wanted.slots as usize;
+        // Keep some slots out of the policy's reach: evicted slots become reusable only after
+        // their eviction is durable, and admissions take from this reserve meanwhile.
+        let reserve = (slots / 32).clamp(8, 4096).min(slots / 2);
+        let policy_name = spec
+            .policy
+            .as_deref()
+            .unwrap_or(crate::cache::DEFAULT_POLICY);
+        let policy = crate::cache::by_name(policy_name, slots - reserve).ok_or_else(|| {
+            storage_err(
+                StorageErrorKind::InvalidSpec,
+                &spec.cache,
+                TierError::UnknownPolicy(policy_name.to_string()),
+            )
+        })?;
+        let state = TierState::new(&states, policy).map_err(|e| {
+            storage_err(
+                StorageErrorKind::Io,
+                &spec.cache,
+                format!("cannot allocate the cache tables: {e}"),
+            )
+        })?;
+        #[cfg(not(test))]
+        let (cache, cap) = (device::Dev::new(cache), device::Dev::new(cap));
+        #[cfg(test)]
+        let (cache, cap) = {
+            use crate::engine::faulty::Device;
+            let faults = Arc::<crate::engine::faulty::Faults>::default();
+            (
+                device::Dev::new(cache, Device::Cache, faults.clone()),
+                device::Dev::new(cap, Device::Capacity, faults),
+            )
+        };
+        let shared = Arc::new(Shared {
+            layout: wanted,
+            mode: spec.mode,
+            block: spec.block_size,
+            seq_cutoff: spec.seq_cutoff,
+            capacity,
+            cache,
+            cap,
+            metrics: TierMetrics::default(),
+            bg: Mutex::new(BgQueue {
+                flushes: Vec::new(),
+                shutdown: false,
+            }),
+            bg_cv: Condvar::new(),
+            high_watermark: slots * HIGH_WATERMARK_PCT / 100,
+            low_watermark: slots * LOW_WATERMARK_PCT / 100,
+            engine,
+            cache_on_tmpfs: crate::disk::on_tmpfs(&spec.cache),
+            state: Mutex::new(state),
+        });
+        shared.metrics.slots.store(slots as u64, Relaxed);
+        shared.update_gauges(&shared.state());
+        if spec.mode != CacheMode::WriteBack && !read_only {
+            // Dirty blocks from an earlier write-back run: write them all back before serving,
+            // so that write-through and write-around only ever see clean blocks.
+            let dirty = shared.state().dirty;
+            if dirty > 0 {
+                log::info!("writing back {dirty} dirty blocks left by write-back mode");
+                while shared.state().dirty > 0 {
+                    if background::clean_batch(&shared, usize::MAX) == 0 {
+                        return Err(storage_err(
+                            StorageErrorKind::Io,
+                            path,
+                            "cannot write back dirty cache blocks",
+                        ));
+                    }
+                }
+            }
+        }
+        let threads = background::spawn(shared.clone(), journal)
+            .map_err(|e| open_err(&spec.cache, "cannot start the tier's threads", e))?;
+        Ok(TieredDisk {
+            info: DiskInfo {
+                capacity,
+                read_only,
+                direct,
+                format: "tiered",
+                path: path.display().to_string(),
+                engine,
+                discard: !read_only,
+            },
+            shared,
+            threads,
+        })
+    }
+
+    pub fn metrics(&self) -> &TierMetrics {
+        &self.shared.metrics
+    }
+
+    pub fn mode(&self) -> CacheMode {
+        self.shared.mode
+    }
+
+    pub fn layout(&self) -> Layout {
+        self.shared.layout
+    }
+}
+
+pub(super) fn check_owner(cached: &Owner, actual: &Owner) -> Result<(), TierError> {
+    let wrong = |field, c: String, a: String| TierError::WrongOwner {
+        field,
+        cached: c,
+        actual: a,
+    };
+    if cached.size != actual.size {
+        return Err(wrong(
+            "size",
+            cached.size.to_string(),
+            actual.size.to_string(),
+        ));
+    }
+    if (cached.dev, cached.ino) != (actual.dev, actual.ino) {
+        return Err(wrong("file", cached.path.clone(), actual.path.clone()));
+    }
+    Ok(())
+}
+
+/// A recovered slot table may map only blocks of the capacity device.
+pub(super) fn check_blocks(
+    states: &[SlotState],
+    capacity: u64,
+    block: u64,
+) -> Result<(), TierError> {
+    let blocks = capacity.div_ceil(block);
+    let outside =
+        |s: &SlotState| matches!(*s, SlotState::Clean(b) | SlotState::Dirty(b) if b >= blocks);
+    if states.iter().any(outside) {
+        return Err(TierError::Damaged(
+            "a cache slot maps a block beyond the end of the capacity device",
+        ));
+    }
+    Ok(())
+}
+
+/// Whether the first metadata pages are all zero (a new, sparse or zeroed cache file).
+pub(super) fn is_blank(file: &File) -> bool {
+    use std::os::unix::fs::FileExt;
+    let mut b = vec![0u8; 2 * layout::PAGE as usize];
+    file.read_exact_at(&mut b, 0).is_ok() && b.iter().all(|&x| x == 0)
+}
+
+impl Drop for TieredDisk {
+    fn drop(&mut self) {
+        lock(&self.shared.bg).shutdown = true;
+        self.shared.bg_cv.notify_all();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Disk for TieredDisk {
+    type Queue = TieredQueue;
+
+    fn info(&self) -> &DiskInfo {
+        &self.info
+    }
+
+    fn new_queue(&self, depth: u32) -> Result<TieredQueue, StorageError> {
+        TieredQueue::new(self.shared.clone(), depth).map_err(|e| {
+            StorageError::new(StorageErrorKind::Engine, "cannot create tier queue").with_source(e)
+        })
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        background::flush_now(&self.shared)
+    }
+}
