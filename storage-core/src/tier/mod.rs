@@ -2,17 +2,17 @@
 //! capacity device, inside the daemon, layered over the engine seam like any other format.
 //!
 //! - this module: the spec ([`TierSpec`], [`CacheMode`]) and [`TierError`].
-//! - [`disk`]: opening a tier (format or recover its cache, check its owner) and the
+//! - `disk`: opening a tier (format or recover its cache, check its owner) and the
 //!   control-plane handle [`TieredDisk`].
-//! - [`queue`]: the per-worker [`TieredQueue`], which splits each request by cache block
+//! - `queue`: the per-worker [`TieredQueue`], which splits each request by cache block
 //!   and sends every piece to the cache or the capacity device; `queue::plan` decides where.
-//! - [`shared`]: what the queues and the background threads share.
-//! - [`state`]: the in-memory slot table and free lists, under one mutex.
-//! - [`layout`]: the cache device's on-disk format (superblocks, map regions, journal).
-//! - [`journal`]: formatting, journal appends, checkpoints, recovery.
-//! - [`background`]: the journal/flush thread (group commit) and the write-back cleaner.
-//! - [`device`]: the devices as the background threads use them (recorded in tests).
-//! - [`metrics`]: the tier's counters.
+//! - `shared`: what the queues and the background threads share.
+//! - `state`: the in-memory slot table and free lists, under one mutex.
+//! - `layout`: the cache device's on-disk format (superblocks, map regions, journal).
+//! - `journal`: formatting, journal appends, checkpoints, recovery.
+//! - `background`: the journal/flush thread (group commit) and the write-back cleaner.
+//! - `device`: the devices as the background threads use them (recorded in tests).
+//! - `metrics`: the tier's counters.
 //!
 //! Modes: write-through (both devices before completion), write-around (capacity only; the
 //! cache copy is dropped), write-back (cache only; a cleaner copies dirty blocks back).
