@@ -664,7 +664,7 @@ impl Guest {
         self
     }
 
-    /// Ends the run as soon as the console shows `marker` (QEMU is killed then), for guests
+    /// Ends the run as soon as the console shows a whole line containing `marker` (QEMU is killed then), for guests
     /// that cannot power off by themselves, such as a BIOS boot program. Such a run
     /// succeeds when the marker appeared; see [`GuestRun::ensure_success`].
     pub fn stop_when_console_contains(mut self, marker: &str) -> Self {
@@ -914,7 +914,9 @@ impl Drop for KillOnDrop {
 }
 
 /// Reads `pipe` to its end, mirroring it into `log`, and returns it as (lossy) text. With a
-/// `marker`, sets its flag once the text so far contains it.
+/// `marker`, sets its flag once the text so far holds a whole line containing it: a marker
+/// such as `RESULT done=` is followed by the value the test reads, which may arrive in a
+/// later read (a run stopped at the bare marker lost it under load).
 fn drain(
     mut pipe: impl Read,
     mut log: Option<fs::File>,
@@ -922,19 +924,27 @@ fn drain(
 ) -> String {
     let mut all = Vec::new();
     let mut chunk = [0u8; 8192];
+    // Where the marker was found, while its line is not complete yet.
+    let mut found: Option<usize> = None;
     loop {
         match pipe.read(&mut chunk) {
             Ok(0) => break,
             Ok(n) => {
                 all.extend_from_slice(&chunk[..n]);
                 if let Some((text, seen)) = &marker {
-                    // Only the new bytes and a marker's length before them can hold a new match.
-                    let from = all.len().saturating_sub(n + text.len());
-                    if all[from..]
-                        .windows(text.len().max(1))
-                        .any(|w| w == text.as_bytes())
-                    {
-                        seen.store(true, Ordering::Release);
+                    if found.is_none() {
+                        // Only the new bytes and a marker's length before them can hold a
+                        // new match.
+                        let from = all.len().saturating_sub(n + text.len());
+                        found = all[from..]
+                            .windows(text.len().max(1))
+                            .position(|w| w == text.as_bytes())
+                            .map(|p| from + p);
+                    }
+                    if let Some(at) = found {
+                        if all[at + text.len()..].contains(&b'\n') {
+                            seen.store(true, Ordering::Release);
+                        }
                     }
                 }
                 if let Some(file) = log.as_mut() {
@@ -1208,13 +1218,18 @@ mod tests {
             assert!(seen.load(Ordering::Acquire), "chunks of {step}");
             assert!(text.ends_with("done=yes\n"), "{text:?}");
         }
-        let seen = Arc::new(AtomicBool::new(false));
-        drain(
-            Trickle(b"RESULT done", 2),
-            None,
-            Some(("RESULT done=".to_owned(), seen.clone())),
-        );
-        assert!(!seen.load(Ordering::Acquire));
+        for partial in [&b"RESULT done"[..], b"RESULT done=", b"RESULT done=yes"] {
+            let seen = Arc::new(AtomicBool::new(false));
+            drain(
+                Trickle(partial, 2),
+                None,
+                Some(("RESULT done=".to_owned(), seen.clone())),
+            );
+            assert!(
+                !seen.load(Ordering::Acquire),
+                "{partial:?}: the line is not complete"
+            );
+        }
     }
 
     #[test]
