@@ -664,9 +664,10 @@ impl Guest {
         self
     }
 
-    /// Ends the run as soon as the console shows a whole line containing `marker` (QEMU is killed then), for guests
-    /// that cannot power off by themselves, such as a BIOS boot program. Such a run
-    /// succeeds when the marker appeared; see [`GuestRun::ensure_success`].
+    /// Ends the run as soon as the console shows a whole line containing `marker` (QEMU is
+    /// killed then), for guests that cannot power off by themselves, such as a BIOS boot
+    /// program. Such a run succeeds when the marker appeared; see
+    /// [`GuestRun::ensure_success`].
     pub fn stop_when_console_contains(mut self, marker: &str) -> Self {
         self.stop_marker = Some(marker.to_owned());
         self
