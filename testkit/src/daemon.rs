@@ -641,6 +641,56 @@ pub fn cpu_time(pid: u32) -> std::io::Result<Duration> {
     Ok(Duration::from_nanos(ticks * 1_000_000_000 / hz))
 }
 
+/// Tries to connect to the unix socket at `path` from a child process running as `uid` and
+/// `gid` with no supplementary groups (the test runs as root); the connection is closed at
+/// once. `Ok(())` if it connected, else the errno.
+pub fn connect_as(path: &Path, uid: u32, gid: u32) -> Result<(), i32> {
+    use std::os::unix::ffi::OsStrExt;
+    // Everything the child needs is made before the fork: after it, only system calls.
+    // SAFETY: a zeroed sockaddr_un is valid.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_bytes();
+    assert!(bytes.len() < addr.sun_path.len(), "socket path too long");
+    for (d, &s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = s as libc::c_char;
+    }
+    let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+    // SAFETY: the child makes only async-signal-safe system calls and leaves with _exit.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+    if pid == 0 {
+        // SAFETY: plain system calls on values made before the fork; `addr` is a valid
+        // sockaddr_un of `len` bytes.
+        unsafe {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(gid) != 0
+                || libc::setuid(uid) != 0
+            {
+                libc::_exit(200);
+            }
+            let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+            if fd < 0 {
+                libc::_exit(201);
+            }
+            let r = libc::connect(fd, (&addr as *const libc::sockaddr_un).cast(), len);
+            let code = if r == 0 { 0 } else { *libc::__errno_location() };
+            libc::_exit(code.min(199));
+        }
+    }
+    let mut status = 0;
+    // SAFETY: `status` is a valid out-parameter; `pid` is our child.
+    let waited = unsafe { libc::waitpid(pid, &mut status, 0) };
+    assert_eq!(waited, pid, "waitpid: {}", std::io::Error::last_os_error());
+    assert!(libc::WIFEXITED(status), "the child died: {status:#x}");
+    match libc::WEXITSTATUS(status) {
+        0 => Ok(()),
+        200 => panic!("the child could not switch to uid {uid}, gid {gid}"),
+        201 => panic!("the child could not create a socket"),
+        errno => Err(errno),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

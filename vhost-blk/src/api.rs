@@ -18,8 +18,12 @@ pub struct ApiServer {
 }
 
 impl ApiServer {
-    pub fn start(path: &Path, device: Arc<BlkDevice>) -> Result<Self, SocketError> {
-        let (listener, file) = socket::bind(path)?;
+    pub fn start(
+        path: &Path,
+        group: Option<u32>,
+        device: Arc<BlkDevice>,
+    ) -> Result<Self, SocketError> {
+        let (listener, file) = socket::bind(path, group)?;
         api::serve(listener, move |method, target| {
             route(method, target, &device)
         })

@@ -35,6 +35,10 @@ struct Cli {
     /// Serve the HTTP API (GET /metrics, GET /v1/disk) on this unix socket.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
+    /// Let this group (a name or a number) connect to the sockets too (mode 0660); without
+    /// it they are the owner's alone (0600).
+    #[arg(long = "socket-group", value_name = "GROUP")]
+    socket_group: Option<String>,
 }
 
 /// A checked configuration.
@@ -47,6 +51,8 @@ pub struct Config {
     pub queue_depth: u32,
     pub poll: Duration,
     pub api_socket: Option<PathBuf>,
+    /// The group that may connect to the sockets besides their owner.
+    pub socket_group: Option<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +69,8 @@ pub enum ConfigError {
     QueueDepth(u32),
     #[error("--poll-us {0}: must be at most 1000000")]
     Poll(u64),
+    #[error(transparent)]
+    SocketGroup(#[from] daemon_support::socket::SocketError),
 }
 
 /// What the command line asks for.
@@ -118,6 +126,11 @@ impl TryFrom<Cli> for Config {
             queue_size: cli.queue_size,
             queue_depth: cli.queue_depth,
             api_socket: cli.api_socket,
+            socket_group: cli
+                .socket_group
+                .as_deref()
+                .map(daemon_support::socket::group_id)
+                .transpose()?,
         })
     }
 }

@@ -70,10 +70,10 @@ impl Daemon {
             .collect::<Result<Vec<_>>>()?;
         let backend = Arc::new(BlkBackend::new(device.clone(), workers));
         let api = match &config.api_socket {
-            Some(path) => Some(ApiServer::start(path, device.clone())?),
+            Some(path) => Some(ApiServer::start(path, config.socket_group, device.clone())?),
             None => None,
         };
-        let (listener, socket_file) = socket::bind(&config.socket)?;
+        let (listener, socket_file) = socket::bind(&config.socket, config.socket_group)?;
         let control = Arc::new(Control {
             wake: EventFd::new(EFD_NONBLOCK).context("cannot create eventfd")?,
             connection: Mutex::new(None),

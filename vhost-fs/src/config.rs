@@ -86,6 +86,10 @@ struct Cli {
     /// Serve GET /metrics and GET /v1/share over HTTP on this unix socket.
     #[arg(long = "api-socket", value_name = "PATH")]
     api_socket: Option<PathBuf>,
+    /// Let this group (a name or a number) connect to the sockets too (mode 0660), as
+    /// virtiofsd's flag; without it they are the owner's alone (0600).
+    #[arg(long = "socket-group", value_name = "GROUP")]
+    socket_group: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,6 +125,8 @@ pub struct Config {
     pub rlimit_nofile: Option<u64>,
     pub inode_file_handles: InodeFileHandles,
     pub api_socket: Option<PathBuf>,
+    /// The group that may connect to the sockets besides their owner.
+    pub socket_group: Option<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -151,6 +157,8 @@ pub enum ConfigError {
     InodeFileHandles(String),
     #[error("--thread-pool-size {0}: must be at most 1024")]
     ThreadPoolSize(usize),
+    #[error(transparent)]
+    SocketGroup(#[from] daemon_support::socket::SocketError),
 }
 
 pub enum Command {
@@ -286,6 +294,11 @@ impl TryFrom<Cli> for Config {
                 .parse()
                 .map_err(ConfigError::InodeFileHandles)?,
             api_socket: cli.api_socket,
+            socket_group: cli
+                .socket_group
+                .as_deref()
+                .map(daemon_support::socket::group_id)
+                .transpose()?,
         })
     }
 }

@@ -65,7 +65,8 @@ fn open_dir(path: &std::path::Path, flags: i32) -> Result<OwnedFd> {
 impl Daemon {
     /// Start-up: everything that can fail because of the user's input fails here.
     pub fn new(config: Config) -> Result<Self> {
-        // SAFETY: umask has no preconditions. Modes the guest asks for are applied as given.
+        // SAFETY: umask has no preconditions. Modes the guest asks for are applied as given
+        // (the sockets set their own modes, whatever the umask).
         unsafe { libc::umask(0) };
         let nofile =
             sandbox::set_nofile(config.rlimit_nofile).context("cannot set the open-file limit")?;
@@ -80,7 +81,7 @@ impl Daemon {
         let proc_fd = open_dir(std::path::Path::new("/proc/self/fd"), libc::O_PATH)?;
         let (listener, socket_file) = match &config.listen {
             Listen::Path(p) => {
-                let (l, f) = socket::bind(p)?;
+                let (l, f) = socket::bind(p, config.socket_group)?;
                 (l, Some(f))
             }
             Listen::Fd(fd) => {
@@ -97,7 +98,7 @@ impl Daemon {
             }
         };
         let api = match &config.api_socket {
-            Some(p) => Some(socket::bind(p)?),
+            Some(p) => Some(socket::bind(p, config.socket_group)?),
             None => None,
         };
         sandbox::enter(config.sandbox, &config.shared_dir)?;
