@@ -1,11 +1,38 @@
 //! The HTTP/1.1 API listener on a unix socket (as Cloud Hypervisor's API): one request per
-//! connection, from a thread of its own. The daemon supplies the routes; this module reads
-//! the request line, skips the headers and writes the response. A control plane, not a data
-//! path.
+//! connection, each connection on a thread of its own, at most [`Limits::connections`] at
+//! once. The daemon supplies the routes; this module reads the request head (at most
+//! [`Limits::head_bytes`], within [`Limits::head_time`]), skips the headers and writes the
+//! response. A client that trickles bytes or never ends its request holds one connection
+//! until the time is up and no more memory than the limit, and never the others. A control
+//! plane, not a data path. (The management API replaces this with an HTTP library; the
+//! limits carry over.)
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// What one client may take of the API.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Bytes of request line and headers.
+    pub head_bytes: usize,
+    /// Time to send them, from the connection's acceptance.
+    pub head_time: Duration,
+    /// Connections served at once; more are answered 503 and closed.
+    pub connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            head_bytes: 16 << 10,
+            head_time: Duration::from_secs(5),
+            connections: 16,
+        }
+    }
+}
 
 /// What a route answers.
 pub struct Response {
@@ -41,44 +68,137 @@ impl Response {
 }
 
 /// Serves `listener` from a thread named `api`, answering each request with `route(method,
-/// path)`.
+/// path)`, within the default [`Limits`].
 pub fn serve(
     listener: UnixListener,
-    route: impl Fn(&str, &str) -> Response + Send + 'static,
+    route: impl Fn(&str, &str) -> Response + Send + Sync + 'static,
 ) -> std::io::Result<()> {
+    serve_with(listener, Limits::default(), route)
+}
+
+/// [`serve`] within `limits`.
+pub fn serve_with(
+    listener: UnixListener,
+    limits: Limits,
+    route: impl Fn(&str, &str) -> Response + Send + Sync + 'static,
+) -> std::io::Result<()> {
+    let route = Arc::new(route);
+    let active = Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
             for stream in listener.incoming() {
-                match stream {
-                    Ok(stream) => {
-                        if let Err(e) = handle(stream, &route) {
-                            log::debug!("api: {e}");
-                        }
+                let stream = match stream {
+                    Ok(s) => s,
+                    Err(e) => {
+                        log::warn!("api: accept failed: {e}");
+                        continue;
                     }
-                    Err(e) => log::warn!("api: accept failed: {e}"),
+                };
+                if active.fetch_add(1, Ordering::SeqCst) >= limits.connections {
+                    active.fetch_sub(1, Ordering::SeqCst);
+                    let _ = refuse(stream, "503 Service Unavailable", "too many connections");
+                    continue;
+                }
+                let (route, done) = (route.clone(), active.clone());
+                let spawned =
+                    std::thread::Builder::new()
+                        .name("api-conn".into())
+                        .spawn(move || {
+                            if let Err(e) = handle(stream, limits, &*route) {
+                                log::debug!("api: {e}");
+                            }
+                            done.fetch_sub(1, Ordering::SeqCst);
+                        });
+                if let Err(e) = spawned {
+                    active.fetch_sub(1, Ordering::SeqCst);
+                    log::warn!("api: cannot start a connection thread: {e}");
                 }
             }
         })?;
     Ok(())
 }
 
-fn handle(stream: UnixStream, route: &dyn Fn(&str, &str) -> Response) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut request_line = String::new();
-    reader.read_line(&mut request_line)?;
-    // Skip the headers; no request here has a body.
+/// Why a request head could not be read.
+#[derive(Debug)]
+enum HeadError {
+    TooLarge,
+    TooSlow,
+    Io(std::io::Error),
+}
+
+/// Reads the request head (up to the blank line), within the limits.
+fn read_head(stream: &mut UnixStream, limits: Limits) -> Result<Vec<u8>, HeadError> {
+    let deadline = Instant::now() + limits.head_time;
+    let mut head = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
     loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line)? == 0 || line == "\r\n" || line == "\n" {
-            break;
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(HeadError::TooSlow);
+        }
+        stream.set_read_timeout(Some(left)).map_err(HeadError::Io)?;
+        let room = limits.head_bytes + 1 - head.len();
+        let n = match stream.read(&mut chunk[..room.min(1024)]) {
+            Ok(0) => return Ok(head),
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(HeadError::TooSlow)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(HeadError::Io(e)),
+        };
+        head.extend_from_slice(&chunk[..n]);
+        if head.windows(4).any(|w| w == b"\r\n\r\n") || head.windows(2).any(|w| w == b"\n\n") {
+            return Ok(head);
+        }
+        if head.len() > limits.head_bytes {
+            return Err(HeadError::TooLarge);
         }
     }
+}
+
+/// Answers `status` with a JSON error and closes.
+fn refuse(mut stream: UnixStream, status: &str, message: &str) -> std::io::Result<()> {
+    stream.set_write_timeout(Some(Duration::from_secs(1)))?;
+    let body = format!(r#"{{"error":"{message}"}}"#);
+    write!(
+        stream,
+        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+fn handle(
+    mut stream: UnixStream,
+    limits: Limits,
+    route: &dyn Fn(&str, &str) -> Response,
+) -> std::io::Result<()> {
+    let head = match read_head(&mut stream, limits) {
+        Ok(h) => h,
+        Err(HeadError::TooLarge) => {
+            return refuse(
+                stream,
+                "431 Request Header Fields Too Large",
+                "request head too large",
+            )
+        }
+        Err(HeadError::TooSlow) => {
+            return refuse(stream, "408 Request Timeout", "request too slow")
+        }
+        Err(HeadError::Io(e)) => return Err(e),
+    };
+    let head = String::from_utf8_lossy(&head);
+    let request_line = head.lines().next().unwrap_or("");
     let mut parts = request_line.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let r = route(method, path);
-    let mut stream = stream;
+    stream.set_write_timeout(Some(limits.head_time))?;
     write!(
         stream,
         "HTTP/1.1 {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
@@ -92,4 +212,120 @@ fn handle(stream: UnixStream, route: &dyn Fn(&str, &str) -> Response) -> std::io
 /// Escapes a Prometheus label value.
 pub fn escape_label(s: &str) -> String {
     s.replace('\\', "\\\\").replace('"', "\\\"")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(limits: Limits) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        serve_with(listener, limits, |_, path| {
+            Response::ok("text/plain", format!("you asked for {path}"))
+        })
+        .unwrap();
+        (dir, path)
+    }
+
+    fn limits() -> Limits {
+        Limits {
+            head_bytes: 4096,
+            head_time: Duration::from_millis(500),
+            connections: 4,
+        }
+    }
+
+    /// Sends `request`, then reads the answer to its end.
+    fn ask(path: &std::path::Path, request: &[u8]) -> String {
+        let mut s = UnixStream::connect(path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        // The server may answer and close before taking everything: a refused write is fine.
+        let _ = s.write_all(request);
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    }
+
+    #[test]
+    fn a_stalled_client_does_not_hold_up_another() {
+        let (_dir, path) = server(Limits {
+            head_time: Duration::from_secs(30),
+            ..limits()
+        });
+        let mut stalled = UnixStream::connect(&path).unwrap();
+        stalled.write_all(b"GET /met").unwrap();
+        let start = Instant::now();
+        let answer = ask(&path, b"GET /v1/disk HTTP/1.1\r\n\r\n");
+        assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+        assert!(answer.ends_with("you asked for /v1/disk"), "{answer}");
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+
+    #[test]
+    fn a_request_head_without_end_is_cut_off_at_the_limit() {
+        let (_dir, path) = server(limits());
+        let answer = ask(&path, &vec![b'a'; 1 << 20]);
+        assert!(
+            answer.starts_with("HTTP/1.1 431 "),
+            "a 1 MiB request line: {answer:?}"
+        );
+    }
+
+    #[test]
+    fn a_client_slower_than_the_limit_is_cut_off() {
+        let (_dir, path) = server(limits());
+        let mut s = UnixStream::connect(&path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let start = Instant::now();
+        // A byte every 100 ms never completes the head within 500 ms.
+        for b in b"GET /metrics HTTP/1.1\r\n".iter() {
+            if s.write_all(&[*b]).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            if start.elapsed() > Duration::from_secs(2) {
+                break;
+            }
+        }
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        assert!(out.starts_with("HTTP/1.1 408 "), "{out:?}");
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+
+    #[test]
+    fn connections_past_the_limit_are_refused_not_queued() {
+        let (_dir, path) = server(Limits {
+            head_time: Duration::from_secs(30),
+            ..limits()
+        });
+        let held: Vec<UnixStream> = (0..4)
+            .map(|_| UnixStream::connect(&path).unwrap())
+            .collect();
+        // Let the server take all four before the fifth arrives.
+        std::thread::sleep(Duration::from_millis(200));
+        let answer = ask(&path, b"GET /metrics HTTP/1.1\r\n\r\n");
+        assert!(answer.starts_with("HTTP/1.1 503 "), "{answer:?}");
+        drop(held);
+        // Their threads end when they see the end of file; then the next one is served.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let answer = ask(&path, b"GET /metrics HTTP/1.1\r\n\r\n");
+            if answer.starts_with("HTTP/1.1 200 ") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "still refused: {answer:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
