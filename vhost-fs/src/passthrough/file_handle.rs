@@ -125,6 +125,11 @@ pub struct UnboundHandle {
 }
 
 impl UnboundHandle {
+    /// What names this inode among all inodes the daemon knows (see `InodeKey`).
+    pub fn key(&self) -> (i32, i32, Box<[u8]>) {
+        (self.mount_id, self.handle_type, self.bytes.clone())
+    }
+
     pub fn bind(self, mount: Arc<MountFd>) -> io::Result<FileHandle> {
         if mount.id != self.mount_id {
             return Err(errno(libc::EXDEV));

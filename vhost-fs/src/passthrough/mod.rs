@@ -117,8 +117,21 @@ impl AsRawFd for InodeFd<'_> {
     }
 }
 
+/// What identifies a host inode among those the guest knows: its file handle where it is
+/// held as one, else (dev, ino). A number alone is not enough for an inode held as a handle:
+/// nothing keeps it open, so once its file is unlinked the host may give its number to a new
+/// file (ext4 does at once), which must not take over the old guest inode and its stale
+/// handle; the new file's handle differs (another generation). An inode held by its O_PATH
+/// descriptor cannot be freed while held, so its number is safe (virtiofsd keys both ways).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum InodeKey {
+    Handle(i32, i32, Box<[u8]>),
+    Number(u64, u64),
+}
+
 struct InodeData {
     file: InodeFile,
+    key: InodeKey,
     dev: u64,
     ino: u64,
     /// `S_IFMT` bits: fixed for the inode's lifetime.
@@ -140,7 +153,7 @@ impl InodeData {
 #[derive(Default)]
 struct InodeMap {
     by_id: HashMap<Inode, Arc<InodeData>>,
-    by_key: HashMap<(u64, u64), Inode>,
+    by_key: HashMap<InodeKey, Inode>,
     next: Inode,
 }
 
@@ -220,6 +233,7 @@ impl PassthroughFs {
         let root = Arc::new(InodeData {
             // The root is in use all the time: it keeps its descriptor.
             file: InodeFile::Fd(root),
+            key: InodeKey::Number(st.st_dev, st.st_ino),
             dev: st.st_dev,
             ino: st.st_ino,
             kind: libc::S_IFDIR,
@@ -290,14 +304,28 @@ impl PassthroughFs {
         }
     }
 
-    /// How a newly looked-up inode is held: `fd` itself, or its handle (when the mode asks
-    /// for handles and its filesystem has them). `parent` is the directory it was found in,
-    /// a candidate mount descriptor.
-    fn hold(&self, fd: OwnedFd, kind: u32, parent: Option<&InodeData>) -> io::Result<InodeFile> {
+    /// The file handle of the inode behind `fd`, when the mode asks for handles.
+    fn handle_for(&self, fd: &OwnedFd) -> io::Result<Option<file_handle::UnboundHandle>> {
+        if self.handles_mode == InodeFileHandles::Never {
+            return Ok(None);
+        }
+        file_handle::handle_of(fd.as_fd())
+    }
+
+    /// How a newly looked-up inode is held: `fd` itself, or `handle` (its handle, from
+    /// [`handle_for`](Self::handle_for)) when the mode asks for handles and its filesystem
+    /// has them. `parent` is the directory it was found in, a candidate mount descriptor.
+    fn hold(
+        &self,
+        fd: OwnedFd,
+        kind: u32,
+        parent: Option<&InodeData>,
+        handle: io::Result<Option<file_handle::UnboundHandle>>,
+    ) -> io::Result<InodeFile> {
         if self.handles_mode == InodeFileHandles::Never {
             return Ok(InodeFile::Fd(fd));
         }
-        let handle = match file_handle::handle_of(fd.as_fd()) {
+        let handle = match handle {
             Ok(Some(h)) => Ok(h),
             Ok(None) => Err(errno(libc::EOPNOTSUPP)),
             Err(e) => Err(e),
@@ -362,8 +390,7 @@ impl PassthroughFs {
         map.by_id.clear();
         map.by_key.clear();
         map.by_id.insert(fuse::ROOT_ID, self.root.clone());
-        map.by_key
-            .insert((self.root.dev, self.root.ino), fuse::ROOT_ID);
+        map.by_key.insert(self.root.key.clone(), fuse::ROOT_ID);
         map.next = fuse::ROOT_ID + 1;
         drop(map);
         write(&self.handles).clear();
@@ -513,35 +540,55 @@ impl PassthroughFs {
     /// unless it is the root) and returns its entry.
     fn register(&self, fd: OwnedFd, parent: Option<&InodeData>) -> io::Result<EntryOut> {
         let st = sys::fstat(fd.as_fd())?;
-        let key = (st.st_dev, st.st_ino);
+        let number = InodeKey::Number(st.st_dev, st.st_ino);
+        let handle = self.handle_for(&fd);
+        let key = match &handle {
+            Ok(Some(h)) => {
+                let (mount, kind, bytes) = h.key();
+                InodeKey::Handle(mount, kind, bytes)
+            }
+            _ => number.clone(),
+        };
         let parent_dev = parent.map(|p| p.dev);
-        let known = |map: &InodeMap| {
-            let id = map.by_key.get(&key).copied()?;
+        // By handle, or by number: an inode keyed by its number is held open (the root
+        // always is), so that number is still its own.
+        let known = |map: &InodeMap, key: &InodeKey| {
+            let id = map
+                .by_key
+                .get(key)
+                .or_else(|| map.by_key.get(&number))
+                .copied()?;
             map.by_id.get(&id)?.lookups.fetch_add(1, Ordering::Relaxed);
             Some(id)
         };
         // The same host inode under two names is one guest inode.
-        let mut id = known(&write(&self.inodes));
+        let mut id = known(&write(&self.inodes), &key);
         if id.is_none() {
             // Made without the map locked: it may take system calls.
-            let file = self.hold(fd, s_type(st.st_mode), parent)?;
+            let file = self.hold(fd, s_type(st.st_mode), parent, handle)?;
+            // Held by its descriptor after all (no usable handle): known by its number.
+            let key = match file {
+                InodeFile::Handle(_) => key,
+                InodeFile::Fd(_) => number.clone(),
+            };
             let mut map = write(&self.inodes);
             // Another lookup may have registered it meanwhile.
-            id = known(&map);
+            id = known(&map, &key);
             if id.is_none() {
                 let new = map.next;
                 map.next += 1;
+                map.by_key.insert(key.clone(), new);
                 map.by_id.insert(
                     new,
                     Arc::new(InodeData {
                         file,
+                        key,
                         dev: st.st_dev,
                         ino: st.st_ino,
                         kind: s_type(st.st_mode),
                         lookups: AtomicU64::new(1),
                     }),
                 );
-                map.by_key.insert(key, new);
                 id = Some(new);
             }
         }
@@ -722,8 +769,8 @@ impl FileSystem for PassthroughFs {
             .unwrap_or(0);
         if left == 0 {
             map.by_id.remove(&inode);
-            if map.by_key.get(&(data.dev, data.ino)) == Some(&inode) {
-                map.by_key.remove(&(data.dev, data.ino));
+            if map.by_key.get(&data.key) == Some(&inode) {
+                map.by_key.remove(&data.key);
             }
         }
     }
