@@ -123,6 +123,7 @@ impl Daemon {
                 gid_map: config.gid_map.clone(),
                 switch_creds: root,
                 inode_file_handles: config.inode_file_handles,
+                readonly: config.readonly,
             },
         )?);
         let fs: Arc<dyn FileSystem> = if config.readonly {

@@ -86,7 +86,14 @@ pub struct PassthroughConfig {
     pub switch_creds: bool,
     /// Hold inodes as file handles instead of O_PATH descriptors.
     pub inode_file_handles: InodeFileHandles,
+    /// The share is read-only (`--readonly`): nothing is ever opened for writing.
+    pub readonly: bool,
 }
+
+/// Host files held for guests' POSIX lock owners, across all inodes: one per (inode,
+/// owner), so a guest making up owners could otherwise make the daemon hold any number of
+/// descriptors. Past it, a lock that needs a new file is refused with ENOLCK.
+const MAX_LOCK_FILES: usize = 4096;
 
 /// How an inode is held.
 enum InodeFile {
@@ -405,25 +412,41 @@ impl PassthroughFs {
 
     /// The host file that holds `owner`'s POSIX locks on `inode`, opened on first use, with
     /// `fh` (a handle of the inode the guest locks through) recorded.
-    fn posix_lock_file(&self, inode: Inode, fh: Handle, owner: u64) -> io::Result<Arc<File>> {
+    fn posix_lock_file(
+        &self,
+        ctx: Context,
+        inode: Inode,
+        fh: Handle,
+        owner: u64,
+    ) -> io::Result<Arc<File>> {
         let h = self.handle(inode, fh)?;
         let mut locks = self.posix_locks();
-        let owners = locks.entry(inode).or_default();
-        if let Some(entry) = owners.get_mut(&owner) {
+        if let Some(entry) = locks.get_mut(&inode).and_then(|o| o.get_mut(&owner)) {
             entry.handles.insert(fh);
             return Ok(entry.file.clone());
         }
+        if locks.values().map(HashMap::len).sum::<usize>() >= MAX_LOCK_FILES {
+            return Err(errno(libc::ENOLCK));
+        }
         // Read and write, so the owner can take either kind of lock through any of its
-        // handles; where that is refused (a directory, a file being executed), the access
-        // of the handle it locks through, which is what the guest could lock with anyway.
+        // handles, but only as the caller, whom the kernel checks, and never on a read-only
+        // share; else the access of the handle it locks through, which the guest opened
+        // with and could lock with anyway. Never more than the guest could open itself.
         let data = self.inode(inode)?;
-        let file = match self.open_inode(&data, libc::O_RDWR | libc::O_NONBLOCK) {
+        let both = if self.cfg.readonly {
+            Err(errno(libc::EROFS))
+        } else {
+            let _caller = self.as_caller(ctx)?;
+            self.open_inode(&data, libc::O_RDWR | libc::O_NONBLOCK)
+        };
+        let file = match both {
             Ok(f) => f,
             Err(_) => {
                 let mode = sys::access_mode(h.file.as_raw_fd())?;
                 self.open_inode(&data, mode | libc::O_NONBLOCK)?
             }
         };
+        let owners = locks.entry(inode).or_default();
         let file = Arc::new(file);
         owners.insert(
             owner,
@@ -678,6 +701,16 @@ impl PassthroughFs {
             sys::fchmod(fd, new & 0o7777)?;
         }
         Ok(())
+    }
+
+    /// What the kernel does to a file a process without CAP_FSETID modifies (fallocate,
+    /// copy_file_range), done for the guest's caller: these run on the daemon's descriptor,
+    /// as root, and FUSE gives no kill-privileges flag for them as it does for WRITE.
+    fn kill_suidgid_for(&self, ctx: Context, fd: i32) -> io::Result<()> {
+        if ctx.uid == 0 {
+            return Ok(());
+        }
+        self.kill_suidgid(fd)
     }
 
     fn open_flags(&self, flags: u32) -> i32 {
@@ -1274,10 +1307,10 @@ impl FileSystem for PassthroughFs {
         sys::fremovexattr(f.as_raw_fd(), name)
     }
 
-    fn getlk(&self, _ctx: Context, inode: Inode, lk: &LkIn) -> io::Result<FileLock> {
+    fn getlk(&self, ctx: Context, inode: Inode, lk: &LkIn) -> io::Result<FileLock> {
         let mut fl = to_flock(&lk.lock)?;
         // Conflicts with other owners only, as F_GETLK reports them.
-        let file = self.posix_lock_file(inode, lk.fh, lk.owner)?;
+        let file = self.posix_lock_file(ctx, inode, lk.fh, lk.owner)?;
         sys::ofd_lock(file.as_raw_fd(), libc::F_OFD_GETLK, &mut fl)?;
         let start = fl.l_start as u64;
         let end = if fl.l_len == 0 {
@@ -1293,7 +1326,7 @@ impl FileSystem for PassthroughFs {
         })
     }
 
-    fn setlk(&self, _ctx: Context, inode: Inode, lk: &LkIn, wait: bool) -> io::Result<()> {
+    fn setlk(&self, ctx: Context, inode: Inode, lk: &LkIn, wait: bool) -> io::Result<()> {
         if lk.lk_flags & fuse::LK_FLOCK != 0 {
             // flock locks belong to the open file, which is the handle's own.
             let h = self.handle(inode, lk.fh)?;
@@ -1317,7 +1350,7 @@ impl FileSystem for PassthroughFs {
             self.handle(inode, lk.fh)?;
             return Ok(());
         }
-        let file = self.posix_lock_file(inode, lk.fh, lk.owner)?;
+        let file = self.posix_lock_file(ctx, inode, lk.fh, lk.owner)?;
         sys::ofd_lock(
             file.as_raw_fd(),
             if wait {
@@ -1338,19 +1371,16 @@ impl FileSystem for PassthroughFs {
 
     fn fallocate(
         &self,
-        _ctx: Context,
+        ctx: Context,
         inode: Inode,
         fh: Handle,
         mode: u32,
         offset: u64,
         length: u64,
     ) -> io::Result<()> {
-        sys::fallocate(
-            self.handle(inode, fh)?.file.as_raw_fd(),
-            mode as i32,
-            offset,
-            length,
-        )
+        let fd = self.handle(inode, fh)?.file.as_raw_fd();
+        self.kill_suidgid_for(ctx, fd)?;
+        sys::fallocate(fd, mode as i32, offset, length)
     }
 
     fn lseek(
@@ -1373,7 +1403,7 @@ impl FileSystem for PassthroughFs {
 
     fn copy_file_range(
         &self,
-        _ctx: Context,
+        ctx: Context,
         inode_in: Inode,
         fh_in: Handle,
         off_in: u64,
@@ -1386,6 +1416,7 @@ impl FileSystem for PassthroughFs {
         let flags = u32::try_from(flags).map_err(|_| errno(libc::EINVAL))?;
         let i = self.handle(inode_in, fh_in)?;
         let o = self.handle(inode_out, fh_out)?;
+        self.kill_suidgid_for(ctx, o.file.as_raw_fd())?;
         sys::copy_file_range(
             i.file.as_raw_fd(),
             off_in,

@@ -37,6 +37,7 @@ fn fs_for(share: &Path) -> PassthroughFs {
             gid_map: IdMap::default(),
             switch_creds: is_root(),
             inode_file_handles: MODE.get(),
+            readonly: false,
         },
     )
     .unwrap();
