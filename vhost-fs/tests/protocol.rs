@@ -1075,3 +1075,23 @@ fn a_write_past_the_file_size_limit_fails_and_the_daemon_survives() {
     );
     c.getattr(ROOT_ID).expect("daemon stopped serving");
 }
+
+/// Directory offsets are the host's cookies, which on network filesystems can be 2^63 or
+/// more: such an offset is served (as virtiofsd 1.14 does), not refused with EINVAL. On a
+/// local share no entry has one, so the listing from it is empty.
+#[test]
+fn readdir_takes_offsets_of_2_63_and_above() {
+    let mut f = start(&[]);
+    std::fs::write(f.share.join("a"), b"").unwrap();
+    let c = &mut f.client;
+    let fh = c.opendir(ROOT_ID).unwrap();
+    for plus in [false, true] {
+        let all = c.readdir(ROOT_ID, fh, 0, 4096, plus).unwrap();
+        assert!(all.iter().any(|d| d.name == b"a"));
+        let past = c
+            .readdir(ROOT_ID, fh, (1 << 63) | 7, 4096, plus)
+            .unwrap_or_else(|e| panic!("plus={plus}: {e}"));
+        assert!(past.is_empty(), "{past:?}");
+    }
+    c.releasedir(ROOT_ID, fh).unwrap();
+}

@@ -1199,19 +1199,25 @@ impl FileSystem for PassthroughFs {
         let mut out = fuse::Encoder::with_capacity(size.min(64 * 1024));
         let _guard = h.dir.lock().unwrap_or_else(|p| p.into_inner());
         let fd = h.file.as_raw_fd();
-        sys::lseek(fd, offset, libc::SEEK_SET)?;
         // Read about as many host entries as the reply can hold, not more: every entry read
         // past what fits is read again by the next call (after the seek above). A
         // `linux_dirent64` is about the size of a `fuse_dirent`; a `fuse_direntplus` is
         // some 128 bytes more. 512 bytes always hold one entry (a 255-byte name needs 280).
         let want = if plus { size / 4 } else { size };
         let mut buf = vec![0u8; want.clamp(512, 32 * 1024)];
+        // Entries already read past the offset, when it had to be found by reading.
+        let (mut from, mut to) = sys::seek_dir(fd, offset, &mut buf)?;
         'outer: loop {
-            let n = sys::getdents64(fd, &mut buf)?;
-            if n == 0 {
-                break;
+            if from == to {
+                from = 0;
+                to = sys::getdents64(fd, &mut buf)?;
+                if to == 0 {
+                    break;
+                }
             }
-            for d in sys::parse_dirents(&buf[..n]) {
+            let batch = (from, to);
+            from = to;
+            for d in sys::parse_dirents(&buf[batch.0..batch.1]) {
                 let typ = u32::from(d.typ);
                 let need =
                     fuse::dirent_size(d.name.len()) + if plus { fuse::ENTRY_OUT_LEN } else { 0 };

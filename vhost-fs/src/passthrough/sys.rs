@@ -225,6 +225,8 @@ pub struct RawDirent<'a> {
     pub off: u64,
     pub typ: u8,
     pub name: &'a [u8],
+    /// Bytes of the record in the buffer.
+    pub reclen: usize,
 }
 
 /// Reads directory entries at `fd`'s current position into `buf`; returns the bytes filled.
@@ -235,6 +237,46 @@ pub fn getdents64(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
         return Err(io::Error::last_os_error());
     }
     Ok(n as usize)
+}
+
+/// Positions directory `fd` after the entry whose `d_off` is `cookie` (what a guest sends
+/// back as a READDIR offset). `lseek` takes it where it fits an `off_t`; a cookie of 2^63 or
+/// more (NFS and other network filesystems make them) is negative there and refused, so
+/// the directory is read from its start up to that entry instead (as virtiofsd 1.14 does).
+/// Returns how many bytes of `buf` hold entries already read past the cookie, starting at
+/// the returned offset: `(start, end)`, empty when `lseek` did the work.
+pub fn seek_dir(fd: RawFd, cookie: u64, buf: &mut [u8]) -> io::Result<(usize, usize)> {
+    // The wrap to a negative off_t is what the kernel would see anyway.
+    // SAFETY: no memory is passed.
+    let r = unsafe { libc::lseek(fd, cookie as i64, libc::SEEK_SET) };
+    if r >= 0 {
+        return Ok((0, 0));
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() != Some(libc::EINVAL) || cookie <= i64::MAX as u64 {
+        return Err(e);
+    }
+    walk_dir_to(fd, cookie, buf)
+}
+
+/// [`seek_dir`] by reading: rewinds `fd` and reads entries until the one whose `d_off` is
+/// `cookie`. A cookie no entry has leaves the directory at its end (nothing more to list).
+pub fn walk_dir_to(fd: RawFd, cookie: u64, buf: &mut [u8]) -> io::Result<(usize, usize)> {
+    // SAFETY: no memory is passed.
+    cvt(unsafe { libc::lseek(fd, 0, libc::SEEK_SET) } as i32)?;
+    loop {
+        let n = getdents64(fd, buf)?;
+        if n == 0 {
+            return Ok((0, 0));
+        }
+        let mut pos = 0;
+        for d in parse_dirents(&buf[..n]) {
+            pos += d.reclen;
+            if d.off == cookie {
+                return Ok((pos, n));
+            }
+        }
+    }
 }
 
 /// Parses a `getdents64` buffer (`linux_dirent64` records), stopping at anything malformed.
@@ -263,6 +305,7 @@ pub fn parse_dirents(buf: &[u8]) -> impl Iterator<Item = RawDirent<'_>> {
             off,
             typ,
             name: &name_field[..name_len],
+            reclen,
         })
     })
 }
@@ -368,4 +411,51 @@ pub fn flistxattr(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
 pub fn fremovexattr(fd: RawFd, name: &CStr) -> io::Result<()> {
     // SAFETY: `name` is NUL-terminated.
     cvt(unsafe { libc::fremovexattr(fd, name.as_ptr()) }).map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    /// (name, d_off) of every entry from `fd`'s position on, `pending` bytes of `buf` first.
+    fn rest(fd: RawFd, buf: &mut [u8], pending: (usize, usize)) -> Vec<(Vec<u8>, u64)> {
+        let mut out: Vec<(Vec<u8>, u64)> = parse_dirents(&buf[pending.0..pending.1])
+            .map(|d| (d.name.to_vec(), d.off))
+            .collect();
+        loop {
+            let n = getdents64(fd, buf).unwrap();
+            if n == 0 {
+                return out;
+            }
+            out.extend(parse_dirents(&buf[..n]).map(|d| (d.name.to_vec(), d.off)));
+        }
+    }
+
+    /// Finding a cookie by reading gives what seeking to it gives, from any entry, with
+    /// buffers that hold one entry or many; a cookie nobody has ends the listing.
+    #[test]
+    fn walking_to_a_cookie_lands_where_seeking_does() {
+        let dir = tempfile::tempdir().unwrap();
+        for i in 0..40 {
+            std::fs::write(dir.path().join(format!("entry-{i:02}")), b"").unwrap();
+        }
+        let d = std::fs::File::open(dir.path()).unwrap();
+        let fd = d.as_raw_fd();
+        for size in [512usize, 4096] {
+            let mut buf = vec![0u8; size];
+            lseek(fd, 0, libc::SEEK_SET).unwrap();
+            let all = rest(fd, &mut buf, (0, 0));
+            assert!(all.len() >= 42);
+            for (_, cookie) in all.iter().step_by(7) {
+                lseek(fd, *cookie, libc::SEEK_SET).unwrap();
+                let seeked = rest(fd, &mut buf, (0, 0));
+                let pending = walk_dir_to(fd, *cookie, &mut buf).unwrap();
+                let walked = rest(fd, &mut buf, pending);
+                assert_eq!(walked, seeked, "cookie {cookie:#x}, buffer {size}");
+            }
+            let pending = seek_dir(fd, (1 << 63) | 12345, &mut buf).unwrap();
+            assert!(rest(fd, &mut buf, pending).is_empty());
+        }
+    }
 }
