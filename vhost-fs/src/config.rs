@@ -90,6 +90,14 @@ struct Cli {
     /// virtiofsd's flag; without it they are the owner's alone (0600).
     #[arg(long = "socket-group", value_name = "GROUP")]
     socket_group: Option<String>,
+    /// What a system call outside the daemon's allow-list does: kill (default), log, trap,
+    /// or none (no filter).
+    #[arg(long, default_value = "kill", value_name = "ACTION")]
+    seccomp: String,
+    /// Capabilities to keep besides, or drop from, the default set: +name or -name entries
+    /// joined by ':' (e.g. +sys_admin:-mknod).
+    #[arg(long, value_name = "CAPS")]
+    modcaps: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,6 +135,8 @@ pub struct Config {
     pub api_socket: Option<PathBuf>,
     /// The group that may connect to the sockets besides their owner.
     pub socket_group: Option<u32>,
+    pub seccomp: crate::seccomp::SeccompMode,
+    pub modcaps: Vec<crate::capabilities::CapChange>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -159,6 +169,10 @@ pub enum ConfigError {
     ThreadPoolSize(usize),
     #[error(transparent)]
     SocketGroup(#[from] daemon_support::socket::SocketError),
+    #[error("{0}")]
+    Seccomp(String),
+    #[error(transparent)]
+    Modcaps(#[from] crate::capabilities::CapsError),
 }
 
 pub enum Command {
@@ -299,6 +313,13 @@ impl TryFrom<Cli> for Config {
                 .as_deref()
                 .map(daemon_support::socket::group_id)
                 .transpose()?,
+            seccomp: cli.seccomp.parse().map_err(ConfigError::Seccomp)?,
+            modcaps: cli
+                .modcaps
+                .as_deref()
+                .map(crate::capabilities::parse_modcaps)
+                .transpose()?
+                .unwrap_or_default(),
         })
     }
 }
@@ -374,6 +395,39 @@ mod tests {
     fn bad_flags_are_one_line_naming_the_problem() {
         for (args, needle) in [
             (vec!["--shared-dir", "/tmp"], "--socket-path"),
+            (
+                vec![
+                    "--socket-path",
+                    "s",
+                    "--shared-dir",
+                    "/tmp",
+                    "--seccomp",
+                    "strict",
+                ],
+                "--seccomp",
+            ),
+            (
+                vec![
+                    "--socket-path",
+                    "s",
+                    "--shared-dir",
+                    "/tmp",
+                    "--modcaps",
+                    "+nope",
+                ],
+                "--modcaps",
+            ),
+            (
+                vec![
+                    "--socket-path",
+                    "s",
+                    "--shared-dir",
+                    "/tmp",
+                    "--socket-group",
+                    "no-such-group-x",
+                ],
+                "--socket-group",
+            ),
             (
                 vec!["--socket-path", "s", "--shared-dir", "/nonexistent-dir"],
                 "--shared-dir",

@@ -25,12 +25,13 @@ use crate::backend::FsBackend;
 use crate::config::{Config, Listen};
 use crate::device::FsDevice;
 use crate::filesystem::FileSystem;
+use crate::passthrough::InodeFileHandles;
 use crate::passthrough::{creds, PassthroughConfig, PassthroughFs};
 use crate::pool::ThreadPool;
 use crate::read_only::ReadOnly;
 use crate::server::{self, Server};
 use crate::worker::QueueWorker;
-use crate::{api, sandbox};
+use crate::{api, capabilities, sandbox, seccomp};
 
 /// Request slots of the high-priority queue.
 const HIPRIO_DEPTH: u32 = 8;
@@ -107,6 +108,9 @@ impl Daemon {
         if root {
             creds::drop_supplementary_groups().context("cannot drop supplementary groups")?;
         }
+        // Before any thread starts: they inherit what is left.
+        let handles = config.inode_file_handles != InodeFileHandles::Never;
+        capabilities::keep_only(&capabilities::kept(handles, &config.modcaps))?;
         block_termination_signals().context("cannot block termination signals")?;
         // A guest write past RLIMIT_FSIZE must fail with EFBIG, not kill the daemon.
         ignore_file_size_signal().context("cannot ignore SIGXFSZ")?;
@@ -204,6 +208,8 @@ impl Daemon {
             config.sandbox,
             engine_kind.name(),
         );
+        // Last, with every thread started: the filter covers them all.
+        seccomp::install(config.seccomp)?;
         Ok(Daemon {
             config,
             device,

@@ -17,6 +17,7 @@
 
 pub mod api;
 pub mod backend;
+pub mod capabilities;
 pub mod config;
 pub mod daemon;
 pub mod decode;
@@ -27,5 +28,6 @@ pub mod passthrough;
 pub mod pool;
 pub mod read_only;
 pub mod sandbox;
+pub mod seccomp;
 pub mod server;
 pub mod worker;

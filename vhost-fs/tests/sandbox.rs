@@ -1,0 +1,105 @@
+//! The running daemon is confined as virtiofsd confines itself: a seccomp allow-list
+//! (`--seccomp`, kill by default) and only the capabilities its file operations need
+//! (`--modcaps` changes the set), read from /proc/PID/status of the running process. With
+//! CAP_SYS_ADMIN gone, `trusted.*` extended attributes are refused as virtiofsd refuses
+//! them (the same client against both). That a call outside the list kills the process is
+//! tested on the filter itself (`seccomp::tests`).
+
+use std::path::Path;
+
+use testkit::daemon::Daemon;
+use testkit::fuse_client::{
+    vhost_fs_command, virtiofsd_command, ClientOptions, FuseClient, ROOT_ID,
+};
+
+fn status_field(daemon: &Daemon, field: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.pid())).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in /proc/PID/status"))
+        .trim()
+        .to_owned()
+}
+
+fn start(dir: &Path, extra: &[&str]) -> (Daemon, FuseClient) {
+    let share = dir.join("share");
+    let _ = std::fs::create_dir(&share);
+    let socket = dir.join("fs.sock");
+    let daemon = vhost_fs_command(&socket, &share)
+        .unwrap()
+        .args(extra)
+        .spawn()
+        .unwrap();
+    let mut c = FuseClient::connect(&socket, ClientOptions::default()).unwrap();
+    c.init().unwrap();
+    (daemon, c)
+}
+
+/// CHOWN, DAC_OVERRIDE, FOWNER, FSETID, SETGID, SETUID, MKNOD, SETFCAP.
+const DEFAULT_CAPS: u64 = 1 << 0 | 1 << 1 | 1 << 3 | 1 << 4 | 1 << 6 | 1 << 7 | 1 << 27 | 1 << 31;
+const CAP_DAC_READ_SEARCH: u64 = 1 << 2;
+const CAP_SYS_ADMIN: u64 = 1 << 21;
+const CAP_MKNOD: u64 = 1 << 27;
+
+fn cap_eff(d: &Daemon) -> u64 {
+    u64::from_str_radix(&status_field(d, "CapEff"), 16).unwrap()
+}
+
+#[test]
+fn the_daemon_runs_under_seccomp_with_only_the_capabilities_it_needs() {
+    // File handles (the default, `prefer`) need CAP_DAC_READ_SEARCH too.
+    let handles = DEFAULT_CAPS | CAP_DAC_READ_SEARCH;
+    for (extra, seccomp, caps) in [
+        (&[][..], "2", handles),
+        (&["--seccomp", "none"][..], "0", handles),
+        (&["--seccomp", "log"][..], "2", handles),
+        (&["--inode-file-handles=never"][..], "2", DEFAULT_CAPS),
+        (
+            &["--modcaps=+sys_admin:-mknod"][..],
+            "2",
+            (handles | CAP_SYS_ADMIN) & !CAP_MKNOD,
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let (d, mut c) = start(dir.path(), extra);
+        assert_eq!(status_field(&d, "Seccomp"), seccomp, "{extra:?}");
+        assert_eq!(cap_eff(&d), caps, "{extra:?}: CapEff {:#x}", cap_eff(&d));
+        let bounding = u64::from_str_radix(&status_field(&d, "CapBnd"), 16).unwrap();
+        assert_eq!(bounding, caps, "{extra:?}: CapBnd");
+        // And it serves.
+        c.getattr(ROOT_ID).unwrap();
+    }
+}
+
+#[test]
+fn trusted_xattrs_are_refused_as_virtiofsd_refuses_them() {
+    let mut results = Vec::new();
+    for ours in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let share = dir.path().join("share");
+        std::fs::create_dir(&share).unwrap();
+        std::fs::write(share.join("file"), b"x").unwrap();
+        let socket = dir.path().join("fs.sock");
+        let cmd = if ours {
+            vhost_fs_command(&socket, &share).unwrap()
+        } else {
+            virtiofsd_command(&socket, &share)
+                .unwrap_or_else(|e| panic!("this test needs virtiofsd: {e:#}"))
+        };
+        let _d = cmd.arg("--xattr").spawn().unwrap();
+        let mut c = FuseClient::connect(&socket, ClientOptions::default()).unwrap();
+        c.init().unwrap();
+        let f = c.lookup(ROOT_ID, b"file").unwrap().nodeid;
+        let set = c
+            .setxattr(f, b"trusted.strata", b"v")
+            .map_err(|e| e.raw_os_error());
+        let user = c
+            .setxattr(f, b"user.strata", b"v")
+            .map_err(|e| e.raw_os_error());
+        results.push((set, user));
+    }
+    assert_eq!(results[0], results[1], "vhost-fs, then virtiofsd");
+    assert_eq!(results[0].0, Err(Some(libc::EPERM)), "trusted.* refused");
+    assert_eq!(results[0].1, Ok(()), "user.* allowed");
+}
