@@ -2,7 +2,10 @@
 //!
 //! - `namespace`: a private mount namespace whose root is the shared directory (bind-mounted
 //!   onto itself, then `pivot_root`), so no path the process could ever form names anything
-//!   outside the share. `/proc` is gone afterwards; the caller opens `/proc/self/fd` first.
+//!   outside the share, and network and IPC namespaces of its own (no network, no System V
+//!   IPC: the sockets it serves are bound before). `/proc` is gone afterwards; the caller
+//!   opens `/proc/self/fd` first. (virtiofsd also enters a PID namespace, which takes a
+//!   fork; not done here yet.)
 //! - `chroot`: `chroot` into the share (weaker: no new namespace).
 //! - `none`: nothing beyond the per-request checks (`openat2` with `RESOLVE_BENEATH`).
 //!
@@ -45,7 +48,12 @@ pub fn enter(kind: Sandbox, shared_dir: &Path) -> Result<(), SandboxError> {
             // SAFETY: every call below takes NUL-terminated static or owned strings and
             // null pointers where the kernel allows them; results are checked.
             unsafe {
-                step("unshare", cvt(libc::unshare(libc::CLONE_NEWNS)))?;
+                step(
+                    "unshare",
+                    cvt(libc::unshare(
+                        libc::CLONE_NEWNS | libc::CLONE_NEWNET | libc::CLONE_NEWIPC,
+                    )),
+                )?;
                 // Our mounts must not propagate back to the host.
                 step(
                     "make / a slave",

@@ -103,3 +103,26 @@ fn trusted_xattrs_are_refused_as_virtiofsd_refuses_them() {
     assert_eq!(results[0].0, Err(Some(libc::EPERM)), "trusted.* refused");
     assert_eq!(results[0].1, Ok(()), "user.* allowed");
 }
+
+/// `--sandbox namespace` (the default as root) gives the daemon network and IPC namespaces
+/// of its own besides the mount namespace, and it still serves.
+#[test]
+fn the_namespace_sandbox_has_no_network_or_ipc_of_the_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let share = dir.path().join("share");
+    std::fs::create_dir(&share).unwrap();
+    let socket = dir.path().join("fs.sock");
+    let mut cmd = vhost_fs_command(&socket, &share).unwrap();
+    // testkit runs vhost-fs without a sandbox (`--sandbox none`): this test wants it.
+    let at = cmd.args.iter().position(|a| a == "--sandbox").unwrap();
+    cmd.args[at + 1] = "namespace".into();
+    let d = cmd.spawn().unwrap();
+    let mut c = FuseClient::connect(&socket, ClientOptions::default()).unwrap();
+    c.init().unwrap();
+    for ns in ["mnt", "net", "ipc"] {
+        let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        let its = std::fs::read_link(format!("/proc/{}/ns/{ns}", d.pid())).unwrap();
+        assert_ne!(ours, its, "{ns} namespace shared with the host");
+    }
+    c.getattr(ROOT_ID).unwrap();
+}
