@@ -22,7 +22,7 @@ use daemon_support::socket::{self, SocketFile};
 use storage_core::engine::{new_engine, EngineKind};
 
 use crate::backend::FsBackend;
-use crate::config::{Config, Listen};
+use crate::config::{Config, Listen, Sandbox};
 use crate::device::FsDevice;
 use crate::filesystem::FileSystem;
 use crate::passthrough::InodeFileHandles;
@@ -69,6 +69,10 @@ impl Daemon {
         // SAFETY: umask has no preconditions. Modes the guest asks for are applied as given
         // (the sockets set their own modes, whatever the umask).
         unsafe { libc::umask(0) };
+        if config.sandbox == Sandbox::Namespace {
+            // First, while this is the only thread: everything after runs in the child.
+            sandbox::fork_into_pid_namespace()?;
+        }
         let nofile =
             sandbox::set_nofile(config.rlimit_nofile).context("cannot set the open-file limit")?;
         let root_fd = open_dir(&config.shared_dir, libc::O_PATH)?;

@@ -4,8 +4,8 @@
 //!   onto itself, then `pivot_root`), so no path the process could ever form names anything
 //!   outside the share, and network and IPC namespaces of its own (no network, no System V
 //!   IPC: the sockets it serves are bound before). `/proc` is gone afterwards; the caller
-//!   opens `/proc/self/fd` first. (virtiofsd also enters a PID namespace, which takes a
-//!   fork; not done here yet.)
+//!   opens `/proc/self/fd` first. Before all that, [`fork_into_pid_namespace`] makes the
+//!   daemon the first process of a PID namespace of its own, as virtiofsd does.
 //! - `chroot`: `chroot` into the share (weaker: no new namespace).
 //! - `none`: nothing beyond the per-request checks (`openat2` with `RESOLVE_BENEATH`).
 //!
@@ -89,6 +89,77 @@ pub fn enter(kind: Sandbox, shared_dir: &Path) -> Result<(), SandboxError> {
             }
             Ok(())
         }
+    }
+}
+
+/// Makes the rest of the daemon run as the first process of a new PID namespace (it sees
+/// no other process, and none can be started into it): forks after `unshare`, and returns
+/// in the child only. The calling process stays outside as the daemon's monitor: it passes
+/// termination signals on and exits with the daemon's status, so whoever started it (a
+/// unit file, a test) still sees one process to signal and wait for. Call it while the
+/// process has a single thread.
+pub fn fork_into_pid_namespace() -> Result<(), SandboxError> {
+    let sigs = [
+        libc::SIGTERM,
+        libc::SIGINT,
+        libc::SIGHUP,
+        libc::SIGQUIT,
+        libc::SIGCHLD,
+    ];
+    // SAFETY: a zeroed sigset_t is a valid argument to sigemptyset, which initialises it;
+    // sigaddset and sigprocmask take pointers to it and to a valid out-set.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in sigs {
+            libc::sigaddset(&mut set, s);
+        }
+        // Blocked before the fork so that none is lost, and kept blocked in the child: as
+        // the first process of its namespace it drops signals it neither handles nor blocks
+        // (its signal thread waits for them once it starts).
+        step(
+            "block signals",
+            cvt(libc::sigprocmask(
+                libc::SIG_BLOCK,
+                &set,
+                std::ptr::null_mut(),
+            )),
+        )?;
+        set
+    };
+    // SAFETY: no memory is passed.
+    let unshared = unsafe { libc::unshare(libc::CLONE_NEWPID) };
+    step("unshare a PID namespace", cvt(unshared))?;
+    // SAFETY: the process has one thread (the caller's contract), so the child may go on
+    // running ordinary code.
+    let child = unsafe { libc::fork() };
+    step("fork", cvt(child))?;
+    if child == 0 {
+        // The daemon ends with its monitor (it drains and exits on SIGTERM).
+        // SAFETY: prctl with integer arguments only.
+        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) };
+        return Ok(());
+    }
+    // The monitor needs no capabilities.
+    let _ = crate::capabilities::keep_only(&std::collections::HashSet::new());
+    loop {
+        // SAFETY: `set` is an initialised sigset_t; no siginfo is asked for.
+        let sig = unsafe { libc::sigwaitinfo(&set, std::ptr::null_mut()) };
+        if sig == libc::SIGCHLD || sig < 0 {
+            let mut status = 0;
+            // SAFETY: `status` is a valid out-parameter; `child` is ours.
+            if unsafe { libc::waitpid(child, &mut status, libc::WNOHANG) } == child {
+                let code = if libc::WIFEXITED(status) {
+                    libc::WEXITSTATUS(status)
+                } else {
+                    128 + libc::WTERMSIG(status)
+                };
+                std::process::exit(code);
+            }
+            continue;
+        }
+        // SAFETY: kill takes no memory; `child` is our child.
+        unsafe { libc::kill(child, sig) };
     }
 }
 

@@ -104,10 +104,11 @@ fn trusted_xattrs_are_refused_as_virtiofsd_refuses_them() {
     assert_eq!(results[0].1, Ok(()), "user.* allowed");
 }
 
-/// `--sandbox namespace` (the default as root) gives the daemon network and IPC namespaces
-/// of its own besides the mount namespace, and it still serves.
+/// `--sandbox namespace` (the default as root) runs the daemon as the first process of
+/// PID, network and IPC namespaces of its own besides its mount namespace; the process that
+/// was started stays outside, passes SIGTERM on and exits as the daemon does.
 #[test]
-fn the_namespace_sandbox_has_no_network_or_ipc_of_the_host() {
+fn the_namespace_sandbox_shares_no_namespace_with_the_host() {
     let dir = tempfile::tempdir().unwrap();
     let share = dir.path().join("share");
     std::fs::create_dir(&share).unwrap();
@@ -116,13 +117,34 @@ fn the_namespace_sandbox_has_no_network_or_ipc_of_the_host() {
     // testkit runs vhost-fs without a sandbox (`--sandbox none`): this test wants it.
     let at = cmd.args.iter().position(|a| a == "--sandbox").unwrap();
     cmd.args[at + 1] = "namespace".into();
-    let d = cmd.spawn().unwrap();
+    let mut d = cmd.spawn().unwrap();
     let mut c = FuseClient::connect(&socket, ClientOptions::default()).unwrap();
     c.init().unwrap();
-    for ns in ["mnt", "net", "ipc"] {
+    let children =
+        std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", d.pid())).unwrap();
+    let server: u32 = children
+        .split_whitespace()
+        .next()
+        .expect("the daemon runs as a child of the process started")
+        .parse()
+        .unwrap();
+    for ns in ["mnt", "net", "ipc", "pid"] {
         let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
-        let its = std::fs::read_link(format!("/proc/{}/ns/{ns}", d.pid())).unwrap();
+        let its = std::fs::read_link(format!("/proc/{server}/ns/{ns}")).unwrap();
         assert_ne!(ours, its, "{ns} namespace shared with the host");
     }
+    let status = std::fs::read_to_string(format!("/proc/{server}/status")).unwrap();
+    let nspid = status.lines().find(|l| l.starts_with("NSpid:")).unwrap();
+    assert!(
+        nspid.trim_end().ends_with("\t1"),
+        "the daemon is not PID 1 there: {nspid}"
+    );
     c.getattr(ROOT_ID).unwrap();
+    // SIGTERM to the process started reaches the daemon, which drains and exits 0.
+    let exit = d.terminate().unwrap();
+    assert!(exit.success(), "{exit:?}\n{}", d.output());
+    assert!(
+        !Path::new(&format!("/proc/{server}")).exists(),
+        "the daemon outlived its monitor"
+    );
 }
