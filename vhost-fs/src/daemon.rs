@@ -107,6 +107,16 @@ impl Daemon {
             None => None,
         };
         sandbox::enter(config.sandbox, &config.shared_dir)?;
+        let root_fd = match config.sandbox {
+            Sandbox::None => root_fd,
+            // The share is the process's root now: opened anew from there, so the kernel
+            // clamps `..` at it too (the one opened before is on the host's mount, above
+            // which `..` would lead), not only our own checks.
+            Sandbox::Namespace | Sandbox::Chroot => {
+                drop(root_fd);
+                open_dir(std::path::Path::new("/"), libc::O_PATH)?
+            }
+        };
         // SAFETY: geteuid has no preconditions.
         let root = unsafe { libc::geteuid() } == 0;
         if root {

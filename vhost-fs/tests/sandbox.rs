@@ -139,7 +139,11 @@ fn the_namespace_sandbox_shares_no_namespace_with_the_host() {
         nspid.trim_end().ends_with("\t1"),
         "the daemon is not PID 1 there: {nspid}"
     );
+    // It serves the share through the root it opened inside its namespaces.
     c.getattr(ROOT_ID).unwrap();
+    let sub = c.mkdir(ROOT_ID, b"sub", 0o755).unwrap();
+    assert_eq!(c.lookup(sub.nodeid, b"..").unwrap().nodeid, ROOT_ID);
+    assert!(share.join("sub").is_dir());
     // SIGTERM to the process started reaches the daemon, which drains and exits 0.
     let exit = d.terminate().unwrap();
     assert!(exit.success(), "{exit:?}\n{}", d.output());
