@@ -82,7 +82,8 @@ impl Daemon {
         if engine_kind == EngineKind::Sync {
             log::info!("file data goes through the synchronous engine");
         }
-        // Opened before the sandbox hides /proc: files are reopened through it.
+        // Opened before the sandbox hides /proc (a namespace sandbox opens its own instead):
+        // files are reopened through it.
         let proc_fd = open_dir(std::path::Path::new("/proc/self/fd"), libc::O_PATH)?;
         let (listener, socket_file) = match &config.listen {
             Listen::Path(p) => {
@@ -106,7 +107,8 @@ impl Daemon {
             Some(p) => Some(socket::bind(p, config.socket_group)?),
             None => None,
         };
-        sandbox::enter(config.sandbox, &config.shared_dir)?;
+        // Inside a namespace sandbox, /proc/self/fd is opened anew from there.
+        let proc_fd = sandbox::enter(config.sandbox, &config.shared_dir)?.unwrap_or(proc_fd);
         let root_fd = match config.sandbox {
             Sandbox::None => root_fd,
             // The share is the process's root now: opened anew from there, so the kernel

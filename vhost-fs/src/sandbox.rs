@@ -3,9 +3,10 @@
 //! - `namespace`: a private mount namespace whose root is the shared directory (bind-mounted
 //!   onto itself, then `pivot_root`), so no path the process could ever form names anything
 //!   outside the share, and network and IPC namespaces of its own (no network, no System V
-//!   IPC: the sockets it serves are bound before). `/proc` is gone afterwards; the caller
-//!   opens `/proc/self/fd` first. Before all that, [`fork_into_pid_namespace`] makes the
-//!   daemon the first process of a PID namespace of its own, as virtiofsd does.
+//!   IPC: the sockets it serves are bound before). `/proc/self/fd` is opened from a proc of
+//!   the daemon's own, bind-mounted over `/proc` so nothing else of it is reachable, before
+//!   the pivot hides it. Before all that, [`fork_into_pid_namespace`] makes the daemon the
+//!   first process of a PID namespace of its own, as virtiofsd does.
 //! - `chroot`: `chroot` into the share (weaker: no new namespace).
 //! - `none`: nothing beyond the per-request checks (`openat2` with `RESOLVE_BENEATH`).
 //!
@@ -13,6 +14,7 @@
 
 use std::ffi::CString;
 use std::io;
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
@@ -31,18 +33,22 @@ fn step(step: &'static str, r: io::Result<i32>) -> Result<(), SandboxError> {
     r.map(drop).map_err(|source| SandboxError { step, source })
 }
 
-pub fn enter(kind: Sandbox, shared_dir: &Path) -> Result<(), SandboxError> {
+/// Enters the sandbox. For `namespace`, returns `/proc/self/fd` opened from inside it: a
+/// proc of the daemon's own PID namespace, of which nothing but that directory is reachable
+/// (it is bind-mounted over `/proc` before being opened).
+pub fn enter(kind: Sandbox, shared_dir: &Path) -> Result<Option<OwnedFd>, SandboxError> {
     let dir = CString::new(shared_dir.as_os_str().as_bytes()).map_err(|_| SandboxError {
         step: "path",
         source: io::Error::from_raw_os_error(libc::EINVAL),
     })?;
     match kind {
-        Sandbox::None => Ok(()),
+        Sandbox::None => Ok(None),
         Sandbox::Chroot => {
             // SAFETY: `dir` is NUL-terminated; chroot and chdir take no other memory.
             step("chroot", cvt(unsafe { libc::chroot(dir.as_ptr()) }))?;
             // SAFETY: a static NUL-terminated path.
-            step("chdir /", cvt(unsafe { libc::chdir(c"/".as_ptr()) }))
+            step("chdir /", cvt(unsafe { libc::chdir(c"/".as_ptr()) }))?;
+            Ok(None)
         }
         Sandbox::Namespace => {
             // SAFETY: every call below takes NUL-terminated static or owned strings and
@@ -65,6 +71,33 @@ pub fn enter(kind: Sandbox, shared_dir: &Path) -> Result<(), SandboxError> {
                         std::ptr::null(),
                     )),
                 )?;
+                // A proc of our own PID namespace, then only its /proc/self/fd.
+                step(
+                    "mount proc",
+                    cvt(libc::mount(
+                        c"proc".as_ptr(),
+                        c"/proc".as_ptr(),
+                        c"proc".as_ptr(),
+                        libc::MS_NODEV | libc::MS_NOEXEC | libc::MS_NOSUID | libc::MS_RELATIME,
+                        std::ptr::null(),
+                    )),
+                )?;
+                step(
+                    "bind-mount /proc/self/fd over /proc",
+                    cvt(libc::mount(
+                        c"/proc/self/fd".as_ptr(),
+                        c"/proc".as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_BIND,
+                        std::ptr::null(),
+                    )),
+                )?;
+                let proc_fd = libc::open(
+                    c"/proc".as_ptr(),
+                    libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+                );
+                step("open /proc/self/fd", cvt(proc_fd))?;
+                let proc_fd = OwnedFd::from_raw_fd(proc_fd);
                 step(
                     "bind-mount the share",
                     cvt(libc::mount(
@@ -86,8 +119,8 @@ pub fn enter(kind: Sandbox, shared_dir: &Path) -> Result<(), SandboxError> {
                     cvt(libc::umount2(c".".as_ptr(), libc::MNT_DETACH)),
                 )?;
                 step("chdir /", cvt(libc::chdir(c"/".as_ptr())))?;
+                Ok(Some(proc_fd))
             }
-            Ok(())
         }
     }
 }

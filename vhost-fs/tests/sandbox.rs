@@ -144,6 +144,14 @@ fn the_namespace_sandbox_shares_no_namespace_with_the_host() {
     let sub = c.mkdir(ROOT_ID, b"sub", 0o755).unwrap();
     assert_eq!(c.lookup(sub.nodeid, b"..").unwrap().nodeid, ROOT_ID);
     assert!(share.join("sub").is_dir());
+    // Opening a looked-up inode goes through the daemon's own /proc/self/fd.
+    let (e, fh) = c.create(ROOT_ID, b"f", 0o644, libc::O_RDWR as u32).unwrap();
+    assert_eq!(c.write(e.nodeid, fh, 0, b"inside").unwrap(), 6);
+    c.release(e.nodeid, fh).unwrap();
+    let f = c.lookup(ROOT_ID, b"f").unwrap();
+    let fh = c.open(f.nodeid, libc::O_RDONLY as u32).unwrap();
+    assert_eq!(c.read(f.nodeid, fh, 0, 16).unwrap(), b"inside");
+    c.release(f.nodeid, fh).unwrap();
     // SIGTERM to the process started reaches the daemon, which drains and exits 0.
     let exit = d.terminate().unwrap();
     assert!(exit.success(), "{exit:?}\n{}", d.output());

@@ -87,16 +87,8 @@ fn journal_round(sh: &Shared, journal: &mut Journal, sync: bool, checkpoint_anyw
             (checkpoint_anyway || journal.wants_checkpoint(records.len())).then(|| st.snapshot());
         (records, st.pending_free.len(), snapshot, st.failed)
     };
-    if failed && sh.mode != CacheMode::WriteBack {
-        // The capacity device holds every block; the cache's own contents can no longer be
-        // trusted (a write into a slot may have been lost), so it is never used again.
-        if !journal.retired() {
-            if let Err(e) = journal.retire(&sh.cache) {
-                log::error!("tier: could not mark the failed cache for reformatting: {e}");
-            } else {
-                log::warn!("tier: the failed cache will be reformatted when the disk reopens");
-            }
-        }
+    if failed {
+        retire(sh, journal);
     }
     let cache_result = {
         let mut result = 0;
@@ -132,8 +124,15 @@ fn journal_round(sh: &Shared, journal: &mut Journal, sync: bool, checkpoint_anyw
         }
         result
     };
-    if result == 0 {
+    if cache_result != 0 && sh.mode != CacheMode::WriteBack {
+        // The capacity device holds every block: the flush lost nothing, provided the
+        // cache, whose slots may now be stale, is never trusted again.
+        retire(sh, journal);
+    } else if result == 0 {
         result = cache_result;
+    }
+    if journal.retired() && !journal.erased() && result == 0 {
+        result = -libc::EIO;
     }
     let sticky = sh.state().flush_error;
     if sticky != 0 {
@@ -143,6 +142,21 @@ fn journal_round(sh: &Shared, journal: &mut Journal, sync: bool, checkpoint_anyw
         sh.state().release_pending(pending);
     }
     result
+}
+
+/// Out of service in write-through or write-around mode, the cache's own contents can no
+/// longer be trusted (a write into a slot may have been lost): its superblocks are erased so
+/// that the disk reformats it when it reopens. Retried each round until the erase is
+/// durable; write-back caches keep their metadata (their dirty blocks are still written
+/// back from them).
+fn retire(sh: &Shared, journal: &mut Journal) {
+    if sh.mode == CacheMode::WriteBack || journal.erased() {
+        return;
+    }
+    match journal.retire(&sh.cache) {
+        Ok(()) => log::warn!("tier: the failed cache will be reformatted when the disk reopens"),
+        Err(e) => log::error!("tier: could not mark the failed cache for reformatting: {e}"),
+    }
 }
 
 /// Records that were not written go back in front of newer ones, for the next round.

@@ -51,8 +51,10 @@ pub struct Journal {
     checkpoint_chain: u32,
     /// Stamped on the blocks this run writes (see `encode_journal_block`).
     writer: u32,
-    /// The cache was erased for reformatting after a failure; nothing more is written.
+    /// The cache is being erased for reformatting after a failure; nothing else is written.
     retired: bool,
+    /// That erase is durable.
+    erased: bool,
 }
 
 fn map_bytes(layout: &Layout, states: &[SlotState]) -> Vec<u8> {
@@ -83,10 +85,11 @@ impl Journal {
             checkpoint_chain: chain,
             writer: nonce(),
             retired: false,
+            erased: false,
         };
         // Invalidate both superblock copies first, so a crash mid-format leaves no valid one.
         file.put(&[0u8; 2 * PAGE as usize], 0)?;
-        j.commit_superblock(file, 0, crc32c(&empty))?;
+        j.commit_superblock(file, 0, crc32c(&empty), 0, chain)?;
         Ok(j)
     }
 
@@ -99,11 +102,13 @@ impl Journal {
         device_size: u64,
     ) -> Result<(Journal, Vec<SlotState>, u64), TierError> {
         let mut best: Option<Superblock> = None;
+        let mut other_version = None;
         for copy in 0..2 {
             let mut b = [0u8; PAGE as usize];
             if file.get(&mut b, Layout::superblock_offset(copy)).is_err() {
                 continue;
             }
+            other_version = other_version.or(Superblock::other_version(&b));
             if let Some(sb) = Superblock::decode(&b) {
                 if !sb.layout.valid_for(device_size) {
                     continue;
@@ -113,7 +118,11 @@ impl Journal {
                 }
             }
         }
-        let sb = best.ok_or(TierError::NotACache)?;
+        let sb = match (best, other_version) {
+            (Some(sb), _) => sb,
+            (None, Some(v)) => return Err(TierError::OtherVersion(v)),
+            (None, None) => return Err(TierError::NotACache),
+        };
         let l = sb.layout;
         let mut map = vec![0u8; (l.map_pages * PAGE) as usize];
         file.get(&mut map, l.map_offset(sb.map_region))
@@ -170,6 +179,7 @@ impl Journal {
                 checkpoint_chain: sb.chain,
                 writer: nonce(),
                 retired: false,
+                erased: false,
             },
             states,
             replayed,
@@ -195,14 +205,23 @@ impl Journal {
     /// Erases both superblock copies, so that the next open finds no cache and formats the
     /// device afresh, and stops all further writes. For a cache that failed while its data
     /// was not needed (write-through, write-around): whatever it holds may be stale.
+    /// Call it again until it succeeds: the erase may fail on a failing device.
     pub fn retire(&mut self, file: &impl Media) -> io::Result<()> {
         self.retired = true;
         file.put(&[0u8; 2 * PAGE as usize], 0)?;
-        file.sync()
+        file.sync()?;
+        self.erased = true;
+        Ok(())
     }
 
+    /// Nothing more is written but the erase (after [`retire`](Self::retire)).
     pub fn retired(&self) -> bool {
         self.retired
+    }
+
+    /// The erase of a retired cache is durable.
+    pub fn erased(&self) -> bool {
+        self.erased
     }
 
     /// Journal blocks that `records` would take.
@@ -224,33 +243,46 @@ impl Journal {
         let bytes = map_bytes(&self.layout, states);
         file.put(&bytes, self.layout.map_offset(region))?;
         file.sync()?;
-        self.checkpoint_seq = self.next_seq - 1;
-        self.checkpoint_chain = self.last_crc;
-        self.commit_superblock(file, region, crc32c(&bytes))
+        self.commit_superblock(
+            file,
+            region,
+            crc32c(&bytes),
+            self.next_seq - 1,
+            self.last_crc,
+        )
     }
 
-    /// Writes the next superblock generation into the copy the live one is not in; syncs.
+    /// Writes the next superblock generation, naming the checkpoint in `region` (up to
+    /// journal block `checkpoint_seq`, whose checksum is `chain`), into the copy the live
+    /// one is not in; syncs. The journal's idea of its live checkpoint moves only once
+    /// that is durable: until then the old checkpoint's journal blocks must stay.
     fn commit_superblock(
         &mut self,
         file: &impl Media,
         region: u32,
         map_crc: u32,
+        checkpoint_seq: u64,
+        chain: u32,
     ) -> io::Result<()> {
-        self.generation += 1;
-        self.map_region = region;
+        let generation = self.generation + 1;
         let sb = Superblock {
-            generation: self.generation,
+            generation,
             format_id: self.format_id,
             layout: self.layout,
             owner: self.owner.clone(),
             map_region: region,
-            checkpoint_seq: self.checkpoint_seq,
+            checkpoint_seq,
             map_crc,
-            chain: self.checkpoint_chain,
+            chain,
         };
-        let copy = (self.generation % 2) as u32;
+        let copy = (generation % 2) as u32;
         file.put(&sb.encode(), Layout::superblock_offset(copy))?;
-        file.sync()
+        file.sync()?;
+        self.generation = generation;
+        self.map_region = region;
+        self.checkpoint_seq = checkpoint_seq;
+        self.checkpoint_chain = chain;
+        Ok(())
     }
 }
 
@@ -434,6 +466,24 @@ mod tests {
         assert_eq!(states[2], SlotState::Clean(300));
         assert_eq!(states[1], SlotState::Free, "the stale block must not apply");
         assert_eq!(states[0], SlotState::Free);
+    }
+
+    /// A cache of another layout version is named as such, not as "not a cache".
+    #[test]
+    fn a_cache_of_another_version_is_refused_by_name() {
+        let (f, l) = cache(2 << 20);
+        Journal::format(f.as_file(), l, owner()).unwrap();
+        for copy in 0..2u64 {
+            let mut b = [0u8; PAGE as usize];
+            f.as_file().read_exact_at(&mut b, copy * PAGE).unwrap();
+            b[8..12].copy_from_slice(&1u32.to_le_bytes());
+            let crc = crc32c(&b[..PAGE as usize - 4]);
+            b[PAGE as usize - 4..].copy_from_slice(&crc.to_le_bytes());
+            f.as_file().write_all_at(&b, copy * PAGE).unwrap();
+        }
+        let err = recover_file(f.as_file()).err().expect("refused");
+        assert!(matches!(err, TierError::OtherVersion(1)), "{err}");
+        assert!(err.to_string().contains("layout version 1"));
     }
 
     #[test]

@@ -185,6 +185,20 @@ impl Superblock {
         b
     }
 
+    /// The layout version of what looks like a superblock of another version (its magic
+    /// and checksum are right), for a clear error: `None` for anything else.
+    pub fn other_version(b: &[u8]) -> Option<u32> {
+        if b.len() < PAGE as usize || &b[0..8] != MAGIC {
+            return None;
+        }
+        let crc = u32::from_le_bytes(b[PAGE as usize - 4..PAGE as usize].try_into().ok()?);
+        if crc32c(&b[..PAGE as usize - 4]) != crc {
+            return None;
+        }
+        let version = u32::from_le_bytes(b[8..12].try_into().ok()?);
+        (version != VERSION).then_some(version)
+    }
+
     /// Decodes a superblock; `None` if it is not one or its checksum is wrong.
     pub fn decode(b: &[u8]) -> Option<Superblock> {
         if b.len() < PAGE as usize || &b[0..8] != MAGIC {

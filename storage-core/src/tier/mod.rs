@@ -97,6 +97,12 @@ pub enum TierError {
     NotACache,
     #[error("cache metadata is damaged: {0}")]
     Damaged(&'static str),
+    #[error(
+        "cache was formatted by an older Strata (layout version {0}); cache-format=force \
+         reformats it: a write-back cache must first be written back by the version that \
+         made it (run it in write-through mode once)"
+    )]
+    OtherVersion(u32),
     #[error("cache device I/O failed: {0}")]
     CacheIo(#[source] io::Error),
     #[error(

@@ -319,7 +319,7 @@ impl TieredQueue {
 
     /// Appends the iovecs covering bytes `[skip, skip + len)` of the guest's iovecs to the
     /// request's storage; returns the range of them.
-    fn slice(req: &mut Req, skip: u64, len: u64) -> (usize, usize) {
+    fn slice(req: &mut Req, skip: u64, len: u64) -> Result<(usize, usize), StartError> {
         let start = req.iov.len();
         let (mut pos, end) = (0u64, skip + len);
         for i in 0..req.guest_iovcnt {
@@ -330,6 +330,11 @@ impl TieredQueue {
             pos = b;
             let (lo, hi) = (a.max(skip), b.min(end));
             if lo < hi {
+                if req.iov.len() == req.iov.capacity() {
+                    // Growing would move the iovecs that pushed pieces point to.
+                    log::error!("tier: iovec storage of a request exhausted");
+                    return Err(StartError::Busy);
+                }
                 // SAFETY: `lo - a < iov_len`, so the pointer stays inside the buffer.
                 let base = unsafe { v.iov_base.cast::<u8>().add((lo - a) as usize) };
                 req.iov.push(libc::iovec {
@@ -341,7 +346,7 @@ impl TieredQueue {
                 break;
             }
         }
-        (start, req.iov.len())
+        Ok((start, req.iov.len()))
     }
 
     fn push(&mut self, cache: bool, op: EngineOp, user_data: u64) -> Result<(), StartError> {
@@ -366,7 +371,7 @@ impl TieredQueue {
         len: u64,
     ) -> Result<(), StartError> {
         let req = &mut self.reqs[tag as usize];
-        let (a, b) = Self::slice(req, skip, len);
+        let (a, b) = Self::slice(req, skip, len)?;
         let iov = req.iov[a..].as_ptr();
         let iovcnt = (b - a) as u32;
         let file = if cache { self.cache_fid } else { self.cap_fid };
@@ -752,17 +757,15 @@ impl DiskQueue for TieredQueue {
         req.chunk_off = 0;
         req.chunk_len = 0;
         req.iov.clear();
-        // Every piece of a chunk takes at most one iovec per guest iovec it spans and one
-        // for its start: reserved now, so the vector never moves while the engines hold
-        // pointers into it.
-        req.iov.reserve(
-            entries as usize * 2
-                + 2
-                + match op {
-                    DiskOp::Read { iov, .. } | DiskOp::Write { iov, .. } => iov.len(),
-                    _ => 0,
-                },
-        );
+        // A chunk's pieces slice the guest's iovecs at most twice over (write-through: the
+        // whole chunk to the capacity device, and each resident block to the cache), each
+        // piece adding at most one iovec at its start: reserved now, so the vector never
+        // moves while the engines hold pointers into it (`slice` refuses to grow it).
+        let guest_iovs = match op {
+            DiskOp::Read { iov, .. } | DiskOp::Write { iov, .. } => iov.len(),
+            _ => 0,
+        };
+        req.iov.reserve(2 * (guest_iovs + entries as usize) + 2);
         let result = match op {
             DiskOp::Read { offset, iov } | DiskOp::Write { offset, iov } => {
                 let len = crate::disk::iov_len(iov);
@@ -848,8 +851,15 @@ impl DiskQueue for TieredQueue {
 
     fn submit(&mut self) -> io::Result<()> {
         self.needs_submit = false;
-        self.resume_chunks();
-        self.run_deferred();
+        // Starting the deferred requests frees the room they had reserved, which a waiting
+        // chunk may need: go on until neither moves.
+        loop {
+            self.resume_chunks();
+            if self.deferred.is_empty() {
+                break;
+            }
+            self.run_deferred();
+        }
         self.settle();
         self.cache_eng.submit()?;
         self.cap_eng.submit()
@@ -931,7 +941,9 @@ impl DiskQueue for TieredQueue {
     }
 
     fn wait(&mut self) -> io::Result<()> {
-        if !self.deferred.is_empty() || (!self.continuing.is_empty() && self.needs_submit) {
+        let idle = self.cache_eng.in_flight() == 0 && self.cap_eng.in_flight() == 0;
+        if !self.deferred.is_empty() || (!self.continuing.is_empty() && (self.needs_submit || idle))
+        {
             return self.submit();
         }
         if !self.local.is_empty() || self.link.ready.load(Relaxed) > 0 {
