@@ -112,6 +112,10 @@ pub const LK_FLOCK: u32 = 1;
 pub const FATTR_SIZE: u32 = 1 << 3;
 /// `fuse_setattr_in.valid`: set the mode.
 pub const FATTR_MODE: u32 = 1 << 0;
+/// `fuse_setattr_in.valid`: set the owner.
+pub const FATTR_UID: u32 = 1 << 1;
+/// `fuse_setattr_in.valid`: set the group.
+pub const FATTR_GID: u32 = 1 << 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FuseClientError {
@@ -714,6 +718,23 @@ impl FuseClient {
 
     /// SETATTR of the fields in `valid` (`FATTR_SIZE`, `FATTR_MODE`).
     pub fn setattr(&mut self, nodeid: u64, valid: u32, size: u64, mode: u32) -> io::Result<Attr> {
+        self.setattr_ids(nodeid, valid, size, mode, 0, 0)
+    }
+
+    /// SETATTR of the owner and group (chown, which SETATTR also is for symlinks: lchown).
+    pub fn chown(&mut self, nodeid: u64, uid: u32, gid: u32) -> io::Result<Attr> {
+        self.setattr_ids(nodeid, FATTR_UID | FATTR_GID, 0, 0, uid, gid)
+    }
+
+    fn setattr_ids(
+        &mut self,
+        nodeid: u64,
+        valid: u32,
+        size: u64,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    ) -> io::Result<Attr> {
         let args = Args::new()
             .u32(valid)
             .u32(0)
@@ -724,8 +745,8 @@ impl FuseClient {
             .zeros(12) // nsecs
             .u32(mode)
             .u32(0)
-            .u32(0) // uid
-            .u32(0) // gid
+            .u32(uid)
+            .u32(gid)
             .u32(0);
         let b = self.io(opcode::SETATTR, nodeid, args, 16 + 88)?;
         Ok(Attr::parse(&b[16..]))
