@@ -6,7 +6,10 @@
 //! - device nodes, made on the host or by the guest, are never opened by the daemon (the
 //!   guest could otherwise reach host devices through them);
 //! - names with a `/`, absolute or not, are refused by MKNOD and SYMLINK too, not only
-//!   LOOKUP and CREATE (Kata GHSA-2gv2-cffp-j227 wrote through such names).
+//!   LOOKUP and CREATE (Kata GHSA-2gv2-cffp-j227 wrote through such names);
+//! - a symlink's target is the guest's to resolve: one the guest (or the host) made pointing
+//!   outside the share, absolutely or through `..`, is never followed by the daemon, so no
+//!   later request through it reaches outside.
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -15,7 +18,7 @@ use std::path::Path;
 
 use testkit::daemon::Daemon;
 use testkit::fuse_client::{
-    vhost_fs_command, virtiofsd_command, ClientOptions, FuseClient, ROOT_ID,
+    vhost_fs_command, virtiofsd_command, ClientOptions, FuseClient, FATTR_MODE, FATTR_SIZE, ROOT_ID,
 };
 
 const RW: u32 = libc::O_RDWR as u32;
@@ -67,13 +70,13 @@ fn a_non_member_never_gets_the_setgid_bit_in_a_setgid_directory() {
         c.mknod(dir_id, b"node", libc::S_IFREG | 0o2755, 0).unwrap();
         for name in ["file", "node"] {
             let m = std::fs::metadata(sgid.join(name)).unwrap();
-            assert_eq!(m.gid(), OTHER_GROUP, "{who}: {name} inherits the group");
-            assert_eq!(m.uid(), 1000, "{who}: {name}");
             assert_eq!(
                 m.mode() & libc::S_ISGID,
                 0,
                 "{who}: {name} made by a non-member kept S_ISGID (CVE-2022-0358)"
             );
+            assert_eq!(m.gid(), OTHER_GROUP, "{who}: {name} inherits the group");
+            assert_eq!(m.uid(), 1000, "{who}: {name}");
         }
 
         c.caller.gid = OTHER_GROUP;
@@ -119,6 +122,9 @@ fn device_nodes_are_never_opened() {
                 String::from_utf8_lossy(name)
             );
         }
+        // Nor through CREATE of its name without O_EXCL, nor to truncate it.
+        assert_eq!(errno(c.create(ROOT_ID, name, 0o666, RW)), libc::EEXIST);
+        assert_eq!(errno(c.setattr(e.nodeid, FATTR_SIZE, 0, 0)), libc::EINVAL);
     }
     assert!(d.try_wait().unwrap().is_none(), "{}", d.output());
 }
@@ -148,4 +154,119 @@ fn mknod_and_symlink_refuse_names_that_are_paths() {
         "a name that is a path planted a file outside"
     );
     assert!(std::fs::read_dir(&share).unwrap().next().is_none());
+}
+
+/// Symlinks pointing outside the share (absolute, through `..`, to a directory or a file,
+/// made by the guest or found on the host) are inodes of their own: the daemon reads them
+/// but never follows them, so lookups, creation, opening, chmod, chown and truncation
+/// through them stay in the share and leave their targets untouched.
+#[test]
+fn symlinks_pointing_outside_are_never_followed() {
+    let dir = tempfile::tempdir().unwrap();
+    let share = dir.path().join("share");
+    let outside = dir.path().join("outside");
+    std::fs::create_dir(&share).unwrap();
+    std::fs::create_dir(&outside).unwrap();
+    let secret = outside.join("secret");
+    std::fs::write(&secret, b"host only").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let before = std::fs::metadata(&secret).unwrap();
+    let abs = |p: &Path| p.as_os_str().as_bytes().to_vec();
+    std::os::unix::fs::symlink(&outside, share.join("host_made")).unwrap();
+    let (mut d, mut c) = serve(dir.path(), &share, true);
+    let links: [(&[u8], Vec<u8>); 5] = [
+        (b"abs_dir", abs(&outside)),
+        (b"abs_file", abs(&secret)),
+        (b"up", b"../outside".to_vec()),
+        (b"root", b"/".to_vec()),
+        (b"host_made", abs(&outside)),
+    ];
+    for (name, target) in &links {
+        let what = String::from_utf8_lossy(name);
+        let link = if *name == b"host_made" {
+            c.lookup(ROOT_ID, name).unwrap()
+        } else {
+            c.symlink(ROOT_ID, name, target).unwrap()
+        };
+        assert_eq!(link.attr.mode & libc::S_IFMT, libc::S_IFLNK, "{what}");
+        assert_eq!(
+            c.getattr(link.nodeid).unwrap().mode & libc::S_IFMT,
+            libc::S_IFLNK,
+            "{what}: getattr is the link's own"
+        );
+        // The guest resolves the target itself, in its own namespace.
+        assert_eq!(&c.readlink(link.nodeid).unwrap(), target, "{what}");
+
+        // Names under it are not looked up or made in its target.
+        for under in [&b"secret"[..], b"..", b"."] {
+            assert_eq!(errno(c.lookup(link.nodeid, under)), libc::ENOTDIR, "{what}");
+        }
+        assert_eq!(
+            errno(c.create(link.nodeid, b"planted", 0o644, RW)),
+            libc::ENOTDIR,
+            "{what}"
+        );
+        assert_eq!(
+            errno(c.mkdir(link.nodeid, b"planted", 0o755)),
+            libc::ENOTDIR,
+            "{what}"
+        );
+        assert_eq!(
+            errno(c.mknod(link.nodeid, b"planted", libc::S_IFREG | 0o644, 0)),
+            libc::ENOTDIR,
+            "{what}"
+        );
+        assert_eq!(
+            errno(c.symlink(link.nodeid, b"planted", b"x")),
+            libc::ENOTDIR,
+            "{what}"
+        );
+        // Never opened, so never read, written or listed through.
+        for flags in [
+            libc::O_RDONLY,
+            libc::O_RDWR,
+            libc::O_RDONLY | libc::O_DIRECTORY,
+        ] {
+            assert!(c.open(link.nodeid, flags as u32).is_err(), "{what}: opened");
+        }
+        assert!(
+            c.opendir(link.nodeid).is_err(),
+            "{what}: opened as a directory"
+        );
+        assert_eq!(
+            errno(c.setattr(link.nodeid, FATTR_SIZE, 0, 0)),
+            libc::EINVAL,
+            "{what}: truncated"
+        );
+        // chmod and chown act on the link (lchmod, lchown) or are refused: its target keeps
+        // its mode and owner.
+        let _ = c.setattr(link.nodeid, FATTR_MODE, 0, 0o777);
+        c.chown(link.nodeid, 1234, 5678).unwrap();
+        let host = std::fs::symlink_metadata(share.join(std::ffi::OsStr::from_bytes(name)));
+        assert_eq!(host.unwrap().uid(), 1234, "{what}: lchown");
+        for p in [&secret, &outside] {
+            let m = std::fs::metadata(p).unwrap();
+            assert_eq!(m.uid(), 0, "{what}: chown reached {p:?}");
+        }
+        let m = std::fs::metadata(&secret).unwrap();
+        assert_eq!(m.mode(), before.mode(), "{what}: chmod reached the target");
+        assert_eq!(m.len(), before.len(), "{what}: truncate reached the target");
+    }
+    // A hard link of the link is another link, not a link of its target.
+    let link = c.lookup(ROOT_ID, b"abs_file").unwrap();
+    c.link(link.nodeid, ROOT_ID, b"hard").unwrap();
+    assert!(std::fs::symlink_metadata(share.join("hard"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert_eq!(std::fs::metadata(&secret).unwrap().nlink(), 1);
+
+    assert_eq!(std::fs::read(&secret).unwrap(), b"host only");
+    let left: Vec<_> = std::fs::read_dir(&outside)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, ["secret"], "something was made outside the share");
+    assert!(!dir.path().join("planted").exists() && !Path::new("/planted").exists());
+    assert!(d.try_wait().unwrap().is_none(), "{}", d.output());
 }
