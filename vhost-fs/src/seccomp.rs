@@ -2,7 +2,7 @@
 //! allow-list applied to every thread (TSYNC) at the end of start-up, built with rust-vmm's
 //! `seccompiler`. A call outside it kills the daemon (`kill`, the default), is logged to
 //! the kernel log and allowed (`log`, to find what a new code path needs), or raises
-//! SIGSYS (`trap`).
+//! SIGSYS (`trap`), which names the call on stderr and then ends the daemon with a core dump.
 //!
 //! The list is what the serving daemon does: the vhost-user protocol (messages with
 //! descriptors, guest memory maps, eventfds, epoll), the FUSE operations on the share (the
@@ -217,11 +217,76 @@ pub fn filter(mode: SeccompMode) -> Result<Option<BpfProgram>, SeccompError> {
 
 /// Installs the filter for `mode` on every thread of the process.
 pub fn install(mode: SeccompMode) -> Result<(), SeccompError> {
+    if mode == SeccompMode::Trap {
+        report_sigsys()?;
+    }
     if let Some(prog) = filter(mode)? {
         seccompiler::apply_filter_all_threads(&prog)
             .map_err(|e| SeccompError::Install(e.to_string()))?;
     }
     Ok(())
+}
+
+/// Makes SIGSYS print the number of the refused call before it ends the process as it would
+/// have without a handler (`trap` exists to find what is missing from the list).
+fn report_sigsys() -> Result<(), SeccompError> {
+    // SAFETY: a zeroed sigaction is valid (no flags, empty mask); the handler is an
+    // `extern "C"` function of the SA_SIGINFO signature and stays valid for the life of
+    // the process; `act` outlives the call.
+    let r = unsafe {
+        let mut act: libc::sigaction = std::mem::zeroed();
+        act.sa_sigaction = on_sigsys as *const () as libc::sighandler_t;
+        // SA_RESETHAND: the handler's own re-raise meets the default action (core dump).
+        act.sa_flags = libc::SA_SIGINFO | libc::SA_RESETHAND;
+        libc::sigaction(libc::SIGSYS, &act, std::ptr::null_mut())
+    };
+    if r != 0 {
+        return Err(SeccompError::Install(format!(
+            "cannot install the SIGSYS handler: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(())
+}
+
+/// The SIGSYS handler: only async-signal-safe calls that are on the list (write, tgkill).
+extern "C" fn on_sigsys(sig: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // The kernel's `_sigsys` member: the calling address (a pointer) at the start of the
+    // union that follows three ints and padding, then the call's number.
+    const SYSCALL_OFFSET: usize = 16 + std::mem::size_of::<*const libc::c_void>();
+    // SAFETY: the kernel passes a valid siginfo_t for SA_SIGINFO handlers, 128 bytes long,
+    // and for a seccomp SIGSYS its `_sigsys._syscall` int is at SYSCALL_OFFSET.
+    let nr = unsafe {
+        info.cast::<u8>()
+            .add(SYSCALL_OFFSET)
+            .cast::<i32>()
+            .read_unaligned()
+    };
+    let mut msg = [0u8; 96];
+    let mut len = 0;
+    let mut put = |bytes: &[u8]| {
+        msg[len..len + bytes.len()].copy_from_slice(bytes);
+        len += bytes.len();
+    };
+    put(b"vhost-fs: --seccomp trap: system call ");
+    let (mut digits, mut first, mut n) = ([0u8; 10], 10, nr.unsigned_abs());
+    loop {
+        first -= 1;
+        digits[first] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    put(&digits[first..]);
+    put(b" is not on the allow-list\n");
+    // SAFETY: write takes a valid buffer and its length; tgkill no memory. SIGSYS is blocked
+    // in its handler and reset to the default action (SA_RESETHAND): the signal is taken
+    // as the handler returns, before the refused call's caller runs on.
+    unsafe {
+        libc::write(2, msg.as_ptr().cast(), len);
+        libc::syscall(libc::SYS_tgkill, libc::getpid(), libc::gettid(), sig);
+    }
 }
 
 #[cfg(test)]
