@@ -95,28 +95,47 @@ pub fn serve_with(
                         continue;
                     }
                 };
-                if active.fetch_add(1, Ordering::SeqCst) >= limits.connections {
-                    active.fetch_sub(1, Ordering::SeqCst);
+                let Some(slot) = Slot::take(&active, limits.connections) else {
                     let _ = refuse(stream, "503 Service Unavailable", "too many connections");
                     continue;
-                }
-                let (route, done) = (route.clone(), active.clone());
+                };
+                let route = route.clone();
                 let spawned =
                     std::thread::Builder::new()
                         .name("api-conn".into())
                         .spawn(move || {
+                            let _slot = slot;
                             if let Err(e) = handle(stream, limits, &*route) {
                                 log::debug!("api: {e}");
                             }
-                            done.fetch_sub(1, Ordering::SeqCst);
                         });
+                // A thread that did not start dropped its closure, and the slot with it.
                 if let Err(e) = spawned {
-                    active.fetch_sub(1, Ordering::SeqCst);
                     log::warn!("api: cannot start a connection thread: {e}");
                 }
             }
         })?;
     Ok(())
+}
+
+/// One of the [`Limits::connections`] places, given back when dropped: also when a route
+/// panics, so a panic costs one request, not a place for good.
+struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    fn take(active: &Arc<AtomicUsize>, max: usize) -> Option<Slot> {
+        if active.fetch_add(1, Ordering::SeqCst) >= max {
+            active.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        Some(Slot(active.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Why a request head could not be read.
@@ -223,6 +242,7 @@ mod tests {
         let path = dir.path().join("api.sock");
         let listener = UnixListener::bind(&path).unwrap();
         serve_with(listener, limits, |_, path| {
+            assert_ne!(path, "/panic", "a route that panics");
             Response::ok("text/plain", format!("you asked for {path}"))
         })
         .unwrap();
@@ -246,6 +266,19 @@ mod tests {
         let mut out = String::new();
         let _ = s.read_to_string(&mut out);
         out
+    }
+
+    /// Asks until a request is served (200), for at most 5 s.
+    fn served_again(path: &std::path::Path) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let answer = ask(path, b"GET /metrics HTTP/1.1\r\n\r\n");
+            if answer.starts_with("HTTP/1.1 200 ") {
+                return;
+            }
+            assert!(Instant::now() < deadline, "still refused: {answer:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     #[test]
@@ -275,6 +308,32 @@ mod tests {
             answer.starts_with("HTTP/1.1 431 "),
             "a 1 MiB request line: {answer:?}"
         );
+        // What the server holds of a request is at most what it has taken from the socket:
+        // a client that keeps sending is refused after the limit and the socket's buffer.
+        let mut s = UnixStream::connect(&path).unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+        let chunk = vec![b'a'; 64 << 10];
+        let mut sent = 0usize;
+        while sent < 64 << 20 {
+            match s.write(&chunk) {
+                Ok(n) => sent += n,
+                Err(_) => break,
+            }
+        }
+        assert!(
+            sent < 4 << 20,
+            "the server took {sent} bytes of one request"
+        );
+    }
+
+    #[test]
+    fn a_route_that_panics_gives_its_connection_back() {
+        let (_dir, path) = server(limits());
+        // More panics than connections: each must give its place back.
+        for _ in 0..2 * limits().connections {
+            ask(&path, b"GET /panic HTTP/1.1\r\n\r\n");
+        }
+        served_again(&path);
     }
 
     #[test]
@@ -318,14 +377,6 @@ mod tests {
         assert!(answer.starts_with("HTTP/1.1 503 "), "{answer:?}");
         drop(held);
         // Their threads end when they see the end of file; then the next one is served.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let answer = ask(&path, b"GET /metrics HTTP/1.1\r\n\r\n");
-            if answer.starts_with("HTTP/1.1 200 ") {
-                break;
-            }
-            assert!(Instant::now() < deadline, "still refused: {answer:?}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        served_again(&path);
     }
 }
