@@ -641,6 +641,30 @@ pub fn cpu_time(pid: u32) -> std::io::Result<Duration> {
     Ok(Duration::from_nanos(ticks * 1_000_000_000 / hz))
 }
 
+/// Runs daemon `name` (a binary of this workspace) with `args` and expects what a bad flag
+/// gives: exit code 2 and one line on stderr, which is returned. A daemon that took the
+/// flags would serve rather than exit; it is killed after 10 s.
+pub fn expect_usage_error<S: AsRef<OsStr> + std::fmt::Debug>(name: &str, args: &[S]) -> String {
+    let out = run_with_timeout(
+        Command::new(binary_path(name)).args(args),
+        Duration::from_secs(10),
+    )
+    .unwrap_or_else(|e| panic!("{name} {args:?}: {e}"));
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{name} {args:?}: {}; stderr:\n{stderr}",
+        describe_status(&out.status)
+    );
+    let lines = stderr.lines().filter(|l| !l.trim().is_empty()).count();
+    assert_eq!(
+        lines, 1,
+        "{name} {args:?}: expected one line on stderr, got:\n{stderr}"
+    );
+    stderr
+}
+
 /// Tries to connect to the unix socket at `path` from a child process running as `uid` and
 /// `gid` with no supplementary groups (the test runs as root); the connection is closed at
 /// once. `Ok(())` if it connected, else the errno.

@@ -15,7 +15,6 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use testkit::blkio_client::{Client, ClientOptions, Queue, SlotOp, Target};
@@ -836,23 +835,7 @@ fn api_socket_serves_metrics_and_disk_info() {
 
 /// Runs the daemon with `args` and expects exit code 2 with one line on stderr.
 fn expect_usage_error(args: &[&str]) -> String {
-    let bin = daemon::binary_path("vhost-blk");
-    let out = daemon::run_with_timeout(Command::new(&bin).args(args), Duration::from_secs(10))
-        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "{args:?}: {}; stderr:\n{stderr}",
-        daemon::describe_status(&out.status)
-    );
-    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(
-        lines.len(),
-        1,
-        "{args:?}: expected one line on stderr, got:\n{stderr}"
-    );
-    stderr
+    daemon::expect_usage_error("vhost-blk", args)
 }
 
 #[test]

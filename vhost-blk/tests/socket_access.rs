@@ -5,7 +5,7 @@
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
-use testkit::daemon::{connect_as, DaemonCommand};
+use testkit::daemon::{connect_as, expect_usage_error, DaemonCommand};
 
 const NOBODY: u32 = 65534;
 
@@ -55,15 +55,16 @@ fn sockets_are_the_owners_alone_unless_a_group_is_named() {
     assert!(d.try_wait().unwrap().is_none(), "{}", d.output());
     d.terminate().unwrap();
 
-    let out = std::process::Command::new(testkit::daemon::binary_path("vhost-blk"))
-        .args(["--socket", "/tmp/x.sock", "--disk", "path=null,size=1M"])
-        .args(["--socket-group", "no-such-group-here"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.trim().lines().count() == 1 && err.contains("no-such-group-here"),
-        "{err}"
+    let err = expect_usage_error(
+        "vhost-blk",
+        &[
+            "--socket",
+            socket.to_str().unwrap(),
+            "--disk",
+            "path=null,size=1M",
+            "--socket-group",
+            "no-such-group-here",
+        ],
     );
+    assert!(err.contains("no-such-group-here"), "{err}");
 }

@@ -6,7 +6,7 @@
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
-use testkit::daemon::connect_as;
+use testkit::daemon::{connect_as, expect_usage_error};
 use testkit::fuse_client::vhost_fs_command;
 
 const NOBODY: u32 = 65534;
@@ -55,4 +55,19 @@ fn sockets_are_the_owners_alone_unless_a_group_is_named() {
     assert_eq!(connect_as(&api, NOBODY, nogroup), Ok(()));
     assert_eq!(connect_as(&socket, NOBODY, nogroup), Ok(()));
     let _ = d.terminate();
+
+    let err = expect_usage_error(
+        "vhost-fs",
+        &[
+            "--socket-path",
+            socket.to_str().unwrap(),
+            "--shared-dir",
+            share.to_str().unwrap(),
+            "--sandbox",
+            "none",
+            "--socket-group",
+            "no-such-group-here",
+        ],
+    );
+    assert!(err.contains("no-such-group-here"), "{err}");
 }
