@@ -97,9 +97,9 @@ pub fn bind(
     ))
 }
 
-/// socket, bind, set the file's owner and mode, and only then listen: until `listen` nobody
-/// can connect, so there is no moment when the socket takes connections with the wider
-/// mode the umask would give it.
+/// socket, bind (under a umask that gives the file its final mode), set its group, and only
+/// then listen: until `listen` nobody can connect, so there is no moment when the socket
+/// takes connections from anyone it should not.
 fn bind_private(path: &Path, group: Option<libc::gid_t>) -> Result<UnixListener, SocketError> {
     let err = |source| SocketError::Bind {
         path: path.to_owned(),
@@ -123,24 +123,28 @@ fn bind_private(path: &Path, group: Option<libc::gid_t>) -> Result<UnixListener,
     // SAFETY: a fresh descriptor that nothing else owns.
     let sock = unsafe { OwnedFd::from_raw_fd(fd) };
     let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+    // The file is created with its final mode (0600, or 0660 for a group) by the umask:
+    // nothing is ever done by path to something another user could have put in its place
+    // since. The umask is the process's: nothing else here creates files meanwhile (the
+    // daemons bind before their data path starts).
+    let mask = if group.is_some() { 0o117 } else { 0o177 };
+    // SAFETY: umask has no preconditions; the old mask is restored below.
+    let old = unsafe { libc::umask(mask) };
     // SAFETY: `addr` is an initialised sockaddr_un of `len` bytes.
-    if unsafe { libc::bind(fd, (&addr as *const libc::sockaddr_un).cast(), len) } != 0 {
-        return Err(err(io::Error::last_os_error()));
+    let bound = unsafe { libc::bind(fd, (&addr as *const libc::sockaddr_un).cast(), len) };
+    let bind_error = io::Error::last_os_error();
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    if bound != 0 {
+        return Err(err(bind_error));
     }
-    let c = CString::new(bytes).map_err(|_| err(io::Error::from_raw_os_error(libc::EINVAL)))?;
-    let mode = match group {
-        Some(gid) => {
-            // SAFETY: `c` is NUL-terminated; -1 leaves the owner as it is.
-            if unsafe { libc::chown(c.as_ptr(), u32::MAX, gid) } != 0 {
-                return Err(err(io::Error::last_os_error()));
-            }
-            0o660
+    if let Some(gid) = group {
+        let c = CString::new(bytes).map_err(|_| err(io::Error::from_raw_os_error(libc::EINVAL)))?;
+        // SAFETY: `c` is NUL-terminated; -1 leaves the owner as it is; lchown never follows
+        // a symlink.
+        if unsafe { libc::lchown(c.as_ptr(), u32::MAX, gid) } != 0 {
+            return Err(err(io::Error::last_os_error()));
         }
-        None => 0o600,
-    };
-    // SAFETY: `c` is NUL-terminated.
-    if unsafe { libc::chmod(c.as_ptr(), mode) } != 0 {
-        return Err(err(io::Error::last_os_error()));
     }
     // SAFETY: `fd` is our bound socket.
     if unsafe { libc::listen(fd, 128) } != 0 {

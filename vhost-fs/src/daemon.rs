@@ -198,11 +198,22 @@ impl Daemon {
             connection: Mutex::new(None),
         });
         let (c, dev) = (control.clone(), device.clone());
+        let first = std::sync::OnceLock::<std::time::Instant>::new();
         spawn_signal_thread(move |sig| {
             if dev.stopping.swap(true, Ordering::SeqCst) {
+                // One stop can arrive twice: from whoever stops the whole group (systemd
+                // signals every process of the unit) and again from the sandbox's monitor,
+                // which passes signals on. Only a later one means "now".
+                if first
+                    .get()
+                    .is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(2))
+                {
+                    return;
+                }
                 log::warn!("second termination signal: exiting at once");
                 std::process::exit(1);
             }
+            let _ = first.set(std::time::Instant::now());
             log::info!("signal {sig}: finishing in-flight requests and shutting down");
             let _ = c.wake.write(1);
             if let Some(h) = lock(&c.connection).take() {

@@ -168,9 +168,13 @@ pub fn fork_into_pid_namespace() -> Result<(), SandboxError> {
     let child = unsafe { libc::fork() };
     step("fork", cvt(child))?;
     if child == 0 {
-        // The daemon ends with its monitor (it drains and exits on SIGTERM).
-        // SAFETY: prctl with integer arguments only.
-        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) };
+        // SAFETY: prctl and setpgid with integer arguments only.
+        unsafe {
+            // The daemon ends with its monitor (it drains and exits on SIGTERM).
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            // A terminal's signals reach the monitor alone, which passes them on once.
+            libc::setpgid(0, 0);
+        }
         return Ok(());
     }
     // The monitor needs no capabilities.
@@ -191,6 +195,13 @@ pub fn fork_into_pid_namespace() -> Result<(), SandboxError> {
             }
             continue;
         }
+        // The daemon stops on SIGTERM and SIGINT; as PID 1 of its namespace it would drop
+        // a hang-up or quit it does not handle, which used to end it: they stop it too.
+        let sig = if sig == libc::SIGINT {
+            sig
+        } else {
+            libc::SIGTERM
+        };
         // SAFETY: kill takes no memory; `child` is our child.
         unsafe { libc::kill(child, sig) };
     }

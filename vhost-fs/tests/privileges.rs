@@ -153,3 +153,54 @@ fn lock_owners_cannot_make_the_daemon_hold_descriptors_without_bound() {
     let fh = c.open(e.nodeid, libc::O_RDONLY as u32).unwrap();
     c.setlk(e.nodeid, fh, 99_999, READ_LOCK, 0).unwrap();
 }
+
+/// Without file handles the daemon keeps no CAP_DAC_READ_SEARCH: hard links (which
+/// `linkat(AT_EMPTY_PATH)` would need it for) still work, after a non-root caller's request
+/// has switched the thread's credentials and back.
+#[test]
+fn hard_links_work_without_file_handles() {
+    let (dir, share) = share();
+    set_mode(&share, 0o777);
+    let (_d, mut c) = serve(dir.path(), &share, &["--inode-file-handles=never"]);
+    c.caller.uid = 1000;
+    c.caller.gid = 1000;
+    let (e, fh) = c.create(ROOT_ID, b"a", 0o644, libc::O_RDWR as u32).unwrap();
+    c.release(e.nodeid, fh).unwrap();
+    let l = c.link(e.nodeid, ROOT_ID, b"b").unwrap();
+    assert_eq!(l.attr.ino, e.attr.ino);
+    assert_eq!(
+        std::fs::metadata(share.join("b")).unwrap().ino(),
+        std::fs::metadata(share.join("a")).unwrap().ino()
+    );
+}
+
+/// A lock owner that read-locked through a read-only handle can write-lock through a
+/// read-write one, as a local process can (the file that holds its locks is opened for
+/// both, as the caller, where the caller may).
+#[test]
+fn an_owner_write_locks_through_another_handle_after_a_read_lock() {
+    for mode in ["prefer", "never"] {
+        let (dir, share) = share();
+        let p = share.join("file");
+        std::fs::write(&p, b"data").unwrap();
+        std::os::unix::fs::chown(&p, Some(1000), Some(1000)).unwrap();
+        set_mode(&p, 0o644);
+        let (_d, mut c) = serve(
+            dir.path(),
+            &share,
+            &[&format!("--inode-file-handles={mode}")],
+        );
+        c.caller.uid = 1000;
+        c.caller.gid = 1000;
+        let e = c.lookup(ROOT_ID, b"file").unwrap();
+        let ro = c.open(e.nodeid, libc::O_RDONLY as u32).unwrap();
+        c.setlk(e.nodeid, ro, 7, READ_LOCK, 0).unwrap();
+        let rw = c.open(e.nodeid, libc::O_RDWR as u32).unwrap();
+        let write_lock = FileLock {
+            typ: libc::F_WRLCK as u32,
+            ..READ_LOCK
+        };
+        c.setlk(e.nodeid, rw, 7, write_lock, 0)
+            .unwrap_or_else(|e| panic!("{mode}: write lock after a read lock: {e}"));
+    }
+}

@@ -436,8 +436,16 @@ impl PassthroughFs {
         let both = if self.cfg.readonly {
             Err(errno(libc::EROFS))
         } else {
-            let _caller = self.as_caller(ctx)?;
-            self.open_inode(&data, libc::O_RDWR | libc::O_NONBLOCK)
+            // The path as the daemon (a file handle opens only with its capabilities), the
+            // reopen for reading and writing as the caller, whom the kernel checks.
+            data.path_fd().and_then(|pfd| {
+                let _caller = self.as_caller(ctx)?;
+                sys::reopen(
+                    self.proc_fd(),
+                    pfd.as_raw_fd(),
+                    libc::O_RDWR | libc::O_NONBLOCK,
+                )
+            })
         };
         let file = match both {
             Ok(f) => f,
@@ -1013,6 +1021,7 @@ impl FileSystem for PassthroughFs {
         let data = self.inode(inode)?;
         let p = self.inode(newparent)?;
         sys::linkat_inode(
+            self.proc_fd(),
             data.path_fd()?.as_raw_fd(),
             p.path_fd()?.as_raw_fd(),
             newname,

@@ -189,10 +189,27 @@ pub fn symlinkat(target: &CStr, dir: RawFd, name: &CStr) -> io::Result<()> {
     cvt(unsafe { libc::symlinkat(target.as_ptr(), dir, name.as_ptr()) }).map(drop)
 }
 
-pub fn linkat_inode(fd: RawFd, newdir: RawFd, name: &CStr) -> io::Result<()> {
+/// Links the inode `fd` refers to as `name` in `newdir`, through `proc_self_fd` (an open
+/// `/proc/self/fd`): `AT_EMPTY_PATH` would need CAP_DAC_READ_SEARCH, which the daemon drops
+/// unless it holds inodes as file handles (virtiofsd links the same way).
+pub fn linkat_inode(
+    proc_self_fd: BorrowedFd<'_>,
+    fd: RawFd,
+    newdir: RawFd,
+    name: &CStr,
+) -> io::Result<()> {
+    let link = fd_name(fd);
     // SAFETY: both strings are NUL-terminated.
-    cvt(unsafe { libc::linkat(fd, c"".as_ptr(), newdir, name.as_ptr(), libc::AT_EMPTY_PATH) })
-        .map(drop)
+    cvt(unsafe {
+        libc::linkat(
+            proc_self_fd.as_raw_fd(),
+            link.as_ptr(),
+            newdir,
+            name.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    })
+    .map(drop)
 }
 
 pub fn unlinkat(dir: RawFd, name: &CStr, flags: i32) -> io::Result<()> {
