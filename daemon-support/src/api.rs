@@ -172,8 +172,11 @@ fn read_head(stream: &mut UnixStream, limits: Limits) -> Result<Vec<u8>, HeadErr
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(HeadError::Io(e)),
         };
+        // Only the new bytes, and the three before them, can complete the blank line.
+        let from = head.len().saturating_sub(3);
         head.extend_from_slice(&chunk[..n]);
-        if head.windows(4).any(|w| w == b"\r\n\r\n") || head.windows(2).any(|w| w == b"\n\n") {
+        let tail = &head[from..];
+        if tail.windows(4).any(|w| w == b"\r\n\r\n") || tail.windows(2).any(|w| w == b"\n\n") {
             return Ok(head);
         }
         if head.len() > limits.head_bytes {

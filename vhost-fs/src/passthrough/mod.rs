@@ -714,9 +714,16 @@ impl PassthroughFs {
     /// What the kernel does to a file a process without CAP_FSETID modifies (fallocate,
     /// copy_file_range), done for the guest's caller: these run on the daemon's descriptor,
     /// as root, and FUSE gives no kill-privileges flag for them as it does for WRITE.
+    /// Before the operation, as the kernel does (a set-ID file must never hold new data
+    /// with its bits still set), but only on a descriptor the operation can write through:
+    /// one it would refuse changes nothing.
     fn kill_suidgid_for(&self, ctx: Context, fd: i32) -> io::Result<()> {
-        if ctx.uid == 0 {
+        // The caller's id on the host (after `--translate-uid`) is what the kernel would see.
+        if self.host_ids(ctx)?.0 == 0 {
             return Ok(());
+        }
+        if sys::access_mode(fd)? == libc::O_RDONLY {
+            return Err(errno(libc::EBADF));
         }
         self.kill_suidgid(fd)
     }
