@@ -19,7 +19,6 @@ use std::path::Path;
 use super::*;
 use crate::disk::{Disk, DiskOp};
 use crate::engine::faulty::{Device, Event};
-use crate::engine::EngineKind;
 use crate::StorageError;
 
 const BS: u64 = 4096;
@@ -67,26 +66,8 @@ struct Flushed {
     done: usize,
 }
 
-fn spec(dir: &Path, mode: CacheMode) -> TierSpec {
-    TierSpec {
-        cache: dir.join("cache.img"),
-        cache_size: CACHE,
-        mode,
-        policy: None,
-        block_size: BS,
-        seq_cutoff: u64::MAX,
-        force_format: false,
-    }
-}
-
 fn open(dir: &Path, mode: CacheMode) -> Result<TieredDisk, StorageError> {
-    TieredDisk::open(
-        &dir.join("cap.img"),
-        false,
-        false,
-        EngineKind::Sync,
-        &spec(dir, mode),
-    )
+    super::tests::open_tier(dir, mode, CACHE, false)
 }
 
 /// A recorded run: the device images when recording began (capacity, cache), the log, and

@@ -726,17 +726,21 @@ impl DiskQueue for TieredQueue {
         let bs = self.sh.block;
         // Ring entries this request needs at once: a read or write one chunk's blocks (a
         // larger one goes chunk by chunk), a discard or write-zeroes a few.
+        // The range, once (for a read or write it sums the iovecs); nothing to do for an
+        // empty one.
+        let (offset, len) = op.range().unwrap_or((0, 0));
+        if len == 0 && !matches!(op, DiskOp::Flush) {
+            self.local.push_back(Completion {
+                user_data: tag,
+                result: 0,
+            });
+            self.in_flight += 1;
+            return Ok(());
+        }
         let entries = match op {
-            DiskOp::Read { .. } | DiskOp::Write { .. } => op
-                .range()
-                .map(|(o, l)| {
-                    if l == 0 {
-                        0
-                    } else {
-                        ((o + l - 1) / bs - o / bs + 1).min(CHUNK_BLOCKS)
-                    }
-                })
-                .unwrap_or(0),
+            DiskOp::Read { .. } | DiskOp::Write { .. } => {
+                ((offset + len - 1) / bs - offset / bs + 1).min(CHUNK_BLOCKS)
+            }
             DiskOp::Discard { .. } | DiskOp::WriteZeroes { .. } => ZERO_OP_ENTRIES,
             DiskOp::Flush => 0,
         };
@@ -767,20 +771,11 @@ impl DiskQueue for TieredQueue {
         };
         req.iov.reserve(2 * (guest_iovs + entries as usize) + 2);
         let result = match op {
-            DiskOp::Read { offset, iov } | DiskOp::Write { offset, iov } => {
-                let len = crate::disk::iov_len(iov);
+            DiskOp::Read { iov, .. } | DiskOp::Write { iov, .. } => {
                 req.offset = offset;
                 req.len = len;
                 req.guest_iov = iov.as_ptr();
                 req.guest_iovcnt = iov.len();
-                if len == 0 {
-                    self.local.push_back(Completion {
-                        user_data: tag,
-                        result: 0,
-                    });
-                    self.in_flight += 1;
-                    return Ok(());
-                }
                 req.kind = if matches!(op, DiskOp::Read { .. }) {
                     Kind::Read
                 } else {
@@ -805,7 +800,7 @@ impl DiskQueue for TieredQueue {
                 self.sh.bg_cv.notify_one();
                 return Ok(());
             }
-            DiskOp::Discard { offset, len } | DiskOp::WriteZeroes { offset, len, .. } => {
+            DiskOp::Discard { .. } | DiskOp::WriteZeroes { .. } => {
                 let kind = match op {
                     DiskOp::WriteZeroes { unmap, .. } => Kind::Zeroes { unmap },
                     _ => Kind::Discard,
@@ -817,14 +812,6 @@ impl DiskQueue for TieredQueue {
                 req.chunk_off = offset;
                 req.chunk_len = len;
                 req.guest_iovcnt = 0;
-                if len == 0 {
-                    self.local.push_back(Completion {
-                        user_data: tag,
-                        result: 0,
-                    });
-                    self.in_flight += 1;
-                    return Ok(());
-                }
                 self.start_zero(tag, offset, len, kind)
             }
         };

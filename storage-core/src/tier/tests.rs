@@ -42,27 +42,8 @@ impl Fixture {
         Fixture { dir, open, model }
     }
 
-    fn spec(dir: &tempfile::TempDir, mode: CacheMode) -> TierSpec {
-        TierSpec {
-            cache: dir.path().join("cache.img"),
-            cache_size: CACHE,
-            mode,
-            policy: None,
-            block_size: BS,
-            seq_cutoff: u64::MAX,
-            force_format: false,
-        }
-    }
-
     fn open_in(dir: &tempfile::TempDir, mode: CacheMode, read_only: bool) -> TieredDisk {
-        TieredDisk::open(
-            &dir.path().join("cap.img"),
-            read_only,
-            false,
-            EngineKind::Sync,
-            &Self::spec(dir, mode),
-        )
-        .unwrap()
+        open_tier(dir.path(), mode, CACHE, read_only).unwrap()
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -86,6 +67,32 @@ impl Fixture {
         drop(self.open.take());
         self.open = Some(Self::open_in(&self.dir, mode, false));
     }
+}
+
+/// A tiered disk over `dir/cap.img` with its cache at `dir/cache.img` (4 KiB blocks, no
+/// sequential cutoff; under test, the synchronous engines with faults).
+pub(super) fn open_tier(
+    dir: &std::path::Path,
+    mode: CacheMode,
+    cache_size: u64,
+    read_only: bool,
+) -> Result<TieredDisk, crate::StorageError> {
+    let spec = TierSpec {
+        cache: dir.join("cache.img"),
+        cache_size,
+        mode,
+        policy: None,
+        block_size: BS,
+        seq_cutoff: u64::MAX,
+        force_format: false,
+    };
+    TieredDisk::open(
+        &dir.join("cap.img"),
+        read_only,
+        false,
+        EngineKind::Sync,
+        &spec,
+    )
 }
 
 pub(super) fn iov(buf: &mut [u8]) -> libc::iovec {
