@@ -5,9 +5,12 @@
 //!   takes owned, positioned operations tagged with user data and hands back completions.
 //!   [`engine::UringEngine`] (one ring per queue worker) is the fast path;
 //!   [`engine::SyncEngine`] is the fallback and the reference implementation in tests.
-//! - [`disk`]: disk formats layered over an engine (`raw`, `null`), the per-worker
-//!   [`disk::DiskQueue`] that a daemon's queue worker drives, the disk spec and the one
-//!   factory ([`disk::open_disk`]) that validates a spec, opens the disk and probes io_uring.
+//! - [`disk`]: a disk as a graph of block nodes: leaves over an engine (`raw`, `null`), the
+//!   per-worker [`disk::DiskQueue`] that a daemon's queue worker drives, the disk spec
+//!   (`--disk` and `--blockdev`) and the one factory ([`disk::open_disk`]) that builds the
+//!   graph and probes io_uring.
+//! - [`tier`] and [`throttle`]: nodes with children (an SSD cache in front of a capacity
+//!   child; IOPS and bandwidth limits over any child). [`cache`] holds the tier's policies.
 //! - [`metrics`]: counters and latency histograms owned by the device that counts them.
 //! - [`huge_pages`]: huge-page-backed arrays for the tables the data path reads at random.
 //!
@@ -20,6 +23,7 @@ pub mod engine;
 pub mod error;
 pub mod huge_pages;
 pub mod metrics;
+pub mod throttle;
 pub mod tier;
 pub mod units;
 

@@ -98,7 +98,12 @@ pub fn disk_json(device: &BlkDevice) -> serde_json::Value {
         "features_negotiated_names": feature_names(acked),
         "frontend_connected": device.connected.load(Ordering::Relaxed),
         "frontend_connections": device.connections.load(Ordering::Relaxed),
-        "cache": device.spec.tier.as_ref().map(|t| serde_json::json!({
+        "graph": device.disk.describe(),
+        "throttle": device.disk.throttle_group().map(|g| serde_json::json!({
+            "group": g.name(),
+            "limits": g.limits().entries().into_iter().map(|(k, v)| (k, serde_json::Value::from(v))).collect::<serde_json::Map<_, _>>(),
+        })),
+        "cache": device.spec.root.tier().map(|t| serde_json::json!({
             "path": t.cache.display().to_string(),
             "size": t.cache_size,
             "mode": t.mode.name(),

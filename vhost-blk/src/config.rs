@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use storage_core::disk::graph::GraphSpec;
 use storage_core::disk::{DiskSpec, SpecError};
 
 /// vhost-user-blk daemon: serves one disk to a VMM over a vhost-user socket.
@@ -15,10 +16,17 @@ struct Cli {
     #[arg(long, value_name = "PATH")]
     socket: PathBuf,
     /// The disk: path=FILE|null[,size=BYTES][,read-zeroes=on|off][,readonly=on|off]
-    /// [,direct=on|off][,serial=STR][,engine=io_uring|sync], plus the cache keys of a tiered
-    /// disk (see README).
+    /// [,direct=on|off][,serial=STR][,engine=io_uring|sync], plus the cache and throttle keys
+    /// (see README); or node=NAME[,serial=STR][,readonly=on], the root of the --blockdev graph.
     #[arg(long, value_name = "SPEC")]
     disk: String,
+    /// One node of the disk's graph, as qemu-storage-daemon's --blockdev: driver=...,
+    /// node-name=..., children by name (key=value,... or JSON). Repeatable.
+    #[arg(long, value_name = "NODE")]
+    blockdev: Vec<String>,
+    /// An object the nodes refer to: throttle-group,id=NAME,iops-total=N,... Repeatable.
+    #[arg(long, value_name = "OBJECT")]
+    object: Vec<String>,
     /// Number of request queues offered (one worker thread each).
     #[arg(long, default_value_t = 1, value_name = "N")]
     queues: u16,
@@ -61,6 +69,10 @@ pub enum ConfigError {
     Usage(String),
     #[error("--disk: {0}")]
     Disk(#[from] SpecError),
+    #[error("--blockdev: {0}")]
+    Blockdev(SpecError),
+    #[error("--object: {0}")]
+    Object(SpecError),
     #[error("--queues {0}: must be between 1 and 64")]
     Queues(u16),
     #[error("--queue-size {0}: must be a power of two between 2 and 1024")]
@@ -75,7 +87,7 @@ pub enum ConfigError {
 
 /// What the command line asks for.
 pub enum Command {
-    Run(Config),
+    Run(Box<Config>),
     /// `--help` or `--version`: print this and exit 0.
     Print(String),
 }
@@ -97,7 +109,7 @@ impl Config {
                 return Err(ConfigError::Usage(daemon_support::cli::one_line(&e)));
             }
         };
-        Config::try_from(cli).map(Command::Run)
+        Config::try_from(cli).map(|c| Command::Run(Box::new(c)))
     }
 }
 
@@ -105,7 +117,14 @@ impl TryFrom<Cli> for Config {
     type Error = ConfigError;
 
     fn try_from(cli: Cli) -> Result<Self, Self::Error> {
-        let disk: DiskSpec = cli.disk.parse()?;
+        let mut graph = GraphSpec::default();
+        for o in &cli.object {
+            graph.add_object(o).map_err(ConfigError::Object)?;
+        }
+        for b in &cli.blockdev {
+            graph.add_blockdev(b).map_err(ConfigError::Blockdev)?;
+        }
+        let disk: DiskSpec = graph.resolve(&cli.disk)?;
         if !(1..=64).contains(&cli.queues) {
             return Err(ConfigError::Queues(cli.queues));
         }
@@ -143,7 +162,7 @@ mod tests {
         let mut all = vec!["vhost-blk"];
         all.extend_from_slice(args);
         match Config::parse(all) {
-            Ok(Command::Run(c)) => Ok(c),
+            Ok(Command::Run(c)) => Ok(*c),
             Ok(Command::Print(_)) => Err("print".into()),
             Err(e) => Err(e.to_string()),
         }

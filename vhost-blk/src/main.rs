@@ -19,7 +19,7 @@ fn main() -> ExitCode {
         })
         .init();
     let config = match Config::parse(std::env::args_os()) {
-        Ok(Command::Run(config)) => config,
+        Ok(Command::Run(config)) => *config,
         Ok(Command::Print(text)) => {
             print!("{text}");
             return ExitCode::SUCCESS;

@@ -51,7 +51,7 @@ struct Args {
     #[arg(long, value_delimiter = ',', default_value = "ours,qsd,io_uring")]
     targets: Vec<String>,
     /// Which workloads to run (default: all): randread-4k-qd32, randwrite-4k-qd32,
-    /// randread-4k-qd1, null-randread-4k-qd32.
+    /// randread-4k-qd1, null-randread-4k-qd32, throttled-20k-randread-qd32.
     #[arg(long, value_delimiter = ',')]
     workloads: Vec<String>,
     /// Leave CPU placement to the scheduler (default: the client on the last CPU, every
@@ -92,7 +92,14 @@ impl Target {
 enum Device {
     File,
     Null,
+    /// A null device behind an IOPS limit of [`THROTTLE_IOPS`] (a throttle node; for
+    /// qemu-storage-daemon a throttle filter and group with the same limit).
+    NullThrottled,
 }
+
+/// The limit of the throttled workload: far below what either daemon serves, so the
+/// figure is the limit's accuracy.
+const THROTTLE_IOPS: u64 = 20_000;
 
 /// One row of the comparison: a workload on a device, run on several targets.
 struct Case {
@@ -140,6 +147,13 @@ const CASES: &[Case] = &[
     Case {
         name: "null-randread-4k-qd32",
         device: Device::Null,
+        pattern: Pattern::RandRead,
+        depth: 32,
+        targets: &[Target::Ours, Target::Qsd],
+    },
+    Case {
+        name: "throttled-20k-randread-qd32",
+        device: Device::NullThrottled,
         pattern: Pattern::RandRead,
         depth: 32,
         targets: &[Target::Ours, Target::Qsd],
@@ -453,6 +467,9 @@ fn start(
             let disk = match device {
                 Device::File => format!("path={}", file.display()),
                 Device::Null => format!("path=null,size={size},read-zeroes=off"),
+                Device::NullThrottled => {
+                    format!("path=null,size={size},read-zeroes=off,iops-total={THROTTLE_IOPS}")
+                }
             };
             DaemonCommand::new(ours_bin.context("our binary")?)
                 .name(format!("vhost-blk-{device:?}").to_lowercase())
@@ -466,20 +483,31 @@ fn start(
                 .args(["--queues", "1", "--queue-size", "256"])
         }
         Target::Qsd => {
-            let blockdev = match device {
+            let graph: Vec<String> = match device {
                 // locking=off: our daemon has the same file open at the same time.
-                Device::File => format!(
-                    "driver=file,node-name=d0,filename={},aio=io_uring,cache.direct=off,locking=off",
-                    file.display()
-                ),
-                Device::Null => {
-                    format!("driver=null-co,node-name=d0,size={size},read-zeroes=off")
-                }
+                Device::File => vec![
+                    "--blockdev".into(),
+                    format!(
+                        "driver=file,node-name=d0,filename={},aio=io_uring,cache.direct=off,locking=off",
+                        file.display()
+                    ),
+                ],
+                Device::Null => vec![
+                    "--blockdev".into(),
+                    format!("driver=null-co,node-name=d0,size={size},read-zeroes=off"),
+                ],
+                Device::NullThrottled => vec![
+                    "--object".into(),
+                    format!("throttle-group,id=tg0,x-iops-total={THROTTLE_IOPS}"),
+                    "--blockdev".into(),
+                    format!("driver=null-co,node-name=n0,size={size},read-zeroes=off"),
+                    "--blockdev".into(),
+                    "driver=throttle,node-name=d0,file=n0,throttle-group=tg0".into(),
+                ],
             };
             DaemonCommand::qemu_storage_daemon(&socket)
                 .name(format!("qsd-{device:?}").to_lowercase())
-                .arg("--blockdev")
-                .arg(blockdev)
+                .args(graph)
                 .arg("--export")
                 .arg(format!(
                     "type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={},writable=on,num-queues=1",
@@ -714,6 +742,24 @@ fn report(args: &Args, file: &Path, records: &[Record], wake: Option<WakeLatency
         "note: both null devices run with read-zeroes=off (reads leave the buffer untouched), \
          so they measure the daemons alone"
     );
+    for &t in &[Target::Ours, Target::Qsd] {
+        let iops: Vec<f64> = records
+            .iter()
+            .filter(|r| r.case == "throttled-20k-randread-qd32" && r.target == t)
+            .map(|r| r.iops / THROTTLE_IOPS as f64)
+            .collect();
+        if !iops.is_empty() {
+            println!(
+                "throttle accuracy {:<8} IOPS/limit {:.3}  (per round: {}; limit {THROTTLE_IOPS})",
+                t.name(),
+                median(&iops),
+                iops.iter()
+                    .map(|r| format!("{r:.3}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+        }
+    }
     if let Some(w) = wake {
         println!(
             "note: on this machine a thread asleep on the client's CPU runs {:.1} µs after an \

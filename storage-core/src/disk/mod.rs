@@ -1,21 +1,28 @@
-//! Disks: formats layered over the I/O engine seam, and the per-worker queues that daemons
-//! drive.
+//! Disks as graphs of block nodes, and the per-worker queues that daemons drive.
 //!
-//! A [`Disk`] is the shared, control-plane handle (capacity, flags, control-plane flush).
-//! Each queue worker asks it for its own [`DiskQueue`], which owns that worker's engine, so
-//! no lock is shared between workers on the data path. Formats never reach below the engine:
-//! they turn a [`DiskOp`] into engine operations.
+//! Every node of a disk's graph implements [`Disk`]: its shared, control-plane handle
+//! (capacity, flags, control-plane I/O and flush). Leaves own their I/O (`raw`: a file or
+//! block device through the engine seam; `null`); filters and formats (the tier, the
+//! throttle) own their children. Each queue worker asks the root for its own [`DiskQueue`],
+//! which holds its children's queues in turn, so no lock is shared between workers on the
+//! data path and one submit reaches every leaf. Nodes never reach below the engine: they
+//! turn a [`DiskOp`] into engine operations or into operations on their children.
+//!
+//! The graph is described by a [`DiskSpec`] (the `--disk` shorthand, or named nodes as
+//! qemu-storage-daemon's `--blockdev`: [`graph`]) and built by the one factory,
+//! [`open_disk`].
 
 mod factory;
+pub mod graph;
 mod null;
 mod raw;
 mod spec;
+pub(crate) mod wakeup;
 
-pub(crate) use factory::on_tmpfs;
 pub use factory::{engine_for_path, open_disk, AnyDisk, AnyQueue};
 pub use null::{NullDisk, NullQueue};
 pub use raw::{RawDisk, RawQueue};
-pub use spec::{DiskSource, DiskSpec, SpecError};
+pub use spec::{DiskSpec, NodeSpec, SpecError, ThrottleSpec};
 
 use std::io;
 use std::os::unix::io::RawFd;
@@ -88,6 +95,9 @@ pub struct DiskInfo {
     pub engine: EngineKind,
     /// Discard frees space (otherwise it is accepted and ignored).
     pub discard: bool,
+    /// What names the storage underneath, for a cache that must not be used with other
+    /// storage: (st_dev, st_ino) of a file; (0, 0) for a leaf without storage.
+    pub identity: (u64, u64),
 }
 
 /// The control-plane handle of an open disk, shared by all workers.
@@ -99,8 +109,38 @@ pub trait Disk: Send + Sync {
     /// A queue for one worker with room for `depth` requests in flight.
     fn new_queue(&self, depth: u32) -> Result<Self::Queue, StorageError>;
 
-    /// Makes everything written so far durable, outside the data path (shutdown, tests).
+    /// Like [`new_queue`](Disk::new_queue), but a queue whose completions arrive
+    /// asynchronously may signal them on `eventfd` (the parent's, which it keeps open) so
+    /// that a parent and its child wake the worker through one fd. The queue's
+    /// [`completion_fd`](DiskQueue::completion_fd) says which fd it signals.
+    fn new_queue_sharing(&self, depth: u32, eventfd: RawFd) -> Result<Self::Queue, StorageError> {
+        let _ = eventfd;
+        self.new_queue(depth)
+    }
+
+    /// Makes everything written so far durable, outside the data path (shutdown, tests,
+    /// a parent's background work).
     fn flush(&self) -> io::Result<()>;
+
+    /// Reads `buf.len()` bytes at `offset`, blocking, outside the data path: a parent's
+    /// background work (the tier's write-back). Nodes that cannot serve it say so.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let _ = (buf, offset);
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!("a {} node serves no control-plane I/O", self.info().format),
+        ))
+    }
+
+    /// Writes all of `buf` at `offset`, blocking, outside the data path (see
+    /// [`read_at`](Disk::read_at)).
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let _ = (buf, offset);
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!("a {} node serves no control-plane I/O", self.info().format),
+        ))
+    }
 }
 
 /// One worker's view of a disk: start requests, submit them in a batch, reap completions.
@@ -111,9 +151,10 @@ pub trait DiskQueue: Send {
     ///
     /// # Safety
     ///
-    /// Same as [`crate::engine::IoEngine::push`]: the iovec array must stay valid until the
-    /// next [`submit`](DiskQueue::submit) returns, and its buffers until the completion for
-    /// `tag` has been popped.
+    /// The iovec array and every buffer it describes must stay valid, and the array
+    /// unchanged, until the completion for `tag` has been popped (a node may hold a request
+    /// back, or split it, and reach the array later); for reads, nobody else may access the
+    /// buffers meanwhile.
     unsafe fn start(&mut self, op: DiskOp<'_>, tag: u64) -> Result<(), StartError>;
 
     /// Submits everything started since the last call.

@@ -28,6 +28,7 @@ impl NullDisk {
                 // No engine runs; completions are immediate.
                 engine: EngineKind::Sync,
                 discard: true,
+                identity: (0, 0),
             },
             read_zeroes,
         }
@@ -50,6 +51,17 @@ impl Disk for NullDisk {
     }
 
     fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn read_at(&self, buf: &mut [u8], _offset: u64) -> io::Result<()> {
+        if self.read_zeroes {
+            buf.fill(0);
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, _buf: &[u8], _offset: u64) -> io::Result<()> {
         Ok(())
     }
 }

@@ -7,7 +7,9 @@ use std::path::Path;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 
-use crate::engine::{new_engine, AnyEngine, Completion, EngineKind, EngineOp, FileId, IoEngine};
+use crate::engine::{
+    new_engine, new_engine_notifying, AnyEngine, Completion, EngineKind, EngineOp, FileId, IoEngine,
+};
 use crate::error::{StorageError, StorageErrorKind};
 
 use super::{check_op, Disk, DiskInfo, DiskOp, DiskQueue, StartError};
@@ -76,8 +78,32 @@ impl RawDisk {
                 path: path.display().to_string(),
                 engine,
                 discard: !read_only,
+                identity: {
+                    use std::os::unix::fs::MetadataExt;
+                    (meta.dev(), meta.ino())
+                },
             },
         })
+    }
+
+    /// Tests only: every queue and control-plane call goes through `faults` (as the
+    /// capacity device).
+    #[cfg(test)]
+    pub(crate) fn set_faults(&mut self, faults: Arc<crate::engine::faulty::Faults>) {
+        self.faults = Some(faults);
+    }
+
+    #[cfg(test)]
+    fn injected(&self, op: crate::engine::faulty::OpKind) -> io::Result<()> {
+        use crate::engine::faulty::Device;
+        match self
+            .faults
+            .as_ref()
+            .and_then(|f| f.injected(Device::Capacity, op))
+        {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 }
 
@@ -102,27 +128,11 @@ impl Disk for RawDisk {
     }
 
     fn new_queue(&self, depth: u32) -> Result<RawQueue, StorageError> {
-        #[cfg(test)]
-        if let Some(faults) = &self.faults {
-            use crate::engine::faulty::{Device, FaultyEngine};
-            let mut engine =
-                AnyEngine::Faulty(FaultyEngine::new(depth, Device::Capacity, faults.clone()));
-            let fid = engine
-                .register_file(self.file.as_raw_fd())
-                .expect("register");
-            return Ok(self.queue(engine, fid, depth));
-        }
-        let mut engine = new_engine(self.info.engine, depth).map_err(|e| {
-            StorageError::new(StorageErrorKind::Engine, "cannot create I/O engine")
-                .with_path(&self.info.path)
-                .with_source(e)
-        })?;
-        let fid = engine.register_file(self.file.as_raw_fd()).map_err(|e| {
-            StorageError::new(StorageErrorKind::Engine, "cannot register file with engine")
-                .with_path(&self.info.path)
-                .with_source(e)
-        })?;
-        Ok(self.queue(engine, fid, depth))
+        self.make_queue(depth, None)
+    }
+
+    fn new_queue_sharing(&self, depth: u32, eventfd: RawFd) -> Result<RawQueue, StorageError> {
+        self.make_queue(depth, Some(eventfd))
     }
 
     fn flush(&self) -> io::Result<()> {
@@ -133,12 +143,79 @@ impl Disk for RawDisk {
         if sticky != 0 {
             return Err(io::Error::from_raw_os_error(-sticky));
         }
-        self.file.sync_data().inspect_err(|e| {
-            let errno = e.raw_os_error().unwrap_or(libc::EIO);
-            let _ =
-                self.flush_error
-                    .compare_exchange(0, -errno, Ordering::Relaxed, Ordering::Relaxed);
-        })
+        #[cfg(test)]
+        let started = {
+            self.injected(crate::engine::faulty::OpKind::Sync)
+                .inspect_err(|e| self.remember_flush_error(e))?;
+            self.faults.as_ref().map(|f| f.sync_started())
+        };
+        self.file
+            .sync_data()
+            .inspect_err(|e| self.remember_flush_error(e))?;
+        #[cfg(test)]
+        if let (Some(f), Some(started)) = (&self.faults, started) {
+            f.record_sync(crate::engine::faulty::Device::Capacity, started);
+        }
+        Ok(())
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        #[cfg(test)]
+        self.injected(crate::engine::faulty::OpKind::Read)?;
+        self.file.read_exact_at(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        if self.info.read_only {
+            return Err(io::Error::from_raw_os_error(libc::EROFS));
+        }
+        #[cfg(test)]
+        {
+            self.injected(crate::engine::faulty::OpKind::Write)?;
+            if let Some(f) = &self.faults {
+                f.record_write(crate::engine::faulty::Device::Capacity, offset, buf);
+            }
+        }
+        self.file.write_all_at(buf, offset)
+    }
+}
+
+impl RawDisk {
+    fn remember_flush_error(&self, e: &io::Error) {
+        let errno = e.raw_os_error().unwrap_or(libc::EIO);
+        let _ = self
+            .flush_error
+            .compare_exchange(0, -errno, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    fn make_queue(&self, depth: u32, eventfd: Option<RawFd>) -> Result<RawQueue, StorageError> {
+        #[cfg(test)]
+        if let Some(faults) = &self.faults {
+            use crate::engine::faulty::{Device, FaultyEngine};
+            let mut engine =
+                AnyEngine::Faulty(FaultyEngine::new(depth, Device::Capacity, faults.clone()));
+            let fid = engine
+                .register_file(self.file.as_raw_fd())
+                .expect("register");
+            return Ok(self.queue(engine, fid, depth));
+        }
+        let engine = match eventfd {
+            Some(fd) => new_engine_notifying(self.info.engine, depth, fd),
+            None => new_engine(self.info.engine, depth),
+        };
+        let mut engine = engine.map_err(|e| {
+            StorageError::new(StorageErrorKind::Engine, "cannot create I/O engine")
+                .with_path(&self.info.path)
+                .with_source(e)
+        })?;
+        let fid = engine.register_file(self.file.as_raw_fd()).map_err(|e| {
+            StorageError::new(StorageErrorKind::Engine, "cannot register file with engine")
+                .with_path(&self.info.path)
+                .with_source(e)
+        })?;
+        Ok(self.queue(engine, fid, depth))
     }
 }
 

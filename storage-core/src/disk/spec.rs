@@ -5,36 +5,96 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use crate::engine::EngineKind;
+use crate::throttle::ThrottleLimits;
 use crate::tier::{CacheMode, TierSpec};
 use crate::units::{ByteSize, SECTOR_SIZE};
 
 /// Longest serial number virtio-blk's GET_ID can return.
 pub const MAX_SERIAL_LEN: usize = 20;
 
-/// Where a disk's data lives.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DiskSource {
-    /// A regular file or block device.
-    File(PathBuf),
+/// One node of a disk's graph, as specified.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NodeSpec {
+    /// A regular file or block device, through the engine seam.
+    File {
+        path: PathBuf,
+        /// Open with O_DIRECT (bypass the host page cache).
+        direct: bool,
+        /// Force an engine (`engine=sync`); by default io_uring where it helps.
+        engine: Option<EngineKind>,
+    },
     /// No storage: writes are accepted and dropped. Reads fill the buffer with zeroes, or with
     /// `read_zeroes` off (QEMU null-co's `read-zeroes=off`) leave it untouched: the guest
     /// then reads back its own buffer, which measures the daemon alone.
     Null { size: u64, read_zeroes: bool },
+    /// A cache file in front of a capacity child.
+    Tier {
+        capacity: Box<NodeSpec>,
+        tier: TierSpec,
+        /// The cache file's engine, if forced.
+        cache_engine: Option<EngineKind>,
+    },
+    /// IOPS and bandwidth limits over a child.
+    Throttle {
+        child: Box<NodeSpec>,
+        limits: ThrottleSpec,
+    },
 }
 
-/// A parsed, checked disk spec.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where a throttle node's limits come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ThrottleSpec {
+    /// Its own limits, shared with nobody.
+    Private(ThrottleLimits),
+    /// A named group, shared by every node (of any disk) that names it; the limits are
+    /// given where the group is first named.
+    Group {
+        name: String,
+        limits: Option<ThrottleLimits>,
+    },
+}
+
+impl NodeSpec {
+    /// The first leaf's name (a path, or `null:SIZE`): what the disk is called when nobody
+    /// named it.
+    pub fn leaf_name(&self) -> String {
+        match self {
+            NodeSpec::File { path, .. } => std::fs::canonicalize(path)
+                .unwrap_or_else(|_| path.clone())
+                .to_string_lossy()
+                .into_owned(),
+            NodeSpec::Null { size, .. } => format!("null:{size}"),
+            NodeSpec::Tier { capacity, .. } => capacity.leaf_name(),
+            NodeSpec::Throttle { child, .. } => child.leaf_name(),
+        }
+    }
+
+    /// The first tier in the graph, from the root down.
+    pub fn tier(&self) -> Option<&TierSpec> {
+        match self {
+            NodeSpec::Tier { tier, .. } => Some(tier),
+            NodeSpec::Throttle { child, .. } => child.tier(),
+            _ => None,
+        }
+    }
+
+    /// The first throttle node's limits, from the root down.
+    pub fn throttle(&self) -> Option<&ThrottleSpec> {
+        match self {
+            NodeSpec::Throttle { limits, .. } => Some(limits),
+            NodeSpec::Tier { capacity, .. } => capacity.throttle(),
+            _ => None,
+        }
+    }
+}
+
+/// A parsed, checked disk: its graph and what the guest is told about it.
+#[derive(Debug, Clone, PartialEq)]
 pub struct DiskSpec {
-    pub source: DiskSource,
+    pub root: NodeSpec,
     pub read_only: bool,
-    /// Open with O_DIRECT (bypass the host page cache).
-    pub direct: bool,
-    /// Serial number reported to the guest; derived from the path when absent.
+    /// Serial number reported to the guest; derived from the first leaf when absent.
     pub serial: Option<String>,
-    /// Force an engine (`engine=sync`); by default io_uring when available.
-    pub engine: Option<EngineKind>,
-    /// A cache device in front of the file (`cache=...`): a tiered disk.
-    pub tier: Option<TierSpec>,
 }
 
 /// What is wrong with a disk spec.
@@ -48,30 +108,143 @@ pub enum SpecError {
     Duplicate(String),
     #[error(
         "unknown disk spec key {0:?} (known: path, size, read-zeroes, readonly, direct, serial, \
-         engine, cache, cache-size, cache-mode, cache-policy, cache-block, seq-cutoff, cache-format)"
+         engine, cache, cache-size, cache-mode, cache-policy, cache-block, seq-cutoff, \
+         cache-format, throttle-group and the throttle limits: iops-total, bps-read, ...)"
     )]
     UnknownKey(String),
+    #[error("throttle: {0}")]
+    Throttle(#[from] crate::throttle::LimitError),
+    #[error("{0}")]
+    Graph(String),
     #[error("disk spec {key}={value:?}: {reason}")]
     BadValue {
-        key: &'static str,
+        key: String,
         value: String,
         reason: String,
     },
 }
 
-fn bad(key: &'static str, value: &str, reason: impl Into<String>) -> SpecError {
+pub(super) fn bad(key: &str, value: &str, reason: impl Into<String>) -> SpecError {
     SpecError::BadValue {
-        key,
+        key: key.to_string(),
         value: value.to_string(),
         reason: reason.into(),
     }
 }
 
-fn on_off(key: &'static str, value: &str) -> Result<bool, SpecError> {
+pub(super) fn on_off(key: &str, value: &str) -> Result<bool, SpecError> {
     match value {
         "on" | "true" | "yes" | "1" => Ok(true),
         "off" | "false" | "no" | "0" => Ok(false),
         _ => Err(bad(key, value, "expected on or off")),
+    }
+}
+
+fn byte_size(key: &str, value: &str) -> Result<u64, SpecError> {
+    Ok(value
+        .parse::<ByteSize>()
+        .map_err(|e| bad(key, value, e.to_string()))?
+        .0)
+}
+
+/// A null disk's size.
+pub(super) fn null_size(value: &str) -> Result<u64, SpecError> {
+    let bytes = byte_size("size", value)?;
+    if bytes == 0 || bytes % SECTOR_SIZE != 0 {
+        return Err(bad("size", value, "must be a non-zero multiple of 512"));
+    }
+    Ok(bytes)
+}
+
+pub(super) fn parse_serial(value: &str) -> Result<String, SpecError> {
+    if value.len() > MAX_SERIAL_LEN {
+        return Err(bad("serial", value, "at most 20 bytes"));
+    }
+    if !value.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(bad("serial", value, "printable ASCII without spaces"));
+    }
+    Ok(value.to_string())
+}
+
+pub(super) fn parse_engine(key: &str, value: &str) -> Result<EngineKind, SpecError> {
+    match value {
+        "io_uring" => Ok(EngineKind::IoUring),
+        // qemu-storage-daemon's aio=threads: blocking calls, as our synchronous engine.
+        "sync" | "threads" => Ok(EngineKind::Sync),
+        _ => Err(bad(key, value, "expected io_uring or sync")),
+    }
+}
+
+/// The tier's keys, shared by `--disk` and the `tier` node of `--blockdev`.
+#[derive(Debug, Default)]
+pub(super) struct TierOptions {
+    cache_size: Option<u64>,
+    mode: Option<CacheMode>,
+    policy: Option<String>,
+    block: Option<u64>,
+    seq_cutoff: Option<u64>,
+    force_format: bool,
+}
+
+impl TierOptions {
+    /// Takes `key` if it is one of the tier's; says whether it was.
+    pub(super) fn set(&mut self, key: &str, value: &str) -> Result<bool, SpecError> {
+        match key {
+            "cache-size" => self.cache_size = Some(byte_size(key, value)?),
+            "cache-mode" => {
+                self.mode = Some(value.parse::<CacheMode>().map_err(|e| bad(key, value, e))?)
+            }
+            "cache-policy" => {
+                if !crate::cache::POLICY_NAMES.contains(&value) {
+                    return Err(bad(
+                        key,
+                        value,
+                        format!("known policies: {}", crate::cache::POLICY_NAMES.join(", ")),
+                    ));
+                }
+                self.policy = Some(value.to_string());
+            }
+            "cache-block" => {
+                let bytes = byte_size(key, value)?;
+                if !(4096..=65536).contains(&bytes) || !bytes.is_power_of_two() {
+                    return Err(bad(key, value, "a power of two from 4K to 64K"));
+                }
+                self.block = Some(bytes);
+            }
+            "seq-cutoff" => {
+                let bytes = byte_size(key, value)?;
+                // 0 turns the cutoff off, as in bcache.
+                self.seq_cutoff = Some(if bytes == 0 { u64::MAX } else { bytes });
+            }
+            "cache-format" => {
+                if value != "force" {
+                    return Err(bad(key, value, "the only value is force"));
+                }
+                self.force_format = true;
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// The tier over the cache file `cache` (named by `key` in errors).
+    pub(super) fn build(self, key: &str, cache: PathBuf) -> Result<TierSpec, SpecError> {
+        let cache_size = self.cache_size.ok_or_else(|| {
+            bad(
+                key,
+                &cache.display().to_string(),
+                "a cache needs cache-size= (the size of the cache file)",
+            )
+        })?;
+        Ok(TierSpec {
+            cache,
+            cache_size,
+            mode: self.mode.unwrap_or(CacheMode::WriteThrough),
+            policy: self.policy,
+            block_size: self.block.unwrap_or(4096),
+            seq_cutoff: self.seq_cutoff.unwrap_or(4 << 20),
+            force_format: self.force_format,
+        })
     }
 }
 
@@ -86,13 +259,10 @@ impl FromStr for DiskSpec {
         let mut serial: Option<String> = None;
         let mut engine = None;
         let mut cache: Option<String> = None;
-        let mut cache_size: Option<u64> = None;
-        let mut cache_mode = None;
-        let mut cache_policy: Option<String> = None;
-        let mut cache_block: Option<u64> = None;
-        let mut seq_cutoff: Option<u64> = None;
-        let mut force_format = false;
+        let mut tier_opts = TierOptions::default();
         let mut read_zeroes = None;
+        let mut limits = ThrottleLimits::default();
+        let mut throttle_group: Option<String> = None;
         let mut seen: Vec<&str> = Vec::new();
         for item in s.split(',').filter(|i| !i.is_empty()) {
             let (key, value) = item
@@ -109,96 +279,33 @@ impl FromStr for DiskSpec {
                     }
                     path = Some(value.to_string());
                 }
-                "size" => {
-                    let bytes = value
-                        .parse::<ByteSize>()
-                        .map_err(|e| bad("size", value, e.to_string()))?
-                        .0;
-                    if bytes == 0 || bytes % SECTOR_SIZE != 0 {
-                        return Err(bad("size", value, "must be a non-zero multiple of 512"));
-                    }
-                    size = Some(bytes);
-                }
+                "size" => size = Some(null_size(value)?),
                 "readonly" => read_only = Some(on_off("readonly", value)?),
                 "direct" => direct = Some(on_off("direct", value)?),
                 "read-zeroes" => read_zeroes = Some(on_off("read-zeroes", value)?),
-                "serial" => {
-                    if value.len() > MAX_SERIAL_LEN {
-                        return Err(bad("serial", value, "at most 20 bytes"));
-                    }
-                    if !value.bytes().all(|b| b.is_ascii_graphic()) {
-                        return Err(bad("serial", value, "printable ASCII without spaces"));
-                    }
-                    serial = Some(value.to_string());
-                }
-                "engine" => {
-                    engine = Some(match value {
-                        "io_uring" => EngineKind::IoUring,
-                        "sync" => EngineKind::Sync,
-                        _ => return Err(bad("engine", value, "expected io_uring or sync")),
-                    })
-                }
+                "serial" => serial = Some(parse_serial(value)?),
+                "engine" => engine = Some(parse_engine("engine", value)?),
                 "cache" => {
                     if value.is_empty() {
                         return Err(bad("cache", value, "empty path"));
                     }
                     cache = Some(value.to_string());
                 }
-                "cache-size" => {
-                    let bytes = value
-                        .parse::<ByteSize>()
-                        .map_err(|e| bad("cache-size", value, e.to_string()))?
-                        .0;
-                    cache_size = Some(bytes);
-                }
-                "cache-mode" => {
-                    cache_mode = Some(
-                        value
-                            .parse::<CacheMode>()
-                            .map_err(|e| bad("cache-mode", value, e))?,
-                    )
-                }
-                "cache-policy" => {
-                    if !crate::cache::POLICY_NAMES.contains(&value) {
-                        return Err(bad(
-                            "cache-policy",
-                            value,
-                            format!("known policies: {}", crate::cache::POLICY_NAMES.join(", ")),
-                        ));
+                key if tier_opts.set(key, value)? => {}
+                "throttle-group" => {
+                    if value.is_empty() {
+                        return Err(bad("throttle-group", value, "empty name"));
                     }
-                    cache_policy = Some(value.to_string());
+                    throttle_group = Some(value.to_string());
                 }
-                "cache-block" => {
-                    let bytes = value
-                        .parse::<ByteSize>()
-                        .map_err(|e| bad("cache-block", value, e.to_string()))?
-                        .0;
-                    if !(4096..=65536).contains(&bytes) || !bytes.is_power_of_two() {
-                        return Err(bad("cache-block", value, "a power of two from 4K to 64K"));
-                    }
-                    cache_block = Some(bytes);
-                }
-                "seq-cutoff" => {
-                    let bytes = value
-                        .parse::<ByteSize>()
-                        .map_err(|e| bad("seq-cutoff", value, e.to_string()))?
-                        .0;
-                    // 0 turns the cutoff off, as in bcache.
-                    seq_cutoff = Some(if bytes == 0 { u64::MAX } else { bytes });
-                }
-                "cache-format" => {
-                    if value != "force" {
-                        return Err(bad("cache-format", value, "the only value is force"));
-                    }
-                    force_format = true;
-                }
+                key if ThrottleLimits::is_key(key) => limits.set(key, value)?,
                 other => return Err(SpecError::UnknownKey(other.to_string())),
             }
         }
         let path = path.ok_or(SpecError::MissingPath)?;
-        let source = if path == "null" {
+        let leaf = if path == "null" {
             let size = size.ok_or_else(|| bad("path", "null", "a null disk needs size="))?;
-            DiskSource::Null {
+            NodeSpec::Null {
                 size,
                 read_zeroes: read_zeroes.unwrap_or(true),
             }
@@ -217,29 +324,22 @@ impl FromStr for DiskSpec {
                     "only a null disk takes a size; a file's size is its own",
                 ));
             }
-            DiskSource::File(PathBuf::from(path))
+            NodeSpec::File {
+                path: PathBuf::from(path),
+                direct: direct.unwrap_or(false),
+                engine,
+            }
         };
-        let tier = match cache {
+        let root = match cache {
             Some(cache) => {
-                if matches!(source, DiskSource::Null { .. }) {
+                if matches!(leaf, NodeSpec::Null { .. }) {
                     return Err(bad("cache", &cache, "a null disk cannot have a cache"));
                 }
-                let cache_size = cache_size.ok_or_else(|| {
-                    bad(
-                        "cache",
-                        &cache,
-                        "cache= needs cache-size= (the size of the cache file)",
-                    )
-                })?;
-                Some(TierSpec {
-                    cache: PathBuf::from(cache),
-                    cache_size,
-                    mode: cache_mode.unwrap_or(CacheMode::WriteThrough),
-                    policy: cache_policy,
-                    block_size: cache_block.unwrap_or(4096),
-                    seq_cutoff: seq_cutoff.unwrap_or(4 << 20),
-                    force_format,
-                })
+                NodeSpec::Tier {
+                    capacity: Box::new(leaf),
+                    tier: tier_opts.build("cache", PathBuf::from(cache))?,
+                    cache_engine: engine,
+                }
             }
             None => {
                 if let Some(key) = seen
@@ -248,16 +348,28 @@ impl FromStr for DiskSpec {
                 {
                     return Err(bad("cache", "", format!("{key}= needs cache=")));
                 }
-                None
+                leaf
             }
         };
+        // Limits wrap the whole disk (over its cache), as a per-VM quota does.
+        let root = match (throttle_group, limits.any()) {
+            (None, false) => root,
+            (None, true) => NodeSpec::Throttle {
+                child: Box::new(root),
+                limits: ThrottleSpec::Private(limits.check()?),
+            },
+            (Some(name), any) => NodeSpec::Throttle {
+                child: Box::new(root),
+                limits: ThrottleSpec::Group {
+                    name,
+                    limits: if any { Some(limits.check()?) } else { None },
+                },
+            },
+        };
         Ok(DiskSpec {
-            tier,
-            source,
+            root,
             read_only: read_only.unwrap_or(false),
-            direct: direct.unwrap_or(false),
             serial,
-            engine,
         })
     }
 }
@@ -269,13 +381,7 @@ impl DiskSpec {
         if let Some(s) = &self.serial {
             return s.clone();
         }
-        let name = match &self.source {
-            DiskSource::File(p) => std::fs::canonicalize(p)
-                .unwrap_or_else(|_| p.clone())
-                .to_string_lossy()
-                .into_owned(),
-            DiskSource::Null { size, .. } => format!("null:{size}"),
-        };
+        let name = self.root.leaf_name();
         let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
         for b in name.bytes() {
             hash ^= u64::from(b);
@@ -295,9 +401,15 @@ mod tests {
         let spec: DiskSpec = "path=/tmp/a.img,readonly=on,direct=off,serial=abc"
             .parse()
             .unwrap();
-        assert_eq!(spec.source, DiskSource::File("/tmp/a.img".into()));
+        assert_eq!(
+            spec.root,
+            NodeSpec::File {
+                path: "/tmp/a.img".into(),
+                direct: false,
+                engine: None
+            }
+        );
         assert!(spec.read_only);
-        assert!(!spec.direct);
         assert_eq!(spec.serial.as_deref(), Some("abc"));
     }
 
@@ -306,7 +418,7 @@ mod tests {
         let spec: DiskSpec = "path=/cap.img,cache=/ssd/c,cache-size=256M"
             .parse()
             .unwrap();
-        let t = spec.tier.unwrap();
+        let t = spec.root.tier().unwrap().clone();
         assert_eq!(t.cache_size, 256 << 20);
         assert_eq!(t.mode, CacheMode::WriteThrough);
         assert_eq!(t.block_size, 4096);
@@ -316,7 +428,7 @@ mod tests {
             "path=/cap.img,cache=/ssd/c,cache-size=1G,cache-mode=writeback,cache-policy=lru,cache-block=64K,seq-cutoff=0,cache-format=force"
                 .parse()
                 .unwrap();
-        let t = spec.tier.unwrap();
+        let t = spec.root.tier().unwrap().clone();
         assert_eq!(t.mode, CacheMode::WriteBack);
         assert_eq!(t.policy.as_deref(), Some("lru"));
         assert_eq!(t.block_size, 65536);
@@ -328,16 +440,16 @@ mod tests {
     fn parses_a_null_spec_with_suffix() {
         let spec: DiskSpec = "path=null,size=2G".parse().unwrap();
         assert_eq!(
-            spec.source,
-            DiskSource::Null {
+            spec.root,
+            NodeSpec::Null {
                 size: 2 << 30,
                 read_zeroes: true
             }
         );
         let spec: DiskSpec = "path=null,size=1M,read-zeroes=off".parse().unwrap();
         assert_eq!(
-            spec.source,
-            DiskSource::Null {
+            spec.root,
+            NodeSpec::Null {
                 size: 1 << 20,
                 read_zeroes: false
             }
@@ -370,10 +482,39 @@ mod tests {
                 "known policies",
             ),
             ("path=null,size=1G,cache=c,cache-size=1M", "null disk"),
+            (
+                "path=a,iops-total=10,iops-read=5",
+                "cannot be used together",
+            ),
+            ("path=a,iops-total=ten", "whole number"),
+            ("path=a,throttle-group=", "empty name"),
         ] {
             let err = input.parse::<DiskSpec>().unwrap_err().to_string();
             assert!(err.contains(needle), "{input:?} gave {err:?}");
         }
+    }
+
+    #[test]
+    fn limits_wrap_the_whole_disk_in_a_throttle_node() {
+        let spec: DiskSpec = "path=/cap.img,cache=/c,cache-size=1G,iops-total=500"
+            .parse()
+            .unwrap();
+        let NodeSpec::Throttle { child, limits } = &spec.root else {
+            panic!("no throttle at the root: {:?}", spec.root);
+        };
+        assert!(matches!(**child, NodeSpec::Tier { .. }));
+        let ThrottleSpec::Private(l) = limits else {
+            panic!("{limits:?}");
+        };
+        assert_eq!(l.entries(), vec![("iops-total".to_string(), 500)]);
+        let spec: DiskSpec = "path=/a.img,throttle-group=vm1".parse().unwrap();
+        assert_eq!(
+            spec.root.throttle(),
+            Some(&ThrottleSpec::Group {
+                name: "vm1".into(),
+                limits: None
+            })
+        );
     }
 
     #[test]

@@ -1,7 +1,8 @@
-//! One of the tier's two devices as its background threads use it: positioned reads and
-//! writes and syncs of the open file (the journal, checkpoints, write-back). Queue workers
-//! reach the same file through their engines. In tests every call goes through the
-//! injected faults and is recorded for the power-cut tests (see `engine::faulty`).
+//! The tier's two children as its background threads use them: positioned reads, writes
+//! and syncs of the cache file ([`Dev`]: the journal, checkpoints) and of the capacity node
+//! ([`Capacity`]: write-back). Queue workers reach the same storage through their engines
+//! and child queues. In tests every call goes through the injected faults and is recorded
+//! for the power-cut tests (see `engine::faulty`).
 
 use std::fs::File;
 use std::io;
@@ -78,5 +79,36 @@ impl Media for Dev {
         #[cfg(test)]
         self.faults.record_sync(self.device, started);
         Ok(())
+    }
+}
+
+/// The capacity child as the tier's background threads use it: blocking control-plane I/O
+/// on the node (write-back, syncs before journal records). Queue workers reach it through
+/// their own child queues.
+pub(crate) struct Capacity {
+    node: crate::disk::AnyDisk,
+}
+
+impl Capacity {
+    pub(crate) fn new(node: crate::disk::AnyDisk) -> Capacity {
+        Capacity { node }
+    }
+
+    pub(crate) fn node(&self) -> &crate::disk::AnyDisk {
+        &self.node
+    }
+}
+
+impl Media for Capacity {
+    fn put(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        crate::disk::Disk::write_at(&self.node, buf, offset)
+    }
+
+    fn get(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        crate::disk::Disk::read_at(&self.node, buf, offset)
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        crate::disk::Disk::flush(&self.node)
     }
 }

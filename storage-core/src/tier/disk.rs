@@ -3,7 +3,6 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Condvar, Mutex};
@@ -16,7 +15,7 @@ use super::state::TierState;
 use super::{
     background, device, journal, layout, CacheMode, Layout, TierError, TierMetrics, TierSpec,
 };
-use crate::disk::{Disk, DiskInfo};
+use crate::disk::{AnyDisk, Disk, DiskInfo};
 use crate::engine::EngineKind;
 use crate::error::{StorageError, StorageErrorKind};
 
@@ -36,13 +35,12 @@ pub(super) fn storage_err(
 }
 
 impl TieredDisk {
-    /// Opens a tiered disk over the capacity device at `path`; `engine` is the factory's
-    /// choice for this disk (see [`crate::disk::open_disk`]).
+    /// Opens a tiered disk: a cache file (`spec.cache`, on `cache_engine`) in front of the
+    /// `capacity` node, which the factory opened with the engine chosen for its leaves.
     pub fn open(
-        path: &Path,
+        capacity_node: AnyDisk,
         read_only: bool,
-        direct: bool,
-        engine: EngineKind,
+        cache_engine: EngineKind,
         spec: &TierSpec,
     ) -> Result<TieredDisk, StorageError> {
         let open_err = |p: &Path, what: &str, e: io::Error| {
@@ -50,19 +48,9 @@ impl TieredDisk {
                 .with_path(p)
                 .with_source(e)
         };
-        let mut flags = libc::O_CLOEXEC;
-        if direct {
-            flags |= libc::O_DIRECT;
-        }
-        let cap =
-            crate::disk::open_noatime(OpenOptions::new().read(true).write(!read_only), flags, path)
-                .map_err(|e| open_err(path, "cannot open capacity device", e))?;
-        let meta = cap
-            .metadata()
-            .map_err(|e| open_err(path, "cannot stat capacity device", e))?;
-        let capacity = crate::disk::device_size(&cap, &meta)
-            .map_err(|e| open_err(path, "cannot read capacity device size", e))?
-            & !511;
+        let cap_info = capacity_node.info().clone();
+        let path = Path::new(&cap_info.path);
+        let capacity = cap_info.capacity & !511;
         if capacity == 0 {
             return Err(storage_err(
                 StorageErrorKind::InvalidImage,
@@ -72,12 +60,9 @@ impl TieredDisk {
         }
         let owner = Owner {
             size: capacity,
-            dev: meta.dev(),
-            ino: meta.ino(),
-            path: std::fs::canonicalize(path)
-                .unwrap_or_else(|_| path.to_owned())
-                .display()
-                .to_string(),
+            dev: cap_info.identity.0,
+            ino: cap_info.identity.1,
+            path: cap_info.path.clone(),
         };
         let created = !spec.cache.exists();
         let cache = crate::disk::open_noatime(
@@ -171,16 +156,19 @@ impl TieredDisk {
             )
         })?;
         #[cfg(not(test))]
-        let (cache, cap) = (device::Dev::new(cache), device::Dev::new(cap));
+        let cache = device::Dev::new(cache);
         #[cfg(test)]
-        let (cache, cap) = {
-            use crate::engine::faulty::Device;
+        let (cache, capacity_node) = {
+            // The cache file and a raw capacity child share one set of faults.
             let faults = Arc::<crate::engine::faulty::Faults>::default();
-            (
-                device::Dev::new(cache, Device::Cache, faults.clone()),
-                device::Dev::new(cap, Device::Capacity, faults),
-            )
+            let mut capacity_node = capacity_node;
+            if let AnyDisk::Raw(raw) = &mut capacity_node {
+                raw.set_faults(faults.clone());
+            }
+            let cache = device::Dev::new(cache, crate::engine::faulty::Device::Cache, faults);
+            (cache, capacity_node)
         };
+        let cap = device::Capacity::new(capacity_node);
         let shared = Arc::new(Shared {
             layout: wanted,
             mode: spec.mode,
@@ -197,8 +185,7 @@ impl TieredDisk {
             bg_cv: Condvar::new(),
             high_watermark: slots * HIGH_WATERMARK_PCT / 100,
             low_watermark: slots * LOW_WATERMARK_PCT / 100,
-            engine,
-            cache_on_tmpfs: crate::disk::on_tmpfs(&spec.cache),
+            cache_engine,
             state: Mutex::new(state),
         });
         shared.metrics.slots.store(slots as u64, Relaxed);
@@ -226,11 +213,12 @@ impl TieredDisk {
             info: DiskInfo {
                 capacity,
                 read_only,
-                direct,
+                direct: cap_info.direct,
                 format: "tiered",
-                path: path.display().to_string(),
-                engine,
+                path: cap_info.path.clone(),
+                engine: cap_info.engine,
                 discard: !read_only,
+                identity: cap_info.identity,
             },
             shared,
             threads,
@@ -247,6 +235,11 @@ impl TieredDisk {
 
     pub fn layout(&self) -> Layout {
         self.shared.layout
+    }
+
+    /// The capacity child.
+    pub fn capacity(&self) -> &AnyDisk {
+        self.shared.cap.node()
     }
 }
 

@@ -1,5 +1,5 @@
 //! One worker's queue on a tiered disk: each request split by cache block into pieces for
-//! the cache device's engine and the capacity device's, their completions gathered into
+//! the cache file's engine and the capacity child's queue, their completions gathered into
 //! the request's, and misses promoted. How pieces are planned is in [`plan`].
 
 mod plan;
@@ -15,10 +15,12 @@ use super::shared::{lock, Link, Shared};
 use super::state::Use;
 use super::CacheMode;
 use crate::cache::policy::{AccessHint, BlockId};
-use crate::disk::{check_op, DiskOp, DiskQueue, StartError};
+use crate::disk::wakeup::FdSet;
+use crate::disk::{check_op, AnyQueue, Disk, DiskOp, DiskQueue, StartError};
 use crate::engine::{AnyEngine, Completion, EngineOp, FileId, IoEngine};
 
-/// Ring entries per engine of a tiered queue: requests split into one operation per block.
+/// Ring entries of the cache engine, and depth of the capacity child's queue: requests
+/// split into one operation per block.
 pub(super) const RING_ENTRIES: u32 = 1024;
 /// Promotion buffers per queue (each one cache block).
 pub(super) const PROMOTION_BUFFERS: usize = 64;
@@ -173,14 +175,73 @@ const PROMOTION: u64 = 1 << 63;
 const CACHE_TARGET: u64 = 1 << 62;
 const TAG_MASK: u64 = (1 << 32) - 1;
 
-/// One worker's queue on a tiered disk: an engine per device, preallocated request state.
+/// Where one piece of a request goes: the cache file's engine, or the capacity child.
+enum Piece {
+    Cache(EngineOp),
+    Capacity(CapOp),
+}
+
+/// An operation on the capacity child, its iovecs as raw parts (they point into request
+/// storage that stays put until the piece completes).
+#[derive(Clone, Copy)]
+enum CapOp {
+    Rw {
+        write: bool,
+        offset: u64,
+        iov: *const libc::iovec,
+        iovcnt: usize,
+    },
+    Discard {
+        offset: u64,
+        len: u64,
+    },
+    Zeroes {
+        offset: u64,
+        len: u64,
+        unmap: bool,
+    },
+}
+
+impl CapOp {
+    /// The operation for the child's queue.
+    ///
+    /// # Safety
+    ///
+    /// For `Rw`, `iov` must point to `iovcnt` initialised iovecs that outlive the returned
+    /// operation (request storage, valid until the piece completes).
+    unsafe fn disk_op<'a>(self) -> DiskOp<'a> {
+        match self {
+            CapOp::Rw {
+                write,
+                offset,
+                iov,
+                iovcnt,
+            } => {
+                // SAFETY: the caller's promise above.
+                let iov = unsafe { std::slice::from_raw_parts(iov, iovcnt) };
+                if write {
+                    DiskOp::Write { offset, iov }
+                } else {
+                    DiskOp::Read { offset, iov }
+                }
+            }
+            CapOp::Discard { offset, len } => DiskOp::Discard { offset, len },
+            CapOp::Zeroes { offset, len, unmap } => DiskOp::WriteZeroes { offset, len, unmap },
+        }
+    }
+}
+
+/// One worker's queue on a tiered disk: an engine for the cache file, the capacity child's
+/// queue, preallocated request state.
 pub struct TieredQueue {
     sh: Arc<Shared>,
     link: Arc<Link>,
     cache_eng: AnyEngine,
-    cap_eng: AnyEngine,
+    cap: Box<AnyQueue>,
     cache_fid: FileId,
-    cap_fid: FileId,
+    /// The eventfd and a capacity child's own completion fd as one, when the child cannot
+    /// signal the eventfd itself.
+    wakeup: Option<FdSet>,
     _own_efd: Option<OwnedFd>,
     reqs: Vec<Req>,
     bufs: Vec<AlignedBuf>,
@@ -255,9 +316,22 @@ impl TieredQueue {
         }
         // SAFETY: a fresh descriptor nobody else owns; it outlives both engines (field order).
         let own = unsafe { OwnedFd::from_raw_fd(fd) };
-        let (mut cache_eng, mut cap_eng) = sh.engines(fd)?;
+        let mut cache_eng = sh.cache_engine(fd)?;
         let cache_fid = cache_eng.register_file(sh.cache.as_raw_fd())?;
-        let cap_fid = cap_eng.register_file(sh.cap.as_raw_fd())?;
+        let cap = sh
+            .cap
+            .node()
+            .new_queue_sharing(RING_ENTRIES, fd)
+            .map_err(io::Error::other)?;
+        let wakeup = match cap.completion_fd() {
+            Some(child) if child != fd => {
+                let set = FdSet::new()?;
+                set.add(fd)?;
+                set.add(child)?;
+                Some(set)
+            }
+            _ => None,
+        };
         let notify = fd;
         let own = Some(own);
         let block = sh.block as usize;
@@ -269,9 +343,9 @@ impl TieredQueue {
                 notify,
             }),
             cache_eng,
-            cap_eng,
+            cap: Box::new(cap),
             cache_fid,
-            cap_fid,
+            wakeup,
             _own_efd: own,
             reqs: (0..depth).map(|_| Req::new()).collect(),
             bufs: (0..PROMOTION_BUFFERS)
@@ -349,15 +423,17 @@ impl TieredQueue {
         Ok((start, req.iov.len()))
     }
 
-    fn push(&mut self, cache: bool, op: EngineOp, user_data: u64) -> Result<(), StartError> {
-        let eng = if cache {
-            &mut self.cache_eng
-        } else {
-            &mut self.cap_eng
-        };
-        // SAFETY: every operation we push points into request storage or buffers that stay
-        // put until the completion is reaped (see `start`'s contract and `Req::iov`).
-        unsafe { eng.push(op, user_data) }.map_err(|_| StartError::Busy)
+    fn push(&mut self, op: Piece, user_data: u64) -> Result<(), StartError> {
+        match op {
+            Piece::Cache(op) => {
+                // SAFETY: every operation we push points into request storage or buffers
+                // that stay put until the completion is reaped (see `start`'s contract and
+                // `Req::iov`).
+                unsafe { self.cache_eng.push(op, user_data) }.map_err(|_| StartError::Busy)
+            }
+            // SAFETY: as above; the child's contract is the same (valid until completion).
+            Piece::Capacity(op) => unsafe { self.cap.start(op.disk_op(), user_data) },
+        }
     }
 
     /// Pushes a readv/writev of `[skip, skip+len)` of the request to a device offset.
@@ -374,24 +450,30 @@ impl TieredQueue {
         let (a, b) = Self::slice(req, skip, len)?;
         let iov = req.iov[a..].as_ptr();
         let iovcnt = (b - a) as u32;
-        let file = if cache { self.cache_fid } else { self.cap_fid };
-        let op = if write {
-            EngineOp::Writev {
-                file,
+        let op = if !cache {
+            Piece::Capacity(CapOp::Rw {
+                write,
+                offset: dev_offset,
+                iov,
+                iovcnt: iovcnt as usize,
+            })
+        } else if write {
+            Piece::Cache(EngineOp::Writev {
+                file: self.cache_fid,
                 offset: dev_offset,
                 iov,
                 iovcnt,
-            }
+            })
         } else {
-            EngineOp::Readv {
-                file,
+            Piece::Cache(EngineOp::Readv {
+                file: self.cache_fid,
                 offset: dev_offset,
                 iov,
                 iovcnt,
-            }
+            })
         };
         let ud = tag | if cache { CACHE_TARGET } else { 0 };
-        self.push_counted(tag, cache, op, ud, len)
+        self.push_counted(tag, op, ud, len)
     }
 
     /// Pushes one piece of request `tag` and counts it in the request's `pending` (and
@@ -401,12 +483,12 @@ impl TieredQueue {
     fn push_counted(
         &mut self,
         tag: u64,
-        cache: bool,
-        op: EngineOp,
+        op: Piece,
         user_data: u64,
         len: u64,
     ) -> Result<(), StartError> {
-        self.push(cache, op, user_data)?;
+        let cache = matches!(op, Piece::Cache(_));
+        self.push(op, user_data)?;
         let req = &mut self.reqs[tag as usize];
         req.pending += 1;
         if cache {
@@ -422,7 +504,7 @@ impl TieredQueue {
     fn room(&self, entries: u64) -> bool {
         let need = entries as usize + 1 + self.deferred_need;
         self.cache_eng.in_flight() + need <= RING_ENTRIES as usize
-            && self.cap_eng.in_flight() + need <= RING_ENTRIES as usize
+            && self.cap.in_flight() + need <= RING_ENTRIES as usize
     }
 
     /// The byte range of request `tag`'s current chunk.
@@ -590,7 +672,10 @@ impl TieredQueue {
                 iov: p.iov.as_ptr(),
                 iovcnt: 1,
             };
-            if self.push(true, op, PROMOTION | u64::from(buf_i)).is_err() {
+            if self
+                .push(Piece::Cache(op), PROMOTION | u64::from(buf_i))
+                .is_err()
+            {
                 self.free_bufs.push(buf_i);
                 self.sh.state().finish_fill(slot, false, false);
             } else {
@@ -849,7 +934,7 @@ impl DiskQueue for TieredQueue {
         }
         self.settle();
         self.cache_eng.submit()?;
-        self.cap_eng.submit()
+        self.cap.submit()
     }
 
     fn pop_completion(&mut self) -> Option<Completion> {
@@ -861,7 +946,7 @@ impl DiskQueue for TieredQueue {
             let c = self
                 .cache_eng
                 .pop_completion()
-                .or_else(|| self.cap_eng.pop_completion());
+                .or_else(|| self.cap.pop_completion());
             let Some(c) = c else {
                 if self.link.ready.load(Relaxed) > 0 {
                     let mut done = lock(&self.link.done);
@@ -928,7 +1013,7 @@ impl DiskQueue for TieredQueue {
     }
 
     fn wait(&mut self) -> io::Result<()> {
-        let idle = self.cache_eng.in_flight() == 0 && self.cap_eng.in_flight() == 0;
+        let idle = self.cache_eng.in_flight() == 0 && self.cap.in_flight() == 0;
         if !self.deferred.is_empty() || (!self.continuing.is_empty() && (self.needs_submit || idle))
         {
             return self.submit();
@@ -940,9 +1025,9 @@ impl DiskQueue for TieredQueue {
             self.cache_eng.submit()?;
             return self.cache_eng.wait();
         }
-        if self.cap_eng.in_flight() > 0 {
-            self.cap_eng.submit()?;
-            return self.cap_eng.wait();
+        if self.cap.in_flight() > 0 {
+            self.cap.submit()?;
+            return self.cap.wait();
         }
         if self.in_flight > 0 {
             // Only flushes remain: they complete on the background thread.
@@ -952,13 +1037,16 @@ impl DiskQueue for TieredQueue {
     }
 
     fn completion_fd(&self) -> Option<RawFd> {
-        Some(self.link.notify)
+        Some(self.wakeup.as_ref().map_or(self.link.notify, FdSet::fd))
     }
 
     fn ack_completion_fd(&self) {
         let mut buf = [0u8; 8];
         // SAFETY: reads 8 bytes into a valid buffer from our own nonblocking eventfd.
         unsafe { libc::read(self.link.notify, buf.as_mut_ptr().cast(), 8) };
+        if self.wakeup.is_some() {
+            self.cap.ack_completion_fd();
+        }
     }
 
     fn in_flight(&self) -> usize {

@@ -7,7 +7,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-use super::device::Dev;
+use super::device::{Capacity, Dev};
 use super::queue::RING_ENTRIES;
 use super::state::TierState;
 use super::{CacheMode, Layout, TierMetrics};
@@ -47,18 +47,15 @@ pub(super) struct Shared {
     pub(super) seq_cutoff: u64,
     pub(super) capacity: u64,
     pub(super) cache: Dev,
-    pub(super) cap: Dev,
+    pub(super) cap: Capacity,
     pub(super) state: Mutex<TierState>,
     pub(super) metrics: TierMetrics,
     pub(super) bg: Mutex<BgQueue>,
     pub(super) bg_cv: Condvar,
     pub(super) high_watermark: usize,
     pub(super) low_watermark: usize,
-    /// The engine the factory chose for this disk: the capacity device's, and the cache
-    /// device's unless that lives on tmpfs, where the synchronous one is faster (see the
-    /// factory).
-    pub(super) engine: EngineKind,
-    pub(super) cache_on_tmpfs: bool,
+    /// The engine the factory chose for the cache file.
+    pub(super) cache_engine: EngineKind,
 }
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -102,28 +99,20 @@ impl Shared {
         self.layout.slot_offset(slot)
     }
 
-    /// The engines of one queue, for the cache and the capacity device.
-    pub(super) fn engines(&self, eventfd: RawFd) -> io::Result<(AnyEngine, AnyEngine)> {
+    /// The cache file's engine for one queue, signalling `eventfd`.
+    pub(super) fn cache_engine(&self, eventfd: RawFd) -> io::Result<AnyEngine> {
         #[cfg(test)]
         {
             use crate::engine::faulty::{Device, FaultyEngine};
             // Tests run on the synchronous engine with faults, whatever the factory chose.
-            let _ = (eventfd, self.engine, self.cache_on_tmpfs);
-            let faults = &self.cache.faults;
-            let faulty = |d| AnyEngine::Faulty(FaultyEngine::new(RING_ENTRIES, d, faults.clone()));
-            Ok((faulty(Device::Cache), faulty(Device::Capacity)))
+            let _ = (eventfd, self.cache_engine);
+            Ok(AnyEngine::Faulty(FaultyEngine::new(
+                RING_ENTRIES,
+                Device::Cache,
+                self.cache.faults.clone(),
+            )))
         }
         #[cfg(not(test))]
-        {
-            let cache_kind = if self.cache_on_tmpfs {
-                EngineKind::Sync
-            } else {
-                self.engine
-            };
-            Ok((
-                crate::engine::new_engine_notifying(cache_kind, RING_ENTRIES, eventfd)?,
-                crate::engine::new_engine_notifying(self.engine, RING_ENTRIES, eventfd)?,
-            ))
-        }
+        crate::engine::new_engine_notifying(self.cache_engine, RING_ENTRIES, eventfd)
     }
 }

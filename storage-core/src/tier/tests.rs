@@ -86,13 +86,9 @@ pub(super) fn open_tier(
         seq_cutoff: u64::MAX,
         force_format: false,
     };
-    TieredDisk::open(
-        &dir.join("cap.img"),
-        read_only,
-        false,
-        EngineKind::Sync,
-        &spec,
-    )
+    let capacity =
+        crate::disk::RawDisk::open(&dir.join("cap.img"), read_only, false, EngineKind::Sync)?;
+    TieredDisk::open(AnyDisk::Raw(capacity), read_only, EngineKind::Sync, &spec)
 }
 
 pub(super) fn iov(buf: &mut [u8]) -> libc::iovec {

@@ -151,13 +151,13 @@ impl TieredQueue {
                         iov_base: self.bufs[buf as usize].ptr.cast(),
                         iov_len: bs as usize,
                     };
-                    let op = EngineOp::Readv {
-                        file: self.cap_fid,
+                    let op = Piece::Capacity(CapOp::Rw {
+                        write: false,
                         offset: b * bs,
                         iov: p.iov.as_ptr(),
                         iovcnt: 1,
-                    };
-                    self.push_counted(tag, false, op, tag, bs)?;
+                    });
+                    self.push_counted(tag, op, tag, bs)?;
                 }
             }
         }
@@ -365,24 +365,18 @@ impl TieredQueue {
         }
         for (slot, at, n) in partial {
             let dev = self.sh.slot_offset(slot) + at;
-            let op = EngineOp::Fallocate {
+            let op = Piece::Cache(EngineOp::Fallocate {
                 file: self.cache_fid,
                 mode: libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
                 offset: dev,
                 len: n,
-            };
-            self.push_counted(tag, true, op, tag | CACHE_TARGET, 0)?;
+            });
+            self.push_counted(tag, op, tag | CACHE_TARGET, 0)?;
         }
-        let mode = match kind {
-            Kind::Zeroes { unmap: false } => libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
-            _ => libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        let op = match kind {
+            Kind::Zeroes { unmap } => CapOp::Zeroes { offset, len, unmap },
+            _ => CapOp::Discard { offset, len },
         };
-        let op = EngineOp::Fallocate {
-            file: self.cap_fid,
-            mode,
-            offset,
-            len,
-        };
-        self.push_counted(tag, false, op, tag, 0)
+        self.push_counted(tag, Piece::Capacity(op), tag, 0)
     }
 }
