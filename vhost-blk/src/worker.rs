@@ -200,7 +200,9 @@ impl QueueWorker {
                     idle_since = None;
                     continue;
                 }
-                if poll.is_zero() || stopping || self.health.is_broken() {
+                // A throttle holding requests back brings us back with its timer: polling
+                // meanwhile would spin for requests that cannot go yet.
+                if poll.is_zero() || stopping || self.health.is_broken() || self.queue.held() > 0 {
                     break;
                 }
                 // An idle look waits for a watch of the avail index or a yield (a microsecond

@@ -285,4 +285,8 @@ impl DiskQueue for AnyQueue {
     fn in_flight(&self) -> usize {
         dispatch!(ref self, q => q.in_flight())
     }
+    #[inline]
+    fn held(&self) -> usize {
+        dispatch!(ref self, q => q.held())
+    }
 }

@@ -174,6 +174,12 @@ pub trait DiskQueue: Send {
 
     /// Requests started and not yet popped.
     fn in_flight(&self) -> usize;
+
+    /// Of those, requests a node holds back on purpose (over a throttle's limit): the
+    /// worker need not poll for them, a timer brings it back.
+    fn held(&self) -> usize {
+        0
+    }
 }
 
 // BLKGETSIZE64 = _IOR(0x12, 114, size_t)

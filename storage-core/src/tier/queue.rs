@@ -1053,4 +1053,8 @@ impl DiskQueue for TieredQueue {
         // Promotions count too, so that a drain waits for them.
         self.in_flight + (PROMOTION_BUFFERS - self.free_bufs.len())
     }
+
+    fn held(&self) -> usize {
+        self.cap.held()
+    }
 }
