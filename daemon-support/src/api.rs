@@ -231,11 +231,6 @@ fn handle(
     stream.write_all(r.body.as_bytes())
 }
 
-/// Escapes a Prometheus label value.
-pub fn escape_label(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -195,11 +195,36 @@ pub struct Sample {
     pub value: f64,
 }
 
-/// Parses Prometheus text format, skipping comments; errors name the offending line.
+/// Whether sample `name` belongs to family `family` (a histogram's `_bucket`, `_sum` and
+/// `_count` do).
+fn in_family(name: &str, family: &str) -> bool {
+    name == family
+        || name
+            .strip_prefix(family)
+            .is_some_and(|rest| matches!(rest, "_bucket" | "_sum" | "_count"))
+}
+
+/// Parses Prometheus text format; errors name the offending line. Checks what scrapers
+/// insist on: a family is declared (`# TYPE`) once, and its samples form one group.
 pub fn parse_prometheus(text: &str) -> Result<Vec<Sample>, String> {
     let mut samples = Vec::new();
+    let mut declared: Vec<String> = Vec::new();
+    let mut current: Option<String> = None;
     for line in text.lines() {
         let line = line.trim();
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let family = rest
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            if declared.contains(&family) {
+                return Err(format!("family {family} is declared twice: {line:?}"));
+            }
+            declared.push(family.clone());
+            current = Some(family);
+            continue;
+        }
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
@@ -236,6 +261,13 @@ pub fn parse_prometheus(text: &str) -> Result<Vec<Sample>, String> {
                 .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
         {
             return Err(format!("bad metric name {name:?} in {line:?}"));
+        }
+        if !current.as_deref().is_some_and(|f| in_family(name, f)) {
+            if let Some(f) = declared.iter().find(|f| in_family(name, f)) {
+                return Err(format!(
+                    "a sample of family {f} outside its group (after another family): {line:?}"
+                ));
+            }
         }
         samples.push(Sample {
             name: name.to_owned(),
@@ -307,6 +339,12 @@ mod tests {
         assert_eq!(s[1].value, 4.5);
         assert!(s[2].value.is_infinite());
         assert!(parse_prometheus("x{a=\"b\" 1\n").is_err());
+        let split = "# TYPE a counter\na{q=\"0\"} 1\n# TYPE b gauge\nb 2\na{q=\"1\"} 1\n";
+        assert!(parse_prometheus(split).unwrap_err().contains("outside its group"));
+        let twice = "# TYPE a counter\na 1\n# TYPE a counter\na 2\n";
+        assert!(parse_prometheus(twice).unwrap_err().contains("declared twice"));
+        let hist = "# TYPE h histogram\nh_bucket{le=\"+Inf\"} 1\nh_sum 0.1\nh_count 1\n";
+        assert_eq!(parse_prometheus(hist).unwrap().len(), 3);
         assert!(parse_prometheus("bad-name 1\n").is_err());
     }
 }

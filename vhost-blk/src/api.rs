@@ -1,14 +1,14 @@
 //! The HTTP API on a unix socket (HTTP/1.1, as Cloud Hypervisor's API): `GET /metrics` in the
-//! Prometheus text format and `GET /v1/disk` as JSON. One connection at a time, one request
-//! per connection; this is a control plane, not a data path.
+//! Prometheus text format and `GET /v1/disk` as JSON. One request per connection (see
+//! `daemon_support::api` for the limits); this is a control plane, not a data path.
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use daemon_support::api::{self, escape_label as escape, Response};
+use daemon_support::api::{self, Response};
 use daemon_support::socket::{self, SocketError, SocketFile};
-use storage_core::metrics::QueueMetrics;
+use storage_core::metrics::{Exposition, Kind};
 
 use crate::device::BlkDevice;
 
@@ -46,34 +46,37 @@ fn route(method: &str, target: &str, device: &BlkDevice) -> Response {
 /// The Prometheus exposition of the device: per queue counters and latency, plus the disk's
 /// size and the frontend's state.
 pub fn render_metrics(device: &BlkDevice) -> String {
-    let mut out = String::new();
-    let prefix = "strata_blk";
-    let disk = escape(&device.spec.serial_or_default());
-    QueueMetrics::render_help(&mut out, prefix);
+    let mut out = Exposition::new("strata_blk");
+    let disk = device.spec.serial_or_default();
     for (i, q) in device.all_queue_metrics().iter().enumerate() {
-        q.render(&mut out, prefix, &format!("disk=\"{disk}\",queue=\"{i}\""));
+        q.render(&mut out, &[("disk", &disk), ("queue", &i.to_string())]);
     }
+    let labels = [("disk", disk.as_str())];
     if let Some(tier) = device.disk.tier_metrics() {
-        tier.render(&mut out, prefix, &format!("disk=\"{disk}\""));
+        tier.render(&mut out, &labels);
     }
-    out.push_str(&format!(
-        "# HELP {prefix}_capacity_bytes Disk size.\n# TYPE {prefix}_capacity_bytes gauge\n\
-         {prefix}_capacity_bytes{{disk=\"{disk}\"}} {}\n",
-        device.capacity()
-    ));
-    out.push_str(&format!(
-        "# HELP {prefix}_frontend_connected Whether a frontend is connected.\n\
-         # TYPE {prefix}_frontend_connected gauge\n\
-         {prefix}_frontend_connected{{disk=\"{disk}\"}} {}\n",
-        u8::from(device.connected.load(Ordering::Relaxed))
-    ));
-    out.push_str(&format!(
-        "# HELP {prefix}_frontend_connections_total Frontend connections accepted.\n\
-         # TYPE {prefix}_frontend_connections_total counter\n\
-         {prefix}_frontend_connections_total{{disk=\"{disk}\"}} {}\n",
-        device.connections.load(Ordering::Relaxed)
-    ));
-    out
+    out.sample(
+        "capacity_bytes",
+        Kind::Gauge,
+        "Disk size.",
+        &labels,
+        device.capacity(),
+    );
+    out.sample(
+        "frontend_connected",
+        Kind::Gauge,
+        "Whether a frontend is connected.",
+        &labels,
+        u8::from(device.connected.load(Ordering::Relaxed)),
+    );
+    out.sample(
+        "frontend_connections_total",
+        Kind::Counter,
+        "Frontend connections accepted.",
+        &labels,
+        device.connections.load(Ordering::Relaxed),
+    );
+    out.finish()
 }
 
 /// What `GET /v1/disk` reports.

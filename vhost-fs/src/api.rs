@@ -6,8 +6,8 @@ use std::os::unix::net::UnixListener;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use daemon_support::api::{self, escape_label as escape, Response};
-use storage_core::metrics::QueueMetrics;
+use daemon_support::api::{self, Response};
+use storage_core::metrics::{Exposition, Kind};
 
 use crate::device::FsDevice;
 
@@ -21,51 +21,41 @@ pub fn spawn(listener: UnixListener, device: Arc<FsDevice>) -> std::io::Result<(
 }
 
 pub fn render_metrics(device: &FsDevice) -> String {
-    let prefix = "strata_fs";
-    let share = escape(device.tag.as_deref().unwrap_or(&device.shared_dir));
-    let mut out = String::new();
-    QueueMetrics::render_help(&mut out, prefix);
+    let mut out = Exposition::new("strata_fs");
+    let share = device.tag.as_deref().unwrap_or(&device.shared_dir);
     for (i, q) in device.all_queue_metrics().iter().enumerate() {
-        q.render(
-            &mut out,
-            prefix,
-            &format!("share=\"{share}\",queue=\"{i}\""),
-        );
+        q.render(&mut out, &[("share", share), ("queue", &i.to_string())]);
     }
-    let gauge = |out: &mut String, name: &str, help: &str, kind: &str, v: u64| {
-        out.push_str(&format!(
-            "# HELP {prefix}_{name} {help}\n# TYPE {prefix}_{name} {kind}\n{prefix}_{name}{{share=\"{share}\"}} {v}\n"
-        ));
-    };
-    gauge(
-        &mut out,
-        "inodes",
-        "Inodes the guest holds.",
-        "gauge",
-        device.passthrough.inode_count() as u64,
-    );
-    gauge(
-        &mut out,
-        "open_handles",
-        "Files and directories the guest has open.",
-        "gauge",
-        device.passthrough.handle_count() as u64,
-    );
-    gauge(
-        &mut out,
-        "frontend_connected",
-        "Whether a frontend is connected.",
-        "gauge",
-        u64::from(device.connected.load(Ordering::Relaxed)),
-    );
-    gauge(
-        &mut out,
-        "frontend_connections_total",
-        "Frontend connections accepted.",
-        "counter",
-        device.connections.load(Ordering::Relaxed),
-    );
-    out
+    let labels = [("share", share)];
+    for (name, help, kind, v) in [
+        (
+            "inodes",
+            "Inodes the guest holds.",
+            Kind::Gauge,
+            device.passthrough.inode_count() as u64,
+        ),
+        (
+            "open_handles",
+            "Files and directories the guest has open.",
+            Kind::Gauge,
+            device.passthrough.handle_count() as u64,
+        ),
+        (
+            "frontend_connected",
+            "Whether a frontend is connected.",
+            Kind::Gauge,
+            u64::from(device.connected.load(Ordering::Relaxed)),
+        ),
+        (
+            "frontend_connections_total",
+            "Frontend connections accepted.",
+            Kind::Counter,
+            device.connections.load(Ordering::Relaxed),
+        ),
+    ] {
+        out.sample(name, kind, help, &labels, v);
+    }
+    out.finish()
 }
 
 pub fn share_json(device: &FsDevice) -> serde_json::Value {

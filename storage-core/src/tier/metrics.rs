@@ -2,6 +2,8 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 
+use crate::metrics::{Exposition, Kind};
+
 /// Counters of one tier, for `/metrics`.
 #[derive(Debug, Default)]
 pub struct TierMetrics {
@@ -24,105 +26,102 @@ pub struct TierMetrics {
 }
 
 impl TierMetrics {
-    /// Appends the Prometheus series, labelled with `labels`.
-    pub fn render(&self, out: &mut String, prefix: &str, labels: &str) {
-        use std::fmt::Write as _;
+    /// Adds the tier's samples, labelled with `labels`.
+    pub fn render(&self, out: &mut Exposition, labels: &[(&str, &str)]) {
         let c = |v: &AtomicU64| v.load(Relaxed);
         for (name, kind, help, value) in [
             (
                 "cache_read_hits_total",
-                "counter",
+                Kind::Counter,
                 "Cache blocks read from the cache device.",
                 c(&self.read_hits),
             ),
             (
                 "cache_read_misses_total",
-                "counter",
+                Kind::Counter,
                 "Cache blocks read from the capacity device.",
                 c(&self.read_misses),
             ),
             (
                 "cache_write_hits_total",
-                "counter",
+                Kind::Counter,
                 "Cache blocks written into resident slots.",
                 c(&self.write_hits),
             ),
             (
                 "cache_write_misses_total",
-                "counter",
+                Kind::Counter,
                 "Cache blocks written that were not resident.",
                 c(&self.write_misses),
             ),
             (
                 "cache_promotions_total",
-                "counter",
+                Kind::Counter,
                 "Blocks copied into the cache.",
                 c(&self.promotions),
             ),
             (
                 "cache_evictions_total",
-                "counter",
+                Kind::Counter,
                 "Blocks evicted from the cache.",
                 c(&self.evictions),
             ),
             (
                 "cache_bypassed_total",
-                "counter",
+                Kind::Counter,
                 "Requests that bypassed the cache (sequential, too dirty, failed).",
                 c(&self.bypassed),
             ),
             (
                 "cache_writeback_blocks_total",
-                "counter",
+                Kind::Counter,
                 "Dirty blocks written back to the capacity device.",
                 c(&self.writeback_blocks),
             ),
             (
                 "cache_device_errors_total",
-                "counter",
+                Kind::Counter,
                 "I/O errors on the cache device.",
                 c(&self.cache_errors),
             ),
             (
                 "capacity_device_errors_total",
-                "counter",
+                Kind::Counter,
                 "I/O errors on the capacity device.",
                 c(&self.capacity_errors),
             ),
             (
                 "cache_lost_blocks_total",
-                "counter",
+                Kind::Counter,
                 "Dirty blocks lost to cache device errors.",
                 c(&self.lost_blocks),
             ),
             (
                 "cache_dirty_blocks",
-                "gauge",
+                Kind::Gauge,
                 "Dirty blocks in the cache.",
                 c(&self.dirty_blocks),
             ),
             (
                 "cache_resident_blocks",
-                "gauge",
+                Kind::Gauge,
                 "Blocks in the cache (occupancy).",
                 c(&self.resident_blocks),
             ),
             (
                 "cache_slots",
-                "gauge",
+                Kind::Gauge,
                 "Blocks the cache can hold.",
                 c(&self.slots),
             ),
             (
                 "cache_failed",
-                "gauge",
+                Kind::Gauge,
                 "1 when the cache device is out of service.",
                 u64::from(self.failed.load(Relaxed)),
             ),
         ] {
-            let _ = writeln!(out, "# HELP {prefix}_{name} {help}");
-            let _ = writeln!(out, "# TYPE {prefix}_{name} {kind}");
-            let _ = writeln!(out, "{prefix}_{name}{{{labels}}} {value}");
+            out.sample(name, kind, help, labels, value);
         }
     }
 }

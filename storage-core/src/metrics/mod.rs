@@ -1,14 +1,18 @@
 //! Metrics owned by the device that counts them: per-queue request, byte and error counters,
-//! the in-flight gauge and a latency histogram, plus rendering in the Prometheus text format.
+//! the in-flight gauge and a latency histogram. Each renders its samples into the one
+//! Prometheus writer, [`exposition::Exposition`].
 //!
 //! Each queue's counters have one writer at a time: that queue's worker, or the control
 //! thread while it holds the worker (drain). So an update is a relaxed load and store, not a
 //! locked read-modify-write: those cost about 20 cycles each and serialise the pipeline, and
 //! a request makes five of them. Readers (the API) see each counter whole, a little late.
 
-use std::fmt::Write as _;
+pub mod exposition;
+
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
+
+pub use exposition::{Exposition, Kind};
 
 /// Request classes counted separately.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,19 +119,27 @@ impl LatencyHistogram {
         self.count.load(Relaxed)
     }
 
-    /// Appends this histogram as Prometheus `_bucket`, `_sum` and `_count` series.
-    pub fn render(&self, out: &mut String, name: &str, labels: &str) {
+    /// Adds this histogram (in seconds) to `out` as family `name`.
+    pub fn render(
+        &self,
+        out: &mut Exposition,
+        name: &str,
+        help: &'static str,
+        labels: &[(&str, &str)],
+    ) {
         let mut cumulative = 0;
-        for (i, b) in self.buckets.iter().enumerate() {
-            cumulative += b.load(Relaxed);
-            let le = (1u64 << i) as f64 / 1e6;
-            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {cumulative}");
-        }
-        cumulative += self.overflow.load(Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {cumulative}");
+        let buckets: Vec<(f64, u64)> = self
+            .buckets
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                cumulative += b.load(Relaxed);
+                ((1u64 << i) as f64 / 1e6, cumulative)
+            })
+            .collect();
+        let count = cumulative + self.overflow.load(Relaxed);
         let sum = self.sum_ns.load(Relaxed) as f64 / 1e9;
-        let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
-        let _ = writeln!(out, "{name}_count{{{labels}}} {}", self.count.load(Relaxed));
+        out.histogram(name, help, labels, buckets, sum, count);
     }
 }
 
@@ -190,76 +202,59 @@ impl QueueMetrics {
         self.errors[err_index(e)].load(Relaxed)
     }
 
-    /// Appends this queue's series, prefixed `prefix` and labelled with `labels`
-    /// (e.g. `disk="vda",queue="0"`).
-    pub fn render(&self, out: &mut String, prefix: &str, labels: &str) {
+    /// Adds this queue's samples, labelled with `labels` (e.g. disk and queue).
+    pub fn render(&self, out: &mut Exposition, labels: &[(&str, &str)]) {
+        let with = |extra: (&'static str, &'static str)| {
+            let mut l = labels.to_vec();
+            l.push(extra);
+            l
+        };
         for op in OpClass::ALL {
-            let _ = writeln!(
-                out,
-                "{prefix}_requests_total{{{labels},op=\"{}\"}} {}",
-                op.name(),
-                self.requests(op)
+            let l = with(("op", op.name()));
+            out.sample(
+                "requests_total",
+                Kind::Counter,
+                "Requests completed, by type.",
+                &l,
+                self.requests(op),
             );
-        }
-        for op in OpClass::ALL {
-            let _ = writeln!(
-                out,
-                "{prefix}_bytes_total{{{labels},op=\"{}\"}} {}",
-                op.name(),
-                self.bytes(op)
+            out.sample(
+                "bytes_total",
+                Kind::Counter,
+                "Data bytes moved, by request type.",
+                &l,
+                self.bytes(op),
             );
         }
         for e in ErrorClass::ALL {
-            let _ = writeln!(
-                out,
-                "{prefix}_errors_total{{{labels},kind=\"{}\"}} {}",
-                e.name(),
-                self.errors(e)
+            out.sample(
+                "errors_total",
+                Kind::Counter,
+                "Requests failed, by error kind.",
+                &with(("kind", e.name())),
+                self.errors(e),
             );
         }
-        let _ = writeln!(
-            out,
-            "{prefix}_in_flight{{{labels}}} {}",
-            self.in_flight.load(Relaxed)
+        out.sample(
+            "in_flight",
+            Kind::Gauge,
+            "Requests submitted and not yet completed.",
+            labels,
+            self.in_flight.load(Relaxed),
         );
-        let _ = writeln!(
-            out,
-            "{prefix}_throttled_total{{{labels}}} {}",
-            self.throttled.load(Relaxed)
+        out.sample(
+            "throttled_total",
+            Kind::Counter,
+            "Times requests waited because the engine was full.",
+            labels,
+            self.throttled.load(Relaxed),
         );
-        self.latency
-            .render(out, &format!("{prefix}_request_duration_seconds"), labels);
-    }
-
-    /// `# HELP`/`# TYPE` lines for the series [`render`](Self::render) writes.
-    pub fn render_help(out: &mut String, prefix: &str) {
-        for (name, kind, help) in [
-            ("requests_total", "counter", "Requests completed, by type."),
-            (
-                "bytes_total",
-                "counter",
-                "Data bytes moved, by request type.",
-            ),
-            ("errors_total", "counter", "Requests failed, by error kind."),
-            (
-                "in_flight",
-                "gauge",
-                "Requests submitted and not yet completed.",
-            ),
-            (
-                "throttled_total",
-                "counter",
-                "Times requests waited because the engine was full.",
-            ),
-            (
-                "request_duration_seconds",
-                "histogram",
-                "Request latency, from the daemon taking a request to answering it.",
-            ),
-        ] {
-            let _ = writeln!(out, "# HELP {prefix}_{name} {help}");
-            let _ = writeln!(out, "# TYPE {prefix}_{name} {kind}");
-        }
+        self.latency.render(
+            out,
+            "request_duration_seconds",
+            "Request latency, from the daemon taking a request to answering it.",
+            labels,
+        );
     }
 }
 
@@ -273,18 +268,19 @@ mod tests {
         h.record(Duration::from_nanos(500));
         h.record(Duration::from_micros(3));
         h.record(Duration::from_secs(100));
-        let mut out = String::new();
-        h.render(&mut out, "lat", "q=\"0\"");
+        let mut e = Exposition::new("x");
+        h.render(&mut e, "lat", "Latency.", &[("q", "0")]);
+        let out = e.finish();
         assert!(
-            out.contains("lat_bucket{q=\"0\",le=\"0.000001\"} 1"),
+            out.contains("x_lat_bucket{q=\"0\",le=\"0.000001\"} 1"),
             "{out}"
         );
         assert!(
-            out.contains("lat_bucket{q=\"0\",le=\"0.000004\"} 2"),
+            out.contains("x_lat_bucket{q=\"0\",le=\"0.000004\"} 2"),
             "{out}"
         );
-        assert!(out.contains("lat_bucket{q=\"0\",le=\"+Inf\"} 3"), "{out}");
-        assert!(out.contains("lat_count{q=\"0\"} 3"), "{out}");
+        assert!(out.contains("x_lat_bucket{q=\"0\",le=\"+Inf\"} 3"), "{out}");
+        assert!(out.contains("x_lat_count{q=\"0\"} 3"), "{out}");
     }
 
     #[test]
@@ -292,8 +288,9 @@ mod tests {
         let m = QueueMetrics::default();
         m.completed(OpClass::Read, 4096, Duration::from_micros(10));
         m.failed(OpClass::Write, ErrorClass::ReadOnly);
-        let mut out = String::new();
-        m.render(&mut out, "blk", "disk=\"d\",queue=\"0\"");
+        let mut e = Exposition::new("blk");
+        m.render(&mut e, &[("disk", "d"), ("queue", "0")]);
+        let out = e.finish();
         assert!(out.contains("blk_requests_total{disk=\"d\",queue=\"0\",op=\"read\"} 1"));
         assert!(out.contains("blk_bytes_total{disk=\"d\",queue=\"0\",op=\"read\"} 4096"));
         assert!(out.contains("blk_errors_total{disk=\"d\",queue=\"0\",kind=\"read_only\"} 1"));
