@@ -340,9 +340,13 @@ mod tests {
         assert!(s[2].value.is_infinite());
         assert!(parse_prometheus("x{a=\"b\" 1\n").is_err());
         let split = "# TYPE a counter\na{q=\"0\"} 1\n# TYPE b gauge\nb 2\na{q=\"1\"} 1\n";
-        assert!(parse_prometheus(split).unwrap_err().contains("outside its group"));
+        assert!(parse_prometheus(split)
+            .unwrap_err()
+            .contains("outside its group"));
         let twice = "# TYPE a counter\na 1\n# TYPE a counter\na 2\n";
-        assert!(parse_prometheus(twice).unwrap_err().contains("declared twice"));
+        assert!(parse_prometheus(twice)
+            .unwrap_err()
+            .contains("declared twice"));
         let hist = "# TYPE h histogram\nh_bucket{le=\"+Inf\"} 1\nh_sum 0.1\nh_count 1\n";
         assert_eq!(parse_prometheus(hist).unwrap().len(), 3);
         assert!(parse_prometheus("bad-name 1\n").is_err());

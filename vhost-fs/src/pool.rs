@@ -9,50 +9,34 @@
 //! blocked, so they inherit both. Each job switches credentials itself (on its own
 //! thread, with the raw syscalls) for as long as it runs.
 
-use std::collections::VecDeque;
 use std::io;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+
+use crossbeam_channel::{Receiver, Sender};
 
 pub type Job = Box<dyn FnOnce() + Send>;
 
-#[derive(Default)]
-struct Queue {
-    jobs: VecDeque<Job>,
-    closed: bool,
-}
-
-#[derive(Default)]
-struct Shared {
-    queue: Mutex<Queue>,
-    ready: Condvar,
-}
-
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, Queue> {
-        self.queue.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
+/// The threads and the channel that feeds them (crossbeam's: many threads receive from one
+/// channel without a mutex of ours, and a closed channel still hands out what it holds).
 pub struct ThreadPool {
-    shared: Arc<Shared>,
+    jobs: Option<Sender<Job>>,
     threads: Vec<JoinHandle<()>>,
 }
 
 impl ThreadPool {
     /// Starts `size` threads (at least one).
     pub fn new(size: usize) -> io::Result<Self> {
-        let shared = Arc::new(Shared::default());
+        let (tx, rx) = crossbeam_channel::unbounded::<Job>();
         let mut pool = ThreadPool {
-            shared,
+            jobs: Some(tx),
             threads: Vec::with_capacity(size),
         };
         for i in 0..size.max(1) {
-            let shared = pool.shared.clone();
+            let rx = rx.clone();
             // On failure, dropping `pool` stops the threads already started.
             let t = std::thread::Builder::new()
                 .name(format!("fs-pool-{i}"))
-                .spawn(move || work(&shared))?;
+                .spawn(move || work(&rx))?;
             pool.threads.push(t);
         }
         Ok(pool)
@@ -64,25 +48,16 @@ impl ThreadPool {
 
     /// Queues `job` for the next free thread.
     pub fn execute(&self, job: Job) {
-        self.shared.lock().jobs.push_back(job);
-        self.shared.ready.notify_one();
+        if let Some(tx) = &self.jobs {
+            // Sending fails only once every thread has gone, which only `drop` does.
+            let _ = tx.send(job);
+        }
     }
 }
 
-fn work(shared: &Shared) {
-    loop {
-        let job = {
-            let mut q = shared.lock();
-            loop {
-                if let Some(job) = q.jobs.pop_front() {
-                    break job;
-                }
-                if q.closed {
-                    return;
-                }
-                q = shared.ready.wait(q).unwrap_or_else(|p| p.into_inner());
-            }
-        };
+fn work(jobs: &Receiver<Job>) {
+    // Ends when the pool is dropped and the queue is empty.
+    for job in jobs.iter() {
         job();
     }
 }
@@ -90,8 +65,7 @@ fn work(shared: &Shared) {
 impl Drop for ThreadPool {
     /// Runs the jobs still queued, then stops the threads.
     fn drop(&mut self) {
-        self.shared.lock().closed = true;
-        self.shared.ready.notify_all();
+        drop(self.jobs.take());
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
