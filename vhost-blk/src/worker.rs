@@ -25,6 +25,7 @@ use vm_memory::{
 use storage_core::disk::{AnyQueue, DiskOp, DiskQueue, StartError};
 use storage_core::metrics::{ErrorClass, OpClass, QueueMetrics};
 
+use daemon_support::polling::PollWindow;
 use daemon_support::ring;
 
 use crate::device::BlkDevice;
@@ -84,6 +85,8 @@ pub struct QueueWorker {
     throttled: bool,
     /// Broken once the driver's avail index proves corrupt (see `daemon_support::ring`).
     health: ring::Health,
+    /// How long to poll the idle queue before sleeping (adaptive, up to `--poll-us`).
+    poll: PollWindow,
     /// Requests answered since the guest was last notified, for the metrics: kind, bytes
     /// and start. Recorded after the notification, which they would otherwise delay.
     answered: Vec<(OpClass, u64, Instant)>,
@@ -111,6 +114,7 @@ impl QueueWorker {
         QueueWorker {
             index,
             metrics: device.queue_metrics(index),
+            poll: PollWindow::new(device.poll),
             device,
             queue,
             slots,
@@ -146,29 +150,34 @@ impl QueueWorker {
         if self.vring.is_none() {
             self.vring = Some(vring.clone());
         }
+        self.poll.woke(Instant::now());
         self.run(vring);
+        self.poll.sleeping(Instant::now());
     }
 
     /// Handles the completion eventfd.
     pub fn completions_ready(&mut self) {
         self.queue.ack_completion_fd();
         if let Some(vring) = self.vring.clone() {
+            self.poll.woke(Instant::now());
             self.run(&vring);
+            self.poll.sleeping(Instant::now());
         }
     }
 
     /// Serves the queue until it is idle: reap completions, pull new requests while slots
     /// are free, submit them in one batch, reap what completed inline, notify the guest.
     ///
-    /// With polling on, an idle queue is watched for `poll` more (the avail ring and the
+    /// With polling on, an idle queue is watched for a while more (the avail ring and the
     /// completion queue are plain memory reads) before the worker goes back to sleep on its
     /// eventfds; the guest need not kick meanwhile, because notifications stay suppressed.
-    /// Any activity restarts the window, so an idle queue costs no CPU.
+    /// Any activity restarts the window, so an idle queue costs no CPU. The window adapts
+    /// (`daemon_support::polling`): it shrinks when polling would not have caught the next
+    /// request, and closes while others wait for this CPU.
     fn run(&mut self, vring: &Vring) {
         if self.mem.is_none() {
             return;
         }
-        let poll = self.device.poll;
         let mut state = vring.get_mut();
         // A stopped ring (GET_VRING_BASE drained it first) is left alone until it is
         // started again: a completion or kick that arrives in between must neither take
@@ -198,17 +207,25 @@ impl QueueWorker {
                 self.record_answered();
                 if progress > 0 {
                     idle_since = None;
+                    self.poll.busy();
                     continue;
                 }
                 // A throttle holding requests back brings us back with its timer: polling
                 // meanwhile would spin for requests that cannot go yet.
-                if poll.is_zero() || stopping || self.health.is_broken() || self.queue.held() > 0 {
+                if self.poll.current().is_zero()
+                    || stopping
+                    || self.health.is_broken()
+                    || self.queue.held() > 0
+                {
                     break;
                 }
                 // An idle look waits for a watch of the avail index or a yield (a microsecond
                 // or more), so reading the clock on each costs little.
                 let now = Instant::now();
-                if now.duration_since(*idle_since.get_or_insert(now)) >= poll {
+                self.poll.look(now);
+                let window = self.poll.current();
+                if window.is_zero() || now.duration_since(*idle_since.get_or_insert(now)) >= window
+                {
                     break;
                 }
                 let avail = {

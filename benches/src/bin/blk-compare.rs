@@ -58,6 +58,13 @@ struct Args {
     /// daemon thread on the first, the same for every target).
     #[arg(long)]
     no_pin: bool,
+    /// Shared cores, as beside a guest's vCPUs: nobody pinned, and this many threads spinning
+    /// at normal priority for the whole run (2 on this machine: one per core).
+    #[arg(long, value_name = "THREADS")]
+    busy: Option<usize>,
+    /// An argument for our daemon (repeatable), e.g. --ours-arg=--poll-us=0.
+    #[arg(long, allow_hyphen_values = true)]
+    ours_arg: Vec<String>,
     /// Print each run's latency deciles. Depth-1 latency is bimodal on a VM: a completion
     /// that lands before the client thread has gone to sleep costs about 3 µs less than one
     /// that has to wake it, so the p50 moves with the share of each.
@@ -187,7 +194,43 @@ fn main() {
     }
 }
 
-fn run(args: Args) -> Result<()> {
+/// Threads that spin until dropped: CPU load that competes with the daemons and the client.
+struct Busy {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Busy {
+    fn start(n: usize) -> Busy {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let threads = (0..n)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::hint::spin_loop();
+                    }
+                })
+            })
+            .collect();
+        Busy { stop, threads }
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn run(mut args: Args) -> Result<()> {
+    if args.busy.is_some() {
+        args.no_pin = true;
+    }
     let wanted: Vec<Target> = args
         .targets
         .iter()
@@ -262,7 +305,15 @@ fn run(args: Args) -> Result<()> {
             if served.iter().any(|(k, _)| *k == (t, case.device)) {
                 continue;
             }
-            let s = start(t, case.device, &file, size, tmp.path(), ours_bin.as_deref())?;
+            let s = start(
+                t,
+                case.device,
+                &file,
+                size,
+                tmp.path(),
+                ours_bin.as_deref(),
+                &args.ours_arg,
+            )?;
             if let Some(set) = &cpuset {
                 set.add(s.daemon.pid())
                     .with_context(|| format!("moving {} into the cpuset", t.name()))?;
@@ -271,6 +322,10 @@ fn run(args: Args) -> Result<()> {
         }
     }
 
+    let _busy = args.busy.map(|n| {
+        eprintln!("shared cores: {n} busy threads, nobody pinned");
+        Busy::start(n)
+    });
     let mut records = Vec::new();
     for round in 0..args.rounds {
         for (ci, case) in cases.iter().enumerate() {
@@ -460,6 +515,7 @@ fn start(
     size: u64,
     dir: &Path,
     ours_bin: Option<&Path>,
+    ours_args: &[String],
 ) -> Result<Served> {
     let socket = dir.join(format!("{}-{device:?}.sock", target.name()).to_lowercase());
     let cmd = match target {
@@ -481,6 +537,7 @@ fn start(
                 .arg("--disk")
                 .arg(disk)
                 .args(["--queues", "1", "--queue-size", "256"])
+                .args(ours_args)
         }
         Target::Qsd => {
             let graph: Vec<String> = match device {
@@ -627,6 +684,15 @@ fn report(args: &Args, file: &Path, records: &[Record], wake: Option<WakeLatency
         file.display(),
         args.size_gib
     );
+    if let Some(n) = args.busy {
+        println!(
+            "shared cores (--busy {n}): {n} threads spin beside the daemons and the client, \
+             nobody pinned"
+        );
+    }
+    if !args.ours_arg.is_empty() {
+        println!("ours runs with {}", args.ours_arg.join(" "));
+    }
     if args.client_poll {
         println!(
             "client polling (--client-poll): vhost-user clients spin instead of sleeping; \
@@ -777,6 +843,8 @@ fn report(args: &Args, file: &Path, records: &[Record], wake: Option<WakeLatency
         "block_bytes": BLOCK,
         "rounds": args.rounds,
         "client_poll": args.client_poll,
+        "busy_threads": args.busy,
+        "ours_args": args.ours_arg,
         "seconds_per_run": args.seconds,
         "results": rows,
         "ratios_iops": ratios,
