@@ -151,7 +151,7 @@ impl Daemon {
         } else {
             passthrough.clone()
         };
-        let device = Arc::new(FsDevice::new(
+        let mut device = FsDevice::new(
             Server::new(fs),
             passthrough,
             config.shared_dir.display().to_string(),
@@ -161,7 +161,9 @@ impl Daemon {
             config.queue_size,
             config.queue_depth,
             engine_kind.name(),
-        ));
+        );
+        device.poll = config.poll;
+        let device = Arc::new(device);
         // Started after the sandbox and with the termination signals blocked: its threads
         // inherit both.
         let pool = match config.thread_pool_size {

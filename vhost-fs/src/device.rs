@@ -33,6 +33,8 @@ pub struct FsDevice {
     pub connections: AtomicU64,
     pub stopping: AtomicBool,
     pub submit_batch: usize,
+    /// The longest a worker polls an idle queue before sleeping (`--poll-us`; zero: never).
+    pub poll: std::time::Duration,
     queues: Vec<Arc<QueueMetrics>>,
 }
 
@@ -64,6 +66,7 @@ impl FsDevice {
             connections: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
             submit_batch: SUBMIT_BATCH,
+            poll: std::time::Duration::ZERO,
             queues: (0..=request_queues)
                 .map(|_| Arc::new(QueueMetrics::default()))
                 .collect(),

@@ -34,7 +34,11 @@ use crate::fuse::{self, opcode, IN_HEADER_LEN, OUT_HEADER_LEN, WRITE_IN_LEN};
 use crate::pool::ThreadPool;
 use crate::server::{self, Outcome, Reply, Server};
 use daemon_support::chain::{self, Segment};
+use daemon_support::polling::PollWindow;
 use daemon_support::ring;
+
+/// Spins per idle look at the queue (about a microsecond here).
+const WATCH_SPINS: u32 = 64;
 
 pub type GuestMemory = GuestMemoryMmap<()>;
 pub type Vring = VringMutex<GuestMemoryAtomic<GuestMemory>>;
@@ -91,6 +95,8 @@ pub struct QueueWorker {
     throttled: bool,
     /// Broken once the driver's avail index proves corrupt (see `daemon_support::ring`).
     health: ring::Health,
+    /// How long to poll the idle queue before sleeping (adaptive, up to `--poll-us`).
+    poll: PollWindow,
     deferred_tx: Sender<Deferred>,
     deferred_rx: Receiver<Deferred>,
     deferred_fd: Arc<EventFd>,
@@ -111,6 +117,7 @@ impl QueueWorker {
         depth: u32,
         pool: Option<Arc<ThreadPool>>,
     ) -> std::io::Result<Self> {
+        let device_poll = device.poll;
         let slots = (0..depth)
             .map(|_| Slot {
                 head: 0,
@@ -142,6 +149,7 @@ impl QueueWorker {
             vring: None,
             throttled: false,
             health: ring::Health::default(),
+            poll: PollWindow::new(device_poll),
             deferred_tx,
             deferred_rx,
             deferred_fd: Arc::new(EventFd::new(EFD_NONBLOCK)?),
@@ -169,21 +177,28 @@ impl QueueWorker {
         if self.vring.is_none() {
             self.vring = Some(vring.clone());
         }
-        self.run(vring);
+        self.woken(vring);
     }
 
     pub fn completions_ready(&mut self) {
         self.engine.ack_completion_fd();
         if let Some(vring) = self.vring.clone() {
-            self.run(&vring);
+            self.woken(&vring);
         }
     }
 
     pub fn deferred_ready(&mut self) {
         let _ = self.deferred_fd.read();
         if let Some(vring) = self.vring.clone() {
-            self.run(&vring);
+            self.woken(&vring);
         }
+    }
+
+    /// Serves the queue after a wake-up, and tells the polling window how long it slept.
+    fn woken(&mut self, vring: &Vring) {
+        self.poll.woke(Instant::now());
+        self.run(vring);
+        self.poll.sleeping(Instant::now());
     }
 
     fn run(&mut self, vring: &Vring) {
@@ -199,6 +214,7 @@ impl QueueWorker {
         }
         let _ = state.disable_notification();
         loop {
+            let mut idle_since: Option<Instant> = None;
             loop {
                 let mut used = self.reap(&mut state);
                 used += self.reap_deferred(&mut state);
@@ -215,9 +231,38 @@ impl QueueWorker {
                 if used > 0 {
                     notify(&mut state, self.index);
                 }
-                if progress == 0 {
+                if progress > 0 {
+                    idle_since = None;
+                    self.poll.busy();
+                    continue;
+                }
+                // Poll the idle queue for the adaptive window (`daemon_support::polling`)
+                // before sleeping: a request that comes meanwhile is taken without a kick.
+                if self.poll.current().is_zero()
+                    || self.device.stopping.load(Ordering::Relaxed)
+                    || self.health.is_broken()
+                {
                     break;
                 }
+                let now = Instant::now();
+                self.poll.look(now);
+                let window = self.poll.current();
+                if window.is_zero() || now.duration_since(*idle_since.get_or_insert(now)) >= window
+                {
+                    break;
+                }
+                // Let the frontend thread at the vring between looks.
+                drop(state);
+                if self.engine.in_flight() + self.pooled > 0 {
+                    // Requests are with the kernel or the pool, whose threads may share
+                    // this CPU: give it to them rather than spin.
+                    std::thread::yield_now();
+                } else {
+                    for _ in 0..WATCH_SPINS {
+                        std::hint::spin_loop();
+                    }
+                }
+                state = vring.get_mut();
             }
             self.metrics
                 .set_in_flight(self.engine.in_flight() + self.pooled);

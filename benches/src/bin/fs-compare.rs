@@ -78,6 +78,8 @@ impl Target {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Work {
     RandRead,
+    /// 4 KiB random reads one at a time: latency, where polling shows.
+    RandReadQd1,
     RandWrite,
     SeqRead,
     /// create, stat, readdir and unlink of `--files` entries.
@@ -86,6 +88,7 @@ enum Work {
 
 const WORKS: &[(Work, &str)] = &[
     (Work::RandRead, "randread-4k-qd32"),
+    (Work::RandReadQd1, "randread-4k-qd1"),
     (Work::RandWrite, "randwrite-4k-qd32"),
     (Work::SeqRead, "seqread-1m-qd4"),
     (Work::Metadata, "metadata"),
@@ -274,13 +277,13 @@ fn measure(
         errors,
     };
     match work {
-        Work::RandRead | Work::RandWrite | Work::SeqRead => {
+        Work::RandRead | Work::RandReadQd1 | Work::RandWrite | Work::SeqRead => {
             let file = c.lookup(ROOT_ID, b"data.bin")?;
             let fh = c.open(file.nodeid, libc::O_RDWR as u32)?;
-            let (block, depth) = if work == Work::SeqRead {
-                (MIB as u32, 4)
-            } else {
-                (4096, DEPTH)
+            let (block, depth) = match work {
+                Work::SeqRead => (MIB as u32, 4),
+                Work::RandReadQd1 => (4096, 1),
+                _ => (4096, DEPTH),
             };
             let mut io = DataRun {
                 c: &mut c,
