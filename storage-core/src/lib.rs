@@ -22,6 +22,7 @@ pub mod disk;
 pub mod engine;
 pub mod error;
 pub mod huge_pages;
+pub mod iov;
 pub mod metrics;
 pub mod throttle;
 pub mod tier;

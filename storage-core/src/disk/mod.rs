@@ -61,10 +61,7 @@ impl DiskOp<'_> {
     }
 }
 
-/// Total bytes described by `iov`.
-pub fn iov_len(iov: &[libc::iovec]) -> u64 {
-    iov.iter().map(|v| v.iov_len as u64).sum()
-}
+pub use crate::iov::iov_len;
 
 /// Why a request was not started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

@@ -176,7 +176,7 @@ impl ReadWrite {
         // SAFETY: the caller's contract.
         let (n, len) = unsafe {
             let len =
-                crate::disk::iov_len(std::slice::from_raw_parts(self.iov, self.iovcnt as usize));
+                crate::iov::iov_len(std::slice::from_raw_parts(self.iov, self.iovcnt as usize));
             let (cnt, off) = (self.iovcnt as i32, self.offset as i64);
             let n = if self.write {
                 libc::pwritev2(fd, self.iov, cnt, off, libc::RWF_NOWAIT)
