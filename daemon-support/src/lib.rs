@@ -1,5 +1,6 @@
 //! daemon-support: what both of Strata's vhost-user daemons need below their device
-//! protocols: descriptor chains read as byte streams and turned into iovecs into guest
+//! protocols: the vhost-user transport, generic over the device and its queue workers
+//! ([`transport`]), descriptor chains read as byte streams and turned into iovecs into guest
 //! memory ([`chain`]), the driver's avail index and whether it can be trusted ([`ring`]), binding unix sockets and waiting for a frontend ([`socket`]),
 //! termination signals on one thread ([`signals`]), how long a worker polls ([`polling`]), the HTTP API listener ([`api`]; each
 //! daemon supplies its routes), and one-line command-line errors ([`cli`]).
@@ -11,3 +12,4 @@ pub mod polling;
 pub mod ring;
 pub mod signals;
 pub mod socket;
+pub mod transport;

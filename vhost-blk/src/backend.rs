@@ -1,83 +1,35 @@
-//! The vhost-user transport: the only module that talks to `vhost-user-backend`. It maps
-//! protocol events onto the device and its queue workers: feature negotiation, config space,
-//! memory updates, kicks, completion eventfds, ring stops.
+//! The device's side of the vhost-user transport (`daemon_support::transport`, the only
+//! code that talks to `vhost-user-backend`): what the frontend is told (features, config
+//! space, the write-cache byte it may set) and the worker's events.
 
 use std::io;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, MutexGuard};
 
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::VhostUserBackend;
+use daemon_support::transport::{self, DeviceModel, GuestMemory, Transport, Vring};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vm_memory::GuestMemoryAtomic;
-use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
 
 use crate::device::BlkDevice;
 use crate::virtio_blk::{CONFIG_WRITEBACK_OFFSET, VIRTIO_F_VERSION_1};
-use crate::worker::{GuestMemory, QueueWorker, Vring};
+use crate::worker::QueueWorker;
 
-/// The backend handed to `vhost-user-backend`: the device plus one worker per queue.
-pub struct BlkBackend {
-    device: Arc<BlkDevice>,
-    workers: Vec<Mutex<QueueWorker>>,
-}
+/// The backend handed to `vhost-user-backend`.
+pub type BlkBackend = Transport<BlkDevice, QueueWorker>;
 
-impl BlkBackend {
-    pub fn new(device: Arc<BlkDevice>, workers: Vec<QueueWorker>) -> Self {
-        BlkBackend {
-            device,
-            workers: workers.into_iter().map(Mutex::new).collect(),
-        }
-    }
+/// A worker's own events, in the order of `Transport::device_event_id`.
+pub const COMPLETIONS: u64 = 0;
 
-    /// The event id of worker completions in each worker's event loop: ids up to
-    /// `num_queues` are the library's own (kicks, exit).
-    pub fn completion_event_id(&self) -> u64 {
-        u64::from(self.device.num_queues) + 1
-    }
-
-    pub fn worker(&self, index: usize) -> MutexGuard<'_, QueueWorker> {
-        // A worker that panicked is a bug; keep serving the other queues with its state.
-        self.workers[index]
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    pub fn num_workers(&self) -> usize {
-        self.workers.len()
-    }
-
-    /// Binds every worker to a new connection's guest memory.
-    pub fn attach(&self, mem: &GuestMemoryAtomic<GuestMemory>) {
-        for i in 0..self.workers.len() {
-            self.worker(i).attach(mem.clone());
-        }
-    }
-
-    /// Completes everything in flight on every queue.
-    pub fn drain_all(&self) {
-        for i in 0..self.workers.len() {
-            self.worker(i).drain();
-        }
-    }
-}
-
-impl VhostUserBackend for BlkBackend {
-    type Bitmap = ();
-    type Vring = Vring;
-
+impl DeviceModel for BlkDevice {
     fn num_queues(&self) -> usize {
-        usize::from(self.device.num_queues)
+        usize::from(self.num_queues)
     }
 
     fn max_queue_size(&self) -> usize {
-        usize::from(self.device.queue_size)
+        usize::from(self.queue_size)
     }
 
     fn features(&self) -> u64 {
-        self.device.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        BlkDevice::features(self)
     }
 
     fn acked_features(&self, features: u64) {
@@ -88,9 +40,7 @@ impl VhostUserBackend for BlkBackend {
         if features & (1 << VIRTIO_F_VERSION_1) == 0 {
             log::info!("legacy virtio driver (no VERSION_1): features {features:#x}");
         }
-        self.device
-            .acked_features
-            .store(features, Ordering::Relaxed);
+        self.acked_features.store(features, Ordering::Relaxed);
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -100,16 +50,8 @@ impl VhostUserBackend for BlkBackend {
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
     }
 
-    fn reset_device(&self) {
-        self.drain_all();
-    }
-
-    fn set_event_idx(&self, _enabled: bool) {
-        // The vrings themselves track EVENT_IDX; the workers' notify logic asks them.
-    }
-
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        self.device.config().read(offset, size).unwrap_or_else(|| {
+        self.config().read(offset, size).unwrap_or_else(|| {
             log::warn!("frontend read config space out of bounds: offset {offset}, size {size}");
             Vec::new()
         })
@@ -119,7 +61,7 @@ impl VhostUserBackend for BlkBackend {
         // Only the writeback byte is writable (CONFIG_WCE).
         if offset as usize == CONFIG_WRITEBACK_OFFSET && buf.len() == 1 {
             let writeback = buf[0] != 0;
-            self.device.writeback.store(writeback, Ordering::Relaxed);
+            self.writeback.store(writeback, Ordering::Relaxed);
             log::info!(
                 "guest set the write cache to {}",
                 if writeback {
@@ -135,52 +77,25 @@ impl VhostUserBackend for BlkBackend {
             format!("config space offset {offset} (+{}) is read-only", buf.len()),
         ))
     }
+}
 
-    fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMemory>) -> io::Result<()> {
-        // Workers hold the same GuestMemoryAtomic (given at attach), which the library
-        // updates in place; they load the new map on their next pass.
-        Ok(())
+impl transport::QueueWorker for QueueWorker {
+    fn attach(&mut self, mem: GuestMemoryAtomic<GuestMemory>) {
+        QueueWorker::attach(self, mem);
     }
 
-    fn queues_per_thread(&self) -> Vec<u64> {
-        // One worker thread per queue.
-        (0..self.workers.len()).map(|i| 1u64 << i).collect()
+    fn kick(&mut self, vring: &Vring) {
+        QueueWorker::kick(self, vring);
     }
 
-    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
-    }
-
-    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
-        // GET_VRING_BASE: the frontend reads next_avail after this; answer everything
-        // accepted so far first.
-        if let Some(worker) = self.workers.get(queue_index as usize) {
-            worker
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .drain();
+    fn device_event(&mut self, n: u64) {
+        match n {
+            COMPLETIONS => self.completions_ready(),
+            _ => log::warn!("unknown worker event {n}"),
         }
-        Ok(())
     }
 
-    fn handle_event(
-        &self,
-        device_event: u16,
-        _evset: EventSet,
-        vrings: &[Vring],
-        thread_id: usize,
-    ) -> io::Result<()> {
-        let mut worker = self.worker(thread_id);
-        if u64::from(device_event) == self.completion_event_id() {
-            worker.completions_ready();
-            return Ok(());
-        }
-        match vrings.get(usize::from(device_event)) {
-            Some(vring) => {
-                worker.kick(vring);
-                Ok(())
-            }
-            None => Err(io::Error::other(format!("unknown event {device_event}"))),
-        }
+    fn drain(&mut self) {
+        QueueWorker::drain(self);
     }
 }

@@ -153,7 +153,11 @@ impl Daemon {
         for (i, handler) in daemon.get_epoll_handlers().iter().enumerate() {
             if let Some(fd) = self.backend.worker(i).completion_fd() {
                 handler
-                    .register_listener(fd, EventSet::IN, self.backend.completion_event_id())
+                    .register_listener(
+                        fd,
+                        EventSet::IN,
+                        self.backend.device_event_id(crate::backend::COMPLETIONS),
+                    )
                     .context("cannot watch the completion eventfd")?;
             }
         }

@@ -15,11 +15,10 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use vhost_user_backend::{VringMutex, VringState, VringT};
+use vhost_user_backend::{VringState, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{
-    Address, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
-    GuestMemoryMmap, VolatileMemory,
+    Address, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, VolatileMemory,
 };
 
 use storage_core::disk::{AnyQueue, DiskOp, DiskQueue, StartError};
@@ -32,8 +31,7 @@ use crate::device::BlkDevice;
 use crate::request::{self, Parsed, RequestKind, Segment, StatusByte};
 use crate::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 
-pub type GuestMemory = GuestMemoryMmap<()>;
-pub type Vring = VringMutex<GuestMemoryAtomic<GuestMemory>>;
+pub use daemon_support::transport::{GuestMemory, Vring};
 
 /// Looks at the avail index per idle watch (about 1 µs here; up to 3 µs on CPUs with a slow
 /// PAUSE) before the next full look, which also checks the shutdown flag and the clock.

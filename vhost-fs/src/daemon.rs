@@ -268,14 +268,18 @@ impl Daemon {
             let worker = self.backend.worker(i);
             if let Some(fd) = worker.completion_fd() {
                 handler
-                    .register_listener(fd, EventSet::IN, self.backend.completion_event_id())
+                    .register_listener(
+                        fd,
+                        EventSet::IN,
+                        self.backend.device_event_id(crate::backend::COMPLETIONS),
+                    )
                     .context("cannot watch the completion eventfd")?;
             }
             handler
                 .register_listener(
                     worker.deferred_fd(),
                     EventSet::IN,
-                    self.backend.deferred_event_id(),
+                    self.backend.device_event_id(crate::backend::DEFERRED),
                 )
                 .context("cannot watch the deferred-reply eventfd")?;
         }

@@ -21,9 +21,9 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::time::Instant;
 
-use vhost_user_backend::{VringMutex, VringState, VringT};
+use vhost_user_backend::{VringState, VringT};
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use storage_core::engine::{AnyEngine, EngineOp, FileId, IoEngine};
@@ -40,8 +40,7 @@ use daemon_support::ring;
 /// Spins per idle look at the queue (about a microsecond here).
 const WATCH_SPINS: u32 = 64;
 
-pub type GuestMemory = GuestMemoryMmap<()>;
-pub type Vring = VringMutex<GuestMemoryAtomic<GuestMemory>>;
+pub use daemon_support::transport::{GuestMemory, Vring};
 type State = VringState<GuestMemoryAtomic<GuestMemory>>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
