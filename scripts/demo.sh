@@ -10,5 +10,5 @@ fi
 echo "[demo] installing what is missing (QEMU, busybox, the guest kernel)..."
 bash scripts/setup.sh
 echo "[demo] building the daemons (release; the first build takes a few minutes)..."
-cargo build --release --workspace --bins
+cargo build --release --workspace --bins --features vhost-blk/rbd
 exec target/release/strata-demo "$@"

@@ -14,7 +14,9 @@ log() { printf 'setup: %s\n' "$*"; }
 # qemu-img as the image oracle, xz for compressed kernel modules, nasm for the BIOS boot
 # program firmware-tests assembles, e2fsprogs for e2fsck on the file systems guests make.
 # libseccomp-dev and libcap-ng-dev build virtiofsd, the reference server for vhost-fs.
-PACKAGES=(qemu-system-x86 busybox-static cpio seabios ovmf nasm e2fsprogs qemu-utils xz-utils libseccomp-dev libcap-ng-dev)
+# librbd-dev and librados-dev build the RBD leaf (cargo feature rbd); ceph-mon, ceph-osd and
+# ceph-common run the one-node Ceph cluster its tests start (testkit::ceph).
+PACKAGES=(qemu-system-x86 busybox-static cpio seabios ovmf nasm e2fsprogs qemu-utils xz-utils libseccomp-dev libcap-ng-dev librbd-dev librados-dev ceph-mon ceph-osd ceph-common)
 
 SUDO=()
 if [[ $(id -u) -ne 0 ]]; then

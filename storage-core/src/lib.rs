@@ -24,6 +24,8 @@ pub mod error;
 pub mod huge_pages;
 pub mod iov;
 pub mod metrics;
+#[cfg(feature = "rbd")]
+pub mod rbd;
 pub mod throttle;
 pub mod tier;
 pub mod units;

@@ -1,5 +1,6 @@
 //! Test and bench fixtures.
 pub mod blkio_client;
+pub mod ceph;
 pub mod crash;
 pub mod daemon;
 pub mod fuse_client;

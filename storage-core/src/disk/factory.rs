@@ -101,6 +101,18 @@ fn open_node(node: &NodeSpec, read_only: bool) -> Result<AnyDisk, StorageError> 
             let engine = leaf_engine(*engine, path)?;
             RawDisk::open(path, read_only, *direct, engine).map(AnyDisk::Raw)
         }
+        #[cfg(feature = "rbd")]
+        NodeSpec::Rbd(spec) => {
+            crate::rbd::RbdDisk::open(spec, read_only).map(|d| AnyDisk::Rbd(Box::new(d)))
+        }
+        #[cfg(not(feature = "rbd"))]
+        NodeSpec::Rbd(spec) => Err(StorageError::new(
+            StorageErrorKind::InvalidSpec,
+            format!(
+                "rbd {}/{}: this build has no Ceph RBD support (cargo feature rbd)",
+                spec.pool, spec.image
+            ),
+        )),
         NodeSpec::Tier {
             capacity,
             tier,
@@ -137,6 +149,8 @@ pub enum AnyDisk {
     Null(NullDisk),
     Tiered(TieredDisk),
     Throttle(Box<ThrottleDisk>),
+    #[cfg(feature = "rbd")]
+    Rbd(Box<crate::rbd::RbdDisk>),
 }
 
 impl AnyDisk {
@@ -154,6 +168,8 @@ impl AnyDisk {
         match self {
             AnyDisk::Raw(_) => "raw".into(),
             AnyDisk::Null(_) => "null".into(),
+            #[cfg(feature = "rbd")]
+            AnyDisk::Rbd(_) => "rbd".into(),
             AnyDisk::Tiered(t) => format!("tier({}, cache)", t.capacity().describe()),
             AnyDisk::Throttle(t) => format!("throttle({})", t.child().describe()),
         }
@@ -184,6 +200,8 @@ enum FormatQueue {
     Null(NullQueue),
     Tiered(TieredQueue),
     Throttle(Box<ThrottleQueue>),
+    #[cfg(feature = "rbd")]
+    Rbd(crate::rbd::RbdQueue),
 }
 
 macro_rules! disk_dispatch {
@@ -193,6 +211,8 @@ macro_rules! disk_dispatch {
             AnyDisk::Null($d) => $body,
             AnyDisk::Tiered($d) => $body,
             AnyDisk::Throttle($d) => $body,
+            #[cfg(feature = "rbd")]
+            AnyDisk::Rbd($d) => $body,
         }
     };
 }
@@ -210,6 +230,8 @@ impl Disk for AnyDisk {
             AnyDisk::Null(d) => FormatQueue::Null(d.new_queue(depth)?),
             AnyDisk::Tiered(d) => FormatQueue::Tiered(d.new_queue(depth)?),
             AnyDisk::Throttle(d) => FormatQueue::Throttle(Box::new(d.new_queue(depth)?)),
+            #[cfg(feature = "rbd")]
+            AnyDisk::Rbd(d) => FormatQueue::Rbd(d.new_queue(depth)?),
         };
         Ok(AnyQueue {
             read_only: self.info().read_only,
@@ -248,6 +270,8 @@ macro_rules! dispatch {
             FormatQueue::Null($q) => $body,
             FormatQueue::Tiered($q) => $body,
             FormatQueue::Throttle($q) => $body,
+            #[cfg(feature = "rbd")]
+            FormatQueue::Rbd($q) => $body,
         }
     };
     (ref $self:expr, $q:ident => $body:expr) => {
@@ -256,6 +280,8 @@ macro_rules! dispatch {
             FormatQueue::Null($q) => $body,
             FormatQueue::Tiered($q) => $body,
             FormatQueue::Throttle($q) => $body,
+            #[cfg(feature = "rbd")]
+            FormatQueue::Rbd($q) => $body,
         }
     };
 }

@@ -9,6 +9,8 @@
 //!   `engine` as in `--disk`.
 //! - `null-co` (or `null`): `size`, `read-zeroes` (on by default here).
 //! - `raw`: `file`; the raw format adds nothing to its child, so it is the child.
+//! - `rbd`: `pool`, `image`, `conf` (a ceph.conf), `id` (or QEMU's `user`): an image on a
+//!   Ceph cluster (cargo feature `rbd`).
 //! - `throttle`: `file`, `throttle-group` and/or limits of its own (`iops-total`, ...;
 //!   `limits.iops-total` as in QEMU's JSON).
 //! - `tier` (ours): `capacity` (any node), `cache` (a `file` node: the cache file), and the
@@ -18,7 +20,7 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 
 use super::spec::{bad, null_size, on_off, parse_engine, parse_serial, TierOptions};
-use super::{DiskSpec, NodeSpec, SpecError, ThrottleSpec};
+use super::{DiskSpec, NodeSpec, RbdSpec, SpecError, ThrottleSpec};
 use crate::throttle::{ThrottleGroup, ThrottleLimits};
 
 /// How deep a graph may be: deeper is surely a mistake (or a loop).
@@ -338,6 +340,31 @@ impl GraphSpec {
                 }
             }
             "raw" => self.child(name, "file", &mut opts, depth, used)?,
+            "rbd" => {
+                let need = |opts: &mut Options, key: &str| {
+                    take(opts, key)
+                        .filter(|v| !v.is_empty())
+                        .ok_or_else(|| graph_err(format!("rbd node {name:?} needs {key}=")))
+                };
+                let pool = need(&mut opts, "pool")?;
+                let image = need(&mut opts, "image")?;
+                let conf = take(&mut opts, "conf").map(PathBuf::from);
+                // `user` is qemu-storage-daemon's name for it.
+                let id = match (take(&mut opts, "id"), take(&mut opts, "user")) {
+                    (Some(_), Some(_)) => {
+                        return Err(graph_err(format!(
+                            "rbd node {name:?}: id= and user= say the same thing; give one"
+                        )))
+                    }
+                    (a, b) => a.or(b),
+                };
+                NodeSpec::Rbd(RbdSpec {
+                    pool,
+                    image,
+                    conf,
+                    id,
+                })
+            }
             "throttle" => {
                 let child = self.child(name, "file", &mut opts, depth, used)?;
                 let group = take(&mut opts, "throttle-group");
@@ -415,7 +442,7 @@ impl GraphSpec {
             other => {
                 return Err(graph_err(format!(
                     "node {name:?}: unknown driver {other:?} (known: file, host_device, null-co, \
-                     raw, throttle, tier)"
+                     raw, rbd, throttle, tier)"
                 )))
             }
         };

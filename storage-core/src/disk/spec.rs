@@ -34,11 +34,24 @@ pub enum NodeSpec {
         /// The cache file's engine, if forced.
         cache_engine: Option<EngineKind>,
     },
+    /// An image on a Ceph cluster, through librbd (cargo feature `rbd`).
+    Rbd(RbdSpec),
     /// IOPS and bandwidth limits over a child.
     Throttle {
         child: Box<NodeSpec>,
         limits: ThrottleSpec,
     },
+}
+
+/// Where an RBD image is: `driver=rbd,pool=P,image=I[,conf=FILE][,id=USER]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RbdSpec {
+    pub pool: String,
+    pub image: String,
+    /// ceph.conf to read; librados's default search otherwise.
+    pub conf: Option<PathBuf>,
+    /// The client id (`admin` for client.admin); librados's default otherwise.
+    pub id: Option<String>,
 }
 
 /// Where a throttle node's limits come from.
@@ -64,6 +77,7 @@ impl NodeSpec {
                 .to_string_lossy()
                 .into_owned(),
             NodeSpec::Null { size, .. } => format!("null:{size}"),
+            NodeSpec::Rbd(r) => format!("rbd:{}/{}", r.pool, r.image),
             NodeSpec::Tier { capacity, .. } => capacity.leaf_name(),
             NodeSpec::Throttle { child, .. } => child.leaf_name(),
         }

@@ -1,0 +1,244 @@
+//! One worker's queue on an RBD image: each request is one librbd asynchronous call whose
+//! buffers are the request's iovecs (guest memory, used in place). librbd runs the
+//! completion callback on its own thread; the callback puts the result on this queue's
+//! lock-free list (crossbeam's `ArrayQueue`, sized for the queue's depth) and writes the
+//! queue's eventfd, which the worker's event loop waits on.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+
+use crossbeam_queue::ArrayQueue;
+
+use super::{ffi, Handles};
+use crate::disk::{check_op, DiskOp, DiskQueue, StartError};
+use crate::engine::Completion;
+
+/// What the callback needs: where to put the result, and how to wake the worker.
+struct Inbox {
+    /// Completions, and the slot each frees.
+    done: ArrayQueue<(Completion, u32)>,
+    eventfd: OwnedFd,
+}
+
+/// One request in flight: its tag, the bytes it moves (reported on success: librbd gives
+/// 0 for a write), and the inbox. librbd holds a pointer to it until the callback.
+struct Slot {
+    index: u32,
+    tag: u64,
+    len: u64,
+    inbox: *const Inbox,
+}
+
+/// One worker's queue on an RBD image.
+pub struct RbdQueue {
+    handles: Arc<Handles>,
+    capacity: u64,
+    inbox: Arc<Inbox>,
+    /// Slots by index; `free` lists the unused ones. Boxed so their addresses, handed to
+    /// librbd, never move.
+    slots: Box<[Slot]>,
+    free: Vec<u32>,
+    in_flight: usize,
+    /// Requests librbd refused to start, reported as completions with the error.
+    refused: std::collections::VecDeque<Completion>,
+}
+
+// SAFETY: the slots' raw pointers point into this queue's own `inbox` (kept alive by the
+// queue, which waits for every request in flight before it drops); librbd reads them on
+// its thread only inside the callback, which touches nothing but the inbox (thread-safe).
+unsafe impl Send for RbdQueue {}
+
+/// librbd's completion callback: runs on a librbd thread.
+extern "C" fn on_complete(c: ffi::rbd_completion_t, arg: *mut std::ffi::c_void) {
+    // SAFETY: `arg` is the slot this request was started with (see `start`); the slot
+    // and the inbox it points to live until the queue has popped this completion.
+    let slot = unsafe { &*(arg as *const Slot) };
+    // SAFETY: `c` is the completion librbd calls us for; it is released once, here.
+    let ret = unsafe {
+        let r = ffi::rbd_aio_get_return_value(c);
+        ffi::rbd_aio_release(c);
+        r
+    };
+    let result = if ret < 0 {
+        i32::try_from(ret).unwrap_or(-libc::EIO)
+    } else {
+        i32::try_from(slot.len).unwrap_or(i32::MAX)
+    };
+    // SAFETY: see above: the inbox outlives every request started on its queue.
+    let inbox = unsafe { &*slot.inbox };
+    // Room is certain: the list holds as many entries as the queue has slots.
+    let _ = inbox.done.push((
+        Completion {
+            user_data: slot.tag,
+            result,
+        },
+        slot.index,
+    ));
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from a valid u64 to the queue's own eventfd.
+    unsafe { libc::write(inbox.eventfd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+}
+
+impl RbdQueue {
+    pub(super) fn new(handles: Arc<Handles>, capacity: u64, depth: u32) -> io::Result<RbdQueue> {
+        // SAFETY: eventfd has no memory preconditions; the result is checked.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let depth = depth.max(1);
+        let inbox = Arc::new(Inbox {
+            done: ArrayQueue::new(depth as usize),
+            // SAFETY: a fresh descriptor nobody else owns.
+            eventfd: unsafe { OwnedFd::from_raw_fd(fd) },
+        });
+        let slots = (0..depth)
+            .map(|index| Slot {
+                index,
+                tag: 0,
+                len: 0,
+                inbox: Arc::as_ptr(&inbox),
+            })
+            .collect();
+        Ok(RbdQueue {
+            handles,
+            capacity,
+            inbox,
+            slots,
+            free: (0..depth).rev().collect(),
+            in_flight: 0,
+            refused: std::collections::VecDeque::with_capacity(depth as usize),
+        })
+    }
+
+    /// Waits for the eventfd (blocking), then clears it.
+    fn wait_eventfd(&self) -> io::Result<()> {
+        let mut p = libc::pollfd {
+            fd: self.inbox.eventfd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        if unsafe { libc::poll(&mut p, 1, -1) } < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+        self.ack_completion_fd();
+        Ok(())
+    }
+}
+
+impl Drop for RbdQueue {
+    fn drop(&mut self) {
+        // librbd still holds pointers to the slots of requests in flight.
+        while self.in_flight > 0 {
+            while self.pop_completion().is_some() {}
+            if self.in_flight > 0 && self.wait_eventfd().is_err() {
+                // Cannot wait: leak the slots and the inbox rather than free them under
+                // librbd's feet.
+                std::mem::forget(std::mem::take(&mut self.slots));
+                std::mem::forget(self.inbox.clone());
+                return;
+            }
+        }
+    }
+}
+
+impl DiskQueue for RbdQueue {
+    unsafe fn start(&mut self, op: DiskOp<'_>, tag: u64) -> Result<(), StartError> {
+        check_op(&op, self.capacity)?;
+        let Some(i) = self.free.pop() else {
+            return Err(StartError::Busy);
+        };
+        let slot = &mut self.slots[i as usize];
+        slot.tag = tag;
+        slot.len = match op {
+            DiskOp::Read { .. } | DiskOp::Write { .. } => op.range().map_or(0, |(_, l)| l),
+            _ => 0,
+        };
+        let arg = (slot as *mut Slot).cast();
+        let image = self.handles.image;
+        let mut c: ffi::rbd_completion_t = std::ptr::null_mut();
+        // SAFETY: `arg` points to a slot that stays put and unused until this request's
+        // callback has run and its completion has been popped; the callback matches
+        // librbd's signature.
+        let ret = unsafe { ffi::rbd_aio_create_completion(arg, Some(on_complete), &mut c) };
+        let ret = if ret < 0 {
+            ret
+        } else {
+            // SAFETY: by `start`'s contract the iovecs and their buffers stay valid (and
+            // unchanged) until the completion is popped, which is after librbd's callback;
+            // the image is open while the queue (holding `handles`) lives.
+            unsafe {
+                match op {
+                    DiskOp::Read { offset, iov } => {
+                        ffi::rbd_aio_readv(image, iov.as_ptr().cast(), iov.len() as i32, offset, c)
+                    }
+                    DiskOp::Write { offset, iov } => {
+                        ffi::rbd_aio_writev(image, iov.as_ptr().cast(), iov.len() as i32, offset, c)
+                    }
+                    DiskOp::Flush => ffi::rbd_aio_flush(image, c),
+                    DiskOp::Discard { offset, len } => ffi::rbd_aio_discard(image, offset, len, c),
+                    DiskOp::WriteZeroes { offset, len, .. } => {
+                        ffi::rbd_aio_write_zeroes(image, offset, len as usize, c, 0, 0)
+                    }
+                }
+            }
+        };
+        if ret < 0 {
+            if !c.is_null() {
+                // SAFETY: created above and never handed to librbd's I/O path.
+                unsafe { ffi::rbd_aio_release(c) };
+            }
+            self.free.push(i);
+            // Not started: report it as a completion with the error, as an engine does.
+            self.refused.push_back(Completion {
+                user_data: tag,
+                result: ret,
+            });
+            return Ok(());
+        }
+        self.in_flight += 1;
+        Ok(())
+    }
+
+    fn submit(&mut self) -> io::Result<()> {
+        // librbd sends each request when it is started.
+        Ok(())
+    }
+
+    fn pop_completion(&mut self) -> Option<Completion> {
+        if let Some(c) = self.refused.pop_front() {
+            return Some(c);
+        }
+        let (c, slot) = self.inbox.done.pop()?;
+        self.in_flight -= 1;
+        self.free.push(slot);
+        Some(c)
+    }
+
+    fn wait(&mut self) -> io::Result<()> {
+        if self.in_flight == 0 || !self.refused.is_empty() || !self.inbox.done.is_empty() {
+            return Ok(());
+        }
+        self.wait_eventfd()
+    }
+
+    fn completion_fd(&self) -> Option<RawFd> {
+        Some(self.inbox.eventfd.as_raw_fd())
+    }
+
+    fn ack_completion_fd(&self) {
+        let mut buf = [0u8; 8];
+        // SAFETY: reads at most 8 bytes into a valid buffer from our own nonblocking
+        // eventfd.
+        unsafe { libc::read(self.inbox.eventfd.as_raw_fd(), buf.as_mut_ptr().cast(), 8) };
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight + self.refused.len()
+    }
+}
