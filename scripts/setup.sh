@@ -15,8 +15,9 @@ log() { printf 'setup: %s\n' "$*"; }
 # program firmware-tests assembles, e2fsprogs for e2fsck on the file systems guests make.
 # libseccomp-dev and libcap-ng-dev build virtiofsd, the reference server for vhost-fs.
 # librbd-dev and librados-dev build the RBD leaf (cargo feature rbd); ceph-mon, ceph-osd and
-# ceph-common run the one-node Ceph cluster its tests start (testkit::ceph).
-PACKAGES=(qemu-system-x86 busybox-static cpio seabios ovmf nasm e2fsprogs qemu-utils xz-utils libseccomp-dev libcap-ng-dev librbd-dev librados-dev ceph-mon ceph-osd ceph-common)
+# ceph-common run the one-node Ceph cluster its tests start (testkit::ceph); qemu-block-extra
+# gives qemu-storage-daemon its rbd driver, the peer in rbd-compare.
+PACKAGES=(qemu-system-x86 busybox-static cpio seabios ovmf nasm e2fsprogs qemu-utils xz-utils libseccomp-dev libcap-ng-dev librbd-dev librados-dev ceph-mon ceph-osd ceph-common qemu-block-extra)
 
 SUDO=()
 if [[ $(id -u) -ne 0 ]]; then

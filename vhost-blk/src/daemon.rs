@@ -126,6 +126,9 @@ impl Daemon {
             .disk
             .flush()
             .context("final flush of the disk failed")?;
+        // Let go of what other clients of the storage may wait for (an RBD image and its
+        // exclusive lock), as QEMU closes its images on exit.
+        self.device.disk.close();
         log::info!("shut down cleanly: requests drained, disk flushed");
         Ok(())
     }

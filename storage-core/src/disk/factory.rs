@@ -254,6 +254,10 @@ impl Disk for AnyDisk {
         disk_dispatch!(self, d => d.flush())
     }
 
+    fn close(&self) {
+        disk_dispatch!(self, d => d.close())
+    }
+
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         disk_dispatch!(self, d => d.read_at(buf, offset))
     }

@@ -119,6 +119,11 @@ pub trait Disk: Send + Sync {
     /// a parent's background work).
     fn flush(&self) -> io::Result<()>;
 
+    /// The daemon is exiting: release what other clients of the storage wait for (an RBD
+    /// image's exclusive lock), after a last flush. Queues still open fail their requests
+    /// afterwards; nothing else changes for nodes that hold nothing of the kind.
+    fn close(&self) {}
+
     /// Reads `buf.len()` bytes at `offset`, blocking, outside the data path: a parent's
     /// background work (the tier's write-back). Nodes that cannot serve it say so.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {

@@ -33,7 +33,40 @@ pub use crate::disk::RbdSpec;
 pub(crate) struct Handles {
     cluster: ffi::rados_t,
     ioctx: ffi::rados_ioctx_t,
-    pub(crate) image: ffi::rbd_image_t,
+    /// The open image; null once closed ([`Disk::close`]). Every call on it holds the read
+    /// lock, so closing (the write lock) never pulls the handle from under a call.
+    pub(crate) image: std::sync::RwLock<ffi::rbd_image_t>,
+}
+
+impl Handles {
+    /// The open image, for the duration of a call; `None` once closed.
+    pub(crate) fn image(&self) -> Option<ImageGuard<'_>> {
+        let g = self.image.read().unwrap_or_else(|p| p.into_inner());
+        (!g.is_null()).then_some(ImageGuard(g))
+    }
+
+    fn close_image(&self) {
+        let mut g = self.image.write().unwrap_or_else(|p| p.into_inner());
+        if !g.is_null() {
+            // SAFETY: an open image, closed once: the write lock excludes every call on it,
+            // and the pointer is nulled before the lock is released.
+            unsafe { ffi::rbd_close(*g) };
+            *g = std::ptr::null_mut();
+        }
+    }
+}
+
+/// An open image, held open while this lives.
+pub(crate) struct ImageGuard<'a>(std::sync::RwLockReadGuard<'a, ffi::rbd_image_t>);
+
+impl ImageGuard<'_> {
+    pub(crate) fn get(&self) -> ffi::rbd_image_t {
+        *self.0
+    }
+}
+
+fn closed() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "the rbd image is closed")
 }
 
 // SAFETY: librados and librbd handles may be used from any thread (librbd serialises
@@ -45,11 +78,10 @@ unsafe impl Sync for Handles {}
 
 impl Drop for Handles {
     fn drop(&mut self) {
-        // SAFETY: the handles were opened by `connect` and are closed once, here.
+        self.close_image();
+        // SAFETY: the handles were opened by `connect` and are closed once, here, after the
+        // image.
         unsafe {
-            if !self.image.is_null() {
-                ffi::rbd_close(self.image);
-            }
             if !self.ioctx.is_null() {
                 ffi::rados_ioctx_destroy(self.ioctx);
             }
@@ -88,7 +120,7 @@ fn connect(spec: &RbdSpec, read_only: bool) -> Result<Handles, StorageError> {
     let mut h = Handles {
         cluster: std::ptr::null_mut(),
         ioctx: std::ptr::null_mut(),
-        image: std::ptr::null_mut(),
+        image: std::sync::RwLock::new(std::ptr::null_mut()),
     };
     // SAFETY: every pointer passed is a valid NUL-terminated string or an out-pointer to
     // a field of `h`; on failure `h`'s Drop releases what was opened.
@@ -119,15 +151,16 @@ fn connect(spec: &RbdSpec, read_only: bool) -> Result<Handles, StorageError> {
             return Err(errno("cannot open the pool", spec, ret));
         }
         let snap: *const c_char = std::ptr::null();
+        let mut img: ffi::rbd_image_t = std::ptr::null_mut();
         let ret = if read_only {
-            ffi::rbd_open_read_only(h.ioctx, image.as_ptr(), &mut h.image, snap)
+            ffi::rbd_open_read_only(h.ioctx, image.as_ptr(), &mut img, snap)
         } else {
-            ffi::rbd_open(h.ioctx, image.as_ptr(), &mut h.image, snap)
+            ffi::rbd_open(h.ioctx, image.as_ptr(), &mut img, snap)
         };
         if ret < 0 {
-            h.image = std::ptr::null_mut();
             return Err(errno("cannot open the image", spec, ret));
         }
+        *h.image.get_mut().unwrap_or_else(|p| p.into_inner()) = img;
     }
     Ok(h)
 }
@@ -142,8 +175,12 @@ impl RbdDisk {
     pub fn open(spec: &RbdSpec, read_only: bool) -> Result<RbdDisk, StorageError> {
         let handles = connect(spec, read_only)?;
         let mut size = 0u64;
-        // SAFETY: an open image and an out-pointer to a local.
-        let ret = unsafe { ffi::rbd_get_size(handles.image, &mut size) };
+        let image = handles
+            .image()
+            .ok_or_else(|| errno("the image closed", spec, -libc::EIO))?;
+        // SAFETY: an open image (held by the guard) and an out-pointer to a local.
+        let ret = unsafe { ffi::rbd_get_size(image.get(), &mut size) };
+        drop(image);
         if ret < 0 {
             return Err(errno("cannot read the image size", spec, ret));
         }
@@ -203,19 +240,23 @@ impl Disk for RbdDisk {
     }
 
     fn flush(&self) -> io::Result<()> {
-        // SAFETY: an open image.
-        result(unsafe { ffi::rbd_flush(self.handles.image) } as isize).map(|_| ())
+        let image = self.handles.image().ok_or_else(closed)?;
+        // SAFETY: an open image, held open by the guard.
+        result(unsafe { ffi::rbd_flush(image.get()) } as isize).map(|_| ())
+    }
+
+    fn close(&self) {
+        // Releases the image's exclusive lock at once: another client (the next daemon)
+        // would otherwise wait for the cluster to give up on us (about 30 s).
+        self.handles.close_image();
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        // SAFETY: `buf` is valid for `buf.len()` bytes of writes for the whole call.
+        let image = self.handles.image().ok_or_else(closed)?;
+        // SAFETY: `buf` is valid for `buf.len()` bytes of writes for the whole call; the
+        // image is held open by the guard.
         let n = result(unsafe {
-            ffi::rbd_read(
-                self.handles.image,
-                offset,
-                buf.len(),
-                buf.as_mut_ptr().cast(),
-            )
+            ffi::rbd_read(image.get(), offset, buf.len(), buf.as_mut_ptr().cast())
         })?;
         if n != buf.len() {
             return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
@@ -227,10 +268,11 @@ impl Disk for RbdDisk {
         if self.info.read_only {
             return Err(io::Error::from_raw_os_error(libc::EROFS));
         }
-        // SAFETY: `buf` is valid for `buf.len()` bytes of reads for the whole call.
-        let n = result(unsafe {
-            ffi::rbd_write(self.handles.image, offset, buf.len(), buf.as_ptr().cast())
-        })?;
+        let image = self.handles.image().ok_or_else(closed)?;
+        // SAFETY: `buf` is valid for `buf.len()` bytes of reads for the whole call; the
+        // image is held open by the guard.
+        let n =
+            result(unsafe { ffi::rbd_write(image.get(), offset, buf.len(), buf.as_ptr().cast()) })?;
         if n != buf.len() {
             return Err(io::Error::from(io::ErrorKind::WriteZero));
         }

@@ -160,7 +160,16 @@ impl DiskQueue for RbdQueue {
             _ => 0,
         };
         let arg = (slot as *mut Slot).cast();
-        let image = self.handles.image;
+        let Some(guard) = self.handles.image() else {
+            // Closed at shutdown: nothing more reaches the image.
+            self.free.push(i);
+            self.refused.push_back(Completion {
+                user_data: tag,
+                result: -libc::EIO,
+            });
+            return Ok(());
+        };
+        let image = guard.get();
         let mut c: ffi::rbd_completion_t = std::ptr::null_mut();
         // SAFETY: `arg` points to a slot that stays put and unused until this request's
         // callback has run and its completion has been popped; the callback matches

@@ -251,6 +251,10 @@ impl Disk for ThrottleDisk {
         self.child.flush()
     }
 
+    fn close(&self) {
+        self.child.close()
+    }
+
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.child.read_at(buf, offset)
     }

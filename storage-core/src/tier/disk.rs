@@ -23,7 +23,7 @@ use crate::error::{StorageError, StorageErrorKind};
 pub struct TieredDisk {
     pub(super) shared: Arc<Shared>,
     info: DiskInfo,
-    threads: Vec<JoinHandle<()>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
 pub(super) fn storage_err(
@@ -221,7 +221,7 @@ impl TieredDisk {
                 identity: cap_info.identity,
             },
             shared,
-            threads,
+            threads: Mutex::new(threads),
         })
     }
 
@@ -286,13 +286,21 @@ pub(super) fn is_blank(file: &File) -> bool {
     file.read_exact_at(&mut b, 0).is_ok() && b.iter().all(|&x| x == 0)
 }
 
-impl Drop for TieredDisk {
-    fn drop(&mut self) {
+impl TieredDisk {
+    /// Stops the journal and write-back threads (once; later calls find none).
+    fn stop_threads(&self) {
         lock(&self.shared.bg).shutdown = true;
         self.shared.bg_cv.notify_all();
-        for t in self.threads.drain(..) {
+        let threads = std::mem::take(&mut *lock(&self.threads));
+        for t in threads {
             let _ = t.join();
         }
+    }
+}
+
+impl Drop for TieredDisk {
+    fn drop(&mut self) {
+        self.stop_threads();
     }
 }
 
@@ -311,5 +319,11 @@ impl Disk for TieredDisk {
 
     fn flush(&self) -> io::Result<()> {
         background::flush_now(&self.shared)
+    }
+
+    fn close(&self) {
+        // The background threads write to the capacity child: stop them first.
+        self.stop_threads();
+        self.shared.cap.node().close();
     }
 }
