@@ -21,12 +21,16 @@ struct Inbox {
     eventfd: OwnedFd,
 }
 
-/// One request in flight: its tag, the bytes it moves (reported on success: librbd gives
-/// 0 for a write), and the inbox. librbd holds a pointer to it until the callback.
+/// One request in flight: its tag, the bytes it moves (reported for a write, for which
+/// librbd gives 0; a read reports what librbd read), and a reference to the inbox that the
+/// callback owns (so the inbox outlives a callback that runs while the queue is dropped).
+/// librbd holds a pointer to the slot until the callback.
 struct Slot {
     index: u32,
     tag: u64,
     len: u64,
+    read: bool,
+    /// From `Arc::into_raw` at start; the callback takes it back.
     inbox: *const Inbox,
 }
 
@@ -44,16 +48,24 @@ pub struct RbdQueue {
     refused: std::collections::VecDeque<Completion>,
 }
 
-// SAFETY: the slots' raw pointers point into this queue's own `inbox` (kept alive by the
-// queue, which waits for every request in flight before it drops); librbd reads them on
-// its thread only inside the callback, which touches nothing but the inbox (thread-safe).
+// SAFETY: a slot's inbox pointer is a strong reference the callback owns; librbd reads a
+// slot on its thread only inside the callback, before the completion is pushed, and the
+// queue waits for every request in flight before it frees the slots; the callback touches
+// nothing else but the inbox (thread-safe).
 unsafe impl Send for RbdQueue {}
 
 /// librbd's completion callback: runs on a librbd thread.
 extern "C" fn on_complete(c: ffi::rbd_completion_t, arg: *mut std::ffi::c_void) {
-    // SAFETY: `arg` is the slot this request was started with (see `start`); the slot
-    // and the inbox it points to live until the queue has popped this completion.
-    let slot = unsafe { &*(arg as *const Slot) };
+    // SAFETY: `arg` is the slot this request was started with (see `start`); it is not
+    // reused before its completion has been pushed and popped, so it is read whole here,
+    // before the push.
+    let (index, tag, len, read, inbox) = unsafe {
+        let slot = &*(arg as *const Slot);
+        (slot.index, slot.tag, slot.len, slot.read, slot.inbox)
+    };
+    // SAFETY: `start` gave this request one strong reference, from `Arc::into_raw`; it is
+    // taken back once, here, and keeps the inbox (and its eventfd) alive to the end.
+    let inbox = unsafe { Arc::from_raw(inbox) };
     // SAFETY: `c` is the completion librbd calls us for; it is released once, here.
     let ret = unsafe {
         let r = ffi::rbd_aio_get_return_value(c);
@@ -62,21 +74,24 @@ extern "C" fn on_complete(c: ffi::rbd_completion_t, arg: *mut std::ffi::c_void) 
     };
     let result = if ret < 0 {
         i32::try_from(ret).unwrap_or(-libc::EIO)
+    } else if read {
+        // What librbd read (all of it, short only at the image's end, which `start` keeps
+        // requests inside).
+        i32::try_from(ret).unwrap_or(i32::MAX)
     } else {
-        i32::try_from(slot.len).unwrap_or(i32::MAX)
+        i32::try_from(len).unwrap_or(i32::MAX)
     };
-    // SAFETY: see above: the inbox outlives every request started on its queue.
-    let inbox = unsafe { &*slot.inbox };
     // Room is certain: the list holds as many entries as the queue has slots.
     let _ = inbox.done.push((
         Completion {
-            user_data: slot.tag,
+            user_data: tag,
             result,
         },
-        slot.index,
+        index,
     ));
     let one: u64 = 1;
-    // SAFETY: writes 8 bytes from a valid u64 to the queue's own eventfd.
+    // SAFETY: writes 8 bytes from a valid u64 to the inbox's eventfd, open while `inbox`
+    // (our reference) lives.
     unsafe { libc::write(inbox.eventfd.as_raw_fd(), (&one as *const u64).cast(), 8) };
 }
 
@@ -98,7 +113,8 @@ impl RbdQueue {
                 index,
                 tag: 0,
                 len: 0,
-                inbox: Arc::as_ptr(&inbox),
+                read: false,
+                inbox: std::ptr::null(),
             })
             .collect();
         Ok(RbdQueue {
@@ -159,6 +175,7 @@ impl DiskQueue for RbdQueue {
             DiskOp::Read { .. } | DiskOp::Write { .. } => op.range().map_or(0, |(_, l)| l),
             _ => 0,
         };
+        slot.read = matches!(op, DiskOp::Read { .. });
         let arg = (slot as *mut Slot).cast();
         let Some(guard) = self.handles.image() else {
             // Closed at shutdown: nothing more reaches the image.
@@ -170,6 +187,10 @@ impl DiskQueue for RbdQueue {
             return Ok(());
         };
         let image = guard.get();
+        // The callback's own reference to the inbox (taken back there, or below if the
+        // request does not start).
+        let inbox_ref = Arc::into_raw(self.inbox.clone());
+        self.slots[i as usize].inbox = inbox_ref;
         let mut c: ffi::rbd_completion_t = std::ptr::null_mut();
         // SAFETY: `arg` points to a slot that stays put and unused until this request's
         // callback has run and its completion has been popped; the callback matches
@@ -202,6 +223,8 @@ impl DiskQueue for RbdQueue {
                 // SAFETY: created above and never handed to librbd's I/O path.
                 unsafe { ffi::rbd_aio_release(c) };
             }
+            // SAFETY: the reference made above; no callback will run to take it.
+            drop(unsafe { Arc::from_raw(inbox_ref) });
             self.free.push(i);
             // Not started: report it as a completion with the error, as an engine does.
             self.refused.push_back(Completion {
