@@ -9,10 +9,13 @@
 //! takes CPU time from the very threads it waits for (the client's, io_uring's workers),
 //! and lost 3:1 to a daemon that never polls (blk-compare `--busy 2`). Contention shows two
 //! ways: a look during polling that comes much later than the one before (the thread was
-//! preempted, or its `sched_yield` gave the CPU to someone who wanted it), and the thread's
-//! run-queue wait in `/proc/thread-self/schedstat` growing (read at most every 10 ms, when
-//! the worker goes to sleep). Either turns polling off for a cool-down; it then starts again
-//! from the smallest window.
+//! preempted, or its `sched_yield` gave the CPU to someone who wanted it), and the thread
+//! being preempted (its involuntary context switches, from `getrusage(RUSAGE_THREAD)`, read
+//! at most every 10 ms, when the worker goes to sleep). Either turns polling off for a
+//! cool-down; it then starts again from the smallest window.
+//!
+//! No file is read for this: vhost-fs's workers run with the guest's shared directory as
+//! their root, where `/proc/...` would be a path the guest controls.
 
 use std::time::{Duration, Instant};
 
@@ -20,10 +23,11 @@ use std::time::{Duration, Instant};
 const PREEMPTED_GAP: Duration = Duration::from_micros(25);
 /// How long polling stays off after contention was seen.
 const COOL_DOWN: Duration = Duration::from_millis(50);
-/// How often the run-queue wait is read.
-const SCHEDSTAT_EVERY: Duration = Duration::from_millis(10);
-/// Run-queue wait above this share of the time means others want our CPU.
-const CONTENDED_SHARE: f64 = 0.05;
+/// How often the preemption count is read.
+const PREEMPTIONS_EVERY: Duration = Duration::from_millis(10);
+/// Preemptions per second above which others want our CPU (a preempted thread on a busy
+/// CPU is switched out at every scheduler tick, hundreds of times a second).
+const CONTENDED_RATE: f64 = 100.0;
 /// The smallest window polling grows from.
 const MIN_WINDOW: Duration = Duration::from_micros(2);
 
@@ -35,14 +39,17 @@ pub struct PollWindow {
     slept_at: Option<Instant>,
     last_look: Option<Instant>,
     off_until: Option<Instant>,
-    /// (when, run-queue wait in ns) of the last schedstat reading.
-    sched: Option<(Instant, u64)>,
+    /// (when, involuntary context switches) at the last reading.
+    preempted: Option<(Instant, u64)>,
 }
 
-/// The calling thread's time spent waiting on a run queue, in ns.
-fn run_queue_wait() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
-    text.split_whitespace().nth(1)?.parse().ok()
+/// The calling thread's involuntary context switches so far.
+fn preemptions() -> Option<u64> {
+    // SAFETY: getrusage writes one rusage struct into the zeroed local it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; RUSAGE_THREAD reads the calling thread's counters.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) };
+    (rc == 0).then_some(ru.ru_nivcsw as u64)
 }
 
 impl PollWindow {
@@ -54,7 +61,7 @@ impl PollWindow {
             slept_at: None,
             last_look: None,
             off_until: None,
-            sched: None,
+            preempted: None,
         }
     }
 
@@ -90,18 +97,18 @@ impl PollWindow {
             return;
         }
         let due = self
-            .sched
-            .is_none_or(|(at, _)| now.saturating_duration_since(at) >= SCHEDSTAT_EVERY);
+            .preempted
+            .is_none_or(|(at, _)| now.saturating_duration_since(at) >= PREEMPTIONS_EVERY);
         if due {
-            if let Some(wait) = run_queue_wait() {
-                if let Some((at, before)) = self.sched {
-                    let elapsed = now.saturating_duration_since(at).as_nanos() as f64;
-                    let waited = wait.saturating_sub(before) as f64;
-                    if elapsed > 0.0 && waited / elapsed > CONTENDED_SHARE {
+            if let Some(count) = preemptions() {
+                if let Some((at, before)) = self.preempted {
+                    let secs = now.saturating_duration_since(at).as_secs_f64();
+                    let switched = count.saturating_sub(before) as f64;
+                    if secs > 0.0 && switched / secs > CONTENDED_RATE {
                         self.contended(now);
                     }
                 }
-                self.sched = Some((now, wait));
+                self.preempted = Some((now, count));
             }
         }
     }
@@ -122,7 +129,8 @@ impl PollWindow {
         }
         if now.saturating_duration_since(slept_at) <= self.max {
             // A window this long would have caught it.
-            self.window = (self.window * 2).clamp(MIN_WINDOW, self.max);
+            // (A maximum below MIN_WINDOW is the maximum.)
+            self.window = (self.window * 2).clamp(MIN_WINDOW.min(self.max), self.max);
         } else {
             self.window /= 2;
             if self.window < MIN_WINDOW {
@@ -176,6 +184,18 @@ mod tests {
         p.sleeping(later);
         p.woke(later + Duration::from_micros(5));
         assert_eq!(p.current(), MIN_WINDOW);
+    }
+
+    #[test]
+    fn a_maximum_below_the_smallest_window_is_kept() {
+        let max = Duration::from_micros(1);
+        let mut p = PollWindow::new(max);
+        let t = Instant::now();
+        for i in 0..4 {
+            p.sleeping(t + Duration::from_micros(10 * i));
+            p.woke(t + Duration::from_micros(10 * i) + Duration::from_nanos(500));
+        }
+        assert_eq!(p.current(), max);
     }
 
     #[test]

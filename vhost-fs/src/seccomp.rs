@@ -64,6 +64,8 @@ const ALLOWED: &[libc::c_long] = &[
     libc::SYS_rseq,
     libc::SYS_futex,
     libc::SYS_sched_yield,
+    // The polling window reads its thread's preemption count (daemon_support::polling).
+    libc::SYS_getrusage,
     libc::SYS_sched_getaffinity,
     libc::SYS_nanosleep,
     libc::SYS_clock_nanosleep,

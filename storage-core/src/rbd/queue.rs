@@ -4,6 +4,7 @@
 //! lock-free list (crossbeam's `ArrayQueue`, sized for the queue's depth) and writes the
 //! queue's eventfd, which the worker's event loop waits on.
 
+use std::cell::UnsafeCell;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
@@ -41,7 +42,9 @@ pub struct RbdQueue {
     inbox: Arc<Inbox>,
     /// Slots by index; `free` lists the unused ones. Boxed so their addresses, handed to
     /// librbd, never move.
-    slots: Box<[Slot]>,
+    /// In cells: librbd's threads read a slot through the pointer it was given while this
+    /// queue goes on using the others.
+    slots: Box<[UnsafeCell<Slot>]>,
     free: Vec<u32>,
     in_flight: usize,
     /// Requests librbd refused to start, reported as completions with the error.
@@ -109,12 +112,14 @@ impl RbdQueue {
             eventfd: unsafe { OwnedFd::from_raw_fd(fd) },
         });
         let slots = (0..depth)
-            .map(|index| Slot {
-                index,
-                tag: 0,
-                len: 0,
-                read: false,
-                inbox: std::ptr::null(),
+            .map(|index| {
+                UnsafeCell::new(Slot {
+                    index,
+                    tag: 0,
+                    len: 0,
+                    read: false,
+                    inbox: std::ptr::null(),
+                })
             })
             .collect();
         Ok(RbdQueue {
@@ -169,14 +174,6 @@ impl DiskQueue for RbdQueue {
         let Some(i) = self.free.pop() else {
             return Err(StartError::Busy);
         };
-        let slot = &mut self.slots[i as usize];
-        slot.tag = tag;
-        slot.len = match op {
-            DiskOp::Read { .. } | DiskOp::Write { .. } => op.range().map_or(0, |(_, l)| l),
-            _ => 0,
-        };
-        slot.read = matches!(op, DiskOp::Read { .. });
-        let arg = (slot as *mut Slot).cast();
         let Some(guard) = self.handles.image() else {
             // Closed at shutdown: nothing more reaches the image.
             self.free.push(i);
@@ -190,7 +187,21 @@ impl DiskQueue for RbdQueue {
         // The callback's own reference to the inbox (taken back there, or below if the
         // request does not start).
         let inbox_ref = Arc::into_raw(self.inbox.clone());
-        self.slots[i as usize].inbox = inbox_ref;
+        let slot = self.slots[i as usize].get();
+        // SAFETY: slot `i` was free: no request in flight, so no librbd thread reads it.
+        unsafe {
+            *slot = Slot {
+                index: i,
+                tag,
+                len: match op {
+                    DiskOp::Read { .. } | DiskOp::Write { .. } => op.range().map_or(0, |(_, l)| l),
+                    _ => 0,
+                },
+                read: matches!(op, DiskOp::Read { .. }),
+                inbox: inbox_ref,
+            }
+        };
+        let arg = slot.cast();
         let mut c: ffi::rbd_completion_t = std::ptr::null_mut();
         // SAFETY: `arg` points to a slot that stays put and unused until this request's
         // callback has run and its completion has been popped; the callback matches
