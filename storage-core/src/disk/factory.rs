@@ -119,7 +119,16 @@ fn open_node(node: &NodeSpec, read_only: bool) -> Result<AnyDisk, StorageError> 
             cache_engine,
         } => {
             let capacity = open_node(capacity, read_only)?;
-            if matches!(capacity, AnyDisk::Tiered(_)) {
+            // A tier's background work needs control-plane I/O, which a tier does not serve,
+            // even under filters.
+            fn has_tier(d: &AnyDisk) -> bool {
+                match d {
+                    AnyDisk::Tiered(_) => true,
+                    AnyDisk::Throttle(t) => has_tier(t.child()),
+                    _ => false,
+                }
+            }
+            if has_tier(&capacity) {
                 return Err(StorageError::new(
                     StorageErrorKind::InvalidSpec,
                     "a tier's capacity child cannot itself be a tier",

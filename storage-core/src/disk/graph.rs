@@ -208,7 +208,25 @@ impl GraphSpec {
                     "--blockdev nodes were given: --disk names the root with node=NAME",
                 ));
             }
-            return disk.parse();
+            let mut spec: DiskSpec = disk.parse()?;
+            // A group declared with --object gives its limits to the shorthand's node.
+            if let NodeSpec::Throttle {
+                limits: ThrottleSpec::Group { name, limits },
+                ..
+            } = &mut spec.root
+            {
+                if let Some((_, declared)) = self.groups.iter().find(|(n, _)| n == name) {
+                    if limits.is_some() {
+                        return Err(graph_err(format!(
+                            "throttle group {name:?} has its limits in --object; give them \
+                             there only"
+                        )));
+                    }
+                    *limits = Some(*declared);
+                }
+            }
+            self.check_groups_used(&spec.root)?;
+            return Ok(spec);
         };
         let mut read_only = false;
         let mut serial = None;
@@ -227,6 +245,34 @@ impl GraphSpec {
         self.disk(&root, read_only, serial)
     }
 
+    /// Every group declared with --object is named by some throttle node.
+    fn check_groups_used(&self, root: &NodeSpec) -> Result<(), SpecError> {
+        fn names<'a>(n: &'a NodeSpec, out: &mut Vec<&'a str>) {
+            match n {
+                NodeSpec::Throttle { child, limits } => {
+                    if let ThrottleSpec::Group { name, .. } = limits {
+                        out.push(name);
+                    }
+                    names(child, out);
+                }
+                NodeSpec::Tier { capacity, .. } => names(capacity, out),
+                _ => {}
+            }
+        }
+        let mut used = Vec::new();
+        names(root, &mut used);
+        match self
+            .groups
+            .iter()
+            .find(|(g, _)| !used.contains(&g.as_str()))
+        {
+            Some((g, _)) => Err(graph_err(format!(
+                "throttle-group {g:?} is declared but no throttle node names it"
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// The disk whose graph starts at node `root`. Every node must be used, once: a node
     /// reached twice would be opened twice, two writers of one image.
     pub fn disk(
@@ -242,6 +288,7 @@ impl GraphSpec {
                 "node {name:?} is not part of the disk's graph (its root is {root:?})"
             )));
         }
+        self.check_groups_used(&root_spec)?;
         Ok(DiskSpec {
             root: root_spec,
             read_only,
@@ -643,6 +690,28 @@ mod tests {
         assert!(err.contains("only serial= and readonly="), "{err}");
         let none = GraphSpec::default();
         assert!(none.resolve("path=null,size=1M").is_ok());
+        // An --object group gives its limits to the shorthand's throttle-group=.
+        let g = graph(&[], &["throttle-group,id=vm9,x-iops-total=500"]).unwrap();
+        let d = g.resolve("path=/a.img,throttle-group=vm9").unwrap();
+        assert_eq!(
+            d.root.throttle().map(|t| matches!(
+                t,
+                ThrottleSpec::Group {
+                    limits: Some(_),
+                    ..
+                }
+            )),
+            Some(true)
+        );
+        let err = g
+            .resolve("path=/a.img,throttle-group=vm9,iops-read=5")
+            .unwrap_err();
+        assert!(err.to_string().contains("in --object"), "{err}");
+        let err = g.resolve("path=/a.img").unwrap_err();
+        assert!(
+            err.to_string().contains("no throttle node names it"),
+            "{err}"
+        );
     }
 
     #[test]

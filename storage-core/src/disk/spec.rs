@@ -277,6 +277,8 @@ impl FromStr for DiskSpec {
         let mut read_zeroes = None;
         let mut limits = ThrottleLimits::default();
         let mut throttle_group: Option<String> = None;
+        // Any limit key, even one that sets no rate (`iops-total-max` alone): it is checked.
+        let mut limit_keys = false;
         let mut seen: Vec<&str> = Vec::new();
         for item in s.split(',').filter(|i| !i.is_empty()) {
             let (key, value) = item
@@ -312,7 +314,10 @@ impl FromStr for DiskSpec {
                     }
                     throttle_group = Some(value.to_string());
                 }
-                key if ThrottleLimits::is_key(key) => limits.set(key, value)?,
+                key if ThrottleLimits::is_key(key) => {
+                    limits.set(key, value)?;
+                    limit_keys = true;
+                }
                 other => return Err(SpecError::UnknownKey(other.to_string())),
             }
         }
@@ -366,17 +371,28 @@ impl FromStr for DiskSpec {
             }
         };
         // Limits wrap the whole disk (over its cache), as a per-VM quota does.
-        let root = match (throttle_group, limits.any()) {
+        let limits = if limit_keys {
+            let l = limits.check()?;
+            if !l.any() {
+                return Err(SpecError::Throttle(crate::throttle::LimitError::Conflict(
+                    "the throttle keys set no rate (iops-... or bps-...)".into(),
+                )));
+            }
+            l
+        } else {
+            limits
+        };
+        let root = match (throttle_group, limit_keys) {
             (None, false) => root,
             (None, true) => NodeSpec::Throttle {
                 child: Box::new(root),
-                limits: ThrottleSpec::Private(limits.check()?),
+                limits: ThrottleSpec::Private(limits),
             },
             (Some(name), any) => NodeSpec::Throttle {
                 child: Box::new(root),
                 limits: ThrottleSpec::Group {
                     name,
-                    limits: if any { Some(limits.check()?) } else { None },
+                    limits: if any { Some(limits) } else { None },
                 },
             },
         };
@@ -502,6 +518,8 @@ mod tests {
             ),
             ("path=a,iops-total=ten", "whole number"),
             ("path=a,throttle-group=", "empty name"),
+            ("path=a,iops-total-max=1000", "needs iops-total"),
+            ("path=a,iops-size=8192", "set no rate"),
         ] {
             let err = input.parse::<DiskSpec>().unwrap_err().to_string();
             assert!(err.contains(needle), "{input:?} gave {err:?}");
