@@ -25,6 +25,7 @@ impl Kind {
 }
 
 struct Family {
+    /// Without the exposition's prefix.
     name: String,
     kind: Kind,
     help: &'static str,
@@ -57,16 +58,16 @@ impl Exposition {
         }
     }
 
+    /// The family `name` (without the prefix): found without allocating, created once.
     fn family(&mut self, name: &str, kind: Kind, help: &'static str) -> &mut Family {
-        let full = format!("{}_{name}", self.prefix);
-        let i = match self.families.iter().position(|f| f.name == full) {
+        let i = match self.families.iter().position(|f| f.name == name) {
             Some(i) => {
-                debug_assert_eq!(self.families[i].kind, kind, "{full} declared twice");
+                debug_assert_eq!(self.families[i].kind, kind, "{name} declared twice");
                 i
             }
             None => {
                 self.families.push(Family {
-                    name: full,
+                    name: name.to_string(),
                     kind,
                     help,
                     samples: String::new(),
@@ -86,9 +87,9 @@ impl Exposition {
         labels: &[(&str, &str)],
         value: impl Display,
     ) {
+        let prefix = self.prefix;
         let f = self.family(name, kind, help);
-        let full = f.name.clone();
-        write_sample(&mut f.samples, &full, "", labels, None, value);
+        write_sample(&mut f.samples, prefix, name, "", labels, None, value);
     }
 
     /// Adds one histogram: `buckets` are (upper bound, cumulative count), then `+Inf` is
@@ -102,36 +103,24 @@ impl Exposition {
         sum: f64,
         count: u64,
     ) {
+        let prefix = self.prefix;
         let f = self.family(name, Kind::Histogram, help);
-        let full = f.name.clone();
+        let out = &mut f.samples;
         for (le, n) in buckets {
-            write_sample(
-                &mut f.samples,
-                &full,
-                "_bucket",
-                labels,
-                Some(&le.to_string()),
-                n,
-            );
+            let le = le.to_string();
+            write_sample(out, prefix, name, "_bucket", labels, Some(&le), n);
         }
-        write_sample(
-            &mut f.samples,
-            &full,
-            "_bucket",
-            labels,
-            Some("+Inf"),
-            count,
-        );
-        write_sample(&mut f.samples, &full, "_sum", labels, None, sum);
-        write_sample(&mut f.samples, &full, "_count", labels, None, count);
+        write_sample(out, prefix, name, "_bucket", labels, Some("+Inf"), count);
+        write_sample(out, prefix, name, "_sum", labels, None, sum);
+        write_sample(out, prefix, name, "_count", labels, None, count);
     }
 
     /// The text, family by family.
     pub fn finish(self) -> String {
         let mut out = String::new();
         for f in self.families {
-            let _ = writeln!(out, "# HELP {} {}", f.name, f.help);
-            let _ = writeln!(out, "# TYPE {} {}", f.name, f.kind.name());
+            let _ = writeln!(out, "# HELP {}_{} {}", self.prefix, f.name, f.help);
+            let _ = writeln!(out, "# TYPE {}_{} {}", self.prefix, f.name, f.kind.name());
             out.push_str(&f.samples);
         }
         out
@@ -140,12 +129,15 @@ impl Exposition {
 
 fn write_sample(
     out: &mut String,
+    prefix: &str,
     name: &str,
     suffix: &str,
     labels: &[(&str, &str)],
     le: Option<&str>,
     value: impl Display,
 ) {
+    out.push_str(prefix);
+    out.push('_');
     out.push_str(name);
     out.push_str(suffix);
     let le = le.map(|v| ("le", v));
