@@ -6,7 +6,7 @@ use std::hint::black_box;
 use std::io::Write;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use storage_core::disk::{Disk, DiskOp, DiskQueue, NullDisk, RawDisk};
+use storage_core::disk::{Disk, DiskOp, DiskQueue, IoVecs, NullDisk, RawDisk};
 use storage_core::engine::EngineKind;
 use vhost_blk::request::{parse, Parsed};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
@@ -27,14 +27,15 @@ fn bench_parse(c: &mut Criterion) {
     // The mock queue lives at guest address 0; the request buffers sit above it.
     let queue = MockSplitQueue::new(&mem, 256);
     let chain = queue.build_desc_chain(&descs).unwrap();
-    let (mut segs, mut iov) = (Vec::with_capacity(1024), Vec::with_capacity(1024));
+    let shared = std::sync::Arc::new(mem.clone());
+    let (mut segs, mut iov) = (Vec::with_capacity(1024), IoVecs::with_capacity(1024));
     let mut g = c.benchmark_group("parse");
     g.throughput(Throughput::Elements(1));
     g.bench_function("read_4k_chain", |b| {
         b.iter_batched(
             || chain.clone(),
             |chain| {
-                let p = parse(chain, &mem, 1 << 30, &mut segs, &mut iov);
+                let p = parse(chain, &shared, 1 << 30, &mut segs, &mut iov);
                 assert!(matches!(p, Parsed::Request { .. }));
                 black_box(p)
             },
@@ -47,33 +48,16 @@ fn bench_parse(c: &mut Criterion) {
 const BATCH: usize = 32;
 const BLOCK: usize = 4096;
 
-/// Starts BATCH 4 KiB reads, submits once, reaps all.
-fn read_batch(
-    q: &mut impl DiskQueue,
-    bufs: &mut [Vec<u8>],
-    iovs: &mut [[libc::iovec; 1]],
-    seed: &mut u64,
-) {
-    for (i, (buf, iov)) in bufs.iter_mut().zip(iovs.iter_mut()).enumerate() {
+/// Starts BATCH 4 KiB reads, submits once, reaps all. `bufs` holds each tag's buffers
+/// between batches.
+fn read_batch(q: &mut impl DiskQueue, bufs: &mut [Option<IoVecs>], seed: &mut u64) {
+    for (i, buf) in bufs.iter_mut().enumerate() {
         *seed = seed
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
         let offset = (*seed >> 33) % (64 << 20) / BLOCK as u64 * BLOCK as u64;
-        iov[0] = libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: BLOCK,
-        };
-        // SAFETY: `bufs` and `iovs` outlive the batch, which is fully reaped below.
-        unsafe {
-            q.start(
-                DiskOp::Read {
-                    offset,
-                    iov: &iov[..],
-                },
-                i as u64,
-            )
-        }
-        .unwrap();
+        let buffers = buf.take().expect("buffers are back after each batch");
+        q.start(DiskOp::Read { offset, buffers }, i as u64).unwrap();
     }
     q.submit().unwrap();
     let mut done = 0;
@@ -81,6 +65,7 @@ fn read_batch(
         match q.pop_completion() {
             Some(c) => {
                 assert_eq!(c.result, BLOCK as i32);
+                bufs[c.tag as usize] = c.buffers;
                 done += 1;
             }
             None => q.wait().unwrap(),
@@ -101,32 +86,18 @@ fn bench_engines(c: &mut Criterion) {
     for kind in [EngineKind::IoUring, EngineKind::Sync] {
         let disk = RawDisk::open(file.path(), true, false, kind).unwrap();
         let mut q = disk.new_queue(BATCH as u32).unwrap();
-        let mut bufs = vec![vec![0u8; BLOCK]; BATCH];
-        let mut iovs = vec![
-            [libc::iovec {
-                iov_base: std::ptr::null_mut(),
-                iov_len: 0
-            }];
-            BATCH
-        ];
+        let mut bufs: Vec<_> = (0..BATCH).map(|_| Some(IoVecs::owned(&[BLOCK]))).collect();
         let mut seed = 1;
         g.bench_function(kind.name(), |b| {
-            b.iter(|| read_batch(&mut q, &mut bufs, &mut iovs, &mut seed))
+            b.iter(|| read_batch(&mut q, &mut bufs, &mut seed))
         });
     }
     let null = NullDisk::new(64 << 20, false, true);
     let mut q = null.new_queue(BATCH as u32).unwrap();
-    let mut bufs = vec![vec![0u8; BLOCK]; BATCH];
-    let mut iovs = vec![
-        [libc::iovec {
-            iov_base: std::ptr::null_mut(),
-            iov_len: 0
-        }];
-        BATCH
-    ];
+    let mut bufs: Vec<_> = (0..BATCH).map(|_| Some(IoVecs::owned(&[BLOCK]))).collect();
     let mut seed = 1;
     g.bench_function("null", |b| {
-        b.iter(|| read_batch(&mut q, &mut bufs, &mut iovs, &mut seed))
+        b.iter(|| read_batch(&mut q, &mut bufs, &mut seed))
     });
     g.finish();
 }

@@ -4,6 +4,9 @@
 //! translated through the guest memory map with its length before any host pointer is
 //! formed, so nothing here can reach outside guest memory.
 
+use std::sync::Arc;
+
+use storage_core::iov::IoVecs;
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::bitmap::MS;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
@@ -275,32 +278,32 @@ pub fn write_stream<M: GuestMemoryBackend>(
     }
 }
 
-/// Describes the stream window `[skip, skip + len)` as host iovecs into guest memory.
-pub fn stream_to_iov<M: GuestMemoryBackend>(
+/// Describes the stream window `[skip, skip + len)` as buffers in guest memory, kept
+/// mapped by `iov` (it holds a reference to `mem`) for as long as it holds them. At most
+/// `iov`'s capacity of buffers, and never more than [`MAX_IOVECS`].
+pub fn stream_to_iov<M: GuestMemoryBackend + Send + Sync + 'static>(
     segments: &[Segment],
     writable: bool,
     skip: u64,
     len: u64,
-    mem: &M,
-    iov: &mut Vec<libc::iovec>,
+    mem: &Arc<M>,
+    iov: &mut IoVecs,
 ) -> Result<(), BadChain> {
-    iov.clear();
-    let mut total = 0u64;
+    iov.reset(mem.clone());
     for_each_range(segments, writable, skip, len, |addr, n| {
         for slice in mem.get_slices(addr, n as usize) {
             let slice = slice.map_err(|_| BadChain)?;
-            if iov.len() == MAX_IOVECS {
+            if iov.count() == MAX_IOVECS {
                 return Err(BadChain);
             }
-            iov.push(libc::iovec {
-                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
-                iov_len: slice.len(),
-            });
-            total += slice.len() as u64;
+            // SAFETY: the slice was translated from `mem` (checked against its regions,
+            // with its length), which `iov` keeps alive as its keep-alive (set above).
+            unsafe { iov.push(slice.ptr_guard_mut().as_ptr(), slice.len()) }
+                .map_err(|_| BadChain)?;
         }
         Ok(())
     })?;
-    if total == len {
+    if iov.len() == len {
         Ok(())
     } else {
         Err(BadChain)
@@ -354,9 +357,9 @@ mod tests {
             len: 0x1000,
             writable: true,
         }];
-        let mut iov = Vec::new();
+        let mut iov = IoVecs::with_capacity(MAX_IOVECS);
         assert_eq!(
-            stream_to_iov(&outside, true, 0, 0x1000, &m, &mut iov),
+            stream_to_iov(&outside, true, 0, 0x1000, &Arc::new(m), &mut iov),
             Err(BadChain)
         );
     }

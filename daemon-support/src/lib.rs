@@ -2,7 +2,8 @@
 //! protocols: the vhost-user transport, generic over the device and its queue workers
 //! ([`transport`]), descriptor chains read as byte streams and turned into iovecs into guest
 //! memory ([`chain`]), the driver's avail index and whether it can be trusted ([`ring`]), binding unix sockets and waiting for a frontend ([`socket`]),
-//! termination signals on one thread ([`signals`]), how long a worker polls ([`polling`]), the HTTP API listener ([`api`]; each
+//! termination signals on one thread ([`signals`]), the queue workers' run loop ([`serve`];
+//! each daemon supplies its request handling), how long a worker polls ([`polling`]), the HTTP API listener ([`api`]; each
 //! daemon supplies its routes), and one-line command-line errors ([`cli`]).
 
 pub mod api;
@@ -10,6 +11,7 @@ pub mod chain;
 pub mod cli;
 pub mod polling;
 pub mod ring;
+pub mod serve;
 pub mod signals;
 pub mod socket;
 pub mod transport;

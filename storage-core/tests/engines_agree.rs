@@ -5,7 +5,7 @@
 use std::io::Write;
 
 use proptest::prelude::*;
-use storage_core::disk::{Disk, DiskOp, DiskQueue, RawDisk};
+use storage_core::disk::{Disk, DiskOp, DiskQueue, IoVecs, RawDisk, StartError};
 use storage_core::engine::EngineKind;
 
 const DISK: u64 = 256 * 1024;
@@ -51,30 +51,22 @@ fn op() -> impl Strategy<Value = Op> {
 
 /// Runs one op to completion on `q`, returning data read (for reads) and the result.
 fn run(q: &mut impl DiskQueue, op: &Op) -> (i32, Vec<u8>) {
-    let mut buf = Vec::new();
-    // Split buffers into two iovecs to exercise scatter-gather.
-    let mk_iov = |buf: &mut Vec<u8>| {
-        let half = (buf.len() / 2) & !511;
-        let (a, b) = buf.split_at_mut(half);
-        let mut iov = Vec::new();
-        for part in [a, b] {
-            if !part.is_empty() {
-                iov.push(libc::iovec {
-                    iov_base: part.as_mut_ptr().cast(),
-                    iov_len: part.len(),
-                });
-            }
-        }
-        iov
+    // Buffers split in two to exercise scatter-gather.
+    let split = |len: u64| {
+        let half = ((len / 2) & !511) as usize;
+        let lens: Vec<usize> = [half, len as usize - half]
+            .into_iter()
+            .filter(|&n| n > 0)
+            .collect();
+        IoVecs::owned(&lens)
     };
-    let iov;
     let disk_op = match *op {
         Op::Read { sector, sectors } => {
-            buf = vec![0xEE; (sectors * 512) as usize];
-            iov = mk_iov(&mut buf);
+            let mut buffers = split(sectors * 512);
+            buffers.copy_from(0, &vec![0xEE; (sectors * 512) as usize]);
             DiskOp::Read {
                 offset: sector * 512,
-                iov: &iov,
+                buffers,
             }
         }
         Op::Write {
@@ -82,13 +74,14 @@ fn run(q: &mut impl DiskQueue, op: &Op) -> (i32, Vec<u8>) {
             sectors,
             seed,
         } => {
-            buf = (0..sectors * 512)
+            let data: Vec<u8> = (0..sectors * 512)
                 .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
                 .collect();
-            iov = mk_iov(&mut buf);
+            let mut buffers = split(sectors * 512);
+            buffers.copy_from(0, &data);
             DiskOp::Write {
                 offset: sector * 512,
-                iov: &iov,
+                buffers,
             }
         }
         Op::Discard { sector, sectors } => DiskOp::Discard {
@@ -106,8 +99,7 @@ fn run(q: &mut impl DiskQueue, op: &Op) -> (i32, Vec<u8>) {
         },
         Op::Flush => DiskOp::Flush,
     };
-    // SAFETY: `iov` and `buf` live until the completion is popped below.
-    unsafe { q.start(disk_op, 7) }.expect("start");
+    q.start(disk_op, 7).expect("start");
     q.submit().unwrap();
     let c = loop {
         if let Some(c) = q.pop_completion() {
@@ -115,8 +107,8 @@ fn run(q: &mut impl DiskQueue, op: &Op) -> (i32, Vec<u8>) {
         }
         q.wait().unwrap();
     };
-    assert_eq!(c.user_data, 7);
-    (c.result, buf)
+    assert_eq!(c.tag, 7);
+    (c.result, c.buffers.map(|b| b.to_vec()).unwrap_or_default())
 }
 
 fn apply_model(model: &mut [u8], op: &Op) -> Option<Vec<u8>> {
@@ -191,43 +183,38 @@ fn out_of_range_and_read_only_are_refused_before_any_io() {
         RawDisk::open(f.path(), true, false, EngineKind::IoUring).unwrap(),
     );
     let mut q = disk.new_queue(4).unwrap();
-    let mut buf = vec![0u8; 4096];
-    let iov = [libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    }];
-    // SAFETY: the buffers outlive the calls, and refused requests never reach the engine.
-    unsafe {
-        assert_eq!(
-            q.start(
-                DiskOp::Read {
-                    offset: DISK - 512,
-                    iov: &iov
-                },
-                1
-            ),
-            Err(storage_core::disk::StartError::OutOfRange)
-        );
-        assert_eq!(
-            q.start(
-                DiskOp::Read {
-                    offset: u64::MAX - 100,
-                    iov: &iov
-                },
-                1
-            ),
-            Err(storage_core::disk::StartError::OutOfRange)
-        );
-        assert_eq!(
-            q.start(
-                DiskOp::Write {
-                    offset: 0,
-                    iov: &iov
-                },
-                1
-            ),
-            Err(storage_core::disk::StartError::ReadOnly)
-        );
-    }
+    let refused =
+        |q: &mut storage_core::disk::AnyQueue, op: DiskOp| q.start(op, 1).map_err(|r| r.error);
+    let buffers = || IoVecs::owned(&[4096]);
+    assert_eq!(
+        refused(
+            &mut q,
+            DiskOp::Read {
+                offset: DISK - 512,
+                buffers: buffers()
+            }
+        ),
+        Err(StartError::OutOfRange)
+    );
+    assert_eq!(
+        refused(
+            &mut q,
+            DiskOp::Read {
+                offset: u64::MAX - 100,
+                buffers: buffers()
+            }
+        ),
+        Err(StartError::OutOfRange)
+    );
+    assert_eq!(
+        refused(
+            &mut q,
+            DiskOp::Write {
+                offset: 0,
+                buffers: buffers()
+            }
+        ),
+        Err(StartError::ReadOnly)
+    );
     assert_eq!(q.in_flight(), 0);
 }

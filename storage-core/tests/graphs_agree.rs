@@ -10,7 +10,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
-use storage_core::disk::{open_disk, Disk, DiskOp, DiskQueue, DiskSpec, StartError};
+use storage_core::disk::{
+    open_disk, Disk, DiskOp, DiskQueue, DiskSpec, IoVecs, Rejected, StartError,
+};
 
 const DISK: u64 = 2 << 20;
 /// Requests of one batch touch disjoint 64 KiB regions, so their order does not matter.
@@ -93,12 +95,12 @@ fn pattern(seed: u8, offset: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
-/// One request of a batch: its operation's buffer and iovecs (kept until it completes).
+/// One request of a batch: what it writes or read, and its buffers while they are ours.
 struct Pending {
     op: Op,
     offset: u64,
     buf: Vec<u8>,
-    iov: Vec<libc::iovec>,
+    buffers: Option<IoVecs>,
 }
 
 fn readable(fd: i32, ms: i32) {
@@ -132,42 +134,34 @@ fn run_batch(q: &mut impl DiskQueue, batch: &[(u64, Op)], model: &mut [u8]) {
                 Op::Read { .. } => vec![0xeeu8; len],
                 _ => Vec::new(),
             };
+            // Two buffers where the length allows, for scatter-gather.
+            let half = (len / 2) & !511;
+            let lens: Vec<usize> = [half, len - half].into_iter().filter(|&n| n > 0).collect();
+            let mut buffers = IoVecs::owned(&lens);
+            buffers.copy_from(0, &buf);
             Pending {
                 op: op.clone(),
                 offset,
                 buf,
-                iov: Vec::new(),
+                buffers: Some(buffers),
             }
         })
         .collect();
-    for r in &mut reqs {
-        // Two iovecs where the buffer allows, for scatter-gather.
-        let half = (r.buf.len() / 2) & !511;
-        let (a, b) = r.buf.split_at_mut(half);
-        r.iov = [a, b]
-            .into_iter()
-            .filter(|p| !p.is_empty())
-            .map(|p| libc::iovec {
-                iov_base: p.as_mut_ptr().cast(),
-                iov_len: p.len(),
-            })
-            .collect();
-    }
     let mut done = vec![false; reqs.len()];
     let mut next = 0;
     let deadline = Instant::now() + Duration::from_secs(30);
     while done.iter().any(|d| !d) {
         assert!(Instant::now() < deadline, "the batch never completed");
         while next < reqs.len() {
-            let r = &reqs[next];
+            let r = &mut reqs[next];
             let op = match r.op {
                 Op::Read { .. } => DiskOp::Read {
                     offset: r.offset,
-                    iov: &r.iov,
+                    buffers: r.buffers.take().unwrap(),
                 },
                 Op::Write { .. } => DiskOp::Write {
                     offset: r.offset,
-                    iov: &r.iov,
+                    buffers: r.buffers.take().unwrap(),
                 },
                 Op::Zeroes { sectors, .. } => DiskOp::WriteZeroes {
                     offset: r.offset,
@@ -176,23 +170,31 @@ fn run_batch(q: &mut impl DiskQueue, batch: &[(u64, Op)], model: &mut [u8]) {
                 },
                 Op::Flush => DiskOp::Flush,
             };
-            // SAFETY: buffers and iovecs live in `reqs` until every completion is in.
-            match unsafe { q.start(op, next as u64) } {
+            match q.start(op, next as u64) {
                 Ok(()) => next += 1,
-                Err(StartError::Busy) => break,
+                Err(Rejected {
+                    error: StartError::Busy,
+                    op,
+                }) => {
+                    r.buffers = op.into_buffers();
+                    break;
+                }
                 Err(e) => panic!("request {next} refused: {e}"),
             }
         }
         q.submit().unwrap();
         let mut any = false;
         while let Some(c) = q.pop_completion() {
-            let i = c.user_data as usize;
-            let r = &reqs[i];
+            let i = c.tag as usize;
+            let r = &mut reqs[i];
             let want = match r.op {
                 Op::Read { .. } | Op::Write { .. } => r.buf.len() as i32,
                 _ => 0,
             };
             assert_eq!(c.result, want, "{:?} at {}", r.op, r.offset);
+            if let Op::Read { .. } = r.op {
+                r.buf = c.buffers.expect("a read gives its buffers back").to_vec();
+            }
             done[i] = true;
             any = true;
         }
@@ -224,20 +226,16 @@ fn run_batch(q: &mut impl DiskQueue, batch: &[(u64, Op)], model: &mut [u8]) {
 fn read_all(q: &mut impl DiskQueue) -> Vec<u8> {
     let mut out = vec![0u8; DISK as usize];
     for (i, chunk) in out.chunks_mut(REGION as usize).enumerate() {
-        let iov = [libc::iovec {
-            iov_base: chunk.as_mut_ptr().cast(),
-            iov_len: chunk.len(),
-        }];
         let op = DiskOp::Read {
             offset: i as u64 * REGION,
-            iov: &iov,
+            buffers: IoVecs::owned(&[chunk.len()]),
         };
-        // SAFETY: the buffer outlives the request, which completes before the next loop.
-        unsafe { q.start(op, 0) }.unwrap();
+        q.start(op, 0).unwrap();
         q.submit().unwrap();
         loop {
             if let Some(c) = q.pop_completion() {
                 assert_eq!(c.result, REGION as i32);
+                c.buffers.unwrap().copy_to(0, chunk);
                 break;
             }
             q.wait().unwrap();

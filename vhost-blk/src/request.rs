@@ -7,6 +7,8 @@
 //! host pointer is formed, so a request can never reach outside guest memory; data buffers
 //! become iovecs into guest memory, used in place.
 
+use std::sync::Arc;
+
 use daemon_support::chain::{collect_all, read_stream, stream_to_iov};
 use vm_memory::{Address, GuestMemoryBackend};
 
@@ -16,6 +18,7 @@ use storage_core::units::{Sector, SECTOR_SIZE};
 use crate::virtio_blk::*;
 
 pub use daemon_support::chain::{Segment, MAX_IOVECS, MAX_SEGMENTS};
+pub use storage_core::iov::IoVecs;
 
 /// A validated request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,20 +126,21 @@ fn refuse(status: StatusByte, st: u8, class: OpClass, error: ErrorClass) -> Pars
 ///
 /// `segments` and `iov` are the caller's preallocated scratch space (cleared here, never
 /// grown beyond [`MAX_SEGMENTS`] / [`MAX_IOVECS`]); on `Parsed::Request` with data, `iov`
-/// describes the data buffers in guest memory. `capacity` is the disk size in bytes.
-pub fn parse<M: GuestMemoryBackend>(
+/// describes the data buffers in guest memory, and keeps `mem` alive while it holds them.
+/// `capacity` is the disk size in bytes.
+pub fn parse<M: GuestMemoryBackend + Send + Sync + 'static>(
     descriptors: impl Iterator<Item = virtio_queue::desc::split::Descriptor>,
-    mem: &M,
+    mem: &Arc<M>,
     capacity: u64,
     segments: &mut Vec<Segment>,
-    iov: &mut Vec<libc::iovec>,
+    iov: &mut IoVecs,
 ) -> Parsed {
     iov.clear();
     let chain = collect_all(descriptors, segments);
     let (readable, writable) = (chain.readable, chain.writable);
 
     // The status byte is the last writable byte; without one the guest cannot be answered.
-    let Some(status) = status_byte(segments, mem) else {
+    let Some(status) = status_byte(segments, &**mem) else {
         return Parsed::Dropped;
     };
     let malformed = |class| refuse(status, VIRTIO_BLK_S_IOERR, class, ErrorClass::Malformed);
@@ -144,7 +148,7 @@ pub fn parse<M: GuestMemoryBackend>(
         return malformed(OpClass::Other);
     }
     let mut header = [0u8; REQUEST_HEADER_LEN];
-    if read_stream(segments, 0, &mut header, mem).is_err() {
+    if read_stream(segments, 0, &mut header, &**mem).is_err() {
         return malformed(OpClass::Other);
     }
     let req_type = u32::from_le_bytes(header[0..4].try_into().unwrap_or_default());
@@ -204,7 +208,7 @@ pub fn parse<M: GuestMemoryBackend>(
                 return malformed(class);
             }
             let mut seg = [0u8; DISCARD_SEGMENT_LEN];
-            if read_stream(segments, REQUEST_HEADER_LEN as u64, &mut seg, mem).is_err() {
+            if read_stream(segments, REQUEST_HEADER_LEN as u64, &mut seg, &**mem).is_err() {
                 return malformed(class);
             }
             let sector = Sector(u64::from_le_bytes(seg[0..8].try_into().unwrap_or_default()));
@@ -254,26 +258,6 @@ fn status_byte<M: GuestMemoryBackend>(segments: &[Segment], mem: &M) -> Option<S
     Some(StatusByte(slice.ptr_guard_mut().as_ptr()))
 }
 
-/// Copies `data` into the buffers of `iov`; returns the bytes copied.
-///
-/// # Safety
-///
-/// Every iovec must describe writable memory that stays mapped for the call.
-pub unsafe fn copy_to_iov(iov: &[libc::iovec], data: &[u8]) -> usize {
-    let mut done = 0;
-    for v in iov {
-        let n = v.iov_len.min(data.len() - done);
-        // SAFETY: the caller guarantees `v` describes at least `v.iov_len >= n` writable
-        // bytes; `data[done..done + n]` is in bounds by construction of `n`.
-        unsafe { std::ptr::copy_nonoverlapping(data[done..].as_ptr(), v.iov_base.cast(), n) };
-        done += n;
-        if done == data.len() {
-            break;
-        }
-    }
-    done
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -313,9 +297,9 @@ mod tests {
     fn run(m: &GuestMemoryMmap<()>, descs: &[RawDescriptor]) -> (Parsed, Vec<libc::iovec>) {
         let q = MockSplitQueue::new(m, 256);
         let chain = q.build_desc_chain(descs).unwrap();
-        let (mut segs, mut iov) = (Vec::new(), Vec::new());
-        let parsed = parse(chain, m, CAPACITY, &mut segs, &mut iov);
-        (parsed, iov)
+        let (mut segs, mut iov) = (Vec::new(), IoVecs::with_capacity(MAX_IOVECS));
+        let parsed = parse(chain, &Arc::new(m.clone()), CAPACITY, &mut segs, &mut iov);
+        (parsed, iov.as_slice().to_vec())
     }
 
     fn refusal(p: Parsed) -> Refusal {
@@ -563,12 +547,8 @@ mod tests {
                 ..
             }
         ));
-        // SAFETY: the iovecs point into `m`, which is alive.
-        let n = unsafe { copy_to_iov(&iov, b"serial-123") };
-        assert_eq!(n, 10);
-        let mut back = [0u8; 10];
-        m.read_slice(&mut back, GuestAddress(DATA)).unwrap();
-        assert_eq!(&back, b"serial-123");
+        assert_eq!(iov.len(), 1);
+        assert_eq!(iov[0].iov_base as *mut u8, host(&m, DATA));
     }
 
     proptest! {

@@ -1,41 +1,37 @@
 //! One queue worker: takes requests from one virtqueue, runs them on that worker's own disk
-//! queue (its own io_uring), and puts completions on the used ring.
+//! queue (its own io_uring), and puts completions on the used ring. The loop around it
+//! (passes, polling, sleeping) is `daemon_support::serve`; this module is the virtio-blk
+//! request handling it drives.
 //!
-//! The path of a request: a kick (or a completion, or a freed slot) calls [`QueueWorker::run`];
-//! it pops every available chain while a slot is free, parses it into iovecs that point into
-//! guest memory, starts it on the disk queue, and submits the whole batch at once. Completions
-//! (often ready right after submit for page-cached data) are reaped in the same pass, their
-//! status bytes written and the guest notified once per batch.
+//! The path of a request: a kick (or a completion, or a freed slot) starts a pass; `pull`
+//! pops every available chain while a slot is free, parses it into buffers in guest memory
+//! ([`IoVecs`], which the disk queue owns until the request completes), starts it on the
+//! disk queue, and the pass submits the whole batch at once. Completions (often ready right
+//! after submit for page-cached data) are reaped in the same pass, their status bytes
+//! written and the guest notified once per batch.
 //!
 //! Slots, iovec arrays and scratch space are allocated when the worker is created; the hot
 //! path allocates nothing. No lock is shared with other queues: the worker's own mutex is
 //! taken only by its event-loop thread, and by the control thread when it drains the queue.
 
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use vhost_user_backend::{VringState, VringT};
+use vhost_user_backend::VringT;
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{
-    Address, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, VolatileMemory,
-};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 
-use storage_core::disk::{AnyQueue, DiskOp, DiskQueue, StartError};
+use storage_core::disk::{AnyQueue, DiskOp, DiskQueue, IoVecs, StartError};
 use storage_core::metrics::{ErrorClass, OpClass, QueueMetrics};
 
-use daemon_support::polling::PollWindow;
-use daemon_support::ring;
+use daemon_support::serve::{self, add_used, QueueCore, QueueService, State};
 
 use crate::device::BlkDevice;
 use crate::request::{self, Parsed, RequestKind, Segment, StatusByte};
 use crate::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 
 pub use daemon_support::transport::{GuestMemory, Vring};
-
-/// Looks at the avail index per idle watch (about 1 µs here; up to 3 µs on CPUs with a slow
-/// PAUSE) before the next full look, which also checks the shutdown flag and the clock.
-const WATCH_LOOKS: u32 = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -49,50 +45,42 @@ struct Slot {
     head: u16,
     kind: RequestKind,
     status: StatusByte,
-    /// Data buffers in guest memory; capacity `MAX_IOVECS`, allocated once.
-    iov: Vec<libc::iovec>,
-    /// First iovec not yet fully transferred (short reads and writes are continued).
-    iov_start: usize,
+    /// Data buffers in guest memory (capacity `MAX_IOVECS`, allocated once): here while the
+    /// request is not with the disk queue, which owns them meanwhile and gives them back
+    /// with the completion. Advanced past what a short transfer moved.
+    buffers: Option<IoVecs>,
     /// Data bytes transferred so far.
     done: u64,
     phase: Phase,
     started: Instant,
-    /// Keeps the guest memory the iovecs point into mapped until the request completes,
-    /// even if the frontend replaces the memory table meanwhile.
+    /// Keeps the guest memory the status byte points into mapped until the request
+    /// completes, even if the frontend replaces the memory table meanwhile (the buffers
+    /// hold their own reference).
     mem: Option<Arc<GuestMemory>>,
 }
 
-// SAFETY: the raw pointers in a slot (iovecs, status byte) point into guest memory that the
-// slot keeps mapped through `mem`; they are only dereferenced by the thread that currently
-// owns the worker (behind its mutex), so moving a slot between threads is sound.
+// SAFETY: the status byte points into guest memory that the slot keeps mapped through
+// `mem`; it is only written by the thread that currently owns the worker (behind its
+// mutex), so moving a slot between threads is sound.
 unsafe impl Send for Slot {}
 
 /// The state of one queue's worker.
 pub struct QueueWorker {
-    index: usize,
+    /// The ring, its memory and health, the polling window.
+    core: QueueCore,
     device: Arc<BlkDevice>,
     metrics: Arc<QueueMetrics>,
     queue: AnyQueue,
     slots: Box<[Slot]>,
     free: Vec<u16>,
     segments: Vec<Segment>,
-    scratch_iov: Vec<libc::iovec>,
-    mem: Option<GuestMemoryAtomic<GuestMemory>>,
-    vring: Option<Vring>,
-    /// Requests are waiting in the virtqueue because every slot is busy.
-    throttled: bool,
-    /// Broken once the driver's avail index proves corrupt (see `daemon_support::ring`).
-    health: ring::Health,
-    /// How long to poll the idle queue before sleeping (adaptive, up to `--poll-us`).
-    poll: PollWindow,
+    /// Where the next chain's data buffers are described; swapped into the slot that
+    /// takes the request.
+    scratch_iov: IoVecs,
     /// Requests answered since the guest was last notified, for the metrics: kind, bytes
     /// and start. Recorded after the notification, which they would otherwise delay.
     answered: Vec<(OpClass, u64, Instant)>,
 }
-
-// SAFETY: `scratch_iov` holds pointers only transiently during `run` (they are copied into a
-// slot or dropped before `run` returns); everything else is Send.
-unsafe impl Send for QueueWorker {}
 
 impl QueueWorker {
     pub fn new(index: usize, device: Arc<BlkDevice>, queue: AnyQueue, depth: u32) -> Self {
@@ -101,8 +89,7 @@ impl QueueWorker {
                 head: 0,
                 kind: RequestKind::Flush,
                 status: StatusByte::dangling(),
-                iov: Vec::with_capacity(request::MAX_IOVECS),
-                iov_start: 0,
+                buffers: Some(IoVecs::with_capacity(request::MAX_IOVECS)),
                 done: 0,
                 phase: Phase::Io,
                 started: Instant::now(),
@@ -110,19 +97,14 @@ impl QueueWorker {
             })
             .collect();
         QueueWorker {
-            index,
+            core: QueueCore::new(index, device.poll),
             metrics: device.queue_metrics(index),
-            poll: PollWindow::new(device.poll),
             device,
             queue,
             slots,
             free: (0..depth as u16).rev().collect(),
             segments: Vec::with_capacity(request::MAX_SEGMENTS),
-            scratch_iov: Vec::with_capacity(request::MAX_IOVECS),
-            mem: None,
-            vring: None,
-            throttled: false,
-            health: ring::Health::default(),
+            scratch_iov: IoVecs::with_capacity(request::MAX_IOVECS),
             // Two passes' worth: a slot can be answered, refilled and answered again
             // before the notification.
             answered: Vec::with_capacity(2 * depth as usize),
@@ -137,176 +119,28 @@ impl QueueWorker {
     /// Binds the worker to a new connection's guest memory; forgets the old vring.
     pub fn attach(&mut self, mem: GuestMemoryAtomic<GuestMemory>) {
         debug_assert_eq!(self.queue.in_flight(), 0);
-        self.mem = Some(mem);
-        self.vring = None;
-        self.throttled = false;
-        self.health.reset();
+        self.core.attach(mem);
     }
 
     /// Handles a kick of `vring`.
     pub fn kick(&mut self, vring: &Vring) {
-        if self.vring.is_none() {
-            self.vring = Some(vring.clone());
-        }
-        self.poll.woke(Instant::now());
-        self.run(vring);
-        self.poll.sleeping(Instant::now());
+        self.core.kicked(vring);
+        serve::serve(self, vring);
     }
 
     /// Handles the completion eventfd.
     pub fn completions_ready(&mut self) {
         self.queue.ack_completion_fd();
-        if let Some(vring) = self.vring.clone() {
-            self.poll.woke(Instant::now());
-            self.run(&vring);
-            self.poll.sleeping(Instant::now());
-        }
-    }
-
-    /// Serves the queue until it is idle: reap completions, pull new requests while slots
-    /// are free, submit them in one batch, reap what completed inline, notify the guest.
-    ///
-    /// With polling on, an idle queue is watched for a while more (the avail ring and the
-    /// completion queue are plain memory reads) before the worker goes back to sleep on its
-    /// eventfds; the guest need not kick meanwhile, because notifications stay suppressed.
-    /// Any activity restarts the window, so an idle queue costs no CPU. The window adapts
-    /// (`daemon_support::polling`): it shrinks when polling would not have caught the next
-    /// request, and closes while others wait for this CPU.
-    fn run(&mut self, vring: &Vring) {
-        if self.mem.is_none() {
-            return;
-        }
-        let mut state = vring.get_mut();
-        // A stopped ring (GET_VRING_BASE drained it first) is left alone until it is
-        // started again: a completion or kick that arrives in between must neither take
-        // requests nor, seeing work it cannot pop, loop on re-enabling kicks.
-        if !state.get_queue().ready() {
-            return;
-        }
-        let _ = state.disable_notification();
-        loop {
-            let mut idle_since: Option<Instant> = None;
-            loop {
-                let stopping = self.device.stopping.load(Ordering::Relaxed);
-                let mut used = self.reap(&mut state);
-                let mut progress = used;
-                if !stopping {
-                    progress += self.pull(&mut state, &mut used);
-                }
-                if let Err(e) = self.queue.submit() {
-                    log::error!("queue {}: submit failed: {e}", self.index);
-                }
-                let inline = self.reap(&mut state);
-                used += inline;
-                progress += inline;
-                if used > 0 {
-                    self.notify(&mut state);
-                }
-                self.record_answered();
-                if progress > 0 {
-                    idle_since = None;
-                    self.poll.busy();
-                    continue;
-                }
-                // A throttle holding requests back brings us back with its timer: polling
-                // meanwhile would spin for requests that cannot go yet.
-                if self.poll.current().is_zero()
-                    || stopping
-                    || self.health.is_broken()
-                    || self.queue.held() > 0
-                {
-                    break;
-                }
-                // An idle look waits for a watch of the avail index or a yield (a microsecond
-                // or more), so reading the clock on each costs little.
-                let now = Instant::now();
-                self.poll.look(now);
-                let window = self.poll.current();
-                if window.is_zero() || now.duration_since(*idle_since.get_or_insert(now)) >= window
-                {
-                    break;
-                }
-                let avail = {
-                    let queue = state.get_queue();
-                    (GuestAddress(queue.avail_ring()), queue.next_avail())
-                };
-                // Let the frontend thread at the vring between looks.
-                drop(state);
-                if self.queue.in_flight() > 0 {
-                    // Requests are out with the kernel: buffered writes on most filesystems
-                    // run on io_uring's worker threads, which may share this CPU. Spinning
-                    // would take the CPU from the very thread we wait for (randwrite QD32
-                    // with both on one CPU: the worker spent half of it polling).
-                    std::thread::yield_now();
-                } else {
-                    self.watch_avail(avail.0, avail.1);
-                }
-                state = vring.get_mut();
-            }
-            self.metrics.set_in_flight(self.queue.in_flight());
-            // Throttled: completions (their eventfd) bring us back, not kicks. Broken: the
-            // ring stays stopped until the frontend resets it; re-enabling kicks would only
-            // report the bad index again.
-            if self.throttled
-                || self.health.is_broken()
-                || self.device.stopping.load(Ordering::Relaxed)
-            {
-                return;
-            }
-            // Re-enable kicks, then look once more: a request that arrived in between
-            // would otherwise wait for the next kick (EVENT_IDX reports it here).
-            match state.enable_notification() {
-                Ok(true) => {
-                    let _ = state.disable_notification();
-                    continue;
-                }
-                _ => return,
-            }
-        }
-    }
-
-    /// Watches the avail index of an idle queue for a short while, returning as soon as the
-    /// driver publishes a chain past `next_avail` (or after `WATCH_LOOKS` looks).
-    ///
-    /// A full look (reap, pull, submit, the vring lock) takes about 130 ns; this one is a
-    /// single load, so a request is seen sooner. At depth 1 that matters beyond its size:
-    /// a completion that lands before the client's CPU has halted saves the ~3 µs it takes
-    /// to wake it, and 0.12 µs more daemon time turned most such completions into late ones
-    /// (blk-compare randread-4k-qd1 deciles).
-    fn watch_avail(&self, avail_ring: GuestAddress, next_avail: u16) {
-        let Some(atomic) = self.mem.as_ref() else {
-            return;
-        };
-        let mem = atomic.memory();
-        // The index is the ring's second u16. An address the guest made up (unmapped,
-        // misaligned) fails here, and the full looks deal with it.
-        let slice = avail_ring
-            .checked_add(2)
-            .and_then(|a| mem.get_slice(a, 2).ok());
-        let Some(idx) = slice
-            .as_ref()
-            .and_then(|s| s.get_atomic_ref::<AtomicU16>(0).ok())
-        else {
-            std::hint::spin_loop();
-            return;
-        };
-        for _ in 0..WATCH_LOOKS {
-            if u16::from_le(idx.load(Ordering::Acquire)) != next_avail {
-                return;
-            }
-            std::hint::spin_loop();
+        if let Some(vring) = self.core.vring.clone() {
+            serve::serve(self, &vring);
         }
     }
 
     /// Pops and starts up to a batch of requests while slots are free. Returns how many were
     /// popped.
-    fn pull(
-        &mut self,
-        state: &mut VringState<GuestMemoryAtomic<GuestMemory>>,
-        used: &mut usize,
-    ) -> usize {
+    fn pull(&mut self, state: &mut State, used: &mut usize) -> usize {
         let mut pulled = 0;
-        self.throttled = false;
+        self.core.throttled = false;
         // The memory map is loaded for each batch, after reading how many chains the driver
         // has published: a driver maps a new region (libblkio maps buffers as it goes) and
         // waits for our acknowledgement before it publishes a chain that uses it, so a map
@@ -316,14 +150,15 @@ impl QueueWorker {
         // a reference. A polling worker mostly finds nothing: it finds out before paying for
         // the reference and a clock reading.
         let (mem, now, published) = {
-            let Some(atomic) = self.mem.as_ref() else {
+            let Some(atomic) = self.core.mem.as_ref() else {
                 return 0;
             };
             let queue = state.get_queue();
             let metrics = &self.metrics;
             let Some(published) =
-                self.health
-                    .published(self.index, queue, &*atomic.memory(), || {
+                self.core
+                    .health
+                    .published(self.core.index, queue, &*atomic.memory(), || {
                         metrics.failed(OpClass::Other, ErrorClass::Malformed)
                     })
             else {
@@ -342,7 +177,7 @@ impl QueueWorker {
                 return pulled;
             }
             if self.free.is_empty() {
-                self.throttled = true;
+                self.core.throttled = true;
                 self.metrics.throttled();
                 return pulled;
             }
@@ -363,7 +198,7 @@ impl QueueWorker {
             );
             let parsed = request::parse(
                 descriptors,
-                &*mem,
+                &mem,
                 capacity,
                 &mut self.segments,
                 &mut self.scratch_iov,
@@ -371,7 +206,7 @@ impl QueueWorker {
             if self.begin(state, head, parsed, &mem, now) {
                 *used += 1;
             }
-            if self.throttled {
+            if self.core.throttled {
                 return pulled;
             }
         }
@@ -381,7 +216,7 @@ impl QueueWorker {
     /// (added to the used ring) here.
     fn begin(
         &mut self,
-        state: &mut VringState<GuestMemoryAtomic<GuestMemory>>,
+        state: &mut State,
         head: u16,
         parsed: Parsed,
         mem: &Arc<GuestMemory>,
@@ -391,7 +226,7 @@ impl QueueWorker {
             Parsed::Dropped => {
                 log::warn!(
                     "queue {}: chain {head} has no status byte; returned unused",
-                    self.index
+                    self.core.index
                 );
                 self.metrics.failed(OpClass::Other, ErrorClass::Malformed);
                 add_used(state, head, 0);
@@ -401,7 +236,7 @@ impl QueueWorker {
                 if refusal.error != ErrorClass::Unsupported {
                     log::warn!(
                         "queue {}: {:?} request refused ({:?})",
-                        self.index,
+                        self.core.index,
                         refusal.class,
                         refusal.error
                     );
@@ -416,8 +251,8 @@ impl QueueWorker {
         };
         if let RequestKind::GetId { .. } = kind {
             let serial = self.device.serial();
-            // SAFETY: the iovecs were translated from writable guest memory in `mem`.
-            let n = unsafe { request::copy_to_iov(&self.scratch_iov, serial) };
+            let n = self.scratch_iov.copy_from(0, serial);
+            self.scratch_iov.clear();
             // SAFETY: as above for the status byte.
             unsafe { status.write(VIRTIO_BLK_S_OK) };
             self.metrics
@@ -428,15 +263,20 @@ impl QueueWorker {
         let Some(index) = self.free.pop() else {
             // `pull` checks for a free slot first; should none be left, give the chain back.
             state.get_queue_mut().go_to_previous_position();
-            self.throttled = true;
+            self.core.throttled = true;
             return false;
         };
         let slot = &mut self.slots[index as usize];
-        std::mem::swap(&mut slot.iov, &mut self.scratch_iov);
+        // An idle slot has its buffers; should a node ever keep them, a new list replaces
+        // them.
+        let spare = slot
+            .buffers
+            .take()
+            .unwrap_or_else(|| IoVecs::with_capacity(request::MAX_IOVECS));
+        slot.buffers = Some(std::mem::replace(&mut self.scratch_iov, spare));
         slot.head = head;
         slot.kind = kind;
         slot.status = status;
-        slot.iov_start = 0;
         slot.done = 0;
         slot.phase = Phase::Io;
         slot.started = now;
@@ -446,14 +286,21 @@ impl QueueWorker {
             Err(StartError::Busy) => {
                 // Give the chain back to the ring and retry after completions.
                 slot.mem = None;
+                if let Some(b) = slot.buffers.as_mut() {
+                    b.clear();
+                }
                 self.free.push(index);
                 state.get_queue_mut().go_to_previous_position();
-                self.throttled = true;
+                self.core.throttled = true;
                 self.metrics.throttled();
                 false
             }
             Err(e) => {
-                log::warn!("queue {}: {:?} refused by the disk: {e}", self.index, kind);
+                log::warn!(
+                    "queue {}: {:?} refused by the disk: {e}",
+                    self.core.index,
+                    kind
+                );
                 let error = match e {
                     StartError::OutOfRange => ErrorClass::OutOfRange,
                     StartError::ReadOnly => ErrorClass::ReadOnly,
@@ -467,10 +314,13 @@ impl QueueWorker {
     }
 
     /// Reaps completions; returns how many requests were answered.
-    fn reap(&mut self, state: &mut VringState<GuestMemoryAtomic<GuestMemory>>) -> usize {
+    fn reap(&mut self, state: &mut State) -> usize {
         let mut answered = 0;
         while let Some(c) = self.queue.pop_completion() {
-            let index = c.user_data as u16;
+            let index = c.tag as u16;
+            if c.buffers.is_some() {
+                self.slots[index as usize].buffers = c.buffers;
+            }
             if self.complete(state, index, c.result) {
                 answered += 1;
             }
@@ -492,18 +342,13 @@ impl QueueWorker {
     }
 
     /// Advances one request after an engine completion. Returns true if it was answered.
-    fn complete(
-        &mut self,
-        state: &mut VringState<GuestMemoryAtomic<GuestMemory>>,
-        index: u16,
-        result: i32,
-    ) -> bool {
+    fn complete(&mut self, state: &mut State, index: u16, result: i32) -> bool {
         let slot = &mut self.slots[index as usize];
         let class = slot.kind.class();
         if result < 0 {
             log::warn!(
                 "queue {}: {:?} failed: {}",
-                self.index,
+                self.core.index,
                 slot.kind,
                 std::io::Error::from_raw_os_error(-result)
             );
@@ -522,7 +367,9 @@ impl QueueWorker {
                         self.finish(state, index, VIRTIO_BLK_S_IOERR, 1);
                         return true;
                     }
-                    advance(slot, n);
+                    if let Some(b) = slot.buffers.as_mut() {
+                        b.advance(n);
+                    }
                     if start(&mut self.queue, slot, index).is_err() {
                         self.metrics.failed(class, ErrorClass::Io);
                         self.finish(state, index, VIRTIO_BLK_S_IOERR, 1);
@@ -534,8 +381,7 @@ impl QueueWorker {
                     && !self.device.writeback.load(Ordering::Relaxed)
                 {
                     slot.phase = Phase::FlushAfterWrite;
-                    // SAFETY: a flush carries no buffers.
-                    if unsafe { self.queue.start(DiskOp::Flush, u64::from(index)) }.is_err() {
+                    if self.queue.start(DiskOp::Flush, u64::from(index)).is_err() {
                         self.metrics.failed(class, ErrorClass::Io);
                         self.finish(state, index, VIRTIO_BLK_S_IOERR, 1);
                         return true;
@@ -559,75 +405,107 @@ impl QueueWorker {
     }
 
     /// Writes the status, returns the chain to the guest and frees the slot.
-    fn finish(
-        &mut self,
-        state: &mut VringState<GuestMemoryAtomic<GuestMemory>>,
-        index: u16,
-        status: u8,
-        used_len: u32,
-    ) {
+    fn finish(&mut self, state: &mut State, index: u16, status: u8, used_len: u32) {
         let slot = &mut self.slots[index as usize];
         // SAFETY: the status pointer was translated from `slot.mem`, still held here.
         unsafe { slot.status.write(status) };
         add_used(state, slot.head, used_len);
         slot.mem = None;
-        self.free.push(index);
-    }
-
-    fn notify(&self, state: &mut VringState<GuestMemoryAtomic<GuestMemory>>) {
-        match state.needs_notification() {
-            Ok(true) | Err(_) => {
-                if let Err(e) = state.signal_used_queue() {
-                    log::warn!("queue {}: cannot signal the guest: {e}", self.index);
-                }
-            }
-            Ok(false) => {}
+        // Drops the buffers' reference to guest memory (the list itself is kept).
+        if let Some(b) = slot.buffers.as_mut() {
+            b.clear();
         }
+        self.free.push(index);
     }
 
     /// Waits for every request in flight to complete and answers them. Used when the
     /// frontend stops the ring, disconnects, or the daemon shuts down.
     pub fn drain(&mut self) {
         while self.queue.in_flight() > 0 {
-            if let Some(vring) = self.vring.clone() {
+            if let Some(vring) = self.core.vring.clone() {
                 let mut state = vring.get_mut();
                 let answered = self.reap(&mut state);
                 if answered > 0 {
-                    self.notify(&mut state);
+                    serve::notify(&mut state, self.core.index);
                 }
                 self.record_answered();
             } else {
                 while let Some(c) = self.queue.pop_completion() {
-                    let slot = &mut self.slots[c.user_data as usize];
+                    let slot = &mut self.slots[c.tag as usize];
                     slot.mem = None;
-                    self.free.push(c.user_data as u16);
+                    slot.buffers = c.buffers.or(slot.buffers.take());
+                    if let Some(b) = slot.buffers.as_mut() {
+                        b.clear();
+                    }
+                    self.free.push(c.tag as u16);
                 }
             }
             if self.queue.in_flight() > 0 {
                 if let Err(e) = self.queue.submit().and_then(|_| self.queue.wait()) {
-                    log::error!("queue {}: cannot wait for in-flight I/O: {e}", self.index);
+                    log::error!(
+                        "queue {}: cannot wait for in-flight I/O: {e}",
+                        self.core.index
+                    );
                     break;
                 }
             }
         }
         self.metrics.set_in_flight(self.queue.in_flight());
         // Whatever follows (a new ring base, a new frontend, shutdown) starts the ring anew.
-        self.health.reset();
+        self.core.health.reset();
     }
 }
 
-/// Starts (or continues) the slot's operation on the disk queue.
-fn start(queue: &mut AnyQueue, slot: &Slot, index: u16) -> Result<(), StartError> {
-    let iov = &slot.iov[slot.iov_start..];
+impl QueueService for QueueWorker {
+    fn core(&self) -> &QueueCore {
+        &self.core
+    }
+    fn core_mut(&mut self) -> &mut QueueCore {
+        &mut self.core
+    }
+    fn reap(&mut self, state: &mut State) -> usize {
+        QueueWorker::reap(self, state)
+    }
+    fn pull(&mut self, state: &mut State, used: &mut usize) -> usize {
+        QueueWorker::pull(self, state, used)
+    }
+    fn submit(&mut self) {
+        if let Err(e) = self.queue.submit() {
+            log::error!("queue {}: submit failed: {e}", self.core.index);
+        }
+    }
+    fn after_pass(&mut self) {
+        self.record_answered();
+    }
+    fn in_flight(&self) -> usize {
+        self.queue.in_flight()
+    }
+    fn held(&self) -> usize {
+        self.queue.held()
+    }
+    fn stopping(&self) -> bool {
+        self.device.stopping.load(Ordering::Relaxed)
+    }
+    fn sleeping(&mut self) {
+        self.metrics.set_in_flight(self.queue.in_flight());
+    }
+}
+
+/// Starts (or continues) the slot's operation on the disk queue; a read or write takes the
+/// slot's buffers with it. A request not started leaves them in the slot.
+fn start(queue: &mut AnyQueue, slot: &mut Slot, index: u16) -> Result<(), StartError> {
     let op = match slot.kind {
-        RequestKind::Read { offset, .. } => DiskOp::Read {
-            offset: offset + slot.done,
-            iov,
-        },
-        RequestKind::Write { offset, .. } => DiskOp::Write {
-            offset: offset + slot.done,
-            iov,
-        },
+        RequestKind::Read { offset, .. } | RequestKind::Write { offset, .. } => {
+            let Some(buffers) = slot.buffers.take() else {
+                return Err(StartError::OutOfRange);
+            };
+            let offset = offset + slot.done;
+            if matches!(slot.kind, RequestKind::Read { .. }) {
+                DiskOp::Read { offset, buffers }
+            } else {
+                DiskOp::Write { offset, buffers }
+            }
+        }
         RequestKind::Flush => DiskOp::Flush,
         RequestKind::Discard { offset, len } => DiskOp::Discard { offset, len },
         RequestKind::WriteZeroes { offset, len, unmap } => {
@@ -635,31 +513,12 @@ fn start(queue: &mut AnyQueue, slot: &Slot, index: u16) -> Result<(), StartError
         }
         RequestKind::GetId { .. } => return Err(StartError::OutOfRange),
     };
-    // SAFETY: the iovecs live in the slot, which is neither reused nor modified until this
-    // operation completes, and describe guest memory kept mapped by `slot.mem`.
-    unsafe { queue.start(op, u64::from(index)) }
-}
-
-/// Skips `n` transferred bytes of the slot's iovecs.
-fn advance(slot: &mut Slot, mut n: u64) {
-    while n > 0 && slot.iov_start < slot.iov.len() {
-        let v = &mut slot.iov[slot.iov_start];
-        if n >= v.iov_len as u64 {
-            n -= v.iov_len as u64;
-            slot.iov_start += 1;
-        } else {
-            // SAFETY: n < iov_len, so the advanced pointer stays inside the same buffer.
-            v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n as usize) }.cast();
-            v.iov_len -= n as usize;
-            n = 0;
+    queue.start(op, u64::from(index)).map_err(|r| {
+        if let Some(b) = r.op.into_buffers() {
+            slot.buffers = Some(b);
         }
-    }
-}
-
-fn add_used(state: &mut VringState<GuestMemoryAtomic<GuestMemory>>, head: u16, len: u32) {
-    if let Err(e) = state.add_used(head, len) {
-        log::warn!("cannot add chain {head} to the used ring: {e}");
-    }
+        r.error
+    })
 }
 
 #[cfg(test)]

@@ -21,12 +21,13 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::time::Instant;
 
-use vhost_user_backend::{VringState, VringT};
+use vhost_user_backend::VringT;
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use storage_core::engine::{AnyEngine, EngineOp, FileId, IoEngine};
+use storage_core::iov::IoVecs;
 use storage_core::metrics::{ErrorClass, OpClass, QueueMetrics};
 
 use crate::device::FsDevice;
@@ -34,14 +35,9 @@ use crate::fuse::{self, opcode, IN_HEADER_LEN, OUT_HEADER_LEN, WRITE_IN_LEN};
 use crate::pool::ThreadPool;
 use crate::server::{self, Outcome, Reply, Server};
 use daemon_support::chain::{self, Segment};
-use daemon_support::polling::PollWindow;
-use daemon_support::ring;
-
-/// Spins per idle look at the queue (about a microsecond here).
-const WATCH_SPINS: u32 = 64;
+use daemon_support::serve::{self, add_used, QueueCore, QueueService, State};
 
 pub use daemon_support::transport::{GuestMemory, Vring};
-type State = VringState<GuestMemoryAtomic<GuestMemory>>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -66,9 +62,9 @@ struct Slot {
     offset: u64,
     len: u64,
     done: u64,
-    /// The data buffers in guest memory (capacity `MAX_IOVECS`, allocated once).
-    iov: Vec<libc::iovec>,
-    iov_start: usize,
+    /// The data buffers in guest memory (capacity `MAX_IOVECS`, allocated once), advanced
+    /// past what a short write moved; they keep the guest memory mapped while they hold it.
+    iov: IoVecs,
     /// The chain's segments, to write the reply header when the transfer completes.
     segments: Vec<Segment>,
     started: Instant,
@@ -76,12 +72,9 @@ struct Slot {
     mem: Option<Arc<GuestMemory>>,
 }
 
-// SAFETY: the iovecs point into guest memory that the slot keeps mapped through `mem`; they
-// are only used by the thread that owns the worker (behind its mutex).
-unsafe impl Send for Slot {}
-
 pub struct QueueWorker {
-    index: usize,
+    /// The ring, its memory and health, the polling window.
+    core: QueueCore,
     device: Arc<FsDevice>,
     metrics: Arc<QueueMetrics>,
     engine: AnyEngine,
@@ -89,13 +82,6 @@ pub struct QueueWorker {
     free: Vec<u16>,
     segments: Vec<Segment>,
     msg: Vec<u8>,
-    mem: Option<GuestMemoryAtomic<GuestMemory>>,
-    vring: Option<Vring>,
-    throttled: bool,
-    /// Broken once the driver's avail index proves corrupt (see `daemon_support::ring`).
-    health: ring::Health,
-    /// How long to poll the idle queue before sleeping (adaptive, up to `--poll-us`).
-    poll: PollWindow,
     deferred_tx: Sender<Deferred>,
     deferred_rx: Receiver<Deferred>,
     deferred_fd: Arc<EventFd>,
@@ -104,9 +90,6 @@ pub struct QueueWorker {
     /// Requests of this queue on the pool.
     pooled: usize,
 }
-
-// SAFETY: every raw pointer lives in a slot (see `Slot`); the rest is Send.
-unsafe impl Send for QueueWorker {}
 
 impl QueueWorker {
     pub fn new(
@@ -127,8 +110,7 @@ impl QueueWorker {
                 offset: 0,
                 len: 0,
                 done: 0,
-                iov: Vec::with_capacity(chain::MAX_IOVECS),
-                iov_start: 0,
+                iov: IoVecs::with_capacity(chain::MAX_IOVECS),
                 segments: Vec::new(),
                 started: Instant::now(),
                 mem: None,
@@ -136,7 +118,7 @@ impl QueueWorker {
             .collect();
         let (deferred_tx, deferred_rx) = channel();
         Ok(QueueWorker {
-            index,
+            core: QueueCore::new(index, device_poll),
             metrics: device.queue_metrics(index),
             device,
             engine,
@@ -144,11 +126,6 @@ impl QueueWorker {
             free: (0..depth as u16).rev().collect(),
             segments: Vec::with_capacity(chain::MAX_SEGMENTS),
             msg: Vec::with_capacity(fuse::MAX_NON_WRITE_MESSAGE),
-            mem: None,
-            vring: None,
-            throttled: false,
-            health: ring::Health::default(),
-            poll: PollWindow::new(device_poll),
             deferred_tx,
             deferred_rx,
             deferred_fd: Arc::new(EventFd::new(EFD_NONBLOCK)?),
@@ -166,132 +143,44 @@ impl QueueWorker {
     }
 
     pub fn attach(&mut self, mem: GuestMemoryAtomic<GuestMemory>) {
-        self.mem = Some(mem);
-        self.vring = None;
-        self.throttled = false;
-        self.health.reset();
+        self.core.attach(mem);
     }
 
     pub fn kick(&mut self, vring: &Vring) {
-        if self.vring.is_none() {
-            self.vring = Some(vring.clone());
-        }
+        self.core.kicked(vring);
         self.woken(vring);
     }
 
     pub fn completions_ready(&mut self) {
         self.engine.ack_completion_fd();
-        if let Some(vring) = self.vring.clone() {
+        if let Some(vring) = self.core.vring.clone() {
             self.woken(&vring);
         }
     }
 
     pub fn deferred_ready(&mut self) {
         let _ = self.deferred_fd.read();
-        if let Some(vring) = self.vring.clone() {
+        if let Some(vring) = self.core.vring.clone() {
             self.woken(&vring);
         }
     }
 
-    /// Serves the queue after a wake-up, and tells the polling window how long it slept.
+    /// Serves the queue after a wake-up (`daemon_support::serve` runs the loop).
     fn woken(&mut self, vring: &Vring) {
-        self.poll.woke(Instant::now());
-        self.run(vring);
-        self.poll.sleeping(Instant::now());
-    }
-
-    fn run(&mut self, vring: &Vring) {
-        let Some(mem) = self.mem.as_ref().map(|m| m.memory().into_inner()) else {
-            return;
-        };
-        let mut state = vring.get_mut();
-        // A stopped ring (GET_VRING_BASE drained it first) is left alone until it is
-        // started again: a completion or kick that arrives in between must neither take
-        // requests nor, seeing work it cannot pop, loop on re-enabling kicks.
-        if !state.get_queue().ready() {
-            return;
-        }
-        let _ = state.disable_notification();
-        loop {
-            let mut idle_since: Option<Instant> = None;
-            loop {
-                let mut used = self.reap(&mut state);
-                used += self.reap_deferred(&mut state);
-                let mut progress = used;
-                if !self.device.stopping.load(Ordering::Relaxed) {
-                    progress += self.pull(&mut state, &mem, &mut used);
-                }
-                if let Err(e) = self.engine.submit() {
-                    log::error!("queue {}: submit failed: {e}", self.index);
-                }
-                let inline = self.reap(&mut state);
-                used += inline;
-                progress += inline;
-                if used > 0 {
-                    notify(&mut state, self.index);
-                }
-                if progress > 0 {
-                    idle_since = None;
-                    self.poll.busy();
-                    continue;
-                }
-                // Poll the idle queue for the adaptive window (`daemon_support::polling`)
-                // before sleeping: a request that comes meanwhile is taken without a kick.
-                if self.poll.current().is_zero()
-                    || self.device.stopping.load(Ordering::Relaxed)
-                    || self.health.is_broken()
-                {
-                    break;
-                }
-                let now = Instant::now();
-                self.poll.look(now);
-                let window = self.poll.current();
-                if window.is_zero() || now.duration_since(*idle_since.get_or_insert(now)) >= window
-                {
-                    break;
-                }
-                // Let the frontend thread at the vring between looks.
-                drop(state);
-                if self.engine.in_flight() + self.pooled > 0 {
-                    // Requests are with the kernel or the pool, whose threads may share
-                    // this CPU: give it to them rather than spin.
-                    std::thread::yield_now();
-                } else {
-                    for _ in 0..WATCH_SPINS {
-                        std::hint::spin_loop();
-                    }
-                }
-                state = vring.get_mut();
-            }
-            self.metrics
-                .set_in_flight(self.engine.in_flight() + self.pooled);
-            // Broken: re-enabling kicks would only report the bad index again.
-            if self.throttled
-                || self.health.is_broken()
-                || self.device.stopping.load(Ordering::Relaxed)
-            {
-                return;
-            }
-            match state.enable_notification() {
-                Ok(true) => {
-                    let _ = state.disable_notification();
-                    continue;
-                }
-                _ => return,
-            }
-        }
+        serve::serve(self, vring);
     }
 
     /// Pops and serves requests while slots are free; returns how many were popped.
     fn pull(&mut self, state: &mut State, mem: &Arc<GuestMemory>, used: &mut usize) -> usize {
         let mut pulled = 0;
-        self.throttled = false;
+        self.core.throttled = false;
         let metrics = &self.metrics;
-        let published = self
-            .health
-            .published(self.index, state.get_queue(), &**mem, || {
-                metrics.failed(OpClass::Other, ErrorClass::Malformed)
-            });
+        let published =
+            self.core
+                .health
+                .published(self.core.index, state.get_queue(), &**mem, || {
+                    metrics.failed(OpClass::Other, ErrorClass::Malformed)
+                });
         if published.is_none() {
             return 0;
         }
@@ -300,7 +189,7 @@ impl QueueWorker {
                 return pulled;
             }
             if self.free.is_empty() {
-                self.throttled = true;
+                self.core.throttled = true;
                 self.metrics.throttled();
                 return pulled;
             }
@@ -555,8 +444,7 @@ impl QueueWorker {
             Kind::Read => (true, OUT_HEADER_LEN as u64),
             _ => (false, (IN_HEADER_LEN + WRITE_IN_LEN) as u64),
         };
-        if chain::stream_to_iov(&self.segments, writable, skip, len, &**mem, &mut slot.iov).is_err()
-        {
+        if chain::stream_to_iov(&self.segments, writable, skip, len, mem, &mut slot.iov).is_err() {
             self.free.push(index);
             self.metrics.failed(class, ErrorClass::Malformed);
             self.answer(state, head, unique, &Reply::err(libc::EFAULT), mem, None);
@@ -569,7 +457,6 @@ impl QueueWorker {
         slot.offset = offset;
         slot.len = len;
         slot.done = 0;
-        slot.iov_start = 0;
         slot.started = started;
         slot.segments.clone_from(&self.segments);
         slot.mem = Some(mem.clone());
@@ -692,7 +579,7 @@ impl QueueWorker {
                 self.finish_transfer(state, index, -libc::EIO);
                 return true;
             }
-            advance(slot, n);
+            slot.iov.advance(n);
             if start(&mut self.engine, slot, index).is_err() {
                 self.finish_transfer(state, index, -libc::EIO);
                 return true;
@@ -708,6 +595,7 @@ impl QueueWorker {
         let slot = &mut self.slots[index as usize];
         let Some(mem) = slot.mem.take() else { return };
         slot.file = None;
+        slot.iov.clear();
         let class = if slot.kind == Kind::Read {
             OpClass::Read
         } else {
@@ -743,11 +631,11 @@ impl QueueWorker {
             let Ok((index, reply)) = self.deferred_rx.recv() else {
                 break;
             };
-            match self.vring.clone() {
+            match self.core.vring.clone() {
                 Some(vring) => {
                     let mut state = vring.get_mut();
                     if self.finish_deferred(Some(&mut state), index, reply) {
-                        notify(&mut state, self.index);
+                        serve::notify(&mut state, self.core.index);
                     }
                 }
                 None => {
@@ -756,22 +644,26 @@ impl QueueWorker {
             }
         }
         while self.engine.in_flight() > 0 {
-            if let Some(vring) = self.vring.clone() {
+            if let Some(vring) = self.core.vring.clone() {
                 let mut state = vring.get_mut();
                 if self.reap(&mut state) > 0 {
-                    notify(&mut state, self.index);
+                    serve::notify(&mut state, self.core.index);
                 }
             } else {
                 while let Some(c) = self.engine.pop_completion() {
                     let slot = &mut self.slots[c.user_data as usize];
                     slot.mem = None;
                     slot.file = None;
+                    slot.iov.clear();
                     self.free.push(c.user_data as u16);
                 }
             }
             if self.engine.in_flight() > 0 {
                 if let Err(e) = self.engine.submit().and_then(|_| self.engine.wait()) {
-                    log::error!("queue {}: cannot wait for in-flight I/O: {e}", self.index);
+                    log::error!(
+                        "queue {}: cannot wait for in-flight I/O: {e}",
+                        self.core.index
+                    );
                     break;
                 }
             }
@@ -779,7 +671,40 @@ impl QueueWorker {
         self.metrics
             .set_in_flight(self.engine.in_flight() + self.pooled);
         // Whatever follows (a new ring base, a new frontend, shutdown) starts the ring anew.
-        self.health.reset();
+        self.core.health.reset();
+    }
+}
+
+impl QueueService for QueueWorker {
+    fn core(&self) -> &QueueCore {
+        &self.core
+    }
+    fn core_mut(&mut self) -> &mut QueueCore {
+        &mut self.core
+    }
+    fn reap(&mut self, state: &mut State) -> usize {
+        QueueWorker::reap(self, state) + self.reap_deferred(state)
+    }
+    fn pull(&mut self, state: &mut State, used: &mut usize) -> usize {
+        let Some(mem) = self.core.mem.as_ref().map(|m| m.memory().into_inner()) else {
+            return 0;
+        };
+        QueueWorker::pull(self, state, &mem, used)
+    }
+    fn submit(&mut self) {
+        if let Err(e) = self.engine.submit() {
+            log::error!("queue {}: submit failed: {e}", self.core.index);
+        }
+    }
+    fn in_flight(&self) -> usize {
+        self.engine.in_flight() + self.pooled
+    }
+    fn stopping(&self) -> bool {
+        self.device.stopping.load(Ordering::Relaxed)
+    }
+    fn sleeping(&mut self) {
+        let n = self.in_flight();
+        self.metrics.set_in_flight(n);
     }
 }
 
@@ -810,7 +735,7 @@ fn start(
     let Some(file) = slot.file.as_ref() else {
         return Err(storage_core::engine::EngineFull);
     };
-    let iov = &slot.iov[slot.iov_start..];
+    let iov = slot.iov.as_slice();
     let fid = FileId::from_fd(file.as_raw_fd());
     let offset = slot.offset + slot.done;
     let op = if slot.kind == Kind::Read {
@@ -829,40 +754,7 @@ fn start(
         }
     };
     // SAFETY: the iovecs live in the slot, which is neither reused nor modified until this
-    // operation completes; they describe guest memory kept mapped by `slot.mem`; the file
-    // stays open through `slot.file`.
+    // operation completes; they describe guest memory kept mapped by their own keep-alive;
+    // the file stays open through `slot.file`.
     unsafe { engine.push(op, u64::from(index)) }
-}
-
-/// Skips `n` transferred bytes of the slot's iovecs.
-fn advance(slot: &mut Slot, mut n: u64) {
-    while n > 0 && slot.iov_start < slot.iov.len() {
-        let v = &mut slot.iov[slot.iov_start];
-        if n >= v.iov_len as u64 {
-            n -= v.iov_len as u64;
-            slot.iov_start += 1;
-        } else {
-            // SAFETY: n < iov_len, so the advanced pointer stays inside the same buffer.
-            v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n as usize) }.cast();
-            v.iov_len -= n as usize;
-            n = 0;
-        }
-    }
-}
-
-fn notify(state: &mut State, index: usize) {
-    match state.needs_notification() {
-        Ok(true) | Err(_) => {
-            if let Err(e) = state.signal_used_queue() {
-                log::warn!("queue {index}: cannot signal the guest: {e}");
-            }
-        }
-        Ok(false) => {}
-    }
-}
-
-fn add_used(state: &mut State, head: u16, len: u32) {
-    if let Err(e) = state.add_used(head, len) {
-        log::warn!("cannot add chain {head} to the used ring: {e}");
-    }
 }

@@ -5,14 +5,14 @@ use std::io;
 use std::os::unix::io::RawFd;
 use std::sync::OnceLock;
 
-use crate::engine::{Completion, EngineKind};
+use crate::engine::EngineKind;
 use crate::error::{StorageError, StorageErrorKind};
 use crate::throttle::{ThrottleDisk, ThrottleGroup, ThrottleQueue};
 use crate::tier::{TierMetrics, TieredDisk, TieredQueue};
 
 use super::{
-    Disk, DiskInfo, DiskOp, DiskQueue, DiskSpec, NodeSpec, NullDisk, NullQueue, RawDisk, RawQueue,
-    StartError, ThrottleSpec,
+    Disk, DiskCompletion, DiskInfo, DiskOp, DiskQueue, DiskSpec, NodeSpec, NullDisk, NullQueue,
+    RawDisk, RawQueue, Rejected, StartError, ThrottleSpec,
 };
 
 /// Whether io_uring works here, asked once; the fallback is logged once.
@@ -301,19 +301,18 @@ macro_rules! dispatch {
 
 impl DiskQueue for AnyQueue {
     #[inline]
-    unsafe fn start(&mut self, op: DiskOp<'_>, tag: u64) -> Result<(), StartError> {
+    fn start(&mut self, op: DiskOp, tag: u64) -> Result<(), Rejected> {
         if self.read_only && op.writes() {
-            return Err(StartError::ReadOnly);
+            return Err(Rejected::new(StartError::ReadOnly, op));
         }
-        // SAFETY: the caller upholds `start`'s contract, shared by every format.
-        dispatch!(self, q => unsafe { q.start(op, tag) })
+        dispatch!(self, q => q.start(op, tag))
     }
     #[inline]
     fn submit(&mut self) -> io::Result<()> {
         dispatch!(self, q => q.submit())
     }
     #[inline]
-    fn pop_completion(&mut self) -> Option<Completion> {
+    fn pop_completion(&mut self) -> Option<DiskCompletion> {
         dispatch!(self, q => q.pop_completion())
     }
     fn wait(&mut self) -> io::Result<()> {
@@ -324,6 +323,9 @@ impl DiskQueue for AnyQueue {
     }
     fn ack_completion_fd(&self) {
         dispatch!(ref self, q => q.ack_completion_fd())
+    }
+    fn wake_fds(&self, out: &mut Vec<RawFd>) {
+        dispatch!(ref self, q => q.wake_fds(out))
     }
     #[inline]
     fn in_flight(&self) -> usize {

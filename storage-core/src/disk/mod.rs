@@ -27,29 +27,29 @@ pub use spec::{DiskSpec, NodeSpec, RbdSpec, SpecError, ThrottleSpec};
 use std::io;
 use std::os::unix::io::RawFd;
 
-use crate::engine::{Completion, EngineKind};
+use crate::engine::EngineKind;
 use crate::error::StorageError;
 
-/// A request against a disk, in bytes. Buffers are iovecs so that they can point straight
-/// into guest memory.
-#[derive(Debug, Clone, Copy)]
-pub enum DiskOp<'a> {
-    Read { offset: u64, iov: &'a [libc::iovec] },
-    Write { offset: u64, iov: &'a [libc::iovec] },
+/// A request against a disk, in bytes. Reads and writes carry their buffers, which the
+/// queue owns until it hands them back with the request's completion.
+#[derive(Debug)]
+pub enum DiskOp {
+    Read { offset: u64, buffers: IoVecs },
+    Write { offset: u64, buffers: IoVecs },
     Flush,
     Discard { offset: u64, len: u64 },
     WriteZeroes { offset: u64, len: u64, unmap: bool },
 }
 
-impl DiskOp<'_> {
+impl DiskOp {
     /// The byte range the operation touches, if any.
     pub fn range(&self) -> Option<(u64, u64)> {
-        match *self {
-            DiskOp::Read { offset, iov } | DiskOp::Write { offset, iov } => {
-                Some((offset, iov_len(iov)))
+        match self {
+            DiskOp::Read { offset, buffers } | DiskOp::Write { offset, buffers } => {
+                Some((*offset, buffers.len()))
             }
             DiskOp::Discard { offset, len } | DiskOp::WriteZeroes { offset, len, .. } => {
-                Some((offset, len))
+                Some((*offset, *len))
             }
             DiskOp::Flush => None,
         }
@@ -59,9 +59,17 @@ impl DiskOp<'_> {
     pub fn writes(&self) -> bool {
         !matches!(self, DiskOp::Read { .. } | DiskOp::Flush)
     }
+
+    /// The operation's buffers, if it has any.
+    pub fn into_buffers(self) -> Option<IoVecs> {
+        match self {
+            DiskOp::Read { buffers, .. } | DiskOp::Write { buffers, .. } => Some(buffers),
+            _ => None,
+        }
+    }
 }
 
-pub use crate::iov::iov_len;
+pub use crate::iov::{iov_len, IoVecs};
 
 /// Why a request was not started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -75,6 +83,40 @@ pub enum StartError {
     /// A write to a read-only disk.
     #[error("disk is read-only")]
     ReadOnly,
+}
+
+/// A request a queue did not start, given back whole (its buffers are the caller's again).
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct Rejected {
+    pub error: StartError,
+    pub op: DiskOp,
+}
+
+impl Rejected {
+    pub fn new(error: StartError, op: DiskOp) -> Rejected {
+        Rejected { error, op }
+    }
+}
+
+/// A finished request: its tag, its result (bytes transferred, or a negated errno) and,
+/// for a read or write, its buffers back.
+#[derive(Debug)]
+pub struct DiskCompletion {
+    pub tag: u64,
+    pub result: i32,
+    pub buffers: Option<IoVecs>,
+}
+
+impl DiskCompletion {
+    /// A completion without buffers (or whose buffers are dropped).
+    pub fn bare(tag: u64, result: i32) -> DiskCompletion {
+        DiskCompletion {
+            tag,
+            result,
+            buffers: None,
+        }
+    }
 }
 
 /// What a disk is, as reported to users and protocols.
@@ -147,23 +189,17 @@ pub trait Disk: Send + Sync {
 
 /// One worker's view of a disk: start requests, submit them in a batch, reap completions.
 pub trait DiskQueue: Send {
-    /// Starts `op`; its completion will carry `tag` as user data and, on success, the number
-    /// of bytes transferred (0 for operations without data). A short read or write is
-    /// reported as such; the caller continues it.
-    ///
-    /// # Safety
-    ///
-    /// The iovec array and every buffer it describes must stay valid, and the array
-    /// unchanged, until the completion for `tag` has been popped (a node may hold a request
-    /// back, or split it, and reach the array later); for reads, nobody else may access the
-    /// buffers meanwhile.
-    unsafe fn start(&mut self, op: DiskOp<'_>, tag: u64) -> Result<(), StartError>;
+    /// Starts `op`; its completion will carry `tag` and, on success, the number of bytes
+    /// transferred (0 for operations without data), and give the buffers back. A short read
+    /// or write is reported as such; the caller continues it. A request not started comes
+    /// back whole in the error.
+    fn start(&mut self, op: DiskOp, tag: u64) -> Result<(), Rejected>;
 
     /// Submits everything started since the last call.
     fn submit(&mut self) -> io::Result<()>;
 
     /// The next finished request, if any.
-    fn pop_completion(&mut self) -> Option<Completion>;
+    fn pop_completion(&mut self) -> Option<DiskCompletion>;
 
     /// Blocks until a completion is ready or nothing is in flight.
     fn wait(&mut self) -> io::Result<()>;
@@ -173,6 +209,13 @@ pub trait DiskQueue: Send {
 
     /// Clears the completion fd's readiness.
     fn ack_completion_fd(&self);
+
+    /// The fds under [`completion_fd`](DiskQueue::completion_fd): a parent that watches
+    /// them with its own fds joins these to its set rather than the child's set, so sets
+    /// never nest (the kernel allows epoll sets only a few deep) however deep the graph.
+    fn wake_fds(&self, out: &mut Vec<RawFd>) {
+        out.extend(self.completion_fd());
+    }
 
     /// Requests started and not yet popped.
     fn in_flight(&self) -> usize;
@@ -231,16 +274,16 @@ pub(crate) fn device_size(file: &std::fs::File, meta: &std::fs::Metadata) -> io:
     }
 }
 
-/// Checks a request's range against the disk's size. (Writes to a read-only disk are
-/// refused above the formats, by [`AnyQueue`].)
-pub(crate) fn check_op(op: &DiskOp<'_>, capacity: u64) -> Result<(), StartError> {
+/// Checks a request's range against the disk's size, and gives it back if it fits.
+/// (Writes to a read-only disk are refused above the formats, by [`AnyQueue`].)
+pub(crate) fn checked(op: DiskOp, capacity: u64) -> Result<DiskOp, Rejected> {
     if let Some((offset, len)) = op.range() {
         match offset.checked_add(len) {
             Some(end) if end <= capacity => {}
-            _ => return Err(StartError::OutOfRange),
+            _ => return Err(Rejected::new(StartError::OutOfRange, op)),
         }
     }
-    Ok(())
+    Ok(op)
 }
 
 #[cfg(test)]

@@ -6,10 +6,10 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::unix::io::RawFd;
 
-use crate::engine::{Completion, EngineKind};
+use crate::engine::EngineKind;
 use crate::error::StorageError;
 
-use super::{check_op, Disk, DiskInfo, DiskOp, DiskQueue, StartError};
+use super::{checked, Disk, DiskCompletion, DiskInfo, DiskOp, DiskQueue, Rejected, StartError};
 
 pub struct NullDisk {
     info: DiskInfo,
@@ -67,37 +67,32 @@ impl Disk for NullDisk {
 }
 
 pub struct NullQueue {
-    done: VecDeque<Completion>,
+    done: VecDeque<DiskCompletion>,
     capacity: u64,
     read_zeroes: bool,
 }
 
 impl DiskQueue for NullQueue {
     #[inline]
-    unsafe fn start(&mut self, op: DiskOp<'_>, tag: u64) -> Result<(), StartError> {
-        check_op(&op, self.capacity)?;
+    fn start(&mut self, op: DiskOp, tag: u64) -> Result<(), Rejected> {
+        let op = checked(op, self.capacity)?;
         if self.done.len() == self.done.capacity() {
-            return Err(StartError::Busy);
+            return Err(Rejected::new(StartError::Busy, op));
         }
-        let mut bytes = 0usize;
-        match op {
-            DiskOp::Read { iov, .. } if !self.read_zeroes => {
-                bytes = iov.iter().map(|v| v.iov_len).sum()
-            }
-            DiskOp::Read { iov, .. } => {
-                for v in iov {
-                    // SAFETY: the caller guarantees each iovec describes a valid writable
-                    // buffer that nobody else accesses until this request completes.
-                    unsafe { std::ptr::write_bytes(v.iov_base.cast::<u8>(), 0, v.iov_len) };
-                    bytes += v.iov_len;
+        let (bytes, buffers) = match op {
+            DiskOp::Read { mut buffers, .. } => {
+                if self.read_zeroes {
+                    buffers.fill_zero();
                 }
+                (buffers.len(), Some(buffers))
             }
-            DiskOp::Write { iov, .. } => bytes = iov.iter().map(|v| v.iov_len).sum(),
-            _ => {}
-        }
-        self.done.push_back(Completion {
-            user_data: tag,
+            DiskOp::Write { buffers, .. } => (buffers.len(), Some(buffers)),
+            _ => (0, None),
+        };
+        self.done.push_back(DiskCompletion {
+            tag,
             result: i32::try_from(bytes).unwrap_or(i32::MAX),
+            buffers,
         });
         Ok(())
     }
@@ -107,7 +102,7 @@ impl DiskQueue for NullQueue {
     }
 
     #[inline]
-    fn pop_completion(&mut self) -> Option<Completion> {
+    fn pop_completion(&mut self) -> Option<DiskCompletion> {
         self.done.pop_front()
     }
 

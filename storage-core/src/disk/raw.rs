@@ -8,11 +8,13 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 
 use crate::engine::{
-    new_engine, new_engine_notifying, AnyEngine, Completion, EngineKind, EngineOp, FileId, IoEngine,
+    new_engine, new_engine_notifying, AnyEngine, EngineKind, EngineOp, FileId, IoEngine,
 };
 use crate::error::{StorageError, StorageErrorKind};
 
-use super::{check_op, Disk, DiskInfo, DiskOp, DiskQueue, StartError};
+use super::{
+    checked, Disk, DiskCompletion, DiskInfo, DiskOp, DiskQueue, IoVecs, Rejected, StartError,
+};
 
 /// A raw image or block device.
 pub struct RawDisk {
@@ -114,7 +116,8 @@ impl RawDisk {
             fid,
             file: self.file.clone(),
             capacity: self.info.capacity,
-            special: Vec::with_capacity(depth as usize),
+            slots: (0..depth.max(1)).map(|_| InFlight::default()).collect(),
+            free: (0..depth.max(1)).rev().collect(),
             flush_error: self.flush_error.clone(),
         }
     }
@@ -226,15 +229,15 @@ enum SpecialKind {
     Flush,
 }
 
-/// An in-flight operation whose failure needs interpreting: discards are hints, a
-/// filesystem without FALLOC_FL_ZERO_RANGE (tmpfs) gets zeroes written instead, and a
-/// flush's failure is remembered for every later flush.
-#[derive(Debug, Clone, Copy)]
-struct Special {
+/// What an in-flight operation needs when it completes: the caller's tag, the buffers to
+/// give back, and for operations whose failure needs interpreting, what they were: discards
+/// are hints, a filesystem without FALLOC_FL_ZERO_RANGE (tmpfs) gets zeroes written
+/// instead, and a flush's failure is remembered for every later flush.
+#[derive(Default)]
+struct InFlight {
     tag: u64,
-    kind: SpecialKind,
-    offset: u64,
-    len: u64,
+    buffers: Option<IoVecs>,
+    special: Option<(SpecialKind, u64, u64)>,
 }
 
 /// One worker's queue on a raw disk.
@@ -244,7 +247,11 @@ pub struct RawQueue {
     /// Keeps the descriptor open while the engine uses it.
     file: Arc<File>,
     capacity: u64,
-    special: Vec<Special>,
+    /// Operations in flight, by the engine's user data; `free` lists the unused entries.
+    /// The buffers held here keep the memory the engine reads or writes alive until the
+    /// completion is popped. (Declared after `engine`, so dropped after it.)
+    slots: Box<[InFlight]>,
+    free: Vec<u32>,
     flush_error: Arc<AtomicI32>,
 }
 
@@ -285,35 +292,36 @@ impl RawQueue {
 
 impl DiskQueue for RawQueue {
     #[inline]
-    unsafe fn start(&mut self, op: DiskOp<'_>, tag: u64) -> Result<(), StartError> {
-        check_op(&op, self.capacity)?;
+    fn start(&mut self, op: DiskOp, tag: u64) -> Result<(), Rejected> {
+        let op = checked(op, self.capacity)?;
+        let Some(&index) = self.free.last() else {
+            return Err(Rejected::new(StartError::Busy, op));
+        };
         let fid = self.fid;
-        let engine_op = match op {
-            DiskOp::Read { offset, iov } => EngineOp::Readv {
-                file: fid,
-                offset,
-                iov: iov.as_ptr(),
-                iovcnt: iov.len() as u32,
-            },
-            DiskOp::Write { offset, iov } => EngineOp::Writev {
-                file: fid,
-                offset,
-                iov: iov.as_ptr(),
-                iovcnt: iov.len() as u32,
-            },
-            DiskOp::Flush => {
-                if self.special.len() == self.special.capacity() {
-                    return Err(StartError::Busy);
-                }
-                self.special.push(Special {
-                    tag,
-                    kind: SpecialKind::Flush,
-                    offset: 0,
-                    len: 0,
-                });
-                EngineOp::Fdatasync { file: fid }
-            }
-            DiskOp::Discard { offset, len } | DiskOp::WriteZeroes { offset, len, .. } => {
+        let (engine_op, special) = match &op {
+            DiskOp::Read { offset, buffers } => (
+                EngineOp::Readv {
+                    file: fid,
+                    offset: *offset,
+                    iov: buffers.as_slice().as_ptr(),
+                    iovcnt: buffers.count() as u32,
+                },
+                None,
+            ),
+            DiskOp::Write { offset, buffers } => (
+                EngineOp::Writev {
+                    file: fid,
+                    offset: *offset,
+                    iov: buffers.as_slice().as_ptr(),
+                    iovcnt: buffers.count() as u32,
+                },
+                None,
+            ),
+            DiskOp::Flush => (
+                EngineOp::Fdatasync { file: fid },
+                Some((SpecialKind::Flush, 0, 0)),
+            ),
+            &DiskOp::Discard { offset, len } | &DiskOp::WriteZeroes { offset, len, .. } => {
                 let (kind, mode) = match op {
                     DiskOp::WriteZeroes { unmap: false, .. } => (
                         SpecialKind::ZeroRange,
@@ -329,36 +337,31 @@ impl DiskQueue for RawQueue {
                         libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
                     ),
                 };
-                if self.special.len() == self.special.capacity() {
-                    return Err(StartError::Busy);
-                }
-                self.special.push(Special {
-                    tag,
-                    kind,
-                    offset,
-                    len,
-                });
-                EngineOp::Fallocate {
-                    file: fid,
-                    mode,
-                    offset,
-                    len,
-                }
+                (
+                    EngineOp::Fallocate {
+                        file: fid,
+                        mode,
+                        offset,
+                        len,
+                    },
+                    Some((kind, offset, len)),
+                )
             }
         };
-        // SAFETY: forwarded from our caller's contract, which is the engine's.
-        match unsafe { self.engine.push(engine_op, tag) } {
-            Ok(()) => Ok(()),
-            Err(_) => {
-                if matches!(
-                    engine_op,
-                    EngineOp::Fallocate { .. } | EngineOp::Fdatasync { .. }
-                ) {
-                    self.special.pop();
-                }
-                Err(StartError::Busy)
-            }
+        // SAFETY: the iovecs and the memory they describe belong to the operation's
+        // buffers, which are stored in `slots[index]` below before anything can complete
+        // (completions are only popped by this queue) and stay there, unchanged, until the
+        // completion is popped; their keep-alive keeps the memory mapped meanwhile.
+        if unsafe { self.engine.push(engine_op, u64::from(index)) }.is_err() {
+            return Err(Rejected::new(StartError::Busy, op));
         }
+        self.free.pop();
+        self.slots[index as usize] = InFlight {
+            tag,
+            buffers: op.into_buffers(),
+            special,
+        };
+        Ok(())
     }
 
     #[inline]
@@ -367,37 +370,42 @@ impl DiskQueue for RawQueue {
     }
 
     #[inline]
-    fn pop_completion(&mut self) -> Option<Completion> {
-        let mut c = self.engine.pop_completion()?;
-        if !self.special.is_empty() {
-            if let Some(i) = self.special.iter().position(|s| s.tag == c.user_data) {
-                let s = self.special.swap_remove(i);
-                let unsupported = c.result == -libc::EOPNOTSUPP || c.result == -libc::ENOTSUP;
-                match s.kind {
-                    // Discard is advisory (as in QEMU): unsupported means nothing to free.
-                    SpecialKind::Discard if unsupported => c.result = 0,
-                    SpecialKind::ZeroRange if unsupported => {
-                        c.result = self.write_zeroes_sync(s.offset, s.len)
-                    }
-                    SpecialKind::Flush => {
-                        if c.result < 0 {
-                            let _ = self.flush_error.compare_exchange(
-                                0,
-                                c.result,
-                                Ordering::Relaxed,
-                                Ordering::Relaxed,
-                            );
-                        }
-                        let sticky = self.flush_error.load(Ordering::Relaxed);
-                        if sticky != 0 {
-                            c.result = sticky;
-                        }
-                    }
-                    _ => {}
+    fn pop_completion(&mut self) -> Option<DiskCompletion> {
+        let c = self.engine.pop_completion()?;
+        let index = c.user_data as u32;
+        let slot = std::mem::take(&mut self.slots[index as usize]);
+        self.free.push(index);
+        let mut result = c.result;
+        if let Some((kind, offset, len)) = slot.special {
+            let unsupported = result == -libc::EOPNOTSUPP || result == -libc::ENOTSUP;
+            match kind {
+                // Discard is advisory (as in QEMU): unsupported means nothing to free.
+                SpecialKind::Discard if unsupported => result = 0,
+                SpecialKind::ZeroRange if unsupported => {
+                    result = self.write_zeroes_sync(offset, len)
                 }
+                SpecialKind::Flush => {
+                    if result < 0 {
+                        let _ = self.flush_error.compare_exchange(
+                            0,
+                            result,
+                            Ordering::Relaxed,
+                            Ordering::Relaxed,
+                        );
+                    }
+                    let sticky = self.flush_error.load(Ordering::Relaxed);
+                    if sticky != 0 {
+                        result = sticky;
+                    }
+                }
+                _ => {}
             }
         }
-        Some(c)
+        Some(DiskCompletion {
+            tag: slot.tag,
+            result,
+            buffers: slot.buffers,
+        })
     }
 
     fn wait(&mut self) -> io::Result<()> {
@@ -423,12 +431,11 @@ mod tests {
     use super::*;
     use crate::engine::faulty::{Device, Fault, Faults, OpKind};
 
-    fn run(q: &mut RawQueue, op: DiskOp<'_>) -> i32 {
-        // SAFETY: the operations here carry no buffers.
-        unsafe { q.start(op, 7) }.unwrap();
+    fn run(q: &mut RawQueue, op: DiskOp) -> i32 {
+        q.start(op, 7).unwrap();
         q.submit().unwrap();
         let c = q.pop_completion().expect("the engine completes inline");
-        assert_eq!(c.user_data, 7);
+        assert_eq!(c.tag, 7);
         c.result
     }
 

@@ -42,6 +42,19 @@ impl FdSet {
     pub(crate) fn fd(&self) -> RawFd {
         self.epoll.as_raw_fd()
     }
+
+    /// A set of `own` and the fds a child queue wakes on (each once).
+    pub(crate) fn joining(own: RawFd, child: &impl crate::disk::DiskQueue) -> io::Result<FdSet> {
+        let set = FdSet::new()?;
+        let mut fds = vec![own];
+        child.wake_fds(&mut fds);
+        fds.sort_unstable();
+        fds.dedup();
+        for fd in fds {
+            set.add(fd)?;
+        }
+        Ok(set)
+    }
 }
 
 /// A one-shot monotonic timer whose expiry makes its descriptor readable.

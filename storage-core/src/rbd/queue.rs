@@ -12,7 +12,7 @@ use std::sync::Arc;
 use crossbeam_queue::ArrayQueue;
 
 use super::{ffi, Handles};
-use crate::disk::{check_op, DiskOp, DiskQueue, StartError};
+use crate::disk::{checked, DiskCompletion, DiskOp, DiskQueue, IoVecs, Rejected, StartError};
 use crate::engine::Completion;
 
 /// What the callback needs: where to put the result, and how to wake the worker.
@@ -45,10 +45,13 @@ pub struct RbdQueue {
     /// In cells: librbd's threads read a slot through the pointer it was given while this
     /// queue goes on using the others.
     slots: Box<[UnsafeCell<Slot>]>,
+    /// The buffers of the request in each slot, whose memory librbd reads or writes until
+    /// the callback: given back with the completion (only this queue's thread uses them).
+    buffers: Box<[Option<IoVecs>]>,
     free: Vec<u32>,
     in_flight: usize,
     /// Requests librbd refused to start, reported as completions with the error.
-    refused: std::collections::VecDeque<Completion>,
+    refused: std::collections::VecDeque<DiskCompletion>,
 }
 
 // SAFETY: a slot's inbox pointer is a strong reference the callback owns; librbd reads a
@@ -127,6 +130,7 @@ impl RbdQueue {
             capacity,
             inbox,
             slots,
+            buffers: (0..depth).map(|_| None).collect(),
             free: (0..depth).rev().collect(),
             in_flight: 0,
             refused: std::collections::VecDeque::with_capacity(depth as usize),
@@ -161,6 +165,7 @@ impl Drop for RbdQueue {
                 // Cannot wait: leak the slots and the inbox rather than free them under
                 // librbd's feet.
                 std::mem::forget(std::mem::take(&mut self.slots));
+                std::mem::forget(std::mem::take(&mut self.buffers));
                 std::mem::forget(self.inbox.clone());
                 return;
             }
@@ -169,17 +174,18 @@ impl Drop for RbdQueue {
 }
 
 impl DiskQueue for RbdQueue {
-    unsafe fn start(&mut self, op: DiskOp<'_>, tag: u64) -> Result<(), StartError> {
-        check_op(&op, self.capacity)?;
+    fn start(&mut self, op: DiskOp, tag: u64) -> Result<(), Rejected> {
+        let op = checked(op, self.capacity)?;
         let Some(i) = self.free.pop() else {
-            return Err(StartError::Busy);
+            return Err(Rejected::new(StartError::Busy, op));
         };
         let Some(guard) = self.handles.image() else {
             // Closed at shutdown: nothing more reaches the image.
             self.free.push(i);
-            self.refused.push_back(Completion {
-                user_data: tag,
+            self.refused.push_back(DiskCompletion {
+                tag,
                 result: -libc::EIO,
+                buffers: op.into_buffers(),
             });
             return Ok(());
         };
@@ -210,20 +216,29 @@ impl DiskQueue for RbdQueue {
         let ret = if ret < 0 {
             ret
         } else {
-            // SAFETY: by `start`'s contract the iovecs and their buffers stay valid (and
-            // unchanged) until the completion is popped, which is after librbd's callback;
+            // SAFETY: the iovecs and the memory they describe belong to the operation's
+            // buffers, which stay in `self.buffers[i]`, unchanged, until the completion is
+            // popped, after librbd's callback (their keep-alive keeps the memory mapped);
             // the image is open while the queue (holding `handles`) lives.
             unsafe {
-                match op {
-                    DiskOp::Read { offset, iov } => {
+                match &op {
+                    &DiskOp::Read {
+                        offset,
+                        ref buffers,
+                    } => {
+                        let iov = buffers.as_slice();
                         ffi::rbd_aio_readv(image, iov.as_ptr().cast(), iov.len() as i32, offset, c)
                     }
-                    DiskOp::Write { offset, iov } => {
+                    &DiskOp::Write {
+                        offset,
+                        ref buffers,
+                    } => {
+                        let iov = buffers.as_slice();
                         ffi::rbd_aio_writev(image, iov.as_ptr().cast(), iov.len() as i32, offset, c)
                     }
                     DiskOp::Flush => ffi::rbd_aio_flush(image, c),
-                    DiskOp::Discard { offset, len } => ffi::rbd_aio_discard(image, offset, len, c),
-                    DiskOp::WriteZeroes { offset, len, .. } => {
+                    &DiskOp::Discard { offset, len } => ffi::rbd_aio_discard(image, offset, len, c),
+                    &DiskOp::WriteZeroes { offset, len, .. } => {
                         ffi::rbd_aio_write_zeroes(image, offset, len as usize, c, 0, 0)
                     }
                 }
@@ -238,12 +253,14 @@ impl DiskQueue for RbdQueue {
             drop(unsafe { Arc::from_raw(inbox_ref) });
             self.free.push(i);
             // Not started: report it as a completion with the error, as an engine does.
-            self.refused.push_back(Completion {
-                user_data: tag,
+            self.refused.push_back(DiskCompletion {
+                tag,
                 result: ret,
+                buffers: op.into_buffers(),
             });
             return Ok(());
         }
+        self.buffers[i as usize] = op.into_buffers();
         self.in_flight += 1;
         Ok(())
     }
@@ -253,14 +270,18 @@ impl DiskQueue for RbdQueue {
         Ok(())
     }
 
-    fn pop_completion(&mut self) -> Option<Completion> {
+    fn pop_completion(&mut self) -> Option<DiskCompletion> {
         if let Some(c) = self.refused.pop_front() {
             return Some(c);
         }
         let (c, slot) = self.inbox.done.pop()?;
         self.in_flight -= 1;
         self.free.push(slot);
-        Some(c)
+        Some(DiskCompletion {
+            tag: c.user_data,
+            result: c.result,
+            buffers: self.buffers[slot as usize].take(),
+        })
     }
 
     fn wait(&mut self) -> io::Result<()> {

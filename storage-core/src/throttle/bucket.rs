@@ -84,15 +84,6 @@ impl Bucket {
             }
         }
     }
-
-    /// Takes a new limit, keeping the level (a changed limit does not reset what was used).
-    pub(super) fn set_limit(&mut self, limit: Limit) {
-        self.limit = limit;
-        if limit.avg <= 0.0 {
-            self.level = 0.0;
-            self.burst_level = 0.0;
-        }
-    }
 }
 
 #[cfg(test)]

@@ -24,6 +24,7 @@ use std::io;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use crate::disk::wakeup::Timer;
 use crate::disk::{AnyDisk, Disk, DiskInfo};
 use crate::error::{StorageError, StorageErrorKind};
 use bucket::Bucket;
@@ -45,6 +46,8 @@ struct GroupState {
     /// asking more often (QEMU takes members in turn for the same reason).
     waiting: [Vec<u64>; 2],
     next_ticket: u64,
+    /// The members' timers, armed when the limits change.
+    timers: Vec<Weak<Timer>>,
 }
 
 /// How soon a request that may not go yet only because an older one waits ahead of it
@@ -73,6 +76,7 @@ impl ThrottleGroup {
                 last: Instant::now(),
                 waiting: [Vec::new(), Vec::new()],
                 next_ticket: 0,
+                timers: Vec::new(),
             }),
         }
     }
@@ -127,14 +131,24 @@ impl ThrottleGroup {
         lock(&self.state).limits
     }
 
-    /// Changes the limits at run time. Requests already waiting are measured against the
-    /// new limits when their timer next fires.
+    /// Changes the limits at run time. As QEMU does, the buckets start empty under the new
+    /// limits, and every member's queue looks at its waiting requests again at once.
     pub fn set_limits(&self, limits: ThrottleLimits) {
         let mut st = lock(&self.state);
         st.limits = limits;
-        for (b, l) in st.buckets.iter_mut().zip(limits.limits) {
-            b.set_limit(l);
+        st.buckets = limits.limits.map(Bucket::new);
+        st.last = Instant::now();
+        st.timers.retain(|t| t.strong_count() > 0);
+        for t in st.timers.iter().filter_map(Weak::upgrade) {
+            t.arm(Duration::ZERO);
         }
+    }
+
+    /// Registers a member queue's timer, for [`set_limits`](Self::set_limits) to wake.
+    pub(crate) fn register(&self, timer: &Arc<Timer>) {
+        let mut st = lock(&self.state);
+        st.timers.retain(|t| t.strong_count() > 0);
+        st.timers.push(Arc::downgrade(timer));
     }
 
     /// Lets a read or write of `bytes` go now (and charges it), or says how long it must

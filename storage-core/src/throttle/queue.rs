@@ -13,17 +13,14 @@ use std::time::{Duration, Instant};
 
 use super::ThrottleGroup;
 use crate::disk::wakeup::{FdSet, Timer};
-use crate::disk::{check_op, AnyQueue, DiskOp, DiskQueue, StartError};
-use crate::engine::Completion;
+use crate::disk::{checked, AnyQueue, DiskCompletion, DiskOp, DiskQueue, Rejected, StartError};
 
 /// The earliest a held request is looked at again.
 const TIMER_SLACK: Duration = Duration::from_micros(250);
 
-/// A request held back, with its iovecs as the caller gave them (they stay valid and
-/// unchanged until its completion: [`DiskQueue::start`]'s contract).
-#[derive(Clone, Copy)]
+/// A request held back, with its buffers.
 struct Held {
-    op: HeldOp,
+    op: DiskOp,
     tag: u64,
     /// Already charged to the group (admitted, then refused by a full child).
     charged: bool,
@@ -31,57 +28,8 @@ struct Held {
     ticket: Option<u64>,
 }
 
-#[derive(Clone, Copy)]
-enum HeldOp {
-    Read(u64, *const libc::iovec, usize),
-    Write(u64, *const libc::iovec, usize),
-    Discard(u64, u64),
-    Zeroes(u64, u64, bool),
-}
-
-impl Held {
-    fn of(op: DiskOp<'_>, tag: u64) -> Held {
-        let op = match op {
-            DiskOp::Read { offset, iov } => HeldOp::Read(offset, iov.as_ptr(), iov.len()),
-            DiskOp::Write { offset, iov } => HeldOp::Write(offset, iov.as_ptr(), iov.len()),
-            DiskOp::Discard { offset, len } => HeldOp::Discard(offset, len),
-            DiskOp::WriteZeroes { offset, len, unmap } => HeldOp::Zeroes(offset, len, unmap),
-            DiskOp::Flush => unreachable!("flushes are never held"),
-        };
-        Held {
-            op,
-            tag,
-            charged: false,
-            ticket: None,
-        }
-    }
-
-    /// The operation again.
-    ///
-    /// # Safety
-    ///
-    /// The iovec array given to `start` must still be valid (it is, until the request's
-    /// completion, by `start`'s contract).
-    unsafe fn op<'a>(&self) -> DiskOp<'a> {
-        match self.op {
-            HeldOp::Read(offset, p, n) => {
-                // SAFETY: the caller's promise above; pointer and length came from a slice.
-                let iov = unsafe { std::slice::from_raw_parts(p, n) };
-                DiskOp::Read { offset, iov }
-            }
-            HeldOp::Write(offset, p, n) => {
-                // SAFETY: as above.
-                let iov = unsafe { std::slice::from_raw_parts(p, n) };
-                DiskOp::Write { offset, iov }
-            }
-            HeldOp::Discard(offset, len) => DiskOp::Discard { offset, len },
-            HeldOp::Zeroes(offset, len, unmap) => DiskOp::WriteZeroes { offset, len, unmap },
-        }
-    }
-}
-
 /// Whether an operation counts as a write for the limits, and its bytes.
-fn cost(op: &DiskOp<'_>) -> (bool, u64) {
+fn cost(op: &DiskOp) -> (bool, u64) {
     (op.writes(), op.range().map_or(0, |(_, len)| len))
 }
 
@@ -93,18 +41,14 @@ pub struct ThrottleQueue {
     /// Held reads ([0]) and writes ([1]), each in arrival order.
     held: [VecDeque<Held>; 2],
     /// Completions of held requests the child refused (reported as I/O errors).
-    failed: VecDeque<Completion>,
-    timer: Timer,
-    /// The timer and the child's completion fd, as one fd for the worker.
+    failed: VecDeque<DiskCompletion>,
+    /// Also armed by the group when its limits change.
+    timer: Arc<Timer>,
+    /// The timer and the child's wake-up fds, as one fd for the worker.
     wakeup: FdSet,
     /// Requests that went past the limits because the worker was draining.
     draining: bool,
 }
-
-// SAFETY: the raw iovec pointers of held requests are only dereferenced by the thread that
-// owns the queue; `start`'s caller keeps them valid until completion, whichever thread
-// drives the queue.
-unsafe impl Send for ThrottleQueue {}
 
 impl ThrottleQueue {
     pub(super) fn new(
@@ -113,12 +57,9 @@ impl ThrottleQueue {
         capacity: u64,
         depth: u32,
     ) -> io::Result<ThrottleQueue> {
-        let timer = Timer::new()?;
-        let wakeup = FdSet::new()?;
-        wakeup.add(timer.fd())?;
-        if let Some(fd) = child.completion_fd() {
-            wakeup.add(fd)?;
-        }
+        let timer = Arc::new(Timer::new()?);
+        let wakeup = FdSet::joining(timer.fd(), &child)?;
+        group.register(&timer);
         let depth = depth as usize;
         Ok(ThrottleQueue {
             child,
@@ -149,12 +90,10 @@ impl ThrottleQueue {
         let mut next: Option<Duration> = None;
         for dir in 0..2 {
             while let Some(h) = self.held[dir].front_mut() {
-                // SAFETY: a held request has not completed, so its iovecs are still valid.
-                let op = unsafe { h.op() };
                 if self.draining {
                     self.group.leave(dir == 1, &mut h.ticket);
                 } else if !h.charged {
-                    let (write, bytes) = cost(&op);
+                    let (write, bytes) = cost(&h.op);
                     let wait = self.group.admit(write, bytes, now, &mut h.ticket);
                     if !wait.is_zero() {
                         next = Some(next.map_or(wait, |n| n.min(wait)));
@@ -162,21 +101,29 @@ impl ThrottleQueue {
                     }
                     h.charged = true;
                 }
-                let tag = h.tag;
-                // SAFETY: the iovecs and buffers stay valid until completion (above).
-                match unsafe { self.child.start(op, tag) } {
-                    Ok(()) => {
-                        self.held[dir].pop_front();
-                    }
+                let Some(h) = self.held[dir].pop_front() else {
+                    break;
+                };
+                match self.child.start(h.op, h.tag) {
+                    Ok(()) => {}
                     // The child is full; its completions bring us back. The charge taken
                     // stands: the request is next in line.
-                    Err(StartError::Busy) => break,
-                    Err(e) => {
-                        log::warn!("throttle: a held request was refused by its child: {e}");
-                        self.held[dir].pop_front();
-                        self.failed.push_back(Completion {
-                            user_data: tag,
+                    Err(Rejected {
+                        error: StartError::Busy,
+                        op,
+                    }) => {
+                        self.held[dir].push_front(Held { op, ..h });
+                        break;
+                    }
+                    Err(r) => {
+                        log::warn!(
+                            "throttle: a held request was refused by its child: {}",
+                            r.error
+                        );
+                        self.failed.push_back(DiskCompletion {
+                            tag: h.tag,
                             result: -libc::EIO,
+                            buffers: r.op.into_buffers(),
                         });
                     }
                 }
@@ -204,34 +151,46 @@ impl Drop for ThrottleQueue {
 
 impl DiskQueue for ThrottleQueue {
     #[inline]
-    unsafe fn start(&mut self, op: DiskOp<'_>, tag: u64) -> Result<(), StartError> {
+    fn start(&mut self, op: DiskOp, tag: u64) -> Result<(), Rejected> {
         if matches!(op, DiskOp::Flush) {
-            // SAFETY: a flush carries no buffers.
-            return unsafe { self.child.start(op, tag) };
+            return self.child.start(op, tag);
         }
-        check_op(&op, self.capacity)?;
+        let op = checked(op, self.capacity)?;
         let (write, bytes) = cost(&op);
         let dir = usize::from(write);
         if self.held[dir].len() == self.held[dir].capacity() {
-            return Err(StartError::Busy);
+            return Err(Rejected::new(StartError::Busy, op));
         }
-        let mut held = Held::of(op, tag);
-        if self.held[dir].is_empty()
+        let mut ticket = None;
+        let mut charged = false;
+        let op = if self.held[dir].is_empty()
             && self
                 .group
-                .admit(write, bytes, Instant::now(), &mut held.ticket)
+                .admit(write, bytes, Instant::now(), &mut ticket)
                 .is_zero()
         {
-            // SAFETY: the caller upholds `start`'s contract, which the child shares.
-            match unsafe { self.child.start(op, tag) } {
+            match self.child.start(op, tag) {
                 // Charged but not taken: it waits here for room, not for the limits (the
                 // next submit starts it), rather than being charged again when retried.
-                Err(StartError::Busy) => held.charged = true,
+                Err(Rejected {
+                    error: StartError::Busy,
+                    op,
+                }) => {
+                    charged = true;
+                    op
+                }
                 other => return other,
             }
-        }
+        } else {
+            op
+        };
         // Waits for the next submit, which starts it or arms the timer.
-        self.held[dir].push_back(held);
+        self.held[dir].push_back(Held {
+            op,
+            tag,
+            charged,
+            ticket,
+        });
         Ok(())
     }
 
@@ -241,7 +200,7 @@ impl DiskQueue for ThrottleQueue {
     }
 
     #[inline]
-    fn pop_completion(&mut self) -> Option<Completion> {
+    fn pop_completion(&mut self) -> Option<DiskCompletion> {
         self.failed
             .pop_front()
             .or_else(|| self.child.pop_completion())
@@ -267,6 +226,11 @@ impl DiskQueue for ThrottleQueue {
     fn ack_completion_fd(&self) {
         self.timer.ack();
         self.child.ack_completion_fd();
+    }
+
+    fn wake_fds(&self, out: &mut Vec<RawFd>) {
+        out.push(self.timer.fd());
+        self.child.wake_fds(out);
     }
 
     #[inline]

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::disk::{Disk, DiskOp, DiskQueue, NullDisk};
+use crate::disk::{Disk, DiskOp, DiskQueue, IoVecs, NullDisk};
 
 const DEPTH: u32 = 32;
 
@@ -36,34 +36,20 @@ fn wait_readable(fd: RawFd, timeout: Duration) {
 /// Keeps `DEPTH` 4 KiB requests (reads, or writes when `write`) in flight on each queue for
 /// `run`; returns how many completed on each after `warm`.
 fn drive(queues: &mut [ThrottleQueue], write: bool, warm: Duration, run: Duration) -> Vec<u64> {
-    let mut bufs: Vec<Vec<u8>> = (0..DEPTH).map(|_| vec![0u8; 4096]).collect();
-    let iovs: Vec<Vec<libc::iovec>> = (0..queues.len())
-        .map(|_| {
-            bufs.iter_mut()
-                .map(|b| libc::iovec {
-                    iov_base: b.as_mut_ptr().cast(),
-                    iov_len: b.len(),
-                })
-                .collect()
-        })
-        .collect();
     let mut counted = vec![0u64; queues.len()];
     let start = Instant::now();
-    let begin = |q: &mut ThrottleQueue, tag: u64, iov: &[libc::iovec]| {
-        let iov = std::slice::from_ref(&iov[tag as usize]);
+    let begin = |q: &mut ThrottleQueue, tag: u64, buffers: IoVecs| {
         let offset = tag * 4096;
         let op = if write {
-            DiskOp::Write { offset, iov }
+            DiskOp::Write { offset, buffers }
         } else {
-            DiskOp::Read { offset, iov }
+            DiskOp::Read { offset, buffers }
         };
-        // SAFETY: the iovecs and the buffers (null reads write zeroes into them; the test
-        // never reads them) live until the end of this function, after every completion.
-        unsafe { q.start(op, tag) }.unwrap();
+        q.start(op, tag).unwrap();
     };
-    for (i, q) in queues.iter_mut().enumerate() {
+    for q in queues.iter_mut() {
         for tag in 0..u64::from(DEPTH) {
-            begin(q, tag, &iovs[i]);
+            begin(q, tag, IoVecs::owned(&[4096]));
         }
         q.submit().unwrap();
     }
@@ -76,13 +62,16 @@ fn drive(queues: &mut [ThrottleQueue], write: bool, warm: Duration, run: Duratio
             let mut done = Vec::with_capacity(DEPTH as usize);
             while let Some(c) = q.pop_completion() {
                 assert!(c.result >= 0);
-                done.push(c.user_data);
+                done.push((
+                    c.tag,
+                    c.buffers.expect("a read or write gives its buffers back"),
+                ));
             }
             if start.elapsed() >= warm {
                 counted[i] += done.len() as u64;
             }
-            for tag in done {
-                begin(q, tag, &iovs[i]);
+            for (tag, buffers) in done {
+                begin(q, tag, buffers);
             }
             q.submit().unwrap();
         }
@@ -96,7 +85,6 @@ fn drive(queues: &mut [ThrottleQueue], write: bool, warm: Duration, run: Duratio
             assert!(Instant::now() < deadline, "the drain did not end");
         }
     }
-    drop(bufs);
     counted
 }
 
@@ -191,6 +179,69 @@ fn limits_change_at_run_time() {
     assert!((4000.0 * 0.8..=4000.0 * 1.05).contains(&fast), "{fast:.0}");
 }
 
+/// Raising the limits releases waiting requests at once: the group wakes every member's
+/// timer, rather than leaving them to the wait the old limits set.
+#[test]
+fn raised_limits_release_waiting_requests_at_once() {
+    let group = ThrottleGroup::private(limits(&[("iops-read", 1)]));
+    let disk = null_throttle(group.clone());
+    let mut q = disk.new_queue(DEPTH).unwrap();
+    let done = start_reads(&mut q, 4);
+    assert!(done < 4, "1 IOPS let {done} reads go at once");
+    group.set_limits(limits(&[("iops-read", 100_000)]));
+    let waited = finish_reads(&mut q, 4 - done);
+    assert!(
+        waited < Duration::from_millis(500),
+        "held reads waited {waited:?}: for the old limit's timer"
+    );
+}
+
+/// Starts `n` 4 KiB reads and submits them; returns how many completed at once.
+fn start_reads(q: &mut impl DiskQueue, n: u64) -> usize {
+    for tag in 0..n {
+        let buffers = IoVecs::owned(&[4096]);
+        q.start(DiskOp::Read { offset: 0, buffers }, tag).unwrap();
+    }
+    q.submit().unwrap();
+    std::iter::from_fn(|| q.pop_completion()).count()
+}
+
+/// Waits for `left` completions, blocking on the queue's completion fd alone (as a worker
+/// does); returns how long that took.
+fn finish_reads(q: &mut impl DiskQueue, mut left: usize) -> Duration {
+    let began = Instant::now();
+    while left > 0 {
+        assert!(
+            began.elapsed() < Duration::from_secs(5),
+            "held reads never woke the worker"
+        );
+        wait_readable(q.completion_fd().unwrap(), Duration::from_secs(1));
+        q.ack_completion_fd();
+        q.submit().unwrap();
+        left -= std::iter::from_fn(|| q.pop_completion()).count();
+    }
+    began.elapsed()
+}
+
+/// Throttles stacked deeper than the kernel nests epoll sets (four) still make one
+/// wake-up fd: each joins its child's fds, not its child's set; a held request on the
+/// innermost one wakes the worker through the outermost's fd.
+#[test]
+fn deep_stacks_of_throttles_wake_through_one_fd() {
+    let mut disk = AnyDisk::Null(NullDisk::new(1 << 30, false, true));
+    for level in 0..8 {
+        let iops = if level == 0 { 20 } else { 1_000_000 };
+        let group = ThrottleGroup::private(limits(&[("iops-read", iops)]));
+        disk = AnyDisk::Throttle(Box::new(ThrottleDisk::new(disk, group)));
+    }
+    let mut q = disk
+        .new_queue(DEPTH)
+        .expect("a queue on eight stacked throttles");
+    // Only the innermost throttle's timer can make the root's fd readable.
+    let done = start_reads(&mut q, 4);
+    finish_reads(&mut q, 4 - done);
+}
+
 /// Held requests count as in flight (a drain waits for them), keep their order, and reach
 /// the child with their buffers: a throttled read returns the child's data.
 #[test]
@@ -205,26 +256,19 @@ fn held_requests_complete_in_order_with_their_data() {
         ThrottleGroup::private(limits(&[("iops-read", 100)])),
     );
     let mut q = disk.new_queue(DEPTH).unwrap();
-    let mut bufs: Vec<Vec<u8>> = (0..30).map(|_| vec![0xffu8; 4096]).collect();
-    let iovs: Vec<libc::iovec> = bufs
-        .iter_mut()
-        .map(|b| libc::iovec {
-            iov_base: b.as_mut_ptr().cast(),
-            iov_len: 4096,
-        })
-        .collect();
-    for (i, iov) in iovs.iter().enumerate() {
+    for i in 0..30u64 {
         let op = DiskOp::Read {
-            offset: i as u64 * 4096,
-            iov: std::slice::from_ref(iov),
+            offset: i * 4096,
+            buffers: IoVecs::from_bytes(&[0xff; 4096]),
         };
-        // SAFETY: buffers and iovecs outlive every completion (collected below).
-        unsafe { q.start(op, i as u64) }.unwrap();
+        q.start(op, i).unwrap();
     }
     q.submit().unwrap();
     let mut order = Vec::new();
+    let mut bufs = Vec::new();
     while let Some(c) = q.pop_completion() {
-        order.push(c.user_data);
+        order.push(c.tag);
+        bufs.push(c.buffers.unwrap().to_vec());
     }
     // 100 IOPS: a bucket of 10, plus the one that may overfill it.
     assert!(order.len() <= 11, "{} reads went at once", order.len());
@@ -233,7 +277,8 @@ fn held_requests_complete_in_order_with_their_data() {
     while q.in_flight() > 0 {
         q.wait().unwrap();
         while let Some(c) = q.pop_completion() {
-            order.push(c.user_data);
+            order.push(c.tag);
+            bufs.push(c.buffers.unwrap().to_vec());
         }
         assert!(Instant::now() < deadline);
     }

@@ -17,11 +17,11 @@ use std::time::Duration;
 
 use super::journal::{Journal, Media};
 use super::layout::{Record, SlotState};
-use super::queue::AlignedBuf;
 use super::shared::{lock, Link, Shared};
 use super::state::Use;
 use super::CacheMode;
 use crate::engine::Completion;
+use crate::iov::AlignedBuf;
 use std::os::fd::{AsRawFd, FromRawFd};
 
 /// How often the journal thread writes records when nobody asks for a flush.

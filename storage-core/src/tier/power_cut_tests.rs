@@ -13,7 +13,8 @@
 
 use std::os::unix::fs::FileExt;
 
-use super::tests::{iov, run, settle, start};
+use super::tests::{read, run};
+use crate::disk::IoVecs;
 use std::path::Path;
 
 use super::*;
@@ -115,13 +116,12 @@ fn record(dir: &Path, mode: CacheMode, seed: u64, ops: usize) -> Recording {
                     },
                 )
             } else {
-                let mut buf: Vec<u8> = (first..first + n).flat_map(|b| data(b, v)).collect();
-                let vs = [iov(&mut buf)];
+                let buf: Vec<u8> = (first..first + n).flat_map(|b| data(b, v)).collect();
                 run(
                     &mut q,
                     DiskOp::Write {
                         offset: first * BS,
-                        iov: &vs,
+                        buffers: IoVecs::from_bytes(&buf),
                     },
                 )
             };
@@ -136,18 +136,7 @@ fn record(dir: &Path, mode: CacheMode, seed: u64, ops: usize) -> Recording {
                 });
             }
         } else if roll < 90 {
-            let mut buf = vec![0u8; (n * BS) as usize];
-            let vs = [iov(&mut buf)];
-            start(
-                &mut q,
-                DiskOp::Read {
-                    offset: first * BS,
-                    iov: &vs,
-                },
-                0,
-            );
-            let done = settle(&mut q);
-            assert_eq!(done, vec![(0, (n * BS) as i32)]);
+            read(&mut q, first * BS, (n * BS) as usize);
         } else {
             let start = faults.mark();
             assert_eq!(run(&mut q, DiskOp::Flush), 0);
@@ -273,18 +262,7 @@ fn check_state(dir: &Path, mode: CacheMode, imgs: &[Vec<u8>; 2], cut: usize, rec
     let disk = open(dir, mode)
         .unwrap_or_else(|e| panic!("{mode:?}: recovery after a cut at {cut} failed: {e}"));
     let mut q = disk.new_queue(8).unwrap();
-    let mut buf = vec![0u8; (BLOCKS * BS) as usize];
-    let vs = [iov(&mut buf)];
-    assert_eq!(
-        run(
-            &mut q,
-            DiskOp::Read {
-                offset: 0,
-                iov: &vs
-            }
-        ),
-        (BLOCKS * BS) as i32
-    );
+    let buf = read(&mut q, 0, (BLOCKS * BS) as usize);
     for b in 0..BLOCKS {
         let got = &buf[(b * BS) as usize..((b + 1) * BS) as usize];
         let ok = allowed(b, cut, &rec.writes, &rec.flushes);

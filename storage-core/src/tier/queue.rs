@@ -16,8 +16,11 @@ use super::state::Use;
 use super::CacheMode;
 use crate::cache::policy::{AccessHint, BlockId};
 use crate::disk::wakeup::FdSet;
-use crate::disk::{check_op, AnyQueue, Disk, DiskOp, DiskQueue, StartError};
+use crate::disk::{
+    checked, AnyQueue, Disk, DiskCompletion, DiskOp, DiskQueue, IoVecs, Rejected, StartError,
+};
 use crate::engine::{AnyEngine, Completion, EngineOp, FileId, IoEngine};
+use crate::iov::{AlignedBuf, KeepAlive};
 
 /// Ring entries of the cache engine, and depth of the capacity child's queue: requests
 /// split into one operation per block.
@@ -57,10 +60,11 @@ struct Req {
     pending: u32,
     error: i32,
     cache_error: i32,
-    /// Iovec storage for the pieces (reserved before any pointer into it is handed out).
-    iov: Vec<libc::iovec>,
-    guest_iov: *const libc::iovec,
-    guest_iovcnt: usize,
+    /// The cache pieces' iovecs, slices of the guest's (room reserved before any pointer
+    /// into them is handed to the cache engine).
+    iov: IoVecs,
+    /// The guest's buffers, given back with the request's completion.
+    guest: Option<IoVecs>,
     /// Slots pinned for reading, and their blocks.
     hits: Vec<(u32, BlockId)>,
     /// Resident slots being written.
@@ -100,9 +104,8 @@ impl Req {
             pending: 0,
             error: 0,
             cache_error: 0,
-            iov: Vec::with_capacity(256),
-            guest_iov: std::ptr::null(),
-            guest_iovcnt: 0,
+            iov: IoVecs::with_capacity(256),
+            guest: None,
             hits: Vec::with_capacity(64),
             cache_writes: Vec::with_capacity(64),
             fills: Vec::with_capacity(64),
@@ -118,40 +121,6 @@ impl Req {
         }
     }
 }
-
-/// A block-sized, 4 KiB-aligned buffer for promotions and write-back.
-pub(crate) struct AlignedBuf {
-    ptr: *mut u8,
-    len: usize,
-}
-
-impl AlignedBuf {
-    pub(crate) fn new(len: usize) -> AlignedBuf {
-        let layout = std::alloc::Layout::from_size_align(len, 4096).expect("valid buffer layout");
-        // SAFETY: `layout` has a non-zero size (a cache block is at least 4 KiB).
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-        if ptr.is_null() {
-            std::alloc::handle_alloc_error(layout);
-        }
-        AlignedBuf { ptr, len }
-    }
-
-    pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: `ptr` points to `len` bytes we allocated and own exclusively.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        let layout = std::alloc::Layout::from_size_align(self.len, 4096).expect("valid layout");
-        // SAFETY: allocated in `new` with this exact layout.
-        unsafe { std::alloc::dealloc(self.ptr, layout) };
-    }
-}
-
-// SAFETY: the buffer is plain owned memory; it is only accessed by its owner.
-unsafe impl Send for AlignedBuf {}
 
 struct Promotion {
     slot: u32,
@@ -178,58 +147,12 @@ const TAG_MASK: u64 = (1 << 32) - 1;
 /// Where one piece of a request goes: the cache file's engine, or the capacity child.
 enum Piece {
     Cache(EngineOp),
-    Capacity(CapOp),
+    Capacity(DiskOp),
 }
 
-/// An operation on the capacity child, its iovecs as raw parts (they point into request
-/// storage that stays put until the piece completes).
-#[derive(Clone, Copy)]
-enum CapOp {
-    Rw {
-        write: bool,
-        offset: u64,
-        iov: *const libc::iovec,
-        iovcnt: usize,
-    },
-    Discard {
-        offset: u64,
-        len: u64,
-    },
-    Zeroes {
-        offset: u64,
-        len: u64,
-        unmap: bool,
-    },
-}
-
-impl CapOp {
-    /// The operation for the child's queue.
-    ///
-    /// # Safety
-    ///
-    /// For `Rw`, `iov` must point to `iovcnt` initialised iovecs that outlive the returned
-    /// operation (request storage, valid until the piece completes).
-    unsafe fn disk_op<'a>(self) -> DiskOp<'a> {
-        match self {
-            CapOp::Rw {
-                write,
-                offset,
-                iov,
-                iovcnt,
-            } => {
-                // SAFETY: the caller's promise above.
-                let iov = unsafe { std::slice::from_raw_parts(iov, iovcnt) };
-                if write {
-                    DiskOp::Write { offset, iov }
-                } else {
-                    DiskOp::Read { offset, iov }
-                }
-            }
-            CapOp::Discard { offset, len } => DiskOp::Discard { offset, len },
-            CapOp::Zeroes { offset, len, unmap } => DiskOp::WriteZeroes { offset, len, unmap },
-        }
-    }
-}
+/// The promotion buffers of one queue, each one cache block: the keep-alive of the
+/// capacity reads into them.
+struct PromotionBufs(Vec<AlignedBuf>);
 
 /// One worker's queue on a tiered disk: an engine for the cache file, the capacity child's
 /// queue, preallocated request state.
@@ -244,10 +167,13 @@ pub struct TieredQueue {
     wakeup: Option<FdSet>,
     _own_efd: Option<OwnedFd>,
     reqs: Vec<Req>,
-    bufs: Vec<AlignedBuf>,
+    bufs: Arc<PromotionBufs>,
     free_bufs: Vec<u16>,
+    /// Buffer lists for the capacity child's pieces, back from it with their completions
+    /// (allocated as the first requests need them, then reused).
+    cap_iovs: Vec<IoVecs>,
     promotions: Vec<Promotion>,
-    local: VecDeque<Completion>,
+    local: VecDeque<DiskCompletion>,
     /// Per-block plan of the reads being started (scratch, reused).
     sources: Vec<Source>,
     /// Per-block target of the write being started: a slot, or `None` for the capacity
@@ -275,9 +201,8 @@ pub struct TieredQueue {
     touches: Vec<(BlockId, AccessHint)>,
 }
 
-// SAFETY: the raw pointers in `Req` (guest iovecs) and `Promotion` (our own buffers) are only
-// dereferenced by the thread that owns the queue; the caller of `start` guarantees the guest
-// buffers stay valid until completion, whichever thread drives the queue.
+// SAFETY: the raw pointers in `Promotion` lead into our own buffers (`bufs`), valid from any
+// thread; only the thread that owns the queue uses them.
 unsafe impl Send for TieredQueue {}
 
 impl Drop for TieredQueue {
@@ -324,12 +249,7 @@ impl TieredQueue {
             .new_queue_sharing(RING_ENTRIES, fd)
             .map_err(io::Error::other)?;
         let wakeup = match cap.completion_fd() {
-            Some(child) if child != fd => {
-                let set = FdSet::new()?;
-                set.add(fd)?;
-                set.add(child)?;
-                Some(set)
-            }
+            Some(child) if child != fd => Some(FdSet::joining(fd, &cap)?),
             _ => None,
         };
         let notify = fd;
@@ -348,9 +268,12 @@ impl TieredQueue {
             wakeup,
             _own_efd: own,
             reqs: (0..depth).map(|_| Req::new()).collect(),
-            bufs: (0..PROMOTION_BUFFERS)
-                .map(|_| AlignedBuf::new(block))
-                .collect(),
+            bufs: Arc::new(PromotionBufs(
+                (0..PROMOTION_BUFFERS)
+                    .map(|_| AlignedBuf::new(block))
+                    .collect(),
+            )),
+            cap_iovs: Vec::with_capacity(RING_ENTRIES as usize),
             free_bufs: (0..PROMOTION_BUFFERS as u16).rev().collect(),
             promotions: (0..PROMOTION_BUFFERS)
                 .map(|_| Promotion {
@@ -391,48 +314,31 @@ impl TieredQueue {
         self.run > self.sh.seq_cutoff
     }
 
-    /// Appends the iovecs covering bytes `[skip, skip + len)` of the guest's iovecs to the
-    /// request's storage; returns the range of them.
-    fn slice(req: &mut Req, skip: u64, len: u64) -> Result<(usize, usize), StartError> {
-        let start = req.iov.len();
-        let (mut pos, end) = (0u64, skip + len);
-        for i in 0..req.guest_iovcnt {
-            // SAFETY: `guest_iov` points to `guest_iovcnt` iovecs that the caller of `start`
-            // keeps valid until the request completes.
-            let v = unsafe { *req.guest_iov.add(i) };
-            let (a, b) = (pos, pos + v.iov_len as u64);
-            pos = b;
-            let (lo, hi) = (a.max(skip), b.min(end));
-            if lo < hi {
-                if req.iov.len() == req.iov.capacity() {
-                    // Growing would move the iovecs that pushed pieces point to.
-                    log::error!("tier: iovec storage of a request exhausted");
-                    return Err(StartError::Busy);
-                }
-                // SAFETY: `lo - a < iov_len`, so the pointer stays inside the buffer.
-                let base = unsafe { v.iov_base.cast::<u8>().add((lo - a) as usize) };
-                req.iov.push(libc::iovec {
-                    iov_base: base.cast(),
-                    iov_len: (hi - lo) as usize,
-                });
-            }
-            if pos >= end {
-                break;
-            }
-        }
-        Ok((start, req.iov.len()))
-    }
-
     fn push(&mut self, op: Piece, user_data: u64) -> Result<(), StartError> {
         match op {
             Piece::Cache(op) => {
-                // SAFETY: every operation we push points into request storage or buffers
-                // that stay put until the completion is reaped (see `start`'s contract and
-                // `Req::iov`).
+                // SAFETY: every operation we push points into request storage (`Req::iov`,
+                // whose room was reserved before the request's first piece and which is
+                // cleared only when no piece is in flight) or our promotion buffers, and at
+                // memory the request's buffers (`Req::guest`, held until its completion) or
+                // `bufs` keep alive.
                 unsafe { self.cache_eng.push(op, user_data) }.map_err(|_| StartError::Busy)
             }
-            // SAFETY: as above; the child's contract is the same (valid until completion).
-            Piece::Capacity(op) => unsafe { self.cap.start(op.disk_op(), user_data) },
+            Piece::Capacity(op) => self.cap.start(op, user_data).map_err(|r| {
+                if let Some(v) = r.op.into_buffers() {
+                    self.cap_iovs.push(v);
+                }
+                r.error
+            }),
+        }
+    }
+
+    /// A buffer list for a capacity piece of up to `count` buffers.
+    fn cap_iov(&mut self, count: usize) -> IoVecs {
+        match self.cap_iovs.pop() {
+            Some(v) if v.capacity() >= count => v,
+            // Grown once, then kept: the next requests reuse it.
+            _ => IoVecs::with_capacity(count.max(8)),
         }
     }
 
@@ -447,33 +353,76 @@ impl TieredQueue {
         len: u64,
     ) -> Result<(), StartError> {
         let req = &mut self.reqs[tag as usize];
-        let (a, b) = Self::slice(req, skip, len)?;
-        let iov = req.iov[a..].as_ptr();
-        let iovcnt = (b - a) as u32;
+        let Some(guest) = req.guest.as_ref() else {
+            return Err(StartError::OutOfRange);
+        };
         let op = if !cache {
-            Piece::Capacity(CapOp::Rw {
-                write,
-                offset: dev_offset,
-                iov,
-                iovcnt: iovcnt as usize,
-            })
-        } else if write {
-            Piece::Cache(EngineOp::Writev {
-                file: self.cache_fid,
-                offset: dev_offset,
-                iov,
-                iovcnt,
-            })
+            let mut buffers = {
+                let count = guest.count();
+                self.cap_iov(count)
+            };
+            let req = &mut self.reqs[tag as usize];
+            let guest = req.guest.as_ref().expect("checked above");
+            buffers.clear();
+            if guest.slice_into(skip, len, &mut buffers).is_err() {
+                self.cap_iovs.push(buffers);
+                return Err(StartError::Busy);
+            }
+            let op = if write {
+                DiskOp::Write {
+                    offset: dev_offset,
+                    buffers,
+                }
+            } else {
+                DiskOp::Read {
+                    offset: dev_offset,
+                    buffers,
+                }
+            };
+            Piece::Capacity(op)
         } else {
-            Piece::Cache(EngineOp::Readv {
-                file: self.cache_fid,
-                offset: dev_offset,
-                iov,
-                iovcnt,
+            let Ok(range) = guest.slice_into(skip, len, &mut req.iov) else {
+                // Growing would move the iovecs that pushed pieces point to.
+                log::error!("tier: iovec storage of a request exhausted");
+                return Err(StartError::Busy);
+            };
+            let iov = req.iov.as_slice()[range.clone()].as_ptr();
+            let iovcnt = range.len() as u32;
+            Piece::Cache(if write {
+                EngineOp::Writev {
+                    file: self.cache_fid,
+                    offset: dev_offset,
+                    iov,
+                    iovcnt,
+                }
+            } else {
+                EngineOp::Readv {
+                    file: self.cache_fid,
+                    offset: dev_offset,
+                    iov,
+                    iovcnt,
+                }
             })
         };
         let ud = tag | if cache { CACHE_TARGET } else { 0 };
         self.push_counted(tag, op, ud, len)
+    }
+
+    /// Pushes a capacity read of block `block` into promotion buffer `buf`.
+    fn promotion_read(&mut self, tag: u64, block: u64, buf: u16) -> Result<(), StartError> {
+        let bs = self.sh.block;
+        let mut buffers = self.cap_iov(1);
+        buffers.reset(self.bufs.clone() as KeepAlive);
+        // SAFETY: promotion buffer `buf` holds a block, belongs to `bufs`, the keep-alive
+        // just set, and is ours alone until this read and the cache write that follows it
+        // finish (it is off the free list).
+        unsafe { buffers.push(self.bufs.0[buf as usize].as_ptr(), bs as usize) }
+            .expect("a buffer list holds at least one buffer");
+        let op = Piece::Capacity(DiskOp::Read {
+            offset: block * bs,
+            buffers,
+        });
+        self.push_counted(tag, op, tag, bs)
     }
 
     /// Pushes one piece of request `tag` and counts it in the request's `pending` (and
@@ -552,9 +501,11 @@ impl TieredQueue {
         if self.reqs[tag as usize].pending > 0 {
             self.reqs[tag as usize].error = -libc::EIO;
         } else {
-            self.local.push_back(Completion {
-                user_data: tag,
+            let buffers = self.reqs[tag as usize].guest.take();
+            self.local.push_back(DiskCompletion {
+                tag,
                 result: -libc::EIO,
+                buffers,
             });
         }
     }
@@ -637,35 +588,22 @@ impl TieredQueue {
         let promos = std::mem::take(&mut req.promotions);
         let bs = self.sh.block;
         for (slot, block, buf_i) in promos.iter().copied() {
-            let req = &self.reqs[tag as usize];
+            let req = &mut self.reqs[tag as usize];
             let skip = block * bs - req.offset;
-            let buf = self.bufs[buf_i as usize].as_mut_slice();
-            let mut pos = 0u64;
-            let mut copied = 0usize;
-            for i in 0..req.guest_iovcnt {
-                // SAFETY: the guest iovecs stay valid until this request's completion is
-                // returned, which happens after this copy.
-                let v = unsafe { *req.guest_iov.add(i) };
-                let (a, b) = (pos, pos + v.iov_len as u64);
-                pos = b;
-                let (lo, hi) = (a.max(skip), b.min(skip + bs));
-                if lo < hi {
-                    let n = (hi - lo) as usize;
-                    // SAFETY: `[lo - a, lo - a + n)` lies inside this iovec's buffer, which
-                    // the guest gave us to write into, and `buf[copied..copied + n]` inside
-                    // ours (n bytes of at most `bs`); they cannot overlap (ours is private).
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            buf.as_ptr().add(copied),
-                            v.iov_base.cast::<u8>().add((lo - a) as usize),
-                            n,
-                        )
-                    };
-                    copied += n;
-                }
+            // SAFETY: the promotion buffer holds `bs` bytes; the capacity read into it has
+            // completed and its cache write has not started, so nothing else uses it.
+            let buf = unsafe {
+                std::slice::from_raw_parts(self.bufs.0[buf_i as usize].as_ptr(), bs as usize)
+            };
+            if let Some(guest) = req.guest.as_mut() {
+                guest.copy_from(skip, buf);
             }
             let p = &mut self.promotions[buf_i as usize];
             p.slot = slot;
+            p.iov[0] = libc::iovec {
+                iov_base: self.bufs.0[buf_i as usize].as_ptr().cast(),
+                iov_len: bs as usize,
+            };
             let op = EngineOp::Writev {
                 file: self.cache_fid,
                 offset: self.sh.slot_offset(slot),
@@ -703,7 +641,7 @@ impl TieredQueue {
     }
 
     /// A guest request's last piece completed: settle the state and produce its completion.
-    fn finish(&mut self, tag: u64) -> Option<Completion> {
+    fn finish(&mut self, tag: u64) -> Option<DiskCompletion> {
         {
             let r = &mut self.reqs[tag as usize];
             if r.error == 0 && r.moved_cap < r.expected_cap {
@@ -785,9 +723,10 @@ impl TieredQueue {
         } else {
             0
         };
-        Some(Completion {
-            user_data: tag,
+        Some(DiskCompletion {
+            tag,
             result,
+            buffers: self.reqs[tag as usize].guest.take(),
         })
     }
 
@@ -801,27 +740,27 @@ impl TieredQueue {
 }
 
 impl DiskQueue for TieredQueue {
-    unsafe fn start(&mut self, op: DiskOp<'_>, tag: u64) -> Result<(), StartError> {
-        check_op(&op, self.sh.capacity)?;
+    fn start(&mut self, op: DiskOp, tag: u64) -> Result<(), Rejected> {
+        let op = checked(op, self.sh.capacity)?;
         if !matches!(op, DiskOp::Read { .. } | DiskOp::Write { .. }) {
             // Reads and writes wait for `submit`; anything else starts after those that
             // came before it, so requests still start in the order they arrive.
             self.run_deferred();
         }
         let bs = self.sh.block;
-        // Ring entries this request needs at once: a read or write one chunk's blocks (a
-        // larger one goes chunk by chunk), a discard or write-zeroes a few.
-        // The range, once (for a read or write it sums the iovecs); nothing to do for an
-        // empty one.
+        // The range, once; nothing to do for an empty one.
         let (offset, len) = op.range().unwrap_or((0, 0));
         if len == 0 && !matches!(op, DiskOp::Flush) {
-            self.local.push_back(Completion {
-                user_data: tag,
+            self.local.push_back(DiskCompletion {
+                tag,
                 result: 0,
+                buffers: op.into_buffers(),
             });
             self.in_flight += 1;
             return Ok(());
         }
+        // Ring entries this request needs at once: a read or write one chunk's blocks (a
+        // larger one goes chunk by chunk), a discard or write-zeroes a few.
         let entries = match op {
             DiskOp::Read { .. } | DiskOp::Write { .. } => {
                 ((offset + len - 1) / bs - offset / bs + 1).min(CHUNK_BLOCKS)
@@ -830,7 +769,7 @@ impl DiskQueue for TieredQueue {
             DiskOp::Flush => 0,
         };
         if !self.room(entries) {
-            return Err(StartError::Busy);
+            return Err(Rejected::new(StartError::Busy, op));
         }
         let req = &mut self.reqs[tag as usize];
         req.pending = 0;
@@ -846,26 +785,20 @@ impl DiskQueue for TieredQueue {
         req.chunk_off = 0;
         req.chunk_len = 0;
         req.iov.clear();
-        // A chunk's pieces slice the guest's iovecs at most twice over (write-through: the
-        // whole chunk to the capacity device, and each resident block to the cache), each
-        // piece adding at most one iovec at its start: reserved now, so the vector never
-        // moves while the engines hold pointers into it (`slice` refuses to grow it).
-        let guest_iovs = match op {
-            DiskOp::Read { iov, .. } | DiskOp::Write { iov, .. } => iov.len(),
-            _ => 0,
-        };
-        req.iov.reserve(2 * (guest_iovs + entries as usize) + 2);
-        let result = match op {
-            DiskOp::Read { iov, .. } | DiskOp::Write { iov, .. } => {
+        let is_read = matches!(op, DiskOp::Read { .. });
+        let kind = match op {
+            DiskOp::Read { buffers, .. } | DiskOp::Write { buffers, .. } => {
+                // A chunk's pieces slice the guest's iovecs at most twice over
+                // (write-through: the whole chunk to the capacity device, and each resident
+                // block to the cache), each piece adding at most one iovec at its start:
+                // reserved now, so the entries never move while the cache engine holds
+                // pointers into them (`slice_into` refuses to grow the list).
+                req.iov
+                    .reserve_while_empty(2 * (buffers.count() + entries as usize) + 2);
+                req.kind = if is_read { Kind::Read } else { Kind::Write };
+                req.guest = Some(buffers);
                 req.offset = offset;
                 req.len = len;
-                req.guest_iov = iov.as_ptr();
-                req.guest_iovcnt = iov.len();
-                req.kind = if matches!(op, DiskOp::Read { .. }) {
-                    Kind::Read
-                } else {
-                    Kind::Write
-                };
                 self.next_chunk(tag);
                 // The lookups wait for `submit` (see `run_deferred`); meanwhile the CPU
                 // fetches the map entries they will need.
@@ -885,22 +818,17 @@ impl DiskQueue for TieredQueue {
                 self.sh.bg_cv.notify_one();
                 return Ok(());
             }
-            DiskOp::Discard { .. } | DiskOp::WriteZeroes { .. } => {
-                let kind = match op {
-                    DiskOp::WriteZeroes { unmap, .. } => Kind::Zeroes { unmap },
-                    _ => Kind::Discard,
-                };
-                req.kind = kind;
-                req.offset = offset;
-                req.len = len;
-                // One piece per device, whatever the length: never more than one chunk.
-                req.chunk_off = offset;
-                req.chunk_len = len;
-                req.guest_iovcnt = 0;
-                self.start_zero(tag, offset, len, kind)
-            }
+            DiskOp::WriteZeroes { unmap, .. } => Kind::Zeroes { unmap },
+            DiskOp::Discard { .. } => Kind::Discard,
         };
-        match result {
+        req.kind = kind;
+        req.offset = offset;
+        req.len = len;
+        // One piece per device, whatever the length: never more than one chunk.
+        req.chunk_off = offset;
+        req.chunk_len = len;
+        req.guest = None;
+        match self.start_zero(tag, offset, len, kind) {
             Ok(()) => {
                 self.in_flight += 1;
                 Ok(())
@@ -915,7 +843,7 @@ impl DiskQueue for TieredQueue {
                     self.in_flight += 1;
                     Ok(())
                 } else {
-                    Err(e)
+                    Err(Rejected::new(e, op))
                 }
             }
         }
@@ -937,21 +865,30 @@ impl DiskQueue for TieredQueue {
         self.cap.submit()
     }
 
-    fn pop_completion(&mut self) -> Option<Completion> {
+    fn pop_completion(&mut self) -> Option<DiskCompletion> {
         loop {
             if let Some(c) = self.local.pop_front() {
                 self.in_flight -= 1;
                 return Some(c);
             }
-            let c = self
-                .cache_eng
-                .pop_completion()
-                .or_else(|| self.cap.pop_completion());
+            let c = self.cache_eng.pop_completion().or_else(|| {
+                let c = self.cap.pop_completion()?;
+                if let Some(v) = c.buffers {
+                    self.cap_iovs.push(v);
+                }
+                Some(Completion {
+                    user_data: c.tag,
+                    result: c.result,
+                })
+            });
             let Some(c) = c else {
                 if self.link.ready.load(Relaxed) > 0 {
                     let mut done = lock(&self.link.done);
                     self.link.ready.store(0, Relaxed);
-                    self.local.extend(done.drain(..));
+                    self.local.extend(
+                        done.drain(..)
+                            .map(|c| DiskCompletion::bare(c.user_data, c.result)),
+                    );
                     drop(done);
                     if !self.local.is_empty() {
                         continue;
@@ -1056,5 +993,12 @@ impl DiskQueue for TieredQueue {
 
     fn held(&self) -> usize {
         self.cap.held()
+    }
+
+    fn wake_fds(&self, out: &mut Vec<RawFd>) {
+        out.push(self.link.notify);
+        if self.wakeup.is_some() {
+            self.cap.wake_fds(out);
+        }
     }
 }

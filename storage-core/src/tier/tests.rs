@@ -10,9 +10,11 @@ use super::layout::SlotState;
 use std::sync::atomic::AtomicU64;
 
 use super::*;
-use crate::disk::{AnyDisk, Disk, DiskOp, DiskQueue, StartError};
+use crate::disk::{AnyDisk, Disk, DiskCompletion, DiskOp, DiskQueue, IoVecs, Rejected, StartError};
 use crate::engine::faulty::{Device, Fault, Faults, OpKind};
 use crate::engine::EngineKind;
+use crate::iov::AlignedBuf;
+use std::sync::Arc;
 
 const BS: u64 = 4096;
 const CAP: u64 = 32 << 20;
@@ -91,22 +93,27 @@ pub(super) fn open_tier(
     TieredDisk::open(AnyDisk::Raw(capacity), read_only, EngineKind::Sync, &spec)
 }
 
-pub(super) fn iov(buf: &mut [u8]) -> libc::iovec {
-    libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    }
+/// A buffer the test can still write while a request uses it, as a guest can.
+pub(super) fn shared(len: usize) -> (IoVecs, Arc<AlignedBuf>) {
+    let mem = Arc::new(AlignedBuf::new(len));
+    let mut v = IoVecs::with_capacity(1);
+    v.reset(mem.clone());
+    // SAFETY: the buffer belongs to `mem`, the keep-alive just set, and holds `len` bytes.
+    unsafe { v.push(mem.as_ptr(), len) }.unwrap();
+    (v, mem)
 }
 
 /// Starts `op` (retrying while the queue is busy) without waiting for it.
-pub(super) fn start(q: &mut impl DiskQueue, op: DiskOp<'_>, tag: u64) {
+pub(super) fn start(q: &mut impl DiskQueue, mut op: DiskOp, tag: u64) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        // SAFETY: every test keeps the buffers and iovec arrays it passes alive until it
-        // has collected the request's completion (`complete`/`settle`).
-        match unsafe { q.start(op, tag) } {
+        match q.start(op, tag) {
             Ok(()) => return,
-            Err(StartError::Busy) => {
+            Err(Rejected {
+                error: StartError::Busy,
+                op: back,
+            }) => {
+                op = back;
                 q.submit().unwrap();
                 q.wait().unwrap();
                 assert!(Instant::now() < deadline, "queue stayed busy");
@@ -117,14 +124,14 @@ pub(super) fn start(q: &mut impl DiskQueue, op: DiskOp<'_>, tag: u64) {
 }
 
 /// Drives the queue until every request and promotion has finished; returns the
-/// completions, by tag.
-pub(super) fn settle(q: &mut impl DiskQueue) -> Vec<(u64, i32)> {
+/// completions, buffers and all.
+pub(super) fn settle_all(q: &mut impl DiskQueue) -> Vec<DiskCompletion> {
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut done = Vec::new();
     loop {
         q.submit().unwrap();
         while let Some(c) = q.pop_completion() {
-            done.push((c.user_data, c.result));
+            done.push(c);
         }
         if q.in_flight() == 0 {
             return done;
@@ -134,25 +141,35 @@ pub(super) fn settle(q: &mut impl DiskQueue) -> Vec<(u64, i32)> {
     }
 }
 
+/// As [`settle_all`], the completions as (tag, result).
+pub(super) fn settle(q: &mut impl DiskQueue) -> Vec<(u64, i32)> {
+    settle_all(q).iter().map(|c| (c.tag, c.result)).collect()
+}
+
 /// Runs one request to completion; returns its result.
-pub(super) fn run(q: &mut impl DiskQueue, op: DiskOp<'_>) -> i32 {
+pub(super) fn run(q: &mut impl DiskQueue, op: DiskOp) -> i32 {
     start(q, op, 0);
     let done = settle(q);
     assert_eq!(done.len(), 1);
     done[0].1
 }
 
-fn read(q: &mut impl DiskQueue, offset: u64, len: usize) -> Vec<u8> {
-    let mut buf = vec![0u8; len];
-    let v = [iov(&mut buf)];
-    assert_eq!(run(q, DiskOp::Read { offset, iov: &v }), len as i32);
-    buf
+pub(super) fn read(q: &mut impl DiskQueue, offset: u64, len: usize) -> Vec<u8> {
+    let buffers = IoVecs::owned(&[len]);
+    start(q, DiskOp::Read { offset, buffers }, 0);
+    let done = settle_all(q);
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0].result, len as i32);
+    done[0]
+        .buffers
+        .as_ref()
+        .expect("a read gives its buffers back")
+        .to_vec()
 }
 
 fn write(q: &mut impl DiskQueue, offset: u64, data: &[u8]) -> i32 {
-    let mut buf = data.to_vec();
-    let v = [iov(&mut buf)];
-    run(q, DiskOp::Write { offset, iov: &v })
+    let buffers = IoVecs::from_bytes(data);
+    run(q, DiskOp::Write { offset, buffers })
 }
 
 /// Item 1 of the security review: a read miss is promoted from the capacity device's data,
@@ -161,14 +178,14 @@ fn write(q: &mut impl DiskQueue, offset: u64, data: &[u8]) -> i32 {
 fn a_promotion_never_caches_what_the_guest_wrote_into_its_read_buffer() {
     let f = Fixture::new(CacheMode::WriteThrough);
     let mut q = f.disk().new_queue(8).unwrap();
-    let mut buf = vec![0u8; BS as usize];
-    let v = [iov(&mut buf)];
-    start(&mut q, DiskOp::Read { offset: 0, iov: &v }, 0);
+    let (buffers, mem) = shared(BS as usize);
+    start(&mut q, DiskOp::Read { offset: 0, buffers }, 0);
     // The capacity read has run (the engine is synchronous); the worker has not yet seen
     // its completion. A guest rewrites its buffer meanwhile.
     q.submit().unwrap();
-    // SAFETY: the buffer is ours; the engine has finished with it (synchronous engine).
-    unsafe { std::ptr::write_bytes(v[0].iov_base.cast::<u8>(), 0xee, BS as usize) };
+    // SAFETY: `mem` keeps the buffer alive; the engine has finished with it (synchronous
+    // engine), and the test plays the guest, which may write it at any time.
+    unsafe { std::ptr::write_bytes(mem.as_ptr(), 0xee, BS as usize) };
     let done = settle(&mut q);
     assert_eq!(done, vec![(0, BS as i32)]);
     assert_eq!(f.metric(|m| &m.promotions), 1, "the miss was promoted");
@@ -192,27 +209,11 @@ fn a_read_racing_a_capacity_write_never_caches_the_old_data() {
     let mut q = f.disk().new_queue(8).unwrap();
     f.faults()
         .add(Device::Capacity, OpKind::Write, Fault::Hold, Some(1));
-    let mut new = vec![0xabu8; BS as usize];
-    let wv = [iov(&mut new)];
-    start(
-        &mut q,
-        DiskOp::Write {
-            offset: 0,
-            iov: &wv,
-        },
-        0,
-    );
+    let buffers = IoVecs::from_bytes(&[0xab; BS as usize]);
+    start(&mut q, DiskOp::Write { offset: 0, buffers }, 0);
     q.submit().unwrap();
-    let mut buf = vec![0u8; BS as usize];
-    let rv = [iov(&mut buf)];
-    start(
-        &mut q,
-        DiskOp::Read {
-            offset: 0,
-            iov: &rv,
-        },
-        1,
-    );
+    let buffers = IoVecs::owned(&[BS as usize]);
+    start(&mut q, DiskOp::Read { offset: 0, buffers }, 1);
     q.submit().unwrap();
     f.faults().release();
     let mut done = settle(&mut q);
@@ -233,38 +234,22 @@ fn large_requests_work_under_load() {
         for i in 0..64u64 {
             read(&mut q, (1 << 20) + i * 3 * BS, BS as usize);
         }
-        let mut data: Vec<Vec<u8>> = (0..3)
+        let data: Vec<Vec<u8>> = (0..3)
             .map(|k| (0..MIB4).map(|i| (i / 4096 + k * 7 + i) as u8).collect())
             .collect();
         // One write in 4 KiB iovecs, the others in one iovec each.
-        let iovs0: Vec<libc::iovec> = data[0].chunks_mut(BS as usize).map(iov).collect();
-        let iovs1 = [iov(&mut data[1])];
-        let iovs2 = [iov(&mut data[2])];
+        let mut iovs0 = IoVecs::owned(&vec![BS as usize; MIB4 / BS as usize]);
+        iovs0.copy_from(0, &data[0]);
         let offsets = [1u64 << 20, 6 << 20, (12 << 20) + 512];
-        start(
-            &mut q,
-            DiskOp::Write {
-                offset: offsets[0],
-                iov: &iovs0,
-            },
-            0,
-        );
-        start(
-            &mut q,
-            DiskOp::Write {
-                offset: offsets[1],
-                iov: &iovs1,
-            },
-            1,
-        );
-        start(
-            &mut q,
-            DiskOp::Write {
-                offset: offsets[2],
-                iov: &iovs2,
-            },
-            2,
-        );
+        let writes = [
+            iovs0,
+            IoVecs::from_bytes(&data[1]),
+            IoVecs::from_bytes(&data[2]),
+        ];
+        for (k, buffers) in writes.into_iter().enumerate() {
+            let offset = offsets[k];
+            start(&mut q, DiskOp::Write { offset, buffers }, k as u64);
+        }
         let mut done = settle(&mut q);
         done.sort();
         assert_eq!(
@@ -286,17 +271,17 @@ fn large_requests_work_under_load() {
         assert_eq!(r, 0, "{mode:?}: write-zeroes of 8 MiB");
         f.model[discard.0 as usize..(discard.0 + discard.1) as usize].fill(0);
         // Read everything back, 4 MiB at a time, several at once.
-        let mut bufs: Vec<Vec<u8>> = (0..CAP as usize / MIB4).map(|_| vec![0; MIB4]).collect();
-        let vs: Vec<[libc::iovec; 1]> = bufs.iter_mut().map(|b| [iov(b)]).collect();
-        for (i, v) in vs.iter().enumerate() {
+        for i in 0..CAP as usize / MIB4 {
             let offset = (i * MIB4) as u64;
-            start(&mut q, DiskOp::Read { offset, iov: v }, i as u64);
+            let buffers = IoVecs::owned(&[MIB4]);
+            start(&mut q, DiskOp::Read { offset, buffers }, i as u64);
         }
-        let done = settle(&mut q);
-        assert!(done.iter().all(|&(_, r)| r == MIB4 as i32), "{done:?}");
-        for (i, b) in bufs.iter().enumerate() {
+        let mut done = settle_all(&mut q);
+        done.sort_by_key(|c| c.tag);
+        assert!(done.iter().all(|c| c.result == MIB4 as i32), "{done:?}");
+        for (i, c) in done.iter().enumerate() {
             assert!(
-                b[..] == f.model[i * MIB4..(i + 1) * MIB4],
+                c.buffers.as_ref().unwrap().to_vec() == f.model[i * MIB4..(i + 1) * MIB4],
                 "{mode:?}: 4 MiB at {} MiB differs",
                 i * 4
             );
@@ -325,10 +310,11 @@ fn a_read_only_tiered_disk_refuses_every_write_and_changes_nothing() {
     let cache_before = slots(&f.dir);
     let disk = AnyDisk::Tiered(Fixture::open_in(&f.dir, CacheMode::WriteBack, true));
     let mut q = disk.new_queue(8).unwrap();
-    let mut data = vec![1u8; BS as usize];
-    let v = [iov(&mut data)];
     for op in [
-        DiskOp::Write { offset: 0, iov: &v },
+        DiskOp::Write {
+            offset: 0,
+            buffers: IoVecs::from_bytes(&[1u8; BS as usize]),
+        },
         DiskOp::Discard { offset: 0, len: BS },
         DiskOp::WriteZeroes {
             offset: 0,
@@ -336,9 +322,9 @@ fn a_read_only_tiered_disk_refuses_every_write_and_changes_nothing() {
             unmap: true,
         },
     ] {
-        // SAFETY: `data` outlives the call; a refused request is never started.
-        let r = unsafe { q.start(op, 0) };
-        assert_eq!(r, Err(StartError::ReadOnly), "{op:?}");
+        let what = format!("{op:?}");
+        let r = q.start(op, 0).map_err(|r| r.error);
+        assert_eq!(r, Err(StartError::ReadOnly), "{what}");
     }
     drop(q);
     drop(disk);
@@ -505,14 +491,13 @@ fn device_errors_reach_the_guest_and_lose_nothing_acknowledged() {
             Fault::Error(libc::EIO),
             Some(1),
         );
-        let mut buf = vec![0u8; BS as usize];
-        let v = [iov(&mut buf)];
+        let buffers = IoVecs::owned(&[BS as usize]);
         assert_eq!(
             run(
                 &mut q,
                 DiskOp::Read {
                     offset: 100 * BS,
-                    iov: &v
+                    buffers
                 }
             ),
             -libc::EIO
@@ -544,17 +529,11 @@ fn a_write_in_many_tiny_iovecs_over_cached_blocks_works() {
     let mut q = f.disk().new_queue(8).unwrap();
     read(&mut q, 0, 2 * BS as usize);
     assert_eq!(f.metric(|m| &m.resident_blocks), 2);
-    let mut data: Vec<u8> = (0..2 * BS as usize).map(|i| (i * 7 % 251) as u8).collect();
-    let iovs: Vec<libc::iovec> = data.chunks_mut(16).map(iov).collect();
-    assert_eq!(iovs.len(), 512);
-    start(
-        &mut q,
-        DiskOp::Write {
-            offset: 0,
-            iov: &iovs,
-        },
-        0,
-    );
+    let data: Vec<u8> = (0..2 * BS as usize).map(|i| (i * 7 % 251) as u8).collect();
+    let mut buffers = IoVecs::owned(&[16; 512]);
+    buffers.copy_from(0, &data);
+    assert_eq!(buffers.count(), 512);
+    start(&mut q, DiskOp::Write { offset: 0, buffers }, 0);
     assert_eq!(settle(&mut q), vec![(0, 2 * BS as i32)]);
     let expected: Vec<u8> = (0..2 * BS as usize).map(|i| (i * 7 % 251) as u8).collect();
     assert!(read(&mut q, 0, 2 * BS as usize) == expected);

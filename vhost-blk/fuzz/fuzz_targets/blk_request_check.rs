@@ -36,18 +36,21 @@ fn check(data: &[u8]) {
             virtio_queue::desc::split::Descriptor::new(addr, len, flags, 0)
         })
         .collect();
-    let (mut segments, mut iov) = (Vec::new(), Vec::new());
+    let mem = std::sync::Arc::new(mem);
+    let mut segments = Vec::new();
+    let mut buffers = vhost_blk::request::IoVecs::with_capacity(vhost_blk::request::MAX_IOVECS);
     let parsed = vhost_blk::request::parse(
         descriptors.into_iter(),
         &mem,
         CAPACITY,
         &mut segments,
-        &mut iov,
+        &mut buffers,
     );
+    let iov = buffers.as_slice();
     // Every iovec must lie inside guest memory.
     let base = mem.get_host_address(GuestAddress(0)).unwrap() as usize;
     let end = base + GUEST_MEM as usize;
-    for v in &iov {
+    for v in iov {
         let (lo, hi) = (v.iov_base as usize, v.iov_base as usize + v.iov_len);
         assert!(
             base <= lo && hi <= end,

@@ -146,18 +146,7 @@ impl TieredQueue {
                     if let Some(rs) = run_start.take() {
                         self.piece(tag, false, false, rs, rs - base, lo - rs)?;
                     }
-                    let p = &mut self.promotions[buf as usize];
-                    p.iov[0] = libc::iovec {
-                        iov_base: self.bufs[buf as usize].ptr.cast(),
-                        iov_len: bs as usize,
-                    };
-                    let op = Piece::Capacity(CapOp::Rw {
-                        write: false,
-                        offset: b * bs,
-                        iov: p.iov.as_ptr(),
-                        iovcnt: 1,
-                    });
-                    self.push_counted(tag, op, tag, bs)?;
+                    self.promotion_read(tag, b, buf)?;
                 }
             }
         }
@@ -374,8 +363,8 @@ impl TieredQueue {
             self.push_counted(tag, op, tag | CACHE_TARGET, 0)?;
         }
         let op = match kind {
-            Kind::Zeroes { unmap } => CapOp::Zeroes { offset, len, unmap },
-            _ => CapOp::Discard { offset, len },
+            Kind::Zeroes { unmap } => DiskOp::WriteZeroes { offset, len, unmap },
+            _ => DiskOp::Discard { offset, len },
         };
         self.push_counted(tag, Piece::Capacity(op), tag, 0)
     }
