@@ -279,7 +279,8 @@ pub fn write_stream<M: GuestMemoryBackend>(
 }
 
 /// Describes the stream window `[skip, skip + len)` as buffers in guest memory, kept
-/// mapped by `iov` (it holds a reference to `mem`) for as long as it holds them. At most
+/// mapped by `iov` (it holds a reference to `mem`, taken only if it does not hold one
+/// already: `IoVecs::reset_to`) for as long as it holds them. At most
 /// `iov`'s capacity of buffers, and never more than [`MAX_IOVECS`].
 pub fn stream_to_iov<M: GuestMemoryBackend + Send + Sync + 'static>(
     segments: &[Segment],
@@ -289,8 +290,8 @@ pub fn stream_to_iov<M: GuestMemoryBackend + Send + Sync + 'static>(
     mem: &Arc<M>,
     iov: &mut IoVecs,
 ) -> Result<(), BadChain> {
-    iov.reset(mem.clone());
-    for_each_range(segments, writable, skip, len, |addr, n| {
+    iov.reset_to(mem);
+    let described = for_each_range(segments, writable, skip, len, |addr, n| {
         for slice in mem.get_slices(addr, n as usize) {
             let slice = slice.map_err(|_| BadChain)?;
             if iov.count() == MAX_IOVECS {
@@ -302,10 +303,12 @@ pub fn stream_to_iov<M: GuestMemoryBackend + Send + Sync + 'static>(
                 .map_err(|_| BadChain)?;
         }
         Ok(())
-    })?;
-    if iov.len() == len {
+    });
+    if described.is_ok() && iov.len() == len {
         Ok(())
     } else {
+        // No half-described request is left behind (the keep-alive stays, see `reset_to`).
+        iov.clear_buffers();
         Err(BadChain)
     }
 }

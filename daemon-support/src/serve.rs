@@ -231,6 +231,7 @@ fn watch_avail(atomic: &GuestMemoryAtomic<GuestMemory>, avail_ring: GuestAddress
 
 /// Signals the guest that used buffers are ready, unless event suppression says it need
 /// not be told.
+#[inline]
 pub fn notify(state: &mut State, index: usize) {
     match state.needs_notification() {
         Ok(true) | Err(_) => {
@@ -243,6 +244,7 @@ pub fn notify(state: &mut State, index: usize) {
 }
 
 /// Returns chain `head` to the guest with `len` bytes written into it.
+#[inline]
 pub fn add_used(state: &mut State, head: u16, len: u32) {
     if let Err(e) = state.add_used(head, len) {
         log::warn!("cannot add chain {head} to the used ring: {e}");

@@ -30,7 +30,14 @@ pub fn iov_len(iov: &[libc::iovec]) -> u64 {
 pub struct TooManyBuffers(pub usize);
 
 /// The buffers of one request, and what keeps them valid. See the module documentation.
-pub struct IoVecs {
+///
+/// One pointer wide: a request's buffers move with it through every node of a graph and
+/// back (into the queue, into a held list, into a completion), so the state lives behind
+/// a box allocated once with the list (measured: moving it inline cost the null disk half
+/// its IOPS in blk-compare).
+pub struct IoVecs(Box<Inner>);
+
+struct Inner {
     iov: Vec<libc::iovec>,
     /// First entry not yet consumed by [`advance`](IoVecs::advance).
     first: usize,
@@ -47,20 +54,21 @@ impl std::fmt::Debug for IoVecs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("IoVecs")
             .field("buffers", &self.count())
-            .field("bytes", &self.bytes)
+            .field("bytes", &self.0.bytes)
             .finish()
     }
 }
 
 impl IoVecs {
-    /// An empty list with room for `capacity` buffers, allocated now and never again.
+    /// An empty list with room for `capacity` buffers, allocated now (and again only by
+    /// [`reserve_while_empty`](IoVecs::reserve_while_empty)).
     pub fn with_capacity(capacity: usize) -> IoVecs {
-        IoVecs {
+        IoVecs(Box::new(Inner {
             iov: Vec::with_capacity(capacity),
             first: 0,
             bytes: 0,
             keep: None,
-        }
+        }))
     }
 
     /// Fresh, zeroed buffers of the given lengths, each 4 KiB-aligned (fit for O_DIRECT),
@@ -88,23 +96,49 @@ impl IoVecs {
 
     /// A copy of every byte described.
     pub fn to_vec(&self) -> Vec<u8> {
-        let mut out = vec![0u8; self.bytes as usize];
+        let mut out = vec![0u8; self.0.bytes as usize];
         self.copy_to(0, &mut out);
         out
     }
 
     /// Forgets every buffer and what kept them alive.
+    #[inline]
     pub fn clear(&mut self) {
-        self.iov.clear();
-        self.first = 0;
-        self.bytes = 0;
-        self.keep = None;
+        self.clear_buffers();
+        self.0.keep = None;
+    }
+
+    /// Empties the list and makes `keep` what keeps the buffers pushed next alive, without
+    /// touching its reference count when the list already holds it: the data path's case,
+    /// request after request in the same guest memory (two atomic operations per request
+    /// saved, which the null disk's IOPS in blk-compare showed).
+    #[inline]
+    pub fn reset_to<M: Send + Sync + 'static>(&mut self, keep: &Arc<M>) {
+        self.clear_buffers();
+        let same = self
+            .0
+            .keep
+            .as_ref()
+            .is_some_and(|k| std::ptr::addr_eq(Arc::as_ptr(k), Arc::as_ptr(keep)));
+        if !same {
+            self.0.keep = Some(keep.clone());
+        }
+    }
+
+    /// Forgets every buffer but keeps what kept them alive (see
+    /// [`reset_to`](IoVecs::reset_to)).
+    #[inline]
+    pub fn clear_buffers(&mut self) {
+        self.0.iov.clear();
+        self.0.first = 0;
+        self.0.bytes = 0;
     }
 
     /// Empties the list and makes `keep` what keeps the buffers pushed next alive.
+    #[inline]
     pub fn reset(&mut self, keep: KeepAlive) {
         self.clear();
-        self.keep = Some(keep);
+        self.0.keep = Some(keep);
     }
 
     /// Appends a buffer.
@@ -112,63 +146,71 @@ impl IoVecs {
     /// # Safety
     ///
     /// `[base, base + len)` must lie in memory that the keep-alive given to the last
-    /// [`reset`](IoVecs::reset) keeps mapped and valid for reads and writes (writes only
-    /// happen if the list is used for a read) for as long as that keep-alive lives. Other
-    /// parties (a guest) may access it concurrently; the list never creates Rust
-    /// references to it.
+    /// [`reset`](IoVecs::reset) (or [`reset_to`](IoVecs::reset_to)) keeps mapped and valid
+    /// for reads and writes (whatever the list is used for: reads write into it, and so
+    /// do [`copy_from`](IoVecs::copy_from) and [`fill_zero`](IoVecs::fill_zero)) for as
+    /// long as that keep-alive lives. Other parties (a guest) may access it concurrently;
+    /// the list never creates Rust references to it.
+    #[inline]
     pub unsafe fn push(&mut self, base: *mut u8, len: usize) -> Result<(), TooManyBuffers> {
-        if self.iov.len() == self.iov.capacity() {
-            return Err(TooManyBuffers(self.iov.capacity()));
+        if self.0.iov.len() == self.0.iov.capacity() {
+            return Err(TooManyBuffers(self.0.iov.capacity()));
         }
-        self.iov.push(libc::iovec {
+        self.0.iov.push(libc::iovec {
             iov_base: base.cast(),
             iov_len: len,
         });
-        self.bytes += len as u64;
+        self.0.bytes += len as u64;
         Ok(())
     }
 
     /// Makes room for `total` buffers in all, if the list is empty (while it holds entries
     /// they never move: the kernel may be reading them).
     pub fn reserve_while_empty(&mut self, total: usize) {
-        if self.iov.is_empty() {
-            self.iov.reserve(total);
+        if self.0.iov.is_empty() {
+            self.0.iov.reserve(total);
         }
     }
 
     /// Bytes described (after what [`advance`](IoVecs::advance) skipped).
+    #[inline]
     pub fn len(&self) -> u64 {
-        self.bytes
+        self.0.bytes
     }
 
+    #[inline]
     pub fn is_empty(&self) -> bool {
-        self.bytes == 0
+        self.0.bytes == 0
     }
 
     /// Buffers described (after what `advance` skipped).
+    #[inline]
     pub fn count(&self) -> usize {
-        self.iov.len() - self.first
+        self.0.iov.len() - self.0.first
     }
 
     /// The most buffers the list can hold.
+    #[inline]
     pub fn capacity(&self) -> usize {
-        self.iov.capacity()
+        self.0.iov.capacity()
     }
 
     /// The iovecs, for the kernel. They stay where they are until the list is changed.
+    #[inline]
     pub fn as_slice(&self) -> &[libc::iovec] {
-        &self.iov[self.first..]
+        &self.0.iov[self.0.first..]
     }
 
     /// Skips the first `n` bytes (a short transfer is continued from there).
+    #[inline]
     pub fn advance(&mut self, mut n: u64) {
-        n = n.min(self.bytes);
-        self.bytes -= n;
-        while n > 0 && self.first < self.iov.len() {
-            let v = &mut self.iov[self.first];
+        n = n.min(self.0.bytes);
+        self.0.bytes -= n;
+        while n > 0 && self.0.first < self.0.iov.len() {
+            let v = &mut self.0.iov[self.0.first];
             if n >= v.iov_len as u64 {
                 n -= v.iov_len as u64;
-                self.first += 1;
+                self.0.first += 1;
             } else {
                 // SAFETY: n < iov_len, so the advanced pointer stays inside the same buffer.
                 v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n as usize) }.cast();
@@ -188,11 +230,11 @@ impl IoVecs {
         len: u64,
         out: &mut IoVecs,
     ) -> Result<std::ops::Range<usize>, TooManyBuffers> {
-        match (&out.keep, &self.keep) {
+        match (&out.0.keep, &self.0.keep) {
             (Some(a), Some(b)) if Arc::ptr_eq(a, b) => {}
-            _ if out.iov.is_empty() => out.keep = self.keep.clone(),
+            _ if out.0.iov.is_empty() => out.0.keep = self.0.keep.clone(),
             // Buffers kept alive by something else: refuse rather than mix keep-alives.
-            _ => return Err(TooManyBuffers(out.iov.len())),
+            _ => return Err(TooManyBuffers(out.0.iov.len())),
         }
         let start = out.count();
         let (mut pos, end) = (0u64, skip.saturating_add(len));
@@ -237,7 +279,7 @@ impl IoVecs {
 
     /// Zeroes every byte of the buffers.
     pub fn fill_zero(&mut self) {
-        for v in &self.iov[self.first..] {
+        for v in &self.0.iov[self.0.first..] {
             // SAFETY: each entry describes `iov_len` bytes of memory kept by `keep`.
             unsafe { std::ptr::write_bytes(v.iov_base.cast::<u8>(), 0, v.iov_len) };
         }

@@ -10,7 +10,7 @@
 //! after submit for page-cached data) are reaped in the same pass, their status bytes
 //! written and the guest notified once per batch.
 //!
-//! Slots, iovec arrays and scratch space are allocated when the worker is created; the hot
+//! Slots, buffer lists and scratch space are allocated when the worker is created; the hot
 //! path allocates nothing. No lock is shared with other queues: the worker's own mutex is
 //! taken only by its event-loop thread, and by the control thread when it drains the queue.
 
@@ -55,7 +55,7 @@ struct Slot {
     started: Instant,
     /// Keeps the guest memory the status byte points into mapped until the request
     /// completes, even if the frontend replaces the memory table meanwhile (the buffers
-    /// hold their own reference).
+    /// hold their own reference). Kept after the request, until the map changes.
     mem: Option<Arc<GuestMemory>>,
 }
 
@@ -77,6 +77,8 @@ pub struct QueueWorker {
     /// Where the next chain's data buffers are described; swapped into the slot that
     /// takes the request.
     scratch_iov: IoVecs,
+    /// The guest memory map the slots' references are to (see `release_idle_slots`).
+    map: Option<Arc<GuestMemory>>,
     /// Requests answered since the guest was last notified, for the metrics: kind, bytes
     /// and start. Recorded after the notification, which they would otherwise delay.
     answered: Vec<(OpClass, u64, Instant)>,
@@ -105,6 +107,7 @@ impl QueueWorker {
             free: (0..depth as u16).rev().collect(),
             segments: Vec::with_capacity(request::MAX_SEGMENTS),
             scratch_iov: IoVecs::with_capacity(request::MAX_IOVECS),
+            map: None,
             // Two passes' worth: a slot can be answered, refilled and answered again
             // before the notification.
             answered: Vec::with_capacity(2 * depth as usize),
@@ -116,10 +119,27 @@ impl QueueWorker {
         self.queue.completion_fd()
     }
 
-    /// Binds the worker to a new connection's guest memory; forgets the old vring.
+    /// Binds the worker to a new connection's guest memory; forgets the old vring and
+    /// every reference to the old memory.
     pub fn attach(&mut self, mem: GuestMemoryAtomic<GuestMemory>) {
         debug_assert_eq!(self.queue.in_flight(), 0);
         self.core.attach(mem);
+        self.release_idle_slots();
+    }
+
+    /// Drops the references idle slots (and the scratch list) keep to guest memory. A slot
+    /// keeps its reference from one request to the next, so that the data path takes no
+    /// reference count per request while the memory map stays the same; when it changes
+    /// (a new frontend, a new memory table), the old map must not stay mapped for them.
+    fn release_idle_slots(&mut self) {
+        for &i in &self.free {
+            let slot = &mut self.slots[usize::from(i)];
+            slot.mem = None;
+            if let Some(b) = slot.buffers.as_mut() {
+                b.clear();
+            }
+        }
+        self.scratch_iov.clear();
     }
 
     /// Handles a kick of `vring`.
@@ -172,6 +192,10 @@ impl QueueWorker {
             // regions.
             (atomic.memory().into_inner(), Instant::now(), published)
         };
+        if !self.map.as_ref().is_some_and(|m| Arc::ptr_eq(m, &mem)) {
+            self.release_idle_slots();
+            self.map = Some(mem.clone());
+        }
         loop {
             if pulled == crate::device::SUBMIT_BATCH || (pulled > 0 && pulled >= published) {
                 return pulled;
@@ -252,7 +276,7 @@ impl QueueWorker {
         if let RequestKind::GetId { .. } = kind {
             let serial = self.device.serial();
             let n = self.scratch_iov.copy_from(0, serial);
-            self.scratch_iov.clear();
+            self.scratch_iov.clear_buffers();
             // SAFETY: as above for the status byte.
             unsafe { status.write(VIRTIO_BLK_S_OK) };
             self.metrics
@@ -280,14 +304,15 @@ impl QueueWorker {
         slot.done = 0;
         slot.phase = Phase::Io;
         slot.started = now;
-        slot.mem = Some(mem.clone());
+        if !slot.mem.as_ref().is_some_and(|m| Arc::ptr_eq(m, mem)) {
+            slot.mem = Some(mem.clone());
+        }
         match start(&mut self.queue, slot, index) {
             Ok(()) => false,
             Err(StartError::Busy) => {
                 // Give the chain back to the ring and retry after completions.
-                slot.mem = None;
                 if let Some(b) = slot.buffers.as_mut() {
-                    b.clear();
+                    b.clear_buffers();
                 }
                 self.free.push(index);
                 state.get_queue_mut().go_to_previous_position();
@@ -304,7 +329,7 @@ impl QueueWorker {
                 let error = match e {
                     StartError::OutOfRange => ErrorClass::OutOfRange,
                     StartError::ReadOnly => ErrorClass::ReadOnly,
-                    StartError::Busy => ErrorClass::Io,
+                    StartError::Busy | StartError::BadTag => ErrorClass::Io,
                 };
                 self.metrics.failed(kind.class(), error);
                 self.finish(state, index, VIRTIO_BLK_S_IOERR, 1);
@@ -410,10 +435,21 @@ impl QueueWorker {
         // SAFETY: the status pointer was translated from `slot.mem`, still held here.
         unsafe { slot.status.write(status) };
         add_used(state, slot.head, used_len);
-        slot.mem = None;
-        // Drops the buffers' reference to guest memory (the list itself is kept).
+        // The slot keeps its references to guest memory for its next request (see
+        // `release_idle_slots`), unless the map has changed since it took them.
+        let current = match (&slot.mem, &self.map) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        };
         if let Some(b) = slot.buffers.as_mut() {
-            b.clear();
+            if current {
+                b.clear_buffers();
+            } else {
+                b.clear();
+            }
+        }
+        if !current {
+            slot.mem = None;
         }
         self.free.push(index);
     }

@@ -445,6 +445,7 @@ impl QueueWorker {
             _ => (false, (IN_HEADER_LEN + WRITE_IN_LEN) as u64),
         };
         if chain::stream_to_iov(&self.segments, writable, skip, len, mem, &mut slot.iov).is_err() {
+            slot.iov.clear();
             self.free.push(index);
             self.metrics.failed(class, ErrorClass::Malformed);
             self.answer(state, head, unique, &Reply::err(libc::EFAULT), mem, None);

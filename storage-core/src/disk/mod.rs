@@ -43,6 +43,7 @@ pub enum DiskOp {
 
 impl DiskOp {
     /// The byte range the operation touches, if any.
+    #[inline]
     pub fn range(&self) -> Option<(u64, u64)> {
         match self {
             DiskOp::Read { offset, buffers } | DiskOp::Write { offset, buffers } => {
@@ -61,6 +62,7 @@ impl DiskOp {
     }
 
     /// The operation's buffers, if it has any.
+    #[inline]
     pub fn into_buffers(self) -> Option<IoVecs> {
         match self {
             DiskOp::Read { buffers, .. } | DiskOp::Write { buffers, .. } => Some(buffers),
@@ -83,6 +85,9 @@ pub enum StartError {
     /// A write to a read-only disk.
     #[error("disk is read-only")]
     ReadOnly,
+    /// The tag is already in flight, or beyond the depth the queue was made with.
+    #[error("request tag in use or beyond the queue's depth")]
+    BadTag,
 }
 
 /// A request a queue did not start, given back whole (its buffers are the caller's again).
@@ -192,7 +197,9 @@ pub trait DiskQueue: Send {
     /// Starts `op`; its completion will carry `tag` and, on success, the number of bytes
     /// transferred (0 for operations without data), and give the buffers back. A short read
     /// or write is reported as such; the caller continues it. A request not started comes
-    /// back whole in the error.
+    /// back whole in the error. Tags are the caller's: below the depth the queue was made
+    /// with, and not in flight (a queue that keeps per-request state by tag refuses others
+    /// with [`StartError::BadTag`]).
     fn start(&mut self, op: DiskOp, tag: u64) -> Result<(), Rejected>;
 
     /// Submits everything started since the last call.
@@ -276,6 +283,7 @@ pub(crate) fn device_size(file: &std::fs::File, meta: &std::fs::Metadata) -> io:
 
 /// Checks a request's range against the disk's size, and gives it back if it fits.
 /// (Writes to a read-only disk are refused above the formats, by [`AnyQueue`].)
+#[inline]
 pub(crate) fn checked(op: DiskOp, capacity: u64) -> Result<DiskOp, Rejected> {
     if let Some((offset, len)) = op.range() {
         match offset.checked_add(len) {

@@ -249,7 +249,8 @@ pub struct RawQueue {
     capacity: u64,
     /// Operations in flight, by the engine's user data; `free` lists the unused entries.
     /// The buffers held here keep the memory the engine reads or writes alive until the
-    /// completion is popped. (Declared after `engine`, so dropped after it.)
+    /// completion is popped (and until the kernel is done with them when the queue is
+    /// dropped: see `Drop`).
     slots: Box<[InFlight]>,
     free: Vec<u32>,
     flush_error: Arc<AtomicI32>,
@@ -287,6 +288,27 @@ impl RawQueue {
             offset += ret as u64;
         }
         0
+    }
+}
+
+impl Drop for RawQueue {
+    fn drop(&mut self) {
+        // The kernel may still be moving data for operations in flight (closing the ring
+        // does not wait for them): wait before their buffers, in `slots`, are freed.
+        while self.engine.in_flight() > 0 {
+            while self.engine.pop_completion().is_some() {}
+            if self.engine.in_flight() > 0
+                && self
+                    .engine
+                    .submit()
+                    .and_then(|_| self.engine.wait())
+                    .is_err()
+            {
+                log::error!("raw disk: cannot wait for I/O in flight; its buffers are leaked");
+                std::mem::forget(std::mem::take(&mut self.slots));
+                return;
+            }
+        }
     }
 }
 
@@ -349,9 +371,11 @@ impl DiskQueue for RawQueue {
             }
         };
         // SAFETY: the iovecs and the memory they describe belong to the operation's
-        // buffers, which are stored in `slots[index]` below before anything can complete
-        // (completions are only popped by this queue) and stay there, unchanged, until the
-        // completion is popped; their keep-alive keeps the memory mapped meanwhile.
+        // buffers, which are stored in `slots[index]` below before any completion can be
+        // popped (only this queue pops them; the heap array of iovecs does not move when the
+        // list does) and stay there, unchanged, until the completion is popped, or until
+        // the kernel is done with them when the queue is dropped; their keep-alive keeps the
+        // memory mapped meanwhile.
         if unsafe { self.engine.push(engine_op, u64::from(index)) }.is_err() {
             return Err(Rejected::new(StartError::Busy, op));
         }

@@ -90,6 +90,9 @@ struct Req {
     dirty_hit: bool,
     /// A read is being retried on the capacity device after a cache error.
     retried: bool,
+    /// The tag is in flight (a read, write, discard or write-zeroes using this storage):
+    /// a second request under it is refused, as it would replace buffers in use.
+    busy: bool,
 }
 
 impl Req {
@@ -118,6 +121,7 @@ impl Req {
             moved_cap: 0,
             dirty_hit: false,
             retried: false,
+            busy: false,
         }
     }
 }
@@ -208,6 +212,24 @@ unsafe impl Send for TieredQueue {}
 impl Drop for TieredQueue {
     fn drop(&mut self) {
         self.settle();
+        // The kernel may still be moving data for the cache engine's operations, into or out
+        // of the requests' buffers and our promotion buffers: wait for them before those
+        // are freed. (The capacity child waits for its own in its drop.)
+        while self.cache_eng.in_flight() > 0 {
+            while self.cache_eng.pop_completion().is_some() {}
+            if self.cache_eng.in_flight() > 0
+                && self
+                    .cache_eng
+                    .submit()
+                    .and_then(|_| self.cache_eng.wait())
+                    .is_err()
+            {
+                log::error!("tier: cannot wait for the cache's I/O; its buffers are leaked");
+                std::mem::forget(std::mem::take(&mut self.reqs));
+                std::mem::forget(self.bufs.clone());
+                return;
+            }
+        }
     }
 }
 
@@ -326,7 +348,7 @@ impl TieredQueue {
             }
             Piece::Capacity(op) => self.cap.start(op, user_data).map_err(|r| {
                 if let Some(v) = r.op.into_buffers() {
-                    self.cap_iovs.push(v);
+                    self.pool_cap_iov(v);
                 }
                 r.error
             }),
@@ -335,10 +357,27 @@ impl TieredQueue {
 
     /// A buffer list for a capacity piece of up to `count` buffers.
     fn cap_iov(&mut self, count: usize) -> IoVecs {
-        match self.cap_iovs.pop() {
-            Some(v) if v.capacity() >= count => v,
-            // Grown once, then kept: the next requests reuse it.
-            _ => IoVecs::with_capacity(count.max(8)),
+        match self.cap_iovs.last() {
+            Some(v) if v.capacity() >= count => self.cap_iovs.pop().expect("just seen"),
+            // Made once, then kept: the next requests reuse it. The list too small for this
+            // one stays in the pool for smaller requests.
+            _ => IoVecs::with_capacity(count.max(16)),
+        }
+    }
+
+    /// Returns a capacity piece's list to the pool, without the reference to the memory it
+    /// described (an idle list must not keep a guest's memory mapped).
+    fn pool_cap_iov(&mut self, mut v: IoVecs) {
+        v.clear();
+        if self
+            .cap_iovs
+            .last()
+            .is_some_and(|top| top.capacity() > v.capacity())
+        {
+            // The larger lists stay on top, where `cap_iov` looks.
+            self.cap_iovs.insert(0, v);
+        } else {
+            self.cap_iovs.push(v);
         }
     }
 
@@ -365,7 +404,7 @@ impl TieredQueue {
             let guest = req.guest.as_ref().expect("checked above");
             buffers.clear();
             if guest.slice_into(skip, len, &mut buffers).is_err() {
-                self.cap_iovs.push(buffers);
+                self.pool_cap_iov(buffers);
                 return Err(StartError::Busy);
             }
             let op = if write {
@@ -501,13 +540,22 @@ impl TieredQueue {
         if self.reqs[tag as usize].pending > 0 {
             self.reqs[tag as usize].error = -libc::EIO;
         } else {
-            let buffers = self.reqs[tag as usize].guest.take();
+            let buffers = self.done_with(tag);
             self.local.push_back(DiskCompletion {
                 tag,
                 result: -libc::EIO,
                 buffers,
             });
         }
+    }
+
+    /// Request `tag` is answered: frees its storage and gives its buffers back. Nothing of
+    /// it is in flight, so its pieces' list may let go of the guest's memory.
+    fn done_with(&mut self, tag: u64) -> Option<IoVecs> {
+        let req = &mut self.reqs[tag as usize];
+        req.busy = false;
+        req.iov.clear();
+        req.guest.take()
     }
 
     /// Everything a request pinned or reserved is released when it finishes (or fails to
@@ -726,7 +774,7 @@ impl TieredQueue {
         Some(DiskCompletion {
             tag,
             result,
-            buffers: self.reqs[tag as usize].guest.take(),
+            buffers: self.done_with(tag),
         })
     }
 
@@ -771,6 +819,9 @@ impl DiskQueue for TieredQueue {
         if !self.room(entries) {
             return Err(Rejected::new(StartError::Busy, op));
         }
+        if !matches!(op, DiskOp::Flush) && self.reqs.get(tag as usize).is_none_or(|r| r.busy) {
+            return Err(Rejected::new(StartError::BadTag, op));
+        }
         let req = &mut self.reqs[tag as usize];
         req.pending = 0;
         req.error = 0;
@@ -797,6 +848,7 @@ impl DiskQueue for TieredQueue {
                     .reserve_while_empty(2 * (buffers.count() + entries as usize) + 2);
                 req.kind = if is_read { Kind::Read } else { Kind::Write };
                 req.guest = Some(buffers);
+                req.busy = true;
                 req.offset = offset;
                 req.len = len;
                 self.next_chunk(tag);
@@ -828,6 +880,7 @@ impl DiskQueue for TieredQueue {
         req.chunk_off = offset;
         req.chunk_len = len;
         req.guest = None;
+        req.busy = true;
         match self.start_zero(tag, offset, len, kind) {
             Ok(()) => {
                 self.in_flight += 1;
@@ -843,6 +896,7 @@ impl DiskQueue for TieredQueue {
                     self.in_flight += 1;
                     Ok(())
                 } else {
+                    self.done_with(tag);
                     Err(Rejected::new(e, op))
                 }
             }
@@ -874,7 +928,7 @@ impl DiskQueue for TieredQueue {
             let c = self.cache_eng.pop_completion().or_else(|| {
                 let c = self.cap.pop_completion()?;
                 if let Some(v) = c.buffers {
-                    self.cap_iovs.push(v);
+                    self.pool_cap_iov(v);
                 }
                 Some(Completion {
                     user_data: c.tag,

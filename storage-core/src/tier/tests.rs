@@ -539,3 +539,30 @@ fn a_write_in_many_tiny_iovecs_over_cached_blocks_works() {
     assert!(read(&mut q, 0, 2 * BS as usize) == expected);
     assert_eq!(f.metric(|m| &m.read_hits), 2, "read back from the cache");
 }
+
+/// A tag still in flight, or beyond the queue's depth, is refused with the request given
+/// back whole: a second request under the same tag would replace the buffers the first
+/// one's pieces are using.
+#[test]
+fn a_tag_in_flight_or_beyond_the_depth_is_refused() {
+    let f = Fixture::new(CacheMode::WriteThrough);
+    let mut q = f.disk().new_queue(8).unwrap();
+    let read = || DiskOp::Read {
+        offset: 0,
+        buffers: IoVecs::owned(&[BS as usize]),
+    };
+    start(&mut q, read(), 3);
+    for tag in [3, 8, u64::from(u32::MAX)] {
+        match q.start(read(), tag) {
+            Err(Rejected {
+                error: StartError::BadTag,
+                op,
+            }) => assert_eq!(op.into_buffers().map(|b| b.len()), Some(BS), "tag {tag}"),
+            other => panic!("tag {tag}: {other:?}"),
+        }
+    }
+    assert_eq!(settle(&mut q), vec![(3, BS as i32)]);
+    // Once answered, the tag serves again.
+    start(&mut q, read(), 3);
+    assert_eq!(settle(&mut q), vec![(3, BS as i32)]);
+}
