@@ -25,7 +25,7 @@ use crate::iov::AlignedBuf;
 use std::os::fd::{AsRawFd, FromRawFd};
 
 /// How often the journal thread writes records when nobody asks for a flush.
-const JOURNAL_INTERVAL: Duration = Duration::from_millis(20);
+pub(super) const JOURNAL_INTERVAL: Duration = Duration::from_millis(20);
 /// How often the cleaner looks for work.
 const CLEANER_INTERVAL: Duration = Duration::from_millis(10);
 /// Dirty blocks copied per cleaner pass.
@@ -62,8 +62,11 @@ fn journal_round(sh: &Shared, journal: &mut Journal, sync: bool, checkpoint_anyw
     // their slots come back into use.
     let (cap_unsynced, dropped) = {
         let mut st = sh.state();
-        let cap =
-            (sync || !st.dropped_dirty.is_empty()) && std::mem::take(&mut st.capacity_unsynced);
+        // After a failed capacity sync (every later flush fails: `flush_error`), the slots
+        // of dropped blocks stay out of use, and only a flush tries the device again:
+        // retrying every round for them would only log the same failure over and over.
+        let for_dropped = !st.dropped_dirty.is_empty() && st.flush_error == 0;
+        let cap = (sync || for_dropped) && std::mem::take(&mut st.capacity_unsynced);
         let dropped = if cap {
             std::mem::take(&mut st.dropped_dirty)
         } else {

@@ -566,3 +566,33 @@ fn a_tag_in_flight_or_beyond_the_depth_is_refused() {
     start(&mut q, read(), 3);
     assert_eq!(settle(&mut q), vec![(3, BS as i32)]);
 }
+
+/// After a failed capacity sync, the slots of dirty blocks a write-zeroes dropped wait for
+/// a flush to try the device again (which fails, as every later flush does): the journal
+/// thread does not retry on its own every round, logging the same failure each time.
+#[test]
+fn a_failed_capacity_sync_is_not_retried_every_journal_round() {
+    let f = Fixture::new(CacheMode::WriteBack);
+    let mut q = f.disk().new_queue(8).unwrap();
+    assert_eq!(write(&mut q, 0, &[5u8; BS as usize]), BS as i32);
+    f.faults().add(
+        Device::Capacity,
+        OpKind::Sync,
+        Fault::Error(libc::EIO),
+        None,
+    );
+    // Drops the dirty block: its slot is freed once the capacity device is synced.
+    let zeroes = DiskOp::WriteZeroes {
+        offset: 0,
+        len: BS,
+        unmap: false,
+    };
+    assert_eq!(run(&mut q, zeroes), 0);
+    assert_eq!(run(&mut q, DiskOp::Flush), -libc::EIO);
+    let errors = f.metric(|m| &m.capacity_errors);
+    assert!(errors >= 1);
+    // Ten journal rounds later, nobody has tried again.
+    std::thread::sleep(10 * super::background::JOURNAL_INTERVAL);
+    assert_eq!(f.metric(|m| &m.capacity_errors), errors);
+    assert_eq!(run(&mut q, DiskOp::Flush), -libc::EIO, "a later flush");
+}
