@@ -10,5 +10,6 @@ fi
 echo "[demo] installing what is missing (QEMU, busybox, the guest kernel)..."
 bash scripts/setup.sh
 echo "[demo] building the daemons (release; the first build takes a few minutes)..."
-cargo build --release --workspace --bins --features vhost-blk/rbd
+# Only what the demo runs: the two daemons and the demo program (the benches are not needed).
+cargo build --release -p vhost-blk -p vhost-fs -p demo --bins --features vhost-blk/rbd
 exec target/release/strata-demo "$@"
