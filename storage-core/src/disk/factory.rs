@@ -311,7 +311,9 @@ impl DiskQueue for AnyQueue {
     fn submit(&mut self) -> io::Result<()> {
         dispatch!(self, q => q.submit())
     }
-    #[inline]
+    // Always: the dispatch grew with the nodes and stopped being inlined into the worker's
+    // reap loop, which cost null QD32 about a sixth of its IOPS in blk-compare.
+    #[inline(always)]
     fn pop_completion(&mut self) -> Option<DiskCompletion> {
         dispatch!(self, q => q.pop_completion())
     }
