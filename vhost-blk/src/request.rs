@@ -135,7 +135,8 @@ pub fn parse<M: GuestMemoryBackend + Send + Sync + 'static>(
     segments: &mut Vec<Segment>,
     iov: &mut IoVecs,
 ) -> Parsed {
-    iov.clear();
+    // Entries only: the keep-alive stays when it is `mem` already (`IoVecs::reset_to`).
+    iov.clear_buffers();
     let chain = collect_all(descriptors, segments);
     let (readable, writable) = (chain.readable, chain.writable);
 

@@ -125,12 +125,15 @@ impl QueueWorker {
         debug_assert_eq!(self.queue.in_flight(), 0);
         self.core.attach(mem);
         self.release_idle_slots();
+        self.map = None;
     }
 
     /// Drops the references idle slots (and the scratch list) keep to guest memory. A slot
     /// keeps its reference from one request to the next, so that the data path takes no
-    /// reference count per request while the memory map stays the same; when it changes
-    /// (a new frontend, a new memory table), the old map must not stay mapped for them.
+    /// reference count per request while the memory map stays the same; when it changes,
+    /// the old map must not stay mapped for them. A new frontend releases them at once
+    /// (`attach`); a new memory table at the queue's next pass (an idle queue keeps the
+    /// old map until then).
     fn release_idle_slots(&mut self) {
         for &i in &self.free {
             let slot = &mut self.slots[usize::from(i)];

@@ -19,7 +19,7 @@ use crate::disk::wakeup::FdSet;
 use crate::disk::{
     checked, AnyQueue, Disk, DiskCompletion, DiskOp, DiskQueue, IoVecs, Rejected, StartError,
 };
-use crate::engine::{AnyEngine, Completion, EngineOp, FileId, IoEngine};
+use crate::engine::{AnyEngine, Completion, EngineKind, EngineOp, FileId, IoEngine};
 use crate::iov::{AlignedBuf, KeepAlive};
 
 /// Ring entries of the cache engine, and depth of the capacity child's queue: requests
@@ -215,7 +215,7 @@ impl Drop for TieredQueue {
         // The kernel may still be moving data for the cache engine's operations, into or out
         // of the requests' buffers and our promotion buffers: wait for them before those
         // are freed. (The capacity child waits for its own in its drop.)
-        while self.cache_eng.in_flight() > 0 {
+        while self.cache_eng.kind() == EngineKind::IoUring && self.cache_eng.in_flight() > 0 {
             while self.cache_eng.pop_completion().is_some() {}
             if self.cache_eng.in_flight() > 0
                 && self
@@ -355,13 +355,12 @@ impl TieredQueue {
         }
     }
 
-    /// A buffer list for a capacity piece of up to `count` buffers.
+    /// A buffer list for a capacity piece of up to `count` buffers: a pooled one that is
+    /// large enough, or a new one (which joins the pool when its piece completes).
     fn cap_iov(&mut self, count: usize) -> IoVecs {
-        match self.cap_iovs.last() {
-            Some(v) if v.capacity() >= count => self.cap_iovs.pop().expect("just seen"),
-            // Made once, then kept: the next requests reuse it. The list too small for this
-            // one stays in the pool for smaller requests.
-            _ => IoVecs::with_capacity(count.max(16)),
+        match self.cap_iovs.iter().rposition(|v| v.capacity() >= count) {
+            Some(i) => self.cap_iovs.swap_remove(i),
+            None => IoVecs::with_capacity(count.max(16)),
         }
     }
 
@@ -369,16 +368,7 @@ impl TieredQueue {
     /// described (an idle list must not keep a guest's memory mapped).
     fn pool_cap_iov(&mut self, mut v: IoVecs) {
         v.clear();
-        if self
-            .cap_iovs
-            .last()
-            .is_some_and(|top| top.capacity() > v.capacity())
-        {
-            // The larger lists stay on top, where `cap_iov` looks.
-            self.cap_iovs.insert(0, v);
-        } else {
-            self.cap_iovs.push(v);
-        }
+        self.cap_iovs.push(v);
     }
 
     /// Pushes a readv/writev of `[skip, skip+len)` of the request to a device offset.
