@@ -293,22 +293,10 @@ impl RawQueue {
 
 impl Drop for RawQueue {
     fn drop(&mut self) {
-        // The kernel may still be moving data for operations in flight (closing the ring
-        // does not wait for them): wait before their buffers, in `slots`, are freed. The
-        // synchronous engines finish their operations inside `push`; nothing to wait for.
-        while self.engine.kind() == EngineKind::IoUring && self.engine.in_flight() > 0 {
-            while self.engine.pop_completion().is_some() {}
-            if self.engine.in_flight() > 0
-                && self
-                    .engine
-                    .submit()
-                    .and_then(|_| self.engine.wait())
-                    .is_err()
-            {
-                log::error!("raw disk: cannot wait for I/O in flight; its buffers are leaked");
-                std::mem::forget(std::mem::take(&mut self.slots));
-                return;
-            }
+        // The buffers in `slots` must outlive the kernel's use of them.
+        if let Err(e) = crate::engine::wait_for_kernel(&mut self.engine) {
+            log::error!("raw disk: cannot wait for I/O in flight ({e}); its buffers are leaked");
+            std::mem::forget(std::mem::take(&mut self.slots));
         }
     }
 }

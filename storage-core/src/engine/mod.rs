@@ -139,6 +139,22 @@ pub trait IoEngine: Send {
     fn kind(&self) -> EngineKind;
 }
 
+/// Waits until the kernel is done with every operation pushed on `engine`, discarding
+/// their completions: for a queue being dropped, before it frees the buffers those
+/// operations use (closing a ring does not wait for them). The synchronous engines finish
+/// their operations inside `push`, so there is nothing to wait for. An error means the
+/// caller must leak the buffers rather than free them.
+pub fn wait_for_kernel(engine: &mut impl IoEngine) -> io::Result<()> {
+    while engine.kind() == EngineKind::IoUring && engine.in_flight() > 0 {
+        while engine.pop_completion().is_some() {}
+        if engine.in_flight() > 0 {
+            engine.submit()?;
+            engine.wait()?;
+        }
+    }
+    Ok(())
+}
+
 /// Either engine, chosen once when a disk is opened; dispatch is a `match`, not a vtable.
 // One per worker and never moved on the hot path; boxing would add a pointer chase.
 #[allow(clippy::large_enum_variant)]

@@ -19,7 +19,7 @@ use crate::disk::wakeup::FdSet;
 use crate::disk::{
     checked, AnyQueue, Disk, DiskCompletion, DiskOp, DiskQueue, IoVecs, Rejected, StartError,
 };
-use crate::engine::{AnyEngine, Completion, EngineKind, EngineOp, FileId, IoEngine};
+use crate::engine::{AnyEngine, Completion, EngineOp, FileId, IoEngine};
 use crate::iov::{AlignedBuf, KeepAlive};
 
 /// Ring entries of the cache engine, and depth of the capacity child's queue: requests
@@ -212,23 +212,12 @@ unsafe impl Send for TieredQueue {}
 impl Drop for TieredQueue {
     fn drop(&mut self) {
         self.settle();
-        // The kernel may still be moving data for the cache engine's operations, into or out
-        // of the requests' buffers and our promotion buffers: wait for them before those
-        // are freed. (The capacity child waits for its own in its drop.)
-        while self.cache_eng.kind() == EngineKind::IoUring && self.cache_eng.in_flight() > 0 {
-            while self.cache_eng.pop_completion().is_some() {}
-            if self.cache_eng.in_flight() > 0
-                && self
-                    .cache_eng
-                    .submit()
-                    .and_then(|_| self.cache_eng.wait())
-                    .is_err()
-            {
-                log::error!("tier: cannot wait for the cache's I/O; its buffers are leaked");
-                std::mem::forget(std::mem::take(&mut self.reqs));
-                std::mem::forget(self.bufs.clone());
-                return;
-            }
+        // The requests' buffers and our promotion buffers must outlive the kernel's use of
+        // them by the cache engine. (The capacity child waits for its own in its drop.)
+        if let Err(e) = crate::engine::wait_for_kernel(&mut self.cache_eng) {
+            log::error!("tier: cannot wait for the cache's I/O ({e}); its buffers are leaked");
+            std::mem::forget(std::mem::take(&mut self.reqs));
+            std::mem::forget(self.bufs.clone());
         }
     }
 }
