@@ -3,12 +3,15 @@
 //! ([`transport`]), descriptor chains read as byte streams and turned into iovecs into guest
 //! memory ([`chain`]), the driver's avail index and whether it can be trusted ([`ring`]), binding unix sockets and waiting for a frontend ([`socket`]),
 //! termination signals on one thread ([`signals`]), the queue workers' run loop ([`serve`];
-//! each daemon supplies its request handling), how long a worker polls ([`polling`]), the HTTP API listener ([`api`]; each
-//! daemon supplies its routes), and one-line command-line errors ([`cli`]).
+//! each daemon supplies its request handling), how long a worker polls ([`polling`]), the management API's server
+//! ([`http`]; each daemon supplies its routes) with its callers' roles ([`access`]) and the
+//! audit log ([`audit`]), and one-line command-line errors ([`cli`]).
 
-pub mod api;
+pub mod access;
+pub mod audit;
 pub mod chain;
 pub mod cli;
+pub mod http;
 pub mod polling;
 pub mod ring;
 pub mod serve;

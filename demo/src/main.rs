@@ -163,8 +163,8 @@ fn summary(api: &Path, fs_api: &Path) -> Result<()> {
             p99 * 1e6
         ));
     }
-    let disk: serde_json::Value =
-        serde_json::from_str(&http::get(api, "/v1/disk")?.text()).context("GET /v1/disk")?;
+    let disk: serde_json::Value = serde_json::from_str(&http::get(api, "/v1/disks/disk0")?.text())
+        .context("GET /v1/disks/disk0")?;
     say(format!(
         "  disk: {} ({}, {} engine), features negotiated: {}",
         disk["path"].as_str().unwrap_or("?"),

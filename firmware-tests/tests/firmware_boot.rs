@@ -148,7 +148,7 @@ fn vhost_blk(dir: &Path, name: &str, disk_spec: &str) -> Result<(Daemon, PathBuf
 
 /// The features the last frontend acknowledged, from the daemon's API.
 fn negotiated_features(api: &Path) -> Result<u64> {
-    let body = http::get(api, "/v1/disk")?.text();
+    let body = http::get(api, "/v1/disks/disk0")?.text();
     let field = body
         .split("\"features_negotiated\":\"")
         .nth(1)

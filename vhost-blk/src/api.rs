@@ -1,89 +1,264 @@
-//! The HTTP API on a unix socket (HTTP/1.1, as Cloud Hypervisor's API): `GET /metrics` in the
-//! Prometheus text format and `GET /v1/disk` as JSON. One request per connection (see
-//! `daemon_support::api` for the limits); this is a control plane, not a data path.
+//! The management API (`daemon_support::http`: HTTP on a unix socket, roles, audit): the
+//! disks (list, get, add, remove), health, and `/metrics` in the Prometheus text format.
+//! [`ROUTES`] lists every route with the operation and role it needs.
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use daemon_support::api::{self, Response};
-use daemon_support::socket::{self, SocketError, SocketFile};
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Extension, Json, Router};
+
+use daemon_support::access::Role;
+use daemon_support::audit::AuditLog;
+use daemon_support::http::{self, ApiError, Caller, Gate, JsonBody, Limits, Operation};
+use daemon_support::socket::{self, SocketFile};
 use storage_core::metrics::{Exposition, Kind};
 
+use crate::config::{Config, DiskText};
+use crate::daemon::{DiskSet, SetError};
 use crate::device::BlkDevice;
+use crate::disk_server::DiskServer;
 
-/// The API server; the socket file goes away when this is dropped.
-pub struct ApiServer {
-    _file: SocketFile,
+pub const HEALTH: Operation = Operation::read("health");
+pub const METRICS: Operation = Operation::read("metrics");
+pub const DISK_LIST: Operation = Operation::read("disk.list");
+pub const DISK_GET: Operation = Operation::read("disk.get");
+pub const DISK_ADD: Operation = Operation::write("disk.add", Role::Operator);
+/// Removing a disk a frontend is using (`?force=true`) needs [`Role::Admin`] besides.
+pub const DISK_REMOVE: Operation = Operation::write("disk.remove", Role::Operator);
+
+/// One route of the API.
+#[derive(Debug, Clone, Copy)]
+pub struct Route {
+    pub method: &'static str,
+    /// With `{id}` for the disk's name, as OpenAPI writes it.
+    pub path: &'static str,
+    pub op: Operation,
 }
 
-impl ApiServer {
-    pub fn start(
-        path: &Path,
-        group: Option<u32>,
-        device: Arc<BlkDevice>,
-    ) -> Result<Self, SocketError> {
-        let (listener, file) = socket::bind(path, group)?;
-        api::serve(listener, move |method, target| {
-            route(method, target, &device)
-        })
-        .map_err(|source| SocketError::Bind {
-            path: path.to_owned(),
-            source,
-        })?;
-        Ok(ApiServer { _file: file })
+pub const ROUTES: &[Route] = &[
+    Route {
+        method: "GET",
+        path: "/v1/health",
+        op: HEALTH,
+    },
+    Route {
+        method: "GET",
+        path: "/metrics",
+        op: METRICS,
+    },
+    Route {
+        method: "GET",
+        path: "/v1/disks",
+        op: DISK_LIST,
+    },
+    Route {
+        method: "POST",
+        path: "/v1/disks",
+        op: DISK_ADD,
+    },
+    Route {
+        method: "GET",
+        path: "/v1/disks/{id}",
+        op: DISK_GET,
+    },
+    Route {
+        method: "DELETE",
+        path: "/v1/disks/{id}",
+        op: DISK_REMOVE,
+    },
+];
+
+/// Binds the API socket and serves it.
+pub fn start(path: &Path, config: &Config, disks: Arc<DiskSet>) -> anyhow::Result<SocketFile> {
+    let audit = match &config.audit {
+        Some(a) => Some(AuditLog::open(a.clone())?),
+        None => {
+            log::warn!(
+                "no audit log configured (audit-log, --audit-log): API calls are not recorded"
+            );
+            None
+        }
+    };
+    let gate = Gate::new(config.access.clone(), audit, true);
+    let (listener, file) = socket::bind(path, config.socket_group)?;
+    http::serve(listener, router(&gate, disks), Limits::default())?;
+    Ok(file)
+}
+
+fn router(gate: &Arc<Gate>, disks: Arc<DiskSet>) -> Router {
+    let g = |op, r| http::guarded(gate, op, r);
+    let r = Router::new()
+        .route("/v1/health", g(HEALTH, get(health)))
+        .route("/metrics", g(METRICS, get(metrics)))
+        .route(
+            "/v1/disks",
+            g(DISK_LIST, get(list)).merge(g(DISK_ADD, post(add))),
+        )
+        .route(
+            "/v1/disks/{id}",
+            g(DISK_GET, get(show)).merge(g(DISK_REMOVE, delete(remove))),
+        )
+        .with_state(disks);
+    http::finish(r)
+}
+
+type Disks = State<Arc<DiskSet>>;
+
+async fn health(State(disks): Disks) -> Json<serde_json::Value> {
+    let all = disks.list();
+    Json(serde_json::json!({
+        "status": "ok",
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_seconds": disks.started.elapsed().as_secs(),
+        "disks": all.len(),
+        "frontends_connected": all.iter().filter(|d| d.connected()).count(),
+        "config_persistent": disks.persistent(),
+    }))
+}
+
+async fn metrics(State(disks): Disks) -> Response {
+    http::prometheus(render_metrics(&disks.list()))
+}
+
+async fn list(State(disks): Disks) -> Json<serde_json::Value> {
+    let items: Vec<_> = disks.list().iter().map(|d| summary(d)).collect();
+    Json(serde_json::json!({ "disks": items }))
+}
+
+async fn show(
+    State(disks): Disks,
+    UrlPath(id): UrlPath<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let d = disks
+        .get(&id)
+        .ok_or_else(|| ApiError::not_found(format!("no disk {id:?}")))?;
+    Ok(Json(disk_json(&d)))
+}
+
+async fn add(
+    State(disks): Disks,
+    JsonBody(text): JsonBody<DiskText>,
+) -> Result<Response, ApiError> {
+    let config = text
+        .check()
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let server = http::blocking(move || disks.add(config, true))
+        .await?
+        .map_err(set_error)?;
+    Ok((StatusCode::CREATED, Json(disk_json(&server))).into_response())
+}
+
+#[derive(serde::Deserialize)]
+struct RemoveQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+async fn remove(
+    State(disks): Disks,
+    UrlPath(id): UrlPath<String>,
+    Query(q): Query<RemoveQuery>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let d = disks
+        .get(&id)
+        .ok_or_else(|| ApiError::not_found(format!("no disk {id:?}")))?;
+    if q.force && d.connected() && caller.role < Role::Admin {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!("removing disk {id:?} while a frontend uses it needs the admin role"),
+        ));
     }
+    let removed = id.clone();
+    http::blocking(move || disks.remove(&id, q.force))
+        .await?
+        .map_err(set_error)?;
+    Ok(Json(serde_json::json!({ "removed": removed })))
 }
 
-fn route(method: &str, target: &str, device: &BlkDevice) -> Response {
-    match (method, target) {
-        ("GET", "/metrics") => Response::ok("text/plain; version=0.0.4", render_metrics(device)),
-        ("GET", "/v1/disk") => Response::ok("application/json", disk_json(device).to_string()),
-        _ => Response::not_found_or_not_allowed(method, target, &["/metrics", "/v1/disk"]),
-    }
+fn set_error(e: SetError) -> ApiError {
+    let status = match &e {
+        SetError::Exists(_) | SetError::SocketTaken(..) | SetError::InUse(_) => {
+            StatusCode::CONFLICT
+        }
+        SetError::NotFound(_) => StatusCode::NOT_FOUND,
+        SetError::Open(_) => StatusCode::BAD_REQUEST,
+        SetError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        SetError::Persist { .. } | SetError::Stop { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    ApiError::new(status, e.to_string())
 }
 
-/// The Prometheus exposition of the device: per queue counters and latency, plus the disk's
-/// size and the frontend's state.
-pub fn render_metrics(device: &BlkDevice) -> String {
+/// The Prometheus exposition of every disk: per queue counters and latency, plus each
+/// disk's size and its frontend's state.
+pub fn render_metrics(disks: &[Arc<DiskServer>]) -> String {
     let mut out = Exposition::new("strata_blk");
-    let disk = device.spec.serial_or_default();
-    for (i, q) in device.all_queue_metrics().iter().enumerate() {
-        q.render(&mut out, &[("disk", &disk), ("queue", &i.to_string())]);
+    for d in disks {
+        let device = &d.device;
+        for (i, q) in device.all_queue_metrics().iter().enumerate() {
+            q.render(&mut out, &[("disk", &device.id), ("queue", &i.to_string())]);
+        }
     }
-    let labels = [("disk", disk.as_str())];
-    if let Some(tier) = device.disk.tier_metrics() {
-        tier.render(&mut out, &labels);
+    for d in disks {
+        if let Some(tier) = d.device.disk.tier_metrics() {
+            tier.render(&mut out, &[("disk", d.id())]);
+        }
     }
-    out.sample(
-        "capacity_bytes",
-        Kind::Gauge,
-        "Disk size.",
-        &labels,
-        device.capacity(),
-    );
-    out.sample(
-        "frontend_connected",
-        Kind::Gauge,
-        "Whether a frontend is connected.",
-        &labels,
-        u8::from(device.connected.load(Ordering::Relaxed)),
-    );
-    out.sample(
-        "frontend_connections_total",
-        Kind::Counter,
-        "Frontend connections accepted.",
-        &labels,
-        device.connections.load(Ordering::Relaxed),
-    );
+    type Series = (&'static str, Kind, &'static str, fn(&BlkDevice) -> u64);
+    let gauges: [Series; 3] = [
+        ("capacity_bytes", Kind::Gauge, "Disk size.", |d| {
+            d.capacity()
+        }),
+        (
+            "frontend_connected",
+            Kind::Gauge,
+            "Whether a frontend is connected.",
+            |d| u64::from(d.connected.load(Ordering::Relaxed)),
+        ),
+        (
+            "frontend_connections_total",
+            Kind::Counter,
+            "Frontend connections accepted.",
+            |d| d.connections.load(Ordering::Relaxed),
+        ),
+    ];
+    for (name, kind, help, value) in gauges {
+        for d in disks {
+            out.sample(name, kind, help, &[("disk", d.id())], value(&d.device));
+        }
+    }
+    out.sample("disks", Kind::Gauge, "Disks served.", &[], disks.len());
     out.finish()
 }
 
-/// What `GET /v1/disk` reports.
-pub fn disk_json(device: &BlkDevice) -> serde_json::Value {
+/// What `GET /v1/disks` reports of each disk.
+fn summary(d: &DiskServer) -> serde_json::Value {
+    let info = d.device.info();
+    serde_json::json!({
+        "id": d.id(),
+        "socket": d.config.text.socket,
+        "path": info.path,
+        "format": info.format,
+        "size": info.capacity,
+        "read_only": info.read_only,
+        "frontend_connected": d.connected(),
+    })
+}
+
+/// What `GET /v1/disks/{id}` reports.
+pub fn disk_json(d: &DiskServer) -> serde_json::Value {
+    let device = &d.device;
     let info = device.info();
     let acked = device.acked_features.load(Ordering::Relaxed);
     serde_json::json!({
+        "id": d.id(),
+        "socket": d.config.text.socket,
+        "config": d.config.text,
         "path": info.path,
         "format": info.format,
         "size": info.capacity,

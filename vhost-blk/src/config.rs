@@ -1,25 +1,38 @@
-//! The command line, parsed once into a checked [`Config`].
+//! What the daemon serves, checked once: from the command line (one disk, or `--config
+//! FILE`), and each disk the API adds later through the same check ([`DiskText::check`]).
 
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use daemon_support::access::AccessTable;
+use daemon_support::audit::AuditConfig;
 use storage_core::disk::graph::GraphSpec;
 use storage_core::disk::{DiskSpec, SpecError};
 
-/// vhost-user-blk daemon: serves one disk to a VMM over a vhost-user socket.
+use crate::config_file;
+
+/// vhost-user-blk daemon: serves disks to VMMs over vhost-user sockets: one from the command
+/// line, or any number from a config file and the API.
 #[derive(Debug, Parser)]
 #[command(name = "vhost-blk", version, about)]
 struct Cli {
+    /// The daemon's configuration: disks, API, access and audit (TOML; see
+    /// vhost-blk.example.toml). Disks added or removed through the API are written back to it.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["socket", "disk", "blockdev", "object", "id"])]
+    config: Option<PathBuf>,
     /// Path of the vhost-user socket to listen on.
-    #[arg(long, value_name = "PATH")]
-    socket: PathBuf,
+    #[arg(long, value_name = "PATH", required_unless_present = "config")]
+    socket: Option<PathBuf>,
     /// The disk: path=FILE|null[,size=BYTES][,read-zeroes=on|off][,readonly=on|off]
     /// [,direct=on|off][,serial=STR][,engine=io_uring|sync], plus the cache and throttle keys
     /// (see README); or node=NAME[,serial=STR][,readonly=on], the root of the --blockdev graph.
-    #[arg(long, value_name = "SPEC")]
-    disk: String,
+    #[arg(long, value_name = "SPEC", required_unless_present = "config")]
+    disk: Option<String>,
+    /// The disk's name in the API and metrics.
+    #[arg(long, value_name = "NAME", default_value = "disk0")]
+    id: String,
     /// One node of the disk's graph, as qemu-storage-daemon's --blockdev: driver=...,
     /// node-name=..., children by name (key=value,... or JSON). Repeatable.
     #[arg(long, value_name = "NODE")]
@@ -28,61 +41,127 @@ struct Cli {
     #[arg(long, value_name = "OBJECT")]
     object: Vec<String>,
     /// Number of request queues offered (one worker thread each).
-    #[arg(long, default_value_t = 1, value_name = "N")]
-    queues: u16,
+    #[arg(long, value_name = "N")]
+    queues: Option<u16>,
     /// Largest virtqueue size offered to the driver.
-    #[arg(long, default_value_t = 256, value_name = "N")]
-    queue_size: u16,
+    #[arg(long, value_name = "N")]
+    queue_size: Option<u16>,
     /// Requests in flight per queue (io_uring entries per worker).
-    #[arg(long, default_value_t = 32, value_name = "N")]
-    queue_depth: u32,
+    #[arg(long, value_name = "N")]
+    queue_depth: Option<u32>,
     /// Keep polling a queue for this many microseconds after its last request before
     /// sleeping (adaptive polling: lower latency, costs CPU only while busy). 0 disables.
-    #[arg(long, default_value_t = 32, value_name = "US")]
-    poll_us: u64,
-    /// Serve the HTTP API (GET /metrics, GET /v1/disk) on this unix socket.
+    #[arg(long, value_name = "US")]
+    poll_us: Option<u64>,
+    /// Serve the management API (HTTP on a unix socket) here.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
     /// Let this group (a name or a number) connect to the sockets too (mode 0660); without
     /// it they are the owner's alone (0600).
     #[arg(long = "socket-group", value_name = "GROUP")]
     socket_group: Option<String>,
+    /// Record every mutating API call and every denial here (JSON lines, hash-chained).
+    #[arg(long, value_name = "FILE")]
+    audit_log: Option<PathBuf>,
+}
+
+/// One disk as the user writes it: a `[[disk]]` table of the config file, the body of
+/// `POST /v1/disks`, or the command line's flags.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct DiskText {
+    /// The disk's name: letters, digits, `.`, `_`, `-`; at most 64.
+    pub id: String,
+    /// Its vhost-user socket.
+    pub socket: PathBuf,
+    /// As `--disk`.
+    pub disk: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub blockdev: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub object: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queues: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_size: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_depth: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub poll_us: Option<u64>,
+}
+
+/// One disk, checked.
+#[derive(Debug, Clone)]
+pub struct DiskConfig {
+    /// As given: what the config file and the API show.
+    pub text: DiskText,
+    pub spec: DiskSpec,
+    pub queues: u16,
+    pub queue_size: u16,
+    pub queue_depth: u32,
+    pub poll: Duration,
+}
+
+impl DiskConfig {
+    pub fn id(&self) -> &str {
+        &self.text.id
+    }
 }
 
 /// A checked configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub socket: PathBuf,
-    pub disk: DiskSpec,
-    pub queues: u16,
-    pub queue_size: u16,
-    pub queue_depth: u32,
-    pub poll: Duration,
+    pub disks: Vec<DiskConfig>,
     pub api_socket: Option<PathBuf>,
     /// The group that may connect to the sockets besides their owner.
     pub socket_group: Option<u32>,
+    /// Who may call the API.
+    pub access: AccessTable,
+    pub audit: Option<AuditConfig>,
+    /// Where disks added or removed at run time are written back.
+    pub config_file: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{0}")]
     Usage(String),
-    #[error("--disk: {0}")]
-    Disk(#[from] SpecError),
-    #[error("--blockdev: {0}")]
-    Blockdev(SpecError),
-    #[error("--object: {0}")]
-    Object(SpecError),
-    #[error("--queues {0}: must be between 1 and 64")]
-    Queues(u16),
-    #[error("--queue-size {0}: must be a power of two between 2 and 1024")]
-    QueueSize(u16),
-    #[error("--queue-depth {0}: must be between 1 and 4096")]
-    QueueDepth(u32),
-    #[error("--poll-us {0}: must be at most 1000000")]
-    Poll(u64),
+    #[error("disk {id:?}: {source}")]
+    Disk {
+        id: String,
+        #[source]
+        source: SpecError,
+    },
+    #[error("disk {id:?}: blockdev: {source}")]
+    Blockdev {
+        id: String,
+        #[source]
+        source: SpecError,
+    },
+    #[error("disk {id:?}: object: {source}")]
+    Object {
+        id: String,
+        #[source]
+        source: SpecError,
+    },
+    #[error("disk id {0:?}: use 1 to 64 letters, digits, '.', '_' or '-'")]
+    Id(String),
+    #[error("disk {0:?}: queues must be between 1 and 64 (not {1})")]
+    Queues(String, u16),
+    #[error("disk {0:?}: queue-size must be a power of two between 2 and 1024 (not {1})")]
+    QueueSize(String, u16),
+    #[error("disk {0:?}: queue-depth must be between 1 and 4096 (not {1})")]
+    QueueDepth(String, u32),
+    #[error("disk {0:?}: poll-us must be at most 1000000 (not {1})")]
+    Poll(String, u64),
+    #[error("disk {0:?} is given twice")]
+    DuplicateId(String),
+    #[error("disks {0:?} and {1:?} have the same socket")]
+    DuplicateSocket(String, String),
     #[error(transparent)]
     SocketGroup(#[from] daemon_support::socket::SocketError),
+    #[error(transparent)]
+    File(#[from] config_file::FileError),
 }
 
 /// What the command line asks for.
@@ -90,6 +169,84 @@ pub enum Command {
     Run(Box<Config>),
     /// `--help` or `--version`: print this and exit 0.
     Print(String),
+}
+
+impl DiskText {
+    /// The checks every disk passes, wherever it comes from.
+    pub fn check(self) -> Result<DiskConfig, ConfigError> {
+        let id = self.id.clone();
+        let id_ok = (1..=64).contains(&id.len())
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        if !id_ok {
+            return Err(ConfigError::Id(id));
+        }
+        let mut graph = GraphSpec::default();
+        for o in &self.object {
+            graph.add_object(o).map_err(|source| ConfigError::Object {
+                id: id.clone(),
+                source,
+            })?;
+        }
+        for b in &self.blockdev {
+            graph
+                .add_blockdev(b)
+                .map_err(|source| ConfigError::Blockdev {
+                    id: id.clone(),
+                    source,
+                })?;
+        }
+        let spec = graph
+            .resolve(&self.disk)
+            .map_err(|source| ConfigError::Disk {
+                id: id.clone(),
+                source,
+            })?;
+        let queues = self.queues.unwrap_or(1);
+        if !(1..=64).contains(&queues) {
+            return Err(ConfigError::Queues(id, queues));
+        }
+        let queue_size = self.queue_size.unwrap_or(256);
+        if !(2..=1024).contains(&queue_size) || !queue_size.is_power_of_two() {
+            return Err(ConfigError::QueueSize(id, queue_size));
+        }
+        let queue_depth = self.queue_depth.unwrap_or(32);
+        if !(1..=4096).contains(&queue_depth) {
+            return Err(ConfigError::QueueDepth(id, queue_depth));
+        }
+        let poll_us = self.poll_us.unwrap_or(32);
+        if poll_us > 1_000_000 {
+            return Err(ConfigError::Poll(id, poll_us));
+        }
+        Ok(DiskConfig {
+            text: self,
+            spec,
+            queues,
+            queue_size,
+            queue_depth,
+            poll: Duration::from_micros(poll_us),
+        })
+    }
+}
+
+/// No two disks share an id or a socket.
+pub fn check_distinct<'a>(
+    disks: impl IntoIterator<Item = &'a DiskText>,
+) -> Result<(), ConfigError> {
+    let mut seen: Vec<&DiskText> = Vec::new();
+    for d in disks {
+        for s in &seen {
+            if s.id == d.id {
+                return Err(ConfigError::DuplicateId(d.id.clone()));
+            }
+            if s.socket == d.socket {
+                return Err(ConfigError::DuplicateSocket(s.id.clone(), d.id.clone()));
+            }
+        }
+        seen.push(d);
+    }
+    Ok(())
 }
 
 impl Config {
@@ -117,40 +274,60 @@ impl TryFrom<Cli> for Config {
     type Error = ConfigError;
 
     fn try_from(cli: Cli) -> Result<Self, Self::Error> {
-        let mut graph = GraphSpec::default();
-        for o in &cli.object {
-            graph.add_object(o).map_err(ConfigError::Object)?;
+        let mut config = match &cli.config {
+            Some(path) => config_file::load(path)?,
+            None => {
+                let text = DiskText {
+                    id: cli.id,
+                    socket: cli.socket.expect("clap requires --socket without --config"),
+                    disk: cli.disk.expect("clap requires --disk without --config"),
+                    blockdev: cli.blockdev,
+                    object: cli.object,
+                    queues: None,
+                    queue_size: None,
+                    queue_depth: None,
+                    poll_us: None,
+                };
+                Config {
+                    disks: vec![text.check()?],
+                    api_socket: None,
+                    socket_group: None,
+                    access: AccessTable::owner_and_group(None),
+                    audit: None,
+                    config_file: None,
+                }
+            }
+        };
+        // Flags given beside a config file override its daemon-wide keys and every
+        // disk's tuning.
+        if cli.queues.is_some()
+            || cli.queue_size.is_some()
+            || cli.queue_depth.is_some()
+            || cli.poll_us.is_some()
+        {
+            let disks = std::mem::take(&mut config.disks);
+            for d in disks {
+                let mut text = d.text;
+                text.queues = cli.queues.or(text.queues);
+                text.queue_size = cli.queue_size.or(text.queue_size);
+                text.queue_depth = cli.queue_depth.or(text.queue_depth);
+                text.poll_us = cli.poll_us.or(text.poll_us);
+                config.disks.push(text.check()?);
+            }
         }
-        for b in &cli.blockdev {
-            graph.add_blockdev(b).map_err(ConfigError::Blockdev)?;
+        if cli.api_socket.is_some() {
+            config.api_socket = cli.api_socket;
         }
-        let disk: DiskSpec = graph.resolve(&cli.disk)?;
-        if !(1..=64).contains(&cli.queues) {
-            return Err(ConfigError::Queues(cli.queues));
+        if let Some(g) = cli.socket_group.as_deref() {
+            config.socket_group = Some(daemon_support::socket::group_id(g)?);
+            if cli.config.is_none() {
+                config.access = AccessTable::owner_and_group(config.socket_group);
+            }
         }
-        if !(2..=1024).contains(&cli.queue_size) || !cli.queue_size.is_power_of_two() {
-            return Err(ConfigError::QueueSize(cli.queue_size));
+        if let Some(path) = cli.audit_log {
+            config.audit = Some(AuditConfig::new(path));
         }
-        if !(1..=4096).contains(&cli.queue_depth) {
-            return Err(ConfigError::QueueDepth(cli.queue_depth));
-        }
-        if cli.poll_us > 1_000_000 {
-            return Err(ConfigError::Poll(cli.poll_us));
-        }
-        Ok(Config {
-            poll: Duration::from_micros(cli.poll_us),
-            socket: cli.socket,
-            disk,
-            queues: cli.queues,
-            queue_size: cli.queue_size,
-            queue_depth: cli.queue_depth,
-            api_socket: cli.api_socket,
-            socket_group: cli
-                .socket_group
-                .as_deref()
-                .map(daemon_support::socket::group_id)
-                .transpose()?,
-        })
+        Ok(config)
     }
 }
 
@@ -183,9 +360,11 @@ mod tests {
             "/tmp/a",
         ])
         .unwrap();
-        assert_eq!(c.queues, 2);
-        assert_eq!(c.queue_depth, 64);
-        assert_eq!(c.queue_size, 256);
+        let d = &c.disks[0];
+        assert_eq!(d.id(), "disk0");
+        assert_eq!(d.queues, 2);
+        assert_eq!(d.queue_depth, 64);
+        assert_eq!(d.queue_size, 256);
         assert_eq!(c.api_socket, Some(PathBuf::from("/tmp/a")));
     }
 
@@ -200,16 +379,21 @@ mod tests {
             (vec!["--socket", "s", "--disk", "readonly=on"], "path="),
             (
                 vec!["--socket", "s", "--disk", "path=x", "--queues", "0"],
-                "--queues",
+                "queues",
             ),
             (
                 vec!["--socket", "s", "--disk", "path=x", "--queue-size", "100"],
-                "--queue-size",
+                "queue-size",
             ),
             (
                 vec!["--socket", "s", "--disk", "path=x", "--queues", "many"],
                 "many",
             ),
+            (
+                vec!["--socket", "s", "--disk", "path=x", "--id", "a/b"],
+                "a/b",
+            ),
+            (vec!["--config", "c.toml", "--disk", "path=x"], "--disk"),
         ] {
             let e = parse(&args).unwrap_err();
             assert!(e.contains(needle), "{args:?}: {e}");

@@ -1,46 +1,175 @@
-//! The daemon's lifecycle: open the disk, listen, serve one frontend at a time and accept the
-//! next after a disconnect; on SIGTERM or SIGINT stop taking requests, finish those in
-//! flight, flush, and exit.
+//! The daemon: the set of disks it serves ([`DiskSet`]: from the config at start, added and
+//! removed through the API later), the API, and the lifecycle. On SIGTERM or SIGINT every
+//! disk stops taking requests, finishes those in flight and flushes, all at once; then the
+//! daemon exits.
 
-use std::os::unix::io::AsRawFd;
-use std::os::unix::net::UnixListener;
-use std::sync::atomic::Ordering;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use anyhow::{Context, Result};
-use vhost::vhost_user::Listener;
-use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
-use storage_core::disk::{open_disk, Disk};
-
-use crate::api::ApiServer;
-use crate::backend::BlkBackend;
-use crate::config::Config;
-use crate::device::BlkDevice;
-use crate::worker::QueueWorker;
+use crate::config::{Config, DiskConfig};
+use crate::config_file::ConfigWriter;
+use crate::disk_server::DiskServer;
 use daemon_support::signals::{
     block_termination_signals, ignore_file_size_signal, spawn_signal_thread,
 };
-use daemon_support::socket::{self, SocketFile};
+use daemon_support::socket::SocketFile;
 
-/// Shutdown state shared with the signal thread.
-struct Control {
-    wake: EventFd,
-    connection: Mutex<Option<ShutdownHandle>>,
+/// Why a disk could not be added or removed.
+#[derive(Debug, thiserror::Error)]
+pub enum SetError {
+    #[error("disk {0:?} exists")]
+    Exists(String),
+    #[error("socket {0} is disk {1:?}'s")]
+    SocketTaken(String, String),
+    #[error("no disk {0:?}")]
+    NotFound(String),
+    #[error("disk {0:?} has a frontend connected; remove it with force to disconnect it")]
+    InUse(String),
+    #[error("the daemon is shutting down")]
+    ShuttingDown,
+    #[error("{0:#}")]
+    Open(anyhow::Error),
+    #[error("{what}, but the config file was not updated: {source}")]
+    Persist {
+        what: String,
+        #[source]
+        source: crate::config_file::FileError,
+    },
+    #[error("disk {id:?} was removed, but stopping it failed: {source:#}")]
+    Stop { id: String, source: anyhow::Error },
 }
 
-/// A daemon that has opened its disk and bound its sockets, ready to serve.
+/// The disks a daemon serves.
+pub struct DiskSet {
+    disks: Mutex<BTreeMap<String, Arc<DiskServer>>>,
+    socket_group: Option<u32>,
+    writer: Option<ConfigWriter>,
+    stopping: AtomicBool,
+    pub started: Instant,
+}
+
+impl DiskSet {
+    fn new(socket_group: Option<u32>, writer: Option<ConfigWriter>) -> Self {
+        DiskSet {
+            disks: Mutex::new(BTreeMap::new()),
+            socket_group,
+            writer,
+            stopping: AtomicBool::new(false),
+            started: Instant::now(),
+        }
+    }
+
+    /// Whether disks added or removed at run time outlive the process.
+    pub fn persistent(&self) -> bool {
+        self.writer.is_some()
+    }
+
+    pub fn list(&self) -> Vec<Arc<DiskServer>> {
+        lock(&self.disks).values().cloned().collect()
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<DiskServer>> {
+        lock(&self.disks).get(id).cloned()
+    }
+
+    /// Starts serving a disk; `persist` writes it to the config file.
+    pub fn add(&self, config: DiskConfig, persist: bool) -> Result<Arc<DiskServer>, SetError> {
+        // Held while the disk opens: two adds of one id or socket cannot both pass.
+        let mut disks = lock(&self.disks);
+        if self.stopping.load(Ordering::SeqCst) {
+            return Err(SetError::ShuttingDown);
+        }
+        let id = config.id().to_owned();
+        if disks.contains_key(&id) {
+            return Err(SetError::Exists(id));
+        }
+        if let Some(other) = disks
+            .values()
+            .find(|d| d.config.text.socket == config.text.socket)
+        {
+            return Err(SetError::SocketTaken(
+                config.text.socket.display().to_string(),
+                other.id().to_owned(),
+            ));
+        }
+        let text = config.text.clone();
+        let server =
+            Arc::new(DiskServer::start(config, self.socket_group).map_err(SetError::Open)?);
+        if persist {
+            if let Some(w) = &self.writer {
+                if let Err(source) = w.add_disk(&text) {
+                    server.stop();
+                    let _ = server.join();
+                    return Err(SetError::Persist {
+                        what: format!("disk {id:?} could not be kept"),
+                        source,
+                    });
+                }
+            }
+        }
+        disks.insert(id, server.clone());
+        Ok(server)
+    }
+
+    /// Stops serving a disk (drain, flush, close) and forgets it. A disk with a frontend
+    /// connected is removed only with `force`.
+    pub fn remove(&self, id: &str, force: bool) -> Result<(), SetError> {
+        let server = {
+            let mut disks = lock(&self.disks);
+            let Some(server) = disks.get(id) else {
+                return Err(SetError::NotFound(id.to_owned()));
+            };
+            if server.connected() && !force {
+                return Err(SetError::InUse(id.to_owned()));
+            }
+            let server = server.clone();
+            disks.remove(id);
+            server
+        };
+        server.stop();
+        let stopped = server.join();
+        if let Some(w) = &self.writer {
+            w.remove_disk(id).map_err(|source| SetError::Persist {
+                what: format!("disk {id:?} was removed"),
+                source,
+            })?;
+        }
+        stopped.map_err(|source| SetError::Stop {
+            id: id.to_owned(),
+            source,
+        })
+    }
+
+    /// Stops every disk at once and waits for all; the first failure is returned.
+    fn stop_all(&self) -> Result<()> {
+        self.stopping.store(true, Ordering::SeqCst);
+        let disks = self.list();
+        for d in &disks {
+            d.stop();
+        }
+        let mut result = Ok(());
+        for d in &disks {
+            if let Err(e) = d.join() {
+                log::error!("{e:#}");
+                if result.is_ok() {
+                    result = Err(e);
+                }
+            }
+        }
+        result
+    }
+}
+
+/// A daemon that has opened its disks and bound its sockets, ready to serve.
 pub struct Daemon {
-    config: Config,
-    device: Arc<BlkDevice>,
-    backend: Arc<BlkBackend>,
-    listener: UnixListener,
-    _socket_file: SocketFile,
-    _api: Option<ApiServer>,
-    control: Arc<Control>,
+    disks: Arc<DiskSet>,
+    stop: Arc<EventFd>,
+    api: Option<(std::path::PathBuf, SocketFile)>,
 }
 
 impl Daemon {
@@ -48,148 +177,49 @@ impl Daemon {
     pub fn new(config: Config) -> Result<Self> {
         block_termination_signals().context("cannot block termination signals")?;
         ignore_file_size_signal().context("cannot ignore SIGXFSZ")?;
-        let disk = open_disk(&config.disk)?;
-        let device = Arc::new(BlkDevice::new(
-            config.disk.clone(),
-            disk,
-            config.queues,
-            config.queue_size,
-            config.queue_depth,
-            config.poll,
-        ));
-        let workers = (0..usize::from(config.queues))
-            .map(|i| {
-                let queue = device.disk.new_queue(config.queue_depth)?;
-                Ok(QueueWorker::new(
-                    i,
-                    device.clone(),
-                    queue,
-                    config.queue_depth,
-                ))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let backend = Arc::new(BlkBackend::new(device.clone(), workers));
+        let writer = config.config_file.clone().map(ConfigWriter::new);
+        let disks = Arc::new(DiskSet::new(config.socket_group, writer));
+        for d in config.disks.clone() {
+            disks.add(d, false).map_err(anyhow::Error::from)?;
+        }
         let api = match &config.api_socket {
-            Some(path) => Some(ApiServer::start(path, config.socket_group, device.clone())?),
+            Some(path) => Some((
+                path.clone(),
+                crate::api::start(path, &config, disks.clone())?,
+            )),
             None => None,
         };
-        let (listener, socket_file) = socket::bind(&config.socket, config.socket_group)?;
-        let control = Arc::new(Control {
-            wake: EventFd::new(EFD_NONBLOCK).context("cannot create eventfd")?,
-            connection: Mutex::new(None),
-        });
-        let (c, dev) = (control.clone(), device.clone());
+        let stop = Arc::new(EventFd::new(0).context("cannot create eventfd")?);
+        let (s, set) = (stop.clone(), disks.clone());
         spawn_signal_thread(move |sig| {
-            if dev.stopping.swap(true, Ordering::SeqCst) {
+            if set.stopping.swap(true, Ordering::SeqCst) {
                 log::warn!("second termination signal: exiting without draining");
                 std::process::exit(1);
             }
             log::info!("signal {sig}: draining in-flight requests and shutting down");
-            let _ = c.wake.write(1);
-            if let Some(h) = lock(&c.connection).take() {
-                h.shutdown();
-            }
+            let _ = s.write(1);
         })
         .context("cannot start the signal thread")?;
-        let info = device.info();
-        log::info!(
-            "serving {} ({} format, {} bytes{}, {} engine) with {} queue(s) of depth {}, polling {} us",
-            info.path,
-            info.format,
-            info.capacity,
-            if info.read_only { ", read-only" } else { "" },
-            info.engine.name(),
-            config.queues,
-            config.queue_depth,
-            config.poll.as_micros()
-        );
-        Ok(Daemon {
-            _socket_file: socket_file,
-            config,
-            device,
-            backend,
-            listener,
-            _api: api,
-            control,
-        })
+        Ok(Daemon { disks, stop, api })
     }
 
-    /// Serves frontends until a termination signal; then drains and flushes.
+    /// Serves until a termination signal; then every disk drains and flushes.
     pub fn run(self) -> Result<()> {
-        eprintln!("vhost-blk: listening on {}", self.config.socket.display());
-        let mut listener = Listener::from(self.listener.try_clone()?);
-        while self.wait_for_client()? {
-            self.serve_one(&mut listener)?;
+        for d in self.disks.list() {
+            eprintln!(
+                "vhost-blk: disk {} listening on {}",
+                d.id(),
+                d.config.text.socket.display()
+            );
         }
-        self.backend.drain_all();
-        self.device
-            .disk
-            .flush()
-            .context("final flush of the disk failed")?;
-        // Let go of what other clients of the storage may wait for (an RBD image and its
-        // exclusive lock), as QEMU closes its images on exit.
-        self.device.disk.close();
-        log::info!("shut down cleanly: requests drained, disk flushed");
-        Ok(())
-    }
-
-    fn stopping(&self) -> bool {
-        self.device.stopping.load(Ordering::SeqCst)
-    }
-
-    /// Waits until a frontend connects (true) or the daemon is told to stop (false).
-    fn wait_for_client(&self) -> Result<bool> {
-        socket::wait_for_client(
-            self.listener.as_raw_fd(),
-            self.control.wake.as_raw_fd(),
-            || self.stopping(),
-        )
-        .context("poll on the listening socket failed")
-    }
-
-    /// Serves one frontend connection until it goes away.
-    fn serve_one(&self, listener: &mut Listener) -> Result<()> {
-        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        self.backend.attach(&mem);
-        let mut daemon = VhostUserDaemon::new("vhost-blk".into(), self.backend.clone(), mem)
-            .map_err(|e| anyhow::anyhow!("cannot set up the vhost-user handler: {e}"))?;
-        for (i, handler) in daemon.get_epoll_handlers().iter().enumerate() {
-            if let Some(fd) = self.backend.worker(i).completion_fd() {
-                handler
-                    .register_listener(
-                        fd,
-                        EventSet::IN,
-                        self.backend.device_event_id(crate::backend::COMPLETIONS),
-                    )
-                    .context("cannot watch the completion eventfd")?;
-            }
+        if let Some((path, _)) = &self.api {
+            eprintln!("vhost-blk: API listening on {}", path.display());
         }
-        daemon
-            .start(listener)
-            .map_err(|e| anyhow::anyhow!("cannot accept a frontend: {e}"))?;
-        self.device.connected.store(true, Ordering::SeqCst);
-        self.device.connections.fetch_add(1, Ordering::Relaxed);
-        log::info!("frontend connected");
-        *lock(&self.control.connection) = daemon.shutdown_handle();
-        if self.stopping() {
-            if let Some(h) = lock(&self.control.connection).take() {
-                h.shutdown();
-            }
-        }
-        let result = daemon.wait();
-        lock(&self.control.connection).take();
-        self.device.connected.store(false, Ordering::SeqCst);
-        match result {
-            Ok(()) => log::info!("frontend disconnected"),
-            Err(e) => log::info!("frontend connection ended: {e}"),
-        }
-        // Answer what is still in flight before the worker threads go away, then make the
-        // data durable: a frontend that is gone can no longer ask for a flush.
-        self.backend.drain_all();
-        drop(daemon);
-        if let Err(e) = self.device.disk.flush() {
-            log::error!("flush after disconnect failed: {e}");
-        }
+        self.stop
+            .read()
+            .context("waiting for a termination signal")?;
+        self.disks.stop_all()?;
+        log::info!("shut down cleanly: requests drained, disks flushed");
         Ok(())
     }
 }

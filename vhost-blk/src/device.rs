@@ -20,6 +20,8 @@ use crate::virtio_blk::{self, BlkConfig};
 pub const SUBMIT_BATCH: usize = 16;
 
 pub struct BlkDevice {
+    /// The disk's name in the API and metrics.
+    pub id: String,
     pub spec: DiskSpec,
     pub disk: AnyDisk,
     serial: Vec<u8>,
@@ -41,6 +43,7 @@ pub struct BlkDevice {
 
 impl BlkDevice {
     pub fn new(
+        id: String,
         spec: DiskSpec,
         disk: AnyDisk,
         num_queues: u16,
@@ -50,6 +53,7 @@ impl BlkDevice {
     ) -> Self {
         let serial = spec.serial_or_default().into_bytes();
         BlkDevice {
+            id,
             spec,
             disk,
             serial,

@@ -587,7 +587,7 @@ mod tests {
         let mem = GuestMemoryAtomic::new(gm);
         let spec: DiskSpec = "path=null,size=1M".parse().unwrap();
         let disk = open_disk(&spec).unwrap();
-        let device = Arc::new(BlkDevice::new(spec, disk, 1, RING, 4, poll));
+        let device = Arc::new(BlkDevice::new("t".into(), spec, disk, 1, RING, 4, poll));
         let queue = device.disk.new_queue(4).unwrap();
         let mut worker = QueueWorker::new(0, device, queue, 4);
         worker.attach(mem.clone());

@@ -815,10 +815,10 @@ fn api_socket_serves_metrics_and_disk_info() {
         "out-of-range error counted:\n{after}"
     );
 
-    let disk = http::get(&f.api_sock, "/v1/disk").unwrap();
+    let disk = http::get(&f.api_sock, "/v1/disks/disk0").unwrap();
     assert_eq!(disk.status, 200, "{}", disk.text());
     let json: serde_json::Value = serde_json::from_slice(&disk.body)
-        .unwrap_or_else(|e| panic!("/v1/disk is not JSON ({e}): {}", disk.text()));
+        .unwrap_or_else(|e| panic!("/v1/disks/disk0 is not JSON ({e}): {}", disk.text()));
     assert!(json.is_object(), "{json}");
     assert!(
         json_has_number(&json, SIZE),

@@ -30,7 +30,7 @@ fn client(dir: &Path, d: &Daemon) -> Client {
 }
 
 fn disk_json(dir: &Path) -> serde_json::Value {
-    let r = http::get(dir.join("api.sock"), "/v1/disk").expect("GET /v1/disk");
+    let r = http::get(dir.join("api.sock"), "/v1/disks/disk0").expect("GET /v1/disks/disk0");
     serde_json::from_str(&r.text()).expect("JSON")
 }
 

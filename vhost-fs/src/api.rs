@@ -1,23 +1,67 @@
-//! The HTTP API on a unix socket (as vhost-blk's): `GET /metrics` in the Prometheus text
-//! format, with the same per-queue series as vhost-blk under the `strata_fs` prefix, and
-//! `GET /v1/share` as JSON. One request per connection; a control plane, not a data path.
+//! The management API (`daemon_support::http`, as vhost-blk's: HTTP on a unix socket, roles
+//! from the peer's credentials, JSON errors): `GET /metrics` in the Prometheus text format,
+//! with the same per-queue series as vhost-blk under the `strata_fs` prefix, `GET
+//! /v1/share` and `GET /v1/health` as JSON. One share per process (its sandbox is per
+//! process); nothing here changes the share yet, so there is no audit log: a denial is
+//! logged as a warning.
 
 use std::os::unix::net::UnixListener;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
-use daemon_support::api::{self, Response};
+use axum::extract::State;
+use axum::response::Response;
+use axum::routing::get;
+use axum::{Json, Router};
+use daemon_support::access::AccessTable;
+use daemon_support::http::{self, Gate, Limits, Operation};
 use storage_core::metrics::{Exposition, Kind};
 
 use crate::device::FsDevice;
 
-/// Serves the API on `listener` from a thread of its own.
-pub fn spawn(listener: UnixListener, device: Arc<FsDevice>) -> std::io::Result<()> {
-    api::serve(listener, move |method, target| match (method, target) {
-        ("GET", "/metrics") => Response::ok("text/plain; version=0.0.4", render_metrics(&device)),
-        ("GET", "/v1/share") => Response::ok("application/json", share_json(&device).to_string()),
-        _ => Response::not_found_or_not_allowed(method, target, &["/metrics", "/v1/share"]),
-    })
+pub const HEALTH: Operation = Operation::read("health");
+pub const METRICS: Operation = Operation::read("metrics");
+pub const SHARE_GET: Operation = Operation::read("share.get");
+
+/// Serves the API on `listener` from a thread of its own. The socket's owner is admin and
+/// `socket_group`'s members are viewers. User names are not looked up: inside the sandbox
+/// that would read the share's own passwd file.
+pub fn spawn(
+    listener: UnixListener,
+    socket_group: Option<u32>,
+    device: Arc<FsDevice>,
+) -> std::io::Result<()> {
+    let gate = Gate::new(AccessTable::owner_and_group(socket_group), None, false);
+    let started = Instant::now();
+    let router = Router::new()
+        .route("/metrics", http::guarded(&gate, METRICS, get(metrics)))
+        .route("/v1/share", http::guarded(&gate, SHARE_GET, get(share)))
+        .route(
+            "/v1/health",
+            http::guarded(
+                &gate,
+                HEALTH,
+                get(move |State(d): State<Arc<FsDevice>>| async move {
+                    Json(serde_json::json!({
+                        "status": "ok",
+                        "version": env!("CARGO_PKG_VERSION"),
+                        "uptime_seconds": started.elapsed().as_secs(),
+                        "frontend_connected": d.connected.load(Ordering::Relaxed),
+                    }))
+                }),
+            ),
+        )
+        .with_state(device);
+    http::serve(listener, http::finish(router), Limits::default())
+}
+
+async fn metrics(State(d): State<Arc<FsDevice>>) -> Response {
+    http::prometheus(render_metrics(&d))
+}
+
+async fn share(State(d): State<Arc<FsDevice>>) -> Json<serde_json::Value> {
+    Json(share_json(&d))
 }
 
 pub fn render_metrics(device: &FsDevice) -> String {

@@ -190,7 +190,8 @@ impl Daemon {
         let backend = Arc::new(FsBackend::new(device.clone(), workers));
         let api_file = match api {
             Some((l, f)) => {
-                api::spawn(l, device.clone()).context("cannot start the API thread")?;
+                api::spawn(l, config.socket_group, device.clone())
+                    .context("cannot start the API thread")?;
                 Some(f)
             }
             None => None,

@@ -1,0 +1,613 @@
+//! The audit log: one JSON line per mutating API call and per denial, written and fsynced
+//! before the caller gets its answer. Each line carries `prev`, the SHA-256 of the line
+//! before it (across rotated files too), and a head file next to the log holds the hash of
+//! the last line, so an edited, removed or truncated line breaks the chain where
+//! [`verify`] finds it. This is tamper evidence, not proof: whoever can rewrite the whole
+//! log and its head can forge a consistent one.
+//!
+//! Files: `audit.log` (the one being written), `audit.log.<UTC time>` (rotated when it
+//! grows past [`AuditConfig::max_bytes`] or the day changes), `audit.log.head`. Rotated
+//! files older than [`AuditConfig::retention_days`] are deleted.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sha2::{Digest, Sha256};
+
+/// The `prev` of the first line ever written.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+const DAY: u64 = 86_400;
+
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    pub path: PathBuf,
+    /// Rotate when the file would grow past this.
+    pub max_bytes: u64,
+    /// Delete rotated files older than this.
+    pub retention_days: u32,
+}
+
+impl AuditConfig {
+    pub fn new(path: PathBuf) -> Self {
+        AuditConfig {
+            path,
+            max_bytes: 64 << 20,
+            retention_days: 180,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("audit log {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> AuditError + '_ {
+    move |source| AuditError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// What one line records (the log adds `time` and `prev`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Entry {
+    /// `uid=1000(alice)`.
+    pub principal: String,
+    /// The caller's role; none for a caller without one.
+    pub role: Option<crate::access::Role>,
+    /// The API operation, as `disk.add`.
+    pub operation: String,
+    /// What it acted on: the request's path.
+    pub object: String,
+    /// The request's parameters, secrets redacted ([`redact`]).
+    pub params: serde_json::Value,
+    /// The HTTP status of the answer.
+    pub status: u16,
+    /// `ok`, `denied`, or the error message.
+    pub result: String,
+}
+
+/// Replaces the values of keys that hold secrets (`passphrase`, `key`, `secret`, `token`,
+/// `password`, at any depth) with `"<redacted>"`.
+pub fn redact(mut v: serde_json::Value) -> serde_json::Value {
+    fn walk(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(map) => {
+                for (k, val) in map.iter_mut() {
+                    let k = k.to_ascii_lowercase();
+                    if ["passphrase", "key", "secret", "token", "password"]
+                        .iter()
+                        .any(|s| k.contains(s))
+                    {
+                        *val = serde_json::Value::String("<redacted>".into());
+                    } else {
+                        walk(val);
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(walk),
+            _ => {}
+        }
+    }
+    walk(&mut v);
+    v
+}
+
+fn hash(line: &[u8]) -> String {
+    hex::encode(Sha256::digest(line))
+}
+
+fn head_path(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".head");
+    PathBuf::from(p)
+}
+
+/// `20261205T173500Z`: rotated files sort by time.
+fn stamp(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t)
+        .to_string()
+        .replace(['-', ':'], "")
+}
+
+fn parse_stamp(s: &str) -> Option<SystemTime> {
+    // 20261205T173500Z -> 2026-12-05T17:35:00Z
+    if s.len() < 16 {
+        return None;
+    }
+    let (d, t) = (&s[..8], &s[9..15]);
+    let text = format!(
+        "{}-{}-{}T{}:{}:{}Z",
+        &d[..4],
+        &d[4..6],
+        &d[6..8],
+        &t[..2],
+        &t[2..4],
+        &t[4..6]
+    );
+    humantime::parse_rfc3339(&text).ok()
+}
+
+fn day_of(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() / DAY
+}
+
+/// The rotated files of the log at `path`, oldest first, with their rotation times.
+fn rotated(path: &Path) -> Result<Vec<(PathBuf, SystemTime)>, AuditError> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let base = path
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .into_owned();
+    let prefix = format!("{base}.");
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).map_err(io_err(dir))? {
+        let e = e.map_err(io_err(dir))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(&prefix) else {
+            continue;
+        };
+        if let Some(t) = parse_stamp(rest) {
+            out.push((dir.join(&name), t));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// The open log.
+pub struct AuditLog {
+    config: AuditConfig,
+    file: File,
+    head: File,
+    size: u64,
+    /// The UTC day of the file's first line.
+    day: Option<u64>,
+    prev: String,
+}
+
+impl AuditLog {
+    /// Opens (or creates) the log and finds where its chain ends. If the head file does
+    /// not match the log's last line, the log changed while no daemon held it: the first
+    /// line written says so.
+    pub fn open(config: AuditConfig) -> Result<AuditLog, AuditError> {
+        let path = config.path.clone();
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        }
+        let file = open_for_append(&path)?;
+        let hp = head_path(&path);
+        let head = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .mode(0o600)
+            .open(&hp)
+            .map_err(io_err(&hp))?;
+        let mut recorded = String::new();
+        std::io::Read::read_to_string(&mut (&head), &mut recorded).map_err(io_err(&hp))?;
+        let recorded = recorded.trim().to_owned();
+        let (size, first, last) = scan(&path)?;
+        let prev = match &last {
+            Some(l) => hash(l),
+            None => match rotated(&path)?.last() {
+                Some((p, _)) => scan(p)?.2.map(|l| hash(&l)).unwrap_or(GENESIS.into()),
+                None => GENESIS.into(),
+            },
+        };
+        let mut log = AuditLog {
+            day: first.as_deref().and_then(line_day),
+            config,
+            file,
+            head,
+            size,
+            prev,
+        };
+        if recorded.is_empty() {
+            log.write_head()?;
+        } else if recorded != log.prev {
+            let previous_line = last.as_deref().and_then(line_prev);
+            if previous_line.as_deref() == Some(recorded.as_str()) {
+                // Stopped between writing a line and recording it.
+                log.write_head()?;
+            } else {
+                log::error!(
+                    "audit log {} does not end where its head says: it changed while no daemon held it",
+                    path.display()
+                );
+                log.append(&Entry {
+                    principal: "daemon".into(),
+                    role: None,
+                    operation: "audit.mismatch".into(),
+                    object: path.display().to_string(),
+                    params: serde_json::json!({ "head": recorded, "last_line": log.prev }),
+                    status: 0,
+                    result: "the log does not end where its head file says".into(),
+                })?;
+            }
+        }
+        log.expire(SystemTime::now())?;
+        Ok(log)
+    }
+
+    /// Appends `entry` and makes it durable before returning.
+    pub fn append(&mut self, entry: &Entry) -> Result<(), AuditError> {
+        self.append_at(entry, SystemTime::now())
+    }
+
+    /// [`Self::append`] as if the time were `now` (tests of rotation and expiry).
+    pub fn append_at(&mut self, entry: &Entry, now: SystemTime) -> Result<(), AuditError> {
+        let mut value = serde_json::to_value(entry).expect("an entry is plain JSON");
+        let obj = value.as_object_mut().expect("an entry is an object");
+        obj.insert(
+            "time".into(),
+            humantime::format_rfc3339_millis(now).to_string().into(),
+        );
+        obj.insert("prev".into(), self.prev.clone().into());
+        let mut line = serde_json::to_vec(&value).expect("JSON values serialize");
+        let today = day_of(now);
+        if self.size > 0
+            && (self.size + line.len() as u64 + 1 > self.config.max_bytes
+                || self.day.is_some_and(|d| d != today))
+        {
+            self.rotate(now)?;
+        }
+        let path = self.config.path.clone();
+        let h = hash(&line);
+        line.push(b'\n');
+        self.file.write_all(&line).map_err(io_err(&path))?;
+        self.file.sync_data().map_err(io_err(&path))?;
+        if self.size == 0 {
+            self.day = Some(today);
+        }
+        self.size += line.len() as u64;
+        self.prev = h;
+        self.write_head()
+    }
+
+    fn write_head(&mut self) -> Result<(), AuditError> {
+        let hp = head_path(&self.config.path);
+        let text = format!("{}\n", self.prev);
+        self.head
+            .write_all_at(text.as_bytes(), 0)
+            .map_err(io_err(&hp))?;
+        self.head.set_len(text.len() as u64).map_err(io_err(&hp))?;
+        self.head.sync_data().map_err(io_err(&hp))
+    }
+
+    fn rotate(&mut self, now: SystemTime) -> Result<(), AuditError> {
+        let path = self.config.path.clone();
+        let mut target = PathBuf::from(format!("{}.{}", path.display(), stamp(now)));
+        let mut n = 1;
+        while target.exists() {
+            target = PathBuf::from(format!("{}.{}-{n}", path.display(), stamp(now)));
+            n += 1;
+        }
+        std::fs::rename(&path, &target).map_err(io_err(&path))?;
+        self.file = open_for_append(&path)?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io_err(dir))?;
+        }
+        self.size = 0;
+        self.day = None;
+        self.expire(now)
+    }
+
+    /// Deletes rotated files past the retention time.
+    fn expire(&mut self, now: SystemTime) -> Result<(), AuditError> {
+        let keep = Duration::from_secs(u64::from(self.config.retention_days) * DAY);
+        for (p, t) in rotated(&self.config.path)? {
+            if now.duration_since(t).unwrap_or_default() > keep {
+                std::fs::remove_file(&p).map_err(io_err(&p))?;
+                log::info!("audit log {} expired", p.display());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The log file, the owner's alone.
+fn open_for_append(path: &Path) -> Result<File, AuditError> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .read(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_err(path))
+}
+
+/// A file's size, first line and last line.
+type Scan = (u64, Option<Vec<u8>>, Option<Vec<u8>>);
+
+fn scan(path: &Path) -> Result<Scan, AuditError> {
+    let mut f = File::open(path).map_err(io_err(path))?;
+    let size = f.seek(SeekFrom::End(0)).map_err(io_err(path))?;
+    f.seek(SeekFrom::Start(0)).map_err(io_err(path))?;
+    let (mut first, mut last) = (None, None);
+    for line in BufReader::new(f).split(b'\n') {
+        let line = line.map_err(io_err(path))?;
+        if first.is_none() {
+            first = Some(line.clone());
+        }
+        last = Some(line);
+    }
+    Ok((size, first, last))
+}
+
+fn line_field(line: &[u8], key: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(line).ok()?;
+    v.get(key)?.as_str().map(str::to_owned)
+}
+
+fn line_prev(line: &[u8]) -> Option<String> {
+    line_field(line, "prev")
+}
+
+fn line_day(line: &[u8]) -> Option<u64> {
+    humantime::parse_rfc3339(&line_field(line, "time")?)
+        .ok()
+        .map(day_of)
+}
+
+/// Where the chain breaks.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Break {
+    pub file: PathBuf,
+    /// 1-based.
+    pub line: u64,
+    pub reason: String,
+}
+
+/// What [`verify`] found.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Report {
+    pub files: usize,
+    pub lines: u64,
+    /// The first line whose chain does not hold, if any.
+    pub first_break: Option<Break>,
+    /// The oldest file starts after expired ones, so its first `prev` cannot be checked.
+    pub starts_after_expired: bool,
+}
+
+/// Walks the log at `path` (rotated files, oldest first, then the current one) and checks
+/// every line's `prev` and the head file.
+pub fn verify(path: &Path) -> Result<Report, AuditError> {
+    let mut files: Vec<PathBuf> = rotated(path)?.into_iter().map(|(p, _)| p).collect();
+    files.push(path.to_owned());
+    let mut report = Report {
+        files: files.len(),
+        lines: 0,
+        first_break: None,
+        starts_after_expired: false,
+    };
+    let mut expected: Option<String> = None;
+    for file in &files {
+        let bytes = std::fs::read(file).map_err(io_err(file))?;
+        if !bytes.is_empty() && !bytes.ends_with(b"\n") {
+            let n = bytes.split(|b| *b == b'\n').count() as u64;
+            report.first_break = Some(Break {
+                file: file.clone(),
+                line: n,
+                reason: "the last line is cut short (no newline)".into(),
+            });
+            return Ok(report);
+        }
+        let Some(body) = bytes.strip_suffix(b"\n") else {
+            continue; // empty
+        };
+        for (i, line) in body.split(|b| *b == b'\n').enumerate() {
+            report.lines += 1;
+            let at = |reason: String| Break {
+                file: file.clone(),
+                line: i as u64 + 1,
+                reason,
+            };
+            let Some(prev) = line_prev(line) else {
+                report.first_break = Some(at("not a JSON line with a \"prev\" hash".into()));
+                return Ok(report);
+            };
+            match &expected {
+                None if prev != GENESIS => report.starts_after_expired = true,
+                Some(e) if *e != prev => {
+                    report.first_break = Some(at(format!(
+                        "its prev {prev} is not the hash of the line before ({e}): a line \
+                         before it was changed or removed"
+                    )));
+                    return Ok(report);
+                }
+                _ => {}
+            }
+            expected = Some(hash(line));
+        }
+    }
+    let hp = head_path(path);
+    let recorded = std::fs::read_to_string(&hp).map_err(io_err(&hp))?;
+    let recorded = recorded.trim();
+    let last = expected.unwrap_or_else(|| GENESIS.to_string());
+    if recorded != last {
+        report.first_break = Some(Break {
+            file: path.to_owned(),
+            line: report.lines,
+            reason: format!(
+                "the head file records {recorded} as the last line's hash, the log ends with \
+                 {last}: lines at the end were changed or removed"
+            ),
+        });
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(op: &str) -> Entry {
+        Entry {
+            principal: "uid=1(x)".into(),
+            role: Some(crate::access::Role::Operator),
+            operation: op.into(),
+            object: "/v1/disks/a".into(),
+            params: redact(serde_json::json!({"size": 1, "passphrase": "hunter2"})),
+            status: 200,
+            result: "ok".into(),
+        }
+    }
+
+    fn log_in(dir: &Path) -> AuditLog {
+        AuditLog::open(AuditConfig::new(dir.join("audit.log"))).unwrap()
+    }
+
+    #[test]
+    fn an_intact_log_verifies_and_holds_no_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut log = log_in(dir.path());
+            for i in 0..5 {
+                log.append(&entry(&format!("op{i}"))).unwrap();
+            }
+        }
+        // Reopened, the chain goes on.
+        log_in(dir.path()).append(&entry("op5")).unwrap();
+        let r = verify(&dir.path().join("audit.log")).unwrap();
+        assert_eq!(r.lines, 6);
+        assert_eq!(r.first_break, None, "{r:?}");
+        let text = std::fs::read_to_string(dir.path().join("audit.log")).unwrap();
+        assert!(!text.contains("hunter2"));
+        assert!(text.contains("<redacted>"));
+    }
+
+    fn rewrite(path: &Path, f: impl FnOnce(&mut Vec<String>)) {
+        let text = std::fs::read_to_string(path).unwrap();
+        let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+        f(&mut lines);
+        let mut out = lines.join("\n");
+        out.push('\n');
+        std::fs::write(path, out).unwrap();
+    }
+
+    #[test]
+    fn an_edited_removed_or_truncated_line_breaks_the_chain_where_it_is() {
+        // Where the break shows: the line after an edited one, the line that follows a
+        // removed one, and the head for the last line.
+        for (what, line) in [
+            ("edit", 3),
+            ("remove", 2),
+            ("edit-last", 4),
+            ("drop-last", 3),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("audit.log");
+            {
+                let mut log = log_in(dir.path());
+                for i in 0..4 {
+                    log.append(&entry(&format!("op{i}"))).unwrap();
+                }
+            }
+            rewrite(&path, |l| match what {
+                "edit" => l[1] = l[1].replace("op1", "op9"),
+                "remove" => {
+                    l.remove(1);
+                }
+                "edit-last" => l[3] = l[3].replace("op3", "op9"),
+                _ => {
+                    l.pop();
+                }
+            });
+            let r = verify(&path).unwrap();
+            let b = r
+                .first_break
+                .unwrap_or_else(|| panic!("{what}: no break found"));
+            assert_eq!(b.line, line, "{what}: {b:?}");
+        }
+        // Cut in the middle of a line.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        log_in(dir.path()).append(&entry("a")).unwrap();
+        let len = std::fs::metadata(&path).unwrap().len();
+        OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(len - 10)
+            .unwrap();
+        let b = verify(&path).unwrap().first_break.unwrap();
+        assert!(b.reason.contains("cut short"), "{b:?}");
+    }
+
+    #[test]
+    fn a_log_changed_while_closed_says_so_when_reopened() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        {
+            let mut log = log_in(dir.path());
+            log.append(&entry("a")).unwrap();
+            log.append(&entry("b")).unwrap();
+        }
+        rewrite(&path, |l| {
+            l.pop();
+        });
+        log_in(dir.path());
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            text.lines().last().unwrap().contains("audit.mismatch"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn rotation_by_day_and_size_keeps_one_chain_and_expiry_drops_old_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let mut config = AuditConfig::new(path.clone());
+        config.max_bytes = 2_000;
+        config.retention_days = 10;
+        let mut log = AuditLog::open(config).unwrap();
+        let t0 = SystemTime::now() - Duration::from_secs(30 * DAY);
+        for day in 0..30u64 {
+            log.append_at(&entry("daily"), t0 + Duration::from_secs(day * DAY))
+                .unwrap();
+        }
+        // Today: enough lines to rotate by size.
+        for _ in 0..20 {
+            log.append(&entry("busy")).unwrap();
+        }
+        let files = rotated(&path).unwrap();
+        assert!(!files.is_empty());
+        for (p, t) in &files {
+            let age = SystemTime::now().duration_since(*t).unwrap();
+            assert!(
+                age <= Duration::from_secs(10 * DAY + 60),
+                "{} kept",
+                p.display()
+            );
+        }
+        // Several files rotated today by size.
+        let today = day_of(SystemTime::now());
+        assert!(
+            files.iter().filter(|(_, t)| day_of(*t) == today).count() >= 2,
+            "{files:?}"
+        );
+        let r = verify(&path).unwrap();
+        assert_eq!(r.first_break, None, "{r:?}");
+        assert!(r.starts_after_expired);
+        assert_eq!(r.files, files.len() + 1);
+    }
+}

@@ -1,0 +1,671 @@
+//! The management API's server: HTTP/1.1 on a unix socket (as Cloud Hypervisor's API), on
+//! hyper and axum. This module owns what every route shares:
+//! - limits: request head size and time, body size, time per connection, connections at
+//!   once (more are answered 503);
+//! - who is calling: the peer's credentials from the kernel, and the role the access table
+//!   gives them ([`crate::access`]);
+//! - one [`Operation`] per route, with the role it needs: a caller without it gets 403, and
+//!   the denial is audited;
+//! - the audit log: a mutating call's line is written and fsynced before its answer goes
+//!   out ([`crate::audit`]);
+//! - errors as JSON (`{"error": "..."}`), 404 and 405 included.
+//!
+//! Each daemon supplies its routes (an axum `Router`) and the blocking work behind them.
+//! The server runs on one thread of its own with a single-threaded tokio runtime; work that
+//! blocks (opening a disk, draining queues) goes to tokio's blocking pool. A control plane,
+//! not a data path.
+
+use std::os::unix::net::UnixListener as StdUnixListener;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{FromRequest, Request, State};
+use axum::http::{HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::sync::Semaphore;
+
+use crate::access::{AccessTable, Principal, Role};
+use crate::audit::{self, AuditLog, Entry};
+
+/// What one client may take of the API.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Bytes of request line and headers (hyper's buffer; at least 8 KiB).
+    pub head_bytes: usize,
+    /// Time to send them.
+    pub head_time: Duration,
+    /// Bytes of a request body.
+    pub body_bytes: usize,
+    /// Time one connection may stay open, all its requests together.
+    pub connection_time: Duration,
+    /// Connections served at once.
+    pub connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            head_bytes: 16 << 10,
+            head_time: Duration::from_secs(5),
+            body_bytes: 64 << 10,
+            connection_time: Duration::from_secs(60),
+            connections: 16,
+        }
+    }
+}
+
+/// An API operation: how the audit log names it, the role it needs, and whether it
+/// changes anything (then it is audited when allowed, not only when denied).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Operation {
+    pub name: &'static str,
+    pub role: Role,
+    pub mutating: bool,
+}
+
+impl Operation {
+    pub const fn read(name: &'static str) -> Self {
+        Operation {
+            name,
+            role: Role::Viewer,
+            mutating: false,
+        }
+    }
+
+    pub const fn write(name: &'static str, role: Role) -> Self {
+        Operation {
+            name,
+            role,
+            mutating: true,
+        }
+    }
+}
+
+/// An error answer: `{"error": message}` with a status.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+    pub fn bad_request(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, m)
+    }
+    pub fn not_found(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, m)
+    }
+    pub fn conflict(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, m)
+    }
+    pub fn internal(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, m)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        json_error(self.status, &self.message)
+    }
+}
+
+fn json_error(status: StatusCode, message: &str) -> Response {
+    (status, axum::Json(serde_json::json!({ "error": message }))).into_response()
+}
+
+/// A JSON request body whose rejection (bad JSON, wrong type, too large) is an
+/// [`ApiError`] naming the problem.
+pub struct JsonBody<T>(pub T);
+
+impl<T, S> FromRequest<S> for JsonBody<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(JsonBody(v)),
+            Err(e) => Err(ApiError::new(e.status(), e.body_text())),
+        }
+    }
+}
+
+/// Runs blocking work (opening a disk, draining queues) off the server's thread.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(format!("the operation failed: {e}")))
+}
+
+/// Who may call, and where calls are recorded.
+pub struct Gate {
+    access: AccessTable,
+    audit: Option<Mutex<AuditLog>>,
+    /// Whether callers' user names are looked up ([`Principal::name`]).
+    lookup_names: bool,
+}
+
+impl Gate {
+    pub fn new(access: AccessTable, audit: Option<AuditLog>, lookup_names: bool) -> Arc<Gate> {
+        Arc::new(Gate {
+            access,
+            audit: audit.map(Mutex::new),
+            lookup_names,
+        })
+    }
+
+    fn record(
+        self: &Arc<Gate>,
+        entry: Entry,
+    ) -> impl std::future::Future<Output = Result<(), String>> {
+        let gate = self.clone();
+        async move {
+            if gate.audit.is_none() {
+                return Ok(());
+            }
+            tokio::task::spawn_blocking(move || {
+                let Some(log) = &gate.audit else {
+                    return Ok(());
+                };
+                let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
+                log.append(&entry).map_err(|e| e.to_string())
+            })
+            .await
+            .map_err(|e| e.to_string())?
+        }
+    }
+}
+
+/// The caller of a route that let it in, for handlers that want it.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub principal: Principal,
+    pub role: Role,
+}
+
+/// Puts `op`'s check (and audit) in front of `route`.
+pub fn guarded<S: Clone + Send + Sync + 'static>(
+    gate: &Arc<Gate>,
+    op: Operation,
+    route: axum::routing::MethodRouter<S>,
+) -> axum::routing::MethodRouter<S> {
+    route.layer(axum::middleware::from_fn_with_state(
+        (gate.clone(), op),
+        check,
+    ))
+}
+
+async fn check(
+    State((gate, op)): State<(Arc<Gate>, Operation)>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let Some(principal) = req.extensions().get::<Principal>().cloned() else {
+        return json_error(StatusCode::INTERNAL_SERVER_ERROR, "caller unknown");
+    };
+    let role = gate.access.role_of(&principal);
+    let object = req.uri().path().to_owned();
+    let query = req.uri().query().map(str::to_owned);
+    let allowed = role.filter(|r| *r >= op.role);
+    let Some(role) = allowed else {
+        let message = match role {
+            None => format!("{} has no role here", principal.name(gate.lookup_names)),
+            Some(r) => format!(
+                "{} needs the {} role; {} has {r}",
+                op.name,
+                op.role,
+                principal.name(gate.lookup_names)
+            ),
+        };
+        log::warn!("api: denied {} {object}: {message}", op.name);
+        let entry = Entry {
+            principal: principal.name(gate.lookup_names),
+            role,
+            operation: op.name.into(),
+            object,
+            params: serde_json::json!({ "query": query }),
+            status: 403,
+            result: format!("denied: {message}"),
+        };
+        if let Err(e) = gate.record(entry).await {
+            log::error!("cannot write the audit log: {e}");
+        }
+        return json_error(StatusCode::FORBIDDEN, &message);
+    };
+    req.extensions_mut().insert(Caller {
+        principal: principal.clone(),
+        role,
+    });
+    if !op.mutating {
+        return next.run(req).await;
+    }
+    // Keep the body to record it; the route reads it back from here.
+    let (parts, body) = req.into_parts();
+    let limit = parts
+        .extensions
+        .get::<Limits>()
+        .map_or(Limits::default().body_bytes, |l| l.body_bytes);
+    let bytes = match axum::body::to_bytes(body, limit).await {
+        Ok(b) => b,
+        Err(e) => {
+            return json_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!("request body: {e} (at most {limit} bytes)"),
+            )
+        }
+    };
+    let body_json: serde_json::Value =
+        serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+    let params = audit::redact(serde_json::json!({ "query": query, "body": body_json }));
+    let response = next
+        .run(Request::from_parts(parts, Body::from(bytes)))
+        .await;
+    let (parts, body) = response.into_parts();
+    let bytes = axum::body::to_bytes(body, 1 << 20)
+        .await
+        .unwrap_or_default();
+    let status = parts.status;
+    let result = if status.is_success() {
+        "ok".to_string()
+    } else {
+        serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|v| v.get("error").and_then(|m| m.as_str()).map(str::to_owned))
+            .unwrap_or_else(|| status.to_string())
+    };
+    let entry = Entry {
+        principal: principal.name(gate.lookup_names),
+        role: Some(role),
+        operation: op.name.into(),
+        object,
+        params,
+        status: status.as_u16(),
+        result,
+    };
+    if let Err(e) = gate.record(entry).await {
+        log::error!("cannot write the audit log: {e}");
+        return json_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!(
+                "{} was carried out, but its audit record could not be written: {e}",
+                op.name
+            ),
+        );
+    }
+    Response::from_parts(parts, Body::from(bytes))
+}
+
+/// Adds the JSON 404 and 405 answers to a daemon's routes.
+pub fn finish(router: Router) -> Router {
+    router
+        .fallback(|req: Request| async move {
+            json_error(
+                StatusCode::NOT_FOUND,
+                &format!("no such resource: {}", req.uri().path()),
+            )
+        })
+        .method_not_allowed_fallback(|req: Request| async move {
+            json_error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &format!("{} is not allowed on {}", req.method(), req.uri().path()),
+            )
+        })
+}
+
+/// Serves `router` on `listener` from a thread named `api`, within `limits`.
+pub fn serve(listener: StdUnixListener, router: Router, limits: Limits) -> std::io::Result<()> {
+    listener.set_nonblocking(true)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("api".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let listener = match tokio::net::UnixListener::from_std(listener) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        log::error!("api: cannot use the listening socket: {e}");
+                        return;
+                    }
+                };
+                accept_loop(listener, router, limits).await;
+            })
+        })?;
+    Ok(())
+}
+
+async fn accept_loop(listener: tokio::net::UnixListener, router: Router, limits: Limits) {
+    let places = Arc::new(Semaphore::new(limits.connections));
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                log::warn!("api: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let Ok(place) = places.clone().try_acquire_owned() else {
+            tokio::spawn(refuse(stream));
+            continue;
+        };
+        let principal = match Principal::of_peer(&stream) {
+            Ok(p) => p,
+            Err(e) => {
+                log::warn!("api: cannot tell who is calling: {e}");
+                continue;
+            }
+        };
+        let router = router.clone();
+        tokio::spawn(async move {
+            let _place = place;
+            let service =
+                hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(principal.clone());
+                    req.extensions_mut().insert(limits);
+                    let router = router.clone();
+                    async move {
+                        use tower::ServiceExt;
+                        router.oneshot(req.map(Body::new)).await
+                    }
+                });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.head_time)
+                .max_buf_size(limits.head_bytes.max(8192))
+                .serve_connection(TokioIo::new(stream), service);
+            match tokio::time::timeout(limits.connection_time, conn).await {
+                Ok(Err(e)) => log::debug!("api: connection: {e}"),
+                Err(_) => log::debug!("api: connection held past its time; closed"),
+                Ok(Ok(())) => {}
+            }
+        });
+    }
+}
+
+/// Answers 503 to a connection over the limit, and closes it.
+async fn refuse(mut stream: tokio::net::UnixStream) {
+    use tokio::io::AsyncWriteExt;
+    let body = r#"{"error":"too many API connections; try again"}"#;
+    let text = format!(
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(text.as_bytes())).await;
+}
+
+/// A `Content-Type` for Prometheus text.
+pub fn prometheus(text: String) -> Response {
+    let mut r = text.into_response();
+    r.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    use std::time::Instant;
+
+    use axum::routing::{get, post};
+
+    fn server(limits: Limits, access: AccessTable) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        let listener = StdUnixListener::bind(&path).unwrap();
+        let audit =
+            AuditLog::open(crate::audit::AuditConfig::new(dir.path().join("audit.log"))).unwrap();
+        let gate = Gate::new(access, Some(audit), false);
+        let router = Router::new()
+            .route(
+                "/look",
+                guarded(
+                    &gate,
+                    Operation::read("look"),
+                    get(|| async { "you looked" }),
+                ),
+            )
+            .route(
+                "/panic",
+                guarded(
+                    &gate,
+                    Operation::read("panic"),
+                    get(|| async {
+                        if true {
+                            panic!("a route that panics");
+                        }
+                        "never"
+                    }),
+                ),
+            )
+            .route(
+                "/change",
+                guarded(
+                    &gate,
+                    Operation::write("change", Role::Operator),
+                    post(|body: String| async move { format!("changed by {body}") }),
+                ),
+            );
+        serve(listener, finish(router), limits).unwrap();
+        (dir, path)
+    }
+
+    fn limits() -> Limits {
+        Limits {
+            head_bytes: 8192,
+            head_time: Duration::from_millis(500),
+            body_bytes: 1024,
+            connection_time: Duration::from_secs(5),
+            connections: 4,
+        }
+    }
+
+    fn owner() -> AccessTable {
+        AccessTable::owner_and_group(None)
+    }
+
+    /// Sends `request`, then reads the answer to its end.
+    fn ask(path: &std::path::Path, request: &[u8]) -> String {
+        let mut s = UnixStream::connect(path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        // The server may answer and close before taking everything: a refused write is fine.
+        let _ = s.write_all(request);
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    }
+
+    const LOOK: &[u8] = b"GET /look HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+
+    /// Asks until a request is served (200), for at most 5 s.
+    fn served_again(path: &std::path::Path) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let answer = ask(path, LOOK);
+            if answer.starts_with("HTTP/1.1 200 ") {
+                return;
+            }
+            assert!(Instant::now() < deadline, "still refused: {answer:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn a_stalled_client_does_not_hold_up_another() {
+        let (_dir, path) = server(
+            Limits {
+                head_time: Duration::from_secs(30),
+                ..limits()
+            },
+            owner(),
+        );
+        let mut stalled = UnixStream::connect(&path).unwrap();
+        stalled.write_all(b"GET /lo").unwrap();
+        let start = Instant::now();
+        let answer = ask(&path, LOOK);
+        assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+        assert!(answer.ends_with("you looked"), "{answer}");
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+
+    #[test]
+    fn a_request_head_or_body_past_its_limit_is_refused() {
+        let (_dir, path) = server(limits(), owner());
+        let answer = ask(&path, &vec![b'a'; 1 << 20]);
+        assert!(
+            answer.starts_with("HTTP/1.1 431 "),
+            "a 1 MiB request line: {answer:?}"
+        );
+        // A client that keeps sending is refused after the limit and the socket's buffer.
+        let mut s = UnixStream::connect(&path).unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+        let chunk = vec![b'a'; 64 << 10];
+        let mut sent = 0usize;
+        while sent < 64 << 20 {
+            match s.write(&chunk) {
+                Ok(n) => sent += n,
+                Err(_) => break,
+            }
+        }
+        assert!(
+            sent < 4 << 20,
+            "the server took {sent} bytes of one request"
+        );
+        let body = vec![b'b'; 4096];
+        let mut req = format!(
+            "POST /change HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        req.extend_from_slice(&body);
+        let answer = ask(&path, &req);
+        assert!(answer.starts_with("HTTP/1.1 413 "), "{answer:?}");
+        assert!(answer.contains("\"error\""), "{answer:?}");
+    }
+
+    #[test]
+    fn a_route_that_panics_gives_its_connection_back() {
+        let (_dir, path) = server(limits(), owner());
+        // More panics than connections: each must give its place back.
+        for _ in 0..2 * limits().connections {
+            ask(&path, b"GET /panic HTTP/1.1\r\nHost: x\r\n\r\n");
+        }
+        served_again(&path);
+    }
+
+    #[test]
+    fn a_client_slower_than_the_limit_is_cut_off() {
+        let (_dir, path) = server(limits(), owner());
+        let mut s = UnixStream::connect(&path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let start = Instant::now();
+        // A byte every 100 ms never completes the head within 500 ms.
+        for b in b"GET /look HTTP/1.1\r\nHost: x\r\n".iter() {
+            if s.write_all(&[*b]).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            if start.elapsed() > Duration::from_secs(2) {
+                break;
+            }
+        }
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        assert!(!out.contains("you looked"), "{out:?}");
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+
+    #[test]
+    fn connections_past_the_limit_are_refused_not_queued() {
+        let (_dir, path) = server(
+            Limits {
+                head_time: Duration::from_secs(30),
+                ..limits()
+            },
+            owner(),
+        );
+        let held: Vec<UnixStream> = (0..4)
+            .map(|_| UnixStream::connect(&path).unwrap())
+            .collect();
+        // Let the server take all four before the fifth arrives.
+        std::thread::sleep(Duration::from_millis(200));
+        let answer = ask(&path, LOOK);
+        assert!(answer.starts_with("HTTP/1.1 503 "), "{answer:?}");
+        drop(held);
+        served_again(&path);
+    }
+
+    #[test]
+    fn callers_without_the_role_are_refused_and_recorded() {
+        let (dir, path) = server(limits(), AccessTable::new(vec![]));
+        let answer = ask(&path, LOOK);
+        assert!(answer.starts_with("HTTP/1.1 403 "), "{answer:?}");
+        assert!(answer.contains("has no role here"), "{answer:?}");
+        let log = std::fs::read_to_string(dir.path().join("audit.log")).unwrap();
+        assert!(
+            log.contains("\"operation\":\"look\"") && log.contains("\"status\":403"),
+            "{log}"
+        );
+
+        let (dir, path) = server(limits(), owner());
+        let answer = ask(
+            &path,
+            b"POST /change?x=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 21\r\nConnection: close\r\n\r\n{\"password\":\"sesame\"}",
+        );
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{answer:?}");
+        // The route saw the body the gate had read.
+        assert!(
+            answer.ends_with("changed by {\"password\":\"sesame\"}"),
+            "{answer:?}"
+        );
+        let log = std::fs::read_to_string(dir.path().join("audit.log")).unwrap();
+        assert!(
+            log.contains("\"operation\":\"change\"") && log.contains("x=1"),
+            "{log}"
+        );
+        assert!(!log.contains("sesame"), "{log}");
+        let answer = ask(
+            &path,
+            b"GET /nothing HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
+        assert!(
+            answer.starts_with("HTTP/1.1 404 ") && answer.contains("/nothing"),
+            "{answer:?}"
+        );
+        let answer = ask(
+            &path,
+            b"DELETE /look HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
+        assert!(
+            answer.starts_with("HTTP/1.1 405 ") && answer.contains("DELETE"),
+            "{answer:?}"
+        );
+    }
+}

@@ -1,0 +1,263 @@
+//! `strata`: the command-line client for people (tables) and scripts (`--json`). It talks
+//! to a daemon's management API over its unix socket; `strata audit verify` reads an audit
+//! log directly. Exit codes: 0 done, 1 the API or the check said no, 2 bad usage.
+
+mod client;
+mod table;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use serde_json::{json, Value};
+
+use client::{call, Answer};
+
+#[derive(Debug, Parser)]
+#[command(name = "strata", version, about = "Manage Strata's storage daemons.")]
+struct Cli {
+    /// The daemon's API socket.
+    #[arg(
+        long,
+        global = true,
+        env = "STRATA_API",
+        default_value = "/run/strata/blk-api.sock"
+    )]
+    api: PathBuf,
+    /// Print the API's JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// The disks a vhost-blk daemon serves.
+    #[command(subcommand)]
+    Disk(DiskCommand),
+    /// Whether the daemon is up, and what it serves.
+    Health,
+    /// The audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Any API call, for scripts and debugging: METHOD PATH [--data JSON].
+    Raw {
+        method: String,
+        path: String,
+        #[arg(long, value_name = "JSON")]
+        data: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DiskCommand {
+    /// List the disks.
+    List,
+    /// One disk in full.
+    Show { id: String },
+    /// Add a disk: its socket appears and serves at once.
+    Add {
+        id: String,
+        /// Its vhost-user socket.
+        #[arg(long, value_name = "PATH")]
+        socket: PathBuf,
+        /// The disk spec, as vhost-blk's --disk.
+        #[arg(long, value_name = "SPEC")]
+        disk: String,
+        #[arg(long, value_name = "NODE")]
+        blockdev: Vec<String>,
+        #[arg(long, value_name = "OBJECT")]
+        object: Vec<String>,
+        #[arg(long)]
+        queues: Option<u16>,
+        #[arg(long)]
+        queue_size: Option<u16>,
+        #[arg(long)]
+        queue_depth: Option<u32>,
+        #[arg(long)]
+        poll_us: Option<u64>,
+    },
+    /// Remove a disk: refused while a frontend is connected, unless --force (admin), which
+    /// disconnects it after draining and flushing.
+    Remove {
+        id: String,
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Check the log's hash chain; report the first line that breaks it.
+    Verify { file: PathBuf },
+}
+
+/// Why a command failed: the message, and exit code 1.
+struct Failure(String);
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind::*;
+            if matches!(
+                e.kind(),
+                DisplayHelp | DisplayVersion | DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                print!("{e}");
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("strata: {}", daemon_support::cli::one_line(&e));
+            return ExitCode::from(2);
+        }
+    };
+    match run(&cli) {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(Failure(m)) => {
+            eprintln!("strata: {m}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: &Cli) -> Result<String, Failure> {
+    let api = |method: &str, path: &str, body: Option<Value>| -> Result<Value, Failure> {
+        let answer =
+            call(&cli.api, method, path, body.as_ref()).map_err(|e| Failure(e.to_string()))?;
+        ok(answer)
+    };
+    let show = |v: &Value, table: fn(&Value) -> String| {
+        if cli.json {
+            format!("{}\n", serde_json::to_string_pretty(v).unwrap_or_default())
+        } else {
+            table(v)
+        }
+    };
+    Ok(match &cli.command {
+        Command::Disk(DiskCommand::List) => show(&api("GET", "/v1/disks", None)?, table::disks),
+        Command::Disk(DiskCommand::Show { id }) => {
+            show(&api("GET", &disk_path(id), None)?, table::disk)
+        }
+        Command::Disk(DiskCommand::Add {
+            id,
+            socket,
+            disk,
+            blockdev,
+            object,
+            queues,
+            queue_size,
+            queue_depth,
+            poll_us,
+        }) => {
+            let mut body = json!({ "id": id, "socket": socket, "disk": disk });
+            let fields = [
+                ("blockdev", (!blockdev.is_empty()).then(|| json!(blockdev))),
+                ("object", (!object.is_empty()).then(|| json!(object))),
+                ("queues", queues.map(Value::from)),
+                ("queue-size", queue_size.map(Value::from)),
+                ("queue-depth", queue_depth.map(Value::from)),
+                ("poll-us", poll_us.map(Value::from)),
+            ];
+            for (k, v) in fields {
+                if let Some(v) = v {
+                    body[k] = v;
+                }
+            }
+            show(&api("POST", "/v1/disks", Some(body))?, |v| {
+                format!(
+                    "added disk {} ({}) on {}\n",
+                    v["id"].as_str().unwrap_or("?"),
+                    table::size(v["size"].as_u64().unwrap_or(0)),
+                    v["socket"].as_str().unwrap_or("?")
+                )
+            })
+        }
+        Command::Disk(DiskCommand::Remove { id, force }) => {
+            let path = format!(
+                "{}{}",
+                disk_path(id),
+                if *force { "?force=true" } else { "" }
+            );
+            show(&api("DELETE", &path, None)?, |v| {
+                format!("removed disk {}\n", v["removed"].as_str().unwrap_or("?"))
+            })
+        }
+        Command::Health => show(&api("GET", "/v1/health", None)?, table::health),
+        Command::Audit(AuditCommand::Verify { file }) => {
+            let report = daemon_support::audit::verify(file).map_err(|e| Failure(e.to_string()))?;
+            let v = serde_json::to_value(&report).unwrap_or_default();
+            let text = show(&v, |_| String::new());
+            match &report.first_break {
+                Some(b) => {
+                    if cli.json {
+                        print!("{text}");
+                    }
+                    return Err(Failure(format!(
+                        "{} line {}: {}",
+                        b.file.display(),
+                        b.line,
+                        b.reason
+                    )));
+                }
+                None if cli.json => text,
+                None => format!(
+                    "{}: intact: {} lines in {} file(s){}\n",
+                    file.display(),
+                    report.lines,
+                    report.files,
+                    if report.starts_after_expired {
+                        " (it starts after expired files)"
+                    } else {
+                        ""
+                    }
+                ),
+            }
+        }
+        Command::Raw { method, path, data } => {
+            let body = match data {
+                Some(d) => Some(
+                    serde_json::from_str(d)
+                        .map_err(|e| Failure(format!("--data is not JSON: {e}")))?,
+                ),
+                None => None,
+            };
+            let answer = call(&cli.api, &method.to_ascii_uppercase(), path, body.as_ref())
+                .map_err(|e| Failure(e.to_string()))?;
+            let text = String::from_utf8_lossy(&answer.body).into_owned();
+            if answer.status >= 400 {
+                return Err(Failure(format!("{}: {}", answer.status, answer.message())));
+            }
+            text
+        }
+    })
+}
+
+/// `/v1/disks/ID`, the id percent-encoded where it needs to be.
+fn disk_path(id: &str) -> String {
+    let mut out = String::from("/v1/disks/");
+    for b in id.bytes() {
+        if b.is_ascii_alphanumeric() || b"._-".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn ok(answer: Answer) -> Result<Value, Failure> {
+    if answer.status >= 400 {
+        return Err(Failure(format!("{}: {}", answer.status, answer.message())));
+    }
+    answer.json().ok_or_else(|| {
+        Failure(format!(
+            "the API answered {} with something that is not JSON: {}",
+            answer.status,
+            String::from_utf8_lossy(&answer.body)
+        ))
+    })
+}

@@ -1,0 +1,366 @@
+//! The management plane end to end: a vhost-blk daemon from a config file, driven by the
+//! `strata` client as different users, with libblkio as the frontend.
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use std::time::Duration;
+
+use daemon_support::access::Role;
+use testkit::blkio_client::{Client, ClientOptions, Target};
+use testkit::daemon::{binary_path, Daemon, DaemonCommand};
+use vhost_blk::api::ROUTES;
+
+/// Users the tests call as (no passwd entries needed), all in the sockets' group.
+const VIEWER: u32 = 60001;
+const OPERATOR: u32 = 60002;
+const ADMIN: u32 = 60003;
+const NOBODY_ELSE: u32 = 60004;
+const GROUP: u32 = 65534;
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    daemon: Option<Daemon>,
+}
+
+impl Fixture {
+    fn new(disks: &str) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        // The other users must reach the sockets.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let d = dir.path().display();
+        let config = format!(
+            "api-socket = \"{d}/api.sock\"\nsocket-group = \"{GROUP}\"\naudit-log = \"{d}/audit/audit.log\"\n\n\
+             [[access]]\nuid = {VIEWER}\nrole = \"viewer\"\n\
+             [[access]]\nuid = {OPERATOR}\nrole = \"operator\"\n\
+             [[access]]\nuid = {ADMIN}\nrole = \"admin\"\n\
+             [[access]]\nuid = 0\nrole = \"admin\"\n\n{disks}"
+        );
+        std::fs::write(dir.path().join("vhost-blk.toml"), config).unwrap();
+        let mut f = Fixture { dir, daemon: None };
+        f.start();
+        f
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn start(&mut self) {
+        self.daemon = Some(
+            DaemonCommand::vhost_blk()
+                .unwrap_or_else(|e| panic!("{e}"))
+                .arg("--config")
+                .arg(self.path("vhost-blk.toml"))
+                .spawn()
+                .unwrap_or_else(|e| panic!("starting vhost-blk: {e}")),
+        );
+    }
+
+    fn stop(&mut self) {
+        let mut d = self.daemon.take().unwrap();
+        let status = d.terminate().unwrap();
+        assert!(status.success(), "{}", d.output());
+    }
+
+    /// `strata --api ... args` as `uid`: (exit code, stdout, stderr).
+    fn strata_as(&self, uid: u32, args: &[&str]) -> (i32, String, String) {
+        let mut cmd = Command::new(binary_path("strata"));
+        cmd.arg("--api").arg(self.path("api.sock")).args(args);
+        if uid != 0 {
+            cmd.uid(uid).gid(GROUP);
+        }
+        let out = cmd.output().expect("running strata");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    fn strata(&self, args: &[&str]) -> String {
+        let (code, out, err) = self.strata_as(0, args);
+        assert_eq!(code, 0, "strata {args:?}: {err}");
+        out
+    }
+
+    fn audit_lines(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.path("audit/audit.log"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+fn null_disk(id: &str, dir: &Path) -> String {
+    format!(
+        "[[disk]]\nid = \"{id}\"\nsocket = \"{}/{id}.sock\"\ndisk = \"path=null,size=1M\"\n",
+        dir.display()
+    )
+}
+
+#[test]
+fn disks_come_and_go_at_run_time_and_the_set_survives_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut f = Fixture::new(&null_disk("a", tmp.path()));
+    let image = f.path("b.img");
+    std::fs::write(&image, vec![0u8; 4 << 20]).unwrap();
+    let b_sock = f.path("b.sock");
+    let spec = format!("path={}", image.display());
+    let out = f.strata(&[
+        "disk",
+        "add",
+        "b",
+        "--socket",
+        b_sock.to_str().unwrap(),
+        "--disk",
+        &spec,
+    ]);
+    assert!(out.contains("added disk b (4.0 MiB)"), "{out}");
+
+    // Its socket serves at once.
+    // A frontend cut off by the removal below notices only when its request times out.
+    let opts = ClientOptions::default()
+        .queues(1)
+        .io_timeout(Duration::from_secs(2));
+    let mut client = Client::open_with(Target::VhostUser(&b_sock), &opts).unwrap();
+    assert_eq!(client.capacity(), 4 << 20);
+    client.queue(0).write(8192, &[0x5a; 4096]).unwrap();
+    assert_eq!(client.queue(0).read(8192, 4096).unwrap(), vec![0x5a; 4096]);
+
+    let list = f.strata(&["disk", "list"]);
+    let b_row = list
+        .lines()
+        .find(|l| l.starts_with("b "))
+        .unwrap_or_else(|| panic!("{list}"));
+    assert!(b_row.contains("connected"), "{list}");
+
+    // In use: refused without force; force is the admin's.
+    let (code, _, err) = f.strata_as(OPERATOR, &["disk", "remove", "b"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("409") && err.contains("frontend connected"),
+        "{err}"
+    );
+    let (code, _, err) = f.strata_as(OPERATOR, &["disk", "remove", "b", "--force"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("403") && err.contains("admin"), "{err}");
+    let (code, out, err) = f.strata_as(ADMIN, &["disk", "remove", "b", "--force"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("removed disk b"), "{out}");
+    // The frontend was cut off after the write was made durable.
+    assert!(client.queue(0).read(0, 512).is_err());
+    assert_eq!(
+        &std::fs::read(&image).unwrap()[8192..12288],
+        &[0x5a; 4096][..]
+    );
+    assert!(!b_sock.exists());
+
+    // A disk without a frontend goes with an operator's word.
+    let c_sock = f.path("c.sock");
+    f.strata(&[
+        "disk",
+        "add",
+        "c",
+        "--socket",
+        c_sock.to_str().unwrap(),
+        "--disk",
+        "path=null,size=2M",
+        "--queues",
+        "2",
+    ]);
+    f.strata(&[
+        "disk",
+        "add",
+        "d",
+        "--socket",
+        f.path("d.sock").to_str().unwrap(),
+        "--disk",
+        "path=null,size=3M",
+    ]);
+    let (code, _, err) = f.strata_as(OPERATOR, &["disk", "remove", "d"]);
+    assert_eq!(code, 0, "{err}");
+
+    // Restarted from its config, the daemon serves what it served.
+    f.stop();
+    f.start();
+    let json: serde_json::Value =
+        serde_json::from_str(&f.strata(&["--json", "disk", "list"])).unwrap();
+    let ids: Vec<&str> = json["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["a", "c"]);
+    let c: serde_json::Value =
+        serde_json::from_str(&f.strata(&["--json", "disk", "show", "c"])).unwrap();
+    assert_eq!(c["queues"], 2);
+    assert_eq!(Client::open(&c_sock, 1).unwrap().capacity(), 2 << 20);
+}
+
+#[test]
+fn bad_requests_get_a_message_and_change_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = Fixture::new(&null_disk("a", tmp.path()));
+    let a_sock = tmp.path().join("a.sock");
+    for (args, status, needle) in [
+        (
+            vec![
+                "disk",
+                "add",
+                "a",
+                "--socket",
+                "/tmp/x.sock",
+                "--disk",
+                "path=null,size=1M",
+            ],
+            "409",
+            "exists",
+        ),
+        (
+            vec![
+                "disk",
+                "add",
+                "e",
+                "--socket",
+                a_sock.to_str().unwrap(),
+                "--disk",
+                "path=null,size=1M",
+            ],
+            "409",
+            "socket",
+        ),
+        (
+            vec![
+                "disk",
+                "add",
+                "e",
+                "--socket",
+                "/tmp/e.sock",
+                "--disk",
+                "path=/no/such/file",
+            ],
+            "400",
+            "/no/such/file",
+        ),
+        (
+            vec![
+                "disk",
+                "add",
+                "e/f",
+                "--socket",
+                "/tmp/e.sock",
+                "--disk",
+                "path=null,size=1M",
+            ],
+            "400",
+            "e/f",
+        ),
+        (
+            vec![
+                "disk",
+                "add",
+                "e",
+                "--socket",
+                "/tmp/e.sock",
+                "--disk",
+                "path=null,size=1M",
+                "--queue-size",
+                "3",
+            ],
+            "400",
+            "queue-size",
+        ),
+        (vec!["disk", "remove", "zz"], "404", "zz"),
+        (vec!["disk", "show", "zz"], "404", "zz"),
+        (
+            vec!["raw", "POST", "/v1/disks", "--data", "{\"id\": 5}"],
+            "422",
+            "id",
+        ),
+        (vec!["raw", "PUT", "/v1/disks"], "405", "PUT"),
+        (vec!["raw", "GET", "/v2"], "404", "/v2"),
+    ] {
+        let (code, _, err) = f.strata_as(0, &args);
+        assert_eq!(code, 1, "{args:?}: {err}");
+        assert!(
+            err.contains(status) && err.contains(needle),
+            "{args:?}: {err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&f.strata(&["--json", "disk", "list"])).unwrap();
+    assert_eq!(json["disks"].as_array().unwrap().len(), 1);
+    let config = std::fs::read_to_string(f.path("vhost-blk.toml")).unwrap();
+    assert_eq!(config.matches("[[disk]]").count(), 1, "{config}");
+}
+
+#[test]
+fn every_role_against_every_operation_and_every_denial_is_audited() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = Fixture::new(&null_disk("a", tmp.path()));
+    let users = [
+        (VIEWER, Some(Role::Viewer)),
+        (OPERATOR, Some(Role::Operator)),
+        (ADMIN, Some(Role::Admin)),
+        (NOBODY_ELSE, None),
+    ];
+    let mut denials = 0;
+    for route in ROUTES {
+        for (uid, role) in users {
+            // Arguments that name nothing that exists: an allowed call answers 4xx or 2xx,
+            // never 403, and changes nothing.
+            let path = route.path.replace("{id}", "nosuch");
+            let mut args = vec!["raw", route.method, path.as_str()];
+            if route.method == "POST" {
+                args.extend(["--data", "{}"]);
+            }
+            let (code, _, err) = f.strata_as(uid, &args);
+            let allowed = role.is_some_and(|r| r >= route.op.role);
+            if allowed {
+                assert!(!err.contains("403"), "{uid} {} {path}: {err}", route.method);
+            } else {
+                denials += 1;
+                assert_eq!(code, 1);
+                assert!(err.contains("403"), "{uid} {} {path}: {err}", route.method);
+                if role.is_none() {
+                    assert!(err.contains(&format!("uid={uid} has no role")), "{err}");
+                }
+            }
+        }
+    }
+    assert!(denials > 0);
+    let lines = f.audit_lines();
+    let denied: Vec<_> = lines.iter().filter(|l| l["status"] == 403).collect();
+    assert_eq!(denied.len(), denials, "{lines:#?}");
+    for l in &denied {
+        assert!(l["result"].as_str().unwrap().starts_with("denied"), "{l}");
+        assert!(
+            l["principal"].as_str().unwrap().starts_with("uid=600"),
+            "{l}"
+        );
+    }
+    // Allowed mutating calls are there too, with the caller's role.
+    assert!(lines
+        .iter()
+        .any(|l| l["operation"] == "disk.add" && l["role"] == "operator" && l["status"] == 422));
+
+    // The chain holds; an edited line breaks it where it is.
+    let log = f.path("audit/audit.log");
+    let out = f.strata(&["audit", "verify", log.to_str().unwrap()]);
+    assert!(out.contains("intact"), "{out}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let edited = text.replacen("\"status\":403", "\"status\":200", 1);
+    std::fs::write(&log, edited).unwrap();
+    let (code, _, err) = f.strata_as(0, &["audit", "verify", log.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("line ") && err.contains("changed or removed"),
+        "{err}"
+    );
+}

@@ -1,0 +1,227 @@
+//! One disk served: its device, queue workers and vhost-user socket, and the thread that
+//! serves one frontend at a time and accepts the next after a disconnect. Stopping it
+//! (daemon shutdown or removal through the API) stops taking requests, finishes those in
+//! flight, flushes and closes the disk. Nothing here is shared with another disk.
+
+use std::os::unix::io::AsRawFd;
+use std::os::unix::net::UnixListener;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use anyhow::{Context, Result};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use storage_core::disk::{open_disk, Disk};
+
+use crate::backend::BlkBackend;
+use crate::config::DiskConfig;
+use crate::device::BlkDevice;
+use crate::worker::QueueWorker;
+use daemon_support::socket::{self, SocketFile};
+
+/// What a stop needs to reach the serving thread.
+struct Control {
+    wake: EventFd,
+    connection: Mutex<Option<ShutdownHandle>>,
+}
+
+/// A disk being served.
+pub struct DiskServer {
+    pub config: DiskConfig,
+    pub device: Arc<BlkDevice>,
+    control: Arc<Control>,
+    thread: Mutex<Option<JoinHandle<Result<()>>>>,
+    _socket_file: SocketFile,
+}
+
+impl DiskServer {
+    /// Opens the disk, binds its socket and starts serving. Everything that can fail
+    /// because of the user's input fails here.
+    pub fn start(config: DiskConfig, socket_group: Option<u32>) -> Result<DiskServer> {
+        let id = config.id().to_owned();
+        let disk = open_disk(&config.spec).with_context(|| format!("disk {id:?}"))?;
+        let device = Arc::new(BlkDevice::new(
+            id.clone(),
+            config.spec.clone(),
+            disk,
+            config.queues,
+            config.queue_size,
+            config.queue_depth,
+            config.poll,
+        ));
+        let workers = (0..usize::from(config.queues))
+            .map(|i| {
+                let queue = device.disk.new_queue(config.queue_depth)?;
+                Ok(QueueWorker::new(
+                    i,
+                    device.clone(),
+                    queue,
+                    config.queue_depth,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let backend = Arc::new(BlkBackend::new(device.clone(), workers));
+        let (listener, socket_file) = socket::bind(&config.text.socket, socket_group)
+            .with_context(|| format!("disk {id:?}"))?;
+        let control = Arc::new(Control {
+            wake: EventFd::new(EFD_NONBLOCK).context("cannot create eventfd")?,
+            connection: Mutex::new(None),
+        });
+        let info = device.info();
+        log::info!(
+            "disk {id}: serving {} ({} format, {} bytes{}, {} engine) on {} with {} queue(s) of depth {}, polling {} us",
+            info.path,
+            info.format,
+            info.capacity,
+            if info.read_only { ", read-only" } else { "" },
+            info.engine.name(),
+            config.text.socket.display(),
+            config.queues,
+            config.queue_depth,
+            config.poll.as_micros()
+        );
+        let serving = Serving {
+            device: device.clone(),
+            backend,
+            listener,
+            control: control.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("disk-{id}"))
+            .spawn(move || serving.run())
+            .context("cannot start the disk's thread")?;
+        Ok(DiskServer {
+            config,
+            device,
+            control,
+            thread: Mutex::new(Some(thread)),
+            _socket_file: socket_file,
+        })
+    }
+
+    pub fn id(&self) -> &str {
+        self.config.id()
+    }
+
+    pub fn connected(&self) -> bool {
+        self.device.connected.load(Ordering::SeqCst)
+    }
+
+    /// Tells the disk to stop: no new requests; the frontend is disconnected.
+    pub fn stop(&self) {
+        self.device.stopping.store(true, Ordering::SeqCst);
+        let _ = self.control.wake.write(1);
+        if let Some(h) = lock(&self.control.connection).take() {
+            h.shutdown();
+        }
+    }
+
+    /// Waits until the disk has drained, flushed and closed (after [`Self::stop`]).
+    pub fn join(&self) -> Result<()> {
+        let Some(thread) = lock(&self.thread).take() else {
+            return Ok(());
+        };
+        thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("disk {:?}: its thread panicked", self.id()))?
+    }
+}
+
+/// What the disk's thread owns.
+struct Serving {
+    device: Arc<BlkDevice>,
+    backend: Arc<BlkBackend>,
+    listener: UnixListener,
+    control: Arc<Control>,
+}
+
+impl Serving {
+    /// Serves frontends until stopped; then drains, flushes and closes.
+    fn run(self) -> Result<()> {
+        let id = self.device.id.clone();
+        let mut listener = Listener::from(self.listener.try_clone()?);
+        while self.wait_for_client()? {
+            self.serve_one(&mut listener)?;
+        }
+        self.backend.drain_all();
+        self.device
+            .disk
+            .flush()
+            .with_context(|| format!("disk {id:?}: final flush failed"))?;
+        // Let go of what other clients of the storage may wait for (an RBD image and its
+        // exclusive lock), as QEMU closes its images on exit.
+        self.device.disk.close();
+        log::info!("disk {id}: stopped cleanly: requests drained, disk flushed");
+        Ok(())
+    }
+
+    fn stopping(&self) -> bool {
+        self.device.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Waits until a frontend connects (true) or the disk is told to stop (false).
+    fn wait_for_client(&self) -> Result<bool> {
+        socket::wait_for_client(
+            self.listener.as_raw_fd(),
+            self.control.wake.as_raw_fd(),
+            || self.stopping(),
+        )
+        .context("poll on the listening socket failed")
+    }
+
+    /// Serves one frontend connection until it goes away.
+    fn serve_one(&self, listener: &mut Listener) -> Result<()> {
+        let id = &self.device.id;
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        self.backend.attach(&mem);
+        let mut daemon = VhostUserDaemon::new("vhost-blk".into(), self.backend.clone(), mem)
+            .map_err(|e| anyhow::anyhow!("cannot set up the vhost-user handler: {e}"))?;
+        for (i, handler) in daemon.get_epoll_handlers().iter().enumerate() {
+            if let Some(fd) = self.backend.worker(i).completion_fd() {
+                handler
+                    .register_listener(
+                        fd,
+                        EventSet::IN,
+                        self.backend.device_event_id(crate::backend::COMPLETIONS),
+                    )
+                    .context("cannot watch the completion eventfd")?;
+            }
+        }
+        daemon
+            .start(listener)
+            .map_err(|e| anyhow::anyhow!("cannot accept a frontend: {e}"))?;
+        self.device.connected.store(true, Ordering::SeqCst);
+        self.device.connections.fetch_add(1, Ordering::Relaxed);
+        log::info!("disk {id}: frontend connected");
+        *lock(&self.control.connection) = daemon.shutdown_handle();
+        if self.stopping() {
+            if let Some(h) = lock(&self.control.connection).take() {
+                h.shutdown();
+            }
+        }
+        let result = daemon.wait();
+        lock(&self.control.connection).take();
+        self.device.connected.store(false, Ordering::SeqCst);
+        match result {
+            Ok(()) => log::info!("disk {id}: frontend disconnected"),
+            Err(e) => log::info!("disk {id}: frontend connection ended: {e}"),
+        }
+        // Answer what is still in flight before the worker threads go away, then make the
+        // data durable: a frontend that is gone can no longer ask for a flush.
+        self.backend.drain_all();
+        drop(daemon);
+        if let Err(e) = self.device.disk.flush() {
+            log::error!("disk {id}: flush after disconnect failed: {e}");
+        }
+        Ok(())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
