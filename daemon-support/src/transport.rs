@@ -5,9 +5,11 @@
 //! the workers' own event fds (completions, deferred replies), memory updates, ring stops.
 
 use std::io;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
 use vhost_user_backend::{VhostUserBackend, VringMutex};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -54,6 +56,20 @@ pub trait QueueWorker: Send {
 pub struct Transport<D, W> {
     device: Arc<D>,
     workers: Vec<Mutex<W>>,
+    /// The channel on which we may ask the frontend for things (`BACKEND_REQ`), if the
+    /// current frontend gave one.
+    frontend_channel: Mutex<Option<Backend>>,
+}
+
+/// What became of a config-change notification.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigNotice {
+    /// The frontend acknowledged it (or took it, without REPLY_ACK).
+    Delivered,
+    /// No frontend, or one that gave no backend channel: nobody to tell.
+    NoChannel,
+    /// Sent, and not acknowledged within the wait; it may still be.
+    Unanswered,
 }
 
 impl<D: DeviceModel, W: QueueWorker> Transport<D, W> {
@@ -61,7 +77,42 @@ impl<D: DeviceModel, W: QueueWorker> Transport<D, W> {
         Transport {
             device,
             workers: workers.into_iter().map(Mutex::new).collect(),
+            frontend_channel: Mutex::new(None),
         }
+    }
+
+    /// Tells the frontend that the config space changed (`CONFIG_CHANGE_MSG`), so that it
+    /// reads it again and interrupts the guest. Waits at most `wait` for its answer: the
+    /// frontend is not trusted to give one, so the message goes out from a thread of its
+    /// own, which a silent frontend holds until it disconnects.
+    pub fn notify_config_change(&self, wait: Duration) -> io::Result<ConfigNotice> {
+        let Some(channel) = self
+            .frontend_channel
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        else {
+            return Ok(ConfigNotice::NoChannel);
+        };
+        let (tx, rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("config-change".into())
+            .spawn(move || {
+                let _ = tx.send(channel.handle_config_change());
+            })?;
+        match rx.recv_timeout(wait) {
+            Ok(Ok(_)) => Ok(ConfigNotice::Delivered),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Ok(ConfigNotice::Unanswered),
+        }
+    }
+
+    /// Forgets the last frontend's channel (it disconnected).
+    pub fn detach(&self) {
+        *self
+            .frontend_channel
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     /// The id under which a worker's own event `n` is registered in its thread's event
@@ -130,6 +181,13 @@ impl<D: DeviceModel, W: QueueWorker> VhostUserBackend for Transport<D, W> {
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         self.device.get_config(offset, size)
+    }
+
+    fn set_backend_req_fd(&self, backend: Backend) {
+        *self
+            .frontend_channel
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(backend);
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {

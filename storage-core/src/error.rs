@@ -18,6 +18,10 @@ pub enum StorageErrorKind {
     Engine,
     /// An I/O operation failed.
     Io,
+    /// The node cannot do what was asked (resize a tier, say).
+    Unsupported,
+    /// The request itself is wrong (a size that is not whole sectors, a shrink).
+    InvalidArgument,
 }
 
 /// A storage error with context.

@@ -78,6 +78,8 @@ enum DiskCommand {
         #[arg(long)]
         poll_us: Option<u64>,
     },
+    /// Grow a disk (bytes, or with a unit: 20G); the guest sees the new size at once.
+    Resize { id: String, size: String },
     /// Remove a disk: refused while a frontend is connected, unless --force (admin), which
     /// disconnects it after draining and flushing.
     Remove {
@@ -173,6 +175,21 @@ fn run(cli: &Cli) -> Result<String, Failure> {
                     v["id"].as_str().unwrap_or("?"),
                     table::size(v["size"].as_u64().unwrap_or(0)),
                     v["socket"].as_str().unwrap_or("?")
+                )
+            })
+        }
+        Command::Disk(DiskCommand::Resize { id, size }) => {
+            let size = match size.parse::<u64>() {
+                Ok(n) => json!(n),
+                Err(_) => json!(size),
+            };
+            let path = format!("{}/resize", disk_path(id));
+            show(&api("POST", &path, Some(json!({ "size": size })))?, |v| {
+                format!(
+                    "disk {} is now {} (frontend told: {})\n",
+                    v["id"].as_str().unwrap_or("?"),
+                    table::size(v["size"].as_u64().unwrap_or(0)),
+                    v["frontend_notified"].as_str().unwrap_or("?")
                 )
             })
         }

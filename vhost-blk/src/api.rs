@@ -21,13 +21,17 @@ use storage_core::metrics::{Exposition, Kind};
 use crate::config::{Config, DiskText};
 use crate::daemon::{DiskSet, SetError};
 use crate::device::BlkDevice;
-use crate::disk_server::DiskServer;
+use crate::disk_server::{DiskServer, ResizeError};
+use daemon_support::transport::ConfigNotice;
+use storage_core::error::StorageErrorKind;
+use storage_core::units::ByteSize;
 
 pub const HEALTH: Operation = Operation::read("health");
 pub const METRICS: Operation = Operation::read("metrics");
 pub const DISK_LIST: Operation = Operation::read("disk.list");
 pub const DISK_GET: Operation = Operation::read("disk.get");
 pub const DISK_ADD: Operation = Operation::write("disk.add", Role::Operator);
+pub const DISK_RESIZE: Operation = Operation::write("disk.resize", Role::Operator);
 /// Removing a disk a frontend is using (`?force=true`) needs [`Role::Admin`] besides.
 pub const DISK_REMOVE: Operation = Operation::write("disk.remove", Role::Operator);
 
@@ -71,6 +75,11 @@ pub const ROUTES: &[Route] = &[
         path: "/v1/disks/{id}",
         op: DISK_REMOVE,
     },
+    Route {
+        method: "POST",
+        path: "/v1/disks/{id}/resize",
+        op: DISK_RESIZE,
+    },
 ];
 
 /// Binds the API socket and serves it.
@@ -103,6 +112,7 @@ fn router(gate: &Arc<Gate>, disks: Arc<DiskSet>) -> Router {
             "/v1/disks/{id}",
             g(DISK_GET, get(show)).merge(g(DISK_REMOVE, delete(remove))),
         )
+        .route("/v1/disks/{id}/resize", g(DISK_RESIZE, post(resize)))
         .with_state(disks);
     http::finish(r)
 }
@@ -181,6 +191,58 @@ async fn remove(
     Ok(Json(serde_json::json!({ "removed": removed })))
 }
 
+/// A size: bytes, or a string with a unit (`20G`).
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum SizeText {
+    Bytes(u64),
+    Text(String),
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResizeBody {
+    size: SizeText,
+}
+
+async fn resize(
+    State(disks): Disks,
+    UrlPath(id): UrlPath<String>,
+    JsonBody(body): JsonBody<ResizeBody>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let bytes = match body.size {
+        SizeText::Bytes(b) => b,
+        SizeText::Text(t) => {
+            t.parse::<ByteSize>()
+                .map_err(|e| ApiError::bad_request(format!("size {t:?}: {e}")))?
+                .0
+        }
+    };
+    let d = disks
+        .get(&id)
+        .ok_or_else(|| ApiError::not_found(format!("no disk {id:?}")))?;
+    let server = d.clone();
+    let notice = http::blocking(move || server.resize(bytes))
+        .await?
+        .map_err(|e| match &e {
+            ResizeError::Disk(se) => match se.kind() {
+                StorageErrorKind::InvalidArgument | StorageErrorKind::Unsupported => {
+                    ApiError::bad_request(format!("disk {id:?}: {e}"))
+                }
+                _ => ApiError::internal(format!("disk {id:?}: {e}")),
+            },
+            ResizeError::Notice(_) => ApiError::internal(format!("disk {id:?}: {e}")),
+        })?;
+    let mut v = disk_json(&d);
+    v["frontend_notified"] = match notice {
+        ConfigNotice::Delivered => "yes",
+        ConfigNotice::NoChannel => "no frontend channel",
+        ConfigNotice::Unanswered => "sent, not acknowledged yet",
+    }
+    .into();
+    Ok(Json(v))
+}
+
 fn set_error(e: SetError) -> ApiError {
     let status = match &e {
         SetError::Exists(_) | SetError::SocketTaken(..) | SetError::InUse(_) => {
@@ -244,7 +306,7 @@ fn summary(d: &DiskServer) -> serde_json::Value {
         "socket": d.config.text.socket,
         "path": info.path,
         "format": info.format,
-        "size": info.capacity,
+        "size": info.capacity.get(),
         "read_only": info.read_only,
         "frontend_connected": d.connected(),
     })
@@ -261,7 +323,7 @@ pub fn disk_json(d: &DiskServer) -> serde_json::Value {
         "config": d.config.text,
         "path": info.path,
         "format": info.format,
-        "size": info.capacity,
+        "size": info.capacity.get(),
         "read_only": info.read_only,
         "direct": info.direct,
         "engine": info.engine.name(),

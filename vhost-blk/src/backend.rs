@@ -48,6 +48,8 @@ impl DeviceModel for BlkDevice {
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            // A channel to the frontend, to say the disk grew (CONFIG_CHANGE_MSG).
+            | VhostUserProtocolFeatures::BACKEND_REQ
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {

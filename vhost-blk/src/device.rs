@@ -79,7 +79,7 @@ impl BlkDevice {
     /// Disk size in bytes.
     #[inline]
     pub fn capacity(&self) -> u64 {
-        self.disk.info().capacity
+        self.disk.info().capacity.get()
     }
 
     pub fn serial(&self) -> &[u8] {

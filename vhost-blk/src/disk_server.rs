@@ -23,6 +23,7 @@ use crate::config::DiskConfig;
 use crate::device::BlkDevice;
 use crate::worker::QueueWorker;
 use daemon_support::socket::{self, SocketFile};
+use daemon_support::transport::ConfigNotice;
 
 /// What a stop needs to reach the serving thread.
 struct Control {
@@ -34,9 +35,22 @@ struct Control {
 pub struct DiskServer {
     pub config: DiskConfig,
     pub device: Arc<BlkDevice>,
+    backend: Arc<BlkBackend>,
     control: Arc<Control>,
     thread: Mutex<Option<JoinHandle<Result<()>>>>,
+    resizing: Mutex<()>,
     _socket_file: SocketFile,
+}
+
+/// How long a resize waits for the frontend to acknowledge the change.
+const NOTICE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ResizeError {
+    #[error("{0}")]
+    Disk(storage_core::error::StorageError),
+    #[error("the disk grew, but telling the frontend failed: {0}")]
+    Notice(std::io::Error),
 }
 
 impl DiskServer {
@@ -77,7 +91,7 @@ impl DiskServer {
             "disk {id}: serving {} ({} format, {} bytes{}, {} engine) on {} with {} queue(s) of depth {}, polling {} us",
             info.path,
             info.format,
-            info.capacity,
+            info.capacity.get(),
             if info.read_only { ", read-only" } else { "" },
             info.engine.name(),
             config.text.socket.display(),
@@ -87,7 +101,7 @@ impl DiskServer {
         );
         let serving = Serving {
             device: device.clone(),
-            backend,
+            backend: backend.clone(),
             listener,
             control: control.clone(),
         };
@@ -98,8 +112,10 @@ impl DiskServer {
         Ok(DiskServer {
             config,
             device,
+            backend,
             control,
             thread: Mutex::new(Some(thread)),
+            resizing: Mutex::new(()),
             _socket_file: socket_file,
         })
     }
@@ -110,6 +126,17 @@ impl DiskServer {
 
     pub fn connected(&self) -> bool {
         self.device.connected.load(Ordering::SeqCst)
+    }
+
+    /// Grows the disk to `bytes`, then tells the frontend (which tells the guest). The
+    /// size is durable before anyone is told.
+    pub fn resize(&self, bytes: u64) -> Result<ConfigNotice, ResizeError> {
+        let _one_at_a_time = lock(&self.resizing);
+        self.device.disk.resize(bytes).map_err(ResizeError::Disk)?;
+        log::info!("disk {}: resized to {bytes} bytes", self.id());
+        self.backend
+            .notify_config_change(NOTICE_WAIT)
+            .map_err(ResizeError::Notice)
     }
 
     /// Tells the disk to stop: no new requests; the frontend is disconnected.
@@ -214,6 +241,7 @@ impl Serving {
         // Answer what is still in flight before the worker threads go away, then make the
         // data durable: a frontend that is gone can no longer ask for a flush.
         self.backend.drain_all();
+        self.backend.detach();
         drop(daemon);
         if let Err(e) = self.device.disk.flush() {
             log::error!("disk {id}: flush after disconnect failed: {e}");

@@ -267,6 +267,10 @@ impl Disk for AnyDisk {
         disk_dispatch!(self, d => d.close())
     }
 
+    fn resize(&self, bytes: u64) -> Result<(), StorageError> {
+        disk_dispatch!(self, d => d.resize(bytes))
+    }
+
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         disk_dispatch!(self, d => d.read_at(buf, offset))
     }

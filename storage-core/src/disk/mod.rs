@@ -26,9 +26,11 @@ pub use spec::{DiskSpec, NodeSpec, RbdSpec, SpecError, ThrottleSpec};
 
 use std::io;
 use std::os::unix::io::RawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use crate::engine::EngineKind;
-use crate::error::StorageError;
+use crate::error::{StorageError, StorageErrorKind};
 
 /// A request against a disk, in bytes. Reads and writes carry their buffers, which the
 /// queue owns until it hands them back with the request's completion.
@@ -124,11 +126,32 @@ impl DiskCompletion {
     }
 }
 
+/// A disk's size in bytes, shared by the disk, its queues and the nodes above that keep its
+/// size (a throttle): a resize is seen by all of them at once.
+#[derive(Debug, Clone, Default)]
+pub struct Size(Arc<AtomicU64>);
+
+impl Size {
+    pub fn new(bytes: u64) -> Self {
+        Size(Arc::new(AtomicU64::new(bytes)))
+    }
+
+    #[inline]
+    pub fn get(&self) -> u64 {
+        // Acquire: a request that sees the new size also sees the file grown to it.
+        self.0.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set(&self, bytes: u64) {
+        self.0.store(bytes, Ordering::Release);
+    }
+}
+
 /// What a disk is, as reported to users and protocols.
 #[derive(Debug, Clone)]
 pub struct DiskInfo {
-    /// Size in bytes.
-    pub capacity: u64,
+    /// Size in bytes, as it is now.
+    pub capacity: Size,
     pub read_only: bool,
     /// Opened with O_DIRECT.
     pub direct: bool,
@@ -170,6 +193,16 @@ pub trait Disk: Send + Sync {
     /// image's exclusive lock), after a last flush. Queues still open fail their requests
     /// afterwards; nothing else changes for nodes that hold nothing of the kind.
     fn close(&self) {}
+
+    /// Grows the disk to `bytes` (a multiple of 512), durably, then lets its queues address
+    /// the new space. Nodes whose size is not theirs to change say so.
+    fn resize(&self, bytes: u64) -> Result<(), StorageError> {
+        let _ = bytes;
+        Err(StorageError::new(
+            StorageErrorKind::Unsupported,
+            format!("a {} disk cannot be resized", self.info().format),
+        ))
+    }
 
     /// Reads `buf.len()` bytes at `offset`, blocking, outside the data path: a parent's
     /// background work (the tier's write-back). Nodes that cannot serve it say so.
@@ -279,6 +312,26 @@ pub(crate) fn device_size(file: &std::fs::File, meta: &std::fs::Metadata) -> io:
     } else {
         Err(io::Error::other("not a regular file or block device"))
     }
+}
+
+/// Checks that `bytes` is a size a disk of `current` bytes may grow to.
+pub(crate) fn check_growth(current: u64, bytes: u64) -> Result<(), StorageError> {
+    if !bytes.is_multiple_of(512) || bytes == 0 {
+        return Err(StorageError::new(
+            StorageErrorKind::InvalidArgument,
+            format!("{bytes} bytes is not a whole number of 512-byte sectors"),
+        ));
+    }
+    if bytes < current {
+        return Err(StorageError::new(
+            StorageErrorKind::InvalidArgument,
+            format!(
+                "{bytes} bytes is smaller than the disk ({current} bytes): shrinking would cut \
+                 off data the guest may use, and is not supported"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Checks a request's range against the disk's size, and gives it back if it fits.

@@ -20,7 +20,7 @@ impl NullDisk {
     pub fn new(size: u64, read_only: bool, read_zeroes: bool) -> Self {
         NullDisk {
             info: DiskInfo {
-                capacity: size,
+                capacity: super::Size::new(size),
                 read_only,
                 direct: false,
                 format: "null",
@@ -45,12 +45,18 @@ impl Disk for NullDisk {
     fn new_queue(&self, depth: u32) -> Result<NullQueue, StorageError> {
         Ok(NullQueue {
             done: VecDeque::with_capacity(depth.max(1) as usize),
-            capacity: self.info.capacity,
+            capacity: self.info.capacity.clone(),
             read_zeroes: self.read_zeroes,
         })
     }
 
     fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn resize(&self, bytes: u64) -> Result<(), StorageError> {
+        super::check_growth(self.info.capacity.get(), bytes)?;
+        self.info.capacity.set(bytes);
         Ok(())
     }
 
@@ -68,14 +74,14 @@ impl Disk for NullDisk {
 
 pub struct NullQueue {
     done: VecDeque<DiskCompletion>,
-    capacity: u64,
+    capacity: super::Size,
     read_zeroes: bool,
 }
 
 impl DiskQueue for NullQueue {
     #[inline]
     fn start(&mut self, op: DiskOp, tag: u64) -> Result<(), Rejected> {
-        let op = checked(op, self.capacity)?;
+        let op = checked(op, self.capacity.get())?;
         if self.done.len() == self.done.capacity() {
             return Err(Rejected::new(StartError::Busy, op));
         }

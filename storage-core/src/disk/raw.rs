@@ -73,7 +73,7 @@ impl RawDisk {
             faults: None,
             file: Arc::new(file),
             info: DiskInfo {
-                capacity,
+                capacity: super::Size::new(capacity),
                 read_only,
                 direct,
                 format: "raw",
@@ -115,7 +115,7 @@ impl RawDisk {
             engine,
             fid,
             file: self.file.clone(),
-            capacity: self.info.capacity,
+            capacity: self.info.capacity.clone(),
             slots: (0..depth.max(1)).map(|_| InFlight::default()).collect(),
             free: (0..depth.max(1)).rev().collect(),
             flush_error: self.flush_error.clone(),
@@ -159,6 +159,40 @@ impl Disk for RawDisk {
         if let (Some(f), Some(started)) = (&self.faults, started) {
             f.record_sync(crate::engine::faulty::Device::Capacity, started);
         }
+        Ok(())
+    }
+
+    fn resize(&self, bytes: u64) -> Result<(), StorageError> {
+        let path = &self.info.path;
+        if self.info.read_only {
+            return Err(StorageError::new(
+                StorageErrorKind::InvalidArgument,
+                "a read-only disk cannot be resized",
+            )
+            .with_path(path));
+        }
+        let meta = self.file.metadata().map_err(|e| {
+            StorageError::new(StorageErrorKind::Io, "cannot stat disk image")
+                .with_path(path)
+                .with_source(e)
+        })?;
+        if !meta.is_file() {
+            return Err(StorageError::new(
+                StorageErrorKind::Unsupported,
+                "a block device's size is the device's own: grow the device instead",
+            )
+            .with_path(path));
+        }
+        super::check_growth(self.info.capacity.get(), bytes)?;
+        // The file grows and its new size is durable before any request may use the
+        // space: a power cut after the guest is told leaves a file of the size it saw.
+        let grow = self.file.set_len(bytes).and_then(|()| self.file.sync_all());
+        grow.map_err(|e| {
+            StorageError::new(StorageErrorKind::Io, "cannot grow disk image")
+                .with_path(path)
+                .with_source(e)
+        })?;
+        self.info.capacity.set(bytes);
         Ok(())
     }
 
@@ -246,7 +280,7 @@ pub struct RawQueue {
     fid: FileId,
     /// Keeps the descriptor open while the engine uses it.
     file: Arc<File>,
-    capacity: u64,
+    capacity: super::Size,
     /// Operations in flight, by the engine's user data; `free` lists the unused entries.
     /// The buffers held here keep the memory the engine reads or writes alive until the
     /// completion is popped (and until the kernel is done with them when the queue is
@@ -304,7 +338,7 @@ impl Drop for RawQueue {
 impl DiskQueue for RawQueue {
     #[inline]
     fn start(&mut self, op: DiskOp, tag: u64) -> Result<(), Rejected> {
-        let op = checked(op, self.capacity)?;
+        let op = checked(op, self.capacity.get())?;
         let Some(&index) = self.free.last() else {
             return Err(Rejected::new(StartError::Busy, op));
         };

@@ -195,7 +195,7 @@ impl RbdDisk {
         Ok(RbdDisk {
             handles: std::sync::Arc::new(handles),
             info: DiskInfo {
-                capacity,
+                capacity: crate::disk::Size::new(capacity),
                 read_only,
                 direct: false,
                 format: "rbd",
@@ -232,7 +232,7 @@ impl Disk for RbdDisk {
     }
 
     fn new_queue(&self, depth: u32) -> Result<RbdQueue, StorageError> {
-        RbdQueue::new(self.handles.clone(), self.info.capacity, depth).map_err(|e| {
+        RbdQueue::new(self.handles.clone(), self.info.capacity.clone(), depth).map_err(|e| {
             StorageError::new(StorageErrorKind::Engine, "cannot create an rbd queue")
                 .with_path(&self.info.path)
                 .with_source(e)

@@ -38,7 +38,7 @@ struct Slot {
 /// One worker's queue on an RBD image.
 pub struct RbdQueue {
     handles: Arc<Handles>,
-    capacity: u64,
+    capacity: crate::disk::Size,
     inbox: Arc<Inbox>,
     /// Slots by index; `free` lists the unused ones. Boxed so their addresses, handed to
     /// librbd, never move.
@@ -102,7 +102,11 @@ extern "C" fn on_complete(c: ffi::rbd_completion_t, arg: *mut std::ffi::c_void) 
 }
 
 impl RbdQueue {
-    pub(super) fn new(handles: Arc<Handles>, capacity: u64, depth: u32) -> io::Result<RbdQueue> {
+    pub(super) fn new(
+        handles: Arc<Handles>,
+        capacity: crate::disk::Size,
+        depth: u32,
+    ) -> io::Result<RbdQueue> {
         // SAFETY: eventfd has no memory preconditions; the result is checked.
         let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
         if fd < 0 {
@@ -175,7 +179,7 @@ impl Drop for RbdQueue {
 
 impl DiskQueue for RbdQueue {
     fn start(&mut self, op: DiskOp, tag: u64) -> Result<(), Rejected> {
-        let op = checked(op, self.capacity)?;
+        let op = checked(op, self.capacity.get())?;
         let Some(i) = self.free.pop() else {
             return Err(Rejected::new(StartError::Busy, op));
         };

@@ -255,14 +255,21 @@ impl Disk for ThrottleDisk {
 
     fn new_queue(&self, depth: u32) -> Result<ThrottleQueue, StorageError> {
         let child = self.child.new_queue(depth)?;
-        ThrottleQueue::new(child, self.group.clone(), self.info.capacity, depth).map_err(|e| {
-            StorageError::new(StorageErrorKind::Engine, "cannot create throttle queue")
-                .with_source(e)
-        })
+        ThrottleQueue::new(child, self.group.clone(), self.info.capacity.clone(), depth).map_err(
+            |e| {
+                StorageError::new(StorageErrorKind::Engine, "cannot create throttle queue")
+                    .with_source(e)
+            },
+        )
     }
 
     fn flush(&self) -> io::Result<()> {
         self.child.flush()
+    }
+
+    /// The child grows; this node shares its size.
+    fn resize(&self, bytes: u64) -> Result<(), StorageError> {
+        self.child.resize(bytes)
     }
 
     fn close(&self) {

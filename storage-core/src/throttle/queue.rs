@@ -37,7 +37,7 @@ fn cost(op: &DiskOp) -> (bool, u64) {
 pub struct ThrottleQueue {
     child: AnyQueue,
     group: Arc<ThrottleGroup>,
-    capacity: u64,
+    capacity: crate::disk::Size,
     /// Held reads ([0]) and writes ([1]), each in arrival order.
     held: [VecDeque<Held>; 2],
     /// Completions of held requests the child refused (reported as I/O errors).
@@ -54,7 +54,7 @@ impl ThrottleQueue {
     pub(super) fn new(
         child: AnyQueue,
         group: Arc<ThrottleGroup>,
-        capacity: u64,
+        capacity: crate::disk::Size,
         depth: u32,
     ) -> io::Result<ThrottleQueue> {
         let timer = Arc::new(Timer::new()?);
@@ -155,7 +155,7 @@ impl DiskQueue for ThrottleQueue {
         if matches!(op, DiskOp::Flush) {
             return self.child.start(op, tag);
         }
-        let op = checked(op, self.capacity)?;
+        let op = checked(op, self.capacity.get())?;
         let (write, bytes) = cost(&op);
         let dir = usize::from(write);
         if self.held[dir].len() == self.held[dir].capacity() {

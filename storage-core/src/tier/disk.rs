@@ -50,7 +50,7 @@ impl TieredDisk {
         };
         let cap_info = capacity_node.info().clone();
         let path = Path::new(&cap_info.path);
-        let capacity = cap_info.capacity & !511;
+        let capacity = cap_info.capacity.get() & !511;
         if capacity == 0 {
             return Err(storage_err(
                 StorageErrorKind::InvalidImage,
@@ -211,7 +211,7 @@ impl TieredDisk {
             .map_err(|e| open_err(&spec.cache, "cannot start the tier's threads", e))?;
         Ok(TieredDisk {
             info: DiskInfo {
-                capacity,
+                capacity: crate::disk::Size::new(capacity),
                 read_only,
                 direct: cap_info.direct,
                 format: "tiered",
