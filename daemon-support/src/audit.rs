@@ -17,6 +17,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
 
+/// The operation of the line a daemon writes when it finds the log changed while no daemon
+/// held it.
+pub const MISMATCH: &str = "audit.mismatch";
+/// The operation of the line that records expired files.
+pub const EXPIRED: &str = "audit.expired";
+
 /// The `prev` of the first line ever written.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
@@ -120,22 +126,31 @@ fn stamp(t: SystemTime) -> String {
         .replace(['-', ':'], "")
 }
 
-fn parse_stamp(s: &str) -> Option<SystemTime> {
-    // 20261205T173500Z -> 2026-12-05T17:35:00Z
-    if s.len() < 16 {
+/// `20261205T173500Z` or `20261205T173500Z-N` (a second rotation in the same second):
+/// the time and N. Nothing else is a rotated file of ours.
+fn parse_stamp(s: &str) -> Option<(SystemTime, u32)> {
+    let (stamp, n) = match s.split_once('-') {
+        Some((stamp, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => {
+            (stamp, n.parse().ok()?)
+        }
+        Some(_) => return None,
+        None => (s, 0),
+    };
+    let b = stamp.as_bytes();
+    let digits = |r: std::ops::Range<usize>| b[r].iter().all(u8::is_ascii_digit);
+    if b.len() != 16 || !digits(0..8) || b[8] != b'T' || !digits(9..15) || b[15] != b'Z' {
         return None;
     }
-    let (d, t) = (&s[..8], &s[9..15]);
     let text = format!(
         "{}-{}-{}T{}:{}:{}Z",
-        &d[..4],
-        &d[4..6],
-        &d[6..8],
-        &t[..2],
-        &t[2..4],
-        &t[4..6]
+        &stamp[..4],
+        &stamp[4..6],
+        &stamp[6..8],
+        &stamp[9..11],
+        &stamp[11..13],
+        &stamp[13..15]
     );
-    humantime::parse_rfc3339(&text).ok()
+    Some((humantime::parse_rfc3339(&text).ok()?, n))
 }
 
 fn day_of(t: SystemTime) -> u64 {
@@ -161,12 +176,12 @@ fn rotated(path: &Path) -> Result<Vec<(PathBuf, SystemTime)>, AuditError> {
         let Some(rest) = name.strip_prefix(&prefix) else {
             continue;
         };
-        if let Some(t) = parse_stamp(rest) {
-            out.push((dir.join(&name), t));
+        if let Some((t, n)) = parse_stamp(rest) {
+            out.push((t, n, dir.join(&name)));
         }
     }
     out.sort();
-    Ok(out)
+    Ok(out.into_iter().map(|(t, _, p)| (p, t)).collect())
 }
 
 /// The open log.
@@ -202,10 +217,14 @@ impl AuditLog {
         let mut recorded = String::new();
         std::io::Read::read_to_string(&mut (&head), &mut recorded).map_err(io_err(&hp))?;
         let recorded = recorded.trim().to_owned();
+        // A line cut short (a crash, a full disk mid-write) is cut off, and said so below:
+        // the next line must not be glued onto it.
+        let cut = cut_partial_line(&file, &path)?;
         let (size, first, last) = scan(&path)?;
+        let earlier = rotated(&path)?;
         let prev = match &last {
             Some(l) => hash(l),
-            None => match rotated(&path)?.last() {
+            None => match earlier.last() {
                 Some((p, _)) => scan(p)?.2.map(|l| hash(&l)).unwrap_or(GENESIS.into()),
                 None => GENESIS.into(),
             },
@@ -218,30 +237,51 @@ impl AuditLog {
             size,
             prev,
         };
+        let mut problems = Vec::new();
+        if let Some(bytes) = cut {
+            problems.push(format!(
+                "a last line cut short ({bytes} bytes) was removed: the daemon stopped while \
+                 writing it"
+            ));
+        }
+        let empty = last.is_none() && earlier.is_empty();
         if recorded.is_empty() {
-            log.write_head()?;
+            if !empty {
+                problems.push("the head file is missing or empty".into());
+            }
         } else if recorded != log.prev {
             let previous_line = last.as_deref().and_then(line_prev);
-            if previous_line.as_deref() == Some(recorded.as_str()) {
-                // Stopped between writing a line and recording it.
-                log.write_head()?;
-            } else {
-                log::error!(
-                    "audit log {} does not end where its head says: it changed while no daemon held it",
-                    path.display()
-                );
-                log.append(&Entry {
-                    principal: "daemon".into(),
-                    role: None,
-                    operation: "audit.mismatch".into(),
-                    object: path.display().to_string(),
-                    params: serde_json::json!({ "head": recorded, "last_line": log.prev }),
-                    status: 0,
-                    result: "the log does not end where its head file says".into(),
-                })?;
+            // Stopped between writing a line and recording it: not a change.
+            if previous_line.as_deref() != Some(recorded.as_str()) {
+                problems.push(format!(
+                    "the log does not end where its head file says (head {recorded}, last line \
+                     {})",
+                    log.prev
+                ));
             }
         }
-        log.expire(SystemTime::now())?;
+        if problems.is_empty() {
+            log.write_head()?;
+        } else {
+            let result = problems.join("; ");
+            log::error!(
+                "audit log {}: {result}: it changed while no daemon held it",
+                path.display()
+            );
+            log.append(&Entry {
+                principal: "daemon".into(),
+                role: None,
+                operation: MISMATCH.into(),
+                object: path.display().to_string(),
+                params: serde_json::json!({ "head": recorded }),
+                status: 0,
+                result,
+            })?;
+        }
+        let now = SystemTime::now();
+        if let Some(anchor) = log.expire(now)? {
+            log.write_line(anchor, now)?;
+        }
         Ok(log)
     }
 
@@ -252,7 +292,29 @@ impl AuditLog {
 
     /// [`Self::append`] as if the time were `now` (tests of rotation and expiry).
     pub fn append_at(&mut self, entry: &Entry, now: SystemTime) -> Result<(), AuditError> {
-        let mut value = serde_json::to_value(entry).expect("an entry is plain JSON");
+        let value = serde_json::to_value(entry).expect("an entry is plain JSON");
+        let approx = value.to_string().len() as u64 + 160;
+        let today = day_of(now);
+        let mut anchor = None;
+        if self.size > 0
+            && (self.size + approx > self.config.max_bytes || self.day.is_some_and(|d| d != today))
+        {
+            anchor = self.rotate(now)?;
+        }
+        self.write_line(value, now)?;
+        if let Some(a) = anchor {
+            self.write_line(a, now)?;
+        }
+        Ok(())
+    }
+
+    /// Adds `time` and `prev` to `value`, writes it as a line, syncs it and records it in
+    /// the head file.
+    fn write_line(
+        &mut self,
+        mut value: serde_json::Value,
+        now: SystemTime,
+    ) -> Result<(), AuditError> {
         let obj = value.as_object_mut().expect("an entry is an object");
         obj.insert(
             "time".into(),
@@ -260,20 +322,20 @@ impl AuditLog {
         );
         obj.insert("prev".into(), self.prev.clone().into());
         let mut line = serde_json::to_vec(&value).expect("JSON values serialize");
-        let today = day_of(now);
-        if self.size > 0
-            && (self.size + line.len() as u64 + 1 > self.config.max_bytes
-                || self.day.is_some_and(|d| d != today))
-        {
-            self.rotate(now)?;
-        }
         let path = self.config.path.clone();
         let h = hash(&line);
         line.push(b'\n');
-        self.file.write_all(&line).map_err(io_err(&path))?;
-        self.file.sync_data().map_err(io_err(&path))?;
+        let written = self
+            .file
+            .write_all(&line)
+            .and_then(|()| self.file.sync_data());
+        if let Err(e) = written {
+            // Leave no partial line for the next one to be glued onto.
+            let _ = self.file.set_len(self.size);
+            return Err(io_err(&path)(e));
+        }
         if self.size == 0 {
-            self.day = Some(today);
+            self.day = Some(day_of(now));
         }
         self.size += line.len() as u64;
         self.prev = h;
@@ -290,7 +352,8 @@ impl AuditLog {
         self.head.sync_data().map_err(io_err(&hp))
     }
 
-    fn rotate(&mut self, now: SystemTime) -> Result<(), AuditError> {
+    /// Starts a new file; what [`Self::expire`] returns, for the caller to write.
+    fn rotate(&mut self, now: SystemTime) -> Result<Option<serde_json::Value>, AuditError> {
         let path = self.config.path.clone();
         let mut target = PathBuf::from(format!("{}.{}", path.display(), stamp(now)));
         let mut n = 1;
@@ -310,17 +373,49 @@ impl AuditLog {
         self.expire(now)
     }
 
-    /// Deletes rotated files past the retention time.
-    fn expire(&mut self, now: SystemTime) -> Result<(), AuditError> {
+    /// Deletes rotated files past the retention time. The line it returns (to be written
+    /// next) records the hash the oldest kept line follows, so that [`verify`] can tell
+    /// expired lines from removed ones.
+    fn expire(&mut self, now: SystemTime) -> Result<Option<serde_json::Value>, AuditError> {
         let keep = Duration::from_secs(u64::from(self.config.retention_days) * DAY);
+        let mut expired = Vec::new();
+        let mut last_hash = None;
         for (p, t) in rotated(&self.config.path)? {
             if now.duration_since(t).unwrap_or_default() > keep {
+                last_hash = scan(&p)?.2.map(|l| hash(&l)).or(last_hash);
                 std::fs::remove_file(&p).map_err(io_err(&p))?;
                 log::info!("audit log {} expired", p.display());
+                expired.push(p.display().to_string());
             }
         }
-        Ok(())
+        if expired.is_empty() {
+            return Ok(None);
+        }
+        let entry = Entry {
+            principal: "daemon".into(),
+            role: None,
+            operation: EXPIRED.into(),
+            object: self.config.path.display().to_string(),
+            params: serde_json::json!({ "files": expired, "last_hash": last_hash }),
+            status: 0,
+            result: format!("older than {} days: deleted", self.config.retention_days),
+        };
+        Ok(Some(
+            serde_json::to_value(&entry).expect("an entry is plain JSON"),
+        ))
     }
+}
+
+/// Cuts a last line without its newline off the file; how many bytes went.
+fn cut_partial_line(file: &File, path: &Path) -> Result<Option<u64>, AuditError> {
+    let bytes = std::fs::read(path).map_err(io_err(path))?;
+    if bytes.is_empty() || bytes.ends_with(b"\n") {
+        return Ok(None);
+    }
+    let keep = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    file.set_len(keep as u64).map_err(io_err(path))?;
+    file.sync_data().map_err(io_err(path))?;
+    Ok(Some((bytes.len() - keep) as u64))
 }
 
 /// The log file, the owner's alone.
@@ -388,7 +483,9 @@ pub struct Report {
 }
 
 /// Walks the log at `path` (rotated files, oldest first, then the current one) and checks
-/// every line's `prev` and the head file.
+/// every line's `prev`, the head file, and the lines where a daemon said it found the log
+/// changed. A first line that follows expired files is accepted only if an expiry line
+/// records the hash it follows.
 pub fn verify(path: &Path) -> Result<Report, AuditError> {
     let mut files: Vec<PathBuf> = rotated(path)?.into_iter().map(|(p, _)| p).collect();
     files.push(path.to_owned());
@@ -399,16 +496,23 @@ pub fn verify(path: &Path) -> Result<Report, AuditError> {
         starts_after_expired: false,
     };
     let mut expected: Option<String> = None;
-    for file in &files {
-        let bytes = std::fs::read(file).map_err(io_err(file))?;
+    let mut first: Option<(PathBuf, String)> = None;
+    let mut anchors = Vec::new();
+    let mut broke = None;
+    'files: for file in &files {
+        let bytes = match std::fs::read(file) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && file == path => Vec::new(),
+            Err(e) => return Err(io_err(file)(e)),
+        };
         if !bytes.is_empty() && !bytes.ends_with(b"\n") {
             let n = bytes.split(|b| *b == b'\n').count() as u64;
-            report.first_break = Some(Break {
+            broke = Some(Break {
                 file: file.clone(),
                 line: n,
                 reason: "the last line is cut short (no newline)".into(),
             });
-            return Ok(report);
+            break;
         }
         let Some(body) = bytes.strip_suffix(b"\n") else {
             continue; // empty
@@ -421,37 +525,89 @@ pub fn verify(path: &Path) -> Result<Report, AuditError> {
                 reason,
             };
             let Some(prev) = line_prev(line) else {
-                report.first_break = Some(at("not a JSON line with a \"prev\" hash".into()));
-                return Ok(report);
+                broke = Some(at("not a JSON line with a \"prev\" hash".into()));
+                break 'files;
             };
             match &expected {
-                None if prev != GENESIS => report.starts_after_expired = true,
+                None => first = Some((file.clone(), prev.clone())),
                 Some(e) if *e != prev => {
-                    report.first_break = Some(at(format!(
+                    broke = Some(at(format!(
                         "its prev {prev} is not the hash of the line before ({e}): a line \
                          before it was changed or removed"
                     )));
-                    return Ok(report);
+                    break 'files;
+                }
+                _ => {}
+            }
+            match line_field(line, "operation").as_deref() {
+                Some(MISMATCH) => {
+                    broke = Some(at(format!(
+                        "a daemon found the log changed while no daemon held it: {}",
+                        line_field(line, "result").unwrap_or_default()
+                    )));
+                    break 'files;
+                }
+                Some(EXPIRED) => {
+                    let v: serde_json::Value = serde_json::from_slice(line).unwrap_or_default();
+                    if let Some(h) = v["params"]["last_hash"].as_str() {
+                        anchors.push(h.to_owned());
+                    }
                 }
                 _ => {}
             }
             expected = Some(hash(line));
         }
     }
-    let hp = head_path(path);
-    let recorded = std::fs::read_to_string(&hp).map_err(io_err(&hp))?;
-    let recorded = recorded.trim();
-    let last = expected.unwrap_or_else(|| GENESIS.to_string());
-    if recorded != last {
-        report.first_break = Some(Break {
-            file: path.to_owned(),
-            line: report.lines,
-            reason: format!(
-                "the head file records {recorded} as the last line's hash, the log ends with \
-                 {last}: lines at the end were changed or removed"
-            ),
-        });
+    // The oldest line must follow nothing, or what an expiry recorded (known only once
+    // every line has been read).
+    if let (None, Some((file, prev))) = (&broke, &first) {
+        if prev != GENESIS {
+            if anchors.contains(prev) {
+                report.starts_after_expired = true;
+            } else {
+                broke = Some(Break {
+                    file: file.clone(),
+                    line: 1,
+                    reason: format!(
+                        "the oldest line follows {prev}, which no expiry recorded: lines \
+                         before it were removed"
+                    ),
+                });
+            }
+        }
     }
+    if broke.is_none() {
+        let hp = head_path(path);
+        let recorded = match std::fs::read_to_string(&hp) {
+            Ok(t) => t.trim().to_owned(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(io_err(&hp)(e)),
+        };
+        match &expected {
+            None if recorded.is_empty() => {}
+            Some(_) if recorded.is_empty() => {
+                broke = Some(Break {
+                    file: hp.clone(),
+                    line: 0,
+                    reason: "the head file is missing or empty".into(),
+                })
+            }
+            last => {
+                let last = last.clone().unwrap_or_else(|| GENESIS.to_string());
+                if recorded != last {
+                    broke = Some(Break {
+                        file: path.to_owned(),
+                        line: report.lines,
+                        reason: format!(
+                            "the head file records {recorded} as the last line's hash, the log \
+                             ends with {last}: lines at the end were changed or removed"
+                        ),
+                    });
+                }
+            }
+        }
+    }
+    report.first_break = broke;
     Ok(report)
 }
 
@@ -570,6 +726,71 @@ mod tests {
             text.lines().last().unwrap().contains("audit.mismatch"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn what_happens_to_a_stopped_log_is_found() {
+        // A line cut short, a deleted head, the oldest lines removed: each fails verify.
+        for what in ["cut", "head", "oldest"] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("audit.log");
+            {
+                let mut log = log_in(dir.path());
+                for i in 0..4 {
+                    log.append(&entry(&format!("op{i}"))).unwrap();
+                }
+            }
+            match what {
+                "cut" => {
+                    let len = std::fs::metadata(&path).unwrap().len();
+                    OpenOptions::new()
+                        .write(true)
+                        .open(&path)
+                        .unwrap()
+                        .set_len(len - 7)
+                        .unwrap();
+                }
+                "head" => std::fs::remove_file(dir.path().join("audit.log.head")).unwrap(),
+                _ => rewrite(&path, |l| {
+                    l.remove(0);
+                }),
+            }
+            if what != "oldest" {
+                // The daemon starts again: it says what it found, and goes on.
+                let mut log = log_in(dir.path());
+                log.append(&entry("after")).unwrap();
+                let text = std::fs::read_to_string(&path).unwrap();
+                assert!(text
+                    .lines()
+                    .all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()));
+                assert!(text.contains(MISMATCH), "{what}: {text}");
+            }
+            let b = verify(&path)
+                .unwrap()
+                .first_break
+                .unwrap_or_else(|| panic!("{what}: intact"));
+            let needle = match what {
+                "cut" => "cut short",
+                "head" => "head file is missing",
+                _ => "no expiry recorded",
+            };
+            assert!(b.reason.contains(needle), "{what}: {b:?}");
+        }
+    }
+
+    #[test]
+    fn only_our_rotated_names_are_part_of_the_log() {
+        assert!(parse_stamp("20261205T173500Z").is_some());
+        assert_eq!(parse_stamp("20261205T173500Z-12").unwrap().1, 12);
+        for bad in [
+            "20261205T173500Z.gz",
+            "20261205T173500Z-",
+            "2026120ÄT173500Z",
+            "x",
+            "20261205T1735000",
+        ] {
+            assert!(parse_stamp(bad).is_none(), "{bad}");
+        }
     }
 
     #[test]

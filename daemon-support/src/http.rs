@@ -168,11 +168,14 @@ impl Gate {
         })
     }
 
+    /// Writes `entry` (naming `caller` in full) on the blocking pool.
     fn record(
         self: &Arc<Gate>,
-        entry: Entry,
+        caller: &Principal,
+        mut entry: Entry,
     ) -> impl std::future::Future<Output = Result<(), String>> {
         let gate = self.clone();
+        let caller = caller.clone();
         async move {
             if gate.audit.is_none() {
                 return Ok(());
@@ -181,6 +184,7 @@ impl Gate {
                 let Some(log) = &gate.audit else {
                     return Ok(());
                 };
+                entry.principal = caller.name(gate.lookup_names);
                 let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
                 log.append(&entry).map_err(|e| e.to_string())
             })
@@ -209,6 +213,13 @@ pub fn guarded<S: Clone + Send + Sync + 'static>(
     ))
 }
 
+/// The query string as a JSON object, for the audit log (and its redaction).
+fn query_json(query: Option<&str>) -> serde_json::Value {
+    let pairs: Vec<(String, String)> =
+        serde_urlencoded::from_str(query.unwrap_or("")).unwrap_or_default();
+    serde_json::Value::Object(pairs.into_iter().map(|(k, v)| (k, v.into())).collect())
+}
+
 async fn check(
     State((gate, op)): State<(Arc<Gate>, Operation)>,
     mut req: Request,
@@ -219,29 +230,27 @@ async fn check(
     };
     let role = gate.access.role_of(&principal);
     let object = req.uri().path().to_owned();
-    let query = req.uri().query().map(str::to_owned);
+    let query = query_json(req.uri().query());
     let allowed = role.filter(|r| *r >= op.role);
+    // Callers are named by uid here: a user-name lookup (NSS) may be slow, and this is the
+    // server's only thread. The audit line gets the name, off this thread.
+    let uid = format!("uid={}", principal.uid);
     let Some(role) = allowed else {
         let message = match role {
-            None => format!("{} has no role here", principal.name(gate.lookup_names)),
-            Some(r) => format!(
-                "{} needs the {} role; {} has {r}",
-                op.name,
-                op.role,
-                principal.name(gate.lookup_names)
-            ),
+            None => format!("{uid} has no role here"),
+            Some(r) => format!("{} needs the {} role; {uid} has {r}", op.name, op.role),
         };
         log::warn!("api: denied {} {object}: {message}", op.name);
         let entry = Entry {
-            principal: principal.name(gate.lookup_names),
+            principal: uid,
             role,
             operation: op.name.into(),
             object,
-            params: serde_json::json!({ "query": query }),
+            params: audit::redact(serde_json::json!({ "query": query })),
             status: 403,
             result: format!("denied: {message}"),
         };
-        if let Err(e) = gate.record(entry).await {
+        if let Err(e) = gate.record(&principal, entry).await {
             log::error!("cannot write the audit log: {e}");
         }
         return json_error(StatusCode::FORBIDDEN, &message);
@@ -271,42 +280,54 @@ async fn check(
     let body_json: serde_json::Value =
         serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
     let params = audit::redact(serde_json::json!({ "query": query, "body": body_json }));
-    let response = next
-        .run(Request::from_parts(parts, Body::from(bytes)))
-        .await;
-    let (parts, body) = response.into_parts();
-    let bytes = axum::body::to_bytes(body, 1 << 20)
-        .await
-        .unwrap_or_default();
-    let status = parts.status;
-    let result = if status.is_success() {
-        "ok".to_string()
-    } else {
-        serde_json::from_slice::<serde_json::Value>(&bytes)
-            .ok()
-            .and_then(|v| v.get("error").and_then(|m| m.as_str()).map(str::to_owned))
-            .unwrap_or_else(|| status.to_string())
-    };
-    let entry = Entry {
-        principal: principal.name(gate.lookup_names),
-        role: Some(role),
-        operation: op.name.into(),
-        object,
-        params,
-        status: status.as_u16(),
-        result,
-    };
-    if let Err(e) = gate.record(entry).await {
-        log::error!("cannot write the audit log: {e}");
-        return json_error(
+    let req = Request::from_parts(parts, Body::from(bytes));
+    // The operation and its audit line run as a task of their own: a client that hangs up
+    // (or a connection past its time) drops this future, not the task, so what was done
+    // is always recorded.
+    let task_gate = gate.clone();
+    let task = tokio::spawn(async move {
+        let response = next.run(req).await;
+        let (parts, body) = response.into_parts();
+        let bytes = axum::body::to_bytes(body, 1 << 20)
+            .await
+            .unwrap_or_default();
+        let status = parts.status;
+        let result = if status.is_success() {
+            "ok".to_string()
+        } else {
+            serde_json::from_slice::<serde_json::Value>(&bytes)
+                .ok()
+                .and_then(|v| v.get("error").and_then(|m| m.as_str()).map(str::to_owned))
+                .unwrap_or_else(|| status.to_string())
+        };
+        let entry = Entry {
+            principal: uid,
+            role: Some(role),
+            operation: op.name.into(),
+            object,
+            params,
+            status: status.as_u16(),
+            result,
+        };
+        if let Err(e) = task_gate.record(&principal, entry).await {
+            log::error!("cannot write the audit log: {e}");
+            return json_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &format!(
+                    "{} was carried out, but its audit record could not be written: {e}",
+                    op.name
+                ),
+            );
+        }
+        Response::from_parts(parts, Body::from(bytes))
+    });
+    match task.await {
+        Ok(response) => response,
+        Err(e) => json_error(
             StatusCode::INTERNAL_SERVER_ERROR,
-            &format!(
-                "{} was carried out, but its audit record could not be written: {e}",
-                op.name
-            ),
-        );
+            &format!("{} failed: {e}", op.name),
+        ),
     }
-    Response::from_parts(parts, Body::from(bytes))
 }
 
 /// Adds the JSON 404 and 405 answers to a daemon's routes.
@@ -637,7 +658,7 @@ mod tests {
         let (dir, path) = server(limits(), owner());
         let answer = ask(
             &path,
-            b"POST /change?x=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 21\r\nConnection: close\r\n\r\n{\"password\":\"sesame\"}",
+            b"POST /change?x=1&token=opensesame HTTP/1.1\r\nHost: x\r\nContent-Length: 21\r\nConnection: close\r\n\r\n{\"password\":\"sesame\"}",
         );
         assert!(answer.starts_with("HTTP/1.1 200 "), "{answer:?}");
         // The route saw the body the gate had read.
@@ -647,10 +668,11 @@ mod tests {
         );
         let log = std::fs::read_to_string(dir.path().join("audit.log")).unwrap();
         assert!(
-            log.contains("\"operation\":\"change\"") && log.contains("x=1"),
+            log.contains("\"operation\":\"change\"") && log.contains("\"x\":\"1\""),
             "{log}"
         );
         assert!(!log.contains("sesame"), "{log}");
+        assert!(!log.contains("opensesame"), "{log}");
         let answer = ask(
             &path,
             b"GET /nothing HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",

@@ -88,11 +88,14 @@ pub fn bind(
     };
     let dir = std::fs::File::open(parent).map_err(err)?;
     let name = CString::new(path.file_name().unwrap_or_default().as_bytes()).unwrap_or_default();
+    let dir: OwnedFd = dir.into();
+    let identity = file_identity(&dir, &name).ok_or_else(|| err(io::Error::last_os_error()))?;
     Ok((
         listener,
         SocketFile {
-            dir: dir.into(),
+            dir,
             name,
+            identity,
         },
     ))
 }
@@ -195,14 +198,40 @@ pub fn wait_for_client(
     }
 }
 
-/// Removes the socket file when dropped.
+/// Removes the socket file when dropped, if it is still ours: another server may have
+/// bound a socket of the same name since (a disk removed and added again).
 pub struct SocketFile {
     dir: OwnedFd,
     name: CString,
+    /// (st_dev, st_ino) of the socket we bound.
+    identity: (u64, u64),
+}
+
+/// (st_dev, st_ino) of `name` in `dir`, not following a symlink.
+fn file_identity(dir: &OwnedFd, name: &CString) -> Option<(u64, u64)> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: `name` is NUL-terminated, `dir` an open directory, `st` a valid out-buffer.
+    let rc = unsafe {
+        libc::fstatat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            st.as_mut_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: fstatat succeeded, so `st` is initialised.
+    let st = unsafe { st.assume_init() };
+    Some((st.st_dev, st.st_ino))
 }
 
 impl Drop for SocketFile {
     fn drop(&mut self) {
+        if file_identity(&self.dir, &self.name) != Some(self.identity) {
+            return;
+        }
         // SAFETY: `name` is NUL-terminated and `dir` is an open directory descriptor.
         unsafe { libc::unlinkat(self.dir.as_raw_fd(), self.name.as_ptr(), 0) };
     }

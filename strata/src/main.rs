@@ -36,6 +36,9 @@ enum Command {
     /// The disks a vhost-blk daemon serves.
     #[command(subcommand)]
     Disk(DiskCommand),
+    /// Named throttle groups (QoS limits shared by several disks).
+    #[command(subcommand, name = "throttle-group")]
+    ThrottleGroup(GroupCommand),
     /// Whether the daemon is up, and what it serves.
     Health,
     /// The audit log.
@@ -78,6 +81,13 @@ enum DiskCommand {
         #[arg(long)]
         poll_us: Option<u64>,
     },
+    /// Set a disk's own QoS limits, QEMU's names: strata disk limits vm1 iops-total=5000
+    /// bps-read=104857600 (none: no limits). The disk must have been given limits when added.
+    Limits {
+        id: String,
+        #[arg(value_name = "KEY=VALUE")]
+        limits: Vec<String>,
+    },
     /// Grow a disk (bytes, or with a unit: 20G); the guest sees the new size at once.
     Resize { id: String, size: String },
     /// Remove a disk: refused while a frontend is connected, unless --force (admin), which
@@ -87,6 +97,33 @@ enum DiskCommand {
         #[arg(long)]
         force: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum GroupCommand {
+    /// The groups the disks use, with their limits and members.
+    List,
+    /// Set a group's limits (every member at once): KEY=VALUE with QEMU's names.
+    Limits {
+        name: String,
+        #[arg(value_name = "KEY=VALUE")]
+        limits: Vec<String>,
+    },
+}
+
+/// `iops-total=5000 ...` as the API's JSON object.
+fn limits_body(pairs: &[String]) -> Result<Value, Failure> {
+    let mut map = serde_json::Map::new();
+    for p in pairs {
+        let (k, v) = p
+            .split_once('=')
+            .ok_or_else(|| Failure(format!("{p:?}: expected KEY=VALUE")))?;
+        let v: u64 = v
+            .parse()
+            .map_err(|_| Failure(format!("{p:?}: the value is not a whole number")))?;
+        map.insert(k.to_owned(), v.into());
+    }
+    Ok(Value::Object(map))
 }
 
 #[derive(Debug, Subcommand)]
@@ -103,12 +140,13 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             use clap::error::ErrorKind::*;
-            if matches!(
-                e.kind(),
-                DisplayHelp | DisplayVersion | DisplayHelpOnMissingArgumentOrSubcommand
-            ) {
+            if matches!(e.kind(), DisplayHelp | DisplayVersion) {
                 print!("{e}");
                 return ExitCode::SUCCESS;
+            }
+            if e.kind() == DisplayHelpOnMissingArgumentOrSubcommand {
+                eprint!("{e}");
+                return ExitCode::from(2);
             }
             eprintln!("strata: {}", daemon_support::cli::one_line(&e));
             return ExitCode::from(2);
@@ -175,6 +213,29 @@ fn run(cli: &Cli) -> Result<String, Failure> {
                     v["id"].as_str().unwrap_or("?"),
                     table::size(v["size"].as_u64().unwrap_or(0)),
                     v["socket"].as_str().unwrap_or("?")
+                )
+            })
+        }
+        Command::Disk(DiskCommand::Limits { id, limits }) => {
+            let path = format!("{}/limits", disk_path(id));
+            show(&api("PUT", &path, Some(limits_body(limits)?))?, |v| {
+                format!(
+                    "disk {}: limits {}\n",
+                    v["id"].as_str().unwrap_or("?"),
+                    v["throttle"]["limits"]
+                )
+            })
+        }
+        Command::ThrottleGroup(GroupCommand::List) => {
+            show(&api("GET", "/v1/throttle-groups", None)?, table::groups)
+        }
+        Command::ThrottleGroup(GroupCommand::Limits { name, limits }) => {
+            let path = format!("/v1/throttle-groups/{}", encode(name));
+            show(&api("PUT", &path, Some(limits_body(limits)?))?, |v| {
+                format!(
+                    "throttle group {}: limits {}\n",
+                    v["name"].as_str().unwrap_or("?"),
+                    v["limits"]
                 )
             })
         }
@@ -255,8 +316,13 @@ fn run(cli: &Cli) -> Result<String, Failure> {
 
 /// `/v1/disks/ID`, the id percent-encoded where it needs to be.
 fn disk_path(id: &str) -> String {
-    let mut out = String::from("/v1/disks/");
-    for b in id.bytes() {
+    format!("/v1/disks/{}", encode(id))
+}
+
+/// A path segment, percent-encoded where it needs to be.
+fn encode(segment: &str) -> String {
+    let mut out = String::new();
+    for b in segment.bytes() {
         if b.is_ascii_alphanumeric() || b"._-".contains(&b) {
             out.push(b as char);
         } else {

@@ -117,6 +117,27 @@ pub fn disk(v: &Value) -> String {
     out
 }
 
+pub fn groups(v: &Value) -> String {
+    let empty = Vec::new();
+    let rows: Vec<Vec<String>> = v["groups"]
+        .as_array()
+        .unwrap_or(&empty)
+        .iter()
+        .map(|g| {
+            let limits: Vec<String> = g["limits"]
+                .as_object()
+                .map(|m| m.iter().map(|(k, v)| format!("{k}={v}")).collect())
+                .unwrap_or_default();
+            let disks: Vec<String> = g["disks"]
+                .as_array()
+                .map(|a| a.iter().map(text).collect())
+                .unwrap_or_default();
+            vec![text(&g["name"]), limits.join(","), disks.join(",")]
+        })
+        .collect();
+    render(&["GROUP", "LIMITS", "DISKS"], &rows)
+}
+
 pub fn health(v: &Value) -> String {
     format!(
         "status: {}\nversion: {}\nuptime: {} s\ndisks: {}\nfrontends connected: {}\nconfig persistent: {}\n",

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put, MethodRouter};
 use axum::{Extension, Json, Router};
 
 use daemon_support::access::Role;
@@ -18,7 +18,7 @@ use daemon_support::http::{self, ApiError, Caller, Gate, JsonBody, Limits, Opera
 use daemon_support::socket::{self, SocketFile};
 use storage_core::metrics::{Exposition, Kind};
 
-use crate::config::{Config, DiskText};
+use crate::config::{Config, DiskText, LimitsText};
 use crate::daemon::{DiskSet, SetError};
 use crate::device::BlkDevice;
 use crate::disk_server::{DiskServer, ResizeError};
@@ -32,6 +32,9 @@ pub const DISK_LIST: Operation = Operation::read("disk.list");
 pub const DISK_GET: Operation = Operation::read("disk.get");
 pub const DISK_ADD: Operation = Operation::write("disk.add", Role::Operator);
 pub const DISK_RESIZE: Operation = Operation::write("disk.resize", Role::Operator);
+pub const DISK_LIMITS: Operation = Operation::write("disk.limits", Role::Operator);
+pub const GROUP_LIST: Operation = Operation::read("throttle-group.list");
+pub const GROUP_LIMITS: Operation = Operation::write("throttle-group.limits", Role::Operator);
 /// Removing a disk a frontend is using (`?force=true`) needs [`Role::Admin`] besides.
 pub const DISK_REMOVE: Operation = Operation::write("disk.remove", Role::Operator);
 
@@ -80,6 +83,21 @@ pub const ROUTES: &[Route] = &[
         path: "/v1/disks/{id}/resize",
         op: DISK_RESIZE,
     },
+    Route {
+        method: "PUT",
+        path: "/v1/disks/{id}/limits",
+        op: DISK_LIMITS,
+    },
+    Route {
+        method: "GET",
+        path: "/v1/throttle-groups",
+        op: GROUP_LIST,
+    },
+    Route {
+        method: "PUT",
+        path: "/v1/throttle-groups/{name}",
+        op: GROUP_LIMITS,
+    },
 ];
 
 /// Binds the API socket and serves it.
@@ -99,22 +117,31 @@ pub fn start(path: &Path, config: &Config, disks: Arc<DiskSet>) -> anyhow::Resul
     Ok(file)
 }
 
+/// The router, made from [`ROUTES`] alone: a route is served only as it is listed (with
+/// its operation and role), which the OpenAPI and role tests check.
 fn router(gate: &Arc<Gate>, disks: Arc<DiskSet>) -> Router {
-    let g = |op, r| http::guarded(gate, op, r);
-    let r = Router::new()
-        .route("/v1/health", g(HEALTH, get(health)))
-        .route("/metrics", g(METRICS, get(metrics)))
-        .route(
-            "/v1/disks",
-            g(DISK_LIST, get(list)).merge(g(DISK_ADD, post(add))),
-        )
-        .route(
-            "/v1/disks/{id}",
-            g(DISK_GET, get(show)).merge(g(DISK_REMOVE, delete(remove))),
-        )
-        .route("/v1/disks/{id}/resize", g(DISK_RESIZE, post(resize)))
-        .with_state(disks);
-    http::finish(r)
+    let mut r = Router::new();
+    for route in ROUTES {
+        r = r.route(route.path, http::guarded(gate, route.op, handler(route)));
+    }
+    http::finish(r.with_state(disks))
+}
+
+/// The handler of a listed route.
+fn handler(route: &Route) -> MethodRouter<Arc<DiskSet>> {
+    match (route.method, route.op.name) {
+        ("GET", "health") => get(health),
+        ("GET", "metrics") => get(metrics),
+        ("GET", "disk.list") => get(list),
+        ("POST", "disk.add") => post(add),
+        ("GET", "disk.get") => get(show),
+        ("DELETE", "disk.remove") => delete(remove),
+        ("POST", "disk.resize") => post(resize),
+        ("PUT", "disk.limits") => put(disk_limits),
+        ("GET", "throttle-group.list") => get(groups),
+        ("PUT", "throttle-group.limits") => put(group_limits),
+        (m, op) => unreachable!("no handler for {m} {op}"),
+    }
 }
 
 type Disks = State<Arc<DiskSet>>;
@@ -152,11 +179,19 @@ async fn show(
 
 async fn add(
     State(disks): Disks,
+    Extension(caller): Extension<Caller>,
     JsonBody(text): JsonBody<DiskText>,
 ) -> Result<Response, ApiError> {
     let config = text
         .check()
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    crate::admission::check(
+        &config.spec,
+        &config.text.socket,
+        disks.operator_paths(),
+        caller.role >= Role::Admin,
+    )
+    .map_err(|m| ApiError::new(StatusCode::FORBIDDEN, m))?;
     let server = http::blocking(move || disks.add(config, true))
         .await?
         .map_err(set_error)?;
@@ -178,14 +213,10 @@ async fn remove(
     let d = disks
         .get(&id)
         .ok_or_else(|| ApiError::not_found(format!("no disk {id:?}")))?;
-    if q.force && d.connected() && caller.role < Role::Admin {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            format!("removing disk {id:?} while a frontend uses it needs the admin role"),
-        ));
-    }
+    drop(d);
     let removed = id.clone();
-    http::blocking(move || disks.remove(&id, q.force))
+    let admin = caller.role >= Role::Admin;
+    http::blocking(move || disks.remove(&id, q.force, admin))
         .await?
         .map_err(set_error)?;
     Ok(Json(serde_json::json!({ "removed": removed })))
@@ -235,12 +266,64 @@ async fn resize(
         })?;
     let mut v = disk_json(&d);
     v["frontend_notified"] = match notice {
-        ConfigNotice::Delivered => "yes",
-        ConfigNotice::NoChannel => "no frontend channel",
-        ConfigNotice::Unanswered => "sent, not acknowledged yet",
+        Some(ConfigNotice::Delivered) => "yes",
+        Some(ConfigNotice::NoChannel) => "no frontend channel",
+        Some(ConfigNotice::Unanswered) => "sent, not acknowledged yet",
+        None => "unchanged (the disk already had that size)",
     }
     .into();
     Ok(Json(v))
+}
+
+async fn disk_limits(
+    State(disks): Disks,
+    UrlPath(id): UrlPath<String>,
+    JsonBody(text): JsonBody<LimitsText>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let set = disks.clone();
+    let id2 = id.clone();
+    http::blocking(move || set.set_disk_limits(&id2, text))
+        .await?
+        .map_err(set_error)?;
+    let d = disks
+        .get(&id)
+        .ok_or_else(|| ApiError::not_found(format!("no disk {id:?}")))?;
+    Ok(Json(disk_json(&d)))
+}
+
+fn group_json(g: &storage_core::throttle::ThrottleGroup, members: &[String]) -> serde_json::Value {
+    serde_json::json!({
+        "name": g.name(),
+        "limits": g.limits().entries().into_iter().map(|(k, v)| (k, serde_json::Value::from(v))).collect::<serde_json::Map<_, _>>(),
+        "disks": members,
+    })
+}
+
+async fn groups(State(disks): Disks) -> Json<serde_json::Value> {
+    let all: Vec<_> = disks
+        .groups()
+        .iter()
+        .map(|(g, m)| group_json(g, m))
+        .collect();
+    Json(serde_json::json!({ "groups": all }))
+}
+
+async fn group_limits(
+    State(disks): Disks,
+    UrlPath(name): UrlPath<String>,
+    JsonBody(text): JsonBody<LimitsText>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let set = disks.clone();
+    let n = name.clone();
+    http::blocking(move || set.set_group_limits(&n, text))
+        .await?
+        .map_err(set_error)?;
+    let groups = disks.groups();
+    let (g, m) = groups
+        .iter()
+        .find(|(g, _)| g.name() == name)
+        .ok_or_else(|| ApiError::not_found(format!("no throttle group {name:?}")))?;
+    Ok(Json(group_json(g, m)))
 }
 
 fn set_error(e: SetError) -> ApiError {
@@ -249,9 +332,28 @@ fn set_error(e: SetError) -> ApiError {
             StatusCode::CONFLICT
         }
         SetError::NotFound(_) => StatusCode::NOT_FOUND,
-        SetError::Open(_) => StatusCode::BAD_REQUEST,
+        // The user's input (a spec, a missing file, a socket in use) or the host's (EIO)?
+        SetError::Open(e) => {
+            let storage = e
+                .chain()
+                .find_map(|c| c.downcast_ref::<storage_core::error::StorageError>());
+            let socket = e
+                .chain()
+                .find_map(|c| c.downcast_ref::<daemon_support::socket::SocketError>());
+            match (storage.map(|s| s.kind()), socket) {
+                (_, Some(daemon_support::socket::SocketError::InUse(_))) => StatusCode::CONFLICT,
+                (Some(StorageErrorKind::Io | StorageErrorKind::Engine), _) => {
+                    StatusCode::INTERNAL_SERVER_ERROR
+                }
+                _ => StatusCode::BAD_REQUEST,
+            }
+        }
         SetError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         SetError::Persist { .. } | SetError::Stop { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        SetError::BadLimits(_) => StatusCode::BAD_REQUEST,
+        SetError::Forbidden(_) => StatusCode::FORBIDDEN,
+        SetError::NoThrottle(_) | SetError::GroupLimits(..) => StatusCode::CONFLICT,
+        SetError::NoGroup(_) => StatusCode::NOT_FOUND,
     };
     ApiError::new(status, e.to_string())
 }
@@ -320,7 +422,7 @@ pub fn disk_json(d: &DiskServer) -> serde_json::Value {
     serde_json::json!({
         "id": d.id(),
         "socket": d.config.text.socket,
-        "config": d.config.text,
+        "config": d.text(),
         "path": info.path,
         "format": info.format,
         "size": info.capacity.get(),

@@ -9,7 +9,8 @@ use clap::Parser;
 use daemon_support::access::AccessTable;
 use daemon_support::audit::AuditConfig;
 use storage_core::disk::graph::GraphSpec;
-use storage_core::disk::{DiskSpec, SpecError};
+use storage_core::disk::{DiskSpec, NodeSpec, SpecError, ThrottleSpec};
+use storage_core::throttle::{LimitError, ThrottleLimits};
 
 use crate::config_file;
 
@@ -88,6 +89,22 @@ pub struct DiskText {
     pub queue_depth: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub poll_us: Option<u64>,
+    /// QoS limits with QEMU's names (`iops-total`, `bps-read`, `iops-total-max`, ...): the
+    /// disk gets a throttle node of its own at its root, whose limits the API can change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<LimitsText>,
+}
+
+/// Throttle limits as the config file and the API spell them: QEMU's key, a number.
+pub type LimitsText = std::collections::BTreeMap<String, u64>;
+
+/// Checked limits from their text.
+pub fn parse_limits(text: &LimitsText) -> Result<ThrottleLimits, LimitError> {
+    let mut limits = ThrottleLimits::default();
+    for (k, v) in text {
+        limits.set(k, &v.to_string())?;
+    }
+    limits.check()
 }
 
 /// One disk, checked.
@@ -120,6 +137,12 @@ pub struct Config {
     pub audit: Option<AuditConfig>,
     /// Where disks added or removed at run time are written back.
     pub config_file: Option<PathBuf>,
+    /// Named throttle groups' limits set through the API (they win over the disks' own).
+    pub group_limits: Vec<(String, ThrottleLimits)>,
+    /// Where an operator's disks may have their files and sockets.
+    pub operator_paths: crate::admission::OperatorPaths,
+    /// The access table came from `[[access]]` rules (not the default).
+    pub access_rules_given: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -144,6 +167,8 @@ pub enum ConfigError {
         #[source]
         source: SpecError,
     },
+    #[error("disk {id:?}: limits: {message}")]
+    Limits { id: String, message: String },
     #[error("disk id {0:?}: use 1 to 64 letters, digits, '.', '_' or '-'")]
     Id(String),
     #[error("disk {0:?}: queues must be between 1 and 64 (not {1})")]
@@ -197,12 +222,42 @@ impl DiskText {
                     source,
                 })?;
         }
-        let spec = graph
+        let mut spec = graph
             .resolve(&self.disk)
             .map_err(|source| ConfigError::Disk {
                 id: id.clone(),
                 source,
             })?;
+        if let Some(text) = &self.limits {
+            let limits = parse_limits(text).map_err(|e| ConfigError::Limits {
+                id: id.clone(),
+                message: e.to_string(),
+            })?;
+            spec.root = match spec.root {
+                NodeSpec::Throttle {
+                    child,
+                    limits: ThrottleSpec::Private(_),
+                } => NodeSpec::Throttle {
+                    child,
+                    limits: ThrottleSpec::Private(limits),
+                },
+                NodeSpec::Throttle {
+                    limits: ThrottleSpec::Group { name, .. },
+                    ..
+                } => {
+                    return Err(ConfigError::Limits {
+                        id,
+                        message: format!(
+                            "its throttle node uses group {name:?}: set the group's limits"
+                        ),
+                    })
+                }
+                root => NodeSpec::Throttle {
+                    child: Box::new(root),
+                    limits: ThrottleSpec::Private(limits),
+                },
+            };
+        }
         let queues = self.queues.unwrap_or(1);
         if !(1..=64).contains(&queues) {
             return Err(ConfigError::Queues(id, queues));
@@ -287,6 +342,7 @@ impl TryFrom<Cli> for Config {
                     queue_size: None,
                     queue_depth: None,
                     poll_us: None,
+                    limits: None,
                 };
                 Config {
                     disks: vec![text.check()?],
@@ -295,6 +351,9 @@ impl TryFrom<Cli> for Config {
                     access: AccessTable::owner_and_group(None),
                     audit: None,
                     config_file: None,
+                    group_limits: Vec::new(),
+                    operator_paths: Default::default(),
+                    access_rules_given: false,
                 }
             }
         };
@@ -320,12 +379,18 @@ impl TryFrom<Cli> for Config {
         }
         if let Some(g) = cli.socket_group.as_deref() {
             config.socket_group = Some(daemon_support::socket::group_id(g)?);
-            if cli.config.is_none() {
+            if !config.access_rules_given {
                 config.access = AccessTable::owner_and_group(config.socket_group);
             }
         }
         if let Some(path) = cli.audit_log {
-            config.audit = Some(AuditConfig::new(path));
+            // The file's retention and size keys stay.
+            let mut audit = config
+                .audit
+                .take()
+                .unwrap_or_else(|| AuditConfig::new(path.clone()));
+            audit.path = path;
+            config.audit = Some(audit);
         }
         Ok(config)
     }

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use daemon_support::access::{AccessTable, RuleText};
 use daemon_support::audit::AuditConfig;
 
-use crate::config::{check_distinct, Config, ConfigError, DiskText};
+use crate::config::{check_distinct, parse_limits, Config, ConfigError, DiskText, LimitsText};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
@@ -49,6 +49,13 @@ struct FileText {
     audit_max_bytes: Option<u64>,
     #[serde(default)]
     access: Vec<RuleText>,
+    #[serde(default)]
+    operator_image_dirs: Vec<PathBuf>,
+    #[serde(default)]
+    operator_socket_dirs: Vec<PathBuf>,
+    /// Limits of named throttle groups set through the API, over what the disks declare.
+    #[serde(default)]
+    throttle_groups: std::collections::BTreeMap<String, LimitsText>,
     #[serde(default)]
     disk: Vec<DiskText>,
 }
@@ -104,7 +111,36 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         }
         a
     });
+    let group_limits = file
+        .throttle_groups
+        .iter()
+        .map(|(name, text)| {
+            parse_limits(text)
+                .map(|l| (name.clone(), l))
+                .map_err(|e| FileError::Invalid {
+                    path: path.to_owned(),
+                    message: format!("throttle-groups.{name}: {e}"),
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let canonical = |key: &str, dirs: &[PathBuf]| {
+        dirs.iter()
+            .map(|d| {
+                std::fs::canonicalize(d).map_err(|e| FileError::Invalid {
+                    path: path.to_owned(),
+                    message: format!("{key}: {}: {e}", d.display()),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let operator_paths = crate::admission::OperatorPaths {
+        image_dirs: canonical("operator-image-dirs", &file.operator_image_dirs)?,
+        socket_dirs: canonical("operator-socket-dirs", &file.operator_socket_dirs)?,
+    };
     Ok(Config {
+        access_rules_given: !file.access.is_empty(),
+        operator_paths,
+        group_limits,
         disks,
         api_socket: file.api_socket,
         socket_group,
@@ -114,15 +150,21 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     })
 }
 
-/// Writes disk changes back to the file.
+/// Writes disk changes back to the file, one change at a time.
 #[derive(Debug)]
 pub struct ConfigWriter {
     path: PathBuf,
+    /// Held across read, change and rename: two changes at once would each write back
+    /// the file without the other's.
+    writing: std::sync::Mutex<()>,
 }
 
 impl ConfigWriter {
     pub fn new(path: PathBuf) -> Self {
-        ConfigWriter { path }
+        ConfigWriter {
+            path,
+            writing: std::sync::Mutex::new(()),
+        }
     }
 
     /// Appends a `[[disk]]` table.
@@ -139,6 +181,48 @@ impl ConfigWriter {
                 return Err("`disk` is not an array of tables".into());
             };
             array.push(table);
+            Ok(())
+        })
+    }
+
+    /// Sets (or, with `None`, removes) a disk's `limits`.
+    pub fn set_disk_limits(&self, id: &str, limits: Option<&LimitsText>) -> Result<(), FileError> {
+        let value = limits.map(limits_table).transpose()?;
+        self.edit(|doc| {
+            let Some(table) = doc
+                .get_mut("disk")
+                .and_then(|d| d.as_array_of_tables_mut())
+                .and_then(|a| {
+                    a.iter_mut()
+                        .find(|t| t.get("id").and_then(|v| v.as_str()) == Some(id))
+                })
+            else {
+                return Err(format!("no disk {id:?} in the file"));
+            };
+            match value {
+                Some(v) => table.insert("limits", toml_edit::Item::Value(v.into())),
+                None => table.remove("limits"),
+            };
+            Ok(())
+        })
+    }
+
+    /// Sets a throttle group's limits under `[throttle-groups]`.
+    pub fn set_group_limits(&self, name: &str, limits: &LimitsText) -> Result<(), FileError> {
+        let value = limits_table(limits)?;
+        self.edit(|doc| {
+            let groups = doc
+                .entry("throttle-groups")
+                .or_insert(toml_edit::Item::Table(toml_edit::Table::new()));
+            let Some(groups) = groups.as_table_mut() else {
+                return Err("`throttle-groups` is not a table".into());
+            };
+            groups.set_implicit(true);
+            let mut table = toml_edit::Table::new();
+            for (k, v) in value.iter() {
+                table.insert(k, toml_edit::Item::Value(v.clone()));
+            }
+            groups.insert(name, toml_edit::Item::Table(table));
             Ok(())
         })
     }
@@ -162,6 +246,7 @@ impl ConfigWriter {
         &self,
         change: impl FnOnce(&mut toml_edit::DocumentMut) -> Result<(), String>,
     ) -> Result<(), FileError> {
+        let _one_at_a_time = self.writing.lock().unwrap_or_else(|p| p.into_inner());
         let path = &self.path;
         let io = |source| FileError::Io {
             path: path.clone(),
@@ -183,17 +268,23 @@ impl ConfigWriter {
             .filter(|d| !d.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
         let name = path.file_name().unwrap_or_default().to_string_lossy();
-        let tmp = dir.join(format!(".{name}.tmp"));
-        let mode = std::fs::metadata(path).map_err(io)?.permissions().mode() & 0o777;
+        let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+        let meta = std::fs::metadata(path).map_err(io)?;
+        let mode = meta.permissions().mode() & 0o777;
+        // A leftover of a daemon that died mid-write goes; then the name must be new to us
+        // (create_new: never through a link someone planted).
+        let _ = std::fs::remove_file(&tmp);
         let mut f = std::fs::OpenOptions::new()
-            .create(true)
+            .create_new(true)
             .write(true)
-            .truncate(true)
             .mode(mode)
             .open(&tmp)
             .map_err(io)?;
         f.set_permissions(std::fs::Permissions::from_mode(mode))
             .map_err(io)?;
+        // The file keeps its owner (a root daemon editing an admin's file).
+        use std::os::unix::fs::MetadataExt;
+        std::os::unix::fs::fchown(&f, Some(meta.uid()), Some(meta.gid())).map_err(io)?;
         f.write_all(doc.to_string().as_bytes()).map_err(io)?;
         f.sync_all().map_err(io)?;
         std::fs::rename(&tmp, path).map_err(io)?;
@@ -201,6 +292,18 @@ impl ConfigWriter {
             .and_then(|d| d.sync_all())
             .map_err(io)
     }
+}
+
+fn limits_table(limits: &LimitsText) -> Result<toml_edit::InlineTable, FileError> {
+    let mut t = toml_edit::InlineTable::new();
+    for (k, v) in limits {
+        let v = i64::try_from(*v).map_err(|_| FileError::Invalid {
+            path: PathBuf::new(),
+            message: format!("limit {k} = {v} is too large"),
+        })?;
+        t.insert(k, v.into());
+    }
+    Ok(t)
 }
 
 #[cfg(test)]
@@ -213,8 +316,20 @@ mod tests {
     fn the_example_config_loads() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
-        // The example's paths are a host's; keep its disks on null devices here.
-        std::fs::write(&path, EXAMPLE).unwrap();
+        // The example's paths are a host's: its disks are null devices, and its operator
+        // directories (which must exist) are made here.
+        let d = dir.path().display();
+        let text = EXAMPLE
+            .replace(
+                r#"operator-image-dirs = ["/var/lib/strata/images"]"#,
+                &format!(r#"operator-image-dirs = ["{d}"]"#),
+            )
+            .replace(
+                r#"operator-socket-dirs = ["/run/strata"]"#,
+                &format!(r#"operator-socket-dirs = ["{d}"]"#),
+            );
+        assert_ne!(text, EXAMPLE);
+        std::fs::write(&path, text).unwrap();
         let c = load(&path).unwrap_or_else(|e| panic!("{e}"));
         assert!(c.disks.len() >= 2);
         assert!(c.api_socket.is_some());
@@ -259,6 +374,7 @@ mod tests {
             queue_size: None,
             queue_depth: None,
             poll_us: None,
+            limits: None,
         };
         w.add_disk(&b).unwrap();
         let c = load(&path).unwrap();

@@ -4,20 +4,22 @@
 //! daemon exits.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::{Config, DiskConfig};
+use crate::config::{parse_limits, Config, DiskConfig, LimitsText};
 use crate::config_file::ConfigWriter;
 use crate::disk_server::DiskServer;
 use daemon_support::signals::{
     block_termination_signals, ignore_file_size_signal, spawn_signal_thread,
 };
 use daemon_support::socket::SocketFile;
+use storage_core::throttle::ThrottleGroup;
 
 /// Why a disk could not be added or removed.
 #[derive(Debug, thiserror::Error)]
@@ -42,26 +44,61 @@ pub enum SetError {
     },
     #[error("disk {id:?} was removed, but stopping it failed: {source:#}")]
     Stop { id: String, source: anyhow::Error },
+    #[error("{0}")]
+    BadLimits(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("disk {0:?} has no throttle node: give it limits when it is added (`limits`, even all zero) to change them at run time")]
+    NoThrottle(String),
+    #[error("disk {0:?}'s limits are throttle group {1:?}'s: set the group's limits")]
+    GroupLimits(String, String),
+    #[error("no disk uses a throttle group {0:?}")]
+    NoGroup(String),
 }
 
 /// The disks a daemon serves.
 pub struct DiskSet {
-    disks: Mutex<BTreeMap<String, Arc<DiskServer>>>,
+    state: Mutex<SetState>,
+    /// Signalled when an add or a removal finishes.
+    settled: Condvar,
     socket_group: Option<u32>,
     writer: Option<ConfigWriter>,
+    operator_paths: crate::admission::OperatorPaths,
     stopping: AtomicBool,
     pub started: Instant,
 }
 
+#[derive(Default)]
+struct SetState {
+    disks: BTreeMap<String, Arc<DiskServer>>,
+    /// Ids and sockets of disks being added or removed: taken, though not served. The lock
+    /// is not held while a disk opens or drains, which may take long (or forever: a stuck
+    /// NFS mount), so the API keeps answering.
+    busy: Vec<(String, PathBuf)>,
+}
+
+impl SetState {
+    fn release(&mut self, id: &str) {
+        self.busy.retain(|(i, _)| i != id);
+    }
+}
+
 impl DiskSet {
-    fn new(socket_group: Option<u32>, writer: Option<ConfigWriter>) -> Self {
+    fn new(config: &Config) -> Self {
         DiskSet {
-            disks: Mutex::new(BTreeMap::new()),
-            socket_group,
-            writer,
+            state: Mutex::new(SetState::default()),
+            settled: Condvar::new(),
+            socket_group: config.socket_group,
+            writer: config.config_file.clone().map(ConfigWriter::new),
+            operator_paths: config.operator_paths.clone(),
             stopping: AtomicBool::new(false),
             started: Instant::now(),
         }
+    }
+
+    /// Where an operator's disks may have their files and sockets.
+    pub fn operator_paths(&self) -> &crate::admission::OperatorPaths {
+        &self.operator_paths
     }
 
     /// Whether disks added or removed at run time outlive the process.
@@ -70,84 +107,202 @@ impl DiskSet {
     }
 
     pub fn list(&self) -> Vec<Arc<DiskServer>> {
-        lock(&self.disks).values().cloned().collect()
+        lock(&self.state).disks.values().cloned().collect()
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<DiskServer>> {
-        lock(&self.disks).get(id).cloned()
+        lock(&self.state).disks.get(id).cloned()
     }
 
     /// Starts serving a disk; `persist` writes it to the config file.
     pub fn add(&self, config: DiskConfig, persist: bool) -> Result<Arc<DiskServer>, SetError> {
-        // Held while the disk opens: two adds of one id or socket cannot both pass.
-        let mut disks = lock(&self.disks);
-        if self.stopping.load(Ordering::SeqCst) {
-            return Err(SetError::ShuttingDown);
-        }
         let id = config.id().to_owned();
-        if disks.contains_key(&id) {
-            return Err(SetError::Exists(id));
-        }
-        if let Some(other) = disks
-            .values()
-            .find(|d| d.config.text.socket == config.text.socket)
+        let socket = config.text.socket.clone();
         {
-            return Err(SetError::SocketTaken(
-                config.text.socket.display().to_string(),
-                other.id().to_owned(),
-            ));
+            let mut st = lock(&self.state);
+            if self.stopping.load(Ordering::SeqCst) {
+                return Err(SetError::ShuttingDown);
+            }
+            if st.disks.contains_key(&id) || st.busy.iter().any(|(i, _)| *i == id) {
+                return Err(SetError::Exists(id));
+            }
+            let taken_by = st
+                .disks
+                .values()
+                .find(|d| d.config.text.socket == socket)
+                .map(|d| d.id().to_owned())
+                .or_else(|| {
+                    st.busy
+                        .iter()
+                        .find(|(_, s)| *s == socket)
+                        .map(|(i, _)| i.clone())
+                });
+            if let Some(other) = taken_by {
+                return Err(SetError::SocketTaken(socket.display().to_string(), other));
+            }
+            st.busy.push((id.clone(), socket));
         }
+        let result = self.start_and_keep(config, persist);
+        let mut st = lock(&self.state);
+        st.release(&id);
+        if let Ok(server) = &result {
+            st.disks.insert(id, server.clone());
+        }
+        self.settled.notify_all();
+        result
+    }
+
+    fn start_and_keep(
+        &self,
+        config: DiskConfig,
+        persist: bool,
+    ) -> Result<Arc<DiskServer>, SetError> {
+        let id = config.id().to_owned();
         let text = config.text.clone();
         let server =
             Arc::new(DiskServer::start(config, self.socket_group).map_err(SetError::Open)?);
-        if persist {
-            if let Some(w) = &self.writer {
-                if let Err(source) = w.add_disk(&text) {
-                    server.stop();
-                    let _ = server.join();
-                    return Err(SetError::Persist {
-                        what: format!("disk {id:?} could not be kept"),
-                        source,
-                    });
-                }
+        if let (true, Some(w)) = (persist, &self.writer) {
+            if let Err(source) = w.add_disk(&text) {
+                server.stop();
+                let _ = server.join();
+                return Err(SetError::Persist {
+                    what: format!("disk {id:?} could not be kept"),
+                    source,
+                });
             }
         }
-        disks.insert(id, server.clone());
         Ok(server)
     }
 
     /// Stops serving a disk (drain, flush, close) and forgets it. A disk with a frontend
-    /// connected is removed only with `force`.
-    pub fn remove(&self, id: &str, force: bool) -> Result<(), SetError> {
+    /// connected is removed only with `force`, and only by a caller who `may_disconnect`
+    /// (decided here, under the lock, so that a frontend connecting meanwhile counts).
+    pub fn remove(&self, id: &str, force: bool, may_disconnect: bool) -> Result<(), SetError> {
         let server = {
-            let mut disks = lock(&self.disks);
-            let Some(server) = disks.get(id) else {
+            let mut st = lock(&self.state);
+            let Some(server) = st.disks.get(id).cloned() else {
                 return Err(SetError::NotFound(id.to_owned()));
             };
-            if server.connected() && !force {
-                return Err(SetError::InUse(id.to_owned()));
+            if server.connected() {
+                if !force {
+                    return Err(SetError::InUse(id.to_owned()));
+                }
+                if !may_disconnect {
+                    return Err(SetError::Forbidden(format!(
+                        "removing disk {id:?} while a frontend uses it needs the admin role"
+                    )));
+                }
             }
-            let server = server.clone();
-            disks.remove(id);
+            st.disks.remove(id);
+            // Taken until the file says it is gone: an add of the same id meanwhile would
+            // be removed from the file with it.
+            st.busy
+                .push((id.to_owned(), server.config.text.socket.clone()));
             server
         };
         server.stop();
         let stopped = server.join();
-        if let Some(w) = &self.writer {
-            w.remove_disk(id).map_err(|source| SetError::Persist {
+        let kept = match &self.writer {
+            Some(w) => w.remove_disk(id).map_err(|source| SetError::Persist {
                 what: format!("disk {id:?} was removed"),
                 source,
-            })?;
+            }),
+            None => Ok(()),
+        };
+        // The socket file goes with the last reference, before the socket is free again.
+        drop(server);
+        {
+            let mut st = lock(&self.state);
+            st.release(id);
+            self.settled.notify_all();
         }
+        kept?;
         stopped.map_err(|source| SetError::Stop {
             id: id.to_owned(),
             source,
         })
     }
 
-    /// Stops every disk at once and waits for all; the first failure is returned.
+    /// Changes a disk's own limits (its private throttle node's) and keeps them.
+    pub fn set_disk_limits(&self, id: &str, text: LimitsText) -> Result<(), SetError> {
+        let limits = parse_limits(&text).map_err(|e| SetError::BadLimits(e.to_string()))?;
+        // Held so that two changes are written in the order they were made.
+        let st = lock(&self.state);
+        let d = st
+            .disks
+            .get(id)
+            .ok_or_else(|| SetError::NotFound(id.to_owned()))?;
+        let group = d
+            .device
+            .disk
+            .throttle_group()
+            .ok_or_else(|| SetError::NoThrottle(id.to_owned()))?;
+        if !group.name().is_empty() {
+            return Err(SetError::GroupLimits(
+                id.to_owned(),
+                group.name().to_owned(),
+            ));
+        }
+        group.set_limits(limits);
+        d.set_limits_text(Some(text.clone()));
+        if let Some(w) = &self.writer {
+            w.set_disk_limits(id, Some(&text))
+                .map_err(|source| SetError::Persist {
+                    what: format!("disk {id:?}'s limits changed"),
+                    source,
+                })?;
+        }
+        log::info!("disk {id}: limits set to {text:?}");
+        Ok(())
+    }
+
+    /// The named throttle groups the disks use, with their members.
+    pub fn groups(&self) -> Vec<(Arc<ThrottleGroup>, Vec<String>)> {
+        let mut out: Vec<(Arc<ThrottleGroup>, Vec<String>)> = Vec::new();
+        for d in self.list() {
+            let Some(g) = d.device.disk.throttle_group() else {
+                continue;
+            };
+            if g.name().is_empty() {
+                continue;
+            }
+            match out.iter_mut().find(|(o, _)| Arc::ptr_eq(o, g)) {
+                Some((_, members)) => members.push(d.id().to_owned()),
+                None => out.push((g.clone(), vec![d.id().to_owned()])),
+            }
+        }
+        out
+    }
+
+    /// Changes a named group's limits (every member disk at once) and keeps them.
+    pub fn set_group_limits(&self, name: &str, text: LimitsText) -> Result<(), SetError> {
+        let limits = parse_limits(&text).map_err(|e| SetError::BadLimits(e.to_string()))?;
+        let _order = lock(&self.state);
+        let group = ThrottleGroup::find(name)
+            .filter(|g| !g.name().is_empty())
+            .ok_or_else(|| SetError::NoGroup(name.to_owned()))?;
+        group.set_limits(limits);
+        if let Some(w) = &self.writer {
+            w.set_group_limits(name, &text)
+                .map_err(|source| SetError::Persist {
+                    what: format!("throttle group {name:?}'s limits changed"),
+                    source,
+                })?;
+        }
+        log::info!("throttle group {name}: limits set to {text:?}");
+        Ok(())
+    }
+
+    /// Stops every disk at once and waits for all (and for adds and removals under way);
+    /// the first failure is returned.
     fn stop_all(&self) -> Result<()> {
         self.stopping.store(true, Ordering::SeqCst);
+        {
+            let mut st = lock(&self.state);
+            while !st.busy.is_empty() {
+                st = self.settled.wait(st).unwrap_or_else(|p| p.into_inner());
+            }
+        }
         let disks = self.list();
         for d in &disks {
             d.stop();
@@ -177,10 +332,17 @@ impl Daemon {
     pub fn new(config: Config) -> Result<Self> {
         block_termination_signals().context("cannot block termination signals")?;
         ignore_file_size_signal().context("cannot ignore SIGXFSZ")?;
-        let writer = config.config_file.clone().map(ConfigWriter::new);
-        let disks = Arc::new(DiskSet::new(config.socket_group, writer));
+        let disks = Arc::new(DiskSet::new(&config));
         for d in config.disks.clone() {
             disks.add(d, false).map_err(anyhow::Error::from)?;
+        }
+        for (name, limits) in &config.group_limits {
+            match ThrottleGroup::find(name) {
+                Some(g) => g.set_limits(*limits),
+                None => log::warn!(
+                    "throttle-groups.{name} in the config: no disk's throttle node names this group"
+                ),
+            }
         }
         let api = match &config.api_socket {
             Some(path) => Some((

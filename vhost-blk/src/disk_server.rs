@@ -39,6 +39,8 @@ pub struct DiskServer {
     control: Arc<Control>,
     thread: Mutex<Option<JoinHandle<Result<()>>>>,
     resizing: Mutex<()>,
+    /// The limits set through the API since start (`config.text.limits` until then).
+    limits_text: Mutex<Option<crate::config::LimitsText>>,
     _socket_file: SocketFile,
 }
 
@@ -109,6 +111,7 @@ impl DiskServer {
             .name(format!("disk-{id}"))
             .spawn(move || serving.run())
             .context("cannot start the disk's thread")?;
+        let limits_text = config.text.limits.clone();
         Ok(DiskServer {
             config,
             device,
@@ -116,6 +119,7 @@ impl DiskServer {
             control,
             thread: Mutex::new(Some(thread)),
             resizing: Mutex::new(()),
+            limits_text: Mutex::new(limits_text),
             _socket_file: socket_file,
         })
     }
@@ -124,18 +128,34 @@ impl DiskServer {
         self.config.id()
     }
 
+    /// The disk as its config says now (limits changed through the API included).
+    pub fn text(&self) -> crate::config::DiskText {
+        let mut text = self.config.text.clone();
+        text.limits = lock(&self.limits_text).clone();
+        text
+    }
+
+    pub(crate) fn set_limits_text(&self, limits: Option<crate::config::LimitsText>) {
+        *lock(&self.limits_text) = limits;
+    }
+
     pub fn connected(&self) -> bool {
         self.device.connected.load(Ordering::SeqCst)
     }
 
     /// Grows the disk to `bytes`, then tells the frontend (which tells the guest). The
     /// size is durable before anyone is told.
-    pub fn resize(&self, bytes: u64) -> Result<ConfigNotice, ResizeError> {
+    /// `None`: the disk already had that size; nothing was done or told.
+    pub fn resize(&self, bytes: u64) -> Result<Option<ConfigNotice>, ResizeError> {
         let _one_at_a_time = lock(&self.resizing);
+        if bytes == self.device.capacity() {
+            return Ok(None);
+        }
         self.device.disk.resize(bytes).map_err(ResizeError::Disk)?;
         log::info!("disk {}: resized to {bytes} bytes", self.id());
         self.backend
             .notify_config_change(NOTICE_WAIT)
+            .map(Some)
             .map_err(ResizeError::Notice)
     }
 

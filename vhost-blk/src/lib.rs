@@ -5,9 +5,10 @@
 //! vhost-user transport; the only user of `vhost-user-backend`) -> [`worker`] (one per queue:
 //! virtqueue to disk queue and back) -> [`request`] (descriptor chains into requests) over
 //! [`virtio_blk`] (the spec's numbers and config layout). [`device`] holds the state they
-//! share; [`api`] is the management API; [`config`] checks the command line and each disk,
+//! share; [`api`] is the management API ([`admission`]: what a disk added through it may touch); [`config`] checks the command line and each disk,
 //! [`config_file`] reads the config file and writes disk changes back.
 
+pub mod admission;
 pub mod api;
 pub mod backend;
 pub mod config;

@@ -183,7 +183,9 @@ impl Disk for RawDisk {
             )
             .with_path(path));
         }
-        super::check_growth(self.info.capacity.get(), bytes)?;
+        // Against the file's own length too: a trailing partial sector (not part of the
+        // disk) must not be cut off by a "grow" to the disk's size.
+        super::check_growth(self.info.capacity.get().max(meta.len()), bytes)?;
         // The file grows and its new size is durable before any request may use the
         // space: a power cut after the guest is told leaves a file of the size it saw.
         let grow = self.file.set_len(bytes).and_then(|()| self.file.sync_all());
