@@ -4,10 +4,11 @@
 //! memory ([`chain`]), the driver's avail index and whether it can be trusted ([`ring`]), binding unix sockets and waiting for a frontend ([`socket`]),
 //! termination signals on one thread ([`signals`]), the queue workers' run loop ([`serve`];
 //! each daemon supplies its request handling), how long a worker polls ([`polling`]), the management API's server
-//! ([`http`]; each daemon supplies its routes) with its callers' roles ([`access`]) and the
+//! ([`http`]; each daemon supplies its routes) and its client ([`api_client`]) with its callers' roles ([`access`]) and the
 //! audit log ([`audit`]), and one-line command-line errors ([`cli`]).
 
 pub mod access;
+pub mod api_client;
 pub mod audit;
 pub mod chain;
 pub mod cli;

@@ -2,7 +2,6 @@
 //! to a daemon's management API over its unix socket; `strata audit verify` reads an audit
 //! log directly. Exit codes: 0 done, 1 the API or the check said no, 2 bad usage.
 
-mod client;
 mod table;
 
 use std::path::PathBuf;
@@ -11,7 +10,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
 
-use client::{call, Answer};
+use daemon_support::api_client::{call, Answer};
 
 #[derive(Debug, Parser)]
 #[command(name = "strata", version, about = "Manage Strata's storage daemons.")]

@@ -47,7 +47,7 @@ struct Args {
     /// Our daemon's binary (default: vhost-blk next to this binary, i.e. target/release).
     #[arg(long)]
     vhost_blk: Option<PathBuf>,
-    /// Which targets to run, of ours, qsd, io_uring (ratios need the pairs).
+    /// Which targets to run, of ours, ours-many, qsd, io_uring (ratios need the pairs).
     #[arg(long, value_delimiter = ',', default_value = "ours,qsd,io_uring")]
     targets: Vec<String>,
     /// Which workloads to run (default: all): randread-4k-qd32, randwrite-4k-qd32,
@@ -62,6 +62,9 @@ struct Args {
     /// at normal priority for the whole run (2 on this machine: one per core).
     #[arg(long, value_name = "THREADS")]
     busy: Option<usize>,
+    /// Disks the ours-many target serves (one driven, the others idle), from a config file.
+    #[arg(long, default_value_t = 16)]
+    many_disks: usize,
     /// An argument for our daemon (repeatable), e.g. --ours-arg=--poll-us=0.
     #[arg(long, allow_hyphen_values = true)]
     ours_arg: Vec<String>,
@@ -81,6 +84,9 @@ struct Args {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Target {
     Ours,
+    /// Ours serving `--many-disks` disks, one of them driven: what the control plane and
+    /// idle disks cost the data path.
+    OursMany,
     Qsd,
     IoUring,
 }
@@ -89,6 +95,7 @@ impl Target {
     fn name(self) -> &'static str {
         match self {
             Target::Ours => "ours",
+            Target::OursMany => "ours-many",
             Target::Qsd => "qsd",
             Target::IoUring => "io_uring",
         }
@@ -135,7 +142,7 @@ const CASES: &[Case] = &[
         device: Device::File,
         pattern: Pattern::RandRead,
         depth: 32,
-        targets: &[Target::Ours, Target::Qsd, Target::IoUring],
+        targets: &[Target::Ours, Target::OursMany, Target::Qsd, Target::IoUring],
     },
     Case {
         name: "randwrite-4k-qd32",
@@ -156,7 +163,7 @@ const CASES: &[Case] = &[
         device: Device::Null,
         pattern: Pattern::RandRead,
         depth: 32,
-        targets: &[Target::Ours, Target::Qsd],
+        targets: &[Target::Ours, Target::OursMany, Target::Qsd],
     },
     Case {
         name: "throttled-20k-randread-qd32",
@@ -236,9 +243,10 @@ fn run(mut args: Args) -> Result<()> {
         .iter()
         .map(|t| match t.as_str() {
             "ours" => Ok(Target::Ours),
+            "ours-many" => Ok(Target::OursMany),
             "qsd" => Ok(Target::Qsd),
             "io_uring" => Ok(Target::IoUring),
-            other => bail!("unknown target {other:?} (use ours, qsd, io_uring)"),
+            other => bail!("unknown target {other:?} (use ours, ours-many, qsd, io_uring)"),
         })
         .collect::<Result<_>>()?;
     if args.rounds == 0 || args.seconds == 0 || args.size_gib == 0 {
@@ -270,7 +278,7 @@ fn run(mut args: Args) -> Result<()> {
         prepare_file(&file, size)?;
     }
 
-    let ours_bin = if wanted.contains(&Target::Ours) {
+    let ours_bin = if wanted.contains(&Target::Ours) || wanted.contains(&Target::OursMany) {
         let bin = match &args.vhost_blk {
             Some(p) => p.clone(),
             None => daemon::try_binary_path("vhost-blk").map_err(|e| {
@@ -313,6 +321,7 @@ fn run(mut args: Args) -> Result<()> {
                 tmp.path(),
                 ours_bin.as_deref(),
                 &args.ours_arg,
+                args.many_disks,
             )?;
             if let Some(set) = &cpuset {
                 set.add(s.daemon.pid())
@@ -516,10 +525,11 @@ fn start(
     dir: &Path,
     ours_bin: Option<&Path>,
     ours_args: &[String],
+    many_disks: usize,
 ) -> Result<Served> {
     let socket = dir.join(format!("{}-{device:?}.sock", target.name()).to_lowercase());
     let cmd = match target {
-        Target::Ours => {
+        Target::Ours | Target::OursMany => {
             let disk = match device {
                 Device::File => format!("path={}", file.display()),
                 Device::Null => format!("path=null,size={size},read-zeroes=off"),
@@ -527,16 +537,31 @@ fn start(
                     format!("path=null,size={size},read-zeroes=off,iops-total={THROTTLE_IOPS}")
                 }
             };
-            DaemonCommand::new(ours_bin.context("our binary")?)
-                .name(format!("vhost-blk-{device:?}").to_lowercase())
+            let cmd = DaemonCommand::new(ours_bin.context("our binary")?)
+                .name(format!("{}-{device:?}", target.name()).to_lowercase())
                 .readiness(daemon::Readiness::StderrContains(
                     daemon::LISTENING_MARKER.into(),
-                ))
-                .arg("--socket")
-                .arg(&socket)
-                .arg("--disk")
-                .arg(disk)
-                .args(["--queues", "1", "--queue-size", "256"])
+                ));
+            let cmd = if target == Target::OursMany {
+                // The driven disk first, then idle null disks, each on its own socket.
+                let mut config = format!(
+                    "[[disk]]\nid = \"driven\"\nsocket = \"{}\"\ndisk = \"{disk}\"\n",
+                    socket.display()
+                );
+                for i in 1..many_disks.max(1) {
+                    let idle = dir.join(format!("idle-{device:?}-{i}.sock").to_lowercase());
+                    config += &format!(
+                        "[[disk]]\nid = \"idle{i}\"\nsocket = \"{}\"\ndisk = \"path=null,size=1G\"\n",
+                        idle.display()
+                    );
+                }
+                let path = dir.join(format!("ours-many-{device:?}.toml").to_lowercase());
+                std::fs::write(&path, config)?;
+                cmd.arg("--config").arg(path)
+            } else {
+                cmd.arg("--socket").arg(&socket).arg("--disk").arg(disk)
+            };
+            cmd.args(["--queues", "1", "--queue-size", "256"])
                 .args(ours_args)
         }
         Target::Qsd => {
@@ -783,7 +808,11 @@ fn report(args: &Args, file: &Path, records: &[Record], wake: Option<WakeLatency
     let mut ratios = serde_json::Map::new();
     let mut latency_ratios = serde_json::Map::new();
     for case in CASES {
-        for (a, b) in [(Target::Ours, Target::Qsd), (Target::Ours, Target::IoUring)] {
+        for (a, b) in [
+            (Target::Ours, Target::Qsd),
+            (Target::Ours, Target::IoUring),
+            (Target::OursMany, Target::Ours),
+        ] {
             if !(case.targets.contains(&a) && case.targets.contains(&b)) {
                 continue;
             }

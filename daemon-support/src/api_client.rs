@@ -1,4 +1,5 @@
-//! One API call over the daemon's unix socket, on hyper's HTTP/1.1 client.
+//! A client of the management API: one call over the daemon's unix socket, on hyper's
+//! HTTP/1.1 client (`strata`, the benches and tests use it).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
