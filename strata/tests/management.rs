@@ -27,6 +27,11 @@ struct Fixture {
 
 impl Fixture {
     fn new(disks: &str) -> Fixture {
+        Fixture::with("", disks)
+    }
+
+    /// `top`: more daemon-wide keys.
+    fn with(top: &str, disks: &str) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         // The other users must reach the sockets.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -34,7 +39,7 @@ impl Fixture {
         std::fs::create_dir(dir.path().join("images")).unwrap();
         let config = format!(
             "api-socket = \"{d}/api.sock\"\nsocket-group = \"{GROUP}\"\naudit-log = \"{d}/audit/audit.log\"\n\
-             operator-image-dirs = [\"{d}/images\"]\noperator-socket-dirs = [\"{d}\"]\n\n\
+             operator-image-dirs = [\"{d}/images\"]\noperator-socket-dirs = [\"{d}\"]\n{top}\n\n\
              [[access]]\nuid = {VIEWER}\nrole = \"viewer\"\n\
              [[access]]\nuid = {OPERATOR}\nrole = \"operator\"\n\
              [[access]]\nuid = {ADMIN}\nrole = \"admin\"\n\
@@ -520,4 +525,49 @@ fn an_operators_disks_stay_inside_the_configured_directories() {
         ],
     );
     assert_eq!(code, 0, "{err}");
+}
+
+#[test]
+fn a_disk_short_of_host_space_is_flagged_and_logged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let image = tmp.path().join("f.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let disks = format!(
+        "[[disk]]\nid = \"f\"\nsocket = \"{}/f.sock\"\ndisk = \"path={}\"\n{}",
+        tmp.path().display(),
+        image.display(),
+        null_disk("n", tmp.path())
+    );
+    // Every file system has less than 100% free: the threshold is crossed at once.
+    let f = Fixture::with("space-alert-percent = 100\nspace-check-seconds = 1", &disks);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let daemon = f.daemon.as_ref().unwrap();
+    while !daemon.output().contains("under the 100% alert threshold") {
+        assert!(std::time::Instant::now() < deadline, "{}", daemon.output());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        daemon.output().contains("disk f: the file system holding"),
+        "{}",
+        daemon.output()
+    );
+    let metrics = f.strata(&["raw", "GET", "/metrics"]);
+    let samples = testkit::http::parse_prometheus(&metrics).unwrap();
+    let value = |name: &str, disk: &str| {
+        samples
+            .iter()
+            .find(|s| s.name == name && s.labels.contains(&format!("disk=\"{disk}\"")))
+            .map(|s| s.value)
+    };
+    assert_eq!(value("strata_blk_host_fs_low_space", "f"), Some(1.0));
+    // A null disk has no files, so nothing to be short of.
+    assert_eq!(value("strata_blk_host_fs_low_space", "n"), Some(0.0));
+    assert!(value("strata_blk_host_fs_free_bytes", "f").unwrap() > 0.0);
+    assert!(
+        value("strata_blk_host_fs_size_bytes", "f").unwrap()
+            >= value("strata_blk_host_fs_free_bytes", "f").unwrap()
+    );
 }

@@ -397,6 +397,47 @@ pub fn render_metrics(disks: &[Arc<DiskServer>]) -> String {
         }
     }
     out.sample("disks", Kind::Gauge, "Disks served.", &[], disks.len());
+    let usage: Vec<(&str, crate::space::Usage)> = disks
+        .iter()
+        .flat_map(|d| {
+            crate::space::files(&d.config.spec)
+                .into_iter()
+                .filter_map(|p| crate::space::usage(&p))
+                .map(move |u| (d.id(), u))
+        })
+        .collect();
+    for (name, help, value) in [
+        (
+            "host_fs_free_bytes",
+            "Free space on the host file system holding one of the disk's files.",
+            (|u: &crate::space::Usage| u.free) as fn(&crate::space::Usage) -> u64,
+        ),
+        (
+            "host_fs_size_bytes",
+            "Size of the host file system holding one of the disk's files.",
+            |u: &crate::space::Usage| u.size,
+        ),
+    ] {
+        for (id, u) in &usage {
+            let path = u.path.display().to_string();
+            out.sample(
+                name,
+                Kind::Gauge,
+                help,
+                &[("disk", id), ("path", &path)],
+                value(u),
+            );
+        }
+    }
+    for d in disks {
+        out.sample(
+            "host_fs_low_space",
+            Kind::Gauge,
+            "Whether free space under the disk's files is below the alert threshold.",
+            &[("disk", d.id())],
+            u8::from(d.low_space.load(Ordering::Relaxed)),
+        );
+    }
     out.finish()
 }
 

@@ -143,6 +143,8 @@ pub struct Config {
     pub operator_paths: crate::admission::OperatorPaths,
     /// The access table came from `[[access]]` rules (not the default).
     pub access_rules_given: bool,
+    /// When free space under a disk's files is worth an alert.
+    pub space: crate::space::SpacePolicy,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -354,6 +356,7 @@ impl TryFrom<Cli> for Config {
                     group_limits: Vec::new(),
                     operator_paths: Default::default(),
                     access_rules_given: false,
+                    space: Default::default(),
                 }
             }
         };

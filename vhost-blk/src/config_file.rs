@@ -49,6 +49,8 @@ struct FileText {
     audit_max_bytes: Option<u64>,
     #[serde(default)]
     access: Vec<RuleText>,
+    space_alert_percent: Option<f64>,
+    space_check_seconds: Option<u64>,
     #[serde(default)]
     operator_image_dirs: Vec<PathBuf>,
     #[serde(default)]
@@ -137,7 +139,29 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         image_dirs: canonical("operator-image-dirs", &file.operator_image_dirs)?,
         socket_dirs: canonical("operator-socket-dirs", &file.operator_socket_dirs)?,
     };
+    let mut space = crate::space::SpacePolicy::default();
+    if let Some(p) = file.space_alert_percent {
+        if !(0.0..=100.0).contains(&p) {
+            return Err(FileError::Invalid {
+                path: path.to_owned(),
+                message: format!("space-alert-percent = {p}: must be between 0 and 100"),
+            }
+            .into());
+        }
+        space.alert_percent = p;
+    }
+    if let Some(s) = file.space_check_seconds {
+        if s == 0 {
+            return Err(FileError::Invalid {
+                path: path.to_owned(),
+                message: "space-check-seconds must be at least 1".into(),
+            }
+            .into());
+        }
+        space.interval = std::time::Duration::from_secs(s);
+    }
     Ok(Config {
+        space,
         access_rules_given: !file.access.is_empty(),
         operator_paths,
         group_limits,

@@ -344,6 +344,7 @@ impl Daemon {
                 ),
             }
         }
+        crate::space::watch(disks.clone(), config.space).context("cannot start the space watch")?;
         let api = match &config.api_socket {
             Some(path) => Some((
                 path.clone(),

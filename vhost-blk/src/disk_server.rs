@@ -39,6 +39,8 @@ pub struct DiskServer {
     control: Arc<Control>,
     thread: Mutex<Option<JoinHandle<Result<()>>>>,
     resizing: Mutex<()>,
+    /// The file system under one of its files is short of space (see `space`).
+    pub low_space: std::sync::atomic::AtomicBool,
     /// The limits set through the API since start (`config.text.limits` until then).
     limits_text: Mutex<Option<crate::config::LimitsText>>,
     _socket_file: SocketFile,
@@ -119,6 +121,7 @@ impl DiskServer {
             control,
             thread: Mutex::new(Some(thread)),
             resizing: Mutex::new(()),
+            low_space: std::sync::atomic::AtomicBool::new(false),
             limits_text: Mutex::new(limits_text),
             _socket_file: socket_file,
         })

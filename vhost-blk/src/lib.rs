@@ -6,7 +6,8 @@
 //! virtqueue to disk queue and back) -> [`request`] (descriptor chains into requests) over
 //! [`virtio_blk`] (the spec's numbers and config layout). [`device`] holds the state they
 //! share; [`api`] is the management API ([`admission`]: what a disk added through it may touch); [`config`] checks the command line and each disk,
-//! [`config_file`] reads the config file and writes disk changes back.
+//! [`config_file`] reads the config file and writes disk changes back; [`space`] watches
+//! the free space under each disk's files.
 
 pub mod admission;
 pub mod api;
@@ -17,5 +18,6 @@ pub mod daemon;
 pub mod device;
 pub mod disk_server;
 pub mod request;
+pub mod space;
 pub mod virtio_blk;
 pub mod worker;

@@ -320,8 +320,7 @@ fn run(mut args: Args) -> Result<()> {
                 size,
                 tmp.path(),
                 ours_bin.as_deref(),
-                &args.ours_arg,
-                args.many_disks,
+                &args,
             )?;
             if let Some(set) = &cpuset {
                 set.add(s.daemon.pid())
@@ -524,9 +523,9 @@ fn start(
     size: u64,
     dir: &Path,
     ours_bin: Option<&Path>,
-    ours_args: &[String],
-    many_disks: usize,
+    args: &Args,
 ) -> Result<Served> {
+    let (ours_args, many_disks) = (&args.ours_arg, args.many_disks);
     let socket = dir.join(format!("{}-{device:?}.sock", target.name()).to_lowercase());
     let cmd = match target {
         Target::Ours | Target::OursMany => {
