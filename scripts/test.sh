@@ -33,4 +33,10 @@ cargo build --workspace --bins "${FEATURES[@]}"
 step "cargo test --workspace --no-fail-fast ${FEATURES[*]}"
 cargo test --workspace --no-fail-fast "${FEATURES[@]}"
 
+# The Debian package: built with cargo-deb, installed with dpkg, run from its own config.
+step "scripts/package.sh"
+bash scripts/package.sh
+step "scripts/package-test.sh"
+bash scripts/package-test.sh
+
 step "all tests passed in $((SECONDS - start)) s"

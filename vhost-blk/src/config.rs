@@ -16,6 +16,11 @@ use crate::config_file;
 
 /// vhost-user-blk daemon: serves disks to VMMs over vhost-user sockets: one from the command
 /// line, or any number from a config file and the API.
+/// The command-line definition, for the man pages.
+pub fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
+}
+
 #[derive(Debug, Parser)]
 #[command(name = "vhost-blk", version, about)]
 struct Cli {

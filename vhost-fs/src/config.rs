@@ -10,6 +10,11 @@ use crate::passthrough::creds::{IdMap, IdRule};
 use crate::passthrough::{CachePolicy, InodeFileHandles};
 
 /// vhost-user-fs daemon: shares a host directory with a guest over virtio-fs.
+/// The command-line definition, for the man pages.
+pub fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
+}
+
 #[derive(Debug, Parser)]
 #[command(name = "vhost-fs", version, about)]
 struct Cli {

@@ -1,0 +1,114 @@
+//! The command line of `strata`, apart so that the man pages are generated from it.
+
+use std::path::PathBuf;
+
+use clap::{CommandFactory, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "strata", version, about = "Manage Strata's storage daemons.")]
+pub struct Cli {
+    /// The daemon's API socket.
+    #[arg(
+        long,
+        global = true,
+        env = "STRATA_API",
+        default_value = "/run/strata/blk-api.sock"
+    )]
+    pub api: PathBuf,
+    /// Print the API's JSON instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// The disks a vhost-blk daemon serves.
+    #[command(subcommand)]
+    Disk(DiskCommand),
+    /// Named throttle groups (QoS limits shared by several disks).
+    #[command(subcommand, name = "throttle-group")]
+    ThrottleGroup(GroupCommand),
+    /// Whether the daemon is up, and what it serves.
+    Health,
+    /// The audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Any API call, for scripts and debugging: METHOD PATH [--data JSON].
+    Raw {
+        method: String,
+        path: String,
+        #[arg(long, value_name = "JSON")]
+        data: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DiskCommand {
+    /// List the disks.
+    List,
+    /// One disk in full.
+    Show { id: String },
+    /// Add a disk: its socket appears and serves at once.
+    Add {
+        id: String,
+        /// Its vhost-user socket.
+        #[arg(long, value_name = "PATH")]
+        socket: PathBuf,
+        /// The disk spec, as vhost-blk's --disk.
+        #[arg(long, value_name = "SPEC")]
+        disk: String,
+        #[arg(long, value_name = "NODE")]
+        blockdev: Vec<String>,
+        #[arg(long, value_name = "OBJECT")]
+        object: Vec<String>,
+        #[arg(long)]
+        queues: Option<u16>,
+        #[arg(long)]
+        queue_size: Option<u16>,
+        #[arg(long)]
+        queue_depth: Option<u32>,
+        #[arg(long)]
+        poll_us: Option<u64>,
+    },
+    /// Set a disk's own QoS limits, QEMU's names: strata disk limits vm1 iops-total=5000
+    /// bps-read=104857600 (none: no limits). The disk must have been given limits when added.
+    Limits {
+        id: String,
+        #[arg(value_name = "KEY=VALUE")]
+        limits: Vec<String>,
+    },
+    /// Grow a disk (bytes, or with a unit: 20G); the guest sees the new size at once.
+    Resize { id: String, size: String },
+    /// Remove a disk: refused while a frontend is connected, unless --force (admin), which
+    /// disconnects it after draining and flushing.
+    Remove {
+        id: String,
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GroupCommand {
+    /// The groups the disks use, with their limits and members.
+    List,
+    /// Set a group's limits (every member at once): KEY=VALUE with QEMU's names.
+    Limits {
+        name: String,
+        #[arg(value_name = "KEY=VALUE")]
+        limits: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Check the log's hash chain; report the first line that breaks it.
+    Verify { file: PathBuf },
+}
+
+/// The command-line definition, for the man pages.
+pub fn command() -> clap::Command {
+    Cli::command()
+}

@@ -1,0 +1,4 @@
+//! strata, the command-line client: its command-line definition ([`cli`]), shared with the
+//! man page generator.
+
+pub mod cli;
