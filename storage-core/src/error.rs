@@ -22,6 +22,8 @@ pub enum StorageErrorKind {
     Unsupported,
     /// The request itself is wrong (a size that is not whole sectors, a shrink).
     InvalidArgument,
+    /// The caller asked the operation to stop, and what it had done was undone.
+    Cancelled,
 }
 
 /// A storage error with context.

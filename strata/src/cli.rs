@@ -30,6 +30,11 @@ pub enum Command {
     /// Named throttle groups (QoS limits shared by several disks).
     #[command(subcommand, name = "throttle-group")]
     ThrottleGroup(GroupCommand),
+    /// Long operations (a preallocating resize): list them, or show or cancel one.
+    Jobs {
+        #[command(subcommand)]
+        action: Option<JobsCommand>,
+    },
     /// Whether the daemon is up, and what it serves.
     Health,
     /// The audit log.
@@ -79,8 +84,18 @@ pub enum DiskCommand {
         #[arg(value_name = "KEY=VALUE")]
         limits: Vec<String>,
     },
-    /// Grow a disk (bytes, or with a unit: 20G); the guest sees the new size at once.
-    Resize { id: String, size: String },
+    /// Grow a disk (bytes, or with a unit: 20G); the guest sees the new size at once. With
+    /// --preallocate, the new space is allocated first, as a job (see `strata jobs`).
+    Resize {
+        id: String,
+        size: String,
+        /// falloc (the file system reserves the space) or full (zeroes written).
+        #[arg(long, value_name = "MODE", value_parser = ["falloc", "full"])]
+        preallocate: Option<String>,
+        /// With --preallocate: wait until the job ends, and fail if it does not succeed.
+        #[arg(long, requires = "preallocate")]
+        wait: bool,
+    },
     /// Remove a disk: refused while a frontend is connected, unless --force (admin), which
     /// disconnects it after draining and flushing.
     Remove {
@@ -88,6 +103,16 @@ pub enum DiskCommand {
         #[arg(long)]
         force: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JobsCommand {
+    /// The jobs, running and finished (the default).
+    List,
+    /// One job.
+    Show { id: String },
+    /// Ask a running job to stop; it undoes what it did.
+    Cancel { id: String },
 }
 
 #[derive(Debug, Subcommand)]

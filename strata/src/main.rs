@@ -4,7 +4,7 @@
 
 mod table;
 
-use strata::cli::{AuditCommand, Cli, Command, DiskCommand, GroupCommand};
+use strata::cli::{AuditCommand, Cli, Command, DiskCommand, GroupCommand, JobsCommand};
 
 use std::process::ExitCode;
 
@@ -135,13 +135,51 @@ fn run(cli: &Cli) -> Result<String, Failure> {
                 )
             })
         }
-        Command::Disk(DiskCommand::Resize { id, size }) => {
+        Command::Disk(DiskCommand::Resize {
+            id,
+            size,
+            preallocate,
+            wait,
+        }) => {
             let size = match size.parse::<u64>() {
                 Ok(n) => json!(n),
                 Err(_) => json!(size),
             };
             let path = format!("{}/resize", disk_path(id));
-            show(&api("POST", &path, Some(json!({ "size": size })))?, |v| {
+            let mut body = json!({ "size": size });
+            if let Some(p) = preallocate {
+                body["preallocate"] = json!(p);
+                let job = api("POST", &path, Some(body))?;
+                let job_id = job["id"].as_str().unwrap_or_default().to_owned();
+                if !*wait {
+                    return Ok(show(&job, |v| {
+                        format!(
+                            "started {}: preallocating {} for disk {}\n",
+                            v["id"].as_str().unwrap_or("?"),
+                            table::size(v["total"].as_u64().unwrap_or(0)),
+                            v["object"].as_str().unwrap_or("?")
+                        )
+                    }));
+                }
+                let path = format!("/v1/jobs/{}", encode(&job_id));
+                loop {
+                    let j = api("GET", &path, None)?;
+                    match j["state"].as_str() {
+                        Some("running") => {
+                            std::thread::sleep(std::time::Duration::from_millis(100))
+                        }
+                        Some("done") => return Ok(show(&j, table::job)),
+                        _ => {
+                            return Err(Failure(format!(
+                                "{job_id} ended {}: {}",
+                                j["state"].as_str().unwrap_or("?"),
+                                j["error"].as_str().unwrap_or("")
+                            )))
+                        }
+                    }
+                }
+            }
+            show(&api("POST", &path, Some(body))?, |v| {
                 format!(
                     "disk {} is now {} (frontend told: {})\n",
                     v["id"].as_str().unwrap_or("?"),
@@ -161,6 +199,17 @@ fn run(cli: &Cli) -> Result<String, Failure> {
             })
         }
         Command::Health => show(&api("GET", "/v1/health", None)?, table::health),
+        Command::Jobs { action } => match action.as_ref().unwrap_or(&JobsCommand::List) {
+            JobsCommand::List => show(&api("GET", "/v1/jobs", None)?, table::jobs),
+            JobsCommand::Show { id } => show(
+                &api("GET", &format!("/v1/jobs/{}", encode(id)), None)?,
+                table::job,
+            ),
+            JobsCommand::Cancel { id } => show(
+                &api("DELETE", &format!("/v1/jobs/{}", encode(id)), None)?,
+                |v| format!("asked {} to stop\n", v["id"].as_str().unwrap_or("?")),
+            ),
+        },
         Command::Audit(AuditCommand::Verify { file }) => {
             let report = daemon_support::audit::verify(file).map_err(|e| Failure(e.to_string()))?;
             let v = serde_json::to_value(&report).unwrap_or_default();

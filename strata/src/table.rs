@@ -138,6 +138,39 @@ pub fn groups(v: &Value) -> String {
     render(&["GROUP", "LIMITS", "DISKS"], &rows)
 }
 
+fn job_row(j: &Value) -> Vec<String> {
+    vec![
+        text(&j["id"]),
+        text(&j["kind"]),
+        text(&j["object"]),
+        text(&j["state"]),
+        format!("{:.0}%", j["progress_percent"].as_f64().unwrap_or(0.0)),
+        format!(
+            "{} of {}",
+            size(j["done"].as_u64().unwrap_or(0)),
+            size(j["total"].as_u64().unwrap_or(0))
+        ),
+        j["error"].as_str().unwrap_or("").to_owned(),
+    ]
+}
+
+const JOB_HEADER: [&str; 7] = ["ID", "KIND", "OBJECT", "STATE", "PROGRESS", "DONE", "ERROR"];
+
+pub fn jobs(v: &Value) -> String {
+    let empty = Vec::new();
+    let rows: Vec<Vec<String>> = v["jobs"]
+        .as_array()
+        .unwrap_or(&empty)
+        .iter()
+        .map(job_row)
+        .collect();
+    render(&JOB_HEADER, &rows)
+}
+
+pub fn job(v: &Value) -> String {
+    render(&JOB_HEADER, &[job_row(v)])
+}
+
 pub fn health(v: &Value) -> String {
     format!(
         "status: {}\nversion: {}\nuptime: {} s\ndisks: {}\nfrontends connected: {}\nconfig persistent: {}\n",

@@ -571,3 +571,95 @@ fn a_disk_short_of_host_space_is_flagged_and_logged() {
             >= value("strata_blk_host_fs_free_bytes", "f").unwrap()
     );
 }
+
+#[test]
+fn a_preallocating_resize_runs_as_a_job_that_can_be_cancelled() {
+    use std::os::unix::fs::MetadataExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let image = tmp.path().join("p.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let disks = format!(
+        "[[disk]]\nid = \"p\"\nsocket = \"{}/p.sock\"\ndisk = \"path={}\"\n",
+        tmp.path().display(),
+        image.display()
+    );
+    let f = Fixture::new(&disks);
+    // Full preallocation writes zeroes: the file's blocks are really there at the end.
+    let (code, out, err) = f.strata_as(
+        OPERATOR,
+        &[
+            "disk",
+            "resize",
+            "p",
+            "64M",
+            "--preallocate",
+            "full",
+            "--wait",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("done") && out.contains("100%"), "{out}");
+    let meta = std::fs::metadata(&image).unwrap();
+    assert_eq!(meta.len(), 64 << 20);
+    assert!(
+        meta.blocks() * 512 >= 63 << 20,
+        "only {} bytes allocated",
+        meta.blocks() * 512
+    );
+    let show: serde_json::Value =
+        serde_json::from_str(&f.strata(&["--json", "disk", "show", "p"])).unwrap();
+    assert_eq!(show["size"], 64u64 << 20);
+
+    // A long one, cancelled at once: the disk keeps its size and the file its length.
+    let (code, out, err) = f.strata_as(
+        OPERATOR,
+        &[
+            "--json",
+            "disk",
+            "resize",
+            "p",
+            "8G",
+            "--preallocate",
+            "full",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let job: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let id = job["id"].as_str().unwrap().to_owned();
+    assert_eq!(job["state"], "running");
+    // While it runs, the disk is not removed under it, nor resized twice.
+    let (code, _, err) = f.strata_as(ADMIN, &["disk", "remove", "p"]);
+    assert!(
+        code == 1 && err.contains("409") && err.contains(&id),
+        "{err}"
+    );
+    let (code, _, err) = f.strata_as(VIEWER, &["jobs", "cancel", &id]);
+    assert!(code == 1 && err.contains("403"), "{err}");
+    let (code, _, err) = f.strata_as(OPERATOR, &["jobs", "cancel", &id]);
+    assert_eq!(code, 0, "{err}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let state = loop {
+        let v: serde_json::Value =
+            serde_json::from_str(&f.strata(&["--json", "jobs", "show", &id])).unwrap();
+        if v["state"] != "running" {
+            break v;
+        }
+        assert!(std::time::Instant::now() < deadline, "{v}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(state["state"], "cancelled", "{state}");
+    assert_eq!(std::fs::metadata(&image).unwrap().len(), 64 << 20);
+    let list = f.strata(&["jobs"]);
+    assert!(
+        list.contains(&id) && list.contains("cancelled") && list.contains("done"),
+        "{list}"
+    );
+    // The job's operations are in the audit log, with the canceller.
+    let lines = f.audit_lines();
+    assert!(lines
+        .iter()
+        .any(|l| l["operation"] == "job.cancel" && l["role"] == "operator" && l["status"] == 200));
+}

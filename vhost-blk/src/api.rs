@@ -22,7 +22,9 @@ use crate::config::{Config, DiskText, LimitsText};
 use crate::daemon::{DiskSet, SetError};
 use crate::device::BlkDevice;
 use crate::disk_server::{DiskServer, ResizeError};
+use daemon_support::jobs::{JobError, Outcome};
 use daemon_support::transport::ConfigNotice;
+use storage_core::disk::Preallocation;
 use storage_core::error::StorageErrorKind;
 use storage_core::units::ByteSize;
 
@@ -33,6 +35,9 @@ pub const DISK_GET: Operation = Operation::read("disk.get");
 pub const DISK_ADD: Operation = Operation::write("disk.add", Role::Operator);
 pub const DISK_RESIZE: Operation = Operation::write("disk.resize", Role::Operator);
 pub const DISK_LIMITS: Operation = Operation::write("disk.limits", Role::Operator);
+pub const JOB_LIST: Operation = Operation::read("job.list");
+pub const JOB_GET: Operation = Operation::read("job.get");
+pub const JOB_CANCEL: Operation = Operation::write("job.cancel", Role::Operator);
 pub const GROUP_LIST: Operation = Operation::read("throttle-group.list");
 pub const GROUP_LIMITS: Operation = Operation::write("throttle-group.limits", Role::Operator);
 /// Removing a disk a frontend is using (`?force=true`) needs [`Role::Admin`] besides.
@@ -94,6 +99,21 @@ pub const ROUTES: &[Route] = &[
         op: GROUP_LIST,
     },
     Route {
+        method: "GET",
+        path: "/v1/jobs",
+        op: JOB_LIST,
+    },
+    Route {
+        method: "GET",
+        path: "/v1/jobs/{id}",
+        op: JOB_GET,
+    },
+    Route {
+        method: "DELETE",
+        path: "/v1/jobs/{id}",
+        op: JOB_CANCEL,
+    },
+    Route {
         method: "PUT",
         path: "/v1/throttle-groups/{name}",
         op: GROUP_LIMITS,
@@ -140,6 +160,9 @@ fn handler(route: &Route) -> MethodRouter<Arc<DiskSet>> {
         ("PUT", "disk.limits") => put(disk_limits),
         ("GET", "throttle-group.list") => get(groups),
         ("PUT", "throttle-group.limits") => put(group_limits),
+        ("GET", "job.list") => get(jobs),
+        ("GET", "job.get") => get(job),
+        ("DELETE", "job.cancel") => delete(cancel_job),
         (m, op) => unreachable!("no handler for {m} {op}"),
     }
 }
@@ -234,13 +257,25 @@ enum SizeText {
 #[serde(deny_unknown_fields)]
 struct ResizeBody {
     size: SizeText,
+    /// `off` (the default), `falloc` or `full`: allocate the new space first, as a job.
+    #[serde(default)]
+    preallocate: PreallocText,
+}
+
+#[derive(serde::Deserialize, Default, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum PreallocText {
+    #[default]
+    Off,
+    Falloc,
+    Full,
 }
 
 async fn resize(
     State(disks): Disks,
     UrlPath(id): UrlPath<String>,
     JsonBody(body): JsonBody<ResizeBody>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let bytes = match body.size {
         SizeText::Bytes(b) => b,
         SizeText::Text(t) => {
@@ -252,8 +287,31 @@ async fn resize(
     let d = disks
         .get(&id)
         .ok_or_else(|| ApiError::not_found(format!("no disk {id:?}")))?;
+    let mode = match body.preallocate {
+        PreallocText::Off => None,
+        PreallocText::Falloc => Some(Preallocation::Falloc),
+        PreallocText::Full => Some(Preallocation::Full),
+    };
+    if let Some(mode) = mode {
+        let total = bytes.saturating_sub(d.device.capacity());
+        let server = d.clone();
+        let job = disks
+            .jobs
+            .start("resize", &id, total, move |p| {
+                let mut progress = |done, _total| p.update(done);
+                match server.resize(bytes, Some((mode, &mut progress))) {
+                    Ok(_) => Outcome::Done,
+                    Err(ResizeError::Disk(e)) if e.kind() == StorageErrorKind::Cancelled => {
+                        Outcome::Cancelled
+                    }
+                    Err(e) => Outcome::Failed(e.to_string()),
+                }
+            })
+            .map_err(|e| ApiError::conflict(e.to_string()))?;
+        return Ok((StatusCode::ACCEPTED, Json(job.json())).into_response());
+    }
     let server = d.clone();
-    let notice = http::blocking(move || server.resize(bytes))
+    let notice = http::blocking(move || server.resize(bytes, None))
         .await?
         .map_err(|e| match &e {
             ResizeError::Disk(se) => match se.kind() {
@@ -263,6 +321,7 @@ async fn resize(
                 _ => ApiError::internal(format!("disk {id:?}: {e}")),
             },
             ResizeError::Notice(_) => ApiError::internal(format!("disk {id:?}: {e}")),
+            ResizeError::Busy => ApiError::conflict(format!("disk {id:?}: {e}")),
         })?;
     let mut v = disk_json(&d);
     v["frontend_notified"] = match notice {
@@ -272,7 +331,34 @@ async fn resize(
         None => "unchanged (the disk already had that size)",
     }
     .into();
-    Ok(Json(v))
+    Ok(Json(v).into_response())
+}
+
+async fn jobs(State(disks): Disks) -> Json<serde_json::Value> {
+    let all: Vec<_> = disks.jobs.list().iter().map(|j| j.json()).collect();
+    Json(serde_json::json!({ "jobs": all }))
+}
+
+async fn job(
+    State(disks): Disks,
+    UrlPath(id): UrlPath<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let j = disks
+        .jobs
+        .get(&id)
+        .ok_or_else(|| ApiError::not_found(format!("no job {id:?}")))?;
+    Ok(Json(j.json()))
+}
+
+async fn cancel_job(
+    State(disks): Disks,
+    UrlPath(id): UrlPath<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let j = disks.jobs.cancel(&id).map_err(|e| match e {
+        JobError::NotFound(_) => ApiError::not_found(e.to_string()),
+        _ => ApiError::conflict(e.to_string()),
+    })?;
+    Ok(Json(j.json()))
 }
 
 async fn disk_limits(
@@ -352,6 +438,7 @@ fn set_error(e: SetError) -> ApiError {
         SetError::Persist { .. } | SetError::Stop { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         SetError::BadLimits(_) => StatusCode::BAD_REQUEST,
         SetError::Forbidden(_) => StatusCode::FORBIDDEN,
+        SetError::JobRunning(..) => StatusCode::CONFLICT,
         SetError::NoThrottle(_) | SetError::GroupLimits(..) => StatusCode::CONFLICT,
         SetError::NoGroup(_) => StatusCode::NOT_FOUND,
     };

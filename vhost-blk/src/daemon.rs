@@ -48,6 +48,8 @@ pub enum SetError {
     BadLimits(String),
     #[error("{0}")]
     Forbidden(String),
+    #[error("disk {0:?} has a job running ({1}): wait for it or cancel it")]
+    JobRunning(String, String),
     #[error("disk {0:?} has no throttle node: give it limits when it is added (`limits`, even all zero) to change them at run time")]
     NoThrottle(String),
     #[error("disk {0:?}'s limits are throttle group {1:?}'s: set the group's limits")]
@@ -66,6 +68,8 @@ pub struct DiskSet {
     operator_paths: crate::admission::OperatorPaths,
     stopping: AtomicBool,
     pub started: Instant,
+    /// Long operations on the disks (a preallocating resize).
+    pub jobs: daemon_support::jobs::Jobs,
 }
 
 #[derive(Default)]
@@ -93,6 +97,7 @@ impl DiskSet {
             operator_paths: config.operator_paths.clone(),
             stopping: AtomicBool::new(false),
             started: Instant::now(),
+            jobs: Default::default(),
         }
     }
 
@@ -178,28 +183,34 @@ impl DiskSet {
     /// connected is removed only with `force`, and only by a caller who `may_disconnect`
     /// (decided here, under the lock, so that a frontend connecting meanwhile counts).
     pub fn remove(&self, id: &str, force: bool, may_disconnect: bool) -> Result<(), SetError> {
-        let server = {
-            let mut st = lock(&self.state);
-            let Some(server) = st.disks.get(id).cloned() else {
-                return Err(SetError::NotFound(id.to_owned()));
+        let server =
+            {
+                let mut st = lock(&self.state);
+                let Some(server) = st.disks.get(id).cloned() else {
+                    return Err(SetError::NotFound(id.to_owned()));
+                };
+                if let Some(j) = self.jobs.list().into_iter().find(|j| {
+                    j.object == id && j.state() == daemon_support::jobs::JobState::Running
+                }) {
+                    return Err(SetError::JobRunning(id.to_owned(), j.id.clone()));
+                }
+                if server.connected() {
+                    if !force {
+                        return Err(SetError::InUse(id.to_owned()));
+                    }
+                    if !may_disconnect {
+                        return Err(SetError::Forbidden(format!(
+                            "removing disk {id:?} while a frontend uses it needs the admin role"
+                        )));
+                    }
+                }
+                st.disks.remove(id);
+                // Taken until the file says it is gone: an add of the same id meanwhile would
+                // be removed from the file with it.
+                st.busy
+                    .push((id.to_owned(), server.config.text.socket.clone()));
+                server
             };
-            if server.connected() {
-                if !force {
-                    return Err(SetError::InUse(id.to_owned()));
-                }
-                if !may_disconnect {
-                    return Err(SetError::Forbidden(format!(
-                        "removing disk {id:?} while a frontend uses it needs the admin role"
-                    )));
-                }
-            }
-            st.disks.remove(id);
-            // Taken until the file says it is gone: an add of the same id meanwhile would
-            // be removed from the file with it.
-            st.busy
-                .push((id.to_owned(), server.config.text.socket.clone()));
-            server
-        };
         server.stop();
         let stopped = server.join();
         let kept = match &self.writer {
@@ -297,6 +308,8 @@ impl DiskSet {
     /// the first failure is returned.
     fn stop_all(&self) -> Result<()> {
         self.stopping.store(true, Ordering::SeqCst);
+        // A cancelled job undoes its work (a preallocation cuts the file back).
+        self.jobs.cancel_all_and_wait();
         {
             let mut st = lock(&self.state);
             while !st.busy.is_empty() {

@@ -16,7 +16,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use storage_core::disk::{open_disk, Disk};
+use storage_core::disk::{open_disk, Disk, Preallocation};
 
 use crate::backend::BlkBackend;
 use crate::config::DiskConfig;
@@ -46,6 +46,9 @@ pub struct DiskServer {
     _socket_file: SocketFile,
 }
 
+/// Reports a preallocation's progress (done, total); false stops it.
+pub type Progress<'a> = &'a mut dyn FnMut(u64, u64) -> bool;
+
 /// How long a resize waits for the frontend to acknowledge the change.
 const NOTICE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -55,6 +58,8 @@ pub enum ResizeError {
     Disk(storage_core::error::StorageError),
     #[error("the disk grew, but telling the frontend failed: {0}")]
     Notice(std::io::Error),
+    #[error("a resize of this disk is under way")]
+    Busy,
 }
 
 impl DiskServer {
@@ -148,13 +153,25 @@ impl DiskServer {
 
     /// Grows the disk to `bytes`, then tells the frontend (which tells the guest). The
     /// size is durable before anyone is told.
-    /// `None`: the disk already had that size; nothing was done or told.
-    pub fn resize(&self, bytes: u64) -> Result<Option<ConfigNotice>, ResizeError> {
-        let _one_at_a_time = lock(&self.resizing);
+    /// `None`: the disk already had that size; nothing was done or told. With
+    /// `preallocate`, the new space is allocated first (`progress` as for
+    /// `Disk::resize_preallocated`), which may take long: a job's work.
+    pub fn resize(
+        &self,
+        bytes: u64,
+        preallocate: Option<(Preallocation, Progress<'_>)>,
+    ) -> Result<Option<ConfigNotice>, ResizeError> {
+        let Ok(_one_at_a_time) = self.resizing.try_lock() else {
+            return Err(ResizeError::Busy);
+        };
         if bytes == self.device.capacity() {
             return Ok(None);
         }
-        self.device.disk.resize(bytes).map_err(ResizeError::Disk)?;
+        match preallocate {
+            None => self.device.disk.resize(bytes),
+            Some((mode, progress)) => self.device.disk.resize_preallocated(bytes, mode, progress),
+        }
+        .map_err(ResizeError::Disk)?;
         log::info!("disk {}: resized to {bytes} bytes", self.id());
         self.backend
             .notify_config_change(NOTICE_WAIT)

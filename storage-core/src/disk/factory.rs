@@ -271,6 +271,15 @@ impl Disk for AnyDisk {
         disk_dispatch!(self, d => d.resize(bytes))
     }
 
+    fn resize_preallocated(
+        &self,
+        bytes: u64,
+        mode: super::Preallocation,
+        progress: &mut dyn FnMut(u64, u64) -> bool,
+    ) -> Result<(), StorageError> {
+        disk_dispatch!(self, d => d.resize_preallocated(bytes, mode, progress))
+    }
+
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         disk_dispatch!(self, d => d.read_at(buf, offset))
     }

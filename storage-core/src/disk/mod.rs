@@ -204,6 +204,25 @@ pub trait Disk: Send + Sync {
         ))
     }
 
+    /// Like [`resize`](Disk::resize), allocating the new space first, as QEMU's
+    /// `preallocation=` does (`Falloc`: the file system reserves it; `Full`: zeroes are
+    /// written), so that the guest never meets a full host file system in it. Queues see
+    /// the new size only once it is allocated and durable. `progress(done, total)` is
+    /// called between chunks; when it returns false the file is cut back to its old size
+    /// and the call fails with [`StorageErrorKind::Cancelled`].
+    fn resize_preallocated(
+        &self,
+        bytes: u64,
+        mode: Preallocation,
+        progress: &mut dyn FnMut(u64, u64) -> bool,
+    ) -> Result<(), StorageError> {
+        let _ = (bytes, mode, progress);
+        Err(StorageError::new(
+            StorageErrorKind::Unsupported,
+            format!("a {} disk cannot be preallocated", self.info().format),
+        ))
+    }
+
     /// Reads `buf.len()` bytes at `offset`, blocking, outside the data path: a parent's
     /// background work (the tier's write-back). Nodes that cannot serve it say so.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
@@ -312,6 +331,15 @@ pub(crate) fn device_size(file: &std::fs::File, meta: &std::fs::Metadata) -> io:
     } else {
         Err(io::Error::other("not a regular file or block device"))
     }
+}
+
+/// How new space is allocated when a disk grows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preallocation {
+    /// fallocate: the file system reserves the blocks (fast, no data written).
+    Falloc,
+    /// Zeroes written into every new block.
+    Full,
 }
 
 /// Checks that `bytes` is a size a disk of `current` bytes may grow to.

@@ -109,7 +109,44 @@ impl RawDisk {
     }
 }
 
+/// How much a preallocating resize writes (or reserves) between progress reports.
+const PREALLOCATE_CHUNK: u64 = 4 << 20;
+
 impl RawDisk {
+    /// The checks every resize passes; the file's length now.
+    fn check_resize(&self, bytes: u64) -> Result<u64, StorageError> {
+        let path = &self.info.path;
+        if self.info.read_only {
+            return Err(StorageError::new(
+                StorageErrorKind::InvalidArgument,
+                "a read-only disk cannot be resized",
+            )
+            .with_path(path));
+        }
+        let meta = self.file.metadata().map_err(|e| {
+            StorageError::new(StorageErrorKind::Io, "cannot stat disk image")
+                .with_path(path)
+                .with_source(e)
+        })?;
+        if !meta.is_file() {
+            return Err(StorageError::new(
+                StorageErrorKind::Unsupported,
+                "a block device's size is the device's own: grow the device instead",
+            )
+            .with_path(path));
+        }
+        // Against the file's own length too: a trailing partial sector (not part of the
+        // disk) must not be cut off by a "grow" to the disk's size.
+        super::check_growth(self.info.capacity.get().max(meta.len()), bytes)?;
+        Ok(meta.len())
+    }
+
+    fn grow_error(&self, e: io::Error) -> StorageError {
+        StorageError::new(StorageErrorKind::Io, "cannot grow disk image")
+            .with_path(&self.info.path)
+            .with_source(e)
+    }
+
     fn queue(&self, engine: AnyEngine, fid: FileId, depth: u32) -> RawQueue {
         RawQueue {
             engine,
@@ -163,37 +200,61 @@ impl Disk for RawDisk {
     }
 
     fn resize(&self, bytes: u64) -> Result<(), StorageError> {
-        let path = &self.info.path;
-        if self.info.read_only {
-            return Err(StorageError::new(
-                StorageErrorKind::InvalidArgument,
-                "a read-only disk cannot be resized",
-            )
-            .with_path(path));
-        }
-        let meta = self.file.metadata().map_err(|e| {
-            StorageError::new(StorageErrorKind::Io, "cannot stat disk image")
-                .with_path(path)
-                .with_source(e)
-        })?;
-        if !meta.is_file() {
-            return Err(StorageError::new(
-                StorageErrorKind::Unsupported,
-                "a block device's size is the device's own: grow the device instead",
-            )
-            .with_path(path));
-        }
-        // Against the file's own length too: a trailing partial sector (not part of the
-        // disk) must not be cut off by a "grow" to the disk's size.
-        super::check_growth(self.info.capacity.get().max(meta.len()), bytes)?;
+        self.check_resize(bytes)?;
         // The file grows and its new size is durable before any request may use the
         // space: a power cut after the guest is told leaves a file of the size it saw.
         let grow = self.file.set_len(bytes).and_then(|()| self.file.sync_all());
-        grow.map_err(|e| {
-            StorageError::new(StorageErrorKind::Io, "cannot grow disk image")
-                .with_path(path)
-                .with_source(e)
-        })?;
+        grow.map_err(|e| self.grow_error(e))?;
+        self.info.capacity.set(bytes);
+        Ok(())
+    }
+
+    fn resize_preallocated(
+        &self,
+        bytes: u64,
+        mode: super::Preallocation,
+        progress: &mut dyn FnMut(u64, u64) -> bool,
+    ) -> Result<(), StorageError> {
+        let old = self.check_resize(bytes)?;
+        let total = bytes - old;
+        // Queues still see the old size: nobody reads or writes the space being allocated.
+        let result = (|| {
+            self.file.set_len(bytes).map_err(|e| self.grow_error(e))?;
+            let zeroes = vec![0u8; PREALLOCATE_CHUNK as usize];
+            let mut done = 0;
+            while done < total {
+                let n = PREALLOCATE_CHUNK.min(total - done);
+                let at = old + done;
+                match mode {
+                    super::Preallocation::Full => {
+                        use std::os::unix::fs::FileExt;
+                        self.file.write_all_at(&zeroes[..n as usize], at)
+                    }
+                    // SAFETY: fallocate on our open descriptor with plain integers.
+                    super::Preallocation::Falloc => match unsafe {
+                        libc::fallocate(self.file.as_raw_fd(), 0, at as i64, n as i64)
+                    } {
+                        0 => Ok(()),
+                        _ => Err(io::Error::last_os_error()),
+                    },
+                }
+                .map_err(|e| self.grow_error(e))?;
+                done += n;
+                if !progress(done, total) {
+                    return Err(StorageError::new(
+                        StorageErrorKind::Cancelled,
+                        "preallocation cancelled: the disk keeps its size",
+                    )
+                    .with_path(&self.info.path));
+                }
+            }
+            self.file.sync_all().map_err(|e| self.grow_error(e))
+        })();
+        if let Err(e) = result {
+            // Undo: the disk keeps its old size (the guest never saw the new one).
+            let _ = self.file.set_len(old).and_then(|()| self.file.sync_all());
+            return Err(e);
+        }
         self.info.capacity.set(bytes);
         Ok(())
     }

@@ -272,6 +272,15 @@ impl Disk for ThrottleDisk {
         self.child.resize(bytes)
     }
 
+    fn resize_preallocated(
+        &self,
+        bytes: u64,
+        mode: crate::disk::Preallocation,
+        progress: &mut dyn FnMut(u64, u64) -> bool,
+    ) -> Result<(), StorageError> {
+        self.child.resize_preallocated(bytes, mode, progress)
+    }
+
     fn close(&self) {
         self.child.close()
     }
