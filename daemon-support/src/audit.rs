@@ -278,10 +278,7 @@ impl AuditLog {
                 result,
             })?;
         }
-        let now = SystemTime::now();
-        if let Some(anchor) = log.expire(now)? {
-            log.write_line(anchor, now)?;
-        }
+        log.expire(SystemTime::now())?;
         Ok(log)
     }
 
@@ -295,17 +292,12 @@ impl AuditLog {
         let value = serde_json::to_value(entry).expect("an entry is plain JSON");
         let approx = value.to_string().len() as u64 + 160;
         let today = day_of(now);
-        let mut anchor = None;
         if self.size > 0
             && (self.size + approx > self.config.max_bytes || self.day.is_some_and(|d| d != today))
         {
-            anchor = self.rotate(now)?;
+            self.rotate(now)?;
         }
-        self.write_line(value, now)?;
-        if let Some(a) = anchor {
-            self.write_line(a, now)?;
-        }
-        Ok(())
+        self.write_line(value, now)
     }
 
     /// Adds `time` and `prev` to `value`, writes it as a line, syncs it and records it in
@@ -352,8 +344,8 @@ impl AuditLog {
         self.head.sync_data().map_err(io_err(&hp))
     }
 
-    /// Starts a new file; what [`Self::expire`] returns, for the caller to write.
-    fn rotate(&mut self, now: SystemTime) -> Result<Option<serde_json::Value>, AuditError> {
+    /// Starts a new file (and expires old ones).
+    fn rotate(&mut self, now: SystemTime) -> Result<(), AuditError> {
         let path = self.config.path.clone();
         let mut target = PathBuf::from(format!("{}.{}", path.display(), stamp(now)));
         let mut n = 1;
@@ -373,36 +365,43 @@ impl AuditLog {
         self.expire(now)
     }
 
-    /// Deletes rotated files past the retention time. The line it returns (to be written
-    /// next) records the hash the oldest kept line follows, so that [`verify`] can tell
-    /// expired lines from removed ones.
-    fn expire(&mut self, now: SystemTime) -> Result<Option<serde_json::Value>, AuditError> {
+    /// Deletes rotated files past the retention time, after writing (durably) the line
+    /// that records the hash the oldest kept line follows, so that [`verify`] can tell
+    /// expired lines from removed ones even if the daemon stops half-way.
+    fn expire(&mut self, now: SystemTime) -> Result<(), AuditError> {
         let keep = Duration::from_secs(u64::from(self.config.retention_days) * DAY);
         let mut expired = Vec::new();
         let mut last_hash = None;
         for (p, t) in rotated(&self.config.path)? {
             if now.duration_since(t).unwrap_or_default() > keep {
                 last_hash = scan(&p)?.2.map(|l| hash(&l)).or(last_hash);
-                std::fs::remove_file(&p).map_err(io_err(&p))?;
-                log::info!("audit log {} expired", p.display());
-                expired.push(p.display().to_string());
+                expired.push(p);
             }
         }
         if expired.is_empty() {
-            return Ok(None);
+            return Ok(());
         }
         let entry = Entry {
             principal: "daemon".into(),
             role: None,
             operation: EXPIRED.into(),
             object: self.config.path.display().to_string(),
-            params: serde_json::json!({ "files": expired, "last_hash": last_hash }),
+            params: serde_json::json!({
+                "files": expired.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+                "last_hash": last_hash,
+            }),
             status: 0,
             result: format!("older than {} days: deleted", self.config.retention_days),
         };
-        Ok(Some(
+        self.write_line(
             serde_json::to_value(&entry).expect("an entry is plain JSON"),
-        ))
+            now,
+        )?;
+        for p in expired {
+            std::fs::remove_file(&p).map_err(io_err(&p))?;
+            log::info!("audit log {} expired", p.display());
+        }
+        Ok(())
     }
 }
 
@@ -779,13 +778,23 @@ mod tests {
     }
 
     #[test]
+    fn verify_alone_finds_a_missing_head() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        log_in(dir.path()).append(&entry("a")).unwrap();
+        std::fs::remove_file(dir.path().join("audit.log.head")).unwrap();
+        let b = verify(&path).unwrap().first_break.unwrap();
+        assert!(b.reason.contains("head file is missing"), "{b:?}");
+    }
+
+    #[test]
     fn only_our_rotated_names_are_part_of_the_log() {
         assert!(parse_stamp("20261205T173500Z").is_some());
         assert_eq!(parse_stamp("20261205T173500Z-12").unwrap().1, 12);
         for bad in [
             "20261205T173500Z.gz",
             "20261205T173500Z-",
-            "2026120ÄT173500Z",
+            "2026120XT173500Z",
             "x",
             "20261205T1735000",
         ] {

@@ -129,8 +129,11 @@ fn bind_private(path: &Path, group: Option<libc::gid_t>) -> Result<UnixListener,
     // The file is created with its final mode (0600, or 0660 for a group) by the umask:
     // nothing is ever done by path to something another user could have put in its place
     // since. The umask is the process's: nothing else here creates files meanwhile (the
-    // daemons bind before their data path starts).
+    // daemons bind before their data path starts, and binds take turns below).
     let mask = if group.is_some() { 0o117 } else { 0o177 };
+    // Disks are added concurrently: two binds must not interleave their umask changes.
+    static UMASK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _umask = UMASK.lock().unwrap_or_else(|p| p.into_inner());
     // SAFETY: umask has no preconditions; the old mask is restored below.
     let old = unsafe { libc::umask(mask) };
     // SAFETY: `addr` is an initialised sockaddr_un of `len` bytes.

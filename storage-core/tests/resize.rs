@@ -99,6 +99,25 @@ fn shrinking_odd_sizes_and_nodes_that_cannot_grow_are_refused() {
     assert_eq!(e.kind(), StorageErrorKind::Unsupported, "{e}");
     drop(tier);
 
+    // A trailing partial sector is not part of the disk, and a "grow" to the disk's size
+    // must not cut it off.
+    let odd = dir.path().join("odd.img");
+    std::fs::File::create(&odd)
+        .unwrap()
+        .set_len((1 << 20) + 100)
+        .unwrap();
+    let d = open_disk(
+        &format!("path={}", odd.display())
+            .parse::<DiskSpec>()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(d.info().capacity.get(), 1 << 20);
+    assert!(d.resize(1 << 20).is_err());
+    assert_eq!(std::fs::metadata(&odd).unwrap().len(), (1 << 20) + 100);
+    d.resize(2 << 20).unwrap();
+    assert_eq!(d.info().capacity.get(), 2 << 20);
+
     let null = open_disk(&"path=null,size=1M".parse::<DiskSpec>().unwrap()).unwrap();
     null.resize(2 << 20).unwrap();
     assert_eq!(null.info().capacity.get(), 2 << 20);

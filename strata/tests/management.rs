@@ -443,6 +443,13 @@ fn limits_change_at_run_time_for_disks_and_groups_and_are_kept() {
         serde_json::json!({"iops-total": 200, "bps-read": 1048576})
     );
     assert_eq!(limits_of(&f, "g1"), serde_json::json!({"iops-total": 777}));
+
+    // The member that carried the group's first limits goes: the group's limits are the
+    // config's, and the daemon still starts with them.
+    f.strata(&["disk", "remove", "g1"]);
+    f.stop();
+    f.start();
+    assert_eq!(limits_of(&f, "g2"), serde_json::json!({"iops-total": 777}));
 }
 
 #[test]

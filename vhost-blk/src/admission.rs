@@ -1,14 +1,26 @@
 //! What a disk added through the API may touch. Whoever adds a disk has the daemon write
 //! the files it names (a cache file is created, grown and formatted) and hands the disk to
 //! whoever connects to its socket, with the daemon's rights: so an operator's disk may
-//! name only regular files under the config's `operator-image-dirs` and put its socket
-//! under `operator-socket-dirs`; block devices, RBD images and `cache-format=force` are an
+//! name only regular files under the config's `operator-image-dirs`, reached without a
+//! symlink, and put its socket under `operator-socket-dirs`; block devices, RBD images,
+//! named throttle groups (another tenant's budget) and `cache-format=force` are an
 //! admin's. Paths in disks added through the API are absolute for everyone: the daemon's
 //! working directory is not the caller's.
+//!
+//! Checking a path and then opening it by name leaves a window in which an operator who
+//! can write the directory swaps the file for a symlink (to `/dev/sda`, or a dangling one
+//! where a cache file will be created). So the check opens the files itself, beneath the
+//! allowed directory and refusing symlinks at every step (`openat2` with
+//! `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`), creates a missing cache file there
+//! (`O_EXCL`), and gives the daemon `/proc/self/fd/N` for each: the kernel resolves those
+//! to the very files checked, whatever happens to the names.
 
-use std::path::{Path, PathBuf};
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
 
-use storage_core::disk::{DiskSpec, NodeSpec};
+use storage_core::disk::{DiskSpec, NodeSpec, ThrottleSpec};
 
 /// The directories an operator's disks may use (canonical paths).
 #[derive(Debug, Clone, Default)]
@@ -17,17 +29,25 @@ pub struct OperatorPaths {
     pub socket_dirs: Vec<PathBuf>,
 }
 
-/// Refuses what the caller may not add: `Err` names the path and the rule.
+/// A disk the caller may add: its spec as the daemon must open it, and the descriptors
+/// its `/proc/self/fd` paths name (keep them until the disk has opened).
+pub struct Admitted {
+    pub spec: DiskSpec,
+    pub held: Vec<OwnedFd>,
+}
+
+/// Refuses what the caller may not add (`Err` names the path and the rule); for an
+/// operator, opens the disk's files as described in the module doc.
 pub fn check(
     spec: &DiskSpec,
     socket: &Path,
     allowed: &OperatorPaths,
     admin: bool,
-) -> Result<(), String> {
+) -> Result<Admitted, String> {
     let mut files = Vec::new();
     let mut admin_only = Vec::new();
     walk(&spec.root, &mut files, &mut admin_only);
-    for p in files.iter().chain([&socket.to_path_buf()]) {
+    for p in files.iter().map(|(p, _)| p).chain([&socket.to_path_buf()]) {
         if !p.is_absolute() {
             return Err(format!(
                 "{}: paths of disks added through the API must be absolute",
@@ -36,36 +56,144 @@ pub fn check(
         }
     }
     if admin {
-        return Ok(());
+        return Ok(Admitted {
+            spec: spec.clone(),
+            held: Vec::new(),
+        });
     }
     if let Some(what) = admin_only.first() {
         return Err(format!("{what} needs the admin role"));
     }
-    for p in &files {
-        let (canonical, exists) = canonical(p)?;
-        if exists && !std::fs::metadata(&canonical).is_ok_and(|m| m.is_file()) {
-            return Err(format!(
-                "{}: an operator's disk may use regular files only",
-                p.display()
-            ));
-        }
-        if !allowed.image_dirs.iter().any(|d| canonical.starts_with(d)) {
-            return Err(format!(
-                "{}: an operator's disk files must be under operator-image-dirs ({})",
-                p.display(),
-                list(&allowed.image_dirs)
-            ));
-        }
-    }
-    let (canonical, _) = canonical(socket)?;
-    if !allowed.socket_dirs.iter().any(|d| canonical.starts_with(d)) {
-        return Err(format!(
+    let (socket_dir, _) = beneath(socket, &allowed.socket_dirs).ok_or_else(|| {
+        format!(
             "{}: an operator's disk socket must be under operator-socket-dirs ({})",
             socket.display(),
             list(&allowed.socket_dirs)
+        )
+    })?;
+    // The socket's directory itself must be reached without a symlink.
+    open_beneath(
+        &socket_dir,
+        socket.parent().unwrap_or(Path::new("/")),
+        libc::O_PATH | libc::O_DIRECTORY,
+        false,
+    )
+    .map_err(|e| format!("{}: {e}", socket.display()))?;
+    let mut spec = spec.clone();
+    let mut held = Vec::new();
+    let mut err = None;
+    substitute(&mut spec.root, &mut |path, create| {
+        if err.is_some() {
+            return;
+        }
+        match open_checked(path, create, allowed) {
+            Ok(fd) => {
+                *path = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+                held.push(fd);
+            }
+            Err(e) => err = Some(e),
+        }
+    });
+    match err {
+        Some(e) => Err(e),
+        None => Ok(Admitted { spec, held }),
+    }
+}
+
+/// Opens an operator's file beneath its allowed directory, with no symlink on the way;
+/// a cache file that does not exist is created (`create`).
+fn open_checked(path: &Path, create: bool, allowed: &OperatorPaths) -> Result<OwnedFd, String> {
+    let (dir, _) = beneath(path, &allowed.image_dirs).ok_or_else(|| {
+        format!(
+            "{}: an operator's disk files must be under operator-image-dirs ({})",
+            path.display(),
+            list(&allowed.image_dirs)
+        )
+    })?;
+    let fd = match open_beneath(&dir, path, libc::O_RDWR | libc::O_CLOEXEC | libc::O_NONBLOCK, false) {
+        Ok(fd) => fd,
+        Err(e) if create && e.raw_os_error() == Some(libc::ENOENT) => {
+            open_beneath(&dir, path, libc::O_RDWR | libc::O_CLOEXEC | libc::O_CREAT | libc::O_EXCL, true)
+                .map_err(|e| format!("{}: {e}", path.display()))?
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) || e.raw_os_error() == Some(libc::EXDEV) => {
+            return Err(format!(
+                "{}: an operator's disk files must be reached without symlinks, inside operator-image-dirs",
+                path.display()
+            ))
+        }
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    let file = std::fs::File::from(fd);
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if !meta.is_file() {
+        return Err(format!(
+            "{}: an operator's disk may use regular files only",
+            path.display()
         ));
     }
-    Ok(())
+    Ok(file.into())
+}
+
+/// The allowed directory `path` lies in (lexically: no `..`), with the rest of the path.
+fn beneath(path: &Path, dirs: &[PathBuf]) -> Option<(PathBuf, PathBuf)> {
+    if path
+        .components()
+        .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
+    {
+        return None;
+    }
+    dirs.iter().find_map(|d| {
+        let rest = path.strip_prefix(d).ok()?;
+        Some((d.clone(), rest.to_owned()))
+    })
+}
+
+/// openat2(dir, path relative to dir, RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS).
+fn open_beneath(dir: &Path, path: &Path, flags: i32, create: bool) -> std::io::Result<OwnedFd> {
+    let dir_c = CString::new(dir.as_os_str().as_bytes())?;
+    // SAFETY: `dir_c` is NUL-terminated; the result is checked.
+    let dfd = unsafe {
+        libc::open(
+            dir_c.as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if dfd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nothing else owns.
+    let dfd = unsafe { OwnedFd::from_raw_fd(dfd) };
+    let rest = path.strip_prefix(dir).unwrap_or(Path::new(""));
+    let rest = if rest.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        rest
+    };
+    let rest_c = CString::new(rest.as_os_str().as_bytes())?;
+    // SAFETY: a zeroed open_how is valid (three integers).
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = flags as u64;
+    how.mode = if create { 0o600 } else { 0 };
+    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS;
+    // SAFETY: `dfd` is an open directory, `rest_c` NUL-terminated, `how` a valid open_how
+    // of the size passed.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dfd.as_raw_fd(),
+            rest_c.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 fn list(dirs: &[PathBuf]) -> String {
@@ -78,33 +206,39 @@ fn list(dirs: &[PathBuf]) -> String {
         .join(", ")
 }
 
-/// The path with every symlink resolved; for a file still to be created, its directory's.
-fn canonical(p: &Path) -> Result<(PathBuf, bool), String> {
-    match std::fs::canonicalize(p) {
-        Ok(c) => Ok((c, true)),
-        Err(_) => {
-            let (Some(dir), Some(name)) = (p.parent(), p.file_name()) else {
-                return Err(format!("{}: not a file path", p.display()));
-            };
-            let dir = std::fs::canonicalize(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-            Ok((dir.join(name), false))
-        }
-    }
-}
-
-fn walk(node: &NodeSpec, files: &mut Vec<PathBuf>, admin_only: &mut Vec<String>) {
+/// The files a disk names (and whether each may be created: a cache), and what in it is
+/// an admin's to ask for.
+fn walk(node: &NodeSpec, files: &mut Vec<(PathBuf, bool)>, admin_only: &mut Vec<String>) {
     match node {
-        NodeSpec::File { path, .. } => files.push(path.clone()),
+        NodeSpec::File { path, .. } => files.push((path.clone(), false)),
         NodeSpec::Null { .. } => {}
         NodeSpec::Tier { capacity, tier, .. } => {
-            files.push(tier.cache.clone());
+            files.push((tier.cache.clone(), true));
             if tier.force_format {
                 admin_only.push("cache-format=force".into());
             }
             walk(capacity, files, admin_only);
         }
         NodeSpec::Rbd(r) => admin_only.push(format!("the RBD image {}/{}", r.pool, r.image)),
-        NodeSpec::Throttle { child, .. } => walk(child, files, admin_only),
+        NodeSpec::Throttle { child, limits } => {
+            if let ThrottleSpec::Group { name, .. } = limits {
+                admin_only.push(format!("joining the throttle group {name:?}"));
+            }
+            walk(child, files, admin_only)
+        }
+    }
+}
+
+/// Calls `f` on every file path of the graph (with whether it may be created).
+fn substitute(node: &mut NodeSpec, f: &mut dyn FnMut(&mut PathBuf, bool)) {
+    match node {
+        NodeSpec::File { path, .. } => f(path, false),
+        NodeSpec::Tier { capacity, tier, .. } => {
+            f(&mut tier.cache, true);
+            substitute(capacity, f);
+        }
+        NodeSpec::Throttle { child, .. } => substitute(child, f),
+        NodeSpec::Null { .. } | NodeSpec::Rbd(_) => {}
     }
 }
 
@@ -119,26 +253,54 @@ mod tests {
     #[test]
     fn operators_stay_inside_their_directories_and_admins_anywhere() {
         let dir = tempfile::tempdir().unwrap();
-        let images = dir.path().join("images");
-        let sockets = dir.path().join("sockets");
+        let root = dir.path().canonicalize().unwrap();
+        let images = root.join("images");
+        let sockets = root.join("sockets");
         std::fs::create_dir_all(&images).unwrap();
         std::fs::create_dir_all(&sockets).unwrap();
         std::fs::write(images.join("a.img"), [0u8; 4096]).unwrap();
-        std::os::unix::fs::symlink("/etc/passwd", images.join("escape.img")).unwrap();
+        std::fs::write(root.join("outside.img"), [0u8; 4096]).unwrap();
+        std::os::unix::fs::symlink(root.join("outside.img"), images.join("escape.img")).unwrap();
+        // Dangling: where a cache file would be created through it.
+        std::os::unix::fs::symlink(root.join("planted"), images.join("dangling.img")).unwrap();
+        std::os::unix::fs::symlink(&root, images.join("up")).unwrap();
+        let fifo = CString::new(images.join("fifo").as_os_str().as_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
         let allowed = OperatorPaths {
-            image_dirs: vec![images.canonicalize().unwrap()],
-            socket_dirs: vec![sockets.canonicalize().unwrap()],
+            image_dirs: vec![images.clone()],
+            socket_dirs: vec![sockets.clone()],
         };
         let sock = sockets.join("a.sock");
-        let ok = |s: &str, sock: &Path, admin| check(&spec(s), sock, &allowed, admin);
+        let ok =
+            |s: &str, sock: &Path, admin| check(&spec(s), sock, &allowed, admin).map(|a| a.spec);
         let img = images.join("a.img");
-        assert_eq!(ok(&format!("path={}", img.display()), &sock, false), Ok(()));
+        // Admitted, with the files opened: the daemon gets /proc/self/fd paths.
+        let admitted = check(
+            &spec(&format!("path={}", img.display())),
+            &sock,
+            &allowed,
+            false,
+        )
+        .unwrap();
+        assert_eq!(admitted.held.len(), 1);
+        let NodeSpec::File { path, .. } = &admitted.spec.root else {
+            panic!()
+        };
+        assert!(path.starts_with("/proc/self/fd/"), "{}", path.display());
         let tiered = format!(
             "path={},cache={},cache-size=1M",
             img.display(),
             images.join("new-cache.img").display()
         );
-        assert_eq!(ok(&tiered, &sock, false), Ok(()));
+        assert!(ok(&tiered, &sock, false).is_ok());
+        // The new cache file was created there (empty; the tier formats it).
+        assert_eq!(
+            std::fs::metadata(images.join("new-cache.img"))
+                .unwrap()
+                .len(),
+            0
+        );
         for (s, sock, needle) in [
             (
                 "path=/etc/passwd".to_string(),
@@ -148,17 +310,36 @@ mod tests {
             (
                 format!("path={}", images.join("escape.img").display()),
                 sock.clone(),
+                "without symlinks",
+            ),
+            (
+                format!("path={}", images.join("up/outside.img").display()),
+                sock.clone(),
+                "without symlinks",
+            ),
+            (
+                format!("path={}", images.join("../outside.img").display()),
+                sock.clone(),
                 "operator-image-dirs",
             ),
             (
-                format!("path={}", images.join("../images/../x.img").display()),
+                format!(
+                    "path={},cache={},cache-size=1M",
+                    img.display(),
+                    images.join("dangling.img").display()
+                ),
                 sock.clone(),
-                "operator-image-dirs",
+                "without symlinks",
+            ),
+            (
+                format!("path={}", images.join("fifo").display()),
+                sock.clone(),
+                "regular files only",
             ),
             (
                 format!("path={},cache=/etc/shadow,cache-size=1M", img.display()),
                 sock.clone(),
-                "/etc/shadow",
+                "operator-image-dirs",
             ),
             (
                 format!("{tiered},cache-format=force"),
@@ -166,8 +347,18 @@ mod tests {
                 "admin",
             ),
             (
+                format!("path={},throttle-group=tenant-b", img.display()),
+                sock.clone(),
+                "throttle group",
+            ),
+            (
+                "driver=rbd,pool=p,image=i".to_string(),
+                sock.clone(),
+                "admin",
+            ),
+            (
                 format!("path={}", img.display()),
-                dir.path().join("x.sock"),
+                root.join("x.sock"),
                 "operator-socket-dirs",
             ),
             (
@@ -177,13 +368,25 @@ mod tests {
             ),
             ("path=rel.img".to_string(), sock.clone(), "absolute"),
         ] {
-            let e = ok(&s, &sock, false).unwrap_err();
+            let Ok(parsed) = s.parse::<DiskSpec>() else {
+                // `driver=` is the --blockdev syntax: build that one as a graph.
+                let mut g = storage_core::disk::graph::GraphSpec::default();
+                g.add_blockdev(&format!("{s},node-name=r")).unwrap();
+                let d = g.resolve("node=r").unwrap();
+                let e = check(&d, &sock, &allowed, false).err().unwrap();
+                assert!(e.contains(needle), "{s}: {e}");
+                continue;
+            };
+            let e = check(&parsed, &sock, &allowed, false)
+                .err()
+                .unwrap_or_else(|| panic!("{s}: admitted"));
             assert!(e.contains(needle), "{s}: {e}");
         }
-        assert_eq!(
-            ok("path=/etc/passwd", &dir.path().join("x.sock"), true),
-            Ok(())
+        assert!(
+            !root.join("planted").exists(),
+            "a file was created through the dangling link"
         );
+        assert!(ok("path=/etc/passwd", &root.join("x.sock"), true).is_ok());
         assert!(ok("path=rel.img", &sock, true)
             .unwrap_err()
             .contains("absolute"));

@@ -181,8 +181,10 @@ async fn health(State(disks): Disks) -> Json<serde_json::Value> {
     }))
 }
 
-async fn metrics(State(disks): Disks) -> Response {
-    http::prometheus(render_metrics(&disks.list()))
+async fn metrics(State(disks): Disks) -> Result<Response, ApiError> {
+    // statvfs of each disk's files: off the API's thread (a hung mount).
+    let text = http::blocking(move || render_metrics(&disks.list())).await?;
+    Ok(http::prometheus(text))
 }
 
 async fn list(State(disks): Disks) -> Json<serde_json::Value> {
@@ -208,16 +210,20 @@ async fn add(
     let config = text
         .check()
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    crate::admission::check(
-        &config.spec,
-        &config.text.socket,
-        disks.operator_paths(),
-        caller.role >= Role::Admin,
-    )
-    .map_err(|m| ApiError::new(StatusCode::FORBIDDEN, m))?;
-    let server = http::blocking(move || disks.add(config, true))
-        .await?
-        .map_err(set_error)?;
+    let admin = caller.role >= Role::Admin;
+    let server = http::blocking(move || {
+        // Opens an operator's files (off the API's thread: a hung mount must not stop it).
+        let admitted = crate::admission::check(
+            &config.spec,
+            &config.text.socket,
+            disks.operator_paths(),
+            admin,
+        )
+        .map_err(|m| ApiError::new(StatusCode::FORBIDDEN, m))?;
+        let open_as = (!admitted.held.is_empty()).then_some(&admitted.spec);
+        disks.add(config.clone(), open_as, true).map_err(set_error)
+    })
+    .await??;
     Ok((StatusCode::CREATED, Json(disk_json(&server))).into_response())
 }
 
@@ -528,13 +534,24 @@ pub fn render_metrics(disks: &[Arc<DiskServer>]) -> String {
     out.finish()
 }
 
+/// Where the disk's data lives, as the user named it (not the `/proc/self/fd` path an
+/// operator's disk is opened through).
+fn shown_path(d: &DiskServer) -> String {
+    let info = d.device.info();
+    if info.path.starts_with("/proc/self/fd/") {
+        d.config.spec.root.leaf_name()
+    } else {
+        info.path.clone()
+    }
+}
+
 /// What `GET /v1/disks` reports of each disk.
 fn summary(d: &DiskServer) -> serde_json::Value {
     let info = d.device.info();
     serde_json::json!({
         "id": d.id(),
         "socket": d.config.text.socket,
-        "path": info.path,
+        "path": shown_path(d),
         "format": info.format,
         "size": info.capacity.get(),
         "read_only": info.read_only,
@@ -551,7 +568,7 @@ pub fn disk_json(d: &DiskServer) -> serde_json::Value {
         "id": d.id(),
         "socket": d.config.text.socket,
         "config": d.text(),
-        "path": info.path,
+        "path": shown_path(d),
         "format": info.format,
         "size": info.capacity.get(),
         "read_only": info.read_only,

@@ -306,9 +306,13 @@ impl ConfigWriter {
             .map_err(io)?;
         f.set_permissions(std::fs::Permissions::from_mode(mode))
             .map_err(io)?;
-        // The file keeps its owner (a root daemon editing an admin's file).
+        // The file keeps its owner (a root daemon editing an admin's file); only root may
+        // give a file away, and only a differing owner needs it.
         use std::os::unix::fs::MetadataExt;
-        std::os::unix::fs::fchown(&f, Some(meta.uid()), Some(meta.gid())).map_err(io)?;
+        let new = f.metadata().map_err(io)?;
+        if (new.uid(), new.gid()) != (meta.uid(), meta.gid()) {
+            std::os::unix::fs::fchown(&f, Some(meta.uid()), Some(meta.gid())).map_err(io)?;
+        }
         f.write_all(doc.to_string().as_bytes()).map_err(io)?;
         f.sync_all().map_err(io)?;
         std::fs::rename(&tmp, path).map_err(io)?;
@@ -349,7 +353,7 @@ mod tests {
                 &format!(r#"operator-image-dirs = ["{d}"]"#),
             )
             .replace(
-                r#"operator-socket-dirs = ["/run/strata"]"#,
+                r#"operator-socket-dirs = ["/run/strata/operator"]"#,
                 &format!(r#"operator-socket-dirs = ["{d}"]"#),
             );
         assert_ne!(text, EXAMPLE);

@@ -70,6 +70,8 @@ pub struct DiskSet {
     pub started: Instant,
     /// Long operations on the disks (a preallocating resize).
     pub jobs: daemon_support::jobs::Jobs,
+    /// Limit changes take turns (applied and written in one order).
+    limits_order: Mutex<()>,
 }
 
 #[derive(Default)]
@@ -98,6 +100,7 @@ impl DiskSet {
             stopping: AtomicBool::new(false),
             started: Instant::now(),
             jobs: Default::default(),
+            limits_order: Mutex::new(()),
         }
     }
 
@@ -120,7 +123,12 @@ impl DiskSet {
     }
 
     /// Starts serving a disk; `persist` writes it to the config file.
-    pub fn add(&self, config: DiskConfig, persist: bool) -> Result<Arc<DiskServer>, SetError> {
+    pub fn add(
+        &self,
+        config: DiskConfig,
+        open_as: Option<&storage_core::disk::DiskSpec>,
+        persist: bool,
+    ) -> Result<Arc<DiskServer>, SetError> {
         let id = config.id().to_owned();
         let socket = config.text.socket.clone();
         {
@@ -147,25 +155,33 @@ impl DiskSet {
             }
             st.busy.push((id.clone(), socket));
         }
-        let result = self.start_and_keep(config, persist);
+        let result = self.start_and_keep(config, open_as, persist);
         let mut st = lock(&self.state);
         st.release(&id);
-        if let Ok(server) = &result {
-            st.disks.insert(id, server.clone());
-        }
         self.settled.notify_all();
-        result
+        let server = result?;
+        if self.stopping.load(Ordering::SeqCst) {
+            // Shutdown began while the disk opened: it is not served after all.
+            drop(st);
+            server.stop();
+            let _ = server.join();
+            return Err(SetError::ShuttingDown);
+        }
+        st.disks.insert(id, server.clone());
+        Ok(server)
     }
 
     fn start_and_keep(
         &self,
         config: DiskConfig,
+        open_as: Option<&storage_core::disk::DiskSpec>,
         persist: bool,
     ) -> Result<Arc<DiskServer>, SetError> {
         let id = config.id().to_owned();
         let text = config.text.clone();
-        let server =
-            Arc::new(DiskServer::start(config, self.socket_group).map_err(SetError::Open)?);
+        let server = Arc::new(
+            DiskServer::start(config, open_as, self.socket_group).map_err(SetError::Open)?,
+        );
         if let (true, Some(w)) = (persist, &self.writer) {
             if let Err(source) = w.add_disk(&text) {
                 server.stop();
@@ -237,10 +253,10 @@ impl DiskSet {
     /// Changes a disk's own limits (its private throttle node's) and keeps them.
     pub fn set_disk_limits(&self, id: &str, text: LimitsText) -> Result<(), SetError> {
         let limits = parse_limits(&text).map_err(|e| SetError::BadLimits(e.to_string()))?;
-        // Held so that two changes are written in the order they were made.
-        let st = lock(&self.state);
-        let d = st
-            .disks
+        // Held so that two changes are written in the order they were made (not the set's
+        // lock: the file write may be slow, and the API reads the set meanwhile).
+        let _order = lock(&self.limits_order);
+        let d = self
             .get(id)
             .ok_or_else(|| SetError::NotFound(id.to_owned()))?;
         let group = d
@@ -288,7 +304,7 @@ impl DiskSet {
     /// Changes a named group's limits (every member disk at once) and keeps them.
     pub fn set_group_limits(&self, name: &str, text: LimitsText) -> Result<(), SetError> {
         let limits = parse_limits(&text).map_err(|e| SetError::BadLimits(e.to_string()))?;
-        let _order = lock(&self.state);
+        let _order = lock(&self.limits_order);
         let group = ThrottleGroup::find(name)
             .filter(|g| !g.name().is_empty())
             .ok_or_else(|| SetError::NoGroup(name.to_owned()))?;
@@ -310,12 +326,8 @@ impl DiskSet {
         self.stopping.store(true, Ordering::SeqCst);
         // A cancelled job undoes its work (a preallocation cuts the file back).
         self.jobs.cancel_all_and_wait();
-        {
-            let mut st = lock(&self.state);
-            while !st.busy.is_empty() {
-                st = self.settled.wait(st).unwrap_or_else(|p| p.into_inner());
-            }
-        }
+        // The disks served come first: an add stuck opening (a hung mount) must not keep
+        // them from being drained and flushed.
         let disks = self.list();
         for d in &disks {
             d.stop();
@@ -329,12 +341,33 @@ impl DiskSet {
                 }
             }
         }
+        // Then removals under way finish their drain (an add gives up on its own), for a
+        // while.
+        let deadline = Instant::now() + std::time::Duration::from_secs(30);
+        let mut st = lock(&self.state);
+        while !st.busy.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                log::warn!(
+                    "shutdown: not waiting longer for {:?}",
+                    st.busy.iter().map(|(i, _)| i).collect::<Vec<_>>()
+                );
+                break;
+            }
+            st = self
+                .settled
+                .wait_timeout(st, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
         result
     }
 }
 
 /// A daemon that has opened its disks and bound its sockets, ready to serve.
 pub struct Daemon {
+    /// The config's `[throttle-groups]`, alive while the daemon is.
+    _declared: Vec<Arc<ThrottleGroup>>,
     disks: Arc<DiskSet>,
     stop: Arc<EventFd>,
     api: Option<(std::path::PathBuf, SocketFile)>,
@@ -346,16 +379,15 @@ impl Daemon {
         block_termination_signals().context("cannot block termination signals")?;
         ignore_file_size_signal().context("cannot ignore SIGXFSZ")?;
         let disks = Arc::new(DiskSet::new(&config));
+        // Groups whose limits the API set are made first, with those limits: members that
+        // name them (with their own limits or none) join them as they are.
+        let declared: Vec<Arc<ThrottleGroup>> = config
+            .group_limits
+            .iter()
+            .map(|(name, limits)| ThrottleGroup::declare(name, *limits))
+            .collect();
         for d in config.disks.clone() {
-            disks.add(d, false).map_err(anyhow::Error::from)?;
-        }
-        for (name, limits) in &config.group_limits {
-            match ThrottleGroup::find(name) {
-                Some(g) => g.set_limits(*limits),
-                None => log::warn!(
-                    "throttle-groups.{name} in the config: no disk's throttle node names this group"
-                ),
-            }
+            disks.add(d, None, false).map_err(anyhow::Error::from)?;
         }
         crate::space::watch(disks.clone(), config.space).context("cannot start the space watch")?;
         let api = match &config.api_socket {
@@ -376,7 +408,12 @@ impl Daemon {
             let _ = s.write(1);
         })
         .context("cannot start the signal thread")?;
-        Ok(Daemon { disks, stop, api })
+        Ok(Daemon {
+            _declared: declared,
+            disks,
+            stop,
+            api,
+        })
     }
 
     /// Serves until a termination signal; then every disk drains and flushes.

@@ -65,9 +65,16 @@ pub enum ResizeError {
 impl DiskServer {
     /// Opens the disk, binds its socket and starts serving. Everything that can fail
     /// because of the user's input fails here.
-    pub fn start(config: DiskConfig, socket_group: Option<u32>) -> Result<DiskServer> {
+    /// `open_as`: the spec to open instead of the config's (an admission check's, whose
+    /// paths name files it opened itself).
+    pub fn start(
+        config: DiskConfig,
+        open_as: Option<&storage_core::disk::DiskSpec>,
+        socket_group: Option<u32>,
+    ) -> Result<DiskServer> {
         let id = config.id().to_owned();
-        let disk = open_disk(&config.spec).with_context(|| format!("disk {id:?}"))?;
+        let disk =
+            open_disk(open_as.unwrap_or(&config.spec)).with_context(|| format!("disk {id:?}"))?;
         let device = Arc::new(BlkDevice::new(
             id.clone(),
             config.spec.clone(),

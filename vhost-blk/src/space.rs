@@ -66,9 +66,12 @@ pub fn files(spec: &DiskSpec) -> Vec<PathBuf> {
     out
 }
 
-/// statvfs of the file system holding `path`.
+/// statvfs of the file system holding `path` (a regular file: a block device's is /dev's).
 pub fn usage(path: &Path) -> Option<Usage> {
     use std::os::unix::ffi::OsStrExt;
+    if !std::fs::metadata(path).is_ok_and(|m| m.is_file()) {
+        return None;
+    }
     let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
     let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
     // SAFETY: `c` is NUL-terminated and `st` a valid out-buffer.

@@ -543,8 +543,11 @@ fn start(
                 ));
             let cmd = if target == Target::OursMany {
                 // The driven disk first, then idle null disks, each on its own socket.
+                // With the API (and its audit log) up, as a platform team runs it.
                 let mut config = format!(
-                    "[[disk]]\nid = \"driven\"\nsocket = \"{}\"\ndisk = \"{disk}\"\n",
+                    "api-socket = \"{}\"\naudit-log = \"{}\"\n\n[[disk]]\nid = \"driven\"\nsocket = \"{}\"\ndisk = \"{disk}\"\n",
+                    dir.join(format!("ours-many-{device:?}-api.sock").to_lowercase()).display(),
+                    dir.join(format!("ours-many-{device:?}-audit.log").to_lowercase()).display(),
                     socket.display()
                 );
                 for i in 1..many_disks.max(1) {

@@ -35,6 +35,9 @@ use limits::Which;
 pub struct ThrottleGroup {
     name: String,
     state: Mutex<GroupState>,
+    /// Its limits are the management plane's ([`ThrottleGroup::declare`]): members that
+    /// name other limits join it anyway.
+    declared: std::sync::atomic::AtomicBool,
 }
 
 struct GroupState {
@@ -69,6 +72,7 @@ impl ThrottleGroup {
 
     fn new(name: String, limits: ThrottleLimits) -> ThrottleGroup {
         ThrottleGroup {
+            declared: std::sync::atomic::AtomicBool::new(false),
             name,
             state: Mutex::new(GroupState {
                 buckets: limits.limits.map(Bucket::new),
@@ -96,9 +100,14 @@ impl ThrottleGroup {
             .find(|g| g.name == name)
         {
             match limits {
-                Some(l) if l != g.limits() => Err(LimitError::Conflict(format!(
-                    "throttle group {name:?} already exists with other limits"
-                ))),
+                Some(l)
+                    if l != g.limits()
+                        && !g.declared.load(std::sync::atomic::Ordering::Relaxed) =>
+                {
+                    Err(LimitError::Conflict(format!(
+                        "throttle group {name:?} already exists with other limits"
+                    )))
+                }
                 _ => Ok(g),
             }
         } else {
@@ -112,6 +121,31 @@ impl ThrottleGroup {
             groups.push(Arc::downgrade(&g));
             Ok(g)
         }
+    }
+
+    /// A group whose limits are decided here (the management plane's, kept in a config):
+    /// made now, or given these limits if it is live; members that name it afterwards join
+    /// it whatever limits they carry.
+    pub fn declare(name: &str, limits: ThrottleLimits) -> Arc<ThrottleGroup> {
+        let mut groups = lock(&GROUPS);
+        groups.retain(|g| g.strong_count() > 0);
+        let g = match groups
+            .iter()
+            .filter_map(Weak::upgrade)
+            .find(|g| g.name == name)
+        {
+            Some(g) => {
+                g.set_limits(limits);
+                g
+            }
+            None => {
+                let g = Arc::new(ThrottleGroup::new(name.to_string(), limits));
+                groups.push(Arc::downgrade(&g));
+                g
+            }
+        };
+        g.declared.store(true, std::sync::atomic::Ordering::Relaxed);
+        g
     }
 
     /// The live group called `name`, if any (for the management plane).

@@ -78,6 +78,8 @@ impl TieredDisk {
         let cache_meta = cache
             .metadata()
             .map_err(|e| open_err(&spec.cache, "cannot stat cache device", e))?;
+        // An empty file holds nothing to lose: it is new (one an admission check created).
+        let created = created || (cache_meta.is_file() && cache_meta.len() == 0);
         if created || (cache_meta.is_file() && cache_meta.len() < spec.cache_size) {
             cache
                 .set_len(spec.cache_size)
