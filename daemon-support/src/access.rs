@@ -59,6 +59,47 @@ pub enum AccessError {
     UnknownGroup(String),
     #[error("an access rule names exactly one of user, uid, group or gid")]
     Ambiguous,
+    #[error("token {0:?}: sha256 must be 64 hex digits (strata token new makes one)")]
+    BadTokenHash(String),
+}
+
+/// A bearer token for callers over TCP. Only its SHA-256 is kept (a token is 32 random
+/// bytes, so a plain hash is enough: there is nothing to guess).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Token {
+    /// Who holds it: the audit log's principal is `token:NAME`.
+    pub name: String,
+    pub sha256: [u8; 32],
+    pub role: Role,
+}
+
+/// A token as the config file spells it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenText {
+    pub name: String,
+    pub sha256: String,
+    pub role: String,
+}
+
+impl TokenText {
+    pub fn resolve(&self) -> Result<Token, AccessError> {
+        let bytes = hex::decode(&self.sha256)
+            .ok()
+            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+            .ok_or_else(|| AccessError::BadTokenHash(self.name.clone()))?;
+        Ok(Token {
+            name: self.name.clone(),
+            sha256: bytes,
+            role: self.role.parse()?,
+        })
+    }
+}
+
+/// The SHA-256 of a token, as the config keeps it.
+pub fn token_hash(secret: &str) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(secret.as_bytes()).into()
 }
 
 /// Whom a rule is about.
@@ -113,11 +154,39 @@ impl RuleText {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AccessTable {
     rules: Vec<Rule>,
+    tokens: Vec<Token>,
 }
 
 impl AccessTable {
     pub fn new(rules: Vec<Rule>) -> Self {
-        AccessTable { rules }
+        AccessTable {
+            rules,
+            tokens: Vec::new(),
+        }
+    }
+
+    /// With bearer tokens, for callers over TCP.
+    pub fn with_tokens(mut self, tokens: Vec<Token>) -> Self {
+        self.tokens = tokens;
+        self
+    }
+
+    /// The token `secret` is, if any. Every token is compared, in time that does not
+    /// depend on where they differ.
+    pub fn token(&self, secret: &str) -> Option<&Token> {
+        let h = token_hash(secret);
+        let mut found = None;
+        for t in &self.tokens {
+            let diff = t
+                .sha256
+                .iter()
+                .zip(&h)
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+            if diff == 0 {
+                found = Some(t);
+            }
+        }
+        found
     }
 
     /// Without a table in the config: the daemon's own user is admin, and the group the

@@ -168,14 +168,14 @@ impl Gate {
         })
     }
 
-    /// Writes `entry` (naming `caller` in full) on the blocking pool.
+    /// Writes `entry` (naming a local `caller` in full) on the blocking pool.
     fn record(
         self: &Arc<Gate>,
-        caller: &Principal,
+        caller: Option<&Principal>,
         mut entry: Entry,
     ) -> impl std::future::Future<Output = Result<(), String>> {
         let gate = self.clone();
-        let caller = caller.clone();
+        let caller = caller.cloned();
         async move {
             if gate.audit.is_none() {
                 return Ok(());
@@ -184,7 +184,9 @@ impl Gate {
                 let Some(log) = &gate.audit else {
                     return Ok(());
                 };
-                entry.principal = caller.name(gate.lookup_names);
+                if let Some(c) = &caller {
+                    entry.principal = c.name(gate.lookup_names);
+                }
                 let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
                 log.append(&entry).map_err(|e| e.to_string())
             })
@@ -197,8 +199,23 @@ impl Gate {
 /// The caller of a route that let it in, for handlers that want it.
 #[derive(Debug, Clone)]
 pub struct Caller {
-    pub principal: Principal,
+    /// `uid=1000` or `token:NAME@ADDR`.
+    pub who: String,
     pub role: Role,
+}
+
+/// The address of a caller over TCP (its identity is its bearer token).
+#[derive(Debug, Clone, Copy)]
+pub struct Remote(pub std::net::SocketAddr);
+
+/// The token of `Authorization: Bearer TOKEN`.
+fn bearer(req: &Request) -> Option<&str> {
+    req.headers()
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
 }
 
 /// Puts `op`'s check (and audit) in front of `route`.
@@ -225,24 +242,55 @@ async fn check(
     mut req: Request,
     next: Next,
 ) -> Response {
-    let Some(principal) = req.extensions().get::<Principal>().cloned() else {
-        return json_error(StatusCode::INTERNAL_SERVER_ERROR, "caller unknown");
-    };
-    let role = gate.access.role_of(&principal);
     let object = req.uri().path().to_owned();
     let query = query_json(req.uri().query());
+    // Who calls: on the unix socket, the peer's kernel credentials (named by uid here: a
+    // user-name lookup may be slow, and this is the server's only thread; the audit line
+    // gets the name, off this thread); over TCP, the bearer token.
+    let local = req.extensions().get::<Principal>().cloned();
+    let remote = req.extensions().get::<Remote>().copied();
+    let (who, role) = match (&local, remote) {
+        (Some(p), _) => (format!("uid={}", p.uid), gate.access.role_of(p)),
+        (None, Some(Remote(addr))) => match bearer(&req).and_then(|t| gate.access.token(t)) {
+            Some(t) => (format!("token:{}@{addr}", t.name), Some(t.role)),
+            None => {
+                let message =
+                    "a bearer token this daemon knows is needed (Authorization: Bearer ...)";
+                log::warn!(
+                    "api: refused {} {object} from {addr}: no valid token",
+                    op.name
+                );
+                let entry = Entry {
+                    principal: format!("remote@{addr}"),
+                    role: None,
+                    operation: op.name.into(),
+                    object,
+                    params: audit::redact(serde_json::json!({ "query": query })),
+                    status: 401,
+                    result: format!("denied: {message}"),
+                };
+                if let Err(e) = gate.record(None, entry).await {
+                    log::error!("cannot write the audit log: {e}");
+                }
+                let mut r = json_error(StatusCode::UNAUTHORIZED, message);
+                r.headers_mut().insert(
+                    axum::http::header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer"),
+                );
+                return r;
+            }
+        },
+        (None, None) => return json_error(StatusCode::INTERNAL_SERVER_ERROR, "caller unknown"),
+    };
     let allowed = role.filter(|r| *r >= op.role);
-    // Callers are named by uid here: a user-name lookup (NSS) may be slow, and this is the
-    // server's only thread. The audit line gets the name, off this thread.
-    let uid = format!("uid={}", principal.uid);
     let Some(role) = allowed else {
         let message = match role {
-            None => format!("{uid} has no role here"),
-            Some(r) => format!("{} needs the {} role; {uid} has {r}", op.name, op.role),
+            None => format!("{who} has no role here"),
+            Some(r) => format!("{} needs the {} role; {who} has {r}", op.name, op.role),
         };
         log::warn!("api: denied {} {object}: {message}", op.name);
         let entry = Entry {
-            principal: uid,
+            principal: who,
             role,
             operation: op.name.into(),
             object,
@@ -250,13 +298,13 @@ async fn check(
             status: 403,
             result: format!("denied: {message}"),
         };
-        if let Err(e) = gate.record(&principal, entry).await {
+        if let Err(e) = gate.record(local.as_ref(), entry).await {
             log::error!("cannot write the audit log: {e}");
         }
         return json_error(StatusCode::FORBIDDEN, &message);
     };
     req.extensions_mut().insert(Caller {
-        principal: principal.clone(),
+        who: who.clone(),
         role,
     });
     if !op.mutating {
@@ -301,7 +349,7 @@ async fn check(
                 .unwrap_or_else(|| status.to_string())
         };
         let entry = Entry {
-            principal: uid,
+            principal: who,
             role: Some(role),
             operation: op.name.into(),
             object,
@@ -309,7 +357,7 @@ async fn check(
             status: status.as_u16(),
             result,
         };
-        if let Err(e) = task_gate.record(&principal, entry).await {
+        if let Err(e) = task_gate.record(local.as_ref(), entry).await {
             log::error!("cannot write the audit log: {e}");
             return json_error(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -395,28 +443,139 @@ async fn accept_loop(listener: tokio::net::UnixListener, router: Router, limits:
         let router = router.clone();
         tokio::spawn(async move {
             let _place = place;
-            let service =
-                hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
-                    req.extensions_mut().insert(principal.clone());
-                    req.extensions_mut().insert(limits);
-                    let router = router.clone();
-                    async move {
-                        use tower::ServiceExt;
-                        router.oneshot(req.map(Body::new)).await
-                    }
-                });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(limits.head_time)
-                .max_buf_size(limits.head_bytes.max(8192))
-                .serve_connection(TokioIo::new(stream), service);
-            match tokio::time::timeout(limits.connection_time, conn).await {
-                Ok(Err(e)) => log::debug!("api: connection: {e}"),
-                Err(_) => log::debug!("api: connection held past its time; closed"),
-                Ok(Ok(())) => {}
-            }
+            serve_connection(stream, Who::Local(principal), router, limits).await;
         });
     }
+}
+
+/// Who is at the other end of a connection.
+#[derive(Clone)]
+enum Who {
+    Local(Principal),
+    Remote(std::net::SocketAddr),
+}
+
+/// HTTP on one connection, within the limits.
+async fn serve_connection<S>(stream: S, who: Who, router: Router, limits: Limits)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
+        match &who {
+            Who::Local(p) => req.extensions_mut().insert(p.clone()).map(|_| ()),
+            Who::Remote(a) => req.extensions_mut().insert(Remote(*a)).map(|_| ()),
+        };
+        req.extensions_mut().insert(limits);
+        let router = router.clone();
+        async move {
+            use tower::ServiceExt;
+            router.oneshot(req.map(Body::new)).await
+        }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.head_time)
+        .max_buf_size(limits.head_bytes.max(8192))
+        .serve_connection(TokioIo::new(stream), service);
+    match tokio::time::timeout(limits.connection_time, conn).await {
+        Ok(Err(e)) => log::debug!("api: connection: {e}"),
+        Err(_) => log::debug!("api: connection held past its time; closed"),
+        Ok(Ok(())) => {}
+    }
+}
+
+/// Serves `router` over TCP with TLS (`tls`: TLS 1.3 only, see [`tls_config`]) from a
+/// thread named `api-tls`, within `limits`. Callers prove who they are with a bearer
+/// token; the handshake counts against the head time.
+pub fn serve_tls(
+    listener: std::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    router: Router,
+    limits: Limits,
+) -> std::io::Result<()> {
+    listener.set_nonblocking(true)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("api-tls".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let listener = match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        log::error!("api: cannot use the TCP socket: {e}");
+                        return;
+                    }
+                };
+                let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+                let places = Arc::new(Semaphore::new(limits.connections));
+                loop {
+                    let (tcp, addr) = match listener.accept().await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            log::warn!("api: accept failed: {e}");
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                            continue;
+                        }
+                    };
+                    // Over the limit: closed before the handshake (no plain-text answer).
+                    let Ok(place) = places.clone().try_acquire_owned() else {
+                        continue;
+                    };
+                    let (acceptor, router) = (acceptor.clone(), router.clone());
+                    tokio::spawn(async move {
+                        let _place = place;
+                        match tokio::time::timeout(limits.head_time, acceptor.accept(tcp)).await {
+                            Ok(Ok(stream)) => {
+                                serve_connection(stream, Who::Remote(addr), router, limits).await
+                            }
+                            Ok(Err(e)) => log::debug!("api: TLS handshake with {addr}: {e}"),
+                            Err(_) => log::debug!("api: TLS handshake with {addr} too slow"),
+                        }
+                    });
+                }
+            })
+        })?;
+    Ok(())
+}
+
+/// A TLS 1.3 server configuration from PEM files: the certificate chain, and a private
+/// key that only its owner may read (as ssh insists for its keys).
+pub fn tls_config(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<Arc<rustls::ServerConfig>, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(key).map_err(|e| format!("{}: {e}", key.display()))?;
+    if meta.mode() & 0o077 != 0 {
+        return Err(format!(
+            "{}: the private key is readable by others (mode {:o}); chmod 600 it",
+            key.display(),
+            meta.mode() & 0o777
+        ));
+    }
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no certificate in it", cert.display()));
+    }
+    let key_der =
+        PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
+    // ring, not aws-lc-rs (rustls's default, which builds a C library with cmake): ring has
+    // no post-quantum key exchange, hence the deprecation.
+    #[allow(deprecated)]
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key_der)
+        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    Ok(Arc::new(config))
 }
 
 /// Answers 503 to a connection over the limit, and closes it.

@@ -15,6 +15,21 @@ pub struct Cli {
         default_value = "/run/strata/blk-api.sock"
     )]
     pub api: PathBuf,
+    /// The API over TCP instead: https://HOST:PORT (with --token and --cacert).
+    #[arg(long, global = true, env = "STRATA_URL", value_name = "URL")]
+    pub url: Option<String>,
+    /// The bearer token for --url.
+    #[arg(
+        long,
+        global = true,
+        env = "STRATA_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub token: Option<String>,
+    /// The certificate (or its CA) to trust for --url, PEM.
+    #[arg(long, global = true, env = "STRATA_CACERT", value_name = "FILE")]
+    pub cacert: Option<PathBuf>,
     /// Print the API's JSON instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
@@ -40,6 +55,9 @@ pub enum Command {
     /// The audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Bearer tokens for the API over TCP.
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Any API call, for scripts and debugging: METHOD PATH [--data JSON].
     Raw {
         method: String,
@@ -102,6 +120,17 @@ pub enum DiskCommand {
         id: String,
         #[arg(long)]
         force: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Make a new token: prints it once, and the [[token]] table (its hash) for the config.
+    New {
+        /// Who holds it (the audit log names it token:NAME).
+        name: String,
+        #[arg(long, value_parser = ["viewer", "operator", "admin"])]
+        role: String,
     },
 }
 

@@ -4,14 +4,16 @@
 
 mod table;
 
-use strata::cli::{AuditCommand, Cli, Command, DiskCommand, GroupCommand, JobsCommand};
+use strata::cli::{
+    AuditCommand, Cli, Command, DiskCommand, GroupCommand, JobsCommand, TokenCommand,
+};
 
 use std::process::ExitCode;
 
 use clap::Parser;
 use serde_json::{json, Value};
 
-use daemon_support::api_client::{call, Answer};
+use daemon_support::api_client::{call_endpoint, Answer, Endpoint};
 
 /// `iops-total=5000 ...` as the API's JSON object.
 fn limits_body(pairs: &[String]) -> Result<Value, Failure> {
@@ -61,9 +63,24 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: &Cli) -> Result<String, Failure> {
+    let endpoint = match &cli.url {
+        None => Endpoint::Unix(cli.api.clone()),
+        Some(url) => Endpoint::https(
+            url,
+            cli.cacert
+                .clone()
+                .ok_or_else(|| Failure("--url needs --cacert (the certificate to trust)".into()))?,
+            cli.token
+                .clone()
+                .ok_or_else(|| Failure("--url needs --token (or STRATA_TOKEN)".into()))?,
+        )
+        .map_err(Failure)?,
+    };
+    let call = |method: &str, path: &str, body: Option<&Value>| {
+        call_endpoint(&endpoint, method, path, body).map_err(|e| Failure(e.to_string()))
+    };
     let api = |method: &str, path: &str, body: Option<Value>| -> Result<Value, Failure> {
-        let answer =
-            call(&cli.api, method, path, body.as_ref()).map_err(|e| Failure(e.to_string()))?;
+        let answer = call(method, path, body.as_ref())?;
         ok(answer)
     };
     let show = |v: &Value, table: fn(&Value) -> String| {
@@ -240,6 +257,21 @@ fn run(cli: &Cli) -> Result<String, Failure> {
                 ),
             }
         }
+        Command::Token(TokenCommand::New { name, role }) => {
+            let mut bytes = [0u8; 32];
+            std::fs::File::open("/dev/urandom")
+                .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+                .map_err(|e| Failure(format!("/dev/urandom: {e}")))?;
+            let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            let hash: String = daemon_support::access::token_hash(&token)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            format!(
+                "token (shown once; give it to {name}): {token}\n\n\
+                 # for the daemon's config:\n[[token]]\nname = \"{name}\"\nsha256 = \"{hash}\"\nrole = \"{role}\"\n"
+            )
+        }
         Command::Raw { method, path, data } => {
             let body = match data {
                 Some(d) => Some(
@@ -248,8 +280,7 @@ fn run(cli: &Cli) -> Result<String, Failure> {
                 ),
                 None => None,
             };
-            let answer = call(&cli.api, &method.to_ascii_uppercase(), path, body.as_ref())
-                .map_err(|e| Failure(e.to_string()))?;
+            let answer = call(&method.to_ascii_uppercase(), path, body.as_ref())?;
             let text = String::from_utf8_lossy(&answer.body).into_owned();
             if answer.status >= 400 {
                 return Err(Failure(format!("{}: {}", answer.status, answer.message())));

@@ -670,3 +670,103 @@ fn a_preallocating_resize_runs_as_a_job_that_can_be_cancelled() {
         .iter()
         .any(|l| l["operation"] == "job.cancel" && l["role"] == "operator" && l["status"] == 200));
 }
+
+#[test]
+fn the_api_over_tls_takes_bearer_tokens_and_only_tls_1_3() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert, key) = (tmp.path().join("cert.pem"), tmp.path().join("key.pem"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let hex = |s: &str| -> String {
+        daemon_support::access::token_hash(s)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    };
+    let (op_token, viewer_token) = ("1".repeat(64), "2".repeat(64));
+    let top = format!(
+        "[api-tls]\nlisten = \"127.0.0.1:0\"\ncert = \"{}\"\nkey = \"{}\"\n\n\
+         [[token]]\nname = \"ci-bot\"\nsha256 = \"{}\"\nrole = \"operator\"\n\
+         [[token]]\nname = \"grafana\"\nsha256 = \"{}\"\nrole = \"viewer\"\n",
+        cert.display(),
+        key.display(),
+        hex(&op_token),
+        hex(&viewer_token)
+    );
+    let f = Fixture::with(&top, &null_disk("a", tmp.path()));
+    let out = f.daemon.as_ref().unwrap().output();
+    let port: u16 = out
+        .lines()
+        .find_map(|l| l.split("API (TLS) listening on 127.0.0.1:").nth(1))
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no TLS port in:\n{out}"));
+    let url = format!("https://localhost:{port}");
+    let over_tls = |token: &str, args: &[&str]| {
+        let mut all = vec![
+            "--url",
+            url.as_str(),
+            "--cacert",
+            cert.to_str().unwrap(),
+            "--token",
+            token,
+        ];
+        all.extend_from_slice(args);
+        f.strata_as(0, &all)
+    };
+    let (code, out, err) = over_tls(&op_token, &["disk", "list"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.lines().any(|l| l.starts_with("a ")), "{out}");
+    let (code, _, err) = over_tls(
+        &op_token,
+        &[
+            "disk",
+            "add",
+            "x",
+            "--socket",
+            f.path("x.sock").to_str().unwrap(),
+            "--disk",
+            "path=null,size=1M",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = over_tls(&viewer_token, &["disk", "remove", "x"]);
+    assert!(
+        code == 1 && err.contains("403") && err.contains("token:grafana"),
+        "{err}"
+    );
+    let (code, _, err) = over_tls(&"3".repeat(64), &["disk", "list"]);
+    assert!(
+        code == 1 && err.contains("401") && err.contains("bearer token"),
+        "{err}"
+    );
+    // The audit log names the token's holder and where the call came from.
+    let lines = f.audit_lines();
+    assert!(lines.iter().any(|l| l["operation"] == "disk.add"
+        && l["principal"]
+            .as_str()
+            .unwrap()
+            .starts_with("token:ci-bot@127.0.0.1:")
+        && l["role"] == "operator"));
+    assert!(lines.iter().any(|l| l["status"] == 401));
+    // TLS 1.3 only: a client that offers at most 1.2 gets no session.
+    let s = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &format!("127.0.0.1:{port}"),
+            "-tls1_2",
+            "-servername",
+            "localhost",
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("openssl (Debian's openssl package) is needed for this test");
+    assert!(
+        !s.status.success(),
+        "a TLS 1.2 handshake succeeded: {}",
+        String::from_utf8_lossy(&s.stdout)
+    );
+}

@@ -132,6 +132,20 @@ pub fn start(path: &Path, config: &Config, disks: Arc<DiskSet>) -> anyhow::Resul
         }
     };
     let gate = Gate::new(config.access.clone(), audit, true);
+    if let Some(tls) = &config.api_tls {
+        let server =
+            http::tls_config(&tls.cert, &tls.key).map_err(|e| anyhow::anyhow!("api-tls: {e}"))?;
+        let listener = std::net::TcpListener::bind(tls.listen)
+            .map_err(|e| anyhow::anyhow!("api-tls: cannot listen on {}: {e}", tls.listen))?;
+        let addr = listener.local_addr()?;
+        http::serve_tls(
+            listener,
+            server,
+            router(&gate, disks.clone()),
+            Limits::default(),
+        )?;
+        eprintln!("vhost-blk: API (TLS) listening on {addr}");
+    }
     let (listener, file) = socket::bind(path, config.socket_group)?;
     http::serve(listener, router(&gate, disks), Limits::default())?;
     Ok(file)

@@ -150,6 +150,16 @@ pub struct Config {
     pub access_rules_given: bool,
     /// When free space under a disk's files is worth an alert.
     pub space: crate::space::SpacePolicy,
+    /// The API over TCP with TLS (config file only).
+    pub api_tls: Option<TlsConfig>,
+}
+
+/// Where the API listens over TCP, and with which certificate.
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    pub listen: std::net::SocketAddr,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -362,6 +372,7 @@ impl TryFrom<Cli> for Config {
                     operator_paths: Default::default(),
                     access_rules_given: false,
                     space: Default::default(),
+                    api_tls: None,
                 }
             }
         };

@@ -49,6 +49,11 @@ struct FileText {
     audit_max_bytes: Option<u64>,
     #[serde(default)]
     access: Vec<RuleText>,
+    /// The API over TCP with TLS 1.3 (off unless given).
+    api_tls: Option<TlsText>,
+    /// Bearer tokens for callers over TCP (their SHA-256).
+    #[serde(default)]
+    token: Vec<daemon_support::access::TokenText>,
     space_alert_percent: Option<f64>,
     space_check_seconds: Option<u64>,
     #[serde(default)]
@@ -60,6 +65,14 @@ struct FileText {
     throttle_groups: std::collections::BTreeMap<String, LimitsText>,
     #[serde(default)]
     disk: Vec<DiskText>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct TlsText {
+    listen: String,
+    cert: PathBuf,
+    key: PathBuf,
 }
 
 /// Reads and checks the config file.
@@ -96,6 +109,30 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
             })
             .collect::<Result<Vec<_>, _>>()?;
         AccessTable::new(rules)
+    };
+    let tokens = file
+        .token
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            t.resolve().map_err(|source| FileError::Access {
+                path: path.to_owned(),
+                index: i + 1,
+                source,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let access = access.with_tokens(tokens);
+    let api_tls = match &file.api_tls {
+        None => None,
+        Some(t) => Some(crate::config::TlsConfig {
+            listen: t.listen.parse().map_err(|e| FileError::Invalid {
+                path: path.to_owned(),
+                message: format!("api-tls.listen {:?}: {e} (HOST:PORT)", t.listen),
+            })?,
+            cert: t.cert.clone(),
+            key: t.key.clone(),
+        }),
     };
     check_distinct(&file.disk)?;
     let disks = file
@@ -161,6 +198,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         space.interval = std::time::Duration::from_secs(s);
     }
     Ok(Config {
+        api_tls,
         space,
         access_rules_given: !file.access.is_empty(),
         operator_paths,
