@@ -54,11 +54,18 @@ mkdir -p /run/strata/operator
 daemon=$!
 for _ in $(seq 100); do [[ -S /run/strata/blk-api.sock ]] && break; sleep 0.1; done
 [[ -S /run/strata/blk-api.sock ]] || { cat "$logs/daemon.log"; fail "no API socket"; }
-/usr/bin/strata health | tee /dev/stderr | grep -q '^status: ok' || fail "strata health"
+# (Shown with `echo >&2`, not `tee /dev/stderr`: tee would reopen, and truncate, a log file
+# that stderr is redirected to.)
+show() { echo "$1" >&2; }
+out=$(/usr/bin/strata health) || fail "strata health"
+show "$out"
+grep -q '^status: ok' <<<"$out" || fail "strata health says: $out"
 truncate -s 64M /var/lib/strata/images/pkg.img
 /usr/bin/strata disk add pkg --socket /run/strata/operator/pkg.sock --disk path=/var/lib/strata/images/pkg.img \
     | grep -q 'added disk pkg' || fail "strata disk add"
-/usr/bin/strata disk list | tee /dev/stderr | grep -q '^pkg ' || fail "strata disk list"
+out=$(/usr/bin/strata disk list) || fail "strata disk list"
+show "$out"
+grep -q '^pkg ' <<<"$out" || fail "strata disk list has no pkg: $out"
 grep -q 'id = "pkg"' /etc/strata/vhost-blk.toml || fail "the added disk was not written to the config"
 /usr/bin/strata audit verify /var/log/strata/audit.log | grep -q intact || fail "strata audit verify"
 kill "$daemon"; wait "$daemon" || fail "the daemon did not exit 0 on SIGTERM"

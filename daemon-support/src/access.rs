@@ -165,6 +165,11 @@ impl AccessTable {
         }
     }
 
+    /// The bearer tokens.
+    pub fn tokens(&self) -> &[Token] {
+        &self.tokens
+    }
+
     /// With bearer tokens, for callers over TCP.
     pub fn with_tokens(mut self, tokens: Vec<Token>) -> Self {
         self.tokens = tokens;

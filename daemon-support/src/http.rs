@@ -277,6 +277,11 @@ async fn check(
                     axum::http::header::WWW_AUTHENTICATE,
                     HeaderValue::from_static("Bearer"),
                 );
+                // No second guess on this connection.
+                r.headers_mut().insert(
+                    axum::http::header::CONNECTION,
+                    HeaderValue::from_static("close"),
+                );
                 return r;
             }
         },

@@ -65,6 +65,8 @@ pub enum JobError {
     Finished(String),
     #[error("{0:?} has a job running ({1}): wait for it or cancel it")]
     Busy(String, String),
+    #[error("the daemon is shutting down")]
+    Closed,
 }
 
 impl Job {
@@ -108,6 +110,8 @@ impl Job {
 pub struct Jobs {
     next: AtomicU64,
     jobs: Mutex<Vec<Arc<Job>>>,
+    /// Shutting down: no new jobs.
+    closed: AtomicBool,
 }
 
 impl Jobs {
@@ -126,6 +130,9 @@ impl Jobs {
     ) -> Result<Arc<Job>, JobError> {
         let job = {
             let mut jobs = self.lock();
+            if self.closed.load(Ordering::Relaxed) {
+                return Err(JobError::Closed);
+            }
             if let Some(j) = jobs
                 .iter()
                 .find(|j| j.object == object && j.state() == JobState::Running)
@@ -160,11 +167,15 @@ impl Jobs {
         let spawned = std::thread::Builder::new()
             .name(format!("{kind}-{}", job.id))
             .spawn(move || {
-                let outcome = work(&Progress(&j));
+                // A job that panics ends failed, not running forever (its object would
+                // stay busy, and shutdown would wait for it).
+                let outcome =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(&Progress(&j))));
                 let state = match outcome {
-                    Outcome::Done => JobState::Done,
-                    Outcome::Failed(e) => JobState::Failed(e),
-                    Outcome::Cancelled => JobState::Cancelled,
+                    Ok(Outcome::Done) => JobState::Done,
+                    Ok(Outcome::Failed(e)) => JobState::Failed(e),
+                    Ok(Outcome::Cancelled) => JobState::Cancelled,
+                    Err(_) => JobState::Failed("the job panicked".into()),
                 };
                 log::info!("job {} ({} of {}): {:?}", j.id, j.kind, j.object, state);
                 *j.lock() = (state, Some(SystemTime::now()));
@@ -199,11 +210,20 @@ impl Jobs {
     }
 
     /// Asks every running job to stop and waits until none runs (shutdown).
-    pub fn cancel_all_and_wait(&self) {
+    /// Asks every running job to stop, refuses new ones, and waits at most `wait` for the
+    /// running ones to end (shutdown: a job stuck on a hung mount must not keep the disks
+    /// from being drained).
+    pub fn cancel_all_and_wait(&self, wait: std::time::Duration) {
+        self.closed.store(true, Ordering::Relaxed);
         for j in self.list() {
             j.cancel.store(true, Ordering::Relaxed);
         }
+        let deadline = std::time::Instant::now() + wait;
         while self.list().iter().any(|j| j.state() == JobState::Running) {
+            if std::time::Instant::now() >= deadline {
+                log::warn!("shutdown: not waiting longer for running jobs");
+                return;
+            }
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
     }
@@ -270,6 +290,30 @@ mod tests {
         );
         assert_eq!(failed.json()["error"], "disk full");
         assert_eq!(jobs.list().len(), 3);
+    }
+
+    #[test]
+    fn a_job_that_panics_ends_failed_and_shutdown_does_not_wait_forever() {
+        let jobs = Jobs::default();
+        let j = jobs.start("boom", "a", 1, |_| panic!("boom")).unwrap();
+        assert_eq!(
+            wait_until_finished(&j),
+            JobState::Failed("the job panicked".into())
+        );
+        // One that ignores cancel: the wait gives up.
+        let _stuck = jobs
+            .start("stuck", "b", 1, |_| {
+                std::thread::sleep(Duration::from_secs(3));
+                Outcome::Done
+            })
+            .unwrap();
+        let start = Instant::now();
+        jobs.cancel_all_and_wait(Duration::from_millis(200));
+        assert!(start.elapsed() < Duration::from_secs(2));
+        assert_eq!(
+            jobs.start("late", "c", 1, |_| Outcome::Done).unwrap_err(),
+            JobError::Closed
+        );
     }
 
     #[test]

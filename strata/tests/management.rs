@@ -455,7 +455,7 @@ fn limits_change_at_run_time_for_disks_and_groups_and_are_kept() {
 #[test]
 fn an_operators_disks_stay_inside_the_configured_directories() {
     let tmp = tempfile::tempdir().unwrap();
-    let f = Fixture::new(&null_disk("a", tmp.path()));
+    let mut f = Fixture::new(&null_disk("a", tmp.path()));
     let image = f.path("images/op.img");
     std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
     let sock = f.path("op.sock");
@@ -532,6 +532,24 @@ fn an_operators_disks_stay_inside_the_configured_directories() {
         ],
     );
     assert_eq!(code, 0, "{err}");
+
+    // The operator's disk is checked again at the next start: its image swapped for a link
+    // meanwhile, it is not served (the others are).
+    f.stop();
+    std::fs::remove_file(&image).unwrap();
+    std::os::unix::fs::symlink(&outside, &image).unwrap();
+    f.start();
+    let list = f.strata(&["disk", "list"]);
+    assert!(!list.lines().any(|l| l.starts_with("op ")), "{list}");
+    assert!(list.lines().any(|l| l.starts_with("x ")), "{list}");
+    assert!(f
+        .daemon
+        .as_ref()
+        .unwrap()
+        .output()
+        .contains("disk op: not served"));
+    let config = std::fs::read_to_string(f.path("vhost-blk.toml")).unwrap();
+    assert!(config.contains("added-by-operator = true"), "{config}");
 }
 
 #[test]
@@ -637,6 +655,10 @@ fn a_preallocating_resize_runs_as_a_job_that_can_be_cancelled() {
     let job: serde_json::Value = serde_json::from_str(&out).unwrap();
     let id = job["id"].as_str().unwrap().to_owned();
     assert_eq!(job["state"], "running");
+    // Until it is done, the disk keeps its size.
+    let show: serde_json::Value =
+        serde_json::from_str(&f.strata(&["--json", "disk", "show", "p"])).unwrap();
+    assert_eq!(show["size"], 64u64 << 20);
     // While it runs, the disk is not removed under it, nor resized twice.
     let (code, _, err) = f.strata_as(ADMIN, &["disk", "remove", "p"]);
     assert!(
@@ -751,22 +773,39 @@ fn the_api_over_tls_takes_bearer_tokens_and_only_tls_1_3() {
             .starts_with("token:ci-bot@127.0.0.1:")
         && l["role"] == "operator"));
     assert!(lines.iter().any(|l| l["status"] == 401));
-    // TLS 1.3 only: a client that offers at most 1.2 gets no session.
-    let s = Command::new("openssl")
-        .args([
-            "s_client",
-            "-connect",
-            &format!("127.0.0.1:{port}"),
-            "-tls1_2",
-            "-servername",
-            "localhost",
-        ])
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("openssl (Debian's openssl package) is needed for this test");
+    // TLS 1.3 only: a client that offers at most 1.2 gets no session; the same client
+    // offering 1.3 does (so the refusal is the version's, not a wrong port).
+    let handshake = |version: &str| {
+        Command::new("openssl")
+            .args([
+                "s_client",
+                "-connect",
+                &format!("127.0.0.1:{port}"),
+                version,
+                "-servername",
+                "localhost",
+                "-CAfile",
+                cert.to_str().unwrap(),
+                "-verify_return_error",
+            ])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("openssl (Debian's openssl package) is needed for this test")
+    };
+    let s = handshake("-tls1_3");
+    assert!(
+        s.status.success(),
+        "TLS 1.3: {}",
+        String::from_utf8_lossy(&s.stderr)
+    );
+    let s = handshake("-tls1_2");
     assert!(
         !s.status.success(),
         "a TLS 1.2 handshake succeeded: {}",
         String::from_utf8_lossy(&s.stdout)
     );
+    // The token is in no log.
+    assert!(!f.daemon.as_ref().unwrap().output().contains(&op_token));
+    let audit = std::fs::read_to_string(f.path("audit/audit.log")).unwrap();
+    assert!(!audit.contains(&op_token) && !audit.contains(&viewer_token));
 }

@@ -225,6 +225,9 @@ async fn add(
         .check()
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
     let admin = caller.role >= Role::Admin;
+    let mut config = config;
+    // Checked as an operator's again whenever the daemon starts.
+    config.text.added_by_operator = !admin;
     let server = http::blocking(move || {
         // Opens an operator's files (off the API's thread: a hung mount must not stop it).
         let admitted = crate::admission::check(
@@ -553,7 +556,18 @@ pub fn render_metrics(disks: &[Arc<DiskServer>]) -> String {
 fn shown_path(d: &DiskServer) -> String {
     let info = d.device.info();
     if info.path.starts_with("/proc/self/fd/") {
-        d.config.spec.root.leaf_name()
+        // As configured, without resolving anything (no system call on the API's thread,
+        // and no following a link planted since).
+        fn leaf(n: &storage_core::disk::NodeSpec) -> String {
+            use storage_core::disk::NodeSpec;
+            match n {
+                NodeSpec::File { path, .. } => path.display().to_string(),
+                NodeSpec::Tier { capacity, .. } => leaf(capacity),
+                NodeSpec::Throttle { child, .. } => leaf(child),
+                other => other.leaf_name(),
+            }
+        }
+        leaf(&d.config.spec.root)
     } else {
         info.path.clone()
     }

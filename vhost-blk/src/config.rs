@@ -98,6 +98,10 @@ pub struct DiskText {
     /// disk gets a throttle node of its own at its root, whose limits the API can change.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<LimitsText>,
+    /// Added through the API by an operator (set by the daemon): its files are checked as
+    /// an operator's again whenever the daemon starts (see `admission`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub added_by_operator: bool,
 }
 
 /// Throttle limits as the config file and the API spell them: QEMU's key, a number.
@@ -360,6 +364,7 @@ impl TryFrom<Cli> for Config {
                     queue_depth: None,
                     poll_us: None,
                     limits: None,
+                    added_by_operator: false,
                 };
                 Config {
                     disks: vec![text.check()?],
@@ -399,7 +404,9 @@ impl TryFrom<Cli> for Config {
         if let Some(g) = cli.socket_group.as_deref() {
             config.socket_group = Some(daemon_support::socket::group_id(g)?);
             if !config.access_rules_given {
-                config.access = AccessTable::owner_and_group(config.socket_group);
+                let tokens = config.access.tokens().to_vec();
+                config.access =
+                    AccessTable::owner_and_group(config.socket_group).with_tokens(tokens);
             }
         }
         if let Some(path) = cli.audit_log {

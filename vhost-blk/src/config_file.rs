@@ -172,6 +172,21 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
             })
             .collect::<Result<Vec<_>, _>>()
     };
+    // The daemon binds operators' sockets there by name: nobody else may write it.
+    for d in &file.operator_socket_dirs {
+        use std::os::unix::fs::PermissionsExt;
+        if std::fs::metadata(d).is_ok_and(|m| m.permissions().mode() & 0o022 != 0) {
+            return Err(FileError::Invalid {
+                path: path.to_owned(),
+                message: format!(
+                    "operator-socket-dirs: {} is writable by its group or others; the daemon \
+                     makes the sockets there, so only its owner may write it",
+                    d.display()
+                ),
+            }
+            .into());
+        }
+    }
     let operator_paths = crate::admission::OperatorPaths {
         image_dirs: canonical("operator-image-dirs", &file.operator_image_dirs)?,
         socket_dirs: canonical("operator-socket-dirs", &file.operator_socket_dirs)?,
@@ -441,6 +456,7 @@ mod tests {
             queue_depth: None,
             poll_us: None,
             limits: None,
+            added_by_operator: false,
         };
         w.add_disk(&b).unwrap();
         let c = load(&path).unwrap();

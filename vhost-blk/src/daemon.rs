@@ -325,7 +325,8 @@ impl DiskSet {
     fn stop_all(&self) -> Result<()> {
         self.stopping.store(true, Ordering::SeqCst);
         // A cancelled job undoes its work (a preallocation cuts the file back).
-        self.jobs.cancel_all_and_wait();
+        self.jobs
+            .cancel_all_and_wait(std::time::Duration::from_secs(20));
         // The disks served come first: an add stuck opening (a hung mount) must not keep
         // them from being drained and flushed.
         let disks = self.list();
@@ -387,7 +388,21 @@ impl Daemon {
             .map(|(name, limits)| ThrottleGroup::declare(name, *limits))
             .collect();
         for d in config.disks.clone() {
-            disks.add(d, None, false).map_err(anyhow::Error::from)?;
+            if !d.text.added_by_operator {
+                disks.add(d, None, false).map_err(anyhow::Error::from)?;
+                continue;
+            }
+            // An operator's disk is opened as when it was added: its files may have been
+            // swapped for links since. One that no longer passes is not served; the others
+            // are.
+            match crate::admission::check(&d.spec, &d.text.socket, &config.operator_paths, false) {
+                Ok(admitted) => {
+                    disks
+                        .add(d, Some(&admitted.spec), false)
+                        .map_err(anyhow::Error::from)?;
+                }
+                Err(e) => log::error!("disk {}: not served: {e}", d.id()),
+            }
         }
         crate::space::watch(disks.clone(), config.space).context("cannot start the space watch")?;
         let api = match &config.api_socket {

@@ -168,8 +168,11 @@ impl DiskServer {
         bytes: u64,
         preallocate: Option<(Preallocation, Progress<'_>)>,
     ) -> Result<Option<ConfigNotice>, ResizeError> {
-        let Ok(_one_at_a_time) = self.resizing.try_lock() else {
-            return Err(ResizeError::Busy);
+        // A resize that panicked leaves the lock poisoned, not held: go on.
+        let _one_at_a_time = match self.resizing.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Err(ResizeError::Busy),
         };
         if bytes == self.device.capacity() {
             return Ok(None);

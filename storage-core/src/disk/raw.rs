@@ -219,7 +219,12 @@ impl Disk for RawDisk {
         let total = bytes - old;
         // Queues still see the old size: nobody reads or writes the space being allocated.
         let result = (|| {
-            self.file.set_len(bytes).map_err(|e| self.grow_error(e))?;
+            // Zeroes go through a buffered descriptor of the same file: the disk's own may
+            // be O_DIRECT, which wants aligned buffers and offsets.
+            let buffered = std::fs::OpenOptions::new()
+                .write(true)
+                .open(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
+                .map_err(|e| self.grow_error(e))?;
             let zeroes = vec![0u8; PREALLOCATE_CHUNK as usize];
             let mut done = 0;
             while done < total {
@@ -228,11 +233,18 @@ impl Disk for RawDisk {
                 match mode {
                     super::Preallocation::Full => {
                         use std::os::unix::fs::FileExt;
-                        self.file.write_all_at(&zeroes[..n as usize], at)
+                        buffered.write_all_at(&zeroes[..n as usize], at)
                     }
+                    // KEEP_SIZE: the file's length (the disk's size after a restart) changes
+                    // only at the end, once everything is allocated.
                     // SAFETY: fallocate on our open descriptor with plain integers.
                     super::Preallocation::Falloc => match unsafe {
-                        libc::fallocate(self.file.as_raw_fd(), 0, at as i64, n as i64)
+                        libc::fallocate(
+                            self.file.as_raw_fd(),
+                            libc::FALLOC_FL_KEEP_SIZE,
+                            at as i64,
+                            n as i64,
+                        )
                     } {
                         0 => Ok(()),
                         _ => Err(io::Error::last_os_error()),
@@ -248,11 +260,17 @@ impl Disk for RawDisk {
                     .with_path(&self.info.path));
                 }
             }
+            self.file.set_len(bytes).map_err(|e| self.grow_error(e))?;
             self.file.sync_all().map_err(|e| self.grow_error(e))
         })();
         if let Err(e) = result {
             // Undo: the disk keeps its old size (the guest never saw the new one).
-            let _ = self.file.set_len(old).and_then(|()| self.file.sync_all());
+            if let Err(undo) = self.file.set_len(old).and_then(|()| self.file.sync_all()) {
+                log::error!(
+                    "{}: cannot cut the file back to {old} bytes: {undo}",
+                    self.info.path
+                );
+            }
             return Err(e);
         }
         self.info.capacity.set(bytes);
