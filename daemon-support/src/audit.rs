@@ -371,13 +371,16 @@ impl AuditLog {
     fn expire(&mut self, now: SystemTime) -> Result<(), AuditError> {
         let keep = Duration::from_secs(u64::from(self.config.retention_days) * DAY);
         let mut expired = Vec::new();
-        let mut last_hash = None;
+        // Each expired file's last line: whichever is deleted last, the oldest line kept
+        // follows one of these (a stop half-way through the deletions included).
+        let mut last_hashes = Vec::new();
         for (p, t) in rotated(&self.config.path)? {
             if now.duration_since(t).unwrap_or_default() > keep {
-                last_hash = scan(&p)?.2.map(|l| hash(&l)).or(last_hash);
+                last_hashes.extend(scan(&p)?.2.map(|l| hash(&l)));
                 expired.push(p);
             }
         }
+        let last_hash = last_hashes.last().cloned();
         if expired.is_empty() {
             return Ok(());
         }
@@ -389,6 +392,7 @@ impl AuditLog {
             params: serde_json::json!({
                 "files": expired.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
                 "last_hash": last_hash,
+                "last_hashes": last_hashes,
             }),
             status: 0,
             result: format!("older than {} days: deleted", self.config.retention_days),
@@ -550,6 +554,9 @@ pub fn verify(path: &Path) -> Result<Report, AuditError> {
                     let v: serde_json::Value = serde_json::from_slice(line).unwrap_or_default();
                     if let Some(h) = v["params"]["last_hash"].as_str() {
                         anchors.push(h.to_owned());
+                    }
+                    if let Some(hs) = v["params"]["last_hashes"].as_array() {
+                        anchors.extend(hs.iter().filter_map(|h| h.as_str()).map(str::to_owned));
                     }
                 }
                 _ => {}

@@ -269,7 +269,9 @@ fn run(cli: &Cli) -> Result<String, Failure> {
                 .collect();
             format!(
                 "token (shown once; give it to {name}): {token}\n\n\
-                 # for the daemon's config:\n[[token]]\nname = \"{name}\"\nsha256 = \"{hash}\"\nrole = \"{role}\"\n"
+                 # for the daemon's config:\n[[token]]\nname = {}\nsha256 = \"{hash}\"\nrole = \"{role}\"\n",
+                // A JSON string is a TOML basic string: the name quoted and escaped.
+                serde_json::to_string(name).unwrap_or_default()
             )
         }
         Command::Raw { method, path, data } => {

@@ -60,6 +60,8 @@ impl Cluster {
         let d = dir.path();
         let port = free_port();
         let fsid = uuid_like();
+        // `mon data avail crit = 1`: a monitor refuses to start on a host file system under
+        // 5% free by default, and a test cluster's data is a few megabytes.
         let conf = format!(
             "[global]\n\
              fsid = {fsid}\n\
@@ -74,6 +76,7 @@ impl Cluster {
              mon allow pool size one = true\n\
              mon warn on pool no redundancy = false\n\
              mon data avail warn = 1\n\
+             mon data avail crit = 1\n\
              osd crush chooseleaf type = 0\n\
              osd objectstore = bluestore\n\
              bluestore block create = true\n\

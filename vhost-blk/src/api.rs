@@ -319,8 +319,7 @@ async fn resize(
         let total = bytes.saturating_sub(d.device.capacity());
         let server = d.clone();
         let job = disks
-            .jobs
-            .start("resize", &id, total, move |p| {
+            .start_disk_job(&id, "resize", total, move |p| {
                 let mut progress = |done, _total| p.update(done);
                 match server.resize(bytes, Some((mode, &mut progress))) {
                     Ok(_) => Outcome::Done,
@@ -330,7 +329,7 @@ async fn resize(
                     Err(e) => Outcome::Failed(e.to_string()),
                 }
             })
-            .map_err(|e| ApiError::conflict(e.to_string()))?;
+            .map_err(set_error)?;
         return Ok((StatusCode::ACCEPTED, Json(job.json())).into_response());
     }
     let server = d.clone();
@@ -461,7 +460,7 @@ fn set_error(e: SetError) -> ApiError {
         SetError::Persist { .. } | SetError::Stop { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         SetError::BadLimits(_) => StatusCode::BAD_REQUEST,
         SetError::Forbidden(_) => StatusCode::FORBIDDEN,
-        SetError::JobRunning(..) => StatusCode::CONFLICT,
+        SetError::JobRunning(..) | SetError::Job(_) => StatusCode::CONFLICT,
         SetError::NoThrottle(_) | SetError::GroupLimits(..) => StatusCode::CONFLICT,
         SetError::NoGroup(_) => StatusCode::NOT_FOUND,
     };

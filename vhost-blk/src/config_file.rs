@@ -122,6 +122,21 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
+    for (i, t) in tokens.iter().enumerate() {
+        if let Some(other) = tokens[..i]
+            .iter()
+            .find(|o| o.name == t.name || o.sha256 == t.sha256)
+        {
+            return Err(FileError::Invalid {
+                path: path.to_owned(),
+                message: format!(
+                    "tokens {:?} and {:?}: each token needs a name and a secret of its own",
+                    other.name, t.name
+                ),
+            }
+            .into());
+        }
+    }
     let access = access.with_tokens(tokens);
     let api_tls = match &file.api_tls {
         None => None,

@@ -50,6 +50,8 @@ pub enum SetError {
     Forbidden(String),
     #[error("disk {0:?} has a job running ({1}): wait for it or cancel it")]
     JobRunning(String, String),
+    #[error("{0}")]
+    Job(String),
     #[error("disk {0:?} has no throttle node: give it limits when it is added (`limits`, even all zero) to change them at run time")]
     NoThrottle(String),
     #[error("disk {0:?}'s limits are throttle group {1:?}'s: set the group's limits")]
@@ -157,18 +159,23 @@ impl DiskSet {
         }
         let result = self.start_and_keep(config, open_as, persist);
         let mut st = lock(&self.state);
+        if let Ok(server) = &result {
+            if self.stopping.load(Ordering::SeqCst) {
+                // Shutdown began after the check: not served after all (drained and flushed
+                // before its id and socket are let go, so shutdown waits for it).
+                drop(st);
+                server.stop();
+                let _ = server.join();
+                st = lock(&self.state);
+                st.release(&id);
+                self.settled.notify_all();
+                return Err(SetError::ShuttingDown);
+            }
+            st.disks.insert(id.clone(), server.clone());
+        }
         st.release(&id);
         self.settled.notify_all();
-        let server = result?;
-        if self.stopping.load(Ordering::SeqCst) {
-            // Shutdown began while the disk opened: it is not served after all.
-            drop(st);
-            server.stop();
-            let _ = server.join();
-            return Err(SetError::ShuttingDown);
-        }
-        st.disks.insert(id, server.clone());
-        Ok(server)
+        result
     }
 
     fn start_and_keep(
@@ -182,6 +189,12 @@ impl DiskSet {
         let server = Arc::new(
             DiskServer::start(config, open_as, self.socket_group).map_err(SetError::Open)?,
         );
+        if self.stopping.load(Ordering::SeqCst) {
+            // Not kept either: it would come back at the next start.
+            server.stop();
+            let _ = server.join();
+            return Err(SetError::ShuttingDown);
+        }
         if let (true, Some(w)) = (persist, &self.writer) {
             if let Err(source) = w.add_disk(&text) {
                 server.stop();
@@ -193,6 +206,29 @@ impl DiskSet {
             }
         }
         Ok(server)
+    }
+
+    /// Starts a job on a disk, under the set's lock: not on a disk being removed, nor once
+    /// shutdown began (a removal checks for jobs under the same lock).
+    pub fn start_disk_job(
+        &self,
+        id: &str,
+        kind: &'static str,
+        total: u64,
+        work: impl FnOnce(&daemon_support::jobs::Progress<'_>) -> daemon_support::jobs::Outcome
+            + Send
+            + 'static,
+    ) -> Result<Arc<daemon_support::jobs::Job>, SetError> {
+        let st = lock(&self.state);
+        if self.stopping.load(Ordering::SeqCst) {
+            return Err(SetError::ShuttingDown);
+        }
+        if !st.disks.contains_key(id) {
+            return Err(SetError::NotFound(id.to_owned()));
+        }
+        self.jobs
+            .start(kind, id, total, work)
+            .map_err(|e| SetError::Job(e.to_string()))
     }
 
     /// Stops serving a disk (drain, flush, close) and forgets it. A disk with a frontend
@@ -305,10 +341,12 @@ impl DiskSet {
     pub fn set_group_limits(&self, name: &str, text: LimitsText) -> Result<(), SetError> {
         let limits = parse_limits(&text).map_err(|e| SetError::BadLimits(e.to_string()))?;
         let _order = lock(&self.limits_order);
-        let group = ThrottleGroup::find(name)
+        ThrottleGroup::find(name)
             .filter(|g| !g.name().is_empty())
             .ok_or_else(|| SetError::NoGroup(name.to_owned()))?;
-        group.set_limits(limits);
+        // Declared: from now on its limits are these, whatever a new member carries (as
+        // after a restart, when the config's [throttle-groups] declares it).
+        ThrottleGroup::declare(name, limits);
         if let Some(w) = &self.writer {
             w.set_group_limits(name, &text)
                 .map_err(|source| SetError::Persist {

@@ -78,6 +78,16 @@ impl TieredDisk {
         let cache_meta = cache
             .metadata()
             .map_err(|e| open_err(&spec.cache, "cannot stat cache device", e))?;
+        {
+            use std::os::unix::fs::MetadataExt;
+            if (cache_meta.dev(), cache_meta.ino()) == cap_info.identity {
+                return Err(storage_err(
+                    StorageErrorKind::InvalidSpec,
+                    &spec.cache,
+                    "the cache file is the capacity device itself",
+                ));
+            }
+        }
         // An empty file holds nothing to lose: it is new (one an admission check created).
         let created = created || (cache_meta.is_file() && cache_meta.len() == 0);
         if created || (cache_meta.is_file() && cache_meta.len() < spec.cache_size) {
