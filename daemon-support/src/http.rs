@@ -157,6 +157,43 @@ pub struct Gate {
     audit: Option<Mutex<AuditLog>>,
     /// Whether callers' user names are looked up ([`Principal::name`]).
     lookup_names: bool,
+    /// Refusals of callers over TCP without a token, by address.
+    unauthenticated: Refusals,
+}
+
+/// How often a refusal without a token is written down, per address.
+const REFUSAL_LINE_EVERY: Duration = Duration::from_secs(10);
+
+/// Refusals without a token: when each address was last written down, and how many since.
+#[derive(Default)]
+struct Refusals(Mutex<std::collections::HashMap<std::net::IpAddr, (std::time::Instant, u64)>>);
+
+impl Refusals {
+    /// `Some(n)` when this refusal is to be written down (`n` more since the last line).
+    fn note(&self, ip: std::net::IpAddr) -> Option<u64> {
+        let now = std::time::Instant::now();
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        // Forget quiet addresses, so the table stays small.
+        if m.len() > 4096 {
+            m.retain(|_, (t, _)| now.duration_since(*t) < REFUSAL_LINE_EVERY);
+        }
+        match m.get_mut(&ip) {
+            Some((t, n)) if now.duration_since(*t) < REFUSAL_LINE_EVERY => {
+                *n += 1;
+                None
+            }
+            Some((t, n)) => {
+                let since = *n;
+                *t = now;
+                *n = 0;
+                Some(since)
+            }
+            None => {
+                m.insert(ip, (now, 0));
+                Some(0)
+            }
+        }
+    }
 }
 
 impl Gate {
@@ -165,6 +202,7 @@ impl Gate {
             access,
             audit: audit.map(Mutex::new),
             lookup_names,
+            unauthenticated: Refusals::default(),
         })
     }
 
@@ -256,21 +294,29 @@ async fn check(
             None => {
                 let message =
                     "a bearer token this daemon knows is needed (Authorization: Bearer ...)";
-                log::warn!(
-                    "api: refused {} {object} from {addr}: no valid token",
-                    op.name
-                );
-                let entry = Entry {
-                    principal: format!("remote@{addr}"),
-                    role: None,
-                    operation: op.name.into(),
-                    object,
-                    params: audit::redact(serde_json::json!({ "query": query })),
-                    status: 401,
-                    result: format!("denied: {message}"),
-                };
-                if let Err(e) = gate.record(None, entry).await {
-                    log::error!("cannot write the audit log: {e}");
+                // Anyone who reaches the port can ask: one audited (and logged) refusal per
+                // address per interval, the others counted into it, so that asking cannot
+                // fill the log or its disk.
+                if let Some(also) = gate.unauthenticated.note(addr.ip()) {
+                    log::warn!(
+                        "api: refused {} {object} from {addr}: no valid token ({also} more from \
+                         that address since the last line)",
+                        op.name
+                    );
+                    let entry = Entry {
+                        principal: format!("remote@{addr}"),
+                        role: None,
+                        operation: op.name.into(),
+                        object,
+                        params: audit::redact(
+                            serde_json::json!({ "query": query, "refused_since_last_line": also }),
+                        ),
+                        status: 401,
+                        result: format!("denied: {message}"),
+                    };
+                    if let Err(e) = gate.record(None, entry).await {
+                        log::error!("cannot write the audit log: {e}");
+                    }
                 }
                 let mut r = json_error(StatusCode::UNAUTHORIZED, message);
                 r.headers_mut().insert(

@@ -27,6 +27,9 @@ pub struct Cli {
         value_name = "TOKEN"
     )]
     pub token: Option<String>,
+    /// Read the bearer token from this file instead (it stays out of the process list).
+    #[arg(long, global = true, value_name = "FILE", conflicts_with = "token")]
+    pub token_file: Option<PathBuf>,
     /// The certificate (or its CA) to trust for --url, PEM.
     #[arg(long, global = true, env = "STRATA_CACERT", value_name = "FILE")]
     pub cacert: Option<PathBuf>,

@@ -70,9 +70,18 @@ fn run(cli: &Cli) -> Result<String, Failure> {
             cli.cacert
                 .clone()
                 .ok_or_else(|| Failure("--url needs --cacert (the certificate to trust)".into()))?,
-            cli.token
-                .clone()
-                .ok_or_else(|| Failure("--url needs --token (or STRATA_TOKEN)".into()))?,
+            match (&cli.token, &cli.token_file) {
+                (Some(t), _) => t.clone(),
+                (None, Some(f)) => std::fs::read_to_string(f)
+                    .map_err(|e| Failure(format!("--token-file {}: {e}", f.display())))?
+                    .trim()
+                    .to_owned(),
+                (None, None) => {
+                    return Err(Failure(
+                        "--url needs --token, --token-file or STRATA_TOKEN".into(),
+                    ))
+                }
+            },
         )
         .map_err(Failure)?,
     };

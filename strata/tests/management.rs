@@ -764,6 +764,27 @@ fn the_api_over_tls_takes_bearer_tokens_and_only_tls_1_3() {
         code == 1 && err.contains("401") && err.contains("bearer token"),
         "{err}"
     );
+    // Many refusals from one address make one audit line, not many.
+    for _ in 0..5 {
+        let (code, _, _) = over_tls(&"4".repeat(64), &["health"]);
+        assert_eq!(code, 1);
+    }
+    // The token from a file.
+    let token_file = tmp.path().join("token");
+    std::fs::write(&token_file, format!("{op_token}\n")).unwrap();
+    let (code, _, err) = f.strata_as(
+        0,
+        &[
+            "--url",
+            url.as_str(),
+            "--cacert",
+            cert.to_str().unwrap(),
+            "--token-file",
+            token_file.to_str().unwrap(),
+            "health",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
     // The audit log names the token's holder and where the call came from.
     let lines = f.audit_lines();
     assert!(lines.iter().any(|l| l["operation"] == "disk.add"
@@ -772,7 +793,11 @@ fn the_api_over_tls_takes_bearer_tokens_and_only_tls_1_3() {
             .unwrap()
             .starts_with("token:ci-bot@127.0.0.1:")
         && l["role"] == "operator"));
-    assert!(lines.iter().any(|l| l["status"] == 401));
+    assert_eq!(
+        lines.iter().filter(|l| l["status"] == 401).count(),
+        1,
+        "{lines:#?}"
+    );
     // TLS 1.3 only: a client that offers at most 1.2 gets no session; the same client
     // offering 1.3 does (so the refusal is the version's, not a wrong port).
     let handshake = |version: &str| {
