@@ -527,7 +527,9 @@ pub fn verify(path: &Path) -> Result<Report, AuditError> {
                 line: i as u64 + 1,
                 reason,
             };
-            let Some(prev) = line_prev(line) else {
+            // Parsed once; every field below is read from it.
+            let v: serde_json::Value = serde_json::from_slice(line).unwrap_or_default();
+            let Some(prev) = v["prev"].as_str().map(str::to_owned) else {
                 broke = Some(at("not a JSON line with a \"prev\" hash".into()));
                 break 'files;
             };
@@ -542,16 +544,15 @@ pub fn verify(path: &Path) -> Result<Report, AuditError> {
                 }
                 _ => {}
             }
-            match line_field(line, "operation").as_deref() {
+            match v["operation"].as_str() {
                 Some(MISMATCH) => {
                     broke = Some(at(format!(
                         "a daemon found the log changed while no daemon held it: {}",
-                        line_field(line, "result").unwrap_or_default()
+                        v["result"].as_str().unwrap_or_default()
                     )));
                     break 'files;
                 }
                 Some(EXPIRED) => {
-                    let v: serde_json::Value = serde_json::from_slice(line).unwrap_or_default();
                     if let Some(h) = v["params"]["last_hash"].as_str() {
                         anchors.push(h.to_owned());
                     }
@@ -782,6 +783,24 @@ mod tests {
             };
             assert!(b.reason.contains(needle), "{what}: {b:?}");
         }
+    }
+
+    #[test]
+    fn a_power_cut_between_a_line_and_its_head_is_no_tampering() {
+        // The line reached the disk, the head file's update did not.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let head = dir.path().join("audit.log.head");
+        let mut log = log_in(dir.path());
+        log.append(&entry("a")).unwrap();
+        let after_first = std::fs::read(&head).unwrap();
+        log.append(&entry("b")).unwrap();
+        drop(log);
+        std::fs::write(&head, after_first).unwrap();
+        log_in(dir.path()).append(&entry("c")).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(!text.contains(MISMATCH), "{text}");
+        assert_eq!(verify(&path).unwrap().first_break, None);
     }
 
     #[test]

@@ -449,23 +449,30 @@ pub fn finish(router: Router) -> Router {
 /// Serves `router` on `listener` from a thread named `api`, within `limits`.
 pub fn serve(listener: StdUnixListener, router: Router, limits: Limits) -> std::io::Result<()> {
     listener.set_nonblocking(true)?;
+    on_own_thread("api", async move {
+        let listener = match tokio::net::UnixListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => {
+                log::error!("api: cannot use the listening socket: {e}");
+                return;
+            }
+        };
+        accept_loop(listener, router, limits).await;
+    })
+}
+
+/// Runs `work` on a thread named `name`, with a single-threaded tokio runtime of its own
+/// (the API is a control plane: one thread, blocking work on tokio's blocking pool).
+fn on_own_thread(
+    name: &str,
+    work: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     std::thread::Builder::new()
-        .name("api".into())
-        .spawn(move || {
-            runtime.block_on(async move {
-                let listener = match tokio::net::UnixListener::from_std(listener) {
-                    Ok(l) => l,
-                    Err(e) => {
-                        log::error!("api: cannot use the listening socket: {e}");
-                        return;
-                    }
-                };
-                accept_loop(listener, router, limits).await;
-            })
-        })?;
+        .name(name.into())
+        .spawn(move || runtime.block_on(work))?;
     Ok(())
 }
 
@@ -545,50 +552,42 @@ pub fn serve_tls(
     limits: Limits,
 ) -> std::io::Result<()> {
     listener.set_nonblocking(true)?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    std::thread::Builder::new()
-        .name("api-tls".into())
-        .spawn(move || {
-            runtime.block_on(async move {
-                let listener = match tokio::net::TcpListener::from_std(listener) {
-                    Ok(l) => l,
-                    Err(e) => {
-                        log::error!("api: cannot use the TCP socket: {e}");
-                        return;
-                    }
-                };
-                let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-                let places = Arc::new(Semaphore::new(limits.connections));
-                loop {
-                    let (tcp, addr) = match listener.accept().await {
-                        Ok(c) => c,
-                        Err(e) => {
-                            log::warn!("api: accept failed: {e}");
-                            tokio::time::sleep(Duration::from_millis(10)).await;
-                            continue;
-                        }
-                    };
-                    // Over the limit: closed before the handshake (no plain-text answer).
-                    let Ok(place) = places.clone().try_acquire_owned() else {
-                        continue;
-                    };
-                    let (acceptor, router) = (acceptor.clone(), router.clone());
-                    tokio::spawn(async move {
-                        let _place = place;
-                        match tokio::time::timeout(limits.head_time, acceptor.accept(tcp)).await {
-                            Ok(Ok(stream)) => {
-                                serve_connection(stream, Who::Remote(addr), router, limits).await
-                            }
-                            Ok(Err(e)) => log::debug!("api: TLS handshake with {addr}: {e}"),
-                            Err(_) => log::debug!("api: TLS handshake with {addr} too slow"),
-                        }
-                    });
+    on_own_thread("api-tls", async move {
+        let listener = match tokio::net::TcpListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => {
+                log::error!("api: cannot use the TCP socket: {e}");
+                return;
+            }
+        };
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        let places = Arc::new(Semaphore::new(limits.connections));
+        loop {
+            let (tcp, addr) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    log::warn!("api: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
                 }
-            })
-        })?;
-    Ok(())
+            };
+            // Over the limit: closed before the handshake (no plain-text answer).
+            let Ok(place) = places.clone().try_acquire_owned() else {
+                continue;
+            };
+            let (acceptor, router) = (acceptor.clone(), router.clone());
+            tokio::spawn(async move {
+                let _place = place;
+                match tokio::time::timeout(limits.head_time, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        serve_connection(stream, Who::Remote(addr), router, limits).await
+                    }
+                    Ok(Err(e)) => log::debug!("api: TLS handshake with {addr}: {e}"),
+                    Err(_) => log::debug!("api: TLS handshake with {addr} too slow"),
+                }
+            });
+        }
+    })
 }
 
 /// A TLS 1.3 server configuration from PEM files: the certificate chain, and a private

@@ -834,3 +834,28 @@ fn the_api_over_tls_takes_bearer_tokens_and_only_tls_1_3() {
     let audit = std::fs::read_to_string(f.path("audit/audit.log")).unwrap();
     assert!(!audit.contains(&op_token) && !audit.contains(&viewer_token));
 }
+
+#[test]
+fn resize_requests_that_make_no_sense_are_refused_and_change_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = Fixture::new(&null_disk("a", tmp.path()));
+    for (body, status) in [
+        (r#"{"size": "lots"}"#, "400"),
+        (r#"{"size": "99999999999999999999T"}"#, "400"),
+        (r#"{"size": 18446744073709551615}"#, "400"),
+        (r#"{"size": -1}"#, "422"),
+        (r#"{"size": 1000}"#, "400"),
+        (r#"{"size": 512}"#, "400"),
+        (r#"{"size": "2M", "preallocate": "sometimes"}"#, "422"),
+        (r#"{"size": "2M", "extra": 1}"#, "422"),
+        (r#"{}"#, "422"),
+        (r#"[1, 2]"#, "400"),
+    ] {
+        let (code, _, err) = f.strata_as(0, &["raw", "POST", "/v1/disks/a/resize", "--data", body]);
+        assert_eq!(code, 1, "{body}");
+        assert!(err.contains(status), "{body}: {err}");
+    }
+    let show: serde_json::Value =
+        serde_json::from_str(&f.strata(&["--json", "disk", "show", "a"])).unwrap();
+    assert_eq!(show["size"], 1u64 << 20);
+}

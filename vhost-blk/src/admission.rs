@@ -44,9 +44,9 @@ pub fn check(
     allowed: &OperatorPaths,
     admin: bool,
 ) -> Result<Admitted, String> {
-    let mut files = Vec::new();
-    let mut admin_only = Vec::new();
-    walk(&spec.root, &mut files, &mut admin_only);
+    let files = spec.root.files();
+    let mut admin_only_parts = Vec::new();
+    admin_only(&spec.root, &mut admin_only_parts);
     for p in files.iter().map(|(p, _)| p).chain([&socket.to_path_buf()]) {
         if !p.is_absolute() {
             return Err(format!(
@@ -61,7 +61,7 @@ pub fn check(
             held: Vec::new(),
         });
     }
-    if let Some(what) = admin_only.first() {
+    if let Some(what) = admin_only_parts.first() {
         return Err(format!("{what} needs the admin role"));
     }
     let (socket_dir, _) = beneath(socket, &allowed.socket_dirs).ok_or_else(|| {
@@ -82,7 +82,7 @@ pub fn check(
     let mut spec = spec.clone();
     let mut held = Vec::new();
     let mut err = None;
-    substitute(&mut spec.root, &mut |path, create| {
+    spec.root.files_mut(&mut |path, create| {
         if err.is_some() {
             return;
         }
@@ -206,39 +206,23 @@ fn list(dirs: &[PathBuf]) -> String {
         .join(", ")
 }
 
-/// The files a disk names (and whether each may be created: a cache), and what in it is
-/// an admin's to ask for.
-fn walk(node: &NodeSpec, files: &mut Vec<(PathBuf, bool)>, admin_only: &mut Vec<String>) {
+/// What in a graph is an admin's to ask for.
+fn admin_only(node: &NodeSpec, out: &mut Vec<String>) {
     match node {
-        NodeSpec::File { path, .. } => files.push((path.clone(), false)),
-        NodeSpec::Null { .. } => {}
+        NodeSpec::File { .. } | NodeSpec::Null { .. } => {}
         NodeSpec::Tier { capacity, tier, .. } => {
-            files.push((tier.cache.clone(), true));
             if tier.force_format {
-                admin_only.push("cache-format=force".into());
+                out.push("cache-format=force".into());
             }
-            walk(capacity, files, admin_only);
+            admin_only(capacity, out);
         }
-        NodeSpec::Rbd(r) => admin_only.push(format!("the RBD image {}/{}", r.pool, r.image)),
+        NodeSpec::Rbd(r) => out.push(format!("the RBD image {}/{}", r.pool, r.image)),
         NodeSpec::Throttle { child, limits } => {
             if let ThrottleSpec::Group { name, .. } = limits {
-                admin_only.push(format!("joining the throttle group {name:?}"));
+                out.push(format!("joining the throttle group {name:?}"));
             }
-            walk(child, files, admin_only)
+            admin_only(child, out)
         }
-    }
-}
-
-/// Calls `f` on every file path of the graph (with whether it may be created).
-fn substitute(node: &mut NodeSpec, f: &mut dyn FnMut(&mut PathBuf, bool)) {
-    match node {
-        NodeSpec::File { path, .. } => f(path, false),
-        NodeSpec::Tier { capacity, tier, .. } => {
-            f(&mut tier.cache, true);
-            substitute(capacity, f);
-        }
-        NodeSpec::Throttle { child, .. } => substitute(child, f),
-        NodeSpec::Null { .. } | NodeSpec::Rbd(_) => {}
     }
 }
 

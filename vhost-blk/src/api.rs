@@ -550,35 +550,14 @@ pub fn render_metrics(disks: &[Arc<DiskServer>]) -> String {
     out.finish()
 }
 
-/// Where the disk's data lives, as the user named it (not the `/proc/self/fd` path an
-/// operator's disk is opened through).
-fn shown_path(d: &DiskServer) -> String {
-    let info = d.device.info();
-    if info.path.starts_with("/proc/self/fd/") {
-        // As configured, without resolving anything (no system call on the API's thread,
-        // and no following a link planted since).
-        fn leaf(n: &storage_core::disk::NodeSpec) -> String {
-            use storage_core::disk::NodeSpec;
-            match n {
-                NodeSpec::File { path, .. } => path.display().to_string(),
-                NodeSpec::Tier { capacity, .. } => leaf(capacity),
-                NodeSpec::Throttle { child, .. } => leaf(child),
-                other => other.leaf_name(),
-            }
-        }
-        leaf(&d.config.spec.root)
-    } else {
-        info.path.clone()
-    }
-}
-
 /// What `GET /v1/disks` reports of each disk.
 fn summary(d: &DiskServer) -> serde_json::Value {
     let info = d.device.info();
     serde_json::json!({
         "id": d.id(),
         "socket": d.config.text.socket,
-        "path": shown_path(d),
+        // As configured: an operator's disk is opened through /proc/self/fd paths.
+        "path": d.config.spec.root.data_path(),
         "format": info.format,
         "size": info.capacity.get(),
         "read_only": info.read_only,
@@ -595,7 +574,8 @@ pub fn disk_json(d: &DiskServer) -> serde_json::Value {
         "id": d.id(),
         "socket": d.config.text.socket,
         "config": d.text(),
-        "path": shown_path(d),
+        // As configured: an operator's disk is opened through /proc/self/fd paths.
+        "path": d.config.spec.root.data_path(),
         "format": info.format,
         "size": info.capacity.get(),
         "read_only": info.read_only,

@@ -360,7 +360,9 @@ impl ConfigWriter {
             .filter(|d| !d.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
         let name = path.file_name().unwrap_or_default().to_string_lossy();
-        let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+        // One name: writes take turns (above), and a leftover of a daemon that stopped
+        // between writing it and renaming it is replaced, not left to pile up.
+        let tmp = dir.join(format!(".{name}.tmp"));
         let meta = std::fs::metadata(path).map_err(io)?;
         let mode = meta.permissions().mode() & 0o777;
         // A leftover of a daemon that died mid-write goes; then the name must be new to us
@@ -448,6 +450,21 @@ mod tests {
             assert!(e.contains(needle), "{text:?}: {e}");
             assert!(!e.contains('\n'), "{e}");
         }
+    }
+
+    #[test]
+    fn a_rewrite_cut_short_before_its_rename_leaves_the_config_whole() {
+        // A power cut after the temporary file was written, before the rename: the config
+        // is the old one, and the next change goes through.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        let text = "[[disk]]\nid = \"a\"\nsocket = \"/run/a\"\ndisk = \"path=null,size=1M\"\n";
+        std::fs::write(&path, text).unwrap();
+        std::fs::write(dir.path().join(".c.toml.tmp"), "[[disk]]\nid = \"half").unwrap();
+        assert_eq!(load(&path).unwrap().disks.len(), 1);
+        ConfigWriter::new(path.clone()).remove_disk("a").unwrap();
+        assert_eq!(load(&path).unwrap().disks.len(), 0);
+        assert!(!dir.path().join(".c.toml.tmp").exists());
     }
 
     #[test]

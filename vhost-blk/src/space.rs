@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use storage_core::disk::{DiskSpec, NodeSpec};
+use storage_core::disk::DiskSpec;
 
 use crate::daemon::DiskSet;
 
@@ -50,20 +50,7 @@ impl Usage {
 
 /// The files a disk stores data in (not an RBD image: the cluster watches its own space).
 pub fn files(spec: &DiskSpec) -> Vec<PathBuf> {
-    fn walk(n: &NodeSpec, out: &mut Vec<PathBuf>) {
-        match n {
-            NodeSpec::File { path, .. } => out.push(path.clone()),
-            NodeSpec::Tier { capacity, tier, .. } => {
-                out.push(tier.cache.clone());
-                walk(capacity, out);
-            }
-            NodeSpec::Throttle { child, .. } => walk(child, out),
-            NodeSpec::Null { .. } | NodeSpec::Rbd(_) => {}
-        }
-    }
-    let mut out = Vec::new();
-    walk(&spec.root, &mut out);
-    out
+    spec.root.files().into_iter().map(|(p, _)| p).collect()
 }
 
 /// statvfs of the file system holding `path` (a regular file: a block device's is /dev's).

@@ -83,6 +83,40 @@ impl NodeSpec {
         }
     }
 
+    /// Where the data lives, as the user named it (what `DiskInfo::path` says for a disk
+    /// opened from this spec), without touching the file system.
+    pub fn data_path(&self) -> String {
+        match self {
+            NodeSpec::File { path, .. } => path.display().to_string(),
+            NodeSpec::Null { .. } => "null".to_string(),
+            NodeSpec::Rbd(r) => format!("rbd:{}/{}", r.pool, r.image),
+            NodeSpec::Tier { capacity, .. } => capacity.data_path(),
+            NodeSpec::Throttle { child, .. } => child.data_path(),
+        }
+    }
+
+    /// Calls `f` on every file the graph stores data in, with whether the node creates it
+    /// when missing (a tier's cache file).
+    pub fn files_mut(&mut self, f: &mut dyn FnMut(&mut PathBuf, bool)) {
+        match self {
+            NodeSpec::File { path, .. } => f(path, false),
+            NodeSpec::Tier { capacity, tier, .. } => {
+                f(&mut tier.cache, true);
+                capacity.files_mut(f);
+            }
+            NodeSpec::Throttle { child, .. } => child.files_mut(f),
+            NodeSpec::Null { .. } | NodeSpec::Rbd(_) => {}
+        }
+    }
+
+    /// The files the graph stores data in (see [`files_mut`](Self::files_mut)).
+    pub fn files(&self) -> Vec<(PathBuf, bool)> {
+        let mut out = Vec::new();
+        self.clone()
+            .files_mut(&mut |p, create| out.push((p.clone(), create)));
+        out
+    }
+
     /// The first tier in the graph, from the root down.
     pub fn tier(&self) -> Option<&TierSpec> {
         match self {
