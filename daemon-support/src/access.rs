@@ -155,6 +155,8 @@ impl RuleText {
 pub struct AccessTable {
     rules: Vec<Rule>,
     tokens: Vec<Token>,
+    /// The role an operation needs, where the config says otherwise than the daemon.
+    privileges: std::collections::BTreeMap<String, Role>,
 }
 
 impl AccessTable {
@@ -162,7 +164,19 @@ impl AccessTable {
         AccessTable {
             rules,
             tokens: Vec::new(),
+            privileges: Default::default(),
         }
+    }
+
+    /// With the role each named operation needs, instead of the daemon's default for it.
+    pub fn with_privileges(mut self, privileges: std::collections::BTreeMap<String, Role>) -> Self {
+        self.privileges = privileges;
+        self
+    }
+
+    /// The role operation `name` needs: the config's, or else `default`.
+    pub fn needed(&self, name: &str, default: Role) -> Role {
+        self.privileges.get(name).copied().unwrap_or(default)
     }
 
     /// The bearer tokens.

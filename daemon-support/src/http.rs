@@ -119,7 +119,8 @@ impl IntoResponse for ApiError {
     }
 }
 
-fn json_error(status: StatusCode, message: &str) -> Response {
+/// An error answer with a JSON body `{"error": message}`.
+pub fn json_error(status: StatusCode, message: &str) -> Response {
     (status, axum::Json(serde_json::json!({ "error": message }))).into_response()
 }
 
@@ -333,11 +334,12 @@ async fn check(
         },
         (None, None) => return json_error(StatusCode::INTERNAL_SERVER_ERROR, "caller unknown"),
     };
-    let allowed = role.filter(|r| *r >= op.role);
+    let needed = gate.access.needed(op.name, op.role);
+    let allowed = role.filter(|r| *r >= needed);
     let Some(role) = allowed else {
         let message = match role {
             None => format!("{who} has no role here"),
-            Some(r) => format!("{} needs the {} role; {who} has {r}", op.name, op.role),
+            Some(r) => format!("{} needs the {needed} role; {who} has {r}", op.name),
         };
         log::warn!("api: denied {} {object}: {message}", op.name);
         let entry = Entry {

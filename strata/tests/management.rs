@@ -859,3 +859,50 @@ fn resize_requests_that_make_no_sense_are_refused_and_change_nothing() {
         serde_json::from_str(&f.strata(&["--json", "disk", "show", "a"])).unwrap();
     assert_eq!(show["size"], 1u64 << 20);
 }
+
+#[test]
+fn the_role_each_operation_needs_comes_from_the_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = Fixture::with(
+        "[privileges]\n\"disk.resize\" = \"admin\"\n\"metrics\" = \"operator\"\n",
+        &null_disk("a", tmp.path()),
+    );
+    let (code, _, err) = f.strata_as(OPERATOR, &["disk", "resize", "a", "2M"]);
+    assert!(
+        code == 1 && err.contains("403") && err.contains("disk.resize needs the admin role"),
+        "{err}"
+    );
+    let (code, _, err) = f.strata_as(ADMIN, &["disk", "resize", "a", "2M"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = f.strata_as(VIEWER, &["raw", "GET", "/metrics"]);
+    assert!(code == 1 && err.contains("403"), "{err}");
+    let (code, _, err) = f.strata_as(OPERATOR, &["raw", "GET", "/metrics"]);
+    assert_eq!(code, 0, "{err}");
+    // What the config does not name keeps its default: a viewer still lists.
+    let (code, _, err) = f.strata_as(VIEWER, &["disk", "list"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(f
+        .audit_lines()
+        .iter()
+        .any(|l| l["operation"] == "disk.resize" && l["status"] == 403 && l["role"] == "operator"));
+
+    // An operation the daemon does not have, or a role it does not know: one line, exit 2.
+    for (table, expect) in [
+        (
+            "\"disk.destroy\" = \"admin\"",
+            "no operation \"disk.destroy\"",
+        ),
+        ("\"disk.add\" = \"root\"", "privileges.disk.add"),
+    ] {
+        let path = tmp.path().join("bad.toml");
+        std::fs::write(&path, format!("[privileges]\n{table}\n")).unwrap();
+        let out = Command::new(binary_path("vhost-blk"))
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains(expect) && err.lines().count() == 1, "{err}");
+    }
+}

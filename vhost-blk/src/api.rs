@@ -22,6 +22,7 @@ use crate::config::{Config, DiskText, LimitsText};
 use crate::daemon::{DiskSet, SetError};
 use crate::device::BlkDevice;
 use crate::disk_server::{DiskServer, ResizeError};
+use crate::history::History;
 use daemon_support::jobs::{JobError, Outcome};
 use daemon_support::transport::ConfigNotice;
 use storage_core::disk::Preallocation;
@@ -35,6 +36,7 @@ pub const DISK_GET: Operation = Operation::read("disk.get");
 pub const DISK_ADD: Operation = Operation::write("disk.add", Role::Operator);
 pub const DISK_RESIZE: Operation = Operation::write("disk.resize", Role::Operator);
 pub const DISK_LIMITS: Operation = Operation::write("disk.limits", Role::Operator);
+pub const HISTORY: Operation = Operation::read("history");
 pub const JOB_LIST: Operation = Operation::read("job.list");
 pub const JOB_GET: Operation = Operation::read("job.get");
 pub const JOB_CANCEL: Operation = Operation::write("job.cancel", Role::Operator);
@@ -62,6 +64,11 @@ pub const ROUTES: &[Route] = &[
         method: "GET",
         path: "/metrics",
         op: METRICS,
+    },
+    Route {
+        method: "GET",
+        path: "/v1/history",
+        op: HISTORY,
     },
     Route {
         method: "GET",
@@ -121,7 +128,12 @@ pub const ROUTES: &[Route] = &[
 ];
 
 /// Binds the API socket and serves it.
-pub fn start(path: &Path, config: &Config, disks: Arc<DiskSet>) -> anyhow::Result<SocketFile> {
+pub fn start(
+    path: &Path,
+    config: &Config,
+    disks: Arc<DiskSet>,
+    history: Arc<History>,
+) -> anyhow::Result<SocketFile> {
     let audit = match &config.audit {
         Some(a) => Some(AuditLog::open(a.clone())?),
         None => {
@@ -141,23 +153,29 @@ pub fn start(path: &Path, config: &Config, disks: Arc<DiskSet>) -> anyhow::Resul
         http::serve_tls(
             listener,
             server,
-            router(&gate, disks.clone()),
+            router(&gate, disks.clone(), history.clone()),
             Limits::default(),
         )?;
         eprintln!("vhost-blk: API (TLS) listening on {addr}");
     }
     let (listener, file) = socket::bind(path, config.socket_group)?;
-    http::serve(listener, router(&gate, disks), Limits::default())?;
+    http::serve(listener, router(&gate, disks, history), Limits::default())?;
     Ok(file)
 }
 
 /// The router, made from [`ROUTES`] alone: a route is served only as it is listed (with
-/// its operation and role), which the OpenAPI and role tests check.
-fn router(gate: &Arc<Gate>, disks: Arc<DiskSet>) -> Router {
+/// its operation and role), which the OpenAPI and role tests check. The one exception is
+/// the dashboard's page ([`crate::dashboard`]): code without data, which gets its data
+/// from the routes listed, as its caller.
+fn router(gate: &Arc<Gate>, disks: Arc<DiskSet>, history: Arc<History>) -> Router {
     let mut r = Router::new();
     for route in ROUTES {
         r = r.route(route.path, http::guarded(gate, route.op, handler(route)));
     }
+    let r = r
+        .route(crate::dashboard::PATH, get(crate::dashboard::page))
+        .route(crate::dashboard::ASSETS_PATH, get(crate::dashboard::asset))
+        .layer(Extension(history));
     http::finish(r.with_state(disks))
 }
 
@@ -167,6 +185,7 @@ fn handler(route: &Route) -> MethodRouter<Arc<DiskSet>> {
         ("GET", "health") => get(health),
         ("GET", "metrics") => get(metrics),
         ("GET", "disk.list") => get(list),
+        ("GET", "history") => get(history),
         ("POST", "disk.add") => post(add),
         ("GET", "disk.get") => get(show),
         ("DELETE", "disk.remove") => delete(remove),
@@ -199,6 +218,35 @@ async fn metrics(State(disks): Disks) -> Result<Response, ApiError> {
     // statvfs of each disk's files: off the API's thread (a hung mount).
     let text = http::blocking(move || render_metrics(&disks.list())).await?;
     Ok(http::prometheus(text))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HistoryQuery {
+    disk: Option<String>,
+    /// Only each list's last points.
+    last: Option<usize>,
+}
+
+async fn history(
+    State(disks): Disks,
+    Extension(history): Extension<Arc<History>>,
+    Query(q): Query<HistoryQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let served: Vec<String> = disks.list().iter().map(|d| d.id().to_string()).collect();
+    let points = history.points(q.disk.as_deref(), q.last, &served);
+    if let (Some(id), true) = (&q.disk, points.is_empty()) {
+        return Err(ApiError::not_found(format!("no history of disk {id:?}")));
+    }
+    let p = &history.policy;
+    Ok(Json(serde_json::json!({
+        "sample_seconds": p.sample.as_secs(),
+        "trend_seconds": p.trend.as_secs(),
+        "retention_days": p.retention_days,
+        "persistent": p.file.is_some(),
+        "now": crate::history::unix_now(),
+        "disks": points,
+    })))
 }
 
 async fn list(State(disks): Disks) -> Json<serde_json::Value> {
@@ -535,6 +583,17 @@ pub fn render_metrics(disks: &[Arc<DiskServer>]) -> String {
                 help,
                 &[("disk", id), ("path", &path)],
                 value(u),
+            );
+        }
+    }
+    for d in disks {
+        if let Some(used) = crate::space::allocated(&d.config.spec) {
+            out.sample(
+                "used_bytes",
+                Kind::Gauge,
+                "Bytes the disk's files take on the host (allocated blocks).",
+                &[("disk", d.id())],
+                used,
             );
         }
     }

@@ -154,6 +154,8 @@ pub struct Config {
     pub access_rules_given: bool,
     /// When free space under a disk's files is worth an alert.
     pub space: crate::space::SpacePolicy,
+    /// What the dashboard's history keeps, and where.
+    pub history: crate::history::HistoryPolicy,
     /// The API over TCP with TLS (config file only).
     pub api_tls: Option<TlsConfig>,
 }
@@ -377,6 +379,7 @@ impl TryFrom<Cli> for Config {
                     operator_paths: Default::default(),
                     access_rules_given: false,
                     space: Default::default(),
+                    history: Default::default(),
                     api_tls: None,
                 }
             }

@@ -54,8 +54,16 @@ struct FileText {
     /// Bearer tokens for callers over TCP (their SHA-256).
     #[serde(default)]
     token: Vec<daemon_support::access::TokenText>,
+    /// The role an API operation needs, where it is not the default (README: Roles).
+    #[serde(default)]
+    privileges: std::collections::BTreeMap<String, String>,
     space_alert_percent: Option<f64>,
     space_check_seconds: Option<u64>,
+    /// The dashboard's usage trend, kept across restarts.
+    history_file: Option<PathBuf>,
+    history_sample_seconds: Option<u64>,
+    history_trend_seconds: Option<u64>,
+    history_retention_days: Option<u32>,
     #[serde(default)]
     operator_image_dirs: Vec<PathBuf>,
     #[serde(default)]
@@ -137,7 +145,27 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
             .into());
         }
     }
-    let access = access.with_tokens(tokens);
+    let mut privileges = std::collections::BTreeMap::new();
+    for (op, role) in &file.privileges {
+        if !crate::api::ROUTES.iter().any(|r| r.op.name == op) {
+            let mut known: Vec<&str> = crate::api::ROUTES.iter().map(|r| r.op.name).collect();
+            known.sort();
+            return Err(FileError::Invalid {
+                path: path.to_owned(),
+                message: format!(
+                    "privileges: no operation {op:?} (operations: {})",
+                    known.join(", ")
+                ),
+            }
+            .into());
+        }
+        let role = role.parse().map_err(|e| FileError::Invalid {
+            path: path.to_owned(),
+            message: format!("privileges.{op}: {e}"),
+        })?;
+        privileges.insert(op.clone(), role);
+    }
+    let access = access.with_tokens(tokens).with_privileges(privileges);
     let api_tls = match &file.api_tls {
         None => None,
         Some(t) => Some(crate::config::TlsConfig {
@@ -227,9 +255,55 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         }
         space.interval = std::time::Duration::from_secs(s);
     }
+    let mut history = crate::history::HistoryPolicy {
+        file: file.history_file,
+        ..Default::default()
+    };
+    for (key, value, slot) in [
+        (
+            "history-sample-seconds",
+            file.history_sample_seconds,
+            &mut history.sample,
+        ),
+        (
+            "history-trend-seconds",
+            file.history_trend_seconds,
+            &mut history.trend,
+        ),
+    ] {
+        match value {
+            Some(0) => {
+                return Err(FileError::Invalid {
+                    path: path.to_owned(),
+                    message: format!("{key} must be at least 1"),
+                }
+                .into())
+            }
+            Some(s) => *slot = std::time::Duration::from_secs(s),
+            None => {}
+        }
+    }
+    if history.trend < history.sample {
+        return Err(FileError::Invalid {
+            path: path.to_owned(),
+            message: "history-trend-seconds must be at least history-sample-seconds".into(),
+        }
+        .into());
+    }
+    if let Some(d) = file.history_retention_days {
+        if d == 0 {
+            return Err(FileError::Invalid {
+                path: path.to_owned(),
+                message: "history-retention-days must be at least 1".into(),
+            }
+            .into());
+        }
+        history.retention_days = d;
+    }
     Ok(Config {
         api_tls,
         space,
+        history,
         access_rules_given: !file.access.is_empty(),
         operator_paths,
         group_limits,
@@ -444,6 +518,9 @@ mod tests {
             ("[[disk]]\nid = \"a\"\nsocket = \"s\"\ndisk = \"path=null,size=1M\"\n[[disk]]\nid = \"a\"\nsocket = \"t\"\ndisk = \"path=null,size=1M\"\n", "twice"),
             ("[[disk]]\nid = \"a\"\nsocket = \"s\"\ndisk = \"size=1M\"\n", "disk \"a\""),
             ("[[access]]\nuid = 1\nrole = \"god\"\n", "god"),
+            ("history-sample-seconds = 0\n", "history-sample-seconds"),
+            ("history-sample-seconds = 60\nhistory-trend-seconds = 10\n", "at least history-sample"),
+            ("history-retention-days = 0\n", "history-retention-days"),
         ] {
             std::fs::write(&path, text).unwrap();
             let e = load(&path).unwrap_err().to_string();

@@ -410,6 +410,7 @@ pub struct Daemon {
     disks: Arc<DiskSet>,
     stop: Arc<EventFd>,
     api: Option<(std::path::PathBuf, SocketFile)>,
+    history: Arc<crate::history::History>,
 }
 
 impl Daemon {
@@ -443,10 +444,13 @@ impl Daemon {
             }
         }
         crate::space::watch(disks.clone(), config.space).context("cannot start the space watch")?;
+        let history = Arc::new(crate::history::History::open(config.history.clone())?);
+        crate::history::watch(history.clone(), disks.clone())
+            .context("cannot start the history thread")?;
         let api = match &config.api_socket {
             Some(path) => Some((
                 path.clone(),
-                crate::api::start(path, &config, disks.clone())?,
+                crate::api::start(path, &config, disks.clone(), history.clone())?,
             )),
             None => None,
         };
@@ -466,6 +470,7 @@ impl Daemon {
             disks,
             stop,
             api,
+            history,
         })
     }
 
@@ -484,6 +489,8 @@ impl Daemon {
         self.stop
             .read()
             .context("waiting for a termination signal")?;
+        // The period under way goes into the trend before the disks go.
+        self.history.close(&self.disks.list());
         self.disks.stop_all()?;
         log::info!("shut down cleanly: requests drained, disks flushed");
         Ok(())

@@ -7,7 +7,8 @@
 //! [`virtio_blk`] (the spec's numbers and config layout). [`device`] holds the state they
 //! share; [`api`] is the management API ([`admission`]: what a disk added through it may touch); [`config`] checks the command line and each disk,
 //! [`config_file`] reads the config file and writes disk changes back; [`space`] watches
-//! the free space under each disk's files.
+//! the free space under each disk's files; [`history`] keeps what the dashboard
+//! ([`dashboard`]) shows.
 
 pub mod admission;
 pub mod api;
@@ -15,8 +16,10 @@ pub mod backend;
 pub mod config;
 pub mod config_file;
 pub mod daemon;
+pub mod dashboard;
 pub mod device;
 pub mod disk_server;
+pub mod history;
 pub mod request;
 pub mod space;
 pub mod virtio_blk;

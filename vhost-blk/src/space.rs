@@ -53,6 +53,18 @@ pub fn files(spec: &DiskSpec) -> Vec<PathBuf> {
     spec.root.files().into_iter().map(|(p, _)| p).collect()
 }
 
+/// Bytes a disk's files take on the host (their allocated blocks: what a sparse image or
+/// a cache has grown to); `None` for a disk without files.
+pub fn allocated(spec: &DiskSpec) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    files(spec)
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.blocks() * 512)
+        .reduce(|a, b| a + b)
+}
+
 /// statvfs of the file system holding `path` (a regular file: a block device's is /dev's).
 pub fn usage(path: &Path) -> Option<Usage> {
     use std::os::unix::ffi::OsStrExt;

@@ -64,6 +64,53 @@ struct Slot {
 // mutex), so moving a slot between threads is sound.
 unsafe impl Send for Slot {}
 
+/// Warnings a guest can cause at will (refused and failed requests): the first few, then
+/// one line per interval counting those left out, so that a guest cannot flood the host's
+/// log or fill its disk. The counters in `/metrics` count them all.
+#[derive(Debug, Default)]
+struct GuestWarnings {
+    written: u32,
+    last: Option<Instant>,
+    left_out: u64,
+}
+
+impl GuestWarnings {
+    const FREE: u32 = 10;
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+    /// `Some(n)`: write this one, saying `n` were left out before it.
+    fn allow(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        if self.written < Self::FREE {
+            self.written += 1;
+            self.last = Some(now);
+            return Some(std::mem::take(&mut self.left_out));
+        }
+        match self.last {
+            Some(t) if now.duration_since(t) < Self::EVERY => {
+                self.left_out += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.left_out))
+            }
+        }
+    }
+}
+
+/// " (N more since the last line)" when lines were left out.
+struct LeftOut(u64);
+
+impl std::fmt::Display for LeftOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            0 => Ok(()),
+            n => write!(f, " ({n} more like it since the last line)"),
+        }
+    }
+}
+
 /// The state of one queue's worker.
 pub struct QueueWorker {
     /// The ring, its memory and health, the polling window.
@@ -82,6 +129,7 @@ pub struct QueueWorker {
     /// Requests answered since the guest was last notified, for the metrics: kind, bytes
     /// and start. Recorded after the notification, which they would otherwise delay.
     answered: Vec<(OpClass, u64, Instant)>,
+    warnings: GuestWarnings,
 }
 
 impl QueueWorker {
@@ -111,6 +159,7 @@ impl QueueWorker {
             // Two passes' worth: a slot can be answered, refilled and answered again
             // before the notification.
             answered: Vec::with_capacity(2 * depth as usize),
+            warnings: GuestWarnings::default(),
         }
     }
 
@@ -251,22 +300,28 @@ impl QueueWorker {
     ) -> bool {
         let (kind, status) = match parsed {
             Parsed::Dropped => {
-                log::warn!(
-                    "queue {}: chain {head} has no status byte; returned unused",
-                    self.core.index
-                );
+                if let Some(n) = self.warnings.allow() {
+                    log::warn!(
+                        "queue {}: chain {head} has no status byte; returned unused{}",
+                        self.core.index,
+                        LeftOut(n)
+                    );
+                }
                 self.metrics.failed(OpClass::Other, ErrorClass::Malformed);
                 add_used(state, head, 0);
                 return true;
             }
             Parsed::Refused { status, refusal } => {
                 if refusal.error != ErrorClass::Unsupported {
-                    log::warn!(
-                        "queue {}: {:?} request refused ({:?})",
-                        self.core.index,
-                        refusal.class,
-                        refusal.error
-                    );
+                    if let Some(n) = self.warnings.allow() {
+                        log::warn!(
+                            "queue {}: {:?} request refused ({:?}){}",
+                            self.core.index,
+                            refusal.class,
+                            refusal.error,
+                            LeftOut(n)
+                        );
+                    }
                 }
                 // SAFETY: `status` was translated from `mem`, which we hold.
                 unsafe { status.write(refusal.status) };
@@ -324,11 +379,14 @@ impl QueueWorker {
                 false
             }
             Err(e) => {
-                log::warn!(
-                    "queue {}: {:?} refused by the disk: {e}",
-                    self.core.index,
-                    kind
-                );
+                if let Some(n) = self.warnings.allow() {
+                    log::warn!(
+                        "queue {}: {:?} refused by the disk: {e}{}",
+                        self.core.index,
+                        kind,
+                        LeftOut(n)
+                    );
+                }
                 let error = match e {
                     StartError::OutOfRange => ErrorClass::OutOfRange,
                     StartError::ReadOnly => ErrorClass::ReadOnly,
@@ -374,12 +432,15 @@ impl QueueWorker {
         let slot = &mut self.slots[index as usize];
         let class = slot.kind.class();
         if result < 0 {
-            log::warn!(
-                "queue {}: {:?} failed: {}",
-                self.core.index,
-                slot.kind,
-                std::io::Error::from_raw_os_error(-result)
-            );
+            if let Some(n) = self.warnings.allow() {
+                log::warn!(
+                    "queue {}: {:?} failed: {}{}",
+                    self.core.index,
+                    slot.kind,
+                    std::io::Error::from_raw_os_error(-result),
+                    LeftOut(n)
+                );
+            }
             self.metrics.failed(class, ErrorClass::Io);
             self.finish(state, index, VIRTIO_BLK_S_IOERR, 1);
             return true;
@@ -705,5 +766,20 @@ mod tests {
         let worker = kick_returns(worker, &vring);
         assert_eq!(used_idx(&g), 1, "the reset ring was not served");
         assert_eq!(worker.metrics.requests(OpClass::Read), 1);
+    }
+
+    #[test]
+    fn a_guest_cannot_flood_the_log_with_refusals() {
+        let mut w = GuestWarnings::default();
+        for _ in 0..GuestWarnings::FREE {
+            assert_eq!(w.allow(), Some(0));
+        }
+        for _ in 0..1000 {
+            assert_eq!(w.allow(), None);
+        }
+        // The next line, an interval later, counts what was left out.
+        w.last = Some(Instant::now() - GuestWarnings::EVERY);
+        assert_eq!(w.allow(), Some(1000));
+        assert_eq!(w.allow(), None);
     }
 }

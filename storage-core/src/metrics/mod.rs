@@ -90,6 +90,39 @@ fn bump(counter: &AtomicU64, n: u64) {
     counter.store(counter.load(Relaxed).wrapping_add(n), Relaxed);
 }
 
+/// Per-bucket counts of a [`LatencyHistogram`] (bucket `i` holds latencies up to 2^i µs;
+/// the last one, everything longer).
+pub type BucketCounts = [u64; BUCKETS + 1];
+
+/// The `q` quantile (0..=1) of `counts` in microseconds, interpolated linearly inside its
+/// bucket as Prometheus's `histogram_quantile` does; `None` when nothing was counted.
+/// Power-of-two buckets make it exact to within a factor of two.
+pub fn quantile_us(counts: &BucketCounts, q: f64) -> Option<f64> {
+    let total: u64 = counts.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = q.clamp(0.0, 1.0) * total as f64;
+    let mut below = 0u64;
+    for (i, &n) in counts.iter().enumerate() {
+        if n == 0 {
+            continue;
+        }
+        if (below + n) as f64 >= rank {
+            if i == BUCKETS {
+                // Past the last bound: the bound is all that is known.
+                return Some((1u64 << (BUCKETS - 1)) as f64);
+            }
+            let upper = (1u64 << i) as f64;
+            let lower = if i == 0 { 0.0 } else { upper / 2.0 };
+            let within = (rank - below as f64) / n as f64;
+            return Some(lower + (upper - lower) * within.clamp(0.0, 1.0));
+        }
+        below += n;
+    }
+    Some((1u64 << (BUCKETS - 1)) as f64)
+}
+
 /// A latency histogram with power-of-two microsecond buckets (one writer at a time).
 #[derive(Debug, Default)]
 pub struct LatencyHistogram {
@@ -117,6 +150,16 @@ impl LatencyHistogram {
 
     pub fn count(&self) -> u64 {
         self.count.load(Relaxed)
+    }
+
+    /// The count in each bucket (not cumulative), the overflow last.
+    pub fn counts(&self) -> BucketCounts {
+        let mut out = [0; BUCKETS + 1];
+        for (o, b) in out.iter_mut().zip(&self.buckets) {
+            *o = b.load(Relaxed);
+        }
+        out[BUCKETS] = self.overflow.load(Relaxed);
+        out
     }
 
     /// Adds this histogram (in seconds) to `out` as family `name`.
@@ -281,6 +324,25 @@ mod tests {
         );
         assert!(out.contains("x_lat_bucket{q=\"0\",le=\"+Inf\"} 3"), "{out}");
         assert!(out.contains("x_lat_count{q=\"0\"} 3"), "{out}");
+    }
+
+    #[test]
+    fn quantiles_fall_in_the_right_bucket() {
+        let h = LatencyHistogram::default();
+        assert_eq!(quantile_us(&h.counts(), 0.5), None);
+        for _ in 0..90 {
+            h.record(Duration::from_micros(20)); // bucket (16, 32]
+        }
+        for _ in 0..10 {
+            h.record(Duration::from_micros(1000)); // bucket (512, 1024]
+        }
+        let c = h.counts();
+        let p50 = quantile_us(&c, 0.5).unwrap();
+        assert!((16.0..=32.0).contains(&p50), "{p50}");
+        let p99 = quantile_us(&c, 0.99).unwrap();
+        assert!((512.0..=1024.0).contains(&p99), "{p99}");
+        h.record(Duration::from_secs(100));
+        assert_eq!(quantile_us(&h.counts(), 1.0), Some((1u64 << 24) as f64));
     }
 
     #[test]
