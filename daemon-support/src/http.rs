@@ -276,6 +276,39 @@ fn query_json(query: Option<&str>) -> serde_json::Value {
     serde_json::Value::Object(pairs.into_iter().map(|(k, v)| (k, v.into())).collect())
 }
 
+/// Why a browser's request on the unix socket is refused, if it is. There the kernel
+/// names the caller, so whatever reaches the socket for a user (a port forwarded to it)
+/// acts with that user's role; a web page could then call it through DNS rebinding (its
+/// own name resolving to the forwarded port) or across sites. Browsers mark their
+/// requests (`Origin`, `Sec-Fetch-Site`): those must name a loopback host and not come
+/// from another site. Other clients (strata, curl) are not browsers and pass.
+fn browser_refusal(req: &Request) -> Option<String> {
+    let h = req.headers();
+    let site = h.get("sec-fetch-site").and_then(|v| v.to_str().ok());
+    if h.get(axum::http::header::ORIGIN).is_none() && site.is_none() {
+        return None;
+    }
+    if site.is_some_and(|s| s != "same-origin" && s != "none") {
+        return Some("a browser's request from another site is refused here".into());
+    }
+    let host = h
+        .get(axum::http::header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let name = match host.rsplit_once(':') {
+        Some((n, port)) if port.bytes().all(|b| b.is_ascii_digit()) => n,
+        _ => host,
+    };
+    if matches!(name, "localhost" | "127.0.0.1" | "[::1]") {
+        None
+    } else {
+        Some(format!(
+            "a browser's request for host {host:?} is refused on the unix socket (only \
+             localhost)"
+        ))
+    }
+}
+
 async fn check(
     State((gate, op)): State<(Arc<Gate>, Operation)>,
     mut req: Request,
@@ -335,11 +368,13 @@ async fn check(
         (None, None) => return json_error(StatusCode::INTERNAL_SERVER_ERROR, "caller unknown"),
     };
     let needed = gate.access.needed(op.name, op.role);
-    let allowed = role.filter(|r| *r >= needed);
+    let browser = local.as_ref().and_then(|_| browser_refusal(&req));
+    let allowed = role.filter(|r| *r >= needed && browser.is_none());
     let Some(role) = allowed else {
-        let message = match role {
-            None => format!("{who} has no role here"),
-            Some(r) => format!("{} needs the {needed} role; {who} has {r}", op.name),
+        let message = match (role, browser) {
+            (_, Some(why)) => why,
+            (None, _) => format!("{who} has no role here"),
+            (Some(r), _) => format!("{} needs the {needed} role; {who} has {r}", op.name),
         };
         log::warn!("api: denied {} {object}: {message}", op.name);
         let entry = Entry {
@@ -659,6 +694,35 @@ mod tests {
     use std::time::Instant;
 
     use axum::routing::{get, post};
+
+    #[test]
+    fn browsers_reach_the_unix_socket_only_as_localhost_from_the_same_site() {
+        let req = |headers: &[(&str, &str)]| {
+            let mut b = Request::builder().uri("/v1/disks");
+            for (k, v) in headers {
+                b = b.header(*k, *v);
+            }
+            browser_refusal(&b.body(Body::empty()).unwrap())
+        };
+        // strata and curl send no Origin nor Sec-Fetch-*: any Host.
+        assert_eq!(req(&[("host", "x")]), None);
+        assert_eq!(req(&[("host", "localhost")]), None);
+        // A page served by the daemon through a forwarded port.
+        let same = ("sec-fetch-site", "same-origin");
+        assert_eq!(req(&[("host", "localhost:8080"), same]), None);
+        assert_eq!(
+            req(&[
+                ("host", "127.0.0.1:8080"),
+                ("origin", "http://127.0.0.1:8080")
+            ]),
+            None
+        );
+        // DNS rebinding: same origin as far as the browser knows, but not localhost.
+        assert!(req(&[("host", "evil.example:8080"), same]).is_some());
+        assert!(req(&[("host", "evil.example"), ("origin", "http://evil.example")]).is_some());
+        // Another site's page.
+        assert!(req(&[("host", "localhost:8080"), ("sec-fetch-site", "cross-site")]).is_some());
+    }
 
     fn server(limits: Limits, access: AccessTable) -> (tempfile::TempDir, std::path::PathBuf) {
         let dir = tempfile::tempdir().unwrap();

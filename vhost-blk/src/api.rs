@@ -144,6 +144,13 @@ pub fn start(
         }
     };
     let gate = Gate::new(config.access.clone(), audit, true);
+    // The unix socket first: "listening" lines mean every API socket answers.
+    let (listener, file) = socket::bind(path, config.socket_group)?;
+    http::serve(
+        listener,
+        router(&gate, disks.clone(), history.clone()),
+        Limits::default(),
+    )?;
     if let Some(tls) = &config.api_tls {
         let server =
             http::tls_config(&tls.cert, &tls.key).map_err(|e| anyhow::anyhow!("api-tls: {e}"))?;
@@ -153,13 +160,11 @@ pub fn start(
         http::serve_tls(
             listener,
             server,
-            router(&gate, disks.clone(), history.clone()),
+            router(&gate, disks, history),
             Limits::default(),
         )?;
         eprintln!("vhost-blk: API (TLS) listening on {addr}");
     }
-    let (listener, file) = socket::bind(path, config.socket_group)?;
-    http::serve(listener, router(&gate, disks, history), Limits::default())?;
     Ok(file)
 }
 
@@ -229,12 +234,10 @@ struct HistoryQuery {
 }
 
 async fn history(
-    State(disks): Disks,
     Extension(history): Extension<Arc<History>>,
     Query(q): Query<HistoryQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let served: Vec<String> = disks.list().iter().map(|d| d.id().to_string()).collect();
-    let points = history.points(q.disk.as_deref(), q.last, &served);
+    let points = history.points(q.disk.as_deref(), q.last);
     if let (Some(id), true) = (&q.disk, points.is_empty()) {
         return Err(ApiError::not_found(format!("no history of disk {id:?}")));
     }
@@ -242,9 +245,10 @@ async fn history(
     Ok(Json(serde_json::json!({
         "sample_seconds": p.sample.as_secs(),
         "trend_seconds": p.trend.as_secs(),
+        "recent_points": crate::history::RECENT_POINTS,
         "retention_days": p.retention_days,
         "persistent": p.file.is_some(),
-        "now": crate::history::unix_now(),
+        "now": crate::history::unix_now() as u64,
         "disks": points,
     })))
 }

@@ -300,6 +300,17 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         }
         history.retention_days = d;
     }
+    let points = u64::from(history.retention_days) * 86400 / history.trend.as_secs();
+    if points > crate::history::MAX_TREND_POINTS {
+        return Err(FileError::Invalid {
+            path: path.to_owned(),
+            message: format!(
+                "history-retention-days over history-trend-seconds makes {points} trend points per disk; at most {} (a longer history-trend-seconds, or fewer days)",
+                crate::history::MAX_TREND_POINTS
+            ),
+        }
+        .into());
+    }
     Ok(Config {
         api_tls,
         space,
@@ -521,6 +532,7 @@ mod tests {
             ("history-sample-seconds = 0\n", "history-sample-seconds"),
             ("history-sample-seconds = 60\nhistory-trend-seconds = 10\n", "at least history-sample"),
             ("history-retention-days = 0\n", "history-retention-days"),
+            ("history-trend-seconds = 10\nhistory-sample-seconds = 10\n", "trend points"),
         ] {
             std::fs::write(&path, text).unwrap();
             let e = load(&path).unwrap_err().to_string();

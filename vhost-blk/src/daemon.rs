@@ -444,8 +444,9 @@ impl Daemon {
             }
         }
         crate::space::watch(disks.clone(), config.space).context("cannot start the space watch")?;
-        let history = Arc::new(crate::history::History::open(config.history.clone())?);
-        crate::history::watch(history.clone(), disks.clone())
+        let history = Arc::new(crate::history::History::open(config.history.clone()));
+        history
+            .start(disks.clone())
             .context("cannot start the history thread")?;
         let api = match &config.api_socket {
             Some(path) => Some((

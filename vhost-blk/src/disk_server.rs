@@ -41,6 +41,8 @@ pub struct DiskServer {
     resizing: Mutex<()>,
     /// The file system under one of its files is short of space (see `space`).
     pub low_space: std::sync::atomic::AtomicBool,
+    /// Tells this disk from an earlier one with the same id (its counters start again).
+    pub incarnation: u64,
     /// The limits set through the API since start (`config.text.limits` until then).
     limits_text: Mutex<Option<crate::config::LimitsText>>,
     _socket_file: SocketFile,
@@ -134,6 +136,10 @@ impl DiskServer {
             thread: Mutex::new(Some(thread)),
             resizing: Mutex::new(()),
             low_space: std::sync::atomic::AtomicBool::new(false),
+            incarnation: {
+                static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            },
             limits_text: Mutex::new(limits_text),
             _socket_file: socket_file,
         })

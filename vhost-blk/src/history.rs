@@ -10,11 +10,11 @@
 //! zero, as Prometheus's `rate` does. Latency quantiles come from the difference of the
 //! latency histograms, so each point's quantiles are that period's alone.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use storage_core::metrics::{quantile_us, BucketCounts, ErrorClass, OpClass};
 
@@ -22,7 +22,14 @@ use crate::daemon::DiskSet;
 use crate::disk_server::DiskServer;
 
 /// Recent points kept per disk (an hour at the default sample interval).
-const RECENT_POINTS: usize = 360;
+pub const RECENT_POINTS: usize = 360;
+
+/// Most trend points a disk may keep (`history-retention-days` over
+/// `history-trend-seconds`): 30 days at one a minute.
+pub const MAX_TREND_POINTS: u64 = 43_200;
+
+/// Removed disks whose trend is kept (the most recently active).
+const REMOVED_KEPT: usize = 256;
 
 /// How often the history file is rewritten without the points past retention.
 const COMPACT_EVERY: Duration = Duration::from_secs(24 * 3600);
@@ -48,16 +55,6 @@ impl Default for HistoryPolicy {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum HistoryError {
-    #[error("history-file {path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-}
-
 /// Latency quantiles of one period, in microseconds.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Quantiles {
@@ -73,6 +70,32 @@ pub struct CacheCounts {
     pub read_misses: u64,
 }
 
+/// Failed requests of one period, by kind (the kinds of `/metrics`' `errors_total`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ErrorCounts {
+    pub io: u64,
+    pub out_of_range: u64,
+    pub read_only: u64,
+    pub unsupported: u64,
+    pub malformed: u64,
+}
+
+impl ErrorCounts {
+    fn of(counts: &[u64; 5]) -> ErrorCounts {
+        let mut e = ErrorCounts::default();
+        for (class, n) in ErrorClass::ALL.iter().zip(counts) {
+            *match class {
+                ErrorClass::Io => &mut e.io,
+                ErrorClass::OutOfRange => &mut e.out_of_range,
+                ErrorClass::ReadOnly => &mut e.read_only,
+                ErrorClass::Unsupported => &mut e.unsupported,
+                ErrorClass::Malformed => &mut e.malformed,
+            } = *n;
+        }
+        e
+    }
+}
+
 /// What one disk did over one period, and how full it was at its end.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Point {
@@ -83,7 +106,7 @@ pub struct Point {
     /// The disk's size.
     pub size: u64,
     /// Bytes the disk's files take on the host (what a sparse image or a cache has grown
-    /// to); absent for disks without files (null, RBD).
+    /// to); absent for disks without regular files (null, RBD, block devices).
     pub used: Option<u64>,
     /// Free bytes on the fullest host file system under the disk's files.
     pub host_free: Option<u64>,
@@ -93,8 +116,7 @@ pub struct Point {
     pub write_bytes: u64,
     /// Flushes, discards, write-zeroes and requests the device answered itself.
     pub other: u64,
-    /// Failed requests by kind (the kinds of `/metrics`' `errors_total`).
-    pub errors: BTreeMap<String, u64>,
+    pub errors: ErrorCounts,
     /// Absent when no request completed in the period.
     pub latency_us: Option<Quantiles>,
     /// Absent for disks without a cache tier.
@@ -177,7 +199,8 @@ impl Totals {
     }
 }
 
-/// How full a disk is, read outside the history's lock (stat and statvfs may block).
+/// How full a disk is (stat and statvfs: they may block on a hung mount, so never under
+/// the history's lock, and not at shutdown).
 #[derive(Debug, Clone, Copy, Default)]
 struct Fill {
     size: u64,
@@ -187,20 +210,27 @@ struct Fill {
 
 impl Fill {
     fn of(d: &DiskServer) -> Fill {
-        let host_free = crate::space::files(&d.config.spec)
-            .iter()
-            .filter_map(|p| crate::space::usage(p))
-            .map(|u| u.free)
-            .min();
         Fill {
             size: d.device.capacity(),
             used: crate::space::allocated(&d.config.spec),
-            host_free,
+            host_free: crate::space::files(&d.config.spec)
+                .iter()
+                .filter_map(|p| crate::space::usage(p))
+                .map(|u| u.free)
+                .min(),
         }
+    }
+
+    fn of_point(p: Option<&Point>) -> Fill {
+        p.map_or(Fill::default(), |p| Fill {
+            size: p.size,
+            used: p.used,
+            host_free: p.host_free,
+        })
     }
 }
 
-fn point(t: u64, seconds: f64, fill: Fill, d: &Totals) -> Point {
+fn point(t: f64, seconds: f64, fill: Fill, d: &Totals) -> Point {
     let op = |o: OpClass| OpClass::ALL.iter().position(|x| *x == o).unwrap_or(5);
     let (r, w) = (op(OpClass::Read), op(OpClass::Write));
     let latency_us = quantile_us(&d.latency, 0.5).map(|p50| Quantiles {
@@ -209,8 +239,8 @@ fn point(t: u64, seconds: f64, fill: Fill, d: &Totals) -> Point {
         p99: quantile_us(&d.latency, 0.99).unwrap_or(p50),
     });
     Point {
-        t,
-        seconds,
+        t: t as u64,
+        seconds: seconds.max(0.001),
         size: fill.size,
         used: fill.used,
         host_free: fill.host_free,
@@ -219,11 +249,7 @@ fn point(t: u64, seconds: f64, fill: Fill, d: &Totals) -> Point {
         read_bytes: d.bytes[r],
         write_bytes: d.bytes[w],
         other: d.requests.iter().sum::<u64>() - d.requests[r] - d.requests[w],
-        errors: ErrorClass::ALL
-            .iter()
-            .zip(d.errors)
-            .map(|(e, n)| (e.name().to_string(), n))
-            .collect(),
+        errors: ErrorCounts::of(&d.errors),
         latency_us,
         cache: d.cache.map(|(read_hits, read_misses)| CacheCounts {
             read_hits,
@@ -235,12 +261,27 @@ fn point(t: u64, seconds: f64, fill: Fill, d: &Totals) -> Point {
 /// One disk's history.
 #[derive(Debug, Default)]
 struct DiskHistory {
-    /// The counters at the last sample (none before the first since the disk was served).
-    last: Option<(u64, Totals)>,
+    /// The served disk's incarnation, the time (Unix seconds) and its counters at the last
+    /// sample; none while it is not served.
+    last: Option<(u64, f64, Totals)>,
     recent: VecDeque<Point>,
     /// Changes since the last trend point, and when that period began.
-    pending: Option<(u64, Totals)>,
+    pending: Option<(f64, Totals)>,
     trend: VecDeque<Point>,
+}
+
+impl DiskHistory {
+    /// The period under way as a trend point, if one began.
+    fn close_pending(&mut self, now: f64) -> Option<Point> {
+        let (start, acc) = self.pending.take()?;
+        let p = point(now, now - start, Fill::of_point(self.recent.back()), &acc);
+        self.trend.push_back(p.clone());
+        Some(p)
+    }
+
+    fn latest(&self) -> u64 {
+        self.recent.back().or(self.trend.back()).map_or(0, |p| p.t)
+    }
 }
 
 /// A disk's history as the API gives it.
@@ -273,112 +314,166 @@ struct State {
 pub struct History {
     pub policy: HistoryPolicy,
     state: Mutex<State>,
+    /// One sample (and its file writes) at a time, whole: the sampler's and shutdown's.
+    sampling: Mutex<()>,
+    /// Set at shutdown; the sampler waits on it between samples.
+    stopped: (Mutex<bool>, Condvar),
+    sampler: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
-pub fn unix_now() -> u64 {
+pub fn unix_now() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl History {
-    /// Loads the trend kept in `policy.file` (dropping what is past retention; lines that
-    /// do not parse, such as one cut short by a crash, are skipped and counted in the log).
-    pub fn open(policy: HistoryPolicy) -> Result<History, HistoryError> {
+    /// Loads the trend kept in `policy.file`, dropping what is past retention. A file that
+    /// cannot be read or rewritten is logged, never fatal: the disks matter more than
+    /// their charts. Lines that do not parse (one cut short by a crash) are skipped.
+    pub fn open(policy: HistoryPolicy) -> History {
         let history = History {
             policy,
             state: Mutex::new(State::default()),
+            sampling: Mutex::new(()),
+            stopped: (Mutex::new(false), Condvar::new()),
+            sampler: Mutex::new(None),
         };
-        if let Some(path) = &history.policy.file {
-            let io = |source| HistoryError::Io {
-                path: path.clone(),
-                source,
-            };
-            let text = match std::fs::read_to_string(path) {
-                Ok(t) => t,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-                Err(e) => return Err(io(e)),
-            };
-            let oldest = history.oldest(unix_now());
-            let mut bad = 0;
-            {
-                let mut st = history.lock();
-                for line in text.lines().filter(|l| !l.trim().is_empty()) {
-                    match serde_json::from_str::<Line>(line) {
-                        Ok(l) if l.point.t >= oldest => {
-                            st.disks.entry(l.disk).or_default().trend.push_back(l.point)
-                        }
-                        Ok(_) => {}
-                        Err(_) => bad += 1,
-                    }
-                }
-                for d in st.disks.values_mut() {
-                    d.trend.make_contiguous().sort_by_key(|p| p.t);
-                }
-            }
-            if bad > 0 {
-                log::warn!(
-                    "history-file {}: skipped {bad} lines that do not parse",
+        let Some(path) = history.policy.file.clone() else {
+            return history;
+        };
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => {
+                log::error!(
+                    "history-file {}: {e}; the trend starts again",
                     path.display()
                 );
+                Vec::new()
             }
-            history.compact(unix_now()).map_err(io)?;
+        };
+        let oldest = history.oldest(unix_now());
+        let mut bad = 0;
+        {
+            let mut st = lock(&history.state);
+            for line in bytes.split(|b| *b == b'\n') {
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                match serde_json::from_slice::<Line>(line) {
+                    Ok(l) if l.point.t >= oldest => {
+                        st.disks.entry(l.disk).or_default().trend.push_back(l.point)
+                    }
+                    Ok(_) => {}
+                    Err(_) => bad += 1,
+                }
+            }
+            for d in st.disks.values_mut() {
+                d.trend.make_contiguous().sort_by_key(|p| p.t);
+            }
         }
-        Ok(history)
+        if bad > 0 {
+            log::warn!(
+                "history-file {}: skipped {bad} lines that do not parse",
+                path.display()
+            );
+        }
+        history.persist(&[], unix_now(), true);
+        history
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    fn oldest(&self, now: f64) -> u64 {
+        (now as u64).saturating_sub(u64::from(self.policy.retention_days) * 86400)
     }
 
-    fn oldest(&self, now: u64) -> u64 {
-        now.saturating_sub(u64::from(self.policy.retention_days) * 86400)
+    /// Samples every `policy.sample` on a thread of its own until [`History::close`].
+    pub fn start(self: &Arc<Self>, disks: Arc<DiskSet>) -> std::io::Result<()> {
+        let history = self.clone();
+        let handle = std::thread::Builder::new()
+            .name("history".into())
+            .spawn(move || {
+                let every = history.policy.sample;
+                let mut next = Instant::now();
+                loop {
+                    let disks = disks.list();
+                    let fills: Vec<Fill> = disks.iter().map(|d| Fill::of(d)).collect();
+                    history.sample(&disks, Some(&fills), unix_now());
+                    // On a schedule, not a sleep after the work: the periods stay even.
+                    next += every;
+                    let now = Instant::now();
+                    if next < now {
+                        next = now + every;
+                    }
+                    let (flag, wake) = &history.stopped;
+                    let stopped = lock(flag);
+                    let (stopped, _) = wake
+                        .wait_timeout_while(stopped, next - now, |s| !*s)
+                        .unwrap_or_else(|p| p.into_inner());
+                    if *stopped {
+                        return;
+                    }
+                }
+            })?;
+        *lock(&self.sampler) = Some(handle);
+        Ok(())
     }
 
-    /// Reads every disk's counters at `now` (Unix seconds), and folds the trend when due.
-    pub fn sample(&self, disks: &[Arc<DiskServer>], now: u64) {
-        let read: Vec<(String, Fill, Totals)> = disks
-            .iter()
-            .map(|d| (d.id().to_string(), Fill::of(d), Totals::of(d)))
-            .collect();
-        let trend_secs = self.policy.trend.as_secs().max(1);
+    /// Reads every disk's counters at `now` (Unix seconds) and folds the trend when due.
+    /// `fills`: each disk's [`Fill`], or none to reuse the last one (at shutdown).
+    fn sample(&self, disks: &[Arc<DiskServer>], fills: Option<&[Fill]>, now: f64) {
+        let _turn = lock(&self.sampling);
+        let trend_secs = self.policy.trend.as_secs_f64().max(1.0);
         let mut written = Vec::new();
-        let mut st = self.lock();
-        for (id, fill, totals) in read {
+        let mut st = lock(&self.state);
+        let mut served = std::collections::HashSet::new();
+        for (i, d) in disks.iter().enumerate() {
+            let id = d.id().to_string();
+            served.insert(id.clone());
+            let totals = Totals::of(d);
             let h = st.disks.entry(id.clone()).or_default();
-            if let Some((then, before)) = h.last.take() {
-                let d = totals.since(&before);
-                let seconds = now.saturating_sub(then).max(1) as f64;
-                h.recent.push_back(point(now, seconds, fill, &d));
-                while h.recent.len() > RECENT_POINTS {
-                    h.recent.pop_front();
+            let fill = fills
+                .and_then(|f| f.get(i).copied())
+                .unwrap_or_else(|| Fill::of_point(h.recent.back()));
+            match h.last.take() {
+                // The same disk, and time went forward: a point.
+                Some((incarnation, then, before)) if incarnation == d.incarnation && now > then => {
+                    let change = totals.since(&before);
+                    h.recent.push_back(point(now, now - then, fill, &change));
+                    while h.recent.len() > RECENT_POINTS {
+                        h.recent.pop_front();
+                    }
+                    let (start, acc) = h.pending.get_or_insert_with(|| (then, Totals::default()));
+                    acc.add(&change);
+                    if now - *start >= trend_secs {
+                        let p = point(now, now - *start, fill, acc);
+                        h.pending = None;
+                        h.trend.push_back(p.clone());
+                        written.push(Line { disk: id, point: p });
+                    }
                 }
-                let (start, acc) = h.pending.get_or_insert_with(|| (then, Totals::default()));
-                acc.add(&d);
-                if now.saturating_sub(*start) >= trend_secs {
-                    let p = point(now, (now - *start) as f64, fill, acc);
-                    h.pending = None;
-                    h.trend.push_back(p.clone());
-                    written.push(Line {
-                        disk: id.clone(),
-                        point: p,
-                    });
+                // Another disk with that id since: the old one's period ends; this one's
+                // counters are a new start.
+                Some((incarnation, ..)) if incarnation != d.incarnation => {
+                    written.extend(h.close_pending(now).map(|point| Line { disk: id, point }));
                 }
+                _ => {}
             }
-            h.last = Some((now, totals));
+            h.last = Some((d.incarnation, now, totals));
         }
         // Disks no longer served: their last period ends here.
-        let served: std::collections::HashSet<&str> = disks.iter().map(|d| d.id()).collect();
         for (id, h) in st.disks.iter_mut() {
-            if served.contains(id.as_str()) {
+            if served.contains(id) || h.last.is_none() {
                 continue;
             }
-            if let Some(p) = Self::close_pending(h, now) {
-                written.push(Line {
-                    disk: id.clone(),
-                    point: p,
-                });
-            }
+            written.extend(h.close_pending(now).map(|point| Line {
+                disk: id.clone(),
+                point,
+            }));
             h.last = None;
             h.recent.clear();
         }
@@ -389,96 +484,113 @@ impl History {
             }
             h.last.is_some() || !h.trend.is_empty()
         });
-        let compact = now.saturating_sub(st.compacted) >= COMPACT_EVERY.as_secs();
+        // Removed disks beyond the cap: the longest quiet go first.
+        let mut removed: Vec<(u64, String)> = st
+            .disks
+            .iter()
+            .filter(|(_, h)| h.last.is_none())
+            .map(|(id, h)| (h.latest(), id.clone()))
+            .collect();
+        if removed.len() > REMOVED_KEPT {
+            removed.sort();
+            for (_, id) in &removed[..removed.len() - REMOVED_KEPT] {
+                st.disks.remove(id);
+            }
+        }
+        let compact = (now as u64).saturating_sub(st.compacted) >= COMPACT_EVERY.as_secs();
         drop(st);
         self.persist(&written, now, compact);
     }
 
-    /// The period under way as a trend point, if anything was counted in it.
-    fn close_pending(h: &mut DiskHistory, now: u64) -> Option<Point> {
-        let (start, acc) = h.pending.take()?;
-        let fill = h.recent.back().map_or(Fill::default(), |p| Fill {
-            size: p.size,
-            used: p.used,
-            host_free: p.host_free,
-        });
-        let p = point(now, now.saturating_sub(start).max(1) as f64, fill, &acc);
-        h.trend.push_back(p.clone());
-        Some(p)
-    }
-
-    /// At shutdown: a last sample, and the period under way written as a trend point.
+    /// At shutdown: the sampler stops, a last reading of the counters (no file system
+    /// calls: a hung mount must not hold up the drain), and the period under way is
+    /// written as a trend point.
     pub fn close(&self, disks: &[Arc<DiskServer>]) {
+        *lock(&self.stopped.0) = true;
+        self.stopped.1.notify_all();
+        if let Some(h) = lock(&self.sampler).take() {
+            let _ = h.join();
+        }
         let now = unix_now();
-        self.sample(disks, now);
+        self.sample(disks, None, now);
+        let _turn = lock(&self.sampling);
         let mut written = Vec::new();
-        {
-            let mut st = self.lock();
-            for (id, h) in st.disks.iter_mut() {
-                if let Some(p) = Self::close_pending(h, now) {
-                    written.push(Line {
-                        disk: id.clone(),
-                        point: p,
-                    });
-                }
-            }
+        for (id, h) in lock(&self.state).disks.iter_mut() {
+            written.extend(h.close_pending(now).map(|point| Line {
+                disk: id.clone(),
+                point,
+            }));
         }
         self.persist(&written, now, false);
     }
 
-    fn persist(&self, lines: &[Line], now: u64, compact: bool) {
+    /// Writes `lines` to the file: by rewriting it whole when `compact` (or when an append
+    /// fails), else appended. A failure is logged; the points stay in memory.
+    fn persist(&self, lines: &[Line], now: f64, compact: bool) {
         let Some(path) = &self.policy.file else {
             return;
         };
         let result = if compact {
-            self.compact(now)
+            self.compact(path, now as u64)
         } else if lines.is_empty() {
-            Ok(())
+            return;
         } else {
-            append(path, lines)
+            append(path, lines).or_else(|e| {
+                log::warn!("history-file {}: {e}; rewriting it", path.display());
+                self.compact(path, now as u64)
+            })
         };
         if let Err(e) = result {
             log::error!("history-file {}: {e}", path.display());
         }
     }
 
-    /// Rewrites the file with the points kept (a new file renamed over the old one).
-    fn compact(&self, now: u64) -> std::io::Result<()> {
-        let Some(path) = &self.policy.file else {
-            return Ok(());
-        };
-        let mut st = self.lock();
-        st.compacted = now;
+    /// Rewrites the file with the points kept: a new file, synced, renamed over the old
+    /// one, then the directory synced.
+    fn compact(&self, path: &Path, now: u64) -> std::io::Result<()> {
         let mut text = String::new();
-        for (id, h) in &st.disks {
-            for p in &h.trend {
-                let line = Line {
-                    disk: id.clone(),
-                    point: p.clone(),
-                };
-                text.push_str(&serde_json::to_string(&line).unwrap_or_default());
-                text.push('\n');
+        {
+            let st = lock(&self.state);
+            for (id, h) in &st.disks {
+                for p in &h.trend {
+                    let line = Line {
+                        disk: id.clone(),
+                        point: p.clone(),
+                    };
+                    text.push_str(&serde_json::to_string(&line).unwrap_or_default());
+                    text.push('\n');
+                }
             }
         }
-        drop(st);
         let name = path.file_name().unwrap_or_default().to_string_lossy();
         let tmp = path.with_file_name(format!(".{name}.tmp"));
+        // A leftover (or a link someone put there) goes; the new one is made, not opened.
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
         {
-            let mut f = open_private(&tmp, false)?;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o640)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&tmp)?;
             f.write_all(text.as_bytes())?;
             f.sync_data()?;
         }
-        std::fs::rename(&tmp, path)
+        std::fs::rename(&tmp, path)?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        lock(&self.state).compacted = now;
+        Ok(())
     }
 
     /// Points of disk `only` (or of all), each list cut to its `last` points if given.
-    pub fn points(
-        &self,
-        only: Option<&str>,
-        last: Option<usize>,
-        served: &[String],
-    ) -> Vec<DiskPoints> {
-        let st = self.lock();
+    pub fn points(&self, only: Option<&str>, last: Option<usize>) -> Vec<DiskPoints> {
+        let st = lock(&self.state);
         let tail = |v: &VecDeque<Point>| -> Vec<Point> {
             let skip = last.map_or(0, |n| v.len().saturating_sub(n));
             v.iter().skip(skip).cloned().collect()
@@ -489,7 +601,7 @@ impl History {
             .filter(|(id, _)| only.is_none_or(|o| o == id.as_str()))
             .map(|(id, h)| DiskPoints {
                 id: id.clone(),
-                served: served.contains(id),
+                served: h.last.is_some(),
                 recent: tail(&h.recent),
                 trend: tail(&h.trend),
             })
@@ -499,39 +611,22 @@ impl History {
     }
 }
 
-fn open_private(path: &Path, append: bool) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut o = std::fs::OpenOptions::new();
-    o.create(true).mode(0o640);
-    if append {
-        o.append(true);
-    } else {
-        o.write(true).truncate(true);
-    }
-    o.open(path)
-}
-
 fn append(path: &Path, lines: &[Line]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let mut text = String::new();
     for l in lines {
         text.push_str(&serde_json::to_string(l).unwrap_or_default());
         text.push('\n');
     }
-    let mut f = open_private(path, true)?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o640)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
     // One write: a crash leaves at most the last line cut short, which loading skips.
     f.write_all(text.as_bytes())?;
     f.sync_data()
-}
-
-/// Samples every `history.policy.sample` on a thread of its own, from now on.
-pub fn watch(history: Arc<History>, disks: Arc<DiskSet>) -> std::io::Result<()> {
-    std::thread::Builder::new()
-        .name("history".into())
-        .spawn(move || loop {
-            history.sample(&disks.list(), unix_now());
-            std::thread::sleep(history.policy.sample);
-        })?;
-    Ok(())
 }
 
 #[cfg(test)]
@@ -561,13 +656,14 @@ mod tests {
     fn a_point_carries_its_periods_quantiles_and_errors() {
         let mut d = totals(10, 5);
         d.errors[1] = 2;
-        let p = point(100, 10.0, Fill::default(), &d);
+        let p = point(100.0, 10.0, Fill::default(), &d);
         assert_eq!(p.reads, 10);
-        assert_eq!(p.errors["out_of_range"], 2);
+        assert_eq!(p.errors.out_of_range, 2);
+        assert_eq!(p.errors.io, 0);
         let q = p.latency_us.unwrap();
         assert!((16.0..=32.0).contains(&q.p50), "{q:?}");
         assert_eq!(
-            point(100, 10.0, Fill::default(), &Totals::default()).latency_us,
+            point(100.0, 10.0, Fill::default(), &Totals::default()).latency_us,
             None
         );
     }
@@ -576,13 +672,13 @@ mod tests {
     fn the_file_keeps_the_trend_within_retention_and_skips_a_cut_line() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("history.jsonl");
-        let now = unix_now();
+        let now = unix_now().floor();
         let p = |t| point(t, 3600.0, Fill::default(), &totals(5, 3));
         let mut text = String::new();
         for (disk, t) in [
-            ("a", now - 40 * 86400),
-            ("a", now - 86400),
-            ("b", now - 3600),
+            ("a", now - 40.0 * 86400.0),
+            ("a", now - 86400.0),
+            ("b", now - 3600.0),
         ] {
             let line = Line {
                 disk: disk.into(),
@@ -596,12 +692,12 @@ mod tests {
         let h = History::open(HistoryPolicy {
             file: Some(file.clone()),
             ..HistoryPolicy::default()
-        })
-        .unwrap();
-        let all = h.points(None, None, &[]);
+        });
+        let all = h.points(None, None);
         assert_eq!(all.len(), 2);
-        assert_eq!(all[0].trend, vec![p(now - 86400)]);
-        assert_eq!(all[1].trend, vec![p(now - 3600)]);
+        assert_eq!(all[0].trend, vec![p(now - 86400.0)]);
+        assert_eq!(all[1].trend, vec![p(now - 3600.0)]);
+        assert!(!all[0].served);
         // Rewritten without the expired point and the cut line.
         let kept = std::fs::read_to_string(&file).unwrap();
         assert_eq!(kept.lines().count(), 2, "{kept}");

@@ -54,12 +54,14 @@ pub fn files(spec: &DiskSpec) -> Vec<PathBuf> {
 }
 
 /// Bytes a disk's files take on the host (their allocated blocks: what a sparse image or
-/// a cache has grown to); `None` for a disk without files.
+/// a cache has grown to); `None` for a disk without regular files. A name that is now a
+/// symlink is not followed (an operator's file swapped for a link must not report another
+/// file's size).
 pub fn allocated(spec: &DiskSpec) -> Option<u64> {
     use std::os::unix::fs::MetadataExt;
     files(spec)
         .iter()
-        .filter_map(|p| std::fs::metadata(p).ok())
+        .filter_map(|p| std::fs::symlink_metadata(p).ok())
         .filter(|m| m.is_file())
         .map(|m| m.blocks() * 512)
         .reduce(|a, b| a + b)

@@ -64,17 +64,18 @@ struct Slot {
 // mutex), so moving a slot between threads is sound.
 unsafe impl Send for Slot {}
 
-/// Warnings a guest can cause at will (refused and failed requests): the first few, then
-/// one line per interval counting those left out, so that a guest cannot flood the host's
-/// log or fill its disk. The counters in `/metrics` count them all.
+/// Warnings a guest can cause at will (refused requests; failed ones, which a guest can
+/// repeat): the first few, then one line per interval counting those left out, so that a
+/// guest cannot flood the host's log or fill its disk. The counters in `/metrics` count
+/// them all. Refusals and I/O failures are limited apart, so refusals cannot hide failures.
 #[derive(Debug, Default)]
-struct GuestWarnings {
+struct WarningLimit {
     written: u32,
     last: Option<Instant>,
     left_out: u64,
 }
 
-impl GuestWarnings {
+impl WarningLimit {
     const FREE: u32 = 10;
     const EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -106,7 +107,10 @@ impl std::fmt::Display for LeftOut {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.0 {
             0 => Ok(()),
-            n => write!(f, " ({n} more like it since the last line)"),
+            n => write!(
+                f,
+                " ({n} more of this queue's warnings left out since the last line)"
+            ),
         }
     }
 }
@@ -129,7 +133,10 @@ pub struct QueueWorker {
     /// Requests answered since the guest was last notified, for the metrics: kind, bytes
     /// and start. Recorded after the notification, which they would otherwise delay.
     answered: Vec<(OpClass, u64, Instant)>,
-    warnings: GuestWarnings,
+    /// Requests refused (the guest's doing).
+    refusals: WarningLimit,
+    /// Requests the storage failed.
+    failures: WarningLimit,
 }
 
 impl QueueWorker {
@@ -159,7 +166,8 @@ impl QueueWorker {
             // Two passes' worth: a slot can be answered, refilled and answered again
             // before the notification.
             answered: Vec::with_capacity(2 * depth as usize),
-            warnings: GuestWarnings::default(),
+            refusals: WarningLimit::default(),
+            failures: WarningLimit::default(),
         }
     }
 
@@ -300,7 +308,7 @@ impl QueueWorker {
     ) -> bool {
         let (kind, status) = match parsed {
             Parsed::Dropped => {
-                if let Some(n) = self.warnings.allow() {
+                if let Some(n) = self.refusals.allow() {
                     log::warn!(
                         "queue {}: chain {head} has no status byte; returned unused{}",
                         self.core.index,
@@ -313,7 +321,7 @@ impl QueueWorker {
             }
             Parsed::Refused { status, refusal } => {
                 if refusal.error != ErrorClass::Unsupported {
-                    if let Some(n) = self.warnings.allow() {
+                    if let Some(n) = self.refusals.allow() {
                         log::warn!(
                             "queue {}: {:?} request refused ({:?}){}",
                             self.core.index,
@@ -379,7 +387,7 @@ impl QueueWorker {
                 false
             }
             Err(e) => {
-                if let Some(n) = self.warnings.allow() {
+                if let Some(n) = self.refusals.allow() {
                     log::warn!(
                         "queue {}: {:?} refused by the disk: {e}{}",
                         self.core.index,
@@ -432,7 +440,7 @@ impl QueueWorker {
         let slot = &mut self.slots[index as usize];
         let class = slot.kind.class();
         if result < 0 {
-            if let Some(n) = self.warnings.allow() {
+            if let Some(n) = self.failures.allow() {
                 log::warn!(
                     "queue {}: {:?} failed: {}{}",
                     self.core.index,
@@ -770,15 +778,15 @@ mod tests {
 
     #[test]
     fn a_guest_cannot_flood_the_log_with_refusals() {
-        let mut w = GuestWarnings::default();
-        for _ in 0..GuestWarnings::FREE {
+        let mut w = WarningLimit::default();
+        for _ in 0..WarningLimit::FREE {
             assert_eq!(w.allow(), Some(0));
         }
         for _ in 0..1000 {
             assert_eq!(w.allow(), None);
         }
         // The next line, an interval later, counts what was left out.
-        w.last = Some(Instant::now() - GuestWarnings::EVERY);
+        w.last = Some(Instant::now() - WarningLimit::EVERY);
         assert_eq!(w.allow(), Some(1000));
         assert_eq!(w.allow(), None);
     }

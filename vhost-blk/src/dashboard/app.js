@@ -14,7 +14,8 @@ function takeToken() {
   const m = location.hash.match(/token=([^&]+)/);
   if (m) {
     sessionStorage.setItem('strata-token', decodeURIComponent(m[1]));
-    // Out of the address bar (and the browser's history).
+    // Out of the address bar and this tab's history (the browser may still keep the
+    // address it was opened with: typing the token into the page avoids that).
     history.replaceState(null, '', location.pathname + location.search);
   }
   token = sessionStorage.getItem('strata-token');
@@ -77,16 +78,21 @@ function chart(id, title, series, format, empty) {
   const box = document.getElementById(id);
   const n = series.reduce((a, s) => a + s.points.length, 0);
   box.dataset.points = String(n);
+  box.dataset.series = series.map((s) => `${s.name}=${s.points.length}`).join(';');
   box.replaceChildren(el('h3', {}, title));
   if (n === 0) {
     box.append(el('p', { class: 'empty' }, empty || 'no data yet'));
     return;
   }
   const W = 560, H = 200, L = 64, R = 10, T = 8, B = 24;
-  const all = series.flatMap((s) => s.points);
-  let t0 = Math.min(...all.map((p) => p[0])), t1 = Math.max(...all.map((p) => p[0]));
+  // Loops, not Math.min(...points): a long trend would overflow the argument list.
+  let t0 = Infinity, t1 = -Infinity, top = 0;
+  for (const s of series) {
+    for (const [t, v] of s.points) {
+      t0 = Math.min(t0, t); t1 = Math.max(t1, t); top = Math.max(top, v);
+    }
+  }
   if (t1 === t0) { t0 -= 1; t1 += 1; }
-  let top = Math.max(...all.map((p) => p[1]));
   if (!(top > 0)) top = 1;
   const x = (t) => L + ((t - t0) / (t1 - t0)) * (W - L - R);
   const y = (v) => T + (1 - v / top) * (H - T - B);
@@ -110,7 +116,10 @@ function chart(id, title, series, format, empty) {
       svg.append(el('svg:path', { d, fill: 'none', stroke: c, 'stroke-width': 1.6 }));
     }
     const last = s.points.length ? format(s.points[s.points.length - 1][1]) : '–';
-    legend.append(el('span', { style: `--c:${c}` }, `${s.name} ${last}`));
+    const key = el('span', {}, `${s.name} ${last}`);
+    // Through the CSS object model: the page's policy refuses style attributes.
+    key.style.setProperty('--c', c);
+    legend.append(key);
   });
   box.append(svg, legend);
 }
@@ -119,10 +128,10 @@ function series(points, name, value) {
   return { name, points: points.filter((p) => value(p) != null).map((p) => [p.t, value(p)]) };
 }
 
-function drawDisk(disk, range) {
+function drawDisk(disk, range, days) {
   const pts = range === 'trend' ? disk.trend.concat(disk.recent.slice(-1)) : disk.recent;
   const usage = disk.trend.concat(disk.recent.slice(-1));
-  chart('chart-usage', 'Usage (30 days)', [
+  chart('chart-usage', `Usage (${plural(days, 'day')})`, [
     series(usage, 'used on host', (p) => p.used),
     series(usage, 'size', (p) => p.size),
   ], bytes);
@@ -136,8 +145,10 @@ function drawDisk(disk, range) {
     series(pts, 'p90', (p) => p.latency_us && p.latency_us.p90),
     series(pts, 'p99', (p) => p.latency_us && p.latency_us.p99),
   ], micros, 'no requests completed in this range');
-  const kinds = Object.keys((pts[0] || {}).errors || {});
-  chart('chart-errors', 'Errors by kind (per period)', kinds.map((k) => series(pts, k, (p) => p.errors[k])), (v) => String(Math.round(v)));
+  // The kinds that happened in the range.
+  const kinds = Object.keys((pts[0] || {}).errors || {}).filter((k) => pts.some((p) => p.errors[k] > 0));
+  chart('chart-errors', 'Errors by kind (per period)', kinds.map((k) => series(pts, k, (p) => p.errors[k])),
+    (v) => String(Math.round(v)), 'no errors in this range');
   const cached = pts.filter((p) => p.cache);
   chart('chart-cache', 'Cache read hit ratio', [
     series(cached, 'hits', (p) => {
@@ -149,7 +160,7 @@ function drawDisk(disk, range) {
 
 function row(disk, served) {
   const last = disk.recent[disk.recent.length - 1] || disk.trend[disk.trend.length - 1];
-  const hour = disk.recent.reduce((a, p) => a + errorsOf(p), 0);
+  const errors = last ? errorsOf(last) : 0;
   const cells = [disk.id];
   if (!last) return cells.concat(['', '', '', '', '', '', '', '', '']);
   const c = last.cache, reads = c ? c.read_hits + c.read_misses : 0;
@@ -159,23 +170,38 @@ function row(disk, served) {
     number((last.reads + last.writes + last.other) / last.seconds),
     number((last.read_bytes + last.write_bytes) / last.seconds / 1e6),
     micros(last.latency_us && last.latency_us.p99),
-    String(hour),
+    String(errors),
     c ? (reads ? ((100 * c.read_hits) / reads).toFixed(0) + ' %' : '–') : 'no cache',
   ]);
+}
+
+function plural(n, what) {
+  return `${n} ${what}${n === 1 ? '' : 's'}`;
+}
+
+function span(seconds) {
+  if (seconds >= 2 * 86400) return `${Math.round(seconds / 86400)} days`;
+  if (seconds >= 2 * 3600) return `${Math.round(seconds / 3600)} hours`;
+  return `${Math.round(seconds / 60)} min`;
 }
 
 async function refresh() {
   const status = document.getElementById('status');
   try {
-    const [health, list, hist] = await Promise.all([api('/v1/health'), api('/v1/disks'), api('/v1/history')]);
+    // Every disk's latest point for the table; the whole history of the one on show.
+    const [health, list, hist] = await Promise.all([api('/v1/health'), api('/v1/disks'), api('/v1/history?last=1')]);
     status.textContent = '';
     status.className = '';
     document.getElementById('health').textContent =
       `${health.status} · version ${health.version} · up ${Math.round(health.uptime_seconds / 60)} min · ` +
       `${health.disks} disks · ${health.frontends_connected} frontends connected`;
+    const recent = span(hist.sample_seconds * hist.recent_points);
+    document.getElementById('range-recent').textContent = `last ${recent}`;
+    document.getElementById('range-trend').textContent = plural(hist.retention_days, 'day');
+    document.getElementById('errors-range').textContent = 'errors (last sample)';
     document.getElementById('sample').textContent = hist.sample_seconds;
     document.getElementById('trend').textContent = hist.trend_seconds;
-    document.getElementById('retention').textContent = hist.retention_days;
+    document.getElementById('retention').textContent = plural(hist.retention_days, 'day');
     document.getElementById('persistent').textContent = hist.persistent ? ' across restarts' : ' in memory only (no history-file)';
     const byId = new Map(list.disks.map((d) => [d.id, d]));
     const disks = hist.disks;
@@ -188,8 +214,10 @@ async function refresh() {
       return tr;
     }));
     document.getElementById('selected').textContent = selected || '(none)';
-    const disk = disks.find((d) => d.id === selected);
-    if (disk) drawDisk(disk, document.getElementById('range').value);
+    if (selected) {
+      const one = await api('/v1/history?disk=' + encodeURIComponent(selected));
+      if (one.disks.length) drawDisk(one.disks[0], document.getElementById('range').value, hist.retention_days);
+    }
     clearTimeout(timer);
     timer = setTimeout(refresh, Math.min(Math.max(hist.sample_seconds, 2), 30) * 1000);
   } catch (e) {
