@@ -24,6 +24,7 @@ pub mod error;
 pub mod huge_pages;
 pub mod iov;
 pub mod metrics;
+pub mod qcow2;
 #[cfg(feature = "rbd")]
 pub mod rbd;
 pub mod throttle;

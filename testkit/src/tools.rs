@@ -22,6 +22,26 @@ pub fn require_tool(name: &str) -> Result<PathBuf> {
     }
 }
 
+/// Runs `qemu-img` (the image oracle) with `args`; a missing qemu-img fails the test with
+/// how to install it.
+pub fn qemu_img(args: &[&str]) -> std::process::Output {
+    std::process::Command::new("qemu-img")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("qemu-img: {e} (Debian's qemu-utils: {SETUP_HINT})"))
+}
+
+/// Runs `qemu-img` with `args` and fails the test, with its output, unless it succeeds.
+pub fn qemu_img_ok(args: &[&str]) {
+    let out = qemu_img(args);
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Returns `path` if it exists, otherwise an error naming `what` it is and the setup script.
 pub fn require_file(path: &Path, what: &str) -> Result<PathBuf> {
     if path.exists() {

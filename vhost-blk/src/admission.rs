@@ -223,6 +223,14 @@ fn admin_only(node: &NodeSpec, out: &mut Vec<String>) {
             }
             admin_only(child, out)
         }
+        NodeSpec::Qcow2 { file, backing, .. } => {
+            // The image names its backing file, anywhere on the host: an operator's image
+            // could name a file the operator may not read.
+            if *backing == storage_core::qcow2::Backing::FromImage {
+                out.push("a qcow2 image's own backing file (give backing=null)".into());
+            }
+            admin_only(file, out)
+        }
     }
 }
 

@@ -139,6 +139,16 @@ fn open_node(node: &NodeSpec, read_only: bool) -> Result<AnyDisk, StorageError> 
             let cache_engine = leaf_engine(*cache_engine, &tier.cache)?;
             TieredDisk::open(capacity, read_only, cache_engine, tier).map(AnyDisk::Tiered)
         }
+        NodeSpec::Qcow2 {
+            file,
+            backing,
+            l2_cache,
+        } => {
+            let path = std::path::PathBuf::from(file.data_path());
+            let file = open_node(file, read_only)?;
+            crate::qcow2::Qcow2Disk::open(file, &path, read_only, backing, *l2_cache, 0)
+                .map(|d| AnyDisk::Qcow2(Box::new(d)))
+        }
         NodeSpec::Throttle { child, limits } => {
             let child = open_node(child, read_only)?;
             let group = match limits {
@@ -158,6 +168,7 @@ pub enum AnyDisk {
     Null(NullDisk),
     Tiered(TieredDisk),
     Throttle(Box<ThrottleDisk>),
+    Qcow2(Box<crate::qcow2::Qcow2Disk>),
     #[cfg(feature = "rbd")]
     Rbd(Box<crate::rbd::RbdDisk>),
 }
@@ -181,6 +192,10 @@ impl AnyDisk {
             AnyDisk::Rbd(_) => "rbd".into(),
             AnyDisk::Tiered(t) => format!("tier({}, cache)", t.capacity().describe()),
             AnyDisk::Throttle(t) => format!("throttle({})", t.child().describe()),
+            AnyDisk::Qcow2(q) => match q.backing() {
+                Some(b) => format!("qcow2(file, backing: {})", b.describe()),
+                None => "qcow2(file)".into(),
+            },
         }
     }
 
@@ -209,6 +224,7 @@ enum FormatQueue {
     Null(NullQueue),
     Tiered(TieredQueue),
     Throttle(Box<ThrottleQueue>),
+    Qcow2(Box<crate::qcow2::Qcow2Queue>),
     #[cfg(feature = "rbd")]
     Rbd(crate::rbd::RbdQueue),
 }
@@ -220,6 +236,7 @@ macro_rules! disk_dispatch {
             AnyDisk::Null($d) => $body,
             AnyDisk::Tiered($d) => $body,
             AnyDisk::Throttle($d) => $body,
+            AnyDisk::Qcow2($d) => $body,
             #[cfg(feature = "rbd")]
             AnyDisk::Rbd($d) => $body,
         }
@@ -239,6 +256,7 @@ impl Disk for AnyDisk {
             AnyDisk::Null(d) => FormatQueue::Null(d.new_queue(depth)?),
             AnyDisk::Tiered(d) => FormatQueue::Tiered(d.new_queue(depth)?),
             AnyDisk::Throttle(d) => FormatQueue::Throttle(Box::new(d.new_queue(depth)?)),
+            AnyDisk::Qcow2(d) => FormatQueue::Qcow2(Box::new(d.new_queue(depth)?)),
             #[cfg(feature = "rbd")]
             AnyDisk::Rbd(d) => FormatQueue::Rbd(d.new_queue(depth)?),
         };
@@ -296,6 +314,7 @@ macro_rules! dispatch {
             FormatQueue::Null($q) => $body,
             FormatQueue::Tiered($q) => $body,
             FormatQueue::Throttle($q) => $body,
+            FormatQueue::Qcow2($q) => $body,
             #[cfg(feature = "rbd")]
             FormatQueue::Rbd($q) => $body,
         }
@@ -306,6 +325,7 @@ macro_rules! dispatch {
             FormatQueue::Null($q) => $body,
             FormatQueue::Tiered($q) => $body,
             FormatQueue::Throttle($q) => $body,
+            FormatQueue::Qcow2($q) => $body,
             #[cfg(feature = "rbd")]
             FormatQueue::Rbd($q) => $body,
         }

@@ -387,6 +387,37 @@ impl GraphSpec {
                 }
             }
             "raw" => self.child(name, "file", &mut opts, depth, used)?,
+            "qcow2" => {
+                let file = self.child(name, "file", &mut opts, depth, used)?;
+                if !matches!(file, NodeSpec::File { .. }) {
+                    return Err(graph_err(format!(
+                        "qcow2 node {name:?}: its file must be a file node"
+                    )));
+                }
+                let backing = match take(&mut opts, "backing").as_deref() {
+                    None => crate::qcow2::Backing::FromImage,
+                    Some("null") | Some("") => crate::qcow2::Backing::Without,
+                    Some(other) => {
+                        return Err(graph_err(format!(
+                            "qcow2 node {name:?}: backing={other:?}: only the image's own \
+                             backing file (no backing=) or none (backing=null) for now"
+                        )))
+                    }
+                };
+                let l2_cache = match take(&mut opts, "l2-cache-size") {
+                    Some(v) => {
+                        v.parse::<crate::units::ByteSize>()
+                            .map_err(|e| bad("l2-cache-size", &v, e.to_string()))?
+                            .0
+                    }
+                    None => crate::qcow2::DEFAULT_L2_CACHE,
+                };
+                NodeSpec::Qcow2 {
+                    file: Box::new(file),
+                    backing,
+                    l2_cache,
+                }
+            }
             "rbd" => {
                 let need = |opts: &mut Options, key: &str| {
                     take(opts, key)
@@ -489,7 +520,7 @@ impl GraphSpec {
             other => {
                 return Err(graph_err(format!(
                     "node {name:?}: unknown driver {other:?} (known: file, host_device, null-co, \
-                     raw, rbd, throttle, tier)"
+                     qcow2, raw, rbd, throttle, tier)"
                 )))
             }
         };

@@ -41,6 +41,13 @@ pub enum NodeSpec {
         child: Box<NodeSpec>,
         limits: ThrottleSpec,
     },
+    /// A qcow2 image in its `file` child, over the backing chain it names.
+    Qcow2 {
+        file: Box<NodeSpec>,
+        backing: crate::qcow2::Backing,
+        /// Bytes of L2 tables kept in memory (QEMU's `l2-cache-size`).
+        l2_cache: u64,
+    },
 }
 
 /// Where an RBD image is: `driver=rbd,pool=P,image=I[,conf=FILE][,id=USER]`.
@@ -80,6 +87,7 @@ impl NodeSpec {
             NodeSpec::Rbd(r) => format!("rbd:{}/{}", r.pool, r.image),
             NodeSpec::Tier { capacity, .. } => capacity.leaf_name(),
             NodeSpec::Throttle { child, .. } => child.leaf_name(),
+            NodeSpec::Qcow2 { file, .. } => file.leaf_name(),
         }
     }
 
@@ -92,6 +100,7 @@ impl NodeSpec {
             NodeSpec::Rbd(r) => format!("rbd:{}/{}", r.pool, r.image),
             NodeSpec::Tier { capacity, .. } => capacity.data_path(),
             NodeSpec::Throttle { child, .. } => child.data_path(),
+            NodeSpec::Qcow2 { file, .. } => file.data_path(),
         }
     }
 
@@ -105,6 +114,8 @@ impl NodeSpec {
                 capacity.files_mut(f);
             }
             NodeSpec::Throttle { child, .. } => child.files_mut(f),
+            // The backing chain's files are named by the image, not by the spec.
+            NodeSpec::Qcow2 { file, .. } => file.files_mut(f),
             NodeSpec::Null { .. } | NodeSpec::Rbd(_) => {}
         }
     }
@@ -309,6 +320,7 @@ impl FromStr for DiskSpec {
         let mut cache: Option<String> = None;
         let mut tier_opts = TierOptions::default();
         let mut read_zeroes = None;
+        let mut format = None;
         let mut limits = ThrottleLimits::default();
         let mut throttle_group: Option<String> = None;
         // Any limit key, even one that sets no rate (`iops-total-max` alone): it is checked.
@@ -333,6 +345,11 @@ impl FromStr for DiskSpec {
                 "readonly" => read_only = Some(on_off("readonly", value)?),
                 "direct" => direct = Some(on_off("direct", value)?),
                 "read-zeroes" => read_zeroes = Some(on_off("read-zeroes", value)?),
+                // Explicit, never guessed from a writable image's contents.
+                "format" => match value {
+                    "raw" | "qcow2" => format = Some(value.to_string()),
+                    _ => return Err(bad("format", value, "raw or qcow2")),
+                },
                 "serial" => serial = Some(parse_serial(value)?),
                 "engine" => engine = Some(parse_engine("engine", value)?),
                 "cache" => {
@@ -377,12 +394,23 @@ impl FromStr for DiskSpec {
                     "only a null disk takes a size; a file's size is its own",
                 ));
             }
-            NodeSpec::File {
+            let file = NodeSpec::File {
                 path: PathBuf::from(path),
                 direct: direct.unwrap_or(false),
                 engine,
+            };
+            match format.as_deref() {
+                Some("qcow2") => NodeSpec::Qcow2 {
+                    file: Box::new(file),
+                    backing: crate::qcow2::Backing::FromImage,
+                    l2_cache: crate::qcow2::DEFAULT_L2_CACHE,
+                },
+                _ => file,
             }
         };
+        if format.is_some() && matches!(leaf, NodeSpec::Null { .. }) {
+            return Err(bad("format", "", "a null disk has no format"));
+        }
         let root = match cache {
             Some(cache) => {
                 if matches!(leaf, NodeSpec::Null { .. }) {

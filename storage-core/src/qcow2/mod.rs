@@ -1,0 +1,381 @@
+//! qcow2, QEMU's image format, as a format node over a file node (its `file` child), with
+//! its backing chain below it (`backing`: another qcow2 or a raw file, read-only).
+//!
+//! What it reads and writes: versions 2 and 3, any cluster size QEMU allows (512 bytes to
+//! 2 MiB), refcounts of any width, zero clusters, compressed clusters (zlib, or zstd where
+//! the header says so: read, and rewritten uncompressed when written to), backing chains
+//! up to [`MAX_CHAIN`] deep, discard and write-zeroes. [`create`] makes version 3 images.
+//! Refused with a reason ([`header::Header::refusal`]): encryption, external data files,
+//! subclusters, images marked corrupt, and for writing, internal snapshots and images left
+//! dirty by QEMU's lazy refcounts.
+//!
+//! Where it lives: [`header`] (the header and its extensions), [`meta`] (L1/L2 tables,
+//! refcounts, allocation and the order changes reach the disk), [`queue`] (requests,
+//! mapped to the file and the backing chain), [`compressed`] (inflating clusters).
+
+mod compressed;
+pub mod header;
+mod meta;
+mod queue;
+
+pub use header::Header;
+pub use queue::Qcow2Queue;
+
+use std::io;
+use std::os::unix::io::RawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use crate::disk::{AnyDisk, Disk, DiskInfo, Size};
+use crate::error::{StorageError, StorageErrorKind};
+use meta::Meta;
+
+/// How deep a backing chain may be (QEMU has no limit; a loop must end somewhere).
+pub const MAX_CHAIN: usize = 16;
+
+/// L2 cache size unless given (QEMU's default maximum is 32 MiB).
+pub const DEFAULT_L2_CACHE: u64 = 32 << 20;
+
+fn spec_error(path: &Path, msg: impl std::fmt::Display) -> StorageError {
+    StorageError::new(
+        StorageErrorKind::InvalidSpec,
+        format!("{}: {msg}", path.display()),
+    )
+}
+
+fn io_error(path: &Path, what: &str, e: io::Error) -> StorageError {
+    let kind = if e.kind() == io::ErrorKind::InvalidData {
+        StorageErrorKind::InvalidSpec
+    } else {
+        StorageErrorKind::Io
+    };
+    StorageError::new(kind, format!("{}: {what}: {e}", path.display()))
+}
+
+/// What the queues share: the metadata under its lock, the image file and the backing
+/// node, for control-plane I/O (metadata, copy-on-write).
+pub(crate) struct Shared {
+    pub meta: Mutex<Meta>,
+    pub file: AnyDisk,
+    pub backing: Option<AnyDisk>,
+    pub path: PathBuf,
+}
+
+impl Shared {
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, Meta> {
+        self.meta.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// An open qcow2 image.
+pub struct Qcow2Disk {
+    shared: Arc<Shared>,
+    info: DiskInfo,
+}
+
+/// Which backing file a qcow2 node reads through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backing {
+    /// The one the image names (opened read-only; its format from the image's
+    /// backing-format extension, else probed: a read-only open may look).
+    FromImage,
+    /// None: what the image leaves unallocated reads as zeroes (QEMU's `backing=null`).
+    Without,
+}
+
+impl Qcow2Disk {
+    /// Opens the image in `file` (a file node, already open), at `path` for messages and
+    /// relative backing names. `depth`: how many images are above this one.
+    pub fn open(
+        file: AnyDisk,
+        path: &Path,
+        read_only: bool,
+        backing: &Backing,
+        l2_cache: u64,
+        depth: usize,
+    ) -> Result<Qcow2Disk, StorageError> {
+        let file_len = file.info().capacity.get();
+        let mut first = vec![0u8; 65536.min(file_len as usize).max(72)];
+        file.read_at(&mut first[..(file_len as usize).min(65536)], 0)
+            .map_err(|e| io_error(path, "reading the header", e))?;
+        let header = Header::parse(&first, file_len).map_err(|e| spec_error(path, e))?;
+        if let Some(why) = header.refusal(!read_only) {
+            return Err(spec_error(path, why));
+        }
+        let backing = match (backing, header.backing_path(path)) {
+            (Backing::FromImage, Some(b)) => {
+                if depth + 1 >= MAX_CHAIN {
+                    return Err(spec_error(
+                        path,
+                        format!("the backing chain is deeper than {MAX_CHAIN} images"),
+                    ));
+                }
+                Some(
+                    open_backing(&b, header.backing_format.as_deref(), depth + 1).map_err(|e| {
+                        StorageError::new(
+                            e.kind(),
+                            format!("{}: backing file: {e}", path.display()),
+                        )
+                    })?,
+                )
+            }
+            _ => None,
+        };
+        if let Some(b) = &backing {
+            log::info!(
+                "{}: backing file {} ({} bytes)",
+                path.display(),
+                b.info().path,
+                b.info().capacity.get()
+            );
+        }
+        let meta = Meta::open(&file, header.clone(), file_len, !read_only, l2_cache)
+            .map_err(|e| io_error(path, "reading the metadata", e))?;
+        let base = file.info();
+        let info = DiskInfo {
+            capacity: Size::new(header.size),
+            read_only,
+            direct: base.direct,
+            format: "qcow2",
+            path: base.path.clone(),
+            engine: base.engine,
+            discard: true,
+            identity: base.identity,
+        };
+        if base.direct {
+            return Err(spec_error(
+                path,
+                "qcow2 over an O_DIRECT file (direct=on) is not supported yet: its metadata \
+                 I/O is not aligned for it",
+            ));
+        }
+        Ok(Qcow2Disk {
+            shared: Arc::new(Shared {
+                meta: Mutex::new(meta),
+                file,
+                backing,
+                path: path.to_owned(),
+            }),
+            info,
+        })
+    }
+
+    pub fn header(&self) -> Header {
+        self.shared.lock().header.clone()
+    }
+
+    /// The node below, if any.
+    pub fn backing(&self) -> Option<&AnyDisk> {
+        self.shared.backing.as_ref()
+    }
+}
+
+/// Opens a backing file read-only: qcow2 or raw, as the image says, else as its first
+/// bytes say (probing a read-only image is safe: nothing it holds can change how a
+/// writable one is opened).
+fn open_backing(path: &Path, format: Option<&str>, depth: usize) -> Result<AnyDisk, StorageError> {
+    let engine = crate::disk::engine_for_path(path);
+    let file = AnyDisk::Raw(crate::disk::RawDisk::open(path, true, false, engine)?);
+    let format = match format {
+        Some(f) => f.to_string(),
+        None => {
+            let mut magic = [0u8; 4];
+            let qcow2 =
+                file.read_at(&mut magic, 0).is_ok() && u32::from_be_bytes(magic) == header::MAGIC;
+            if qcow2 { "qcow2" } else { "raw" }.to_string()
+        }
+    };
+    match format.as_str() {
+        "raw" => Ok(file),
+        "qcow2" => Qcow2Disk::open(
+            file,
+            path,
+            true,
+            &Backing::FromImage,
+            DEFAULT_L2_CACHE,
+            depth,
+        )
+        .map(|d| AnyDisk::Qcow2(Box::new(d))),
+        other => Err(spec_error(
+            path,
+            format!("backing format {other:?}: only qcow2 and raw are supported"),
+        )),
+    }
+}
+
+impl Disk for Qcow2Disk {
+    type Queue = Qcow2Queue;
+
+    fn info(&self) -> &DiskInfo {
+        &self.info
+    }
+
+    fn new_queue(&self, depth: u32) -> Result<Qcow2Queue, StorageError> {
+        Qcow2Queue::new(self.shared.clone(), depth, self.info.capacity.clone())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        if self.info.read_only {
+            return Ok(());
+        }
+        self.shared.lock().flush(&self.shared.file)
+    }
+
+    fn close(&self) {
+        if let Err(e) = self.flush() {
+            log::error!("{}: flush at close: {e}", self.shared.path.display());
+        }
+        self.shared.file.close();
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        queue::read_sync(&self.shared, buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        queue::write_sync(&self.shared, buf, offset)
+    }
+}
+
+/// Reads `buf` at `offset` of `node`, zeroes past `size` (and past the node's end).
+pub(crate) fn read_clamped(
+    node: &AnyDisk,
+    buf: &mut [u8],
+    offset: u64,
+    size: u64,
+) -> io::Result<()> {
+    let size = size.min(match node {
+        // A file's length as it is now (an image grows).
+        AnyDisk::Raw(_) => u64::MAX,
+        other => other.info().capacity.get(),
+    });
+    let n = size.saturating_sub(offset).min(buf.len() as u64) as usize;
+    buf[n..].fill(0);
+    if n == 0 {
+        return Ok(());
+    }
+    match node.read_at(&mut buf[..n], offset) {
+        // Compressed data may run past the end of the file: the rest reads as zeroes.
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            let mut got = 0;
+            while got < n {
+                let step = (n - got).min(512);
+                if node
+                    .read_at(&mut buf[got..got + step], offset + got as u64)
+                    .is_err()
+                {
+                    break;
+                }
+                got += step;
+            }
+            buf[got..n].fill(0);
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+/// A completion fd source for queues that finish requests themselves (see
+/// [`queue`]).
+pub(crate) fn eventfd() -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: eventfd has no memory preconditions; the result is checked.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor that nobody else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// Wakes whoever waits on `fd` (an eventfd).
+pub(crate) fn signal(fd: RawFd) {
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: writes 8 bytes from a valid buffer to our own eventfd.
+    unsafe { libc::write(fd, one.as_ptr().cast(), 8) };
+}
+
+/// Options of [`create`].
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    pub size: u64,
+    pub cluster_size: u64,
+    /// The backing file's name as the image will record it, and its format.
+    pub backing: Option<(String, String)>,
+}
+
+/// Makes a version 3 qcow2 image at `path` (which must not exist), as `qemu-img create -f
+/// qcow2` does: 16-bit refcounts, no preallocation. Durable when it returns.
+pub fn create(path: &Path, opts: &CreateOptions) -> Result<(), StorageError> {
+    use std::io::Write;
+    use std::os::unix::fs::FileExt;
+    let bits = opts.cluster_size.trailing_zeros();
+    if !opts.cluster_size.is_power_of_two() || !(9..=21).contains(&bits) {
+        return Err(spec_error(
+            path,
+            format!(
+                "cluster size {}: a power of two from 512 bytes to 2 MiB",
+                opts.cluster_size
+            ),
+        ));
+    }
+    if opts.size == 0 || !opts.size.is_multiple_of(512) {
+        return Err(spec_error(
+            path,
+            format!("size {}: a whole number of 512-byte sectors", opts.size),
+        ));
+    }
+    let cluster = opts.cluster_size;
+    let l1_size = opts.size.div_ceil(cluster).div_ceil(cluster / 8);
+    let l1_clusters = (l1_size * 8).div_ceil(cluster).max(1);
+    if l1_size > u64::from(u32::MAX) {
+        return Err(spec_error(path, "too large for this cluster size"));
+    }
+    if let Some((name, _)) = &opts.backing {
+        if name.len() > 1023 {
+            return Err(spec_error(
+                path,
+                "the backing file name is longer than 1023 bytes",
+            ));
+        }
+    }
+    // Clusters: header, refcount table, refcount block, L1 table.
+    let used = 3 + l1_clusters;
+    let per_block = cluster * 8 / 16;
+    if used > per_block {
+        return Err(spec_error(
+            path,
+            "too large for one refcount block at this cluster size",
+        ));
+    }
+    let head = header::new_image(
+        opts.size,
+        bits,
+        opts.backing.as_ref().map(|(n, f)| (n.as_str(), f.as_str())),
+        l1_size as u32,
+    );
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| io_error(path, "creating", e))?;
+    let write = |e| io_error(path, "writing", e);
+    file.write_all(&head).map_err(write)?;
+    let mut table = vec![0u8; cluster as usize];
+    table[..8].copy_from_slice(&(2 * cluster).to_be_bytes());
+    file.write_all_at(&table, cluster).map_err(write)?;
+    let mut block = vec![0u8; cluster as usize];
+    for i in 0..used as usize {
+        block[2 * i..2 * i + 2].copy_from_slice(&1u16.to_be_bytes());
+    }
+    file.write_all_at(&block, 2 * cluster).map_err(write)?;
+    file.set_len(used * cluster).map_err(write)?;
+    file.sync_all().map_err(write)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(write)?;
+    }
+    file.flush().map_err(write)?;
+    Ok(())
+}

@@ -1,0 +1,503 @@
+//! One worker's queue on a qcow2 image. A request that maps to one place (a run of
+//! clusters contiguous in the image file, or a range the backing file serves, or zeroes)
+//! goes to the file's or the backing node's queue as it is, with the guest's buffers: the
+//! data path of a page-cached or allocated image. Anything else (a request across
+//! differently mapped clusters, compressed clusters, discard, flush) is done here,
+//! synchronously, and completes at once: the slow path, correct first.
+//!
+//! Writes find or make each cluster first, under the metadata lock ([`Meta`]): a new
+//! cluster gets its old contents (the backing file's, a compressed cluster's) written
+//! before its L2 entry names it, so a write in flight only ever lands in a cluster that
+//! already holds what it held before.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::io::RawFd;
+use std::sync::Arc;
+
+use super::compressed;
+use super::meta::{Mapping, Meta};
+use super::{read_clamped, Shared};
+use crate::disk::wakeup::FdSet;
+use crate::disk::{
+    checked, AnyQueue, Disk, DiskCompletion, DiskOp, DiskQueue, IoVecs, Rejected, Size, StartError,
+};
+use crate::error::{StorageError, StorageErrorKind};
+
+/// Where an asynchronous request went.
+#[derive(Debug, Clone, Copy)]
+enum Route {
+    File,
+    Backing,
+}
+
+/// Where a request's data is, as a whole.
+enum Plan {
+    /// In the image file from this offset on, contiguous.
+    File(u64),
+    /// In the backing node, at the same offset.
+    Backing,
+    /// Zeroes.
+    Zero,
+    /// Anything else: done here, piece by piece.
+    Slow,
+}
+
+pub struct Qcow2Queue {
+    shared: Arc<Shared>,
+    capacity: Size,
+    file: Box<AnyQueue>,
+    backing: Option<Box<AnyQueue>>,
+    /// Signalled when a request completes here (the slow path).
+    notify: OwnedFd,
+    wakeup: FdSet,
+    /// By tag: where each request in flight went (`Some((route, read length))`).
+    routes: Vec<Option<(Route, Option<u64>)>>,
+    local: VecDeque<DiskCompletion>,
+    in_flight: usize,
+}
+
+impl Qcow2Queue {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        depth: u32,
+        capacity: Size,
+    ) -> Result<Self, StorageError> {
+        let notify = super::eventfd().map_err(|e| {
+            StorageError::new(StorageErrorKind::Engine, "qcow2 queue").with_source(e)
+        })?;
+        let file = shared.file.new_queue_sharing(depth, notify.as_raw_fd())?;
+        let backing = match &shared.backing {
+            Some(b) => Some(Box::new(b.new_queue_sharing(depth, notify.as_raw_fd())?)),
+            None => None,
+        };
+        let wakeup = FdSet::new().map_err(|e| {
+            StorageError::new(StorageErrorKind::Engine, "qcow2 queue").with_source(e)
+        })?;
+        let mut fds = vec![notify.as_raw_fd()];
+        file.wake_fds(&mut fds);
+        if let Some(b) = &backing {
+            b.wake_fds(&mut fds);
+        }
+        fds.sort_unstable();
+        fds.dedup();
+        for fd in fds {
+            wakeup.add(fd).map_err(|e| {
+                StorageError::new(StorageErrorKind::Engine, "qcow2 queue").with_source(e)
+            })?;
+        }
+        Ok(Qcow2Queue {
+            shared,
+            capacity,
+            file: Box::new(file),
+            backing,
+            notify,
+            wakeup,
+            routes: vec![None; depth as usize],
+            local: VecDeque::new(),
+            in_flight: 0,
+        })
+    }
+
+    fn done_here(&mut self, tag: u64, result: i32, buffers: Option<IoVecs>) {
+        self.local.push_back(DiskCompletion {
+            tag,
+            result,
+            buffers,
+        });
+        self.in_flight += 1;
+        super::signal(self.notify.as_raw_fd());
+    }
+
+    fn plan_read(&self, offset: u64, len: u64) -> io::Result<Plan> {
+        let shared = &self.shared;
+        let mut meta = shared.lock();
+        let cluster = meta.cluster_size();
+        let backing_size = shared.backing.as_ref().map(|b| b.info().capacity.get());
+        let mut plan: Option<Plan> = None;
+        let mut at = offset;
+        while at < offset + len {
+            let piece = (cluster - at % cluster).min(offset + len - at);
+            let this = match meta.lookup(&shared.file, at)? {
+                Mapping::Data(h) => Plan::File(h + at % cluster),
+                Mapping::Zero => Plan::Zero,
+                Mapping::Unallocated => match backing_size {
+                    Some(size) if at + piece <= size => Plan::Backing,
+                    Some(_) => return Ok(Plan::Slow),
+                    None => Plan::Zero,
+                },
+                Mapping::Compressed { .. } => return Ok(Plan::Slow),
+            };
+            plan = match (plan, this) {
+                (None, p) => Some(p),
+                (Some(Plan::File(start)), Plan::File(h)) if start + (at - offset) == h => {
+                    Some(Plan::File(start))
+                }
+                (Some(Plan::Backing), Plan::Backing) => Some(Plan::Backing),
+                (Some(Plan::Zero), Plan::Zero) => Some(Plan::Zero),
+                _ => return Ok(Plan::Slow),
+            };
+            at += piece;
+        }
+        Ok(plan.unwrap_or(Plan::Zero))
+    }
+
+    /// Makes every cluster of the range writable; `Some(host)` when they are contiguous
+    /// in the file.
+    fn plan_write(&self, offset: u64, len: u64) -> io::Result<Option<u64>> {
+        let shared = &self.shared;
+        let mut meta = shared.lock();
+        let cluster = meta.cluster_size();
+        let mut start = None;
+        let mut contiguous = true;
+        let mut at = offset;
+        while at < offset + len {
+            let piece = (cluster - at % cluster).min(offset + len - at);
+            let h = writable(shared, &mut meta, at)? + at % cluster;
+            match start {
+                None => start = Some(h),
+                Some(s) if s + (at - offset) == h => {}
+                Some(_) => contiguous = false,
+            }
+            at += piece;
+        }
+        Ok(start.filter(|_| contiguous))
+    }
+
+    fn child(&mut self, route: Route) -> &mut AnyQueue {
+        match route {
+            Route::File => &mut self.file,
+            Route::Backing => self.backing.as_mut().expect("routed to the backing node"),
+        }
+    }
+
+    /// Sends `op` (already mapped) to a child; a refusal gives back the request as the
+    /// caller made it.
+    fn send(
+        &mut self,
+        route: Route,
+        op: DiskOp,
+        tag: u64,
+        original: u64,
+        read: Option<u64>,
+    ) -> Result<(), Rejected> {
+        match self.child(route).start(op, tag) {
+            Ok(()) => {
+                self.routes[tag as usize] = Some((route, read));
+                self.in_flight += 1;
+                Ok(())
+            }
+            Err(r) => {
+                let buffers =
+                    r.op.into_buffers()
+                        .unwrap_or_else(|| IoVecs::with_capacity(0));
+                let op = if read.is_some() {
+                    DiskOp::Read {
+                        offset: original,
+                        buffers,
+                    }
+                } else {
+                    DiskOp::Write {
+                        offset: original,
+                        buffers,
+                    }
+                };
+                Err(Rejected::new(r.error, op))
+            }
+        }
+    }
+}
+
+fn errno(e: &io::Error) -> i32 {
+    -e.raw_os_error().unwrap_or(libc::EIO)
+}
+
+/// The host offset of the guest cluster holding `at`, made writable (see [`Meta`]).
+fn writable(shared: &Shared, meta: &mut Meta, at: u64) -> io::Result<u64> {
+    let cluster = meta.cluster_size();
+    let start = at - at % cluster;
+    let compression = meta.header.compression;
+    let file = &shared.file;
+    let backing = shared.backing.as_ref();
+    let mut fill = |old: Mapping, buf: &mut [u8]| -> io::Result<bool> {
+        match old {
+            Mapping::Unallocated => match backing {
+                Some(b) => {
+                    read_clamped(b, buf, start, b.info().capacity.get())?;
+                    Ok(true)
+                }
+                None => Ok(false),
+            },
+            Mapping::Zero => Ok(false),
+            Mapping::Compressed { offset, len } => {
+                let mut data = vec![0u8; len as usize];
+                read_clamped(file, &mut data, offset, u64::MAX)?;
+                compressed::inflate(compression, &data, buf)?;
+                Ok(true)
+            }
+            Mapping::Data(h) => {
+                file.read_at(buf, h)?;
+                Ok(true)
+            }
+        }
+    };
+    meta.writable_cluster(file, at, &mut fill)
+}
+
+/// Reads guest bytes `[offset, offset + buf.len())` piece by piece (the slow path, and
+/// control-plane reads).
+pub(crate) fn read_sync(shared: &Shared, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    let mut meta = shared.lock();
+    let cluster = meta.cluster_size();
+    let compression = meta.header.compression;
+    let mut done = 0usize;
+    let mut scratch = Vec::new();
+    while done < buf.len() {
+        let at = offset + done as u64;
+        let piece = ((cluster - at % cluster) as usize).min(buf.len() - done);
+        let out = &mut buf[done..done + piece];
+        match meta.lookup(&shared.file, at)? {
+            Mapping::Data(h) => shared.file.read_at(out, h + at % cluster)?,
+            Mapping::Zero => out.fill(0),
+            Mapping::Unallocated => match &shared.backing {
+                Some(b) => read_clamped(b, out, at, b.info().capacity.get())?,
+                None => out.fill(0),
+            },
+            Mapping::Compressed { offset: c, len } => {
+                let mut data = vec![0u8; len as usize];
+                read_clamped(&shared.file, &mut data, c, u64::MAX)?;
+                scratch.resize(cluster as usize, 0);
+                compressed::inflate(compression, &data, &mut scratch)?;
+                let from = (at % cluster) as usize;
+                out.copy_from_slice(&scratch[from..from + piece]);
+            }
+        }
+        done += piece;
+    }
+    Ok(())
+}
+
+/// Writes guest bytes at `offset` piece by piece (the slow path, and control-plane writes).
+pub(crate) fn write_sync(shared: &Shared, buf: &[u8], offset: u64) -> io::Result<()> {
+    let mut meta = shared.lock();
+    let cluster = meta.cluster_size();
+    let mut done = 0usize;
+    while done < buf.len() {
+        let at = offset + done as u64;
+        let piece = ((cluster - at % cluster) as usize).min(buf.len() - done);
+        let host = writable(shared, &mut meta, at)?;
+        shared
+            .file
+            .write_at(&buf[done..done + piece], host + at % cluster)?;
+        done += piece;
+    }
+    Ok(())
+}
+
+/// Discard (`zero_only`: false) or write-zeroes over `[offset, offset + len)`: whole
+/// clusters in metadata where the format can say "zeroes", the rest written.
+fn zero_range(shared: &Shared, offset: u64, len: u64, discard: bool) -> io::Result<()> {
+    let cluster = shared.lock().cluster_size();
+    let mut at = offset;
+    while at < offset + len {
+        let piece = (cluster - at % cluster).min(offset + len - at);
+        let whole = piece == cluster;
+        let mut meta = shared.lock();
+        let done = whole && meta.zero_cluster(&shared.file, at, shared.backing.is_some())?;
+        if !done && !discard {
+            // Zeroes already where nothing lies below.
+            let reads_zero = match meta.lookup(&shared.file, at)? {
+                Mapping::Zero => true,
+                Mapping::Unallocated => shared.backing.is_none(),
+                _ => false,
+            };
+            drop(meta);
+            if !reads_zero {
+                write_sync(shared, &vec![0u8; piece as usize], at)?;
+            }
+        }
+        at += piece;
+    }
+    Ok(())
+}
+
+impl DiskQueue for Qcow2Queue {
+    fn start(&mut self, op: DiskOp, tag: u64) -> Result<(), Rejected> {
+        if tag as usize >= self.routes.len() || self.routes[tag as usize].is_some() {
+            return Err(Rejected::new(StartError::BadTag, op));
+        }
+        let op = checked(op, self.capacity.get())?;
+        match op {
+            DiskOp::Read {
+                offset,
+                mut buffers,
+            } => {
+                let len = buffers.len();
+                match self.plan_read(offset, len) {
+                    Ok(Plan::File(host)) => self.send(
+                        Route::File,
+                        DiskOp::Read {
+                            offset: host,
+                            buffers,
+                        },
+                        tag,
+                        offset,
+                        Some(len),
+                    ),
+                    Ok(Plan::Backing) => self.send(
+                        Route::Backing,
+                        DiskOp::Read { offset, buffers },
+                        tag,
+                        offset,
+                        Some(len),
+                    ),
+                    Ok(Plan::Zero) => {
+                        buffers.fill_zero();
+                        self.done_here(tag, len as i32, Some(buffers));
+                        Ok(())
+                    }
+                    Ok(Plan::Slow) => {
+                        let mut data = vec![0u8; len as usize];
+                        let result = match read_sync(&self.shared, &mut data, offset) {
+                            Ok(()) => {
+                                buffers.copy_from(0, &data);
+                                len as i32
+                            }
+                            Err(e) => errno(&e),
+                        };
+                        self.done_here(tag, result, Some(buffers));
+                        Ok(())
+                    }
+                    Err(e) => {
+                        log::error!("{}: {e}", self.shared.path.display());
+                        self.done_here(tag, errno(&e), Some(buffers));
+                        Ok(())
+                    }
+                }
+            }
+            DiskOp::Write { offset, buffers } => {
+                let len = buffers.len();
+                match self.plan_write(offset, len) {
+                    Ok(Some(host)) => self.send(
+                        Route::File,
+                        DiskOp::Write {
+                            offset: host,
+                            buffers,
+                        },
+                        tag,
+                        offset,
+                        None,
+                    ),
+                    Ok(None) => {
+                        // One copy out of guest memory, which is then written as it is
+                        // (never read from the guest's buffer twice).
+                        let mut data = vec![0u8; len as usize];
+                        buffers.copy_to(0, &mut data);
+                        let result = match write_sync(&self.shared, &data, offset) {
+                            Ok(()) => len as i32,
+                            Err(e) => errno(&e),
+                        };
+                        self.done_here(tag, result, Some(buffers));
+                        Ok(())
+                    }
+                    Err(e) => {
+                        log::error!("{}: {e}", self.shared.path.display());
+                        self.done_here(tag, errno(&e), Some(buffers));
+                        Ok(())
+                    }
+                }
+            }
+            DiskOp::Flush => {
+                let result = match self.shared.lock().flush(&self.shared.file) {
+                    Ok(()) => 0,
+                    Err(e) => {
+                        log::error!("{}: flush: {e}", self.shared.path.display());
+                        errno(&e)
+                    }
+                };
+                self.done_here(tag, result, None);
+                Ok(())
+            }
+            DiskOp::Discard { offset, len } | DiskOp::WriteZeroes { offset, len, .. } => {
+                let discard = matches!(op, DiskOp::Discard { .. });
+                let result = match zero_range(&self.shared, offset, len, discard) {
+                    Ok(()) => 0,
+                    Err(e) => errno(&e),
+                };
+                self.done_here(tag, result, None);
+                Ok(())
+            }
+        }
+    }
+
+    fn submit(&mut self) -> io::Result<()> {
+        self.file.submit()?;
+        if let Some(b) = &mut self.backing {
+            b.submit()?;
+        }
+        Ok(())
+    }
+
+    fn pop_completion(&mut self) -> Option<DiskCompletion> {
+        if let Some(c) = self.local.pop_front() {
+            self.in_flight -= 1;
+            return Some(c);
+        }
+        let mut c = self
+            .file
+            .pop_completion()
+            .or_else(|| self.backing.as_mut()?.pop_completion())?;
+        self.in_flight -= 1;
+        if let Some((_, Some(len))) = self.routes.get_mut(c.tag as usize).and_then(Option::take) {
+            // Every cluster a read maps to lies inside its file: short means damaged.
+            if c.result >= 0 && (c.result as u64) < len {
+                c.result = -libc::EIO;
+            }
+        }
+        Some(c)
+    }
+
+    fn wait(&mut self) -> io::Result<()> {
+        if !self.local.is_empty() {
+            return Ok(());
+        }
+        if self.file.in_flight() > 0 {
+            self.file.submit()?;
+            return self.file.wait();
+        }
+        if let Some(b) = &mut self.backing {
+            if b.in_flight() > 0 {
+                b.submit()?;
+                return b.wait();
+            }
+        }
+        Ok(())
+    }
+
+    fn completion_fd(&self) -> Option<RawFd> {
+        Some(self.wakeup.fd())
+    }
+
+    fn ack_completion_fd(&self) {
+        let mut buf = [0u8; 8];
+        // SAFETY: reads 8 bytes into a valid buffer from our own nonblocking eventfd.
+        unsafe { libc::read(self.notify.as_raw_fd(), buf.as_mut_ptr().cast(), 8) };
+        self.file.ack_completion_fd();
+        if let Some(b) = &self.backing {
+            b.ack_completion_fd();
+        }
+    }
+
+    fn wake_fds(&self, out: &mut Vec<RawFd>) {
+        out.push(self.notify.as_raw_fd());
+        self.file.wake_fds(out);
+        if let Some(b) = &self.backing {
+            b.wake_fds(out);
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+}

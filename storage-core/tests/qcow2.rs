@@ -1,0 +1,417 @@
+//! qcow2 against its oracle, qemu-img: images qemu-img makes (every cluster size, refcount
+//! width, compression, version 2) read through our node as qemu-img converted them; after
+//! random writes, write-zeroes and discards through our node (on images made by us and by
+//! qemu-img, alone and over backing chains) `qemu-img check` finds nothing wrong and
+//! `qemu-img compare` finds the image equal to a plain copy of what was written; a write
+//! cut short (no flush, the process gone) leaves leaks at worst. And a raw disk whose guest
+//! writes a qcow2 header into it stays raw.
+
+use std::path::Path;
+
+use storage_core::disk::{open_disk, Disk, DiskOp, DiskQueue, DiskSpec, IoVecs};
+use storage_core::qcow2::{create, CreateOptions};
+use testkit::tools::{qemu_img, qemu_img_ok};
+
+const MIB: u64 = 1 << 20;
+
+/// A small deterministic generator (xorshift).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// `size` bytes of a pattern with zero runs, so images have unallocated and zero clusters.
+fn pattern(size: u64, seed: u64) -> Vec<u8> {
+    let mut rng = Rng(seed);
+    let mut v = vec![0u8; size as usize];
+    let mut at = 0;
+    while at < v.len() {
+        let run = (rng.below(96) as usize + 1) * 4096;
+        let end = (at + run).min(v.len());
+        if rng.below(3) != 0 {
+            for b in &mut v[at..end] {
+                *b = rng.next() as u8 | 1;
+            }
+        }
+        at = end;
+    }
+    v
+}
+
+fn open(spec: &str) -> storage_core::disk::AnyDisk {
+    let spec: DiskSpec = spec.parse().unwrap_or_else(|e| panic!("{spec}: {e}"));
+    open_disk(&spec).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Runs one request to completion.
+fn run(q: &mut impl DiskQueue, op: DiskOp) -> (i32, Option<IoVecs>) {
+    q.start(op, 0)
+        .unwrap_or_else(|r| panic!("refused: {}", r.error));
+    q.submit().unwrap();
+    loop {
+        if let Some(c) = q.pop_completion() {
+            return (c.result, c.buffers);
+        }
+        q.wait().unwrap();
+    }
+}
+
+fn read(q: &mut impl DiskQueue, offset: u64, len: usize) -> Vec<u8> {
+    let (r, b) = run(
+        q,
+        DiskOp::Read {
+            offset,
+            buffers: IoVecs::owned(&[len]),
+        },
+    );
+    assert_eq!(r, len as i32, "read of {len} at {offset}");
+    b.unwrap().to_vec()
+}
+
+fn write(q: &mut impl DiskQueue, offset: u64, data: &[u8]) {
+    let (r, _) = run(
+        q,
+        DiskOp::Write {
+            offset,
+            buffers: IoVecs::from_bytes(data),
+        },
+    );
+    assert_eq!(r, data.len() as i32, "write of {} at {offset}", data.len());
+}
+
+/// Reads the whole disk in pieces of odd sizes and places (across clusters, so both the
+/// direct and the piece-by-piece paths run) and compares with `model`.
+fn assert_reads(q: &mut impl DiskQueue, model: &[u8], what: &str) {
+    let mut rng = Rng(7);
+    let mut at = 0usize;
+    while at < model.len() {
+        let len = ((rng.below(64) as usize + 1) * 512 * if rng.below(4) == 0 { 37 } else { 1 })
+            .min(model.len() - at);
+        let got = read(q, at as u64, len);
+        if got != model[at..at + len] {
+            let first = got
+                .iter()
+                .zip(&model[at..])
+                .position(|(a, b)| a != b)
+                .unwrap();
+            panic!("{what}: byte {} differs", at + first);
+        }
+        at += len;
+    }
+}
+
+/// Random writes, write-zeroes, discards and flushes, mirrored into `model`.
+fn random_workload(q: &mut impl DiskQueue, model: &mut [u8], seed: u64, ops: usize) {
+    let mut rng = Rng(seed);
+    let size = model.len() as u64;
+    for _ in 0..ops {
+        let sectors = match rng.below(4) {
+            0 => rng.below(256) + 1,
+            _ => rng.below(16) + 1,
+        };
+        let len = (sectors * 512).min(size);
+        let offset = rng.below((size - len) / 512 + 1) * 512;
+        let (o, l) = (offset as usize, len as usize);
+        match rng.below(10) {
+            0..=5 => {
+                let data: Vec<u8> = (0..l).map(|_| rng.next() as u8).collect();
+                write(q, offset, &data);
+                model[o..o + l].copy_from_slice(&data);
+            }
+            6 => {
+                let (r, _) = run(
+                    q,
+                    DiskOp::WriteZeroes {
+                        offset,
+                        len,
+                        unmap: rng.below(2) == 0,
+                    },
+                );
+                assert_eq!(r, 0);
+                model[o..o + l].fill(0);
+            }
+            7 => {
+                // Discard: what it touches is left undefined by the spec; here it reads as
+                // zeroes (whole clusters) or as before, so the model takes what the disk
+                // says afterwards.
+                let (r, _) = run(q, DiskOp::Discard { offset, len });
+                assert_eq!(r, 0);
+                let now = read(q, offset, l);
+                model[o..o + l].copy_from_slice(&now);
+            }
+            8 => {
+                let (r, _) = run(q, DiskOp::Flush);
+                assert_eq!(r, 0);
+            }
+            _ => {
+                let got = read(q, offset, l);
+                assert!(got == model[o..o + l], "read at {offset} differs");
+            }
+        }
+    }
+    let (r, _) = run(q, DiskOp::Flush);
+    assert_eq!(r, 0);
+}
+
+/// `qemu-img check` finds the image clean (`leaks_allowed`: or with leaked clusters only).
+fn assert_checks(img: &Path, leaks_allowed: bool) {
+    let out = qemu_img(&["check", "--output=json", img.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let code = out.status.code();
+    let ok = code == Some(0) || (leaks_allowed && code == Some(3));
+    assert!(
+        ok,
+        "qemu-img check {} (exit {code:?}): {text}{}",
+        img.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["corruptions"].as_u64().unwrap_or(0), 0, "{text}");
+    assert_eq!(v["check-errors"].as_u64().unwrap_or(0), 0, "{text}");
+    if !leaks_allowed {
+        assert_eq!(v["leaks"].as_u64().unwrap_or(0), 0, "{text}");
+    }
+}
+
+fn assert_compares(img: &Path, model: &[u8], dir: &Path) {
+    let raw = dir.join("model.raw");
+    std::fs::write(&raw, model).unwrap();
+    qemu_img_ok(&[
+        "compare",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        img.to_str().unwrap(),
+        raw.to_str().unwrap(),
+    ]);
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+#[test]
+fn images_qemu_img_makes_read_as_it_made_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("src.raw");
+    let data = pattern(4 * MIB, 1);
+    std::fs::write(&raw, &data).unwrap();
+    for opts in [
+        &["-o", "cluster_size=65536"][..],
+        &["-o", "cluster_size=512"],
+        &["-o", "cluster_size=2M"],
+        &["-o", "compat=0.10"],
+        &["-o", "refcount_bits=1"],
+        &["-o", "refcount_bits=64,cluster_size=4096"],
+        &["-c"],
+        &["-c", "-o", "compression_type=zstd"],
+    ] {
+        let img = dir.path().join("img.qcow2");
+        let _ = std::fs::remove_file(&img);
+        let mut args = vec!["convert", "-f", "raw", "-O", "qcow2"];
+        args.extend_from_slice(opts);
+        args.extend([p(&raw), p(&img)]);
+        qemu_img_ok(&args);
+        let disk = open(&format!("path={},format=qcow2,readonly=on", p(&img)));
+        assert_eq!(disk.info().format, "qcow2");
+        assert_eq!(disk.info().capacity.get(), 4 * MIB, "{opts:?}");
+        let mut q = disk.new_queue(32).unwrap();
+        assert_reads(&mut q, &data, &format!("{opts:?}"));
+    }
+}
+
+#[test]
+fn our_writes_pass_qemu_img_check_and_compare() {
+    for (creator, cluster) in [("ours", 65536u64), ("ours", 4096), ("qemu-img", 65536)] {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("img.qcow2");
+        let size = 8 * MIB;
+        if creator == "ours" {
+            create(
+                &img,
+                &CreateOptions {
+                    size,
+                    cluster_size: cluster,
+                    backing: None,
+                },
+            )
+            .unwrap();
+        } else {
+            qemu_img_ok(&["create", "-f", "qcow2", p(&img), "8M"]);
+        }
+        assert_checks(&img, false);
+        let mut model = vec![0u8; size as usize];
+        {
+            let disk = open(&format!("path={},format=qcow2", p(&img)));
+            let mut q = disk.new_queue(32).unwrap();
+            random_workload(&mut q, &mut model, cluster ^ 99, 400);
+            assert_reads(&mut q, &model, creator);
+        }
+        assert_checks(&img, false);
+        assert_compares(&img, &model, dir.path());
+        // And again after reopening.
+        let disk = open(&format!("path={},format=qcow2", p(&img)));
+        let mut q = disk.new_queue(32).unwrap();
+        assert_reads(&mut q, &model, "reopened");
+    }
+}
+
+#[test]
+fn overlays_read_through_their_backing_chain_and_write_over_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 4 * MIB;
+    let base = dir.path().join("base.raw");
+    let mut model = pattern(size, 3);
+    std::fs::write(&base, &model).unwrap();
+    // base.raw <- mid.qcow2 (qemu-img's) <- top.qcow2 (ours)
+    let mid = dir.path().join("mid.qcow2");
+    qemu_img_ok(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        p(&mid),
+    ]);
+    {
+        let disk = open(&format!("path={},format=qcow2", p(&mid)));
+        assert!(disk.describe().contains("backing"), "{}", disk.describe());
+        let mut q = disk.new_queue(32).unwrap();
+        assert_reads(&mut q, &model, "mid before writes");
+        random_workload(&mut q, &mut model, 11, 200);
+    }
+    assert_checks(&mid, false);
+    let top = dir.path().join("top.qcow2");
+    create(
+        &top,
+        &CreateOptions {
+            size,
+            cluster_size: 65536,
+            backing: Some(("mid.qcow2".into(), "qcow2".into())),
+        },
+    )
+    .unwrap();
+    let mid_model = model.clone();
+    {
+        let disk = open(&format!("path={},format=qcow2", p(&top)));
+        let mut q = disk.new_queue(32).unwrap();
+        assert_reads(&mut q, &model, "top before writes");
+        random_workload(&mut q, &mut model, 12, 300);
+    }
+    assert_checks(&top, false);
+    assert_checks(&mid, false);
+    assert_compares(&top, &model, dir.path());
+    // Writing to the top left the images below as they were.
+    assert_compares(&mid, &mid_model, dir.path());
+    // qemu-img reads our overlay's chain the same way.
+    let out = dir.path().join("flat.raw");
+    qemu_img_ok(&["convert", "-O", "raw", p(&top), p(&out)]);
+    assert!(std::fs::read(&out).unwrap() == model);
+}
+
+#[test]
+fn writes_cut_short_without_a_flush_leave_leaks_at_worst() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("img.qcow2");
+    let size = 8 * MIB;
+    create(
+        &img,
+        &CreateOptions {
+            size,
+            cluster_size: 65536,
+            backing: None,
+        },
+    )
+    .unwrap();
+    let mut model = vec![0u8; size as usize];
+    let mut rng = Rng(5);
+    {
+        let disk = open(&format!("path={},format=qcow2", p(&img)));
+        let mut q = disk.new_queue(32).unwrap();
+        random_workload(&mut q, &mut model, 21, 200);
+        // More writes, never flushed: the disk goes away as a killed process's would.
+        for _ in 0..100 {
+            let offset = rng.below(size / 4096) * 4096;
+            write(&mut q, offset, &[0xee; 4096]);
+        }
+        std::mem::forget(q);
+        std::mem::forget(disk);
+    }
+    assert_checks(&img, true);
+}
+
+#[test]
+fn a_raw_disk_holding_a_qcow2_header_stays_raw() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("guest.qcow2");
+    qemu_img_ok(&["create", "-f", "qcow2", p(&img), "1G"]);
+    let header = std::fs::read(&img).unwrap();
+    let raw = dir.path().join("disk.raw");
+    std::fs::write(&raw, vec![0u8; 4 * MIB as usize]).unwrap();
+    {
+        let disk = open(&format!("path={}", p(&raw)));
+        let mut q = disk.new_queue(4).unwrap();
+        // The guest writes a qcow2 header (naming a backing file it would like to read).
+        write(&mut q, 0, &header[..65536]);
+        let (r, _) = run(&mut q, DiskOp::Flush);
+        assert_eq!(r, 0);
+    }
+    let disk = open(&format!("path={}", p(&raw)));
+    assert_eq!(disk.info().format, "raw");
+    assert_eq!(disk.info().capacity.get(), 4 * MIB);
+}
+
+#[test]
+fn damaged_images_are_refused_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("img.qcow2");
+    qemu_img_ok(&["create", "-f", "qcow2", p(&img), "64M"]);
+    let good = std::fs::read(&img).unwrap();
+    // (what the refusal names, the byte range changed, its new bytes)
+    let cases: [(&str, std::ops::Range<usize>, Vec<u8>); 3] = [
+        ("not a qcow2 image", 0..1, b"X".to_vec()),
+        ("cluster", 23..24, vec![30]),
+        (
+            "refcount table",
+            48..56,
+            (1u64 << 40).to_be_bytes().to_vec(),
+        ),
+    ];
+    for (needle, range, bytes) in cases {
+        let mut b = good.clone();
+        b[range].copy_from_slice(&bytes);
+        std::fs::write(&img, &b).unwrap();
+        let spec: DiskSpec = format!("path={},format=qcow2", p(&img)).parse().unwrap();
+        let e = open_disk(&spec)
+            .err()
+            .expect("opened a damaged image")
+            .to_string();
+        assert!(e.contains(needle), "{needle}: {e}");
+    }
+    // A backing file that does not exist is named.
+    let top = dir.path().join("top.qcow2");
+    create(
+        &top,
+        &CreateOptions {
+            size: MIB,
+            cluster_size: 65536,
+            backing: Some(("gone.raw".into(), "raw".into())),
+        },
+    )
+    .unwrap();
+    let spec: DiskSpec = format!("path={},format=qcow2", p(&top)).parse().unwrap();
+    let e = open_disk(&spec).err().unwrap().to_string();
+    assert!(e.contains("backing file") && e.contains("gone.raw"), "{e}");
+}
