@@ -109,6 +109,8 @@ enum Device {
     /// A null device behind an IOPS limit of [`THROTTLE_IOPS`] (a throttle node; for
     /// qemu-storage-daemon a throttle filter and group with the same limit).
     NullThrottled,
+    /// The file's contents as a fully allocated qcow2 image (64 KiB clusters), page-cached.
+    Qcow2,
 }
 
 /// The limit of the throttled workload: far below what either daemon serves, so the
@@ -131,6 +133,7 @@ const TARGETS: &[(&str, &str)] = &[
     ("randwrite-4k-qd32:ours/qsd", ">= 1.5"),
     ("randread-4k-qd1:ours/qsd p50", "<= 0.5"),
     ("null-randread-4k-qd32:ours/qsd", ">= 1.1"),
+    ("qcow2-randread-4k-qd32:ours/qsd", ">= 1.5"),
 ];
 
 /// The depth-1 case, whose latency includes waking the client (see `benches::wake`).
@@ -164,6 +167,13 @@ const CASES: &[Case] = &[
         pattern: Pattern::RandRead,
         depth: 32,
         targets: &[Target::Ours, Target::OursMany, Target::Qsd],
+    },
+    Case {
+        name: "qcow2-randread-4k-qd32",
+        device: Device::Qcow2,
+        pattern: Pattern::RandRead,
+        depth: 32,
+        targets: &[Target::Ours, Target::Qsd],
     },
     Case {
         name: "throttled-20k-randread-qd32",
@@ -274,8 +284,15 @@ fn run(mut args: Args) -> Result<()> {
         .file
         .clone()
         .unwrap_or_else(|| tmp.path().join("disk.img"));
-    if cases.iter().any(|c| c.device == Device::File) {
+    let qcow2 = tmp.path().join("disk.qcow2");
+    if cases
+        .iter()
+        .any(|c| matches!(c.device, Device::File | Device::Qcow2))
+    {
         prepare_file(&file, size)?;
+    }
+    if cases.iter().any(|c| c.device == Device::Qcow2) {
+        prepare_qcow2(&file, &qcow2)?;
     }
 
     let ours_bin = if wanted.contains(&Target::Ours) || wanted.contains(&Target::OursMany) {
@@ -495,6 +512,30 @@ fn prepare_file(path: &Path, size: u64) -> Result<()> {
     Ok(())
 }
 
+/// Converts the raw file into a fully allocated qcow2 image (`-S 0`: no cluster is left
+/// out for being zero) and reads it once, so that it is page-cached as the raw file is.
+fn prepare_qcow2(raw: &Path, qcow2: &Path) -> Result<()> {
+    let t = std::time::Instant::now();
+    let out = std::process::Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "qcow2", "-S", "0", "-o", "cluster_size=65536"])
+        .arg(raw)
+        .arg(qcow2)
+        .output()
+        .context("qemu-img (Debian's qemu-utils) makes the qcow2 image")?;
+    if !out.status.success() {
+        bail!("qemu-img convert: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let mut f = File::open(qcow2)?;
+    let mut buf = vec![0u8; 1 << 20];
+    while f.read(&mut buf)? > 0 {}
+    eprintln!(
+        "qcow2 image {}: converted from the raw file, fully allocated, page-cached ({:.1} s)",
+        qcow2.display(),
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 /// Drops the file's (clean) pages from the page cache, so rewriting it builds new folios.
 fn drop_cached_pages(f: &File) -> Result<()> {
     use std::os::fd::AsRawFd;
@@ -535,6 +576,10 @@ fn start(
                 Device::NullThrottled => {
                     format!("path=null,size={size},read-zeroes=off,iops-total={THROTTLE_IOPS}")
                 }
+                Device::Qcow2 => format!(
+                    "path={},format=qcow2",
+                    dir.join("disk.qcow2").display()
+                ),
             };
             let cmd = DaemonCommand::new(ours_bin.context("our binary")?)
                 .name(format!("{}-{device:?}", target.name()).to_lowercase())
@@ -579,6 +624,15 @@ fn start(
                 Device::Null => vec![
                     "--blockdev".into(),
                     format!("driver=null-co,node-name=d0,size={size},read-zeroes=off"),
+                ],
+                Device::Qcow2 => vec![
+                    "--blockdev".into(),
+                    format!(
+                        "driver=file,node-name=f0,filename={},aio=io_uring,cache.direct=off,locking=off",
+                        dir.join("disk.qcow2").display()
+                    ),
+                    "--blockdev".into(),
+                    "driver=qcow2,node-name=d0,file=f0".into(),
                 ],
                 Device::NullThrottled => vec![
                     "--object".into(),
@@ -834,6 +888,26 @@ fn report(args: &Args, file: &Path, records: &[Record], wake: Option<WakeLatency
                 latency_ratios.insert(key, json!(med));
             }
         }
+    }
+    // The format's own cost: qcow2 against raw, both ours (goal: at least 0.9).
+    let ours_median = |case: &str| {
+        let v: Vec<f64> = records
+            .iter()
+            .filter(|r| r.case == case && r.target == Target::Ours)
+            .map(|r| r.iops)
+            .collect();
+        (!v.is_empty()).then(|| median(&v))
+    };
+    if let (Some(q), Some(r)) = (
+        ours_median("qcow2-randread-4k-qd32"),
+        ours_median("randread-4k-qd32"),
+    ) {
+        println!(
+            "ratio {:<40} {:>6.2}  (target >= 0.9; medians)",
+            "qcow2-randread/randread-4k-qd32:ours",
+            q / r
+        );
+        ratios.insert("qcow2-randread/randread-4k-qd32:ours".into(), json!(q / r));
     }
     println!(
         "note: both null devices run with read-zeroes=off (reads leave the buffer untouched), \

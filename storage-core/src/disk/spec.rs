@@ -166,7 +166,7 @@ pub enum SpecError {
     #[error("disk spec key {0:?} is given twice")]
     Duplicate(String),
     #[error(
-        "unknown disk spec key {0:?} (known: path, size, read-zeroes, readonly, direct, serial, \
+        "unknown disk spec key {0:?} (known: path, format, size, read-zeroes, readonly, direct, serial, \
          engine, cache, cache-size, cache-mode, cache-policy, cache-block, seq-cutoff, \
          cache-format, throttle-group and the throttle limits: iops-total, bps-read, ...)"
     )]
