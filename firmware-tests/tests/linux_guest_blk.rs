@@ -116,6 +116,59 @@ fn linux_guest_writes_and_reads_vhost_blk_disk() -> Result<()> {
     check_image(&image)
 }
 
+/// The same on a qcow2 overlay over a raw base: the guest reads the base through the
+/// overlay and writes into it; afterwards qemu-img finds the overlay clean, its contents (as
+/// qemu-img reads them) are the base plus what the guest wrote, and the base is untouched.
+#[test]
+fn linux_guest_writes_and_reads_a_qcow2_overlay() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let base = dir.path().join("base.raw");
+    let overlay = dir.path().join("vm.qcow2");
+    let socket = dir.path().join("vhost-blk.sock");
+    fs::write(&base, pattern_image())?;
+    testkit::tools::qemu_img_ok(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        overlay.to_str().context("path")?,
+    ]);
+    let mut daemon = DaemonCommand::vhost_blk()?
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--disk")
+        .arg(format!("path={},format=qcow2", overlay.display()))
+        .args(["--queues", &QUEUES.to_string()])
+        .spawn()?;
+    let run_result = guest_write_read(&socket, "linux_guest_writes_and_reads_a_qcow2_overlay");
+    let status = daemon.terminate();
+    run_result?;
+    let status = status?;
+    ensure!(
+        status.success(),
+        "vhost-blk exited {status} on SIGTERM; output:\n{}",
+        daemon.output()
+    );
+    testkit::tools::qemu_img_ok(&["check", overlay.to_str().context("path")?]);
+    let flat = dir.path().join("flat.raw");
+    testkit::tools::qemu_img_ok(&[
+        "convert",
+        "-O",
+        "raw",
+        overlay.to_str().context("path")?,
+        flat.to_str().context("path")?,
+    ]);
+    check_image(&flat)?;
+    ensure!(
+        fs::read(&base)? == pattern_image(),
+        "the base image changed"
+    );
+    Ok(())
+}
+
 /// The same workload against qemu-storage-daemon: proves the guest side of the test is sound.
 #[test]
 fn linux_guest_writes_and_reads_qemu_storage_daemon_disk() -> Result<()> {

@@ -517,7 +517,17 @@ fn prepare_file(path: &Path, size: u64) -> Result<()> {
 fn prepare_qcow2(raw: &Path, qcow2: &Path) -> Result<()> {
     let t = std::time::Instant::now();
     let out = std::process::Command::new("qemu-img")
-        .args(["convert", "-f", "raw", "-O", "qcow2", "-S", "0", "-o", "cluster_size=65536"])
+        .args([
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "-S",
+            "0",
+            "-o",
+            "cluster_size=65536",
+        ])
         .arg(raw)
         .arg(qcow2)
         .output()
@@ -576,10 +586,7 @@ fn start(
                 Device::NullThrottled => {
                     format!("path=null,size={size},read-zeroes=off,iops-total={THROTTLE_IOPS}")
                 }
-                Device::Qcow2 => format!(
-                    "path={},format=qcow2",
-                    dir.join("disk.qcow2").display()
-                ),
+                Device::Qcow2 => format!("path={},format=qcow2", dir.join("disk.qcow2").display()),
             };
             let cmd = DaemonCommand::new(ours_bin.context("our binary")?)
                 .name(format!("{}-{device:?}", target.name()).to_lowercase())
