@@ -178,9 +178,12 @@ impl Header {
             }
         };
         aligned(h.refcount_table_offset, "the refcount table")?;
-        if h.refcount_table_clusters == 0 || u64::from(h.refcount_table_clusters) > (1 << 23) {
+        // QEMU's own limit: an 8 MiB refcount table (it is read whole into memory).
+        if h.refcount_table_clusters == 0
+            || u64::from(h.refcount_table_clusters) * cluster > (8 << 20)
+        {
             return Err(invalid(format!(
-                "refcount_table_clusters {}",
+                "refcount_table_clusters {}: at most 8 MiB of refcount table",
                 h.refcount_table_clusters
             )));
         }
@@ -213,9 +216,9 @@ impl Header {
                     "backing file name of {backing_len} bytes (at most 1023)"
                 )));
             }
-            let start = backing_offset as usize;
+            let start = usize::try_from(backing_offset).unwrap_or(usize::MAX);
             let name = b
-                .get(start..start + backing_len)
+                .get(start..start.saturating_add(backing_len))
                 .ok_or_else(|| invalid("the backing file name lies outside the header cluster"))?;
             h.backing_file = Some(
                 String::from_utf8(name.to_vec())

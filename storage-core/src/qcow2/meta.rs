@@ -81,8 +81,11 @@ pub struct Meta {
     l2_limit: usize,
     tick: u64,
     refcount_table: Vec<u64>,
-    /// The refcount table moved (it grew): written, then the header, at the next flush.
+    /// The refcount table changed (a new block, or it grew and moved): written at the
+    /// next flush, then the header if it moved.
     table_moved: Option<(u64, u32)>,
+    /// Where the header on the disk says the refcount table is.
+    header_table_on_disk: u64,
     refcount_blocks: HashMap<u64, (Vec<u8>, bool)>,
     /// Where the next new cluster goes: the end of the file, cluster-aligned.
     next_free: u64,
@@ -130,6 +133,7 @@ impl Meta {
             tick: 0,
             refcount_table,
             table_moved: None,
+            header_table_on_disk: header.refcount_table_offset,
             refcount_blocks: HashMap::new(),
             next_free: file_len.div_ceil(cluster) * cluster,
             pending_frees: Vec::new(),
@@ -139,24 +143,27 @@ impl Meta {
         // New clusters go past everything in use, which may lie past the end of the file
         // (qemu-img leaves a new image's L1 table there): past the tables, and past the
         // last cluster with a refcount.
-        let last = meta.last_referenced(file)?;
+        let last = meta.last_referenced(file, file_len)?;
         meta.next_free = meta.next_free.max(l1_end).max(table_end).max(last);
         Ok(meta)
     }
 
     /// The end of the last host cluster whose refcount is not zero.
-    fn last_referenced(&mut self, file: &AnyDisk) -> io::Result<u64> {
+    /// Blocks are read once each, not kept, and only those inside the file (one past its
+    /// end reads as zeroes anyway): a hostile table costs at most a read of the file.
+    fn last_referenced(&mut self, file: &AnyDisk, file_len: u64) -> io::Result<u64> {
         let per_block = self.per_block();
         let bits = self.header.refcount_bits();
+        let mut b = vec![0u8; self.cluster as usize];
         for ti in (0..self.refcount_table.len()).rev() {
             let block = self.refcount_table[ti] & !(self.cluster - 1);
-            if block == 0 {
+            if block == 0 || block >= file_len {
                 continue;
             }
-            let b = &self.block(file, block)?.0;
+            super::read_clamped(file, &mut b, block, file_len)?;
             if let Some(i) = (0..per_block)
                 .rev()
-                .find(|&i| Self::get_bits(b, i, bits) != 0)
+                .find(|&i| Self::get_bits(&b, i, bits) != 0)
             {
                 return Ok((ti as u64 * per_block + i + 1) * self.cluster);
             }
@@ -278,6 +285,9 @@ impl Meta {
         if l2 != 0 {
             return Ok((self.host(l2, "an L2 table")?, i2));
         }
+        if self.l2.len() >= self.l2_limit {
+            self.evict_l2(file)?;
+        }
         let off = self.allocate(file)?;
         self.tick += 1;
         self.l2.insert(
@@ -301,17 +311,21 @@ impl Meta {
         let old = std::mem::replace(&mut t.entries[i2], entry);
         t.dirty = true;
         self.dirty = true;
-        let old_host = if old & COMPRESSED != 0 {
-            // A compressed cluster's sectors share host clusters with others: the first
-            // one's refcount counts this reference (QEMU frees all it spans; we keep it
-            // simple and precise for the first).
-            match self.decode(old)? {
-                Mapping::Compressed { offset, .. } => offset & !(self.cluster - 1),
-                _ => 0,
+        if old & COMPRESSED != 0 {
+            // Compressed data counts once in every host cluster its sectors touch (as
+            // QEMU counts it).
+            if let Mapping::Compressed { offset, len } = self.decode(old)? {
+                let first = offset & !(self.cluster - 1);
+                let end = (offset & !511) + (len + (offset & 511)).div_ceil(512) * 512;
+                let mut c = first;
+                while c < end {
+                    self.pending_frees.push(c);
+                    c += self.cluster;
+                }
             }
-        } else {
-            old & OFFSET_MASK
-        };
+            return Ok(());
+        }
+        let old_host = old & OFFSET_MASK;
         if old_host != 0 && old_host != entry & OFFSET_MASK {
             self.pending_frees.push(old_host);
         }
@@ -362,14 +376,15 @@ impl Meta {
     /// Makes whole guest clusters from `offset` read as zeroes (`unmap`: and gives their
     /// space back): true if done in metadata (version 3 images, or without a backing file
     /// on version 2), false when the caller must write zeroes.
-    pub fn zero_cluster(
-        &mut self,
-        file: &AnyDisk,
-        offset: u64,
-        has_backing: bool,
-    ) -> io::Result<bool> {
+    pub fn zero_cluster(&mut self, file: &AnyDisk, offset: u64) -> io::Result<bool> {
         if !self.writable {
             return Err(io::Error::from_raw_os_error(libc::EROFS));
+        }
+        let has_backing = self.has_backing();
+        let now = self.lookup(file, offset)?;
+        // Zeroes already: nothing to write (and no L2 table made for it).
+        if now == Mapping::Zero || (now == Mapping::Unallocated && !has_backing) {
+            return Ok(true);
         }
         let entry = if self.header.version >= 3 {
             ZERO
@@ -378,11 +393,14 @@ impl Meta {
         } else {
             return Ok(false);
         };
-        if self.lookup(file, offset)? == Mapping::Zero && entry == ZERO {
-            return Ok(true);
-        }
         self.set_entry(file, offset, entry)?;
         Ok(true)
+    }
+
+    /// Whether the image names a backing file (whether or not this node reads it: with
+    /// `backing=null` the image must still be right for its own chain).
+    pub fn has_backing(&self) -> bool {
+        self.header.backing_file.is_some()
     }
 
     /// Refcount entries per refcount block.
@@ -569,25 +587,28 @@ impl Meta {
         if !self.dirty {
             return Ok(());
         }
-        // Refcounts, and a moved table with the header naming it.
-        let mut wrote = self.write_refcount_blocks(file)?;
+        // Refcount blocks; then the table naming new ones (a table entry must never reach
+        // the disk before its block); then the header, if the table moved.
+        if self.write_refcount_blocks(file)? {
+            file.flush()?;
+        }
         if let Some((at, clusters)) = self.table_moved {
-            file.write_at(&be64s(&self.refcount_table), at)?;
             debug_assert_eq!(
                 self.refcount_table.len() as u64 * 8,
                 u64::from(clusters) * self.cluster
             );
-            wrote = true;
-        }
-        if wrote {
+            file.write_at(&be64s(&self.refcount_table), at)?;
             file.flush()?;
-        }
-        if let Some((at, clusters)) = self.table_moved.take() {
-            let mut f = [0u8; 12];
-            f[..8].copy_from_slice(&at.to_be_bytes());
-            f[8..].copy_from_slice(&clusters.to_be_bytes());
-            file.write_at(&f, header::OFF_REFCOUNT_TABLE)?;
-            file.flush()?;
+            if at != self.header_table_on_disk {
+                let mut f = [0u8; 12];
+                f[..8].copy_from_slice(&at.to_be_bytes());
+                f[8..].copy_from_slice(&clusters.to_be_bytes());
+                file.write_at(&f, header::OFF_REFCOUNT_TABLE)?;
+                file.flush()?;
+                self.header_table_on_disk = at;
+            }
+            // Only once all of it is on the disk: a failure above retries it all.
+            self.table_moved = None;
         }
         // L2 tables, then L1.
         let mut tables: Vec<u64> = self
@@ -597,18 +618,20 @@ impl Meta {
             .map(|(o, _)| *o)
             .collect();
         tables.sort_unstable();
-        let wrote = !tables.is_empty() || self.l1_dirty;
+        let wrote = !tables.is_empty();
         for off in tables {
             let t = self.l2.get_mut(&off).expect("listed");
             file.write_at(&be64s(&t.entries), off)?;
             t.dirty = false;
         }
-        if self.l1_dirty {
-            file.write_at(&be64s(&self.l1), self.header.l1_table_offset)?;
-            self.l1_dirty = false;
-        }
         if wrote {
             file.flush()?;
+        }
+        // The L1 table names L2 tables, which are on the disk now.
+        if self.l1_dirty {
+            file.write_at(&be64s(&self.l1), self.header.l1_table_offset)?;
+            file.flush()?;
+            self.l1_dirty = false;
         }
         // What is no longer referenced.
         if !self.pending_frees.is_empty() {

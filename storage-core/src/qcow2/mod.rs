@@ -94,7 +94,20 @@ impl Qcow2Disk {
         l2_cache: u64,
         depth: usize,
     ) -> Result<Qcow2Disk, StorageError> {
-        let file_len = file.info().capacity.get();
+        // The file's own length (the node's size is rounded down to whole sectors).
+        let meta_data = std::fs::metadata(path).map_err(|e| io_error(path, "stat", e))?;
+        if !read_only && !meta_data.is_file() {
+            return Err(spec_error(
+                path,
+                "a writable qcow2 image must be a regular file (new clusters go past its \
+                 end, which a block device does not have)",
+            ));
+        }
+        let file_len = if meta_data.is_file() {
+            meta_data.len()
+        } else {
+            file.info().capacity.get()
+        };
         let mut first = vec![0u8; 65536.min(file_len as usize).max(72)];
         file.read_at(&mut first[..(file_len as usize).min(65536)], 0)
             .map_err(|e| io_error(path, "reading the header", e))?;
@@ -131,6 +144,20 @@ impl Qcow2Disk {
         }
         let meta = Meta::open(&file, header.clone(), file_len, !read_only, l2_cache)
             .map_err(|e| io_error(path, "reading the metadata", e))?;
+        // Autoclear bits name extensions whose consistency we would not keep (persistent
+        // dirty bitmaps): a program that writes an image without knowing them clears them,
+        // so that QEMU does not trust bitmaps that missed our writes.
+        if !read_only && header.version >= 3 && header.autoclear != 0 {
+            file.write_at(&[0u8; 8], header::OFF_AUTOCLEAR)
+                .and_then(|_| file.flush())
+                .map_err(|e| io_error(path, "clearing the autoclear bits", e))?;
+            log::info!(
+                "{}: cleared autoclear feature bits {:#x} (extensions such as dirty bitmaps \
+                 that this node does not keep up to date)",
+                path.display(),
+                header.autoclear
+            );
+        }
         let base = file.info();
         let info = DiskInfo {
             capacity: Size::new(header.size),
@@ -176,26 +203,39 @@ impl Qcow2Disk {
 fn open_backing(path: &Path, format: Option<&str>, depth: usize) -> Result<AnyDisk, StorageError> {
     let engine = crate::disk::engine_for_path(path);
     let file = AnyDisk::Raw(crate::disk::RawDisk::open(path, true, false, engine)?);
-    let format = match format {
-        Some(f) => f.to_string(),
+    let (format, probed) = match format {
+        Some(f) => (f.to_string(), false),
         None => {
             let mut magic = [0u8; 4];
             let qcow2 =
                 file.read_at(&mut magic, 0).is_ok() && u32::from_be_bytes(magic) == header::MAGIC;
-            if qcow2 { "qcow2" } else { "raw" }.to_string()
+            (if qcow2 { "qcow2" } else { "raw" }.to_string(), true)
         }
     };
     match format.as_str() {
         "raw" => Ok(file),
-        "qcow2" => Qcow2Disk::open(
-            file,
-            path,
-            true,
-            &Backing::FromImage,
-            DEFAULT_L2_CACHE,
-            depth,
-        )
-        .map(|d| AnyDisk::Qcow2(Box::new(d))),
+        "qcow2" => {
+            let disk = Qcow2Disk::open(
+                file,
+                path,
+                true,
+                &Backing::FromImage,
+                DEFAULT_L2_CACHE,
+                depth,
+            )?;
+            // A raw base whose guest wrote a qcow2 header probes as qcow2; the backing
+            // file such a header names could be any file on the host. Only images whose
+            // format was given may lead further down.
+            if probed && disk.backing().is_some() {
+                return Err(spec_error(
+                    path,
+                    "its format is not recorded in the image above, and as a qcow2 image it \
+                     names a backing file of its own: record the formats (qemu-img rebase -u \
+                     -F FORMAT -b BACKING IMAGE) to use this chain",
+                ));
+            }
+            Ok(AnyDisk::Qcow2(Box::new(disk)))
+        }
         other => Err(spec_error(
             path,
             format!("backing format {other:?}: only qcow2 and raw are supported"),
@@ -331,11 +371,18 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<(), StorageError> {
     if l1_size > u64::from(u32::MAX) {
         return Err(spec_error(path, "too large for this cluster size"));
     }
-    if let Some((name, _)) = &opts.backing {
-        if name.len() > 1023 {
+    if let Some((name, format)) = &opts.backing {
+        // The header, the backing-format extension and the end marker, then the name: all
+        // in the first cluster.
+        if format.len() > 64 {
+            return Err(spec_error(path, "the backing format name is too long"));
+        }
+        let room = cluster as usize - 112 - 16 - format.len().div_ceil(8) * 8;
+        if name.len() > 1023 || name.len() > room {
             return Err(spec_error(
                 path,
-                "the backing file name is longer than 1023 bytes",
+                "the backing file name does not fit in the header (at most 1023 bytes, and \
+                 within the first cluster)",
             ));
         }
     }

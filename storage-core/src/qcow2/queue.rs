@@ -25,11 +25,13 @@ use crate::disk::{
 };
 use crate::error::{StorageError, StorageErrorKind};
 
-/// Where an asynchronous request went.
+/// Where a request went.
 #[derive(Debug, Clone, Copy)]
 enum Route {
     File,
     Backing,
+    /// Done here; its completion waits in `local`.
+    Local,
 }
 
 /// Where a request's data is, as a whole.
@@ -101,6 +103,7 @@ impl Qcow2Queue {
     }
 
     fn done_here(&mut self, tag: u64, result: i32, buffers: Option<IoVecs>) {
+        self.routes[tag as usize] = Some((Route::Local, None));
         self.local.push_back(DiskCompletion {
             tag,
             result,
@@ -169,6 +172,7 @@ impl Qcow2Queue {
         match route {
             Route::File => &mut self.file,
             Route::Backing => self.backing.as_mut().expect("routed to the backing node"),
+            Route::Local => unreachable!("requests done here go to no child"),
         }
     }
 
@@ -304,12 +308,13 @@ fn zero_range(shared: &Shared, offset: u64, len: u64, discard: bool) -> io::Resu
         let piece = (cluster - at % cluster).min(offset + len - at);
         let whole = piece == cluster;
         let mut meta = shared.lock();
-        let done = whole && meta.zero_cluster(&shared.file, at, shared.backing.is_some())?;
+        let done = whole && meta.zero_cluster(&shared.file, at)?;
         if !done && !discard {
             // Zeroes already where nothing lies below.
+            // As the image's own chain reads it (with backing=null too).
             let reads_zero = match meta.lookup(&shared.file, at)? {
                 Mapping::Zero => true,
-                Mapping::Unallocated => shared.backing.is_none(),
+                Mapping::Unallocated => !meta.has_backing(),
                 _ => false,
             };
             drop(meta);
@@ -442,6 +447,7 @@ impl DiskQueue for Qcow2Queue {
     fn pop_completion(&mut self) -> Option<DiskCompletion> {
         if let Some(c) = self.local.pop_front() {
             self.in_flight -= 1;
+            self.routes[c.tag as usize] = None;
             return Some(c);
         }
         let mut c = self
