@@ -139,6 +139,17 @@ impl<D: DeviceModel, W: QueueWorker> Transport<D, W> {
         }
     }
 
+    /// Runs `f` with every queue stopped: each worker held (its thread waits for it) and
+    /// what it had in flight answered. The guest's new requests wait in the rings
+    /// meanwhile and are served after, so the guest sees a pause, not an error.
+    pub fn paused<T>(&self, f: impl FnOnce() -> T) -> T {
+        let mut held: Vec<_> = (0..self.workers.len()).map(|i| self.worker(i)).collect();
+        for w in held.iter_mut() {
+            w.drain();
+        }
+        f()
+    }
+
     /// Completes everything in flight on every queue.
     pub fn drain_all(&self) {
         for i in 0..self.workers.len() {

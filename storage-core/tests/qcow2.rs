@@ -540,3 +540,50 @@ fn damaged_images_are_refused_with_a_reason() {
     let e = open_disk(&spec).err().unwrap().to_string();
     assert!(e.contains("backing file") && e.contains("gone.raw"), "{e}");
 }
+
+#[test]
+fn a_snapshot_freezes_the_image_and_writes_go_on_above_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("vm.qcow2");
+    let size = 4 * MIB;
+    qemu_img_ok(&["create", "-f", "qcow2", p(&img), "4M"]);
+    let mut model = vec![0u8; size as usize];
+    let mut frozen_models = Vec::new();
+    {
+        let disk = open(&format!("path={},format=qcow2", p(&img)));
+        let qcow2 = disk.qcow2().expect("a qcow2 root");
+        let mut q = disk.new_queue(8).unwrap();
+        for (i, name) in ["monday", "tuesday"].iter().enumerate() {
+            random_workload(&mut q, &mut model, 40 + i as u64, 100);
+            let file = qcow2.snapshot(name).unwrap();
+            assert_eq!(file, dir.path().join(format!("vm@{name}.qcow2")));
+            frozen_models.push((file, model.clone()));
+        }
+        assert!(qcow2.snapshot("monday").is_err(), "a name taken twice");
+        assert!(qcow2.snapshot("../x").is_err(), "a name with a slash");
+        // The same queue goes on, on the new top.
+        random_workload(&mut q, &mut model, 50, 100);
+        assert_reads(&mut q, &model, "after snapshots");
+        let chain: Vec<String> = qcow2.chain().into_iter().map(|c| c.path).collect();
+        assert_eq!(
+            chain,
+            [
+                dir.path().join("vm@tuesday.qcow2"),
+                dir.path().join("vm@monday.qcow2")
+            ]
+            .map(|p| p.display().to_string())
+        );
+    }
+    // qemu-img reads each snapshot as the image was, and the top as it is.
+    for (file, m) in &frozen_models {
+        assert_checks(file, false);
+        assert_compares(file, m, dir.path());
+    }
+    assert_checks(&img, false);
+    assert_compares(&img, &model, dir.path());
+    // Reopened, the chain is the same.
+    let disk = open(&format!("path={},format=qcow2", p(&img)));
+    assert_eq!(disk.qcow2().unwrap().chain().len(), 2);
+    let mut q = disk.new_queue(8).unwrap();
+    assert_reads(&mut q, &model, "reopened");
+}

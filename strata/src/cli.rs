@@ -48,6 +48,9 @@ pub enum Command {
     /// Named throttle groups (QoS limits shared by several disks).
     #[command(subcommand, name = "throttle-group")]
     ThrottleGroup(GroupCommand),
+    /// Snapshots of qcow2 disks (external: the image as it was keeps the snapshot's name).
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// Long operations (a preallocating resize): list them, or show or cancel one.
     Jobs {
         #[command(subcommand)]
@@ -145,6 +148,14 @@ pub enum JobsCommand {
     Show { id: String },
     /// Ask a running job to stop; it undoes what it did.
     Cancel { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// A disk's snapshots, nearest first.
+    List { disk: String },
+    /// Take a snapshot of a disk while its guest runs (the guest pauses briefly).
+    Create { disk: String, name: String },
 }
 
 #[derive(Debug, Subcommand)]

@@ -5,7 +5,8 @@
 mod table;
 
 use strata::cli::{
-    AuditCommand, Cli, Command, DiskCommand, GroupCommand, JobsCommand, TokenCommand,
+    AuditCommand, Cli, Command, DiskCommand, GroupCommand, JobsCommand, SnapshotCommand,
+    TokenCommand,
 };
 
 use std::process::ExitCode;
@@ -145,6 +146,22 @@ fn run(cli: &Cli) -> Result<String, Failure> {
                     "disk {}: limits {}\n",
                     v["id"].as_str().unwrap_or("?"),
                     v["throttle"]["limits"]
+                )
+            })
+        }
+        Command::Snapshot(SnapshotCommand::List { disk }) => show(
+            &api("GET", &format!("{}/snapshots", disk_path(disk)), None)?,
+            table::snapshots,
+        ),
+        Command::Snapshot(SnapshotCommand::Create { disk, name }) => {
+            let path = format!("{}/snapshots", disk_path(disk));
+            show(&api("POST", &path, Some(json!({ "name": name })))?, |v| {
+                format!(
+                    "snapshot {} of disk {}: {} (the guest paused {:.2} ms)\n",
+                    v["name"].as_str().unwrap_or("?"),
+                    v["disk"].as_str().unwrap_or("?"),
+                    v["file"].as_str().unwrap_or("?"),
+                    v["pause_ms"].as_f64().unwrap_or(0.0)
                 )
             })
         }

@@ -138,6 +138,24 @@ pub fn groups(v: &Value) -> String {
     render(&["GROUP", "LIMITS", "DISKS"], &rows)
 }
 
+pub fn snapshots(v: &Value) -> String {
+    let empty = Vec::new();
+    let rows: Vec<Vec<String>> = v["snapshots"]
+        .as_array()
+        .unwrap_or(&empty)
+        .iter()
+        .map(|s| {
+            let name = if s["name"].is_null() {
+                "(backing)".to_string()
+            } else {
+                text(&s["name"])
+            };
+            vec![name, text(&s["format"]), text(&s["file"])]
+        })
+        .collect();
+    render(&["SNAPSHOT", "FORMAT", "FILE"], &rows)
+}
+
 fn job_row(j: &Value) -> Vec<String> {
     vec![
         text(&j["id"]),

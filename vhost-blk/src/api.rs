@@ -37,6 +37,8 @@ pub const DISK_ADD: Operation = Operation::write("disk.add", Role::Operator);
 pub const DISK_RESIZE: Operation = Operation::write("disk.resize", Role::Operator);
 pub const DISK_LIMITS: Operation = Operation::write("disk.limits", Role::Operator);
 pub const HISTORY: Operation = Operation::read("history");
+pub const SNAPSHOT_LIST: Operation = Operation::read("snapshot.list");
+pub const SNAPSHOT_CREATE: Operation = Operation::write("snapshot.create", Role::Operator);
 pub const JOB_LIST: Operation = Operation::read("job.list");
 pub const JOB_GET: Operation = Operation::read("job.get");
 pub const JOB_CANCEL: Operation = Operation::write("job.cancel", Role::Operator);
@@ -99,6 +101,16 @@ pub const ROUTES: &[Route] = &[
         method: "PUT",
         path: "/v1/disks/{id}/limits",
         op: DISK_LIMITS,
+    },
+    Route {
+        method: "GET",
+        path: "/v1/disks/{id}/snapshots",
+        op: SNAPSHOT_LIST,
+    },
+    Route {
+        method: "POST",
+        path: "/v1/disks/{id}/snapshots",
+        op: SNAPSHOT_CREATE,
     },
     Route {
         method: "GET",
@@ -191,6 +203,8 @@ fn handler(route: &Route) -> MethodRouter<Arc<DiskSet>> {
         ("GET", "metrics") => get(metrics),
         ("GET", "disk.list") => get(list),
         ("GET", "history") => get(history),
+        ("GET", "snapshot.list") => get(snapshots),
+        ("POST", "snapshot.create") => post(take_snapshot),
         ("POST", "disk.add") => post(add),
         ("GET", "disk.get") => get(show),
         ("DELETE", "disk.remove") => delete(remove),
@@ -387,16 +401,7 @@ async fn resize(
     let server = d.clone();
     let notice = http::blocking(move || server.resize(bytes, None))
         .await?
-        .map_err(|e| match &e {
-            ResizeError::Disk(se) => match se.kind() {
-                StorageErrorKind::InvalidArgument | StorageErrorKind::Unsupported => {
-                    ApiError::bad_request(format!("disk {id:?}: {e}"))
-                }
-                _ => ApiError::internal(format!("disk {id:?}: {e}")),
-            },
-            ResizeError::Notice(_) => ApiError::internal(format!("disk {id:?}: {e}")),
-            ResizeError::Busy => ApiError::conflict(format!("disk {id:?}: {e}")),
-        })?;
+        .map_err(|e| resize_error(&id, &e))?;
     let mut v = disk_json(&d);
     v["frontend_notified"] = match notice {
         Some(ConfigNotice::Delivered) => "yes",
@@ -406,6 +411,69 @@ async fn resize(
     }
     .into();
     Ok(Json(v).into_response())
+}
+
+/// Resizes and snapshots asked of a disk that cannot have them: 400 for a resize (the
+/// request's fault), 409 for a snapshot (the disk's format's).
+fn resize_error(id: &str, e: &ResizeError) -> ApiError {
+    disk_change_error(id, e, StatusCode::BAD_REQUEST)
+}
+
+fn disk_change_error(id: &str, e: &ResizeError, unsupported: StatusCode) -> ApiError {
+    match e {
+        ResizeError::Disk(se) => match se.kind() {
+            StorageErrorKind::InvalidArgument => ApiError::bad_request(format!("disk {id:?}: {e}")),
+            StorageErrorKind::Unsupported => {
+                ApiError::new(unsupported, format!("disk {id:?}: {e}"))
+            }
+            _ => ApiError::internal(format!("disk {id:?}: {e}")),
+        },
+        ResizeError::Notice(_) => ApiError::internal(format!("disk {id:?}: {e}")),
+        ResizeError::Busy => ApiError::conflict(format!("disk {id:?}: {e}")),
+    }
+}
+
+async fn snapshots(
+    State(disks): Disks,
+    UrlPath(id): UrlPath<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let d = disks
+        .get(&id)
+        .ok_or_else(|| ApiError::not_found(format!("no disk {id:?}")))?;
+    let list = http::blocking(move || d.snapshots())
+        .await?
+        .ok_or_else(|| ApiError::conflict(format!("disk {id:?} is not a qcow2 disk")))?;
+    Ok(Json(serde_json::json!({ "snapshots": list })))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SnapshotBody {
+    name: String,
+}
+
+async fn take_snapshot(
+    State(disks): Disks,
+    UrlPath(id): UrlPath<String>,
+    JsonBody(body): JsonBody<SnapshotBody>,
+) -> Result<Response, ApiError> {
+    let d = disks
+        .get(&id)
+        .ok_or_else(|| ApiError::not_found(format!("no disk {id:?}")))?;
+    let name = body.name.clone();
+    let taken = http::blocking(move || d.snapshot(&name))
+        .await?
+        .map_err(|e| disk_change_error(&id, &e, StatusCode::CONFLICT))?;
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({
+            "disk": id,
+            "name": body.name,
+            "file": taken.file.display().to_string(),
+            "pause_ms": taken.pause.as_secs_f64() * 1000.0,
+        })),
+    )
+        .into_response())
 }
 
 async fn jobs(State(disks): Disks) -> Json<serde_json::Value> {
@@ -600,6 +668,46 @@ pub fn render_metrics(disks: &[Arc<DiskServer>]) -> String {
                 used,
             );
         }
+    }
+    for d in disks {
+        let Some(snapshots) = d.snapshots() else {
+            continue;
+        };
+        let named = snapshots.iter().filter(|s| !s["name"].is_null()).count();
+        let s = &d.snapshots;
+        let l = [("disk", d.id())];
+        out.sample(
+            "snapshots",
+            Kind::Gauge,
+            "Snapshots in the disk's qcow2 chain.",
+            &l,
+            named,
+        );
+        let taken = s.taken.load(Ordering::Relaxed);
+        let failed = s.failed.load(Ordering::Relaxed);
+        for (result, n) in [("ok", taken), ("failed", failed)] {
+            out.sample(
+                "snapshot_operations_total",
+                Kind::Counter,
+                "Snapshots asked for since the daemon started, by result.",
+                &[("disk", d.id()), ("op", "create"), ("result", result)],
+                n,
+            );
+        }
+        out.sample(
+            "snapshot_last_timestamp_seconds",
+            Kind::Gauge,
+            "When the last snapshot was taken (Unix seconds; 0: none since start).",
+            &l,
+            s.last_unix.load(Ordering::Relaxed),
+        );
+        out.sample(
+            "snapshot_last_pause_microseconds",
+            Kind::Gauge,
+            "How long the guest's requests waited during the last snapshot.",
+            &l,
+            s.last_pause_us.load(Ordering::Relaxed),
+        );
     }
     for d in disks {
         out.sample(

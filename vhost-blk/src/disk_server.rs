@@ -41,6 +41,7 @@ pub struct DiskServer {
     resizing: Mutex<()>,
     /// The file system under one of its files is short of space (see `space`).
     pub low_space: std::sync::atomic::AtomicBool,
+    pub snapshots: SnapshotStats,
     /// Tells this disk from an earlier one with the same id (its counters start again).
     pub incarnation: u64,
     /// The limits set through the API since start (`config.text.limits` until then).
@@ -60,8 +61,28 @@ pub enum ResizeError {
     Disk(storage_core::error::StorageError),
     #[error("the disk grew, but telling the frontend failed: {0}")]
     Notice(std::io::Error),
-    #[error("a resize of this disk is under way")]
+    #[error("a resize or snapshot of this disk is under way")]
     Busy,
+}
+
+/// A snapshot taken.
+#[derive(Debug)]
+pub struct SnapshotTaken {
+    /// The file that holds the disk as it was.
+    pub file: std::path::PathBuf,
+    /// How long the guest's requests waited: queues stopped, in flight answered, the new
+    /// image put on top.
+    pub pause: std::time::Duration,
+}
+
+/// Snapshot counters, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct SnapshotStats {
+    pub taken: std::sync::atomic::AtomicU64,
+    pub failed: std::sync::atomic::AtomicU64,
+    /// Unix seconds of the last snapshot taken (0: none since start).
+    pub last_unix: std::sync::atomic::AtomicU64,
+    pub last_pause_us: std::sync::atomic::AtomicU64,
 }
 
 impl DiskServer {
@@ -136,6 +157,7 @@ impl DiskServer {
             thread: Mutex::new(Some(thread)),
             resizing: Mutex::new(()),
             low_space: std::sync::atomic::AtomicBool::new(false),
+            snapshots: SnapshotStats::default(),
             incarnation: {
                 static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
                 NEXT.fetch_add(1, Ordering::Relaxed)
@@ -193,6 +215,90 @@ impl DiskServer {
             .notify_config_change(NOTICE_WAIT)
             .map(Some)
             .map_err(ResizeError::Notice)
+    }
+
+    /// Takes a snapshot named `name` of a qcow2 disk while its guest runs: the queues stop
+    /// (requests in flight answered, new ones wait), the image is flushed and frozen under
+    /// the snapshot's name with a new image on top (`storage_core::qcow2::Qcow2Disk::
+    /// snapshot`), and the queues go on.
+    pub fn snapshot(&self, name: &str) -> Result<SnapshotTaken, ResizeError> {
+        let _one_at_a_time = match self.resizing.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Err(ResizeError::Busy),
+        };
+        let qcow2 = self.device.disk.qcow2().ok_or_else(|| {
+            ResizeError::Disk(storage_core::error::StorageError::new(
+                storage_core::error::StorageErrorKind::Unsupported,
+                format!(
+                    "disk {} is {}: snapshots are of qcow2 disks (format=qcow2)",
+                    self.id(),
+                    self.device.disk.describe()
+                ),
+            ))
+        })?;
+        // Most of the data to flush goes out while the guest still runs; the flush in the
+        // pause then has only what came since.
+        if let Err(e) = self.device.disk.flush() {
+            self.snapshots.failed.fetch_add(1, Ordering::Relaxed);
+            return Err(ResizeError::Disk(storage_core::error::StorageError::new(
+                storage_core::error::StorageErrorKind::Io,
+                format!("flushing before the snapshot: {e}"),
+            )));
+        }
+        let started = std::time::Instant::now();
+        let result = self.backend.paused(|| qcow2.snapshot(name));
+        let pause = started.elapsed();
+        let stats = &self.snapshots;
+        match result {
+            Ok(file) => {
+                stats.taken.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .last_unix
+                    .store(crate::history::unix_now() as u64, Ordering::Relaxed);
+                stats
+                    .last_pause_us
+                    .store(pause.as_micros() as u64, Ordering::Relaxed);
+                log::info!(
+                    "disk {}: snapshot {name:?} in {} (the guest paused {:.2} ms)",
+                    self.id(),
+                    file.display(),
+                    pause.as_secs_f64() * 1000.0
+                );
+                Ok(SnapshotTaken { file, pause })
+            }
+            Err(e) => {
+                stats.failed.fetch_add(1, Ordering::Relaxed);
+                Err(ResizeError::Disk(e))
+            }
+        }
+    }
+
+    /// The disk's snapshots (the qcow2 chain's images named `stem@NAME.qcow2`), nearest
+    /// first; `None` for a disk that is not qcow2.
+    pub fn snapshots(&self) -> Option<Vec<serde_json::Value>> {
+        let qcow2 = self.device.disk.qcow2()?;
+        let top = std::path::PathBuf::from(self.device.info().path.clone());
+        Some(
+            qcow2
+                .chain()
+                .into_iter()
+                .map(|c| {
+                    let path = std::path::PathBuf::from(&c.path);
+                    let created = std::fs::metadata(&path)
+                        .and_then(|m| m.modified())
+                        .ok()
+                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                        .map(|d| d.as_secs());
+                    serde_json::json!({
+                        "name": storage_core::qcow2::snapshot_name(&top, &path),
+                        "file": c.path,
+                        "format": c.format,
+                        "modified": created,
+                    })
+                })
+                .collect(),
+        )
     }
 
     /// Tells the disk to stop: no new requests; the frontend is disconnected.

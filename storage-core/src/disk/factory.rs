@@ -183,6 +183,15 @@ impl AnyDisk {
         }
     }
 
+    /// The qcow2 image at the root (under a throttle, if any): what takes snapshots.
+    pub fn qcow2(&self) -> Option<&crate::qcow2::Qcow2Disk> {
+        match self {
+            AnyDisk::Qcow2(q) => Some(q),
+            AnyDisk::Throttle(t) => t.child().qcow2(),
+            _ => None,
+        }
+    }
+
     /// The graph from this node down, as text: `throttle(tier(raw, cache))`.
     pub fn describe(&self) -> String {
         match self {
@@ -192,10 +201,7 @@ impl AnyDisk {
             AnyDisk::Rbd(_) => "rbd".into(),
             AnyDisk::Tiered(t) => format!("tier({}, cache)", t.capacity().describe()),
             AnyDisk::Throttle(t) => format!("throttle({})", t.child().describe()),
-            AnyDisk::Qcow2(q) => match q.backing() {
-                Some(b) => format!("qcow2(file, backing: {})", b.describe()),
-                None => "qcow2(file)".into(),
-            },
+            AnyDisk::Qcow2(q) => q.describe(),
         }
     }
 

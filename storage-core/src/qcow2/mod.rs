@@ -24,7 +24,8 @@ pub use queue::Qcow2Queue;
 use std::io;
 use std::os::unix::io::RawFd;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use crate::disk::{AnyDisk, Disk, DiskInfo, Size};
 use crate::error::{StorageError, StorageErrorKind};
@@ -59,6 +60,8 @@ pub(crate) struct Shared {
     pub file: AnyDisk,
     pub backing: Option<AnyDisk>,
     pub path: PathBuf,
+    /// Bytes of L2 tables kept (for a new image on top, after a snapshot).
+    pub l2_cache: u64,
 }
 
 impl Shared {
@@ -67,9 +70,25 @@ impl Shared {
     }
 }
 
+/// The image a qcow2 node serves now, and how many times that changed (a snapshot puts a
+/// new image on top): queues follow at their next request.
+pub(crate) struct Active {
+    shared: RwLock<Arc<Shared>>,
+    pub generation: AtomicU64,
+}
+
+impl Active {
+    pub(crate) fn get(&self) -> Arc<Shared> {
+        self.shared
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
 /// An open qcow2 image.
 pub struct Qcow2Disk {
-    shared: Arc<Shared>,
+    active: Arc<Active>,
     info: DiskInfo,
 }
 
@@ -83,6 +102,120 @@ pub enum Backing {
     Without,
 }
 
+/// One image below a qcow2 node's top, as [`Qcow2Disk::chain`] lists them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainImage {
+    pub path: String,
+    pub format: &'static str,
+}
+
+/// Reads and checks the header of the image in `file` (at `path`); its file's length.
+fn read_header(
+    file: &AnyDisk,
+    path: &Path,
+    read_only: bool,
+) -> Result<(Header, u64), StorageError> {
+    // The file's own length (the node's size is rounded down to whole sectors).
+    let meta_data = std::fs::metadata(path).map_err(|e| io_error(path, "stat", e))?;
+    if !read_only && !meta_data.is_file() {
+        return Err(spec_error(
+            path,
+            "a writable qcow2 image must be a regular file (new clusters go past its end, \
+             which a block device does not have)",
+        ));
+    }
+    let file_len = if meta_data.is_file() {
+        meta_data.len()
+    } else {
+        file.info().capacity.get()
+    };
+    let mut first = vec![0u8; 65536.min(file_len as usize).max(72)];
+    file.read_at(&mut first[..(file_len as usize).min(65536)], 0)
+        .map_err(|e| io_error(path, "reading the header", e))?;
+    let header = Header::parse(&first, file_len).map_err(|e| spec_error(path, e))?;
+    if let Some(why) = header.refusal(!read_only) {
+        return Err(spec_error(path, why));
+    }
+    if file.info().direct {
+        return Err(spec_error(
+            path,
+            "qcow2 over an O_DIRECT file (direct=on) is not supported yet: its metadata I/O \
+             is not aligned for it",
+        ));
+    }
+    Ok((header, file_len))
+}
+
+/// The shared state of an image whose header is read, over `backing`.
+fn open_shared(
+    file: AnyDisk,
+    path: &Path,
+    (header, file_len): (Header, u64),
+    read_only: bool,
+    l2_cache: u64,
+    backing: Option<AnyDisk>,
+) -> Result<Shared, StorageError> {
+    let meta = Meta::open(&file, header.clone(), file_len, !read_only, l2_cache)
+        .map_err(|e| io_error(path, "reading the metadata", e))?;
+    // Autoclear bits name extensions whose consistency we would not keep (persistent dirty
+    // bitmaps): a program that writes an image without knowing them clears them, so that
+    // QEMU does not trust bitmaps that missed our writes.
+    if !read_only && header.version >= 3 && header.autoclear != 0 {
+        file.write_at(&[0u8; 8], header::OFF_AUTOCLEAR)
+            .and_then(|_| file.flush())
+            .map_err(|e| io_error(path, "clearing the autoclear bits", e))?;
+        log::info!(
+            "{}: cleared autoclear feature bits {:#x} (extensions such as dirty bitmaps that \
+             this node does not keep up to date)",
+            path.display(),
+            header.autoclear
+        );
+    }
+    Ok(Shared {
+        meta: Mutex::new(meta),
+        file,
+        backing,
+        path: path.to_owned(),
+        l2_cache,
+    })
+}
+
+/// `stem@name.qcow2`, the name of a snapshot of the image `stem.*`.
+fn snapshot_file(image: &Path, name: &str) -> Result<PathBuf, StorageError> {
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    {
+        return Err(StorageError::new(
+            StorageErrorKind::InvalidArgument,
+            format!("snapshot name {name:?}: use 1 to 64 letters, digits, '.', '_' or '-'"),
+        ));
+    }
+    let stem = image
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok(image.with_file_name(format!("{stem}@{name}.qcow2")))
+}
+
+/// The snapshot name of `file` if it is one of `image`'s (`stem@name.qcow2`).
+pub fn snapshot_name(image: &Path, file: &Path) -> Option<String> {
+    let stem = image.file_stem()?.to_string_lossy().into_owned();
+    let name = file.file_name()?.to_string_lossy().into_owned();
+    name.strip_prefix(&format!("{stem}@"))?
+        .strip_suffix(".qcow2")
+        .map(str::to_owned)
+}
+
+fn sync_dir(path: &Path) -> io::Result<()> {
+    match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) => std::fs::File::open(dir)?.sync_all(),
+        None => std::fs::File::open(".")?.sync_all(),
+    }
+}
+
 impl Qcow2Disk {
     /// Opens the image in `file` (a file node, already open), at `path` for messages and
     /// relative backing names. `depth`: how many images are above this one.
@@ -94,27 +227,7 @@ impl Qcow2Disk {
         l2_cache: u64,
         depth: usize,
     ) -> Result<Qcow2Disk, StorageError> {
-        // The file's own length (the node's size is rounded down to whole sectors).
-        let meta_data = std::fs::metadata(path).map_err(|e| io_error(path, "stat", e))?;
-        if !read_only && !meta_data.is_file() {
-            return Err(spec_error(
-                path,
-                "a writable qcow2 image must be a regular file (new clusters go past its \
-                 end, which a block device does not have)",
-            ));
-        }
-        let file_len = if meta_data.is_file() {
-            meta_data.len()
-        } else {
-            file.info().capacity.get()
-        };
-        let mut first = vec![0u8; 65536.min(file_len as usize).max(72)];
-        file.read_at(&mut first[..(file_len as usize).min(65536)], 0)
-            .map_err(|e| io_error(path, "reading the header", e))?;
-        let header = Header::parse(&first, file_len).map_err(|e| spec_error(path, e))?;
-        if let Some(why) = header.refusal(!read_only) {
-            return Err(spec_error(path, why));
-        }
+        let (header, file_len) = read_header(&file, path, read_only)?;
         let backing = match (backing, header.backing_path(path)) {
             (Backing::FromImage, Some(b)) => {
                 if depth + 1 >= MAX_CHAIN {
@@ -142,58 +255,146 @@ impl Qcow2Disk {
                 b.info().capacity.get()
             );
         }
-        let meta = Meta::open(&file, header.clone(), file_len, !read_only, l2_cache)
-            .map_err(|e| io_error(path, "reading the metadata", e))?;
-        // Autoclear bits name extensions whose consistency we would not keep (persistent
-        // dirty bitmaps): a program that writes an image without knowing them clears them,
-        // so that QEMU does not trust bitmaps that missed our writes.
-        if !read_only && header.version >= 3 && header.autoclear != 0 {
-            file.write_at(&[0u8; 8], header::OFF_AUTOCLEAR)
-                .and_then(|_| file.flush())
-                .map_err(|e| io_error(path, "clearing the autoclear bits", e))?;
-            log::info!(
-                "{}: cleared autoclear feature bits {:#x} (extensions such as dirty bitmaps \
-                 that this node does not keep up to date)",
-                path.display(),
-                header.autoclear
-            );
-        }
-        let base = file.info();
+        let shared = open_shared(file, path, (header, file_len), read_only, l2_cache, backing)?;
+        Ok(Qcow2Disk::serving(Arc::new(shared), read_only, path))
+    }
+
+    /// A node serving `shared` (named `path`).
+    fn serving(shared: Arc<Shared>, read_only: bool, path: &Path) -> Qcow2Disk {
+        let base = shared.file.info();
+        let size = shared.lock().header.size;
         let info = DiskInfo {
-            capacity: Size::new(header.size),
+            capacity: Size::new(size),
             read_only,
             direct: base.direct,
             format: "qcow2",
-            path: base.path.clone(),
+            path: path.display().to_string(),
             engine: base.engine,
             discard: true,
             identity: base.identity,
         };
-        if base.direct {
-            return Err(spec_error(
-                path,
-                "qcow2 over an O_DIRECT file (direct=on) is not supported yet: its metadata \
-                 I/O is not aligned for it",
-            ));
-        }
-        Ok(Qcow2Disk {
-            shared: Arc::new(Shared {
-                meta: Mutex::new(meta),
-                file,
-                backing,
-                path: path.to_owned(),
+        Qcow2Disk {
+            active: Arc::new(Active {
+                shared: RwLock::new(shared),
+                generation: AtomicU64::new(0),
             }),
             info,
-        })
+        }
     }
 
     pub fn header(&self) -> Header {
-        self.shared.lock().header.clone()
+        self.active.get().lock().header.clone()
     }
 
-    /// The node below, if any.
-    pub fn backing(&self) -> Option<&AnyDisk> {
-        self.shared.backing.as_ref()
+    /// The graph below, as text.
+    pub fn describe(&self) -> String {
+        match &self.active.get().backing {
+            Some(b) => format!("qcow2(file, backing: {})", b.describe()),
+            None => "qcow2(file)".into(),
+        }
+    }
+
+    /// The images below the top, from the nearest down.
+    pub fn chain(&self) -> Vec<ChainImage> {
+        let mut out = Vec::new();
+        let mut cur = self.active.get();
+        while let Some(b) = &cur.backing {
+            out.push(ChainImage {
+                path: b.info().path.clone(),
+                format: b.info().format,
+            });
+            let next = match b {
+                AnyDisk::Qcow2(q) => q.active.get(),
+                _ => break,
+            };
+            cur = next;
+        }
+        out
+    }
+
+    /// Takes an external snapshot named `name`, as QEMU's `blockdev-snapshot-sync` does,
+    /// keeping the image's own name for what the guest writes next: the image as it is now
+    /// becomes `stem@name.qcow2` (read-only from now on), and a new, empty image in its
+    /// place names it as its backing file. Durable when it returns; a crash in between
+    /// leaves either the image as it was (and perhaps the snapshot's name linked to it) or
+    /// the new image over the snapshot. The caller has stopped the disk's queues (nothing
+    /// may be in flight); they follow the switch at their next request. Returns the
+    /// snapshot's file.
+    pub fn snapshot(&self, name: &str) -> Result<PathBuf, StorageError> {
+        if self.info.read_only {
+            return Err(StorageError::new(
+                StorageErrorKind::InvalidArgument,
+                "a read-only disk takes no snapshots",
+            ));
+        }
+        let old = self.active.get();
+        let path = old.path.clone();
+        let frozen = snapshot_file(&path, name)?;
+        if frozen.exists() {
+            return Err(StorageError::new(
+                StorageErrorKind::InvalidArgument,
+                format!(
+                    "a snapshot named {name:?} exists already ({})",
+                    frozen.display()
+                ),
+            ));
+        }
+        let io = |what: &str, e: io::Error| io_error(&path, what, e);
+        old.lock()
+            .flush(&old.file)
+            .map_err(|e| io("flushing before the snapshot", e))?;
+        let (size, cluster_size) = {
+            let m = old.lock();
+            (m.header.size, m.cluster_size())
+        };
+        let file_name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let tmp = path.with_file_name(format!(".{file_name}.new"));
+        let _ = std::fs::remove_file(&tmp);
+        let frozen_name = frozen
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        create(
+            &tmp,
+            &CreateOptions {
+                size,
+                cluster_size,
+                backing: Some((frozen_name, "qcow2".into())),
+            },
+        )?;
+        let undo = |e: StorageError| {
+            let _ = std::fs::remove_file(&tmp);
+            e
+        };
+        let engine = crate::disk::engine_for_path(&tmp);
+        let file =
+            AnyDisk::Raw(crate::disk::RawDisk::open(&tmp, false, false, engine).map_err(undo)?);
+        std::fs::hard_link(&path, &frozen)
+            .and_then(|_| sync_dir(&frozen))
+            .map_err(|e| undo(io("naming the snapshot", e)))?;
+        if let Err(e) = std::fs::rename(&tmp, &path).and_then(|_| sync_dir(&path)) {
+            let _ = std::fs::remove_file(&frozen);
+            return Err(undo(io("putting the new image in place", e)));
+        }
+        // From here the files are the new chain: a restart opens it. Serve it.
+        let below = AnyDisk::Qcow2(Box::new(Qcow2Disk::serving(old.clone(), true, &frozen)));
+        let header = read_header(&file, &path, false)?;
+        let shared = open_shared(file, &path, header, false, old.l2_cache, Some(below))?;
+        *self
+            .active
+            .shared
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Arc::new(shared);
+        self.active.generation.fetch_add(1, Ordering::Release);
+        log::info!(
+            "{}: snapshot {name:?} taken: {} holds the image as it was",
+            path.display(),
+            frozen.display()
+        );
+        Ok(frozen)
     }
 }
 
@@ -226,7 +427,7 @@ fn open_backing(path: &Path, format: Option<&str>, depth: usize) -> Result<AnyDi
             // A raw base whose guest wrote a qcow2 header probes as qcow2; the backing
             // file such a header names could be any file on the host. Only images whose
             // format was given may lead further down.
-            if probed && disk.backing().is_some() {
+            if probed && !disk.chain().is_empty() {
                 return Err(spec_error(
                     path,
                     "its format is not recorded in the image above, and as a qcow2 image it \
@@ -251,29 +452,31 @@ impl Disk for Qcow2Disk {
     }
 
     fn new_queue(&self, depth: u32) -> Result<Qcow2Queue, StorageError> {
-        Qcow2Queue::new(self.shared.clone(), depth, self.info.capacity.clone())
+        Qcow2Queue::new(self.active.clone(), depth, self.info.capacity.clone())
     }
 
     fn flush(&self) -> io::Result<()> {
         if self.info.read_only {
             return Ok(());
         }
-        self.shared.lock().flush(&self.shared.file)
+        let shared = self.active.get();
+        let mut meta = shared.lock();
+        meta.flush(&shared.file)
     }
 
     fn close(&self) {
         if let Err(e) = self.flush() {
-            log::error!("{}: flush at close: {e}", self.shared.path.display());
+            log::error!("{}: flush at close: {e}", self.info.path);
         }
-        self.shared.file.close();
+        self.active.get().file.close();
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        queue::read_sync(&self.shared, buf, offset)
+        queue::read_sync(&self.active.get(), buf, offset)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        queue::write_sync(&self.shared, buf, offset)
+        queue::write_sync(&self.active.get(), buf, offset)
     }
 }
 

@@ -14,11 +14,12 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::io::RawFd;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::compressed;
 use super::meta::{Mapping, Meta};
-use super::{read_clamped, Shared};
+use super::{read_clamped, Active, Shared};
 use crate::disk::wakeup::FdSet;
 use crate::disk::{
     checked, AnyQueue, Disk, DiskCompletion, DiskOp, DiskQueue, IoVecs, Rejected, Size, StartError,
@@ -47,7 +48,11 @@ enum Plan {
 }
 
 pub struct Qcow2Queue {
+    /// The image this queue serves, until `active` moves on (a snapshot).
     shared: Arc<Shared>,
+    active: Arc<Active>,
+    generation: u64,
+    depth: u32,
     capacity: Size,
     file: Box<AnyQueue>,
     backing: Option<Box<AnyQueue>>,
@@ -62,37 +67,24 @@ pub struct Qcow2Queue {
 
 impl Qcow2Queue {
     pub(crate) fn new(
-        shared: Arc<Shared>,
+        active: Arc<Active>,
         depth: u32,
         capacity: Size,
     ) -> Result<Self, StorageError> {
-        let notify = super::eventfd().map_err(|e| {
-            StorageError::new(StorageErrorKind::Engine, "qcow2 queue").with_source(e)
-        })?;
-        let file = shared.file.new_queue_sharing(depth, notify.as_raw_fd())?;
-        let backing = match &shared.backing {
-            Some(b) => Some(Box::new(b.new_queue_sharing(depth, notify.as_raw_fd())?)),
-            None => None,
-        };
-        let wakeup = FdSet::new().map_err(|e| {
-            StorageError::new(StorageErrorKind::Engine, "qcow2 queue").with_source(e)
-        })?;
-        let mut fds = vec![notify.as_raw_fd()];
-        file.wake_fds(&mut fds);
-        if let Some(b) = &backing {
-            b.wake_fds(&mut fds);
-        }
-        fds.sort_unstable();
-        fds.dedup();
-        for fd in fds {
-            wakeup.add(fd).map_err(|e| {
-                StorageError::new(StorageErrorKind::Engine, "qcow2 queue").with_source(e)
-            })?;
-        }
+        let engine = |e| StorageError::new(StorageErrorKind::Engine, "qcow2 queue").with_source(e);
+        let notify = super::eventfd().map_err(engine)?;
+        let wakeup = FdSet::new().map_err(engine)?;
+        wakeup.add(notify.as_raw_fd()).map_err(engine)?;
+        let generation = active.generation.load(Ordering::Acquire);
+        let shared = active.get();
+        let (file, backing) = children(&shared, depth, &notify, &wakeup)?;
         Ok(Qcow2Queue {
             shared,
+            active,
+            generation,
+            depth,
             capacity,
-            file: Box::new(file),
+            file,
             backing,
             notify,
             wakeup,
@@ -100,6 +92,18 @@ impl Qcow2Queue {
             local: VecDeque::new(),
             in_flight: 0,
         })
+    }
+
+    /// Moves to the image on top now (after a snapshot), with nothing in flight.
+    fn follow(&mut self, generation: u64) -> Result<(), StorageError> {
+        let shared = self.active.get();
+        let (file, backing) = children(&shared, self.depth, &self.notify, &self.wakeup)?;
+        // The old children's descriptors leave the set as they close.
+        self.file = file;
+        self.backing = backing;
+        self.shared = shared;
+        self.generation = generation;
+        Ok(())
     }
 
     fn done_here(&mut self, tag: u64, result: i32, buffers: Option<IoVecs>) {
@@ -211,6 +215,39 @@ impl Qcow2Queue {
             }
         }
     }
+}
+
+/// Queues on `shared`'s file and backing node, waking `wakeup` through `notify`.
+#[allow(clippy::type_complexity)]
+fn children(
+    shared: &Shared,
+    depth: u32,
+    notify: &OwnedFd,
+    wakeup: &FdSet,
+) -> Result<(Box<AnyQueue>, Option<Box<AnyQueue>>), StorageError> {
+    let file = shared.file.new_queue_sharing(depth, notify.as_raw_fd())?;
+    let backing = match &shared.backing {
+        Some(b) => Some(Box::new(b.new_queue_sharing(depth, notify.as_raw_fd())?)),
+        None => None,
+    };
+    let mut fds = Vec::new();
+    file.wake_fds(&mut fds);
+    if let Some(b) = &backing {
+        b.wake_fds(&mut fds);
+    }
+    fds.sort_unstable();
+    fds.dedup();
+    for fd in fds {
+        match wakeup.add(fd) {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+                return Err(
+                    StorageError::new(StorageErrorKind::Engine, "qcow2 queue").with_source(e)
+                )
+            }
+            _ => {}
+        }
+    }
+    Ok((Box::new(file), backing))
 }
 
 fn errno(e: &io::Error) -> i32 {
@@ -333,6 +370,20 @@ impl DiskQueue for Qcow2Queue {
             return Err(Rejected::new(StartError::BadTag, op));
         }
         let op = checked(op, self.capacity.get())?;
+        // A snapshot put a new image on top: follow it once nothing is in flight here (a
+        // snapshot stops the queues first, so that is at once). Until then, nothing new
+        // starts: it would land in the snapshot.
+        let now = self.active.generation.load(Ordering::Acquire);
+        if now != self.generation {
+            if self.in_flight > 0 {
+                return Err(Rejected::new(StartError::Busy, op));
+            }
+            if let Err(e) = self.follow(now) {
+                log::error!("{}: {e}", self.shared.path.display());
+                self.done_here(tag, -libc::EIO, op.into_buffers());
+                return Ok(());
+            }
+        }
         match op {
             DiskOp::Read {
                 offset,
