@@ -50,6 +50,12 @@ pub trait QueueWorker: Send {
     fn device_event(&mut self, n: u64);
     /// Completes everything in flight (a ring stop, a reset, shutdown).
     fn drain(&mut self);
+    /// Completes everything in flight and leaves the ring as it is (a pause, after which
+    /// it goes on); whether nothing is left in flight.
+    fn quiesce(&mut self) -> bool {
+        self.drain();
+        true
+    }
 }
 
 /// The backend handed to `vhost-user-backend`: the device plus one worker per queue.
@@ -142,12 +148,17 @@ impl<D: DeviceModel, W: QueueWorker> Transport<D, W> {
     /// Runs `f` with every queue stopped: each worker held (its thread waits for it) and
     /// what it had in flight answered. The guest's new requests wait in the rings
     /// meanwhile and are served after, so the guest sees a pause, not an error.
-    pub fn paused<T>(&self, f: impl FnOnce() -> T) -> T {
+    /// Fails, without running `f`, when a queue cannot finish what it has in flight.
+    pub fn paused<T>(&self, f: impl FnOnce() -> T) -> io::Result<T> {
         let mut held: Vec<_> = (0..self.workers.len()).map(|i| self.worker(i)).collect();
-        for w in held.iter_mut() {
-            w.drain();
+        for (i, w) in held.iter_mut().enumerate() {
+            if !w.quiesce() {
+                return Err(io::Error::other(format!(
+                    "queue {i} could not finish its requests in flight"
+                )));
+            }
         }
-        f()
+        Ok(f())
     }
 
     /// Completes everything in flight on every queue.

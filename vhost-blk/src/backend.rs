@@ -100,4 +100,8 @@ impl transport::QueueWorker for QueueWorker {
     fn drain(&mut self) {
         QueueWorker::drain(self);
     }
+
+    fn quiesce(&mut self) -> bool {
+        QueueWorker::finish_in_flight(self)
+    }
 }

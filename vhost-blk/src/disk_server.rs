@@ -237,19 +237,29 @@ impl DiskServer {
                 ),
             ))
         })?;
-        // Most of the data to flush goes out while the guest still runs; the flush in the
-        // pause then has only what came since.
+        // Checks, the new image, and most of the flushing happen while the guest still
+        // runs; the pause then holds only the last flush and two renames.
+        let prepared = qcow2.prepare_snapshot(name).map_err(ResizeError::Disk)?;
+        let stats = &self.snapshots;
         if let Err(e) = self.device.disk.flush() {
-            self.snapshots.failed.fetch_add(1, Ordering::Relaxed);
+            stats.failed.fetch_add(1, Ordering::Relaxed);
             return Err(ResizeError::Disk(storage_core::error::StorageError::new(
                 storage_core::error::StorageErrorKind::Io,
                 format!("flushing before the snapshot: {e}"),
             )));
         }
         let started = std::time::Instant::now();
-        let result = self.backend.paused(|| qcow2.snapshot(name));
+        let result = self
+            .backend
+            .paused(|| qcow2.commit_snapshot(prepared))
+            .map_err(|e| {
+                storage_core::error::StorageError::new(
+                    storage_core::error::StorageErrorKind::Io,
+                    format!("stopping the queues for the snapshot: {e}"),
+                )
+            })
+            .and_then(|r| r);
         let pause = started.elapsed();
-        let stats = &self.snapshots;
         match result {
             Ok(file) => {
                 stats.taken.fetch_add(1, Ordering::Relaxed);

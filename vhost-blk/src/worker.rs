@@ -529,6 +529,14 @@ impl QueueWorker {
     /// Waits for every request in flight to complete and answers them. Used when the
     /// frontend stops the ring, disconnects, or the daemon shuts down.
     pub fn drain(&mut self) {
+        self.finish_in_flight();
+        // Whatever follows (a new ring base, a new frontend, shutdown) starts the ring anew.
+        self.core.health.reset();
+    }
+
+    /// Answers every request in flight and leaves the ring as it is (a pause: a snapshot);
+    /// whether nothing is left in flight.
+    pub fn finish_in_flight(&mut self) -> bool {
         while self.queue.in_flight() > 0 {
             if let Some(vring) = self.core.vring.clone() {
                 let mut state = vring.get_mut();
@@ -559,8 +567,7 @@ impl QueueWorker {
             }
         }
         self.metrics.set_in_flight(self.queue.in_flight());
-        // Whatever follows (a new ring base, a new frontend, shutdown) starts the ring anew.
-        self.core.health.reset();
+        self.queue.in_flight() == 0
     }
 }
 

@@ -275,6 +275,7 @@ impl Disk for AnyDisk {
     fn new_queue_sharing(&self, depth: u32, eventfd: RawFd) -> Result<AnyQueue, StorageError> {
         let format = match self {
             AnyDisk::Raw(d) => FormatQueue::Raw(d.new_queue_sharing(depth, eventfd)?),
+            AnyDisk::Qcow2(d) => FormatQueue::Qcow2(Box::new(d.new_queue_sharing(depth, eventfd)?)),
             _ => return self.new_queue(depth),
         };
         Ok(AnyQueue {

@@ -581,6 +581,16 @@ impl Meta {
         Ok(!blocks.is_empty())
     }
 
+    /// The image became a snapshot (flushed, below a new top): nothing may change it, and
+    /// what was cached for writing goes.
+    pub fn freeze(&mut self) {
+        self.writable = false;
+        if !self.dirty {
+            self.refcount_blocks.clear();
+            self.l2.retain(|_, t| t.dirty);
+        }
+    }
+
     /// Writes every change, in the order the module docs give, each stage made durable.
     pub fn flush(&mut self, file: &AnyDisk) -> io::Result<()> {
         file.flush()?;

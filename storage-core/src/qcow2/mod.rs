@@ -90,6 +90,8 @@ impl Active {
 pub struct Qcow2Disk {
     active: Arc<Active>,
     info: DiskInfo,
+    /// How the node was asked to treat the image's backing file.
+    backing_mode: Backing,
 }
 
 /// Which backing file a qcow2 node reads through.
@@ -223,12 +225,12 @@ impl Qcow2Disk {
         file: AnyDisk,
         path: &Path,
         read_only: bool,
-        backing: &Backing,
+        backing_mode: &Backing,
         l2_cache: u64,
         depth: usize,
     ) -> Result<Qcow2Disk, StorageError> {
         let (header, file_len) = read_header(&file, path, read_only)?;
-        let backing = match (backing, header.backing_path(path)) {
+        let backing = match (backing_mode, header.backing_path(path)) {
             (Backing::FromImage, Some(b)) => {
                 if depth + 1 >= MAX_CHAIN {
                     return Err(spec_error(
@@ -256,11 +258,21 @@ impl Qcow2Disk {
             );
         }
         let shared = open_shared(file, path, (header, file_len), read_only, l2_cache, backing)?;
-        Ok(Qcow2Disk::serving(Arc::new(shared), read_only, path))
+        Ok(Qcow2Disk::serving(
+            Arc::new(shared),
+            read_only,
+            path,
+            backing_mode.clone(),
+        ))
     }
 
     /// A node serving `shared` (named `path`).
-    fn serving(shared: Arc<Shared>, read_only: bool, path: &Path) -> Qcow2Disk {
+    fn serving(
+        shared: Arc<Shared>,
+        read_only: bool,
+        path: &Path,
+        backing_mode: Backing,
+    ) -> Qcow2Disk {
         let base = shared.file.info();
         let size = shared.lock().header.size;
         let info = DiskInfo {
@@ -279,6 +291,7 @@ impl Qcow2Disk {
                 generation: AtomicU64::new(0),
             }),
             info,
+            backing_mode,
         }
     }
 
@@ -312,37 +325,47 @@ impl Qcow2Disk {
         out
     }
 
-    /// Takes an external snapshot named `name`, as QEMU's `blockdev-snapshot-sync` does,
-    /// keeping the image's own name for what the guest writes next: the image as it is now
-    /// becomes `stem@name.qcow2` (read-only from now on), and a new, empty image in its
-    /// place names it as its backing file. Durable when it returns; a crash in between
-    /// leaves either the image as it was (and perhaps the snapshot's name linked to it) or
-    /// the new image over the snapshot. The caller has stopped the disk's queues (nothing
-    /// may be in flight); they follow the switch at their next request. Returns the
-    /// snapshot's file.
-    pub fn snapshot(&self, name: &str) -> Result<PathBuf, StorageError> {
+    /// Makes a snapshot named `name` ready while the guest runs (as QEMU's
+    /// `blockdev-snapshot-sync` would take it): checks it can be taken, and makes the new,
+    /// empty image that will take the guest's writes on top of the image as it is now. The
+    /// image's name stays the disk's: [`commit_snapshot`](Self::commit_snapshot) (with the
+    /// queues stopped) renames the image as it is to `stem@name.qcow2` and puts the new one
+    /// in its place. Dropped without a commit, the new image goes.
+    pub fn prepare_snapshot(&self, name: &str) -> Result<PreparedSnapshot, StorageError> {
+        let invalid = |m: String| StorageError::new(StorageErrorKind::InvalidArgument, m);
+        let unsupported = |m: String| StorageError::new(StorageErrorKind::Unsupported, m);
         if self.info.read_only {
-            return Err(StorageError::new(
-                StorageErrorKind::InvalidArgument,
-                "a read-only disk takes no snapshots",
+            return Err(invalid("a read-only disk takes no snapshots".into()));
+        }
+        if self.backing_mode == Backing::Without {
+            return Err(unsupported(
+                "the disk is opened with backing=null: its image would name its snapshot as a \
+                 backing file that the next start does not read"
+                    .into(),
             ));
         }
         let old = self.active.get();
         let path = old.path.clone();
-        let frozen = snapshot_file(&path, name)?;
-        if frozen.exists() {
-            return Err(StorageError::new(
-                StorageErrorKind::InvalidArgument,
-                format!(
-                    "a snapshot named {name:?} exists already ({})",
-                    frozen.display()
-                ),
+        if path.starts_with("/proc") {
+            return Err(unsupported(
+                "an operator's disk (opened through /proc/self/fd) takes no snapshots yet".into(),
             ));
         }
+        let chain = self.chain().len();
+        if chain + 1 > MAX_CHAIN - 1 {
+            return Err(unsupported(format!(
+                "the chain holds {chain} images below the top: another would make it deeper \
+                 than {MAX_CHAIN}, which no start could open"
+            )));
+        }
+        let frozen = snapshot_file(&path, name)?;
+        if std::fs::symlink_metadata(&frozen).is_ok() {
+            return Err(invalid(format!(
+                "a snapshot named {name:?} exists already ({})",
+                frozen.display()
+            )));
+        }
         let io = |what: &str, e: io::Error| io_error(&path, what, e);
-        old.lock()
-            .flush(&old.file)
-            .map_err(|e| io("flushing before the snapshot", e))?;
         let (size, cluster_size) = {
             let m = old.lock();
             (m.header.size, m.cluster_size())
@@ -357,7 +380,7 @@ impl Qcow2Disk {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        create(
+        let made = create_file(
             &tmp,
             &CreateOptions {
                 size,
@@ -365,36 +388,122 @@ impl Qcow2Disk {
                 backing: Some((frozen_name, "qcow2".into())),
             },
         )?;
-        let undo = |e: StorageError| {
-            let _ = std::fs::remove_file(&tmp);
-            e
+        let mut prepared = PreparedSnapshot {
+            tmp: Some(tmp.clone()),
+            frozen,
+            shared: None,
         };
-        let engine = crate::disk::engine_for_path(&tmp);
-        let file =
-            AnyDisk::Raw(crate::disk::RawDisk::open(&tmp, false, false, engine).map_err(undo)?);
-        std::fs::hard_link(&path, &frozen)
-            .and_then(|_| sync_dir(&frozen))
-            .map_err(|e| undo(io("naming the snapshot", e)))?;
-        if let Err(e) = std::fs::rename(&tmp, &path).and_then(|_| sync_dir(&path)) {
-            let _ = std::fs::remove_file(&frozen);
-            return Err(undo(io("putting the new image in place", e)));
+        // The new image is the old one's: its owner and mode (the guest's data it will
+        // hold is as private as what the old one holds).
+        use std::os::unix::fs::MetadataExt;
+        let was = std::fs::metadata(&path).map_err(|e| io("stat", e))?;
+        made.set_permissions(was.permissions())
+            .map_err(|e| io("setting the new image's mode", e))?;
+        if let Err(e) = std::os::unix::fs::fchown(&made, Some(was.uid()), Some(was.gid())) {
+            log::warn!(
+                "{}: cannot give the new image the old one's owner: {e}",
+                tmp.display()
+            );
         }
-        // From here the files are the new chain: a restart opens it. Serve it.
-        let below = AnyDisk::Qcow2(Box::new(Qcow2Disk::serving(old.clone(), true, &frozen)));
-        let header = read_header(&file, &path, false)?;
-        let shared = open_shared(file, &path, header, false, old.l2_cache, Some(below))?;
+        // Opened through the descriptor create_file made: the file made, whatever the name
+        // leads to by now.
+        use std::os::fd::AsRawFd;
+        let by_fd = PathBuf::from(format!("/proc/self/fd/{}", made.as_raw_fd()));
+        let engine = old.file.info().engine;
+        let file = AnyDisk::Raw(crate::disk::RawDisk::open(&by_fd, false, false, engine)?);
+        let header = read_header(&file, &by_fd, false)?;
+        drop(made);
+        let below = AnyDisk::Qcow2(Box::new(Qcow2Disk::serving(
+            old.clone(),
+            true,
+            &prepared.frozen,
+            Backing::FromImage,
+        )));
+        prepared.shared = Some(open_shared(
+            file,
+            &path,
+            header,
+            false,
+            old.l2_cache,
+            Some(below),
+        )?);
+        Ok(prepared)
+    }
+
+    /// Puts a prepared snapshot in place; the caller has stopped the disk's queues (nothing
+    /// in flight), which follow the switch at their next request. The image is flushed,
+    /// linked to the snapshot's name, and the new image renamed over its name, each step
+    /// synced: a crash leaves the image as it was (perhaps also under the snapshot's name,
+    /// which a retry then refuses) or the new image over the snapshot. Returns the
+    /// snapshot's file.
+    pub fn commit_snapshot(&self, mut p: PreparedSnapshot) -> Result<PathBuf, StorageError> {
+        let old = self.active.get();
+        let path = old.path.clone();
+        let io = |what: &str, e: io::Error| io_error(&path, what, e);
+        old.lock()
+            .flush(&old.file)
+            .map_err(|e| io("flushing before the snapshot", e))?;
+        // The name must still lead to the image being served.
+        {
+            use std::os::unix::fs::MetadataExt;
+            let now = std::fs::metadata(&path).map_err(|e| io("stat", e))?;
+            if (now.dev(), now.ino()) != old.file.info().identity {
+                return Err(io(
+                    "taking the snapshot",
+                    io::Error::other("the image's name no longer leads to the image served"),
+                ));
+            }
+        }
+        let tmp = p.tmp.clone().expect("prepared");
+        std::fs::hard_link(&path, &p.frozen).map_err(|e| io("naming the snapshot", e))?;
+        if let Err(e) = sync_dir(&p.frozen) {
+            let _ = std::fs::remove_file(&p.frozen);
+            return Err(io("naming the snapshot", e));
+        }
+        if let Err(e) = std::fs::rename(&tmp, &path) {
+            let _ = std::fs::remove_file(&p.frozen);
+            return Err(io("putting the new image in place", e));
+        }
+        // The new image is at the disk's name now: from here it is served, whatever else
+        // fails (the old one is the snapshot).
+        p.tmp = None;
+        let shared = p.shared.take().expect("prepared");
         *self
             .active
             .shared
             .write()
-            .unwrap_or_else(|p| p.into_inner()) = Arc::new(shared);
+            .unwrap_or_else(|e| e.into_inner()) = Arc::new(shared);
         self.active.generation.fetch_add(1, Ordering::Release);
+        old.lock().freeze();
+        if let Err(e) = sync_dir(&path) {
+            log::error!(
+                "{}: the snapshot is taken, but syncing its directory failed ({e}): a power \
+                 cut now could bring back the image as it was",
+                path.display()
+            );
+        }
         log::info!(
-            "{}: snapshot {name:?} taken: {} holds the image as it was",
+            "{}: snapshot taken: {} holds the image as it was",
             path.display(),
-            frozen.display()
+            p.frozen.display()
         );
-        Ok(frozen)
+        Ok(p.frozen.clone())
+    }
+}
+
+/// A snapshot made ready ([`Qcow2Disk::prepare_snapshot`]), not yet in place.
+pub struct PreparedSnapshot {
+    /// The new image's temporary name, until it is put in place.
+    tmp: Option<PathBuf>,
+    frozen: PathBuf,
+    shared: Option<Shared>,
+}
+
+impl Drop for PreparedSnapshot {
+    fn drop(&mut self) {
+        if let Some(tmp) = &self.tmp {
+            let _ = std::fs::remove_file(tmp);
+        }
     }
 }
 
@@ -452,7 +561,18 @@ impl Disk for Qcow2Disk {
     }
 
     fn new_queue(&self, depth: u32) -> Result<Qcow2Queue, StorageError> {
-        Qcow2Queue::new(self.active.clone(), depth, self.info.capacity.clone())
+        Qcow2Queue::new(self.active.clone(), depth, self.info.capacity.clone(), None)
+    }
+
+    /// Every queue of the chain signals the parent's `eventfd`: the set of descriptors the
+    /// worker waits on never changes, even as a snapshot puts new images on top.
+    fn new_queue_sharing(&self, depth: u32, eventfd: RawFd) -> Result<Qcow2Queue, StorageError> {
+        Qcow2Queue::new(
+            self.active.clone(),
+            depth,
+            self.info.capacity.clone(),
+            Some(eventfd),
+        )
     }
 
     fn flush(&self) -> io::Result<()> {
@@ -476,6 +596,9 @@ impl Disk for Qcow2Disk {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        if self.info.read_only {
+            return Err(io::Error::from_raw_os_error(libc::EROFS));
+        }
         queue::write_sync(&self.active.get(), buf, offset)
     }
 }
@@ -550,8 +673,15 @@ pub struct CreateOptions {
 /// Makes a version 3 qcow2 image at `path` (which must not exist), as `qemu-img create -f
 /// qcow2` does: 16-bit refcounts, no preallocation. Durable when it returns.
 pub fn create(path: &Path, opts: &CreateOptions) -> Result<(), StorageError> {
+    create_file(path, opts).map(drop)
+}
+
+/// [`create`], keeping the new file open (mode 0600 until its owner sets another), so that
+/// what is opened next is the file made, whatever its name leads to by then.
+fn create_file(path: &Path, opts: &CreateOptions) -> Result<std::fs::File, StorageError> {
     use std::io::Write;
     use std::os::unix::fs::FileExt;
+    use std::os::unix::fs::OpenOptionsExt;
     let bits = opts.cluster_size.trailing_zeros();
     if !opts.cluster_size.is_power_of_two() || !(9..=21).contains(&bits) {
         return Err(spec_error(
@@ -605,8 +735,10 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<(), StorageError> {
         l1_size as u32,
     );
     let mut file = std::fs::OpenOptions::new()
+        .read(true)
         .write(true)
         .create_new(true)
+        .mode(0o600)
         .open(path)
         .map_err(|e| io_error(path, "creating", e))?;
     let write = |e| io_error(path, "writing", e);
@@ -627,5 +759,5 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<(), StorageError> {
             .map_err(write)?;
     }
     file.flush().map_err(write)?;
-    Ok(())
+    Ok(file)
 }

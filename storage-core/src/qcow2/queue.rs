@@ -56,9 +56,8 @@ pub struct Qcow2Queue {
     capacity: Size,
     file: Box<AnyQueue>,
     backing: Option<Box<AnyQueue>>,
-    /// Signalled when a request completes here (the slow path).
-    notify: OwnedFd,
-    wakeup: FdSet,
+    /// Where completions are signalled: those done here, and the children's.
+    notify: Notify,
     /// By tag: where each request in flight went (`Some((route, read length))`).
     routes: Vec<Option<(Route, Option<u64>)>>,
     local: VecDeque<DiskCompletion>,
@@ -66,18 +65,27 @@ pub struct Qcow2Queue {
 }
 
 impl Qcow2Queue {
+    /// `parent`: the parent's eventfd to signal (it keeps it open), or none for a queue of
+    /// its own.
     pub(crate) fn new(
         active: Arc<Active>,
         depth: u32,
         capacity: Size,
+        parent: Option<RawFd>,
     ) -> Result<Self, StorageError> {
         let engine = |e| StorageError::new(StorageErrorKind::Engine, "qcow2 queue").with_source(e);
-        let notify = super::eventfd().map_err(engine)?;
-        let wakeup = FdSet::new().map_err(engine)?;
-        wakeup.add(notify.as_raw_fd()).map_err(engine)?;
+        let notify = match parent {
+            Some(fd) => Notify::Parent(fd),
+            None => {
+                let fd = super::eventfd().map_err(engine)?;
+                let wakeup = FdSet::new().map_err(engine)?;
+                wakeup.add(fd.as_raw_fd()).map_err(engine)?;
+                Notify::Own { fd, wakeup }
+            }
+        };
         let generation = active.generation.load(Ordering::Acquire);
         let shared = active.get();
-        let (file, backing) = children(&shared, depth, &notify, &wakeup)?;
+        let (file, backing) = children(&shared, depth, &notify)?;
         Ok(Qcow2Queue {
             shared,
             active,
@@ -87,7 +95,6 @@ impl Qcow2Queue {
             file,
             backing,
             notify,
-            wakeup,
             routes: vec![None; depth as usize],
             local: VecDeque::new(),
             in_flight: 0,
@@ -97,8 +104,7 @@ impl Qcow2Queue {
     /// Moves to the image on top now (after a snapshot), with nothing in flight.
     fn follow(&mut self, generation: u64) -> Result<(), StorageError> {
         let shared = self.active.get();
-        let (file, backing) = children(&shared, self.depth, &self.notify, &self.wakeup)?;
-        // The old children's descriptors leave the set as they close.
+        let (file, backing) = children(&shared, self.depth, &self.notify)?;
         self.file = file;
         self.backing = backing;
         self.shared = shared;
@@ -114,7 +120,7 @@ impl Qcow2Queue {
             buffers,
         });
         self.in_flight += 1;
-        super::signal(self.notify.as_raw_fd());
+        super::signal(self.notify.fd());
     }
 
     fn plan_read(&self, offset: u64, len: u64) -> io::Result<Plan> {
@@ -217,17 +223,37 @@ impl Qcow2Queue {
     }
 }
 
-/// Queues on `shared`'s file and backing node, waking `wakeup` through `notify`.
+/// Where a queue's completions are signalled.
+enum Notify {
+    /// Its own eventfd, gathered with any child's that signals elsewhere.
+    Own { fd: OwnedFd, wakeup: FdSet },
+    /// Its parent's (which keeps it open): the whole chain signals that one, so the
+    /// parent's set of descriptors never changes, snapshots or not.
+    Parent(RawFd),
+}
+
+impl Notify {
+    fn fd(&self) -> RawFd {
+        match self {
+            Notify::Own { fd, .. } => fd.as_raw_fd(),
+            Notify::Parent(fd) => *fd,
+        }
+    }
+}
+
+/// Queues on `shared`'s file and backing node, signalling `notify`. File and qcow2 nodes
+/// signal the eventfd they are given; a child that cannot (none in a qcow2 chain today) is
+/// added to the queue's own set, or refused under a parent whose set is fixed.
 #[allow(clippy::type_complexity)]
 fn children(
     shared: &Shared,
     depth: u32,
-    notify: &OwnedFd,
-    wakeup: &FdSet,
+    notify: &Notify,
 ) -> Result<(Box<AnyQueue>, Option<Box<AnyQueue>>), StorageError> {
-    let file = shared.file.new_queue_sharing(depth, notify.as_raw_fd())?;
+    let error = |m: &str| StorageError::new(StorageErrorKind::Engine, format!("qcow2 queue: {m}"));
+    let file = shared.file.new_queue_sharing(depth, notify.fd())?;
     let backing = match &shared.backing {
-        Some(b) => Some(Box::new(b.new_queue_sharing(depth, notify.as_raw_fd())?)),
+        Some(b) => Some(Box::new(b.new_queue_sharing(depth, notify.fd())?)),
         None => None,
     };
     let mut fds = Vec::new();
@@ -237,14 +263,15 @@ fn children(
     }
     fds.sort_unstable();
     fds.dedup();
-    for fd in fds {
-        match wakeup.add(fd) {
-            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
-                return Err(
-                    StorageError::new(StorageErrorKind::Engine, "qcow2 queue").with_source(e)
-                )
-            }
-            _ => {}
+    for fd in fds.into_iter().filter(|fd| *fd != notify.fd()) {
+        match notify {
+            Notify::Own { wakeup, .. } => match wakeup.add(fd) {
+                Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+                    return Err(error("cannot watch a child").with_source(e))
+                }
+                _ => {}
+            },
+            Notify::Parent(_) => return Err(error("a child signals elsewhere than its parent")),
         }
     }
     Ok((Box::new(file), backing))
@@ -533,13 +560,17 @@ impl DiskQueue for Qcow2Queue {
     }
 
     fn completion_fd(&self) -> Option<RawFd> {
-        Some(self.wakeup.fd())
+        Some(match &self.notify {
+            Notify::Own { wakeup, .. } => wakeup.fd(),
+            Notify::Parent(fd) => *fd,
+        })
     }
 
     fn ack_completion_fd(&self) {
         let mut buf = [0u8; 8];
-        // SAFETY: reads 8 bytes into a valid buffer from our own nonblocking eventfd.
-        unsafe { libc::read(self.notify.as_raw_fd(), buf.as_mut_ptr().cast(), 8) };
+        // SAFETY: reads 8 bytes into a valid buffer from a nonblocking eventfd (ours, or
+        // the parent's, which it keeps open while we exist).
+        unsafe { libc::read(self.notify.fd(), buf.as_mut_ptr().cast(), 8) };
         self.file.ack_completion_fd();
         if let Some(b) = &self.backing {
             b.ack_completion_fd();
@@ -547,7 +578,7 @@ impl DiskQueue for Qcow2Queue {
     }
 
     fn wake_fds(&self, out: &mut Vec<RawFd>) {
-        out.push(self.notify.as_raw_fd());
+        out.push(self.notify.fd());
         self.file.wake_fds(out);
         if let Some(b) = &self.backing {
             b.wake_fds(out);
