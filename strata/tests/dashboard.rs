@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use testkit::blkio_client::Client;
 use testkit::daemon::{run_with_timeout, Daemon, DaemonCommand};
+use testkit::tools::qemu_img_ok;
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 64 * MIB;
@@ -102,6 +103,13 @@ fn the_dashboard_shows_a_busy_daemon_in_a_browser_and_its_trend_outlives_a_resta
     std::fs::write(&cert, ck.cert.pem()).unwrap();
     std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    qemu_img_ok(&[
+        "create",
+        "-f",
+        "qcow2",
+        dir.join("vm.qcow2").to_str().unwrap(),
+        "64M",
+    ]);
     for f in ["plain.img", "capacity.img"] {
         std::fs::File::create(dir.join(f))
             .unwrap()
@@ -124,7 +132,8 @@ fn the_dashboard_shows_a_busy_daemon_in_a_browser_and_its_trend_outlives_a_resta
              [[disk]]\nid = \"idle\"\nsocket = \"{d}/idle.sock\"\ndisk = \"path=null,size=1M\"\n\
              [[disk]]\nid = \"plain\"\nsocket = \"{d}/plain.sock\"\ndisk = \"path={d}/plain.img\"\n\
              [[disk]]\nid = \"tiered\"\nsocket = \"{d}/tiered.sock\"\n\
-             disk = \"path={d}/capacity.img,cache={d}/cache.img,cache-size=16M\"\n"
+             disk = \"path={d}/capacity.img,cache={d}/cache.img,cache-size=16M\"\n\
+             [[disk]]\nid = \"vm\"\nsocket = \"{d}/vm.sock\"\ndisk = \"path={d}/vm.qcow2,format=qcow2\"\n"
         ),
     )
     .unwrap();
@@ -142,8 +151,20 @@ fn the_dashboard_shows_a_busy_daemon_in_a_browser_and_its_trend_outlives_a_resta
         .iter()
         .map(|id| keep_busy(dir.join(format!("{id}.sock")), stop.clone()))
         .collect();
-    // A few samples and trend points under load.
-    std::thread::sleep(Duration::from_secs(4));
+    // A few samples and trend points under load, and a snapshot of the qcow2 disk.
+    std::thread::sleep(Duration::from_secs(2));
+    let out = Command::new(testkit::daemon::binary_path("strata"))
+        .arg("--api")
+        .arg(dir.join("api.sock"))
+        .args(["snapshot", "create", "vm", "nightly"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::thread::sleep(Duration::from_secs(2));
 
     let page = format!("https://127.0.0.1:{port}/dashboard?disk=tiered");
     let dump = |url: &str| {
@@ -190,7 +211,17 @@ fn the_dashboard_shows_a_busy_daemon_in_a_browser_and_its_trend_outlives_a_resta
     // Legend keys carry their line's colour (set through the CSS object model, which the
     // page's content security policy allows; a style attribute would be refused).
     assert!(dom.contains("--c: #"), "legend keys without colour:\n{dom}");
-    for id in ["idle", "plain", "tiered"] {
+    // Snapshot activity: the qcow2 disk's row counts its snapshot and says when.
+    assert_eq!(
+        attribute(&dom, "disk-vm", "data-snapshots").as_deref(),
+        Some("1"),
+        "{dom}"
+    );
+    assert!(
+        dom.contains(" s ago (paused "),
+        "no last snapshot shown:\n{dom}"
+    );
+    for id in ["idle", "plain", "tiered", "vm"] {
         assert!(
             dom.contains(&format!("data-disk=\"{id}\"")),
             "disk {id} is not in the table:\n{dom}"

@@ -733,6 +733,7 @@ fn summary(d: &DiskServer) -> serde_json::Value {
         "size": info.capacity.get(),
         "read_only": info.read_only,
         "frontend_connected": d.connected(),
+        "snapshots": d.snapshot_summary(),
     })
 }
 

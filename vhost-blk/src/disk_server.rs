@@ -284,6 +284,29 @@ impl DiskServer {
         }
     }
 
+    /// What the disk list shows of its snapshots (no file system call: the API's thread
+    /// may ask): how many, the last one's time and pause; `None` for a disk not qcow2.
+    pub fn snapshot_summary(&self) -> Option<serde_json::Value> {
+        let qcow2 = self.device.disk.qcow2()?;
+        let top = std::path::PathBuf::from(self.device.info().path.clone());
+        let count = qcow2
+            .chain()
+            .iter()
+            .filter(|c| {
+                storage_core::qcow2::snapshot_name(&top, std::path::Path::new(&c.path)).is_some()
+            })
+            .count();
+        let s = &self.snapshots;
+        let last = s.last_unix.load(Ordering::Relaxed);
+        Some(serde_json::json!({
+            "count": count,
+            "last_unix": (last > 0).then_some(last),
+            "last_pause_ms": (last > 0).then(|| s.last_pause_us.load(Ordering::Relaxed) as f64 / 1000.0),
+            "taken_since_start": s.taken.load(Ordering::Relaxed),
+            "failed_since_start": s.failed.load(Ordering::Relaxed),
+        }))
+    }
+
     /// The disk's snapshots (the qcow2 chain's images named `stem@NAME.qcow2`), nearest
     /// first; `None` for a disk that is not qcow2.
     pub fn snapshots(&self) -> Option<Vec<serde_json::Value>> {

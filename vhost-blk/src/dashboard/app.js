@@ -158,11 +158,28 @@ function drawDisk(disk, range, days) {
   ], (v) => v.toFixed(0) + ' %', cached.length ? 'no reads in this range' : 'this disk has no cache tier');
 }
 
-function row(disk, served) {
+function ago(now, t) {
+  const s = Math.max(0, now - t);
+  if (s < 120) return `${Math.round(s)} s ago`;
+  if (s < 7200) return `${Math.round(s / 60)} min ago`;
+  if (s < 172800) return `${Math.round(s / 3600)} h ago`;
+  return `${Math.round(s / 86400)} days ago`;
+}
+
+// Snapshot activity: how many, and the last one's age and pause (qcow2 disks).
+function snapshotCells(served, now) {
+  const s = served && served.snapshots;
+  if (!s) return ['–', '–'];
+  const last = s.last_unix == null ? 'none since start'
+    : `${ago(now, s.last_unix)} (paused ${s.last_pause_ms.toFixed(1)} ms)`;
+  return [String(s.count), last];
+}
+
+function row(disk, served, now) {
   const last = disk.recent[disk.recent.length - 1] || disk.trend[disk.trend.length - 1];
   const errors = last ? errorsOf(last) : 0;
   const cells = [disk.id];
-  if (!last) return cells.concat(['', '', '', '', '', '', '', '', '']);
+  if (!last) return cells.concat(['', '', '', '', '', '', '', '', ''], snapshotCells(served, now));
   const c = last.cache, reads = c ? c.read_hits + c.read_misses : 0;
   return cells.concat([
     served ? (served.frontend_connected ? 'connected' : 'waiting') : 'removed',
@@ -172,7 +189,7 @@ function row(disk, served) {
     micros(last.latency_us && last.latency_us.p99),
     String(errors),
     c ? (reads ? ((100 * c.read_hits) / reads).toFixed(0) + ' %' : '–') : 'no cache',
-  ]);
+  ], snapshotCells(served, now));
 }
 
 function plural(n, what) {
@@ -208,7 +225,9 @@ async function refresh() {
     if (!disks.some((d) => d.id === selected)) selected = disks.length ? disks[0].id : null;
     const body = document.querySelector('#disks tbody');
     body.replaceChildren(...disks.map((d) => {
-      const tr = el('tr', { 'data-disk': d.id }, ...row(d, byId.get(d.id)).map((c) => el('td', {}, c)));
+      const served = byId.get(d.id);
+      const tr = el('tr', { 'data-disk': d.id, id: 'disk-' + d.id }, ...row(d, served, hist.now).map((c) => el('td', {}, c)));
+      if (served && served.snapshots) tr.dataset.snapshots = String(served.snapshots.count);
       if (d.id === selected) tr.className = 'selected';
       tr.addEventListener('click', () => { selected = d.id; refresh(); });
       return tr;
