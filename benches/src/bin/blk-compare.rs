@@ -111,6 +111,8 @@ enum Device {
     NullThrottled,
     /// The file's contents as a fully allocated qcow2 image (64 KiB clusters), page-cached.
     Qcow2,
+    /// That image under nine empty overlays: every read goes down a chain of ten.
+    Qcow2Chain,
 }
 
 /// The limit of the throttled workload: far below what either daemon serves, so the
@@ -171,6 +173,13 @@ const CASES: &[Case] = &[
     Case {
         name: "qcow2-randread-4k-qd32",
         device: Device::Qcow2,
+        pattern: Pattern::RandRead,
+        depth: 32,
+        targets: &[Target::Ours, Target::Qsd],
+    },
+    Case {
+        name: "qcow2-chain10-randread-4k-qd32",
+        device: Device::Qcow2Chain,
         pattern: Pattern::RandRead,
         depth: 32,
         targets: &[Target::Ours, Target::Qsd],
@@ -287,12 +296,18 @@ fn run(mut args: Args) -> Result<()> {
     let qcow2 = tmp.path().join("disk.qcow2");
     if cases
         .iter()
-        .any(|c| matches!(c.device, Device::File | Device::Qcow2))
+        .any(|c| matches!(c.device, Device::File | Device::Qcow2 | Device::Qcow2Chain))
     {
         prepare_file(&file, size)?;
     }
-    if cases.iter().any(|c| c.device == Device::Qcow2) {
+    if cases
+        .iter()
+        .any(|c| matches!(c.device, Device::Qcow2 | Device::Qcow2Chain))
+    {
         prepare_qcow2(&file, &qcow2)?;
+    }
+    if cases.iter().any(|c| c.device == Device::Qcow2Chain) {
+        prepare_chain(&qcow2)?;
     }
 
     let ours_bin = if wanted.contains(&Target::Ours) || wanted.contains(&Target::OursMany) {
@@ -394,7 +409,7 @@ fn run(mut args: Args) -> Result<()> {
                     args.client_poll,
                 )?;
                 eprintln!(
-                    "round {} {:<22} {:<8} {:>9.0} IOPS  p50 {:>7.1} µs  p99 {:>7.1} µs{}",
+                    "round {} {:<30} {:<8} {:>9.0} IOPS  p50 {:>7.1} µs  p99 {:>7.1} µs{}",
                     round + 1,
                     case.name,
                     target.name(),
@@ -546,6 +561,30 @@ fn prepare_qcow2(raw: &Path, qcow2: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Nine empty overlays over the qcow2 image (`chain1.qcow2` over it, ... `chain9.qcow2` on
+/// top), as a long-lived VM's snapshots leave them.
+fn prepare_chain(base: &Path) -> Result<()> {
+    let dir = base.parent().context("the image's directory")?;
+    let mut below = base
+        .file_name()
+        .context("a file name")?
+        .to_string_lossy()
+        .into_owned();
+    for i in 1..=9 {
+        let name = format!("chain{i}.qcow2");
+        let out = std::process::Command::new("qemu-img")
+            .args(["create", "-f", "qcow2", "-F", "qcow2", "-b", &below])
+            .arg(dir.join(&name))
+            .output()
+            .context("qemu-img makes the chain")?;
+        if !out.status.success() {
+            bail!("qemu-img create: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        below = name;
+    }
+    Ok(())
+}
+
 /// Drops the file's (clean) pages from the page cache, so rewriting it builds new folios.
 fn drop_cached_pages(f: &File) -> Result<()> {
     use std::os::fd::AsRawFd;
@@ -587,6 +626,9 @@ fn start(
                     format!("path=null,size={size},read-zeroes=off,iops-total={THROTTLE_IOPS}")
                 }
                 Device::Qcow2 => format!("path={},format=qcow2", dir.join("disk.qcow2").display()),
+                Device::Qcow2Chain => {
+                    format!("path={},format=qcow2", dir.join("chain9.qcow2").display())
+                }
             };
             let cmd = DaemonCommand::new(ours_bin.context("our binary")?)
                 .name(format!("{}-{device:?}", target.name()).to_lowercase())
@@ -637,6 +679,15 @@ fn start(
                     format!(
                         "driver=file,node-name=f0,filename={},aio=io_uring,cache.direct=off,locking=off",
                         dir.join("disk.qcow2").display()
+                    ),
+                    "--blockdev".into(),
+                    "driver=qcow2,node-name=d0,file=f0".into(),
+                ],
+                Device::Qcow2Chain => vec![
+                    "--blockdev".into(),
+                    format!(
+                        "driver=file,node-name=f0,filename={},aio=io_uring,cache.direct=off,locking=off",
+                        dir.join("chain9.qcow2").display()
                     ),
                     "--blockdev".into(),
                     "driver=qcow2,node-name=d0,file=f0".into(),
@@ -788,7 +839,7 @@ fn report(args: &Args, file: &Path, records: &[Record], wake: Option<WakeLatency
         );
     }
     println!(
-        "{:<22} {:<8} {:>10} {:>17} {:>9} {:>9} {:>11} {:>9}",
+        "{:<30} {:<8} {:>10} {:>17} {:>9} {:>9} {:>11} {:>9}",
         "workload",
         "target",
         "IOPS(med)",
@@ -825,7 +876,7 @@ fn report(args: &Args, file: &Path, records: &[Record], wake: Option<WakeLatency
             let max = iops.iter().copied().fold(0.0, f64::max);
             let med = median(&iops);
             println!(
-                "{:<22} {:<8} {:>10.0} {:>17} {:>9.1} {:>9.1} {:>11} {:>9}",
+                "{:<30} {:<8} {:>10.0} {:>17} {:>9.1} {:>9.1} {:>11} {:>9}",
                 case.name,
                 t.name(),
                 med,
@@ -915,6 +966,17 @@ fn report(args: &Args, file: &Path, records: &[Record], wake: Option<WakeLatency
             q / r
         );
         ratios.insert("qcow2-randread/randread-4k-qd32:ours".into(), json!(q / r));
+    }
+    if let (Some(c), Some(q)) = (
+        ours_median("qcow2-chain10-randread-4k-qd32"),
+        ours_median("qcow2-randread-4k-qd32"),
+    ) {
+        println!(
+            "ratio {:<40} {:>6.2}  (target >= 0.8; medians)",
+            "qcow2-chain10/qcow2-randread:ours",
+            c / q
+        );
+        ratios.insert("qcow2-chain10/qcow2-randread:ours".into(), json!(c / q));
     }
     println!(
         "note: both null devices run with read-zeroes=off (reads leave the buffer untouched), \
