@@ -113,7 +113,14 @@ enum Device {
     Qcow2,
     /// That image under nine empty overlays: every read goes down a chain of ten.
     Qcow2Chain,
+    /// An empty qcow2 image of [`FRESH_SPAN`] bytes (64 KiB clusters), one per daemon: random
+    /// writes over it allocate clusters.
+    Qcow2Fresh,
 }
+
+/// The virtual size of the fresh images: large enough that 4 KiB random writes for a run
+/// mostly land in clusters not yet allocated (4 M clusters).
+const FRESH_SPAN: u64 = 256 * GIB;
 
 /// The limit of the throttled workload: far below what either daemon serves, so the
 /// figure is the limit's accuracy.
@@ -126,6 +133,8 @@ struct Case {
     pattern: Pattern,
     depth: usize,
     targets: &'static [Target],
+    /// Bytes the requests range over (default: the file's size).
+    span: Option<u64>,
 }
 
 /// The goals each ratio is measured against (issue 2).
@@ -136,6 +145,7 @@ const TARGETS: &[(&str, &str)] = &[
     ("randread-4k-qd1:ours/qsd p50", "<= 0.5"),
     ("null-randread-4k-qd32:ours/qsd", ">= 1.1"),
     ("qcow2-randread-4k-qd32:ours/qsd", ">= 1.5"),
+    ("qcow2-alloc-randwrite-4k-qd32:ours/qsd", ">= 1.2"),
 ];
 
 /// The depth-1 case, whose latency includes waking the client (see `benches::wake`).
@@ -148,6 +158,7 @@ const CASES: &[Case] = &[
         pattern: Pattern::RandRead,
         depth: 32,
         targets: &[Target::Ours, Target::OursMany, Target::Qsd, Target::IoUring],
+        span: None,
     },
     Case {
         name: "randwrite-4k-qd32",
@@ -155,6 +166,7 @@ const CASES: &[Case] = &[
         pattern: Pattern::RandWrite,
         depth: 32,
         targets: &[Target::Ours, Target::Qsd],
+        span: None,
     },
     Case {
         name: QD1_CASE,
@@ -162,6 +174,7 @@ const CASES: &[Case] = &[
         pattern: Pattern::RandRead,
         depth: 1,
         targets: &[Target::Ours, Target::Qsd],
+        span: None,
     },
     Case {
         name: "null-randread-4k-qd32",
@@ -169,6 +182,7 @@ const CASES: &[Case] = &[
         pattern: Pattern::RandRead,
         depth: 32,
         targets: &[Target::Ours, Target::OursMany, Target::Qsd],
+        span: None,
     },
     Case {
         name: "qcow2-randread-4k-qd32",
@@ -176,6 +190,7 @@ const CASES: &[Case] = &[
         pattern: Pattern::RandRead,
         depth: 32,
         targets: &[Target::Ours, Target::Qsd],
+        span: None,
     },
     Case {
         name: "qcow2-chain10-randread-4k-qd32",
@@ -183,6 +198,15 @@ const CASES: &[Case] = &[
         pattern: Pattern::RandRead,
         depth: 32,
         targets: &[Target::Ours, Target::Qsd],
+        span: None,
+    },
+    Case {
+        name: "qcow2-alloc-randwrite-4k-qd32",
+        device: Device::Qcow2Fresh,
+        pattern: Pattern::RandWrite,
+        depth: 32,
+        targets: &[Target::Ours, Target::Qsd],
+        span: Some(FRESH_SPAN),
     },
     Case {
         name: "throttled-20k-randread-qd32",
@@ -190,6 +214,7 @@ const CASES: &[Case] = &[
         pattern: Pattern::RandRead,
         depth: 32,
         targets: &[Target::Ours, Target::Qsd],
+        span: None,
     },
 ];
 
@@ -386,7 +411,7 @@ fn run(mut args: Args) -> Result<()> {
                     pattern: case.pattern,
                     block: BLOCK,
                     depth: case.depth,
-                    span: size,
+                    span: case.span.unwrap_or(size),
                     zipf: None,
                     duration: run_time,
                     seed: 1000 * round as u64 + ci as u64,
@@ -561,6 +586,22 @@ fn prepare_qcow2(raw: &Path, qcow2: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A new, empty qcow2 image of [`FRESH_SPAN`] bytes for `target` alone.
+fn fresh_image(dir: &Path, target: Target) -> Result<PathBuf> {
+    let path = dir.join(format!("fresh-{}.qcow2", target.name()));
+    let _ = std::fs::remove_file(&path);
+    let out = std::process::Command::new("qemu-img")
+        .args(["create", "-f", "qcow2", "-o", "cluster_size=65536"])
+        .arg(&path)
+        .arg(FRESH_SPAN.to_string())
+        .output()
+        .context("qemu-img makes the fresh image")?;
+    if !out.status.success() {
+        bail!("qemu-img create: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(path)
+}
+
 /// Nine empty overlays over the qcow2 image (`chain1.qcow2` over it, ... `chain9.qcow2` on
 /// top), as a long-lived VM's snapshots leave them.
 fn prepare_chain(base: &Path) -> Result<()> {
@@ -629,6 +670,9 @@ fn start(
                 Device::Qcow2Chain => {
                     format!("path={},format=qcow2", dir.join("chain9.qcow2").display())
                 }
+                Device::Qcow2Fresh => {
+                    format!("path={},format=qcow2", fresh_image(dir, target)?.display())
+                }
             };
             let cmd = DaemonCommand::new(ours_bin.context("our binary")?)
                 .name(format!("{}-{device:?}", target.name()).to_lowercase())
@@ -679,6 +723,15 @@ fn start(
                     format!(
                         "driver=file,node-name=f0,filename={},aio=io_uring,cache.direct=off,locking=off",
                         dir.join("disk.qcow2").display()
+                    ),
+                    "--blockdev".into(),
+                    "driver=qcow2,node-name=d0,file=f0".into(),
+                ],
+                Device::Qcow2Fresh => vec![
+                    "--blockdev".into(),
+                    format!(
+                        "driver=file,node-name=f0,filename={},aio=io_uring,cache.direct=off",
+                        fresh_image(dir, target)?.display()
                     ),
                     "--blockdev".into(),
                     "driver=qcow2,node-name=d0,file=f0".into(),
