@@ -16,7 +16,7 @@ use testkit::daemon::{binary_path, DaemonCommand};
 use testkit::tools::qemu_img_ok;
 
 const BLOCK: usize = 4096;
-const BLOCKS: u64 = 16384; // 64 MiB: enough records to go on through every snapshot
+const BLOCKS: u64 = 32768; // 128 MiB: records to go on through every snapshot
 
 fn record(n: u64) -> Vec<u8> {
     let mut b = vec![(n % 251) as u8; BLOCK];
@@ -55,7 +55,7 @@ fn snapshots_taken_while_the_guest_writes_hold_a_prefix_of_its_records() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("vm.qcow2");
     let (sock, api) = (dir.path().join("vm.sock"), dir.path().join("api.sock"));
-    qemu_img_ok(&["create", "-f", "qcow2", img.to_str().unwrap(), "64M"]);
+    qemu_img_ok(&["create", "-f", "qcow2", img.to_str().unwrap(), "128M"]);
     let mut daemon = DaemonCommand::vhost_blk()
         .unwrap_or_else(|e| panic!("{e}"))
         .arg("--socket")
@@ -88,7 +88,11 @@ fn snapshots_taken_while_the_guest_writes_hold_a_prefix_of_its_records() {
     };
     let mut taken = Vec::new();
     for i in 0..5 {
-        std::thread::sleep(Duration::from_millis(150));
+        // Paced by the writer, not the clock: snapshot i once (i + 1) / 7 of the records are
+        // written, so that every snapshot is taken while it writes, however fast it is.
+        while acked.load(Ordering::SeqCst) < (i + 1) * BLOCKS / 7 {
+            std::thread::sleep(Duration::from_millis(2));
+        }
         let before = acked.load(Ordering::SeqCst);
         let name = format!("s{i}");
         let out = strata(&api, &["--json", "snapshot", "create", "vm", &name]);
