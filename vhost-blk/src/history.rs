@@ -428,6 +428,7 @@ impl History {
     fn sample(&self, disks: &[Arc<DiskServer>], fills: Option<&[Fill]>, now: f64) {
         let _turn = lock(&self.sampling);
         let trend_secs = self.policy.trend.as_secs_f64().max(1.0);
+        let sample_secs = self.policy.sample.as_secs_f64();
         let mut written = Vec::new();
         let mut st = lock(&self.state);
         let mut served = std::collections::HashSet::new();
@@ -449,7 +450,9 @@ impl History {
                     }
                     let (start, acc) = h.pending.get_or_insert_with(|| (then, Totals::default()));
                     acc.add(&change);
-                    if now - *start >= trend_secs {
+                    // At the sample nearest the period's end (samples come a little early or
+                    // late: a strict comparison would fold one sample later at random).
+                    if now - *start + sample_secs / 2.0 >= trend_secs {
                         let p = point(now, now - *start, fill, acc);
                         h.pending = None;
                         h.trend.push_back(p.clone());
