@@ -10,7 +10,7 @@ use std::path::Path;
 
 use storage_core::disk::{open_disk, Disk, DiskOp, DiskQueue, DiskSpec, IoVecs};
 use storage_core::qcow2::{create, CreateOptions};
-use testkit::tools::{qemu_img, qemu_img_ok};
+use testkit::tools::{qemu_img_check, qemu_img_ok};
 
 const MIB: u64 = 1 << 20;
 
@@ -168,26 +168,6 @@ fn random_workload(q: &mut impl DiskQueue, model: &mut [u8], seed: u64, ops: usi
     assert_eq!(r, 0);
 }
 
-/// `qemu-img check` finds the image clean (`leaks_allowed`: or with leaked clusters only).
-fn assert_checks(img: &Path, leaks_allowed: bool) {
-    let out = qemu_img(&["check", "--output=json", img.to_str().unwrap()]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    let code = out.status.code();
-    let ok = code == Some(0) || (leaks_allowed && code == Some(3));
-    assert!(
-        ok,
-        "qemu-img check {} (exit {code:?}): {text}{}",
-        img.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    assert_eq!(v["corruptions"].as_u64().unwrap_or(0), 0, "{text}");
-    assert_eq!(v["check-errors"].as_u64().unwrap_or(0), 0, "{text}");
-    if !leaks_allowed {
-        assert_eq!(v["leaks"].as_u64().unwrap_or(0), 0, "{text}");
-    }
-}
-
 fn assert_compares(img: &Path, model: &[u8], dir: &Path) {
     let raw = dir.join("model.raw");
     std::fs::write(&raw, model).unwrap();
@@ -255,7 +235,7 @@ fn our_writes_pass_qemu_img_check_and_compare() {
         } else {
             qemu_img_ok(&["create", "-f", "qcow2", p(&img), "8M"]);
         }
-        assert_checks(&img, false);
+        qemu_img_check(&img, false);
         let mut model = vec![0u8; size as usize];
         {
             let disk = open(&format!("path={},format=qcow2", p(&img)));
@@ -263,7 +243,7 @@ fn our_writes_pass_qemu_img_check_and_compare() {
             random_workload(&mut q, &mut model, cluster ^ 99, 400);
             assert_reads(&mut q, &model, creator);
         }
-        assert_checks(&img, false);
+        qemu_img_check(&img, false);
         assert_compares(&img, &model, dir.path());
         // And again after reopening.
         let disk = open(&format!("path={},format=qcow2", p(&img)));
@@ -298,7 +278,7 @@ fn overlays_read_through_their_backing_chain_and_write_over_it() {
         assert_reads(&mut q, &model, "mid before writes");
         random_workload(&mut q, &mut model, 11, 200);
     }
-    assert_checks(&mid, false);
+    qemu_img_check(&mid, false);
     let top = dir.path().join("top.qcow2");
     create(
         &top,
@@ -316,8 +296,8 @@ fn overlays_read_through_their_backing_chain_and_write_over_it() {
         assert_reads(&mut q, &model, "top before writes");
         random_workload(&mut q, &mut model, 12, 300);
     }
-    assert_checks(&top, false);
-    assert_checks(&mid, false);
+    qemu_img_check(&top, false);
+    qemu_img_check(&mid, false);
     assert_compares(&top, &model, dir.path());
     // Writing to the top left the images below as they were.
     assert_compares(&mid, &mid_model, dir.path());
@@ -441,7 +421,7 @@ fn small_clusters_grow_the_tables_and_evict_l2_tables_from_two_queues() {
             random_workload(&mut qb, &mut model, 77, 200);
             assert_reads(&mut qa, &model, opts);
         }
-        assert_checks(&img, false);
+        qemu_img_check(&img, false);
         assert_compares(&img, &model, dir.path());
     }
 }
@@ -474,7 +454,7 @@ fn writes_cut_short_without_a_flush_leave_leaks_at_worst() {
         std::mem::forget(q);
         std::mem::forget(disk);
     }
-    assert_checks(&img, true);
+    qemu_img_check(&img, true);
 }
 
 #[test]
@@ -666,10 +646,10 @@ fn a_snapshot_freezes_the_image_and_writes_go_on_above_it() {
     }
     // qemu-img reads each snapshot as the image was, and the top as it is.
     for (file, m) in &frozen_models {
-        assert_checks(file, false);
+        qemu_img_check(file, false);
         assert_compares(file, m, dir.path());
     }
-    assert_checks(&img, false);
+    qemu_img_check(&img, false);
     assert_compares(&img, &model, dir.path());
     // Reopened, the chain is the same.
     let disk = open(&format!("path={},format=qcow2", p(&img)));

@@ -42,6 +42,30 @@ pub fn qemu_img_ok(args: &[&str]) {
     );
 }
 
+/// `qemu-img check` finds the qcow2 image at `img` consistent: no corruption, no check
+/// error, and no leaked cluster unless `leaks_allowed` (as after a crash, when QEMU allows
+/// them too).
+pub fn qemu_img_check(img: &Path, leaks_allowed: bool) {
+    let out = qemu_img(&["check", "--output=json", &img.to_string_lossy()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let code = out.status.code();
+    // 0: clean; 3: leaked clusters only.
+    let ok = code == Some(0) || (leaks_allowed && code == Some(3));
+    assert!(
+        ok,
+        "qemu-img check {} (exit {code:?}): {text}{}",
+        img.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    assert_eq!(v["corruptions"].as_u64().unwrap_or(0), 0, "{text}");
+    assert_eq!(v["check-errors"].as_u64().unwrap_or(0), 0, "{text}");
+    if !leaks_allowed {
+        assert_eq!(v["leaks"].as_u64().unwrap_or(0), 0, "{text}");
+    }
+}
+
 /// Returns `path` if it exists, otherwise an error naming `what` it is and the setup script.
 pub fn require_file(path: &Path, what: &str) -> Result<PathBuf> {
     if path.exists() {

@@ -287,15 +287,7 @@ impl DiskServer {
     /// What the disk list shows of its snapshots (no file system call: the API's thread
     /// may ask): how many, the last one's time and pause; `None` for a disk not qcow2.
     pub fn snapshot_summary(&self) -> Option<serde_json::Value> {
-        let qcow2 = self.device.disk.qcow2()?;
-        let top = std::path::PathBuf::from(self.device.info().path.clone());
-        let count = qcow2
-            .chain()
-            .iter()
-            .filter(|c| {
-                storage_core::qcow2::snapshot_name(&top, std::path::Path::new(&c.path)).is_some()
-            })
-            .count();
+        let count = self.snapshot_count()?;
         let s = &self.snapshots;
         let last = s.last_unix.load(Ordering::Relaxed);
         Some(serde_json::json!({
@@ -305,6 +297,23 @@ impl DiskServer {
             "taken_since_start": s.taken.load(Ordering::Relaxed),
             "failed_since_start": s.failed.load(Ordering::Relaxed),
         }))
+    }
+
+    /// How many images of the qcow2 chain are snapshots (named `stem@NAME.qcow2`), from the
+    /// chain in memory; `None` for a disk not qcow2.
+    pub fn snapshot_count(&self) -> Option<usize> {
+        let qcow2 = self.device.disk.qcow2()?;
+        let top = std::path::PathBuf::from(self.device.info().path.clone());
+        Some(
+            qcow2
+                .chain()
+                .iter()
+                .filter(|c| {
+                    storage_core::qcow2::snapshot_name(&top, std::path::Path::new(&c.path))
+                        .is_some()
+                })
+                .count(),
+        )
     }
 
     /// The disk's snapshots (the qcow2 chain's images named `stem@NAME.qcow2`), nearest

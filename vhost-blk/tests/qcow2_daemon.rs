@@ -11,7 +11,7 @@ use std::path::Path;
 use testkit::blkio_client::{Client, SlotOp};
 use testkit::crash::run_rounds;
 use testkit::daemon::DaemonCommand;
-use testkit::tools::{qemu_img, qemu_img_ok};
+use testkit::tools::{qemu_img_check, qemu_img_ok};
 
 const MIB: u64 = 1 << 20;
 
@@ -87,12 +87,7 @@ fn an_overlay_takes_concurrent_writes_and_qemu_img_agrees_afterwards() {
     }
     let status = daemon.terminate().unwrap();
     assert!(status.success(), "{}", daemon.output());
-    let out = qemu_img(&["check", s(&img)]);
-    assert!(
-        out.status.success(),
-        "qemu-img check: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    qemu_img_check(&img, false);
     let raw = dir.path().join("model.raw");
     std::fs::write(&raw, &model).unwrap();
     qemu_img_ok(&["compare", "-f", "qcow2", "-F", "raw", s(&img), s(&raw)]);
@@ -128,13 +123,6 @@ fn sigkill_rounds_leave_a_consistent_image() {
     );
     assert_eq!(report.rounds, 20);
     assert!(report.flushes > 20, "too few flushes: {}", report.flushes);
-    let out = qemu_img(&["check", "--output=json", s(&img)]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    // 0: clean; 3: leaked clusters only (as after QEMU's own crashes).
-    assert!(
-        matches!(out.status.code(), Some(0) | Some(3)),
-        "qemu-img check: {text}"
-    );
-    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    assert_eq!(v["corruptions"].as_u64().unwrap_or(0), 0, "{text}");
+    // Leaked clusters are allowed, as after QEMU's own crashes.
+    qemu_img_check(&img, true);
 }
