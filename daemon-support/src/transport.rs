@@ -149,7 +149,8 @@ impl<D: DeviceModel, W: QueueWorker> Transport<D, W> {
     /// what it had in flight answered. The guest's new requests wait in the rings
     /// meanwhile and are served after, so the guest sees a pause, not an error.
     /// Fails, without running `f`, when a queue cannot finish what it has in flight.
-    pub fn paused<T>(&self, f: impl FnOnce() -> T) -> io::Result<T> {
+    /// `f` gets the workers, held and idle (to change what they run on).
+    pub fn paused<T>(&self, f: impl FnOnce(&mut [MutexGuard<'_, W>]) -> T) -> io::Result<T> {
         let mut held: Vec<_> = (0..self.workers.len()).map(|i| self.worker(i)).collect();
         for (i, w) in held.iter_mut().enumerate() {
             if !w.quiesce() {
@@ -158,7 +159,7 @@ impl<D: DeviceModel, W: QueueWorker> Transport<D, W> {
                 )));
             }
         }
-        Ok(f())
+        Ok(f(&mut held))
     }
 
     /// Completes everything in flight on every queue.

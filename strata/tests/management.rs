@@ -5,11 +5,10 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use daemon_support::access::Role;
-use testkit::blkio_client::{Client, ClientOptions, Target};
+use testkit::blkio_client::{Client, ClientOptions, SlotOp, Target};
 use testkit::daemon::{binary_path, Daemon, DaemonCommand};
 use vhost_blk::api::ROUTES;
 
@@ -406,10 +405,6 @@ fn limits_change_at_run_time_for_disks_and_groups_and_are_kept() {
     let (code, _, err) = f.strata_as(VIEWER, &["disk", "limits", "q", "iops-total=1"]);
     assert!(code == 1 && err.contains("403"), "{err}");
     for (args, needle) in [
-        (
-            vec!["disk", "limits", "plain", "iops-total=1"],
-            "no throttle node",
-        ),
         (vec!["disk", "limits", "g1", "iops-total=1"], "shared"),
         (
             vec!["disk", "limits", "q", "iops-total=1", "iops-read=1"],
@@ -450,6 +445,106 @@ fn limits_change_at_run_time_for_disks_and_groups_and_are_kept() {
     f.stop();
     f.start();
     assert_eq!(limits_of(&f, "g2"), serde_json::json!({"iops-total": 777}));
+}
+
+/// A disk opened without limits gets them while a client drives it at depth 32: the
+/// change waits for no idle moment, no request fails, the new rate holds, and the limits
+/// (and so the throttle node) are there after a restart.
+#[test]
+fn limits_reach_a_disk_opened_without_them_while_it_serves() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sock = tmp.path().join("plain.sock");
+    let mut f = Fixture::new(&format!(
+        "[[disk]]\nid = \"plain\"\nsocket = \"{}\"\ndisk = \"path=null,size=64M\"\n",
+        sock.display()
+    ));
+    let graph_of = |f: &Fixture| -> serde_json::Value {
+        let v: serde_json::Value =
+            serde_json::from_str(&f.strata(&["--json", "disk", "show", "plain"])).unwrap();
+        v["graph"].clone()
+    };
+    assert_eq!(graph_of(&f), "null");
+    let mut client = Client::open(&sock, 1).unwrap();
+    let mut p = client.queue(0).pipeline(32, 4096).unwrap();
+    let mut next = 0u64;
+    // Keeps every slot busy until `until` says stop; returns how many completed.
+    let mut drive = |p: &mut testkit::blkio_client::Pipeline<'_>,
+                     until: &mut dyn FnMut() -> bool| {
+        let mut done = 0u64;
+        while !until() {
+            for slot in 0..32 {
+                if p.is_free(slot) {
+                    p.submit(slot, SlotOp::Read((next % 16384) * 4096));
+                    next += 1;
+                }
+            }
+            done += p.wait(1, |_, r| assert!(r.is_ok(), "{r:?}")).unwrap() as u64;
+        }
+        done
+    };
+    let begin = Instant::now();
+    let free = drive(&mut p, &mut || {
+        begin.elapsed() >= Duration::from_millis(300)
+    });
+    assert!(free > 300, "{free} requests in 0.3 s before any limit");
+
+    let mut call = Command::new(binary_path("strata"))
+        .arg("--api")
+        .arg(f.path("api.sock"))
+        .args(["disk", "limits", "plain", "iops-total=500"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut status = None;
+    drive(&mut p, &mut || {
+        status = call.try_wait().unwrap();
+        status.is_some()
+    });
+    let out = call.wait_with_output().unwrap();
+    assert!(
+        status.unwrap().success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Past the bucket's burst, the rate is the limit's.
+    let settle = Instant::now();
+    drive(&mut p, &mut || {
+        settle.elapsed() >= Duration::from_millis(400)
+    });
+    let run = Instant::now();
+    let limited = drive(&mut p, &mut || run.elapsed() >= Duration::from_secs(2));
+    let rate = limited as f64 / run.elapsed().as_secs_f64();
+    assert!(
+        (400.0..=525.0).contains(&rate),
+        "{rate:.0} IOPS under a limit of 500"
+    );
+    p.drain().unwrap();
+    drop(p);
+    drop(client);
+    assert_eq!(graph_of(&f), "throttle(null)");
+    // The next frontend's event loop watches the node's timer from the start.
+    let mut client = Client::open(&sock, 1).unwrap();
+    let mut p = client.queue(0).pipeline(32, 4096).unwrap();
+    let again = Instant::now();
+    let served = drive(&mut p, &mut || again.elapsed() >= Duration::from_secs(1));
+    // A second's worth may have gathered in the bucket meanwhile.
+    assert!(
+        (300..=1100).contains(&served),
+        "{served} requests in 1 s under a limit of 500 after a reconnect"
+    );
+    p.drain().unwrap();
+    drop(p);
+    drop(client);
+
+    f.stop();
+    f.start();
+    assert_eq!(graph_of(&f), "throttle(null)");
+    let v: serde_json::Value =
+        serde_json::from_str(&f.strata(&["--json", "disk", "show", "plain"])).unwrap();
+    assert_eq!(
+        v["throttle"]["limits"],
+        serde_json::json!({"iops-total": 500})
+    );
 }
 
 #[test]

@@ -572,11 +572,13 @@ fn set_error(e: SetError) -> ApiError {
             }
         }
         SetError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
-        SetError::Persist { .. } | SetError::Stop { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        SetError::Persist { .. } | SetError::Stop { .. } | SetError::AddThrottle(..) => {
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
         SetError::BadLimits(_) => StatusCode::BAD_REQUEST,
         SetError::Forbidden(_) => StatusCode::FORBIDDEN,
         SetError::JobRunning(..) | SetError::Job(_) => StatusCode::CONFLICT,
-        SetError::NoThrottle(_) | SetError::GroupLimits(..) => StatusCode::CONFLICT,
+        SetError::GroupLimits(..) => StatusCode::CONFLICT,
         SetError::NoGroup(_) => StatusCode::NOT_FOUND,
     };
     ApiError::new(status, e.to_string())
@@ -759,8 +761,8 @@ pub fn disk_json(d: &DiskServer) -> serde_json::Value {
         "features_negotiated_names": feature_names(acked),
         "frontend_connected": device.connected.load(Ordering::Relaxed),
         "frontend_connections": device.connections.load(Ordering::Relaxed),
-        "graph": device.disk.describe(),
-        "throttle": device.disk.throttle_group().map(|g| serde_json::json!({
+        "graph": device.describe(),
+        "throttle": device.throttle_group().map(|g| serde_json::json!({
             "group": g.name(),
             "limits": g.limits().entries().into_iter().map(|(k, v)| (k, serde_json::Value::from(v))).collect::<serde_json::Map<_, _>>(),
         })),

@@ -52,8 +52,8 @@ pub enum SetError {
     JobRunning(String, String),
     #[error("{0}")]
     Job(String),
-    #[error("disk {0:?} has no throttle node: give it limits when it is added (`limits`, even all zero) to change them at run time")]
-    NoThrottle(String),
+    #[error("disk {0:?}: {1}")]
+    AddThrottle(String, std::io::Error),
     #[error("disk {0:?}'s limits are throttle group {1:?}'s: set the group's limits")]
     GroupLimits(String, String),
     #[error("no disk uses a throttle group {0:?}")]
@@ -295,18 +295,20 @@ impl DiskSet {
         let d = self
             .get(id)
             .ok_or_else(|| SetError::NotFound(id.to_owned()))?;
-        let group = d
-            .device
-            .disk
-            .throttle_group()
-            .ok_or_else(|| SetError::NoThrottle(id.to_owned()))?;
-        if !group.name().is_empty() {
-            return Err(SetError::GroupLimits(
-                id.to_owned(),
-                group.name().to_owned(),
-            ));
+        match d.device.throttle_group() {
+            Some(group) if !group.name().is_empty() => {
+                return Err(SetError::GroupLimits(
+                    id.to_owned(),
+                    group.name().to_owned(),
+                ));
+            }
+            Some(group) => group.set_limits(limits),
+            // Opened without one: a throttle node goes on top while it serves, as QEMU's
+            // block_set_io_throttle enables throttling on a running device.
+            None => d
+                .add_throttle(ThrottleGroup::private(limits))
+                .map_err(|e| SetError::AddThrottle(id.to_owned(), e))?,
         }
-        group.set_limits(limits);
         d.set_limits_text(Some(text.clone()));
         if let Some(w) = &self.writer {
             w.set_disk_limits(id, Some(&text))
@@ -323,7 +325,7 @@ impl DiskSet {
     pub fn groups(&self) -> Vec<(Arc<ThrottleGroup>, Vec<String>)> {
         let mut out: Vec<(Arc<ThrottleGroup>, Vec<String>)> = Vec::new();
         for d in self.list() {
-            let Some(g) = d.device.disk.throttle_group() else {
+            let Some(g) = d.device.throttle_group() else {
                 continue;
             };
             if g.name().is_empty() {

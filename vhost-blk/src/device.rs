@@ -3,11 +3,12 @@
 //! (read-mostly atomics; nothing here is locked on the data path).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use storage_core::disk::{AnyDisk, Disk, DiskInfo, DiskSpec};
 use storage_core::metrics::QueueMetrics;
+use storage_core::throttle::ThrottleGroup;
 use storage_core::units::SECTOR_SIZE;
 
 use crate::virtio_blk::{self, BlkConfig};
@@ -39,6 +40,9 @@ pub struct BlkDevice {
     /// How long a worker keeps polling an idle queue before sleeping (zero: never polls).
     pub poll: Duration,
     queues: Vec<Arc<QueueMetrics>>,
+    /// The throttle node put at the root while serving, for a disk opened without one
+    /// (limits set through the API); the workers' queues run under it.
+    added_throttle: OnceLock<Arc<ThrottleGroup>>,
 }
 
 impl BlkDevice {
@@ -69,7 +73,30 @@ impl BlkDevice {
             queues: (0..num_queues)
                 .map(|_| Arc::new(QueueMetrics::default()))
                 .collect(),
+            added_throttle: OnceLock::new(),
         }
+    }
+
+    /// The first throttle node's group from the root down, the one added while serving
+    /// included.
+    pub fn throttle_group(&self) -> Option<&Arc<ThrottleGroup>> {
+        self.added_throttle
+            .get()
+            .or_else(|| self.disk.throttle_group())
+    }
+
+    /// The graph from the root down, as text (the throttle node added while serving
+    /// included).
+    pub fn describe(&self) -> String {
+        match self.added_throttle.get() {
+            Some(_) => format!("throttle({})", self.disk.describe()),
+            None => self.disk.describe(),
+        }
+    }
+
+    /// Records the throttle node added at the root; false if there already is one.
+    pub fn set_added_throttle(&self, group: Arc<ThrottleGroup>) -> bool {
+        self.added_throttle.set(group).is_ok()
     }
 
     pub fn info(&self) -> &DiskInfo {

@@ -3,7 +3,7 @@
 //! (daemon shutdown or removal through the API) stops taking requests, finishes those in
 //! flight, flushes and closes the disk. Nothing here is shared with another disk.
 
-use std::os::unix::io::AsRawFd;
+use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -11,12 +11,13 @@ use std::thread::JoinHandle;
 
 use anyhow::{Context, Result};
 use vhost::vhost_user::Listener;
-use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon, VringEpollHandler};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use storage_core::disk::{open_disk, Disk, Preallocation};
+use storage_core::throttle::ThrottleGroup;
 
 use crate::backend::BlkBackend;
 use crate::config::DiskConfig;
@@ -25,10 +26,16 @@ use crate::worker::QueueWorker;
 use daemon_support::socket::{self, SocketFile};
 use daemon_support::transport::ConfigNotice;
 
-/// What a stop needs to reach the serving thread.
+/// The event loops of a connection's worker threads, one per queue.
+type Handlers = Vec<Arc<VringEpollHandler<Arc<BlkBackend>>>>;
+
+/// What a stop needs to reach the serving thread, and what adding a node needs to reach
+/// the connection's event loops.
 struct Control {
     wake: EventFd,
     connection: Mutex<Option<ShutdownHandle>>,
+    /// Set while a frontend is connected (and while it is being set up, under this lock).
+    handlers: Mutex<Handlers>,
 }
 
 /// A disk being served.
@@ -124,6 +131,7 @@ impl DiskServer {
         let control = Arc::new(Control {
             wake: EventFd::new(EFD_NONBLOCK).context("cannot create eventfd")?,
             connection: Mutex::new(None),
+            handlers: Mutex::new(Vec::new()),
         });
         let info = device.info();
         log::info!(
@@ -217,6 +225,43 @@ impl DiskServer {
             .map_err(ResizeError::Notice)
     }
 
+    /// Puts a throttle node of `group` at the root of a disk opened without one, while it
+    /// serves: the queues stop (the guest sees a pause, as for a snapshot), each goes under
+    /// the node, and the connection's event loops also watch the node's timers.
+    /// Fails only for want of descriptors or memory (a timerfd, an epoll set); the queues
+    /// put under the node before the failure stay under it, with the group recorded, so
+    /// that its limits can still be changed and removed.
+    pub fn add_throttle(&self, group: Arc<ThrottleGroup>) -> std::io::Result<()> {
+        if self.device.throttle_group().is_some() {
+            return Err(std::io::Error::other(
+                "the disk already has a throttle node",
+            ));
+        }
+        let handlers = lock(&self.control.handlers);
+        let mut wrapped = 0;
+        let result = self.backend.paused(|workers| {
+            for (i, w) in workers.iter_mut().enumerate() {
+                let fds = w.put_under_throttle(group.clone())?;
+                wrapped += 1;
+                if let Some(h) = handlers.get(i) {
+                    for fd in fds {
+                        watch(&self.backend, h, fd)?;
+                    }
+                }
+            }
+            Ok(())
+        });
+        if wrapped > 0 {
+            self.device.set_added_throttle(group);
+        }
+        result.and_then(|r| r).map_err(|e| {
+            std::io::Error::other(format!(
+                "putting the queues under a throttle node failed after {wrapped} of {}: {e}",
+                self.device.num_queues
+            ))
+        })
+    }
+
     /// Takes a snapshot named `name` of a qcow2 disk while its guest runs: the queues stop
     /// (requests in flight answered, new ones wait), the image is flushed and frozen under
     /// the snapshot's name with a new image on top (`storage_core::qcow2::Qcow2Disk::
@@ -251,7 +296,7 @@ impl DiskServer {
         let started = std::time::Instant::now();
         let result = self
             .backend
-            .paused(|| qcow2.commit_snapshot(prepared))
+            .paused(|_| qcow2.commit_snapshot(prepared))
             .map_err(|e| {
                 storage_core::error::StorageError::new(
                     storage_core::error::StorageErrorKind::Io,
@@ -412,16 +457,18 @@ impl Serving {
         self.backend.attach(&mem);
         let mut daemon = VhostUserDaemon::new("vhost-blk".into(), self.backend.clone(), mem)
             .map_err(|e| anyhow::anyhow!("cannot set up the vhost-user handler: {e}"))?;
-        for (i, handler) in daemon.get_epoll_handlers().iter().enumerate() {
-            if let Some(fd) = self.backend.worker(i).completion_fd() {
-                handler
-                    .register_listener(
-                        fd,
-                        EventSet::IN,
-                        self.backend.device_event_id(crate::backend::COMPLETIONS),
-                    )
-                    .context("cannot watch the completion eventfd")?;
+        {
+            // Held until the handlers are kept, so that a throttle node added meanwhile
+            // either comes first (and its fd is the queue's) or finds them.
+            let mut kept = lock(&self.control.handlers);
+            let handlers = daemon.get_epoll_handlers();
+            for (i, handler) in handlers.iter().enumerate() {
+                if let Some(fd) = self.backend.worker(i).completion_fd() {
+                    watch(&self.backend, handler, fd)
+                        .context("cannot watch the completion eventfd")?;
+                }
             }
+            *kept = handlers;
         }
         daemon
             .start(listener)
@@ -437,6 +484,7 @@ impl Serving {
         }
         let result = daemon.wait();
         lock(&self.control.connection).take();
+        lock(&self.control.handlers).clear();
         self.device.connected.store(false, Ordering::SeqCst);
         match result {
             Ok(()) => log::info!("disk {id}: frontend disconnected"),
@@ -452,6 +500,19 @@ impl Serving {
         }
         Ok(())
     }
+}
+
+/// Wakes a worker's thread when `fd` is readable, as for its completions.
+fn watch(
+    backend: &BlkBackend,
+    handler: &VringEpollHandler<Arc<BlkBackend>>,
+    fd: RawFd,
+) -> std::io::Result<()> {
+    handler.register_listener(
+        fd,
+        EventSet::IN,
+        backend.device_event_id(crate::backend::COMPLETIONS),
+    )
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -171,6 +171,17 @@ impl QueueWorker {
         }
     }
 
+    /// Puts the worker's queue under a throttle node of `group` (the worker is idle);
+    /// returns the fds it now also wakes on, for an event loop already watching the others.
+    pub fn put_under_throttle(
+        &mut self,
+        group: Arc<storage_core::throttle::ThrottleGroup>,
+    ) -> std::io::Result<Vec<std::os::unix::io::RawFd>> {
+        let capacity = self.device.info().capacity.clone();
+        let depth = self.slots.len() as u32;
+        self.queue.put_under_throttle(group, capacity, depth)
+    }
+
     /// The fd that signals asynchronous completions, for the event loop.
     pub fn completion_fd(&self) -> Option<std::os::unix::io::RawFd> {
         self.queue.completion_fd()

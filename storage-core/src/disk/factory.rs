@@ -314,6 +314,35 @@ impl Disk for AnyDisk {
     }
 }
 
+impl AnyQueue {
+    /// Puts this queue under a new throttle node of `group`: how limits reach a disk that
+    /// was opened without a throttle node, while it serves. The caller has answered
+    /// everything in flight. Returns the fds the queue now also wakes on (its timer), for an
+    /// event loop already watching the old ones. On an error the queue is as it was.
+    pub fn put_under_throttle(
+        &mut self,
+        group: std::sync::Arc<ThrottleGroup>,
+        capacity: super::Size,
+        depth: u32,
+    ) -> io::Result<Vec<RawFd>> {
+        let mut before = Vec::new();
+        self.wake_fds(&mut before);
+        let wakeup = crate::throttle::Wakeup::for_child(self)?;
+        // Stands in for the moment the child moves into its parent.
+        let placeholder = AnyQueue {
+            read_only: self.read_only,
+            format: FormatQueue::Null(NullQueue::idle(capacity.clone())),
+        };
+        let child = std::mem::replace(self, placeholder);
+        let throttle = ThrottleQueue::assemble(child, group, capacity, depth, wakeup);
+        self.format = FormatQueue::Throttle(Box::new(throttle));
+        let mut added = Vec::new();
+        self.wake_fds(&mut added);
+        added.retain(|fd| !before.contains(fd));
+        Ok(added)
+    }
+}
+
 macro_rules! dispatch {
     ($self:expr, $q:ident => $body:expr) => {
         match &mut $self.format {

@@ -72,6 +72,17 @@ impl Disk for NullDisk {
     }
 }
 
+impl NullQueue {
+    /// A queue that is never used, only held in a place for a moment.
+    pub(crate) fn idle(capacity: super::Size) -> NullQueue {
+        NullQueue {
+            done: VecDeque::new(),
+            capacity,
+            read_zeroes: false,
+        }
+    }
+}
+
 pub struct NullQueue {
     done: VecDeque<DiskCompletion>,
     capacity: super::Size,

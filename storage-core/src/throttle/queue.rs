@@ -33,6 +33,20 @@ fn cost(op: &DiskOp) -> (bool, u64) {
     (op.writes(), op.range().map_or(0, |(_, len)| len))
 }
 
+/// What wakes a throttle queue's worker: its timer, joined with its child's fds.
+pub(crate) struct Wakeup {
+    timer: Arc<Timer>,
+    set: FdSet,
+}
+
+impl Wakeup {
+    pub(crate) fn for_child(child: &AnyQueue) -> io::Result<Wakeup> {
+        let timer = Arc::new(Timer::new()?);
+        let set = FdSet::joining(timer.fd(), child)?;
+        Ok(Wakeup { timer, set })
+    }
+}
+
 /// One worker's queue on a throttle node.
 pub struct ThrottleQueue {
     child: AnyQueue,
@@ -57,11 +71,25 @@ impl ThrottleQueue {
         capacity: crate::disk::Size,
         depth: u32,
     ) -> io::Result<ThrottleQueue> {
-        let timer = Arc::new(Timer::new()?);
-        let wakeup = FdSet::joining(timer.fd(), &child)?;
+        let wakeup = Wakeup::for_child(&child)?;
+        Ok(ThrottleQueue::assemble(
+            child, group, capacity, depth, wakeup,
+        ))
+    }
+
+    /// A queue over `child`, whose wake-up fds `wakeup` was made for: the part that cannot
+    /// fail, so a child can be put under a throttle without being lost to an error.
+    pub(crate) fn assemble(
+        child: AnyQueue,
+        group: Arc<ThrottleGroup>,
+        capacity: crate::disk::Size,
+        depth: u32,
+        wakeup: Wakeup,
+    ) -> ThrottleQueue {
+        let Wakeup { timer, set: wakeup } = wakeup;
         group.register(&timer);
         let depth = depth as usize;
-        Ok(ThrottleQueue {
+        ThrottleQueue {
             child,
             group,
             capacity,
@@ -73,7 +101,7 @@ impl ThrottleQueue {
             timer,
             wakeup,
             draining: false,
-        })
+        }
     }
 
     fn held_count(&self) -> usize {
