@@ -447,24 +447,30 @@ fn limits_change_at_run_time_for_disks_and_groups_and_are_kept() {
     assert_eq!(limits_of(&f, "g2"), serde_json::json!({"iops-total": 777}));
 }
 
-/// A disk opened without limits gets them while a client drives it at depth 32: the
-/// change waits for no idle moment, no request fails, the new rate holds, and the limits
-/// (and so the throttle node) are there after a restart.
+/// A disk opened without limits (a file, two queues) gets them while a client drives it
+/// at depth 32: the change waits for no idle moment, no request fails, the new rate holds,
+/// and the limits (and so the throttle node) are there after a restart.
 #[test]
 fn limits_reach_a_disk_opened_without_them_while_it_serves() {
     let tmp = tempfile::tempdir().unwrap();
     let sock = tmp.path().join("plain.sock");
+    let image = tmp.path().join("plain.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
     let mut f = Fixture::new(&format!(
-        "[[disk]]\nid = \"plain\"\nsocket = \"{}\"\ndisk = \"path=null,size=64M\"\n",
-        sock.display()
+        "[[disk]]\nid = \"plain\"\nsocket = \"{}\"\ndisk = \"path={}\"\nqueues = 2\n",
+        sock.display(),
+        image.display()
     ));
     let graph_of = |f: &Fixture| -> serde_json::Value {
         let v: serde_json::Value =
             serde_json::from_str(&f.strata(&["--json", "disk", "show", "plain"])).unwrap();
         v["graph"].clone()
     };
-    assert_eq!(graph_of(&f), "null");
-    let mut client = Client::open(&sock, 1).unwrap();
+    assert_eq!(graph_of(&f), "raw");
+    let mut client = Client::open(&sock, 2).unwrap();
     let mut p = client.queue(0).pipeline(32, 4096).unwrap();
     let mut next = 0u64;
     // Keeps every slot busy until `until` says stop; returns how many completed.
@@ -521,9 +527,9 @@ fn limits_reach_a_disk_opened_without_them_while_it_serves() {
     p.drain().unwrap();
     drop(p);
     drop(client);
-    assert_eq!(graph_of(&f), "throttle(null)");
+    assert_eq!(graph_of(&f), "throttle(raw)");
     // The next frontend's event loop watches the node's timer from the start.
-    let mut client = Client::open(&sock, 1).unwrap();
+    let mut client = Client::open(&sock, 2).unwrap();
     let mut p = client.queue(0).pipeline(32, 4096).unwrap();
     let again = Instant::now();
     let served = drive(&mut p, &mut || again.elapsed() >= Duration::from_secs(1));
@@ -538,7 +544,7 @@ fn limits_reach_a_disk_opened_without_them_while_it_serves() {
 
     f.stop();
     f.start();
-    assert_eq!(graph_of(&f), "throttle(null)");
+    assert_eq!(graph_of(&f), "throttle(raw)");
     let v: serde_json::Value =
         serde_json::from_str(&f.strata(&["--json", "disk", "show", "plain"])).unwrap();
     assert_eq!(

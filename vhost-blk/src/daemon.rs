@@ -295,7 +295,7 @@ impl DiskSet {
         let d = self
             .get(id)
             .ok_or_else(|| SetError::NotFound(id.to_owned()))?;
-        match d.device.throttle_group() {
+        match d.device.root_throttle() {
             Some(group) if !group.name().is_empty() => {
                 return Err(SetError::GroupLimits(
                     id.to_owned(),

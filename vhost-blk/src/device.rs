@@ -94,6 +94,15 @@ impl BlkDevice {
         }
     }
 
+    /// The throttle node at the root (the one the disk's `limits` make, or added while
+    /// serving); a throttle deeper in the graph (under a tier) is not the disk's own.
+    pub fn root_throttle(&self) -> Option<&Arc<ThrottleGroup>> {
+        self.added_throttle.get().or(match &self.disk {
+            AnyDisk::Throttle(t) => Some(t.group()),
+            _ => None,
+        })
+    }
+
     /// Records the throttle node added at the root; false if there already is one.
     pub fn set_added_throttle(&self, group: Arc<ThrottleGroup>) -> bool {
         self.added_throttle.set(group).is_ok()

@@ -227,39 +227,42 @@ impl DiskServer {
 
     /// Puts a throttle node of `group` at the root of a disk opened without one, while it
     /// serves: the queues stop (the guest sees a pause, as for a snapshot), each goes under
-    /// the node, and the connection's event loops also watch the node's timers.
-    /// Fails only for want of descriptors or memory (a timerfd, an epoll set); the queues
-    /// put under the node before the failure stay under it, with the group recorded, so
-    /// that its limits can still be changed and removed.
+    /// the node, and the connection's event loops also watch the node's timers. Everything
+    /// that can fail (a timerfd, an epoll set, watching them) is done first; a failure
+    /// leaves the disk as it was.
     pub fn add_throttle(&self, group: Arc<ThrottleGroup>) -> std::io::Result<()> {
-        if self.device.throttle_group().is_some() {
+        let handlers = lock(&self.control.handlers);
+        if self.device.root_throttle().is_some() {
             return Err(std::io::Error::other(
                 "the disk already has a throttle node",
             ));
         }
-        let handlers = lock(&self.control.handlers);
-        let mut wrapped = 0;
-        let result = self.backend.paused(|workers| {
-            for (i, w) in workers.iter_mut().enumerate() {
-                let fds = w.put_under_throttle(group.clone())?;
-                wrapped += 1;
+        let event = self.backend.device_event_id(crate::backend::COMPLETIONS);
+        self.backend.paused(|workers| {
+            let mut ready = Vec::with_capacity(workers.len());
+            let mut watched: Vec<(usize, RawFd)> = Vec::new();
+            let made = workers.iter().enumerate().try_for_each(|(i, w)| {
+                let wakeup = w.throttle_wakeup()?;
                 if let Some(h) = handlers.get(i) {
-                    for fd in fds {
-                        watch(&self.backend, h, fd)?;
-                    }
+                    watch(&self.backend, h, wakeup.timer_fd())?;
+                    watched.push((i, wakeup.timer_fd()));
                 }
+                ready.push(wakeup);
+                Ok::<_, std::io::Error>(())
+            });
+            if let Err(e) = made {
+                for (i, fd) in watched {
+                    let _ = handlers[i].unregister_listener(fd, EventSet::IN, event);
+                }
+                return Err(e);
             }
+            for (w, wakeup) in workers.iter_mut().zip(ready) {
+                w.put_under_throttle(wakeup, group.clone());
+            }
+            let recorded = self.device.set_added_throttle(group);
+            debug_assert!(recorded, "checked under the same locks");
             Ok(())
-        });
-        if wrapped > 0 {
-            self.device.set_added_throttle(group);
-        }
-        result.and_then(|r| r).map_err(|e| {
-            std::io::Error::other(format!(
-                "putting the queues under a throttle node failed after {wrapped} of {}: {e}",
-                self.device.num_queues
-            ))
-        })
+        })?
     }
 
     /// Takes a snapshot named `name` of a qcow2 disk while its guest runs: the queues stop
@@ -278,7 +281,7 @@ impl DiskServer {
                 format!(
                     "disk {} is {}: snapshots are of qcow2 disks (format=qcow2)",
                     self.id(),
-                    self.device.disk.describe()
+                    self.device.describe()
                 ),
             ))
         })?;

@@ -171,15 +171,23 @@ impl QueueWorker {
         }
     }
 
-    /// Puts the worker's queue under a throttle node of `group` (the worker is idle);
-    /// returns the fds it now also wakes on, for an event loop already watching the others.
+    /// What the worker's queue would wake on under a throttle node (see
+    /// [`put_under_throttle`](Self::put_under_throttle)).
+    pub fn throttle_wakeup(&self) -> std::io::Result<storage_core::throttle::Wakeup> {
+        self.queue.throttle_wakeup()
+    }
+
+    /// Puts the worker's queue under a throttle node of `group` (the worker is idle),
+    /// waking on `wakeup`, made for it.
     pub fn put_under_throttle(
         &mut self,
+        wakeup: storage_core::throttle::Wakeup,
         group: Arc<storage_core::throttle::ThrottleGroup>,
-    ) -> std::io::Result<Vec<std::os::unix::io::RawFd>> {
+    ) {
         let capacity = self.device.info().capacity.clone();
         let depth = self.slots.len() as u32;
-        self.queue.put_under_throttle(group, capacity, depth)
+        self.queue
+            .put_under_throttle(wakeup, group, capacity, depth)
     }
 
     /// The fd that signals asynchronous completions, for the event loop.

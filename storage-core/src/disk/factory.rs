@@ -315,19 +315,23 @@ impl Disk for AnyDisk {
 }
 
 impl AnyQueue {
-    /// Puts this queue under a new throttle node of `group`: how limits reach a disk that
-    /// was opened without a throttle node, while it serves. The caller has answered
-    /// everything in flight. Returns the fds the queue now also wakes on (its timer), for an
-    /// event loop already watching the old ones. On an error the queue is as it was.
+    /// What this queue would wake on under a throttle node: made first, where it can fail,
+    /// so that [`put_under_throttle`](Self::put_under_throttle) cannot.
+    pub fn throttle_wakeup(&self) -> io::Result<crate::throttle::Wakeup> {
+        crate::throttle::Wakeup::for_child(self)
+    }
+
+    /// Puts this queue under a new throttle node of `group`, waking on `wakeup` (made for
+    /// it): how limits reach a disk that was opened without a throttle node, while it
+    /// serves. The caller has answered everything in flight, and makes an event loop
+    /// already watching this queue's fds watch `wakeup`'s timer too.
     pub fn put_under_throttle(
         &mut self,
+        wakeup: crate::throttle::Wakeup,
         group: std::sync::Arc<ThrottleGroup>,
         capacity: super::Size,
         depth: u32,
-    ) -> io::Result<Vec<RawFd>> {
-        let mut before = Vec::new();
-        self.wake_fds(&mut before);
-        let wakeup = crate::throttle::Wakeup::for_child(self)?;
+    ) {
         // Stands in for the moment the child moves into its parent.
         let placeholder = AnyQueue {
             read_only: self.read_only,
@@ -336,10 +340,6 @@ impl AnyQueue {
         let child = std::mem::replace(self, placeholder);
         let throttle = ThrottleQueue::assemble(child, group, capacity, depth, wakeup);
         self.format = FormatQueue::Throttle(Box::new(throttle));
-        let mut added = Vec::new();
-        self.wake_fds(&mut added);
-        added.retain(|fd| !before.contains(fd));
-        Ok(added)
     }
 }
 

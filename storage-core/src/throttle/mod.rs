@@ -19,7 +19,7 @@ mod queue;
 pub use bucket::Limit;
 pub use limits::{LimitError, ThrottleLimits};
 pub use queue::ThrottleQueue;
-pub(crate) use queue::Wakeup;
+pub use queue::Wakeup;
 
 use std::io;
 use std::sync::{Arc, Mutex, Weak};

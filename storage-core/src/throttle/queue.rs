@@ -34,7 +34,7 @@ fn cost(op: &DiskOp) -> (bool, u64) {
 }
 
 /// What wakes a throttle queue's worker: its timer, joined with its child's fds.
-pub(crate) struct Wakeup {
+pub struct Wakeup {
     timer: Arc<Timer>,
     set: FdSet,
 }
@@ -44,6 +44,11 @@ impl Wakeup {
         let timer = Arc::new(Timer::new()?);
         let set = FdSet::joining(timer.fd(), child)?;
         Ok(Wakeup { timer, set })
+    }
+
+    /// The fd the queue wakes on besides its child's: its timer.
+    pub fn timer_fd(&self) -> RawFd {
+        self.timer.fd()
     }
 }
 
