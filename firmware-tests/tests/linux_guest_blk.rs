@@ -126,16 +126,7 @@ fn linux_guest_writes_and_reads_a_qcow2_overlay() -> Result<()> {
     let overlay = dir.path().join("vm.qcow2");
     let socket = dir.path().join("vhost-blk.sock");
     fs::write(&base, pattern_image())?;
-    testkit::tools::qemu_img_ok(&[
-        "create",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        overlay.to_str().context("path")?,
-    ]);
+    testkit::tools::qemu_img_overlay_on_raw_base(&overlay);
     let mut daemon = DaemonCommand::vhost_blk()?
         .arg("--socket")
         .arg(&socket)

@@ -24,6 +24,8 @@ pub enum StorageErrorKind {
     InvalidArgument,
     /// The caller asked the operation to stop, and what it had done was undone.
     Cancelled,
+    /// What the request names does not exist (a snapshot).
+    NotFound,
 }
 
 /// A storage error with context.

@@ -261,16 +261,7 @@ fn overlays_read_through_their_backing_chain_and_write_over_it() {
     std::fs::write(&base, &model).unwrap();
     // base.raw <- mid.qcow2 (qemu-img's) <- top.qcow2 (ours)
     let mid = dir.path().join("mid.qcow2");
-    qemu_img_ok(&[
-        "create",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        p(&mid),
-    ]);
+    testkit::tools::qemu_img_overlay_on_raw_base(&mid);
     {
         let disk = open(&format!("path={},format=qcow2", p(&mid)));
         assert!(disk.describe().contains("backing"), "{}", disk.describe());
@@ -654,6 +645,111 @@ fn a_snapshot_freezes_the_image_and_writes_go_on_above_it() {
     // Reopened, the chain is the same.
     let disk = open(&format!("path={},format=qcow2", p(&img)));
     assert_eq!(disk.qcow2().unwrap().chain().len(), 2);
+    let mut q = disk.new_queue(8).unwrap();
+    assert_reads(&mut q, &model, "reopened");
+}
+
+/// Deletes snapshot `name` with `during` run between cluster copies (a guest's writes).
+fn delete_snapshot(q: &storage_core::qcow2::Qcow2Disk, name: &str, during: &mut dyn FnMut(u64)) {
+    let p = q
+        .stream_snapshot(name, &mut |done, _| {
+            during(done);
+            true
+        })
+        .unwrap_or_else(|e| panic!("deleting {name}: {e}"));
+    let file = q.commit_delete(p).unwrap();
+    storage_core::qcow2::remove_snapshot_file(&file).unwrap();
+}
+
+#[test]
+fn snapshots_are_deleted_by_streaming_and_reverted_while_every_image_reads_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 4 * MIB;
+    let base = dir.path().join("base.raw");
+    let mut model = pattern(size, 7);
+    std::fs::write(&base, &model).unwrap();
+    let img = dir.path().join("vm.qcow2");
+    testkit::tools::qemu_img_overlay_on_raw_base(&img);
+    let snap = |n: &str| dir.path().join(format!("vm@{n}.qcow2"));
+    let chain_of = |q: &storage_core::qcow2::Qcow2Disk| -> Vec<String> {
+        q.chain().into_iter().map(|c| c.path).collect()
+    };
+    let disk = open(&format!("path={},format=qcow2", p(&img)));
+    let qcow2 = disk.qcow2().unwrap();
+    let mut q = disk.new_queue(8).unwrap();
+    let mut models = std::collections::HashMap::new();
+    for (i, name) in ["a", "b", "c"].iter().enumerate() {
+        random_workload(&mut q, &mut model, 60 + i as u64, 60);
+        snapshot(qcow2, name).unwrap();
+        models.insert(name.to_string(), model.clone());
+    }
+    random_workload(&mut q, &mut model, 70, 60);
+
+    let e = qcow2
+        .stream_snapshot("nosuch", &mut |_, _| true)
+        .err()
+        .unwrap();
+    assert_eq!(
+        e.kind(),
+        storage_core::error::StorageErrorKind::NotFound,
+        "{e}"
+    );
+
+    // A snapshot in the middle: its data goes up into the snapshot above it.
+    delete_snapshot(qcow2, "b", &mut |_| {});
+    assert!(!snap("b").exists());
+    assert_eq!(
+        chain_of(qcow2),
+        [snap("c"), snap("a"), base.clone()].map(|p| p.display().to_string())
+    );
+    // The newest, while the guest writes the top: its writes are never overtaken.
+    let mut rng = Rng(99);
+    delete_snapshot(qcow2, "c", &mut |done| {
+        if done % 7 == 0 {
+            let len = (rng.below(16) as usize + 1) * 4096;
+            let at = rng.below(size - len as u64) & !4095;
+            let data: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+            write(&mut q, at, &data);
+            model[at as usize..at as usize + len].copy_from_slice(&data);
+        }
+    });
+    assert_reads(&mut q, &model, "after deleting the newest snapshot");
+    // The last one: the top now reads through the raw base.
+    delete_snapshot(qcow2, "a", &mut |_| {});
+    assert_eq!(chain_of(qcow2), [base.display().to_string()]);
+    assert_reads(&mut q, &model, "after deleting every snapshot");
+    let (r, _) = run(&mut q, DiskOp::Flush);
+    assert_eq!(r, 0);
+    qemu_img_check(&img, false);
+    assert_compares(&img, &model, dir.path());
+
+    // Revert: back to "e", "f" (newer) and what was written since are gone.
+    for (i, name) in ["e", "f"].iter().enumerate() {
+        random_workload(&mut q, &mut model, 80 + i as u64, 60);
+        snapshot(qcow2, name).unwrap();
+        models.insert(name.to_string(), model.clone());
+    }
+    random_workload(&mut q, &mut model, 90, 60);
+    let removed = qcow2.revert_to_snapshot("e").unwrap();
+    assert_eq!(removed, [snap("f")]);
+    assert!(!snap("f").exists() && snap("e").exists());
+    model = models["e"].clone();
+    assert_reads(&mut q, &model, "reverted to e");
+    random_workload(&mut q, &mut model, 91, 60);
+    let (r, _) = run(&mut q, DiskOp::Flush);
+    assert_eq!(r, 0);
+    drop(q);
+    drop(disk);
+    qemu_img_check(&img, false);
+    qemu_img_check(&snap("e"), false);
+    assert_compares(&img, &model, dir.path());
+    assert_compares(&snap("e"), &models["e"], dir.path());
+    // Reopened: the chain the files name.
+    let disk = open(&format!("path={},format=qcow2", p(&img)));
+    assert_eq!(
+        chain_of(disk.qcow2().unwrap()),
+        [snap("e"), base.clone()].map(|p| p.display().to_string())
+    );
     let mut q = disk.new_queue(8).unwrap();
     assert_reads(&mut q, &model, "reopened");
 }

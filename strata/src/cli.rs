@@ -156,6 +156,18 @@ pub enum SnapshotCommand {
     List { disk: String },
     /// Take a snapshot of a disk while its guest runs (the guest pauses briefly).
     Create { disk: String, name: String },
+    /// Delete a snapshot while the guest runs: a job copies its data up into the image
+    /// above it, then it leaves the chain.
+    Delete {
+        disk: String,
+        name: String,
+        /// Wait until the job ends, and fail if it does not succeed.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Put a disk back as it was at a snapshot (admin; no frontend connected): what was
+    /// written since, and the newer snapshots, are removed.
+    Revert { disk: String, name: String },
 }
 
 #[derive(Debug, Subcommand)]

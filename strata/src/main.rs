@@ -99,7 +99,25 @@ fn run(cli: &Cli) -> Result<String, Failure> {
         } else {
             table(v)
         }
+    }; // Polls a job until it ends: its table when it is done, else a failure.
+    let wait_for_job = |job_id: &str| -> Result<String, Failure> {
+        let path = format!("/v1/jobs/{}", encode(job_id));
+        loop {
+            let j = api("GET", &path, None)?;
+            match j["state"].as_str() {
+                Some("running") => std::thread::sleep(std::time::Duration::from_millis(100)),
+                Some("done") => return Ok(show(&j, table::job)),
+                _ => {
+                    return Err(Failure(format!(
+                        "{job_id} ended {}: {}",
+                        j["state"].as_str().unwrap_or("?"),
+                        j["error"].as_str().unwrap_or("")
+                    )))
+                }
+            }
+        }
     };
+
     Ok(match &cli.command {
         Command::Disk(DiskCommand::List) => show(&api("GET", "/v1/disks", None)?, table::disks),
         Command::Disk(DiskCommand::Show { id }) => {
@@ -165,6 +183,40 @@ fn run(cli: &Cli) -> Result<String, Failure> {
                 )
             })
         }
+        Command::Snapshot(SnapshotCommand::Delete { disk, name, wait }) => {
+            let path = format!("{}/snapshots/{}", disk_path(disk), encode(name));
+            let job = api("DELETE", &path, None)?;
+            if *wait {
+                return wait_for_job(job["id"].as_str().unwrap_or_default());
+            }
+            show(&job, |v| {
+                format!(
+                    "started {}: deleting a snapshot of disk {} (its data goes up into the \
+                     image above it)\n",
+                    v["id"].as_str().unwrap_or("?"),
+                    v["object"].as_str().unwrap_or("?")
+                )
+            })
+        }
+        Command::Snapshot(SnapshotCommand::Revert { disk, name }) => {
+            let path = format!("{}/snapshots/{}/revert", disk_path(disk), encode(name));
+            show(&api("POST", &path, None)?, |v| {
+                let removed: Vec<&str> = v["removed"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(|f| f.as_str()).collect())
+                    .unwrap_or_default();
+                format!(
+                    "disk {} is back at snapshot {}{}\n",
+                    v["disk"].as_str().unwrap_or("?"),
+                    v["snapshot"].as_str().unwrap_or("?"),
+                    if removed.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; removed {}", removed.join(", "))
+                    }
+                )
+            })
+        }
         Command::ThrottleGroup(GroupCommand::List) => {
             show(&api("GET", "/v1/throttle-groups", None)?, table::groups)
         }
@@ -204,23 +256,7 @@ fn run(cli: &Cli) -> Result<String, Failure> {
                         )
                     }));
                 }
-                let path = format!("/v1/jobs/{}", encode(&job_id));
-                loop {
-                    let j = api("GET", &path, None)?;
-                    match j["state"].as_str() {
-                        Some("running") => {
-                            std::thread::sleep(std::time::Duration::from_millis(100))
-                        }
-                        Some("done") => return Ok(show(&j, table::job)),
-                        _ => {
-                            return Err(Failure(format!(
-                                "{job_id} ended {}: {}",
-                                j["state"].as_str().unwrap_or("?"),
-                                j["error"].as_str().unwrap_or("")
-                            )))
-                        }
-                    }
-                }
+                return wait_for_job(&job_id);
             }
             show(&api("POST", &path, Some(body))?, |v| {
                 format!(

@@ -322,7 +322,10 @@ fn every_role_against_every_operation_and_every_denial_is_audited() {
         for (uid, role) in users {
             // Arguments that name nothing that exists: an allowed call answers 4xx or 2xx,
             // never 403, and changes nothing.
-            let path = route.path.replace("{id}", "nosuch");
+            let path = route
+                .path
+                .replace("{id}", "nosuch")
+                .replace("{name}", "nosuch");
             let mut args = vec!["raw", route.method, path.as_str()];
             if route.method == "POST" {
                 args.extend(["--data", "{}"]);

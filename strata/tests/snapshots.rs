@@ -3,7 +3,10 @@
 //! no error; each snapshot, read back with qemu-img, holds exactly a prefix of the records:
 //! at least those acknowledged before the snapshot was asked for, at most those
 //! acknowledged by the time it was taken, and nothing after a gap. Every image of the chain
-//! passes `qemu-img check`, and `strata snapshot list` names them.
+//! passes `qemu-img check`, and `strata snapshot list` names them. Two snapshots are
+//! deleted while the client still writes (the newest, whose data goes up into the image
+//! the client writes, and one in the middle) and the others still hold their prefixes;
+//! then the disk is reverted to one of them, refused while a frontend is connected.
 
 use std::path::Path;
 use std::process::Command;
@@ -13,7 +16,7 @@ use std::time::Duration;
 
 use testkit::blkio_client::Client;
 use testkit::daemon::{binary_path, DaemonCommand};
-use testkit::tools::qemu_img_ok;
+use testkit::tools::{qemu_img_ok, qemu_img_read};
 
 const BLOCK: usize = 4096;
 const BLOCKS: u64 = 32768; // 128 MiB: records to go on through every snapshot
@@ -35,19 +38,25 @@ fn prefix(image: &[u8]) -> (u64, bool) {
     (n, rest.iter().any(|&b| b != 0))
 }
 
-fn strata(api: &Path, args: &[&str]) -> String {
+/// `strata --api API args`: (success, stdout, stderr).
+fn strata_run(api: &Path, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(binary_path("strata"))
         .arg("--api")
         .arg(api)
         .args(args)
         .output()
         .unwrap();
-    assert!(
+    (
         out.status.success(),
-        "strata {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn strata(api: &Path, args: &[&str]) -> String {
+    let (ok, out, err) = strata_run(api, args);
+    assert!(ok, "strata {args:?}: {err}");
+    out
 }
 
 #[test]
@@ -109,27 +118,90 @@ fn snapshots_taken_while_the_guest_writes_hold_a_prefix_of_its_records() {
         );
         taken.push((v["file"].as_str().unwrap().to_string(), before, after));
     }
-    stop.store(true, Ordering::Relaxed);
-    writer.join().expect("the writer saw no error");
-    let written = acked.load(Ordering::SeqCst);
     let list = strata(&api, &["snapshot", "list", "vm"]);
     for i in 0..5 {
         assert!(list.contains(&format!("s{i} ")), "{list}");
     }
+    // Deleted while the client writes: the newest (into the image it writes), then one in
+    // the middle.
+    for name in ["s4", "s1"] {
+        let still = acked.load(Ordering::SeqCst);
+        let out = strata(&api, &["snapshot", "delete", "vm", name, "--wait"]);
+        eprintln!(
+            "deleted {name}: records {still}..={} acknowledged meanwhile: {out}",
+            acked.load(Ordering::SeqCst)
+        );
+    }
+    let (ok, _, err) = strata_run(&api, &["snapshot", "delete", "vm", "s1"]);
+    assert!(!ok && err.contains("404"), "deleted twice: {err}");
+    stop.store(true, Ordering::Relaxed);
+    writer.join().expect("the writer saw no error");
+    let written = acked.load(Ordering::SeqCst);
+    let list = strata(&api, &["snapshot", "list", "vm"]);
+    for (i, kept) in [true, false, true, true, false].iter().enumerate() {
+        assert_eq!(list.contains(&format!("s{i} ")), *kept, "s{i}: {list}");
+    }
     let metrics = testkit::http::get(&api, "/metrics").unwrap().text();
+    for line in [
+        "strata_blk_snapshots{disk=\"vm\"} 3",
+        "strata_blk_snapshot_operations_total{disk=\"vm\",op=\"delete\",result=\"ok\"} 2",
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
+    for (file, _, _) in [&taken[1], &taken[4]] {
+        assert!(!Path::new(file).exists(), "{file} stays after its deletion");
+    }
+    // A frontend's flush puts the top's metadata on disk for qemu-img to read.
+    let mut client = Client::open(&sock, 1).expect("libblkio connects");
+    client.queue(0).flush().unwrap();
+    let kept: Vec<_> = [0, 2, 3].iter().map(|&i| taken[i].clone()).collect();
+    check_prefixes(dir.path(), &kept);
+    qemu_img_ok(&["check", img.to_str().unwrap()]);
+    // The top holds every record written.
+    let (held, stray) = prefix(&qemu_img_read(&img, dir.path()));
     assert!(
-        metrics.contains("strata_blk_snapshots{disk=\"vm\"} 5"),
-        "{metrics}"
+        !stray && held == written,
+        "top: {held} records of {written}"
+    );
+
+    // Revert: refused while a frontend is connected, then back to s2, s3 gone.
+    let (ok, _, err) = strata_run(&api, &["snapshot", "revert", "vm", "s2"]);
+    assert!(!ok && err.contains("409"), "revert with a frontend: {err}");
+    drop(client);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (ok, out, err) = strata_run(&api, &["snapshot", "revert", "vm", "s2"]);
+        if ok {
+            assert!(
+                out.contains("removed") && out.contains("vm@s3.qcow2"),
+                "{out}"
+            );
+            break;
+        }
+        // The daemon sees the client go a moment after it closes its socket.
+        assert!(err.contains("409"), "{err}");
+        assert!(std::time::Instant::now() < deadline, "{err}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        !Path::new(&taken[3].0).exists(),
+        "s3 stays after the revert"
     );
     let status = daemon.terminate().unwrap();
     assert!(status.success(), "{}", daemon.output());
+    qemu_img_ok(&["check", img.to_str().unwrap()]);
+    assert!(
+        qemu_img_read(&img, dir.path()) == qemu_img_read(Path::new(&taken[2].0), dir.path()),
+        "the reverted disk reads as s2"
+    );
+}
 
-    for (file, before, after) in &taken {
+/// Each snapshot, read back with qemu-img, holds a prefix of the records: at least those
+/// acknowledged before it was asked for, at most those acknowledged once it was taken.
+fn check_prefixes(dir: &Path, taken: &[(String, u64, u64)]) {
+    for (file, before, after) in taken {
         qemu_img_ok(&["check", file]);
-        let raw = dir.path().join("snapshot.raw");
-        let _ = std::fs::remove_file(&raw);
-        qemu_img_ok(&["convert", "-O", "raw", file, raw.to_str().unwrap()]);
-        let (held, stray) = prefix(&std::fs::read(&raw).unwrap());
+        let (held, stray) = prefix(&qemu_img_read(Path::new(file), dir));
         assert!(!stray, "{file}: data after the first missing record");
         // The request in flight when the queues stopped is answered before the snapshot
         // and lands in it, perhaps before the client counted it: one more than `after`.
@@ -139,19 +211,4 @@ fn snapshots_taken_while_the_guest_writes_hold_a_prefix_of_its_records() {
              asked for and {after} when it was taken"
         );
     }
-    qemu_img_ok(&["check", img.to_str().unwrap()]);
-    // The top holds every record written.
-    let raw = dir.path().join("top.raw");
-    qemu_img_ok(&[
-        "convert",
-        "-O",
-        "raw",
-        img.to_str().unwrap(),
-        raw.to_str().unwrap(),
-    ]);
-    let (held, stray) = prefix(&std::fs::read(&raw).unwrap());
-    assert!(
-        !stray && held == written,
-        "top: {held} records of {written}"
-    );
 }

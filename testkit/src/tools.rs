@@ -66,6 +66,38 @@ pub fn qemu_img_check(img: &Path, leaks_allowed: bool) {
     }
 }
 
+/// `qemu-img create`: a qcow2 image at `img` over the raw file `base.raw` beside it (named
+/// relatively, as users do), of the base's size.
+pub fn qemu_img_overlay_on_raw_base(img: &Path) {
+    qemu_img_ok(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        &img.to_string_lossy(),
+    ]);
+}
+
+/// What the image at `img` (of any format qemu-img reads, with its backing chain) holds,
+/// as qemu-img reads it: converted to a raw file in `scratch`, read and removed.
+pub fn qemu_img_read(img: &Path, scratch: &Path) -> Vec<u8> {
+    let raw = scratch.join(".qemu-img-read.raw");
+    let _ = std::fs::remove_file(&raw);
+    qemu_img_ok(&[
+        "convert",
+        "-O",
+        "raw",
+        &img.to_string_lossy(),
+        &raw.to_string_lossy(),
+    ]);
+    let data = std::fs::read(&raw).unwrap_or_else(|e| panic!("{}: {e}", raw.display()));
+    let _ = std::fs::remove_file(&raw);
+    data
+}
+
 /// Returns `path` if it exists, otherwise an error naming `what` it is and the setup script.
 pub fn require_file(path: &Path, what: &str) -> Result<PathBuf> {
     if path.exists() {

@@ -39,6 +39,9 @@ pub const DISK_LIMITS: Operation = Operation::write("disk.limits", Role::Operato
 pub const HISTORY: Operation = Operation::read("history");
 pub const SNAPSHOT_LIST: Operation = Operation::read("snapshot.list");
 pub const SNAPSHOT_CREATE: Operation = Operation::write("snapshot.create", Role::Operator);
+pub const SNAPSHOT_DELETE: Operation = Operation::write("snapshot.delete", Role::Operator);
+/// Throws away what the guest wrote since the snapshot, and the newer snapshots.
+pub const SNAPSHOT_REVERT: Operation = Operation::write("snapshot.revert", Role::Admin);
 pub const JOB_LIST: Operation = Operation::read("job.list");
 pub const JOB_GET: Operation = Operation::read("job.get");
 pub const JOB_CANCEL: Operation = Operation::write("job.cancel", Role::Operator);
@@ -111,6 +114,16 @@ pub const ROUTES: &[Route] = &[
         method: "POST",
         path: "/v1/disks/{id}/snapshots",
         op: SNAPSHOT_CREATE,
+    },
+    Route {
+        method: "DELETE",
+        path: "/v1/disks/{id}/snapshots/{name}",
+        op: SNAPSHOT_DELETE,
+    },
+    Route {
+        method: "POST",
+        path: "/v1/disks/{id}/snapshots/{name}/revert",
+        op: SNAPSHOT_REVERT,
     },
     Route {
         method: "GET",
@@ -205,6 +218,8 @@ fn handler(route: &Route) -> MethodRouter<Arc<DiskSet>> {
         ("GET", "history") => get(history),
         ("GET", "snapshot.list") => get(snapshots),
         ("POST", "snapshot.create") => post(take_snapshot),
+        ("DELETE", "snapshot.delete") => delete(delete_snapshot),
+        ("POST", "snapshot.revert") => post(revert_snapshot),
         ("POST", "disk.add") => post(add),
         ("GET", "disk.get") => get(show),
         ("DELETE", "disk.remove") => delete(remove),
@@ -424,13 +439,16 @@ fn disk_change_error(id: &str, e: &ResizeError, unsupported: StatusCode) -> ApiE
     match e {
         ResizeError::Disk(se) => match se.kind() {
             StorageErrorKind::InvalidArgument => ApiError::bad_request(format!("disk {id:?}: {e}")),
+            StorageErrorKind::NotFound => ApiError::not_found(format!("disk {id:?}: {e}")),
             StorageErrorKind::Unsupported => {
                 ApiError::new(unsupported, format!("disk {id:?}: {e}"))
             }
             _ => ApiError::internal(format!("disk {id:?}: {e}")),
         },
         ResizeError::Notice(_) => ApiError::internal(format!("disk {id:?}: {e}")),
-        ResizeError::Busy => ApiError::conflict(format!("disk {id:?}: {e}")),
+        ResizeError::Busy | ResizeError::Connected => {
+            ApiError::conflict(format!("disk {id:?}: {e}"))
+        }
     }
 }
 
@@ -449,6 +467,66 @@ async fn snapshots(
 #[serde(deny_unknown_fields)]
 struct SnapshotBody {
     name: String,
+}
+
+/// Starts a job that deletes a snapshot (its data copied up into the image above it).
+async fn delete_snapshot(
+    State(disks): Disks,
+    UrlPath((id, name)): UrlPath<(String, String)>,
+) -> Result<Response, ApiError> {
+    let d = served(&disks, &id)?;
+    // Refusals that need no copying come back at once, not as a failed job.
+    let listed = d.clone();
+    let known = http::blocking(move || listed.snapshots())
+        .await?
+        .ok_or_else(|| ApiError::conflict(format!("disk {id:?} is not a qcow2 disk")))?;
+    if !known.iter().any(|s| s["name"] == name.as_str()) {
+        return Err(ApiError::not_found(format!(
+            "disk {id:?} has no snapshot named {name:?}"
+        )));
+    }
+    let server = d.clone();
+    let snapshot = name.clone();
+    let total = d.device.capacity();
+    let job = disks
+        .start_disk_job(&id, "snapshot-delete", total, move |p| {
+            let mut progress = |done: u64, all: u64| {
+                // In clusters: shown as bytes of the disk gone through.
+                p.update(if all == 0 {
+                    total
+                } else {
+                    (u128::from(total) * u128::from(done) / u128::from(all)) as u64
+                })
+            };
+            match server.delete_snapshot(&snapshot, &mut progress) {
+                Ok(_) => {
+                    p.update(total);
+                    Outcome::Done
+                }
+                Err(ResizeError::Disk(e)) if e.kind() == StorageErrorKind::Cancelled => {
+                    Outcome::Cancelled
+                }
+                Err(e) => Outcome::Failed(e.to_string()),
+            }
+        })
+        .map_err(set_error)?;
+    Ok((StatusCode::ACCEPTED, Json(job.json())).into_response())
+}
+
+async fn revert_snapshot(
+    State(disks): Disks,
+    UrlPath((id, name)): UrlPath<(String, String)>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let d = served(&disks, &id)?;
+    let snapshot = name.clone();
+    let removed = http::blocking(move || d.revert_snapshot(&snapshot))
+        .await?
+        .map_err(|e| disk_change_error(&id, &e, StatusCode::CONFLICT))?;
+    Ok(Json(serde_json::json!({
+        "disk": id,
+        "snapshot": name,
+        "removed": removed.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+    })))
 }
 
 async fn take_snapshot(
@@ -680,15 +758,19 @@ pub fn render_metrics(disks: &[Arc<DiskServer>]) -> String {
             &l,
             named,
         );
-        let taken = s.taken.load(Ordering::Relaxed);
-        let failed = s.failed.load(Ordering::Relaxed);
-        for (result, n) in [("ok", taken), ("failed", failed)] {
+        for (op, result, n) in [
+            ("create", "ok", &s.taken),
+            ("create", "failed", &s.failed),
+            ("delete", "ok", &s.deleted),
+            ("delete", "failed", &s.delete_failed),
+            ("revert", "ok", &s.reverted),
+        ] {
             out.sample(
                 "snapshot_operations_total",
                 Kind::Counter,
-                "Snapshots asked for since the daemon started, by result.",
-                &[("disk", d.id()), ("op", "create"), ("result", result)],
-                n,
+                "Snapshot operations since the daemon started, by operation and result.",
+                &[("disk", d.id()), ("op", op), ("result", result)],
+                n.load(Ordering::Relaxed),
             );
         }
         out.sample(

@@ -70,6 +70,8 @@ pub enum ResizeError {
     Notice(std::io::Error),
     #[error("a resize or snapshot of this disk is under way")]
     Busy,
+    #[error("a frontend is connected: disconnect it (stop the VM) first")]
+    Connected,
 }
 
 /// A snapshot taken.
@@ -90,6 +92,9 @@ pub struct SnapshotStats {
     /// Unix seconds of the last snapshot taken (0: none since start).
     pub last_unix: std::sync::atomic::AtomicU64,
     pub last_pause_us: std::sync::atomic::AtomicU64,
+    pub deleted: std::sync::atomic::AtomicU64,
+    pub delete_failed: std::sync::atomic::AtomicU64,
+    pub reverted: std::sync::atomic::AtomicU64,
 }
 
 impl DiskServer {
@@ -204,12 +209,7 @@ impl DiskServer {
         bytes: u64,
         preallocate: Option<(Preallocation, Progress<'_>)>,
     ) -> Result<Option<ConfigNotice>, ResizeError> {
-        // A resize that panicked leaves the lock poisoned, not held: go on.
-        let _one_at_a_time = match self.resizing.try_lock() {
-            Ok(g) => g,
-            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => return Err(ResizeError::Busy),
-        };
+        let _one_at_a_time = self.one_change_at_a_time()?;
         if bytes == self.device.capacity() {
             return Ok(None);
         }
@@ -265,17 +265,19 @@ impl DiskServer {
         })?
     }
 
-    /// Takes a snapshot named `name` of a qcow2 disk while its guest runs: the queues stop
-    /// (requests in flight answered, new ones wait), the image is flushed and frozen under
-    /// the snapshot's name with a new image on top (`storage_core::qcow2::Qcow2Disk::
-    /// snapshot`), and the queues go on.
-    pub fn snapshot(&self, name: &str) -> Result<SnapshotTaken, ResizeError> {
-        let _one_at_a_time = match self.resizing.try_lock() {
-            Ok(g) => g,
-            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => return Err(ResizeError::Busy),
-        };
-        let qcow2 = self.device.disk.qcow2().ok_or_else(|| {
+    /// The lock that keeps resizes and snapshot operations one at a time, or Busy.
+    fn one_change_at_a_time(&self) -> Result<std::sync::MutexGuard<'_, ()>, ResizeError> {
+        match self.resizing.try_lock() {
+            Ok(g) => Ok(g),
+            // One that panicked leaves the lock poisoned, not held: go on.
+            Err(std::sync::TryLockError::Poisoned(p)) => Ok(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => Err(ResizeError::Busy),
+        }
+    }
+
+    /// The qcow2 node at the root, which snapshot operations work on.
+    fn qcow2(&self) -> Result<&storage_core::qcow2::Qcow2Disk, ResizeError> {
+        self.device.disk.qcow2().ok_or_else(|| {
             ResizeError::Disk(storage_core::error::StorageError::new(
                 storage_core::error::StorageErrorKind::Unsupported,
                 format!(
@@ -284,7 +286,88 @@ impl DiskServer {
                     self.device.describe()
                 ),
             ))
-        })?;
+        })
+    }
+
+    /// Deletes snapshot `name` while the guest runs: its data is copied up into the image
+    /// above it (`progress(done, total)` in clusters; false stops it), then, with the
+    /// queues stopped for a moment, the chain in memory leaves it out; its file goes last.
+    pub fn delete_snapshot(
+        &self,
+        name: &str,
+        progress: &mut dyn FnMut(u64, u64) -> bool,
+    ) -> Result<std::path::PathBuf, ResizeError> {
+        let _one_at_a_time = self.one_change_at_a_time()?;
+        let qcow2 = self.qcow2()?;
+        let stats = &self.snapshots;
+        let result = qcow2.stream_snapshot(name, progress).and_then(|prepared| {
+            self.backend
+                .paused(|_| qcow2.commit_delete(prepared))
+                .map_err(|e| {
+                    storage_core::error::StorageError::new(
+                        storage_core::error::StorageErrorKind::Io,
+                        format!("stopping the queues to delete the snapshot: {e}"),
+                    )
+                })
+                .and_then(|r| r)
+        });
+        match result {
+            Ok(file) => {
+                stats.deleted.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = storage_core::qcow2::remove_snapshot_file(&file) {
+                    log::warn!(
+                        "disk {}: snapshot {name:?} is out of the chain, but its file {}                          stays: {e}",
+                        self.id(),
+                        file.display()
+                    );
+                }
+                log::info!("disk {}: snapshot {name:?} deleted", self.id());
+                Ok(file)
+            }
+            Err(e) => {
+                if e.kind() != storage_core::error::StorageErrorKind::Cancelled {
+                    stats.delete_failed.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(ResizeError::Disk(e))
+            }
+        }
+    }
+
+    /// Puts the disk back as it was at snapshot `name` (the newer snapshots and what the
+    /// guest wrote since are removed): only while no frontend is connected, as a guest
+    /// must not see its disk change under it.
+    pub fn revert_snapshot(&self, name: &str) -> Result<Vec<std::path::PathBuf>, ResizeError> {
+        let _one_at_a_time = self.one_change_at_a_time()?;
+        let qcow2 = self.qcow2()?;
+        if self.connected() {
+            return Err(ResizeError::Connected);
+        }
+        let removed = self
+            .backend
+            .paused(|_| qcow2.revert_to_snapshot(name))
+            .map_err(|e| {
+                ResizeError::Disk(storage_core::error::StorageError::new(
+                    storage_core::error::StorageErrorKind::Io,
+                    format!("stopping the queues to revert: {e}"),
+                ))
+            })?
+            .map_err(ResizeError::Disk)?;
+        self.snapshots.reverted.fetch_add(1, Ordering::Relaxed);
+        log::info!(
+            "disk {}: reverted to snapshot {name:?}; removed {} newer snapshot(s)",
+            self.id(),
+            removed.len()
+        );
+        Ok(removed)
+    }
+
+    /// Takes a snapshot named `name` of a qcow2 disk while its guest runs: the queues stop
+    /// (requests in flight answered, new ones wait), the image is flushed and frozen under
+    /// the snapshot's name with a new image on top (`storage_core::qcow2::Qcow2Disk::
+    /// snapshot`), and the queues go on.
+    pub fn snapshot(&self, name: &str) -> Result<SnapshotTaken, ResizeError> {
+        let _one_at_a_time = self.one_change_at_a_time()?;
+        let qcow2 = self.qcow2()?;
         // Checks, the new image, and most of the flushing happen while the guest still
         // runs; the pause then holds only the last flush and two renames.
         let prepared = qcow2.prepare_snapshot(name).map_err(ResizeError::Disk)?;

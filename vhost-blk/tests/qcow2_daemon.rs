@@ -27,16 +27,7 @@ fn an_overlay_takes_concurrent_writes_and_qemu_img_agrees_afterwards() {
     let mut model: Vec<u8> = (0..size).map(|i| (i / 4096 % 251) as u8).collect();
     std::fs::write(&base, &model).unwrap();
     let img = dir.path().join("vm.qcow2");
-    qemu_img_ok(&[
-        "create",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        s(&img),
-    ]);
+    testkit::tools::qemu_img_overlay_on_raw_base(&img);
     let sock = dir.path().join("blk.sock");
     let mut daemon = DaemonCommand::vhost_blk()
         .unwrap_or_else(|e| panic!("{e}"))

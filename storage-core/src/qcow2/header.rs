@@ -225,22 +225,8 @@ impl Header {
                     .map_err(|_| invalid("the backing file name is not UTF-8"))?,
             );
         }
-        // Extensions: after the header, up to the backing file name or the cluster's end.
-        let mut at = h.header_length as usize;
-        let end = if backing_offset != 0 && (backing_offset as usize) > at {
-            (backing_offset as usize).min(b.len())
-        } else {
-            b.len()
-        };
-        while at + 8 <= end {
-            let (ty, len) = (be32(b, at), be32(b, at + 4) as usize);
-            at += 8;
-            if ty == EXT_END {
-                break;
-            }
-            let data = b
-                .get(at..at + len)
-                .ok_or_else(|| invalid(format!("header extension {ty:#x} overruns the header")))?;
+        for ext in extensions(b, h.header_length as usize) {
+            let (ty, data) = ext?;
             match ty {
                 EXT_BACKING_FORMAT => {
                     h.backing_format = Some(
@@ -254,7 +240,6 @@ impl Header {
                 // knowing them.
                 _ => {}
             }
-            at += len.div_ceil(8) * 8;
         }
         Ok(h)
     }
@@ -356,9 +341,141 @@ pub fn new_image(
     b
 }
 
+/// The header extensions of header cluster `b`, whose header is `head` bytes long: (type,
+/// data) each, from after the header up to the end marker, the backing file name or the
+/// cluster's end.
+fn extensions(
+    b: &[u8],
+    head: usize,
+) -> impl Iterator<Item = Result<(u32, &[u8]), HeaderError>> + '_ {
+    let name = usize::try_from(be64(b, 8)).unwrap_or(usize::MAX);
+    let end = if name != 0 && name > head {
+        name.min(b.len())
+    } else {
+        b.len()
+    };
+    let mut at = head;
+    std::iter::from_fn(move || {
+        if at + 8 > end {
+            return None;
+        }
+        let (ty, len) = (be32(b, at), be32(b, at + 4) as usize);
+        if ty == EXT_END {
+            at = end;
+            return None;
+        }
+        let data = b.get(at + 8..at + 8 + len);
+        at = match data {
+            Some(_) => at + 8 + len.div_ceil(8) * 8,
+            None => end,
+        };
+        Some(
+            data.map(|d| (ty, d))
+                .ok_or_else(|| invalid(format!("header extension {ty:#x} overruns the header"))),
+        )
+    })
+}
+
+/// The header cluster `b` (whose header is `h`) naming `backing` (file name, format)
+/// instead of its backing file, or none: the header's own fields and every other
+/// extension kept as they are, then the backing-format extension, the end marker and the
+/// name, as QEMU lays them out. The caller writes it over the first cluster.
+pub fn with_backing(
+    b: &[u8],
+    h: &Header,
+    backing: Option<(&str, &str)>,
+) -> Result<Vec<u8>, HeaderError> {
+    let head = h.header_length as usize;
+    let mut out = b.get(..head).ok_or(HeaderError::Short(b.len()))?.to_vec();
+    out.resize(b.len(), 0);
+    let mut put = head;
+    let mut push = |out: &mut Vec<u8>, ty: u32, data: &[u8]| -> Result<(), HeaderError> {
+        let padded = data.len().div_ceil(8) * 8;
+        if put + 8 + padded + 8 > out.len() {
+            return Err(invalid(
+                "the header extensions would not fit in the first cluster",
+            ));
+        }
+        out[put..put + 4].copy_from_slice(&ty.to_be_bytes());
+        out[put + 4..put + 8].copy_from_slice(&(data.len() as u32).to_be_bytes());
+        out[put + 8..put + 8 + data.len()].copy_from_slice(data);
+        put += 8 + padded;
+        Ok(())
+    };
+    for ext in extensions(b, head) {
+        let (ty, data) = ext?;
+        if ty != EXT_BACKING_FORMAT {
+            push(&mut out, ty, data)?;
+        }
+    }
+    let (offset, len) = match backing {
+        Some((name, format)) => {
+            if name.is_empty() || name.len() > 1023 {
+                return Err(invalid(format!(
+                    "backing file name of {} bytes",
+                    name.len()
+                )));
+            }
+            push(&mut out, EXT_BACKING_FORMAT, format.as_bytes())?;
+            // The end marker: zeroes already there.
+            let at = put + 8;
+            if at + name.len() > out.len() {
+                return Err(invalid(
+                    "the backing file name would not fit in the first cluster",
+                ));
+            }
+            out[at..at + name.len()].copy_from_slice(name.as_bytes());
+            (at as u64, name.len() as u32)
+        }
+        None => (0, 0),
+    };
+    out[8..16].copy_from_slice(&offset.to_be_bytes());
+    out[16..20].copy_from_slice(&len.to_be_bytes());
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_backing_file_is_renamed_or_dropped_and_other_extensions_stay() {
+        let b = new_image(1 << 30, 16, Some(("a@one.qcow2", "qcow2")), 16);
+        // Another extension QEMU writes (feature names), kept as it is.
+        let mut b2 = b.clone();
+        let h = Header::parse(&b2, 1 << 20).unwrap();
+        let names = with_backing(&b2, &h, None).unwrap();
+        b2.copy_from_slice(&names);
+        let at = 112;
+        b2[at..at + 4].copy_from_slice(&0x6803_f857u32.to_be_bytes());
+        b2[at + 4..at + 8].copy_from_slice(&48u32.to_be_bytes());
+        b2[at + 8..at + 56].fill(7);
+        let h2 = Header::parse(&b2, 1 << 20).unwrap();
+        let renamed = with_backing(&b2, &h2, Some(("base.raw", "raw"))).unwrap();
+        let r = Header::parse(&renamed, 1 << 20).unwrap();
+        assert_eq!(r.backing_file.as_deref(), Some("base.raw"));
+        assert_eq!(r.backing_format.as_deref(), Some("raw"));
+        assert_eq!(
+            &renamed[at + 8..at + 56],
+            &[7u8; 48][..],
+            "the other extension"
+        );
+        let dropped = with_backing(&renamed, &r, None).unwrap();
+        let d = Header::parse(&dropped, 1 << 20).unwrap();
+        assert_eq!((d.backing_file, d.backing_format), (None, None));
+        assert_eq!(&dropped[..8], &renamed[..8]);
+        assert_eq!(
+            &dropped[20..112],
+            &renamed[20..112],
+            "the header's own fields"
+        );
+        let h0 = Header::parse(&b, 1 << 20).unwrap();
+        assert_eq!(
+            with_backing(&b, &h0, Some(("a@one.qcow2", "qcow2"))).unwrap(),
+            b,
+            "the same backing file makes the same header"
+        );
+    }
 
     #[test]
     fn a_new_header_parses_back() {

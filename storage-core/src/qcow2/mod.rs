@@ -11,15 +11,18 @@
 //!
 //! Where it lives: [`header`] (the header and its extensions), [`meta`] (L1/L2 tables,
 //! refcounts, allocation and the order changes reach the disk), [`queue`] (requests,
-//! mapped to the file and the backing chain), [`compressed`] (inflating clusters).
+//! mapped to the file and the backing chain), [`compressed`] (inflating clusters),
+//! [`snapshot`] (deleting and reverting snapshots; taking one is here).
 
 mod compressed;
 pub mod header;
 mod meta;
 mod queue;
+mod snapshot;
 
 pub use header::Header;
 pub use queue::Qcow2Queue;
+pub use snapshot::{remove_snapshot_file, PreparedDelete};
 
 use std::io;
 use std::os::unix::io::RawFd;
@@ -209,6 +212,20 @@ pub fn snapshot_name(image: &Path, file: &Path) -> Option<String> {
     name.strip_prefix(&format!("{stem}@"))?
         .strip_suffix(".qcow2")
         .map(str::to_owned)
+}
+
+/// Fails unless `path` still leads to the image in `file` (the one served).
+fn still_named(path: &Path, file: &AnyDisk) -> Result<(), StorageError> {
+    use std::os::unix::fs::MetadataExt;
+    let now = std::fs::metadata(path).map_err(|e| io_error(path, "stat", e))?;
+    if (now.dev(), now.ino()) != file.info().identity {
+        return Err(io_error(
+            path,
+            "changing the chain",
+            io::Error::other("the image's name no longer leads to the image served"),
+        ));
+    }
+    Ok(())
 }
 
 fn sync_dir(path: &Path) -> io::Result<()> {
@@ -443,17 +460,7 @@ impl Qcow2Disk {
         old.lock()
             .flush(&old.file)
             .map_err(|e| io("flushing before the snapshot", e))?;
-        // The name must still lead to the image being served.
-        {
-            use std::os::unix::fs::MetadataExt;
-            let now = std::fs::metadata(&path).map_err(|e| io("stat", e))?;
-            if (now.dev(), now.ino()) != old.file.info().identity {
-                return Err(io(
-                    "taking the snapshot",
-                    io::Error::other("the image's name no longer leads to the image served"),
-                ));
-            }
-        }
+        still_named(&path, &old.file)?;
         let tmp = p.tmp.clone().expect("prepared");
         std::fs::hard_link(&path, &p.frozen).map_err(|e| io("naming the snapshot", e))?;
         if let Err(e) = sync_dir(&p.frozen) {

@@ -1,0 +1,405 @@
+//! Deleting and reverting a qcow2 node's snapshots while it serves (taking one is in the
+//! module root: [`Qcow2Disk::prepare_snapshot`]).
+//!
+//! A snapshot is a file of the chain, `stem@name.qcow2`: the disk as it was when it was
+//! taken, with the files below it. Deleting one pulls its data up into the image above it
+//! (QEMU's block-stream, with that image as the top): every cluster the snapshot holds and
+//! the image above does not is copied up, under that image's metadata lock, so a guest
+//! writing the top meanwhile is never overtaken (a cluster it has written is never
+//! copied over). Then the image above names the snapshot's backing file instead, and the
+//! chain in memory is rebuilt with the queues stopped. What every other snapshot and the
+//! disk read is the same before, during and after; a crash at any point leaves a chain
+//! that reads the same (the header is rewritten only once the copies are durable).
+//!
+//! Reverting puts a new, empty image over a snapshot in the disk's name and drops the
+//! images above the snapshot (newer snapshots and what the guest wrote since): done with
+//! no frontend connected, as a rollback of a failed deployment is.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::meta::Mapping;
+use super::{
+    create_file, io_error, open_backing, open_shared, read_header, snapshot_file, still_named,
+    sync_dir, Active, Backing, CreateOptions, Qcow2Disk, Shared,
+};
+use crate::disk::{AnyDisk, Disk, RawDisk};
+use crate::error::{StorageError, StorageErrorKind};
+
+/// One qcow2 image of the chain: its node's state and its file's name.
+struct Layer {
+    active: Arc<Active>,
+    path: PathBuf,
+}
+
+/// A snapshot's data copied up ([`Qcow2Disk::stream_snapshot`]), ready to leave the chain.
+pub struct PreparedDelete {
+    /// Index of the image above the snapshot in the chain (0: the top).
+    above: usize,
+    snapshot: PathBuf,
+    /// The chain below the snapshot, opened afresh (none: the snapshot had no backing).
+    below: Option<AnyDisk>,
+    /// The image above, reopened over `below` (when it is itself a snapshot: nothing
+    /// writes it, so it can be opened before the queues stop).
+    reopened: Option<Shared>,
+}
+
+impl PreparedDelete {
+    pub fn snapshot_file(&self) -> &Path {
+        &self.snapshot
+    }
+}
+
+fn err(kind: StorageErrorKind, msg: impl Into<String>) -> StorageError {
+    StorageError::new(kind, msg.into())
+}
+
+impl Qcow2Disk {
+    /// The qcow2 images of the chain from the top down.
+    fn layers(&self) -> Vec<Layer> {
+        let mut out = vec![Layer {
+            active: self.active.clone(),
+            path: PathBuf::from(&self.info.path),
+        }];
+        loop {
+            let cur = out.last().expect("the top").active.get();
+            match &cur.backing {
+                Some(AnyDisk::Qcow2(q)) => out.push(Layer {
+                    active: q.active.clone(),
+                    path: PathBuf::from(&q.info.path),
+                }),
+                _ => break,
+            }
+        }
+        out
+    }
+
+    /// Where snapshot `name` is in the chain (at least 1), with the chain.
+    fn find_snapshot(&self, name: &str) -> Result<(Vec<Layer>, usize), StorageError> {
+        if self.info.read_only {
+            return Err(err(
+                StorageErrorKind::InvalidArgument,
+                "a read-only disk's snapshots are not changed through it",
+            ));
+        }
+        if self.backing_mode == Backing::Without {
+            return Err(err(
+                StorageErrorKind::Unsupported,
+                "the disk is opened with backing=null: it does not read its snapshots",
+            ));
+        }
+        let layers = self.layers();
+        let file = snapshot_file(&layers[0].path, name)?;
+        match layers.iter().position(|l| l.path == file) {
+            Some(k) if k > 0 => Ok((layers, k)),
+            _ => Err(err(
+                StorageErrorKind::NotFound,
+                format!("no snapshot named {name:?} in the disk's chain"),
+            )),
+        }
+    }
+
+    /// Copies snapshot `name`'s data up into the image above it, while the guest runs, and
+    /// makes that image name the snapshot's backing file instead; [`commit_delete`]
+    /// (queues stopped) then takes the snapshot out of the chain in memory.
+    /// `progress(done, total)` (in clusters) returning false stops the copy: what was
+    /// copied stays (it reads the same) and the snapshot stays in the chain.
+    ///
+    /// [`commit_delete`]: Self::commit_delete
+    pub fn stream_snapshot(
+        &self,
+        name: &str,
+        progress: &mut dyn FnMut(u64, u64) -> bool,
+    ) -> Result<PreparedDelete, StorageError> {
+        let (layers, k) = self.find_snapshot(name)?;
+        let above = &layers[k - 1];
+        let snap = layers[k].active.get();
+        let io = |what: &str, e: io::Error| io_error(&above.path, what, e);
+        // The image the copies go to: the one being served at the top, or the snapshot
+        // above opened for writing (nothing else writes it; its node keeps reading it,
+        // which stays right: a cluster not copied yet is read from the snapshot as before).
+        let target: Arc<Shared> = if k == 1 {
+            self.active.get()
+        } else {
+            let engine = snap.file.info().engine;
+            let file = AnyDisk::Raw(RawDisk::open(&above.path, false, false, engine)?);
+            if file.info().identity != above.active.get().file.info().identity {
+                return Err(io(
+                    "opening for the copy",
+                    io::Error::other("the name no longer leads to the image in the chain"),
+                ));
+            }
+            let header = read_header(&file, &above.path, false)?;
+            Arc::new(open_shared(
+                file,
+                &above.path,
+                header,
+                false,
+                snap.l2_cache,
+                None,
+            )?)
+        };
+        let (new_backing, snap_size) = {
+            let m = snap.lock();
+            let format = m.header.backing_format.clone().or_else(|| {
+                snap.backing.as_ref().map(|b| {
+                    if b.info().format == "qcow2" {
+                        "qcow2"
+                    } else {
+                        "raw"
+                    }
+                    .to_string()
+                })
+            });
+            (m.header.backing_file.clone().zip(format), m.header.size)
+        };
+        // A snapshot's file time says when it was taken (the lifecycle and `snapshot list`
+        // read it): copies into one keep it.
+        let taken_at = (k > 1)
+            .then(|| {
+                std::fs::metadata(&above.path)
+                    .and_then(|m| m.modified())
+                    .ok()
+            })
+            .flatten();
+        let cluster = target.lock().cluster_size();
+        let size = snap_size.min(target.lock().header.size);
+        let total = size.div_ceil(cluster);
+        for i in 0..total {
+            if !progress(i, total) {
+                return Err(err(
+                    StorageErrorKind::Cancelled,
+                    format!("deleting snapshot {name:?}: stopped"),
+                ));
+            }
+            let at = i * cluster;
+            let theirs = {
+                let mut m = snap.lock();
+                m.lookup(&snap.file, at)
+                    .map_err(|e| io_error(&layers[k].path, "reading the snapshot", e))?
+            };
+            if theirs == Mapping::Unallocated {
+                continue;
+            }
+            let mut m = target.lock();
+            if m.lookup(&target.file, at).map_err(|e| io("reading", e))? != Mapping::Unallocated {
+                // Written above since the snapshot: what the image above reads already.
+                continue;
+            }
+            let done = theirs == Mapping::Zero
+                && m.zero_cluster(&target.file, at)
+                    .map_err(|e| io("copying up", e))?;
+            if !done {
+                m.writable_cluster(&target.file, at, &mut |_, buf| {
+                    super::queue::read_sync(&snap, buf, at)?;
+                    Ok(true)
+                })
+                .map_err(|e| io("copying up", e))?;
+            }
+        }
+        progress(total, total);
+        // The copies reach the disk, then the header names the snapshot's backing file:
+        // a crash before reads through the snapshot, after without it, the same data.
+        {
+            let mut m = target.lock();
+            m.flush(&target.file)
+                .map_err(|e| io("flushing the copies", e))?;
+            let mut first = vec![0u8; cluster as usize];
+            super::read_clamped(&target.file, &mut first, 0, cluster)
+                .map_err(|e| io("reading the header", e))?;
+            let b = new_backing.as_ref().map(|(n, f)| (n.as_str(), f.as_str()));
+            let rewritten = super::header::with_backing(&first, &m.header, b)
+                .map_err(|e| io("rewriting the header", io::Error::other(e.to_string())))?;
+            target
+                .file
+                .write_at(&rewritten, 0)
+                .and_then(|_| target.file.flush())
+                .map_err(|e| io("naming the new backing file", e))?;
+            m.header.backing_file = new_backing.as_ref().map(|(n, _)| n.clone());
+            m.header.backing_format = new_backing.as_ref().map(|(_, f)| f.clone());
+        }
+        if let Some(t) = taken_at {
+            if let Err(e) = std::fs::File::options()
+                .write(true)
+                .open(&above.path)
+                .and_then(|f| f.set_modified(t))
+            {
+                log::warn!("{}: cannot keep its time: {e}", above.path.display());
+            }
+        }
+        let below = match &new_backing {
+            Some((name, format)) => {
+                let path = if Path::new(name).is_absolute() {
+                    PathBuf::from(name)
+                } else {
+                    above.path.with_file_name(name)
+                };
+                Some(open_backing(&path, Some(format), k)?)
+            }
+            None => None,
+        };
+        let mut prepared = PreparedDelete {
+            above: k - 1,
+            snapshot: layers[k].path.clone(),
+            below,
+            reopened: None,
+        };
+        if k > 1 {
+            let engine = snap.file.info().engine;
+            let file = AnyDisk::Raw(RawDisk::open(&above.path, true, false, engine)?);
+            let header = read_header(&file, &above.path, true)?;
+            prepared.reopened = Some(open_shared(
+                file,
+                &above.path,
+                header,
+                true,
+                snap.l2_cache,
+                prepared.below.take(),
+            )?);
+        }
+        Ok(prepared)
+    }
+
+    /// Takes a streamed snapshot out of the chain in memory; the caller has stopped the
+    /// queues (nothing in flight), which follow at their next request. The snapshot's
+    /// file is left for [`remove_snapshot_file`] once the queues go on.
+    pub fn commit_delete(&self, mut p: PreparedDelete) -> Result<PathBuf, StorageError> {
+        let layers = self.layers();
+        let above = layers.get(p.above).ok_or_else(|| {
+            err(
+                StorageErrorKind::Io,
+                "the chain changed while the snapshot was deleted",
+            )
+        })?;
+        let new = match p.reopened.take() {
+            Some(shared) => shared,
+            None => {
+                // The top: what the guest wrote meanwhile reaches the disk, then the image
+                // is read again as it is there, over the chain below the snapshot.
+                let old = self.active.get();
+                let io = |what: &str, e: io::Error| io_error(&above.path, what, e);
+                old.lock().flush(&old.file).map_err(|e| io("flushing", e))?;
+                let engine = old.file.info().engine;
+                let file = AnyDisk::Raw(RawDisk::open(&above.path, false, false, engine)?);
+                if file.info().identity != old.file.info().identity {
+                    return Err(io(
+                        "reopening",
+                        io::Error::other("the image's name no longer leads to the image served"),
+                    ));
+                }
+                let header = read_header(&file, &above.path, false)?;
+                let shared = open_shared(
+                    file,
+                    &above.path,
+                    header,
+                    false,
+                    old.l2_cache,
+                    p.below.take(),
+                )?;
+                old.lock().freeze();
+                shared
+            }
+        };
+        *above
+            .active
+            .shared
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
+        above.active.generation.fetch_add(1, Ordering::Release);
+        Ok(p.snapshot.clone())
+    }
+
+    /// Puts the disk back as it was at snapshot `name`: a new, empty image over the
+    /// snapshot takes the disk's name, and the images that were above the snapshot (newer
+    /// snapshots, and the image the guest wrote since) are removed. The caller has made
+    /// sure no frontend is connected and stopped the queues. Returns the files removed.
+    pub fn revert_to_snapshot(&self, name: &str) -> Result<Vec<PathBuf>, StorageError> {
+        let (layers, k) = self.find_snapshot(name)?;
+        let top = self.active.get();
+        let path = layers[0].path.clone();
+        let io = |what: &str, e: io::Error| io_error(&path, what, e);
+        still_named(&path, &top.file)?;
+        let (size, cluster_size) = {
+            let m = top.lock();
+            (m.header.size, m.cluster_size())
+        };
+        let snapshot = &layers[k].path;
+        let snapshot_name = snapshot
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let file_name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let tmp = path.with_file_name(format!(".{file_name}.revert"));
+        let _ = std::fs::remove_file(&tmp);
+        let made = create_file(
+            &tmp,
+            &CreateOptions {
+                size,
+                cluster_size,
+                backing: Some((snapshot_name, "qcow2".into())),
+            },
+        )?;
+        let cleanup = |e: StorageError| {
+            let _ = std::fs::remove_file(&tmp);
+            e
+        };
+        {
+            use std::os::unix::fs::MetadataExt;
+            let was = std::fs::metadata(&path).map_err(|e| cleanup(io("stat", e)))?;
+            made.set_permissions(was.permissions())
+                .map_err(|e| cleanup(io("setting the new image's mode", e)))?;
+            let _ = std::os::unix::fs::fchown(&made, Some(was.uid()), Some(was.gid()));
+        }
+        use std::os::fd::AsRawFd;
+        let by_fd = PathBuf::from(format!("/proc/self/fd/{}", made.as_raw_fd()));
+        let engine = top.file.info().engine;
+        let opened = (|| {
+            let file = AnyDisk::Raw(RawDisk::open(&by_fd, false, false, engine)?);
+            let header = read_header(&file, &by_fd, false)?;
+            let below = open_backing(snapshot, Some("qcow2"), 1)?;
+            open_shared(file, &path, header, false, top.l2_cache, Some(below))
+        })()
+        .map_err(cleanup)?;
+        drop(made);
+        top.lock()
+            .flush(&top.file)
+            .map_err(|e| cleanup(io("flushing", e)))?;
+        std::fs::rename(&tmp, &path)
+            .map_err(|e| cleanup(io("putting the new image in place", e)))?;
+        *self
+            .active
+            .shared
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Arc::new(opened);
+        self.active.generation.fetch_add(1, Ordering::Release);
+        top.lock().freeze();
+        if let Err(e) = sync_dir(&path) {
+            log::error!(
+                "{}: reverted, but syncing its directory failed ({e}): a power cut now could \
+                 bring back the image as it was",
+                path.display()
+            );
+        }
+        // The newer snapshots go (their data is no longer the disk's past).
+        let mut removed = vec![];
+        for l in &layers[1..k] {
+            match std::fs::remove_file(&l.path) {
+                Ok(()) => removed.push(l.path.clone()),
+                Err(e) => log::warn!("{}: not removed after the revert: {e}", l.path.display()),
+            }
+        }
+        let _ = sync_dir(&path);
+        Ok(removed)
+    }
+}
+
+/// Removes a deleted snapshot's file (no longer in the chain) and makes that durable.
+pub fn remove_snapshot_file(file: &Path) -> io::Result<()> {
+    std::fs::remove_file(file)?;
+    sync_dir(file)
+}
