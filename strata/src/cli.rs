@@ -168,6 +168,25 @@ pub enum SnapshotCommand {
     /// Put a disk back as it was at a snapshot (admin; no frontend connected): what was
     /// written since, and the newer snapshots, are removed.
     Revert { disk: String, name: String },
+    /// Set a disk's snapshot policy (kept in the config), or remove it with --off.
+    Policy {
+        disk: String,
+        /// "every N" with a unit (s, m, h: "every 30m"), or "daily HH:MM" (UTC).
+        #[arg(long, required_unless_present = "off")]
+        schedule: Option<String>,
+        /// Delete policy snapshots older than this many days.
+        #[arg(long, value_name = "DAYS")]
+        retention: Option<u64>,
+        /// Keep at most this many policy snapshots (10 unless given).
+        #[arg(long, value_name = "N")]
+        max_snapshots: Option<u32>,
+        /// Minutes between clean-ups (1440 unless given).
+        #[arg(long, value_name = "MINUTES")]
+        cleanup_interval: Option<u64>,
+        /// Remove the policy (its snapshots stay).
+        #[arg(long, conflicts_with_all = ["schedule", "retention", "max_snapshots", "cleanup_interval"])]
+        off: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -99,7 +99,8 @@ fn run(cli: &Cli) -> Result<String, Failure> {
         } else {
             table(v)
         }
-    }; // Polls a job until it ends: its table when it is done, else a failure.
+    };
+    // Polls a job until it ends: its table when it is done, else a failure.
     let wait_for_job = |job_id: &str| -> Result<String, Failure> {
         let path = format!("/v1/jobs/{}", encode(job_id));
         loop {
@@ -195,6 +196,38 @@ fn run(cli: &Cli) -> Result<String, Failure> {
                      image above it)\n",
                     v["id"].as_str().unwrap_or("?"),
                     v["object"].as_str().unwrap_or("?")
+                )
+            })
+        }
+        Command::Snapshot(SnapshotCommand::Policy {
+            disk,
+            schedule,
+            retention,
+            max_snapshots,
+            cleanup_interval,
+            off,
+        }) => {
+            let body = if *off {
+                Value::Null
+            } else {
+                let mut p = json!({ "schedule": schedule });
+                for (k, v) in [
+                    ("retention", retention.map(Value::from)),
+                    ("max-snapshots", max_snapshots.map(Value::from)),
+                    ("cleanup-interval", cleanup_interval.map(Value::from)),
+                ] {
+                    if let Some(v) = v {
+                        p[k] = v;
+                    }
+                }
+                p
+            };
+            let path = format!("{}/snapshot-policy", disk_path(disk));
+            show(&api("PUT", &path, Some(body))?, |v| {
+                format!(
+                    "disk {}: snapshot policy {}\n",
+                    v["id"].as_str().unwrap_or("?"),
+                    v["config"]["snapshot-policy"]
                 )
             })
         }

@@ -212,3 +212,162 @@ fn check_prefixes(dir: &Path, taken: &[(String, u64, u64)]) {
         );
     }
 }
+
+/// The snapshot policy of a disk in the config, on a fast schedule (every 2 s, at most 3
+/// kept) while a client writes: snapshots come on schedule, named for their time, the
+/// oldest are merged away down to 3, the guest sees no error; after a restart the next is
+/// due one interval after the last, not at once.
+#[test]
+fn a_snapshot_policy_takes_them_on_schedule_and_keeps_at_most_its_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("vm.qcow2");
+    let (sock, api) = (dir.path().join("vm.sock"), dir.path().join("api.sock"));
+    qemu_img_ok(&["create", "-f", "qcow2", img.to_str().unwrap(), "64M"]);
+    let config = dir.path().join("vhost-blk.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "api-socket = \"{}\"\n[[disk]]\nid = \"vm\"\nsocket = \"{}\"\n\
+             disk = \"path={},format=qcow2\"\n\
+             snapshot-policy = {{ schedule = \"every 2s\", max-snapshots = 3 }}\n",
+            api.display(),
+            sock.display(),
+            img.display()
+        ),
+    )
+    .unwrap();
+    let start = || {
+        DaemonCommand::vhost_blk()
+            .unwrap_or_else(|e| panic!("{e}"))
+            .arg("--config")
+            .arg(&config)
+            .spawn()
+            .unwrap_or_else(|e| panic!("{e}"))
+    };
+    let autos = || -> Vec<u64> {
+        let v: serde_json::Value =
+            serde_json::from_str(&strata(&api, &["--json", "snapshot", "list", "vm"])).unwrap();
+        let mut times: Vec<u64> = v["snapshots"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                let name = s["name"].as_str().unwrap_or_default();
+                vhost_blk::lifecycle::taken_at(name)
+                    .unwrap_or_else(|| panic!("{name}: not a policy snapshot"))
+            })
+            .collect();
+        times.sort();
+        times
+    };
+    let mut daemon = start();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (stop, sock) = (stop.clone(), sock.clone());
+        std::thread::spawn(move || {
+            let mut c = Client::open(&sock, 1).expect("libblkio connects");
+            let q = c.queue(0);
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                q.write((n % 16384) * BLOCK as u64, &record(n))
+                    .unwrap_or_else(|e| panic!("record {n}: {e}"));
+                n += 1;
+            }
+        })
+    };
+    // Five intervals and more: at least five taken, the oldest merged away.
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    let taken_by_now = || {
+        let m = testkit::http::get(&api, "/metrics").unwrap().text();
+        testkit::http::parse_prometheus(&m)
+            .unwrap()
+            .into_iter()
+            .find(|s| {
+                s.name == "strata_blk_snapshot_operations_total"
+                    && s.labels.contains("op=\"create\"")
+                    && s.labels.contains("result=\"ok\"")
+            })
+            .map_or(0.0, |s| s.value)
+    };
+    while taken_by_now() < 5.0 {
+        assert!(std::time::Instant::now() < deadline, "{}", daemon.output());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    stop.store(true, Ordering::Relaxed);
+    writer.join().expect("the writer saw no error");
+    // The clean-up after the last one finishes (a job).
+    while autos().len() > 3 {
+        assert!(std::time::Instant::now() < deadline, "{:?}", autos());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let before = autos();
+    assert_eq!(before.len(), 3, "{before:?}");
+    for w in before.windows(2) {
+        assert!(
+            w[1] - w[0] >= 2,
+            "two policy snapshots within 2 s: {before:?}"
+        );
+    }
+    let status = daemon.terminate().unwrap();
+    assert!(status.success(), "{}", daemon.output());
+    qemu_img_ok(&["check", img.to_str().unwrap()]);
+
+    let mut daemon = start();
+    let last = *before.last().unwrap();
+    while autos().iter().all(|&t| t <= last) {
+        assert!(std::time::Instant::now() < deadline, "{}", daemon.output());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let after = autos();
+    let first_new = after.iter().find(|&&t| t > last).unwrap();
+    assert!(
+        *first_new >= last + 2,
+        "after a restart, one at {first_new}, less than an interval after {last}"
+    );
+
+    // Changed through the API and kept in the config; removed; a bad one refused.
+    strata(
+        &api,
+        &[
+            "snapshot",
+            "policy",
+            "vm",
+            "--schedule",
+            "daily 03:00",
+            "--max-snapshots",
+            "5",
+        ],
+    );
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(
+        text.contains(r#"snapshot-policy = { schedule = "daily 03:00", max-snapshots = 5 }"#),
+        "{text}"
+    );
+    let (ok, _, err) = strata_run(&api, &["snapshot", "policy", "vm", "--schedule", "weekly"]);
+    assert!(
+        !ok && err.contains("400") && err.contains("weekly"),
+        "{err}"
+    );
+    strata(&api, &["snapshot", "policy", "vm", "--off"]);
+    assert!(!std::fs::read_to_string(&config)
+        .unwrap()
+        .contains("snapshot-policy"));
+    let status = daemon.terminate().unwrap();
+    assert!(status.success(), "{}", daemon.output());
+
+    // A policy the daemon cannot run stops it at start, with one line.
+    std::fs::write(
+        &config,
+        text.replace(
+            r#"{ schedule = "daily 03:00", max-snapshots = 5 }"#,
+            r#"{ schedule = "daily 03:00", quiesce = false }"#,
+        ),
+    )
+    .unwrap();
+    let err =
+        testkit::daemon::expect_usage_error("vhost-blk", &["--config", config.to_str().unwrap()]);
+    assert!(
+        err.contains("snapshot-policy") && err.contains("quiesce"),
+        "{err}"
+    );
+}

@@ -39,6 +39,7 @@ pub const DISK_LIMITS: Operation = Operation::write("disk.limits", Role::Operato
 pub const HISTORY: Operation = Operation::read("history");
 pub const SNAPSHOT_LIST: Operation = Operation::read("snapshot.list");
 pub const SNAPSHOT_CREATE: Operation = Operation::write("snapshot.create", Role::Operator);
+pub const SNAPSHOT_POLICY: Operation = Operation::write("snapshot.policy", Role::Operator);
 pub const SNAPSHOT_DELETE: Operation = Operation::write("snapshot.delete", Role::Operator);
 /// Throws away what the guest wrote since the snapshot, and the newer snapshots.
 pub const SNAPSHOT_REVERT: Operation = Operation::write("snapshot.revert", Role::Admin);
@@ -119,6 +120,11 @@ pub const ROUTES: &[Route] = &[
         method: "DELETE",
         path: "/v1/disks/{id}/snapshots/{name}",
         op: SNAPSHOT_DELETE,
+    },
+    Route {
+        method: "PUT",
+        path: "/v1/disks/{id}/snapshot-policy",
+        op: SNAPSHOT_POLICY,
     },
     Route {
         method: "POST",
@@ -219,6 +225,7 @@ fn handler(route: &Route) -> MethodRouter<Arc<DiskSet>> {
         ("GET", "snapshot.list") => get(snapshots),
         ("POST", "snapshot.create") => post(take_snapshot),
         ("DELETE", "snapshot.delete") => delete(delete_snapshot),
+        ("PUT", "snapshot.policy") => put(snapshot_policy),
         ("POST", "snapshot.revert") => post(revert_snapshot),
         ("POST", "disk.add") => post(add),
         ("GET", "disk.get") => get(show),
@@ -475,7 +482,8 @@ async fn delete_snapshot(
     UrlPath((id, name)): UrlPath<(String, String)>,
 ) -> Result<Response, ApiError> {
     let d = served(&disks, &id)?;
-    // Refusals that need no copying come back at once, not as a failed job.
+    // An unknown snapshot or a disk that is not qcow2 is refused at once; the other
+    // refusals (a resize or snapshot under way, a read-only disk) end the job as failed.
     let listed = d.clone();
     let known = http::blocking(move || listed.snapshots())
         .await?
@@ -592,6 +600,21 @@ async fn disk_limits(
     Ok(Json(disk_json(&d)))
 }
 
+/// Sets a disk's snapshot policy (`null` removes it).
+async fn snapshot_policy(
+    State(disks): Disks,
+    UrlPath(id): UrlPath<String>,
+    JsonBody(text): JsonBody<Option<crate::lifecycle::PolicyText>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let set = disks.clone();
+    let id2 = id.clone();
+    http::blocking(move || set.set_snapshot_policy(&id2, text))
+        .await?
+        .map_err(set_error)?;
+    let d = served(&disks, &id)?;
+    Ok(Json(disk_json(&d)))
+}
+
 fn group_json(g: &storage_core::throttle::ThrottleGroup, members: &[String]) -> serde_json::Value {
     serde_json::json!({
         "name": g.name(),
@@ -653,7 +676,7 @@ fn set_error(e: SetError) -> ApiError {
         SetError::Persist { .. } | SetError::Stop { .. } | SetError::AddThrottle(..) => {
             StatusCode::INTERNAL_SERVER_ERROR
         }
-        SetError::BadLimits(_) => StatusCode::BAD_REQUEST,
+        SetError::BadLimits(_) | SetError::BadPolicy(..) => StatusCode::BAD_REQUEST,
         SetError::Forbidden(_) => StatusCode::FORBIDDEN,
         SetError::JobRunning(..) | SetError::Job(_) => StatusCode::CONFLICT,
         SetError::GroupLimits(..) => StatusCode::CONFLICT,

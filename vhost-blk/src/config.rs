@@ -98,6 +98,9 @@ pub struct DiskText {
     /// disk gets a throttle node of its own at its root, whose limits the API can change.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<LimitsText>,
+    /// Snapshots on a schedule, and how many to keep (qcow2 disks; see `lifecycle`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_policy: Option<crate::lifecycle::PolicyText>,
     /// Added through the API by an operator (set by the daemon): its files are checked as
     /// an operator's again whenever the daemon starts (see `admission`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -126,6 +129,7 @@ pub struct DiskConfig {
     pub queue_size: u16,
     pub queue_depth: u32,
     pub poll: Duration,
+    pub policy: Option<crate::lifecycle::SnapshotPolicy>,
 }
 
 impl DiskConfig {
@@ -192,6 +196,8 @@ pub enum ConfigError {
     },
     #[error("disk {id:?}: limits: {message}")]
     Limits { id: String, message: String },
+    #[error("disk {id:?}: snapshot-policy: {message}")]
+    Policy { id: String, message: String },
     #[error("disk id {0:?}: use 1 to 64 letters, digits, '.', '_' or '-'")]
     Id(String),
     #[error("disk {0:?}: queues must be between 1 and 64 (not {1})")]
@@ -281,6 +287,26 @@ impl DiskText {
                 },
             };
         }
+        let policy = match &self.snapshot_policy {
+            Some(text) => {
+                let qcow2_root = match &spec.root {
+                    NodeSpec::Qcow2 { .. } => true,
+                    NodeSpec::Throttle { child, .. } => matches!(**child, NodeSpec::Qcow2 { .. }),
+                    _ => false,
+                };
+                if !qcow2_root {
+                    return Err(ConfigError::Policy {
+                        id,
+                        message: "snapshots are of qcow2 disks (format=qcow2)".into(),
+                    });
+                }
+                Some(text.check().map_err(|message| ConfigError::Policy {
+                    id: id.clone(),
+                    message,
+                })?)
+            }
+            None => None,
+        };
         let queues = self.queues.unwrap_or(1);
         if !(1..=64).contains(&queues) {
             return Err(ConfigError::Queues(id, queues));
@@ -304,6 +330,7 @@ impl DiskText {
             queue_size,
             queue_depth,
             poll: Duration::from_micros(poll_us),
+            policy,
         })
     }
 }
@@ -366,6 +393,7 @@ impl TryFrom<Cli> for Config {
                     queue_depth: None,
                     poll_us: None,
                     limits: None,
+                    snapshot_policy: None,
                     added_by_operator: false,
                 };
                 Config {

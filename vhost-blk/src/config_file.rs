@@ -365,6 +365,43 @@ impl ConfigWriter {
     /// Sets (or, with `None`, removes) a disk's `limits`.
     pub fn set_disk_limits(&self, id: &str, limits: Option<&LimitsText>) -> Result<(), FileError> {
         let value = limits.map(limits_table).transpose()?;
+        self.set_disk_key(id, "limits", value)
+    }
+
+    /// Sets (or, with `None`, removes) a disk's `snapshot-policy`.
+    pub fn set_disk_policy(
+        &self,
+        id: &str,
+        policy: Option<&crate::lifecycle::PolicyText>,
+    ) -> Result<(), FileError> {
+        let value = policy.map(|p| {
+            let mut t = toml_edit::InlineTable::new();
+            t.insert("schedule", p.schedule.as_str().into());
+            let ints = [
+                ("retention", p.retention),
+                ("max-snapshots", p.max_snapshots.map(u64::from)),
+                ("cleanup-interval", p.cleanup_interval),
+            ];
+            for (k, v) in ints {
+                if let Some(v) = v {
+                    t.insert(k, (v.min(i64::MAX as u64) as i64).into());
+                }
+            }
+            if let Some(q) = p.quiesce {
+                t.insert("quiesce", q.into());
+            }
+            t
+        });
+        self.set_disk_key(id, "snapshot-policy", value)
+    }
+
+    /// Sets (or, with `None`, removes) `key` of a disk's `[[disk]]` table.
+    fn set_disk_key(
+        &self,
+        id: &str,
+        key: &str,
+        value: Option<toml_edit::InlineTable>,
+    ) -> Result<(), FileError> {
         self.edit(|doc| {
             let Some(table) = doc
                 .get_mut("disk")
@@ -377,8 +414,8 @@ impl ConfigWriter {
                 return Err(format!("no disk {id:?} in the file"));
             };
             match value {
-                Some(v) => table.insert("limits", toml_edit::Item::Value(v.into())),
-                None => table.remove("limits"),
+                Some(v) => table.insert(key, toml_edit::Item::Value(v.into())),
+                None => table.remove(key),
             };
             Ok(())
         })
@@ -577,6 +614,7 @@ mod tests {
             queue_depth: None,
             poll_us: None,
             limits: None,
+            snapshot_policy: None,
             added_by_operator: false,
         };
         w.add_disk(&b).unwrap();

@@ -46,6 +46,8 @@ pub enum SetError {
     Stop { id: String, source: anyhow::Error },
     #[error("{0}")]
     BadLimits(String),
+    #[error("disk {0:?}: snapshot-policy: {1}")]
+    BadPolicy(String, String),
     #[error("{0}")]
     Forbidden(String),
     #[error("disk {0:?} has a job running ({1}): wait for it or cancel it")]
@@ -321,6 +323,44 @@ impl DiskSet {
         Ok(())
     }
 
+    /// Sets (or, with `None`, removes) a disk's snapshot policy and keeps it; the policy
+    /// thread follows at its next pass.
+    pub fn set_snapshot_policy(
+        &self,
+        id: &str,
+        text: Option<crate::lifecycle::PolicyText>,
+    ) -> Result<(), SetError> {
+        let _order = lock(&self.limits_order);
+        let d = self
+            .get(id)
+            .ok_or_else(|| SetError::NotFound(id.to_owned()))?;
+        let policy = match &text {
+            Some(t) => {
+                if d.device.disk.qcow2().is_none() {
+                    return Err(SetError::BadPolicy(
+                        id.to_owned(),
+                        "snapshots are of qcow2 disks (format=qcow2)".into(),
+                    ));
+                }
+                Some(
+                    t.check()
+                        .map_err(|e| SetError::BadPolicy(id.to_owned(), e))?,
+                )
+            }
+            None => None,
+        };
+        d.set_snapshot_policy(text.clone(), policy);
+        if let Some(w) = &self.writer {
+            w.set_disk_policy(id, text.as_ref())
+                .map_err(|source| SetError::Persist {
+                    what: format!("disk {id:?}'s snapshot policy changed"),
+                    source,
+                })?;
+        }
+        log::info!("disk {id}: snapshot policy set to {text:?}");
+        Ok(())
+    }
+
     /// The named throttle groups the disks use, with their members.
     pub fn groups(&self) -> Vec<(Arc<ThrottleGroup>, Vec<String>)> {
         let mut out: Vec<(Arc<ThrottleGroup>, Vec<String>)> = Vec::new();
@@ -413,6 +453,7 @@ pub struct Daemon {
     stop: Arc<EventFd>,
     api: Option<(std::path::PathBuf, SocketFile)>,
     history: Arc<crate::history::History>,
+    lifecycle: crate::lifecycle::Lifecycle,
 }
 
 impl Daemon {
@@ -450,6 +491,8 @@ impl Daemon {
         history
             .start(disks.clone())
             .context("cannot start the history thread")?;
+        let lifecycle = crate::lifecycle::Lifecycle::start(disks.clone())
+            .context("cannot start the snapshot policy thread")?;
         let api = match &config.api_socket {
             Some(path) => Some((
                 path.clone(),
@@ -474,11 +517,12 @@ impl Daemon {
             stop,
             api,
             history,
+            lifecycle,
         })
     }
 
     /// Serves until a termination signal; then every disk drains and flushes.
-    pub fn run(self) -> Result<()> {
+    pub fn run(mut self) -> Result<()> {
         for d in self.disks.list() {
             eprintln!(
                 "vhost-blk: disk {} listening on {}",
@@ -492,6 +536,8 @@ impl Daemon {
         self.stop
             .read()
             .context("waiting for a termination signal")?;
+        // No policy snapshot starts once shutdown began (one under way ends first).
+        self.lifecycle.stop();
         // The period under way goes into the trend before the disks go.
         self.history.close(&self.disks.list());
         self.disks.stop_all()?;

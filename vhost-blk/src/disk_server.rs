@@ -53,6 +53,11 @@ pub struct DiskServer {
     pub incarnation: u64,
     /// The limits set through the API since start (`config.text.limits` until then).
     limits_text: Mutex<Option<crate::config::LimitsText>>,
+    /// The snapshot policy as given and as checked (the config's until the API sets one).
+    policy: Mutex<(
+        Option<crate::lifecycle::PolicyText>,
+        Option<crate::lifecycle::SnapshotPolicy>,
+    )>,
     _socket_file: SocketFile,
 }
 
@@ -162,6 +167,7 @@ impl DiskServer {
             .spawn(move || serving.run())
             .context("cannot start the disk's thread")?;
         let limits_text = config.text.limits.clone();
+        let policy = Mutex::new((config.text.snapshot_policy.clone(), config.policy.clone()));
         Ok(DiskServer {
             config,
             device,
@@ -176,6 +182,7 @@ impl DiskServer {
                 NEXT.fetch_add(1, Ordering::Relaxed)
             },
             limits_text: Mutex::new(limits_text),
+            policy,
             _socket_file: socket_file,
         })
     }
@@ -188,6 +195,7 @@ impl DiskServer {
     pub fn text(&self) -> crate::config::DiskText {
         let mut text = self.config.text.clone();
         text.limits = lock(&self.limits_text).clone();
+        text.snapshot_policy = lock(&self.policy).0.clone();
         text
     }
 
@@ -301,6 +309,7 @@ impl DiskServer {
         let qcow2 = self.qcow2()?;
         let stats = &self.snapshots;
         let result = qcow2.stream_snapshot(name, progress).and_then(|prepared| {
+            let file = prepared.snapshot_file().to_owned();
             self.backend
                 .paused(|_| qcow2.commit_delete(prepared))
                 .map_err(|e| {
@@ -310,13 +319,19 @@ impl DiskServer {
                     )
                 })
                 .and_then(|r| r)
+                .inspect_err(|_| {
+                    // The image above no longer names the snapshot on disk: the next start
+                    // would not see it. Its file goes now (what is open stays readable
+                    // until a retry, which finds nothing more to copy, takes it out).
+                    let _ = storage_core::qcow2::remove_snapshot_file(&file);
+                })
         });
         match result {
             Ok(file) => {
                 stats.deleted.fetch_add(1, Ordering::Relaxed);
                 if let Err(e) = storage_core::qcow2::remove_snapshot_file(&file) {
                     log::warn!(
-                        "disk {}: snapshot {name:?} is out of the chain, but its file {}                          stays: {e}",
+                        "disk {}: snapshot {name:?} is out of the chain, but its file {} stays: {e}",
                         self.id(),
                         file.display()
                     );
@@ -433,18 +448,35 @@ impl DiskServer {
     /// How many images of the qcow2 chain are snapshots (named `stem@NAME.qcow2`), from the
     /// chain in memory; `None` for a disk not qcow2.
     pub fn snapshot_count(&self) -> Option<usize> {
-        let qcow2 = self.device.disk.qcow2()?;
+        self.device.disk.qcow2()?;
+        Some(self.snapshot_names().len())
+    }
+
+    /// The names of the disk's snapshots, nearest first, from the chain in memory (no file
+    /// system call); none for a disk that is not qcow2.
+    pub fn snapshot_names(&self) -> Vec<String> {
+        let Some(qcow2) = self.device.disk.qcow2() else {
+            return Vec::new();
+        };
         let top = std::path::PathBuf::from(self.device.info().path.clone());
-        Some(
-            qcow2
-                .chain()
-                .iter()
-                .filter(|c| {
-                    storage_core::qcow2::snapshot_name(&top, std::path::Path::new(&c.path))
-                        .is_some()
-                })
-                .count(),
-        )
+        qcow2
+            .chain()
+            .iter()
+            .filter_map(|c| storage_core::qcow2::snapshot_name(&top, std::path::Path::new(&c.path)))
+            .collect()
+    }
+
+    /// The snapshot policy the disk runs now.
+    pub fn snapshot_policy(&self) -> Option<crate::lifecycle::SnapshotPolicy> {
+        lock(&self.policy).1.clone()
+    }
+
+    pub(crate) fn set_snapshot_policy(
+        &self,
+        text: Option<crate::lifecycle::PolicyText>,
+        policy: Option<crate::lifecycle::SnapshotPolicy>,
+    ) {
+        *lock(&self.policy) = (text, policy);
     }
 
     /// The disk's snapshots (the qcow2 chain's images named `stem@NAME.qcow2`), nearest

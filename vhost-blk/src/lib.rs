@@ -8,7 +8,7 @@
 //! share; [`api`] is the management API ([`admission`]: what a disk added through it may touch); [`config`] checks the command line and each disk,
 //! [`config_file`] reads the config file and writes disk changes back; [`space`] watches
 //! the free space under each disk's files; [`history`] keeps what the dashboard
-//! ([`dashboard`]) shows.
+//! ([`dashboard`]) shows; [`lifecycle`] runs the disks' snapshot policies.
 
 pub mod admission;
 pub mod api;
@@ -20,6 +20,7 @@ pub mod dashboard;
 pub mod device;
 pub mod disk_server;
 pub mod history;
+pub mod lifecycle;
 pub mod request;
 pub mod space;
 pub mod virtio_blk;

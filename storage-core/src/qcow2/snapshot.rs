@@ -141,7 +141,7 @@ impl Qcow2Disk {
                 None,
             )?)
         };
-        let (new_backing, snap_size) = {
+        let (new_backing, snap_size, snap_cluster) = {
             let m = snap.lock();
             let format = m.header.backing_format.clone().or_else(|| {
                 snap.backing.as_ref().map(|b| {
@@ -153,8 +153,22 @@ impl Qcow2Disk {
                     .to_string()
                 })
             });
-            (m.header.backing_file.clone().zip(format), m.header.size)
+            // A relative name is the snapshot's directory's: the same for the image above
+            // unless a chain made by hand put it elsewhere.
+            let name = m.header.backing_file.clone().map(|n| {
+                if Path::new(&n).is_absolute() || layers[k].path.parent() == above.path.parent() {
+                    n
+                } else {
+                    layers[k]
+                        .path
+                        .with_file_name(&n)
+                        .to_string_lossy()
+                        .into_owned()
+                }
+            });
+            (name.zip(format), m.header.size, m.cluster_size())
         };
+        let new_name = new_backing.as_ref().map(|(n, f)| (n.as_str(), f.as_str()));
         // A snapshot's file time says when it was taken (the lifecycle and `snapshot list`
         // read it): copies into one keep it.
         let taken_at = (k > 1)
@@ -165,39 +179,59 @@ impl Qcow2Disk {
             })
             .flatten();
         let cluster = target.lock().cluster_size();
+        if cluster != snap_cluster {
+            return Err(err(
+                StorageErrorKind::Unsupported,
+                format!(
+                    "the snapshot's clusters are {snap_cluster} bytes and the image above's \
+                     {cluster}: deleting it is supported only where they match"
+                ),
+            ));
+        }
+        // Whether the header can name the new backing file is found out before copying.
+        let header_naming = |m: &super::meta::Meta| -> Result<Vec<u8>, StorageError> {
+            let mut first = vec![0u8; cluster as usize];
+            super::read_clamped(&target.file, &mut first, 0, cluster)
+                .map_err(|e| io("reading the header", e))?;
+            super::header::with_backing(&first, &m.header, new_name).map_err(|e| {
+                io(
+                    "naming the new backing file",
+                    io::Error::other(e.to_string()),
+                )
+            })
+        };
+        header_naming(&target.lock())?;
+        // The daemon's own node of a snapshot above reads its file as the copies grow it:
+        // its queues must take requests that far.
+        let reader_size = (k > 1).then(|| above.active.get().file.info().capacity.clone());
+        let follow_growth = || {
+            if let Some(r) = &reader_size {
+                let grown = target.file.info().capacity.get();
+                if r.get() < grown {
+                    r.set(grown);
+                }
+            }
+        };
         let size = snap_size.min(target.lock().header.size);
         let total = size.div_ceil(cluster);
-        for i in 0..total {
-            if !progress(i, total) {
-                return Err(err(
+        let copied = copy_up(&snap, &target, cluster, total, &mut |i| {
+            follow_growth();
+            progress(i, total)
+        });
+        follow_growth();
+        if let Err(e) = copied {
+            if k > 1 {
+                // What was copied is kept consistent (not leaked) for the next try.
+                let _ = target.lock().flush(&target.file);
+            }
+            return Err(match e {
+                CopyError::Stopped => err(
                     StorageErrorKind::Cancelled,
                     format!("deleting snapshot {name:?}: stopped"),
-                ));
-            }
-            let at = i * cluster;
-            let theirs = {
-                let mut m = snap.lock();
-                m.lookup(&snap.file, at)
-                    .map_err(|e| io_error(&layers[k].path, "reading the snapshot", e))?
-            };
-            if theirs == Mapping::Unallocated {
-                continue;
-            }
-            let mut m = target.lock();
-            if m.lookup(&target.file, at).map_err(|e| io("reading", e))? != Mapping::Unallocated {
-                // Written above since the snapshot: what the image above reads already.
-                continue;
-            }
-            let done = theirs == Mapping::Zero
-                && m.zero_cluster(&target.file, at)
-                    .map_err(|e| io("copying up", e))?;
-            if !done {
-                m.writable_cluster(&target.file, at, &mut |_, buf| {
-                    super::queue::read_sync(&snap, buf, at)?;
-                    Ok(true)
-                })
-                .map_err(|e| io("copying up", e))?;
-            }
+                ),
+                CopyError::Snapshot(e) => io_error(&layers[k].path, "reading the snapshot", e),
+                CopyError::Above(e) => io("copying up", e),
+            });
         }
         progress(total, total);
         // The copies reach the disk, then the header names the snapshot's backing file:
@@ -206,12 +240,7 @@ impl Qcow2Disk {
             let mut m = target.lock();
             m.flush(&target.file)
                 .map_err(|e| io("flushing the copies", e))?;
-            let mut first = vec![0u8; cluster as usize];
-            super::read_clamped(&target.file, &mut first, 0, cluster)
-                .map_err(|e| io("reading the header", e))?;
-            let b = new_backing.as_ref().map(|(n, f)| (n.as_str(), f.as_str()));
-            let rewritten = super::header::with_backing(&first, &m.header, b)
-                .map_err(|e| io("rewriting the header", io::Error::other(e.to_string())))?;
+            let rewritten = header_naming(&m)?;
             target
                 .file
                 .write_at(&rewritten, 0)
@@ -267,12 +296,15 @@ impl Qcow2Disk {
     /// file is left for [`remove_snapshot_file`] once the queues go on.
     pub fn commit_delete(&self, mut p: PreparedDelete) -> Result<PathBuf, StorageError> {
         let layers = self.layers();
-        let above = layers.get(p.above).ok_or_else(|| {
-            err(
-                StorageErrorKind::Io,
-                "the chain changed while the snapshot was deleted",
-            )
-        })?;
+        let above = match (layers.get(p.above), layers.get(p.above + 1)) {
+            (Some(above), Some(snap)) if snap.path == p.snapshot => above,
+            _ => {
+                return Err(err(
+                    StorageErrorKind::Io,
+                    "the chain changed while the snapshot was deleted",
+                ))
+            }
+        };
         let new = match p.reopened.take() {
             Some(shared) => shared,
             None => {
@@ -396,6 +428,54 @@ impl Qcow2Disk {
         let _ = sync_dir(&path);
         Ok(removed)
     }
+}
+
+/// Why copying up stopped.
+enum CopyError {
+    Stopped,
+    Snapshot(io::Error),
+    Above(io::Error),
+}
+
+/// Copies up, cluster by cluster (`total` of `cluster` bytes, the same size in both), what
+/// `snap` holds itself and `above` does not; `next(i)` before cluster `i`, false to stop.
+/// Each cluster is looked at and copied under `above`'s metadata lock, so a cluster the
+/// guest wrote there meanwhile is never overtaken.
+fn copy_up(
+    snap: &Shared,
+    above: &Shared,
+    cluster: u64,
+    total: u64,
+    next: &mut dyn FnMut(u64) -> bool,
+) -> Result<(), CopyError> {
+    for i in 0..total {
+        if !next(i) {
+            return Err(CopyError::Stopped);
+        }
+        let at = i * cluster;
+        let theirs = snap
+            .lock()
+            .lookup(&snap.file, at)
+            .map_err(CopyError::Snapshot)?;
+        if theirs == Mapping::Unallocated {
+            continue;
+        }
+        let mut m = above.lock();
+        if m.lookup(&above.file, at).map_err(CopyError::Above)? != Mapping::Unallocated {
+            // Written above since the snapshot: what the image above reads already.
+            continue;
+        }
+        let done =
+            theirs == Mapping::Zero && m.zero_cluster(&above.file, at).map_err(CopyError::Above)?;
+        if !done {
+            m.writable_cluster(&above.file, at, &mut |_, buf| {
+                super::queue::read_sync(snap, buf, at)?;
+                Ok(true)
+            })
+            .map_err(CopyError::Above)?;
+        }
+    }
+    Ok(())
 }
 
 /// Removes a deleted snapshot's file (no longer in the chain) and makes that durable.
