@@ -543,6 +543,12 @@ async fn take_snapshot(
     JsonBody(body): JsonBody<SnapshotBody>,
 ) -> Result<Response, ApiError> {
     let d = served(&disks, &id)?;
+    if crate::lifecycle::taken_at(&body.name).is_some() {
+        return Err(ApiError::bad_request(format!(
+            "snapshot name {:?}: names auto-YYYYMMDDTHHMMSSZ are the snapshot policy's",
+            body.name
+        )));
+    }
     let name = body.name.clone();
     let taken = http::blocking(move || d.snapshot(&name))
         .await?

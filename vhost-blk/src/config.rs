@@ -119,6 +119,36 @@ pub fn parse_limits(text: &LimitsText) -> Result<ThrottleLimits, LimitError> {
     limits.check()
 }
 
+/// A snapshot policy for the disk `spec` describes: refused where a snapshot would be
+/// refused every time (not qcow2, backing=null, read-only, an operator's disk).
+pub fn check_policy(
+    spec: &DiskSpec,
+    added_by_operator: bool,
+    text: &crate::lifecycle::PolicyText,
+) -> Result<crate::lifecycle::SnapshotPolicy, String> {
+    let qcow2_root = match &spec.root {
+        NodeSpec::Qcow2 { backing, .. } => Some(backing),
+        NodeSpec::Throttle { child, .. } => match &**child {
+            NodeSpec::Qcow2 { backing, .. } => Some(backing),
+            _ => None,
+        },
+        _ => None,
+    };
+    let refusal = match qcow2_root {
+        None => Some("snapshots are of qcow2 disks (format=qcow2)"),
+        Some(storage_core::qcow2::Backing::Without) => {
+            Some("the disk is opened with backing=null, which takes no snapshots")
+        }
+        Some(_) if spec.read_only => Some("a read-only disk takes no snapshots"),
+        Some(_) if added_by_operator => Some("an operator's disk takes no snapshots yet"),
+        Some(_) => None,
+    };
+    match refusal {
+        Some(m) => Err(m.into()),
+        None => text.check(),
+    }
+}
+
 /// One disk, checked.
 #[derive(Debug, Clone)]
 pub struct DiskConfig {
@@ -288,23 +318,12 @@ impl DiskText {
             };
         }
         let policy = match &self.snapshot_policy {
-            Some(text) => {
-                let qcow2_root = match &spec.root {
-                    NodeSpec::Qcow2 { .. } => true,
-                    NodeSpec::Throttle { child, .. } => matches!(**child, NodeSpec::Qcow2 { .. }),
-                    _ => false,
-                };
-                if !qcow2_root {
-                    return Err(ConfigError::Policy {
-                        id,
-                        message: "snapshots are of qcow2 disks (format=qcow2)".into(),
-                    });
-                }
-                Some(text.check().map_err(|message| ConfigError::Policy {
+            Some(text) => Some(check_policy(&spec, self.added_by_operator, text).map_err(
+                |message| ConfigError::Policy {
                     id: id.clone(),
                     message,
-                })?)
-            }
+                },
+            )?),
             None => None,
         };
         let queues = self.queues.unwrap_or(1);

@@ -210,6 +210,14 @@ impl DiskSet {
         Ok(server)
     }
 
+    /// Whether a job is running on disk `id`.
+    pub fn has_running_job(&self, id: &str) -> bool {
+        self.jobs
+            .list()
+            .iter()
+            .any(|j| j.object == id && j.state() == daemon_support::jobs::JobState::Running)
+    }
+
     /// Starts a job on a disk, under the set's lock: not on a disk being removed, nor once
     /// shutdown began (a removal checks for jobs under the same lock).
     pub fn start_disk_job(
@@ -335,18 +343,10 @@ impl DiskSet {
             .get(id)
             .ok_or_else(|| SetError::NotFound(id.to_owned()))?;
         let policy = match &text {
-            Some(t) => {
-                if d.device.disk.qcow2().is_none() {
-                    return Err(SetError::BadPolicy(
-                        id.to_owned(),
-                        "snapshots are of qcow2 disks (format=qcow2)".into(),
-                    ));
-                }
-                Some(
-                    t.check()
-                        .map_err(|e| SetError::BadPolicy(id.to_owned(), e))?,
-                )
-            }
+            Some(t) => Some(
+                crate::config::check_policy(&d.config.spec, d.config.text.added_by_operator, t)
+                    .map_err(|e| SetError::BadPolicy(id.to_owned(), e))?,
+            ),
             None => None,
         };
         d.set_snapshot_policy(text.clone(), policy);

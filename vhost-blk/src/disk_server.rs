@@ -381,6 +381,13 @@ impl DiskServer {
     /// the snapshot's name with a new image on top (`storage_core::qcow2::Qcow2Disk::
     /// snapshot`), and the queues go on.
     pub fn snapshot(&self, name: &str) -> Result<SnapshotTaken, ResizeError> {
+        // Every refusal counts as a failed snapshot (a busy disk, a chain too deep...).
+        self.take_snapshot(name).inspect_err(|_| {
+            self.snapshots.failed.fetch_add(1, Ordering::Relaxed);
+        })
+    }
+
+    fn take_snapshot(&self, name: &str) -> Result<SnapshotTaken, ResizeError> {
         let _one_at_a_time = self.one_change_at_a_time()?;
         let qcow2 = self.qcow2()?;
         // Checks, the new image, and most of the flushing happen while the guest still
@@ -388,7 +395,6 @@ impl DiskServer {
         let prepared = qcow2.prepare_snapshot(name).map_err(ResizeError::Disk)?;
         let stats = &self.snapshots;
         if let Err(e) = self.device.disk.flush() {
-            stats.failed.fetch_add(1, Ordering::Relaxed);
             return Err(ResizeError::Disk(storage_core::error::StorageError::new(
                 storage_core::error::StorageErrorKind::Io,
                 format!("flushing before the snapshot: {e}"),
@@ -423,10 +429,7 @@ impl DiskServer {
                 );
                 Ok(SnapshotTaken { file, pause })
             }
-            Err(e) => {
-                stats.failed.fetch_add(1, Ordering::Relaxed);
-                Err(ResizeError::Disk(e))
-            }
+            Err(e) => Err(ResizeError::Disk(e)),
         }
     }
 

@@ -48,12 +48,13 @@ impl std::str::FromStr for Schedule {
             let (digits, unit) =
                 n.split_at(n.find(|c: char| !c.is_ascii_digit()).unwrap_or(n.len()));
             let count: u64 = digits.parse().map_err(|_| bad())?;
-            let secs = match unit {
-                "s" => count,
-                "m" => count * 60,
-                "h" => count * 3600,
+            let per = match unit {
+                "s" => 1,
+                "m" => 60,
+                "h" => 3600,
                 _ => return Err(bad()),
             };
+            let secs = count.saturating_mul(per);
             if secs == 0 || secs > 366 * 86400 {
                 return Err(format!("schedule {s:?}: from 1 s to a year"));
             }
@@ -106,15 +107,25 @@ impl PolicyText {
             );
         }
         let max_snapshots = self.max_snapshots.unwrap_or(DEFAULT_MAX_SNAPSHOTS);
-        if max_snapshots == 0 {
-            return Err("max-snapshots = 0: keep at least one".into());
+        // The chain holds at most MAX_CHAIN images: the top, a base, and the snapshots.
+        let most = storage_core::qcow2::MAX_CHAIN as u32 - 2;
+        if !(1..=most).contains(&max_snapshots) {
+            return Err(format!(
+                "max-snapshots = {max_snapshots}: from 1 to {most} (a chain holds at most {} \
+                 images)",
+                storage_core::qcow2::MAX_CHAIN
+            ));
         }
-        if self.retention == Some(0) {
-            return Err("retention = 0 (days): keep them at least a day, or leave it out".into());
+        if let Some(days) = self.retention {
+            if !(1..=36500).contains(&days) {
+                return Err(format!("retention = {days} (days): from 1 to 36500"));
+            }
         }
         let minutes = self.cleanup_interval.unwrap_or(DEFAULT_CLEANUP_MINUTES);
-        if minutes == 0 {
-            return Err("cleanup-interval = 0 (minutes)".into());
+        if !(1..=525_600).contains(&minutes) {
+            return Err(format!(
+                "cleanup-interval = {minutes} (minutes): from 1 to 525600 (a year)"
+            ));
         }
         Ok(SnapshotPolicy {
             schedule: self.schedule.parse()?,
@@ -136,7 +147,7 @@ pub fn auto_name(unix: u64) -> String {
 pub fn taken_at(name: &str) -> Option<u64> {
     let s = name.strip_prefix(PREFIX)?;
     let b = s.as_bytes();
-    if b.len() != 16 || b[8] != b'T' || b[15] != b'Z' {
+    if b.len() != 16 || !s.is_ascii() || b[8] != b'T' || b[15] != b'Z' {
         return None;
     }
     let text = format!(
@@ -161,7 +172,7 @@ pub fn taken_at(name: &str) -> Option<u64> {
 /// only once: the next counts from the one then taken.
 pub fn next_due(schedule: Schedule, last: Option<u64>, since: u64) -> u64 {
     match schedule {
-        Schedule::Every(secs) => last.map_or(since + secs, |l| l + secs),
+        Schedule::Every(secs) => last.unwrap_or(since).saturating_add(secs),
         Schedule::Daily(at) => {
             let after = last.unwrap_or(since);
             let day = after - after % 86400;
@@ -212,45 +223,97 @@ fn autos(d: &DiskServer) -> Vec<(String, u64)> {
         .collect()
 }
 
-/// Per disk: when the policy began to run and when its last clean-up ran (not kept across
-/// restarts: the first clean-up runs at start).
+/// What the runner keeps per disk (not across restarts: the chain's names are what lasts).
+struct DiskState {
+    policy: SnapshotPolicy,
+    /// When this policy began to run here.
+    since: u64,
+    /// When the limits were last applied (none: at the next pass).
+    cleaned: Option<u64>,
+    /// After a failed snapshot: not tried again before this, and the error, logged once.
+    retry_at: u64,
+    last_error: Option<String>,
+}
+
+/// The policy thread's state.
 #[derive(Default)]
 struct Runner {
-    since: std::collections::HashMap<(String, u64), u64>,
-    cleaned: std::collections::HashMap<(String, u64), u64>,
+    disks: std::collections::HashMap<(String, u64), DiskState>,
 }
 
 impl Runner {
     /// One pass over every disk with a policy, at `now`.
     fn pass(&mut self, disks: &DiskSet, now: u64) {
-        for d in disks.list() {
+        let served = disks.list();
+        self.disks
+            .retain(|(id, inc), _| served.iter().any(|d| d.id() == id && d.incarnation == *inc));
+        for d in served {
+            let key = (d.id().to_owned(), d.incarnation);
             let Some(policy) = d.snapshot_policy() else {
+                self.disks.remove(&key);
                 continue;
             };
-            let key = (d.id().to_owned(), d.incarnation);
-            let since = *self.since.entry(key.clone()).or_insert(now);
-            let mine = autos(&d);
-            let last = mine.iter().map(|(_, t)| *t).max();
-            let mut clean = self
+            // A new or changed policy starts afresh and applies its limits at once.
+            let st = self.disks.entry(key).or_insert_with(|| DiskState {
+                policy: policy.clone(),
+                since: now,
+                cleaned: None,
+                retry_at: 0,
+                last_error: None,
+            });
+            if st.policy != policy {
+                *st = DiskState {
+                    policy: policy.clone(),
+                    since: now,
+                    cleaned: None,
+                    retry_at: 0,
+                    last_error: None,
+                };
+            }
+            // A job on the disk (a clean-up, a deletion) holds its snapshots: wait for it.
+            if disks.has_running_job(d.id()) {
+                continue;
+            }
+            // A snapshot time ahead of the clock (the clock stepped back) counts as now.
+            let last = autos(&d).iter().map(|(_, t)| (*t).min(now)).max();
+            let mut clean = st
                 .cleaned
-                .get(&key)
-                .is_none_or(|&at| now >= at + policy.cleanup_interval.as_secs());
-            // Due, and not already taken this second (a name is per second).
-            if now >= next_due(policy.schedule, last, since) && last != Some(now) {
+                .is_none_or(|at| now >= at.saturating_add(policy.cleanup_interval.as_secs()));
+            // Due, not already taken this second (a name is per second), and not backing
+            // off after a failure.
+            if now >= next_due(policy.schedule, last, st.since)
+                && last != Some(now)
+                && now >= st.retry_at
+            {
                 match d.snapshot(&auto_name(now)) {
-                    Ok(taken) => log::info!(
-                        "disk {}: policy snapshot {} (the guest paused {:.2} ms)",
-                        d.id(),
-                        auto_name(now),
-                        taken.pause.as_secs_f64() * 1000.0
-                    ),
-                    // Counted in the snapshot metrics; tried again next pass.
-                    Err(e) => log::warn!("disk {}: policy snapshot: {e}", d.id()),
+                    Ok(taken) => {
+                        log::info!(
+                            "disk {}: policy snapshot {} (the guest paused {:.2} ms)",
+                            d.id(),
+                            auto_name(now),
+                            taken.pause.as_secs_f64() * 1000.0
+                        );
+                        st.last_error = None;
+                        clean = true;
+                    }
+                    Err(e) => {
+                        // Counted in the snapshot metrics; tried again a while later, and
+                        // logged again only when the reason changes.
+                        let msg = e.to_string();
+                        if st.last_error.as_deref() != Some(&msg) {
+                            log::warn!("disk {}: policy snapshot: {msg}", d.id());
+                        }
+                        st.last_error = Some(msg);
+                        let wait = match policy.schedule {
+                            Schedule::Every(secs) => secs.min(60),
+                            Schedule::Daily(_) => 60,
+                        };
+                        st.retry_at = now + wait;
+                    }
                 }
-                clean = true;
             }
             if clean {
-                self.cleaned.insert(key, now);
+                st.cleaned = Some(now);
                 let gone = to_delete(&policy, &autos(&d), now);
                 if !gone.is_empty() {
                     start_cleanup(disks, &d, gone);
@@ -271,10 +334,21 @@ fn start_cleanup(disks: &DiskSet, d: &Arc<DiskServer>, names: Vec<String>) {
                 return daemon_support::jobs::Outcome::Cancelled;
             }
             let mut go_on = |_, _| !p.cancelled();
-            if let Err(e) = server.delete_snapshot(name, &mut go_on) {
-                return daemon_support::jobs::Outcome::Failed(format!(
-                    "deleting policy snapshot {name:?}: {e}"
-                ));
+            match server.delete_snapshot(name, &mut go_on) {
+                Ok(_) => {}
+                // Gone meanwhile (deleted by hand, or a revert): nothing to do.
+                Err(crate::disk_server::ResizeError::Disk(e))
+                    if e.kind() == storage_core::error::StorageErrorKind::NotFound => {}
+                Err(crate::disk_server::ResizeError::Disk(e))
+                    if e.kind() == storage_core::error::StorageErrorKind::Cancelled =>
+                {
+                    return daemon_support::jobs::Outcome::Cancelled;
+                }
+                Err(e) => {
+                    return daemon_support::jobs::Outcome::Failed(format!(
+                        "deleting policy snapshot {name:?}: {e}"
+                    ))
+                }
             }
         }
         p.update(total);
@@ -285,7 +359,7 @@ fn start_cleanup(disks: &DiskSet, d: &Arc<DiskServer>, names: Vec<String>) {
     }
 }
 
-/// The thread that runs every disk's policy, until [`Lifecycle::stop`].
+/// The thread that runs every disk's policy, until [`Lifecycle::stop`] (or it is dropped).
 pub struct Lifecycle {
     stopped: Arc<(Mutex<bool>, Condvar)>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -319,12 +393,21 @@ impl Lifecycle {
 
     /// Stops the thread (after the snapshot it may be taking).
     pub fn stop(&mut self) {
+        if self.thread.is_none() {
+            return;
+        }
         let (stop, wake) = &*self.stopped;
         *stop.lock().unwrap_or_else(|p| p.into_inner()) = true;
         wake.notify_all();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+impl Drop for Lifecycle {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 

@@ -376,7 +376,8 @@ impl Qcow2Disk {
             )));
         }
         let frozen = snapshot_file(&path, name)?;
-        if std::fs::symlink_metadata(&frozen).is_ok() {
+        let in_chain = self.chain().iter().any(|c| Path::new(&c.path) == frozen);
+        if in_chain || std::fs::symlink_metadata(&frozen).is_ok() {
             return Err(invalid(format!(
                 "a snapshot named {name:?} exists already ({})",
                 frozen.display()

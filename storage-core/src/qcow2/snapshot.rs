@@ -258,37 +258,45 @@ impl Qcow2Disk {
                 log::warn!("{}: cannot keep its time: {e}", above.path.display());
             }
         }
-        let below = match &new_backing {
-            Some((name, format)) => {
-                let path = if Path::new(name).is_absolute() {
-                    PathBuf::from(name)
-                } else {
-                    above.path.with_file_name(name)
-                };
-                Some(open_backing(&path, Some(format), k)?)
+        // From here the image above no longer names the snapshot on disk: the next start
+        // would not see it. If what follows fails, its file goes (what is open here stays
+        // readable, and a retry finds nothing more to copy).
+        let reopen = || -> Result<PreparedDelete, StorageError> {
+            let below = match &new_backing {
+                Some((name, format)) => {
+                    let path = if Path::new(name).is_absolute() {
+                        PathBuf::from(name)
+                    } else {
+                        above.path.with_file_name(name)
+                    };
+                    Some(open_backing(&path, Some(format), k)?)
+                }
+                None => None,
+            };
+            let mut prepared = PreparedDelete {
+                above: k - 1,
+                snapshot: layers[k].path.clone(),
+                below,
+                reopened: None,
+            };
+            if k > 1 {
+                let engine = snap.file.info().engine;
+                let file = AnyDisk::Raw(RawDisk::open(&above.path, true, false, engine)?);
+                let header = read_header(&file, &above.path, true)?;
+                prepared.reopened = Some(open_shared(
+                    file,
+                    &above.path,
+                    header,
+                    true,
+                    snap.l2_cache,
+                    prepared.below.take(),
+                )?);
             }
-            None => None,
+            Ok(prepared)
         };
-        let mut prepared = PreparedDelete {
-            above: k - 1,
-            snapshot: layers[k].path.clone(),
-            below,
-            reopened: None,
-        };
-        if k > 1 {
-            let engine = snap.file.info().engine;
-            let file = AnyDisk::Raw(RawDisk::open(&above.path, true, false, engine)?);
-            let header = read_header(&file, &above.path, true)?;
-            prepared.reopened = Some(open_shared(
-                file,
-                &above.path,
-                header,
-                true,
-                snap.l2_cache,
-                prepared.below.take(),
-            )?);
-        }
-        Ok(prepared)
+        reopen().inspect_err(|_| {
+            let _ = remove_snapshot_file(&layers[k].path);
+        })
     }
 
     /// Takes a streamed snapshot out of the chain in memory; the caller has stopped the
