@@ -32,6 +32,8 @@ pub struct Job {
     total: AtomicU64,
     cancel: AtomicBool,
     state: Mutex<(JobState, Option<SystemTime>)>,
+    /// What the work found, for jobs that report something (an image check's verdict).
+    result: Mutex<Option<serde_json::Value>>,
 }
 
 /// What a job's work sees of its job.
@@ -46,6 +48,11 @@ impl Progress<'_> {
 
     pub fn cancelled(&self) -> bool {
         self.0.cancel.load(Ordering::Relaxed)
+    }
+
+    /// Records what the work found (shown as the job's `result`).
+    pub fn set_result(&self, v: serde_json::Value) {
+        *self.0.result.lock().unwrap_or_else(|p| p.into_inner()) = Some(v);
     }
 }
 
@@ -101,6 +108,14 @@ impl Job {
                 v[k] = val;
             }
         }
+        if let Some(r) = self
+            .result
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        {
+            v["result"] = r;
+        }
         v
     }
 }
@@ -148,6 +163,7 @@ impl Jobs {
                 total: AtomicU64::new(total),
                 cancel: AtomicBool::new(false),
                 state: Mutex::new((JobState::Running, None)),
+                result: Mutex::new(None),
             });
             jobs.push(job.clone());
             // Forget the oldest finished ones past the limit.

@@ -51,6 +51,9 @@ pub enum Command {
     /// Snapshots of qcow2 disks (external: the image as it was keeps the snapshot's name).
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+    /// Image files on this host, not served by a daemon (qemu-img's checks).
+    #[command(subcommand)]
+    Image(ImageCommand),
     /// Long operations (a preallocating resize): list them, or show or cancel one.
     Jobs {
         #[command(subcommand)]
@@ -148,6 +151,19 @@ pub enum JobsCommand {
     Show { id: String },
     /// Ask a running job to stop; it undoes what it did.
     Cancel { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Check a qcow2 image's metadata as `qemu-img check` does (exit 0 clean, 2 corrupt,
+    /// 3 leaks only, 1 not checked); with --repair, repair what is safe (leaks: space
+    /// lost; all: refcounts, entries past the end of the file, COPIED flags). The image must
+    /// not be in use.
+    Check {
+        file: std::path::PathBuf,
+        #[arg(long, value_name = "WHAT", value_parser = ["leaks", "all"])]
+        repair: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

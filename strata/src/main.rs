@@ -1,12 +1,14 @@
 //! `strata`: the command-line client for people (tables) and scripts (`--json`). It talks
 //! to a daemon's management API over its unix socket; `strata audit verify` reads an audit
-//! log directly. Exit codes: 0 done, 1 the API or the check said no, 2 bad usage.
+//! log directly, and `strata image check` an image file. Exit codes: 0 done, 1 the API or
+//! the check said no, 2 bad usage (`image check`: as `qemu-img check`).
 
+mod image;
 mod table;
 
 use strata::cli::{
-    AuditCommand, Cli, Command, DiskCommand, GroupCommand, JobsCommand, SnapshotCommand,
-    TokenCommand,
+    AuditCommand, Cli, Command, DiskCommand, GroupCommand, ImageCommand, JobsCommand,
+    SnapshotCommand, TokenCommand,
 };
 
 use std::process::ExitCode;
@@ -51,6 +53,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // A local command, with qemu-img check's exit codes.
+    if let Command::Image(ImageCommand::Check { file, repair }) = &cli.command {
+        return image::run(file, repair.as_deref(), cli.json);
+    }
     match run(&cli) {
         Ok(text) => {
             print!("{text}");
@@ -311,6 +317,8 @@ fn run(cli: &Cli) -> Result<String, Failure> {
             })
         }
         Command::Health => show(&api("GET", "/v1/health", None)?, table::health),
+        // Run in `main`, before any connection (an exit code of its own).
+        Command::Image(_) => unreachable!("image commands run locally"),
         Command::Jobs { action } => match action.as_ref().unwrap_or(&JobsCommand::List) {
             JobsCommand::List => show(&api("GET", "/v1/jobs", None)?, table::jobs),
             JobsCommand::Show { id } => show(

@@ -64,6 +64,15 @@ pub fn qemu_img_check(img: &Path, leaks_allowed: bool) {
     if !leaks_allowed {
         assert_eq!(v["leaks"].as_u64().unwrap_or(0), 0, "{text}");
     }
+    // Our own checker (`strata image check`) says the same.
+    let ours = storage_core::qcow2::check::check(img, storage_core::qcow2::check::Repair::None)
+        .unwrap_or_else(|e| panic!("our check of {}: {e}", img.display()));
+    assert_eq!(
+        (i32::from(ours.exit_code()), ours.leaks),
+        (code.unwrap_or(-1), v["leaks"].as_u64().unwrap_or(0)),
+        "our check of {} disagrees with qemu-img's {text}: {ours:?}",
+        img.display()
+    );
 }
 
 /// `qemu-img create`: a qcow2 image at `img` over the raw file `base.raw` beside it (named

@@ -2,7 +2,7 @@
 //! disks (list, get, add, remove), health, and `/metrics` in the Prometheus text format.
 //! [`ROUTES`] lists every route with the operation and role it needs.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -48,6 +48,8 @@ pub const JOB_GET: Operation = Operation::read("job.get");
 pub const JOB_CANCEL: Operation = Operation::write("job.cancel", Role::Operator);
 pub const GROUP_LIST: Operation = Operation::read("throttle-group.list");
 pub const GROUP_LIMITS: Operation = Operation::write("throttle-group.limits", Role::Operator);
+/// Reads (and with a repair writes) any qcow2 file the daemon can reach: admin only.
+pub const IMAGE_CHECK: Operation = Operation::write("image.check", Role::Admin);
 /// Removing a disk a frontend is using (`?force=true`) needs [`Role::Admin`] besides.
 pub const DISK_REMOVE: Operation = Operation::write("disk.remove", Role::Operator);
 
@@ -130,6 +132,11 @@ pub const ROUTES: &[Route] = &[
         method: "POST",
         path: "/v1/disks/{id}/snapshots/{name}/revert",
         op: SNAPSHOT_REVERT,
+    },
+    Route {
+        method: "POST",
+        path: "/v1/images/check",
+        op: IMAGE_CHECK,
     },
     Route {
         method: "GET",
@@ -226,6 +233,7 @@ fn handler(route: &Route) -> MethodRouter<Arc<DiskSet>> {
         ("POST", "snapshot.create") => post(take_snapshot),
         ("DELETE", "snapshot.delete") => delete(delete_snapshot),
         ("PUT", "snapshot.policy") => put(snapshot_policy),
+        ("POST", "image.check") => post(image_check),
         ("POST", "snapshot.revert") => post(revert_snapshot),
         ("POST", "disk.add") => post(add),
         ("GET", "disk.get") => get(show),
@@ -604,6 +612,71 @@ async fn disk_limits(
         .map_err(set_error)?;
     let d = served(&disks, &id)?;
     Ok(Json(disk_json(&d)))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImageCheckBody {
+    path: PathBuf,
+    /// "leaks" or "all"; none: check only.
+    #[serde(default)]
+    repair: Option<String>,
+}
+
+/// Starts a job that checks a qcow2 image file as `qemu-img check` does (its report in the
+/// job's `result`). Refused for an image a disk serves: its metadata in memory is newer
+/// than the file's, and a repair would write under the daemon.
+async fn image_check(
+    State(disks): Disks,
+    JsonBody(body): JsonBody<ImageCheckBody>,
+) -> Result<Response, ApiError> {
+    let repair = match body.repair.as_deref() {
+        None => storage_core::qcow2::check::Repair::None,
+        Some(r) => r.parse().map_err(ApiError::bad_request)?,
+    };
+    let path = body.path.clone();
+    let set = disks.clone();
+    let in_use = http::blocking(move || {
+        let wanted = std::fs::canonicalize(&path)
+            .map_err(|e| ApiError::bad_request(format!("{}: {e}", path.display())))?;
+        for d in set.list() {
+            let mut files = vec![d.device.info().path.clone()];
+            if let Some(q) = d.device.disk.qcow2() {
+                files.extend(q.chain().into_iter().map(|c| c.path));
+            }
+            if files
+                .iter()
+                .any(|f| std::fs::canonicalize(f).is_ok_and(|f| f == wanted))
+            {
+                return Err(ApiError::conflict(format!(
+                    "{} is in use by disk {:?}: check it when no daemon serves it",
+                    path.display(),
+                    d.id()
+                )));
+            }
+        }
+        Ok(wanted)
+    })
+    .await?;
+    let file = in_use?;
+    let object = file.display().to_string();
+    let job = disks
+        .jobs
+        .start(
+            "image-check",
+            &object,
+            1,
+            move |p| match storage_core::qcow2::check::check(&file, repair) {
+                Ok(report) => {
+                    p.set_result(report.json(&file));
+                    p.update(1);
+                    Outcome::Done
+                }
+                Err(e) => Outcome::Failed(e.to_string()),
+            },
+        )
+        .map_err(|e| ApiError::conflict(e.to_string()))?;
+    Ok((StatusCode::ACCEPTED, Json(job.json())).into_response())
 }
 
 /// Sets a disk's snapshot policy (`null` removes it).

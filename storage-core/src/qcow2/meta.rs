@@ -418,7 +418,7 @@ impl Meta {
         Ok(self.refcount_blocks.get_mut(&off).expect("just inserted"))
     }
 
-    fn get_bits(b: &[u8], i: u64, bits: u32) -> u64 {
+    pub(super) fn get_bits(b: &[u8], i: u64, bits: u32) -> u64 {
         match bits {
             1 | 2 | 4 => {
                 let per = 8 / bits as u64;
@@ -435,7 +435,7 @@ impl Meta {
         }
     }
 
-    fn put_bits(b: &mut [u8], i: u64, bits: u32, v: u64) {
+    pub(super) fn put_bits(b: &mut [u8], i: u64, bits: u32, v: u64) {
         match bits {
             1 | 2 | 4 => {
                 let per = 8 / bits as u64;

@@ -12,8 +12,10 @@
 //! Where it lives: [`header`] (the header and its extensions), [`meta`] (L1/L2 tables,
 //! refcounts, allocation and the order changes reach the disk), [`queue`] (requests,
 //! mapped to the file and the backing chain), [`compressed`] (inflating clusters),
-//! [`snapshot`] (deleting and reverting snapshots; taking one is here).
+//! [`snapshot`] (deleting and reverting snapshots; taking one is here), [`check`] (what
+//! `qemu-img check` does: verify the metadata, repair leaks and refcounts).
 
+pub mod check;
 mod compressed;
 pub mod header;
 mod meta;

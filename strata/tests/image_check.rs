@@ -1,0 +1,140 @@
+//! `strata image check FILE [--repair leaks|all]` on a qcow2 image that leaks a cluster: the
+//! exit codes and the report qemu-img check gives, a repair that leaves qemu-img check
+//! clean, `--json` with qemu-img's keys, and one line with exit 2 for a file that is not
+//! a qcow2 image.
+
+use std::os::unix::fs::FileExt;
+use std::process::Command;
+
+use testkit::daemon::binary_path;
+use testkit::tools::{qemu_img_check, qemu_img_ok};
+
+fn strata(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(binary_path("strata"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_leaking_image_is_reported_and_repaired_as_qemu_img_would() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("vm.qcow2");
+    let path = img.to_str().unwrap();
+    qemu_img_ok(&["create", "-f", "qcow2", path, "16M"]);
+    let (code, out, err) = strata(&["image", "check", path]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("No errors were found on the image."), "{out}");
+
+    // A cluster past everything, with a refcount: leaked (16-bit refcounts, 64 KiB
+    // clusters, the first refcount block named by the table at the header's offset 48).
+    {
+        let f = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .open(&img)
+            .unwrap();
+        let mut b = [0u8; 8];
+        f.read_exact_at(&mut b, 48).unwrap();
+        let table = u64::from_be_bytes(b);
+        f.read_exact_at(&mut b, table).unwrap();
+        let block = u64::from_be_bytes(b);
+        let end = f.metadata().unwrap().len().div_ceil(65536);
+        f.set_len((end + 1) * 65536).unwrap();
+        f.write_all_at(&1u16.to_be_bytes(), block + end * 2)
+            .unwrap();
+    }
+    let (code, out, err) = strata(&["image", "check", path]);
+    assert_eq!(code, 3, "{out}{err}");
+    assert!(
+        out.contains("1 leaked clusters were found on the image."),
+        "{out}"
+    );
+    let (code, out, _) = strata(&["--json", "image", "check", path]);
+    assert_eq!(code, 3);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (v["leaks"].as_u64(), v["corruptions"].as_u64()),
+        (Some(1), Some(0)),
+        "{v}"
+    );
+
+    let (code, out, err) = strata(&["image", "check", "--repair", "leaks", path]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("1 leaked clusters"), "{out}");
+    qemu_img_check(&img, false);
+
+    // Not an image: one line, exit 2.
+    let raw = dir.path().join("raw.img");
+    std::fs::write(&raw, vec![0u8; 65536]).unwrap();
+    let (code, out, err) = strata(&["image", "check", raw.to_str().unwrap()]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("not a qcow2 image"), "{err}");
+}
+
+/// The same check as a job of the API (admin): its result is qemu-img check's report; an
+/// image a disk serves is refused.
+#[test]
+fn the_api_checks_an_image_as_a_job_but_not_one_a_disk_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let served = dir.path().join("served.qcow2");
+    let other = dir.path().join("other.qcow2");
+    for img in [&served, &other] {
+        qemu_img_ok(&["create", "-f", "qcow2", img.to_str().unwrap(), "16M"]);
+    }
+    let api = dir.path().join("api.sock");
+    let mut daemon = testkit::daemon::DaemonCommand::vhost_blk()
+        .unwrap_or_else(|e| panic!("{e}"))
+        .arg("--socket")
+        .arg(dir.path().join("vm.sock"))
+        .arg("--api-socket")
+        .arg(&api)
+        .arg("--disk")
+        .arg(format!("path={},format=qcow2", served.display()))
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let api_arg = api.to_str().unwrap();
+    let ask = |p: &std::path::Path| {
+        let body = format!(r#"{{"path": "{}"}}"#, p.display());
+        strata(&[
+            "--api",
+            api_arg,
+            "raw",
+            "POST",
+            "/v1/images/check",
+            "--data",
+            &body,
+        ])
+    };
+    let (code, out, err) = ask(&served);
+    assert!(
+        code != 0 && err.contains("409") && err.contains("in use"),
+        "{out}{err}"
+    );
+    let (code, out, err) = ask(&other);
+    assert_eq!(code, 0, "{err}");
+    let job: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let path = format!("/v1/jobs/{}", job["id"].as_str().unwrap());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let done = loop {
+        let (_, out, _) = strata(&["--api", api_arg, "raw", "GET", &path]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        if v["state"] != "running" {
+            break v;
+        }
+        assert!(std::time::Instant::now() < deadline, "{v}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(done["state"], "done", "{done}");
+    assert_eq!(done["result"]["corruptions"], 0, "{done}");
+    assert_eq!(done["result"]["leaks"], 0, "{done}");
+    assert_eq!(done["result"]["format"], "qcow2", "{done}");
+    let status = daemon.terminate().unwrap();
+    assert!(status.success(), "{}", daemon.output());
+}
