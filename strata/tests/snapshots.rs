@@ -145,6 +145,8 @@ fn snapshots_taken_while_the_guest_writes_hold_a_prefix_of_its_records() {
     for line in [
         "strata_blk_snapshots{disk=\"vm\"} 3",
         "strata_blk_snapshot_operations_total{disk=\"vm\",op=\"delete\",result=\"ok\"} 2",
+        "strata_blk_snapshot_last_age_seconds{disk=\"vm\"} ",
+        "strata_blk_snapshot_last_operation_seconds{disk=\"vm\",op=\"delete\"} ",
     ] {
         assert!(metrics.contains(line), "{line} in\n{metrics}");
     }

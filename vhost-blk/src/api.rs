@@ -882,6 +882,16 @@ pub fn render_metrics(disks: &[Arc<DiskServer>]) -> String {
             &l,
             s.last_unix.load(Ordering::Relaxed),
         );
+        let last = s.last_unix.load(Ordering::Relaxed);
+        if last > 0 {
+            out.sample(
+                "snapshot_last_age_seconds",
+                Kind::Gauge,
+                "How long ago the last snapshot was taken (absent: none since start).",
+                &l,
+                (crate::history::unix_now() as u64).saturating_sub(last),
+            );
+        }
         out.sample(
             "snapshot_last_pause_microseconds",
             Kind::Gauge,
@@ -889,6 +899,23 @@ pub fn render_metrics(disks: &[Arc<DiskServer>]) -> String {
             &l,
             s.last_pause_us.load(Ordering::Relaxed),
         );
+        for (op, name) in crate::disk_server::SnapshotOp::ALL {
+            let ls = [("disk", d.id()), ("op", name)];
+            out.sample(
+                "snapshot_operation_seconds_total",
+                Kind::Counter,
+                "Time spent in snapshot operations (a delete's copying included), by operation.",
+                &ls,
+                s.total_us[op as usize].load(Ordering::Relaxed) as f64 / 1e6,
+            );
+            out.sample(
+                "snapshot_last_operation_seconds",
+                Kind::Gauge,
+                "How long the last snapshot operation of each kind took.",
+                &ls,
+                s.last_us[op as usize].load(Ordering::Relaxed) as f64 / 1e6,
+            );
+        }
     }
     for d in disks {
         out.sample(

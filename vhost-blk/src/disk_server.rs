@@ -100,6 +100,33 @@ pub struct SnapshotStats {
     pub deleted: std::sync::atomic::AtomicU64,
     pub delete_failed: std::sync::atomic::AtomicU64,
     pub reverted: std::sync::atomic::AtomicU64,
+    /// By [`SnapshotOp`]: microseconds spent in all of them, and in the last one.
+    pub total_us: [std::sync::atomic::AtomicU64; 3],
+    pub last_us: [std::sync::atomic::AtomicU64; 3],
+}
+
+/// The snapshot operations timed for the metrics.
+#[derive(Debug, Clone, Copy)]
+pub enum SnapshotOp {
+    Create = 0,
+    Delete = 1,
+    Revert = 2,
+}
+
+impl SnapshotOp {
+    pub const ALL: [(SnapshotOp, &'static str); 3] = [
+        (SnapshotOp::Create, "create"),
+        (SnapshotOp::Delete, "delete"),
+        (SnapshotOp::Revert, "revert"),
+    ];
+}
+
+impl SnapshotStats {
+    fn timed(&self, op: SnapshotOp, took: std::time::Duration) {
+        let us = took.as_micros() as u64;
+        self.total_us[op as usize].fetch_add(us, Ordering::Relaxed);
+        self.last_us[op as usize].store(us, Ordering::Relaxed);
+    }
 }
 
 impl DiskServer {
@@ -308,6 +335,7 @@ impl DiskServer {
         let _one_at_a_time = self.one_change_at_a_time()?;
         let qcow2 = self.qcow2()?;
         let stats = &self.snapshots;
+        let started = std::time::Instant::now();
         let result = qcow2.stream_snapshot(name, progress).and_then(|prepared| {
             let file = prepared.snapshot_file().to_owned();
             self.backend
@@ -326,6 +354,7 @@ impl DiskServer {
                     let _ = storage_core::qcow2::remove_snapshot_file(&file);
                 })
         });
+        stats.timed(SnapshotOp::Delete, started.elapsed());
         match result {
             Ok(file) => {
                 stats.deleted.fetch_add(1, Ordering::Relaxed);
@@ -357,6 +386,7 @@ impl DiskServer {
         if self.connected() {
             return Err(ResizeError::Connected);
         }
+        let started = std::time::Instant::now();
         let removed = self
             .backend
             .paused(|_| qcow2.revert_to_snapshot(name))
@@ -368,6 +398,7 @@ impl DiskServer {
             })?
             .map_err(ResizeError::Disk)?;
         self.snapshots.reverted.fetch_add(1, Ordering::Relaxed);
+        self.snapshots.timed(SnapshotOp::Revert, started.elapsed());
         log::info!(
             "disk {}: reverted to snapshot {name:?}; removed {} newer snapshot(s)",
             self.id(),
@@ -381,10 +412,13 @@ impl DiskServer {
     /// the snapshot's name with a new image on top (`storage_core::qcow2::Qcow2Disk::
     /// snapshot`), and the queues go on.
     pub fn snapshot(&self, name: &str) -> Result<SnapshotTaken, ResizeError> {
+        let started = std::time::Instant::now();
         // Every refusal counts as a failed snapshot (a busy disk, a chain too deep...).
-        self.take_snapshot(name).inspect_err(|_| {
+        let taken = self.take_snapshot(name).inspect_err(|_| {
             self.snapshots.failed.fetch_add(1, Ordering::Relaxed);
-        })
+        });
+        self.snapshots.timed(SnapshotOp::Create, started.elapsed());
+        taken
     }
 
     fn take_snapshot(&self, name: &str) -> Result<SnapshotTaken, ResizeError> {
