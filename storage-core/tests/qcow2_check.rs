@@ -164,3 +164,132 @@ fn damaged_images_get_qemu_imgs_verdict_and_our_repair_satisfies_it() {
         assert_eq!(refcount_at(f, l, first & 0x00ff_ffff_ffff_fe00), 1);
     });
 }
+
+/// Images of every layout qemu-img makes, with data, a compressed image, and one with an
+/// internal snapshot: clean for both checkers (`qemu_img_check` runs ours beside it).
+#[test]
+fn clean_images_of_every_layout_are_clean_for_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let layouts: &[&[&str]] = &[
+        &["-o", "compat=0.10"],
+        &["-o", "refcount_bits=1"],
+        &["-o", "refcount_bits=64"],
+        &["-o", "cluster_size=4096"],
+        &["-o", "cluster_size=2M"],
+    ];
+    for (i, opts) in layouts.iter().enumerate() {
+        let img = dir.path().join(format!("l{i}.qcow2"));
+        let mut args = vec!["create", "-f", "qcow2"];
+        args.extend_from_slice(opts);
+        args.extend([img.to_str().unwrap(), "8M"]);
+        qemu_img_ok(&args);
+        let out = std::process::Command::new("qemu-io")
+            .args([
+                "-f",
+                "qcow2",
+                "-c",
+                "write -P 0x33 64k 3M",
+                img.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        qemu_img_check(&img, false);
+    }
+    let raw = dir.path().join("data.raw");
+    std::fs::write(
+        &raw,
+        (0..4 << 20)
+            .map(|i: u32| (i / 512) as u8)
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    let compressed = dir.path().join("c.qcow2");
+    qemu_img_ok(&[
+        "convert",
+        "-c",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        raw.to_str().unwrap(),
+        compressed.to_str().unwrap(),
+    ]);
+    qemu_img_check(&compressed, false);
+    let snapped = image(dir.path(), "snapped.qcow2");
+    qemu_img_ok(&["snapshot", "-c", "one", snapped.to_str().unwrap()]);
+    let out = std::process::Command::new("qemu-io")
+        .args([
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x77 0 256k",
+            snapped.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    qemu_img_check(&snapped, false);
+}
+
+#[test]
+fn a_leak_repair_never_leaves_a_corruption_and_unknown_layouts_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    // Refcount 2, COPIED clear: consistent flags, one leaked reference. Lowered to 1, the
+    // flag must be set too.
+    case(dir.path(), "leak-copied.qcow2", 3, Repair::Leaks, |f, l| {
+        let e = be64(f, l.l2);
+        set_refcount(f, l, e & 0x00ff_ffff_ffff_fe00, 2);
+        put64(f, l.l2, e & !(1 << 63));
+    });
+    let extl2 = dir.path().join("extl2.qcow2");
+    qemu_img_ok(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "extended_l2=on",
+        extl2.to_str().unwrap(),
+        "4M",
+    ]);
+    let e = check(&extl2, Repair::None).unwrap_err().to_string();
+    assert!(e.contains("subclusters"), "{e}");
+}
+
+/// An image qemu-storage-daemon has open (its locks held) is checked but not repaired.
+#[test]
+fn an_image_qemu_holds_is_not_repaired() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), "held.qcow2");
+    {
+        let f = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .open(&img)
+            .unwrap();
+        let l = layout(&f);
+        let end = f.metadata().unwrap().len().div_ceil(CLUSTER) * CLUSTER;
+        f.set_len(end + CLUSTER).unwrap();
+        set_refcount(&f, &l, end, 1);
+    }
+    let sock = dir.path().join("qsd.sock");
+    let mut qsd = testkit::daemon::DaemonCommand::qemu_storage_daemon(&sock)
+        .arg("--blockdev")
+        .arg(format!(
+            "driver=file,node-name=f0,filename={}",
+            img.display()
+        ))
+        .arg("--blockdev")
+        .arg("driver=qcow2,node-name=d0,file=f0")
+        .arg("--export")
+        .arg(format!(
+            "type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={},writable=on",
+            sock.display()
+        ))
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let e = check(&img, Repair::Leaks).unwrap_err().to_string();
+    assert!(e.contains("QEMU"), "{e}");
+    qsd.terminate().unwrap();
+    assert_eq!(check(&img, Repair::Leaks).unwrap().exit_code(), 0);
+}

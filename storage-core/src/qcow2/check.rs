@@ -119,8 +119,8 @@ struct Image {
     cluster: u64,
     l1: Vec<u64>,
     refcount_table: Vec<u64>,
-    /// Internal snapshots' L1 tables: where each is, and its entries.
-    snapshot_l1s: Vec<(u64, Vec<u64>)>,
+    /// Internal snapshots' L1 tables: where each is, and its entries (read as counted).
+    snapshot_l1s: Vec<(u64, u32)>,
     /// The snapshot table's extent.
     snapshot_table: Option<(u64, u64)>,
 }
@@ -189,8 +189,39 @@ fn open(path: &Path, writable: bool) -> Result<Image, StorageError> {
     file.read_exact_at(&mut first[..n], 0)
         .map_err(|e| invalid(path, format!("reading the header: {e}")))?;
     let header = Header::parse(&first, file_len).map_err(|e| invalid(path, e))?;
-    if header.data_file {
+    // What the check would misread (and a repair damage): refused, as for opening.
+    let known = super::header::INCOMPAT_DIRTY
+        | super::header::INCOMPAT_CORRUPT
+        | super::header::INCOMPAT_COMPRESSION;
+    if header.data_file || header.incompatible & super::header::INCOMPAT_DATA_FILE != 0 {
         return Err(invalid(path, "an external data file: not checked here"));
+    }
+    if header.incompatible & super::header::INCOMPAT_EXTL2 != 0 {
+        return Err(invalid(
+            path,
+            "subclusters (extended L2 entries): not checked here",
+        ));
+    }
+    if header.incompatible & !known != 0 {
+        return Err(invalid(
+            path,
+            format!(
+                "incompatible features {:#x}: not checked here",
+                header.incompatible & !known
+            ),
+        ));
+    }
+    if header.crypt_method != 0 || header.crypto {
+        return Err(invalid(
+            path,
+            "an encrypted image (its key material's clusters are not counted here)",
+        ));
+    }
+    if writable && header.bitmaps {
+        return Err(invalid(
+            path,
+            "persistent dirty bitmaps (their clusters are not counted here): not repaired",
+        ));
     }
     let bits = header.cluster_bits;
     let mut img = Image {
@@ -216,6 +247,13 @@ fn open(path: &Path, writable: bool) -> Result<Image, StorageError> {
         .map_err(|e| io("refcount table", e))?;
     // Internal snapshots: each has an L1 table of its own (their table entries: L1
     // offset, L1 size, id and name lengths, then fixed fields and extra data, padded to 8).
+    // (QEMU's limits: 65536 snapshots, a table of 64 MiB, 1 KiB of extra data each.)
+    if header.nb_snapshots > 65536 {
+        return Err(invalid(
+            path,
+            format!("{} internal snapshots", header.nb_snapshots),
+        ));
+    }
     if header.nb_snapshots > 0 {
         let start = be64(&first, 64);
         let mut at = start;
@@ -226,11 +264,16 @@ fn open(path: &Path, writable: bool) -> Result<Image, StorageError> {
             let id_len = u16::from_be_bytes(fixed[12..14].try_into().expect("2"));
             let name_len = u16::from_be_bytes(fixed[14..16].try_into().expect("2"));
             let extra = u32::from_be_bytes(fixed[36..40].try_into().expect("4"));
-            let l1 = img
-                .table(l1_off, u64::from(l1_size))
-                .map_err(|e| io("a snapshot's L1 table", e))?;
-            img.snapshot_l1s.push((l1_off, l1));
-            at += (40 + u64::from(extra) + u64::from(id_len) + u64::from(name_len)).div_ceil(8) * 8;
+            if extra > 1024 || u64::from(l1_size) * 8 > MAX_TABLE {
+                return Err(invalid(path, "a snapshot table entry out of bounds"));
+            }
+            img.snapshot_l1s.push((l1_off, l1_size));
+            let entry =
+                (40 + u64::from(extra) + u64::from(id_len) + u64::from(name_len)).div_ceil(8) * 8;
+            at = at
+                .checked_add(entry)
+                .filter(|&e| e - start <= MAX_TABLE)
+                .ok_or_else(|| invalid(path, "the snapshot table is larger than 64 MiB"))?;
         }
         img.snapshot_table = Some((start, at - start));
     }
@@ -256,16 +299,28 @@ struct Counts {
     /// Active L2 tables (offset) and data entries (table, index, host) for COPIED checks.
     active_l2: Vec<(usize, u64)>,
     active_data: Vec<(u64, usize, u64)>,
+    seen_l2: std::collections::HashSet<u64>,
+    /// Data and compressed clusters the active tables map.
+    allocated: u64,
 }
 
 impl Counts {
+    /// Counts a use of `[off, off + len)`; one that ends a cluster or more past the end of
+    /// the file is a corruption and is not counted (as QEMU does).
     fn inc(&mut self, img: &Image, off: u64, len: u64) {
         if len == 0 {
             return;
         }
-        let first = off >> img.bits;
-        let last = (off + len - 1) >> img.bits;
-        for c in first..=last {
+        let end = match off.checked_add(len) {
+            Some(end) if end <= img.file_len.saturating_add(img.cluster) => end,
+            _ => {
+                self.error(format!(
+                    "offset={off:#x} size={len:#x}: cluster is outside the image"
+                ));
+                return;
+            }
+        };
+        for c in (off >> img.bits)..=((end - 1) >> img.bits) {
             *self.refs.entry(c).or_default() += 1;
         }
     }
@@ -304,9 +359,23 @@ fn count(img: &Image) -> Counts {
     if let Some((off, len)) = img.snapshot_table {
         n.inc(img, off, len);
     }
-    for (off, l1) in &img.snapshot_l1s {
-        n.inc(img, *off, l1.len() as u64 * 8);
-        count_l1(img, l1, false, &mut n);
+    for &(off, size) in &img.snapshot_l1s {
+        if off & (img.cluster - 1) != 0 {
+            n.error(format!(
+                "snapshot L1 table at {off:#x} is not cluster aligned"
+            ));
+            continue;
+        }
+        n.inc(img, off, u64::from(size) * 8);
+        match img.table(off, u64::from(size)) {
+            Ok(l1) => count_l1(img, &l1, false, &mut n),
+            Err(e) => {
+                n.check_errors += 1;
+                n.messages.push(format!(
+                    "ERROR reading a snapshot's L1 table at {off:#x}: {e}"
+                ));
+            }
+        }
     }
     count_l1(img, &img.l1, true, &mut n);
     n
@@ -343,11 +412,19 @@ fn count_l1(img: &Image, l1: &[u64], active: bool, n: &mut Counts) {
                 continue;
             }
         };
+        // An L2 table named twice is counted twice, but its entries checked once.
+        let first_visit = active && n.seen_l2.insert(l2);
         if active {
             n.active_l2.push((i, l2));
         }
         for (j, &e) in table.iter().enumerate() {
             if e & COMPRESSED != 0 {
+                if e & COPIED != 0 {
+                    n.error(format!("compressed cluster entry {e:#x} has COPIED set"));
+                }
+                if active {
+                    n.allocated += 1;
+                }
                 // Counted once in every host cluster its sectors touch (as QEMU does).
                 let x = 62 - (img.bits - 8);
                 let offset = e & ((1u64 << x) - 1);
@@ -361,9 +438,11 @@ fn count_l1(img: &Image, l1: &[u64], active: bool, n: &mut Counts) {
                 continue;
             }
             if host & (img.cluster - 1) != 0 {
+                // Counted where it lands (two clusters), as QEMU counts it.
                 n.error(format!(
                     "offset={host:#x}: the data cluster is not cluster aligned; L2 entry corrupted"
                 ));
+                n.inc(img, host, img.cluster);
                 continue;
             }
             if host >= img.file_len {
@@ -380,7 +459,10 @@ fn count_l1(img: &Image, l1: &[u64], active: bool, n: &mut Counts) {
             }
             n.inc(img, host, img.cluster);
             if active {
-                n.active_data.push((l2, j, host));
+                n.allocated += 1;
+                if first_visit {
+                    n.active_data.push((l2, j, host));
+                }
             }
         }
     }
@@ -404,10 +486,8 @@ fn compare(
     let mut msgs = Vec::new();
     let mut bad = Vec::new();
     // Every cluster in the file or counted, and every cluster a refcount block covers.
-    let in_file = img.file_len.div_ceil(img.cluster);
-    let counted_end = n.refs.keys().next_back().map_or(0, |c| c + 1);
-    let covered = img.refcount_table.len() as u64 * img.per_block();
-    let end = in_file.max(counted_end).min(covered.max(counted_end));
+    // The clusters of the file (a use past its end is a corruption already).
+    let end = img.file_len.div_ceil(img.cluster);
     for c in 0..end {
         let counted = n.refs.get(&c).copied().unwrap_or(0);
         let (stored, at) = img.stored(c, blocks)?;
@@ -471,6 +551,13 @@ fn pass(img: &Image) -> io::Result<(CheckReport, Counts, HashMap<u64, Vec<u8>>)>
     let n = count(img);
     let mut blocks = HashMap::new();
     let (corruptions, leaks, msgs, _) = compare(img, &n, &mut blocks)?;
+    let mut last_stored = 0;
+    for c in (0..img.file_len.div_ceil(img.cluster)).rev() {
+        if img.stored(c, &mut blocks)?.0 != 0 {
+            last_stored = c + 1;
+            break;
+        }
+    }
     let CopiedFixes {
         l1: l1_fix,
         l2: l2_fix,
@@ -490,18 +577,44 @@ fn pass(img: &Image) -> io::Result<(CheckReport, Counts, HashMap<u64, Vec<u8>>)>
             if *one { "" } else { " not" }
         ));
     }
-    let allocated = n.active_data.len() as u64;
+    let allocated = n.allocated;
+    // As qemu-img reports it: past the last cluster that is used or has a refcount.
+    let used_end = n
+        .refs
+        .keys()
+        .next_back()
+        .map_or(0, |c| c + 1)
+        .max(last_stored);
     let report = CheckReport {
         corruptions: n.corruptions + corruptions + (l1_fix.len() + l2_fix.len()) as u64,
         leaks,
         check_errors: n.check_errors,
         messages,
-        image_end_offset: img.file_len,
+        image_end_offset: used_end * img.cluster,
         total_clusters: img.header.size.div_ceil(img.cluster),
         allocated_clusters: allocated,
         ..CheckReport::default()
     };
     Ok((report, n, blocks))
+}
+
+/// Whether a QEMU process holds the image (its OFD locks on bytes 100 to 299: permissions
+/// taken and refused to others).
+fn in_use_by_qemu(file: &File) -> io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    let mut lock = libc::flock {
+        l_type: libc::F_WRLCK as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: 100,
+        l_len: 200,
+        l_pid: 0,
+    };
+    // SAFETY: F_OFD_GETLK reads and writes the flock we own, on our own descriptor.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut lock) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(lock.l_type != libc::F_UNLCK as libc::c_short)
 }
 
 /// Checks the qcow2 image at `path`, repairing as `repair` says (the image must not be in
@@ -518,12 +631,33 @@ pub fn check(path: &Path, repair: Repair) -> Result<CheckReport, StorageError> {
     if repair == Repair::None || (before.corruptions == 0 && before.leaks == 0) {
         return Ok(before);
     }
+    if before.check_errors > 0 {
+        // Uses not counted would look leaked: a repair would free clusters in use.
+        return Err(invalid(
+            path,
+            "not repaired: part of the metadata could not be read (see the check)",
+        ));
+    }
+    if in_use_by_qemu(&img.file).map_err(|e| io("looking for QEMU's locks", e))? {
+        return Err(invalid(
+            path,
+            "not repaired: a QEMU process has the image open (its locks are held)",
+        ));
+    }
     let sync = |f: &File| f.sync_data().map_err(|e| io("syncing", e));
     if repair == Repair::All && !n.outside.is_empty() {
         // Entries past the end of the file read as zeroes from now on (their data never
-        // existed), as QEMU repairs them.
+        // existed), as QEMU repairs them; not in an L2 table a snapshot shares.
         let zero = if img.header.version >= 3 { ZERO } else { 0 };
         for bad in &n.outside {
+            if img
+                .stored(bad.table >> img.bits, &mut blocks)
+                .map_err(|e| io("reading a refcount", e))?
+                .0
+                != 1
+            {
+                continue;
+            }
             let at = bad.table + bad.index as u64 * 8;
             img.file
                 .write_all_at(&zero.to_be_bytes(), at)
@@ -562,11 +696,17 @@ pub fn check(path: &Path, repair: Repair) -> Result<CheckReport, StorageError> {
         }
         sync(&img.file)?;
     }
-    if repair == Repair::All {
+    {
+        // COPIED flags follow the refcounts now; lowering refcounts (leaks) only ever sets
+        // them, so that a leak repair never leaves a corruption behind.
         let CopiedFixes {
-            l1: l1_fix,
-            l2: l2_fix,
+            l1: mut l1_fix,
+            l2: mut l2_fix,
         } = copied_mismatches(&img, &n, &mut blocks).map_err(|e| io("checking", e))?;
+        if repair == Repair::Leaks {
+            l1_fix.retain(|&(_, one)| one);
+            l2_fix.retain(|&(_, _, one)| one);
+        }
         for (t, j, one) in l2_fix {
             let at = t + j as u64 * 8;
             let mut e = [0u8; 8];

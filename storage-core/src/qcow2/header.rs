@@ -23,6 +23,7 @@ const EXT_END: u32 = 0;
 const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 const EXT_CRYPTO: u32 = 0x0537_be77;
 const EXT_DATA_FILE: u32 = 0x4441_5441;
+const EXT_BITMAPS: u32 = 0x2385_2875;
 
 /// Field offsets written back in place.
 pub const OFF_REFCOUNT_TABLE: u64 = 48;
@@ -62,6 +63,8 @@ pub struct Header {
     pub data_file: bool,
     /// A LUKS header extension is present (qcow2 encryption, not done here yet).
     pub crypto: bool,
+    /// A persistent dirty bitmaps extension is present.
+    pub bitmaps: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -136,6 +139,7 @@ impl Header {
             compression: Compression::Zlib,
             data_file: false,
             crypto: false,
+            bitmaps: false,
         };
         if version == 3 {
             if b.len() < 104 {
@@ -236,6 +240,7 @@ impl Header {
                 }
                 EXT_CRYPTO => h.crypto = true,
                 EXT_DATA_FILE => h.data_file = true,
+                EXT_BITMAPS => h.bitmaps = true,
                 // Names for feature bits (0x6803f857), and the ones we keep without
                 // knowing them.
                 _ => {}
