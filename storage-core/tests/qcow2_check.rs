@@ -22,18 +22,10 @@ fn put64(f: &std::fs::File, at: u64, v: u64) {
     f.write_all_at(&v.to_be_bytes(), at).unwrap();
 }
 
-/// An image of 4 MiB with its first 1 MiB written (16 data clusters).
-fn image(dir: &Path, name: &str) -> std::path::PathBuf {
-    let img = dir.join(name);
-    qemu_img_ok(&["create", "-f", "qcow2", img.to_str().unwrap(), "4M"]);
+/// Runs one qemu-io command (`write -P ...`) on the qcow2 image `img`.
+fn qemu_io_write(img: &Path, command: &str) {
     let out = std::process::Command::new("qemu-io")
-        .args([
-            "-f",
-            "qcow2",
-            "-c",
-            "write -P 0x5a 0 1M",
-            img.to_str().unwrap(),
-        ])
+        .args(["-f", "qcow2", "-c", command, img.to_str().unwrap()])
         .output()
         .expect("qemu-io (Debian's qemu-utils)");
     assert!(
@@ -41,6 +33,13 @@ fn image(dir: &Path, name: &str) -> std::path::PathBuf {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// An image of 4 MiB with its first 1 MiB written (16 data clusters).
+fn image(dir: &Path, name: &str) -> std::path::PathBuf {
+    let img = dir.join(name);
+    qemu_img_ok(&["create", "-f", "qcow2", img.to_str().unwrap(), "4M"]);
+    qemu_io_write(&img, "write -P 0x5a 0 1M");
     img
 }
 
@@ -183,17 +182,7 @@ fn clean_images_of_every_layout_are_clean_for_both() {
         args.extend_from_slice(opts);
         args.extend([img.to_str().unwrap(), "8M"]);
         qemu_img_ok(&args);
-        let out = std::process::Command::new("qemu-io")
-            .args([
-                "-f",
-                "qcow2",
-                "-c",
-                "write -P 0x33 64k 3M",
-                img.to_str().unwrap(),
-            ])
-            .output()
-            .unwrap();
-        assert!(out.status.success());
+        qemu_io_write(&img, "write -P 0x33 64k 3M");
         qemu_img_check(&img, false);
     }
     let raw = dir.path().join("data.raw");
@@ -218,17 +207,7 @@ fn clean_images_of_every_layout_are_clean_for_both() {
     qemu_img_check(&compressed, false);
     let snapped = image(dir.path(), "snapped.qcow2");
     qemu_img_ok(&["snapshot", "-c", "one", snapped.to_str().unwrap()]);
-    let out = std::process::Command::new("qemu-io")
-        .args([
-            "-f",
-            "qcow2",
-            "-c",
-            "write -P 0x77 0 256k",
-            snapped.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    qemu_io_write(&snapped, "write -P 0x77 0 256k");
     qemu_img_check(&snapped, false);
 }
 
