@@ -73,6 +73,15 @@ impl Shared {
     pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, Meta> {
         self.meta.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// Makes everything written durable, in the order the metadata needs (see [`meta`]).
+    /// The data is synced first without the metadata lock: that is most of a flush, and
+    /// requests that need the lock (every one plans under it) need not wait for it. Under
+    /// the lock, the data written meanwhile and then the metadata follow.
+    pub(crate) fn flush(&self) -> io::Result<()> {
+        self.file.flush()?;
+        self.lock().flush(&self.file)
+    }
 }
 
 /// The image a qcow2 node serves now, and how many times that changed (a snapshot puts a
@@ -460,8 +469,7 @@ impl Qcow2Disk {
         let old = self.active.get();
         let path = old.path.clone();
         let io = |what: &str, e: io::Error| io_error(&path, what, e);
-        old.lock()
-            .flush(&old.file)
+        old.flush()
             .map_err(|e| io("flushing before the snapshot", e))?;
         still_named(&path, &old.file)?;
         let tmp = p.tmp.clone().expect("prepared");
@@ -589,9 +597,7 @@ impl Disk for Qcow2Disk {
         if self.info.read_only {
             return Ok(());
         }
-        let shared = self.active.get();
-        let mut meta = shared.lock();
-        meta.flush(&shared.file)
+        self.active.get().flush()
     }
 
     fn close(&self) {

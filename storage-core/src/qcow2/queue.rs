@@ -492,7 +492,7 @@ impl DiskQueue for Qcow2Queue {
                 }
             }
             DiskOp::Flush => {
-                let result = match self.shared.lock().flush(&self.shared.file) {
+                let result = match self.shared.flush() {
                     Ok(()) => 0,
                     Err(e) => {
                         log::error!("{}: flush: {e}", self.shared.path.display());

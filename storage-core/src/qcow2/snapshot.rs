@@ -320,7 +320,7 @@ impl Qcow2Disk {
                 // is read again as it is there, over the chain below the snapshot.
                 let old = self.active.get();
                 let io = |what: &str, e: io::Error| io_error(&above.path, what, e);
-                old.lock().flush(&old.file).map_err(|e| io("flushing", e))?;
+                old.flush().map_err(|e| io("flushing", e))?;
                 let engine = old.file.info().engine;
                 let file = AnyDisk::Raw(RawDisk::open(&above.path, false, false, engine)?);
                 if file.info().identity != old.file.info().identity {
