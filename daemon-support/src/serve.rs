@@ -4,7 +4,8 @@
 //! pulls and submits; the loop owns the order of a pass, notification suppression, when to
 //! poll and when to sleep, and the used-ring helpers both need.
 
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vhost_user_backend::{VringState, VringT};
@@ -38,6 +39,10 @@ pub struct QueueCore {
     pub health: ring::Health,
     /// How long to watch an idle queue before sleeping (adaptive, up to `--poll-us`).
     pub poll: PollWindow,
+    /// Set while the control plane waits for this worker (to stop the queues): a busy
+    /// worker leaves its loop at once, rather than when the guest pauses, and is kicked
+    /// back to work afterwards ([`crate::transport::Transport::paused`]).
+    pub pause: Arc<AtomicBool>,
 }
 
 impl QueueCore {
@@ -49,6 +54,7 @@ impl QueueCore {
             throttled: false,
             health: ring::Health::default(),
             poll: PollWindow::new(max_poll),
+            pause: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -141,6 +147,11 @@ fn run<S: QueueService>(svc: &mut S, vring: &Vring) {
             }
             svc.after_pass();
             if progress > 0 {
+                if svc.core().pause.load(Ordering::Relaxed) {
+                    // The control plane waits for this worker's lock; it kicks the ring
+                    // when it is done, and the work left goes on from there.
+                    return;
+                }
                 idle_since = None;
                 svc.core_mut().poll.busy();
                 continue;

@@ -5,6 +5,7 @@
 //! the workers' own event fds (completions, deferred replies), memory updates, ring stops.
 
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -56,6 +57,11 @@ pub trait QueueWorker: Send {
         self.drain();
         true
     }
+    /// The flag [`Transport::paused`] raises to have a busy worker let go of its lock
+    /// (workers that never look at it are simply waited for).
+    fn share_pause(&mut self, _flag: Arc<AtomicBool>) {}
+    /// Goes on after a pause: a worker that let go mid-work is woken to finish it.
+    fn resume(&mut self) {}
 }
 
 /// The backend handed to `vhost-user-backend`: the device plus one worker per queue.
@@ -65,6 +71,8 @@ pub struct Transport<D, W> {
     /// The channel on which we may ask the frontend for things (`BACKEND_REQ`), if the
     /// current frontend gave one.
     frontend_channel: Mutex<Option<Backend>>,
+    /// Raised while [`Transport::paused`] takes the workers' locks.
+    pausing: Arc<AtomicBool>,
 }
 
 /// What became of a config-change notification.
@@ -79,11 +87,16 @@ pub enum ConfigNotice {
 }
 
 impl<D: DeviceModel, W: QueueWorker> Transport<D, W> {
-    pub fn new(device: Arc<D>, workers: Vec<W>) -> Self {
+    pub fn new(device: Arc<D>, mut workers: Vec<W>) -> Self {
+        let pausing = Arc::new(AtomicBool::new(false));
+        for w in &mut workers {
+            w.share_pause(pausing.clone());
+        }
         Transport {
             device,
             workers: workers.into_iter().map(Mutex::new).collect(),
             frontend_channel: Mutex::new(None),
+            pausing,
         }
     }
 
@@ -151,15 +164,25 @@ impl<D: DeviceModel, W: QueueWorker> Transport<D, W> {
     /// Fails, without running `f`, when a queue cannot finish what it has in flight.
     /// `f` gets the workers, held and idle (to change what they run on).
     pub fn paused<T>(&self, f: impl FnOnce(&mut [MutexGuard<'_, W>]) -> T) -> io::Result<T> {
+        // Busy workers let go of their locks at their next pass rather than when the guest
+        // next stops (a worker serving a steady load would otherwise keep it for seconds).
+        self.pausing.store(true, Ordering::Relaxed);
         let mut held: Vec<_> = (0..self.workers.len()).map(|i| self.worker(i)).collect();
+        self.pausing.store(false, Ordering::Relaxed);
+        let mut result = Ok(());
         for (i, w) in held.iter_mut().enumerate() {
             if !w.quiesce() {
-                return Err(io::Error::other(format!(
+                result = Err(io::Error::other(format!(
                     "queue {i} could not finish its requests in flight"
                 )));
+                break;
             }
         }
-        Ok(f(&mut held))
+        let out = result.map(|()| f(&mut held));
+        for w in held.iter_mut() {
+            w.resume();
+        }
+        out
     }
 
     /// Completes everything in flight on every queue.

@@ -104,4 +104,12 @@ impl transport::QueueWorker for QueueWorker {
     fn quiesce(&mut self) -> bool {
         QueueWorker::finish_in_flight(self)
     }
+
+    fn share_pause(&mut self, flag: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+        daemon_support::serve::QueueService::core_mut(self).pause = flag;
+    }
+
+    fn resume(&mut self) {
+        QueueWorker::kick_self(self);
+    }
 }

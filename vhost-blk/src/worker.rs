@@ -227,6 +227,21 @@ impl QueueWorker {
         serve::serve(self, vring);
     }
 
+    /// Raises the ring's kick, as the driver would: the worker's thread serves it next (a
+    /// pause may have left requests in the ring with notifications off).
+    pub fn kick_self(&self) {
+        use std::os::fd::AsRawFd;
+        let Some(vring) = &self.core.vring else {
+            return;
+        };
+        if let Some(kick) = vring.get_ref().get_kick() {
+            let one = 1u64.to_ne_bytes();
+            // SAFETY: writes 8 bytes from a valid buffer to the ring's kick eventfd, which
+            // the ring owns and keeps open while we hold a reference to it.
+            let _ = unsafe { libc::write(kick.as_raw_fd(), one.as_ptr().cast(), 8) };
+        }
+    }
+
     /// Handles the completion eventfd.
     pub fn completions_ready(&mut self) {
         self.queue.ack_completion_fd();
