@@ -4,7 +4,7 @@
 //! pulls and submits; the loop owns the order of a pass, notification suppression, when to
 //! poll and when to sleep, and the used-ring helpers both need.
 
-use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -42,7 +42,8 @@ pub struct QueueCore {
     /// Set while the control plane waits for this worker (to stop the queues): a busy
     /// worker leaves its loop at once, rather than when the guest pauses, and is kicked
     /// back to work afterwards ([`crate::transport::Transport::paused`]).
-    pub pause: Arc<AtomicBool>,
+    /// How many are waiting (more than one caller may pause at once).
+    pub pause: Arc<AtomicUsize>,
 }
 
 impl QueueCore {
@@ -54,7 +55,7 @@ impl QueueCore {
             throttled: false,
             health: ring::Health::default(),
             poll: PollWindow::new(max_poll),
-            pause: Arc::new(AtomicBool::new(false)),
+            pause: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -104,8 +105,20 @@ pub trait QueueService {
 /// long the worker slept and worked.
 pub fn serve<S: QueueService>(svc: &mut S, vring: &Vring) {
     svc.core_mut().poll.woke(Instant::now());
-    run(svc, vring);
+    if run(svc, vring) == Left::ForPause {
+        // Not asleep: stopped. The pause is no idle time for the polling window.
+        return;
+    }
     svc.core_mut().poll.sleeping(Instant::now());
+}
+
+/// Why [`run`] returned.
+#[derive(PartialEq, Eq)]
+enum Left {
+    /// The queue is idle (or cannot be served).
+    Idle,
+    /// The control plane waits to stop the queues.
+    ForPause,
 }
 
 /// Serves the queue until it is idle: reap completions, pull new requests while slots are
@@ -117,16 +130,16 @@ pub fn serve<S: QueueService>(svc: &mut S, vring: &Vring) {
 /// Any activity restarts the window, so an idle queue costs no CPU. The window adapts
 /// ([`crate::polling`]): it shrinks when polling would not have caught the next request,
 /// and closes while others wait for this CPU.
-fn run<S: QueueService>(svc: &mut S, vring: &Vring) {
+fn run<S: QueueService>(svc: &mut S, vring: &Vring) -> Left {
     if svc.core().mem.as_ref().is_none() {
-        return;
+        return Left::Idle;
     }
     let mut state = vring.get_mut();
     // A stopped ring (GET_VRING_BASE drained it first) is left alone until it is started
     // again: a completion or kick that arrives in between must neither take requests nor,
     // seeing work it cannot pop, loop on re-enabling kicks.
     if !state.get_queue().ready() {
-        return;
+        return Left::Idle;
     }
     let _ = state.disable_notification();
     loop {
@@ -147,10 +160,10 @@ fn run<S: QueueService>(svc: &mut S, vring: &Vring) {
             }
             svc.after_pass();
             if progress > 0 {
-                if svc.core().pause.load(Ordering::Relaxed) {
-                    // The control plane waits for this worker's lock; it kicks the ring
+                if svc.core().pause.load(Ordering::Relaxed) > 0 {
+                    // The control plane waits for this worker's lock; it wakes the worker
                     // when it is done, and the work left goes on from there.
-                    return;
+                    return Left::ForPause;
                 }
                 idle_since = None;
                 svc.core_mut().poll.busy();
@@ -196,7 +209,7 @@ fn run<S: QueueService>(svc: &mut S, vring: &Vring) {
         // stays stopped until the frontend resets it; re-enabling kicks would only report
         // the bad index again.
         if svc.core().throttled || svc.core().health.is_broken() || svc.stopping() {
-            return;
+            return Left::Idle;
         }
         // Re-enable kicks, then look once more: a request that arrived in between would
         // otherwise wait for the next kick (EVENT_IDX reports it here).
@@ -205,7 +218,7 @@ fn run<S: QueueService>(svc: &mut S, vring: &Vring) {
                 let _ = state.disable_notification();
                 continue;
             }
-            _ => return,
+            _ => return Left::Idle,
         }
     }
 }

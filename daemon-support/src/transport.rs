@@ -5,7 +5,7 @@
 //! the workers' own event fds (completions, deferred replies), memory updates, ring stops.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -57,9 +57,9 @@ pub trait QueueWorker: Send {
         self.drain();
         true
     }
-    /// The flag [`Transport::paused`] raises to have a busy worker let go of its lock
+    /// The count [`Transport::paused`] raises to have a busy worker let go of its lock
     /// (workers that never look at it are simply waited for).
-    fn share_pause(&mut self, _flag: Arc<AtomicBool>) {}
+    fn share_pause(&mut self, _pausing: Arc<AtomicUsize>) {}
     /// Goes on after a pause: a worker that let go mid-work is woken to finish it.
     fn resume(&mut self) {}
 }
@@ -71,8 +71,8 @@ pub struct Transport<D, W> {
     /// The channel on which we may ask the frontend for things (`BACKEND_REQ`), if the
     /// current frontend gave one.
     frontend_channel: Mutex<Option<Backend>>,
-    /// Raised while [`Transport::paused`] takes the workers' locks.
-    pausing: Arc<AtomicBool>,
+    /// How many [`Transport::paused`] callers are taking the workers' locks.
+    pausing: Arc<AtomicUsize>,
 }
 
 /// What became of a config-change notification.
@@ -88,7 +88,7 @@ pub enum ConfigNotice {
 
 impl<D: DeviceModel, W: QueueWorker> Transport<D, W> {
     pub fn new(device: Arc<D>, mut workers: Vec<W>) -> Self {
-        let pausing = Arc::new(AtomicBool::new(false));
+        let pausing = Arc::new(AtomicUsize::new(0));
         for w in &mut workers {
             w.share_pause(pausing.clone());
         }
@@ -166,29 +166,36 @@ impl<D: DeviceModel, W: QueueWorker> Transport<D, W> {
     pub fn paused<T>(&self, f: impl FnOnce(&mut [MutexGuard<'_, W>]) -> T) -> io::Result<T> {
         // Busy workers let go of their locks at their next pass rather than when the guest
         // next stops (a worker serving a steady load would otherwise keep it for seconds).
-        self.pausing.store(true, Ordering::Relaxed);
-        let mut held: Vec<_> = (0..self.workers.len()).map(|i| self.worker(i)).collect();
-        self.pausing.store(false, Ordering::Relaxed);
-        let mut result = Ok(());
-        for (i, w) in held.iter_mut().enumerate() {
+        self.pausing.fetch_add(1, Ordering::Relaxed);
+        let held: Vec<_> = (0..self.workers.len()).map(|i| self.worker(i)).collect();
+        self.pausing.fetch_sub(1, Ordering::Relaxed);
+        // Every worker goes on afterwards, however this ends (a panic in `f` included).
+        let mut held = Resuming(held);
+        for (i, w) in held.0.iter_mut().enumerate() {
             if !w.quiesce() {
-                result = Err(io::Error::other(format!(
+                return Err(io::Error::other(format!(
                     "queue {i} could not finish its requests in flight"
                 )));
-                break;
             }
         }
-        let out = result.map(|()| f(&mut held));
-        for w in held.iter_mut() {
-            w.resume();
-        }
-        out
+        Ok(f(&mut held.0))
     }
 
     /// Completes everything in flight on every queue.
     pub fn drain_all(&self) {
         for i in 0..self.workers.len() {
             self.worker(i).drain();
+        }
+    }
+}
+
+/// Held workers that are told to go on ([`QueueWorker::resume`]) when let go.
+struct Resuming<'a, W: QueueWorker>(Vec<MutexGuard<'a, W>>);
+
+impl<W: QueueWorker> Drop for Resuming<'_, W> {
+    fn drop(&mut self) {
+        for w in self.0.iter_mut() {
+            w.resume();
         }
     }
 }

@@ -18,6 +18,8 @@ pub type BlkBackend = Transport<BlkDevice, QueueWorker>;
 
 /// A worker's own events, in the order of `Transport::device_event_id`.
 pub const COMPLETIONS: u64 = 0;
+/// The worker's own eventfd, raised when a pause ends ([`QueueWorker::kick_self`]).
+pub const RESUMED: u64 = 1;
 
 impl DeviceModel for BlkDevice {
     fn num_queues(&self) -> usize {
@@ -93,6 +95,7 @@ impl transport::QueueWorker for QueueWorker {
     fn device_event(&mut self, n: u64) {
         match n {
             COMPLETIONS => self.completions_ready(),
+            RESUMED => self.resumed(),
             _ => log::warn!("unknown worker event {n}"),
         }
     }
@@ -105,8 +108,8 @@ impl transport::QueueWorker for QueueWorker {
         QueueWorker::finish_in_flight(self)
     }
 
-    fn share_pause(&mut self, flag: std::sync::Arc<std::sync::atomic::AtomicBool>) {
-        daemon_support::serve::QueueService::core_mut(self).pause = flag;
+    fn share_pause(&mut self, pausing: std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        daemon_support::serve::QueueService::core_mut(self).pause = pausing;
     }
 
     fn resume(&mut self) {

@@ -159,7 +159,7 @@ impl DiskServer {
                     device.clone(),
                     queue,
                     config.queue_depth,
-                ))
+                )?)
             })
             .collect::<Result<Vec<_>>>()?;
         let backend = Arc::new(BlkBackend::new(device.clone(), workers));
@@ -618,10 +618,18 @@ impl Serving {
             let mut kept = lock(&self.control.handlers);
             let handlers = daemon.get_epoll_handlers();
             for (i, handler) in handlers.iter().enumerate() {
-                if let Some(fd) = self.backend.worker(i).completion_fd() {
+                let worker = self.backend.worker(i);
+                if let Some(fd) = worker.completion_fd() {
                     watch(&self.backend, handler, fd)
                         .context("cannot watch the completion eventfd")?;
                 }
+                handler
+                    .register_listener(
+                        worker.wake_fd(),
+                        EventSet::IN,
+                        self.backend.device_event_id(crate::backend::RESUMED),
+                    )
+                    .context("cannot watch the worker's wake-up eventfd")?;
             }
             *kept = handlers;
         }

@@ -137,10 +137,18 @@ pub struct QueueWorker {
     refusals: WarningLimit,
     /// Requests the storage failed.
     failures: WarningLimit,
+    /// Raised when a pause ends ([`Self::kick_self`]).
+    wake: vmm_sys_util::eventfd::EventFd,
 }
 
 impl QueueWorker {
-    pub fn new(index: usize, device: Arc<BlkDevice>, queue: AnyQueue, depth: u32) -> Self {
+    pub fn new(
+        index: usize,
+        device: Arc<BlkDevice>,
+        queue: AnyQueue,
+        depth: u32,
+    ) -> std::io::Result<Self> {
+        let wake = vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)?;
         let slots = (0..depth)
             .map(|_| Slot {
                 head: 0,
@@ -153,7 +161,7 @@ impl QueueWorker {
                 mem: None,
             })
             .collect();
-        QueueWorker {
+        Ok(QueueWorker {
             core: QueueCore::new(index, device.poll),
             metrics: device.queue_metrics(index),
             device,
@@ -168,7 +176,8 @@ impl QueueWorker {
             answered: Vec::with_capacity(2 * depth as usize),
             refusals: WarningLimit::default(),
             failures: WarningLimit::default(),
-        }
+            wake,
+        })
     }
 
     /// What the worker's queue would wake on under a throttle node (see
@@ -227,18 +236,23 @@ impl QueueWorker {
         serve::serve(self, vring);
     }
 
-    /// Raises the ring's kick, as the driver would: the worker's thread serves it next (a
-    /// pause may have left requests in the ring with notifications off).
+    /// Wakes the worker's thread to serve its ring (a pause may have left requests in the
+    /// ring with notifications off): its own eventfd, not one the frontend gave.
     pub fn kick_self(&self) {
+        let _ = self.wake.write(1);
+    }
+
+    /// The eventfd [`kick_self`](Self::kick_self) raises, for the event loop.
+    pub fn wake_fd(&self) -> std::os::unix::io::RawFd {
         use std::os::fd::AsRawFd;
-        let Some(vring) = &self.core.vring else {
-            return;
-        };
-        if let Some(kick) = vring.get_ref().get_kick() {
-            let one = 1u64.to_ne_bytes();
-            // SAFETY: writes 8 bytes from a valid buffer to the ring's kick eventfd, which
-            // the ring owns and keeps open while we hold a reference to it.
-            let _ = unsafe { libc::write(kick.as_raw_fd(), one.as_ptr().cast(), 8) };
+        self.wake.as_raw_fd()
+    }
+
+    /// Its eventfd was raised: serve the ring.
+    pub fn resumed(&mut self) {
+        let _ = self.wake.read();
+        if let Some(vring) = self.core.vring.clone() {
+            serve::serve(self, &vring);
         }
     }
 
@@ -699,7 +713,7 @@ mod tests {
         let disk = open_disk(&spec).unwrap();
         let device = Arc::new(BlkDevice::new("t".into(), spec, disk, 1, RING, 4, poll));
         let queue = device.disk.new_queue(4).unwrap();
-        let mut worker = QueueWorker::new(0, device, queue, 4);
+        let mut worker = QueueWorker::new(0, device, queue, 4).unwrap();
         worker.attach(mem.clone());
         let vring = Vring::new(mem.clone(), RING).unwrap();
         let guard = mem.memory();
