@@ -125,7 +125,23 @@ impl Cluster {
         )?;
         cluster.spawn("ceph-mon", &["-f", "-i", "a"])?;
         let osd_uuid = uuid_like();
-        let id = cluster.run("ceph", &["osd", "new", &osd_uuid])?;
+        // A monitor that does not answer says why in its log (a host file system under 1%
+        // free, say): its last lines go with the error.
+        let id = cluster
+            .run("ceph", &["osd", "new", &osd_uuid])
+            .map_err(|e| match e {
+                CephError::Failed { what, detail } => {
+                    let log =
+                        std::fs::read_to_string(cluster.path("mon.a.log")).unwrap_or_default();
+                    let tail: Vec<&str> = log.lines().rev().take(8).collect();
+                    let tail: Vec<&str> = tail.into_iter().rev().collect();
+                    failed(
+                        what,
+                        format!("{detail}\nthe monitor's log ends:\n{}", tail.join("\n")),
+                    )
+                }
+                other => other,
+            })?;
         let id = id.trim().to_string();
         std::fs::create_dir_all(cluster.path(&format!("osd-{id}")))
             .map_err(|e| failed("osd dir", e.to_string()))?;
