@@ -70,6 +70,26 @@ fn set_refcount(f: &std::fs::File, l: &Layout, host: u64, v: u16) {
         .unwrap();
 }
 
+/// A fresh image (`image`) with `damage` done to it, synced.
+fn damaged(dir: &Path, name: &str, damage: impl Fn(&std::fs::File, &Layout)) -> std::path::PathBuf {
+    let img = image(dir, name);
+    let f = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open(&img)
+        .unwrap();
+    damage(&f, &layout(&f));
+    f.sync_all().unwrap();
+    img
+}
+
+/// A cluster past everything, with a refcount: leaked.
+fn leak_a_cluster(f: &std::fs::File, l: &Layout) {
+    let end = f.metadata().unwrap().len().div_ceil(CLUSTER) * CLUSTER;
+    f.set_len(end + CLUSTER).unwrap();
+    set_refcount(f, l, end, 1);
+}
+
 /// qemu-img check's exit code and its JSON report.
 fn qemu_check(img: &Path) -> (i32, serde_json::Value) {
     let out = qemu_img(&["check", "--output=json", img.to_str().unwrap()]);
@@ -87,17 +107,7 @@ fn case(
     repair: Repair,
     damage: impl Fn(&std::fs::File, &Layout),
 ) {
-    let img = image(dir, name);
-    {
-        let f = std::fs::File::options()
-            .read(true)
-            .write(true)
-            .open(&img)
-            .unwrap();
-        let l = layout(&f);
-        damage(&f, &l);
-        f.sync_all().unwrap();
-    }
+    let img = damaged(dir, name, damage);
     let (code, theirs) = qemu_check(&img);
     assert_eq!(code, expect, "{name}: qemu-img check: {theirs}");
     let ours = check(&img, Repair::None).unwrap();
@@ -135,11 +145,7 @@ fn damaged_images_get_qemu_imgs_verdict_and_our_repair_satisfies_it() {
     assert_eq!(r.allocated_clusters, 16);
 
     // A cluster nothing uses with a refcount: a leak; repaired with "leaks".
-    case(dir.path(), "leak.qcow2", 3, Repair::Leaks, |f, l| {
-        let end = f.metadata().unwrap().len().div_ceil(CLUSTER) * CLUSTER;
-        f.set_len(end + CLUSTER).unwrap();
-        set_refcount(f, l, end, 1);
-    });
+    case(dir.path(), "leak.qcow2", 3, Repair::Leaks, leak_a_cluster);
     // A data cluster's refcount too high: a leak, and its COPIED flag now wrong (a
     // corruption for both checkers); repaired with "all".
     case(dir.path(), "high.qcow2", 2, Repair::All, |f, l| {
@@ -239,18 +245,7 @@ fn a_leak_repair_never_leaves_a_corruption_and_unknown_layouts_are_refused() {
 #[test]
 fn an_image_qemu_holds_is_not_repaired() {
     let dir = tempfile::tempdir().unwrap();
-    let img = image(dir.path(), "held.qcow2");
-    {
-        let f = std::fs::File::options()
-            .read(true)
-            .write(true)
-            .open(&img)
-            .unwrap();
-        let l = layout(&f);
-        let end = f.metadata().unwrap().len().div_ceil(CLUSTER) * CLUSTER;
-        f.set_len(end + CLUSTER).unwrap();
-        set_refcount(&f, &l, end, 1);
-    }
+    let img = damaged(dir.path(), "held.qcow2", leak_a_cluster);
     let sock = dir.path().join("qsd.sock");
     let mut qsd = testkit::daemon::DaemonCommand::qemu_storage_daemon(&sock)
         .arg("--blockdev")
