@@ -31,4 +31,7 @@ pub mod throttle;
 pub mod tier;
 pub mod units;
 
+#[cfg(test)]
+mod test_support;
+
 pub use error::{StorageError, StorageErrorKind};

@@ -19,6 +19,8 @@ pub mod check;
 mod compressed;
 pub mod header;
 mod meta;
+#[cfg(test)]
+mod power_cut_tests;
 mod queue;
 mod snapshot;
 
