@@ -18,6 +18,7 @@
 //! [`disk::DiskOp`]s.
 
 pub mod cache;
+pub mod check;
 pub mod disk;
 pub mod engine;
 pub mod error;

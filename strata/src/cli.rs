@@ -155,10 +155,11 @@ pub enum JobsCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum ImageCommand {
-    /// Check a qcow2 image's metadata as `qemu-img check` does (exit 0 clean, 2 corrupt,
-    /// 3 leaks only, 1 not checked); with --repair, repair what is safe (leaks: space
-    /// lost; all: refcounts, entries past the end of the file, COPIED flags). The image must
-    /// not be in use.
+    /// Check a qcow2 image's or a tier cache device's metadata as `qemu-img check` does
+    /// (exit 0 clean, 2 corrupt, 3 leaks only, 1 not checked); with --repair, repair what
+    /// is safe (leaks: space lost, a cache's damaged spare superblock; all: refcounts,
+    /// entries past the end of the file, COPIED flags, cache slots past the capacity
+    /// device or doubling a block). The file must not be in use.
     Check {
         file: std::path::PathBuf,
         #[arg(long, value_name = "WHAT", value_parser = ["leaks", "all"])]

@@ -1,14 +1,21 @@
-//! `strata image check FILE [--repair leaks|all]`: checks a qcow2 image that no daemon has
-//! open, here (the image is a file on this host, not something the API serves), with
+//! `strata image check FILE [--repair leaks|all]`: checks a qcow2 image or a tier's cache
+//! device that no daemon has open, here (the image is a file on this host, not something the API serves), with
 //! storage-core's checker, and prints and exits as `qemu-img check` does: 0 clean, 2
 //! corruptions left, 3 leaks only, 1 not checked.
 
 use std::path::Path;
 use std::process::ExitCode;
 
-use storage_core::qcow2::check::{check, CheckReport, Repair};
+use storage_core::check::{check_file, CheckReport, Repair};
 
 fn text(r: &CheckReport) -> String {
+    // A cache device's "leaks" are damaged spare superblock copies, its clusters slots.
+    let cache = r.format == "strata-cache";
+    let leaked = if cache {
+        "damaged superblock copies"
+    } else {
+        "leaked clusters"
+    };
     let mut out = String::new();
     for m in &r.messages {
         out.push_str(m);
@@ -16,7 +23,7 @@ fn text(r: &CheckReport) -> String {
     }
     if r.leaks_fixed + r.corruptions_fixed > 0 {
         out.push_str(&format!(
-            "The following inconsistencies were found and repaired:\n\n    {} leaked clusters\n    {} corruptions\n\nDouble checking the fixed image now...\n",
+            "The following inconsistencies were found and repaired:\n\n    {} {leaked}\n    {} corruptions\n\nDouble checking the fixed image now...\n",
             r.leaks_fixed, r.corruptions_fixed
         ));
     }
@@ -32,7 +39,7 @@ fn text(r: &CheckReport) -> String {
     }
     if r.leaks > 0 {
         out.push_str(&format!(
-            "\n{} leaked clusters were found on the image.\nThis means waste of disk space, \
+            "\n{} {leaked} were found on the image.\nThis means waste of disk space, \
              but no harm to data.\n",
             r.leaks
         ));
@@ -43,14 +50,24 @@ fn text(r: &CheckReport) -> String {
             r.check_errors
         ));
     }
+    if let Some(d) = r.dirty_blocks {
+        out.push_str(&format!(
+            "{d} blocks are dirty (in the cache, not yet on the capacity device)\n"
+        ));
+    }
     out.push_str(&format!(
-        "{}/{} = {:.2}% allocated\nImage end offset: {}\n",
+        "{}/{} = {:.2}% {}\nImage end offset: {}\n",
         r.allocated_clusters,
         r.total_clusters,
         if r.total_clusters == 0 {
             0.0
         } else {
             r.allocated_clusters as f64 * 100.0 / r.total_clusters as f64
+        },
+        if cache {
+            "of the cache slots in use"
+        } else {
+            "allocated"
         },
         r.image_end_offset
     ));
@@ -67,7 +84,7 @@ pub fn run(file: &Path, repair: Option<&str>, as_json: bool) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match check(file, repair) {
+    match check_file(file, repair) {
         Ok(r) => {
             if as_json {
                 println!(

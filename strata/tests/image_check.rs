@@ -1,7 +1,8 @@
 //! `strata image check FILE [--repair leaks|all]` on a qcow2 image that leaks a cluster: the
 //! exit codes and the report qemu-img check gives, a repair that leaves qemu-img check
 //! clean, `--json` with qemu-img's keys, and one line with exit 2 for a file that is not
-//! a qcow2 image.
+//! a qcow2 image; the same check of a tier's cache device, refused by the API while a disk
+//! serves it.
 
 use std::os::unix::fs::FileExt;
 use std::process::Command;
@@ -19,6 +20,20 @@ fn strata(args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// A vhost-blk daemon serving `disk`, its sockets in `dir` (the API's: `dir/api.sock`).
+fn serve(dir: &std::path::Path, disk: &str) -> testkit::daemon::Daemon {
+    testkit::daemon::DaemonCommand::vhost_blk()
+        .unwrap_or_else(|e| panic!("{e}"))
+        .arg("--socket")
+        .arg(dir.join("vm.sock"))
+        .arg("--api-socket")
+        .arg(dir.join("api.sock"))
+        .arg("--disk")
+        .arg(disk)
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 #[test]
@@ -75,7 +90,7 @@ fn a_leaking_image_is_reported_and_repaired_as_qemu_img_would() {
     let (code, out, err) = strata(&["image", "check", raw.to_str().unwrap()]);
     assert_eq!(code, 2, "{out}{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.contains("not a qcow2 image"), "{err}");
+    assert!(err.contains("neither a qcow2 image"), "{err}");
 }
 
 /// The same check as a job of the API (admin): its result is qemu-img check's report; an
@@ -89,16 +104,10 @@ fn the_api_checks_an_image_as_a_job_but_not_one_a_disk_serves() {
         qemu_img_ok(&["create", "-f", "qcow2", img.to_str().unwrap(), "16M"]);
     }
     let api = dir.path().join("api.sock");
-    let mut daemon = testkit::daemon::DaemonCommand::vhost_blk()
-        .unwrap_or_else(|e| panic!("{e}"))
-        .arg("--socket")
-        .arg(dir.path().join("vm.sock"))
-        .arg("--api-socket")
-        .arg(&api)
-        .arg("--disk")
-        .arg(format!("path={},format=qcow2", served.display()))
-        .spawn()
-        .unwrap_or_else(|e| panic!("{e}"));
+    let mut daemon = serve(
+        dir.path(),
+        &format!("path={},format=qcow2", served.display()),
+    );
     let api_arg = api.to_str().unwrap();
     let ask = |p: &std::path::Path| {
         let body = format!(r#"{{"path": "{}"}}"#, p.display());
@@ -137,4 +146,65 @@ fn the_api_checks_an_image_as_a_job_but_not_one_a_disk_serves() {
     assert_eq!(done["result"]["format"], "qcow2", "{done}");
     let status = daemon.terminate().unwrap();
     assert!(status.success(), "{}", daemon.output());
+}
+
+/// A write-back tier's cache device: the API refuses to check it while the disk serves it;
+/// once the daemon is gone, `strata image check` reads it as the tier would and reports
+/// its slots, dirty ones included.
+#[test]
+fn a_cache_device_is_checked_once_no_disk_serves_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cap = dir.path().join("cap.img");
+    let cache = dir.path().join("cap.cache");
+    std::fs::write(&cap, vec![0u8; 16 << 20]).unwrap();
+    let api = dir.path().join("api.sock");
+    let mut daemon = serve(
+        dir.path(),
+        &format!(
+            "path={},cache={},cache-size=4M,cache-mode=writeback",
+            cap.display(),
+            cache.display()
+        ),
+    );
+    let body = format!(r#"{{"path": "{}"}}"#, cache.display());
+    let (code, out, err) = strata(&[
+        "--api",
+        api.to_str().unwrap(),
+        "raw",
+        "POST",
+        "/v1/images/check",
+        "--data",
+        &body,
+    ]);
+    assert!(
+        code != 0 && err.contains("409") && err.contains("cache device of disk"),
+        "{out}{err}"
+    );
+    let status = daemon.terminate().unwrap();
+    assert!(status.success(), "{}", daemon.output());
+
+    let path = cache.to_str().unwrap();
+    let (code, out, err) = strata(&["image", "check", path]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("No errors were found"), "{out}");
+    assert!(out.contains("of the cache slots in use"), "{out}");
+    let (code, out, _) = strata(&["--json", "image", "check", path]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["format"], "strata-cache", "{v}");
+    assert_eq!(v["image-end-offset"], 4 << 20, "{v}");
+    assert!(v["total-clusters"].as_u64().unwrap() > 0, "{v}");
+
+    // Damage the live slot table: the tier would refuse it, and the check says so (exit 2,
+    // nothing repaired).
+    let layout = storage_core::tier::Layout::for_size(4 << 20, 4096).unwrap();
+    let f = std::fs::File::options().write(true).open(&cache).unwrap();
+    for region in 0..2 {
+        f.write_all_at(&[0xa5; 64], layout.map_offset(region))
+            .unwrap();
+    }
+    drop(f);
+    let (code, out, err) = strata(&["image", "check", "--repair", "all", path]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(out.contains("not repairable"), "{out}");
 }

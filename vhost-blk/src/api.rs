@@ -623,15 +623,15 @@ struct ImageCheckBody {
     repair: Option<String>,
 }
 
-/// Starts a job that checks a qcow2 image file as `qemu-img check` does (its report in the
-/// job's `result`). Refused for an image a disk serves: its metadata in memory is newer
-/// than the file's, and a repair would write under the daemon.
+/// Starts a job that checks a qcow2 image file or a tier's cache device as `qemu-img
+/// check` does (its report in the job's `result`). Refused for a file a disk serves: its
+/// metadata in memory is newer than the file's, and a repair would write under the daemon.
 async fn image_check(
     State(disks): Disks,
     JsonBody(body): JsonBody<ImageCheckBody>,
 ) -> Result<Response, ApiError> {
     let repair = match body.repair.as_deref() {
-        None => storage_core::qcow2::check::Repair::None,
+        None => storage_core::check::Repair::None,
         Some(r) => r.parse().map_err(ApiError::bad_request)?,
     };
     let path = body.path.clone();
@@ -639,7 +639,21 @@ async fn image_check(
     let in_use = http::blocking(move || {
         let wanted = std::fs::canonicalize(&path)
             .map_err(|e| ApiError::bad_request(format!("{}: {e}", path.display())))?;
+        let identity = std::fs::metadata(&wanted).map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            (m.dev(), m.ino())
+        });
         for d in set.list() {
+            if identity
+                .as_ref()
+                .is_ok_and(|i| d.device.disk.cache_files().contains(i))
+            {
+                return Err(ApiError::conflict(format!(
+                    "{} is the cache device of disk {:?}: check it when no daemon serves it",
+                    path.display(),
+                    d.id()
+                )));
+            }
             let mut files = vec![d.device.info().path.clone()];
             if let Some(q) = d.device.disk.qcow2() {
                 files.extend(q.chain().into_iter().map(|c| c.path));
@@ -666,7 +680,7 @@ async fn image_check(
             "image-check",
             &object,
             1,
-            move |p| match storage_core::qcow2::check::check(&file, repair) {
+            move |p| match storage_core::check::check_file(&file, repair) {
                 Ok(report) => {
                     p.set_result(report.json(&file));
                     p.update(1);

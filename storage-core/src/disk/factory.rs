@@ -183,6 +183,20 @@ impl AnyDisk {
         }
     }
 
+    /// The (device, inode) of every cache file of the graph's tiers: files a check must
+    /// not repair while the disk serves.
+    pub fn cache_files(&self) -> Vec<(u64, u64)> {
+        match self {
+            AnyDisk::Tiered(t) => {
+                let mut v: Vec<_> = t.cache_identity().into_iter().collect();
+                v.extend(t.capacity().cache_files());
+                v
+            }
+            AnyDisk::Throttle(t) => t.child().cache_files(),
+            _ => Vec::new(),
+        }
+    }
+
     /// The qcow2 image at the root (under a throttle, if any): what takes snapshots.
     pub fn qcow2(&self) -> Option<&crate::qcow2::Qcow2Disk> {
         match self {

@@ -95,6 +95,15 @@ impl RawDisk {
         self.faults = Some(faults);
     }
 
+    /// Tests only: `other`'s faults, if it has any, apply to this file too (a node that
+    /// opens its file again keeps being recorded).
+    #[cfg(test)]
+    pub(crate) fn inherit_faults(&mut self, other: &crate::disk::AnyDisk) {
+        if let crate::disk::AnyDisk::Raw(r) = other {
+            self.faults = r.faults.clone();
+        }
+    }
+
     #[cfg(test)]
     fn injected(&self, op: crate::engine::faulty::OpKind) -> io::Result<()> {
         use crate::engine::faulty::Device;

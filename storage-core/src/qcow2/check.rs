@@ -30,74 +30,7 @@ const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 /// Tables larger than this are not read (QEMU's limit on an L1 table is 32 MiB).
 const MAX_TABLE: u64 = 64 << 20;
 
-/// What a check repairs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Repair {
-    None,
-    Leaks,
-    All,
-}
-
-impl std::str::FromStr for Repair {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Repair, String> {
-        match s {
-            "leaks" => Ok(Repair::Leaks),
-            "all" => Ok(Repair::All),
-            other => Err(format!("repair {other:?}: leaks or all")),
-        }
-    }
-}
-
-/// What a check found (and, with a repair, what it fixed), in qemu-img check's terms.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct CheckReport {
-    /// Corruptions left (after repairs).
-    pub corruptions: u64,
-    /// Leaked clusters left.
-    pub leaks: u64,
-    pub corruptions_fixed: u64,
-    pub leaks_fixed: u64,
-    /// Metadata that could not be read or checked.
-    pub check_errors: u64,
-    /// One line per problem found (before repairs), as qemu-img prints them.
-    pub messages: Vec<String>,
-    pub image_end_offset: u64,
-    pub total_clusters: u64,
-    pub allocated_clusters: u64,
-}
-
-impl CheckReport {
-    /// The report as `qemu-img check --output=json` gives it (its keys), with the messages.
-    pub fn json(&self, file: &Path) -> serde_json::Value {
-        serde_json::json!({
-            "filename": file.display().to_string(),
-            "format": "qcow2",
-            "check-errors": self.check_errors,
-            "corruptions": self.corruptions,
-            "leaks": self.leaks,
-            "corruptions-fixed": self.corruptions_fixed,
-            "leaks-fixed": self.leaks_fixed,
-            "image-end-offset": self.image_end_offset,
-            "total-clusters": self.total_clusters,
-            "allocated-clusters": self.allocated_clusters,
-            "messages": self.messages,
-        })
-    }
-
-    /// `qemu-img check`'s exit status: 0 clean, 2 corrupt, 3 leaks only, 1 not checked.
-    pub fn exit_code(&self) -> u8 {
-        if self.check_errors > 0 {
-            1
-        } else if self.corruptions > 0 {
-            2
-        } else if self.leaks > 0 {
-            3
-        } else {
-            0
-        }
-    }
-}
+pub use crate::check::{CheckReport, Repair};
 
 fn be64(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
@@ -593,6 +526,7 @@ fn pass(img: &Image) -> io::Result<(CheckReport, Counts, HashMap<u64, Vec<u8>>)>
         image_end_offset: used_end * img.cluster,
         total_clusters: img.header.size.div_ceil(img.cluster),
         allocated_clusters: allocated,
+        format: "qcow2",
         ..CheckReport::default()
     };
     Ok((report, n, blocks))

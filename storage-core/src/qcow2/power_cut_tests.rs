@@ -10,7 +10,7 @@ use std::path::Path;
 
 use super::*;
 use crate::disk::{Disk, DiskOp, RawDisk};
-use crate::engine::faulty::{Device, Faults};
+use crate::engine::faulty::{Device, Event, Faults};
 use crate::engine::EngineKind;
 use crate::test_support::power_cut::{self, crash_states, data, PastEnd, Workload, BS, ZERO};
 use crate::test_support::queue::{read, run};
@@ -25,7 +25,7 @@ struct Setup {
     backing: bool,
     /// Blocks written (at version 0) and flushed before recording begins.
     prefill: u64,
-    /// The L2 cache, small enough that tables are evicted.
+    /// The L2 cache (the growing image's is small enough that tables are evicted).
     l2_cache: u64,
 }
 
@@ -75,10 +75,10 @@ fn make(dir: &Path, setup: &Setup) -> std::path::PathBuf {
     image
 }
 
-/// Records a workload on a new image, then checks its crash states. Returns the image's
-/// header as each workload left it.
-fn power_cuts(setup: &Setup, seed: u64, ops: usize) -> Vec<header::Header> {
-    let mut headers = Vec::new();
+/// Records a workload on a new image, then checks its crash states. Returns each
+/// workload's log.
+fn power_cuts(setup: &Setup, seed: u64, ops: usize) -> Vec<Vec<Event>> {
+    let mut logs = Vec::new();
     for seed in power_cut::seeds(seed) {
         let dir = tempfile::tempdir().unwrap();
         let image = make(dir.path(), setup);
@@ -91,12 +91,12 @@ fn power_cuts(setup: &Setup, seed: u64, ops: usize) -> Vec<header::Header> {
         let workload = Workload::run(&mut q, &faults, setup.blocks, ops, seed);
         drop(q);
         let log = faults.take_log();
-        headers.push(disk.header());
         drop(disk);
         let label = format!("cluster {}, seed {seed:#x}", setup.cluster);
         explore(&image, setup, start, &log, &workload, &label, seed);
+        logs.push(log);
     }
-    headers
+    logs
 }
 
 /// Writes blocks `0..n` at version 0 and flushes.
@@ -119,7 +119,7 @@ fn explore(
     image: &Path,
     setup: &Setup,
     start: Vec<u8>,
-    log: &[crate::engine::faulty::Event],
+    log: &[Event],
     workload: &Workload,
     label: &str,
     seed: u64,
@@ -174,11 +174,14 @@ fn power_cuts_while_an_image_grows_lose_nothing_flushed() {
         prefill: 1900,
         l2_cache: 16 << 10,
     };
-    for h in power_cuts(&setup, 0x5eed_0001, 400) {
+    for log in power_cuts(&setup, 0x5eed_0001, 400) {
+        // The header naming the moved table is in the log, a sync after it.
+        let moved = log.iter().position(
+            |e| matches!(e, Event::Write { offset, .. } if *offset == header::OFF_REFCOUNT_TABLE),
+        );
         assert!(
-            h.refcount_table_clusters > 1,
-            "the workload must outgrow the refcount table (it has {} cluster)",
-            h.refcount_table_clusters
+            moved.is_some_and(|i| log[i..].iter().any(|e| matches!(e, Event::Sync { .. }))),
+            "the workload must outgrow the refcount table while recorded"
         );
     }
 }
@@ -248,9 +251,14 @@ fn power_cuts_while_a_snapshot_is_deleted_lose_nothing() {
             })
             .unwrap();
         disk.commit_delete(prepared).unwrap();
+        let committed = faults.mark();
         for _ in 0..100 {
             workload.step(&mut q, &faults);
         }
+        assert!(
+            faults.mark() > committed + 50,
+            "the image's writes after the delete must be recorded"
+        );
         assert_eq!(run(&mut q, DiskOp::Flush), 0);
         let end = read(&mut q, 0, (setup.blocks * BS) as usize);
         drop(q);

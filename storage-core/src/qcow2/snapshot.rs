@@ -322,7 +322,11 @@ impl Qcow2Disk {
                 let io = |what: &str, e: io::Error| io_error(&above.path, what, e);
                 old.flush().map_err(|e| io("flushing", e))?;
                 let engine = old.file.info().engine;
-                let file = AnyDisk::Raw(RawDisk::open(&above.path, false, false, engine)?);
+                #[allow(unused_mut)] // Tests give it the old file's recorded faults.
+                let mut raw = RawDisk::open(&above.path, false, false, engine)?;
+                #[cfg(test)]
+                raw.inherit_faults(&old.file);
+                let file = AnyDisk::Raw(raw);
                 if file.info().identity != old.file.info().identity {
                     return Err(io(
                         "reopening",

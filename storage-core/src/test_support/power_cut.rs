@@ -7,9 +7,11 @@
 //! [`check_blocks`]: it must hold a version the guest may see (at least what it wrote before
 //! the last completed FLUSH), never another block's data.
 //!
-//! `STRATA_POWER_CUT_STATES` sets how many crash states a workload explores (at most three
-//! per log position), `STRATA_POWER_CUT_RUNS` how many workloads (other seeds) a test runs:
-//! the long run raises both.
+//! `STRATA_POWER_CUT_STATES` sets how many crash states a workload explores at evenly spread
+//! points of the log (three per point; three more just before every sync come on top),
+//! `STRATA_POWER_CUT_RUNS` how many workloads (other seeds) a test runs: the long run
+//! raises both. Requests run one at a time, which the model of what a block may hold
+//! assumes (a write's versions are ordered by when they started).
 
 use std::collections::HashMap;
 
@@ -28,8 +30,14 @@ pub(crate) fn data(b: u64, v: u32) -> Vec<u8> {
     if v == ZERO {
         return vec![0; BS as usize];
     }
+    // Each 512-byte sector also names its place in the block: data moved within a block
+    // shows (no node maps less than a sector).
     let word = (b << 32 | u64::from(v)) ^ 0x9e37_79b9_7f4a_7c15;
-    word.to_le_bytes().repeat(BS as usize / 8)
+    let mut out = Vec::with_capacity(BS as usize);
+    for s in 0..BS / 512 {
+        out.extend_from_slice(&(word ^ s << 56).to_le_bytes().repeat(64));
+    }
+    out
 }
 
 /// xorshift64: the workloads and crash states are the same for the same seed.
@@ -255,6 +263,7 @@ pub(crate) fn crash_states(
     // written since the device's previous sync is in the air at once (where an ordering
     // mistake shows).
     let mut cuts: Vec<usize> = (0..=log.len()).step_by(step).collect();
+    cuts.push(log.len());
     cuts.extend(
         log.iter()
             .enumerate()
@@ -293,11 +302,17 @@ pub(crate) fn crash_states(
                     0 => apply(&mut imgs[d], *offset, data, past_end),
                     1 => {}
                     _ => {
-                        // Torn: each 4 KiB page of the write lands or not.
-                        for (k, page) in data.chunks(BS as usize).enumerate() {
+                        // Torn: each 4 KiB page of the file that the write covers lands
+                        // or not.
+                        let mut at = *offset;
+                        let end = offset + data.len() as u64;
+                        while at < end {
+                            let next = ((at / BS + 1) * BS).min(end);
                             if rng.below(2) == 0 {
-                                apply(&mut imgs[d], offset + k as u64 * BS, page, past_end);
+                                let piece = &data[(at - offset) as usize..(next - offset) as usize];
+                                apply(&mut imgs[d], at, piece, past_end);
                             }
+                            at = next;
                         }
                     }
                 }

@@ -20,6 +20,13 @@ pub(crate) struct Dev {
 }
 
 impl Dev {
+    /// The file's (device, inode): which file this is, whatever its name now.
+    pub(crate) fn identity(&self) -> std::io::Result<(u64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        let m = self.file.metadata()?;
+        Ok((m.dev(), m.ino()))
+    }
+
     #[cfg(not(test))]
     pub(crate) fn new(file: File) -> Dev {
         Dev { file }

@@ -249,6 +249,11 @@ impl TieredDisk {
         self.shared.layout
     }
 
+    /// The cache file's (device, inode).
+    pub fn cache_identity(&self) -> io::Result<(u64, u64)> {
+        self.shared.cache.identity()
+    }
+
     /// The capacity child.
     pub fn capacity(&self) -> &AnyDisk {
         self.shared.cap.node()

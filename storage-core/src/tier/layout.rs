@@ -16,7 +16,7 @@
 use super::TierError;
 
 pub const PAGE: u64 = 4096;
-const MAGIC: &[u8; 8] = b"STRTIER1";
+pub(super) const MAGIC: &[u8; 8] = b"STRTIER1";
 /// 2: journal blocks are chained (each names its predecessor's checksum).
 const VERSION: u32 = 2;
 /// Bytes per slot in a map region.

@@ -19,6 +19,7 @@
 
 mod background;
 mod block_map;
+pub mod check;
 mod device;
 mod disk;
 #[doc(hidden)]
