@@ -39,9 +39,13 @@ fn text(r: &CheckReport) -> String {
     }
     if r.leaks > 0 {
         out.push_str(&format!(
-            "\n{} {leaked} were found on the image.\nThis means waste of disk space, \
-             but no harm to data.\n",
-            r.leaks
+            "\n{} {leaked} were found on the image.\nThis means {}, but no harm to data.\n",
+            r.leaks,
+            if cache {
+                "a spare copy lost"
+            } else {
+                "waste of disk space"
+            }
         ));
     }
     if r.check_errors > 0 {

@@ -150,7 +150,7 @@ fn the_api_checks_an_image_as_a_job_but_not_one_a_disk_serves() {
 
 /// A write-back tier's cache device: the API refuses to check it while the disk serves it;
 /// once the daemon is gone, `strata image check` reads it as the tier would and reports
-/// its slots, dirty ones included.
+/// its slots; a slot table that fails its checksum is reported and not repaired.
 #[test]
 fn a_cache_device_is_checked_once_no_disk_serves_it() {
     let dir = tempfile::tempdir().unwrap();

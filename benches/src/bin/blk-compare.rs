@@ -329,7 +329,7 @@ fn run(mut args: Args) -> Result<()> {
         .iter()
         .any(|c| matches!(c.device, Device::Qcow2 | Device::Qcow2Chain))
     {
-        prepare_qcow2(&file, &qcow2)?;
+        benches::prepare_qcow2(&file, &qcow2)?;
     }
     if cases.iter().any(|c| c.device == Device::Qcow2Chain) {
         prepare_chain(&qcow2)?;
@@ -547,40 +547,6 @@ fn prepare_file(path: &Path, size: u64) -> Result<()> {
          target uses buffered I/O, so this measures software cost, not the disk",
         path.display(),
         size >> 20,
-        t.elapsed().as_secs_f64()
-    );
-    Ok(())
-}
-
-/// Converts the raw file into a fully allocated qcow2 image (`-S 0`: no cluster is left
-/// out for being zero) and reads it once, so that it is page-cached as the raw file is.
-fn prepare_qcow2(raw: &Path, qcow2: &Path) -> Result<()> {
-    let t = std::time::Instant::now();
-    let out = std::process::Command::new("qemu-img")
-        .args([
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "qcow2",
-            "-S",
-            "0",
-            "-o",
-            "cluster_size=65536",
-        ])
-        .arg(raw)
-        .arg(qcow2)
-        .output()
-        .context("qemu-img (Debian's qemu-utils) makes the qcow2 image")?;
-    if !out.status.success() {
-        bail!("qemu-img convert: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let mut f = File::open(qcow2)?;
-    let mut buf = vec![0u8; 1 << 20];
-    while f.read(&mut buf)? > 0 {}
-    eprintln!(
-        "qcow2 image {}: converted from the raw file, fully allocated, page-cached ({:.1} s)",
-        qcow2.display(),
         t.elapsed().as_secs_f64()
     );
     Ok(())

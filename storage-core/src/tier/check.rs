@@ -8,9 +8,12 @@
 //!   such a cache; `cache-format=force` formats it again, and a write-back cache's
 //!   unwritten blocks are lost);
 //! - a slot that maps a block past the end of the capacity device (the tier refuses to
-//!   open), or two slots that map one block (the tier keeps one), are corruptions; a repair
-//!   frees the slot past the end (its block does not exist) and, of two slots, the clean
-//!   one. Two dirty slots of one block are left: which holds the newer data is unknown.
+//!   open), or two slots that map one block, are corruptions; a repair frees the slot past
+//!   the end (its block does not exist) and, of two slots, those the tier does not serve the
+//!   block from (which holds the newer data is not recorded: the repair changes nothing a
+//!   guest reads);
+//! - a capacity device that is no longer the one the cache was made for (another file by
+//!   its name, or another size) is a corruption nothing here repairs: the tier refuses it.
 //!
 //! A repair is written as the tier writes a checkpoint (table, sync, superblock, sync), so a
 //! crash during it leaves the cache as before or as repaired.
@@ -51,6 +54,46 @@ struct Pass {
     repairable: u64,
 }
 
+/// Whether the capacity device the cache names is still the one it was made for (the tier
+/// refuses it otherwise): checked where the name is an absolute file path.
+fn owner_findings(owner: &super::layout::Owner, report: &mut CheckReport) {
+    use std::os::unix::fs::MetadataExt;
+    let path = Path::new(&owner.path);
+    if !path.is_absolute() {
+        report.messages.push(format!(
+            "Note: the capacity device {:?} is not an absolute file path: not compared",
+            owner.path
+        ));
+        return;
+    }
+    let Ok(m) = std::fs::metadata(path) else {
+        report.messages.push(format!(
+            "Note: the capacity device this cache was made for, {}, is gone",
+            owner.path
+        ));
+        return;
+    };
+    let size = File::open(path)
+        .and_then(|f| crate::disk::device_size(&f, &m))
+        .map(|s| s & !511);
+    if (m.dev(), m.ino()) != (owner.dev, owner.ino) {
+        report.corruptions += 1;
+        report.messages.push(format!(
+            "ERROR {} is no longer the capacity device this cache was made for (another file \
+             by that name): the tier refuses the cache",
+            owner.path
+        ));
+    } else if size.as_ref().is_ok_and(|s| *s != owner.size) {
+        report.corruptions += 1;
+        report.messages.push(format!(
+            "ERROR {} has {} bytes, the cache was made for {}: the tier refuses the cache",
+            owner.path,
+            size.unwrap_or(0),
+            owner.size
+        ));
+    }
+}
+
 fn pass(file: &File, path: &Path) -> Result<Pass, StorageError> {
     use std::os::unix::fs::FileExt;
     let io = |what: &str, e: io::Error| {
@@ -86,8 +129,16 @@ fn pass(file: &File, path: &Path) -> Result<Pass, StorageError> {
     }
     let (journal, states) = match Journal::recover(file, size) {
         Ok((j, states, _)) => (j, states),
-        Err(TierError::Damaged(what)) => {
+        Err(e @ (TierError::Damaged(_) | TierError::NotACache | TierError::OtherVersion(_))) => {
+            // The tier refuses to open it; nothing here can make it whole.
             report.corruptions = 1;
+            report.leaks = damaged_copies;
+            let what = match e {
+                TierError::NotACache => {
+                    format!("no superblock copy is valid for this {size}-byte device")
+                }
+                e => e.to_string(),
+            };
             report.messages.push(format!(
                 "ERROR {what}: not repairable (cache-format=force formats the cache again; \
                  blocks not yet written back are lost)"
@@ -139,16 +190,16 @@ fn pass(file: &File, path: &Path) -> Result<Pass, StorageError> {
             .copied()
             .filter(|&s| matches!(states[s], SlotState::Dirty(_)))
             .collect();
+        // Which holds the newer data is not recorded: the repair keeps the slot the tier
+        // serves the block from (the highest, see `TierState::new`), so that it changes
+        // nothing a guest reads.
+        let keep = *slots.iter().max().expect("two or more");
         report.corruptions += 1;
         report.messages.push(format!(
-            "ERROR block {b} is mapped by slots {slots:?} ({} of them dirty)",
+            "ERROR block {b} is mapped by slots {slots:?} ({} of them dirty); the tier \
+             serves it from slot {keep}",
             dirty.len()
         ));
-        if dirty.len() > 1 {
-            continue;
-        }
-        // Keep the dirty slot (its data is newer than the capacity device's), else one.
-        let keep = dirty.first().copied().unwrap_or(slots[0]);
         for s in slots.into_iter().filter(|&s| s != keep) {
             repaired[s] = SlotState::Free;
         }
@@ -162,21 +213,7 @@ fn pass(file: &File, path: &Path) -> Result<Pass, StorageError> {
             .filter(|s| matches!(s, SlotState::Dirty(_)))
             .count() as u64,
     );
-    if let Ok(m) = std::fs::metadata(&journal.owner.path) {
-        use std::os::unix::fs::MetadataExt;
-        if (m.dev(), m.ino()) != (journal.owner.dev, journal.owner.ino) {
-            report.messages.push(format!(
-                "Note: {} is no longer the capacity device this cache was made for (another \
-                 file by that name)",
-                journal.owner.path
-            ));
-        }
-    } else {
-        report.messages.push(format!(
-            "Note: the capacity device this cache was made for, {}, is gone",
-            journal.owner.path
-        ));
-    }
+    owner_findings(&journal.owner, &mut report);
     Ok(Pass {
         report,
         journal: Some(journal),
@@ -248,7 +285,7 @@ mod tests {
     const WRITTEN: u64 = 64 * BS;
 
     /// A write-back tier over a 4 MiB capacity file whose first 64 blocks were written
-    /// (so the cache holds dirty slots), closed; returns its directory and what those
+    /// (some may still be dirty), closed; returns its directory and what those
     /// blocks read.
     fn cache() -> (tempfile::TempDir, Vec<u8>) {
         let dir = tempfile::tempdir().unwrap();
@@ -300,7 +337,13 @@ mod tests {
         let r = crate::check::check_file(&path, Repair::None).unwrap();
         assert_eq!((r.corruptions, r.leaks, r.check_errors), (0, 0, 0), "{r:?}");
         assert_eq!(r.format, "strata-cache");
-        assert_eq!(r.allocated_clusters, resident(&path).len() as u64);
+        assert!(r.messages.is_empty(), "{r:?}");
+        let slots = resident(&path);
+        assert_eq!(r.allocated_clusters, slots.len() as u64);
+        let dirty = slots
+            .iter()
+            .filter(|(_, s)| matches!(s, SlotState::Dirty(_)));
+        assert_eq!(r.dirty_blocks, Some(dirty.count() as u64), "{r:?}");
         assert!(r.allocated_clusters >= 64, "{r:?}");
         assert_eq!(r.exit_code(), 0);
     }
@@ -332,8 +375,13 @@ mod tests {
     fn a_slot_past_the_capacity_device_is_freed_by_a_repair() {
         let (dir, contents) = cache();
         let path = dir.path().join("cache.img");
-        let free = resident(&path).len();
-        damage(&path, |s| s[free + 3] = SlotState::Clean(1 << 40));
+        damage(&path, |s| {
+            let free = s
+                .iter()
+                .position(|s| *s == SlotState::Free)
+                .expect("a free slot");
+            s[free] = SlotState::Clean(1 << 40);
+        });
         assert!(open(dir.path()).is_err(), "the tier opens a damaged cache");
         let r = check(&path, Repair::None).unwrap();
         assert_eq!((r.corruptions, r.leaks), (1, 0), "{r:?}");
@@ -345,46 +393,38 @@ mod tests {
         assert_eq!(reads(dir.path()), contents);
     }
 
+    /// The tier serves a block that two slots claim from the higher one; a repair frees the
+    /// other (clean or dirty), so what the disk reads does not change.
     #[test]
-    fn two_slots_of_one_block_keep_the_dirty_one() {
-        let (dir, contents) = cache();
-        let path = dir.path().join("cache.img");
-        let slots = resident(&path);
-        let slot_of = |block| {
-            slots
-                .iter()
-                .find(
-                    |(_, s)| matches!(s, SlotState::Clean(b) | SlotState::Dirty(b) if *b == block),
-                )
-                .expect("written blocks are cached")
-                .0
-        };
-        // The higher of the slots of blocks 1 and 2 made dirty, and the lower one claiming
-        // the same block (stale: it holds the other block's data).
-        let (lo, hi) = (slot_of(1).min(slot_of(2)), slot_of(1).max(slot_of(2)));
-        let block = if hi == slot_of(1) { 1 } else { 2 };
-        damage(&path, |s| {
-            s[hi] = SlotState::Dirty(block);
-            s[lo] = SlotState::Clean(block);
-        });
-        let r = check(&path, Repair::None).unwrap();
-        assert_eq!(r.corruptions, 1, "{r:?}");
-        let r = check(&path, Repair::All).unwrap();
-        assert_eq!((r.corruptions_fixed, r.corruptions), (1, 0), "{r:?}");
-        let after = resident(&path);
-        assert!(after.contains(&(hi, SlotState::Dirty(block))), "{after:?}");
-        assert!(!after.iter().any(|(i, _)| *i == lo), "{after:?}");
-        let at = (block * BS) as usize..((block + 1) * BS) as usize;
-        assert_eq!(reads(dir.path())[at.clone()], contents[at]);
-
-        // Two dirty slots of one block: which is newer is unknown; nothing is changed.
-        damage(&path, |s| {
-            s[hi] = SlotState::Dirty(block);
-            s[lo] = SlotState::Dirty(block);
-        });
-        let r = check(&path, Repair::All).unwrap();
-        assert_eq!((r.corruptions_fixed, r.corruptions), (0, 1), "{r:?}");
-        assert!(resident(&path).contains(&(lo, SlotState::Dirty(block))));
+    fn two_slots_of_one_block_keep_the_one_the_tier_serves() {
+        for stale in [SlotState::Clean, SlotState::Dirty] {
+            let (dir, contents) = cache();
+            let path = dir.path().join("cache.img");
+            let slots = resident(&path);
+            let slot_of = |block| {
+                slots
+                    .iter()
+                    .find(|(_, s)| {
+                        matches!(s, SlotState::Clean(b) | SlotState::Dirty(b) if *b == block)
+                    })
+                    .expect("written blocks are cached")
+                    .0
+            };
+            // The lower of the slots of blocks 1 and 2 also claims the higher one's block
+            // (it holds the other block's data).
+            let (lo, hi) = (slot_of(1).min(slot_of(2)), slot_of(1).max(slot_of(2)));
+            let block = if hi == slot_of(1) { 1 } else { 2 };
+            damage(&path, |s| s[lo] = stale(block));
+            let r = check(&path, Repair::None).unwrap();
+            assert_eq!(r.corruptions, 1, "{r:?}");
+            let r = check(&path, Repair::All).unwrap();
+            assert_eq!((r.corruptions_fixed, r.corruptions), (1, 0), "{r:?}");
+            let after = resident(&path);
+            assert!(after.iter().any(|(i, _)| *i == hi), "{after:?}");
+            assert!(!after.iter().any(|(i, _)| *i == lo), "{after:?}");
+            let at = (block * BS) as usize..((block + 1) * BS) as usize;
+            assert_eq!(reads(dir.path())[at.clone()], contents[at]);
+        }
     }
 
     #[test]
