@@ -212,16 +212,26 @@ impl FileHandle {
             f_handle: [0; MAX_HANDLE_SZ],
         };
         raw.f_handle[..self.bytes.len()].copy_from_slice(&self.bytes);
-        // SAFETY: `raw` is a `struct file_handle` whose `handle_bytes` bytes of handle follow
-        // its header; the mount descriptor is open for the life of `self.mount`. The result
-        // is checked.
-        let fd = cvt(unsafe {
-            libc::open_by_handle_at(
-                self.mount.file.as_raw_fd(),
-                (&mut raw as *mut RawHandle).cast::<libc::file_handle>(),
-                flags | libc::O_CLOEXEC,
-            )
-        })?;
+        let mut tries = 0;
+        let fd = loop {
+            // SAFETY: `raw` is a `struct file_handle` whose `handle_bytes` bytes of handle
+            // follow its header; the mount descriptor is open for the life of `self.mount`.
+            // The result is checked.
+            let r = cvt(unsafe {
+                libc::open_by_handle_at(
+                    self.mount.file.as_raw_fd(),
+                    (&mut raw as *mut RawHandle).cast::<libc::file_handle>(),
+                    flags | libc::O_CLOEXEC,
+                )
+            });
+            // ENOMEM is tried again: the suite once saw it, where ESTALE was due, for a
+            // handle whose file had just been unlinked on the host (the kernel's decode
+            // racing the inode's eviction); a real shortage fails every time.
+            match r {
+                Err(e) if e.raw_os_error() == Some(libc::ENOMEM) && tries < 3 => tries += 1,
+                other => break other?,
+            }
+        };
         // SAFETY: a new descriptor that nothing else owns.
         Ok(unsafe { OwnedFd::from_raw_fd(fd) })
     }
