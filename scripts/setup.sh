@@ -18,8 +18,9 @@ log() { printf 'setup: %s\n' "$*"; }
 # ceph-common run the one-node Ceph cluster its tests start (testkit::ceph); qemu-block-extra
 # gives qemu-storage-daemon its rbd driver, the peer in rbd-compare. openssl checks that the
 # API over TCP refuses anything older than TLS 1.3. chromium loads the health dashboard in
-# its test (headless).
-PACKAGES=(openssl chromium qemu-system-x86 busybox-static cpio seabios ovmf nasm e2fsprogs qemu-utils xz-utils libseccomp-dev libcap-ng-dev librbd-dev librados-dev ceph-mon ceph-osd ceph-common qemu-block-extra)
+# its test (headless). cryptsetup-bin is the LUKS oracle (luksFormat, luksDump,
+# --test-passphrase: none needs device-mapper).
+PACKAGES=(openssl chromium qemu-system-x86 busybox-static cpio seabios ovmf nasm e2fsprogs qemu-utils xz-utils libseccomp-dev libcap-ng-dev librbd-dev librados-dev ceph-mon ceph-osd ceph-common qemu-block-extra cryptsetup-bin)
 
 SUDO=()
 if [[ $(id -u) -ne 0 ]]; then

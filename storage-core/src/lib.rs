@@ -19,6 +19,7 @@
 
 pub mod cache;
 pub mod check;
+pub mod crypto;
 pub mod disk;
 pub mod engine;
 pub mod error;
