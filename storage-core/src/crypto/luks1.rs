@@ -23,6 +23,11 @@ const SECTOR: u64 = 512;
 /// cryptsetup's keyslot and payload alignment (4 KiB), and its stripes.
 const ALIGN: u64 = 4096;
 pub const STRIPES: u32 = 4000;
+/// The most PBKDF2 iterations a keyslot may ask for (minutes of CPU): a header is input, and
+/// each open tries every slot.
+pub const MAX_ITERATIONS: u32 = 50_000_000;
+/// The same for the master key's digest (cryptsetup picks about an eighth of a second).
+pub const MAX_DIGEST_ITERATIONS: u32 = 10_000_000;
 
 /// One keyslot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,14 +80,14 @@ impl Header {
         let key_bytes = be32(b, 108);
         if cipher != "aes" || mode != "xts-plain64" || key_bytes as usize != KEY_BYTES {
             return Err(CryptoError::Unsupported(format!(
-                "cipher {cipher}-{mode} with a {}-bit key (only aes-xts-plain64 with a \
-                 512-bit key)",
-                key_bytes * 8
+                "cipher {cipher:?}, mode {mode:?} with a {}-bit key (only aes xts-plain64 with \
+                 a 512-bit key)",
+                u64::from(key_bytes) * 8
             )));
         }
         if hash != "sha256" {
             return Err(CryptoError::Unsupported(format!(
-                "hash {hash} (only sha256)"
+                "hash {hash:?} (only sha256)"
             )));
         }
         let mut slots: [Slot; SLOTS] = std::array::from_fn(|_| Slot {
@@ -107,10 +112,17 @@ impl Header {
                 key_offset: be32(b, at + 40),
                 stripes: be32(b, at + 44),
             };
-            if s.active && (s.stripes == 0 || s.stripes > 65536 || s.iterations == 0) {
+            // As cryptsetup: 4000 stripes, always (the material's size follows from it).
+            if s.stripes != STRIPES {
                 return Err(CryptoError::Damaged(format!(
-                    "keyslot {i}: {} stripes, {} iterations",
-                    s.stripes, s.iterations
+                    "keyslot {i}: {} stripes (LUKS1 has {STRIPES})",
+                    s.stripes
+                )));
+            }
+            if s.active && !(1..=MAX_ITERATIONS).contains(&s.iterations) {
+                return Err(CryptoError::Unsupported(format!(
+                    "keyslot {i}: {} PBKDF2 iterations (1 to {MAX_ITERATIONS})",
+                    s.iterations
                 )));
             }
         }
@@ -122,12 +134,44 @@ impl Header {
             uuid: field(b, 168, 40),
             slots,
         };
-        if h.mk_digest_iterations == 0 {
-            return Err(CryptoError::Damaged(
-                "master key digest of 0 iterations".into(),
+        if !(1..=MAX_DIGEST_ITERATIONS).contains(&h.mk_digest_iterations) {
+            return Err(CryptoError::Unsupported(format!(
+                "a master key digest of {} PBKDF2 iterations (1 to {MAX_DIGEST_ITERATIONS})",
+                h.mk_digest_iterations
+            )));
+        }
+        h.check_layout()?;
+        Ok(h)
+    }
+
+    /// The keyslot areas lie after the header, before the payload, and apart (as
+    /// cryptsetup's `LUKS_check_keyslots`): the payload can then never cover the keys, and
+    /// no slot reads the header or another slot as its material.
+    fn check_layout(&self) -> Result<(), CryptoError> {
+        let payload = u64::from(self.payload_offset) * SECTOR;
+        if payload == 0 {
+            return Err(CryptoError::Unsupported(
+                "a payload at offset 0 (a detached header)".into(),
             ));
         }
-        Ok(h)
+        let mut areas: Vec<(u64, u64, usize)> = (0..SLOTS)
+            .map(|i| {
+                let (at, len) = self.slot_area(i);
+                (at, at + (len as u64).div_ceil(SECTOR) * SECTOR, i)
+            })
+            .collect();
+        areas.sort_unstable();
+        let mut end_of_previous = HEADER_BYTES as u64;
+        for (start, end, i) in areas {
+            if start < end_of_previous || end > payload {
+                return Err(CryptoError::Damaged(format!(
+                    "keyslot {i}'s material ({start}..{end}) overlaps the header, another \
+                     keyslot or the payload (from {payload})"
+                )));
+            }
+            end_of_previous = end;
+        }
+        Ok(())
     }
 
     /// The header's 592 bytes.
@@ -187,10 +231,15 @@ impl Header {
         passphrase: &[u8],
         read: &mut dyn FnMut(u64, &mut [u8]) -> std::io::Result<()>,
     ) -> Result<(MasterKey, usize), CryptoError> {
+        let mut failed = None;
         for (i, s) in self.slots.iter().enumerate().filter(|(_, s)| s.active) {
             let (at, len) = self.slot_area(i);
             let mut material = Zeroizing::new(vec![0u8; len]);
-            read(at, &mut material).map_err(CryptoError::Io)?;
+            if let Err(e) = read(at, &mut material) {
+                // Another slot may still open.
+                failed = Some(e);
+                continue;
+            }
             let mut derived = Locked::new([0u8; KEY_BYTES]).map_err(CryptoError::Io)?;
             pbkdf2_hmac::<Sha256>(passphrase, &s.salt, s.iterations, &mut derived[..]);
             Xts::new(&derived[..])?.decrypt(&mut material, 0, SECTOR as usize);
@@ -200,7 +249,7 @@ impl Header {
                 return Ok((key, i));
             }
         }
-        Err(CryptoError::WrongPassphrase)
+        Err(failed.map_or(CryptoError::WrongPassphrase, CryptoError::Io))
     }
 
     /// A new header for `key` with keyslot 0 for `passphrase` (PBKDF2 of `iterations`), and
@@ -256,19 +305,24 @@ impl Header {
         iterations: u32,
         random: &mut dyn FnMut(&mut [u8]),
     ) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+        if i >= SLOTS || key.len() != KEY_BYTES || !self.is_master_key(key) {
+            return Err(CryptoError::Unsupported(format!(
+                "keyslot {i}: a slot 0 to 7, for this image's 512-bit master key"
+            )));
+        }
+        let mut salt = [0u8; 32];
+        random(&mut salt);
+        let iterations = iterations.clamp(1000, MAX_ITERATIONS);
+        let mut derived = Locked::new([0u8; KEY_BYTES]).map_err(CryptoError::Io)?;
+        pbkdf2_hmac::<Sha256>(passphrase, &salt, iterations, &mut derived[..]);
+        // 64 bytes x 4000 stripes: a whole number of sectors, as the cipher needs.
+        let mut material = af::split(key, STRIPES as usize, random);
+        Xts::new(&derived[..])?.encrypt(&mut material, 0, SECTOR as usize);
         let s = &mut self.slots[i];
-        random(&mut s.salt);
-        s.iterations = iterations.max(1000);
+        s.salt = salt;
+        s.iterations = iterations;
         s.stripes = STRIPES;
         s.active = true;
-        let mut derived = Locked::new([0u8; KEY_BYTES]).map_err(CryptoError::Io)?;
-        pbkdf2_hmac::<Sha256>(passphrase, &s.salt, s.iterations, &mut derived[..]);
-        let mut material = af::split(key, STRIPES as usize, random);
-        // The material is encrypted in whole sectors; the area's tail past it stays random
-        // as cryptsetup leaves it.
-        let len = material.len().div_ceil(SECTOR as usize) * SECTOR as usize;
-        material.resize(len, 0);
-        Xts::new(&derived[..])?.encrypt(&mut material, 0, SECTOR as usize);
         Ok(material)
     }
 }

@@ -1,7 +1,8 @@
 //! Where key material lives: [`Locked<T>`] holds a value in pages of its own that are locked
 //! against swap (`mlock`), left out of core dumps (`MADV_DONTDUMP`) and zeroed before they
-//! are given back. Passphrases, master keys and the ciphers' expanded key schedules are all
-//! kept in one, so no copy of a key sits in ordinary heap memory for longer than a copy.
+//! are given back. Master keys, keys derived from passphrases and the payload cipher's
+//! expanded key schedule are kept in one. A value is built on the stack and moved in, so a
+//! copy lives briefly in a stack frame that later calls overwrite; nothing here scrubs it.
 
 use std::io;
 use std::ops::{Deref, DerefMut};
@@ -95,17 +96,29 @@ impl<T> DerefMut for Locked<T> {
 
 impl<T> Drop for Locked<T> {
     fn drop(&mut self) {
-        let p = self.ptr.as_ptr();
-        // SAFETY: `p` holds the `T` moved in by `new`, dropped exactly once, here; then the
-        // mapping's bytes (ours alone) are zeroed through volatile writes that the compiler
-        // may not drop, unlocked and unmapped.
-        unsafe {
-            std::ptr::drop_in_place(p);
-            let bytes = std::slice::from_raw_parts_mut(p.cast::<u8>(), self.map_len);
-            zeroize::Zeroize::zeroize(bytes);
-            libc::munlock(p.cast(), self.map_len);
-            libc::munmap(p.cast(), self.map_len);
+        /// Zeroes, unlocks and unmaps the pages when dropped: after the value's own drop,
+        /// even one that panics.
+        struct Pages(*mut u8, usize);
+        impl Drop for Pages {
+            fn drop(&mut self) {
+                // SAFETY: the mapping of `self.1` bytes at `self.0` is ours alone and no
+                // value lives in it any more; byte-wise volatile writes (which the compiler
+                // may not drop) over what may be padding need no initialised `u8`s, then the
+                // pages are unlocked and unmapped.
+                unsafe {
+                    for i in 0..self.1 {
+                        std::ptr::write_volatile(self.0.add(i), 0);
+                    }
+                    std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
+                    libc::munlock(self.0.cast(), self.1);
+                    libc::munmap(self.0.cast(), self.1);
+                }
+            }
         }
+        let p = self.ptr.as_ptr();
+        let _pages = Pages(p.cast(), self.map_len);
+        // SAFETY: `p` holds the `T` moved in by `new`, dropped exactly once, here.
+        unsafe { std::ptr::drop_in_place(p) };
     }
 }
 

@@ -21,7 +21,7 @@ pub struct Xts {
     wide: bool,
 }
 
-/// XTS was given a key of the wrong length or a buffer that is not whole sectors.
+/// XTS was given a key of the wrong length.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum XtsError {
     #[error("an aes-xts key is 64 bytes (AES-256), not {0}")]
@@ -40,8 +40,11 @@ impl Xts {
         })
     }
 
-    /// Encrypts `buf` in place: consecutive sectors of `sector_size` bytes (a multiple of
-    /// 16), the first numbered `sector` for its IV.
+    /// Encrypts `buf` in place: consecutive sectors of `sector_size` bytes (a power of two
+    /// from 512 to 4096, as LUKS allows), the first numbered `sector` for its IV.
+    ///
+    /// Panics unless `buf` is whole sectors of an allowed size: its callers (keyslots, the
+    /// disk's sector-aligned requests) hold those by construction.
     pub fn encrypt(&self, buf: &mut [u8], sector: u64, sector_size: usize) {
         self.run(buf, sector, sector_size, true);
     }
@@ -52,12 +55,10 @@ impl Xts {
     }
 
     fn run(&self, buf: &mut [u8], sector: u64, sector_size: usize, encrypt: bool) {
-        // A power of two from 64 bytes (four blocks: the tweak chains' step) to 4 KiB (a
-        // batch): LUKS's 512 to 4096.
+        // LUKS's sector sizes; a batch (4 KiB) is whole sectors, at most eight of them.
         assert!(
-            sector_size.is_power_of_two()
-                && (4 * BLOCK..=BATCH_BLOCKS * BLOCK).contains(&sector_size),
-            "XTS sectors are 64 bytes to 4 KiB"
+            sector_size.is_power_of_two() && (512..=BATCH_BLOCKS * BLOCK).contains(&sector_size),
+            "XTS sectors are 512 bytes to 4 KiB"
         );
         assert!(
             buf.len().is_multiple_of(sector_size),
