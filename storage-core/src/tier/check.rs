@@ -73,8 +73,18 @@ fn owner_findings(owner: &super::layout::Owner, report: &mut CheckReport) {
         ));
         return;
     };
+    // The size the tier sees: a qcow2 capacity's is its virtual size (header offset 24).
     let size = File::open(path)
-        .and_then(|f| crate::disk::device_size(&f, &m))
+        .and_then(|f| {
+            use std::os::unix::fs::FileExt;
+            let mut head = [0u8; 32];
+            match f.read_exact_at(&mut head, 0) {
+                Ok(()) if head[..4] == *b"QFI\xfb" => Ok(u64::from_be_bytes(
+                    head[24..32].try_into().expect("8 bytes"),
+                )),
+                _ => crate::disk::device_size(&f, &m),
+            }
+        })
         .map(|s| s & !511);
     if (m.dev(), m.ino()) != (owner.dev, owner.ino) {
         report.corruptions += 1;
@@ -454,6 +464,57 @@ mod tests {
             before,
             "an unrepairable cache was written"
         );
+    }
+
+    /// A cache in front of a qcow2 image: the capacity the tier saw is the image's virtual
+    /// size, not its file's length.
+    #[test]
+    fn a_cache_over_a_qcow2_capacity_is_clean() {
+        use crate::disk::AnyDisk;
+        use crate::engine::EngineKind;
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("cap.qcow2");
+        let opts = crate::qcow2::CreateOptions {
+            size: 8 << 20,
+            cluster_size: 65536,
+            backing: None,
+        };
+        crate::qcow2::create(&image, &opts).unwrap();
+        {
+            let file = crate::disk::RawDisk::open(&image, false, false, EngineKind::Sync).unwrap();
+            let backing = crate::qcow2::Backing::Without;
+            let cap = crate::qcow2::Qcow2Disk::open(
+                AnyDisk::Raw(file),
+                &image,
+                false,
+                &backing,
+                1 << 20,
+                0,
+            )
+            .unwrap();
+            let spec = super::super::TierSpec {
+                cache: dir.path().join("cache.img"),
+                cache_size: 1 << 20,
+                mode: CacheMode::WriteBack,
+                policy: None,
+                block_size: BS,
+                seq_cutoff: u64::MAX,
+                force_format: false,
+            };
+            let tier = super::super::TieredDisk::open(
+                AnyDisk::Qcow2(Box::new(cap)),
+                false,
+                EngineKind::Sync,
+                &spec,
+            )
+            .unwrap();
+            let mut q = tier.new_queue(8).unwrap();
+            let buffers = IoVecs::from_bytes(&[0x3c; 8192]);
+            assert_eq!(run(&mut q, DiskOp::Write { offset: 0, buffers }), 8192);
+            assert_eq!(run(&mut q, DiskOp::Flush), 0);
+        }
+        let r = check(&dir.path().join("cache.img"), Repair::None).unwrap();
+        assert_eq!((r.corruptions, r.leaks), (0, 0), "{r:?}");
     }
 
     #[test]
