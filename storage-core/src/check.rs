@@ -101,7 +101,7 @@ pub fn check_file(path: &Path, repair: Repair) -> Result<CheckReport, StorageErr
                 format!("{}: cannot read its header: {e}", path.display()),
             )
         })?;
-    if head[..4] == *b"QFI\xfb" {
+    if head[..4] == crate::qcow2::header::MAGIC.to_be_bytes() {
         crate::qcow2::check::check(path, repair)
     } else if crate::tier::check::looks_like_cache(path) {
         crate::tier::check::check(path, repair)

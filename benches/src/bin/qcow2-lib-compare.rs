@@ -43,14 +43,26 @@ struct Args {
 const BLOCK: u64 = 4096;
 const DEPTH: u64 = 32;
 
+/// What the image holds at `range` (8-byte aligned): each word names its offset.
+fn contents(range: std::ops::Range<u64>) -> Vec<u8> {
+    (range.start / 8..range.end / 8)
+        .flat_map(|i| (i ^ 0x5bd1_e995).to_le_bytes())
+        .collect()
+}
+
+/// Our node on `img`, its file on `engine` (`sync` or `io_uring`).
+fn open_ours(img: &Path, engine: &str) -> Result<AnyDisk> {
+    let spec: DiskSpec = format!("path={},format=qcow2,engine={engine}", img.display())
+        .parse()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(open_disk(&spec)?)
+}
+
 /// A fully allocated qcow2 image of `size` bytes (64 KiB clusters), every block distinct.
 fn make_image(dir: &Path, size: u64) -> Result<PathBuf> {
     let raw = dir.join("qcow2-lib-compare.raw");
     let img = dir.join("qcow2-lib-compare.qcow2");
-    let data: Vec<u8> = (0..size / 8)
-        .flat_map(|i| (i ^ 0x5bd1_e995).to_le_bytes())
-        .collect();
-    std::fs::write(&raw, data)?;
+    std::fs::write(&raw, contents(0..size))?;
     let _ = std::fs::remove_file(&img);
     benches::prepare_qcow2(&raw, &img)?;
     std::fs::remove_file(&raw)?;
@@ -99,10 +111,7 @@ fn our_reads(
     secs: f64,
     (threads, depth): (usize, u64),
 ) -> Result<f64> {
-    let spec: DiskSpec = format!("path={},format=qcow2,engine={engine}", img.display())
-        .parse()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let disk = open_disk(&spec)?;
+    let disk = open_ours(img, engine)?;
     let done: Result<Vec<u64>> = std::thread::scope(|s| {
         let workers: Vec<_> = (0..threads)
             .map(|t| {
@@ -157,10 +166,7 @@ fn one_queue(disk: &AnyDisk, size: u64, secs: f64, depth: u64, seed: u64) -> Res
 
 /// Both read the same bytes at a few offsets (the comparison is of equals).
 fn same_contents(img: &Path, imago: &FormatAccess<ImagoFile>, size: u64) -> Result<()> {
-    let spec: DiskSpec = format!("path={},format=qcow2,engine=sync", img.display())
-        .parse()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let disk = open_disk(&spec)?;
+    let disk = open_ours(img, "sync")?;
     let mut rng = Rng::new(99);
     for _ in 0..64 {
         let off = rng.below(size / BLOCK) * BLOCK;
@@ -168,9 +174,7 @@ fn same_contents(img: &Path, imago: &FormatAccess<ImagoFile>, size: u64) -> Resu
         let mut b = vec![0u8; BLOCK as usize];
         imago.read(&mut a, off)?;
         disk.read_at(&mut b, off)?;
-        let want: Vec<u8> = (off / 8..(off + BLOCK) / 8)
-            .flat_map(|i| (i ^ 0x5bd1_e995).to_le_bytes())
-            .collect();
+        let want = contents(off..off + BLOCK);
         if a != want || b != want {
             bail!("at {off}: imago and our node do not both read what was written");
         }

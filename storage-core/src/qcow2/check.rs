@@ -19,7 +19,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use super::header::Header;
+use super::header::{be64, Header};
 use super::meta::Meta;
 use crate::error::{StorageError, StorageErrorKind};
 
@@ -31,10 +31,6 @@ const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 const MAX_TABLE: u64 = 64 << 20;
 
 pub use crate::check::{CheckReport, Repair};
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
-}
 
 fn invalid(path: &Path, msg: impl std::fmt::Display) -> StorageError {
     StorageError::new(

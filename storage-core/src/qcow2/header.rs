@@ -26,6 +26,8 @@ const EXT_DATA_FILE: u32 = 0x4441_5441;
 const EXT_BITMAPS: u32 = 0x2385_2875;
 
 /// Field offsets written back in place.
+/// The virtual size (what the guest sees), a big-endian u64.
+pub const OFF_SIZE: u64 = 24;
 pub const OFF_REFCOUNT_TABLE: u64 = 48;
 pub const OFF_L1_SIZE: u64 = 36;
 pub const OFF_INCOMPAT: u64 = 72;
@@ -79,11 +81,11 @@ pub enum HeaderError {
     Invalid(String),
 }
 
-fn be32(b: &[u8], at: usize) -> u32 {
+pub(crate) fn be32(b: &[u8], at: usize) -> u32 {
     u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"))
 }
 
-fn be64(b: &[u8], at: usize) -> u64 {
+pub(crate) fn be64(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
@@ -124,7 +126,7 @@ impl Header {
             backing_file: None,
             backing_format: None,
             cluster_bits,
-            size: be64(b, 24),
+            size: be64(b, OFF_SIZE as usize),
             crypt_method: be32(b, 32),
             l1_size: be32(b, 36),
             l1_table_offset: be64(b, 40),

@@ -440,8 +440,7 @@ impl Qcow2Disk {
         // leads to by now.
         use std::os::fd::AsRawFd;
         let by_fd = PathBuf::from(format!("/proc/self/fd/{}", made.as_raw_fd()));
-        let engine = old.file.info().engine;
-        let file = AnyDisk::Raw(crate::disk::RawDisk::open(&by_fd, false, false, engine)?);
+        let file = file_like(&old.file, &by_fd, false)?;
         let header = read_header(&file, &by_fd, false)?;
         drop(made);
         let below = AnyDisk::Qcow2(Box::new(Qcow2Disk::serving(
@@ -530,6 +529,16 @@ impl Drop for PreparedSnapshot {
 /// Opens a backing file read-only: qcow2 or raw, as the image says, else as its first
 /// bytes say (probing a read-only image is safe: nothing it holds can change how a
 /// writable one is opened).
+/// A file node on `path` on the engine `like` runs on (and, under test, recorded with its
+/// faults): an image opened again beside the one served.
+fn file_like(like: &AnyDisk, path: &Path, read_only: bool) -> Result<AnyDisk, StorageError> {
+    #[allow(unused_mut)] // Tests give it `like`'s recorded faults.
+    let mut raw = crate::disk::RawDisk::open(path, read_only, false, like.info().engine)?;
+    #[cfg(test)]
+    raw.inherit_faults(like);
+    Ok(AnyDisk::Raw(raw))
+}
+
 fn open_backing(path: &Path, format: Option<&str>, depth: usize) -> Result<AnyDisk, StorageError> {
     let engine = crate::disk::engine_for_path(path);
     let file = AnyDisk::Raw(crate::disk::RawDisk::open(path, true, false, engine)?);

@@ -22,10 +22,10 @@ use std::sync::Arc;
 
 use super::meta::Mapping;
 use super::{
-    create_file, io_error, open_backing, open_shared, read_header, snapshot_file, still_named,
-    sync_dir, Active, Backing, CreateOptions, Qcow2Disk, Shared,
+    create_file, file_like, io_error, open_backing, open_shared, read_header, snapshot_file,
+    still_named, sync_dir, Active, Backing, CreateOptions, Qcow2Disk, Shared,
 };
-use crate::disk::{AnyDisk, Disk, RawDisk};
+use crate::disk::{AnyDisk, Disk};
 use crate::error::{StorageError, StorageErrorKind};
 
 /// One qcow2 image of the chain: its node's state and its file's name.
@@ -123,8 +123,7 @@ impl Qcow2Disk {
         let target: Arc<Shared> = if k == 1 {
             self.active.get()
         } else {
-            let engine = snap.file.info().engine;
-            let file = AnyDisk::Raw(RawDisk::open(&above.path, false, false, engine)?);
+            let file = file_like(&snap.file, &above.path, false)?;
             if file.info().identity != above.active.get().file.info().identity {
                 return Err(io(
                     "opening for the copy",
@@ -280,8 +279,7 @@ impl Qcow2Disk {
                 reopened: None,
             };
             if k > 1 {
-                let engine = snap.file.info().engine;
-                let file = AnyDisk::Raw(RawDisk::open(&above.path, true, false, engine)?);
+                let file = file_like(&snap.file, &above.path, true)?;
                 let header = read_header(&file, &above.path, true)?;
                 prepared.reopened = Some(open_shared(
                     file,
@@ -321,12 +319,7 @@ impl Qcow2Disk {
                 let old = self.active.get();
                 let io = |what: &str, e: io::Error| io_error(&above.path, what, e);
                 old.flush().map_err(|e| io("flushing", e))?;
-                let engine = old.file.info().engine;
-                #[allow(unused_mut)] // Tests give it the old file's recorded faults.
-                let mut raw = RawDisk::open(&above.path, false, false, engine)?;
-                #[cfg(test)]
-                raw.inherit_faults(&old.file);
-                let file = AnyDisk::Raw(raw);
+                let file = file_like(&old.file, &above.path, false)?;
                 if file.info().identity != old.file.info().identity {
                     return Err(io(
                         "reopening",
@@ -401,9 +394,8 @@ impl Qcow2Disk {
         }
         use std::os::fd::AsRawFd;
         let by_fd = PathBuf::from(format!("/proc/self/fd/{}", made.as_raw_fd()));
-        let engine = top.file.info().engine;
         let opened = (|| {
-            let file = AnyDisk::Raw(RawDisk::open(&by_fd, false, false, engine)?);
+            let file = file_like(&top.file, &by_fd, false)?;
             let header = read_header(&file, &by_fd, false)?;
             let below = open_backing(snapshot, Some("qcow2"), 1)?;
             open_shared(file, &path, header, false, top.l2_cache, Some(below))

@@ -49,7 +49,8 @@ struct Pass {
     journal: Option<Journal>,
     /// Superblock copies that are damaged (neither blank nor valid).
     damaged_copies: u64,
-    /// The slot table with every repairable corruption undone.
+    /// The slot table as the tier loads it, and with every repairable corruption undone.
+    states: Vec<SlotState>,
     repaired: Vec<SlotState>,
     repairable: u64,
 }
@@ -73,15 +74,16 @@ fn owner_findings(owner: &super::layout::Owner, report: &mut CheckReport) {
         ));
         return;
     };
-    // The size the tier sees: a qcow2 capacity's is its virtual size (header offset 24).
+    // The size the tier sees: a qcow2 capacity's is its virtual size.
     let size = File::open(path)
         .and_then(|f| {
+            use crate::qcow2::header::{MAGIC, OFF_SIZE};
             use std::os::unix::fs::FileExt;
-            let mut head = [0u8; 32];
-            match f.read_exact_at(&mut head, 0) {
-                Ok(()) if head[..4] == *b"QFI\xfb" => Ok(u64::from_be_bytes(
-                    head[24..32].try_into().expect("8 bytes"),
-                )),
+            let mut head = [0u8; 8];
+            match f.read_exact_at(&mut head[..4], 0) {
+                Ok(()) if head[..4] == MAGIC.to_be_bytes() => f
+                    .read_exact_at(&mut head, OFF_SIZE)
+                    .map(|()| u64::from_be_bytes(head)),
                 _ => crate::disk::device_size(&f, &m),
             }
         })
@@ -157,6 +159,7 @@ fn pass(file: &File, path: &Path) -> Result<Pass, StorageError> {
                 report,
                 journal: None,
                 damaged_copies,
+                states: Vec::new(),
                 repaired: Vec::new(),
                 repairable: 0,
             });
@@ -228,6 +231,7 @@ fn pass(file: &File, path: &Path) -> Result<Pass, StorageError> {
         report,
         journal: Some(journal),
         damaged_copies,
+        states,
         repaired,
         repairable,
     })
@@ -257,14 +261,7 @@ pub fn check(path: &Path, repair: Repair) -> Result<CheckReport, StorageError> {
     let states = if fix_corruptions {
         before.repaired
     } else {
-        Journal::recover(&file, before.report.image_end_offset)
-            .map_err(|e| {
-                StorageError::new(
-                    StorageErrorKind::Io,
-                    format!("{}: reading the metadata again: {e}", path.display()),
-                )
-            })?
-            .1
+        before.states
     };
     journal.checkpoint(&file, &states).map_err(|e| {
         StorageError::new(
