@@ -298,6 +298,65 @@ fn overlays_read_through_their_backing_chain_and_write_over_it() {
     assert!(std::fs::read(&out).unwrap() == model);
 }
 
+#[test]
+fn a_chain_of_mixed_cluster_sizes_over_shorter_images_reads_as_qemu_img_reads_it() {
+    // base.raw (2 MiB and 3 sectors) <- mid.qcow2 (qemu-img's, 4 KiB clusters, 3 MiB)
+    // <- low.qcow2 (ours, 512-byte clusters, 3.5 MiB) <- top.qcow2 (ours, 64 KiB, 4 MiB):
+    // reads look through images whose clusters differ, and past the end of shorter ones.
+    let dir = tempfile::tempdir().unwrap();
+    let base_len = 2 * MIB + 3 * 512;
+    let mut model = pattern(4 * MIB, 5);
+    model[base_len as usize..].fill(0);
+    std::fs::write(dir.path().join("base.raw"), &model[..base_len as usize]).unwrap();
+    let mid = dir.path().join("mid.qcow2");
+    qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        p(&mid),
+        "3M",
+    ]);
+    let mut layers = vec![(mid.clone(), 3 * MIB)];
+    for (name, cluster, size, below) in [
+        ("low.qcow2", 512, 3 * MIB + MIB / 2, "mid.qcow2"),
+        ("top.qcow2", 65536, 4 * MIB, "low.qcow2"),
+    ] {
+        let img = dir.path().join(name);
+        create(
+            &img,
+            &CreateOptions {
+                size,
+                cluster_size: cluster,
+                backing: Some((below.into(), "qcow2".into())),
+            },
+        )
+        .unwrap();
+        layers.push((img, size));
+    }
+    for (i, (img, size)) in layers.iter().enumerate() {
+        let disk = open(&format!("path={},format=qcow2", p(img)));
+        let mut q = disk.new_queue(8).unwrap();
+        let m = &mut model[..*size as usize];
+        assert_reads(&mut q, m, "before writes");
+        random_workload(&mut q, m, 30 + i as u64, 150);
+        assert_reads(&mut q, m, "after writes");
+        // Above a shorter image, what lies past its end reads as zeroes.
+        model[*size as usize..].fill(0);
+    }
+    let (top, _) = layers.last().unwrap();
+    qemu_img_check(top, false);
+    let out = dir.path().join("flat.raw");
+    qemu_img_ok(&["convert", "-O", "raw", p(top), p(&out)]);
+    assert!(std::fs::read(&out).unwrap() == model, "qemu-img reads another chain");
+}
+
 /// Starts `a` on `qa` and `b` on `qb`, then completes both: two workers' requests in
 /// flight at once on one image.
 fn run_two(qa: &mut impl DiskQueue, a: DiskOp, qb: &mut impl DiskQueue, b: DiskOp) -> [i32; 2] {
@@ -710,6 +769,15 @@ fn snapshots_are_deleted_by_streaming_and_reverted_while_every_image_reads_the_s
     let file = qcow2.commit_delete(prepared).unwrap();
     storage_core::qcow2::remove_snapshot_file(&file).unwrap();
     assert!(!snap("b").exists());
+    // The queue reads the new chain: nothing holds the deleted file open, so its space
+    // goes back to the file system.
+    assert_reads(&mut q, &model, "after deleting a snapshot in the middle");
+    let held: Vec<_> = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|l| l.to_string_lossy().contains("vm@b.qcow2"))
+        .collect();
+    assert!(held.is_empty(), "the deleted snapshot is still open: {held:?}");
     assert_eq!(
         chain_of(qcow2),
         [snap("c"), snap("a"), base.clone()].map(|p| p.display().to_string())

@@ -69,6 +69,8 @@ pub(crate) struct Shared {
     pub path: PathBuf,
     /// Bytes of L2 tables kept (for a new image on top, after a snapshot).
     pub l2_cache: u64,
+    /// The image's cluster size (fixed), readable without the lock.
+    pub cluster_size: u64,
 }
 
 impl Shared {
@@ -190,6 +192,7 @@ fn open_shared(
         );
     }
     Ok(Shared {
+        cluster_size: meta.cluster_size(),
         meta: Mutex::new(meta),
         file,
         backing,

@@ -345,6 +345,11 @@ impl Qcow2Disk {
             .write()
             .unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
         above.active.generation.fetch_add(1, Ordering::Release);
+        // The top's queues hold the whole chain (see `queue`): a change anywhere in it
+        // moves the top's generation, so they rebuild it.
+        if p.above > 0 {
+            self.active.generation.fetch_add(1, Ordering::Release);
+        }
         Ok(p.snapshot.clone())
     }
 
