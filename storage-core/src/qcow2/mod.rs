@@ -88,8 +88,8 @@ impl Shared {
     }
 }
 
-/// The image a qcow2 node serves now, and how many times that changed (a snapshot puts a
-/// new image on top): queues follow at their next request.
+/// The image a qcow2 node serves now, and how many times that or the chain below it
+/// changed (a snapshot taken, deleted or reverted): queues follow at their next request.
 pub(crate) struct Active {
     shared: RwLock<Arc<Shared>>,
     pub generation: AtomicU64,

@@ -33,11 +33,10 @@ use crate::disk::{
 };
 use crate::error::{StorageError, StorageErrorKind};
 
-/// Where a request went: a child (by index in `children`), or done here (its completion
-/// waits in `local`).
+/// Where a request went: a child, or done here (its completion waits in `local`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Route {
-    Child(usize),
+    Child,
     Local,
 }
 
@@ -146,41 +145,36 @@ impl Qcow2Queue {
         super::signal(self.notify.fd());
     }
 
-    /// Where the data of `[at, at + piece)` is, looked up from the top of the chain down;
-    /// the piece lies inside one cluster of every image.
-    fn locate(&self, at: u64, piece: u64) -> io::Result<Plan> {
+    /// Where the data at `at` is, looked up from the top of the chain down, and how far
+    /// (at most `len`) that answer holds: to the end of the cluster of every image looked
+    /// at. A piece that runs past the end of an image below is the slow path's.
+    fn locate(&self, at: u64, len: u64) -> io::Result<(Plan, u64)> {
+        let mut piece = len;
         for (i, layer) in self.layers.iter().enumerate() {
             let shared = &layer.shared;
+            let cluster = shared.cluster_size;
+            piece = piece.min(cluster - at % cluster);
             let mut meta = shared.lock();
             match meta.lookup(&shared.file, at)? {
-                Mapping::Data(h) => return Ok(Plan::Child(i, h + at % meta.cluster_size())),
-                Mapping::Zero => return Ok(Plan::Zero),
-                Mapping::Compressed { .. } => return Ok(Plan::Slow),
+                Mapping::Data(h) => return Ok((Plan::Child(i, h + at % cluster), piece)),
+                Mapping::Zero => return Ok((Plan::Zero, piece)),
+                Mapping::Compressed { .. } => return Ok((Plan::Slow, piece)),
                 Mapping::Unallocated => match layer.below {
-                    None => return Ok(Plan::Zero),
+                    None => return Ok((Plan::Zero, piece)),
                     Some(size) if at + piece <= size => {}
-                    Some(_) => return Ok(Plan::Slow),
+                    Some(_) => return Ok((Plan::Slow, piece)),
                 },
             }
         }
         // Below the last image: the raw base, at the guest's offset.
-        Ok(Plan::Child(self.layers.len(), at))
+        Ok((Plan::Child(self.layers.len(), at), piece))
     }
 
     fn plan_read(&self, offset: u64, len: u64) -> io::Result<Plan> {
-        // Cluster sizes are powers of two: a piece within one of the smallest lies within
-        // one cluster of every image.
-        let cluster = self
-            .layers
-            .iter()
-            .map(|l| l.shared.cluster_size)
-            .min()
-            .expect("a chain has a top");
         let mut plan: Option<Plan> = None;
         let mut at = offset;
         while at < offset + len {
-            let piece = (cluster - at % cluster).min(offset + len - at);
-            let this = self.locate(at, piece)?;
+            let (this, piece) = self.locate(at, offset + len - at)?;
             plan = match (plan, this) {
                 (None, p) => Some(p),
                 (Some(Plan::Child(c, start)), Plan::Child(d, h))
@@ -235,7 +229,7 @@ impl Qcow2Queue {
         match c.queue.start(op, tag) {
             Ok(()) => {
                 c.in_flight += 1;
-                self.routes[tag as usize] = Some((Route::Child(child), read));
+                self.routes[tag as usize] = Some((Route::Child, read));
                 self.in_flight += 1;
                 Ok(())
             }
@@ -278,7 +272,7 @@ impl Notify {
     }
 }
 
-/// The chain below `active`'s image as it is now, flattened: its qcow2 images from the top
+/// The chain of `active`'s image as it is now, flattened: its qcow2 images from the top
 /// down, and queues on their files and on the raw base below them, signalling `notify`.
 /// File nodes signal the eventfd they are given; a child that cannot (none in a qcow2
 /// chain today) is added to the queue's own set, or refused under a parent whose set is
@@ -456,9 +450,9 @@ impl DiskQueue for Qcow2Queue {
             return Err(Rejected::new(StartError::BadTag, op));
         }
         let op = checked(op, self.capacity.get())?;
-        // A snapshot put a new image on top: follow it once nothing is in flight here (a
-        // snapshot stops the queues first, so that is at once). Until then, nothing new
-        // starts: it would land in the snapshot.
+        // The chain changed (a snapshot taken, deleted or reverted): follow it once nothing
+        // is in flight here (the daemon stops the queues first, so that is at once). Until
+        // then, nothing new starts: it could land in the snapshot.
         let now = self.active.generation.load(Ordering::Acquire);
         if now != self.generation {
             if self.in_flight > 0 {
@@ -567,10 +561,23 @@ impl DiskQueue for Qcow2Queue {
     }
 
     fn submit(&mut self) -> io::Result<()> {
-        for c in self.children.iter_mut().filter(|c| c.in_flight > 0) {
-            c.queue.submit()?;
+        // A queue the guest leaves idle follows a changed chain here too (the daemon kicks
+        // its workers after stopping them), so a deleted snapshot's file is let go.
+        if self.in_flight == 0 && self.active.generation.load(Ordering::Acquire) != self.generation
+        {
+            let now = self.active.generation.load(Ordering::Acquire);
+            if let Err(e) = self.follow(now) {
+                log::error!("{}: {e}", self.top().path.display());
+            }
         }
-        Ok(())
+        // Every child, even past one that fails.
+        let mut result = Ok(());
+        for c in self.children.iter_mut().filter(|c| c.in_flight > 0) {
+            if let Err(e) = c.queue.submit() {
+                result = Err(e);
+            }
+        }
+        result
     }
 
     fn pop_completion(&mut self) -> Option<DiskCompletion> {
@@ -602,6 +609,8 @@ impl DiskQueue for Qcow2Queue {
         if !self.local.is_empty() {
             return Ok(());
         }
+        // On the first child with requests in flight (as `Disk::wait` callers need: a
+        // completion arrives); others' completions wait in their rings meanwhile.
         match self.children.iter_mut().find(|c| c.in_flight > 0) {
             Some(c) => {
                 c.queue.submit()?;

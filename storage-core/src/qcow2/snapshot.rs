@@ -344,6 +344,7 @@ impl Qcow2Disk {
             .shared
             .write()
             .unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
+        // (Nothing watches a lower image's own generation today; it stays true all the same.)
         above.active.generation.fetch_add(1, Ordering::Release);
         // The top's queues hold the whole chain (see `queue`): a change anywhere in it
         // moves the top's generation, so they rebuild it.
