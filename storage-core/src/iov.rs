@@ -333,6 +333,10 @@ impl AlignedBuf {
         self.ptr
     }
 
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
     pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: `ptr` points to `len` bytes we allocated and own exclusively.
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }

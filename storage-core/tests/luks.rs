@@ -11,7 +11,7 @@ use std::process::Command;
 use storage_core::crypto::luks1::{self, create_image, open_image};
 use storage_core::crypto::xts::Xts;
 use storage_core::crypto::CryptoError;
-use testkit::tools::{qemu_img, qemu_img_ok, require_tool};
+use testkit::tools::{qemu_img_ok, require_tool};
 
 const PASS: &str = "correct horse battery staple";
 
@@ -140,20 +140,7 @@ fn images_qemu_img_makes_open_and_decrypt_to_what_it_wrote() {
         raw.to_str().unwrap(),
         img.to_str().unwrap(),
     ];
-    // QEMU times PBKDF2 to pick its iterations, and on a busy machine its timing sometimes
-    // fails ("Unable to get accurate CPU usage"): that, and only that, is tried again.
-    for attempt in 1.. {
-        let out = qemu_img(&args);
-        let err = String::from_utf8_lossy(&out.stderr);
-        if out.status.success() {
-            break;
-        }
-        assert!(
-            attempt < 5 && err.contains("Unable to get accurate CPU usage"),
-            "qemu-img {args:?}: {err}"
-        );
-        let _ = std::fs::remove_file(&img);
-    }
+    testkit::tools::qemu_img_luks(&args, &img);
     assert_eq!(decrypt_payload(&img, PASS, plain.len()), plain);
     let f = std::fs::File::open(&img).unwrap();
     assert!(matches!(

@@ -42,6 +42,24 @@ pub fn qemu_img_ok(args: &[&str]) {
     );
 }
 
+/// Runs `qemu-img` making a LUKS image at `img` with `args`, which must succeed. QEMU times
+/// PBKDF2 to pick its iterations, and on a busy machine its timing sometimes fails
+/// ("Unable to get accurate CPU usage"): that, and only that, is tried again.
+pub fn qemu_img_luks(args: &[&str], img: &std::path::Path) {
+    for attempt in 1.. {
+        let out = qemu_img(args);
+        if out.status.success() {
+            return;
+        }
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            attempt < 5 && err.contains("Unable to get accurate CPU usage"),
+            "qemu-img {args:?}: {err}"
+        );
+        let _ = std::fs::remove_file(img);
+    }
+}
+
 /// `qemu-img check` finds the qcow2 image at `img` consistent: no corruption, no check
 /// error, and no leaked cluster unless `leaks_allowed` (as after a crash, when QEMU allows
 /// them too).

@@ -231,6 +231,11 @@ fn admin_only(node: &NodeSpec, out: &mut Vec<String>) {
             }
             admin_only(file, out)
         }
+        NodeSpec::Luks { file, key_file } => {
+            // A key file is read as a passphrase wherever it is: only an admin names one.
+            out.push(format!("the key file {}", key_file.display()));
+            admin_only(file, out)
+        }
     }
 }
 

@@ -19,7 +19,8 @@ pub const HEADER_BYTES: usize = 592;
 const SLOT_ENABLED: u32 = 0x00AC_71F3;
 const SLOT_DISABLED: u32 = 0x0000_DEAD;
 pub const SLOTS: usize = 8;
-const SECTOR: u64 = 512;
+/// LUKS1's sector: the unit of offsets in its header and of the payload's IVs.
+pub const SECTOR: u64 = 512;
 /// cryptsetup's keyslot and payload alignment (4 KiB), and its stripes.
 const ALIGN: u64 = 4096;
 pub const STRIPES: u32 = 4000;
@@ -387,13 +388,22 @@ impl Unlocked {
 /// Reads the LUKS1 header of `file` and opens a keyslot with `passphrase`.
 pub fn open_image(file: &std::fs::File, passphrase: &[u8]) -> Result<Unlocked, CryptoError> {
     use std::os::unix::fs::FileExt;
+    open_with(&mut |at, buf| file.read_exact_at(buf, at), passphrase)
+}
+
+/// Reads a LUKS1 header with `read(offset, buf)` (all of `buf`, or an error) and opens a
+/// keyslot with `passphrase`.
+pub fn open_with(
+    read: &mut dyn FnMut(u64, &mut [u8]) -> std::io::Result<()>,
+    passphrase: &[u8],
+) -> Result<Unlocked, CryptoError> {
     let mut b = [0u8; HEADER_BYTES];
-    file.read_exact_at(&mut b, 0).map_err(|e| match e.kind() {
+    read(0, &mut b).map_err(|e| match e.kind() {
         std::io::ErrorKind::UnexpectedEof => CryptoError::NotLuks,
         _ => CryptoError::Io(e),
     })?;
     let header = Header::parse(&b)?;
-    let (key, slot) = header.unlock(passphrase, &mut |at, buf| file.read_exact_at(buf, at))?;
+    let (key, slot) = header.unlock(passphrase, read)?;
     Ok(Unlocked { header, key, slot })
 }
 

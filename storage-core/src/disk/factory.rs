@@ -125,6 +125,7 @@ fn open_node(node: &NodeSpec, read_only: bool) -> Result<AnyDisk, StorageError> 
                 match d {
                     AnyDisk::Tiered(_) => true,
                     AnyDisk::Throttle(t) => has_tier(t.child()),
+                    AnyDisk::Luks(l) => has_tier(l.child()),
                     _ => false,
                 }
             }
@@ -149,6 +150,13 @@ fn open_node(node: &NodeSpec, read_only: bool) -> Result<AnyDisk, StorageError> 
             crate::qcow2::Qcow2Disk::open(file, &path, read_only, backing, *l2_cache, 0)
                 .map(|d| AnyDisk::Qcow2(Box::new(d)))
         }
+        NodeSpec::Luks { file, key_file } => {
+            let child = open_node(file, read_only)?;
+            let passphrase = crate::crypto::key_file::read(key_file)
+                .map_err(|e| StorageError::new(StorageErrorKind::InvalidSpec, e.to_string()))?;
+            crate::crypto::LuksDisk::open(child, &passphrase, read_only)
+                .map(|d| AnyDisk::Luks(Box::new(d)))
+        }
         NodeSpec::Throttle { child, limits } => {
             let child = open_node(child, read_only)?;
             let group = match limits {
@@ -169,6 +177,7 @@ pub enum AnyDisk {
     Tiered(TieredDisk),
     Throttle(Box<ThrottleDisk>),
     Qcow2(Box<crate::qcow2::Qcow2Disk>),
+    Luks(Box<crate::crypto::LuksDisk>),
     #[cfg(feature = "rbd")]
     Rbd(Box<crate::rbd::RbdDisk>),
 }
@@ -179,6 +188,7 @@ impl AnyDisk {
         match self {
             AnyDisk::Tiered(t) => Some(t.metrics()),
             AnyDisk::Throttle(t) => t.child().tier_metrics(),
+            AnyDisk::Luks(l) => l.child().tier_metrics(),
             _ => None,
         }
     }
@@ -193,6 +203,7 @@ impl AnyDisk {
                 v
             }
             AnyDisk::Throttle(t) => t.child().cache_files(),
+            AnyDisk::Luks(l) => l.child().cache_files(),
             _ => Vec::new(),
         }
     }
@@ -216,6 +227,7 @@ impl AnyDisk {
             AnyDisk::Tiered(t) => format!("tier({}, cache)", t.capacity().describe()),
             AnyDisk::Throttle(t) => format!("throttle({})", t.child().describe()),
             AnyDisk::Qcow2(q) => q.describe(),
+            AnyDisk::Luks(l) => format!("luks({})", l.child().describe()),
         }
     }
 
@@ -224,6 +236,7 @@ impl AnyDisk {
         match self {
             AnyDisk::Throttle(t) => Some(t.group()),
             AnyDisk::Tiered(t) => t.capacity().throttle_group(),
+            AnyDisk::Luks(l) => l.child().throttle_group(),
             _ => None,
         }
     }
@@ -245,6 +258,7 @@ enum FormatQueue {
     Tiered(TieredQueue),
     Throttle(Box<ThrottleQueue>),
     Qcow2(Box<crate::qcow2::Qcow2Queue>),
+    Luks(Box<crate::crypto::LuksQueue>),
     #[cfg(feature = "rbd")]
     Rbd(crate::rbd::RbdQueue),
 }
@@ -257,6 +271,7 @@ macro_rules! disk_dispatch {
             AnyDisk::Tiered($d) => $body,
             AnyDisk::Throttle($d) => $body,
             AnyDisk::Qcow2($d) => $body,
+            AnyDisk::Luks($d) => $body,
             #[cfg(feature = "rbd")]
             AnyDisk::Rbd($d) => $body,
         }
@@ -277,6 +292,7 @@ impl Disk for AnyDisk {
             AnyDisk::Tiered(d) => FormatQueue::Tiered(d.new_queue(depth)?),
             AnyDisk::Throttle(d) => FormatQueue::Throttle(Box::new(d.new_queue(depth)?)),
             AnyDisk::Qcow2(d) => FormatQueue::Qcow2(Box::new(d.new_queue(depth)?)),
+            AnyDisk::Luks(d) => FormatQueue::Luks(Box::new(d.new_queue(depth)?)),
             #[cfg(feature = "rbd")]
             AnyDisk::Rbd(d) => FormatQueue::Rbd(d.new_queue(depth)?),
         };
@@ -290,6 +306,7 @@ impl Disk for AnyDisk {
         let format = match self {
             AnyDisk::Raw(d) => FormatQueue::Raw(d.new_queue_sharing(depth, eventfd)?),
             AnyDisk::Qcow2(d) => FormatQueue::Qcow2(Box::new(d.new_queue_sharing(depth, eventfd)?)),
+            AnyDisk::Luks(d) => FormatQueue::Luks(Box::new(d.new_queue_sharing(depth, eventfd)?)),
             _ => return self.new_queue(depth),
         };
         Ok(AnyQueue {
@@ -365,6 +382,7 @@ macro_rules! dispatch {
             FormatQueue::Tiered($q) => $body,
             FormatQueue::Throttle($q) => $body,
             FormatQueue::Qcow2($q) => $body,
+            FormatQueue::Luks($q) => $body,
             #[cfg(feature = "rbd")]
             FormatQueue::Rbd($q) => $body,
         }
@@ -376,6 +394,7 @@ macro_rules! dispatch {
             FormatQueue::Tiered($q) => $body,
             FormatQueue::Throttle($q) => $body,
             FormatQueue::Qcow2($q) => $body,
+            FormatQueue::Luks($q) => $body,
             #[cfg(feature = "rbd")]
             FormatQueue::Rbd($q) => $body,
         }

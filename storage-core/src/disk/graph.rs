@@ -35,6 +35,8 @@ type Options = Vec<(String, String)>;
 pub struct GraphSpec {
     nodes: Vec<(String, Options)>,
     groups: Vec<(String, ThrottleLimits)>,
+    /// `--object secret,id=ID,file=PATH`: key files by id.
+    secrets: Vec<(String, PathBuf)>,
 }
 
 fn graph_err(msg: impl Into<String>) -> SpecError {
@@ -175,9 +177,12 @@ impl GraphSpec {
             o
         };
         let ty = take(&mut opts, "qom-type").unwrap_or_default();
+        if ty == "secret" {
+            return self.add_secret(opts);
+        }
         if ty != "throttle-group" {
             return Err(graph_err(format!(
-                "--object {ty:?}: the only object type is throttle-group"
+                "--object {ty:?}: the object types are throttle-group and secret"
             )));
         }
         let id = take(&mut opts, "id").ok_or_else(|| graph_err("a throttle-group needs id="))?;
@@ -195,6 +200,23 @@ impl GraphSpec {
             limits.set(k, &v)?;
         }
         self.groups.push((id, limits.check()?));
+        Ok(())
+    }
+
+    /// `--object secret,id=ID,file=PATH`, as QEMU's, from a file only: a secret given inline
+    /// (`data=`) would show in the process list.
+    fn add_secret(&mut self, mut opts: Options) -> Result<(), SpecError> {
+        let id = take(&mut opts, "id").ok_or_else(|| graph_err("a secret needs id="))?;
+        if self.secrets.iter().any(|(n, _)| *n == id) {
+            return Err(graph_err(format!("secret {id:?} is given twice")));
+        }
+        let file = take(&mut opts, "file")
+            .filter(|f| !f.is_empty())
+            .ok_or_else(|| graph_err(format!("secret {id:?} needs file= (data= is not taken)")))?;
+        if let Some((k, _)) = opts.first() {
+            return Err(graph_err(format!("secret {id:?}: unknown key {k:?}")));
+        }
+        self.secrets.push((id, PathBuf::from(file)));
         Ok(())
     }
 
@@ -443,6 +465,32 @@ impl GraphSpec {
                     id,
                 })
             }
+            "luks" => {
+                let file = self.child(name, "file", &mut opts, depth, used)?;
+                let key_file = match (take(&mut opts, "key-file"), take(&mut opts, "key-secret")) {
+                    (Some(f), None) if !f.is_empty() => PathBuf::from(f),
+                    (None, Some(id)) => self
+                        .secrets
+                        .iter()
+                        .find(|(n, _)| *n == id)
+                        .map(|(_, f)| f.clone())
+                        .ok_or_else(|| {
+                            graph_err(format!(
+                                "luks node {name:?}: no secret {id:?} (add --object \
+                                 secret,id={id},file=PATH)"
+                            ))
+                        })?,
+                    _ => {
+                        return Err(graph_err(format!(
+                            "luks node {name:?} needs one of key-secret= and key-file="
+                        )))
+                    }
+                };
+                NodeSpec::Luks {
+                    file: Box::new(file),
+                    key_file,
+                }
+            }
             "throttle" => {
                 let child = self.child(name, "file", &mut opts, depth, used)?;
                 let group = take(&mut opts, "throttle-group");
@@ -547,6 +595,59 @@ mod tests {
             g.add_blockdev(b)?;
         }
         Ok(g)
+    }
+
+    #[test]
+    fn a_luks_node_takes_its_key_from_a_secret_or_a_file_as_the_shorthand_does() {
+        let short: DiskSpec = "path=/d.luks,format=luks,key-file=/k,cache=/ssd/c,cache-size=1G"
+            .parse()
+            .unwrap();
+        let by_secret = graph(
+            &[
+                "driver=file,node-name=f,filename=/d.luks",
+                "driver=file,node-name=ssd,filename=/ssd/c",
+                "driver=tier,node-name=t,capacity=f,cache=ssd,cache-size=1G",
+                "driver=luks,node-name=l,file=t,key-secret=s0",
+            ],
+            &["secret,id=s0,file=/k"],
+        )
+        .unwrap()
+        .disk("l", false, None)
+        .unwrap();
+        assert_eq!(by_secret.root, short.root);
+        let by_file = graph(
+            &[
+                "driver=file,node-name=f,filename=/d.luks",
+                "driver=file,node-name=ssd,filename=/ssd/c",
+                "driver=tier,node-name=t,capacity=f,cache=ssd,cache-size=1G",
+                "driver=luks,node-name=l,file=t,key-file=/k",
+            ],
+            &[],
+        )
+        .unwrap()
+        .disk("l", false, None)
+        .unwrap();
+        assert_eq!(by_file.root, short.root);
+        for (nodes, objects, needle) in [
+            (
+                &["driver=luks,node-name=l,file.driver=file,file.filename=/d,key-secret=x"][..],
+                &[][..],
+                "no secret \"x\"",
+            ),
+            (
+                &["driver=luks,node-name=l,file.driver=file,file.filename=/d"],
+                &[],
+                "needs one of key-secret= and key-file=",
+            ),
+            (&[], &["secret,id=s,data=hunter2"], "needs file="),
+        ] {
+            let err = graph(nodes, objects)
+                .and_then(|g| g.disk("l", false, None))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{nodes:?} {objects:?}: {err}");
+            assert!(!err.contains("hunter2"), "{err}");
+        }
     }
 
     #[test]
@@ -679,7 +780,7 @@ mod tests {
             ),
             (&["{\"driver\": [1]}"], &[], "a", "expected a string"),
             (&["{not json"], &[], "a", "invalid JSON"),
-            (&[], &["memory-backend-file,id=m"], "a", "only object type"),
+            (&[], &["memory-backend-file,id=m"], "a", "object types are"),
             (
                 &[],
                 &["throttle-group,id=g,iops-total=1,iops-read=1"],

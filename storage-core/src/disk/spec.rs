@@ -48,6 +48,12 @@ pub enum NodeSpec {
         /// Bytes of L2 tables kept in memory (QEMU's `l2-cache-size`).
         l2_cache: u64,
     },
+    /// A LUKS image in its `file` child, served decrypted, unlocked with the passphrase in
+    /// `key_file` (see [`crate::crypto::key_file`]).
+    Luks {
+        file: Box<NodeSpec>,
+        key_file: PathBuf,
+    },
 }
 
 /// Where an RBD image is: `driver=rbd,pool=P,image=I[,conf=FILE][,id=USER]`.
@@ -87,7 +93,7 @@ impl NodeSpec {
             NodeSpec::Rbd(r) => format!("rbd:{}/{}", r.pool, r.image),
             NodeSpec::Tier { capacity, .. } => capacity.leaf_name(),
             NodeSpec::Throttle { child, .. } => child.leaf_name(),
-            NodeSpec::Qcow2 { file, .. } => file.leaf_name(),
+            NodeSpec::Qcow2 { file, .. } | NodeSpec::Luks { file, .. } => file.leaf_name(),
         }
     }
 
@@ -100,7 +106,7 @@ impl NodeSpec {
             NodeSpec::Rbd(r) => format!("rbd:{}/{}", r.pool, r.image),
             NodeSpec::Tier { capacity, .. } => capacity.data_path(),
             NodeSpec::Throttle { child, .. } => child.data_path(),
-            NodeSpec::Qcow2 { file, .. } => file.data_path(),
+            NodeSpec::Qcow2 { file, .. } | NodeSpec::Luks { file, .. } => file.data_path(),
         }
     }
 
@@ -116,6 +122,8 @@ impl NodeSpec {
             NodeSpec::Throttle { child, .. } => child.files_mut(f),
             // The backing chain's files are named by the image, not by the spec.
             NodeSpec::Qcow2 { file, .. } => file.files_mut(f),
+            // A key file is read, not stored in (and admission asks an admin for it).
+            NodeSpec::Luks { file, .. } => file.files_mut(f),
             NodeSpec::Null { .. } | NodeSpec::Rbd(_) => {}
         }
     }
@@ -132,7 +140,7 @@ impl NodeSpec {
     pub fn tier(&self) -> Option<&TierSpec> {
         match self {
             NodeSpec::Tier { tier, .. } => Some(tier),
-            NodeSpec::Throttle { child, .. } => child.tier(),
+            NodeSpec::Throttle { child, .. } | NodeSpec::Luks { file: child, .. } => child.tier(),
             _ => None,
         }
     }
@@ -142,6 +150,7 @@ impl NodeSpec {
         match self {
             NodeSpec::Throttle { limits, .. } => Some(limits),
             NodeSpec::Tier { capacity, .. } => capacity.throttle(),
+            NodeSpec::Luks { file, .. } => file.throttle(),
             _ => None,
         }
     }
@@ -166,8 +175,8 @@ pub enum SpecError {
     #[error("disk spec key {0:?} is given twice")]
     Duplicate(String),
     #[error(
-        "unknown disk spec key {0:?} (known: path, format, size, read-zeroes, readonly, direct, serial, \
-         engine, cache, cache-size, cache-mode, cache-policy, cache-block, seq-cutoff, \
+        "unknown disk spec key {0:?} (known: path, format, key-file, size, read-zeroes, readonly, \
+         direct, serial, engine, cache, cache-size, cache-mode, cache-policy, cache-block, seq-cutoff, \
          cache-format, throttle-group and the throttle limits: iops-total, bps-read, ...)"
     )]
     UnknownKey(String),
@@ -321,6 +330,7 @@ impl FromStr for DiskSpec {
         let mut tier_opts = TierOptions::default();
         let mut read_zeroes = None;
         let mut format = None;
+        let mut key_file: Option<PathBuf> = None;
         let mut limits = ThrottleLimits::default();
         let mut throttle_group: Option<String> = None;
         // Any limit key, even one that sets no rate (`iops-total-max` alone): it is checked.
@@ -347,9 +357,15 @@ impl FromStr for DiskSpec {
                 "read-zeroes" => read_zeroes = Some(on_off("read-zeroes", value)?),
                 // Explicit, never guessed from a writable image's contents.
                 "format" => match value {
-                    "raw" | "qcow2" => format = Some(value.to_string()),
-                    _ => return Err(bad("format", value, "raw or qcow2")),
+                    "raw" | "qcow2" | "luks" => format = Some(value.to_string()),
+                    _ => return Err(bad("format", value, "raw, qcow2 or luks")),
                 },
+                "key-file" => {
+                    if value.is_empty() {
+                        return Err(bad("key-file", value, "empty path"));
+                    }
+                    key_file = Some(PathBuf::from(value));
+                }
                 "serial" => serial = Some(parse_serial(value)?),
                 "engine" => engine = Some(parse_engine("engine", value)?),
                 "cache" => {
@@ -431,6 +447,18 @@ impl FromStr for DiskSpec {
                 }
                 leaf
             }
+        };
+        // Encryption over the cache: the cache holds ciphertext only.
+        let root = match (format.as_deref(), key_file) {
+            (Some("luks"), Some(key_file)) => NodeSpec::Luks {
+                file: Box::new(root),
+                key_file,
+            },
+            (Some("luks"), None) => {
+                return Err(bad("format", "luks", "a LUKS disk needs key-file="));
+            }
+            (_, Some(_)) => return Err(bad("key-file", "", "key-file= is for format=luks")),
+            (_, None) => root,
         };
         // Limits wrap the whole disk (over its cache), as a per-VM quota does.
         let limits = if limit_keys {

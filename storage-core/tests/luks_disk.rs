@@ -1,0 +1,350 @@
+//! The `luks` node against its oracles: LUKS1 images made by `qemu-img` and by `cryptsetup`
+//! open through the node with a key file; what a random workload writes through it (buffers
+//! split mid-sector, write-zeroes of many pieces, discards) reads back the same, and
+//! `qemu-img convert` decrypts the image to what was written. Over a tier, neither the
+//! cache file nor the image holds a byte of plaintext. Bad keys and key files are refused
+//! by name, without the secret.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use storage_core::disk::{open_disk, AnyDisk, Disk, DiskOp, DiskQueue, DiskSpec, IoVecs};
+use testkit::tools::{qemu_img_ok, require_tool};
+
+const PASS: &str = "correct horse battery staple";
+const MIB: u64 = 1 << 20;
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn key_file(dir: &Path, pass: &str) -> PathBuf {
+    let path = dir.join("key");
+    std::fs::write(&path, pass).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path
+}
+
+fn open(spec: &str) -> Result<AnyDisk, String> {
+    let spec: DiskSpec = spec.parse().map_err(|e| format!("{e}"))?;
+    open_disk(&spec).map_err(|e| e.to_string())
+}
+
+fn run(q: &mut impl DiskQueue, op: DiskOp) -> (i32, Option<IoVecs>) {
+    q.start(op, 3)
+        .unwrap_or_else(|r| panic!("refused: {}", r.error));
+    q.submit().unwrap();
+    loop {
+        if let Some(c) = q.pop_completion() {
+            assert_eq!(c.tag, 3);
+            return (c.result, c.buffers);
+        }
+        q.wait().unwrap();
+    }
+}
+
+/// Buffers of `len` bytes split at a random place, mid-sector as often as not.
+fn split(rng: &mut Rng, len: usize) -> IoVecs {
+    if len < 2 || rng.below(2) == 0 {
+        return IoVecs::owned(&[len]);
+    }
+    let cut = 1 + rng.below(len as u64 - 1) as usize;
+    IoVecs::owned(&[cut, len - cut])
+}
+
+fn read(q: &mut impl DiskQueue, rng: &mut Rng, offset: u64, len: usize) -> Vec<u8> {
+    let (r, b) = run(
+        q,
+        DiskOp::Read {
+            offset,
+            buffers: split(rng, len),
+        },
+    );
+    assert_eq!(r, len as i32, "read of {len} at {offset}");
+    b.unwrap().to_vec()
+}
+
+fn read_all(q: &mut impl DiskQueue, size: u64) -> Vec<u8> {
+    let mut rng = Rng(5);
+    let mut out = Vec::new();
+    for at in (0..size).step_by(256 << 10) {
+        out.extend(read(q, &mut rng, at, (256 << 10).min(size - at) as usize));
+    }
+    out
+}
+
+/// Random writes, reads, write-zeroes (some of many pieces), discards and flushes,
+/// mirrored into `model`.
+fn random_workload(q: &mut impl DiskQueue, model: &mut [u8], seed: u64, ops: usize) {
+    let mut rng = Rng(seed);
+    let size = model.len() as u64;
+    for _ in 0..ops {
+        let sectors = match rng.below(8) {
+            0 => rng.below(2048) + 1,
+            _ => rng.below(16) + 1,
+        };
+        let len = (sectors * 512).min(size);
+        let offset = rng.below((size - len) / 512 + 1) * 512;
+        let (o, l) = (offset as usize, len as usize);
+        match rng.below(10) {
+            0..=4 => {
+                let data: Vec<u8> = (0..l).map(|_| rng.next() as u8).collect();
+                let mut buffers = split(&mut rng, l);
+                buffers.copy_from(0, &data);
+                let (r, _) = run(q, DiskOp::Write { offset, buffers });
+                assert_eq!(r, len as i32, "write of {len} at {offset}");
+                model[o..o + l].copy_from_slice(&data);
+            }
+            5 => {
+                let (r, _) = run(
+                    q,
+                    DiskOp::WriteZeroes {
+                        offset,
+                        len,
+                        unmap: rng.below(2) == 0,
+                    },
+                );
+                assert_eq!(r, 0, "write-zeroes of {len} at {offset}");
+                model[o..o + l].fill(0);
+            }
+            6 => {
+                // What a discarded range reads is undefined: whatever it is, it stays.
+                let (r, _) = run(q, DiskOp::Discard { offset, len });
+                assert_eq!(r, 0);
+                let now = read(q, &mut rng, offset, l);
+                model[o..o + l].copy_from_slice(&now);
+            }
+            7 => assert_eq!(run(q, DiskOp::Flush).0, 0),
+            _ => {
+                let got = read(q, &mut rng, offset, l);
+                assert!(got == model[o..o + l], "read of {len} at {offset} differs");
+            }
+        }
+    }
+    assert_eq!(run(q, DiskOp::Flush).0, 0);
+}
+
+/// The image decrypted by qemu-img.
+fn qemu_img_plain(img: &Path, key: &Path, dir: &Path) -> Vec<u8> {
+    let out = dir.join("plain.raw");
+    let _ = std::fs::remove_file(&out);
+    qemu_img_ok(&[
+        "convert",
+        "--object",
+        &format!("secret,id=sec0,file={}", key.display()),
+        "--image-opts",
+        &format!(
+            "driver=luks,key-secret=sec0,file.filename={}",
+            img.display()
+        ),
+        "-O",
+        "raw",
+        out.to_str().unwrap(),
+    ]);
+    std::fs::read(&out).unwrap()
+}
+
+fn qemu_img_luks(img: &Path, key: &Path, size: u64) {
+    let args = [
+        "create",
+        "-q",
+        "--object",
+        &format!("secret,id=sec0,file={}", key.display()),
+        "-f",
+        "luks",
+        "-o",
+        "key-secret=sec0,iter-time=10",
+        img.to_str().unwrap(),
+        &size.to_string(),
+    ];
+    testkit::tools::qemu_img_luks(&args, img);
+}
+
+fn cryptsetup_luks1(img: &Path, key: &Path, size: u64) {
+    let bin = require_tool("cryptsetup").unwrap_or_else(|e| panic!("{e}"));
+    // cryptsetup puts a LUKS1 payload at 2 MiB (4096 sectors).
+    std::fs::write(img, vec![0u8; (size + 2 * MIB) as usize]).unwrap();
+    let out = Command::new(bin)
+        .args(["luksFormat", "--batch-mode", "--type", "luks1"])
+        .args(["--pbkdf-force-iterations", "1000", "--key-file"])
+        .arg(key)
+        .arg(img)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cryptsetup luksFormat: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn images_qemu_img_and_cryptsetup_make_serve_through_the_node_as_qemu_img_reads_them() {
+    type Maker = fn(&Path, &Path, u64);
+    for (name, make) in [
+        ("qemu-img", qemu_img_luks as Maker),
+        ("cryptsetup", cryptsetup_luks1),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let key = key_file(dir.path(), PASS);
+        let img = dir.path().join("disk.luks");
+        let size = 4 * MIB;
+        make(&img, &key, size);
+        let spec = format!(
+            "path={},format=luks,key-file={}",
+            img.display(),
+            key.display()
+        );
+        let disk = open(&spec).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(disk.info().capacity.get(), size, "{name}");
+        assert_eq!(disk.describe(), "luks(raw)");
+        let mut q = disk.new_queue(8).unwrap();
+        // Before any write, both decrypt what the maker left (noise) the same way.
+        let mut model = read_all(&mut q, size);
+        assert!(model == qemu_img_plain(&img, &key, dir.path()), "{name}");
+        random_workload(&mut q, &mut model, 11, 300);
+        assert!(
+            read_all(&mut q, size) == model,
+            "{name}: reads after writes"
+        );
+        drop(q);
+        drop(disk);
+        assert!(
+            qemu_img_plain(&img, &key, dir.path()) == model,
+            "{name}: qemu-img reads what was written otherwise"
+        );
+    }
+}
+
+/// Every 512-byte sector of the data is different and recognisable: "secret-NNNNNNNN" over
+/// and over.
+fn plaintext(len: usize) -> Vec<u8> {
+    (0..len / 16)
+        .flat_map(|i| format!("secret-{i:08x}!").into_bytes())
+        .collect()
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn over_a_tier_the_cache_and_the_image_hold_ciphertext_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), PASS);
+    let img = dir.path().join("disk.luks");
+    let cache = dir.path().join("cache.img");
+    let size = 4 * MIB;
+    qemu_img_luks(&img, &key, size);
+    let spec = format!(
+        "path={},format=luks,key-file={},cache={},cache-size=8M,cache-mode=writeback,seq-cutoff=4G",
+        img.display(),
+        key.display(),
+        cache.display()
+    );
+    let data = plaintext(2 * MIB as usize);
+    {
+        let disk = open(&spec).unwrap();
+        assert_eq!(disk.describe(), "luks(tier(raw, cache))");
+        let mut q = disk.new_queue(8).unwrap();
+        for (i, chunk) in data.chunks(64 << 10).enumerate() {
+            let (r, _) = run(
+                &mut q,
+                DiskOp::Write {
+                    offset: (i * chunk.len()) as u64,
+                    buffers: IoVecs::from_bytes(chunk),
+                },
+            );
+            assert_eq!(r, chunk.len() as i32);
+        }
+        assert_eq!(run(&mut q, DiskOp::Flush).0, 0);
+        let mut rng = Rng(1);
+        assert!(read(&mut q, &mut rng, 0, data.len()) == data);
+        // The cache holds what was written, not yet written back.
+        let m = disk.tier_metrics().expect("a tier under the luks node");
+        let dirty = m.dirty_blocks.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(dirty > 0, "the writes went around the cache");
+    }
+    for file in [&cache, &img] {
+        let bytes = std::fs::read(file).unwrap();
+        assert!(
+            !contains(&bytes, b"secret-0000"),
+            "{} holds plaintext",
+            file.display()
+        );
+    }
+    // And the disk reads back through a fresh open, and in qemu-img once the cache is
+    // written back (the tier writes back at close).
+    let disk = open(&spec).unwrap();
+    let mut q = disk.new_queue(8).unwrap();
+    let mut rng = Rng(2);
+    assert!(read(&mut q, &mut rng, 0, data.len()) == data);
+}
+
+#[test]
+fn bad_keys_and_key_files_are_refused_by_name_without_the_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), PASS);
+    let img = dir.path().join("disk.luks");
+    qemu_img_luks(&img, &key, MIB);
+    let spec = |k: &Path| {
+        format!(
+            "path={},format=luks,key-file={}",
+            img.display(),
+            k.display()
+        )
+    };
+
+    let wrong = dir.path().join("wrong");
+    std::fs::write(&wrong, "not the passphrase").unwrap();
+    std::fs::set_permissions(&wrong, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let e = open(&spec(&wrong))
+        .err()
+        .expect("a wrong passphrase opens nothing");
+    assert!(e.contains("no keyslot opens"), "{e}");
+    assert!(!e.contains("not the passphrase"), "{e}");
+
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let e = open(&spec(&key)).err().expect("a key file others can read");
+    assert!(e.contains("0644") && e.contains("chmod 600"), "{e}");
+    assert!(!e.contains(PASS), "{e}");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert!(open(&spec(&key)).is_ok());
+
+    // Not a LUKS image.
+    let raw = dir.path().join("raw.img");
+    std::fs::write(&raw, vec![0u8; MIB as usize]).unwrap();
+    let e = open(&format!(
+        "path={},format=luks,key-file={}",
+        raw.display(),
+        key.display()
+    ))
+    .err()
+    .expect("a raw file is no LUKS image");
+    assert!(e.contains("not a LUKS image"), "{e}");
+
+    for (spec, needle) in [
+        (
+            format!("path={},format=luks", img.display()),
+            "needs key-file=",
+        ),
+        (
+            format!("path={},key-file={}", img.display(), key.display()),
+            "for format=luks",
+        ),
+    ] {
+        let e = open(&spec).err().expect("refused");
+        assert!(e.contains(needle), "{spec}: {e}");
+    }
+}
