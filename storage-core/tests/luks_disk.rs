@@ -87,15 +87,26 @@ fn read_all(q: &mut impl DiskQueue, size: u64) -> Vec<u8> {
 /// Random writes, reads, write-zeroes (some of many pieces), discards and flushes,
 /// mirrored into `model`.
 fn random_workload(q: &mut impl DiskQueue, model: &mut [u8], seed: u64, ops: usize) {
+    random_workload_in(q, model, seed, ops, 512);
+}
+
+/// The same, in sectors of `sector` bytes.
+fn random_workload_in(
+    q: &mut impl DiskQueue,
+    model: &mut [u8],
+    seed: u64,
+    ops: usize,
+    sector: u64,
+) {
     let mut rng = Rng(seed);
     let size = model.len() as u64;
     for _ in 0..ops {
         let sectors = match rng.below(8) {
-            0 => rng.below(2048) + 1,
+            0 => rng.below(2048 * 512 / sector) + 1,
             _ => rng.below(16) + 1,
         };
-        let len = (sectors * 512).min(size);
-        let offset = rng.below((size - len) / 512 + 1) * 512;
+        let len = (sectors * sector).min(size);
+        let offset = rng.below((size - len) / sector + 1) * sector;
         let (o, l) = (offset as usize, len as usize);
         match rng.below(10) {
             0..=4 => {
@@ -347,4 +358,171 @@ fn bad_keys_and_key_files_are_refused_by_name_without_the_secret() {
         let e = open(&spec).err().expect("refused");
         assert!(e.contains(needle), "{spec}: {e}");
     }
+}
+
+/// Runs cryptsetup, which must succeed.
+fn cryptsetup(args: &[&str]) {
+    let bin = require_tool("cryptsetup").unwrap_or_else(|e| panic!("{e}"));
+    let out = Command::new(bin).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "cryptsetup {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A LUKS2 image that cryptsetup encrypted in place from `plain` (its offline
+/// reencryption, which runs in user space here, where device-mapper does not exist):
+/// the header and keyslots take the first 16 MiB and the data follows.
+fn cryptsetup_luks2_from(img: &Path, key: &Path, plain: &[u8], sector: &str, kdf: &[&str]) {
+    let mut data = plain.to_vec();
+    data.resize(plain.len() + (32 << 20), 0);
+    std::fs::write(img, &data).unwrap();
+    let key = key.to_str().unwrap();
+    let mut args = vec![
+        "reencrypt",
+        "--encrypt",
+        "--batch-mode",
+        "--type",
+        "luks2",
+        "--reduce-device-size",
+        "32M",
+        "--sector-size",
+        sector,
+        "--key-file",
+        key,
+    ];
+    args.extend_from_slice(kdf);
+    args.push(img.to_str().unwrap());
+    cryptsetup(&args);
+}
+
+#[test]
+fn luks2_images_cryptsetup_encrypts_read_back_through_the_node() {
+    let plain = plaintext(8 * MIB as usize);
+    for (sector, kdf) in [
+        (
+            "512",
+            &["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"][..],
+        ),
+        (
+            "4096",
+            &[
+                "--pbkdf",
+                "argon2id",
+                "--pbkdf-memory",
+                "16384",
+                "--pbkdf-parallel",
+                "2",
+                "--pbkdf-force-iterations",
+                "4",
+            ][..],
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let key = key_file(dir.path(), PASS);
+        let img = dir.path().join("disk.luks2");
+        cryptsetup_luks2_from(&img, &key, &plain, sector, kdf);
+        let spec = format!(
+            "path={},format=luks,key-file={}",
+            img.display(),
+            key.display()
+        );
+        let disk = open(&spec).unwrap_or_else(|e| panic!("sector {sector}: {e}"));
+        assert_eq!(disk.block_size(), sector.parse::<u32>().unwrap());
+        let size = disk.info().capacity.get();
+        assert!(size >= plain.len() as u64, "sector {sector}: {size} bytes");
+        let mut q = disk.new_queue(8).unwrap();
+        let got = read_all(&mut q, plain.len() as u64);
+        assert!(
+            got == plain,
+            "sector {sector}: cryptsetup encrypted something else"
+        );
+        // Requests smaller than a sector are refused, not half done.
+        if sector == "4096" {
+            let (r, _) = run(
+                &mut q,
+                DiskOp::Read {
+                    offset: 512,
+                    buffers: IoVecs::owned(&[512]),
+                },
+            );
+            assert_eq!(r, -libc::EINVAL);
+        }
+        // What we write reads back, and cryptsetup still takes the key.
+        let mut model = read_all(&mut q, size);
+        let sectors = sector.parse::<u64>().unwrap();
+        random_workload_in(&mut q, &mut model, 21, 200, sectors);
+        drop(q);
+        drop(disk);
+        let disk = open(&spec).unwrap();
+        let mut q = disk.new_queue(8).unwrap();
+        assert!(
+            read_all(&mut q, size) == model,
+            "sector {sector}: after reopening"
+        );
+        cryptsetup(&[
+            "open",
+            "--test-passphrase",
+            "--key-file",
+            key.to_str().unwrap(),
+            img.to_str().unwrap(),
+        ]);
+    }
+}
+
+#[test]
+fn a_luks2_image_opens_from_either_header_copy_and_not_from_neither() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), PASS);
+    let img = dir.path().join("disk.luks2");
+    let plain = plaintext(MIB as usize);
+    cryptsetup_luks2_from(
+        &img,
+        &key,
+        &plain,
+        "512",
+        &["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"],
+    );
+    let spec = format!(
+        "path={},format=luks,key-file={}",
+        img.display(),
+        key.display()
+    );
+    let reads_plain = |what: &str| {
+        let disk = open(&spec).unwrap_or_else(|e| panic!("{what}: {e}"));
+        let mut q = disk.new_queue(8).unwrap();
+        assert!(read_all(&mut q, plain.len() as u64) == plain, "{what}");
+    };
+    let damage = |at: u64| {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+        f.write_all_at(b"XX", at).unwrap();
+    };
+    // The first copy's JSON, then the second copy's (at 16 KiB, cryptsetup's default).
+    damage(4096 + 10);
+    reads_plain("the first copy damaged");
+    damage(16384 + 4096 + 10);
+    let e = open(&spec).err().expect("both copies damaged");
+    assert!(e.contains("neither copy"), "{e}");
+
+    let img2 = dir.path().join("other.luks2");
+    cryptsetup_luks2_from(
+        &img2,
+        &key,
+        &plain,
+        "512",
+        &["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"],
+    );
+    let wrong = dir.path().join("wrong");
+    std::fs::write(&wrong, "not it").unwrap();
+    std::fs::set_permissions(&wrong, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let e = open(&format!(
+        "path={},format=luks,key-file={}",
+        img2.display(),
+        wrong.display()
+    ))
+    .err()
+    .expect("a wrong passphrase");
+    assert!(e.contains("no keyslot opens"), "{e}");
 }

@@ -285,12 +285,22 @@ struct HistoryQuery {
 }
 
 async fn history(
+    State(disks): Disks,
     Extension(history): Extension<Arc<History>>,
     Query(q): Query<HistoryQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let points = history.points(q.disk.as_deref(), q.last);
+    let mut points = history.points(q.disk.as_deref(), q.last);
     if let (Some(id), true) = (&q.disk, points.is_empty()) {
-        return Err(ApiError::not_found(format!("no history of disk {id:?}")));
+        // A disk served since before its first sample has a history, empty so far.
+        if disks.get(id).is_none() {
+            return Err(ApiError::not_found(format!("no history of disk {id:?}")));
+        }
+        points.push(crate::history::DiskPoints {
+            id: id.clone(),
+            served: true,
+            recent: Vec::new(),
+            trend: Vec::new(),
+        });
     }
     let p = &history.policy;
     Ok(Json(serde_json::json!({

@@ -141,7 +141,7 @@ impl BlkDevice {
         BlkConfig {
             capacity_sectors: self.capacity() / SECTOR_SIZE,
             seg_max: self.seg_max(),
-            blk_size: SECTOR_SIZE as u32,
+            blk_size: self.disk.block_size(),
             num_queues: self.num_queues,
             writeback: self.writeback.load(Ordering::Relaxed),
         }

@@ -167,7 +167,7 @@ fn mistakes_in_a_graph_exit_2_with_one_line() {
         ),
         (
             vec!["--object", "iothread,id=g", "--disk", "path=null,size=1M"],
-            "only object type",
+            "object types are",
         ),
         (
             vec!["--disk", "path=null,size=1M,iops-total=5,iops-write=1"],

@@ -99,6 +99,9 @@ mod tests {
         // Another user's file (only root can give one away here).
         if std::os::unix::fs::chown(&path, Some(65534), None).is_ok() {
             assert!(matches!(read(&path), Err(KeyFileError::Owner(..))));
+            // SAFETY: geteuid has no preconditions.
+            let uid = unsafe { libc::geteuid() };
+            std::os::unix::fs::chown(&path, Some(uid), None).unwrap();
         }
         std::fs::write(&path, b"").unwrap();
         assert!(matches!(read(&path), Err(KeyFileError::Empty(_))));

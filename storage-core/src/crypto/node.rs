@@ -1,5 +1,5 @@
-//! The `luks` node: a LUKS image in its child node, served decrypted (QEMU's `luks` block
-//! driver). The header and keyslots are read once, at open; the payload's cipher lives in
+//! The `luks` node: a LUKS1 or LUKS2 image in its child node, served decrypted (QEMU's
+//! `luks` block driver, and cryptsetup's LUKS2). The header and keyslots are read once, at open; the payload's cipher lives in
 //! locked memory ([`super::secret`]) shared by the queues.
 //!
 //! The data path, by request:
@@ -15,17 +15,17 @@
 //!   pieces of at most [`ZEROES_PIECE`] through the same buffer; discard and flush go to the
 //!   child as they are (a discarded range reads as noise, which discard allows).
 //!
-//! Sector numbers in the IV count 512-byte sectors from the payload's start (`plain64`).
+//! Requests are in whole sectors of the payload's sector size (512 bytes, or up to 4 KiB in
+//! LUKS2, which the disk then reports as its block size); IVs as [`SectorLayout`] says.
 
 use std::collections::VecDeque;
 use std::io;
 use std::os::unix::io::RawFd;
 use std::sync::Arc;
 
-use super::luks1::{self, SECTOR};
 use super::secret::Locked;
 use super::xts::Xts;
-use super::CryptoError;
+use super::{CryptoError, SectorLayout};
 use crate::disk::{
     checked, AnyDisk, AnyQueue, Disk, DiskCompletion, DiskInfo, DiskOp, DiskQueue, IoVecs,
     Rejected, Size, StartError,
@@ -42,6 +42,7 @@ pub struct LuksDisk {
     cipher: Arc<Locked<Xts>>,
     /// Where the payload starts in the child, in bytes.
     payload: u64,
+    layout: SectorLayout,
     info: DiskInfo,
 }
 
@@ -50,38 +51,52 @@ fn error(kind: StorageErrorKind, path: &str, msg: impl std::fmt::Display) -> Sto
 }
 
 impl LuksDisk {
-    /// Opens the LUKS1 image in `child` with `passphrase` (which any active keyslot may
+    /// Opens the LUKS image in `child` with `passphrase` (which any active keyslot may
     /// take). Errors name the image and never hold key material.
     pub fn open(child: AnyDisk, passphrase: &[u8], read_only: bool) -> Result<Self, StorageError> {
         let path = child.info().path.clone();
-        let unlocked = luks1::open_with(&mut |at, buf| read_via_queue(&child, buf, at), passphrase)
+        let opened = super::open_with(&mut |at, buf| read_via_queue(&child, buf, at), passphrase)
             .map_err(|e| {
-                let kind = match e {
-                    CryptoError::Io(_) => StorageErrorKind::Io,
-                    CryptoError::WrongPassphrase => StorageErrorKind::InvalidArgument,
-                    _ => StorageErrorKind::InvalidImage,
-                };
-                error(kind, &path, e)
-            })?;
-        let payload = unlocked.payload_offset();
-        let size = child.info().capacity.get();
-        if payload >= size {
+            let kind = match e {
+                CryptoError::Io(_) => StorageErrorKind::Io,
+                CryptoError::WrongPassphrase => StorageErrorKind::InvalidArgument,
+                _ => StorageErrorKind::InvalidImage,
+            };
+            error(kind, &path, e)
+        })?;
+        let payload = opened.payload_offset;
+        let layout = opened.layout;
+        let child_size = child.info().capacity.get();
+        let sector = u64::from(layout.sector_size);
+        let size = match opened.payload_size {
+            Some(n) => n,
+            // To the end, in whole sectors.
+            None => child_size.saturating_sub(payload) / sector * sector,
+        };
+        if size == 0 || payload.checked_add(size).is_none_or(|end| end > child_size) {
             return Err(error(
                 StorageErrorKind::InvalidImage,
                 &path,
-                format!("the LUKS payload starts at {payload}, past the image's end ({size})"),
+                format!(
+                    "the LUKS payload ({size} bytes from {payload}) does not fit in the image                      ({child_size} bytes)"
+                ),
             ));
         }
-        let cipher = unlocked
-            .cipher()
+        let cipher = Xts::new(&opened.key[..])
+            .map_err(CryptoError::from)
+            .and_then(|x| Locked::new(x).map_err(CryptoError::Io))
             .map_err(|e| error(StorageErrorKind::Open, &path, e))?;
+        drop(opened.key);
         log::info!(
-            "{path}: LUKS1 image opened with keyslot {} (aes-xts-plain64, 512-bit key)",
-            unlocked.slot
+            "{path}: LUKS{} image opened with keyslot {} (aes-xts-plain64, 512-bit key, \
+             {}-byte sectors)",
+            opened.version,
+            opened.slot,
+            layout.sector_size
         );
         let c = child.info();
         let info = DiskInfo {
-            capacity: Size::new(size - payload),
+            capacity: Size::new(size),
             read_only: read_only || c.read_only,
             direct: c.direct,
             format: "luks",
@@ -94,8 +109,15 @@ impl LuksDisk {
             child,
             cipher: Arc::new(cipher),
             payload,
+            layout,
             info,
         })
+    }
+
+    /// The payload's sector size: the smallest request the disk takes (the guest is told
+    /// so, as dm-crypt tells the kernel).
+    pub fn block_size(&self) -> u32 {
+        self.layout.sector_size
     }
 
     pub fn child(&self) -> &AnyDisk {
@@ -107,6 +129,7 @@ impl LuksDisk {
             child: Box::new(child),
             cipher: self.cipher.clone(),
             payload: self.payload,
+            layout: self.layout,
             capacity: self.info.capacity.clone(),
             slots: (0..depth).map(|_| Slot::default()).collect(),
             local: VecDeque::new(),
@@ -147,7 +170,7 @@ enum Pending {
     #[default]
     Idle,
     Read {
-        sector: u64,
+        offset: u64,
         len: u64,
     },
     /// The guest's buffers wait here while the child writes ours.
@@ -203,14 +226,16 @@ pub struct LuksQueue {
     child: Box<AnyQueue>,
     cipher: Arc<Locked<Xts>>,
     payload: u64,
+    layout: SectorLayout,
     capacity: Size,
     slots: Vec<Slot>,
     /// Requests answered here (bad alignment, a failed piece of zeroes).
     local: VecDeque<DiskCompletion>,
 }
 
-fn aligned(offset: u64, len: u64) -> bool {
-    offset.is_multiple_of(SECTOR) && len.is_multiple_of(SECTOR)
+fn aligned(layout: &SectorLayout, offset: u64, len: u64) -> bool {
+    let s = u64::from(layout.sector_size);
+    offset.is_multiple_of(s) && len.is_multiple_of(s)
 }
 
 impl LuksQueue {
@@ -221,7 +246,7 @@ impl LuksQueue {
         let slot = &mut self.slots[tag as usize];
         let (bytes, list) = slot.take_buffer(len as usize);
         bytes.fill(0);
-        self.cipher.encrypt(bytes, next / SECTOR, SECTOR as usize);
+        self.layout.crypt(&self.cipher, bytes, next, true);
         let op = DiskOp::Write {
             offset: next + self.payload,
             buffers: list,
@@ -245,14 +270,14 @@ impl LuksQueue {
                 log::error!("luks: a completion for tag {tag}, which is not in flight");
                 None
             }
-            Pending::Read { sector, len } => {
+            Pending::Read { offset, len } => {
                 if c.result >= 0 && (c.result as u64) < len {
                     // Every sector of the payload lies inside the child: short is damage.
                     c.result = -libc::EIO;
                 }
                 if c.result >= 0 {
                     if let Some(b) = &mut c.buffers {
-                        decrypt_in_place(&self.cipher, b, sector);
+                        decrypt_in_place(&self.cipher, &self.layout, b, offset);
                     }
                 }
                 Some(c)
@@ -285,11 +310,11 @@ impl LuksQueue {
     }
 }
 
-/// Decrypts a completed read in the guest's buffers, whatever their layout: sectors that
-/// lie inside one buffer in place, in runs; sectors split across buffers gathered, decrypted
-/// and scattered back.
-fn decrypt_in_place(cipher: &Xts, bufs: &mut IoVecs, first_sector: u64) {
-    let s = SECTOR as usize;
+/// Decrypts a completed read of payload bytes from `offset` in the guest's buffers,
+/// whatever their layout: sectors that lie inside one buffer in place, in runs; sectors
+/// split across buffers gathered, decrypted and scattered back.
+fn decrypt_in_place(cipher: &Xts, layout: &SectorLayout, bufs: &mut IoVecs, offset: u64) {
+    let s = layout.sector_size as usize;
     let mut at = 0usize;
     // Sectors split across buffers, by index (an allocation only when there are any).
     let mut split = Vec::new();
@@ -304,7 +329,7 @@ fn decrypt_in_place(cipher: &Xts, bufs: &mut IoVecs, first_sector: u64) {
             let run = unsafe {
                 std::slice::from_raw_parts_mut(v.iov_base.cast::<u8>().add(from - a), to - from)
             };
-            cipher.decrypt(run, first_sector + (from / s) as u64, s);
+            layout.crypt(cipher, run, offset + from as u64, false);
         }
         if !b.is_multiple_of(s) && b < bufs.len() as usize && split.last() != Some(&(b / s)) {
             split.push(b / s);
@@ -314,12 +339,13 @@ fn decrypt_in_place(cipher: &Xts, bufs: &mut IoVecs, first_sector: u64) {
         return;
     }
     // Rare (a guest's buffers split mid-sector): through a sector of our own.
-    let mut sector = [0u8; SECTOR as usize];
+    let mut buf = [0u8; 4096];
+    let sector = &mut buf[..s];
     for k in split {
         let at = (k * s) as u64;
-        bufs.copy_to(at, &mut sector);
-        cipher.decrypt(&mut sector, first_sector + k as u64, s);
-        bufs.copy_from(at, &sector);
+        bufs.copy_to(at, sector);
+        layout.crypt(cipher, sector, offset + at, false);
+        bufs.copy_from(at, sector);
     }
 }
 
@@ -331,7 +357,7 @@ impl DiskQueue for LuksQueue {
         }
         let op = checked(op, self.capacity.get())?;
         if let Some((offset, len)) = op.range() {
-            if !aligned(offset, len) {
+            if !aligned(&self.layout, offset, len) {
                 self.local.push_back(DiskCompletion {
                     tag,
                     result: -libc::EINVAL,
@@ -350,10 +376,7 @@ impl DiskQueue for LuksQueue {
                 };
                 match self.child.start(op, tag) {
                     Ok(()) => {
-                        self.slots[tag as usize].pending = Pending::Read {
-                            sector: offset / SECTOR,
-                            len,
-                        };
+                        self.slots[tag as usize].pending = Pending::Read { offset, len };
                         Ok(())
                     }
                     Err(r) => Err(Rejected::new(
@@ -371,7 +394,7 @@ impl DiskQueue for LuksQueue {
                 let (bytes, list) = slot.take_buffer(len);
                 // One read of guest memory; what is encrypted and written is ours.
                 buffers.copy_to(0, bytes);
-                self.cipher.encrypt(bytes, offset / SECTOR, SECTOR as usize);
+                self.layout.crypt(&self.cipher, bytes, offset, true);
                 let op = DiskOp::Write {
                     offset: offset + payload,
                     buffers: list,
@@ -494,21 +517,20 @@ impl Disk for LuksDisk {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        if !aligned(offset, buf.len() as u64) {
+        if !aligned(&self.layout, offset, buf.len() as u64) {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
         self.child.read_at(buf, offset + self.payload)?;
-        self.cipher.decrypt(buf, offset / SECTOR, SECTOR as usize);
+        self.layout.crypt(&self.cipher, buf, offset, false);
         Ok(())
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        if !aligned(offset, buf.len() as u64) {
+        if !aligned(&self.layout, offset, buf.len() as u64) {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
         let mut data = buf.to_vec();
-        self.cipher
-            .encrypt(&mut data, offset / SECTOR, SECTOR as usize);
+        self.layout.crypt(&self.cipher, &mut data, offset, true);
         self.child.write_at(&data, offset + self.payload)
     }
 }

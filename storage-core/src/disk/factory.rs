@@ -208,6 +208,17 @@ impl AnyDisk {
         }
     }
 
+    /// The smallest request the graph takes, in bytes (what the guest is told is its block
+    /// size): 512, or a LUKS2 payload's larger sector size.
+    pub fn block_size(&self) -> u32 {
+        match self {
+            AnyDisk::Luks(l) => l.block_size().max(l.child().block_size()),
+            AnyDisk::Throttle(t) => t.child().block_size(),
+            AnyDisk::Tiered(t) => t.capacity().block_size(),
+            _ => 512,
+        }
+    }
+
     /// The qcow2 image at the root (under a throttle, if any): what takes snapshots.
     pub fn qcow2(&self) -> Option<&crate::qcow2::Qcow2Disk> {
         match self {

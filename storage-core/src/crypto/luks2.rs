@@ -1,0 +1,544 @@
+//! The LUKS2 on-disk format (cryptsetup's "LUKS2 On-Disk Format Specification", version
+//! 1.1.x), as `cryptsetup luksFormat` (type luks2, its default) writes it: two copies of a
+//! header, each a 4 KiB binary part and a JSON area checksummed together, from offset 0
+//! and from the header size on; keyslots as in LUKS1 (the master key split by the
+//! anti-forensic splitter, encrypted with a key derived from a passphrase, by Argon2id,
+//! Argon2i or PBKDF2) in the keyslots area after both copies; a PBKDF2 digest of the master
+//! key; and one data segment, encrypted with the master key in sectors of 512 to 4096
+//! bytes.
+//!
+//! Read only, for now: images are made and keyslots changed by cryptsetup. Only what the
+//! node implements is accepted (aes-xts-plain64 with a 512-bit key, sha256 for the
+//! splitter and the digest, no integrity, no reencryption in progress, no mandatory
+//! requirement); anything else is refused with the header's own words.
+//!
+//! The IVs: dm-crypt's `plain64` counts 512-byte sectors whatever the segment's sector size
+//! (cryptsetup activates LUKS2 without `iv_large_sectors`, which it keeps for plain and
+//! BitLocker devices), plus the segment's `iv_tweak`.
+
+use base64::Engine as _;
+use pbkdf2::pbkdf2_hmac;
+use serde_json::Value;
+use sha2::{Digest as _, Sha256};
+use zeroize::Zeroizing;
+
+use super::luks1::{MAX_DIGEST_ITERATIONS, MAX_ITERATIONS};
+use super::{af, secret::Locked, xts::Xts, CryptoError, MasterKey, KEY_BYTES};
+
+pub const MAGIC: [u8; 6] = *b"LUKS\xba\xbe";
+/// The second copy's magic.
+pub const MAGIC_2ND: [u8; 6] = *b"SKUL\xba\xbe";
+/// The binary part of a header.
+const BINARY: usize = 4096;
+/// The header sizes (binary and JSON) the format allows: 16 KiB to 4 MiB.
+const SIZES: [u64; 9] = [
+    16 << 10,
+    32 << 10,
+    64 << 10,
+    128 << 10,
+    256 << 10,
+    512 << 10,
+    1 << 20,
+    2 << 20,
+    4 << 20,
+];
+const CSUM_AT: usize = 448;
+/// The most memory an Argon2 keyslot may ask for (cryptsetup's own limit): a header is
+/// input, and each open tries every slot.
+pub const MAX_ARGON2_KIB: u32 = 4 << 20;
+/// The most Argon2 passes (cryptsetup benchmarks to a few).
+pub const MAX_ARGON2_TIME: u32 = 1000;
+/// The most Argon2 lanes (cryptsetup's limit).
+pub const MAX_ARGON2_CPUS: u32 = 32;
+
+/// How a keyslot's key is derived from a passphrase.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kdf {
+    Pbkdf2 {
+        iterations: u32,
+        salt: Vec<u8>,
+    },
+    Argon2 {
+        /// Argon2id; else Argon2i.
+        id: bool,
+        time: u32,
+        memory_kib: u32,
+        cpus: u32,
+        salt: Vec<u8>,
+    },
+}
+
+/// One keyslot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keyslot {
+    pub id: u32,
+    pub kdf: Kdf,
+    pub stripes: u32,
+    /// Where its material is, in bytes from the start of the device.
+    pub area_offset: u64,
+    pub area_size: u64,
+    /// cryptsetup's priority: 0 (ignored unless named), 1 (normal), 2 (preferred).
+    pub priority: u32,
+}
+
+/// The master key's digest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MkDigest {
+    pub keyslots: Vec<u32>,
+    pub iterations: u32,
+    pub salt: Vec<u8>,
+    pub digest: Vec<u8>,
+}
+
+/// The data segment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Segment {
+    /// In bytes from the start of the device.
+    pub offset: u64,
+    /// A fixed size, or to the end of the device.
+    pub size: Option<u64>,
+    pub sector_size: u32,
+    /// Added to each sector's IV (in 512-byte sectors).
+    pub iv_tweak: u64,
+}
+
+/// A LUKS2 header, as read from its newest valid copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    pub seqid: u64,
+    /// Bytes of each copy (binary and JSON).
+    pub hdr_size: u64,
+    pub uuid: String,
+    pub keyslots: Vec<Keyslot>,
+    pub digests: Vec<MkDigest>,
+    pub segment: Segment,
+}
+
+fn damaged(msg: impl Into<String>) -> CryptoError {
+    CryptoError::Damaged(msg.into())
+}
+
+fn unsupported(msg: impl Into<String>) -> CryptoError {
+    CryptoError::Unsupported(msg.into())
+}
+
+fn be64(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+fn text(b: &[u8]) -> String {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..end]).into_owned()
+}
+
+/// One copy of the header at `at`: its binary part and JSON, checked; `None` when it is not
+/// there or does not check out (the other copy may).
+fn read_copy(
+    read: &mut dyn FnMut(u64, &mut [u8]) -> std::io::Result<()>,
+    at: u64,
+    magic: &[u8; 6],
+) -> Result<Option<(u64, u64, String, Value)>, CryptoError> {
+    let mut bin = vec![0u8; BINARY];
+    match read(at, &mut bin) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(CryptoError::Io(e)),
+    }
+    if bin[..6] != *magic || u16::from_be_bytes([bin[6], bin[7]]) != 2 {
+        return Ok(None);
+    }
+    let hdr_size = be64(&bin, 8);
+    if !SIZES.contains(&hdr_size) || be64(&bin, 256) != at {
+        return Ok(None);
+    }
+    if text(&bin[72..104]) != "sha256" {
+        return Err(unsupported(format!(
+            "header checksum {:?} (only sha256)",
+            text(&bin[72..104])
+        )));
+    }
+    let mut all = vec![0u8; hdr_size as usize];
+    all[..BINARY].copy_from_slice(&bin);
+    match read(at + BINARY as u64, &mut all[BINARY..]) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(CryptoError::Io(e)),
+    }
+    let stored: [u8; 32] = all[CSUM_AT..CSUM_AT + 32].try_into().expect("32 bytes");
+    all[CSUM_AT..CSUM_AT + 64].fill(0);
+    if Sha256::digest(&all)[..] != stored {
+        return Ok(None);
+    }
+    let json = &all[BINARY..];
+    let end = json.iter().position(|&c| c == 0).unwrap_or(json.len());
+    let Ok(value) = serde_json::from_slice::<Value>(&json[..end]) else {
+        return Ok(None);
+    };
+    Ok(Some((
+        be64(&bin, 16),
+        hdr_size,
+        text(&bin[168..208]),
+        value,
+    )))
+}
+
+/// A JSON number given as a string (LUKS2 writes 64-bit values so) or as a number.
+fn num(v: &Value, what: &str) -> Result<u64, CryptoError> {
+    match v {
+        Value::String(s) => s.parse().ok(),
+        Value::Number(n) => n.as_u64(),
+        _ => None,
+    }
+    .ok_or_else(|| damaged(format!("{what}: {v} is not a number")))
+}
+
+fn num32(v: &Value, what: &str) -> Result<u32, CryptoError> {
+    u32::try_from(num(v, what)?).map_err(|_| damaged(format!("{what}: {v} is too large")))
+}
+
+fn str_of<'a>(v: &'a Value, what: &str) -> Result<&'a str, CryptoError> {
+    v.as_str()
+        .ok_or_else(|| damaged(format!("{what}: {v} is not a string")))
+}
+
+fn b64(v: &Value, what: &str) -> Result<Vec<u8>, CryptoError> {
+    base64::engine::general_purpose::STANDARD
+        .decode(str_of(v, what)?)
+        .map_err(|_| damaged(format!("{what} is not base64")))
+}
+
+fn object<'a>(v: &'a Value, what: &str) -> Result<&'a serde_json::Map<String, Value>, CryptoError> {
+    v.as_object()
+        .ok_or_else(|| damaged(format!("{what} is not an object")))
+}
+
+fn id(k: &str, what: &str) -> Result<u32, CryptoError> {
+    k.parse()
+        .map_err(|_| damaged(format!("{what} id {k:?} is not a number")))
+}
+
+fn check_xts(v: &Value, what: &str) -> Result<(), CryptoError> {
+    let enc = str_of(&v["encryption"], what)?;
+    let size = num(&v["key_size"], what).unwrap_or(KEY_BYTES as u64);
+    if enc != "aes-xts-plain64" || size != KEY_BYTES as u64 {
+        return Err(unsupported(format!(
+            "{what}: {enc} with a {}-bit key (only aes-xts-plain64 with a 512-bit key)",
+            size * 8
+        )));
+    }
+    Ok(())
+}
+
+fn keyslot(k: &str, v: &Value) -> Result<Keyslot, CryptoError> {
+    let what = format!("keyslot {k}");
+    let w = what.as_str();
+    if str_of(&v["type"], w)? != "luks2" {
+        return Err(unsupported(format!("{w}: type {}", v["type"])));
+    }
+    if num(&v["key_size"], w)? != KEY_BYTES as u64 {
+        return Err(unsupported(format!("{w}: a {}-bit key", v["key_size"])));
+    }
+    let af = &v["af"];
+    if str_of(&af["type"], w)? != "luks1" || str_of(&af["hash"], w)? != "sha256" {
+        return Err(unsupported(format!(
+            "{w}: anti-forensic splitter {} with {} (only luks1 with sha256)",
+            af["type"], af["hash"]
+        )));
+    }
+    let stripes = num32(&af["stripes"], w)?;
+    if stripes != super::luks1::STRIPES {
+        return Err(damaged(format!("{w}: {stripes} stripes")));
+    }
+    let area = &v["area"];
+    if str_of(&area["type"], w)? != "raw" {
+        return Err(unsupported(format!("{w}: area type {}", area["type"])));
+    }
+    check_xts(area, w)?;
+    let kdf = &v["kdf"];
+    let salt = b64(&kdf["salt"], w)?;
+    let kdf = match str_of(&kdf["type"], w)? {
+        "pbkdf2" => {
+            if str_of(&kdf["hash"], w)? != "sha256" {
+                return Err(unsupported(format!("{w}: PBKDF2 with {}", kdf["hash"])));
+            }
+            let iterations = num32(&kdf["iterations"], w)?;
+            if !(1..=MAX_ITERATIONS).contains(&iterations) {
+                return Err(unsupported(format!(
+                    "{w}: {iterations} PBKDF2 iterations (1 to {MAX_ITERATIONS})"
+                )));
+            }
+            Kdf::Pbkdf2 { iterations, salt }
+        }
+        t @ ("argon2id" | "argon2i") => {
+            let (time, memory_kib, cpus) = (
+                num32(&kdf["time"], w)?,
+                num32(&kdf["memory"], w)?,
+                num32(&kdf["cpus"], w)?,
+            );
+            if !(1..=MAX_ARGON2_TIME).contains(&time)
+                || !(8..=MAX_ARGON2_KIB).contains(&memory_kib)
+                || !(1..=MAX_ARGON2_CPUS).contains(&cpus)
+            {
+                return Err(unsupported(format!(
+                    "{w}: {t} with {time} passes, {memory_kib} KiB and {cpus} lanes (at most \
+                     {MAX_ARGON2_TIME}, {MAX_ARGON2_KIB} and {MAX_ARGON2_CPUS})"
+                )));
+            }
+            Kdf::Argon2 {
+                id: t == "argon2id",
+                time,
+                memory_kib,
+                cpus,
+                salt,
+            }
+        }
+        other => return Err(unsupported(format!("{w}: key derivation {other:?}"))),
+    };
+    Ok(Keyslot {
+        id: id(k, "keyslot")?,
+        kdf,
+        stripes,
+        area_offset: num(&area["offset"], w)?,
+        area_size: num(&area["size"], w)?,
+        priority: match &v["priority"] {
+            Value::Null => 1,
+            p => num32(p, w)?,
+        },
+    })
+}
+
+impl Header {
+    /// Reads the newest valid copy of the header with `read(offset, buf)`.
+    pub fn read(
+        read: &mut dyn FnMut(u64, &mut [u8]) -> std::io::Result<()>,
+    ) -> Result<Header, CryptoError> {
+        let first = read_copy(read, 0, &MAGIC)?;
+        // The second copy sits at the header size, which the first gives; without a valid
+        // first, every size the format allows is tried (as cryptsetup does).
+        let mut second = None;
+        let sizes: Vec<u64> = match &first {
+            Some((_, size, _, _)) => vec![*size],
+            None => SIZES.to_vec(),
+        };
+        for at in sizes {
+            if let Some(c) = read_copy(read, at, &MAGIC_2ND)? {
+                second = Some(c);
+                break;
+            }
+        }
+        let (seqid, hdr_size, uuid, json) = match (first, second) {
+            (Some(a), Some(b)) => {
+                if b.0 > a.0 {
+                    b
+                } else {
+                    a
+                }
+            }
+            (Some(a), None) | (None, Some(a)) => a,
+            (None, None) => {
+                let mut magic = [0u8; 6];
+                read(0, &mut magic).map_err(CryptoError::Io)?;
+                return Err(if magic == MAGIC {
+                    damaged("neither copy of the LUKS2 header checks out")
+                } else {
+                    CryptoError::NotLuks
+                });
+            }
+        };
+        Header::from_json(seqid, hdr_size, uuid, &json)
+    }
+
+    fn from_json(
+        seqid: u64,
+        hdr_size: u64,
+        uuid: String,
+        j: &Value,
+    ) -> Result<Header, CryptoError> {
+        let config = &j["config"];
+        if let Some(req) = config["requirements"]["mandatory"].as_array() {
+            if !req.is_empty() {
+                return Err(unsupported(format!(
+                    "mandatory requirements {} (a reencryption in progress?)",
+                    config["requirements"]["mandatory"]
+                )));
+            }
+        }
+        let json_size = num(&config["json_size"], "config")?;
+        if json_size != hdr_size - BINARY as u64 {
+            return Err(damaged(format!(
+                "a JSON area of {json_size} bytes in a header of {hdr_size}"
+            )));
+        }
+        let keyslots_size = num(&config["keyslots_size"], "config")?;
+        let keyslots_end = (2 * hdr_size)
+            .checked_add(keyslots_size)
+            .ok_or_else(|| damaged("keyslots area size"))?;
+        let segments = object(&j["segments"], "segments")?;
+        if segments.len() != 1 {
+            return Err(unsupported(format!(
+                "{} data segments (only one; a reencryption in progress?)",
+                segments.len()
+            )));
+        }
+        let (_, s) = segments.iter().next().expect("one segment");
+        if str_of(&s["type"], "segment")? != "crypt" {
+            return Err(unsupported(format!("a {} segment", s["type"])));
+        }
+        if !s["integrity"].is_null() {
+            return Err(unsupported("a segment with integrity protection"));
+        }
+        check_xts(s, "segment")?;
+        let sector_size = num32(&s["sector_size"], "segment")?;
+        if !sector_size.is_power_of_two() || !(512..=4096).contains(&sector_size) {
+            return Err(damaged(format!("segment sector size {sector_size}")));
+        }
+        let segment = Segment {
+            offset: num(&s["offset"], "segment")?,
+            size: match &s["size"] {
+                Value::String(d) if d == "dynamic" => None,
+                v => Some(num(v, "segment size")?),
+            },
+            sector_size,
+            iv_tweak: num(&s["iv_tweak"], "segment")?,
+        };
+        if segment.offset == 0 {
+            return Err(unsupported(
+                "a data segment at offset 0 (a detached header)",
+            ));
+        }
+        if !segment.offset.is_multiple_of(u64::from(sector_size))
+            || segment
+                .size
+                .is_some_and(|n| !n.is_multiple_of(u64::from(sector_size)))
+        {
+            return Err(damaged("a data segment not in whole sectors"));
+        }
+        let mut keyslots = Vec::new();
+        for (k, v) in object(&j["keyslots"], "keyslots")? {
+            let slot = keyslot(k, v)?;
+            let need = KEY_BYTES as u64 * u64::from(slot.stripes);
+            let end = slot.area_offset.checked_add(slot.area_size);
+            if slot.area_offset < 2 * hdr_size
+                || end.is_none_or(|e| e > keyslots_end || e > segment.offset)
+                || slot.area_size < need
+            {
+                return Err(damaged(format!(
+                    "keyslot {k}'s area ({} bytes at {}) lies outside the keyslots area or \
+                     over the data, or is too small",
+                    slot.area_size, slot.area_offset
+                )));
+            }
+            keyslots.push(slot);
+        }
+        keyslots.sort_by_key(|s| s.id);
+        for (a, b) in keyslots.iter().zip(keyslots.iter().skip(1)) {
+            if a.area_offset.max(b.area_offset)
+                < (a.area_offset + a.area_size).min(b.area_offset + b.area_size)
+            {
+                return Err(damaged(format!("keyslots {} and {} overlap", a.id, b.id)));
+            }
+        }
+        let mut digests = Vec::new();
+        for (k, d) in object(&j["digests"], "digests")? {
+            let w = format!("digest {k}");
+            if str_of(&d["type"], &w)? != "pbkdf2" || str_of(&d["hash"], &w)? != "sha256" {
+                return Err(unsupported(format!(
+                    "{w}: {} with {} (only pbkdf2 with sha256)",
+                    d["type"], d["hash"]
+                )));
+            }
+            let iterations = num32(&d["iterations"], &w)?;
+            if !(1..=MAX_DIGEST_ITERATIONS).contains(&iterations) {
+                return Err(unsupported(format!(
+                    "{w}: {iterations} PBKDF2 iterations (1 to {MAX_DIGEST_ITERATIONS})"
+                )));
+            }
+            let digest = b64(&d["digest"], &w)?;
+            if digest.is_empty() || digest.len() > 64 {
+                return Err(damaged(format!("{w}: a digest of {} bytes", digest.len())));
+            }
+            let keyslots = d["keyslots"]
+                .as_array()
+                .ok_or_else(|| damaged(format!("{w}: no keyslots")))?
+                .iter()
+                .map(|v| id(str_of(v, &w)?, &w))
+                .collect::<Result<_, _>>()?;
+            digests.push(MkDigest {
+                keyslots,
+                iterations,
+                salt: b64(&d["salt"], &w)?,
+                digest,
+            });
+        }
+        Ok(Header {
+            seqid,
+            hdr_size,
+            uuid,
+            keyslots,
+            digests,
+            segment,
+        })
+    }
+
+    /// Tries `passphrase` on every keyslot not set to be ignored, preferred ones first,
+    /// reading each one's material with `read(offset, buf)`: the master key and the
+    /// keyslot that gave it.
+    pub fn unlock(
+        &self,
+        passphrase: &[u8],
+        read: &mut dyn FnMut(u64, &mut [u8]) -> std::io::Result<()>,
+    ) -> Result<(MasterKey, u32), CryptoError> {
+        let mut order: Vec<&Keyslot> = self.keyslots.iter().filter(|s| s.priority > 0).collect();
+        order.sort_by_key(|s| (std::cmp::Reverse(s.priority), s.id));
+        let mut failed = None;
+        for s in order {
+            let Some(d) = self.digests.iter().find(|d| d.keyslots.contains(&s.id)) else {
+                continue;
+            };
+            let mut material = Zeroizing::new(vec![0u8; KEY_BYTES * s.stripes as usize]);
+            if let Err(e) = read(s.area_offset, &mut material) {
+                failed = Some(e);
+                continue;
+            }
+            let mut derived = Locked::new([0u8; KEY_BYTES]).map_err(CryptoError::Io)?;
+            derive(&s.kdf, passphrase, &mut derived[..])?;
+            Xts::new(&derived[..])?.decrypt(&mut material, 0, 512);
+            let mut key = Locked::new([0u8; KEY_BYTES]).map_err(CryptoError::Io)?;
+            af::merge(&material, s.stripes as usize, &mut key[..]);
+            let mut check = Zeroizing::new(vec![0u8; d.digest.len()]);
+            pbkdf2_hmac::<Sha256>(&key[..], &d.salt, d.iterations, &mut check);
+            if super::luks1::constant_time_eq(&check, &d.digest) {
+                return Ok((key, s.id));
+            }
+        }
+        Err(failed.map_or(CryptoError::WrongPassphrase, CryptoError::Io))
+    }
+}
+
+/// Derives a keyslot's key from `passphrase` into `out`.
+fn derive(kdf: &Kdf, passphrase: &[u8], out: &mut [u8]) -> Result<(), CryptoError> {
+    match kdf {
+        Kdf::Pbkdf2 { iterations, salt } => {
+            pbkdf2_hmac::<Sha256>(passphrase, salt, *iterations, out);
+            Ok(())
+        }
+        Kdf::Argon2 {
+            id,
+            time,
+            memory_kib,
+            cpus,
+            salt,
+        } => {
+            let params = argon2::Params::new(*memory_kib, *time, *cpus, Some(out.len()))
+                .map_err(|e| unsupported(format!("Argon2 parameters: {e}")))?;
+            let algorithm = if *id {
+                argon2::Algorithm::Argon2id
+            } else {
+                argon2::Algorithm::Argon2i
+            };
+            argon2::Argon2::new(algorithm, argon2::Version::V0x13, params)
+                .hash_password_into(passphrase, salt, out)
+                .map_err(|e| damaged(format!("Argon2: {e}")))
+        }
+    }
+}
