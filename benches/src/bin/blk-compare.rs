@@ -349,7 +349,7 @@ fn run(mut args: Args) -> Result<()> {
         prepare_file(&file, size)?;
     }
     if cases.iter().any(|c| c.device == Device::Luks) {
-        prepare_luks(&file, tmp.path())?;
+        prepare_luks(&file, size, tmp.path())?;
     }
     if cases
         .iter()
@@ -604,7 +604,7 @@ fn luks_key(dir: &Path) -> PathBuf {
 /// writes the plain file, so both sit in the page cache alike (large folios, as one
 /// `qemu-img convert` leaves, make every 4 KiB write walk hundreds of buffer heads: the
 /// encrypted write row measured 0.34x of the plain one for that alone).
-fn prepare_luks(file: &Path, dir: &Path) -> Result<()> {
+fn prepare_luks(file: &Path, size: u64, dir: &Path) -> Result<()> {
     use std::os::unix::fs::{FileExt, OpenOptionsExt};
     let t = Instant::now();
     let key = luks_key(dir);
@@ -616,7 +616,6 @@ fn prepare_luks(file: &Path, dir: &Path) -> Result<()> {
         .open(&key)?
         .write_all(pass)?;
     let img = dir.join("disk.luks");
-    let size = std::fs::metadata(file)?.len();
     let out = std::process::Command::new("qemu-img")
         .arg("create")
         .arg("--object")

@@ -2,13 +2,15 @@
 //! `--object secret,file=` use it: every byte of it, trailing newline included. It is
 //! refused unless it is a regular file owned by the daemon's user and readable by nobody
 //! else (mode 0600 or stricter), as ssh refuses a private key others can read: a key that
-//! others can read is no longer a secret, and a check now beats a leak found later.
+//! others can read is no longer a secret, and a check now beats a leak found later. The
+//! checks are of the file opened (its last component not a symbolic link, and without
+//! blocking on a FIFO), and the passphrase is read straight into locked memory.
 
 use std::io::Read;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
 
-use zeroize::Zeroizing;
+use super::secret::Locked;
 
 /// The longest key file read (cryptsetup takes passphrases of at most 512 characters
 /// typed, and key files of any size; ours are passphrases).
@@ -31,14 +33,33 @@ pub enum KeyFileError {
     TooLong(String),
 }
 
+/// A passphrase read from a key file, in locked memory zeroed when dropped.
+pub struct Passphrase {
+    bytes: Locked<[u8; MAX_KEY_FILE as usize]>,
+    len: usize,
+}
+
+impl std::fmt::Debug for Passphrase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Passphrase(..)")
+    }
+}
+
+impl std::ops::Deref for Passphrase {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
 /// Reads the passphrase in `path` (see the module docs).
-pub fn read(path: &Path) -> Result<Zeroizing<Vec<u8>>, KeyFileError> {
+pub fn read(path: &Path) -> Result<Passphrase, KeyFileError> {
     let name = path.display().to_string();
     let io = |e| KeyFileError::Io(name.clone(), e);
     // Not through a symbolic link: the checks are of the file read.
     let file = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(path)
         .map_err(io)?;
     let meta = file.metadata().map_err(io)?;
@@ -54,14 +75,29 @@ pub fn read(path: &Path) -> Result<Zeroizing<Vec<u8>>, KeyFileError> {
     if meta.uid() != uid {
         return Err(KeyFileError::Owner(name, meta.uid(), uid));
     }
-    let mut key = Zeroizing::new(Vec::with_capacity(MAX_KEY_FILE as usize + 1));
-    file.take(MAX_KEY_FILE + 1)
-        .read_to_end(&mut key)
-        .map_err(io)?;
-    if key.len() as u64 > MAX_KEY_FILE {
+    if meta.len() > MAX_KEY_FILE {
         return Err(KeyFileError::TooLong(name));
     }
-    if key.is_empty() {
+    let mut key = Passphrase {
+        bytes: Locked::new([0u8; MAX_KEY_FILE as usize]).map_err(io)?,
+        len: 0,
+    };
+    let mut file = file;
+    loop {
+        if key.len == key.bytes.len() {
+            // Grown since the size was read: one more byte means too long.
+            let mut more = [0u8; 1];
+            if file.read(&mut more).map_err(io)? > 0 {
+                return Err(KeyFileError::TooLong(name));
+            }
+            break;
+        }
+        match file.read(&mut key.bytes[key.len..]).map_err(io)? {
+            0 => break,
+            n => key.len += n,
+        }
+    }
+    if key.len == 0 {
         return Err(KeyFileError::Empty(name));
     }
     Ok(key)
@@ -96,6 +132,12 @@ mod tests {
             read(dir.path()),
             Err(KeyFileError::Io(..) | KeyFileError::NotAFile(_))
         ));
+        // A FIFO: refused at once, not waited on for a writer.
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        assert!(matches!(read(&fifo), Err(KeyFileError::NotAFile(_))));
         // Another user's file (only root can give one away here).
         if std::os::unix::fs::chown(&path, Some(65534), None).is_ok() {
             assert!(matches!(read(&path), Err(KeyFileError::Owner(..))));

@@ -14,7 +14,7 @@ pub mod xts;
 
 use std::io;
 
-pub use node::{LuksDisk, LuksQueue};
+pub use node::{LuksDisk, LuksQueue, PIECE};
 
 /// The one key size we implement: AES-256 in XTS mode takes two 256-bit keys.
 pub const KEY_BYTES: usize = 64;

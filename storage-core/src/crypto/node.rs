@@ -7,13 +7,14 @@
 //!   it completes. The guest may change its buffer meanwhile: it then reads noise, and
 //!   nothing here trusts what was decrypted.
 //! - a write is copied out of guest memory once, into the request's own buffer (one per
-//!   tag, grown to the largest request seen and then reused: no allocation per request
-//!   once warm), encrypted there and written from there. Never encrypted in the guest's
-//!   buffer: the guest could read its own ciphertext, and change the plaintext between the
-//!   encryption and the write.
+//!   tag, grown to the largest piece seen and then reused: no allocation per request once
+//!   warm), encrypted there and written from there, in pieces of at most [`PIECE`] (so a
+//!   guest's huge request never grows the buffer past it; QEMU's luks driver bounces 1 MiB
+//!   at a time too). Never encrypted in the guest's buffer: the guest could read its own
+//!   ciphertext, and change the plaintext between the encryption and the write.
 //! - write-zeroes writes encrypted zeroes (zeroes underneath would decrypt to noise), in
-//!   pieces of at most [`ZEROES_PIECE`] through the same buffer; discard and flush go to the
-//!   child as they are (a discarded range reads as noise, which discard allows).
+//!   pieces through the same buffer; discard and flush go to the child as they are (a
+//!   discarded range reads as noise, which discard allows).
 //!
 //! Requests are in whole sectors of the payload's sector size (512 bytes, or up to 4 KiB in
 //! LUKS2, which the disk then reports as its block size); IVs as [`SectorLayout`] says.
@@ -33,8 +34,9 @@ use crate::disk::{
 use crate::error::{StorageError, StorageErrorKind};
 use crate::iov::AlignedBuf;
 
-/// The largest piece of encrypted zeroes written at once for a write-zeroes request.
-pub const ZEROES_PIECE: u64 = 256 << 10;
+/// The most bytes encrypted and written at once for one request: larger writes and
+/// write-zeroes go in pieces of this size, one after the other.
+pub const PIECE: u64 = 1 << 20;
 
 /// An open LUKS image.
 pub struct LuksDisk {
@@ -114,6 +116,17 @@ impl LuksDisk {
         })
     }
 
+    /// Control-plane I/O is in whole sectors inside the payload.
+    fn check(&self, offset: u64, len: usize) -> io::Result<()> {
+        let inside = offset
+            .checked_add(len as u64)
+            .is_some_and(|end| end <= self.info.capacity.get());
+        if !inside || !aligned(&self.layout, offset, len as u64) {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        Ok(())
+    }
+
     /// The payload's sector size: the smallest request the disk takes (the guest is told
     /// so, as dm-crypt tells the kernel).
     pub fn block_size(&self) -> u32 {
@@ -138,12 +151,25 @@ impl LuksDisk {
 }
 
 /// Reads `buf` at `offset` of `node` through a queue of its own: every node serves its
-/// queues, while some serve no control-plane I/O (a tier).
+/// queues, while some serve no control-plane I/O (a tier). In whole, aligned 4 KiB blocks,
+/// which an O_DIRECT file (`direct=on`) needs.
 fn read_via_queue(node: &AnyDisk, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    const ALIGN: u64 = 4096;
+    let start = offset - offset % ALIGN;
+    let end = (offset + buf.len() as u64).next_multiple_of(ALIGN);
+    let size = node.info().capacity.get();
+    if end > size.next_multiple_of(ALIGN) {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    // The last block may run past a size that is not a multiple of 4 KiB: read to the end.
+    let len = (end.min(size) - start) as usize;
+    if len < (offset - start) as usize + buf.len() {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
     let mut q = node.new_queue(1).map_err(io::Error::other)?;
     let op = DiskOp::Read {
-        offset,
-        buffers: IoVecs::owned(&[buf.len()]),
+        offset: start,
+        buffers: IoVecs::owned(&[len]),
     };
     q.start(op, 0)
         .map_err(|r| io::Error::other(r.error.to_string()))?;
@@ -157,10 +183,13 @@ fn read_via_queue(node: &AnyDisk, buf: &mut [u8], offset: u64) -> io::Result<()>
     if c.result < 0 {
         return Err(io::Error::from_raw_os_error(-c.result));
     }
-    if (c.result as usize) < buf.len() {
+    if (c.result as usize) < len {
         return Err(io::ErrorKind::UnexpectedEof.into());
     }
-    c.buffers.expect("a read's buffers").copy_to(0, buf);
+    let mut all = vec![0u8; len];
+    c.buffers.expect("a read's buffers").copy_to(0, &mut all);
+    let skip = (offset - start) as usize;
+    buf.copy_from_slice(&all[skip..skip + buf.len()]);
     Ok(())
 }
 
@@ -173,12 +202,12 @@ enum Pending {
         offset: u64,
         len: u64,
     },
-    /// The guest's buffers wait here while the child writes ours.
+    /// A write (the guest's buffers wait in `data`) or write-zeroes (no `data`) of
+    /// `[start, end)`, in pieces: the one in flight is `[piece, next)`.
     Write {
-        guest: IoVecs,
-    },
-    /// Encrypted zeroes: the next piece starts at `next` (guest offset).
-    Zeroes {
+        data: Option<IoVecs>,
+        start: u64,
+        piece: u64,
         next: u64,
         end: u64,
     },
@@ -200,16 +229,19 @@ impl Slot {
     /// This tag's buffer, at least `len` bytes, with nothing else holding it: the bytes to
     /// fill and the list that will describe them.
     fn take_buffer(&mut self, len: usize) -> (&mut [u8], IoVecs) {
-        if self.buf.as_ref().is_none_or(|b| b.len() < len) {
-            // Rare: the first write of a tag, or a larger one than before.
-            let buf = Arc::new(AlignedBuf::new(len.next_power_of_two().max(4096)));
+        debug_assert!(len as u64 <= PIECE);
+        // Rare: the first write of a tag, or a larger piece than before (or, were a child
+        // ever to keep our list, a new one).
+        if self.buf.as_ref().is_none_or(|b| b.len() < len) || self.list.is_none() {
+            let size = len.next_power_of_two().clamp(4096, PIECE as usize);
+            let buf = Arc::new(AlignedBuf::new(size.max(len)));
             let mut list = IoVecs::with_capacity(1);
             list.reset(buf.clone());
             self.buf = Some(buf);
             self.list = Some(list);
         }
         let buf = self.buf.as_ref().expect("made above");
-        let mut list = self.list.take().expect("the child gave the list back");
+        let mut list = self.list.take().expect("made above if missing");
         list.clear_buffers();
         // SAFETY: the first `len` bytes of `buf`, the list's keep-alive (set by `reset`
         // when the list was made with it).
@@ -229,7 +261,7 @@ pub struct LuksQueue {
     layout: SectorLayout,
     capacity: Size,
     slots: Vec<Slot>,
-    /// Requests answered here (bad alignment, a failed piece of zeroes).
+    /// Requests answered here (bad alignment, a failed piece).
     local: VecDeque<DiskCompletion>,
 }
 
@@ -239,20 +271,34 @@ fn aligned(layout: &SectorLayout, offset: u64, len: u64) -> bool {
 }
 
 impl LuksQueue {
-    /// Encrypts the zeroes of `[next, end)`'s first piece into `tag`'s buffer and starts
-    /// writing them; the piece's end.
-    fn start_zeroes(&mut self, tag: u64, next: u64, end: u64) -> Result<u64, StartError> {
-        let len = (end - next).min(ZEROES_PIECE);
+    /// Encrypts the next piece of a write from `at` (its data from `data`, whose first
+    /// byte is at `start`, or zeroes) into `tag`'s buffer and starts writing it; the
+    /// piece's end.
+    fn start_piece(
+        &mut self,
+        tag: u64,
+        data: Option<&IoVecs>,
+        start: u64,
+        at: u64,
+        end: u64,
+    ) -> Result<u64, StartError> {
+        let len = (end - at).min(PIECE);
         let slot = &mut self.slots[tag as usize];
         let (bytes, list) = slot.take_buffer(len as usize);
-        bytes.fill(0);
-        self.layout.crypt(&self.cipher, bytes, next, true);
+        match data {
+            // One read of guest memory; what is encrypted and written is ours.
+            Some(d) => {
+                d.copy_to(at - start, bytes);
+            }
+            None => bytes.fill(0),
+        }
+        self.layout.crypt(&self.cipher, bytes, at, true);
         let op = DiskOp::Write {
-            offset: next + self.payload,
+            offset: at + self.payload,
             buffers: list,
         };
         match self.child.start(op, tag) {
-            Ok(()) => Ok(next + len),
+            Ok(()) => Ok(at + len),
             Err(r) => {
                 slot.list = r.op.into_buffers();
                 Err(r.error)
@@ -282,70 +328,106 @@ impl LuksQueue {
                 }
                 Some(c)
             }
-            Pending::Write { guest } => {
-                slot.list = c.buffers.replace(guest);
-                Some(c)
-            }
-            Pending::Plain => Some(c),
-            Pending::Zeroes { next, end } => {
+            Pending::Write {
+                data,
+                start,
+                piece,
+                next,
+                end,
+            } => {
                 slot.list = c.buffers.take();
-                if c.result < 0 || next >= end {
-                    return Some(DiskCompletion::bare(tag, c.result.min(0)));
+                let done = |result: i32, buffers: Option<IoVecs>| DiskCompletion {
+                    tag,
+                    result,
+                    buffers,
+                };
+                if c.result < 0 {
+                    return Some(done(c.result, data));
                 }
-                match self.start_zeroes(tag, next, end) {
+                if (c.result as u64) < next - piece {
+                    // A file's write falls short only when it cannot go on (no space).
+                    return Some(done(-libc::EIO, data));
+                }
+                if next >= end {
+                    // Bytes written for a write; write-zeroes answers 0, as every node.
+                    let result = if data.is_some() {
+                        (end - start) as i32
+                    } else {
+                        0
+                    };
+                    return Some(done(result, data));
+                }
+                match self.start_piece(tag, data.as_ref(), start, next, end) {
                     Ok(after) => {
-                        self.slots[tag as usize].pending = Pending::Zeroes { next: after, end };
+                        self.slots[tag as usize].pending = Pending::Write {
+                            data,
+                            start,
+                            piece: next,
+                            next: after,
+                            end,
+                        };
+                        // Submitted at once: this runs while completions are reaped, and
+                        // the worker may sleep next. Should it fail, `wait` and the next
+                        // pass submit it again.
                         if let Err(e) = self.child.submit() {
-                            log::error!("luks: submitting zeroes: {e}");
+                            log::error!("luks: submitting a write's next piece: {e}");
                         }
                         None
                     }
                     Err(e) => {
-                        log::error!("luks: writing zeroes: {e}");
-                        Some(DiskCompletion::bare(tag, -libc::EIO))
+                        log::error!("luks: writing a request's next piece: {e}");
+                        Some(done(-libc::EIO, data))
                     }
                 }
             }
+            Pending::Plain => Some(c),
         }
     }
 }
 
 /// Decrypts a completed read of payload bytes from `offset` in the guest's buffers,
 /// whatever their layout: sectors that lie inside one buffer in place, in runs; sectors
-/// split across buffers gathered, decrypted and scattered back.
+/// split across buffers gathered into a sector of our own, decrypted and scattered back.
 fn decrypt_in_place(cipher: &Xts, layout: &SectorLayout, bufs: &mut IoVecs, offset: u64) {
     let s = layout.sector_size as usize;
+    let total = bufs.len() as usize;
+    let mut sector = [0u8; 4096];
+    let sector = &mut sector[..s];
     let mut at = 0usize;
-    // Sectors split across buffers, by index (an allocation only when there are any).
-    let mut split = Vec::new();
-    for v in bufs.as_slice() {
+    let mut pending: Option<usize> = None;
+    for i in 0..bufs.count() {
+        // A copy of the entry: the list is written through below (a split sector).
+        let v = bufs.as_slice()[i];
         let (a, b) = (at, at + v.iov_len);
         at = b;
         let (from, to) = (a.div_ceil(s) * s, b / s * s);
         if from < to {
             // SAFETY: `[from - a, to - a)` lies inside this buffer, which the list's
-            // keep-alive holds mapped while we hold the list. The guest may write it
-            // concurrently; that changes only what it reads back, never our state.
+            // keep-alive keeps mapped and writable while we hold the list, and which no
+            // Rust object in this process lives in or refers to (the list never makes
+            // references; the slice lives for this call only). The one other writer is
+            // the guest, in another process, through shared memory: its bytes are input
+            // that is decrypted and handed back to it, never read again here, so what it
+            // writes meanwhile changes only what it reads.
             let run = unsafe {
                 std::slice::from_raw_parts_mut(v.iov_base.cast::<u8>().add(from - a), to - from)
             };
             layout.crypt(cipher, run, offset + from as u64, false);
         }
-        if !b.is_multiple_of(s) && b < bufs.len() as usize && split.last() != Some(&(b / s)) {
-            split.push(b / s);
+        // A sector an earlier buffer ended inside of, whole now that this one reaches its
+        // end (at most one is pending: until then every buffer ends inside it too).
+        if let Some(k) = pending {
+            if b >= (k + 1) * s {
+                let sat = (k * s) as u64;
+                bufs.copy_to(sat, sector);
+                layout.crypt(cipher, sector, offset + sat, false);
+                bufs.copy_from(sat, sector);
+                pending = None;
+            }
         }
-    }
-    if split.is_empty() {
-        return;
-    }
-    // Rare (a guest's buffers split mid-sector): through a sector of our own.
-    let mut buf = [0u8; 4096];
-    let sector = &mut buf[..s];
-    for k in split {
-        let at = (k * s) as u64;
-        bufs.copy_to(at, sector);
-        layout.crypt(cipher, sector, offset + at, false);
-        bufs.copy_from(at, sector);
+        if !b.is_multiple_of(s) && b < total {
+            pending = Some(b / s);
+        }
     }
 }
 
@@ -357,7 +439,8 @@ impl DiskQueue for LuksQueue {
         }
         let op = checked(op, self.capacity.get())?;
         if let Some((offset, len)) = op.range() {
-            if !aligned(&self.layout, offset, len) {
+            // Whole sectors; and a result the completion can carry.
+            if !aligned(&self.layout, offset, len) || len > i32::MAX as u64 {
                 self.local.push_back(DiskCompletion {
                     tag,
                     result: -libc::EINVAL,
@@ -389,25 +472,19 @@ impl DiskQueue for LuksQueue {
                 }
             }
             DiskOp::Write { offset, buffers } => {
-                let len = buffers.len() as usize;
-                let slot = &mut self.slots[tag as usize];
-                let (bytes, list) = slot.take_buffer(len);
-                // One read of guest memory; what is encrypted and written is ours.
-                buffers.copy_to(0, bytes);
-                self.layout.crypt(&self.cipher, bytes, offset, true);
-                let op = DiskOp::Write {
-                    offset: offset + payload,
-                    buffers: list,
-                };
-                match self.child.start(op, tag) {
-                    Ok(()) => {
-                        slot.pending = Pending::Write { guest: buffers };
+                let end = offset + buffers.len();
+                match self.start_piece(tag, Some(&buffers), offset, offset, end) {
+                    Ok(next) => {
+                        self.slots[tag as usize].pending = Pending::Write {
+                            data: Some(buffers),
+                            start: offset,
+                            piece: offset,
+                            next,
+                            end,
+                        };
                         Ok(())
                     }
-                    Err(r) => {
-                        slot.list = r.op.into_buffers();
-                        Err(Rejected::new(r.error, DiskOp::Write { offset, buffers }))
-                    }
+                    Err(e) => Err(Rejected::new(e, DiskOp::Write { offset, buffers })),
                 }
             }
             DiskOp::WriteZeroes { offset, len, unmap } => {
@@ -415,9 +492,12 @@ impl DiskQueue for LuksQueue {
                     self.local.push_back(DiskCompletion::bare(tag, 0));
                     return Ok(());
                 }
-                match self.start_zeroes(tag, offset, offset + len) {
+                match self.start_piece(tag, None, offset, offset, offset + len) {
                     Ok(next) => {
-                        self.slots[tag as usize].pending = Pending::Zeroes {
+                        self.slots[tag as usize].pending = Pending::Write {
+                            data: None,
+                            start: offset,
+                            piece: offset,
                             next,
                             end: offset + len,
                         };
@@ -469,6 +549,8 @@ impl DiskQueue for LuksQueue {
         if !self.local.is_empty() {
             return Ok(());
         }
+        // A piece started while completions were reaped goes out first.
+        self.child.submit()?;
         self.child.wait()
     }
 
@@ -517,20 +599,73 @@ impl Disk for LuksDisk {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        if !aligned(&self.layout, offset, buf.len() as u64) {
-            return Err(io::Error::from_raw_os_error(libc::EINVAL));
-        }
+        self.check(offset, buf.len())?;
         self.child.read_at(buf, offset + self.payload)?;
         self.layout.crypt(&self.cipher, buf, offset, false);
         Ok(())
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        if !aligned(&self.layout, offset, buf.len() as u64) {
-            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        if self.info.read_only {
+            return Err(io::Error::from_raw_os_error(libc::EROFS));
         }
+        self.check(offset, buf.len())?;
         let mut data = buf.to_vec();
         self.layout.crypt(&self.cipher, &mut data, offset, true);
         self.child.write_at(&data, offset + self.payload)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Any layout of buffers decrypts as one contiguous buffer would: buffers of every
+    /// length down to zero, sectors spread over many of them.
+    #[test]
+    fn decrypts_the_same_whatever_the_buffers() {
+        let xts = Xts::new(&[7u8; 64]).unwrap();
+        let mut seed = 99u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for sector_size in [512u32, 4096] {
+            let layout = SectorLayout {
+                sector_size,
+                iv_tweak: 3,
+            };
+            for round in 0..200 {
+                let sectors = 1 + (next() % 4) as usize;
+                let total = sectors * sector_size as usize;
+                let cipher: Vec<u8> = (0..total).map(|_| next() as u8).collect();
+                let mut want = cipher.clone();
+                let offset = (next() % 100) * u64::from(sector_size);
+                layout.crypt(&xts, &mut want, offset, false);
+                // Cut into pieces: tiny, empty, or large.
+                let mut lens = Vec::new();
+                let mut left = total;
+                while left > 0 {
+                    let n = match next() % 4 {
+                        0 => 0,
+                        1 => 1 + (next() % 7) as usize,
+                        2 => 1 + (next() % 700) as usize,
+                        _ => 1 + (next() % 5000) as usize,
+                    }
+                    .min(left);
+                    lens.push(n);
+                    left -= n;
+                }
+                let mut bufs = IoVecs::owned(&lens);
+                bufs.copy_from(0, &cipher);
+                decrypt_in_place(&xts, &layout, &mut bufs, offset);
+                assert!(
+                    bufs.to_vec() == want,
+                    "sector {sector_size}, round {round}, buffers {lens:?}"
+                );
+            }
+        }
     }
 }

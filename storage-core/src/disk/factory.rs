@@ -135,6 +135,21 @@ fn open_node(node: &NodeSpec, read_only: bool) -> Result<AnyDisk, StorageError> 
                     "a tier's capacity child cannot itself be a tier",
                 ));
             }
+            // Encryption under a cache would leave plaintext on the cache device.
+            fn has_luks(d: &AnyDisk) -> bool {
+                match d {
+                    AnyDisk::Luks(_) => true,
+                    AnyDisk::Throttle(t) => has_luks(t.child()),
+                    _ => false,
+                }
+            }
+            if has_luks(&capacity) {
+                return Err(StorageError::new(
+                    StorageErrorKind::InvalidSpec,
+                    "a luks node under a tier would put plaintext in the cache: put the luks \
+                     node above the tier",
+                ));
+            }
             // The cache file's engine: the forced one, else the best for where it lives (the
             // synchronous one on tmpfs, see `on_tmpfs`).
             let cache_engine = leaf_engine(*cache_engine, &tier.cache)?;
@@ -151,9 +166,10 @@ fn open_node(node: &NodeSpec, read_only: bool) -> Result<AnyDisk, StorageError> 
                 .map(|d| AnyDisk::Qcow2(Box::new(d)))
         }
         NodeSpec::Luks { file, key_file } => {
-            let child = open_node(file, read_only)?;
+            // The key first: a bad key file then leaves nothing made (a tier's new cache).
             let passphrase = crate::crypto::key_file::read(key_file)
                 .map_err(|e| StorageError::new(StorageErrorKind::InvalidSpec, e.to_string()))?;
+            let child = open_node(file, read_only)?;
             crate::crypto::LuksDisk::open(child, &passphrase, read_only)
                 .map(|d| AnyDisk::Luks(Box::new(d)))
         }

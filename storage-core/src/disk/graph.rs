@@ -167,6 +167,13 @@ impl GraphSpec {
     /// `qom-type`, `id` and `limits`).
     pub fn add_object(&mut self, text: &str) -> Result<(), SpecError> {
         let text = text.trim();
+        // An inline secret is refused before any parsing, whose errors quote the text.
+        if (text.starts_with("secret,") || text.contains("\"secret\"")) && text.contains("data") {
+            return Err(graph_err(
+                "--object secret: give the secret in a file (file=PATH); data= is not taken, \
+                 since it would show in the process list",
+            ));
+        }
         let mut opts = if text.starts_with('{') {
             parse_options(text)?
         } else {
@@ -480,6 +487,12 @@ impl GraphSpec {
                                  secret,id={id},file=PATH)"
                             ))
                         })?,
+                    (Some(_), Some(_)) => {
+                        return Err(graph_err(format!(
+                            "luks node {name:?}: key-secret= and key-file= both name a key; \
+                             give one"
+                        )))
+                    }
                     _ => {
                         return Err(graph_err(format!(
                             "luks node {name:?} needs one of key-secret= and key-file="
@@ -639,7 +652,15 @@ mod tests {
                 &[],
                 "needs one of key-secret= and key-file=",
             ),
-            (&[], &["secret,id=s,data=hunter2"], "needs file="),
+            (&[], &["secret,id=s,data=hunter2"], "in a file"),
+            (&[], &["secret,id=s,data=hunter2,more"], "in a file"),
+            (&[], &[r#"{"qom-type":"secret","id":"s","data":["hunter2"]}"#], "in a file"),
+            (&[], &["secret,id=s"], "needs file="),
+            (
+                &["driver=luks,node-name=l,file.driver=file,file.filename=/d,key-file=/k,key-secret=s"],
+                &["secret,id=s,file=/k"],
+                "give one",
+            ),
         ] {
             let err = graph(nodes, objects)
                 .and_then(|g| g.disk("l", false, None))
