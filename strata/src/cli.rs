@@ -54,6 +54,10 @@ pub enum Command {
     /// Image files on this host, not served by a daemon (qemu-img's checks).
     #[command(subcommand)]
     Image(ImageCommand),
+    /// Passphrases of encrypted (LUKS) disks, changed while they serve. Passphrases are read
+    /// from key files (mode 0600, yours), never from the command line.
+    #[command(subcommand)]
+    Key(KeyCommand),
     /// Long operations (a preallocating resize): list them, or show or cancel one.
     Jobs {
         #[command(subcommand)]
@@ -203,6 +207,43 @@ pub enum SnapshotCommand {
         /// Remove the policy (its snapshots stay).
         #[arg(long, conflicts_with_all = ["schedule", "retention", "max_snapshots", "cleanup_interval"])]
         off: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// An encrypted disk's LUKS version and keyslots in use.
+    List { disk: String },
+    /// Add a passphrase (a new keyslot), authorised by one the disk takes now (admin).
+    Add {
+        disk: String,
+        /// A passphrase the disk takes now.
+        #[arg(long, value_name = "FILE")]
+        key_file: std::path::PathBuf,
+        /// The passphrase to add.
+        #[arg(long, value_name = "FILE")]
+        new_key_file: std::path::PathBuf,
+        /// Milliseconds of PBKDF2 for the new keyslot (2000 unless given).
+        #[arg(long, value_name = "MS")]
+        iter_time: Option<u64>,
+    },
+    /// Remove a keyslot, authorised by the passphrase of another one (admin).
+    Remove {
+        disk: String,
+        slot: u32,
+        #[arg(long, value_name = "FILE")]
+        key_file: std::path::PathBuf,
+    },
+    /// Change a passphrase (key rotation): the new one gets a keyslot, then the old one's
+    /// keyslot is removed (admin).
+    Change {
+        disk: String,
+        #[arg(long, value_name = "FILE")]
+        key_file: std::path::PathBuf,
+        #[arg(long, value_name = "FILE")]
+        new_key_file: std::path::PathBuf,
+        #[arg(long, value_name = "MS")]
+        iter_time: Option<u64>,
     },
 }
 

@@ -7,7 +7,7 @@ mod image;
 mod table;
 
 use strata::cli::{
-    AuditCommand, Cli, Command, DiskCommand, GroupCommand, ImageCommand, JobsCommand,
+    AuditCommand, Cli, Command, DiskCommand, GroupCommand, ImageCommand, JobsCommand, KeyCommand,
     SnapshotCommand, TokenCommand,
 };
 
@@ -35,6 +35,34 @@ fn limits_body(pairs: &[String]) -> Result<Value, Failure> {
 
 /// Why a command failed: the message, and exit code 1.
 struct Failure(String);
+
+/// The passphrase in a key file, checked as the daemon checks its own (mode 0600, ours),
+/// as the API takes it (text).
+fn passphrase(path: &std::path::Path) -> Result<String, Failure> {
+    let p = storage_core::crypto::key_file::read(path).map_err(|e| Failure(e.to_string()))?;
+    String::from_utf8(p.to_vec()).map_err(|_| {
+        Failure(format!(
+            "{}: the API takes passphrases that are UTF-8 text",
+            path.display()
+        ))
+    })
+}
+
+/// A keyslot request's body; the passphrases leave this process only in it.
+fn keyslot_body(
+    key_file: &std::path::Path,
+    new_key_file: Option<&std::path::Path>,
+    iter_time: Option<u64>,
+) -> Result<Value, Failure> {
+    let mut body = json!({ "passphrase": passphrase(key_file)? });
+    if let Some(f) = new_key_file {
+        body["new_passphrase"] = passphrase(f)?.into();
+    }
+    if let Some(t) = iter_time {
+        body["iter_time_ms"] = t.into();
+    }
+    Ok(body)
+}
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -171,6 +199,80 @@ fn run(cli: &Cli) -> Result<String, Failure> {
                     "disk {}: limits {}\n",
                     v["id"].as_str().unwrap_or("?"),
                     v["throttle"]["limits"]
+                )
+            })
+        }
+        Command::Key(KeyCommand::List { disk }) => show(
+            &api("GET", &format!("{}/keyslots", disk_path(disk)), None)?,
+            |v| {
+                let slots: Vec<String> = v["keyslots"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .map(|s| format!("{} ({})", s["id"], s["kdf"].as_str().unwrap_or("?")))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                format!(
+                    "disk {}: LUKS{}, keyslots {}\n",
+                    v["disk"].as_str().unwrap_or("?"),
+                    v["luks_version"],
+                    slots.join(", ")
+                )
+            },
+        ),
+        Command::Key(
+            KeyCommand::Add {
+                disk,
+                key_file,
+                new_key_file,
+                iter_time,
+            }
+            | KeyCommand::Change {
+                disk,
+                key_file,
+                new_key_file,
+                iter_time,
+            },
+        ) => {
+            let body = keyslot_body(key_file, Some(new_key_file), *iter_time)?;
+            let add = matches!(cli.command, Command::Key(KeyCommand::Add { .. }));
+            let (method, path) = if add {
+                ("POST", format!("{}/keyslots", disk_path(disk)))
+            } else {
+                ("POST", format!("{}/passphrase", disk_path(disk)))
+            };
+            fn slot_line(v: &Value, what: &str) -> String {
+                format!(
+                    "disk {}: {what} {}\n",
+                    v["disk"].as_str().unwrap_or("?"),
+                    v["keyslot"]
+                )
+            }
+            let table: fn(&Value) -> String = if add {
+                |v| slot_line(v, "the new passphrase is in keyslot")
+            } else {
+                |v| {
+                    slot_line(
+                        v,
+                        "passphrase changed (the old keyslot removed); now in keyslot",
+                    )
+                }
+            };
+            show(&api(method, &path, Some(body))?, table)
+        }
+        Command::Key(KeyCommand::Remove {
+            disk,
+            slot,
+            key_file,
+        }) => {
+            let body = keyslot_body(key_file, None, None)?;
+            let path = format!("{}/keyslots/{slot}", disk_path(disk));
+            show(&api("DELETE", &path, Some(body))?, |v| {
+                format!(
+                    "disk {}: keyslot {} removed\n",
+                    v["disk"].as_str().unwrap_or("?"),
+                    v["removed"]
                 )
             })
         }

@@ -9,13 +9,12 @@
 //! then the disk is reverted to one of them, refused while a frontend is connected.
 
 use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use testkit::blkio_client::Client;
-use testkit::daemon::{binary_path, DaemonCommand};
+use testkit::daemon::{strata, strata_run, DaemonCommand};
 use testkit::tools::{qemu_img_ok, qemu_img_read};
 
 const BLOCK: usize = 4096;
@@ -36,27 +35,6 @@ fn prefix(image: &[u8]) -> (u64, bool) {
     }
     let rest = &image[(n as usize) * BLOCK..];
     (n, rest.iter().any(|&b| b != 0))
-}
-
-/// `strata --api API args`: (success, stdout, stderr).
-fn strata_run(api: &Path, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(binary_path("strata"))
-        .arg("--api")
-        .arg(api)
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn strata(api: &Path, args: &[&str]) -> String {
-    let (ok, out, err) = strata_run(api, args);
-    assert!(ok, "strata {args:?}: {err}");
-    out
 }
 
 #[test]

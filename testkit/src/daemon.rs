@@ -715,6 +715,28 @@ pub fn connect_as(path: &Path, uid: u32, gid: u32) -> Result<(), i32> {
     }
 }
 
+/// Runs `strata --api API args`: (success, stdout, stderr).
+pub fn strata_run(api: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(binary_path("strata"))
+        .arg("--api")
+        .arg(api)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running strata: {e}"));
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Runs `strata --api API args`, which must succeed; its standard output.
+pub fn strata(api: &Path, args: &[&str]) -> String {
+    let (ok, out, err) = strata_run(api, args);
+    assert!(ok, "strata {args:?}: {err}");
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

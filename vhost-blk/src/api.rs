@@ -49,6 +49,11 @@ pub const JOB_CANCEL: Operation = Operation::write("job.cancel", Role::Operator)
 pub const GROUP_LIST: Operation = Operation::read("throttle-group.list");
 pub const GROUP_LIMITS: Operation = Operation::write("throttle-group.limits", Role::Operator);
 /// Reads (and with a repair writes) any qcow2 file the daemon can reach: admin only.
+pub const KEYSLOT_LIST: Operation = Operation::read("keyslot.list");
+/// Key material: an admin's, as adding a disk with a key file is.
+pub const KEYSLOT_ADD: Operation = Operation::write("keyslot.add", Role::Admin);
+pub const KEYSLOT_REMOVE: Operation = Operation::write("keyslot.remove", Role::Admin);
+pub const KEYSLOT_CHANGE: Operation = Operation::write("keyslot.change", Role::Admin);
 pub const IMAGE_CHECK: Operation = Operation::write("image.check", Role::Admin);
 /// Removing a disk a frontend is using (`?force=true`) needs [`Role::Admin`] besides.
 pub const DISK_REMOVE: Operation = Operation::write("disk.remove", Role::Operator);
@@ -137,6 +142,26 @@ pub const ROUTES: &[Route] = &[
         method: "POST",
         path: "/v1/images/check",
         op: IMAGE_CHECK,
+    },
+    Route {
+        method: "GET",
+        path: "/v1/disks/{id}/keyslots",
+        op: KEYSLOT_LIST,
+    },
+    Route {
+        method: "POST",
+        path: "/v1/disks/{id}/keyslots",
+        op: KEYSLOT_ADD,
+    },
+    Route {
+        method: "DELETE",
+        path: "/v1/disks/{id}/keyslots/{slot}",
+        op: KEYSLOT_REMOVE,
+    },
+    Route {
+        method: "POST",
+        path: "/v1/disks/{id}/passphrase",
+        op: KEYSLOT_CHANGE,
     },
     Route {
         method: "GET",
@@ -234,6 +259,10 @@ fn handler(route: &Route) -> MethodRouter<Arc<DiskSet>> {
         ("DELETE", "snapshot.delete") => delete(delete_snapshot),
         ("PUT", "snapshot.policy") => put(snapshot_policy),
         ("POST", "image.check") => post(image_check),
+        ("GET", "keyslot.list") => get(keyslots),
+        ("POST", "keyslot.add") => post(add_keyslot),
+        ("DELETE", "keyslot.remove") => delete(remove_keyslot),
+        ("POST", "keyslot.change") => post(change_passphrase),
         ("POST", "snapshot.revert") => post(revert_snapshot),
         ("POST", "disk.add") => post(add),
         ("GET", "disk.get") => get(show),
@@ -581,6 +610,150 @@ async fn take_snapshot(
         })),
     )
         .into_response())
+}
+
+/// Passphrases in a keyslot request: the one that authorises it, and the new one. Never
+/// logged, echoed or kept (the audit log redacts them by name).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyslotBody {
+    passphrase: String,
+    new_passphrase: Option<String>,
+    /// How long the new keyslot's PBKDF2 takes here (cryptsetup's `--iter-time`).
+    iter_time_ms: Option<u64>,
+}
+
+impl Drop for KeyslotBody {
+    fn drop(&mut self) {
+        use zeroize::Zeroize;
+        self.passphrase.zeroize();
+        self.new_passphrase.zeroize();
+    }
+}
+
+/// The default `iter_time_ms`, as cryptsetup's for PBKDF2.
+const ITER_TIME_MS: u64 = 2000;
+
+impl KeyslotBody {
+    fn new_passphrase(&self) -> Result<&[u8], ApiError> {
+        match self.new_passphrase.as_deref() {
+            Some(p) if !p.is_empty() => Ok(p.as_bytes()),
+            _ => Err(ApiError::bad_request(
+                "new_passphrase: a non-empty passphrase",
+            )),
+        }
+    }
+
+    fn iterations(&self) -> Result<u32, ApiError> {
+        match self.iter_time_ms.unwrap_or(ITER_TIME_MS) {
+            t @ 1..=60_000 => Ok(storage_core::crypto::luks1::iterations_for(t)),
+            t => Err(ApiError::bad_request(format!(
+                "iter_time_ms {t}: 1 to 60000"
+            ))),
+        }
+    }
+}
+
+/// The served disk `id` and that it is encrypted, or 404 / 409.
+fn luks_disk(disks: &DiskSet, id: &str) -> Result<Arc<DiskServer>, ApiError> {
+    let d = served(disks, id)?;
+    if d.device.disk.luks().is_none() {
+        return Err(ApiError::conflict(format!("disk {id:?} is not encrypted")));
+    }
+    Ok(d)
+}
+
+fn keyslot_error(id: &str, e: storage_core::error::StorageError) -> ApiError {
+    match e.kind() {
+        StorageErrorKind::InvalidArgument => ApiError::bad_request(format!("disk {id:?}: {e}")),
+        StorageErrorKind::NotFound => ApiError::not_found(format!("disk {id:?}: {e}")),
+        StorageErrorKind::Unsupported => ApiError::conflict(format!("disk {id:?}: {e}")),
+        _ => ApiError::internal(format!("disk {id:?}: {e}")),
+    }
+}
+
+async fn keyslots(
+    State(disks): Disks,
+    UrlPath(id): UrlPath<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let d = luks_disk(&disks, &id)?;
+    let (version, slots) =
+        http::blocking(move || d.device.disk.luks().expect("checked above").keyslots())
+            .await?
+            .map_err(|e| keyslot_error(&id, e))?;
+    let slots: Vec<_> = slots
+        .iter()
+        .map(|s| serde_json::json!({ "id": s.id, "kdf": s.kdf }))
+        .collect();
+    Ok(Json(
+        serde_json::json!({ "disk": id, "luks_version": version, "keyslots": slots }),
+    ))
+}
+
+async fn add_keyslot(
+    State(disks): Disks,
+    UrlPath(id): UrlPath<String>,
+    JsonBody(body): JsonBody<KeyslotBody>,
+) -> Result<Response, ApiError> {
+    let d = luks_disk(&disks, &id)?;
+    body.new_passphrase()?;
+    let iterations = body.iterations()?;
+    let slot = http::blocking(move || {
+        let luks = d.device.disk.luks().expect("checked above");
+        luks.add_keyslot(
+            body.passphrase.as_bytes(),
+            body.new_passphrase().unwrap_or_default(),
+            iterations,
+        )
+    })
+    .await?
+    .map_err(|e| keyslot_error(&id, e))?;
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({ "disk": id, "keyslot": slot })),
+    )
+        .into_response())
+}
+
+async fn remove_keyslot(
+    State(disks): Disks,
+    UrlPath((id, slot)): UrlPath<(String, u32)>,
+    JsonBody(body): JsonBody<KeyslotBody>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let d = luks_disk(&disks, &id)?;
+    if body.new_passphrase.is_some() || body.iter_time_ms.is_some() {
+        return Err(ApiError::bad_request(
+            "removing a keyslot takes only the passphrase of another one",
+        ));
+    }
+    http::blocking(move || {
+        let luks = d.device.disk.luks().expect("checked above");
+        luks.remove_keyslot(body.passphrase.as_bytes(), slot)
+    })
+    .await?
+    .map_err(|e| keyslot_error(&id, e))?;
+    Ok(Json(serde_json::json!({ "disk": id, "removed": slot })))
+}
+
+async fn change_passphrase(
+    State(disks): Disks,
+    UrlPath(id): UrlPath<String>,
+    JsonBody(body): JsonBody<KeyslotBody>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let d = luks_disk(&disks, &id)?;
+    body.new_passphrase()?;
+    let iterations = body.iterations()?;
+    let slot = http::blocking(move || {
+        let luks = d.device.disk.luks().expect("checked above");
+        luks.change_passphrase(
+            body.passphrase.as_bytes(),
+            body.new_passphrase().unwrap_or_default(),
+            iterations,
+        )
+    })
+    .await?
+    .map_err(|e| keyslot_error(&id, e))?;
+    Ok(Json(serde_json::json!({ "disk": id, "keyslot": slot })))
 }
 
 async fn jobs(State(disks): Disks) -> Json<serde_json::Value> {

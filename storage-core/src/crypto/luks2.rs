@@ -7,8 +7,10 @@
 //! key; and one data segment, encrypted with the master key in sectors of 512 to 4096
 //! bytes.
 //!
-//! Read only, for now: images are made and keyslots changed by cryptsetup. Only what the
-//! node implements is accepted (aes-xts-plain64 with a 512-bit key, sha256 for the
+//! Keyslots are added and removed here ([`Header::add_keyslot`], [`Header::remove_keyslot`]:
+//! PBKDF2-SHA256 keyslots, which cryptsetup and every LUKS2 reader take), writing both
+//! copies of the header with the next sequence number; images are made by cryptsetup. Only
+//! what the node implements is accepted (aes-xts-plain64 with a 512-bit key, sha256 for the
 //! splitter and the digest, no integrity, no reencryption in progress, no mandatory
 //! requirement); anything else is refused with the header's own words.
 //!
@@ -23,7 +25,7 @@ use sha2::{Digest as _, Sha256};
 use zeroize::Zeroizing;
 
 use super::luks1::{MAX_DIGEST_ITERATIONS, MAX_ITERATIONS};
-use super::{af, secret::Locked, xts::Xts, CryptoError, MasterKey, KEY_BYTES};
+use super::{af, secret::Locked, xts::Xts, CryptoError, ImageIo, MasterKey, KEY_BYTES};
 
 pub const MAGIC: [u8; 6] = *b"LUKS\xba\xbe";
 /// The second copy's magic.
@@ -112,6 +114,10 @@ pub struct Header {
     pub keyslots: Vec<Keyslot>,
     pub digests: Vec<MkDigest>,
     pub segment: Segment,
+    /// The JSON area as read, rewritten with the keyslots' changes.
+    json: Value,
+    /// The binary part of the copy read (label, subsystem, UUID), for writing both again.
+    binary: Vec<u8>,
 }
 
 fn damaged(msg: impl Into<String>) -> CryptoError {
@@ -133,11 +139,12 @@ fn text(b: &[u8]) -> String {
 
 /// One copy of the header at `at`: its binary part and JSON, checked; `None` when it is not
 /// there or does not check out (the other copy may).
+#[allow(clippy::type_complexity)]
 fn read_copy(
     read: &mut dyn FnMut(u64, &mut [u8]) -> std::io::Result<()>,
     at: u64,
     magic: &[u8; 6],
-) -> Result<Option<(u64, u64, String, Value)>, CryptoError> {
+) -> Result<Option<(u64, u64, String, Value, Vec<u8>)>, CryptoError> {
     let mut bin = vec![0u8; BINARY];
     match read(at, &mut bin) {
         Ok(()) => {}
@@ -179,6 +186,7 @@ fn read_copy(
         hdr_size,
         text(&bin[168..208]),
         value,
+        bin,
     )))
 }
 
@@ -317,7 +325,7 @@ impl Header {
         // first, every size the format allows is tried (as cryptsetup does).
         let mut second = None;
         let sizes: Vec<u64> = match &first {
-            Some((_, size, _, _)) => vec![*size],
+            Some((_, size, ..)) => vec![*size],
             None => SIZES.to_vec(),
         };
         for at in sizes {
@@ -326,7 +334,7 @@ impl Header {
                 break;
             }
         }
-        let (seqid, hdr_size, uuid, json) = match (first, second) {
+        let (seqid, hdr_size, uuid, json, binary) = match (first, second) {
             (Some(a), Some(b)) => {
                 if b.0 > a.0 {
                     b
@@ -345,7 +353,10 @@ impl Header {
                 });
             }
         };
-        Header::from_json(seqid, hdr_size, uuid, &json)
+        let mut h = Header::from_json(seqid, hdr_size, uuid, &json)?;
+        h.json = json;
+        h.binary = binary;
+        Ok(h)
     }
 
     fn from_json(
@@ -477,6 +488,8 @@ impl Header {
             keyslots,
             digests,
             segment,
+            json: Value::Null,
+            binary: Vec::new(),
         })
     }
 
@@ -540,5 +553,187 @@ fn derive(kdf: &Kdf, passphrase: &[u8], out: &mut [u8]) -> Result<(), CryptoErro
                 .hash_password_into(passphrase, salt, out)
                 .map_err(|e| damaged(format!("Argon2: {e}")))
         }
+    }
+}
+
+/// The keyslots area's bounds, in bytes from the start of the device.
+fn keyslots_area(h: &Header) -> Result<(u64, u64), CryptoError> {
+    let size = num(&h.json["config"]["keyslots_size"], "config")?;
+    Ok((2 * h.hdr_size, 2 * h.hdr_size + size))
+}
+
+impl Header {
+    /// Both copies of the header as they are now, with the next sequence number: the
+    /// bytes to write at 0 and at `hdr_size`.
+    fn encode(&mut self) -> Result<[Vec<u8>; 2], CryptoError> {
+        self.seqid += 1;
+        let text = serde_json::to_vec(&self.json).map_err(|e| damaged(e.to_string()))?;
+        let json_size = (self.hdr_size as usize) - BINARY;
+        if text.len() >= json_size {
+            return Err(unsupported("the keyslots do not fit in the JSON area"));
+        }
+        let mut copies = [Vec::new(), Vec::new()];
+        for (i, (magic, at)) in [(MAGIC, 0u64), (MAGIC_2ND, self.hdr_size)]
+            .into_iter()
+            .enumerate()
+        {
+            let mut b = vec![0u8; self.hdr_size as usize];
+            b[..BINARY].copy_from_slice(&self.binary);
+            b[..6].copy_from_slice(&magic);
+            b[8..16].copy_from_slice(&self.hdr_size.to_be_bytes());
+            b[16..24].copy_from_slice(&self.seqid.to_be_bytes());
+            // A fresh salt per copy, as cryptsetup writes them.
+            super::luks1::random(&mut b[104..168]);
+            b[256..264].copy_from_slice(&at.to_be_bytes());
+            b[CSUM_AT..CSUM_AT + 64].fill(0);
+            b[BINARY..BINARY + text.len()].copy_from_slice(&text);
+            let sum = Sha256::digest(&b);
+            b[CSUM_AT..CSUM_AT + 32].copy_from_slice(&sum);
+            copies[i] = b;
+        }
+        Ok(copies)
+    }
+
+    /// Writes both copies (the first, then the second; either one alone is a valid,
+    /// newer header, so a crash between them loses nothing) and syncs.
+    fn write_copies(&mut self, io: &mut dyn ImageIo) -> Result<(), CryptoError> {
+        let [first, second] = self.encode()?;
+        io.write(0, &first).map_err(CryptoError::Io)?;
+        io.sync().map_err(CryptoError::Io)?;
+        io.write(self.hdr_size, &second).map_err(CryptoError::Io)?;
+        io.sync().map_err(CryptoError::Io)
+    }
+
+    /// Adds a PBKDF2-SHA256 keyslot of `iterations` for `key` (this image's master key)
+    /// under `passphrase`, in the first free id and the first free stretch of the
+    /// keyslots area: its material is written and synced before the headers name it.
+    /// Returns its id.
+    pub fn add_keyslot(
+        &mut self,
+        key: &[u8],
+        passphrase: &[u8],
+        iterations: u32,
+        io: &mut dyn ImageIo,
+    ) -> Result<u32, CryptoError> {
+        let digest = self
+            .digests
+            .iter()
+            .position(|d| {
+                let mut check = Zeroizing::new(vec![0u8; d.digest.len()]);
+                pbkdf2_hmac::<Sha256>(key, &d.salt, d.iterations, &mut check);
+                super::luks1::constant_time_eq(&check, &d.digest)
+            })
+            .ok_or_else(|| unsupported("a key that is not this image's master key"))?;
+        let id = (0..32u32)
+            .find(|i| !self.keyslots.iter().any(|s| s.id == *i))
+            .ok_or_else(|| unsupported("all 32 keyslots are in use"))?;
+        let stripes = super::luks1::STRIPES;
+        let need = (KEY_BYTES as u64 * u64::from(stripes)).next_multiple_of(4096);
+        let (area_start, area_end) = keyslots_area(self)?;
+        let mut used: Vec<(u64, u64)> = self
+            .keyslots
+            .iter()
+            .map(|s| (s.area_offset, s.area_offset + s.area_size))
+            .collect();
+        used.sort_unstable();
+        let mut at = area_start;
+        for (a, b) in used {
+            if a >= at + need {
+                break;
+            }
+            at = at.max(b.next_multiple_of(4096));
+        }
+        if at + need > area_end.min(self.segment.offset) {
+            return Err(unsupported("no room left in the keyslots area"));
+        }
+        let iterations = iterations.clamp(1000, MAX_ITERATIONS);
+        let mut salt = [0u8; 32];
+        super::luks1::random(&mut salt);
+        let mut derived = Locked::new([0u8; KEY_BYTES]).map_err(CryptoError::Io)?;
+        pbkdf2_hmac::<Sha256>(passphrase, &salt, iterations, &mut derived[..]);
+        let mut material = af::split(key, stripes as usize, &mut super::luks1::random);
+        Xts::new(&derived[..])?.encrypt(&mut material, 0, 512);
+        let mut area = Zeroizing::new(vec![0u8; need as usize]);
+        area[..material.len()].copy_from_slice(&material);
+        io.write(at, &area).map_err(CryptoError::Io)?;
+        io.sync().map_err(CryptoError::Io)?;
+        let b64 = |v: &[u8]| base64::engine::general_purpose::STANDARD.encode(v);
+        self.json["keyslots"][id.to_string()] = serde_json::json!({
+            "type": "luks2",
+            "key_size": KEY_BYTES,
+            "af": { "type": "luks1", "stripes": stripes, "hash": "sha256" },
+            "area": {
+                "type": "raw",
+                "offset": at.to_string(),
+                "size": need.to_string(),
+                "encryption": "aes-xts-plain64",
+                "key_size": KEY_BYTES,
+            },
+            "kdf": {
+                "type": "pbkdf2",
+                "hash": "sha256",
+                "iterations": iterations,
+                "salt": b64(&salt),
+            },
+        });
+        let digest_id = self.digest_id(digest)?;
+        if let Some(list) = self.json["digests"][&digest_id]["keyslots"].as_array_mut() {
+            list.push(Value::String(id.to_string()));
+        }
+        self.write_copies(io)?;
+        self.keyslots.push(Keyslot {
+            id,
+            kdf: Kdf::Pbkdf2 {
+                iterations,
+                salt: salt.to_vec(),
+            },
+            stripes,
+            area_offset: at,
+            area_size: need,
+            priority: 1,
+        });
+        self.keyslots.sort_by_key(|s| s.id);
+        self.digests[digest].keyslots.push(id);
+        Ok(id)
+    }
+
+    /// The JSON name of the `i`th digest (as `digests` lists them, in the JSON's order).
+    fn digest_id(&self, i: usize) -> Result<String, CryptoError> {
+        object(&self.json["digests"], "digests")?
+            .keys()
+            .nth(i)
+            .cloned()
+            .ok_or_else(|| damaged("digests changed"))
+    }
+
+    /// Removes keyslot `id`: the headers stop naming it, then its material is overwritten
+    /// with noise and synced.
+    pub fn remove_keyslot(&mut self, id: u32, io: &mut dyn ImageIo) -> Result<(), CryptoError> {
+        let i = self
+            .keyslots
+            .iter()
+            .position(|s| s.id == id)
+            .ok_or_else(|| unsupported(format!("no keyslot {id}")))?;
+        let name = id.to_string();
+        if let Some(slots) = self.json["keyslots"].as_object_mut() {
+            slots.remove(&name);
+        }
+        if let Some(digests) = self.json["digests"].as_object_mut() {
+            for d in digests.values_mut() {
+                if let Some(list) = d["keyslots"].as_array_mut() {
+                    list.retain(|v| v.as_str() != Some(name.as_str()));
+                }
+            }
+        }
+        self.write_copies(io)?;
+        let slot = self.keyslots.remove(i);
+        for d in &mut self.digests {
+            d.keyslots.retain(|k| *k != id);
+        }
+        let mut noise = vec![0u8; slot.area_size as usize];
+        super::luks1::random(&mut noise);
+        io.write(slot.area_offset, &noise)
+            .map_err(CryptoError::Io)?;
+        io.sync().map_err(CryptoError::Io)
     }
 }

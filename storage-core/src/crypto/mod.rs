@@ -6,6 +6,7 @@
 
 pub mod af;
 pub mod key_file;
+pub mod keyslots;
 pub mod luks1;
 pub mod luks2;
 mod node;
@@ -115,6 +116,14 @@ pub fn open_with(
         }
         v => Err(CryptoError::Unsupported(format!("LUKS version {v}"))),
     }
+}
+
+/// An image's bytes, for changing its keyslots: whole reads and writes at any offset
+/// outside the payload, and a sync that makes the writes durable.
+pub trait ImageIo {
+    fn read(&mut self, at: u64, buf: &mut [u8]) -> io::Result<()>;
+    fn write(&mut self, at: u64, buf: &[u8]) -> io::Result<()>;
+    fn sync(&mut self) -> io::Result<()>;
 }
 
 /// Why an encrypted image could not be read or made. Never carries key material.

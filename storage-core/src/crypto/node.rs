@@ -24,9 +24,10 @@ use std::io;
 use std::os::unix::io::RawFd;
 use std::sync::Arc;
 
+use super::keyslots::{self, SlotInfo};
 use super::secret::Locked;
 use super::xts::Xts;
-use super::{CryptoError, SectorLayout};
+use super::{CryptoError, ImageIo, SectorLayout};
 use crate::disk::{
     checked, AnyDisk, AnyQueue, Disk, DiskCompletion, DiskInfo, DiskOp, DiskQueue, IoVecs,
     Rejected, Size, StartError,
@@ -46,6 +47,8 @@ pub struct LuksDisk {
     payload: u64,
     layout: SectorLayout,
     info: DiskInfo,
+    /// One keyslot change at a time.
+    keyslot_changes: std::sync::Mutex<()>,
 }
 
 fn error(kind: StorageErrorKind, path: &str, msg: impl std::fmt::Display) -> StorageError {
@@ -113,7 +116,77 @@ impl LuksDisk {
             payload,
             layout,
             info,
+            keyslot_changes: std::sync::Mutex::new(()),
         })
+    }
+
+    /// The image's LUKS version and keyslots in use.
+    pub fn keyslots(&self) -> Result<(u8, Vec<SlotInfo>), StorageError> {
+        keyslots::list(&mut self.header_io()).map_err(|e| self.keyslot_error(e))
+    }
+
+    /// Adds a keyslot for `new`, authorised by `passphrase` (one the image takes), with
+    /// PBKDF2 of `iterations`; its id. The disk serves meanwhile.
+    pub fn add_keyslot(
+        &self,
+        passphrase: &[u8],
+        new: &[u8],
+        iterations: u32,
+    ) -> Result<u32, StorageError> {
+        self.changing_keyslots(|io| keyslots::add(io, passphrase, new, iterations))
+    }
+
+    /// Removes keyslot `slot`, authorised by a passphrase that opens another one.
+    pub fn remove_keyslot(&self, passphrase: &[u8], slot: u32) -> Result<(), StorageError> {
+        self.changing_keyslots(|io| keyslots::remove(io, passphrase, slot))
+    }
+
+    /// Replaces the passphrase `passphrase` with `new` (key rotation); the new keyslot.
+    pub fn change_passphrase(
+        &self,
+        passphrase: &[u8],
+        new: &[u8],
+        iterations: u32,
+    ) -> Result<u32, StorageError> {
+        self.changing_keyslots(|io| keyslots::change(io, passphrase, new, iterations))
+    }
+
+    fn changing_keyslots<T>(
+        &self,
+        f: impl FnOnce(&mut dyn ImageIo) -> Result<T, CryptoError>,
+    ) -> Result<T, StorageError> {
+        if self.info.read_only {
+            return Err(error(
+                StorageErrorKind::InvalidArgument,
+                &self.info.path,
+                "a read-only disk's keyslots are not changed through it",
+            ));
+        }
+        let _one = self
+            .keyslot_changes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        f(&mut self.header_io()).map_err(|e| self.keyslot_error(e))
+    }
+
+    fn header_io(&self) -> HeaderIo<'_> {
+        HeaderIo {
+            node: &self.child,
+            limit: self.payload,
+        }
+    }
+
+    fn keyslot_error(&self, e: CryptoError) -> StorageError {
+        let kind = match &e {
+            CryptoError::WrongPassphrase => StorageErrorKind::InvalidArgument,
+            CryptoError::Unsupported(m) if m.starts_with("no keyslot") => {
+                StorageErrorKind::NotFound
+            }
+            CryptoError::Unsupported(_) => StorageErrorKind::Unsupported,
+            CryptoError::Io(_) => StorageErrorKind::Io,
+            _ => StorageErrorKind::InvalidImage,
+        };
+        error(kind, &self.info.path, e)
     }
 
     /// Control-plane I/O is in whole sectors inside the payload.
@@ -150,6 +223,67 @@ impl LuksDisk {
     }
 }
 
+/// The header and keyslot areas of a served image, through queues on its child of their
+/// own, in whole aligned 4 KiB blocks (read, changed, written back); never the payload.
+struct HeaderIo<'a> {
+    node: &'a AnyDisk,
+    /// Where the payload starts: no write reaches it.
+    limit: u64,
+}
+
+impl ImageIo for HeaderIo<'_> {
+    fn read(&mut self, at: u64, buf: &mut [u8]) -> io::Result<()> {
+        read_via_queue(self.node, buf, at)
+    }
+
+    fn write(&mut self, at: u64, buf: &[u8]) -> io::Result<()> {
+        const ALIGN: u64 = 4096;
+        let end = at + buf.len() as u64;
+        if end > self.limit {
+            return Err(io::Error::other("a header write would reach the payload"));
+        }
+        let start = at - at % ALIGN;
+        let block_end = end.next_multiple_of(ALIGN).min(self.limit.max(end));
+        let mut all = vec![0u8; (block_end - start) as usize];
+        read_via_queue(self.node, &mut all, start)?;
+        let skip = (at - start) as usize;
+        all[skip..skip + buf.len()].copy_from_slice(buf);
+        let (r, _) = run_via_queue(
+            self.node,
+            DiskOp::Write {
+                offset: start,
+                buffers: IoVecs::from_bytes(&all),
+            },
+        )?;
+        if r < all.len() {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        Ok(())
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        run_via_queue(self.node, DiskOp::Flush).map(|_| ())
+    }
+}
+
+/// Runs `op` on `node` through a queue of its own: its result, and its buffers back.
+fn run_via_queue(node: &AnyDisk, op: DiskOp) -> io::Result<(usize, Option<IoVecs>)> {
+    let mut q = node.new_queue(1).map_err(io::Error::other)?;
+    q.start(op, 0)
+        .map_err(|r| io::Error::other(r.error.to_string()))?;
+    q.submit()?;
+    let c = loop {
+        if let Some(c) = q.pop_completion() {
+            break c;
+        }
+        q.wait()?;
+    };
+    if c.result < 0 {
+        return Err(io::Error::from_raw_os_error(-c.result));
+    }
+    Ok((c.result as usize, c.buffers))
+}
+
 /// Reads `buf` at `offset` of `node` through a queue of its own: every node serves its
 /// queues, while some serve no control-plane I/O (a tier). In whole, aligned 4 KiB blocks,
 /// which an O_DIRECT file (`direct=on`) needs.
@@ -166,28 +300,16 @@ fn read_via_queue(node: &AnyDisk, buf: &mut [u8], offset: u64) -> io::Result<()>
     if len < (offset - start) as usize + buf.len() {
         return Err(io::ErrorKind::UnexpectedEof.into());
     }
-    let mut q = node.new_queue(1).map_err(io::Error::other)?;
     let op = DiskOp::Read {
         offset: start,
         buffers: IoVecs::owned(&[len]),
     };
-    q.start(op, 0)
-        .map_err(|r| io::Error::other(r.error.to_string()))?;
-    q.submit()?;
-    let c = loop {
-        if let Some(c) = q.pop_completion() {
-            break c;
-        }
-        q.wait()?;
-    };
-    if c.result < 0 {
-        return Err(io::Error::from_raw_os_error(-c.result));
-    }
-    if (c.result as usize) < len {
+    let (n, buffers) = run_via_queue(node, op)?;
+    if n < len {
         return Err(io::ErrorKind::UnexpectedEof.into());
     }
     let mut all = vec![0u8; len];
-    c.buffers.expect("a read's buffers").copy_to(0, &mut all);
+    buffers.expect("a read's buffers").copy_to(0, &mut all);
     let skip = (offset - start) as usize;
     buf.copy_from_slice(&all[skip..skip + buf.len()]);
     Ok(())

@@ -235,6 +235,15 @@ impl AnyDisk {
         }
     }
 
+    /// The LUKS node at the root (under a throttle, if any): whose keyslots change.
+    pub fn luks(&self) -> Option<&crate::crypto::LuksDisk> {
+        match self {
+            AnyDisk::Luks(l) => Some(l),
+            AnyDisk::Throttle(t) => t.child().luks(),
+            _ => None,
+        }
+    }
+
     /// The qcow2 image at the root (under a throttle, if any): what takes snapshots.
     pub fn qcow2(&self) -> Option<&crate::qcow2::Qcow2Disk> {
         match self {

@@ -1,0 +1,230 @@
+//! Passphrases of an encrypted disk changed while it serves, through `strata key` and the
+//! API: a passphrase added, rotated and removed on a LUKS1 image (qemu-img's) and a LUKS2
+//! one (cryptsetup's), each change checked by cryptsetup's own `--test-passphrase`, while a
+//! libblkio client's data stays readable through the daemon. No passphrase appears in the
+//! daemon's log, the audit log, `/metrics`, the disk's API answers or an error.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use testkit::blkio_client::Client;
+use testkit::daemon::{strata, strata_run, DaemonCommand};
+use testkit::tools::{qemu_img_luks, require_tool};
+
+fn key_file(dir: &Path, name: &str, pass: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, pass).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path
+}
+
+/// Whether cryptsetup's own check takes the passphrase in `key` for `img`.
+fn cryptsetup_takes(img: &Path, key: &Path) -> bool {
+    let bin = require_tool("cryptsetup").unwrap_or_else(|e| panic!("{e}"));
+    Command::new(bin)
+        .args(["open", "--test-passphrase", "--key-file"])
+        .arg(key)
+        .arg(img)
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+fn luks1_image(img: &Path, key: &Path) {
+    qemu_img_luks(
+        &[
+            "create",
+            "-q",
+            "--object",
+            &format!("secret,id=sec0,file={}", key.display()),
+            "-f",
+            "luks",
+            "-o",
+            "key-secret=sec0,iter-time=10",
+            img.to_str().unwrap(),
+            "16M",
+        ],
+        img,
+    );
+}
+
+fn luks2_image(img: &Path, key: &Path) {
+    std::fs::write(img, vec![0u8; 48 << 20]).unwrap();
+    let bin = require_tool("cryptsetup").unwrap_or_else(|e| panic!("{e}"));
+    let out = Command::new(bin)
+        .args(["luksFormat", "--batch-mode", "--type", "luks2"])
+        .args(["--pbkdf", "argon2id", "--pbkdf-memory", "16384"])
+        .args(["--pbkdf-force-iterations", "4", "--key-file"])
+        .arg(key)
+        .arg(img)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cryptsetup luksFormat: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn passphrases_are_added_rotated_and_removed_while_the_disk_serves() {
+    const PASSES: [&str; 4] = [
+        "first passphrase 71c1",
+        "second passphrase 9f2e",
+        "third passphrase 0b5d",
+        "wrong passphrase 44aa",
+    ];
+    type Make = fn(&Path, &Path);
+    for (version, make) in [(1, luks1_image as Make), (2, luks2_image)] {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let keys: Vec<PathBuf> = PASSES
+            .iter()
+            .enumerate()
+            .map(|(i, p)| key_file(d, &format!("key{i}"), p))
+            .collect();
+        let img = d.join("vm.luks");
+        make(&img, &keys[0]);
+        let (sock, api, audit) = (d.join("vm.sock"), d.join("api.sock"), d.join("audit.log"));
+        let mut daemon = DaemonCommand::vhost_blk()
+            .unwrap_or_else(|e| panic!("{e}"))
+            .arg("--socket")
+            .arg(&sock)
+            .arg("--id")
+            .arg("vm")
+            .arg("--api-socket")
+            .arg(&api)
+            .arg("--audit-log")
+            .arg(&audit)
+            .arg("--disk")
+            .arg(format!(
+                "path={},format=luks,key-file={}",
+                img.display(),
+                keys[0].display()
+            ))
+            .spawn()
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut client = Client::open(&sock, 1).expect("libblkio connects");
+        let data: Vec<u8> = (0..65536).map(|i| (i * 13 % 251) as u8).collect();
+        client.queue(0).write(4096, &data).unwrap();
+        let k = |i: usize| keys[i].to_str().unwrap().to_string();
+
+        let list = strata(&api, &["key", "list", "vm"]);
+        assert!(list.contains(&format!("LUKS{version}")), "{list}");
+        // Add the second passphrase with the first.
+        let out = strata(
+            &api,
+            &[
+                "key",
+                "add",
+                "vm",
+                "--key-file",
+                &k(0),
+                "--new-key-file",
+                &k(1),
+                "--iter-time",
+                "10",
+            ],
+        );
+        assert!(out.contains("keyslot"), "{out}");
+        assert!(cryptsetup_takes(&img, &keys[0]) && cryptsetup_takes(&img, &keys[1]));
+        // Rotate the second to the third: the second stops working.
+        strata(
+            &api,
+            &[
+                "key",
+                "change",
+                "vm",
+                "--key-file",
+                &k(1),
+                "--new-key-file",
+                &k(2),
+                "--iter-time",
+                "10",
+            ],
+        );
+        assert!(
+            cryptsetup_takes(&img, &keys[2]),
+            "LUKS{version}: the new passphrase"
+        );
+        assert!(
+            !cryptsetup_takes(&img, &keys[1]),
+            "LUKS{version}: the rotated passphrase"
+        );
+        // Remove the first passphrase's keyslot, with the third.
+        let v: serde_json::Value =
+            serde_json::from_str(&strata(&api, &["--json", "key", "list", "vm"])).unwrap();
+        let slots = v["keyslots"].as_array().unwrap().clone();
+        assert_eq!(slots.len(), 2, "{v}");
+        let first = slots[0]["id"].as_u64().unwrap().to_string();
+        // Not with the passphrase of the keyslot itself, nor a wrong one.
+        let (ok, _, err) = strata_run(&api, &["key", "remove", "vm", &first, "--key-file", &k(0)]);
+        assert!(!ok && err.contains("no keyslot opens"), "{err}");
+        let (ok, _, err) = strata_run(
+            &api,
+            &[
+                "key",
+                "add",
+                "vm",
+                "--key-file",
+                &k(3),
+                "--new-key-file",
+                &k(1),
+            ],
+        );
+        assert!(!ok && err.contains("no keyslot opens"), "{err}");
+        strata(&api, &["key", "remove", "vm", &first, "--key-file", &k(2)]);
+        assert!(
+            !cryptsetup_takes(&img, &keys[0]),
+            "LUKS{version}: the removed passphrase"
+        );
+        assert!(cryptsetup_takes(&img, &keys[2]));
+        // The guest's data is as it was, through the same connection.
+        assert_eq!(client.queue(0).read(4096, data.len()).unwrap(), data);
+
+        // Nothing secret anywhere a user or a log reader sees.
+        let metrics = testkit::http::get(&api, "/metrics").unwrap().text();
+        let disk = testkit::http::get(&api, "/v1/disks/vm").unwrap().text();
+        let slots_answer = testkit::http::get(&api, "/v1/disks/vm/keyslots")
+            .unwrap()
+            .text();
+        drop(client);
+        daemon.terminate().unwrap();
+        let log = daemon.output();
+        let audit_text = std::fs::read_to_string(&audit).unwrap();
+        assert!(audit_text.contains("keyslot.change"), "{audit_text}");
+        for (what, text) in [
+            ("the daemon's log", &log),
+            ("the audit log", &audit_text),
+            ("/metrics", &metrics),
+            ("the disk's answer", &disk),
+            ("the keyslots' answer", &slots_answer),
+        ] {
+            for p in PASSES {
+                assert!(
+                    !text.contains(p),
+                    "LUKS{version}: {what} holds a passphrase"
+                );
+            }
+        }
+        // A restart opens the image with the passphrase it has now.
+        let mut daemon = DaemonCommand::vhost_blk()
+            .unwrap_or_else(|e| panic!("{e}"))
+            .arg("--socket")
+            .arg(&sock)
+            .arg("--disk")
+            .arg(format!(
+                "path={},format=luks,key-file={}",
+                img.display(),
+                keys[2].display()
+            ))
+            .spawn()
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut client = Client::open(&sock, 1).expect("libblkio connects");
+        assert_eq!(client.queue(0).read(4096, data.len()).unwrap(), data);
+        drop(client);
+        daemon.terminate().unwrap();
+    }
+}
