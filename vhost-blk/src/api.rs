@@ -644,9 +644,10 @@ impl KeyslotBody {
         }
     }
 
-    fn iterations(&self) -> Result<u32, ApiError> {
+    /// The new keyslot's PBKDF2 time (its iterations are measured off the API's thread).
+    fn iterations_ms(&self) -> Result<u64, ApiError> {
         match self.iter_time_ms.unwrap_or(ITER_TIME_MS) {
-            t @ 1..=60_000 => Ok(storage_core::crypto::luks1::iterations_for(t)),
+            t @ 1..=60_000 => Ok(t),
             t => Err(ApiError::bad_request(format!(
                 "iter_time_ms {t}: 1 to 60000"
             ))),
@@ -697,9 +698,10 @@ async fn add_keyslot(
 ) -> Result<Response, ApiError> {
     let d = luks_disk(&disks, &id)?;
     body.new_passphrase()?;
-    let iterations = body.iterations()?;
+    let ms = body.iterations_ms()?;
     let slot = http::blocking(move || {
         let luks = d.device.disk.luks().expect("checked above");
+        let iterations = storage_core::crypto::luks1::iterations_for(ms);
         luks.add_keyslot(
             body.passphrase.as_bytes(),
             body.new_passphrase().unwrap_or_default(),
@@ -742,9 +744,10 @@ async fn change_passphrase(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let d = luks_disk(&disks, &id)?;
     body.new_passphrase()?;
-    let iterations = body.iterations()?;
+    let ms = body.iterations_ms()?;
     let slot = http::blocking(move || {
         let luks = d.device.disk.luks().expect("checked above");
+        let iterations = storage_core::crypto::luks1::iterations_for(ms);
         luks.change_passphrase(
             body.passphrase.as_bytes(),
             body.new_passphrase().unwrap_or_default(),

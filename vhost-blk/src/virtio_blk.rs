@@ -76,9 +76,9 @@ impl BlkConfig {
         put(12, &self.seg_max.to_le_bytes());
         // 16..20: geometry, not offered.
         put(20, &self.blk_size.to_le_bytes());
-        // Topology: physical block exponent, alignment offset, min and optimal I/O size.
-        let exp = (self.blk_size / SECTOR_SIZE as u32).trailing_zeros() as u8;
-        put(24, &[exp, 0]);
+        // Topology: physical block exponent (logical blocks per physical one, as a power of
+        // two: one), alignment offset, min and optimal I/O size (in logical blocks).
+        put(24, &[0, 0]);
         put(26, &1u16.to_le_bytes());
         put(28, &0u32.to_le_bytes());
         put(CONFIG_WRITEBACK_OFFSET, &[u8::from(self.writeback), 0]);
@@ -114,6 +114,24 @@ mod tests {
             num_queues: 2,
             writeback: true,
         }
+    }
+
+    /// A disk of 4 KiB sectors (a LUKS2 payload) says so, and that its physical blocks are
+    /// those same blocks (the exponent counts logical blocks per physical one).
+    #[test]
+    fn a_4k_disk_reports_4k_blocks_and_no_larger_physical_ones() {
+        let b = BlkConfig {
+            blk_size: 4096,
+            ..cfg()
+        }
+        .to_bytes();
+        assert_eq!(u32::from_le_bytes(b[20..24].try_into().unwrap()), 4096);
+        assert_eq!(b[24], 0, "physical_block_exp");
+        assert_eq!(
+            u16::from_le_bytes(b[26..28].try_into().unwrap()),
+            1,
+            "min_io_size"
+        );
     }
 
     #[test]

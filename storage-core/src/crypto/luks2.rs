@@ -52,6 +52,11 @@ pub const MAX_ARGON2_KIB: u32 = 4 << 20;
 pub const MAX_ARGON2_TIME: u32 = 1000;
 /// The most Argon2 lanes (cryptsetup's limit).
 pub const MAX_ARGON2_CPUS: u32 = 32;
+/// The most Argon2 work a keyslot may ask for, memory times passes (in KiB-passes): ten
+/// passes over cryptsetup's largest memory. Each open may try every keyslot.
+pub const MAX_ARGON2_WORK: u64 = 10 * (4 << 20);
+/// LUKS2's keyslots: ids 0 to 31, as cryptsetup allows.
+pub const MAX_KEYSLOTS: u32 = 32;
 
 /// How a keyslot's key is derived from a passphrase.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -159,10 +164,12 @@ fn read_copy(
         return Ok(None);
     }
     if text(&bin[72..104]) != "sha256" {
-        return Err(unsupported(format!(
-            "header checksum {:?} (only sha256)",
+        // The other copy may be one we read; if neither is, the open says so.
+        log::warn!(
+            "LUKS2 header copy at {at}: checksum {:?} (only sha256 is read)",
             text(&bin[72..104])
-        )));
+        );
+        return Ok(None);
     }
     let mut all = vec![0u8; hdr_size as usize];
     all[..BINARY].copy_from_slice(&bin);
@@ -220,9 +227,12 @@ fn object<'a>(v: &'a Value, what: &str) -> Result<&'a serde_json::Map<String, Va
         .ok_or_else(|| damaged(format!("{what} is not an object")))
 }
 
+/// An id as LUKS2 writes them: a decimal number in its one spelling ("7", not "07").
 fn id(k: &str, what: &str) -> Result<u32, CryptoError> {
-    k.parse()
-        .map_err(|_| damaged(format!("{what} id {k:?} is not a number")))
+    k.parse::<u32>()
+        .ok()
+        .filter(|n| n.to_string() == k)
+        .ok_or_else(|| damaged(format!("{what} id {k:?} is not a number")))
 }
 
 fn check_xts(v: &Value, what: &str) -> Result<(), CryptoError> {
@@ -286,10 +296,12 @@ fn keyslot(k: &str, v: &Value) -> Result<Keyslot, CryptoError> {
             if !(1..=MAX_ARGON2_TIME).contains(&time)
                 || !(8..=MAX_ARGON2_KIB).contains(&memory_kib)
                 || !(1..=MAX_ARGON2_CPUS).contains(&cpus)
+                || u64::from(memory_kib) * u64::from(time) > MAX_ARGON2_WORK
             {
                 return Err(unsupported(format!(
                     "{w}: {t} with {time} passes, {memory_kib} KiB and {cpus} lanes (at most \
-                     {MAX_ARGON2_TIME}, {MAX_ARGON2_KIB} and {MAX_ARGON2_CPUS})"
+                     {MAX_ARGON2_TIME}, {MAX_ARGON2_KIB} and {MAX_ARGON2_CPUS}, and \
+                     {MAX_ARGON2_WORK} KiB-passes)"
                 )));
             }
             Kdf::Argon2 {
@@ -441,14 +453,20 @@ impl Header {
             }
             keyslots.push(slot);
         }
-        keyslots.sort_by_key(|s| s.id);
+        if keyslots.iter().any(|s| s.id >= MAX_KEYSLOTS) {
+            return Err(damaged(format!(
+                "a keyslot id past {} (LUKS2 has {MAX_KEYSLOTS})",
+                MAX_KEYSLOTS - 1
+            )));
+        }
+        // By place: any two overlapping areas are then neighbours.
+        keyslots.sort_by_key(|s| s.area_offset);
         for (a, b) in keyslots.iter().zip(keyslots.iter().skip(1)) {
-            if a.area_offset.max(b.area_offset)
-                < (a.area_offset + a.area_size).min(b.area_offset + b.area_size)
-            {
+            if b.area_offset < a.area_offset + a.area_size {
                 return Err(damaged(format!("keyslots {} and {} overlap", a.id, b.id)));
             }
         }
+        keyslots.sort_by_key(|s| s.id);
         let mut digests = Vec::new();
         for (k, d) in object(&j["digests"], "digests")? {
             let w = format!("digest {k}");
@@ -465,7 +483,8 @@ impl Header {
                 )));
             }
             let digest = b64(&d["digest"], &w)?;
-            if digest.is_empty() || digest.len() > 64 {
+            // SHA-256's length: a shorter one would let wrong keys through by chance.
+            if digest.len() != 32 {
                 return Err(damaged(format!("{w}: a digest of {} bytes", digest.len())));
             }
             let keyslots = d["keyslots"]
@@ -514,7 +533,11 @@ impl Header {
                 continue;
             }
             let mut derived = Locked::new([0u8; KEY_BYTES]).map_err(CryptoError::Io)?;
-            derive(&s.kdf, passphrase, &mut derived[..])?;
+            if let Err(e) = derive(&s.kdf, passphrase, &mut derived[..]) {
+                // Another keyslot may still open.
+                log::warn!("LUKS2 keyslot {}: {e}", s.id);
+                continue;
+            }
             Xts::new(&derived[..])?.decrypt(&mut material, 0, 512);
             let mut key = Locked::new([0u8; KEY_BYTES]).map_err(CryptoError::Io)?;
             af::merge(&material, s.stripes as usize, &mut key[..]);
@@ -718,10 +741,14 @@ impl Header {
         if let Some(slots) = self.json["keyslots"].as_object_mut() {
             slots.remove(&name);
         }
-        if let Some(digests) = self.json["digests"].as_object_mut() {
-            for d in digests.values_mut() {
-                if let Some(list) = d["keyslots"].as_array_mut() {
-                    list.retain(|v| v.as_str() != Some(name.as_str()));
+        // Digests and tokens (systemd-cryptenroll's, clevis's) that name it stop naming it:
+        // cryptsetup refuses a header whose lists name a keyslot that is gone.
+        for section in ["digests", "tokens"] {
+            if let Some(items) = self.json[section].as_object_mut() {
+                for item in items.values_mut() {
+                    if let Some(list) = item["keyslots"].as_array_mut() {
+                        list.retain(|v| v.as_str() != Some(name.as_str()));
+                    }
                 }
             }
         }
@@ -730,10 +757,163 @@ impl Header {
         for d in &mut self.digests {
             d.keyslots.retain(|k| *k != id);
         }
-        let mut noise = vec![0u8; slot.area_size as usize];
-        super::luks1::random(&mut noise);
-        io.write(slot.area_offset, &noise)
-            .map_err(CryptoError::Io)?;
+        // In pieces: an area may be large.
+        let mut noise = vec![0u8; (slot.area_size as usize).min(1 << 20)];
+        let mut at = slot.area_offset;
+        while at < slot.area_offset + slot.area_size {
+            let n = (slot.area_offset + slot.area_size - at).min(noise.len() as u64) as usize;
+            super::luks1::random(&mut noise[..n]);
+            io.write(at, &noise[..n]).map_err(CryptoError::Io)?;
+            at += n as u64;
+        }
         io.sync().map_err(CryptoError::Io)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HDR: u64 = 16384;
+
+    /// A valid header's JSON: one PBKDF2 keyslot, its digest, one segment.
+    fn json() -> Value {
+        serde_json::json!({
+            "keyslots": {
+                "0": {
+                    "type": "luks2", "key_size": 64,
+                    "af": { "type": "luks1", "stripes": 4000, "hash": "sha256" },
+                    "area": { "type": "raw", "offset": "32768", "size": "258048",
+                              "encryption": "aes-xts-plain64", "key_size": 64 },
+                    "kdf": { "type": "pbkdf2", "hash": "sha256", "iterations": 1000,
+                             "salt": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=" }
+                }
+            },
+            "tokens": {},
+            "segments": { "0": { "type": "crypt", "offset": "16777216", "size": "dynamic",
+                                  "iv_tweak": "0", "encryption": "aes-xts-plain64",
+                                  "sector_size": 512 } },
+            "digests": { "0": { "type": "pbkdf2", "keyslots": ["0"], "segments": ["0"],
+                                "hash": "sha256", "iterations": 1000,
+                                "salt": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+                                "digest": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=" } },
+            "config": { "json_size": "12288", "keyslots_size": "16744448" }
+        })
+    }
+
+    /// Both copies of a header holding `j`, as the first 32 KiB of a device.
+    fn image(j: &Value) -> Vec<u8> {
+        let mut h = Header {
+            seqid: 0,
+            hdr_size: HDR,
+            uuid: String::new(),
+            keyslots: Vec::new(),
+            digests: Vec::new(),
+            segment: Segment {
+                offset: 0,
+                size: None,
+                sector_size: 512,
+                iv_tweak: 0,
+            },
+            json: j.clone(),
+            binary: {
+                let mut b = vec![0u8; BINARY];
+                b[6..8].copy_from_slice(&2u16.to_be_bytes());
+                b[72..78].copy_from_slice(b"sha256");
+                b
+            },
+        };
+        let [a, b] = h.encode().unwrap();
+        [a, b].concat()
+    }
+
+    fn read(img: &[u8]) -> Result<Header, CryptoError> {
+        Header::read(&mut |at, buf: &mut [u8]| {
+            let at = at as usize;
+            match img.get(at..at + buf.len()) {
+                Some(s) => {
+                    buf.copy_from_slice(s);
+                    Ok(())
+                }
+                None => Err(std::io::ErrorKind::UnexpectedEof.into()),
+            }
+        })
+    }
+
+    #[test]
+    fn a_header_we_encode_reads_back_from_either_copy() {
+        let img = image(&json());
+        let h = read(&img).unwrap();
+        assert_eq!(h.keyslots.len(), 1);
+        assert_eq!(h.segment.offset, 16 << 20);
+        assert_eq!(h.seqid, 1);
+        let mut first_gone = img.clone();
+        first_gone[5000] ^= 1;
+        assert_eq!(read(&first_gone).unwrap().keyslots, h.keyslots);
+        let mut both_gone = first_gone;
+        both_gone[HDR as usize + 5000] ^= 1;
+        assert!(matches!(read(&both_gone), Err(CryptoError::Damaged(_))));
+    }
+
+    /// Hostile headers are refused by name, not trusted.
+    #[test]
+    fn hostile_headers_are_refused() {
+        type Change = fn(&mut Value);
+        let cases: [(Change, &str); 8] = [
+            // Two keyslots whose ids are not neighbours share their area.
+            (
+                |j| {
+                    let mut s = j["keyslots"]["0"].clone();
+                    s["area"]["offset"] = "40960".into();
+                    j["keyslots"]["2"] = s;
+                    let mut s = j["keyslots"]["0"].clone();
+                    s["area"]["offset"] = "600000".into();
+                    j["keyslots"]["1"] = s;
+                },
+                "overlap",
+            ),
+            (
+                |j| j["keyslots"]["32"] = j["keyslots"]["0"].clone(),
+                "keyslot id past 31",
+            ),
+            (
+                |j| j["keyslots"]["07"] = j["keyslots"]["0"].clone(),
+                "not a number",
+            ),
+            (
+                |j| j["digests"]["0"]["digest"] = "AA==".into(),
+                "a digest of 1 bytes",
+            ),
+            (
+                |j| {
+                    j["keyslots"]["0"]["kdf"] = serde_json::json!({
+                        "type": "argon2id", "time": 1000, "memory": 4194304, "cpus": 4,
+                        "salt": "AAAAAAAAAAAAAAAAAAAAAA=="
+                    })
+                },
+                "KiB-passes",
+            ),
+            (
+                |j| j["keyslots"]["0"]["area"]["size"] = "18446744073709551615".into(),
+                "outside the keyslots area",
+            ),
+            (
+                |j| j["segments"]["0"]["integrity"] = serde_json::json!({"type": "hmac"}),
+                "integrity",
+            ),
+            (
+                |j| {
+                    j["config"]["requirements"] =
+                        serde_json::json!({"mandatory": ["online-reencrypt"]})
+                },
+                "mandatory requirements",
+            ),
+        ];
+        for (change, needle) in cases {
+            let mut j = json();
+            change(&mut j);
+            let e = read(&image(&j)).expect_err(needle).to_string();
+            assert!(e.contains(needle), "{needle}: {e}");
+        }
     }
 }

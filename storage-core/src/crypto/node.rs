@@ -157,7 +157,7 @@ impl LuksDisk {
     ) -> Result<T, StorageError> {
         if self.info.read_only {
             return Err(error(
-                StorageErrorKind::InvalidArgument,
+                StorageErrorKind::Unsupported,
                 &self.info.path,
                 "a read-only disk's keyslots are not changed through it",
             ));

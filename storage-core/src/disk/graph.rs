@@ -168,7 +168,15 @@ impl GraphSpec {
     pub fn add_object(&mut self, text: &str) -> Result<(), SpecError> {
         let text = text.trim();
         // An inline secret is refused before any parsing, whose errors quote the text.
-        if (text.starts_with("secret,") || text.contains("\"secret\"")) && text.contains("data") {
+        let inline = if text.starts_with('{') {
+            text.contains("\"secret\"") && text.contains("\"data\"")
+        } else {
+            text.starts_with("secret,")
+                && text
+                    .split(',')
+                    .any(|kv| kv.split_once('=').map_or(kv, |(k, _)| k) == "data")
+        };
+        if inline {
             return Err(graph_err(
                 "--object secret: give the secret in a file (file=PATH); data= is not taken, \
                  since it would show in the process list",
@@ -656,6 +664,12 @@ mod tests {
             (&[], &["secret,id=s,data=hunter2,more"], "in a file"),
             (&[], &[r#"{"qom-type":"secret","id":"s","data":["hunter2"]}"#], "in a file"),
             (&[], &["secret,id=s"], "needs file="),
+            // A path or an id holding "data" is no inline secret.
+            (
+                &["driver=luks,node-name=l,file.driver=file,file.filename=/d,key-secret=x"],
+                &["secret,id=metadata,file=/data/vm.key"],
+                "no secret \"x\"",
+            ),
             (
                 &["driver=luks,node-name=l,file.driver=file,file.filename=/d,key-file=/k,key-secret=s"],
                 &["secret,id=s,file=/k"],
