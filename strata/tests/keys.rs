@@ -194,6 +194,19 @@ fn passphrases_are_added_rotated_and_removed_while_the_disk_serves() {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
+        // A passphrase of the wrong type is refused without being quoted.
+        let (ok, _, err) = strata_run(
+            &api,
+            &[
+                "raw",
+                "POST",
+                "/v1/disks/vm/keyslots",
+                "--data",
+                r#"{"passphrase": 918273645}"#,
+            ],
+        );
+        assert!(!ok && err.contains("passphrase: a string"), "{err}");
+        assert!(!err.contains("918273645"), "{err}");
         strata(&api, &["key", "remove", "vm", &first, "--key-file", &k(2)]);
         assert!(
             !cryptsetup_takes(&img, &keys[0]),
@@ -214,6 +227,10 @@ fn passphrases_are_added_rotated_and_removed_while_the_disk_serves() {
         let log = daemon.output();
         let audit_text = std::fs::read_to_string(&audit).unwrap();
         assert!(audit_text.contains("keyslot.change"), "{audit_text}");
+        assert!(
+            !audit_text.contains("918273645"),
+            "the audit log quotes a passphrase"
+        );
         for (what, text) in [
             ("the daemon's log", &log),
             ("the audit log", &audit_text),

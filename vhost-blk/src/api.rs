@@ -617,8 +617,9 @@ async fn take_snapshot(
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct KeyslotBody {
-    passphrase: String,
-    new_passphrase: Option<String>,
+    /// JSON values, checked here: a type error from the parser would quote the value.
+    passphrase: serde_json::Value,
+    new_passphrase: Option<serde_json::Value>,
     /// How long the new keyslot's PBKDF2 takes here (cryptsetup's `--iter-time`).
     iter_time_ms: Option<u64>,
 }
@@ -626,8 +627,14 @@ struct KeyslotBody {
 impl Drop for KeyslotBody {
     fn drop(&mut self) {
         use zeroize::Zeroize;
-        self.passphrase.zeroize();
-        self.new_passphrase.zeroize();
+        for v in [Some(&mut self.passphrase), self.new_passphrase.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            if let serde_json::Value::String(s) = v {
+                s.zeroize();
+            }
+        }
     }
 }
 
@@ -635,11 +642,18 @@ impl Drop for KeyslotBody {
 const ITER_TIME_MS: u64 = 2000;
 
 impl KeyslotBody {
+    fn passphrase(&self) -> Result<&[u8], ApiError> {
+        match self.passphrase.as_str() {
+            Some(p) => Ok(p.as_bytes()),
+            None => Err(ApiError::bad_request("passphrase: a string")),
+        }
+    }
+
     fn new_passphrase(&self) -> Result<&[u8], ApiError> {
-        match self.new_passphrase.as_deref() {
+        match self.new_passphrase.as_ref().and_then(|v| v.as_str()) {
             Some(p) if !p.is_empty() => Ok(p.as_bytes()),
             _ => Err(ApiError::bad_request(
-                "new_passphrase: a non-empty passphrase",
+                "new_passphrase: a non-empty passphrase (a string)",
             )),
         }
     }
@@ -697,13 +711,14 @@ async fn add_keyslot(
     JsonBody(body): JsonBody<KeyslotBody>,
 ) -> Result<Response, ApiError> {
     let d = luks_disk(&disks, &id)?;
+    body.passphrase()?;
     body.new_passphrase()?;
     let ms = body.iterations_ms()?;
     let slot = http::blocking(move || {
         let luks = d.device.disk.luks().expect("checked above");
         let iterations = storage_core::crypto::luks1::iterations_for(ms);
         luks.add_keyslot(
-            body.passphrase.as_bytes(),
+            body.passphrase().unwrap_or_default(),
             body.new_passphrase().unwrap_or_default(),
             iterations,
         )
@@ -728,9 +743,10 @@ async fn remove_keyslot(
             "removing a keyslot takes only the passphrase of another one",
         ));
     }
+    body.passphrase()?;
     http::blocking(move || {
         let luks = d.device.disk.luks().expect("checked above");
-        luks.remove_keyslot(body.passphrase.as_bytes(), slot)
+        luks.remove_keyslot(body.passphrase().unwrap_or_default(), slot)
     })
     .await?
     .map_err(|e| keyslot_error(&id, e))?;
@@ -743,13 +759,14 @@ async fn change_passphrase(
     JsonBody(body): JsonBody<KeyslotBody>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let d = luks_disk(&disks, &id)?;
+    body.passphrase()?;
     body.new_passphrase()?;
     let ms = body.iterations_ms()?;
     let slot = http::blocking(move || {
         let luks = d.device.disk.luks().expect("checked above");
         let iterations = storage_core::crypto::luks1::iterations_for(ms);
         luks.change_passphrase(
-            body.passphrase.as_bytes(),
+            body.passphrase().unwrap_or_default(),
             body.new_passphrase().unwrap_or_default(),
             iterations,
         )
