@@ -425,8 +425,70 @@ pub fn static_guest_program(package: &str) -> Result<Arc<Vec<u8>>> {
     Ok(bytes)
 }
 
+/// Kernel modules beyond the base set (`names`, as the kernel spells them), decompressed,
+/// in the order given, for a test whose script loads them itself (`insmod`).
+pub fn extra_modules(names: &[&'static str]) -> Result<Vec<(&'static str, Vec<u8>)>> {
+    let assets = GuestAssets::locate()?;
+    let found = find_named_modules(&assets.modules.join("kernel"), names)?;
+    names
+        .iter()
+        .map(|n| {
+            let path = found.get(n).with_context(|| {
+                format!(
+                    "kernel module {n} not found under {}: {SETUP_HINT}",
+                    assets.modules.display()
+                )
+            })?;
+            Ok((*n, read_module(path)?))
+        })
+        .collect()
+}
+
+/// A host program and every shared library it loads (the dynamic loader included), as
+/// (path, bytes) to put at the same paths in the guest: for a tool busybox lacks.
+pub fn host_program(name: &str) -> Result<Vec<(String, Vec<u8>)>> {
+    let program = require_tool(name)?;
+    let ldd = require_tool("ldd")?;
+    let out = Command::new(ldd)
+        .arg(&program)
+        .output()
+        .with_context(|| format!("running ldd on {}", program.display()))?;
+    if !out.status.success() {
+        bail!(
+            "ldd {}: {}",
+            program.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let mut files = vec![program.display().to_string()];
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let path = match line.split_once("=>") {
+            Some((_, right)) => right.trim().split(' ').next().unwrap_or(""),
+            None => line.trim().split(' ').next().unwrap_or(""),
+        };
+        if path.starts_with('/') {
+            files.push(path.to_string());
+        }
+    }
+    files
+        .into_iter()
+        .map(|f| {
+            let bytes = fs::read(&f).with_context(|| format!("reading {f}"))?;
+            Ok((f, bytes))
+        })
+        .collect()
+}
+
 /// Maps each wanted module name to its file, `.ko` or `.ko.xz`.
 fn find_modules(kernel_dir: &Path) -> Result<HashMap<&'static str, PathBuf>> {
+    find_named_modules(kernel_dir, &GUEST_MODULES)
+}
+
+/// Maps each of `names` found under `kernel_dir` to its file, `.ko` or `.ko.xz`.
+fn find_named_modules(
+    kernel_dir: &Path,
+    names: &[&'static str],
+) -> Result<HashMap<&'static str, PathBuf>> {
     let mut found = HashMap::new();
     let mut stack = vec![kernel_dir.to_path_buf()];
     while let Some(dir) = stack.pop() {
@@ -450,7 +512,7 @@ fn find_modules(kernel_dir: &Path) -> Result<HashMap<&'static str, PathBuf>> {
             };
             // The kernel treats '-' and '_' in module names as the same character.
             let stem = stem.replace('-', "_");
-            if let Some(name) = GUEST_MODULES.iter().find(|m| **m == stem) {
+            if let Some(name) = names.iter().find(|m| m.replace('-', "_") == stem) {
                 found.insert(*name, path);
             }
         }
