@@ -109,6 +109,20 @@ pub fn redact(mut v: serde_json::Value) -> serde_json::Value {
     v
 }
 
+/// A body whose values are all secret: its keys, each value `"<redacted>"` (and anything
+/// but an object, redacted whole).
+pub fn keys_only(v: serde_json::Value) -> serde_json::Value {
+    match v {
+        serde_json::Value::Object(map) => serde_json::Value::Object(
+            map.into_iter()
+                .map(|(k, _)| (k, serde_json::Value::String("<redacted>".into())))
+                .collect(),
+        ),
+        serde_json::Value::Null => serde_json::Value::Null,
+        _ => serde_json::Value::String("<redacted>".into()),
+    }
+}
+
 fn hash(line: &[u8]) -> String {
     hex::encode(Sha256::digest(line))
 }

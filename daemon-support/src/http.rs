@@ -65,6 +65,9 @@ pub struct Operation {
     pub name: &'static str,
     pub role: Role,
     pub mutating: bool,
+    /// Its body carries secrets: the audit log records the body's keys, no value at all
+    /// (a misspelt key would escape redaction by name).
+    pub secret_body: bool,
 }
 
 impl Operation {
@@ -73,6 +76,7 @@ impl Operation {
             name,
             role: Role::Viewer,
             mutating: false,
+            secret_body: false,
         }
     }
 
@@ -81,6 +85,15 @@ impl Operation {
             name,
             role,
             mutating: true,
+            secret_body: false,
+        }
+    }
+
+    /// The same operation, its body's values kept out of the audit log.
+    pub const fn with_secret_body(self) -> Self {
+        Operation {
+            secret_body: true,
+            ..self
         }
     }
 }
@@ -413,8 +426,11 @@ async fn check(
             )
         }
     };
-    let body_json: serde_json::Value =
+    let mut body_json: serde_json::Value =
         serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+    if op.secret_body {
+        body_json = audit::keys_only(body_json);
+    }
     let params = audit::redact(serde_json::json!({ "query": query, "body": body_json }));
     let req = Request::from_parts(parts, Body::from(bytes));
     // The operation and its audit line run as a task of their own: a client that hangs up

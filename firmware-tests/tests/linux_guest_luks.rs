@@ -131,7 +131,10 @@ fn the_kernels_dm_crypt_opens_images_our_node_wrote() -> Result<()> {
     for (name, bytes) in extra_modules(&MODULES)? {
         guest = guest.file(&format!("/lib/modules/extra/{name}.ko"), bytes);
     }
-    for (path, bytes) in host_program("cryptsetup")? {
+    let files = host_program("cryptsetup")?;
+    // The program first, at the path the script runs it by.
+    let cryptsetup_path = files[0].0.clone();
+    for (path, bytes) in files {
         guest = guest.executable(&path, bytes);
     }
     let script = format!(
@@ -146,14 +149,15 @@ done
 mkdir -p /run/cryptsetup
 export DM_DISABLE_UDEV=1
 for d in vda vdb; do
-    cryptsetup open --disable-locks --key-file /key2 /dev/$d c$d 2>/tmp/err || {{ cat /tmp/err; fail open-$d; }}
+    {cryptsetup} open --disable-locks --key-file /key2 /dev/$d c$d 2>/tmp/err || {{ cat /tmp/err; fail open-$d; }}
     dd if=/dev/mapper/c$d of=/tmp/read bs=1M skip=1 count=4 2>/dev/null || fail read-$d
     cmp /tmp/read /pattern.bin || fail data-$d
     echo "RESULT ok_$d=yes"
-    cryptsetup close c$d
+    {cryptsetup} close --disable-locks c$d || fail close-$d
 done
 "#,
-        modules = MODULES.join(" ")
+        modules = MODULES.join(" "),
+        cryptsetup = cryptsetup_path,
     );
     let run = guest
         .file("/key2", std::fs::read(&key2)?)

@@ -207,6 +207,18 @@ fn passphrases_are_added_rotated_and_removed_while_the_disk_serves() {
         );
         assert!(!ok && err.contains("passphrase: a string"), "{err}");
         assert!(!err.contains("918273645"), "{err}");
+        // A misspelt key is refused, and its value is not in the audit log either.
+        let (ok, _, err) = strata_run(
+            &api,
+            &[
+                "raw",
+                "POST",
+                "/v1/disks/vm/keyslots",
+                "--data",
+                r#"{"passphrase": "x", "new_pasphrase": "typo secret 5150"}"#,
+            ],
+        );
+        assert!(!ok, "{err}");
         strata(&api, &["key", "remove", "vm", &first, "--key-file", &k(2)]);
         assert!(
             !cryptsetup_takes(&img, &keys[0]),
@@ -230,6 +242,10 @@ fn passphrases_are_added_rotated_and_removed_while_the_disk_serves() {
         assert!(
             !audit_text.contains("918273645"),
             "the audit log quotes a passphrase"
+        );
+        assert!(
+            !audit_text.contains("typo secret 5150"),
+            "the audit log quotes a secret"
         );
         for (what, text) in [
             ("the daemon's log", &log),

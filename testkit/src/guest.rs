@@ -451,6 +451,8 @@ pub fn host_program(name: &str) -> Result<Vec<(String, Vec<u8>)>> {
     let ldd = require_tool("ldd")?;
     let out = Command::new(ldd)
         .arg(&program)
+        .env_remove("LD_LIBRARY_PATH")
+        .env_remove("LD_PRELOAD")
         .output()
         .with_context(|| format!("running ldd on {}", program.display()))?;
     if !out.status.success() {
@@ -462,6 +464,13 @@ pub fn host_program(name: &str) -> Result<Vec<(String, Vec<u8>)>> {
     }
     let mut files = vec![program.display().to_string()];
     for line in String::from_utf8_lossy(&out.stdout).lines() {
+        if line.contains("not found") {
+            bail!(
+                "{}: a library it needs is missing: {}",
+                program.display(),
+                line.trim()
+            );
+        }
         let path = match line.split_once("=>") {
             Some((_, right)) => right.trim().split(' ').next().unwrap_or(""),
             None => line.trim().split(' ').next().unwrap_or(""),

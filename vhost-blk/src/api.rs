@@ -51,9 +51,11 @@ pub const GROUP_LIMITS: Operation = Operation::write("throttle-group.limits", Ro
 /// Reads (and with a repair writes) any qcow2 file the daemon can reach: admin only.
 pub const KEYSLOT_LIST: Operation = Operation::read("keyslot.list");
 /// Key material: an admin's, as adding a disk with a key file is.
-pub const KEYSLOT_ADD: Operation = Operation::write("keyslot.add", Role::Admin);
-pub const KEYSLOT_REMOVE: Operation = Operation::write("keyslot.remove", Role::Admin);
-pub const KEYSLOT_CHANGE: Operation = Operation::write("keyslot.change", Role::Admin);
+pub const KEYSLOT_ADD: Operation = Operation::write("keyslot.add", Role::Admin).with_secret_body();
+pub const KEYSLOT_REMOVE: Operation =
+    Operation::write("keyslot.remove", Role::Admin).with_secret_body();
+pub const KEYSLOT_CHANGE: Operation =
+    Operation::write("keyslot.change", Role::Admin).with_secret_body();
 pub const IMAGE_CHECK: Operation = Operation::write("image.check", Role::Admin);
 /// Removing a disk a frontend is using (`?force=true`) needs [`Role::Admin`] besides.
 pub const DISK_REMOVE: Operation = Operation::write("disk.remove", Role::Operator);
@@ -620,8 +622,9 @@ struct KeyslotBody {
     /// JSON values, checked here: a type error from the parser would quote the value.
     passphrase: serde_json::Value,
     new_passphrase: Option<serde_json::Value>,
-    /// How long the new keyslot's PBKDF2 takes here (cryptsetup's `--iter-time`).
-    iter_time_ms: Option<u64>,
+    /// How long the new keyslot's PBKDF2 takes here (cryptsetup's `--iter-time`); a
+    /// value too, so that a passphrase put here by mistake is not quoted either.
+    iter_time_ms: Option<serde_json::Value>,
 }
 
 impl Drop for KeyslotBody {
@@ -660,11 +663,13 @@ impl KeyslotBody {
 
     /// The new keyslot's PBKDF2 time (its iterations are measured off the API's thread).
     fn iterations_ms(&self) -> Result<u64, ApiError> {
-        match self.iter_time_ms.unwrap_or(ITER_TIME_MS) {
-            t @ 1..=60_000 => Ok(t),
-            t => Err(ApiError::bad_request(format!(
-                "iter_time_ms {t}: 1 to 60000"
-            ))),
+        let t = match &self.iter_time_ms {
+            None => ITER_TIME_MS,
+            Some(v) => v.as_u64().unwrap_or(0),
+        };
+        match t {
+            1..=60_000 => Ok(t),
+            _ => Err(ApiError::bad_request("iter_time_ms: 1 to 60000")),
         }
     }
 }
@@ -718,8 +723,8 @@ async fn add_keyslot(
         let luks = d.device.disk.luks().expect("checked above");
         let iterations = storage_core::crypto::luks1::iterations_for(ms);
         luks.add_keyslot(
-            body.passphrase().unwrap_or_default(),
-            body.new_passphrase().unwrap_or_default(),
+            body.passphrase().expect("checked above"),
+            body.new_passphrase().expect("checked above"),
             iterations,
         )
     })
@@ -746,7 +751,7 @@ async fn remove_keyslot(
     body.passphrase()?;
     http::blocking(move || {
         let luks = d.device.disk.luks().expect("checked above");
-        luks.remove_keyslot(body.passphrase().unwrap_or_default(), slot)
+        luks.remove_keyslot(body.passphrase().expect("checked above"), slot)
     })
     .await?
     .map_err(|e| keyslot_error(&id, e))?;
@@ -766,8 +771,8 @@ async fn change_passphrase(
         let luks = d.device.disk.luks().expect("checked above");
         let iterations = storage_core::crypto::luks1::iterations_for(ms);
         luks.change_passphrase(
-            body.passphrase().unwrap_or_default(),
-            body.new_passphrase().unwrap_or_default(),
+            body.passphrase().expect("checked above"),
+            body.new_passphrase().expect("checked above"),
             iterations,
         )
     })

@@ -52,9 +52,10 @@ pub const MAX_ARGON2_KIB: u32 = 4 << 20;
 pub const MAX_ARGON2_TIME: u32 = 1000;
 /// The most Argon2 lanes (cryptsetup's limit).
 pub const MAX_ARGON2_CPUS: u32 = 32;
-/// The most Argon2 work a keyslot may ask for, memory times passes (in KiB-passes): ten
-/// passes over cryptsetup's largest memory. Each open may try every keyslot.
-pub const MAX_ARGON2_WORK: u64 = 10 * (4 << 20);
+/// The most Argon2 work a keyslot may ask for, memory times passes (in KiB-passes): fifty
+/// passes over cryptsetup's largest memory (its `--iter-time 10000` on a fast machine stays
+/// well below). A keyslot asking more is skipped, not tried: each open may try them all.
+pub const MAX_ARGON2_WORK: u64 = 50 * (4 << 20);
 /// LUKS2's keyslots: ids 0 to 31, as cryptsetup allows.
 pub const MAX_KEYSLOTS: u32 = 32;
 
@@ -86,6 +87,9 @@ pub struct Keyslot {
     pub area_size: u64,
     /// cryptsetup's priority: 0 (ignored unless named), 1 (normal), 2 (preferred).
     pub priority: u32,
+    /// Why it is never tried (its key derivation asks for more than we allow), if so: the
+    /// image's other keyslots still open it.
+    pub unusable: Option<String>,
 }
 
 /// The master key's digest.
@@ -274,6 +278,7 @@ fn keyslot(k: &str, v: &Value) -> Result<Keyslot, CryptoError> {
     check_xts(area, w)?;
     let kdf = &v["kdf"];
     let salt = b64(&kdf["salt"], w)?;
+    let mut unusable = None;
     let kdf = match str_of(&kdf["type"], w)? {
         "pbkdf2" => {
             if str_of(&kdf["hash"], w)? != "sha256" {
@@ -281,9 +286,9 @@ fn keyslot(k: &str, v: &Value) -> Result<Keyslot, CryptoError> {
             }
             let iterations = num32(&kdf["iterations"], w)?;
             if !(1..=MAX_ITERATIONS).contains(&iterations) {
-                return Err(unsupported(format!(
+                unusable = Some(format!(
                     "{w}: {iterations} PBKDF2 iterations (1 to {MAX_ITERATIONS})"
-                )));
+                ));
             }
             Kdf::Pbkdf2 { iterations, salt }
         }
@@ -298,11 +303,11 @@ fn keyslot(k: &str, v: &Value) -> Result<Keyslot, CryptoError> {
                 || !(1..=MAX_ARGON2_CPUS).contains(&cpus)
                 || u64::from(memory_kib) * u64::from(time) > MAX_ARGON2_WORK
             {
-                return Err(unsupported(format!(
+                unusable = Some(format!(
                     "{w}: {t} with {time} passes, {memory_kib} KiB and {cpus} lanes (at most \
                      {MAX_ARGON2_TIME}, {MAX_ARGON2_KIB} and {MAX_ARGON2_CPUS}, and \
                      {MAX_ARGON2_WORK} KiB-passes)"
-                )));
+                ));
             }
             Kdf::Argon2 {
                 id: t == "argon2id",
@@ -324,6 +329,7 @@ fn keyslot(k: &str, v: &Value) -> Result<Keyslot, CryptoError> {
             Value::Null => 1,
             p => num32(p, w)?,
         },
+        unusable,
     })
 }
 
@@ -520,7 +526,16 @@ impl Header {
         passphrase: &[u8],
         read: &mut dyn FnMut(u64, &mut [u8]) -> std::io::Result<()>,
     ) -> Result<(MasterKey, u32), CryptoError> {
-        let mut order: Vec<&Keyslot> = self.keyslots.iter().filter(|s| s.priority > 0).collect();
+        for s in &self.keyslots {
+            if let Some(why) = &s.unusable {
+                log::warn!("LUKS2 keyslot skipped: {why}");
+            }
+        }
+        let mut order: Vec<&Keyslot> = self
+            .keyslots
+            .iter()
+            .filter(|s| s.priority > 0 && s.unusable.is_none())
+            .collect();
         order.sort_by_key(|s| (std::cmp::Reverse(s.priority), s.id));
         let mut failed = None;
         for s in order {
@@ -714,6 +729,7 @@ impl Header {
             area_offset: at,
             area_size: need,
             priority: 1,
+            unusable: None,
         });
         self.keyslots.sort_by_key(|s| s.id);
         self.digests[digest].keyslots.push(id);
@@ -856,6 +872,29 @@ mod tests {
     }
 
     /// Hostile headers are refused by name, not trusted.
+    /// A keyslot asking for more Argon2 work than we allow is read, and skipped.
+    #[test]
+    fn a_keyslot_too_costly_to_try_is_skipped() {
+        let mut j = json();
+        j["keyslots"]["0"]["kdf"] = serde_json::json!({
+            "type": "argon2id", "time": 1000, "memory": 4194304, "cpus": 4,
+            "salt": "AAAAAAAAAAAAAAAAAAAAAA=="
+        });
+        let h = read(&image(&j)).unwrap();
+        assert!(h.keyslots[0]
+            .unusable
+            .as_deref()
+            .unwrap()
+            .contains("KiB-passes"));
+        let started = std::time::Instant::now();
+        let e = h.unlock(b"any", &mut |_, _| Ok(())).err().unwrap();
+        assert!(matches!(e, CryptoError::WrongPassphrase));
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "it was tried"
+        );
+    }
+
     #[test]
     fn hostile_headers_are_refused() {
         type Change = fn(&mut Value);
@@ -885,13 +924,8 @@ mod tests {
                 "a digest of 1 bytes",
             ),
             (
-                |j| {
-                    j["keyslots"]["0"]["kdf"] = serde_json::json!({
-                        "type": "argon2id", "time": 1000, "memory": 4194304, "cpus": 4,
-                        "salt": "AAAAAAAAAAAAAAAAAAAAAA=="
-                    })
-                },
-                "KiB-passes",
+                |j| j["keyslots"]["0"]["kdf"]["salt"] = "not base64!".into(),
+                "not base64",
             ),
             (
                 |j| j["keyslots"]["0"]["area"]["size"] = "18446744073709551615".into(),
