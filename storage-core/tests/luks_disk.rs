@@ -504,13 +504,7 @@ fn bad_keys_and_key_files_are_refused_by_name_without_the_secret() {
 
 /// Runs cryptsetup, which must succeed.
 fn cryptsetup(args: &[&str]) {
-    let bin = require_tool("cryptsetup").unwrap_or_else(|e| panic!("{e}"));
-    let out = Command::new(bin).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "cryptsetup {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    testkit::tools::cryptsetup_ok(args);
 }
 
 /// A LUKS2 image that cryptsetup encrypted in place from `plain` (its offline

@@ -710,26 +710,41 @@ async fn keyslots(
     ))
 }
 
+/// A keyslot for the body's new passphrase, authorised by its passphrase: added beside
+/// the others, or (`rotate`) replacing the one that passphrase opens. Its id.
+async fn new_keyslot(
+    disks: &DiskSet,
+    id: &str,
+    body: KeyslotBody,
+    rotate: bool,
+) -> Result<u32, ApiError> {
+    let d = luks_disk(disks, id)?;
+    body.passphrase()?;
+    body.new_passphrase()?;
+    let ms = body.iterations_ms()?;
+    http::blocking(move || {
+        let luks = d.device.disk.luks().expect("checked above");
+        let iterations = storage_core::crypto::luks1::iterations_for(ms);
+        let (old, new) = (
+            body.passphrase().expect("checked above"),
+            body.new_passphrase().expect("checked above"),
+        );
+        if rotate {
+            luks.change_passphrase(old, new, iterations)
+        } else {
+            luks.add_keyslot(old, new, iterations)
+        }
+    })
+    .await?
+    .map_err(|e| keyslot_error(id, e))
+}
+
 async fn add_keyslot(
     State(disks): Disks,
     UrlPath(id): UrlPath<String>,
     JsonBody(body): JsonBody<KeyslotBody>,
 ) -> Result<Response, ApiError> {
-    let d = luks_disk(&disks, &id)?;
-    body.passphrase()?;
-    body.new_passphrase()?;
-    let ms = body.iterations_ms()?;
-    let slot = http::blocking(move || {
-        let luks = d.device.disk.luks().expect("checked above");
-        let iterations = storage_core::crypto::luks1::iterations_for(ms);
-        luks.add_keyslot(
-            body.passphrase().expect("checked above"),
-            body.new_passphrase().expect("checked above"),
-            iterations,
-        )
-    })
-    .await?
-    .map_err(|e| keyslot_error(&id, e))?;
+    let slot = new_keyslot(&disks, &id, body, false).await?;
     Ok((
         StatusCode::CREATED,
         Json(serde_json::json!({ "disk": id, "keyslot": slot })),
@@ -763,21 +778,7 @@ async fn change_passphrase(
     UrlPath(id): UrlPath<String>,
     JsonBody(body): JsonBody<KeyslotBody>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let d = luks_disk(&disks, &id)?;
-    body.passphrase()?;
-    body.new_passphrase()?;
-    let ms = body.iterations_ms()?;
-    let slot = http::blocking(move || {
-        let luks = d.device.disk.luks().expect("checked above");
-        let iterations = storage_core::crypto::luks1::iterations_for(ms);
-        luks.change_passphrase(
-            body.passphrase().expect("checked above"),
-            body.new_passphrase().expect("checked above"),
-            iterations,
-        )
-    })
-    .await?
-    .map_err(|e| keyslot_error(&id, e))?;
+    let slot = new_keyslot(&disks, &id, body, true).await?;
     Ok(Json(serde_json::json!({ "disk": id, "keyslot": slot })))
 }
 

@@ -101,6 +101,15 @@ pub struct MkDigest {
     pub digest: Vec<u8>,
 }
 
+impl MkDigest {
+    /// Whether `key` is the master key this digest names.
+    pub fn matches(&self, key: &[u8]) -> bool {
+        let mut check = Zeroizing::new(vec![0u8; self.digest.len()]);
+        pbkdf2_hmac::<Sha256>(key, &self.salt, self.iterations, &mut check);
+        super::luks1::constant_time_eq(&check, &self.digest)
+    }
+}
+
 /// The data segment.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Segment {
@@ -556,9 +565,7 @@ impl Header {
             Xts::new(&derived[..])?.decrypt(&mut material, 0, 512);
             let mut key = Locked::new([0u8; KEY_BYTES]).map_err(CryptoError::Io)?;
             af::merge(&material, s.stripes as usize, &mut key[..]);
-            let mut check = Zeroizing::new(vec![0u8; d.digest.len()]);
-            pbkdf2_hmac::<Sha256>(&key[..], &d.salt, d.iterations, &mut check);
-            if super::luks1::constant_time_eq(&check, &d.digest) {
+            if d.matches(&key[..]) {
                 return Ok((key, s.id));
             }
         }
@@ -656,11 +663,7 @@ impl Header {
         let digest = self
             .digests
             .iter()
-            .position(|d| {
-                let mut check = Zeroizing::new(vec![0u8; d.digest.len()]);
-                pbkdf2_hmac::<Sha256>(key, &d.salt, d.iterations, &mut check);
-                super::luks1::constant_time_eq(&check, &d.digest)
-            })
+            .position(|d| d.matches(key))
             .ok_or_else(|| unsupported("a key that is not this image's master key"))?;
         let id = (0..32u32)
             .find(|i| !self.keyslots.iter().any(|s| s.id == *i))
