@@ -229,6 +229,7 @@ fn our_writes_pass_qemu_img_check_and_compare() {
                     size,
                     cluster_size: cluster,
                     backing: None,
+                    encryption: None,
                 },
             )
             .unwrap();
@@ -277,6 +278,7 @@ fn overlays_read_through_their_backing_chain_and_write_over_it() {
             size,
             cluster_size: 65536,
             backing: Some(("mid.qcow2".into(), "qcow2".into())),
+            encryption: None,
         },
     )
     .unwrap();
@@ -336,6 +338,7 @@ fn a_chain_of_mixed_cluster_sizes_over_shorter_images_reads_as_qemu_img_reads_it
                 size,
                 cluster_size: cluster,
                 backing: Some((below.into(), "qcow2".into())),
+                encryption: None,
             },
         )
         .unwrap();
@@ -470,6 +473,7 @@ fn small_clusters_grow_the_tables_and_evict_l2_tables_from_two_queues() {
                 backing: Backing::FromImage,
                 // A handful of L2 tables: most lookups miss, dirty tables force flushes.
                 l2_cache: 4096,
+                key_file: None,
             },
             read_only: false,
             serial: None,
@@ -538,6 +542,7 @@ fn writes_cut_short_without_a_flush_leave_leaks_at_worst() {
             size,
             cluster_size: 65536,
             backing: None,
+            encryption: None,
         },
     )
     .unwrap();
@@ -614,6 +619,7 @@ fn damaged_images_are_refused_with_a_reason() {
             size: MIB,
             cluster_size: 65536,
             backing: Some(("gone.raw".into(), "raw".into())),
+            encryption: None,
         },
     )
     .unwrap();
@@ -699,6 +705,7 @@ fn snapshots_under_a_throttle_wake_the_worker_and_some_disks_refuse_them() {
             }),
             backing: storage_core::qcow2::Backing::Without,
             l2_cache: 1 << 20,
+            key_file: None,
         },
         read_only: false,
         serial: None,

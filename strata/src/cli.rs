@@ -169,6 +169,37 @@ pub enum ImageCommand {
         #[arg(long, value_name = "WHAT", value_parser = ["leaks", "all"])]
         repair: Option<String>,
     },
+    /// Make an image file of SIZE bytes (or with a unit: 20G), as qemu-img create and
+    /// cryptsetup luksFormat do: qcow2 (encrypted with --key-file: LUKS inside qcow2, QEMU's
+    /// encrypt.format=luks), or luks (LUKS1, which QEMU reads too, or LUKS2) with a new
+    /// random master key in keyslot 0 under the passphrase in --key-file.
+    Create {
+        file: std::path::PathBuf,
+        size: String,
+        #[arg(long, value_parser = ["qcow2", "luks"])]
+        format: String,
+        /// The key file holding the passphrase (mode 0600 or stricter, yours).
+        #[arg(long, value_name = "PATH")]
+        key_file: Option<std::path::PathBuf>,
+        /// With --format luks: 1 (QEMU and cryptsetup read it) or 2 (cryptsetup's default).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+        luks_version: u8,
+        /// With --luks-version 2: the payload's sector size, 512 to 4096.
+        #[arg(long, default_value_t = 512)]
+        sector_size: u32,
+        /// Milliseconds of PBKDF2 for the keyslot (2000 unless given, as QEMU's iter-time).
+        #[arg(long, default_value_t = 2000)]
+        iter_time: u64,
+        /// With --format qcow2: the cluster size (64K unless given).
+        #[arg(long, default_value = "64K")]
+        cluster_size: String,
+        /// With --format qcow2: a backing file, as the image will record it.
+        #[arg(long, value_name = "NAME")]
+        backing: Option<String>,
+        /// The backing file's format (qcow2 or raw).
+        #[arg(long, value_parser = ["qcow2", "raw"], requires = "backing")]
+        backing_format: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -1,12 +1,20 @@
-//! `strata image check FILE [--repair leaks|all]`: checks a qcow2 image or a tier's cache
-//! device that no daemon has open, here (the image is a file on this host, not something the API serves), with
-//! storage-core's checker, and prints and exits as `qemu-img check` does: 0 clean, 2
-//! corruptions left, 3 leaks only, 1 not checked.
+//! Image files on this host, not something the API serves:
+//! - `strata image check FILE [--repair leaks|all]` checks a qcow2 image or a tier's cache
+//!   device that no daemon has open with storage-core's checker, and prints and exits as
+//!   `qemu-img check` does: 0 clean, 2 corruptions left, 3 leaks only, 1 not checked.
+//! - `strata image create FILE SIZE --format qcow2|luks [--key-file KEY]` makes a qcow2
+//!   image (encrypted with a key: LUKS in qcow2) or a LUKS1 or LUKS2 image; exit 2 with
+//!   one line naming the problem.
 
 use std::path::Path;
 use std::process::ExitCode;
 
 use storage_core::check::{check_file, CheckReport, Repair};
+use storage_core::crypto::{luks1, luks2};
+use storage_core::qcow2::{self, CreateOptions, LuksHeader};
+use storage_core::units::ByteSize;
+
+use strata::cli::ImageCommand;
 
 fn text(r: &CheckReport) -> String {
     // A cache device's "leaks" are damaged spare superblock copies, its clusters slots.
@@ -103,6 +111,113 @@ pub fn run(file: &Path, repair: Option<&str>, as_json: bool) -> ExitCode {
         Err(e) => {
             eprintln!("strata: {e}");
             ExitCode::from(2)
+        }
+    }
+}
+
+/// Makes the image `c` (an [`ImageCommand::Create`]) describes; exit 0, or 2 with one line.
+pub fn create(c: &ImageCommand) -> ExitCode {
+    match make(c) {
+        Ok(line) => {
+            println!("{line}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("strata: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn make(c: &ImageCommand) -> Result<String, String> {
+    let ImageCommand::Create {
+        file,
+        size,
+        format,
+        key_file,
+        luks_version,
+        sector_size,
+        iter_time,
+        cluster_size,
+        backing,
+        backing_format,
+    } = c
+    else {
+        return Err("not an image create command".into());
+    };
+    let bytes = |what: &str, v: &str| {
+        v.parse::<ByteSize>()
+            .map(|b| b.0)
+            .map_err(|e| format!("{what} {v:?}: {e}"))
+    };
+    let size = bytes("size", size)?;
+    let name = file.display();
+    let passphrase = key_file
+        .as_deref()
+        .map(storage_core::crypto::key_file::read)
+        .transpose()
+        .map_err(|e| e.to_string())?;
+    if !(1..=60_000).contains(iter_time) {
+        return Err(format!("--iter-time {iter_time}: 1 to 60000 milliseconds"));
+    }
+    let iterations = || storage_core::crypto::luks1::iterations_for(*iter_time);
+    match format.as_str() {
+        "qcow2" => {
+            if *luks_version != 1 || *sector_size != 512 {
+                return Err(
+                    "--luks-version and --sector-size are for --format luks: an encrypted \
+                     qcow2 image holds LUKS1 with 512-byte sectors, as QEMU writes it"
+                        .into(),
+                );
+            }
+            let encryption = passphrase
+                .map(|p| LuksHeader::new(&p, iterations()))
+                .transpose()
+                .map_err(|e| e.to_string())?;
+            let encrypted = encryption.is_some();
+            let opts = CreateOptions {
+                size,
+                cluster_size: bytes("--cluster-size", cluster_size)?,
+                backing: backing.clone().map(|b| {
+                    let f = backing_format.clone().unwrap_or_else(|| "qcow2".into());
+                    (b, f)
+                }),
+                encryption,
+            };
+            qcow2::create(file, &opts).map_err(|e| e.to_string())?;
+            Ok(format!(
+                "Formatting '{name}', fmt=qcow2 cluster_size={} size={size}{}{}",
+                opts.cluster_size,
+                opts.backing
+                    .as_ref()
+                    .map(|(b, f)| format!(" backing_file={b} backing_fmt={f}"))
+                    .unwrap_or_default(),
+                if encrypted {
+                    " encrypt.format=luks"
+                } else {
+                    ""
+                }
+            ))
+        }
+        _ => {
+            let Some(p) = passphrase else {
+                return Err("--format luks needs --key-file".into());
+            };
+            if backing.is_some() {
+                return Err("--backing is for --format qcow2".into());
+            }
+            let made = match luks_version {
+                1 if *sector_size != 512 => {
+                    return Err("LUKS1 has 512-byte sectors only (--luks-version 2)".into())
+                }
+                1 => luks1::create_image(file, size, &p, iterations()),
+                _ => luks2::create_image(file, size, *sector_size, &p, iterations()),
+            };
+            made.map_err(|e| format!("{name}: {e}"))?;
+            Ok(format!(
+                "Formatting '{name}', fmt=luks{luks_version} size={size} \
+                 cipher=aes-xts-plain64 sector_size={sector_size}"
+            ))
         }
     }
 }

@@ -85,6 +85,9 @@ fn main() -> ExitCode {
     if let Command::Image(ImageCommand::Check { file, repair }) = &cli.command {
         return image::run(file, repair.as_deref(), cli.json);
     }
+    if let Command::Image(c @ ImageCommand::Create { .. }) = &cli.command {
+        return image::create(c);
+    }
     match run(&cli) {
         Ok(text) => {
             print!("{text}");

@@ -5,21 +5,11 @@
 //! serves it.
 
 use std::os::unix::fs::FileExt;
-use std::process::Command;
 
-use testkit::daemon::binary_path;
 use testkit::tools::{qemu_img_check, qemu_img_ok};
 
 fn strata(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(binary_path("strata"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    testkit::daemon::strata_local(args)
 }
 
 /// A vhost-blk daemon serving `disk`, its sockets in `dir` (the API's: `dir/api.sock`).

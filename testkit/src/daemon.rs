@@ -730,6 +730,19 @@ pub fn strata_run(api: &Path, args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// Runs `strata args` with no daemon (its `image` commands): exit code, stdout, stderr.
+pub fn strata_local(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(binary_path("strata"))
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running strata: {e}"));
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// Runs `strata --api API args`, which must succeed; its standard output.
 pub fn strata(api: &Path, args: &[&str]) -> String {
     let (ok, out, err) = strata_run(api, args);

@@ -9,3 +9,4 @@ pub mod guest;
 pub mod http;
 pub mod image;
 pub mod tools;
+pub mod workload;

@@ -223,11 +223,19 @@ fn admin_only(node: &NodeSpec, out: &mut Vec<String>) {
             }
             admin_only(child, out)
         }
-        NodeSpec::Qcow2 { file, backing, .. } => {
+        NodeSpec::Qcow2 {
+            file,
+            backing,
+            key_file,
+            ..
+        } => {
             // The image names its backing file, anywhere on the host: an operator's image
             // could name a file the operator may not read.
             if *backing == storage_core::qcow2::Backing::FromImage {
                 out.push("a qcow2 image's own backing file (give backing=null)".into());
+            }
+            if let Some(k) = key_file {
+                out.push(format!("the key file {}", k.display()));
             }
             admin_only(file, out)
         }

@@ -334,7 +334,7 @@ pub(super) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// A version 4 UUID's text from 16 random bytes.
-fn uuid(b: &[u8; 16]) -> String {
+pub(super) fn uuid(b: &[u8; 16]) -> String {
     let mut b = *b;
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;

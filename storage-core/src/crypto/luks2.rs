@@ -601,6 +601,112 @@ fn derive(kdf: &Kdf, passphrase: &[u8], out: &mut [u8]) -> Result<(), CryptoErro
     }
 }
 
+/// Where a LUKS2 image we make puts its payload: after two 16 KiB header copies and the
+/// keyslots area, at 16 MiB (cryptsetup's default layout).
+pub const PAYLOAD_OFFSET: u64 = 16 << 20;
+
+/// Makes a LUKS2 image at `path` (which must not exist) for a payload of `size` bytes in
+/// sectors of `sector_size` (512 to 4096), with a new random master key in keyslot 0
+/// under `passphrase` (PBKDF2-SHA256 of `iterations`), laid out as `cryptsetup
+/// luksFormat --type luks2` lays it out. The payload is left as holes (noise once
+/// decrypted). Durable when it returns.
+pub fn create_image(
+    path: &std::path::Path,
+    size: u64,
+    sector_size: u32,
+    passphrase: &[u8],
+    iterations: u32,
+) -> Result<(), CryptoError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if !(512..=4096).contains(&sector_size) || !sector_size.is_power_of_two() {
+        return Err(unsupported(format!(
+            "sector size {sector_size}: a power of two from 512 to 4096"
+        )));
+    }
+    if size == 0 || !size.is_multiple_of(u64::from(sector_size)) {
+        return Err(unsupported(format!(
+            "size {size}: a whole number of {sector_size}-byte sectors"
+        )));
+    }
+    let mut key = Locked::new([0u8; KEY_BYTES]).map_err(CryptoError::Io)?;
+    super::luks1::random(&mut key[..]);
+    let mut salt = [0u8; 32];
+    super::luks1::random(&mut salt);
+    // The digest only recognises a random key: cryptsetup's floor of iterations is enough.
+    let digest_iterations = 1000;
+    let mut digest = [0u8; 32];
+    pbkdf2_hmac::<Sha256>(&key[..], &salt, digest_iterations, &mut digest);
+    let mut uuid = [0u8; 16];
+    super::luks1::random(&mut uuid);
+    let uuid = super::luks1::uuid(&uuid);
+    let b64 = |v: &[u8]| base64::engine::general_purpose::STANDARD.encode(v);
+    let hdr_size = 16384u64;
+    let json = serde_json::json!({
+        "keyslots": {},
+        "tokens": {},
+        "segments": { "0": {
+            "type": "crypt",
+            "offset": PAYLOAD_OFFSET.to_string(),
+            "size": "dynamic",
+            "iv_tweak": "0",
+            "encryption": "aes-xts-plain64",
+            "sector_size": sector_size,
+        } },
+        "digests": { "0": {
+            "type": "pbkdf2",
+            "keyslots": [],
+            "segments": ["0"],
+            "hash": "sha256",
+            "iterations": digest_iterations,
+            "salt": b64(&salt),
+            "digest": b64(&digest),
+        } },
+        "config": {
+            "json_size": (hdr_size - BINARY as u64).to_string(),
+            "keyslots_size": (PAYLOAD_OFFSET - 2 * hdr_size).to_string(),
+        },
+    });
+    let mut binary = vec![0u8; BINARY];
+    binary[6..8].copy_from_slice(&2u16.to_be_bytes());
+    binary[72..78].copy_from_slice(b"sha256");
+    binary[168..168 + uuid.len()].copy_from_slice(uuid.as_bytes());
+    let mut header = Header {
+        seqid: 0,
+        hdr_size,
+        uuid,
+        keyslots: Vec::new(),
+        digests: vec![MkDigest {
+            keyslots: Vec::new(),
+            iterations: digest_iterations,
+            salt: salt.to_vec(),
+            digest: digest.to_vec(),
+        }],
+        segment: Segment {
+            offset: PAYLOAD_OFFSET,
+            size: None,
+            sector_size,
+            iv_tweak: 0,
+        },
+        json,
+        binary,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(CryptoError::Io)?;
+    let made = file
+        .set_len(PAYLOAD_OFFSET + size)
+        .map_err(CryptoError::Io)
+        .and_then(|()| header.add_keyslot(&key[..], passphrase, iterations, &mut file));
+    if made.is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    made.map(drop)
+}
+
 /// The keyslots area's bounds, in bytes from the start of the device.
 fn keyslots_area(h: &Header) -> Result<(u64, u64), CryptoError> {
     let size = num(&h.json["config"]["keyslots_size"], "config")?;

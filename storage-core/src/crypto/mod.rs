@@ -5,6 +5,7 @@
 //! ([`secret`]).
 
 pub mod af;
+mod buffers;
 pub mod key_file;
 pub mod keyslots;
 pub mod luks1;
@@ -15,7 +16,9 @@ pub mod xts;
 
 use std::io;
 
-pub use node::{LuksDisk, LuksQueue, PIECE};
+pub use buffers::PIECE;
+pub(crate) use buffers::{decrypt_in_place, WriteBuffer};
+pub use node::{LuksDisk, LuksQueue};
 
 /// The one key size we implement: AES-256 in XTS mode takes two 256-bit keys.
 pub const KEY_BYTES: usize = 64;
@@ -124,6 +127,19 @@ pub trait ImageIo {
     fn read(&mut self, at: u64, buf: &mut [u8]) -> io::Result<()>;
     fn write(&mut self, at: u64, buf: &[u8]) -> io::Result<()>;
     fn sync(&mut self) -> io::Result<()>;
+}
+
+/// An image file, as a whole (for making one).
+impl ImageIo for std::fs::File {
+    fn read(&mut self, at: u64, buf: &mut [u8]) -> io::Result<()> {
+        std::os::unix::fs::FileExt::read_exact_at(self, buf, at)
+    }
+    fn write(&mut self, at: u64, buf: &[u8]) -> io::Result<()> {
+        std::os::unix::fs::FileExt::write_all_at(self, buf, at)
+    }
+    fn sync(&mut self) -> io::Result<()> {
+        self.sync_all()
+    }
 }
 
 /// Why an encrypted image could not be read or made. Never carries key material.

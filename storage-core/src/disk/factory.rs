@@ -159,11 +159,28 @@ fn open_node(node: &NodeSpec, read_only: bool) -> Result<AnyDisk, StorageError> 
             file,
             backing,
             l2_cache,
+            key_file,
         } => {
             let path = std::path::PathBuf::from(file.data_path());
+            let keys = match key_file {
+                Some(k) => Some(crate::qcow2::Keyring::new(
+                    crate::crypto::key_file::read(k).map_err(|e| {
+                        StorageError::new(StorageErrorKind::InvalidSpec, e.to_string())
+                    })?,
+                )),
+                None => None,
+            };
             let file = open_node(file, read_only)?;
-            crate::qcow2::Qcow2Disk::open(file, &path, read_only, backing, *l2_cache, 0)
-                .map(|d| AnyDisk::Qcow2(Box::new(d)))
+            crate::qcow2::Qcow2Disk::open(
+                file,
+                &path,
+                read_only,
+                backing,
+                *l2_cache,
+                0,
+                keys.as_ref(),
+            )
+            .map(|d| AnyDisk::Qcow2(Box::new(d)))
         }
         NodeSpec::Luks { file, key_file } => {
             // The key first: a bad key file then leaves nothing made (a tier's new cache).

@@ -352,6 +352,37 @@ impl GraphSpec {
         self.build(name, opts.clone(), depth, used)
     }
 
+    /// The key file node `name` (a `driver` node) names, by `key-file=PATH` or
+    /// `key-secret=ID` (an `--object secret`), if it names one.
+    fn key(
+        &self,
+        name: &str,
+        driver: &str,
+        opts: &mut Options,
+    ) -> Result<Option<PathBuf>, SpecError> {
+        match (take(opts, "key-file"), take(opts, "key-secret")) {
+            (Some(f), None) if !f.is_empty() => Ok(Some(PathBuf::from(f))),
+            (None, Some(id)) => self
+                .secrets
+                .iter()
+                .find(|(n, _)| *n == id)
+                .map(|(_, f)| Some(f.clone()))
+                .ok_or_else(|| {
+                    graph_err(format!(
+                        "{driver} node {name:?}: no secret {id:?} (add --object \
+                         secret,id={id},file=PATH)"
+                    ))
+                }),
+            (Some(_), Some(_)) => Err(graph_err(format!(
+                "{driver} node {name:?}: key-secret= and key-file= both name a key; give one"
+            ))),
+            (Some(_), None) => Err(graph_err(format!(
+                "{driver} node {name:?}: key-file= names no file"
+            ))),
+            (None, None) => Ok(None),
+        }
+    }
+
     /// The child under `key`: inline (`key.driver=...`) or by name (`key=NAME`).
     fn child(
         &self,
@@ -449,10 +480,37 @@ impl GraphSpec {
                     }
                     None => crate::qcow2::DEFAULT_L2_CACHE,
                 };
+                // QEMU's names for an encrypted image's key (`encrypt.format` may only say
+                // what the image says), and the luks node's.
+                match take(&mut opts, "encrypt.format").as_deref() {
+                    None | Some("luks") => {}
+                    Some(other) => {
+                        return Err(graph_err(format!(
+                            "qcow2 node {name:?}: encrypt.format={other:?}: only luks"
+                        )))
+                    }
+                }
+                let key_file = match take(&mut opts, "encrypt.key-secret") {
+                    Some(id) => {
+                        if opts
+                            .iter()
+                            .any(|(k, _)| k == "key-secret" || k == "key-file")
+                        {
+                            return Err(graph_err(format!(
+                                "qcow2 node {name:?}: encrypt.key-secret= and key-secret= or \
+                                 key-file= both name a key; give one"
+                            )));
+                        }
+                        opts.push(("key-secret".into(), id));
+                        self.key(name, "qcow2", &mut opts)?
+                    }
+                    None => self.key(name, "qcow2", &mut opts)?,
+                };
                 NodeSpec::Qcow2 {
                     file: Box::new(file),
                     backing,
                     l2_cache,
+                    key_file,
                 }
             }
             "rbd" => {
@@ -482,31 +540,11 @@ impl GraphSpec {
             }
             "luks" => {
                 let file = self.child(name, "file", &mut opts, depth, used)?;
-                let key_file = match (take(&mut opts, "key-file"), take(&mut opts, "key-secret")) {
-                    (Some(f), None) if !f.is_empty() => PathBuf::from(f),
-                    (None, Some(id)) => self
-                        .secrets
-                        .iter()
-                        .find(|(n, _)| *n == id)
-                        .map(|(_, f)| f.clone())
-                        .ok_or_else(|| {
-                            graph_err(format!(
-                                "luks node {name:?}: no secret {id:?} (add --object \
-                                 secret,id={id},file=PATH)"
-                            ))
-                        })?,
-                    (Some(_), Some(_)) => {
-                        return Err(graph_err(format!(
-                            "luks node {name:?}: key-secret= and key-file= both name a key; \
-                             give one"
-                        )))
-                    }
-                    _ => {
-                        return Err(graph_err(format!(
-                            "luks node {name:?} needs one of key-secret= and key-file="
-                        )))
-                    }
-                };
+                let key_file = self.key(name, "luks", &mut opts)?.ok_or_else(|| {
+                    graph_err(format!(
+                        "luks node {name:?} needs one of key-secret= and key-file="
+                    ))
+                })?;
                 NodeSpec::Luks {
                     file: Box::new(file),
                     key_file,

@@ -47,6 +47,9 @@ pub enum NodeSpec {
         backing: crate::qcow2::Backing,
         /// Bytes of L2 tables kept in memory (QEMU's `l2-cache-size`).
         l2_cache: u64,
+        /// For an encrypted image (LUKS in qcow2): the key file its passphrase is in, for
+        /// every encrypted image of its chain.
+        key_file: Option<PathBuf>,
     },
     /// A LUKS image in its `file` child, served decrypted, unlocked with the passphrase in
     /// `key_file` (see [`crate::crypto::key_file`]).
@@ -420,6 +423,9 @@ impl FromStr for DiskSpec {
                     file: Box::new(file),
                     backing: crate::qcow2::Backing::FromImage,
                     l2_cache: crate::qcow2::DEFAULT_L2_CACHE,
+                    // An encrypted qcow2 image decrypts itself (its IVs are its file's
+                    // offsets): the key goes to the qcow2 node.
+                    key_file: key_file.take(),
                 },
                 _ => file,
             }
@@ -457,7 +463,13 @@ impl FromStr for DiskSpec {
             (Some("luks"), None) => {
                 return Err(bad("format", "luks", "a LUKS disk needs key-file="));
             }
-            (_, Some(_)) => return Err(bad("key-file", "", "key-file= is for format=luks")),
+            (_, Some(_)) => {
+                return Err(bad(
+                    "key-file",
+                    "",
+                    "key-file= is for format=luks or an encrypted format=qcow2",
+                ))
+            }
             (_, None) => root,
         };
         // Limits wrap the whole disk (over its cache), as a per-VM quota does.

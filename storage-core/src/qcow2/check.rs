@@ -140,10 +140,10 @@ fn open(path: &Path, writable: bool) -> Result<Image, StorageError> {
             ),
         ));
     }
-    if header.crypt_method != 0 || header.crypto {
+    if header.crypt_method == 1 {
         return Err(invalid(
             path,
-            "an encrypted image (its key material's clusters are not counted here)",
+            "legacy AES-CBC encryption (crypt_method 1): not checked here",
         ));
     }
     if writable && header.bitmaps {
@@ -286,6 +286,10 @@ fn count(img: &Image) -> Counts {
         n.inc(img, block, img.cluster);
     }
     if let Some((off, len)) = img.snapshot_table {
+        n.inc(img, off, len);
+    }
+    // An encrypted image's LUKS header and key material (QEMU counts them too).
+    if let Some((off, len)) = h.crypto {
         n.inc(img, off, len);
     }
     for &(off, size) in &img.snapshot_l1s {

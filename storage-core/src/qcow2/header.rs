@@ -25,6 +25,13 @@ const EXT_CRYPTO: u32 = 0x0537_be77;
 const EXT_DATA_FILE: u32 = 0x4441_5441;
 const EXT_BITMAPS: u32 = 0x2385_2875;
 
+/// `crypt_method` of LUKS encryption (1 is legacy AES-CBC).
+pub const CRYPT_LUKS: u32 = 2;
+
+/// The largest LUKS header an image may point at (LUKS1's with 8 keyslots of 4000
+/// stripes is about 2 MiB).
+pub const MAX_CRYPTO_HEADER: u64 = 16 << 20;
+
 /// Field offsets written back in place.
 /// The virtual size (what the guest sees), a big-endian u64.
 pub const OFF_SIZE: u64 = 24;
@@ -63,8 +70,9 @@ pub struct Header {
     pub compression: Compression,
     /// An external data file is named (we refuse those).
     pub data_file: bool,
-    /// A LUKS header extension is present (qcow2 encryption, not done here yet).
-    pub crypto: bool,
+    /// Where the LUKS header of an encrypted image lies in the file (offset, length), from
+    /// the full-disk-encryption header extension.
+    pub crypto: Option<(u64, u64)>,
     /// A persistent dirty bitmaps extension is present.
     pub bitmaps: bool,
 }
@@ -140,7 +148,7 @@ impl Header {
             header_length: 72,
             compression: Compression::Zlib,
             data_file: false,
-            crypto: false,
+            crypto: None,
             bitmaps: false,
         };
         if version == 3 {
@@ -240,13 +248,41 @@ impl Header {
                             .map_err(|_| invalid("the backing format is not UTF-8"))?,
                     )
                 }
-                EXT_CRYPTO => h.crypto = true,
+                EXT_CRYPTO => {
+                    if data.len() != 16 {
+                        return Err(invalid(format!(
+                            "the encryption header extension holds {} bytes (16 expected)",
+                            data.len()
+                        )));
+                    }
+                    h.crypto = Some((be64(data, 0), be64(data, 8)))
+                }
                 EXT_DATA_FILE => h.data_file = true,
                 EXT_BITMAPS => h.bitmaps = true,
                 // Names for feature bits (0x6803f857), and the ones we keep without
                 // knowing them.
                 _ => {}
             }
+        }
+        match (h.crypt_method, h.crypto) {
+            (0, None) => {}
+            (0, Some(_)) | (CRYPT_LUKS, None) => {
+                return Err(invalid(
+                    "the encryption method and the encryption header extension disagree",
+                ))
+            }
+            (CRYPT_LUKS, Some((offset, len))) => {
+                aligned(offset, "the encryption header")?;
+                if len == 0 || len > MAX_CRYPTO_HEADER || offset + len > file_len {
+                    return Err(invalid(format!(
+                        "the encryption header ({len} bytes at {offset:#x}) does not fit in \
+                         the file or is larger than {MAX_CRYPTO_HEADER} bytes"
+                    )));
+                }
+            }
+            // Legacy AES-CBC (1) is refused by `refusal`, by name.
+            (1, _) => {}
+            (m, _) => return Err(invalid(format!("encryption method {m} is not known"))),
         }
         Ok(h)
     }
@@ -270,8 +306,13 @@ impl Header {
         if self.incompatible & INCOMPAT_DATA_FILE != 0 || self.data_file {
             return Some("an external data file is not supported".into());
         }
-        if self.crypt_method != 0 || self.crypto {
-            return Some("encrypted qcow2 images are not supported yet (issue #15)".into());
+        if self.crypt_method == 1 {
+            return Some(
+                "qcow2's legacy AES-CBC encryption (encrypt.format=aes) is not supported, as \
+                 in QEMU for writing: convert the image to LUKS encryption \
+                 (qemu-img convert -o encrypt.format=luks)"
+                    .into(),
+            );
         }
         if self.incompatible & INCOMPAT_CORRUPT != 0 {
             return Some(
@@ -318,6 +359,7 @@ pub fn new_image(
     cluster_bits: u32,
     backing: Option<(&str, &str)>,
     l1_size: u32,
+    crypto: Option<(u64, u64)>,
 ) -> Vec<u8> {
     let cluster = 1usize << cluster_bits;
     let mut b = vec![0u8; cluster];
@@ -334,6 +376,14 @@ pub fn new_image(
     put32(&mut b, 96, 4);
     put32(&mut b, 100, 112);
     let mut at = 112;
+    if let Some((offset, len)) = crypto {
+        put32(&mut b, 32, CRYPT_LUKS);
+        put32(&mut b, at, EXT_CRYPTO);
+        put32(&mut b, at + 4, 16);
+        put64(&mut b, at + 8, offset);
+        put64(&mut b, at + 16, len);
+        at += 24;
+    }
     if let Some((name, format)) = backing {
         put32(&mut b, at, EXT_BACKING_FORMAT);
         put32(&mut b, at + 4, format.len() as u32);
@@ -447,7 +497,7 @@ mod tests {
 
     #[test]
     fn a_backing_file_is_renamed_or_dropped_and_other_extensions_stay() {
-        let b = new_image(1 << 30, 16, Some(("a@one.qcow2", "qcow2")), 16);
+        let b = new_image(1 << 30, 16, Some(("a@one.qcow2", "qcow2")), 16, None);
         // Another extension QEMU writes (feature names), kept as it is.
         let mut b2 = b.clone();
         let h = Header::parse(&b2, 1 << 20).unwrap();
@@ -486,7 +536,7 @@ mod tests {
 
     #[test]
     fn a_new_header_parses_back() {
-        let b = new_image(1 << 30, 16, Some(("base.img", "raw")), 2);
+        let b = new_image(1 << 30, 16, Some(("base.img", "raw")), 2, None);
         let h = Header::parse(&b, 1 << 20).unwrap();
         assert_eq!(h.version, 3);
         assert_eq!(h.size, 1 << 30);
@@ -499,7 +549,7 @@ mod tests {
 
     #[test]
     fn damaged_headers_are_refused_with_a_reason() {
-        let good = new_image(1 << 30, 16, None, 2);
+        let good = new_image(1 << 30, 16, None, 2, None);
         let mut b = good.clone();
         b[0] = 0;
         assert_eq!(Header::parse(&b, 1 << 20), Err(HeaderError::Magic));

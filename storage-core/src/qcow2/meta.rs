@@ -24,6 +24,7 @@
 use std::collections::HashMap;
 use std::io;
 
+use super::encryption::Encryption;
 use super::header::{self, Header};
 use crate::disk::{AnyDisk, Disk};
 
@@ -335,11 +336,14 @@ impl Meta {
     /// Makes the guest cluster holding byte `offset` writable in place and returns its
     /// host offset, allocating a cluster if it has none. A new cluster gets its old
     /// contents first (`fill` writes them: from the backing file, a compressed cluster or
-    /// zeroes), all before the L2 entry names it.
+    /// zeroes), all before the L2 entry names it; in an encrypted image (`crypt`), `fill`
+    /// gives plaintext, encrypted here for its new place (zeroes too: they must decrypt to
+    /// zeroes).
     pub fn writable_cluster(
         &mut self,
         file: &AnyDisk,
         offset: u64,
+        crypt: Option<&Encryption>,
         fill: &mut dyn FnMut(Mapping, &mut [u8]) -> io::Result<bool>,
     ) -> io::Result<u64> {
         if !self.writable {
@@ -362,7 +366,11 @@ impl Meta {
         }
         let new = self.allocate(file)?;
         let mut buf = vec![0u8; self.cluster as usize];
-        if fill(mapping, &mut buf)? {
+        let filled = fill(mapping, &mut buf)?;
+        if let Some(c) = crypt {
+            c.encrypt(&mut buf, new);
+            file.write_at(&buf, new)?;
+        } else if filled {
             file.write_at(&buf, new)?;
         } else {
             // Zeroes already (past the old end of the file); its last byte written makes

@@ -4,19 +4,22 @@
 //! What it reads and writes: versions 2 and 3, any cluster size QEMU allows (512 bytes to
 //! 2 MiB), refcounts of any width, zero clusters, compressed clusters (zlib, or zstd where
 //! the header says so: read, and rewritten uncompressed when written to), backing chains
-//! up to [`MAX_CHAIN`] deep, discard and write-zeroes. [`create`] makes version 3 images.
-//! Refused with a reason ([`header::Header::refusal`]): encryption, external data files,
-//! subclusters, images marked corrupt, and for writing, internal snapshots and images left
-//! dirty by QEMU's lazy refcounts.
+//! up to [`MAX_CHAIN`] deep, discard and write-zeroes, LUKS encryption inside the image
+//! ([`encryption`]: QEMU's `encrypt.format=luks`). [`create`] makes version 3 images,
+//! encrypted or not. Refused with a reason ([`header::Header::refusal`]): legacy AES-CBC
+//! encryption, external data files, subclusters, images marked corrupt, and for writing,
+//! internal snapshots and images left dirty by QEMU's lazy refcounts.
 //!
 //! Where it lives: [`header`] (the header and its extensions), [`meta`] (L1/L2 tables,
 //! refcounts, allocation and the order changes reach the disk), [`queue`] (requests,
 //! mapped to the file and the backing chain), [`compressed`] (inflating clusters),
 //! [`snapshot`] (deleting and reverting snapshots; taking one is here), [`check`] (what
-//! `qemu-img check` does: verify the metadata, repair leaks and refcounts).
+//! `qemu-img check` does: verify the metadata, repair leaks and refcounts), [`encryption`]
+//! (the LUKS header inside the image, and the data cipher).
 
 pub mod check;
 mod compressed;
+mod encryption;
 pub mod header;
 mod meta;
 #[cfg(test)]
@@ -24,6 +27,7 @@ mod power_cut_tests;
 mod queue;
 mod snapshot;
 
+pub use encryption::Keyring;
 pub use header::Header;
 pub use queue::Qcow2Queue;
 pub use snapshot::{remove_snapshot_file, PreparedDelete};
@@ -36,6 +40,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use crate::disk::{AnyDisk, Disk, DiskInfo, Size};
 use crate::error::{StorageError, StorageErrorKind};
+use encryption::Encryption;
 use meta::Meta;
 
 /// How deep a backing chain may be (QEMU has no limit; a loop must end somewhere).
@@ -71,6 +76,8 @@ pub(crate) struct Shared {
     pub l2_cache: u64,
     /// The image's cluster size (fixed), readable without the lock.
     pub cluster_size: u64,
+    /// The data cipher of an encrypted image.
+    pub crypt: Option<Arc<Encryption>>,
 }
 
 impl Shared {
@@ -110,6 +117,9 @@ pub struct Qcow2Disk {
     info: DiskInfo,
     /// How the node was asked to treat the image's backing file.
     backing_mode: Backing,
+    /// The passphrase of the chain's encrypted images (also for those opened later: a
+    /// snapshot's, or the chain below one deleted).
+    keys: Option<Arc<Keyring>>,
 }
 
 /// Which backing file a qcow2 node reads through.
@@ -174,7 +184,23 @@ fn open_shared(
     read_only: bool,
     l2_cache: u64,
     backing: Option<AnyDisk>,
+    keys: Option<&Arc<Keyring>>,
 ) -> Result<Shared, StorageError> {
+    // The key first: nothing is written to an image that will not open.
+    let crypt = match (header.crypto, keys) {
+        (Some(at), Some(keys)) => Some(keys.open(&file, path, at)?),
+        (Some(_), None) => {
+            return Err(StorageError::new(
+                StorageErrorKind::InvalidArgument,
+                format!(
+                    "{}: the image is encrypted (LUKS): give its passphrase (key-file=, or \
+                     encrypt.key-secret= on a --blockdev)",
+                    path.display()
+                ),
+            ))
+        }
+        (None, _) => None,
+    };
     let meta = Meta::open(&file, header.clone(), file_len, !read_only, l2_cache)
         .map_err(|e| io_error(path, "reading the metadata", e))?;
     // Autoclear bits name extensions whose consistency we would not keep (persistent dirty
@@ -198,6 +224,7 @@ fn open_shared(
         backing,
         path: path.to_owned(),
         l2_cache,
+        crypt,
     })
 }
 
@@ -253,7 +280,8 @@ fn sync_dir(path: &Path) -> io::Result<()> {
 
 impl Qcow2Disk {
     /// Opens the image in `file` (a file node, already open), at `path` for messages and
-    /// relative backing names. `depth`: how many images are above this one.
+    /// relative backing names. `depth`: how many images are above this one. `keys`: the
+    /// passphrase of its encrypted images (the image itself must be encrypted then).
     pub fn open(
         file: AnyDisk,
         path: &Path,
@@ -261,8 +289,15 @@ impl Qcow2Disk {
         backing_mode: &Backing,
         l2_cache: u64,
         depth: usize,
+        keys: Option<&Arc<Keyring>>,
     ) -> Result<Qcow2Disk, StorageError> {
         let (header, file_len) = read_header(&file, path, read_only)?;
+        if depth == 0 && keys.is_some() && header.crypto.is_none() {
+            return Err(spec_error(
+                path,
+                "a key is given, but the image is not encrypted",
+            ));
+        }
         let backing = match (backing_mode, header.backing_path(path)) {
             (Backing::FromImage, Some(b)) => {
                 if depth + 1 >= MAX_CHAIN {
@@ -272,12 +307,14 @@ impl Qcow2Disk {
                     ));
                 }
                 Some(
-                    open_backing(&b, header.backing_format.as_deref(), depth + 1).map_err(|e| {
-                        StorageError::new(
-                            e.kind(),
-                            format!("{}: backing file: {e}", path.display()),
-                        )
-                    })?,
+                    open_backing(&b, header.backing_format.as_deref(), depth + 1, keys).map_err(
+                        |e| {
+                            StorageError::new(
+                                e.kind(),
+                                format!("{}: backing file: {e}", path.display()),
+                            )
+                        },
+                    )?,
                 )
             }
             _ => None,
@@ -290,12 +327,21 @@ impl Qcow2Disk {
                 b.info().capacity.get()
             );
         }
-        let shared = open_shared(file, path, (header, file_len), read_only, l2_cache, backing)?;
+        let shared = open_shared(
+            file,
+            path,
+            (header, file_len),
+            read_only,
+            l2_cache,
+            backing,
+            keys,
+        )?;
         Ok(Qcow2Disk::serving(
             Arc::new(shared),
             read_only,
             path,
             backing_mode.clone(),
+            keys.cloned(),
         ))
     }
 
@@ -305,6 +351,7 @@ impl Qcow2Disk {
         read_only: bool,
         path: &Path,
         backing_mode: Backing,
+        keys: Option<Arc<Keyring>>,
     ) -> Qcow2Disk {
         let base = shared.file.info();
         let size = shared.lock().header.size;
@@ -325,6 +372,7 @@ impl Qcow2Disk {
             }),
             info,
             backing_mode,
+            keys,
         }
     }
 
@@ -414,12 +462,16 @@ impl Qcow2Disk {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
+        // An encrypted image's snapshot is encrypted with the same key.
+        let encryption =
+            LuksHeader::of(&old).map_err(|e| io("reading the encryption header", e))?;
         let made = create_file(
             &tmp,
             &CreateOptions {
                 size,
                 cluster_size,
                 backing: Some((frozen_name, "qcow2".into())),
+                encryption,
             },
         )?;
         let mut prepared = PreparedSnapshot {
@@ -451,6 +503,7 @@ impl Qcow2Disk {
             true,
             &prepared.frozen,
             Backing::FromImage,
+            self.keys.clone(),
         )));
         prepared.shared = Some(open_shared(
             file,
@@ -459,6 +512,7 @@ impl Qcow2Disk {
             false,
             old.l2_cache,
             Some(below),
+            self.keys.as_ref(),
         )?);
         Ok(prepared)
     }
@@ -542,7 +596,12 @@ fn file_like(like: &AnyDisk, path: &Path, read_only: bool) -> Result<AnyDisk, St
     Ok(AnyDisk::Raw(raw))
 }
 
-fn open_backing(path: &Path, format: Option<&str>, depth: usize) -> Result<AnyDisk, StorageError> {
+fn open_backing(
+    path: &Path,
+    format: Option<&str>,
+    depth: usize,
+    keys: Option<&Arc<Keyring>>,
+) -> Result<AnyDisk, StorageError> {
     let engine = crate::disk::engine_for_path(path);
     let file = AnyDisk::Raw(crate::disk::RawDisk::open(path, true, false, engine)?);
     let (format, probed) = match format {
@@ -564,6 +623,7 @@ fn open_backing(path: &Path, format: Option<&str>, depth: usize) -> Result<AnyDi
                 &Backing::FromImage,
                 DEFAULT_L2_CACHE,
                 depth,
+                keys,
             )?;
             // A raw base whose guest wrote a qcow2 header probes as qcow2; the backing
             // file such a header names could be any file on the host. Only images whose
@@ -698,6 +758,40 @@ pub struct CreateOptions {
     pub cluster_size: u64,
     /// The backing file's name as the image will record it, and its format.
     pub backing: Option<(String, String)>,
+    /// Encrypted (LUKS in qcow2, as `qemu-img create -o encrypt.format=luks`), with this
+    /// LUKS header.
+    pub encryption: Option<LuksHeader>,
+}
+
+/// A LUKS1 header for an encrypted image, with its keyslots' areas.
+#[derive(Clone)]
+pub struct LuksHeader(Vec<u8>);
+
+impl std::fmt::Debug for LuksHeader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "LuksHeader({} bytes)", self.0.len())
+    }
+}
+
+impl LuksHeader {
+    /// A new random master key in keyslot 0 under `passphrase` (PBKDF2-SHA256 of
+    /// `iterations`; see [`crate::crypto::luks1::iterations_for`]).
+    pub fn new(passphrase: &[u8], iterations: u32) -> Result<LuksHeader, StorageError> {
+        encryption::new_luks_header(passphrase, iterations)
+            .map(LuksHeader)
+            .map_err(|e| StorageError::new(StorageErrorKind::InvalidArgument, e.to_string()))
+    }
+
+    /// The header of the image `shared` serves, read back (a snapshot's new image gets
+    /// its image's: the same master key, the same passphrases).
+    fn of(shared: &Shared) -> io::Result<Option<LuksHeader>> {
+        let at = shared.lock().header.crypto;
+        at.map(|(offset, len)| {
+            let mut b = vec![0u8; len as usize];
+            shared.file.read_at(&mut b, offset).map(|()| LuksHeader(b))
+        })
+        .transpose()
+    }
 }
 
 /// Makes a version 3 qcow2 image at `path` (which must not exist), as `qemu-img create -f
@@ -749,13 +843,16 @@ fn create_file(path: &Path, opts: &CreateOptions) -> Result<std::fs::File, Stora
             ));
         }
     }
-    // Clusters: header, refcount table, refcount block, L1 table.
-    let used = 3 + l1_clusters;
+    // Clusters: header, refcount table, refcount block, L1 table, the LUKS header.
+    let luks_at = (3 + l1_clusters) * cluster;
+    let luks_len = opts.encryption.as_ref().map_or(0, |h| h.0.len() as u64);
+    let used = 3 + l1_clusters + luks_len.div_ceil(cluster);
     let per_block = cluster * 8 / 16;
     if used > per_block {
         return Err(spec_error(
             path,
-            "too large for one refcount block at this cluster size",
+            "too large for one refcount block at this cluster size (an encrypted image's \
+             2 MiB LUKS header needs clusters of 4 KiB or more)",
         ));
     }
     let head = header::new_image(
@@ -763,6 +860,7 @@ fn create_file(path: &Path, opts: &CreateOptions) -> Result<std::fs::File, Stora
         bits,
         opts.backing.as_ref().map(|(n, f)| (n.as_str(), f.as_str())),
         l1_size as u32,
+        opts.encryption.as_ref().map(|_| (luks_at, luks_len)),
     );
     let mut file = std::fs::OpenOptions::new()
         .read(true)
@@ -781,6 +879,9 @@ fn create_file(path: &Path, opts: &CreateOptions) -> Result<std::fs::File, Stora
         block[2 * i..2 * i + 2].copy_from_slice(&1u16.to_be_bytes());
     }
     file.write_all_at(&block, 2 * cluster).map_err(write)?;
+    if let Some(h) = &opts.encryption {
+        file.write_all_at(&h.0, luks_at).map_err(write)?;
+    }
     file.set_len(used * cluster).map_err(write)?;
     file.sync_all().map_err(write)?;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {

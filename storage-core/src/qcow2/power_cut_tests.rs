@@ -52,6 +52,7 @@ fn open(image: &Path, setup: &Setup, faults: Option<Arc<Faults>>) -> Qcow2Disk {
         &Backing::FromImage,
         setup.l2_cache,
         0,
+        None,
     )
     .unwrap_or_else(|e| panic!("opening {}: {e}", image.display()))
 }
@@ -69,6 +70,7 @@ fn make(dir: &Path, setup: &Setup) -> std::path::PathBuf {
             size: setup.blocks * BS,
             cluster_size: setup.cluster,
             backing,
+            encryption: None,
         },
     )
     .unwrap();
@@ -222,6 +224,7 @@ fn power_cuts_while_a_snapshot_is_deleted_lose_nothing() {
             size: setup.blocks * BS,
             cluster_size: setup.cluster,
             backing,
+            encryption: None,
         };
         create(&snap, &opts(None)).unwrap();
         {

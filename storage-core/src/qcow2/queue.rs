@@ -15,6 +15,13 @@
 //! cluster gets its old contents (the backing file's, a compressed cluster's) written
 //! before its L2 entry names it, so a write in flight only ever lands in a cluster that
 //! already holds what it held before.
+//!
+//! An encrypted image's data ([`super::encryption`]) takes the same paths: a read sent to
+//! an image's file is decrypted in the guest's buffers once it completes, with that
+//! image's key at the host offset it was read from; a write to allocated clusters is
+//! copied once into the tag's own buffer and encrypted there (never in the guest's), up to
+//! [`PIECE`] bytes; larger or unaligned ones, and everything else, the slow path
+//! encrypts.
 
 use std::collections::VecDeque;
 use std::io;
@@ -26,6 +33,7 @@ use std::sync::Arc;
 use super::compressed;
 use super::meta::{Mapping, Meta};
 use super::{read_clamped, Active, Shared};
+use crate::crypto::{WriteBuffer, PIECE};
 use crate::disk::wakeup::FdSet;
 use crate::disk::{
     checked, AnyDisk, AnyQueue, Disk, DiskCompletion, DiskOp, DiskQueue, IoVecs, Rejected, Size,
@@ -59,6 +67,16 @@ struct Layer {
     below: Option<u64>,
 }
 
+/// What an encrypted chain keeps per tag.
+#[derive(Default)]
+struct Sealed {
+    /// A read in flight from layer `.0`'s file at host offset `.1`, to decrypt.
+    decrypt: Option<(usize, u64)>,
+    /// A write's guest buffers, while its ciphertext (in `buffer`) is written.
+    guest: Option<IoVecs>,
+    buffer: WriteBuffer,
+}
+
 /// A queue the requests go to, and how many of ours are in flight on it.
 struct Child {
     queue: Box<AnyQueue>,
@@ -83,6 +101,17 @@ pub struct Qcow2Queue {
     routes: Vec<Option<(Route, Option<u64>)>>,
     local: VecDeque<DiskCompletion>,
     in_flight: usize,
+    /// Per tag, for encrypted images (empty otherwise).
+    sealed: Vec<Sealed>,
+}
+
+/// Per-tag state for a chain with an encrypted image in it, else none.
+fn sealed_for(layers: &[Layer], depth: u32) -> Vec<Sealed> {
+    if layers.iter().any(|l| l.shared.crypt.is_some()) {
+        (0..depth).map(|_| Sealed::default()).collect()
+    } else {
+        Vec::new()
+    }
 }
 
 impl Qcow2Queue {
@@ -106,6 +135,7 @@ impl Qcow2Queue {
         };
         let generation = active.generation.load(Ordering::Acquire);
         let (layers, children) = chain(&active, depth, &notify)?;
+        let sealed = sealed_for(&layers, depth);
         Ok(Qcow2Queue {
             active,
             generation,
@@ -117,6 +147,7 @@ impl Qcow2Queue {
             routes: vec![None; depth as usize],
             local: VecDeque::new(),
             in_flight: 0,
+            sealed,
         })
     }
 
@@ -128,6 +159,8 @@ impl Qcow2Queue {
     /// Moves to the chain as it is now (after a snapshot), with nothing in flight.
     fn follow(&mut self, generation: u64) -> Result<(), StorageError> {
         let (layers, children) = chain(&self.active, self.depth, &self.notify)?;
+        // Nothing in flight: no tag's state is lost.
+        self.sealed = sealed_for(&layers, self.depth);
         self.layers = layers;
         self.children = children;
         self.generation = generation;
@@ -213,6 +246,60 @@ impl Qcow2Queue {
             at += piece;
         }
         Ok(start.filter(|_| contiguous))
+    }
+
+    /// Writes `buffers` at guest `offset` here, synchronously (the slow path).
+    fn write_here(&mut self, offset: u64, buffers: IoVecs, tag: u64) -> Result<(), Rejected> {
+        // One copy out of guest memory, which is then written as it is (never read from
+        // the guest's buffer twice).
+        let len = buffers.len();
+        let mut data = vec![0u8; len as usize];
+        buffers.copy_to(0, &mut data);
+        let result = match write_sync(self.top(), &data, offset) {
+            Ok(()) => len as i32,
+            Err(e) => errno(&e),
+        };
+        self.done_here(tag, result, Some(buffers));
+        Ok(())
+    }
+
+    /// Sends a write to the top image's file at `host` (its clusters writable and
+    /// contiguous there), encrypted: copied out of guest memory once into the tag's own
+    /// buffer and encrypted there (never in the guest's buffer, see [`crate::crypto`]).
+    fn send_encrypted(
+        &mut self,
+        host: u64,
+        offset: u64,
+        buffers: IoVecs,
+        tag: u64,
+    ) -> Result<(), Rejected> {
+        let crypt = self.layers[0]
+            .shared
+            .crypt
+            .clone()
+            .expect("an encrypted top");
+        let sealed = &mut self.sealed[tag as usize];
+        let (bytes, list) = sealed.buffer.take(buffers.len() as usize);
+        buffers.copy_to(0, bytes);
+        crypt.encrypt(bytes, host);
+        let c = &mut self.children[0];
+        let op = DiskOp::Write {
+            offset: host,
+            buffers: list,
+        };
+        match c.queue.start(op, tag) {
+            Ok(()) => {
+                c.in_flight += 1;
+                sealed.guest = Some(buffers);
+                self.routes[tag as usize] = Some((Route::Child, None));
+                self.in_flight += 1;
+                Ok(())
+            }
+            Err(r) => {
+                sealed.buffer.give_back(r.op.into_buffers());
+                Err(Rejected::new(r.error, DiskOp::Write { offset, buffers }))
+            }
+        }
     }
 
     /// Sends `op` (already mapped) to child `child`; a refusal gives back the request as
@@ -330,6 +417,10 @@ fn chain(
     Ok((layers, children))
 }
 
+fn sector_aligned(offset: u64, len: u64) -> bool {
+    offset.is_multiple_of(512) && len.is_multiple_of(512)
+}
+
 fn errno(e: &io::Error) -> i32 {
     -e.raw_os_error().unwrap_or(libc::EIO)
 }
@@ -341,6 +432,7 @@ fn writable(shared: &Shared, meta: &mut Meta, at: u64) -> io::Result<u64> {
     let compression = meta.header.compression;
     let file = &shared.file;
     let backing = shared.backing.as_ref();
+    let crypt = shared.crypt.as_deref();
     let mut fill = |old: Mapping, buf: &mut [u8]| -> io::Result<bool> {
         match old {
             Mapping::Unallocated => match backing {
@@ -352,18 +444,33 @@ fn writable(shared: &Shared, meta: &mut Meta, at: u64) -> io::Result<u64> {
             },
             Mapping::Zero => Ok(false),
             Mapping::Compressed { offset, len } => {
+                if crypt.is_some() {
+                    return Err(compressed_and_encrypted());
+                }
                 let mut data = vec![0u8; len as usize];
                 read_clamped(file, &mut data, offset, u64::MAX)?;
                 compressed::inflate(compression, &data, buf)?;
                 Ok(true)
             }
             Mapping::Data(h) => {
-                file.read_at(buf, h)?;
+                match crypt {
+                    // Plaintext: encrypted again for the new place.
+                    Some(c) => c.read(file, buf, h)?,
+                    None => file.read_at(buf, h)?,
+                }
                 Ok(true)
             }
         }
     };
-    meta.writable_cluster(file, at, &mut fill)
+    meta.writable_cluster(file, at, crypt, &mut fill)
+}
+
+/// QEMU writes no compressed cluster into an encrypted image: one there is damage.
+fn compressed_and_encrypted() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        "a compressed cluster in an encrypted image",
+    )
 }
 
 /// Reads guest bytes `[offset, offset + buf.len())` piece by piece (the slow path, and
@@ -379,12 +486,18 @@ pub(crate) fn read_sync(shared: &Shared, buf: &mut [u8], offset: u64) -> io::Res
         let piece = ((cluster - at % cluster) as usize).min(buf.len() - done);
         let out = &mut buf[done..done + piece];
         match meta.lookup(&shared.file, at)? {
-            Mapping::Data(h) => shared.file.read_at(out, h + at % cluster)?,
+            Mapping::Data(h) => match &shared.crypt {
+                Some(c) => c.read(&shared.file, out, h + at % cluster)?,
+                None => shared.file.read_at(out, h + at % cluster)?,
+            },
             Mapping::Zero => out.fill(0),
             Mapping::Unallocated => match &shared.backing {
                 Some(b) => read_clamped(b, out, at, b.info().capacity.get())?,
                 None => out.fill(0),
             },
+            Mapping::Compressed { .. } if shared.crypt.is_some() => {
+                return Err(compressed_and_encrypted())
+            }
             Mapping::Compressed { offset: c, len } => {
                 let mut data = vec![0u8; len as usize];
                 read_clamped(&shared.file, &mut data, c, u64::MAX)?;
@@ -407,10 +520,12 @@ pub(crate) fn write_sync(shared: &Shared, buf: &[u8], offset: u64) -> io::Result
     while done < buf.len() {
         let at = offset + done as u64;
         let piece = ((cluster - at % cluster) as usize).min(buf.len() - done);
-        let host = writable(shared, &mut meta, at)?;
-        shared
-            .file
-            .write_at(&buf[done..done + piece], host + at % cluster)?;
+        let host = writable(shared, &mut meta, at)? + at % cluster;
+        let data = &buf[done..done + piece];
+        match &shared.crypt {
+            Some(c) => c.write(&shared.file, data, host)?,
+            None => shared.file.write_at(data, host)?,
+        }
         done += piece;
     }
     Ok(())
@@ -470,17 +585,34 @@ impl DiskQueue for Qcow2Queue {
                 mut buffers,
             } => {
                 let len = buffers.len();
-                match self.plan_read(offset, len) {
-                    Ok(Plan::Child(child, at)) => self.send(
-                        child,
-                        DiskOp::Read {
-                            offset: at,
-                            buffers,
-                        },
-                        tag,
-                        offset,
-                        Some(len),
-                    ),
+                // Encrypted data is decrypted in whole sectors of the file: a request cut
+                // elsewhere (none from a guest) takes the slow path.
+                let plan = if !self.sealed.is_empty() && !sector_aligned(offset, len) {
+                    Ok(Plan::Slow)
+                } else {
+                    self.plan_read(offset, len)
+                };
+                match plan {
+                    Ok(Plan::Child(child, at)) => {
+                        self.send(
+                            child,
+                            DiskOp::Read {
+                                offset: at,
+                                buffers,
+                            },
+                            tag,
+                            offset,
+                            Some(len),
+                        )?;
+                        if self
+                            .layers
+                            .get(child)
+                            .is_some_and(|l| l.shared.crypt.is_some())
+                        {
+                            self.sealed[tag as usize].decrypt = Some((child, at));
+                        }
+                        Ok(())
+                    }
                     Ok(Plan::Zero) => {
                         buffers.fill_zero();
                         self.done_here(tag, len as i32, Some(buffers));
@@ -508,6 +640,13 @@ impl DiskQueue for Qcow2Queue {
             DiskOp::Write { offset, buffers } => {
                 let len = buffers.len();
                 match self.plan_write(offset, len) {
+                    Ok(Some(host)) if self.top().crypt.is_some() => {
+                        if len <= PIECE && sector_aligned(offset, len) {
+                            self.send_encrypted(host, offset, buffers, tag)
+                        } else {
+                            self.write_here(offset, buffers, tag)
+                        }
+                    }
                     Ok(Some(host)) => self.send(
                         0,
                         DiskOp::Write {
@@ -518,18 +657,7 @@ impl DiskQueue for Qcow2Queue {
                         offset,
                         None,
                     ),
-                    Ok(None) => {
-                        // One copy out of guest memory, which is then written as it is
-                        // (never read from the guest's buffer twice).
-                        let mut data = vec![0u8; len as usize];
-                        buffers.copy_to(0, &mut data);
-                        let result = match write_sync(self.top(), &data, offset) {
-                            Ok(()) => len as i32,
-                            Err(e) => errno(&e),
-                        };
-                        self.done_here(tag, result, Some(buffers));
-                        Ok(())
-                    }
+                    Ok(None) => self.write_here(offset, buffers, tag),
                     Err(e) => {
                         log::error!("{}: {e}", self.top().path.display());
                         self.done_here(tag, errno(&e), Some(buffers));
@@ -600,6 +728,18 @@ impl DiskQueue for Qcow2Queue {
             // Every cluster a read maps to lies inside its file: short means damaged.
             if c.result >= 0 && (c.result as u64) < len {
                 c.result = -libc::EIO;
+            }
+        }
+        if let Some(sealed) = self.sealed.get_mut(c.tag as usize) {
+            if let Some(guest) = sealed.guest.take() {
+                sealed.buffer.give_back(c.buffers.take());
+                c.buffers = Some(guest);
+            }
+            if let Some((layer, host)) = sealed.decrypt.take() {
+                let crypt = self.layers[layer].shared.crypt.as_ref();
+                if let (true, Some(b), Some(crypt)) = (c.result >= 0, &mut c.buffers, crypt) {
+                    crypt.decrypt_iovecs(b, host);
+                }
             }
         }
         Some(c)

@@ -138,6 +138,7 @@ impl Qcow2Disk {
                 false,
                 snap.l2_cache,
                 None,
+                self.keys.as_ref(),
             )?)
         };
         let (new_backing, snap_size, snap_cluster) = {
@@ -268,7 +269,7 @@ impl Qcow2Disk {
                     } else {
                         above.path.with_file_name(name)
                     };
-                    Some(open_backing(&path, Some(format), k)?)
+                    Some(open_backing(&path, Some(format), k, self.keys.as_ref())?)
                 }
                 None => None,
             };
@@ -288,6 +289,7 @@ impl Qcow2Disk {
                     true,
                     snap.l2_cache,
                     prepared.below.take(),
+                    self.keys.as_ref(),
                 )?);
             }
             Ok(prepared)
@@ -334,6 +336,7 @@ impl Qcow2Disk {
                     false,
                     old.l2_cache,
                     p.below.take(),
+                    self.keys.as_ref(),
                 )?;
                 old.lock().freeze();
                 shared
@@ -379,12 +382,16 @@ impl Qcow2Disk {
             .unwrap_or_default();
         let tmp = path.with_file_name(format!(".{file_name}.revert"));
         let _ = std::fs::remove_file(&tmp);
+        // Encrypted as the disk was, with the same key.
+        let encryption =
+            super::LuksHeader::of(&top).map_err(|e| io("reading the encryption header", e))?;
         let made = create_file(
             &tmp,
             &CreateOptions {
                 size,
                 cluster_size,
                 backing: Some((snapshot_name, "qcow2".into())),
+                encryption,
             },
         )?;
         let cleanup = |e: StorageError| {
@@ -403,8 +410,16 @@ impl Qcow2Disk {
         let opened = (|| {
             let file = file_like(&top.file, &by_fd, false)?;
             let header = read_header(&file, &by_fd, false)?;
-            let below = open_backing(snapshot, Some("qcow2"), 1)?;
-            open_shared(file, &path, header, false, top.l2_cache, Some(below))
+            let below = open_backing(snapshot, Some("qcow2"), 1, self.keys.as_ref())?;
+            open_shared(
+                file,
+                &path,
+                header,
+                false,
+                top.l2_cache,
+                Some(below),
+                self.keys.as_ref(),
+            )
         })()
         .map_err(cleanup)?;
         drop(made);
@@ -478,7 +493,7 @@ fn copy_up(
         let done =
             theirs == Mapping::Zero && m.zero_cluster(&above.file, at).map_err(CopyError::Above)?;
         if !done {
-            m.writable_cluster(&above.file, at, &mut |_, buf| {
+            m.writable_cluster(&above.file, at, above.crypt.as_deref(), &mut |_, buf| {
                 super::queue::read_sync(snap, buf, at)?;
                 Ok(true)
             })

@@ -475,6 +475,7 @@ mod tests {
             size: 8 << 20,
             cluster_size: 65536,
             backing: None,
+            encryption: None,
         };
         crate::qcow2::create(&image, &opts).unwrap();
         {
@@ -487,6 +488,7 @@ mod tests {
                 &backing,
                 1 << 20,
                 0,
+                None,
             )
             .unwrap();
             let spec = super::super::TierSpec {

@@ -1,0 +1,413 @@
+//! Encrypted qcow2 images (LUKS inside qcow2, QEMU's `encrypt.format=luks`) against
+//! `qemu-img`: images qemu-img makes serve through our qcow2 node and read what qemu-img
+//! wrote; what a random workload writes through the node (partial clusters over a backing
+//! chain, write-zeroes, discards, many requests in flight) `qemu-img convert` decrypts the
+//! same, and `qemu-img check` finds the image consistent. Images we create and snapshots
+//! we take open in qemu-img with the same passphrase. No file holds plaintext.
+
+use std::path::Path;
+
+use storage_core::disk::graph::GraphSpec;
+use storage_core::disk::{open_disk, AnyDisk, Disk, DiskOp, DiskQueue, IoVecs};
+use storage_core::qcow2::{self, CreateOptions, LuksHeader};
+use testkit::tools::{qemu_img, qemu_img_luks, qemu_img_ok};
+use testkit::workload::{key_file, open, random_workload, read, read_all, run, Rng};
+
+const PASS: &str = "correct horse battery staple";
+const MIB: u64 = 1 << 20;
+
+/// Every 16 bytes different and recognisable: "secret-NNNNNNNN!".
+fn plaintext(len: usize) -> Vec<u8> {
+    (0..len / 16)
+        .flat_map(|i| format!("secret-{i:08x}!").into_bytes())
+        .collect()
+}
+
+fn holds_plaintext(file: &Path) -> bool {
+    let bytes = std::fs::read(file).unwrap();
+    bytes.windows(11).any(|w| w == b"secret-0000")
+}
+
+fn secret(key: &Path) -> String {
+    format!("secret,id=sec0,file={}", key.display())
+}
+
+/// qemu-img's `--image-opts` for `img`, its key and that of `below` images under it.
+fn image_opts(img: &Path, below: usize) -> String {
+    let mut o = format!(
+        "driver=qcow2,file.filename={},encrypt.key-secret=sec0",
+        img.display()
+    );
+    for depth in 1..=below {
+        o.push_str(&format!(
+            ",{}encrypt.key-secret=sec0",
+            "backing.".repeat(depth)
+        ));
+    }
+    o
+}
+
+/// The image (and `below` encrypted images under it) decrypted by qemu-img.
+fn qemu_img_plain(img: &Path, below: usize, key: &Path) -> Vec<u8> {
+    let out = img.with_extension("plain");
+    let _ = std::fs::remove_file(&out);
+    let opts = image_opts(img, below);
+    qemu_img_ok(&[
+        "convert",
+        "--object",
+        &secret(key),
+        "--image-opts",
+        &opts,
+        "-O",
+        "raw",
+        out.to_str().unwrap(),
+    ]);
+    let data = std::fs::read(&out).unwrap();
+    std::fs::remove_file(&out).unwrap();
+    data
+}
+
+/// `qemu-img check` (with the key) and our own checker find `img` clean.
+fn check_clean(img: &Path, below: usize, key: &Path) {
+    let opts = image_opts(img, below);
+    let out = qemu_img(&[
+        "check",
+        "--output=json",
+        "--object",
+        &secret(key),
+        "--image-opts",
+        &opts,
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "qemu-img check {}: {text}{}",
+        img.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    for field in ["corruptions", "leaks", "check-errors"] {
+        assert_eq!(v[field].as_u64().unwrap_or(0), 0, "{field}: {text}");
+    }
+    let ours = qcow2::check::check(img, qcow2::check::Repair::None).unwrap();
+    assert_eq!(
+        (ours.corruptions, ours.leaks, ours.check_errors),
+        (0, 0, 0),
+        "our check of {}: {:?}",
+        img.display(),
+        ours.messages
+    );
+}
+
+/// `qemu-img convert` of `plain` (raw) into an encrypted qcow2 image.
+fn qemu_img_encrypted(plain: &Path, img: &Path, key: &Path, cluster: u64) {
+    let opts = format!(
+        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10,cluster_size={cluster}"
+    );
+    let args = [
+        "convert",
+        "--object",
+        &secret(key),
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "-o",
+        &opts,
+        plain.to_str().unwrap(),
+        img.to_str().unwrap(),
+    ];
+    qemu_img_luks(&args, img);
+}
+
+fn spec(img: &Path, key: &Path) -> String {
+    format!(
+        "path={},format=qcow2,key-file={}",
+        img.display(),
+        key.display()
+    )
+}
+
+#[test]
+fn images_qemu_img_encrypts_serve_through_the_node_and_qemu_img_reads_what_was_written() {
+    for cluster in [4096, 65536] {
+        let dir = tempfile::tempdir().unwrap();
+        let key = key_file(dir.path(), PASS);
+        let size = 4 * MIB;
+        // Three MiB of recognisable data, then one of zeroes (left unallocated).
+        let mut plain = plaintext(3 * MIB as usize);
+        plain.resize(size as usize, 0);
+        let raw = dir.path().join("plain.raw");
+        std::fs::write(&raw, &plain).unwrap();
+        let img = dir.path().join("disk.qcow2");
+        qemu_img_encrypted(&raw, &img, &key, cluster);
+        assert!(!holds_plaintext(&img), "qemu-img wrote plaintext?");
+
+        let disk = open(&spec(&img, &key)).unwrap_or_else(|e| panic!("{cluster}: {e}"));
+        assert_eq!(disk.info().capacity.get(), size);
+        let mut q = disk.new_queue(8).unwrap();
+        let mut model = read_all(&mut q, size);
+        assert!(
+            model == plain,
+            "cluster {cluster}: reads what qemu-img wrote"
+        );
+        random_workload(&mut q, &mut model, 17, 300);
+        assert!(read_all(&mut q, size) == model, "cluster {cluster}");
+        drop(q);
+        drop(disk);
+        assert!(
+            qemu_img_plain(&img, 0, &key) == model,
+            "cluster {cluster}: qemu-img reads what was written otherwise"
+        );
+        check_clean(&img, 0, &key);
+        assert!(
+            !holds_plaintext(&img),
+            "cluster {cluster}: plaintext in the image"
+        );
+    }
+}
+
+/// An overlay qemu-img makes (a key of its own) over an encrypted base (another key, the
+/// same passphrase) over a raw file: copy-on-write from every layer, each decrypted with
+/// its own key and written encrypted with the overlay's.
+#[test]
+fn a_chain_of_images_with_their_own_keys_copies_on_write_through_the_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), PASS);
+    let size = 4 * MIB;
+    let plain = plaintext(size as usize);
+    let raw = dir.path().join("base.raw");
+    std::fs::write(&raw, &plain).unwrap();
+    let base = dir.path().join("base.qcow2");
+    qemu_img_encrypted(&raw, &base, &key, 65536);
+    let top = dir.path().join("top.qcow2");
+    let args = [
+        "create",
+        "--object",
+        &secret(&key),
+        "-f",
+        "qcow2",
+        "-b",
+        base.to_str().unwrap(),
+        "-F",
+        "qcow2",
+        "-o",
+        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+        top.to_str().unwrap(),
+    ];
+    qemu_img_luks(&args, &top);
+    let disk = open(&spec(&top, &key)).unwrap();
+    let mut q = disk.new_queue(8).unwrap();
+    let mut model = read_all(&mut q, size);
+    assert!(model == plain, "reads the base through the overlay");
+    random_workload(&mut q, &mut model, 23, 200);
+    drop(q);
+    drop(disk);
+    assert!(qemu_img_plain(&top, 1, &key) == model);
+    check_clean(&top, 1, &key);
+    for f in [&top, &base] {
+        assert!(!holds_plaintext(f), "{}", f.display());
+    }
+}
+
+fn create_encrypted(img: &Path, size: u64) {
+    qcow2::create(
+        img,
+        &CreateOptions {
+            size,
+            cluster_size: 65536,
+            backing: None,
+            encryption: Some(LuksHeader::new(PASS.as_bytes(), 1000).unwrap()),
+        },
+    )
+    .unwrap();
+}
+
+fn write_all(q: &mut impl DiskQueue, data: &[u8], from: u64) {
+    for (i, chunk) in data.chunks(256 << 10).enumerate() {
+        let offset = from + (i * (256 << 10)) as u64;
+        let (r, _) = run(
+            q,
+            DiskOp::Write {
+                offset,
+                buffers: IoVecs::from_bytes(chunk),
+            },
+        );
+        assert_eq!(r, chunk.len() as i32);
+    }
+    assert_eq!(run(q, DiskOp::Flush).0, 0);
+}
+
+fn luks_header_of(img: &Path) -> Vec<u8> {
+    let bytes = std::fs::read(img).unwrap();
+    let h = qcow2::Header::parse(&bytes[..65536], bytes.len() as u64).unwrap();
+    let (at, len) = h.crypto.expect("an encrypted image");
+    bytes[at as usize..(at + len) as usize].to_vec()
+}
+
+#[test]
+fn images_we_make_and_their_snapshots_open_in_qemu_img_with_the_same_passphrase() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), PASS);
+    let img = dir.path().join("disk.qcow2");
+    let size = 4 * MIB;
+    create_encrypted(&img, size);
+    let info = qemu_img(&["info", "--output=json", img.to_str().unwrap()]);
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["encrypted"], true, "{info}");
+    assert_eq!(info["format-specific"]["data"]["encrypt"]["format"], "luks");
+
+    let mut model = plaintext(size as usize);
+    let disk = open(&spec(&img, &key)).unwrap();
+    let mut q = disk.new_queue(8).unwrap();
+    write_all(&mut q, &model, 0);
+    drop(q);
+    assert!(!holds_plaintext(&img));
+    assert!(qemu_img_plain(&img, 0, &key) == model);
+    check_clean(&img, 0, &key);
+
+    // A snapshot: the image as it was keeps the snapshot's name, a new image on top takes
+    // the writes, encrypted with the same key (its LUKS header is the image's).
+    let AnyDisk::Qcow2(q2) = &disk else {
+        panic!("a qcow2 node")
+    };
+    let frozen = q2
+        .commit_snapshot(q2.prepare_snapshot("s1").unwrap())
+        .unwrap();
+    assert_eq!(luks_header_of(&img), luks_header_of(&frozen));
+    let mut q = disk.new_queue(8).unwrap();
+    let second: Vec<u8> = plaintext(MIB as usize).iter().map(|b| b ^ 0x20).collect();
+    write_all(&mut q, &second, MIB + 4096);
+    model[(MIB + 4096) as usize..(2 * MIB + 4096) as usize].copy_from_slice(&second);
+    let mut rng = Rng(3);
+    assert!(read(&mut q, &mut rng, 0, size as usize) == model);
+    drop(q);
+    drop(disk);
+    for f in [&img, &frozen] {
+        assert!(!holds_plaintext(f), "{}", f.display());
+    }
+    assert!(
+        qemu_img_plain(&img, 1, &key) == model,
+        "the chain in qemu-img"
+    );
+    check_clean(&img, 1, &key);
+    // And the chain opens again through the node, with the one key file.
+    let disk = open(&spec(&img, &key)).unwrap();
+    let mut q = disk.new_queue(8).unwrap();
+    assert!(read_all(&mut q, size) == model);
+}
+
+/// Sixteen writes, then sixteen reads, in flight at once on allocated clusters (the fast
+/// path: each write encrypted in its own tag's buffer, each read decrypted in place).
+#[test]
+fn many_requests_in_flight_each_with_its_own_buffer() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), PASS);
+    let img = dir.path().join("disk.qcow2");
+    let size = 4 * MIB;
+    create_encrypted(&img, size);
+    let disk = open(&spec(&img, &key)).unwrap();
+    let mut q = disk.new_queue(16).unwrap();
+    let mut model = vec![0u8; size as usize];
+    write_all(&mut q, &model, 0);
+    let mut rng = Rng(9);
+    let mut datas = Vec::new();
+    for tag in 0..16u64 {
+        let offset = tag * (size / 16) + rng.below(64) * 512;
+        let len = (1 + rng.below(128)) as usize * 512;
+        let data: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+        q.start(
+            DiskOp::Write {
+                offset,
+                buffers: IoVecs::from_bytes(&data),
+            },
+            tag,
+        )
+        .unwrap_or_else(|r| panic!("{}", r.error));
+        model[offset as usize..offset as usize + len].copy_from_slice(&data);
+        datas.push((offset, len, data));
+    }
+    q.submit().unwrap();
+    let mut done = 0;
+    while done < 16 {
+        match q.pop_completion() {
+            Some(c) => {
+                let (_, len, data) = &datas[c.tag as usize];
+                assert_eq!(c.result, *len as i32);
+                assert!(
+                    c.buffers.unwrap().to_vec() == *data,
+                    "the guest's buffer changed"
+                );
+                done += 1;
+            }
+            None => q.wait().unwrap(),
+        }
+    }
+    for (tag, (offset, len, _)) in datas.iter().enumerate() {
+        let buffers = IoVecs::owned(&[*len / 2 + 1, *len - *len / 2 - 1]);
+        q.start(
+            DiskOp::Read {
+                offset: *offset,
+                buffers,
+            },
+            tag as u64,
+        )
+        .unwrap_or_else(|r| panic!("{}", r.error));
+    }
+    q.submit().unwrap();
+    let mut done = 0;
+    while done < 16 {
+        match q.pop_completion() {
+            Some(c) => {
+                let (offset, len, _) = &datas[c.tag as usize];
+                assert_eq!(c.result, *len as i32);
+                let o = *offset as usize;
+                assert!(
+                    c.buffers.unwrap().to_vec() == model[o..o + len],
+                    "tag {}",
+                    c.tag
+                );
+                done += 1;
+            }
+            None => q.wait().unwrap(),
+        }
+    }
+    drop(q);
+    drop(disk);
+    assert!(qemu_img_plain(&img, 0, &key) == model);
+}
+
+#[test]
+fn a_wrong_or_missing_key_is_refused_by_name_without_the_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.qcow2");
+    create_encrypted(&img, MIB);
+    let no_key = open(&format!("path={},format=qcow2", img.display()))
+        .err()
+        .unwrap();
+    assert!(no_key.contains("encrypted"), "{no_key}");
+    let wrong = key_file(dir.path(), "not the passphrase");
+    let e = open(&spec(&img, &wrong)).err().unwrap();
+    assert!(e.contains("no keyslot opens"), "{e}");
+    assert!(!e.contains("not the passphrase"), "{e}");
+    // A key for an image that is not encrypted: refused, not ignored.
+    let plain = dir.path().join("plain.qcow2");
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", plain.to_str().unwrap(), "1M"]);
+    let e = open(&spec(&plain, &wrong)).err().unwrap();
+    assert!(e.contains("not encrypted"), "{e}");
+    // QEMU's names on a --blockdev graph, with the key by secret.
+    let good = dir.path().join("good.key");
+    std::fs::rename(key_file(dir.path(), PASS), &good).unwrap();
+    let mut g = GraphSpec::default();
+    g.add_object(&format!("secret,id=s0,file={}", good.display()))
+        .unwrap();
+    g.add_blockdev(&format!(
+        "driver=file,node-name=f,filename={}",
+        img.display()
+    ))
+    .unwrap();
+    g.add_blockdev("driver=qcow2,node-name=q,file=f,encrypt.format=luks,encrypt.key-secret=s0")
+        .unwrap();
+    let disk = open_disk(&g.resolve("node=q").unwrap()).unwrap();
+    assert_eq!(disk.info().capacity.get(), MIB);
+}
