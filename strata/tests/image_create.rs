@@ -61,7 +61,26 @@ fn an_encrypted_qcow2_image_opens_in_qemu_img_with_its_key() {
         String::from_utf8_lossy(&check.stdout),
         String::from_utf8_lossy(&check.stderr)
     );
-    // qemu-img writes into it with the key, and reads back what it wrote.
+    // What our node writes into it, qemu-img decrypts with the key.
+    let data: Vec<u8> = (0..MIB).map(|i| (i % 253) as u8).collect();
+    {
+        let disk = open(&format!(
+            "path={},format=qcow2,key-file={}",
+            img.display(),
+            key.display()
+        ))
+        .unwrap();
+        let mut q = disk.new_queue(4).unwrap();
+        let (r, _) = run(
+            &mut q,
+            DiskOp::Write {
+                offset: 3 * MIB,
+                buffers: IoVecs::from_bytes(&data),
+            },
+        );
+        assert_eq!(r, MIB as i32);
+        assert_eq!(run(&mut q, DiskOp::Flush).0, 0);
+    }
     qemu_img_ok(&[
         "convert",
         "--object",
@@ -72,7 +91,9 @@ fn an_encrypted_qcow2_image_opens_in_qemu_img_with_its_key() {
         "raw",
         s(&dir.path().join("out.raw")),
     ]);
-    assert!(std::fs::read(dir.path().join("out.raw")).unwrap() == vec![0u8; 8 << 20]);
+    let mut want = vec![0u8; 8 << 20];
+    want[3 << 20..4 << 20].copy_from_slice(&data);
+    assert!(std::fs::read(dir.path().join("out.raw")).unwrap() == want);
 }
 
 #[test]

@@ -418,9 +418,9 @@ pub fn create_image(
     iterations: u32,
 ) -> Result<(), CryptoError> {
     use std::os::unix::fs::{FileExt, OpenOptionsExt};
-    if size == 0 || !size.is_multiple_of(SECTOR) {
+    if size == 0 || !size.is_multiple_of(SECTOR) || size > i64::MAX as u64 / 2 {
         return Err(CryptoError::Unsupported(format!(
-            "size {size}: a whole number of 512-byte sectors"
+            "size {size}: a whole number of 512-byte sectors, at most 4 EiB"
         )));
     }
     let mut key = Locked::new([0u8; KEY_BYTES]).map_err(CryptoError::Io)?;
@@ -434,9 +434,22 @@ pub fn create_image(
         .map_err(CryptoError::Io)?;
     let (at, _) = header.slot_area(0);
     let payload = u64::from(header.payload_offset) * SECTOR;
-    file.write_all_at(&header.encode(), 0)
+    let made = file
+        .write_all_at(&header.encode(), 0)
         .and_then(|()| file.write_all_at(&material, at))
         .and_then(|()| file.set_len(payload + size))
         .and_then(|()| file.sync_all())
-        .map_err(CryptoError::Io)
+        .and_then(|()| sync_parent(path));
+    if made.is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    made.map_err(CryptoError::Io)
+}
+
+/// Syncs the directory holding `path` (a file just made there outlives a power cut).
+pub(crate) fn sync_parent(path: &std::path::Path) -> std::io::Result<()> {
+    match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) => std::fs::File::open(dir)?.sync_all(),
+        None => std::fs::File::open(".")?.sync_all(),
+    }
 }

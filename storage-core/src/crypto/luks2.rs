@@ -623,9 +623,9 @@ pub fn create_image(
             "sector size {sector_size}: a power of two from 512 to 4096"
         )));
     }
-    if size == 0 || !size.is_multiple_of(u64::from(sector_size)) {
+    if size == 0 || !size.is_multiple_of(u64::from(sector_size)) || size > i64::MAX as u64 / 2 {
         return Err(unsupported(format!(
-            "size {size}: a whole number of {sector_size}-byte sectors"
+            "size {size}: a whole number of {sector_size}-byte sectors, at most 4 EiB"
         )));
     }
     let mut key = Locked::new([0u8; KEY_BYTES]).map_err(CryptoError::Io)?;
@@ -700,7 +700,8 @@ pub fn create_image(
     let made = file
         .set_len(PAYLOAD_OFFSET + size)
         .map_err(CryptoError::Io)
-        .and_then(|()| header.add_keyslot(&key[..], passphrase, iterations, &mut file));
+        .and_then(|()| header.add_keyslot(&key[..], passphrase, iterations, &mut file))
+        .and_then(|_| super::luks1::sync_parent(path).map_err(CryptoError::Io));
     if made.is_err() {
         let _ = std::fs::remove_file(path);
     }

@@ -136,19 +136,23 @@ fn open_node(node: &NodeSpec, read_only: bool) -> Result<AnyDisk, StorageError> 
                 ));
             }
             // Encryption under a cache would leave plaintext on the cache device.
-            fn has_luks(d: &AnyDisk) -> bool {
+            fn decrypts(d: &AnyDisk) -> Option<&'static str> {
                 match d {
-                    AnyDisk::Luks(_) => true,
-                    AnyDisk::Throttle(t) => has_luks(t.child()),
-                    _ => false,
+                    AnyDisk::Luks(_) => Some(
+                        "a luks node under a tier would put plaintext in the cache: put the \
+                         luks node above the tier",
+                    ),
+                    AnyDisk::Qcow2(q) if q.encrypted() => Some(
+                        "a cache under an encrypted qcow2 image would hold its plaintext (the \
+                         image decrypts itself): serve a LUKS image (format=luks) over the \
+                         cache instead",
+                    ),
+                    AnyDisk::Throttle(t) => decrypts(t.child()),
+                    _ => None,
                 }
             }
-            if has_luks(&capacity) {
-                return Err(StorageError::new(
-                    StorageErrorKind::InvalidSpec,
-                    "a luks node under a tier would put plaintext in the cache: put the luks \
-                     node above the tier",
-                ));
+            if let Some(why) = decrypts(&capacity) {
+                return Err(StorageError::new(StorageErrorKind::InvalidSpec, why));
             }
             // The cache file's engine: the forced one, else the best for where it lives (the
             // synchronous one on tmpfs, see `on_tmpfs`).

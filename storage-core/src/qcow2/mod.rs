@@ -292,12 +292,6 @@ impl Qcow2Disk {
         keys: Option<&Arc<Keyring>>,
     ) -> Result<Qcow2Disk, StorageError> {
         let (header, file_len) = read_header(&file, path, read_only)?;
-        if depth == 0 && keys.is_some() && header.crypto.is_none() {
-            return Err(spec_error(
-                path,
-                "a key is given, but the image is not encrypted",
-            ));
-        }
         let backing = match (backing_mode, header.backing_path(path)) {
             (Backing::FromImage, Some(b)) => {
                 if depth + 1 >= MAX_CHAIN {
@@ -336,13 +330,22 @@ impl Qcow2Disk {
             backing,
             keys,
         )?;
-        Ok(Qcow2Disk::serving(
+        let disk = Qcow2Disk::serving(
             Arc::new(shared),
             read_only,
             path,
             backing_mode.clone(),
             keys.cloned(),
-        ))
+        );
+        // A key no image of the chain takes is a mistake (the disk believed encrypted),
+        // not something to ignore. An unencrypted image over an encrypted one uses it.
+        if depth == 0 && keys.is_some() && !disk.encrypted() {
+            return Err(spec_error(
+                path,
+                "a key is given, but no image of the chain is encrypted",
+            ));
+        }
+        Ok(disk)
     }
 
     /// A node serving `shared` (named `path`).
@@ -373,6 +376,20 @@ impl Qcow2Disk {
             info,
             backing_mode,
             keys,
+        }
+    }
+
+    /// Whether an image of the chain is encrypted (its data is plaintext above this node).
+    pub fn encrypted(&self) -> bool {
+        let mut shared = self.active.get();
+        loop {
+            if shared.crypt.is_some() {
+                return true;
+            }
+            match &shared.backing {
+                Some(AnyDisk::Qcow2(q)) => shared = q.active.get(),
+                _ => return false,
+            }
         }
     }
 
@@ -851,8 +868,12 @@ fn create_file(path: &Path, opts: &CreateOptions) -> Result<std::fs::File, Stora
     if used > per_block {
         return Err(spec_error(
             path,
-            "too large for one refcount block at this cluster size (an encrypted image's \
-             2 MiB LUKS header needs clusters of 4 KiB or more)",
+            if opts.encryption.is_some() {
+                "too large for one refcount block at this cluster size (with its 2 MiB LUKS \
+                 header, an encrypted image needs clusters of 4 KiB or more)"
+            } else {
+                "too large for one refcount block at this cluster size"
+            },
         ));
     }
     let head = header::new_image(
