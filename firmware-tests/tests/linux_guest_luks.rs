@@ -10,6 +10,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
+use storage_core::crypto::keyslots::KeyslotChanges;
 
 use anyhow::{ensure, Context, Result};
 use storage_core::disk::{open_disk, Disk, DiskOp, DiskQueue, DiskSpec, IoVecs};

@@ -10,7 +10,7 @@ use std::path::Path;
 use storage_core::disk::graph::GraphSpec;
 use storage_core::disk::{open_disk, AnyDisk, Disk, DiskOp, DiskQueue, IoVecs};
 use storage_core::qcow2::{self, CreateOptions, LuksHeader};
-use testkit::tools::{qemu_img, qemu_img_luks, qemu_img_ok};
+use testkit::tools::{qcow2_key_opts, qemu_img, qemu_img_decrypted, qemu_img_luks, qemu_img_ok};
 use testkit::workload::{key_file, open, random_workload, read, read_all, run, Rng};
 
 const PASS: &str = "correct horse battery staple";
@@ -38,44 +38,15 @@ fn secret(key: &Path) -> String {
     format!("secret,id=sec0,file={}", key.display())
 }
 
-/// qemu-img's `--image-opts` for `img`, its key and that of `below` images under it.
-fn image_opts(img: &Path, below: usize) -> String {
-    let mut o = format!(
-        "driver=qcow2,file.filename={},encrypt.key-secret=sec0",
-        img.display()
-    );
-    for depth in 1..=below {
-        o.push_str(&format!(
-            ",{}encrypt.key-secret=sec0",
-            "backing.".repeat(depth)
-        ));
-    }
-    o
-}
-
 /// The image (and `below` encrypted images under it) decrypted by qemu-img.
 fn qemu_img_plain(img: &Path, below: usize, key: &Path) -> Vec<u8> {
-    let out = img.with_extension("plain");
-    let _ = std::fs::remove_file(&out);
-    let opts = image_opts(img, below);
-    qemu_img_ok(&[
-        "convert",
-        "--object",
-        &secret(key),
-        "--image-opts",
-        &opts,
-        "-O",
-        "raw",
-        out.to_str().unwrap(),
-    ]);
-    let data = std::fs::read(&out).unwrap();
-    std::fs::remove_file(&out).unwrap();
-    data
+    qemu_img_decrypted(img, below, key)
+        .unwrap_or_else(|| panic!("qemu-img cannot decrypt {}", img.display()))
 }
 
 /// `qemu-img check` (with the key) and our own checker find `img` clean.
 fn check_clean(img: &Path, below: usize, key: &Path) {
-    let opts = image_opts(img, below);
+    let opts = qcow2_key_opts(img, below);
     let out = qemu_img(&[
         "check",
         "--output=json",
@@ -495,4 +466,33 @@ fn a_wrong_or_missing_key_is_refused_by_name_without_the_secret() {
         .unwrap();
     let disk = open_disk(&g.resolve("node=q").unwrap()).unwrap();
     assert_eq!(disk.info().capacity.get(), MIB);
+}
+
+/// A snapshot made ready before a passphrase change and put in place after it: the new
+/// image takes the passphrases the disk takes then.
+#[test]
+fn a_snapshot_prepared_before_a_passphrase_change_takes_the_new_passphrase() {
+    use storage_core::crypto::keyslots::KeyslotChanges;
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), PASS);
+    let img = dir.path().join("disk.qcow2");
+    create_encrypted(&img, MIB);
+    let disk = open(&spec(&img, &key)).unwrap();
+    let AnyDisk::Qcow2(q2) = &disk else {
+        panic!("a qcow2 node")
+    };
+    let prepared = q2.prepare_snapshot("s1").unwrap();
+    q2.change_passphrase(PASS.as_bytes(), b"the new one", 1000)
+        .unwrap();
+    let frozen = q2.commit_snapshot(prepared).unwrap();
+    assert_eq!(luks_header_of(&img), luks_header_of(&frozen));
+    drop(disk);
+    let new_dir = dir.path().join("new");
+    std::fs::create_dir(&new_dir).unwrap();
+    let new = key_file(&new_dir, "the new one");
+    let disk = open(&spec(&img, &new)).unwrap();
+    assert_eq!(disk.info().capacity.get(), MIB);
+    drop(disk);
+    let e = open(&spec(&img, &key)).err().unwrap();
+    assert!(e.contains("no keyslot opens"), "{e}");
 }

@@ -280,3 +280,93 @@ fn passphrases_are_added_rotated_and_removed_while_the_disk_serves() {
         daemon.terminate().unwrap();
     }
 }
+
+/// On an encrypted qcow2 disk, a passphrase change reaches every image of its chain: the
+/// snapshots taken before it open with the new passphrase (and no longer the old), and a
+/// snapshot taken after it too, in qemu-img and at the next start.
+#[test]
+fn an_encrypted_qcow2_disk_changes_the_passphrase_of_its_whole_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let old = key_file(d, "old.key", "the old passphrase 3a9c");
+    let new = key_file(d, "new.key", "the new passphrase 77e0");
+    let img = d.join("vm.qcow2");
+    let (code, _, err) = testkit::daemon::strata_local(&[
+        "image",
+        "create",
+        img.to_str().unwrap(),
+        "4M",
+        "--format",
+        "qcow2",
+        "--key-file",
+        old.to_str().unwrap(),
+        "--iter-time",
+        "10",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let (sock, api) = (d.join("vm.sock"), d.join("api.sock"));
+    let serve = |key: &Path| {
+        DaemonCommand::vhost_blk()
+            .unwrap_or_else(|e| panic!("{e}"))
+            .arg("--socket")
+            .arg(&sock)
+            .arg("--id")
+            .arg("vm")
+            .arg("--api-socket")
+            .arg(&api)
+            .arg("--disk")
+            .arg(format!(
+                "path={},format=qcow2,key-file={}",
+                img.display(),
+                key.display()
+            ))
+            .spawn()
+            .unwrap_or_else(|e| panic!("{e}"))
+    };
+    let mut daemon = serve(&old);
+    let mut client = Client::open(&sock, 1).expect("libblkio connects");
+    let first: Vec<u8> = (0..65536).map(|i| (i * 7 % 251) as u8).collect();
+    let second: Vec<u8> = (0..65536).map(|i| (i * 11 % 241) as u8).collect();
+    client.queue(0).write(4096, &first).unwrap();
+    strata(&api, &["snapshot", "create", "vm", "s1"]);
+    client.queue(0).write(1 << 20, &second).unwrap();
+    let o = |p: &Path| p.to_str().unwrap().to_string();
+    strata(
+        &api,
+        &[
+            "key",
+            "change",
+            "vm",
+            "--key-file",
+            &o(&old),
+            "--new-key-file",
+            &o(&new),
+            "--iter-time",
+            "10",
+        ],
+    );
+    strata(&api, &["snapshot", "create", "vm", "s2"]);
+    let v: serde_json::Value =
+        serde_json::from_str(&strata(&api, &["--json", "key", "list", "vm"])).unwrap();
+    assert_eq!(v["keyslots"].as_array().unwrap().len(), 1, "{v}");
+    assert_eq!(client.queue(0).read(4096, first.len()).unwrap(), first);
+    drop(client);
+    daemon.terminate().unwrap();
+
+    let mut want = vec![0u8; 4 << 20];
+    want[4096..4096 + first.len()].copy_from_slice(&first);
+    want[1 << 20..(1 << 20) + second.len()].copy_from_slice(&second);
+    assert!(
+        testkit::tools::qemu_img_decrypted(&img, 2, &new) == Some(want.clone()),
+        "qemu-img opens the whole chain with the new passphrase"
+    );
+    assert!(
+        testkit::tools::qemu_img_decrypted(&d.join("vm@s1.qcow2"), 0, &old).is_none(),
+        "the first snapshot still takes the old passphrase"
+    );
+    let mut daemon = serve(&new);
+    let mut client = Client::open(&sock, 1).expect("libblkio connects");
+    assert_eq!(client.queue(0).read(1 << 20, second.len()).unwrap(), second);
+    drop(client);
+    daemon.terminate().unwrap();
+}

@@ -79,6 +79,43 @@ pub fn qemu_img_luks(args: &[&str], img: &std::path::Path) {
     }
 }
 
+/// qemu-img's `--image-opts` for the encrypted qcow2 image `img` and `below` encrypted
+/// images under it, each opened with the secret `sec0`.
+pub fn qcow2_key_opts(img: &Path, below: usize) -> String {
+    let mut o = format!(
+        "driver=qcow2,file.filename={},encrypt.key-secret=sec0",
+        img.display()
+    );
+    for depth in 1..=below {
+        o.push_str(&format!(
+            ",{}encrypt.key-secret=sec0",
+            "backing.".repeat(depth)
+        ));
+    }
+    o
+}
+
+/// `qemu-img convert` to raw of the encrypted qcow2 chain `img` (`below` encrypted images
+/// under it), opened with the passphrase in the file `key`; none if qemu-img fails.
+pub fn qemu_img_decrypted(img: &Path, below: usize, key: &Path) -> Option<Vec<u8>> {
+    let out = img.with_extension("plain");
+    let _ = std::fs::remove_file(&out);
+    let opts = qcow2_key_opts(img, below);
+    let done = qemu_img(&[
+        "convert",
+        "--object",
+        &format!("secret,id=sec0,file={}", key.display()),
+        "--image-opts",
+        &opts,
+        "-O",
+        "raw",
+        &out.to_string_lossy(),
+    ]);
+    let data = done.status.success().then(|| std::fs::read(&out).ok())?;
+    let _ = std::fs::remove_file(&out);
+    data
+}
+
 /// `qemu-img check` finds the qcow2 image at `img` consistent: no corruption, no check
 /// error, and no leaked cluster unless `leaks_allowed` (as after a crash, when QEMU allows
 /// them too).

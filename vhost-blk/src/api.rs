@@ -677,7 +677,7 @@ impl KeyslotBody {
 /// The served disk `id` and that it is encrypted, or 404 / 409.
 fn luks_disk(disks: &DiskSet, id: &str) -> Result<Arc<DiskServer>, ApiError> {
     let d = served(disks, id)?;
-    if d.device.disk.luks().is_none() {
+    if d.device.disk.keyslot_changes().is_none() {
         return Err(ApiError::conflict(format!("disk {id:?} is not encrypted")));
     }
     Ok(d)
@@ -697,10 +697,15 @@ async fn keyslots(
     UrlPath(id): UrlPath<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let d = luks_disk(&disks, &id)?;
-    let (version, slots) =
-        http::blocking(move || d.device.disk.luks().expect("checked above").keyslots())
-            .await?
-            .map_err(|e| keyslot_error(&id, e))?;
+    let (version, slots) = http::blocking(move || {
+        d.device
+            .disk
+            .keyslot_changes()
+            .expect("checked above")
+            .keyslots()
+    })
+    .await?
+    .map_err(|e| keyslot_error(&id, e))?;
     let slots: Vec<_> = slots
         .iter()
         .map(|s| serde_json::json!({ "id": s.id, "kdf": s.kdf }))
@@ -723,7 +728,7 @@ async fn new_keyslot(
     body.new_passphrase()?;
     let ms = body.iterations_ms()?;
     http::blocking(move || {
-        let luks = d.device.disk.luks().expect("checked above");
+        let luks = d.device.disk.keyslot_changes().expect("checked above");
         let iterations = storage_core::crypto::luks1::iterations_for(ms);
         let (old, new) = (
             body.passphrase().expect("checked above"),
@@ -765,7 +770,7 @@ async fn remove_keyslot(
     }
     body.passphrase()?;
     http::blocking(move || {
-        let luks = d.device.disk.luks().expect("checked above");
+        let luks = d.device.disk.keyslot_changes().expect("checked above");
         luks.remove_keyslot(body.passphrase().expect("checked above"), slot)
     })
     .await?

@@ -12,6 +12,43 @@
 use super::luks1::{self, SLOTS};
 use super::luks2;
 use super::{CryptoError, ImageIo, KEY_BYTES};
+use crate::error::{StorageError, StorageErrorKind};
+
+/// A disk whose passphrases change while it serves: the `luks` node, and a qcow2 disk with
+/// encrypted images. Each change is authorised by a passphrase the disk takes now.
+pub trait KeyslotChanges {
+    /// The LUKS version and the keyslots in use.
+    fn keyslots(&self) -> Result<(u8, Vec<SlotInfo>), StorageError>;
+    /// Adds a keyslot for `new` (PBKDF2 of `iterations`); its id.
+    fn add_keyslot(
+        &self,
+        passphrase: &[u8],
+        new: &[u8],
+        iterations: u32,
+    ) -> Result<u32, StorageError>;
+    /// Removes keyslot `slot`, authorised by a passphrase that opens another one.
+    fn remove_keyslot(&self, passphrase: &[u8], slot: u32) -> Result<(), StorageError>;
+    /// Replaces the passphrase `passphrase` with `new` (key rotation); the new keyslot.
+    fn change_passphrase(
+        &self,
+        passphrase: &[u8],
+        new: &[u8],
+        iterations: u32,
+    ) -> Result<u32, StorageError>;
+}
+
+/// A keyslot change's error on the image `path`, by kind: a wrong passphrase is the
+/// caller's, a missing keyslot not found, anything we do not do unsupported.
+pub fn error(path: &str, e: CryptoError) -> StorageError {
+    let kind = match &e {
+        CryptoError::WrongPassphrase => StorageErrorKind::InvalidArgument,
+        CryptoError::Unsupported(m) if m.starts_with("no keyslot") => StorageErrorKind::NotFound,
+        CryptoError::Unsupported(_) => StorageErrorKind::Unsupported,
+        CryptoError::Io(_) => StorageErrorKind::Io,
+        _ => StorageErrorKind::InvalidImage,
+    };
+    StorageError::new(kind, format!("{path}: {e}"))
+}
 
 /// One keyslot in use.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -142,13 +179,18 @@ pub fn change(
     new: &[u8],
     iterations: u32,
 ) -> Result<u32, CryptoError> {
-    let old = match read_header(io)? {
-        Image::V1(h) => h.unlock(passphrase, &mut |at, buf| io.read(at, buf))?.1 as u32,
-        Image::V2(h) => h.unlock(passphrase, &mut |at, buf| io.read(at, buf))?.1,
-    };
+    let old = opened_by(io, passphrase)?;
     let id = add(io, passphrase, new, iterations)?;
     remove(io, new, old)?;
     Ok(id)
+}
+
+/// The keyslot `passphrase` opens.
+pub fn opened_by(io: &mut dyn ImageIo, passphrase: &[u8]) -> Result<u32, CryptoError> {
+    Ok(match read_header(io)? {
+        Image::V1(h) => h.unlock(passphrase, &mut |at, buf| io.read(at, buf))?.1 as u32,
+        Image::V2(h) => h.unlock(passphrase, &mut |at, buf| io.read(at, buf))?.1,
+    })
 }
 
 // The master key a keyslot holds is this size whatever the version.

@@ -25,7 +25,7 @@ use std::os::unix::io::RawFd;
 use std::sync::Arc;
 
 use super::buffers::{decrypt_in_place, WriteBuffer, PIECE};
-use super::keyslots::{self, SlotInfo};
+use super::keyslots::{self, KeyslotChanges, SlotInfo};
 use super::secret::Locked;
 use super::xts::Xts;
 use super::{CryptoError, ImageIo, SectorLayout};
@@ -116,37 +116,6 @@ impl LuksDisk {
         })
     }
 
-    /// The image's LUKS version and keyslots in use.
-    pub fn keyslots(&self) -> Result<(u8, Vec<SlotInfo>), StorageError> {
-        keyslots::list(&mut self.header_io()).map_err(|e| self.keyslot_error(e))
-    }
-
-    /// Adds a keyslot for `new`, authorised by `passphrase` (one the image takes), with
-    /// PBKDF2 of `iterations`; its id. The disk serves meanwhile.
-    pub fn add_keyslot(
-        &self,
-        passphrase: &[u8],
-        new: &[u8],
-        iterations: u32,
-    ) -> Result<u32, StorageError> {
-        self.changing_keyslots(|io| keyslots::add(io, passphrase, new, iterations))
-    }
-
-    /// Removes keyslot `slot`, authorised by a passphrase that opens another one.
-    pub fn remove_keyslot(&self, passphrase: &[u8], slot: u32) -> Result<(), StorageError> {
-        self.changing_keyslots(|io| keyslots::remove(io, passphrase, slot))
-    }
-
-    /// Replaces the passphrase `passphrase` with `new` (key rotation); the new keyslot.
-    pub fn change_passphrase(
-        &self,
-        passphrase: &[u8],
-        new: &[u8],
-        iterations: u32,
-    ) -> Result<u32, StorageError> {
-        self.changing_keyslots(|io| keyslots::change(io, passphrase, new, iterations))
-    }
-
     fn changing_keyslots<T>(
         &self,
         f: impl FnOnce(&mut dyn ImageIo) -> Result<T, CryptoError>,
@@ -173,16 +142,7 @@ impl LuksDisk {
     }
 
     fn keyslot_error(&self, e: CryptoError) -> StorageError {
-        let kind = match &e {
-            CryptoError::WrongPassphrase => StorageErrorKind::InvalidArgument,
-            CryptoError::Unsupported(m) if m.starts_with("no keyslot") => {
-                StorageErrorKind::NotFound
-            }
-            CryptoError::Unsupported(_) => StorageErrorKind::Unsupported,
-            CryptoError::Io(_) => StorageErrorKind::Io,
-            _ => StorageErrorKind::InvalidImage,
-        };
-        error(kind, &self.info.path, e)
+        keyslots::error(&self.info.path, e)
     }
 
     /// Control-plane I/O is in whole sectors inside the payload.
@@ -613,6 +573,36 @@ impl DiskQueue for LuksQueue {
 
     fn held(&self) -> usize {
         self.child.held()
+    }
+}
+
+/// The image's keyslots change in place while the disk serves (only the header and
+/// keyslot areas are written, never the payload).
+impl KeyslotChanges for LuksDisk {
+    fn keyslots(&self) -> Result<(u8, Vec<SlotInfo>), StorageError> {
+        keyslots::list(&mut self.header_io()).map_err(|e| self.keyslot_error(e))
+    }
+
+    fn add_keyslot(
+        &self,
+        passphrase: &[u8],
+        new: &[u8],
+        iterations: u32,
+    ) -> Result<u32, StorageError> {
+        self.changing_keyslots(|io| keyslots::add(io, passphrase, new, iterations))
+    }
+
+    fn remove_keyslot(&self, passphrase: &[u8], slot: u32) -> Result<(), StorageError> {
+        self.changing_keyslots(|io| keyslots::remove(io, passphrase, slot))
+    }
+
+    fn change_passphrase(
+        &self,
+        passphrase: &[u8],
+        new: &[u8],
+        iterations: u32,
+    ) -> Result<u32, StorageError> {
+        self.changing_keyslots(|io| keyslots::change(io, passphrase, new, iterations))
     }
 }
 

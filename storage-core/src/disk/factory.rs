@@ -257,6 +257,17 @@ impl AnyDisk {
     }
 
     /// The LUKS node at the root (under a throttle, if any): whose keyslots change.
+    /// The node whose passphrases change (a luks node, or a qcow2 disk with encrypted
+    /// images), through any throttle above it.
+    pub fn keyslot_changes(&self) -> Option<&dyn crate::crypto::keyslots::KeyslotChanges> {
+        match self {
+            AnyDisk::Luks(l) => Some(&**l),
+            AnyDisk::Qcow2(q) if q.encrypted() => Some(&**q),
+            AnyDisk::Throttle(t) => t.child().keyslot_changes(),
+            _ => None,
+        }
+    }
+
     pub fn luks(&self) -> Option<&crate::crypto::LuksDisk> {
         match self {
             AnyDisk::Luks(l) => Some(l),

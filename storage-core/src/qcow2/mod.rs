@@ -21,6 +21,7 @@ pub mod check;
 mod compressed;
 mod encryption;
 pub mod header;
+mod keyslots;
 mod meta;
 #[cfg(test)]
 mod power_cut_tests;
@@ -120,6 +121,12 @@ pub struct Qcow2Disk {
     /// The passphrase of the chain's encrypted images (also for those opened later: a
     /// snapshot's, or the chain below one deleted).
     keys: Option<Arc<Keyring>>,
+    /// One keyslot change at a time ([`keyslots`]); a snapshot's new image copies its
+    /// LUKS header under it too.
+    keyslot_changes: Mutex<()>,
+    /// How many keyslot changes began: a snapshot prepared before one copies the header
+    /// again when it is put in place.
+    keys_changed: AtomicU64,
 }
 
 /// Which backing file a qcow2 node reads through.
@@ -376,6 +383,8 @@ impl Qcow2Disk {
             info,
             backing_mode,
             keys,
+            keyslot_changes: Mutex::new(()),
+            keys_changed: AtomicU64::new(0),
         }
     }
 
@@ -479,9 +488,17 @@ impl Qcow2Disk {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        // An encrypted image's snapshot is encrypted with the same key.
-        let encryption =
-            LuksHeader::of(&old).map_err(|e| io("reading the encryption header", e))?;
+        // An encrypted image's snapshot is encrypted with the same key (and takes the same
+        // passphrases: copied whole, no keyslot change under way).
+        let (encryption, keys) = {
+            let _no_key_change = self
+                .keyslot_changes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let header =
+                LuksHeader::of(&old).map_err(|e| io("reading the encryption header", e))?;
+            (header, self.keys_changed.load(Ordering::Acquire))
+        };
         let made = create_file(
             &tmp,
             &CreateOptions {
@@ -495,6 +512,7 @@ impl Qcow2Disk {
             tmp: Some(tmp.clone()),
             frozen,
             shared: None,
+            keys,
         };
         // The new image is the old one's: its owner and mode (the guest's data it will
         // hold is as private as what the old one holds).
@@ -544,6 +562,25 @@ impl Qcow2Disk {
         let old = self.active.get();
         let path = old.path.clone();
         let io = |what: &str, e: io::Error| io_error(&path, what, e);
+        let _no_key_change = self
+            .keyslot_changes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if self.keys_changed.load(Ordering::Acquire) != p.keys {
+            // Keyslots changed since the new image copied the header: copy it again, so
+            // the new image takes the passphrases the image takes now.
+            let new = p.shared.as_ref().expect("prepared");
+            let at = new.lock().header.crypto;
+            if let (Some(h), Some((offset, _))) = (
+                LuksHeader::of(&old).map_err(|e| io("reading the encryption header", e))?,
+                at,
+            ) {
+                new.file
+                    .write_at(&h.0, offset)
+                    .and_then(|()| new.file.flush())
+                    .map_err(|e| io("copying the encryption header", e))?;
+            }
+        }
         old.flush()
             .map_err(|e| io("flushing before the snapshot", e))?;
         still_named(&path, &old.file)?;
@@ -590,6 +627,8 @@ pub struct PreparedSnapshot {
     tmp: Option<PathBuf>,
     frozen: PathBuf,
     shared: Option<Shared>,
+    /// `keys_changed` when the new image copied the LUKS header.
+    keys: u64,
 }
 
 impl Drop for PreparedSnapshot {

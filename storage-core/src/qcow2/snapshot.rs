@@ -367,6 +367,11 @@ impl Qcow2Disk {
         let path = layers[0].path.clone();
         let io = |what: &str, e: io::Error| io_error(&path, what, e);
         still_named(&path, &top.file)?;
+        // The new image copies the LUKS header whole: no keyslot change meanwhile.
+        let _no_key_change = self
+            .keyslot_changes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let (size, cluster_size) = {
             let m = top.lock();
             (m.header.size, m.cluster_size())
