@@ -109,6 +109,27 @@ pub fn redact(mut v: serde_json::Value) -> serde_json::Value {
     v
 }
 
+/// A body whose values are secret but for those of `public` keys (top level): every other
+/// value `"<redacted>"` (and anything but an object, redacted whole).
+pub fn public_only(v: serde_json::Value, public: &[&str]) -> serde_json::Value {
+    match v {
+        serde_json::Value::Object(map) => serde_json::Value::Object(
+            map.into_iter()
+                .map(|(k, v)| {
+                    let v = if public.contains(&k.as_str()) {
+                        v
+                    } else {
+                        serde_json::Value::String("<redacted>".into())
+                    };
+                    (k, v)
+                })
+                .collect(),
+        ),
+        serde_json::Value::Null => serde_json::Value::Null,
+        _ => serde_json::Value::String("<redacted>".into()),
+    }
+}
+
 /// A body whose values are all secret: its keys, each value `"<redacted>"` (and anything
 /// but an object, redacted whole).
 pub fn keys_only(v: serde_json::Value) -> serde_json::Value {

@@ -68,6 +68,9 @@ pub struct Operation {
     /// Its body carries secrets: the audit log records the body's keys, no value at all
     /// (a misspelt key would escape redaction by name).
     pub secret_body: bool,
+    /// Its body may carry a secret beside what is not: the audit log records the values
+    /// of these top-level keys only, any other key's redacted.
+    pub public_keys: Option<&'static [&'static str]>,
 }
 
 impl Operation {
@@ -77,6 +80,7 @@ impl Operation {
             role: Role::Viewer,
             mutating: false,
             secret_body: false,
+            public_keys: None,
         }
     }
 
@@ -86,6 +90,7 @@ impl Operation {
             role,
             mutating: true,
             secret_body: false,
+            public_keys: None,
         }
     }
 
@@ -93,6 +98,14 @@ impl Operation {
     pub const fn with_secret_body(self) -> Self {
         Operation {
             secret_body: true,
+            ..self
+        }
+    }
+
+    /// The same operation, the audit log recording the values of `keys` only.
+    pub const fn with_public_keys(self, keys: &'static [&'static str]) -> Self {
+        Operation {
+            public_keys: Some(keys),
             ..self
         }
     }
@@ -430,6 +443,8 @@ async fn check(
         serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
     if op.secret_body {
         body_json = audit::keys_only(body_json);
+    } else if let Some(keys) = op.public_keys {
+        body_json = audit::public_only(body_json, keys);
     }
     let params = audit::redact(serde_json::json!({ "query": query, "body": body_json }));
     let req = Request::from_parts(parts, Body::from(bytes));

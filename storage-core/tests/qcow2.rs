@@ -473,7 +473,7 @@ fn small_clusters_grow_the_tables_and_evict_l2_tables_from_two_queues() {
                 backing: Backing::FromImage,
                 // A handful of L2 tables: most lookups miss, dirty tables force flushes.
                 l2_cache: 4096,
-                key_file: None,
+                key: None,
             },
             read_only: false,
             serial: None,
@@ -705,7 +705,7 @@ fn snapshots_under_a_throttle_wake_the_worker_and_some_disks_refuse_them() {
             }),
             backing: storage_core::qcow2::Backing::Without,
             l2_cache: 1 << 20,
-            key_file: None,
+            key: None,
         },
         read_only: false,
         serial: None,

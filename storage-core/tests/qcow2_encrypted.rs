@@ -496,3 +496,83 @@ fn a_snapshot_prepared_before_a_passphrase_change_takes_the_new_passphrase() {
     let e = open(&spec(&img, &key)).err().unwrap();
     assert!(e.contains("no keyslot opens"), "{e}");
 }
+
+fn write_luks_header(img: &Path, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let all = std::fs::read(img).unwrap();
+    let h = qcow2::Header::parse(&all[..65536], all.len() as u64).unwrap();
+    let (at, _) = h.crypto.unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(img).unwrap();
+    f.write_all_at(bytes, at).unwrap();
+}
+
+/// A passphrase change reaches the snapshots (their headers become the top's again, even
+/// one a failed copy left behind); a chain image with a master key of its own is refused
+/// by name.
+#[test]
+fn passphrase_changes_reach_every_image_holding_the_key() {
+    use storage_core::crypto::keyslots::KeyslotChanges;
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), PASS);
+    let img = dir.path().join("disk.qcow2");
+    create_encrypted(&img, MIB);
+    let disk = open(&spec(&img, &key)).unwrap();
+    let AnyDisk::Qcow2(q2) = &disk else {
+        panic!("a qcow2 node")
+    };
+    let s1 = q2
+        .commit_snapshot(q2.prepare_snapshot("s1").unwrap())
+        .unwrap();
+    let before = luks_header_of(&s1);
+    q2.add_keyslot(PASS.as_bytes(), b"second", 1000).unwrap();
+    assert_eq!(luks_header_of(&img), luks_header_of(&s1));
+    assert_ne!(luks_header_of(&s1), before);
+    // As if copying to the snapshot had failed: the next change copies again.
+    write_luks_header(&s1, &before);
+    q2.change_passphrase(PASS.as_bytes(), b"third", 1000)
+        .unwrap();
+    assert_eq!(luks_header_of(&img), luks_header_of(&s1));
+    let (_, slots) = q2.keyslots().unwrap();
+    assert_eq!(slots.len(), 2, "{slots:?}");
+    drop(disk);
+    let third_dir = dir.path().join("third");
+    std::fs::create_dir(&third_dir).unwrap();
+    let third = key_file(&third_dir, "third");
+    for f in [&img, &s1] {
+        let d = open(&format!("{},readonly=on", spec(f, &third)))
+            .unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        drop(d);
+        let e = open(&format!("{},readonly=on", spec(f, &key)))
+            .err()
+            .unwrap();
+        assert!(e.contains("no keyslot opens"), "{e}");
+    }
+
+    // An overlay qemu-img encrypts with a key of its own over our image.
+    let top = dir.path().join("top.qcow2");
+    let args = [
+        "create",
+        "--object",
+        &secret(&third),
+        "-f",
+        "qcow2",
+        "-b",
+        img.to_str().unwrap(),
+        "-F",
+        "qcow2",
+        "-o",
+        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+        top.to_str().unwrap(),
+    ];
+    qemu_img_luks(&args, &top);
+    let disk = open(&spec(&top, &third)).unwrap();
+    let AnyDisk::Qcow2(q2) = &disk else {
+        panic!("a qcow2 node")
+    };
+    let e = q2
+        .add_keyslot(b"third", b"fourth", 1000)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("master key of its own"), "{e}");
+}

@@ -107,6 +107,11 @@ pub enum DiskCommand {
         queue_depth: Option<u32>,
         #[arg(long)]
         poll_us: Option<u64>,
+        /// A key file (mode 0600, yours) whose passphrase the daemon opens the disk's
+        /// encrypted nodes with (admin; those that name no key file of their own). The
+        /// passphrase is written nowhere: the disk is not kept for the next start.
+        #[arg(long, value_name = "PATH")]
+        passphrase_file: Option<PathBuf>,
     },
     /// Set a disk's own QoS limits, QEMU's names: strata disk limits vm1 iops-total=5000
     /// bps-read=104857600 (none: no limits). The disk must have been given limits when added.

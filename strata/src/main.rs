@@ -171,8 +171,12 @@ fn run(cli: &Cli) -> Result<String, Failure> {
             queue_size,
             queue_depth,
             poll_us,
+            passphrase_file,
         }) => {
             let mut body = json!({ "id": id, "socket": socket, "disk": disk });
+            if let Some(f) = passphrase_file {
+                body["passphrase"] = passphrase(f)?.into();
+            }
             let fields = [
                 ("blockdev", (!blockdev.is_empty()).then(|| json!(blockdev))),
                 ("object", (!object.is_empty()).then(|| json!(object))),

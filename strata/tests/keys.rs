@@ -291,19 +291,7 @@ fn an_encrypted_qcow2_disk_changes_the_passphrase_of_its_whole_chain() {
     let old = key_file(d, "old.key", "the old passphrase 3a9c");
     let new = key_file(d, "new.key", "the new passphrase 77e0");
     let img = d.join("vm.qcow2");
-    let (code, _, err) = testkit::daemon::strata_local(&[
-        "image",
-        "create",
-        img.to_str().unwrap(),
-        "4M",
-        "--format",
-        "qcow2",
-        "--key-file",
-        old.to_str().unwrap(),
-        "--iter-time",
-        "10",
-    ]);
-    assert_eq!(code, 0, "{err}");
+    testkit::daemon::strata_create_encrypted(&img, "4M", "qcow2", &old);
     let (sock, api) = (d.join("vm.sock"), d.join("api.sock"));
     let serve = |key: &Path| {
         DaemonCommand::vhost_blk()
@@ -360,9 +348,14 @@ fn an_encrypted_qcow2_disk_changes_the_passphrase_of_its_whole_chain() {
         testkit::tools::qemu_img_decrypted(&img, 2, &new) == Some(want.clone()),
         "qemu-img opens the whole chain with the new passphrase"
     );
+    let s1 = d.join("vm@s1.qcow2");
     assert!(
-        testkit::tools::qemu_img_decrypted(&d.join("vm@s1.qcow2"), 0, &old).is_none(),
-        "the first snapshot still takes the old passphrase"
+        testkit::tools::qemu_img_decrypted(&s1, 0, &new).is_some(),
+        "the first snapshot takes the new passphrase"
+    );
+    assert!(
+        testkit::tools::qemu_img_decrypted(&s1, 0, &old).is_none(),
+        "the first snapshot no longer takes the old passphrase"
     );
     let mut daemon = serve(&new);
     let mut client = Client::open(&sock, 1).expect("libblkio connects");

@@ -1010,3 +1010,108 @@ fn the_role_each_operation_needs_comes_from_the_config() {
         assert!(err.contains(expect) && err.lines().count() == 1, "{err}");
     }
 }
+
+/// An admin gives a new disk its passphrase through the API (`strata disk add
+/// --passphrase-file`): the LUKS disk serves, the passphrase reaches neither the config
+/// file, the audit log nor the daemon's log, and the disk is not kept for the next start.
+/// An operator may not give one; a wrong one, or one no node takes, is a 400.
+#[test]
+fn a_disk_given_its_passphrase_through_the_api_serves_and_is_not_kept() {
+    const PASS: &str = "an api passphrase 6d1f";
+    let mut f = Fixture::new("");
+    let key = f.path("vm.key");
+    std::fs::write(&key, PASS).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let img = f.path("images/vm.luks");
+    testkit::daemon::strata_create_encrypted(&img, "4M", "luks", &key);
+    let sock = f.path("vm.sock");
+    let spec = format!("path={},format=luks", img.display());
+    let body = |pass: &str, disk: &str| {
+        serde_json::json!({
+            "id": "vm", "socket": sock, "disk": disk, "passphrase": pass,
+        })
+        .to_string()
+    };
+    let (code, _, err) = f.strata_as(
+        OPERATOR,
+        &["raw", "POST", "/v1/disks", "--data", &body(PASS, &spec)],
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("403") && err.contains("admin"), "{err}");
+    let raw = format!("path={}", img.display());
+    for (pass, disk, says) in [
+        ("not it", spec.as_str(), "no keyslot opens"),
+        (PASS, raw.as_str(), "no node takes it"),
+    ] {
+        let (code, _, err) = f.strata_as(
+            0,
+            &["raw", "POST", "/v1/disks", "--data", &body(pass, disk)],
+        );
+        assert_eq!(code, 1, "{disk}");
+        assert!(err.contains("400") && err.contains(says), "{err}");
+        assert!(!err.contains(pass), "{err}");
+    }
+    // A misspelt key is refused, and its value is not audited either.
+    let typo = serde_json::json!({
+        "id": "vm", "socket": sock, "disk": spec, "passphrse": "typo secret 8a8a",
+    })
+    .to_string();
+    let (code, _, _) = f.strata_as(0, &["raw", "POST", "/v1/disks", "--data", &typo]);
+    assert_eq!(code, 1);
+
+    let out = f.strata(&[
+        "--json",
+        "disk",
+        "add",
+        "vm",
+        "--socket",
+        sock.to_str().unwrap(),
+        "--disk",
+        &spec,
+        "--passphrase-file",
+        key.to_str().unwrap(),
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["persistent"], false, "{v}");
+    let mut client = Client::open(&sock, 1).expect("libblkio connects");
+    assert_eq!(client.capacity(), 4 << 20);
+    client.queue(0).write(4096, &[0x6b; 8192]).unwrap();
+    assert_eq!(client.queue(0).read(4096, 8192).unwrap(), vec![0x6b; 8192]);
+    drop(client);
+    // Ciphertext on the image.
+    let bytes = std::fs::read(&img).unwrap();
+    assert!(!bytes.windows(64).any(|w| w == [0x6b; 64]));
+    // The disk's settings change without the config file knowing it.
+    f.strata(&["disk", "remove", "vm"]);
+
+    let config = std::fs::read_to_string(f.path("vhost-blk.toml")).unwrap();
+    assert!(!config.contains("vm.luks"), "{config}");
+    let audit = std::fs::read_to_string(f.path("audit/audit.log")).unwrap();
+    assert!(audit.contains("disk.add"), "{audit}");
+    assert!(
+        audit.contains("vm.luks"),
+        "the disk's spec is audited: {audit}"
+    );
+    for secret in [PASS, "not it", "typo secret 8a8a"] {
+        assert!(!audit.contains(secret), "the audit log holds {secret:?}");
+    }
+    f.strata(&[
+        "disk",
+        "add",
+        "vm",
+        "--socket",
+        sock.to_str().unwrap(),
+        "--disk",
+        &spec,
+        "--passphrase-file",
+        key.to_str().unwrap(),
+    ]);
+    let mut daemon = f.daemon.take().unwrap();
+    assert!(daemon.terminate().unwrap().success());
+    let log = daemon.output();
+    assert!(log.contains("vm"), "{log}");
+    assert!(!log.contains(PASS), "the daemon's log holds the passphrase");
+    f.start();
+    let list = f.strata(&["disk", "list"]);
+    assert!(!list.contains("vm"), "not kept for the next start: {list}");
+}

@@ -743,6 +743,24 @@ pub fn strata_local(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// `strata image create IMG SIZE --format FORMAT --key-file KEY --iter-time 10` (a quick
+/// key derivation), which must succeed.
+pub fn strata_create_encrypted(img: &Path, size: &str, format: &str, key: &Path) {
+    let (code, _, err) = strata_local(&[
+        "image",
+        "create",
+        &img.to_string_lossy(),
+        size,
+        "--format",
+        format,
+        "--key-file",
+        &key.to_string_lossy(),
+        "--iter-time",
+        "10",
+    ]);
+    assert_eq!(code, 0, "strata image create {}: {err}", img.display());
+}
+
 /// Runs `strata --api API args`, which must succeed; its standard output.
 pub fn strata(api: &Path, args: &[&str]) -> String {
     let (ok, out, err) = strata_run(api, args);

@@ -224,26 +224,31 @@ fn admin_only(node: &NodeSpec, out: &mut Vec<String>) {
             admin_only(child, out)
         }
         NodeSpec::Qcow2 {
-            file,
-            backing,
-            key_file,
-            ..
+            file, backing, key, ..
         } => {
             // The image names its backing file, anywhere on the host: an operator's image
             // could name a file the operator may not read.
             if *backing == storage_core::qcow2::Backing::FromImage {
                 out.push("a qcow2 image's own backing file (give backing=null)".into());
             }
-            if let Some(k) = key_file {
-                out.push(format!("the key file {}", k.display()));
+            if let Some(k) = key {
+                out.push(key_source(k));
             }
             admin_only(file, out)
         }
-        NodeSpec::Luks { file, key_file } => {
-            // A key file is read as a passphrase wherever it is: only an admin names one.
-            out.push(format!("the key file {}", key_file.display()));
+        NodeSpec::Luks { file, key } => {
+            out.push(key_source(key));
             admin_only(file, out)
         }
+    }
+}
+
+/// What naming a key takes an admin for: a key file is read as a passphrase wherever it
+/// is; a passphrase given through the API is key material.
+fn key_source(key: &storage_core::disk::KeySource) -> String {
+    match key {
+        storage_core::disk::KeySource::File(p) => format!("the key file {}", p.display()),
+        storage_core::disk::KeySource::Given(_) => "a passphrase given through the API".into(),
     }
 }
 

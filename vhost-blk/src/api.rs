@@ -33,7 +33,10 @@ pub const HEALTH: Operation = Operation::read("health");
 pub const METRICS: Operation = Operation::read("metrics");
 pub const DISK_LIST: Operation = Operation::read("disk.list");
 pub const DISK_GET: Operation = Operation::read("disk.get");
-pub const DISK_ADD: Operation = Operation::write("disk.add", Role::Operator);
+/// A disk given its passphrase (`passphrase`, admin only) keeps it out of the audit log,
+/// as any key not a disk's setting (a misspelt one).
+pub const DISK_ADD: Operation =
+    Operation::write("disk.add", Role::Operator).with_public_keys(crate::config::DISK_KEYS);
 pub const DISK_RESIZE: Operation = Operation::write("disk.resize", Role::Operator);
 pub const DISK_LIMITS: Operation = Operation::write("disk.limits", Role::Operator);
 pub const HISTORY: Operation = Operation::read("history");
@@ -361,12 +364,39 @@ async fn show(
 async fn add(
     State(disks): Disks,
     Extension(caller): Extension<Caller>,
-    JsonBody(text): JsonBody<DiskText>,
+    JsonBody(mut body): JsonBody<serde_json::Value>,
 ) -> Result<Response, ApiError> {
-    let config = text
-        .check()
-        .map_err(|e| ApiError::bad_request(e.to_string()))?;
     let admin = caller.role >= Role::Admin;
+    // A passphrase for the disk's encrypted nodes (those naming no key file): an admin's
+    // to give, copied into locked memory, written nowhere.
+    let given = match body.as_object_mut().and_then(|m| m.remove("passphrase")) {
+        None => None,
+        Some(mut v) => {
+            let p = match &v {
+                serde_json::Value::String(_) if !admin => Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "giving a disk its passphrase needs the admin role",
+                )),
+                serde_json::Value::String(s) => {
+                    storage_core::crypto::key_file::Passphrase::from_bytes(s.as_bytes())
+                        .map(Arc::new)
+                        .map_err(|e| ApiError::bad_request(format!("passphrase: {e}")))
+                }
+                _ => Err(ApiError::bad_request("passphrase: a string")),
+            };
+            if let serde_json::Value::String(s) = &mut v {
+                use zeroize::Zeroize;
+                s.zeroize();
+            }
+            Some(p?)
+        }
+    };
+    let text: DiskText = serde_json::from_value(body)
+        .map_err(|e| ApiError::bad_request(format!("the disk: {e}")))?;
+    let persistent = disks.persistent() && given.is_none();
+    let config = text
+        .check_given(given)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
     let mut config = config;
     // Checked as an operator's again whenever the daemon starts.
     config.text.added_by_operator = !admin;
@@ -383,7 +413,10 @@ async fn add(
         disks.add(config.clone(), open_as, true).map_err(set_error)
     })
     .await??;
-    Ok((StatusCode::CREATED, Json(disk_json(&server))).into_response())
+    let mut answer = disk_json(&server);
+    // Whether the disk comes back at the next start (one given its passphrase does not).
+    answer["persistent"] = persistent.into();
+    Ok((StatusCode::CREATED, Json(answer)).into_response())
 }
 
 #[derive(serde::Deserialize)]

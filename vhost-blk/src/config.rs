@@ -71,6 +71,22 @@ struct Cli {
     audit_log: Option<PathBuf>,
 }
 
+/// The keys of [`DiskText`], as written.
+pub const DISK_KEYS: &[&str] = &[
+    "id",
+    "socket",
+    "disk",
+    "blockdev",
+    "object",
+    "queues",
+    "queue-size",
+    "queue-depth",
+    "poll-us",
+    "limits",
+    "snapshot-policy",
+    "added-by-operator",
+];
+
 /// One disk as the user writes it: a `[[disk]]` table of the config file, the body of
 /// `POST /v1/disks`, or the command line's flags.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -160,6 +176,9 @@ pub struct DiskConfig {
     pub queue_depth: u32,
     pub poll: Duration,
     pub policy: Option<crate::lifecycle::SnapshotPolicy>,
+    /// Kept in the config file (when there is one): not a disk given its passphrase
+    /// through the API.
+    pub in_file: bool,
 }
 
 impl DiskConfig {
@@ -230,6 +249,11 @@ pub enum ConfigError {
     Policy { id: String, message: String },
     #[error("disk id {0:?}: use 1 to 64 letters, digits, '.', '_' or '-'")]
     Id(String),
+    #[error(
+        "disk {0:?}: a passphrase is given, but no node takes it (format=luks, or an \
+         encrypted format=qcow2, with no key-file=)"
+    )]
+    Passphrase(String),
     #[error("disk {0:?}: queues must be between 1 and 64 (not {1})")]
     Queues(String, u16),
     #[error("disk {0:?}: queue-size must be a power of two between 2 and 1024 (not {1})")]
@@ -258,6 +282,16 @@ pub enum Command {
 impl DiskText {
     /// The checks every disk passes, wherever it comes from.
     pub fn check(self) -> Result<DiskConfig, ConfigError> {
+        self.check_given(None)
+    }
+
+    /// [`check`](Self::check), with a passphrase given through the API for the encrypted
+    /// nodes that name no key file (one of them at least must take it). Such a disk is not
+    /// kept in the config file: the passphrase is written nowhere.
+    pub fn check_given(
+        self,
+        given: Option<std::sync::Arc<storage_core::crypto::key_file::Passphrase>>,
+    ) -> Result<DiskConfig, ConfigError> {
         let id = self.id.clone();
         let id_ok = (1..=64).contains(&id.len())
             && id
@@ -267,6 +301,10 @@ impl DiskText {
             return Err(ConfigError::Id(id));
         }
         let mut graph = GraphSpec::default();
+        let in_file = given.is_none();
+        if let Some(p) = given {
+            graph.give_passphrase(p);
+        }
         for o in &self.object {
             graph.add_object(o).map_err(|source| ConfigError::Object {
                 id: id.clone(),
@@ -287,6 +325,9 @@ impl DiskText {
                 id: id.clone(),
                 source,
             })?;
+        if !in_file && !spec.root.takes_given_key() {
+            return Err(ConfigError::Passphrase(id));
+        }
         if let Some(text) = &self.limits {
             let limits = parse_limits(text).map_err(|e| ConfigError::Limits {
                 id: id.clone(),
@@ -350,6 +391,7 @@ impl DiskText {
             queue_depth,
             poll: Duration::from_micros(poll_us),
             policy,
+            in_file,
         })
     }
 }
@@ -475,6 +517,31 @@ impl TryFrom<Cli> for Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The audit log keeps the values of exactly a disk's settings (anything else in a
+    /// `POST /v1/disks` body, a passphrase, is redacted).
+    #[test]
+    fn disk_keys_are_the_settings_of_a_disk() {
+        let all = serde_json::json!({
+            "id": "a", "socket": "/s", "disk": "path=null,size=1M", "blockdev": ["b"],
+            "object": ["o"], "queues": 1, "queue-size": 2, "queue-depth": 3, "poll-us": 4,
+            "limits": {"iops-total": 5}, "snapshot-policy": {"schedule": "every 1h"},
+            "added-by-operator": true,
+        });
+        let keys: Vec<&str> = all
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|k| k.as_str())
+            .collect();
+        let mut want = DISK_KEYS.to_vec();
+        want.sort_unstable();
+        let mut got = keys.clone();
+        got.sort_unstable();
+        assert_eq!(got, want);
+        let text: DiskText = serde_json::from_value(all.clone()).unwrap();
+        assert_eq!(serde_json::to_value(&text).unwrap(), all);
+    }
 
     fn parse(args: &[&str]) -> Result<Config, String> {
         let mut all = vec!["vhost-blk"];

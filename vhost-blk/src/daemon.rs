@@ -188,6 +188,7 @@ impl DiskSet {
     ) -> Result<Arc<DiskServer>, SetError> {
         let id = config.id().to_owned();
         let text = config.text.clone();
+        let config_in_file = config.in_file;
         let server = Arc::new(
             DiskServer::start(config, open_as, self.socket_group).map_err(SetError::Open)?,
         );
@@ -197,7 +198,7 @@ impl DiskSet {
             let _ = server.join();
             return Err(SetError::ShuttingDown);
         }
-        if let (true, Some(w)) = (persist, &self.writer) {
+        if let (true, true, Some(w)) = (persist, config_in_file, &self.writer) {
             if let Err(source) = w.add_disk(&text) {
                 server.stop();
                 let _ = server.join();
@@ -275,7 +276,7 @@ impl DiskSet {
             };
         server.stop();
         let stopped = server.join();
-        let kept = match &self.writer {
+        let kept = match self.writer.as_ref().filter(|_| server.config.in_file) {
             Some(w) => w.remove_disk(id).map_err(|source| SetError::Persist {
                 what: format!("disk {id:?} was removed"),
                 source,
@@ -320,7 +321,7 @@ impl DiskSet {
                 .map_err(|e| SetError::AddThrottle(id.to_owned(), e))?,
         }
         d.set_limits_text(Some(text.clone()));
-        if let Some(w) = &self.writer {
+        if let Some(w) = self.writer.as_ref().filter(|_| d.config.in_file) {
             w.set_disk_limits(id, Some(&text))
                 .map_err(|source| SetError::Persist {
                     what: format!("disk {id:?}'s limits changed"),
@@ -350,7 +351,7 @@ impl DiskSet {
             None => None,
         };
         d.set_snapshot_policy(text.clone(), policy);
-        if let Some(w) = &self.writer {
+        if let Some(w) = self.writer.as_ref().filter(|_| d.config.in_file) {
             w.set_disk_policy(id, text.as_ref())
                 .map_err(|source| SetError::Persist {
                     what: format!("disk {id:?}'s snapshot policy changed"),

@@ -6,7 +6,7 @@
 //! checks are of the file opened (its last component not a symbolic link, and without
 //! blocking on a FIFO), and the passphrase is read straight into locked memory.
 
-use std::io::Read;
+use std::io::{self, Read};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
 
@@ -49,6 +49,25 @@ impl std::ops::Deref for Passphrase {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
         &self.bytes[..self.len]
+    }
+}
+
+impl Passphrase {
+    /// A passphrase given otherwise than in a file (through the API): copied into locked
+    /// memory; the caller zeroes its own copy.
+    pub fn from_bytes(bytes: &[u8]) -> io::Result<Passphrase> {
+        if bytes.is_empty() || bytes.len() > MAX_KEY_FILE as usize {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("a passphrase is 1 to {MAX_KEY_FILE} bytes"),
+            ));
+        }
+        let mut key = Passphrase {
+            bytes: Locked::new([0u8; MAX_KEY_FILE as usize])?,
+            len: bytes.len(),
+        };
+        key.bytes[..bytes.len()].copy_from_slice(bytes);
+        Ok(key)
     }
 }
 

@@ -88,6 +88,13 @@ pub fn open_disk(spec: &DiskSpec) -> Result<AnyDisk, StorageError> {
     open_node(&spec.root, spec.read_only)
 }
 
+fn passphrase(
+    key: &super::spec::KeySource,
+) -> Result<std::sync::Arc<crate::crypto::key_file::Passphrase>, StorageError> {
+    key.passphrase()
+        .map_err(|e| StorageError::new(StorageErrorKind::InvalidSpec, e.to_string()))
+}
+
 fn open_node(node: &NodeSpec, read_only: bool) -> Result<AnyDisk, StorageError> {
     match node {
         NodeSpec::Null { size, read_zeroes } => {
@@ -163,15 +170,11 @@ fn open_node(node: &NodeSpec, read_only: bool) -> Result<AnyDisk, StorageError> 
             file,
             backing,
             l2_cache,
-            key_file,
+            key,
         } => {
             let path = std::path::PathBuf::from(file.data_path());
-            let keys = match key_file {
-                Some(k) => Some(crate::qcow2::Keyring::new(
-                    crate::crypto::key_file::read(k).map_err(|e| {
-                        StorageError::new(StorageErrorKind::InvalidSpec, e.to_string())
-                    })?,
-                )),
+            let keys = match key {
+                Some(k) => Some(crate::qcow2::Keyring::new(passphrase(k)?)),
                 None => None,
             };
             let file = open_node(file, read_only)?;
@@ -186,10 +189,9 @@ fn open_node(node: &NodeSpec, read_only: bool) -> Result<AnyDisk, StorageError> 
             )
             .map(|d| AnyDisk::Qcow2(Box::new(d)))
         }
-        NodeSpec::Luks { file, key_file } => {
+        NodeSpec::Luks { file, key } => {
             // The key first: a bad key file then leaves nothing made (a tier's new cache).
-            let passphrase = crate::crypto::key_file::read(key_file)
-                .map_err(|e| StorageError::new(StorageErrorKind::InvalidSpec, e.to_string()))?;
+            let passphrase = passphrase(key)?;
             let child = open_node(file, read_only)?;
             crate::crypto::LuksDisk::open(child, &passphrase, read_only)
                 .map(|d| AnyDisk::Luks(Box::new(d)))
@@ -256,7 +258,6 @@ impl AnyDisk {
         }
     }
 
-    /// The LUKS node at the root (under a throttle, if any): whose keyslots change.
     /// The node whose passphrases change (a luks node, or a qcow2 disk with encrypted
     /// images), through any throttle above it.
     pub fn keyslot_changes(&self) -> Option<&dyn crate::crypto::keyslots::KeyslotChanges> {
@@ -268,6 +269,7 @@ impl AnyDisk {
         }
     }
 
+    /// The LUKS node at the root (under a throttle, if any).
     pub fn luks(&self) -> Option<&crate::crypto::LuksDisk> {
         match self {
             AnyDisk::Luks(l) => Some(l),

@@ -18,9 +18,12 @@
 
 use std::collections::HashSet;
 use std::path::PathBuf;
+use std::sync::Arc;
 
+use super::spec::KeySource;
 use super::spec::{bad, null_size, on_off, parse_engine, parse_serial, TierOptions};
 use super::{DiskSpec, NodeSpec, RbdSpec, SpecError, ThrottleSpec};
+use crate::crypto::key_file::Passphrase;
 use crate::throttle::{ThrottleGroup, ThrottleLimits};
 
 /// How deep a graph may be: deeper is surely a mistake (or a loop).
@@ -37,6 +40,8 @@ pub struct GraphSpec {
     groups: Vec<(String, ThrottleLimits)>,
     /// `--object secret,id=ID,file=PATH`: key files by id.
     secrets: Vec<(String, PathBuf)>,
+    /// A passphrase given through the API, for encrypted nodes that name no key.
+    given: Option<Arc<Passphrase>>,
 }
 
 fn graph_err(msg: impl Into<String>) -> SpecError {
@@ -245,7 +250,7 @@ impl GraphSpec {
                     "--blockdev nodes were given: --disk names the root with node=NAME",
                 ));
             }
-            let mut spec: DiskSpec = disk.parse()?;
+            let mut spec = DiskSpec::parse_given(disk, self.given.clone())?;
             // A group declared with --object gives its limits to the shorthand's node.
             if let NodeSpec::Throttle {
                 limits: ThrottleSpec::Group { name, limits },
@@ -352,21 +357,27 @@ impl GraphSpec {
         self.build(name, opts.clone(), depth, used)
     }
 
-    /// The key file node `name` (a `driver` node) names, by `key-file=PATH` or
-    /// `key-secret=ID` (an `--object secret`), if it names one.
+    /// Gives encrypted nodes that name no key (and the shorthand's) this passphrase
+    /// (given through the API).
+    pub fn give_passphrase(&mut self, p: Arc<Passphrase>) {
+        self.given = Some(p);
+    }
+
+    /// The key node `name` (a `driver` node) names, by `key-file=PATH` or `key-secret=ID`
+    /// (an `--object secret`), else the passphrase given through the API, if any.
     fn key(
         &self,
         name: &str,
         driver: &str,
         opts: &mut Options,
-    ) -> Result<Option<PathBuf>, SpecError> {
+    ) -> Result<Option<KeySource>, SpecError> {
         match (take(opts, "key-file"), take(opts, "key-secret")) {
-            (Some(f), None) if !f.is_empty() => Ok(Some(PathBuf::from(f))),
+            (Some(f), None) if !f.is_empty() => Ok(Some(KeySource::File(PathBuf::from(f)))),
             (None, Some(id)) => self
                 .secrets
                 .iter()
                 .find(|(n, _)| *n == id)
-                .map(|(_, f)| Some(f.clone()))
+                .map(|(_, f)| Some(KeySource::File(f.clone())))
                 .ok_or_else(|| {
                     graph_err(format!(
                         "{driver} node {name:?}: no secret {id:?} (add --object \
@@ -379,7 +390,7 @@ impl GraphSpec {
             (Some(_), None) => Err(graph_err(format!(
                 "{driver} node {name:?}: key-file= names no file"
             ))),
-            (None, None) => Ok(None),
+            (None, None) => Ok(self.given.clone().map(KeySource::Given)),
         }
     }
 
@@ -490,7 +501,7 @@ impl GraphSpec {
                         )))
                     }
                 }
-                let key_file = match take(&mut opts, "encrypt.key-secret") {
+                let key = match take(&mut opts, "encrypt.key-secret") {
                     Some(id) => {
                         if opts
                             .iter()
@@ -510,7 +521,7 @@ impl GraphSpec {
                     file: Box::new(file),
                     backing,
                     l2_cache,
-                    key_file,
+                    key,
                 }
             }
             "rbd" => {
@@ -540,14 +551,14 @@ impl GraphSpec {
             }
             "luks" => {
                 let file = self.child(name, "file", &mut opts, depth, used)?;
-                let key_file = self.key(name, "luks", &mut opts)?.ok_or_else(|| {
+                let key = self.key(name, "luks", &mut opts)?.ok_or_else(|| {
                     graph_err(format!(
                         "luks node {name:?} needs one of key-secret= and key-file="
                     ))
                 })?;
                 NodeSpec::Luks {
                     file: Box::new(file),
-                    key_file,
+                    key,
                 }
             }
             "throttle" => {

@@ -22,7 +22,7 @@ pub(crate) mod wakeup;
 pub use factory::{engine_for_path, open_disk, AnyDisk, AnyQueue};
 pub use null::{NullDisk, NullQueue};
 pub use raw::{RawDisk, RawQueue};
-pub use spec::{DiskSpec, NodeSpec, RbdSpec, SpecError, ThrottleSpec};
+pub use spec::{DiskSpec, KeySource, NodeSpec, RbdSpec, SpecError, ThrottleSpec};
 
 use std::io;
 use std::os::unix::io::RawFd;

@@ -3,6 +3,9 @@
 
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Arc;
+
+use crate::crypto::key_file::Passphrase;
 
 use crate::engine::EngineKind;
 use crate::throttle::ThrottleLimits;
@@ -47,16 +50,68 @@ pub enum NodeSpec {
         backing: crate::qcow2::Backing,
         /// Bytes of L2 tables kept in memory (QEMU's `l2-cache-size`).
         l2_cache: u64,
-        /// For an encrypted image (LUKS in qcow2): the key file its passphrase is in, for
-        /// every encrypted image of its chain.
-        key_file: Option<PathBuf>,
+        /// For an encrypted image (LUKS in qcow2): its passphrase, for every encrypted
+        /// image of its chain.
+        key: Option<KeySource>,
     },
-    /// A LUKS image in its `file` child, served decrypted, unlocked with the passphrase in
-    /// `key_file` (see [`crate::crypto::key_file`]).
-    Luks {
-        file: Box<NodeSpec>,
-        key_file: PathBuf,
-    },
+    /// A LUKS image in its `file` child, served decrypted, unlocked with the passphrase
+    /// `key` gives.
+    Luks { file: Box<NodeSpec>, key: KeySource },
+}
+
+/// Where an encrypted node's passphrase comes from.
+#[derive(Clone)]
+pub enum KeySource {
+    /// A key file (see [`crate::crypto::key_file`]), read when the node opens.
+    File(PathBuf),
+    /// Given through the management API: held in locked memory, never written anywhere.
+    Given(Arc<Passphrase>),
+}
+
+impl std::fmt::Debug for KeySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeySource::File(p) => f.debug_tuple("File").field(p).finish(),
+            KeySource::Given(_) => f.write_str("Given(..)"),
+        }
+    }
+}
+
+impl PartialEq for KeySource {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (KeySource::File(a), KeySource::File(b)) => a == b,
+            (KeySource::Given(a), KeySource::Given(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+}
+
+impl NodeSpec {
+    /// Whether a node of the graph takes the passphrase given through the API.
+    pub fn takes_given_key(&self) -> bool {
+        match self {
+            NodeSpec::Luks { file, key } => {
+                matches!(key, KeySource::Given(_)) || file.takes_given_key()
+            }
+            NodeSpec::Qcow2 { file, key, .. } => {
+                matches!(key, Some(KeySource::Given(_))) || file.takes_given_key()
+            }
+            NodeSpec::Tier { capacity, .. } => capacity.takes_given_key(),
+            NodeSpec::Throttle { child, .. } => child.takes_given_key(),
+            NodeSpec::File { .. } | NodeSpec::Null { .. } | NodeSpec::Rbd(_) => false,
+        }
+    }
+}
+
+impl KeySource {
+    /// The passphrase (a key file read now).
+    pub fn passphrase(&self) -> Result<Arc<Passphrase>, crate::crypto::key_file::KeyFileError> {
+        match self {
+            KeySource::File(p) => crate::crypto::key_file::read(p).map(Arc::new),
+            KeySource::Given(p) => Ok(p.clone()),
+        }
+    }
 }
 
 /// Where an RBD image is: `driver=rbd,pool=P,image=I[,conf=FILE][,id=USER]`.
@@ -323,6 +378,14 @@ impl FromStr for DiskSpec {
     type Err = SpecError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        DiskSpec::parse_given(s, None)
+    }
+}
+
+impl DiskSpec {
+    /// Parses the shorthand; `given`: a passphrase given through the API, for an
+    /// encrypted node the spec names no key file for.
+    pub fn parse_given(s: &str, given: Option<Arc<Passphrase>>) -> Result<Self, SpecError> {
         let mut path: Option<String> = None;
         let mut size: Option<u64> = None;
         let mut read_only = None;
@@ -425,7 +488,10 @@ impl FromStr for DiskSpec {
                     l2_cache: crate::qcow2::DEFAULT_L2_CACHE,
                     // An encrypted qcow2 image decrypts itself (its IVs are its file's
                     // offsets): the key goes to the qcow2 node.
-                    key_file: key_file.take(),
+                    key: key_file
+                        .take()
+                        .map(KeySource::File)
+                        .or_else(|| given.clone().map(KeySource::Given)),
                 },
                 _ => file,
             }
@@ -458,11 +524,15 @@ impl FromStr for DiskSpec {
         let root = match (format.as_deref(), key_file) {
             (Some("luks"), Some(key_file)) => NodeSpec::Luks {
                 file: Box::new(root),
-                key_file,
+                key: KeySource::File(key_file),
             },
-            (Some("luks"), None) => {
-                return Err(bad("format", "luks", "a LUKS disk needs key-file="));
-            }
+            (Some("luks"), None) => match given {
+                Some(p) => NodeSpec::Luks {
+                    file: Box::new(root),
+                    key: KeySource::Given(p),
+                },
+                None => return Err(bad("format", "luks", "a LUKS disk needs key-file=")),
+            },
             (_, Some(_)) => {
                 return Err(bad(
                     "key-file",

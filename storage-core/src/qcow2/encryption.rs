@@ -40,7 +40,7 @@ pub(crate) struct Encryption {
 /// The passphrase a disk's encrypted images open with, and the ciphers opened so far (by
 /// the master-key digest and salt of their LUKS headers).
 pub struct Keyring {
-    passphrase: Passphrase,
+    passphrase: Arc<Passphrase>,
     opened: Mutex<Vec<(Digest, Arc<Encryption>)>>,
 }
 
@@ -48,7 +48,7 @@ pub struct Keyring {
 type Digest = ([u8; 20], [u8; 32], u32);
 
 impl Keyring {
-    pub fn new(passphrase: Passphrase) -> Arc<Keyring> {
+    pub fn new(passphrase: Arc<Passphrase>) -> Arc<Keyring> {
         Arc::new(Keyring {
             passphrase,
             opened: Mutex::new(Vec::new()),

@@ -1,10 +1,15 @@
-//! Passphrase changes on a qcow2 disk with encrypted images, while it serves. The images
-//! of its chain that hold its master key (the image, and the snapshots taken of it, which
-//! copied its LUKS header) change alike, so that one passphrase keeps opening the whole
-//! chain: a new passphrase is added to every image before an old one leaves any, so a
-//! crash between two images leaves a passphrase that opens them all. Each image's LUKS
-//! header is written through a descriptor of its own, inside the header's clusters only
-//! (a snapshot's image is read-only to the data path, not to its keyslots).
+//! Passphrase changes on a qcow2 disk with encrypted images, while it serves. The top
+//! image's LUKS header is the disk's: a change is authorised by and made on it (with the
+//! order a power cut needs, see [`crate::crypto::keyslots`]), then the header is copied to
+//! every image of the chain holding the same master key (the snapshots taken of it, which
+//! copied it), so that one passphrase keeps opening the whole chain. A copy that adds a
+//! keyslot writes its material before the header naming it; one that removes writes the
+//! header first; a rotation copies its addition to every image before it removes
+//! anything, so a crash at any moment leaves a passphrase that opens every image. A copy
+//! that failed is made again by the next change (each change copies the whole header).
+//!
+//! The top's header is written through its node; a snapshot's through a descriptor of its
+//! own (read-only to the data path, not to its keyslots), inside the header's clusters.
 
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -18,9 +23,17 @@ use crate::crypto::{luks1, CryptoError, ImageIo};
 use crate::disk::Disk;
 use crate::error::{StorageError, StorageErrorKind};
 
+/// Where an image's LUKS header is written.
+enum Target {
+    /// The top image, through its node.
+    Node(Arc<Shared>),
+    /// An image below, through a descriptor of our own.
+    File(File),
+}
+
 /// The LUKS header of one image: reads and writes inside its clusters only.
 struct HeaderRegion {
-    file: File,
+    target: Target,
     at: u64,
     len: u64,
 }
@@ -40,14 +53,23 @@ impl HeaderRegion {
 impl ImageIo for HeaderRegion {
     fn read(&mut self, at: u64, buf: &mut [u8]) -> std::io::Result<()> {
         let at = self.inside(at, buf.len())?;
-        self.file.read_exact_at(buf, at)
+        match &self.target {
+            Target::Node(s) => s.file.read_at(buf, at),
+            Target::File(f) => f.read_exact_at(buf, at),
+        }
     }
     fn write(&mut self, at: u64, buf: &[u8]) -> std::io::Result<()> {
         let at = self.inside(at, buf.len())?;
-        self.file.write_all_at(buf, at)
+        match &self.target {
+            Target::Node(s) => s.file.write_at(buf, at),
+            Target::File(f) => f.write_all_at(buf, at),
+        }
     }
     fn sync(&mut self) -> std::io::Result<()> {
-        self.file.sync_data()
+        match &self.target {
+            Target::Node(s) => s.file.flush(),
+            Target::File(f) => f.sync_data(),
+        }
     }
 }
 
@@ -57,8 +79,25 @@ struct KeyImage {
     io: HeaderRegion,
 }
 
+/// Where the keyslot material starts in a LUKS1 header area: what follows the header's
+/// own sector block.
+const MATERIAL: u64 = 4096;
+
 fn unsupported(path: &str, msg: impl std::fmt::Display) -> StorageError {
     StorageError::new(StorageErrorKind::Unsupported, format!("{path}: {msg}"))
+}
+
+fn io_error(path: &str, what: &str, e: std::io::Error) -> StorageError {
+    StorageError::new(StorageErrorKind::Io, format!("{path}: {what}: {e}"))
+}
+
+/// The master-key digest of a LUKS1 header.
+fn digest(io: &mut HeaderRegion, path: &str) -> Result<([u8; 20], [u8; 32], u32), StorageError> {
+    let mut b = [0u8; luks1::HEADER_BYTES];
+    io.read(0, &mut b)
+        .map_err(|e| io_error(path, "reading the LUKS header", e))?;
+    let h = luks1::Header::parse(&b).map_err(|e| keyslots::error(path, e))?;
+    Ok((h.mk_digest, h.mk_digest_salt, h.mk_digest_iterations))
 }
 
 impl Qcow2Disk {
@@ -74,49 +113,54 @@ impl Qcow2Disk {
         out
     }
 
-    /// The encrypted images of the chain, top first, opened for their keyslots; all hold
-    /// one master key and the same keyslots (they change in lockstep).
-    fn key_images(&self) -> Result<Vec<KeyImage>, StorageError> {
+    /// The first encrypted image of the chain (whose header is the disk's), and (`all`)
+    /// the others holding its master key, opened for their headers. An encrypted image
+    /// with a master key of its own is refused: its passphrases are not the disk's.
+    fn key_images(&self, all: bool) -> Result<Vec<KeyImage>, StorageError> {
         let mut out: Vec<KeyImage> = Vec::new();
-        let mut digest = None;
-        for (name, shared) in self.images() {
+        let mut first_digest = None;
+        for (i, (name, shared)) in self.images().into_iter().enumerate() {
             let Some((at, len)) = shared.lock().header.crypto else {
                 continue;
             };
             let path = name.display().to_string();
-            let io_error = |what: &str, e: std::io::Error| {
-                StorageError::new(StorageErrorKind::Io, format!("{path}: {what}: {e}"))
+            let target = if i == 0 {
+                Target::Node(shared.clone())
+            } else {
+                let io = |e| io_error(&path, "opening for its keyslots", e);
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&name)
+                    .map_err(io)?;
+                let now = file.metadata().map_err(io)?;
+                if (now.dev(), now.ino()) != shared.file.info().identity {
+                    return Err(io(std::io::Error::other(
+                        "the name no longer leads to the image in the chain",
+                    )));
+                }
+                Target::File(file)
             };
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&name)
-                .map_err(|e| io_error("opening for its keyslots", e))?;
-            let now = file.metadata().map_err(|e| io_error("stat", e))?;
-            if (now.dev(), now.ino()) != shared.file.info().identity {
-                return Err(io_error(
-                    "opening for its keyslots",
-                    std::io::Error::other("the name no longer leads to the image in the chain"),
-                ));
-            }
-            let mut io = HeaderRegion { file, at, len };
-            let mut b = [0u8; luks1::HEADER_BYTES];
-            io.read(0, &mut b)
-                .map_err(|e| io_error("reading the LUKS header", e))?;
-            let h = luks1::Header::parse(&b).map_err(|e| keyslots::error(&path, e))?;
-            let this = (h.mk_digest, h.mk_digest_salt, h.mk_digest_iterations);
-            match digest {
-                None => digest = Some(this),
-                Some(d) if d == this => {}
+            let mut img = KeyImage {
+                path,
+                io: HeaderRegion { target, at, len },
+            };
+            let d = digest(&mut img.io, &img.path)?;
+            match first_digest {
+                None => first_digest = Some(d),
+                Some(f) if f == d => {}
                 Some(_) => {
                     return Err(unsupported(
-                        &path,
-                        "this image of the chain has a master key of its own (made elsewhere): \
-                         change its passphrases with qemu-img amend",
+                        &img.path,
+                        "this image of the chain has a master key of its own (made \
+                         elsewhere): change its passphrases with qemu-img amend",
                     ))
                 }
             }
-            out.push(KeyImage { path, io });
+            out.push(img);
+            if !all {
+                break;
+            }
         }
         if out.is_empty() {
             return Err(unsupported(
@@ -127,8 +171,7 @@ impl Qcow2Disk {
         Ok(out)
     }
 
-    /// Runs a keyslot change over the images (one change at a time; a snapshot waits),
-    /// once they are seen to have the same keyslots.
+    /// Runs a keyslot change: one at a time (a snapshot's copy of the header waits).
     fn changing_keyslots<T>(
         &self,
         f: impl FnOnce(&mut [KeyImage]) -> Result<T, StorageError>,
@@ -143,44 +186,72 @@ impl Qcow2Disk {
             .keyslot_changes
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        let mut images = self.key_images()?;
-        let mut first: Option<Vec<SlotInfo>> = None;
-        for img in &mut images {
-            let (_, slots) =
-                keyslots::list(&mut img.io).map_err(|e| keyslots::error(&img.path, e))?;
-            match &first {
-                None => first = Some(slots),
-                Some(f) if *f == slots => {}
-                Some(_) => {
-                    return Err(unsupported(
-                        &img.path,
-                        "its keyslots differ from the top image's (changed elsewhere): change \
-                         them with qemu-img amend",
-                    ))
-                }
-            }
-        }
-        // Whatever happens next, a snapshot being taken copies the headers again.
+        let mut images = self.key_images(true)?;
+        // Whatever happens next, a snapshot prepared before copies the header again.
         self.keys_changed.fetch_add(1, Ordering::AcqRel);
         f(&mut images)
     }
 }
 
-fn each<T>(
+/// Copies the first image's header to the others: keyslot material before the header
+/// when keyslots were `added`, the header first when they were removed.
+fn copy_header(images: &mut [KeyImage], added: bool) -> Result<(), StorageError> {
+    let (top, rest) = images.split_first_mut().expect("one image at least");
+    let mut b = vec![0u8; top.io.len as usize];
+    top.io
+        .read(0, &mut b)
+        .map_err(|e| io_error(&top.path, "reading the LUKS header", e))?;
+    let split = MATERIAL.min(top.io.len) as usize;
+    let (header, material) = b.split_at(split);
+    for img in rest {
+        let failed = |e: std::io::Error| {
+            io_error(
+                &img.path,
+                &format!(
+                    "the change is made in {}, but copying it to this image failed (the next \
+                     keyslot change copies it again)",
+                    top.path
+                ),
+                e,
+            )
+        };
+        if img.io.len != top.io.len {
+            return Err(failed(std::io::Error::other(
+                "its LUKS header is not the size of the top image's",
+            )));
+        }
+        let parts: [(u64, &[u8]); 2] = if added {
+            [(MATERIAL, material), (0, header)]
+        } else {
+            [(0, header), (MATERIAL, material)]
+        };
+        for (at, bytes) in parts {
+            if !bytes.is_empty() {
+                img.io.write(at, bytes).map_err(failed)?;
+                img.io.sync().map_err(failed)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs `f` on the first image's header, mapping its error.
+fn on_top<T>(
     images: &mut [KeyImage],
-    mut f: impl FnMut(&mut dyn ImageIo) -> Result<T, CryptoError>,
-) -> Result<Vec<T>, StorageError> {
-    images
-        .iter_mut()
-        .map(|img| f(&mut img.io).map_err(|e| keyslots::error(&img.path, e)))
-        .collect()
+    f: impl FnOnce(&mut dyn ImageIo) -> Result<T, CryptoError>,
+) -> Result<T, StorageError> {
+    let top = &mut images[0];
+    f(&mut top.io).map_err(|e| keyslots::error(&top.path, e))
 }
 
 impl KeyslotChanges for Qcow2Disk {
     fn keyslots(&self) -> Result<(u8, Vec<SlotInfo>), StorageError> {
-        let mut images = self.key_images()?;
-        let top = &mut images[0];
-        keyslots::list(&mut top.io).map_err(|e| keyslots::error(&top.path, e))
+        let _no_change = self
+            .keyslot_changes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let mut images = self.key_images(false)?;
+        on_top(&mut images, keyslots::list)
     }
 
     fn add_keyslot(
@@ -190,14 +261,16 @@ impl KeyslotChanges for Qcow2Disk {
         iterations: u32,
     ) -> Result<u32, StorageError> {
         self.changing_keyslots(|images| {
-            let ids = each(images, |io| keyslots::add(io, passphrase, new, iterations))?;
-            Ok(ids[0])
+            let id = on_top(images, |io| keyslots::add(io, passphrase, new, iterations))?;
+            copy_header(images, true)?;
+            Ok(id)
         })
     }
 
     fn remove_keyslot(&self, passphrase: &[u8], slot: u32) -> Result<(), StorageError> {
         self.changing_keyslots(|images| {
-            each(images, |io| keyslots::remove(io, passphrase, slot)).map(drop)
+            on_top(images, |io| keyslots::remove(io, passphrase, slot))?;
+            copy_header(images, false)
         })
     }
 
@@ -208,15 +281,13 @@ impl KeyslotChanges for Qcow2Disk {
         iterations: u32,
     ) -> Result<u32, StorageError> {
         self.changing_keyslots(|images| {
-            let old = {
-                let top = &mut images[0];
-                keyslots::opened_by(&mut top.io, passphrase)
-                    .map_err(|e| keyslots::error(&top.path, e))?
-            };
+            let old = on_top(images, |io| keyslots::opened_by(io, passphrase))?;
+            let id = on_top(images, |io| keyslots::add(io, passphrase, new, iterations))?;
             // Every image takes the new passphrase before any loses the old one.
-            let ids = each(images, |io| keyslots::add(io, passphrase, new, iterations))?;
-            each(images, |io| keyslots::remove(io, new, old))?;
-            Ok(ids[0])
+            copy_header(images, true)?;
+            on_top(images, |io| keyslots::remove(io, new, old))?;
+            copy_header(images, false)?;
+            Ok(id)
         })
     }
 }

@@ -562,10 +562,22 @@ impl Qcow2Disk {
         let old = self.active.get();
         let path = old.path.clone();
         let io = |what: &str, e: io::Error| io_error(&path, what, e);
-        let _no_key_change = self
-            .keyslot_changes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        // The queues are stopped: never wait here for a passphrase change (its key
+        // derivations take seconds).
+        let _no_key_change = match self.keyslot_changes.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                return Err(StorageError::new(
+                    StorageErrorKind::Unsupported,
+                    format!(
+                        "{}: a passphrase change is under way: take the snapshot again once \
+                         it ends",
+                        path.display()
+                    ),
+                ))
+            }
+        };
         if self.keys_changed.load(Ordering::Acquire) != p.keys {
             // Keyslots changed since the new image copied the header: copy it again, so
             // the new image takes the passphrases the image takes now.
