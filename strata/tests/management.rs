@@ -1081,11 +1081,10 @@ fn a_disk_given_its_passphrase_through_the_api_serves_and_is_not_kept() {
     // Ciphertext on the image.
     let bytes = std::fs::read(&img).unwrap();
     assert!(!bytes.windows(64).any(|w| w == [0x6b; 64]));
-    // The disk's settings change without the config file knowing it.
-    f.strata(&["disk", "remove", "vm"]);
-
     let config = std::fs::read_to_string(f.path("vhost-blk.toml")).unwrap();
     assert!(!config.contains("vm.luks"), "{config}");
+    // Removed without the config file knowing it.
+    f.strata(&["disk", "remove", "vm"]);
     let audit = std::fs::read_to_string(f.path("audit/audit.log")).unwrap();
     assert!(audit.contains("disk.add"), "{audit}");
     assert!(

@@ -380,7 +380,13 @@ async fn add(
                 serde_json::Value::String(s) => {
                     storage_core::crypto::key_file::Passphrase::from_bytes(s.as_bytes())
                         .map(Arc::new)
-                        .map_err(|e| ApiError::bad_request(format!("passphrase: {e}")))
+                        .map_err(|e| match e.kind() {
+                            std::io::ErrorKind::InvalidInput => {
+                                ApiError::bad_request(format!("passphrase: {e}"))
+                            }
+                            // Locked memory refused (RLIMIT_MEMLOCK): ours, not the caller's.
+                            _ => ApiError::internal(format!("holding the passphrase: {e}")),
+                        })
                 }
                 _ => Err(ApiError::bad_request("passphrase: a string")),
             };
@@ -391,8 +397,10 @@ async fn add(
             Some(p?)
         }
     };
-    let text: DiskText = serde_json::from_value(body)
-        .map_err(|e| ApiError::bad_request(format!("the disk: {e}")))?;
+    // Parsed as any other body is (a 422 naming the field), the passphrase taken out.
+    let bytes = serde_json::to_vec(&body).map_err(|e| ApiError::internal(e.to_string()))?;
+    let axum::Json(text) = axum::Json::<DiskText>::from_bytes(&bytes)
+        .map_err(|e| ApiError::new(e.status(), e.body_text()))?;
     let persistent = disks.persistent() && given.is_none();
     let config = text
         .check_given(given)

@@ -325,6 +325,7 @@ impl DiskText {
                 id: id.clone(),
                 source,
             })?;
+        spec.root.settle_given_key();
         if !in_file && !spec.root.takes_given_key() {
             return Err(ConfigError::Passphrase(id));
         }

@@ -656,6 +656,53 @@ mod tests {
     use super::*;
     use crate::tier::CacheMode;
 
+    /// A passphrase given through the API goes to the luks node, not to the qcow2 image
+    /// under it (which holds the LUKS payload), nor to a node with its own key.
+    #[test]
+    fn a_given_passphrase_goes_to_the_topmost_encrypted_node() {
+        let pass = Arc::new(Passphrase::from_bytes(b"given").unwrap());
+        let mut g = graph(
+            &[
+                "driver=file,node-name=f,filename=/i.qcow2",
+                "driver=qcow2,node-name=q,file=f",
+                "driver=luks,node-name=l,file=q",
+            ],
+            &[],
+        )
+        .unwrap();
+        g.give_passphrase(pass.clone());
+        let mut spec = g.resolve("node=l").unwrap();
+        spec.root.settle_given_key();
+        match &spec.root {
+            NodeSpec::Luks { file, key } => {
+                assert_eq!(*key, KeySource::Given(pass.clone()));
+                assert!(
+                    matches!(&**file, NodeSpec::Qcow2 { key: None, .. }),
+                    "{file:?}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(spec.root.takes_given_key());
+        // An encrypted qcow2 image on its own takes it.
+        let mut g = graph(
+            &[
+                "driver=file,node-name=f,filename=/i.qcow2",
+                "driver=qcow2,node-name=q,file=f",
+            ],
+            &[],
+        )
+        .unwrap();
+        g.give_passphrase(pass.clone());
+        let mut spec = g.resolve("node=q").unwrap();
+        spec.root.settle_given_key();
+        assert!(spec.root.takes_given_key());
+        // A raw disk does not.
+        let mut spec = DiskSpec::parse_given("path=/d.img", Some(pass)).unwrap();
+        spec.root.settle_given_key();
+        assert!(!spec.root.takes_given_key());
+    }
+
     fn graph(blockdevs: &[&str], objects: &[&str]) -> Result<GraphSpec, SpecError> {
         let mut g = GraphSpec::default();
         for o in objects {

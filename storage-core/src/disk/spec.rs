@@ -88,6 +88,30 @@ impl PartialEq for KeySource {
 }
 
 impl NodeSpec {
+    /// A passphrase given through the API goes to the topmost encrypted nodes: a qcow2
+    /// image under a luks node holds the LUKS payload, and does not take it.
+    pub fn settle_given_key(&mut self) {
+        self.settle(false)
+    }
+
+    fn settle(&mut self, under_luks: bool) {
+        match self {
+            NodeSpec::Luks { file, key } => {
+                let given = matches!(key, KeySource::Given(_));
+                file.settle(under_luks || given)
+            }
+            NodeSpec::Qcow2 { file, key, .. } => {
+                if under_luks && matches!(key, Some(KeySource::Given(_))) {
+                    *key = None;
+                }
+                file.settle(under_luks)
+            }
+            NodeSpec::Tier { capacity, .. } => capacity.settle(under_luks),
+            NodeSpec::Throttle { child, .. } => child.settle(under_luks),
+            NodeSpec::File { .. } | NodeSpec::Null { .. } | NodeSpec::Rbd(_) => {}
+        }
+    }
+
     /// Whether a node of the graph takes the passphrase given through the API.
     pub fn takes_given_key(&self) -> bool {
         match self {

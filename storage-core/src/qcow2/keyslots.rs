@@ -1,12 +1,16 @@
 //! Passphrase changes on a qcow2 disk with encrypted images, while it serves. The top
 //! image's LUKS header is the disk's: a change is authorised by and made on it (with the
-//! order a power cut needs, see [`crate::crypto::keyslots`]), then the header is copied to
-//! every image of the chain holding the same master key (the snapshots taken of it, which
-//! copied it), so that one passphrase keeps opening the whole chain. A copy that adds a
-//! keyslot writes its material before the header naming it; one that removes writes the
-//! header first; a rotation copies its addition to every image before it removes
-//! anything, so a crash at any moment leaves a passphrase that opens every image. A copy
-//! that failed is made again by the next change (each change copies the whole header).
+//! order a power cut needs, see [`crate::crypto::keyslots`]), then copied to every image
+//! of the chain holding the same master key (the snapshots taken of it, which copied its
+//! header), so that one passphrase keeps opening the whole chain.
+//!
+//! A copy writes the keyslot areas that differ, synced, before the header: an added
+//! keyslot's material is there before a header names it, and a removed keyslot's material
+//! goes while the header still names the keyslot that authorised the removal. Before a
+//! change, every image is brought level with the top (a copy that failed or a crash left
+//! it one change behind) or the change is refused; a rotation copies its addition to
+//! every image before it removes anything. So at every moment one passphrase opens every
+//! image.
 //!
 //! The top's header is written through its node; a snapshot's through a descriptor of its
 //! own (read-only to the data path, not to its keyslots), inside the header's clusters.
@@ -80,8 +84,12 @@ struct KeyImage {
 }
 
 /// Where the keyslot material starts in a LUKS1 header area: what follows the header's
-/// own sector block.
+/// own 4 KiB block (as QEMU and cryptsetup lay it out; a header whose keyslots start
+/// lower is refused, its header and material could not be written apart).
 const MATERIAL: u64 = 4096;
+
+/// How much of a header area is compared and copied at once.
+const CHUNK: usize = 64 << 10;
 
 fn unsupported(path: &str, msg: impl std::fmt::Display) -> StorageError {
     StorageError::new(StorageErrorKind::Unsupported, format!("{path}: {msg}"))
@@ -91,12 +99,23 @@ fn io_error(path: &str, what: &str, e: std::io::Error) -> StorageError {
     StorageError::new(StorageErrorKind::Io, format!("{path}: {what}: {e}"))
 }
 
-/// The master-key digest of a LUKS1 header.
+/// The master-key digest of a LUKS1 header; refused if its keyslots' material starts
+/// inside the header's own block, or the area is not larger than that block.
 fn digest(io: &mut HeaderRegion, path: &str) -> Result<([u8; 20], [u8; 32], u32), StorageError> {
     let mut b = [0u8; luks1::HEADER_BYTES];
     io.read(0, &mut b)
         .map_err(|e| io_error(path, "reading the LUKS header", e))?;
     let h = luks1::Header::parse(&b).map_err(|e| keyslots::error(path, e))?;
+    let lowest = (0..luks1::SLOTS)
+        .map(|i| h.slot_area(i).0)
+        .min()
+        .unwrap_or(0);
+    if lowest < MATERIAL || io.len <= MATERIAL {
+        return Err(unsupported(
+            path,
+            "its keyslots start inside the LUKS header's first 4 KiB: not changed here",
+        ));
+    }
     Ok((h.mk_digest, h.mk_digest_salt, h.mk_digest_iterations))
 }
 
@@ -189,47 +208,60 @@ impl Qcow2Disk {
         let mut images = self.key_images(true)?;
         // Whatever happens next, a snapshot prepared before copies the header again.
         self.keys_changed.fetch_add(1, Ordering::AcqRel);
+        // Every image level with the top first (see the module docs).
+        copy_header(&mut images, false)?;
         f(&mut images)
     }
 }
 
-/// Copies the first image's header to the others: keyslot material before the header
-/// when keyslots were `added`, the header first when they were removed.
-fn copy_header(images: &mut [KeyImage], added: bool) -> Result<(), StorageError> {
+/// Brings every other image's header level with the first's: the keyslot areas that
+/// differ, synced, then the header block, synced.
+/// `changed`: whether a change was just made in the first (for the error's words).
+fn copy_header(images: &mut [KeyImage], changed: bool) -> Result<(), StorageError> {
     let (top, rest) = images.split_first_mut().expect("one image at least");
-    let mut b = vec![0u8; top.io.len as usize];
+    let mut want = vec![0u8; top.io.len as usize];
     top.io
-        .read(0, &mut b)
+        .read(0, &mut want)
         .map_err(|e| io_error(&top.path, "reading the LUKS header", e))?;
-    let split = MATERIAL.min(top.io.len) as usize;
-    let (header, material) = b.split_at(split);
     for img in rest {
         let failed = |e: std::io::Error| {
-            io_error(
-                &img.path,
-                &format!(
+            let what = if changed {
+                format!(
                     "the change is made in {}, but copying it to this image failed (the next \
-                     keyslot change copies it again)",
+                     keyslot change copies it first)",
                     top.path
-                ),
-                e,
-            )
+                )
+            } else {
+                format!(
+                    "bringing this image's keyslots level with {}'s failed, so no keyslot was \
+                     changed",
+                    top.path
+                )
+            };
+            io_error(&img.path, &what, e)
         };
         if img.io.len != top.io.len {
             return Err(failed(std::io::Error::other(
                 "its LUKS header is not the size of the top image's",
             )));
         }
-        let parts: [(u64, &[u8]); 2] = if added {
-            [(MATERIAL, material), (0, header)]
-        } else {
-            [(0, header), (MATERIAL, material)]
-        };
-        for (at, bytes) in parts {
-            if !bytes.is_empty() {
-                img.io.write(at, bytes).map_err(failed)?;
-                img.io.sync().map_err(failed)?;
+        let mut have = vec![0u8; want.len()];
+        img.io.read(0, &mut have).map_err(failed)?;
+        let mut wrote = false;
+        let material = MATERIAL as usize;
+        for at in (material..want.len()).step_by(CHUNK) {
+            let end = (at + CHUNK).min(want.len());
+            if want[at..end] != have[at..end] {
+                img.io.write(at as u64, &want[at..end]).map_err(failed)?;
+                wrote = true;
             }
+        }
+        if wrote {
+            img.io.sync().map_err(failed)?;
+        }
+        if want[..material] != have[..material] {
+            img.io.write(0, &want[..material]).map_err(failed)?;
+            img.io.sync().map_err(failed)?;
         }
     }
     Ok(())
@@ -246,10 +278,7 @@ fn on_top<T>(
 
 impl KeyslotChanges for Qcow2Disk {
     fn keyslots(&self) -> Result<(u8, Vec<SlotInfo>), StorageError> {
-        let _no_change = self
-            .keyslot_changes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        // Not under the change lock: a listing must not make a snapshot fail.
         let mut images = self.key_images(false)?;
         on_top(&mut images, keyslots::list)
     }
@@ -270,7 +299,7 @@ impl KeyslotChanges for Qcow2Disk {
     fn remove_keyslot(&self, passphrase: &[u8], slot: u32) -> Result<(), StorageError> {
         self.changing_keyslots(|images| {
             on_top(images, |io| keyslots::remove(io, passphrase, slot))?;
-            copy_header(images, false)
+            copy_header(images, true)
         })
     }
 
@@ -286,7 +315,7 @@ impl KeyslotChanges for Qcow2Disk {
             // Every image takes the new passphrase before any loses the old one.
             copy_header(images, true)?;
             on_top(images, |io| keyslots::remove(io, new, old))?;
-            copy_header(images, false)?;
+            copy_header(images, true)?;
             Ok(id)
         })
     }
