@@ -1,8 +1,9 @@
 //! The kernel's dm-crypt, inside a Linux guest (this host has no device-mapper), opens LUKS
 //! images our node wrote: a LUKS1 image we made and a LUKS2 one cryptsetup made with 4 KiB
 //! sectors. On the host, data goes in through our `luks` node and a keyslot for a second
-//! passphrase is added by our keyslot code; the image is then served raw to the guest,
-//! where `cryptsetup open` with that second passphrase must give back the data.
+//! passphrase is added by our keyslot code (PBKDF2 in LUKS1, Argon2id in LUKS2, as
+//! cryptsetup makes them); the image is then served raw to the guest, where `cryptsetup
+//! open` with that second passphrase must give back the data.
 //!
 //! Needs `scripts/setup.sh` (QEMU, busybox-static, the guest kernel with its dm-crypt
 //! modules, cryptsetup-bin) and our binaries built; a missing piece fails the test.
@@ -63,10 +64,11 @@ fn write_through_our_node(img: &Path, key: &Path, new_pass: &str) -> Result<()> 
     }
     disk.flush()?;
     let passphrase = std::fs::read(key)?;
-    let slot =
-        disk.luks()
-            .context("a luks disk")?
-            .add_keyslot(&passphrase, new_pass.as_bytes(), 1000)?;
+    let slot = disk.luks().context("a luks disk")?.add_keyslot(
+        &passphrase,
+        new_pass.as_bytes(),
+        &storage_core::crypto::KeyslotCost::minimal(),
+    )?;
     eprintln!(
         "{}: the second passphrase is in keyslot {slot}",
         img.display()

@@ -209,7 +209,13 @@ fn keyslot_changes_cut_short_lose_no_passphrase_they_must_keep() {
             &format!("{version} add"),
             image,
             |io| {
-                keyslots::add(io, b"first", b"second", 1000).unwrap();
+                keyslots::add(
+                    io,
+                    b"first",
+                    b"second",
+                    &storage_core::crypto::KeyslotCost::minimal(),
+                )
+                .unwrap();
             },
             |s, key| {
                 same(opens(s, "first"), key)
@@ -222,7 +228,13 @@ fn keyslot_changes_cut_short_lose_no_passphrase_they_must_keep() {
             &format!("{version} change"),
             image,
             |io| {
-                keyslots::change(io, b"second", b"third", 1000).unwrap();
+                keyslots::change(
+                    io,
+                    b"second",
+                    b"third",
+                    &storage_core::crypto::KeyslotCost::minimal(),
+                )
+                .unwrap();
             },
             |s, key| same(opens(s, "second"), key) || same(opens(s, "third"), key),
         );

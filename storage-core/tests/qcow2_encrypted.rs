@@ -7,6 +7,7 @@
 
 use std::path::Path;
 
+use storage_core::crypto::KeyslotCost;
 use storage_core::disk::graph::GraphSpec;
 use storage_core::disk::{open_disk, AnyDisk, Disk, DiskOp, DiskQueue, IoVecs};
 use storage_core::qcow2::{self, CreateOptions, LuksHeader};
@@ -482,7 +483,7 @@ fn a_snapshot_prepared_before_a_passphrase_change_takes_the_new_passphrase() {
         panic!("a qcow2 node")
     };
     let prepared = q2.prepare_snapshot("s1").unwrap();
-    q2.change_passphrase(PASS.as_bytes(), b"the new one", 1000)
+    q2.change_passphrase(PASS.as_bytes(), b"the new one", &KeyslotCost::minimal())
         .unwrap();
     let frozen = q2.commit_snapshot(prepared).unwrap();
     assert_eq!(luks_header_of(&img), luks_header_of(&frozen));
@@ -524,12 +525,13 @@ fn passphrase_changes_reach_every_image_holding_the_key() {
         .commit_snapshot(q2.prepare_snapshot("s1").unwrap())
         .unwrap();
     let before = luks_header_of(&s1);
-    q2.add_keyslot(PASS.as_bytes(), b"second", 1000).unwrap();
+    q2.add_keyslot(PASS.as_bytes(), b"second", &KeyslotCost::minimal())
+        .unwrap();
     assert_eq!(luks_header_of(&img), luks_header_of(&s1));
     assert_ne!(luks_header_of(&s1), before);
     // As if copying to the snapshot had failed: the next change copies again.
     write_luks_header(&s1, &before);
-    q2.change_passphrase(PASS.as_bytes(), b"third", 1000)
+    q2.change_passphrase(PASS.as_bytes(), b"third", &KeyslotCost::minimal())
         .unwrap();
     assert_eq!(luks_header_of(&img), luks_header_of(&s1));
     let (_, slots) = q2.keyslots().unwrap();
@@ -570,7 +572,7 @@ fn passphrase_changes_reach_every_image_holding_the_key() {
         panic!("a qcow2 node")
     };
     let e = q2
-        .add_keyslot(b"third", b"fourth", 1000)
+        .add_keyslot(b"third", b"fourth", &KeyslotCost::minimal())
         .err()
         .unwrap()
         .to_string();

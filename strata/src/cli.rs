@@ -192,7 +192,8 @@ pub enum ImageCommand {
         /// With --luks-version 2: the payload's sector size, 512 to 4096.
         #[arg(long, default_value_t = 512)]
         sector_size: u32,
-        /// Milliseconds of PBKDF2 for the keyslot (2000 unless given, as QEMU's iter-time).
+        /// Milliseconds of key derivation for the keyslot (2000 unless given, as QEMU's
+        /// iter-time): PBKDF2 for LUKS1 and qcow2, Argon2id for LUKS2.
         #[arg(long, default_value_t = 2000)]
         iter_time: u64,
         /// With --format qcow2: the cluster size (64K unless given).
@@ -259,7 +260,8 @@ pub enum KeyCommand {
         /// The passphrase to add.
         #[arg(long, value_name = "FILE")]
         new_key_file: std::path::PathBuf,
-        /// Milliseconds of PBKDF2 for the new keyslot (2000 unless given).
+        /// Milliseconds of key derivation for the new keyslot (2000 unless given): PBKDF2
+        /// in LUKS1, Argon2id in LUKS2.
         #[arg(long, value_name = "MS")]
         iter_time: Option<u64>,
     },

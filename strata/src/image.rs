@@ -211,7 +211,13 @@ fn make(c: &ImageCommand) -> Result<String, String> {
                     return Err("LUKS1 has 512-byte sectors only (--luks-version 2)".into())
                 }
                 1 => luks1::create_image(file, size, &p, iterations()),
-                _ => luks2::create_image(file, size, *sector_size, &p, iterations()),
+                _ => luks2::create_image(
+                    file,
+                    size,
+                    *sector_size,
+                    &p,
+                    &storage_core::crypto::KeyslotCost::for_time(*iter_time),
+                ),
             };
             made.map_err(|e| format!("{name}: {e}"))?;
             Ok(format!(

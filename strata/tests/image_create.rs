@@ -144,6 +144,8 @@ fn luks_images_open_in_qemu_img_and_cryptsetup() {
     let dump = cryptsetup_ok(&["luksDump", s(&v2)]);
     assert!(dump.contains("Version:       \t2"), "{dump}");
     assert!(dump.contains("sector: 4096"), "{dump}");
+    // Its keyslot as cryptsetup makes LUKS2 ones: Argon2id.
+    assert!(dump.contains("PBKDF:      argon2id"), "{dump}");
     cryptsetup_ok(&["open", "--test-passphrase", "--key-file", s(&key), s(&v2)]);
     // What we write with our passphrase, a passphrase cryptsetup adds reads back: both
     // unwrap the one master key.

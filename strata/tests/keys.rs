@@ -130,6 +130,18 @@ fn passphrases_are_added_rotated_and_removed_while_the_disk_serves() {
         );
         assert!(out.contains("keyslot"), "{out}");
         assert!(cryptsetup_takes(&img, &keys[0]) && cryptsetup_takes(&img, &keys[1]));
+        // The new keyslot's key derivation is cryptsetup's default for the version.
+        let v: serde_json::Value =
+            serde_json::from_str(&strata(&api, &["--json", "key", "list", "vm"])).unwrap();
+        let kdf = if version == 1 { "pbkdf2" } else { "argon2id" };
+        assert!(
+            v["keyslots"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|s| s["kdf"] == kdf),
+            "LUKS{version}: {v}"
+        );
         // Rotate the second to the third: the second stops working.
         strata(
             &api,

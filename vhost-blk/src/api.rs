@@ -702,7 +702,7 @@ impl KeyslotBody {
         }
     }
 
-    /// The new keyslot's PBKDF2 time (its iterations are measured off the API's thread).
+    /// The new keyslot's key derivation time (its cost is measured off the API's thread).
     fn iterations_ms(&self) -> Result<u64, ApiError> {
         let t = match &self.iter_time_ms {
             None => ITER_TIME_MS,
@@ -770,15 +770,16 @@ async fn new_keyslot(
     let ms = body.iterations_ms()?;
     http::blocking(move || {
         let luks = d.device.disk.keyslot_changes().expect("checked above");
-        let iterations = storage_core::crypto::luks1::iterations_for(ms);
+        // PBKDF2 for LUKS1 keyslots, Argon2id for LUKS2 ones, as cryptsetup's.
+        let cost = storage_core::crypto::KeyslotCost::for_time(ms);
         let (old, new) = (
             body.passphrase().expect("checked above"),
             body.new_passphrase().expect("checked above"),
         );
         if rotate {
-            luks.change_passphrase(old, new, iterations)
+            luks.change_passphrase(old, new, &cost)
         } else {
-            luks.add_keyslot(old, new, iterations)
+            luks.add_keyslot(old, new, &cost)
         }
     })
     .await?

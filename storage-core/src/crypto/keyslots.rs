@@ -11,7 +11,7 @@
 
 use super::luks1::{self, SLOTS};
 use super::luks2;
-use super::{CryptoError, ImageIo, KEY_BYTES};
+use super::{CryptoError, ImageIo, KeyslotCost, KEY_BYTES};
 use crate::error::{StorageError, StorageErrorKind};
 
 /// A disk whose passphrases change while it serves: the `luks` node, and a qcow2 disk with
@@ -19,12 +19,13 @@ use crate::error::{StorageError, StorageErrorKind};
 pub trait KeyslotChanges {
     /// The LUKS version and the keyslots in use.
     fn keyslots(&self) -> Result<(u8, Vec<SlotInfo>), StorageError>;
-    /// Adds a keyslot for `new` (PBKDF2 of `iterations`); its id.
+    /// Adds a keyslot for `new` (its key derivation as `cost` says for the image's LUKS
+    /// version); its id.
     fn add_keyslot(
         &self,
         passphrase: &[u8],
         new: &[u8],
-        iterations: u32,
+        cost: &KeyslotCost,
     ) -> Result<u32, StorageError>;
     /// Removes keyslot `slot`, authorised by a passphrase that opens another one.
     fn remove_keyslot(&self, passphrase: &[u8], slot: u32) -> Result<(), StorageError>;
@@ -33,7 +34,7 @@ pub trait KeyslotChanges {
         &self,
         passphrase: &[u8],
         new: &[u8],
-        iterations: u32,
+        cost: &KeyslotCost,
     ) -> Result<u32, StorageError>;
 }
 
@@ -108,13 +109,13 @@ pub fn list(io: &mut dyn ImageIo) -> Result<(u8, Vec<SlotInfo>), CryptoError> {
     })
 }
 
-/// Adds a keyslot for `new` (PBKDF2-SHA256, `iterations`), authorised by `passphrase`;
-/// its id.
+/// Adds a keyslot for `new`, authorised by `passphrase`; its id. Its key derivation is
+/// as `cost` says: PBKDF2-SHA256 in LUKS1, Argon2id in LUKS2 (cryptsetup's defaults).
 pub fn add(
     io: &mut dyn ImageIo,
     passphrase: &[u8],
     new: &[u8],
-    iterations: u32,
+    cost: &KeyslotCost,
 ) -> Result<u32, CryptoError> {
     match read_header(io)? {
         Image::V1(mut h) => {
@@ -122,7 +123,8 @@ pub fn add(
             let i = (0..SLOTS)
                 .find(|i| !h.slots[*i].active)
                 .ok_or_else(|| CryptoError::Unsupported("all 8 keyslots are in use".into()))?;
-            let material = h.fill_slot(i, &key[..], new, iterations, &mut luks1::random)?;
+            let material =
+                h.fill_slot(i, &key[..], new, cost.pbkdf2_iterations, &mut luks1::random)?;
             let (at, _) = h.slot_area(i);
             io.write(at, &material).map_err(CryptoError::Io)?;
             io.sync().map_err(CryptoError::Io)?;
@@ -132,7 +134,7 @@ pub fn add(
         }
         Image::V2(mut h) => {
             let (key, _) = h.unlock(passphrase, &mut |at, buf| io.read(at, buf))?;
-            h.add_keyslot(&key[..], new, iterations, io)
+            h.add_keyslot(&key[..], new, luks2::NewKdf::Argon2id(cost.argon2), io)
         }
     }
 }
@@ -177,10 +179,10 @@ pub fn change(
     io: &mut dyn ImageIo,
     passphrase: &[u8],
     new: &[u8],
-    iterations: u32,
+    cost: &KeyslotCost,
 ) -> Result<u32, CryptoError> {
     let old = opened_by(io, passphrase)?;
-    let id = add(io, passphrase, new, iterations)?;
+    let id = add(io, passphrase, new, cost)?;
     remove(io, new, old)?;
     Ok(id)
 }

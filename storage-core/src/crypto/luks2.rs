@@ -59,6 +59,13 @@ pub const MAX_ARGON2_WORK: u64 = 50 * (4 << 20);
 /// LUKS2's keyslots: ids 0 to 31, as cryptsetup allows.
 pub const MAX_KEYSLOTS: u32 = 32;
 
+/// How a new keyslot's key is derived (its salt is made with it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NewKdf {
+    Pbkdf2(u32),
+    Argon2id(super::cost::Argon2Cost),
+}
+
 /// How a keyslot's key is derived from a passphrase.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Kdf {
@@ -607,7 +614,7 @@ pub const PAYLOAD_OFFSET: u64 = 16 << 20;
 
 /// Makes a LUKS2 image at `path` (which must not exist) for a payload of `size` bytes in
 /// sectors of `sector_size` (512 to 4096), with a new random master key in keyslot 0
-/// under `passphrase` (PBKDF2-SHA256 of `iterations`), laid out as `cryptsetup
+/// under `passphrase` (Argon2id as `cost` says), laid out as `cryptsetup
 /// luksFormat --type luks2` lays it out. The payload is left as holes (noise once
 /// decrypted). Durable when it returns.
 pub fn create_image(
@@ -615,7 +622,7 @@ pub fn create_image(
     size: u64,
     sector_size: u32,
     passphrase: &[u8],
-    iterations: u32,
+    cost: &super::KeyslotCost,
 ) -> Result<(), CryptoError> {
     use std::os::unix::fs::OpenOptionsExt;
     if !(512..=4096).contains(&sector_size) || !sector_size.is_power_of_two() {
@@ -700,7 +707,14 @@ pub fn create_image(
     let made = file
         .set_len(PAYLOAD_OFFSET + size)
         .map_err(CryptoError::Io)
-        .and_then(|()| header.add_keyslot(&key[..], passphrase, iterations, &mut file))
+        .and_then(|()| {
+            header.add_keyslot(
+                &key[..],
+                passphrase,
+                NewKdf::Argon2id(cost.argon2),
+                &mut file,
+            )
+        })
         .and_then(|_| super::luks1::sync_parent(path).map_err(CryptoError::Io));
     if made.is_err() {
         let _ = std::fs::remove_file(path);
@@ -764,7 +778,7 @@ impl Header {
         &mut self,
         key: &[u8],
         passphrase: &[u8],
-        iterations: u32,
+        kdf: NewKdf,
         io: &mut dyn ImageIo,
     ) -> Result<u32, CryptoError> {
         let digest = self
@@ -794,11 +808,23 @@ impl Header {
         if at + need > area_end.min(self.segment.offset) {
             return Err(unsupported("no room left in the keyslots area"));
         }
-        let iterations = iterations.clamp(1000, MAX_ITERATIONS);
         let mut salt = [0u8; 32];
         super::luks1::random(&mut salt);
+        let kdf = match kdf {
+            NewKdf::Pbkdf2(iterations) => Kdf::Pbkdf2 {
+                iterations: iterations.clamp(1000, MAX_ITERATIONS),
+                salt: salt.to_vec(),
+            },
+            NewKdf::Argon2id(c) => Kdf::Argon2 {
+                id: true,
+                time: c.time.clamp(4, MAX_ARGON2_TIME),
+                memory_kib: c.memory_kib.clamp(8 * c.cpus.max(1), MAX_ARGON2_KIB),
+                cpus: c.cpus.clamp(1, MAX_ARGON2_CPUS),
+                salt: salt.to_vec(),
+            },
+        };
         let mut derived = Locked::new([0u8; KEY_BYTES]).map_err(CryptoError::Io)?;
-        pbkdf2_hmac::<Sha256>(passphrase, &salt, iterations, &mut derived[..]);
+        derive(&kdf, passphrase, &mut derived[..])?;
         let mut material = af::split(key, stripes as usize, &mut super::luks1::random);
         Xts::new(&derived[..])?.encrypt(&mut material, 0, 512);
         let mut area = Zeroizing::new(vec![0u8; need as usize]);
@@ -806,6 +832,26 @@ impl Header {
         io.write(at, &area).map_err(CryptoError::Io)?;
         io.sync().map_err(CryptoError::Io)?;
         let b64 = |v: &[u8]| base64::engine::general_purpose::STANDARD.encode(v);
+        let kdf_json = match &kdf {
+            Kdf::Pbkdf2 { iterations, .. } => serde_json::json!({
+                "type": "pbkdf2",
+                "hash": "sha256",
+                "iterations": iterations,
+                "salt": b64(&salt),
+            }),
+            Kdf::Argon2 {
+                time,
+                memory_kib,
+                cpus,
+                ..
+            } => serde_json::json!({
+                "type": "argon2id",
+                "time": time,
+                "memory": memory_kib,
+                "cpus": cpus,
+                "salt": b64(&salt),
+            }),
+        };
         self.json["keyslots"][id.to_string()] = serde_json::json!({
             "type": "luks2",
             "key_size": KEY_BYTES,
@@ -817,12 +863,7 @@ impl Header {
                 "encryption": "aes-xts-plain64",
                 "key_size": KEY_BYTES,
             },
-            "kdf": {
-                "type": "pbkdf2",
-                "hash": "sha256",
-                "iterations": iterations,
-                "salt": b64(&salt),
-            },
+            "kdf": kdf_json,
         });
         let digest_id = self.digest_id(digest)?;
         if let Some(list) = self.json["digests"][&digest_id]["keyslots"].as_array_mut() {
@@ -831,10 +872,7 @@ impl Header {
         self.write_copies(io)?;
         self.keyslots.push(Keyslot {
             id,
-            kdf: Kdf::Pbkdf2 {
-                iterations,
-                salt: salt.to_vec(),
-            },
+            kdf,
             stripes,
             area_offset: at,
             area_size: need,

@@ -6,6 +6,7 @@
 
 pub mod af;
 mod buffers;
+pub mod cost;
 pub mod key_file;
 pub mod keyslots;
 pub mod luks1;
@@ -18,6 +19,7 @@ use std::io;
 
 pub use buffers::PIECE;
 pub(crate) use buffers::{decrypt_in_place, WriteBuffer};
+pub use cost::KeyslotCost;
 pub use node::{LuksDisk, LuksQueue};
 
 /// The one key size we implement: AES-256 in XTS mode takes two 256-bit keys.

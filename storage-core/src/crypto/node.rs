@@ -28,7 +28,7 @@ use super::buffers::{decrypt_in_place, WriteBuffer, PIECE};
 use super::keyslots::{self, KeyslotChanges, SlotInfo};
 use super::secret::Locked;
 use super::xts::Xts;
-use super::{CryptoError, ImageIo, SectorLayout};
+use super::{CryptoError, ImageIo, KeyslotCost, SectorLayout};
 use crate::disk::{
     checked, AnyDisk, AnyQueue, Disk, DiskCompletion, DiskInfo, DiskOp, DiskQueue, IoVecs,
     Rejected, Size, StartError,
@@ -587,9 +587,9 @@ impl KeyslotChanges for LuksDisk {
         &self,
         passphrase: &[u8],
         new: &[u8],
-        iterations: u32,
+        cost: &KeyslotCost,
     ) -> Result<u32, StorageError> {
-        self.changing_keyslots(|io| keyslots::add(io, passphrase, new, iterations))
+        self.changing_keyslots(|io| keyslots::add(io, passphrase, new, cost))
     }
 
     fn remove_keyslot(&self, passphrase: &[u8], slot: u32) -> Result<(), StorageError> {
@@ -600,9 +600,9 @@ impl KeyslotChanges for LuksDisk {
         &self,
         passphrase: &[u8],
         new: &[u8],
-        iterations: u32,
+        cost: &KeyslotCost,
     ) -> Result<u32, StorageError> {
-        self.changing_keyslots(|io| keyslots::change(io, passphrase, new, iterations))
+        self.changing_keyslots(|io| keyslots::change(io, passphrase, new, cost))
     }
 }
 

@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use super::{AnyDisk, Qcow2Disk, Shared};
 use crate::crypto::keyslots::{self, KeyslotChanges, SlotInfo};
-use crate::crypto::{luks1, CryptoError, ImageIo};
+use crate::crypto::{luks1, CryptoError, ImageIo, KeyslotCost};
 use crate::disk::Disk;
 use crate::error::{StorageError, StorageErrorKind};
 
@@ -287,10 +287,10 @@ impl KeyslotChanges for Qcow2Disk {
         &self,
         passphrase: &[u8],
         new: &[u8],
-        iterations: u32,
+        cost: &KeyslotCost,
     ) -> Result<u32, StorageError> {
         self.changing_keyslots(|images| {
-            let id = on_top(images, |io| keyslots::add(io, passphrase, new, iterations))?;
+            let id = on_top(images, |io| keyslots::add(io, passphrase, new, cost))?;
             copy_header(images, true)?;
             Ok(id)
         })
@@ -307,11 +307,11 @@ impl KeyslotChanges for Qcow2Disk {
         &self,
         passphrase: &[u8],
         new: &[u8],
-        iterations: u32,
+        cost: &KeyslotCost,
     ) -> Result<u32, StorageError> {
         self.changing_keyslots(|images| {
             let old = on_top(images, |io| keyslots::opened_by(io, passphrase))?;
-            let id = on_top(images, |io| keyslots::add(io, passphrase, new, iterations))?;
+            let id = on_top(images, |io| keyslots::add(io, passphrase, new, cost))?;
             // Every image takes the new passphrase before any loses the old one.
             copy_header(images, true)?;
             on_top(images, |io| keyslots::remove(io, new, old))?;
