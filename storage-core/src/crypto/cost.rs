@@ -1,7 +1,8 @@
 //! How costly a new keyslot's key derivation is, as cryptsetup chooses it from
 //! `--iter-time`: PBKDF2-SHA256 iterations for LUKS1 keyslots, Argon2id for LUKS2 ones
 //! (cryptsetup's default there): up to 1 GiB of memory (at most half of this machine's),
-//! up to 4 lanes (at most its CPUs), at least 4 passes, measured on this machine.
+//! up to 4 lanes (at most its CPUs), at least 4 passes, measured on this machine; never
+//! more memory than half of what is available to this process.
 
 use super::KEY_BYTES;
 
@@ -17,7 +18,7 @@ pub struct Argon2Cost {
 /// A new keyslot's key derivation, by LUKS version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KeyslotCost {
-    /// LUKS1 (and a LUKS2 keyslot asked for PBKDF2).
+    /// LUKS1 (and qcow2's LUKS1).
     pub pbkdf2_iterations: u32,
     /// LUKS2.
     pub argon2: Argon2Cost,
@@ -51,20 +52,29 @@ impl KeyslotCost {
     }
 }
 
-/// This machine's memory, in KiB.
-fn physical_kib() -> u64 {
-    // SAFETY: sysconf has no memory preconditions.
-    let (pages, size) = unsafe {
-        (
-            libc::sysconf(libc::_SC_PHYS_PAGES),
-            libc::sysconf(libc::_SC_PAGESIZE),
-        )
-    };
-    if pages > 0 && size > 0 {
-        pages as u64 * size as u64 / 1024
-    } else {
-        MAX_MEMORY_KIB * 2
-    }
+/// The memory a key derivation may take here, in KiB: half of what is available now, and
+/// of the cgroup's limit if there is one (a daemon's unit may be given less than the
+/// machine has).
+fn available_kib() -> u64 {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let available = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap_or(MAX_MEMORY_KIB * 2);
+    // cgroup v2: this process's group's memory.max ("max": none).
+    let limit = std::fs::read_to_string("/proc/self/cgroup")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("0::").map(str::to_owned))
+        })
+        .and_then(|group| {
+            std::fs::read_to_string(format!("/sys/fs/cgroup{}/memory.max", group.trim())).ok()
+        })
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(u64::MAX, |bytes| bytes / 1024);
+    available.min(limit) / 2
 }
 
 /// Argon2id costs that take about `millis` here.
@@ -82,13 +92,19 @@ fn argon2_for(millis: u64) -> Argon2Cost {
         .hash_password_into(b"benchmark", &[0u8; 32], &mut out)
         .expect("valid");
     let per_ms = f64::from(trial_kib) / (start.elapsed().as_secs_f64() * 1000.0).max(1e-3);
+    fit(per_ms, millis, available_kib(), cpus)
+}
+
+/// The costs of `millis` of Argon2id at `per_ms` KiB-passes per millisecond, within
+/// `available` KiB: the least passes over as much memory as the time allows (up to 1 GiB),
+/// then more passes; never past what our reader opens (see `luks2`).
+fn fit(per_ms: f64, millis: u64, available: u64, cpus: u32) -> Argon2Cost {
     let budget = per_ms * millis as f64;
-    let max = MAX_MEMORY_KIB.min(physical_kib() / 2).max(MIN_MEMORY_KIB);
-    // The least passes over as much memory as the time allows, then more passes.
+    let max = MAX_MEMORY_KIB.min(available).max(MIN_MEMORY_KIB);
     let memory = ((budget / f64::from(MIN_TIME)) as u64).clamp(MIN_MEMORY_KIB, max);
-    // Within what we open (see `luks2`): a keyslot we make is one we can use.
-    let most =
-        (super::luks2::MAX_ARGON2_WORK / memory).min(u64::from(super::luks2::MAX_ARGON2_TIME));
+    let most = (super::luks2::MAX_ARGON2_WORK / memory)
+        .min(u64::from(super::luks2::MAX_ARGON2_TIME))
+        .max(u64::from(MIN_TIME));
     let time = ((budget / memory as f64) as u64).clamp(u64::from(MIN_TIME), most) as u32;
     Argon2Cost {
         time,
@@ -103,11 +119,31 @@ mod tests {
 
     #[test]
     fn more_time_buys_more_memory_then_more_passes() {
-        let quick = argon2_for(1);
-        assert_eq!(quick.time, MIN_TIME);
-        assert!(u64::from(quick.memory_kib) >= MIN_MEMORY_KIB);
-        let slow = argon2_for(400);
-        assert!(slow.memory_kib >= quick.memory_kib, "{quick:?} {slow:?}");
-        assert!(u64::from(slow.memory_kib) <= MAX_MEMORY_KIB);
+        let gib = 1 << 20;
+        // 1 GiB-pass a second.
+        let rate = gib as f64 / 1000.0;
+        let quick = fit(rate, 1, 16 * gib, 4);
+        assert_eq!(
+            (quick.time, u64::from(quick.memory_kib)),
+            (MIN_TIME, MIN_MEMORY_KIB)
+        );
+        let mid = fit(rate, 1000, 16 * gib, 4);
+        assert_eq!((mid.time, mid.memory_kib), (MIN_TIME, gib as u32 / 4));
+        let slow = fit(rate, 8000, 16 * gib, 4);
+        assert_eq!((slow.time, slow.memory_kib), (8, gib as u32));
+        // Little memory available: more passes instead.
+        let tight = fit(rate, 8000, 64 << 10, 4);
+        assert_eq!(tight.memory_kib, 64 << 10);
+        assert!(tight.time > 8, "{tight:?}");
+        // Never more work than our reader takes.
+        let huge = fit(rate * 1000.0, 1_000_000, 16 * gib, 4);
+        assert!(
+            u64::from(huge.time) * u64::from(huge.memory_kib)
+                <= super::super::luks2::MAX_ARGON2_WORK,
+            "{huge:?}"
+        );
+        // What this machine measures stays inside the bounds.
+        let here = argon2_for(10);
+        assert!(here.time >= MIN_TIME && u64::from(here.memory_kib) <= MAX_MEMORY_KIB);
     }
 }

@@ -59,12 +59,16 @@ pub const MAX_ARGON2_WORK: u64 = 50 * (4 << 20);
 /// LUKS2's keyslots: ids 0 to 31, as cryptsetup allows.
 pub const MAX_KEYSLOTS: u32 = 32;
 
-/// How a new keyslot's key is derived (its salt is made with it).
+/// How a new keyslot's key is derived (its salt is made with it): Argon2id, as cryptsetup
+/// makes LUKS2 keyslots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NewKdf {
-    Pbkdf2(u32),
     Argon2id(super::cost::Argon2Cost),
 }
+
+/// One new keyslot's Argon2 derivation at a time in this process (each may take up to a
+/// GiB): several disks' keyslot changes at once queue here.
+static ARGON2_ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// How a keyslot's key is derived from a passphrase.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -770,7 +774,7 @@ impl Header {
         io.sync().map_err(CryptoError::Io)
     }
 
-    /// Adds a PBKDF2-SHA256 keyslot of `iterations` for `key` (this image's master key)
+    /// Adds a keyslot derived as `kdf` says for `key` (this image's master key)
     /// under `passphrase`, in the first free id and the first free stretch of the
     /// keyslots area: its material is written and synced before the headers name it.
     /// Returns its id.
@@ -810,21 +814,26 @@ impl Header {
         }
         let mut salt = [0u8; 32];
         super::luks1::random(&mut salt);
-        let kdf = match kdf {
-            NewKdf::Pbkdf2(iterations) => Kdf::Pbkdf2 {
-                iterations: iterations.clamp(1000, MAX_ITERATIONS),
-                salt: salt.to_vec(),
-            },
-            NewKdf::Argon2id(c) => Kdf::Argon2 {
-                id: true,
-                time: c.time.clamp(4, MAX_ARGON2_TIME),
-                memory_kib: c.memory_kib.clamp(8 * c.cpus.max(1), MAX_ARGON2_KIB),
-                cpus: c.cpus.clamp(1, MAX_ARGON2_CPUS),
-                salt: salt.to_vec(),
-            },
+        let NewKdf::Argon2id(c) = kdf;
+        // Within what our reader opens (see `keyslot`).
+        let cpus = c.cpus.clamp(1, MAX_ARGON2_CPUS);
+        let memory_kib = c.memory_kib.clamp(8 * cpus, MAX_ARGON2_KIB);
+        let most = (MAX_ARGON2_WORK / u64::from(memory_kib)).min(u64::from(MAX_ARGON2_TIME)) as u32;
+        let time = c.time.clamp(4.min(most), most);
+        let kdf = Kdf::Argon2 {
+            id: true,
+            time,
+            memory_kib,
+            cpus,
+            salt: salt.to_vec(),
         };
         let mut derived = Locked::new([0u8; KEY_BYTES]).map_err(CryptoError::Io)?;
-        derive(&kdf, passphrase, &mut derived[..])?;
+        {
+            let _one = ARGON2_ONE_AT_A_TIME
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            derive(&kdf, passphrase, &mut derived[..])?;
+        }
         let mut material = af::split(key, stripes as usize, &mut super::luks1::random);
         Xts::new(&derived[..])?.encrypt(&mut material, 0, 512);
         let mut area = Zeroizing::new(vec![0u8; need as usize]);
@@ -832,26 +841,13 @@ impl Header {
         io.write(at, &area).map_err(CryptoError::Io)?;
         io.sync().map_err(CryptoError::Io)?;
         let b64 = |v: &[u8]| base64::engine::general_purpose::STANDARD.encode(v);
-        let kdf_json = match &kdf {
-            Kdf::Pbkdf2 { iterations, .. } => serde_json::json!({
-                "type": "pbkdf2",
-                "hash": "sha256",
-                "iterations": iterations,
-                "salt": b64(&salt),
-            }),
-            Kdf::Argon2 {
-                time,
-                memory_kib,
-                cpus,
-                ..
-            } => serde_json::json!({
-                "type": "argon2id",
-                "time": time,
-                "memory": memory_kib,
-                "cpus": cpus,
-                "salt": b64(&salt),
-            }),
-        };
+        let kdf_json = serde_json::json!({
+            "type": "argon2id",
+            "time": time,
+            "memory": memory_kib,
+            "cpus": cpus,
+            "salt": b64(&salt),
+        });
         self.json["keyslots"][id.to_string()] = serde_json::json!({
             "type": "luks2",
             "key_size": KEY_BYTES,
