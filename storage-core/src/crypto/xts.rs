@@ -77,26 +77,31 @@ impl Xts {
                 *t = Array::from(u128::from(first_sector.wrapping_add(i as u64)).to_le_bytes());
             }
             self.tweak.encrypt_blocks(firsts);
-            self.whiten(batch, per_sector, firsts);
-            let arrays = Array::cast_slice_from_core_mut(batch);
-            if encrypt {
-                self.data.encrypt_blocks(arrays);
-            } else {
-                self.data.decrypt_blocks(arrays);
+            #[cfg(target_arch = "x86_64")]
+            if self.wide {
+                // The tweaks made for the first whitening, XORed in again after the cipher.
+                let mut kept = [[0u8; 4 * BLOCK]; BATCH_BLOCKS / 4];
+                // SAFETY: `wide` is set only where the CPU has AVX-512F and AVX-512BW.
+                unsafe { whiten_avx512(batch, per_sector, firsts, &mut kept) };
+                self.cipher(batch, encrypt);
+                // SAFETY: as above.
+                unsafe { rewhiten_avx512(batch, &kept) };
+                continue;
             }
-            self.whiten(Array::cast_slice_to_core_mut(arrays), per_sector, firsts);
+            whiten(batch, per_sector, firsts);
+            self.cipher(batch, encrypt);
+            whiten(batch, per_sector, firsts);
         }
     }
 
     #[inline(always)]
-    fn whiten(&self, blocks: &mut [[u8; BLOCK]], per_sector: usize, firsts: &[Array<u8, U16>]) {
-        #[cfg(target_arch = "x86_64")]
-        if self.wide {
-            // SAFETY: `wide` is set only where the CPU has AVX-512F and AVX-512BW.
-            unsafe { whiten_avx512(blocks, per_sector, firsts) };
-            return;
+    fn cipher(&self, blocks: &mut [[u8; BLOCK]], encrypt: bool) {
+        let arrays = Array::cast_slice_from_core_mut(blocks);
+        if encrypt {
+            self.data.encrypt_blocks(arrays);
+        } else {
+            self.data.decrypt_blocks(arrays);
         }
-        whiten(blocks, per_sector, firsts);
     }
 }
 
@@ -111,38 +116,113 @@ fn wide_available() -> bool {
 }
 
 /// [`whiten`] four blocks per instruction: a 512-bit register holds the tweaks of four
-/// consecutive blocks, XORed into them at once and multiplied by α⁴ together.
+/// consecutive blocks, XORed into them at once. Two registers take turns (quads 0, 2, 4...
+/// and 1, 3, 5...), each multiplied by α⁸ for its next quad, so no step waits on the one
+/// before it; each quad's tweaks are kept in `kept` for [`rewhiten_avx512`].
 ///
 /// # Safety
 /// The CPU must have AVX-512F and AVX-512BW.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn whiten_avx512(blocks: &mut [[u8; BLOCK]], per_sector: usize, firsts: &[Array<u8, U16>]) {
+unsafe fn whiten_avx512(
+    blocks: &mut [[u8; BLOCK]],
+    per_sector: usize,
+    firsts: &[Array<u8, U16>],
+    kept: &mut [[u8; 4 * BLOCK]; BATCH_BLOCKS / 4],
+) {
     use std::arch::x86_64::*;
-    for (run, first) in blocks.chunks_mut(per_sector).zip(firsts) {
-        let t0 = u128::from_le_bytes((*first).into());
-        let t1 = next_tweak(t0);
-        let t2 = next_tweak(t1);
-        let t3 = next_tweak(t2);
-        let four = [t0, t1, t2, t3];
-        // SAFETY: `four` is 64 readable bytes; an unaligned load.
-        let mut t = unsafe { _mm512_loadu_si512(four.as_ptr().cast()) };
-        for quad in run.chunks_exact_mut(4) {
-            let p = quad.as_mut_ptr().cast::<__m512i>();
-            // SAFETY: `quad` is four consecutive 16-byte blocks, 64 bytes we may read and
-            // write; unaligned load and store.
-            unsafe { _mm512_storeu_si512(p, _mm512_xor_si512(_mm512_loadu_si512(p), t)) };
-            // t·α⁴ in each 128-bit lane: both halves shifted by 4, the low half's top 4 bits
-            // carried into the high half, the high half's folded back into the low.
-            let shifted = _mm512_slli_epi64::<4>(t);
-            let out = _mm512_srli_epi64::<60>(t);
-            let carry = _mm512_bslli_epi128::<8>(out);
-            let k = _mm512_bsrli_epi128::<8>(out);
-            let fold = _mm512_xor_si512(
-                _mm512_xor_si512(k, _mm512_slli_epi64::<1>(k)),
-                _mm512_xor_si512(_mm512_slli_epi64::<2>(k), _mm512_slli_epi64::<7>(k)),
-            );
-            t = _mm512_xor_si512(_mm512_xor_si512(shifted, carry), fold);
+    // t·α⁸ in each 128-bit lane: both halves shifted by 8, the low half's top 8 bits
+    // carried into the high half, the high half's folded back into the low as
+    // k·(x⁷ + x² + x + 1).
+    #[target_feature(enable = "avx512f,avx512bw")]
+    #[inline]
+    fn step8(t: __m512i) -> __m512i {
+        // The intrinsics are safe here: this function has their target features.
+        let shifted = _mm512_slli_epi64::<8>(t);
+        let out = _mm512_srli_epi64::<56>(t);
+        let carry = _mm512_bslli_epi128::<8>(out);
+        let k = _mm512_bsrli_epi128::<8>(out);
+        let fold = _mm512_xor_si512(
+            _mm512_xor_si512(k, _mm512_slli_epi64::<1>(k)),
+            _mm512_xor_si512(_mm512_slli_epi64::<2>(k), _mm512_slli_epi64::<7>(k)),
+        );
+        _mm512_xor_si512(_mm512_xor_si512(shifted, carry), fold)
+    }
+    // t·α^i in lane i (0 to 3) of four copies of t: each lane's halves shifted left by i,
+    // the low half's top i bits carried into the high half, the high half's folded back.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    #[inline]
+    fn first_four(first: &Array<u8, U16>) -> __m512i {
+        let t = u128::from_le_bytes((*first).into());
+        let lane = _mm_set_epi64x((t >> 64) as i64, t as i64);
+        let t = _mm512_broadcast_i32x4(lane);
+        let left = _mm512_set_epi64(3, 3, 2, 2, 1, 1, 0, 0);
+        let right = _mm512_set_epi64(61, 61, 62, 62, 63, 63, 64, 64);
+        let shifted = _mm512_sllv_epi64(t, left);
+        let out = _mm512_srlv_epi64(t, right);
+        let carry = _mm512_bslli_epi128::<8>(out);
+        let k = _mm512_bsrli_epi128::<8>(out);
+        let fold = _mm512_xor_si512(
+            _mm512_xor_si512(k, _mm512_slli_epi64::<1>(k)),
+            _mm512_xor_si512(_mm512_slli_epi64::<2>(k), _mm512_slli_epi64::<7>(k)),
+        );
+        _mm512_xor_si512(_mm512_xor_si512(shifted, carry), fold)
+    }
+    // t·α⁴ in each lane (as `step8`, by 4).
+    #[target_feature(enable = "avx512f,avx512bw")]
+    #[inline]
+    fn step4(t: __m512i) -> __m512i {
+        let shifted = _mm512_slli_epi64::<4>(t);
+        let out = _mm512_srli_epi64::<60>(t);
+        let carry = _mm512_bslli_epi128::<8>(out);
+        let k = _mm512_bsrli_epi128::<8>(out);
+        let fold = _mm512_xor_si512(
+            _mm512_xor_si512(k, _mm512_slli_epi64::<1>(k)),
+            _mm512_xor_si512(_mm512_slli_epi64::<2>(k), _mm512_slli_epi64::<7>(k)),
+        );
+        _mm512_xor_si512(_mm512_xor_si512(shifted, carry), fold)
+    }
+    let quads_per_sector = per_sector / 4;
+    for (s, (run, first)) in blocks.chunks_mut(per_sector).zip(firsts).enumerate() {
+        // Made in registers: a store of the tweaks and a wider load of them would wait.
+        let mut even = first_four(first);
+        let mut odd = step4(even);
+        let keep = &mut kept[s * quads_per_sector..(s + 1) * quads_per_sector];
+        for (pair, saved) in run.chunks_exact_mut(8).zip(keep.chunks_exact_mut(2)) {
+            let p = pair.as_mut_ptr().cast::<__m512i>();
+            let k = saved.as_mut_ptr().cast::<__m512i>();
+            // SAFETY: `pair` is eight consecutive 16-byte blocks (128 bytes we may read and
+            // write) and `saved` two 64-byte entries; unaligned loads and stores.
+            unsafe {
+                _mm512_storeu_si512(p, _mm512_xor_si512(_mm512_loadu_si512(p), even));
+                _mm512_storeu_si512(
+                    p.add(1),
+                    _mm512_xor_si512(_mm512_loadu_si512(p.add(1)), odd),
+                );
+                _mm512_storeu_si512(k, even);
+                _mm512_storeu_si512(k.add(1), odd);
+            }
+            even = step8(even);
+            odd = step8(odd);
+        }
+    }
+}
+
+/// The second whitening of a batch: each quad XORed with the tweaks the first kept.
+///
+/// # Safety
+/// The CPU must have AVX-512F and AVX-512BW.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn rewhiten_avx512(blocks: &mut [[u8; BLOCK]], kept: &[[u8; 4 * BLOCK]; BATCH_BLOCKS / 4]) {
+    use std::arch::x86_64::*;
+    for (quad, saved) in blocks.chunks_exact_mut(4).zip(kept) {
+        let p = quad.as_mut_ptr().cast::<__m512i>();
+        // SAFETY: `quad` is 64 bytes we may read and write, `saved` 64 we may read;
+        // unaligned loads and store.
+        unsafe {
+            let t = _mm512_loadu_si512(saved.as_ptr().cast());
+            _mm512_storeu_si512(p, _mm512_xor_si512(_mm512_loadu_si512(p), t));
         }
     }
 }
