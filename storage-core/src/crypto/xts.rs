@@ -1,10 +1,13 @@
 //! AES-256-XTS (IEEE 1619) with the `plain64` IV of dm-crypt and QEMU: each encryption
 //! sector's tweak is its number as a 128-bit little-endian value, encrypted with the second
-//! half of the key. The block cipher is the `aes` crate's (AES-NI, and VAES where the CPU has
-//! it, detected at run time); the mode is ours, because the data path needs it fast: a call
-//! into the cipher costs a fixed setup, so 4 KiB of blocks go in at a time, and the
-//! whitening around it (each block XORed with its tweak, before and after) runs four blocks
-//! per instruction with AVX-512 where the CPU has it, from tweaks made as they are used.
+//! half of the key. The mode is ours, because the data path needs it fast. Where the CPU
+//! has VAES and AVX-512 (detected at run time), one pass over the data does it all: sixteen
+//! blocks at a time are loaded, whitened (XORed with their tweaks), run through AES-256's
+//! rounds four blocks per instruction, whitened again and stored, the tweaks made in
+//! registers as they are used (round keys expanded with AES-NI, kept in the `Xts`, which
+//! lives in locked memory). Elsewhere the `aes` crate's cipher takes 4 KiB of blocks per
+//! call (a call costs a fixed setup), with the whitening around it four blocks per
+//! instruction on AVX-512, else in registers.
 //! `benches/benches/xts.rs` measures it beside `openssl speed`.
 
 use aes::cipher::consts::U16;
@@ -19,6 +22,18 @@ pub struct Xts {
     tweak: Aes256,
     /// Whitening four blocks per instruction (AVX-512, checked at run time).
     wide: bool,
+    /// The data key's round keys, for the fused path (VAES with AVX-512: whitening and
+    /// cipher in one pass over the data, four registers of four blocks at a time).
+    #[cfg(target_arch = "x86_64")]
+    fused: Option<RoundKeys>,
+}
+
+/// AES-256's fifteen round keys, for encryption and (the equivalent inverse cipher's)
+/// decryption.
+#[cfg(target_arch = "x86_64")]
+struct RoundKeys {
+    enc: [[u8; 16]; 15],
+    dec: [[u8; 16]; 15],
 }
 
 /// XTS was given a key of the wrong length.
@@ -37,6 +52,9 @@ impl Xts {
             data: Aes256::new_from_slice(&key[..32]).expect("32 bytes"),
             tweak: Aes256::new_from_slice(&key[32..]).expect("32 bytes"),
             wide: wide_available(),
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `fused_available` checked the CPU has AES-NI (all `expand` needs).
+            fused: fused_available().then(|| unsafe { expand(&key[..32]) }),
         })
     }
 
@@ -78,6 +96,19 @@ impl Xts {
             }
             self.tweak.encrypt_blocks(firsts);
             #[cfg(target_arch = "x86_64")]
+            if let Some(keys) = &self.fused {
+                // SAFETY: `fused` is set only where the CPU has VAES, AES-NI, AVX-512F and
+                // AVX-512BW.
+                unsafe {
+                    if encrypt {
+                        xts_fused::<true>(keys, batch, per_sector, firsts)
+                    } else {
+                        xts_fused::<false>(keys, batch, per_sector, firsts)
+                    }
+                };
+                continue;
+            }
+            #[cfg(target_arch = "x86_64")]
             if self.wide {
                 // The tweaks made for the first whitening, XORed in again after the cipher.
                 let mut kept = [[0u8; 4 * BLOCK]; BATCH_BLOCKS / 4];
@@ -101,6 +132,146 @@ impl Xts {
             self.data.encrypt_blocks(arrays);
         } else {
             self.data.decrypt_blocks(arrays);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn fused_available() -> bool {
+    wide_available()
+        && std::arch::is_x86_feature_detected!("vaes")
+        && std::arch::is_x86_feature_detected!("aes")
+}
+
+/// AES-256's key expansion (FIPS 197) with AES-NI, and the decryption round keys of the
+/// equivalent inverse cipher (the middle ones through InvMixColumns).
+///
+/// # Safety
+/// The CPU must have AES-NI.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "aes,sse2")]
+unsafe fn expand(key: &[u8]) -> RoundKeys {
+    use std::arch::x86_64::*;
+    #[target_feature(enable = "aes,sse2")]
+    #[inline]
+    fn mix(a: __m128i, t: __m128i) -> __m128i {
+        let a = _mm_xor_si128(a, _mm_slli_si128::<4>(a));
+        let a = _mm_xor_si128(a, _mm_slli_si128::<4>(a));
+        let a = _mm_xor_si128(a, _mm_slli_si128::<4>(a));
+        _mm_xor_si128(a, t)
+    }
+    assert_eq!(key.len(), 32, "an AES-256 key");
+    let mut rk = [_mm_setzero_si128(); 15];
+    // SAFETY: `key` is 32 readable bytes; unaligned loads of its halves.
+    let (mut a, mut b) = unsafe {
+        (
+            _mm_loadu_si128(key.as_ptr().cast()),
+            _mm_loadu_si128(key[16..].as_ptr().cast()),
+        )
+    };
+    rk[0] = a;
+    rk[1] = b;
+    // Round keys 2i and (but for the last, i = 7) 2i + 1 from the two before, with
+    // round constant `rcon`.
+    macro_rules! round {
+        ($i:expr, $rcon:expr) => {
+            a = mix(
+                a,
+                _mm_shuffle_epi32::<0xff>(_mm_aeskeygenassist_si128::<$rcon>(b)),
+            );
+            rk[2 * $i] = a;
+        };
+        ($i:expr, $rcon:expr, both) => {
+            round!($i, $rcon);
+            b = mix(
+                b,
+                _mm_shuffle_epi32::<0xaa>(_mm_aeskeygenassist_si128::<0>(a)),
+            );
+            rk[2 * $i + 1] = b;
+        };
+    }
+    round!(1, 0x01, both);
+    round!(2, 0x02, both);
+    round!(3, 0x04, both);
+    round!(4, 0x08, both);
+    round!(5, 0x10, both);
+    round!(6, 0x20, both);
+    round!(7, 0x40);
+    let mut keys = RoundKeys {
+        enc: [[0; 16]; 15],
+        dec: [[0; 16]; 15],
+    };
+    for i in 0..15 {
+        let d = match i {
+            0 => rk[14],
+            14 => rk[0],
+            _ => _mm_aesimc_si128(rk[14 - i]),
+        };
+        // SAFETY: 16 writable bytes each; unaligned stores.
+        unsafe {
+            _mm_storeu_si128(keys.enc[i].as_mut_ptr().cast(), rk[i]);
+            _mm_storeu_si128(keys.dec[i].as_mut_ptr().cast(), d);
+        }
+    }
+    keys
+}
+
+/// XTS in one pass over the data: sixteen blocks (four registers) at a time are loaded,
+/// whitened, run through AES-256's rounds (VAES: four blocks per instruction), whitened
+/// again and stored; the tweaks never leave registers.
+///
+/// # Safety
+/// The CPU must have VAES, AES-NI, AVX-512F and AVX-512BW.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,vaes,aes")]
+unsafe fn xts_fused<const ENCRYPT: bool>(
+    keys: &RoundKeys,
+    blocks: &mut [[u8; BLOCK]],
+    per_sector: usize,
+    firsts: &[Array<u8, U16>],
+) {
+    use std::arch::x86_64::*;
+    let rk = if ENCRYPT { &keys.enc } else { &keys.dec };
+    let mut k = [_mm512_setzero_si512(); 15];
+    for (k, r) in k.iter_mut().zip(rk) {
+        // SAFETY: 16 readable bytes; an unaligned load.
+        *k = _mm512_broadcast_i32x4(unsafe { _mm_loadu_si128(r.as_ptr().cast()) });
+    }
+    for (run, first) in blocks.chunks_mut(per_sector).zip(firsts) {
+        let mut t = first_four(first);
+        for group in run.chunks_exact_mut(16) {
+            let p = group.as_mut_ptr().cast::<__m512i>();
+            let t0 = t;
+            let t1 = step4_wide(t0);
+            let t2 = step4_wide(t1);
+            let t3 = step4_wide(t2);
+            t = step4_wide(t3);
+            let tw = [t0, t1, t2, t3];
+            let mut x = [_mm512_setzero_si512(); 4];
+            for (i, x) in x.iter_mut().enumerate() {
+                // SAFETY: `group` is sixteen 16-byte blocks, 256 bytes we may read and
+                // write: register `i` is bytes 64i to 64i + 63; an unaligned load.
+                let v = unsafe { _mm512_loadu_si512(p.add(i)) };
+                *x = _mm512_xor_si512(_mm512_xor_si512(v, tw[i]), k[0]);
+            }
+            for key in &k[1..14] {
+                for x in x.iter_mut() {
+                    *x = if ENCRYPT {
+                        _mm512_aesenc_epi128(*x, *key)
+                    } else {
+                        _mm512_aesdec_epi128(*x, *key)
+                    };
+                }
+            }
+            for (i, x) in x.iter().enumerate() {
+                let last = if ENCRYPT {
+                    _mm512_aesenclast_epi128(*x, k[14])
+                } else {
+                    _mm512_aesdeclast_epi128(*x, k[14])
+                };
+                // SAFETY: as the load above; an unaligned store.
+                unsafe { _mm512_storeu_si512(p.add(i), _mm512_xor_si512(last, tw[i])) };
+            }
         }
     }
 }
@@ -131,62 +302,11 @@ unsafe fn whiten_avx512(
     kept: &mut [[u8; 4 * BLOCK]; BATCH_BLOCKS / 4],
 ) {
     use std::arch::x86_64::*;
-    // t·α⁸ in each 128-bit lane: both halves shifted by 8, the low half's top 8 bits
-    // carried into the high half, the high half's folded back into the low as
-    // k·(x⁷ + x² + x + 1).
-    #[target_feature(enable = "avx512f,avx512bw")]
-    #[inline]
-    fn step8(t: __m512i) -> __m512i {
-        // The intrinsics are safe here: this function has their target features.
-        let shifted = _mm512_slli_epi64::<8>(t);
-        let out = _mm512_srli_epi64::<56>(t);
-        let carry = _mm512_bslli_epi128::<8>(out);
-        let k = _mm512_bsrli_epi128::<8>(out);
-        let fold = _mm512_xor_si512(
-            _mm512_xor_si512(k, _mm512_slli_epi64::<1>(k)),
-            _mm512_xor_si512(_mm512_slli_epi64::<2>(k), _mm512_slli_epi64::<7>(k)),
-        );
-        _mm512_xor_si512(_mm512_xor_si512(shifted, carry), fold)
-    }
-    // t·α^i in lane i (0 to 3) of four copies of t: each lane's halves shifted left by i,
-    // the low half's top i bits carried into the high half, the high half's folded back.
-    #[target_feature(enable = "avx512f,avx512bw")]
-    #[inline]
-    fn first_four(first: &Array<u8, U16>) -> __m512i {
-        let t = u128::from_le_bytes((*first).into());
-        let lane = _mm_set_epi64x((t >> 64) as i64, t as i64);
-        let t = _mm512_broadcast_i32x4(lane);
-        let left = _mm512_set_epi64(3, 3, 2, 2, 1, 1, 0, 0);
-        let right = _mm512_set_epi64(61, 61, 62, 62, 63, 63, 64, 64);
-        let shifted = _mm512_sllv_epi64(t, left);
-        let out = _mm512_srlv_epi64(t, right);
-        let carry = _mm512_bslli_epi128::<8>(out);
-        let k = _mm512_bsrli_epi128::<8>(out);
-        let fold = _mm512_xor_si512(
-            _mm512_xor_si512(k, _mm512_slli_epi64::<1>(k)),
-            _mm512_xor_si512(_mm512_slli_epi64::<2>(k), _mm512_slli_epi64::<7>(k)),
-        );
-        _mm512_xor_si512(_mm512_xor_si512(shifted, carry), fold)
-    }
-    // t·α⁴ in each lane (as `step8`, by 4).
-    #[target_feature(enable = "avx512f,avx512bw")]
-    #[inline]
-    fn step4(t: __m512i) -> __m512i {
-        let shifted = _mm512_slli_epi64::<4>(t);
-        let out = _mm512_srli_epi64::<60>(t);
-        let carry = _mm512_bslli_epi128::<8>(out);
-        let k = _mm512_bsrli_epi128::<8>(out);
-        let fold = _mm512_xor_si512(
-            _mm512_xor_si512(k, _mm512_slli_epi64::<1>(k)),
-            _mm512_xor_si512(_mm512_slli_epi64::<2>(k), _mm512_slli_epi64::<7>(k)),
-        );
-        _mm512_xor_si512(_mm512_xor_si512(shifted, carry), fold)
-    }
     let quads_per_sector = per_sector / 4;
     for (s, (run, first)) in blocks.chunks_mut(per_sector).zip(firsts).enumerate() {
         // Made in registers: a store of the tweaks and a wider load of them would wait.
         let mut even = first_four(first);
-        let mut odd = step4(even);
+        let mut odd = step4_wide(even);
         let keep = &mut kept[s * quads_per_sector..(s + 1) * quads_per_sector];
         for (pair, saved) in run.chunks_exact_mut(8).zip(keep.chunks_exact_mut(2)) {
             let p = pair.as_mut_ptr().cast::<__m512i>();
@@ -206,6 +326,60 @@ unsafe fn whiten_avx512(
             odd = step8(odd);
         }
     }
+}
+
+/// The last step of multiplying each 128-bit lane of a register by α^n (n < 64, as
+/// XTS's GF(2^128) does): `shifted` holds both 64-bit halves shifted left by n, `out` the
+/// n bits each half shifted out (at its bottom). The low half's go into the high half;
+/// the high half's, k, fold back into the low as k·(x⁷ + x² + x + 1).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+fn carry_and_fold(
+    shifted: std::arch::x86_64::__m512i,
+    out: std::arch::x86_64::__m512i,
+) -> std::arch::x86_64::__m512i {
+    use std::arch::x86_64::*;
+    // The intrinsics are safe here: this function has their target features.
+    let carry = _mm512_bslli_epi128::<8>(out);
+    let k = _mm512_bsrli_epi128::<8>(out);
+    let fold = _mm512_xor_si512(
+        _mm512_xor_si512(k, _mm512_slli_epi64::<1>(k)),
+        _mm512_xor_si512(_mm512_slli_epi64::<2>(k), _mm512_slli_epi64::<7>(k)),
+    );
+    _mm512_xor_si512(_mm512_xor_si512(shifted, carry), fold)
+}
+
+/// t·α^i in lane i (0 to 3) of four copies of a sector's first tweak t.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+fn first_four(first: &Array<u8, U16>) -> std::arch::x86_64::__m512i {
+    use std::arch::x86_64::*;
+    let t = u128::from_le_bytes((*first).into());
+    let t = _mm512_broadcast_i32x4(_mm_set_epi64x((t >> 64) as i64, t as i64));
+    let left = _mm512_set_epi64(3, 3, 2, 2, 1, 1, 0, 0);
+    // A shift by 64 gives 0: lane 0 carries nothing.
+    let right = _mm512_set_epi64(61, 61, 62, 62, 63, 63, 64, 64);
+    carry_and_fold(_mm512_sllv_epi64(t, left), _mm512_srlv_epi64(t, right))
+}
+
+/// Each lane times α⁴.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+fn step4_wide(t: std::arch::x86_64::__m512i) -> std::arch::x86_64::__m512i {
+    use std::arch::x86_64::*;
+    carry_and_fold(_mm512_slli_epi64::<4>(t), _mm512_srli_epi64::<60>(t))
+}
+
+/// Each lane times α⁸.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+fn step8(t: std::arch::x86_64::__m512i) -> std::arch::x86_64::__m512i {
+    use std::arch::x86_64::*;
+    carry_and_fold(_mm512_slli_epi64::<8>(t), _mm512_srli_epi64::<56>(t))
 }
 
 /// The second whitening of a batch: each quad XORed with the tweaks the first kept.
@@ -289,18 +463,29 @@ mod tests {
         let wide = Xts::new(&key).unwrap();
         let mut narrow = Xts::new(&key).unwrap();
         narrow.wide = false;
+        narrow.fused = None;
+        let mut unfused = Xts::new(&key).unwrap();
+        unfused.fused = None;
         if !wide.wide {
             eprintln!("no AVX-512 on this CPU: only the portable path is tested here");
         }
+        if wide.fused.is_none() {
+            eprintln!("no VAES on this CPU: the fused path is not tested here");
+        }
         for sector_size in [512, 1024, 2048, 4096] {
             let plain: Vec<u8> = (0..3 * 8192u32).map(|i| (i * 7 + i / 251) as u8).collect();
-            let (mut a, mut b) = (plain.clone(), plain.clone());
+            let (mut a, mut b, mut c) = (plain.clone(), plain.clone(), plain.clone());
             wide.encrypt(&mut a, 0x1234_5678_9abc, sector_size);
             narrow.encrypt(&mut b, 0x1234_5678_9abc, sector_size);
+            unfused.encrypt(&mut c, 0x1234_5678_9abc, sector_size);
             assert_eq!(a, b, "{sector_size}");
+            assert_eq!(a, c, "{sector_size}");
             assert_ne!(a, plain);
+            let mut d = a.clone();
             narrow.decrypt(&mut a, 0x1234_5678_9abc, sector_size);
             assert_eq!(a, plain, "{sector_size}");
+            wide.decrypt(&mut d, 0x1234_5678_9abc, sector_size);
+            assert_eq!(d, plain, "{sector_size}: the fused (or wide) path decrypts");
         }
     }
 }
