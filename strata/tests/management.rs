@@ -1073,6 +1073,9 @@ fn a_disk_given_its_passphrase_through_the_api_serves_and_is_not_kept() {
     ]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["persistent"], false, "{v}");
+    let shown: serde_json::Value =
+        serde_json::from_str(&f.strata(&["--json", "disk", "show", "vm"])).unwrap();
+    assert_eq!(shown["persistent"], false, "{shown}");
     let mut client = Client::open(&sock, 1).expect("libblkio connects");
     assert_eq!(client.capacity(), 4 << 20);
     client.queue(0).write(4096, &[0x6b; 8192]).unwrap();

@@ -358,7 +358,7 @@ async fn show(
     UrlPath(id): UrlPath<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let d = served(&disks, &id)?;
-    Ok(Json(disk_json(&d)))
+    Ok(Json(disk_json(&d, disks.persistent())))
 }
 
 async fn add(
@@ -401,13 +401,13 @@ async fn add(
     let bytes = serde_json::to_vec(&body).map_err(|e| ApiError::internal(e.to_string()))?;
     let axum::Json(text) = axum::Json::<DiskText>::from_bytes(&bytes)
         .map_err(|e| ApiError::new(e.status(), e.body_text()))?;
-    let persistent = disks.persistent() && given.is_none();
     let config = text
         .check_given(given)
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
     let mut config = config;
     // Checked as an operator's again whenever the daemon starts.
     config.text.added_by_operator = !admin;
+    let kept = disks.persistent();
     let server = http::blocking(move || {
         // Opens an operator's files (off the API's thread: a hung mount must not stop it).
         let admitted = crate::admission::check(
@@ -421,10 +421,7 @@ async fn add(
         disks.add(config.clone(), open_as, true).map_err(set_error)
     })
     .await??;
-    let mut answer = disk_json(&server);
-    // Whether the disk comes back at the next start (one given its passphrase does not).
-    answer["persistent"] = persistent.into();
-    Ok((StatusCode::CREATED, Json(answer)).into_response())
+    Ok((StatusCode::CREATED, Json(disk_json(&server, kept))).into_response())
 }
 
 #[derive(serde::Deserialize)]
@@ -515,7 +512,7 @@ async fn resize(
     let notice = http::blocking(move || server.resize(bytes, None))
         .await?
         .map_err(|e| resize_error(&id, &e))?;
-    let mut v = disk_json(&d);
+    let mut v = disk_json(&d, disks.persistent());
     v["frontend_notified"] = match notice {
         Some(ConfigNotice::Delivered) => "yes",
         Some(ConfigNotice::NoChannel) => "no frontend channel",
@@ -867,7 +864,7 @@ async fn disk_limits(
         .await?
         .map_err(set_error)?;
     let d = served(&disks, &id)?;
-    Ok(Json(disk_json(&d)))
+    Ok(Json(disk_json(&d, disks.persistent())))
 }
 
 #[derive(serde::Deserialize)]
@@ -961,7 +958,7 @@ async fn snapshot_policy(
         .await?
         .map_err(set_error)?;
     let d = served(&disks, &id)?;
-    Ok(Json(disk_json(&d)))
+    Ok(Json(disk_json(&d, disks.persistent())))
 }
 
 fn group_json(g: &storage_core::throttle::ThrottleGroup, members: &[String]) -> serde_json::Value {
@@ -1216,13 +1213,17 @@ fn summary(d: &DiskServer) -> serde_json::Value {
 }
 
 /// What `GET /v1/disks/{id}` reports.
-pub fn disk_json(d: &DiskServer) -> serde_json::Value {
+/// A disk as the API shows it; `kept`: whether the daemon keeps its disks in a config
+/// file.
+pub fn disk_json(d: &DiskServer, kept: bool) -> serde_json::Value {
     let device = &d.device;
     let info = device.info();
     let acked = device.acked_features.load(Ordering::Relaxed);
     serde_json::json!({
         "id": d.id(),
         "socket": d.config.text.socket,
+        // Whether it comes back at the next start (not one given its passphrase).
+        "persistent": kept && d.config.in_file,
         "config": d.text(),
         // As configured: an operator's disk is opened through /proc/self/fd paths.
         "path": d.config.spec.root.data_path(),
