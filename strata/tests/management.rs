@@ -1051,6 +1051,24 @@ fn a_disk_given_its_passphrase_through_the_api_serves_and_is_not_kept() {
         assert!(err.contains("400") && err.contains(says), "{err}");
         assert!(!err.contains(pass), "{err}");
     }
+    // A passphrase that is not a string, or is empty: 400, the value not quoted.
+    for bad in [
+        serde_json::json!(918273645),
+        serde_json::json!(""),
+        serde_json::json!(["x"]),
+    ] {
+        let text = serde_json::json!({
+            "id": "vm", "socket": sock, "disk": spec, "passphrase": bad,
+        })
+        .to_string();
+        let (code, _, err) = f.strata_as(0, &["raw", "POST", "/v1/disks", "--data", &text]);
+        assert_eq!(code, 1, "{bad}");
+        assert!(
+            err.contains("400") && err.contains("passphrase"),
+            "{bad}: {err}"
+        );
+        assert!(!err.contains("918273645"), "{err}");
+    }
     // A misspelt key is refused, and its value is not audited either.
     let typo = serde_json::json!({
         "id": "vm", "socket": sock, "disk": spec, "passphrse": "typo secret 8a8a",
@@ -1094,7 +1112,7 @@ fn a_disk_given_its_passphrase_through_the_api_serves_and_is_not_kept() {
         audit.contains("vm.luks"),
         "the disk's spec is audited: {audit}"
     );
-    for secret in [PASS, "not it", "typo secret 8a8a"] {
+    for secret in [PASS, "not it", "typo secret 8a8a", "918273645"] {
         assert!(!audit.contains(secret), "the audit log holds {secret:?}");
     }
     f.strata(&[

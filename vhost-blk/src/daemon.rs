@@ -113,6 +113,12 @@ impl DiskSet {
         &self.operator_paths
     }
 
+    /// The config file's writer for `disk`'s changes: none without a file, or for a disk
+    /// the file does not keep (one given its passphrase through the API).
+    fn writer_for(&self, disk: &DiskConfig) -> Option<&ConfigWriter> {
+        self.writer.as_ref().filter(|_| disk.in_file)
+    }
+
     /// Whether disks added or removed at run time outlive the process.
     pub fn persistent(&self) -> bool {
         self.writer.is_some()
@@ -188,7 +194,6 @@ impl DiskSet {
     ) -> Result<Arc<DiskServer>, SetError> {
         let id = config.id().to_owned();
         let text = config.text.clone();
-        let config_in_file = config.in_file;
         let server = Arc::new(
             DiskServer::start(config, open_as, self.socket_group).map_err(SetError::Open)?,
         );
@@ -198,7 +203,7 @@ impl DiskSet {
             let _ = server.join();
             return Err(SetError::ShuttingDown);
         }
-        if let (true, true, Some(w)) = (persist, config_in_file, &self.writer) {
+        if let (true, Some(w)) = (persist, self.writer_for(&server.config)) {
             if let Err(source) = w.add_disk(&text) {
                 server.stop();
                 let _ = server.join();
@@ -276,7 +281,7 @@ impl DiskSet {
             };
         server.stop();
         let stopped = server.join();
-        let kept = match self.writer.as_ref().filter(|_| server.config.in_file) {
+        let kept = match self.writer_for(&server.config) {
             Some(w) => w.remove_disk(id).map_err(|source| SetError::Persist {
                 what: format!("disk {id:?} was removed"),
                 source,
@@ -321,7 +326,7 @@ impl DiskSet {
                 .map_err(|e| SetError::AddThrottle(id.to_owned(), e))?,
         }
         d.set_limits_text(Some(text.clone()));
-        if let Some(w) = self.writer.as_ref().filter(|_| d.config.in_file) {
+        if let Some(w) = self.writer_for(&d.config) {
             w.set_disk_limits(id, Some(&text))
                 .map_err(|source| SetError::Persist {
                     what: format!("disk {id:?}'s limits changed"),
@@ -351,7 +356,7 @@ impl DiskSet {
             None => None,
         };
         d.set_snapshot_policy(text.clone(), policy);
-        if let Some(w) = self.writer.as_ref().filter(|_| d.config.in_file) {
+        if let Some(w) = self.writer_for(&d.config) {
             w.set_disk_policy(id, text.as_ref())
                 .map_err(|source| SetError::Persist {
                     what: format!("disk {id:?}'s snapshot policy changed"),

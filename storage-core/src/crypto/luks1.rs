@@ -218,6 +218,16 @@ impl Header {
         )
     }
 
+    /// What identifies this image's master key without holding it (two headers with the
+    /// same have the same key).
+    pub fn master_key_id(&self) -> ([u8; 20], [u8; 32], u32) {
+        (
+            self.mk_digest,
+            self.mk_digest_salt,
+            self.mk_digest_iterations,
+        )
+    }
+
     /// Whether `key` is the master key (its PBKDF2 digest matches).
     pub fn is_master_key(&self, key: &[u8]) -> bool {
         let mut d = [0u8; 20];
@@ -439,17 +449,9 @@ pub fn create_image(
         .and_then(|()| file.write_all_at(&material, at))
         .and_then(|()| file.set_len(payload + size))
         .and_then(|()| file.sync_all())
-        .and_then(|()| sync_parent(path));
+        .and_then(|()| crate::disk::sync_parent_dir(path));
     if made.is_err() {
         let _ = std::fs::remove_file(path);
     }
     made.map_err(CryptoError::Io)
-}
-
-/// Syncs the directory holding `path` (a file just made there outlives a power cut).
-pub(crate) fn sync_parent(path: &std::path::Path) -> std::io::Result<()> {
-    match path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        Some(dir) => std::fs::File::open(dir)?.sync_all(),
-        None => std::fs::File::open(".")?.sync_all(),
-    }
 }

@@ -719,7 +719,7 @@ pub fn create_image(
                 &mut file,
             )
         })
-        .and_then(|_| super::luks1::sync_parent(path).map_err(CryptoError::Io));
+        .and_then(|_| crate::disk::sync_parent_dir(path).map_err(CryptoError::Io));
     if made.is_err() {
         let _ = std::fs::remove_file(path);
     }

@@ -286,6 +286,15 @@ pub trait DiskQueue: Send {
     }
 }
 
+/// Syncs the directory holding `path`, so that a file made, renamed or removed there
+/// outlives a power cut.
+pub(crate) fn sync_parent_dir(path: &std::path::Path) -> io::Result<()> {
+    match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) => std::fs::File::open(dir)?.sync_all(),
+        None => std::fs::File::open(".")?.sync_all(),
+    }
+}
+
 // BLKGETSIZE64 = _IOR(0x12, 114, size_t)
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 

@@ -44,7 +44,7 @@ pub struct Keyring {
     opened: Mutex<Vec<(Digest, Arc<Encryption>)>>,
 }
 
-/// What identifies a LUKS1 master key without holding it.
+/// What identifies a LUKS1 master key without holding it ([`luks1::Header::master_key_id`]).
 type Digest = ([u8; 20], [u8; 32], u32);
 
 impl Keyring {
@@ -93,11 +93,7 @@ impl Keyring {
             ));
         }
         let header = luks1::Header::parse(&b).map_err(failed)?;
-        let digest = (
-            header.mk_digest,
-            header.mk_digest_salt,
-            header.mk_digest_iterations,
-        );
+        let digest = header.master_key_id();
         let mut opened = self.opened.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((_, e)) = opened.iter().find(|(d, _)| *d == digest) {
             return Ok(e.clone());

@@ -568,5 +568,58 @@ mod tests {
         b[79] = 1 << 4; // extended L2
         let h = Header::parse(&b, 1 << 20).unwrap();
         assert!(h.refusal(false).unwrap().contains("subclusters"));
+
+        // An encrypted image's header extension, hostile: where the LUKS header lies.
+        let len = 4 << 20;
+        let encrypted = |at: u64, size: u64| new_image(1 << 30, 16, None, 2, Some((at, size)));
+        let h = Header::parse(&encrypted(3 << 16, 2 << 20), len).unwrap();
+        assert_eq!(h.crypto, Some((3 << 16, 2 << 20)));
+        assert_eq!(h.refusal(true), None);
+        for (at, size, why) in [
+            (3 << 16 | 512, 2 << 20, "cluster boundary"),
+            (0, 2 << 20, "cluster boundary"),
+            (3 << 16, 0, "does not fit"),
+            (3 << 16, len, "does not fit"),
+            (len, 1 << 16, "past the end"),
+            (u64::MAX - 0xffff, 1 << 16, "past the end"),
+        ] {
+            let e = Header::parse(&encrypted(at, size), len)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(why), "{at:#x}+{size:#x}: {e}");
+        }
+        // Larger than any LUKS header, though inside the file.
+        let e = Header::parse(&encrypted(3 << 16, MAX_CRYPTO_HEADER + 1), 64 << 20)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("larger than"), "{e}");
+        // The method and the extension must agree; legacy AES is refused by name.
+        let mut b = encrypted(3 << 16, 2 << 20);
+        b[35] = 0;
+        assert!(Header::parse(&b, len)
+            .unwrap_err()
+            .to_string()
+            .contains("disagree"));
+        let mut b = new_image(1 << 30, 16, None, 2, None);
+        b[35] = 2;
+        assert!(Header::parse(&b, len)
+            .unwrap_err()
+            .to_string()
+            .contains("disagree"));
+        b[35] = 1;
+        let h = Header::parse(&b, len).unwrap();
+        assert!(h.refusal(false).unwrap().contains("AES-CBC"));
+        b[35] = 3;
+        assert!(Header::parse(&b, len)
+            .unwrap_err()
+            .to_string()
+            .contains("not known"));
+        // An extension of the wrong size.
+        let mut b = encrypted(3 << 16, 2 << 20);
+        b[112 + 7] = 8;
+        assert!(Header::parse(&b, len)
+            .unwrap_err()
+            .to_string()
+            .contains("16 expected"));
     }
 }

@@ -116,7 +116,7 @@ fn digest(io: &mut HeaderRegion, path: &str) -> Result<([u8; 20], [u8; 32], u32)
             "its keyslots start inside the LUKS header's first 4 KiB: not changed here",
         ));
     }
-    Ok((h.mk_digest, h.mk_digest_salt, h.mk_digest_iterations))
+    Ok(h.master_key_id())
 }
 
 impl Qcow2Disk {

@@ -278,12 +278,7 @@ fn still_named(path: &Path, file: &AnyDisk) -> Result<(), StorageError> {
     Ok(())
 }
 
-fn sync_dir(path: &Path) -> io::Result<()> {
-    match path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        Some(dir) => std::fs::File::open(dir)?.sync_all(),
-        None => std::fs::File::open(".")?.sync_all(),
-    }
-}
+use crate::disk::sync_parent_dir as sync_dir;
 
 impl Qcow2Disk {
     /// Opens the image in `file` (a file node, already open), at `path` for messages and
@@ -956,11 +951,7 @@ fn create_file(path: &Path, opts: &CreateOptions) -> Result<std::fs::File, Stora
     }
     file.set_len(used * cluster).map_err(write)?;
     file.sync_all().map_err(write)?;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(write)?;
-    }
+    sync_dir(path).map_err(write)?;
     file.flush().map_err(write)?;
     Ok(file)
 }

@@ -276,7 +276,7 @@ impl Qcow2Queue {
         let crypt = self.layers[0]
             .shared
             .crypt
-            .clone()
+            .as_deref()
             .expect("an encrypted top");
         let sealed = &mut self.sealed[tag as usize];
         let (bytes, list) = sealed.buffer.take(buffers.len() as usize);
