@@ -14,20 +14,39 @@
 //! at most every 10 ms, when the worker goes to sleep). Either turns polling off for a
 //! cool-down; it then starts again from the smallest window.
 //!
-//! No file is read for this: vhost-fs's workers run with the guest's shared directory as
-//! their root, where `/proc/...` would be a path the guest controls.
+//! Whether the worker's CPU is shared ([`PollWindow::shared`], which sizes vhost-blk's
+//! batches) is told apart more carefully: a poll's late look also happens on a quiet host
+//! (an interrupt, the hypervisor), and a worker that sleeps between requests is rarely
+//! preempted, however long it waits for a CPU after each wake-up. So it rests on the
+//! preemptions and, where the daemon allows it, on the time the thread spent runnable but
+//! waiting for a CPU (the scheduler's run delay).
+//!
+//! The run delay is a file (`/proc/thread-self/schedstat`), so it is read only when the
+//! daemon asks ([`PollWindow::with_run_delay`]): vhost-fs's workers run with the guest's
+//! shared directory as their root, where `/proc/...` would be a path the guest controls.
 
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
 /// A look that comes this long after the previous one means the thread did not have the CPU.
 const PREEMPTED_GAP: Duration = Duration::from_micros(25);
 /// How long polling stays off after contention was seen.
 const COOL_DOWN: Duration = Duration::from_millis(50);
+/// How long the CPU counts as shared after a sign of it. Longer than polling's cool-down:
+/// beside busy vCPUs the signs come and go from one 10 ms reading to the next (a reading
+/// where the worker had a CPU to itself), while the batch should stay the shared one.
+const SHARED_COOL_DOWN: Duration = Duration::from_secs(1);
 /// How often the preemption count is read.
 const PREEMPTIONS_EVERY: Duration = Duration::from_millis(10);
 /// Preemptions per second above which others want our CPU (a preempted thread on a busy
 /// CPU is switched out at every scheduler tick, hundreds of times a second).
 const CONTENDED_RATE: f64 = 100.0;
+/// The share of the time between readings that the thread spent runnable but waiting for a
+/// CPU above which polling stops.
+const WAITING_SHARE: f64 = 0.05;
+/// The share above which the CPU counts as shared ([`others_waited`]).
+const SHARED_WAITING: f64 = 0.10;
 /// The smallest window polling grows from.
 const MIN_WINDOW: Duration = Duration::from_micros(2);
 
@@ -39,8 +58,51 @@ pub struct PollWindow {
     slept_at: Option<Instant>,
     last_look: Option<Instant>,
     off_until: Option<Instant>,
-    /// (when, involuntary context switches) at the last reading.
-    preempted: Option<(Instant, u64)>,
+    /// Until when the CPU counts as shared.
+    shared_until: Option<Instant>,
+    /// Whether the last reading showed the CPU shared.
+    shared_sign: bool,
+    /// The last reading: when, involuntary context switches, run delay (ns).
+    reading: Option<Reading>,
+    run_delay: RunDelay,
+}
+
+/// When, involuntary context switches, run delay (ns).
+type Reading = (Instant, Option<u64>, Option<u64>);
+
+/// Where the thread's run delay comes from.
+#[derive(Debug)]
+enum RunDelay {
+    /// Not read (the daemon did not ask).
+    Off,
+    /// Opened at the first reading, on the worker thread itself (`thread-self`).
+    Unopened,
+    Open(File),
+    Unavailable,
+}
+
+impl RunDelay {
+    /// Nanoseconds the calling thread has spent runnable but waiting for a CPU.
+    fn read(&mut self) -> Option<u64> {
+        if let RunDelay::Unopened = self {
+            *self = match File::open("/proc/thread-self/schedstat") {
+                Ok(f) => RunDelay::Open(f),
+                Err(_) => RunDelay::Unavailable,
+            };
+        }
+        let RunDelay::Open(f) = self else {
+            return None;
+        };
+        // "<on-CPU ns> <run delay ns> <time slices>\n"
+        let mut buf = [0u8; 96];
+        let n = f.read_at(&mut buf, 0).ok()?;
+        std::str::from_utf8(&buf[..n])
+            .ok()?
+            .split_ascii_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    }
 }
 
 /// The calling thread's involuntary context switches so far.
@@ -61,8 +123,28 @@ impl PollWindow {
             slept_at: None,
             last_look: None,
             off_until: None,
-            preempted: None,
+            shared_until: None,
+            shared_sign: false,
+            reading: None,
+            run_delay: RunDelay::Off,
         }
+    }
+
+    /// Also reads the thread's run delay from `/proc/thread-self/schedstat`; for a daemon
+    /// whose workers see the host's `/proc`.
+    pub fn with_run_delay(mut self) -> PollWindow {
+        self.run_delay = RunDelay::Unopened;
+        self
+    }
+
+    /// Whether others wanted this CPU at the last readings (within a cool-down of the last
+    /// sign), polling or not: a worker then does more per wake-up.
+    ///
+    /// Also reads the signs when they are due: a worker that never sleeps would otherwise
+    /// never look again.
+    pub fn shared(&mut self, now: Instant) -> bool {
+        self.read_signs(now);
+        self.shared_until.is_some_and(|until| now < until)
     }
 
     /// How long to poll now.
@@ -93,22 +175,31 @@ impl PollWindow {
     pub fn sleeping(&mut self, now: Instant) {
         self.last_look = None;
         self.slept_at = Some(now);
-        if self.max.is_zero() {
-            return;
-        }
+        self.read_signs(now);
+    }
+
+    /// Reads the preemptions and run delay if they are due, and acts on what they show.
+    /// With polling off too: `shared` is for more than polling.
+    fn read_signs(&mut self, now: Instant) {
         let due = self
-            .preempted
-            .is_none_or(|(at, _)| now.saturating_duration_since(at) >= PREEMPTIONS_EVERY);
+            .reading
+            .is_none_or(|(at, ..)| now.saturating_duration_since(at) >= PREEMPTIONS_EVERY);
         if due {
-            if let Some(count) = preemptions() {
-                if let Some((at, before)) = self.preempted {
-                    let secs = now.saturating_duration_since(at).as_secs_f64();
-                    let switched = count.saturating_sub(before) as f64;
-                    if secs > 0.0 && switched / secs > CONTENDED_RATE {
-                        self.contended(now);
-                    }
+            let reading = (now, preemptions(), self.run_delay.read());
+            if let Some(before) = self.reading.replace(reading) {
+                let signs = others_waited(before, reading);
+                if signs.contended {
+                    self.contended(now);
                 }
-                self.preempted = Some((now, count));
+                // Two readings running: one can be a moment's crowd on a quiet host (the
+                // client and the daemon's other threads starting up together).
+                if signs.shared && self.shared_sign {
+                    self.shared_until = Some(now + SHARED_COOL_DOWN);
+                    // No polling while shared either (a window that grew back between two
+                    // cool-downs cost a third of the IOPS beside two busy loops).
+                    self.off_until = self.shared_until;
+                }
+                self.shared_sign = signs.shared;
             }
         }
     }
@@ -118,14 +209,14 @@ impl PollWindow {
         let Some(slept_at) = self.slept_at.take() else {
             return;
         };
-        if self.max.is_zero() {
-            return;
-        }
         if let Some(until) = self.off_until {
             if now < until {
                 return;
             }
             self.off_until = None;
+        }
+        if self.max.is_zero() {
+            return;
         }
         if now.saturating_duration_since(slept_at) <= self.max {
             // A window this long would have caught it.
@@ -138,6 +229,38 @@ impl PollWindow {
             }
         }
     }
+}
+
+/// What two readings show of others wanting this CPU in between: whether to stop polling
+/// (many preemptions, or much time spent waiting for a CPU), and whether the CPU is shared.
+///
+/// Shared rests on the run delay where there is one: on a quiet host a worker is still
+/// preempted now and then (up to 700 times a second over a 10 ms reading, in blk-compare's
+/// quiet randread), which costs a poll little but a batch of the wrong size much. Waiting
+/// separates the two: over 10 ms readings, at most 4% in the quiet run; at least 15% in nine
+/// readings of ten beside two busy loops (`--busy 2`), 39% in the median one.
+fn others_waited(
+    (then, preempted_then, delay_then): Reading,
+    (now, preempted_now, delay_now): Reading,
+) -> Signs {
+    let secs = now.saturating_duration_since(then).as_secs_f64();
+    if secs <= 0.0 {
+        return Signs::default();
+    }
+    let rate = |a: Option<u64>, b: Option<u64>| Some(b?.saturating_sub(a?) as f64 / secs);
+    let preempted = rate(preempted_then, preempted_now).is_some_and(|r| r > CONTENDED_RATE);
+    let waiting = rate(delay_then, delay_now).map(|ns| ns / 1e9);
+    Signs {
+        contended: preempted || waiting.is_some_and(|w| w > WAITING_SHARE),
+        shared: waiting.map_or(preempted, |w| w > SHARED_WAITING),
+    }
+}
+
+/// What [`others_waited`] found.
+#[derive(Debug, Default, PartialEq)]
+struct Signs {
+    contended: bool,
+    shared: bool,
 }
 
 #[cfg(test)]
@@ -196,6 +319,67 @@ mod tests {
             p.woke(t + Duration::from_micros(10 * i) + Duration::from_nanos(500));
         }
         assert_eq!(p.current(), max);
+    }
+
+    #[test]
+    fn waiting_for_a_cpu_tells_a_shared_one_from_a_quiet_one() {
+        let t0 = Instant::now();
+        let t1 = t0 + Duration::from_millis(10);
+        let ms = 1_000_000;
+        // Run delay known: 0.4 ms of 10 waiting (a quiet host) is neither, even with many
+        // preemptions; 0.8 ms stops polling only; 2 ms is a shared CPU.
+        let quiet = others_waited((t0, Some(0), Some(0)), (t1, Some(7), Some(ms * 4 / 10)));
+        assert_eq!(
+            quiet,
+            Signs {
+                contended: true,
+                shared: false
+            }
+        );
+        let quiet = others_waited((t0, Some(0), Some(0)), (t1, Some(0), Some(ms * 4 / 10)));
+        assert_eq!(quiet, Signs::default());
+        let some = others_waited((t0, Some(0), Some(0)), (t1, Some(0), Some(ms * 8 / 10)));
+        assert_eq!(
+            some,
+            Signs {
+                contended: true,
+                shared: false
+            }
+        );
+        let busy = others_waited((t0, Some(5), Some(ms)), (t1, Some(5), Some(3 * ms)));
+        assert_eq!(
+            busy,
+            Signs {
+                contended: true,
+                shared: true
+            }
+        );
+        // No run delay (vhost-fs): preemptions decide both.
+        let preempted = others_waited((t0, Some(0), None), (t1, Some(7), None));
+        assert_eq!(
+            preempted,
+            Signs {
+                contended: true,
+                shared: true
+            }
+        );
+        let calm = others_waited((t0, Some(0), None), (t1, Some(0), None));
+        assert_eq!(calm, Signs::default());
+        // Readings at the same instant say nothing.
+        let same = others_waited((t0, Some(0), Some(0)), (t0, Some(9), Some(ms)));
+        assert_eq!(same, Signs::default());
+    }
+
+    #[test]
+    fn the_run_delay_of_this_thread_is_read() {
+        let mut delay = RunDelay::Unopened;
+        // This kernel has schedstat (the daemon's host does too; without it the worker
+        // falls back to preemptions).
+        assert!(delay.read().is_some(), "no /proc/thread-self/schedstat");
+        assert!(matches!(delay, RunDelay::Open(_)));
+        assert_eq!(RunDelay::Off.read(), None);
+        let mut p = PollWindow::new(Duration::ZERO).with_run_delay();
+        assert!(!p.shared(Instant::now()));
     }
 
     #[test]

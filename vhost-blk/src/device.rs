@@ -15,10 +15,20 @@ use crate::virtio_blk::{self, BlkConfig};
 
 /// Requests a worker starts before it submits them, reaps what completed and signals the
 /// guest. Smaller batches let the driver's wake-up overlap our work; larger ones save system
-/// calls. Measured with blk-compare (randread QD32, page-cached): 8 -> 2.06x qemu-storage-
-/// daemon, 16 -> 2.43x, 24 -> 2.61x, unbounded -> 1.87x; 16 keeps the latency of a partial
-/// batch low as well.
-pub const SUBMIT_BATCH: usize = 16;
+/// calls and wake-ups. Where waking a sleeping CPU costs 16-18 µs (this kind of host since
+/// late 2026), a batch must leave enough requests for the worker to go on with while the
+/// driver wakes, refills and publishes: at depth 32 about a third of them. blk-compare
+/// randread QD32 (page-cached, 5 rounds, ours/qemu-storage-daemon): 10 -> 1.83x, 12 -> 2.00x,
+/// 14 -> 1.76x, 16 -> 1.70x; 24 -> 1.28x and 32 -> 1.02x, where the worker idles while the
+/// driver wakes. (On the earlier host, with cheap wake-ups: 8 -> 2.06x, 16 -> 2.43x,
+/// 24 -> 2.61x.)
+pub const SUBMIT_BATCH: usize = 12;
+
+/// The batch while others want the worker's CPU ([`daemon_support::polling::PollWindow::shared`]):
+/// then every wake-up of ours or the driver's waits for a busy thread's time slice, so fewer,
+/// larger batches win. blk-compare `--busy 2` randread QD32, ours in IOPS (median of 5 rounds,
+/// two runs each): batch 12 -> 179K and 194K, 16 -> 174K and 219K, 32 -> 225K and 226K.
+pub const SUBMIT_BATCH_SHARED: usize = 32;
 
 pub struct BlkDevice {
     /// The disk's name in the API and metrics.

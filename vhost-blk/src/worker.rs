@@ -162,7 +162,12 @@ impl QueueWorker {
             })
             .collect();
         Ok(QueueWorker {
-            core: QueueCore::new(index, device.poll),
+            core: {
+                let mut core = QueueCore::new(index, device.poll);
+                // vhost-blk's workers see the host's /proc.
+                core.poll = core.poll.with_run_delay();
+                core
+            },
             metrics: device.queue_metrics(index),
             device,
             queue,
@@ -304,8 +309,13 @@ impl QueueWorker {
             self.release_idle_slots();
             self.map = Some(mem.clone());
         }
+        let batch = if self.core.poll.shared(now) {
+            crate::device::SUBMIT_BATCH_SHARED
+        } else {
+            crate::device::SUBMIT_BATCH
+        };
         loop {
-            if pulled == crate::device::SUBMIT_BATCH || (pulled > 0 && pulled >= published) {
+            if pulled == batch || (pulled > 0 && pulled >= published) {
                 return pulled;
             }
             if self.free.is_empty() {
