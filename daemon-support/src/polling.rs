@@ -7,19 +7,20 @@
 //!
 //! And it stops while the CPU is contended: beside a guest's busy vCPUs, a polling worker
 //! takes CPU time from the very threads it waits for (the client's, io_uring's workers),
-//! and lost 3:1 to a daemon that never polls (blk-compare `--busy 2`). Contention shows two
-//! ways: a look during polling that comes much later than the one before (the thread was
-//! preempted, or its `sched_yield` gave the CPU to someone who wanted it), and the thread
-//! being preempted (its involuntary context switches, from `getrusage(RUSAGE_THREAD)`, read
-//! at most every 10 ms, when the worker goes to sleep). Either turns polling off for a
-//! cool-down; it then starts again from the smallest window.
+//! and lost 3:1 to a daemon that never polls (blk-compare `--busy 2`). Contention shows
+//! three ways: a look during polling that comes much later than the one before (the thread
+//! was preempted, or its `sched_yield` gave the CPU to someone who wanted it); the thread
+//! being preempted (its involuntary context switches, from `getrusage(RUSAGE_THREAD)`); and,
+//! where the daemon allows it, the thread waiting long for a CPU (the scheduler's run
+//! delay). The last two are read at most every 10 ms, when the worker goes to sleep or asks
+//! [`PollWindow::shared`]. Any of them turns polling off for a cool-down; it then starts
+//! again from the smallest window.
 //!
 //! Whether the worker's CPU is shared ([`PollWindow::shared`], which sizes vhost-blk's
-//! batches) is told apart more carefully: a poll's late look also happens on a quiet host
-//! (an interrupt, the hypervisor), and a worker that sleeps between requests is rarely
-//! preempted, however long it waits for a CPU after each wake-up. So it rests on the
-//! preemptions and, where the daemon allows it, on the time the thread spent runnable but
-//! waiting for a CPU (the scheduler's run delay).
+//! batches) rests on the run delay alone: a poll's late look, and a preemption now and
+//! then, also happen on a quiet host (an interrupt, the hypervisor), and a worker that
+//! sleeps between requests is rarely preempted, however long it waits for a CPU after each
+//! wake-up. Shared also keeps polling off for as long as it lasts.
 //!
 //! The run delay is a file (`/proc/thread-self/schedstat`), so it is read only when the
 //! daemon asks ([`PollWindow::with_run_delay`]): vhost-fs's workers run with the guest's
@@ -37,16 +38,14 @@ const COOL_DOWN: Duration = Duration::from_millis(50);
 /// beside busy vCPUs the signs come and go from one 10 ms reading to the next (a reading
 /// where the worker had a CPU to itself), while the batch should stay the shared one.
 const SHARED_COOL_DOWN: Duration = Duration::from_secs(1);
-/// How often the preemption count is read.
+/// How often the preemptions and the run delay are read.
 const PREEMPTIONS_EVERY: Duration = Duration::from_millis(10);
 /// Preemptions per second above which others want our CPU (a preempted thread on a busy
 /// CPU is switched out at every scheduler tick, hundreds of times a second).
 const CONTENDED_RATE: f64 = 100.0;
 /// The share of the time between readings that the thread spent runnable but waiting for a
-/// CPU above which polling stops.
-const WAITING_SHARE: f64 = 0.05;
-/// The share above which the CPU counts as shared ([`others_waited`]).
-const SHARED_WAITING: f64 = 0.10;
+/// CPU above which others want it ([`others_waited`]).
+const WAITING_SHARE: f64 = 0.10;
 /// The smallest window polling grows from.
 const MIN_WINDOW: Duration = Duration::from_micros(2);
 
@@ -64,6 +63,9 @@ pub struct PollWindow {
     shared_sign: bool,
     /// The last reading: when, involuntary context switches, run delay (ns).
     reading: Option<Reading>,
+    /// The thread the last reading was of: a worker moves to a new thread when its
+    /// frontend reconnects, and the counters are per thread.
+    thread: Option<libc::pid_t>,
     run_delay: RunDelay,
 }
 
@@ -75,14 +77,16 @@ type Reading = (Instant, Option<u64>, Option<u64>);
 enum RunDelay {
     /// Not read (the daemon did not ask).
     Off,
-    /// Opened at the first reading, on the worker thread itself (`thread-self`).
+    /// Opened at the next reading, by the thread it is of (`thread-self`).
     Unopened,
     Open(File),
+    /// No such file, or the kernel keeps no scheduler statistics (all zeros).
     Unavailable,
 }
 
 impl RunDelay {
-    /// Nanoseconds the calling thread has spent runnable but waiting for a CPU.
+    /// Nanoseconds the calling thread has spent runnable but waiting for a CPU (the file
+    /// is the calling thread's as long as [`RunDelay::reopen`] is called when it changes).
     fn read(&mut self) -> Option<u64> {
         if let RunDelay::Unopened = self {
             *self = match File::open("/proc/thread-self/schedstat") {
@@ -96,12 +100,25 @@ impl RunDelay {
         // "<on-CPU ns> <run delay ns> <time slices>\n"
         let mut buf = [0u8; 96];
         let n = f.read_at(&mut buf, 0).ok()?;
-        std::str::from_utf8(&buf[..n])
+        let mut fields = std::str::from_utf8(&buf[..n])
             .ok()?
-            .split_ascii_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()
+            .split_ascii_whitespace();
+        let delay: u64 = fields.nth(1)?.parse().ok()?;
+        let slices: u64 = fields.next()?.parse().ok()?;
+        if slices == 0 {
+            // The calling thread runs, so it has had a time slice: the kernel keeps no
+            // statistics (sched_info off prints "0 0 0").
+            *self = RunDelay::Unavailable;
+            return None;
+        }
+        Some(delay)
+    }
+
+    /// For a new thread: its own file is opened at the next reading.
+    fn reopen(&mut self) {
+        if !matches!(self, RunDelay::Off) {
+            *self = RunDelay::Unopened;
+        }
     }
 }
 
@@ -126,6 +143,7 @@ impl PollWindow {
             shared_until: None,
             shared_sign: false,
             reading: None,
+            thread: None,
             run_delay: RunDelay::Off,
         }
     }
@@ -154,7 +172,8 @@ impl PollWindow {
 
     fn contended(&mut self, now: Instant) {
         self.window = Duration::ZERO;
-        self.off_until = Some(now + COOL_DOWN);
+        // A longer hold (the CPU is shared) stands.
+        self.off_until = self.off_until.max(Some(now + COOL_DOWN));
     }
 
     /// A look at the idle queue, at `now`, during a poll window.
@@ -184,24 +203,40 @@ impl PollWindow {
         let due = self
             .reading
             .is_none_or(|(at, ..)| now.saturating_duration_since(at) >= PREEMPTIONS_EVERY);
-        if due {
-            let reading = (now, preemptions(), self.run_delay.read());
-            if let Some(before) = self.reading.replace(reading) {
-                let signs = others_waited(before, reading);
-                if signs.contended {
-                    self.contended(now);
-                }
-                // Two readings running: one can be a moment's crowd on a quiet host (the
-                // client and the daemon's other threads starting up together).
-                if signs.shared && self.shared_sign {
-                    self.shared_until = Some(now + SHARED_COOL_DOWN);
-                    // No polling while shared either (a window that grew back between two
-                    // cool-downs cost a third of the IOPS beside two busy loops).
-                    self.off_until = self.shared_until;
-                }
-                self.shared_sign = signs.shared;
-            }
+        if !due {
+            return;
         }
+        // SAFETY: gettid has no preconditions.
+        let thread = unsafe { libc::gettid() };
+        if self.thread.replace(thread) != Some(thread) {
+            // Another thread's counters say nothing of this one's.
+            self.reading = None;
+            self.shared_sign = false;
+            self.run_delay.reopen();
+        }
+        let reading = (now, preemptions(), self.run_delay.read());
+        self.observe(reading);
+    }
+
+    /// Acts on a new reading of the signs.
+    fn observe(&mut self, reading: Reading) {
+        let now = reading.0;
+        let Some(before) = self.reading.replace(reading) else {
+            return;
+        };
+        let signs = others_waited(before, reading);
+        if signs.contended {
+            self.contended(now);
+        }
+        // Two readings running: one can be a moment's crowd on a quiet host (the client
+        // and the daemon's other threads starting up together).
+        if signs.shared && self.shared_sign {
+            self.shared_until = Some(now + SHARED_COOL_DOWN);
+            // No polling while shared either (a window that grew back between two
+            // cool-downs cost a third of the IOPS beside two busy loops).
+            self.off_until = self.off_until.max(self.shared_until);
+        }
+        self.shared_sign = signs.shared;
     }
 
     /// The worker was woken (a kick or a completion) at `now`.
@@ -234,7 +269,7 @@ impl PollWindow {
 /// What two readings show of others wanting this CPU in between: whether to stop polling
 /// (many preemptions, or much time spent waiting for a CPU), and whether the CPU is shared.
 ///
-/// Shared rests on the run delay where there is one: on a quiet host a worker is still
+/// Shared rests on the run delay alone (without one, never): on a quiet host a worker is still
 /// preempted now and then (up to 700 times a second over a 10 ms reading, in blk-compare's
 /// quiet randread), which costs a poll little but a batch of the wrong size much. Waiting
 /// separates the two: over 10 ms readings, at most 4% in the quiet run; at least 15% in nine
@@ -250,9 +285,10 @@ fn others_waited(
     let rate = |a: Option<u64>, b: Option<u64>| Some(b?.saturating_sub(a?) as f64 / secs);
     let preempted = rate(preempted_then, preempted_now).is_some_and(|r| r > CONTENDED_RATE);
     let waiting = rate(delay_then, delay_now).map(|ns| ns / 1e9);
+    let waited = waiting.is_some_and(|w| w > WAITING_SHARE);
     Signs {
-        contended: preempted || waiting.is_some_and(|w| w > WAITING_SHARE),
-        shared: waiting.map_or(preempted, |w| w > SHARED_WAITING),
+        contended: preempted || waited,
+        shared: waited,
     }
 }
 
@@ -321,65 +357,100 @@ mod tests {
         assert_eq!(p.current(), max);
     }
 
+    const MS: u64 = 1_000_000;
+
+    fn signs(contended: bool, shared: bool) -> Signs {
+        Signs { contended, shared }
+    }
+
     #[test]
     fn waiting_for_a_cpu_tells_a_shared_one_from_a_quiet_one() {
         let t0 = Instant::now();
         let t1 = t0 + Duration::from_millis(10);
-        let ms = 1_000_000;
-        // Run delay known: 0.4 ms of 10 waiting (a quiet host) is neither, even with many
-        // preemptions; 0.8 ms stops polling only; 2 ms is a shared CPU.
-        let quiet = others_waited((t0, Some(0), Some(0)), (t1, Some(7), Some(ms * 4 / 10)));
-        assert_eq!(
-            quiet,
-            Signs {
-                contended: true,
-                shared: false
-            }
-        );
-        let quiet = others_waited((t0, Some(0), Some(0)), (t1, Some(0), Some(ms * 4 / 10)));
-        assert_eq!(quiet, Signs::default());
-        let some = others_waited((t0, Some(0), Some(0)), (t1, Some(0), Some(ms * 8 / 10)));
-        assert_eq!(
-            some,
-            Signs {
-                contended: true,
-                shared: false
-            }
-        );
-        let busy = others_waited((t0, Some(5), Some(ms)), (t1, Some(5), Some(3 * ms)));
-        assert_eq!(
-            busy,
-            Signs {
-                contended: true,
-                shared: true
-            }
-        );
-        // No run delay (vhost-fs): preemptions decide both.
+        let waited = |ns: u64, preempted: u64| {
+            others_waited((t0, Some(0), Some(0)), (t1, Some(preempted), Some(ns)))
+        };
+        // Run delay known: 0.4 ms of 10 waiting (a quiet host) is neither; many preemptions
+        // stop polling but do not make the CPU shared; 2 ms waiting is a shared CPU.
+        assert_eq!(waited(MS * 4 / 10, 0), Signs::default());
+        assert_eq!(waited(MS * 4 / 10, 7), signs(true, false));
+        assert_eq!(waited(2 * MS, 0), signs(true, true));
+        // No run delay (vhost-fs): preemptions stop polling, and the CPU is never shared.
         let preempted = others_waited((t0, Some(0), None), (t1, Some(7), None));
-        assert_eq!(
-            preempted,
-            Signs {
-                contended: true,
-                shared: true
-            }
-        );
+        assert_eq!(preempted, signs(true, false));
         let calm = others_waited((t0, Some(0), None), (t1, Some(0), None));
         assert_eq!(calm, Signs::default());
         // Readings at the same instant say nothing.
-        let same = others_waited((t0, Some(0), Some(0)), (t0, Some(9), Some(ms)));
+        let same = others_waited((t0, Some(0), Some(0)), (t0, Some(9), Some(MS)));
         assert_eq!(same, Signs::default());
     }
 
+    /// Feeds `p` readings every 10 ms from `t0`, each with `waiting` ns of run delay more.
+    fn feed(p: &mut PollWindow, t0: Instant, from: u32, waiting: &[u64]) -> Instant {
+        let mut delay = p.reading.and_then(|r| r.2).unwrap_or(0);
+        let mut t = t0;
+        for (i, w) in waiting.iter().enumerate() {
+            delay += w;
+            t = t0 + Duration::from_millis(10 * (from as u64 + i as u64));
+            p.observe((t, Some(0), Some(delay)));
+        }
+        t
+    }
+
     #[test]
-    fn the_run_delay_of_this_thread_is_read() {
-        let mut delay = RunDelay::Unopened;
-        // This kernel has schedstat (the daemon's host does too; without it the worker
-        // falls back to preemptions).
-        assert!(delay.read().is_some(), "no /proc/thread-self/schedstat");
-        assert!(matches!(delay, RunDelay::Open(_)));
+    fn a_shared_cpu_takes_two_readings_running_and_holds_for_a_second() {
+        let mut p = PollWindow::new(Duration::from_micros(32));
+        let t0 = Instant::now();
+        // One busy reading between quiet ones is not enough.
+        let t = feed(&mut p, t0, 0, &[0, 0, 3 * MS, 0, 0]);
+        assert!(!p.shared(t));
+        // Two running are.
+        let t = feed(&mut p, t0, 5, &[3 * MS, 3 * MS]);
+        assert!(p.shared(t));
+        // Polling stays off through the hold, even after a contended-only reading (whose own
+        // cool-down is shorter) and a short sleep that would grow the window.
+        let t = feed(&mut p, t0, 7, &[MS / 2]) + Duration::from_millis(10);
+        p.observe((t, Some(50), p.reading.unwrap().2));
+        assert!(!p.shared_sign);
+        p.slept_at = Some(t + Duration::from_millis(200));
+        p.woke(t + Duration::from_millis(200) + Duration::from_micros(5));
+        assert_eq!(p.current(), Duration::ZERO);
+        assert!(p.shared(t + Duration::from_millis(900)));
+        // After the hold, quiet readings: not shared, and polling comes back.
+        let later = t + SHARED_COOL_DOWN + Duration::from_millis(10);
+        assert!(!p.shared(later));
+        p.slept_at = Some(later);
+        p.woke(later + Duration::from_micros(5));
+        assert_eq!(p.current(), MIN_WINDOW);
+    }
+
+    #[test]
+    fn the_run_delay_is_read_from_the_thread_that_reads_it() {
+        let t = Instant::now();
+        // The first reading on a thread that then ends (a frontend's connection)...
+        let mut p = std::thread::spawn(move || {
+            let mut p = PollWindow::new(Duration::ZERO).with_run_delay();
+            p.read_signs(t);
+            p
+        })
+        .join()
+        .unwrap();
+        assert!(
+            matches!(p.run_delay, RunDelay::Open(_)),
+            "no /proc/thread-self/schedstat"
+        );
+        // ...and the next on this one (the next connection's): the ended thread's file
+        // reads nothing, this thread's does.
+        p.read_signs(t + Duration::from_millis(20));
+        // SAFETY: gettid has no preconditions.
+        assert_eq!(p.thread, Some(unsafe { libc::gettid() }));
+        let reading = p.reading.expect("a reading");
+        assert_eq!(reading.0, t + Duration::from_millis(20));
+        assert!(
+            reading.2.is_some(),
+            "the run delay was read from another thread's file"
+        );
         assert_eq!(RunDelay::Off.read(), None);
-        let mut p = PollWindow::new(Duration::ZERO).with_run_delay();
-        assert!(!p.shared(Instant::now()));
     }
 
     #[test]

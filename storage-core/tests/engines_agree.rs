@@ -235,8 +235,9 @@ fn batch_of_one_and_two_buffer_requests(direct: bool) {
     std::fs::write(f.path(), &pattern).unwrap();
     let disk = RawDisk::open(f.path(), false, direct, EngineKind::IoUring).unwrap();
     let mut q = disk.new_queue(16).unwrap();
-    // Sixteen 8 KiB ranges: even ones read, odd ones written; every fourth in two buffers.
-    let range = |i: u64| (i * 16384 + 512 * (i % 3), 8192u64);
+    // Sixteen 8 KiB ranges, 4 KiB-aligned (O_DIRECT on a 4Kn disk): even ones read, odd ones
+    // written; half of them in two buffers.
+    let range = |i: u64| (i * 16384 + 4096 * (i % 3), 8192u64);
     let mut expected = pattern.clone();
     for i in 0..16u64 {
         let (offset, len) = range(i);

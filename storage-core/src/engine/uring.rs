@@ -429,37 +429,27 @@ impl UringEngine {
                 offset,
                 iov,
                 iovcnt,
-            } if let Some((buf, len)) = one(iov, iovcnt) => {
-                on_file!(file, |t| opcode::Read::new(t, buf, len)
+            } => match one(iov, iovcnt) {
+                Some((buf, len)) => on_file!(file, |t| opcode::Read::new(t, buf, len)
                     .offset(offset)
-                    .build())
-            }
+                    .build()),
+                None => on_file!(file, |t| opcode::Readv::new(t, iov, iovcnt)
+                    .offset(offset)
+                    .build()),
+            },
             EngineOp::Writev {
                 file,
                 offset,
                 iov,
                 iovcnt,
-            } if let Some((buf, len)) = one(iov, iovcnt) => {
-                on_file!(file, |t| opcode::Write::new(t, buf, len)
+            } => match one(iov, iovcnt) {
+                Some((buf, len)) => on_file!(file, |t| opcode::Write::new(t, buf, len)
                     .offset(offset)
-                    .build())
-            }
-            EngineOp::Readv {
-                file,
-                offset,
-                iov,
-                iovcnt,
-            } => on_file!(file, |t| opcode::Readv::new(t, iov, iovcnt)
-                .offset(offset)
-                .build()),
-            EngineOp::Writev {
-                file,
-                offset,
-                iov,
-                iovcnt,
-            } => on_file!(file, |t| opcode::Writev::new(t, iov, iovcnt)
-                .offset(offset)
-                .build()),
+                    .build()),
+                None => on_file!(file, |t| opcode::Writev::new(t, iov, iovcnt)
+                    .offset(offset)
+                    .build()),
+            },
             EngineOp::Fdatasync { file } => on_file!(file, |t| opcode::Fsync::new(t)
                 .flags(types::FsyncFlags::DATASYNC)
                 .build()),
