@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 const PREEMPTED_GAP: Duration = Duration::from_micros(25);
 /// How long polling stays off after contention was seen.
 const COOL_DOWN: Duration = Duration::from_millis(50);
-/// How long the CPU counts as shared after a sign of it. Longer than polling's cool-down:
+/// How long the CPU counts as shared after two readings running showed it. Longer than polling's cool-down:
 /// beside busy vCPUs the signs come and go from one 10 ms reading to the next (a reading
 /// where the worker had a CPU to itself), while the batch should stay the shared one.
 const SHARED_COOL_DOWN: Duration = Duration::from_secs(1);
@@ -79,27 +79,35 @@ enum RunDelay {
     Off,
     /// Opened at the next reading, by the thread it is of (`thread-self`).
     Unopened,
-    Open(File),
+    /// The file, and the thread it is of.
+    Open(File, libc::pid_t),
     /// No such file, or the kernel keeps no scheduler statistics (all zeros).
     Unavailable,
 }
 
 impl RunDelay {
-    /// Nanoseconds the calling thread has spent runnable but waiting for a CPU (the file
-    /// is the calling thread's as long as [`RunDelay::reopen`] is called when it changes).
+    /// Nanoseconds the calling thread has spent runnable but waiting for a CPU.
     fn read(&mut self) -> Option<u64> {
+        if matches!(self, RunDelay::Open(_, of) if *of != this_thread()) {
+            // The worker moved to a new thread (its frontend reconnected).
+            *self = RunDelay::Unopened;
+        }
         if let RunDelay::Unopened = self {
             *self = match File::open("/proc/thread-self/schedstat") {
-                Ok(f) => RunDelay::Open(f),
+                Ok(f) => RunDelay::Open(f, this_thread()),
                 Err(_) => RunDelay::Unavailable,
             };
         }
-        let RunDelay::Open(f) = self else {
+        let RunDelay::Open(f, _) = self else {
             return None;
         };
         // "<on-CPU ns> <run delay ns> <time slices>\n"
         let mut buf = [0u8; 96];
-        let n = f.read_at(&mut buf, 0).ok()?;
+        let Ok(n) = f.read_at(&mut buf, 0) else {
+            // Its thread has ended (a new one that reused its id has a new file).
+            *self = RunDelay::Unopened;
+            return None;
+        };
         let mut fields = std::str::from_utf8(&buf[..n])
             .ok()?
             .split_ascii_whitespace();
@@ -113,13 +121,12 @@ impl RunDelay {
         }
         Some(delay)
     }
+}
 
-    /// For a new thread: its own file is opened at the next reading.
-    fn reopen(&mut self) {
-        if !matches!(self, RunDelay::Off) {
-            *self = RunDelay::Unopened;
-        }
-    }
+/// The calling thread's id. (The system call rather than glibc's wrapper, which needs 2.30.)
+fn this_thread() -> libc::pid_t {
+    // SAFETY: gettid has no preconditions and cannot fail.
+    unsafe { libc::syscall(libc::SYS_gettid) as libc::pid_t }
 }
 
 /// The calling thread's involuntary context switches so far.
@@ -155,8 +162,9 @@ impl PollWindow {
         self
     }
 
-    /// Whether others wanted this CPU at the last readings (within a cool-down of the last
-    /// sign), polling or not: a worker then does more per wake-up.
+    /// Whether the CPU is shared: two readings running found the thread waiting for a CPU
+    /// over 10% of the time, less than a second ago (never without a run delay). Polling or
+    /// not: a worker then does more per wake-up.
     ///
     /// Also reads the signs when they are due: a worker that never sleeps would otherwise
     /// never look again.
@@ -206,13 +214,11 @@ impl PollWindow {
         if !due {
             return;
         }
-        // SAFETY: gettid has no preconditions.
-        let thread = unsafe { libc::gettid() };
+        let thread = this_thread();
         if self.thread.replace(thread) != Some(thread) {
             // Another thread's counters say nothing of this one's.
             self.reading = None;
             self.shared_sign = false;
-            self.run_delay.reopen();
         }
         let reading = (now, preemptions(), self.run_delay.read());
         self.observe(reading);
@@ -375,6 +381,9 @@ mod tests {
         assert_eq!(waited(MS * 4 / 10, 0), Signs::default());
         assert_eq!(waited(MS * 4 / 10, 7), signs(true, false));
         assert_eq!(waited(2 * MS, 0), signs(true, true));
+        // One threshold, 10%, for both.
+        assert_eq!(waited(MS * 9 / 10, 0), Signs::default());
+        assert_eq!(waited(MS * 11 / 10, 0), signs(true, true));
         // No run delay (vhost-fs): preemptions stop polling, and the CPU is never shared.
         let preempted = others_waited((t0, Some(0), None), (t1, Some(7), None));
         assert_eq!(preempted, signs(true, false));
@@ -436,14 +445,17 @@ mod tests {
         .join()
         .unwrap();
         assert!(
-            matches!(p.run_delay, RunDelay::Open(_)),
-            "no /proc/thread-self/schedstat"
+            matches!(p.run_delay, RunDelay::Open(..)),
+            "no scheduler statistics in /proc/thread-self/schedstat"
         );
         // ...and the next on this one (the next connection's): the ended thread's file
         // reads nothing, this thread's does.
         p.read_signs(t + Duration::from_millis(20));
-        // SAFETY: gettid has no preconditions.
-        assert_eq!(p.thread, Some(unsafe { libc::gettid() }));
+        assert_eq!(p.thread, Some(this_thread()));
+        assert!(
+            matches!(p.run_delay, RunDelay::Open(_, of) if of == this_thread()),
+            "the run delay is read from another thread's file"
+        );
         let reading = p.reading.expect("a reading");
         assert_eq!(reading.0, t + Duration::from_millis(20));
         assert!(

@@ -16,9 +16,9 @@ use crate::config_file;
 
 /// `--poll-us` when none is given. Where waking a sleeping CPU costs 16-18 µs, a driver's
 /// next request often comes more than 32 µs after the last completion (its own wake-up
-/// and refill), and a 32 µs window kept collapsing: blk-compare null-randread-4k-qd32 went
-/// from 0.76x qemu-storage-daemon (32 µs) to 1.37x (100 µs), randread-4k-qd1 p50 from 82 to
-/// 63 µs (200 µs). KVM's halt polling allows 200 µs; the window still adapts and closes
+/// and refill), and a 32 µs window kept collapsing. blk-compare, 32 -> 100 µs (ours/qemu-
+/// storage-daemon): null-randread-4k-qd32 0.76x -> 1.50x, randread-4k-qd1 1.01x -> 1.51x
+/// (p50 82 -> 62 µs). KVM's halt polling allows 200 µs; the window still adapts and closes
 /// while the CPU is shared.
 const DEFAULT_POLL_US: u64 = 100;
 
