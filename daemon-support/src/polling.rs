@@ -86,15 +86,15 @@ enum RunDelay {
 }
 
 impl RunDelay {
-    /// Nanoseconds the calling thread has spent runnable but waiting for a CPU.
-    fn read(&mut self) -> Option<u64> {
-        if matches!(self, RunDelay::Open(_, of) if *of != this_thread()) {
+    /// Nanoseconds the calling thread (`thread`) has spent runnable but waiting for a CPU.
+    fn read(&mut self, thread: libc::pid_t) -> Option<u64> {
+        if matches!(self, RunDelay::Open(_, of) if *of != thread) {
             // The worker moved to a new thread (its frontend reconnected).
             *self = RunDelay::Unopened;
         }
         if let RunDelay::Unopened = self {
             *self = match File::open("/proc/thread-self/schedstat") {
-                Ok(f) => RunDelay::Open(f, this_thread()),
+                Ok(f) => RunDelay::Open(f, thread),
                 Err(_) => RunDelay::Unavailable,
             };
         }
@@ -220,7 +220,7 @@ impl PollWindow {
             self.reading = None;
             self.shared_sign = false;
         }
-        let reading = (now, preemptions(), self.run_delay.read());
+        let reading = (now, preemptions(), self.run_delay.read(thread));
         self.observe(reading);
     }
 
@@ -462,7 +462,7 @@ mod tests {
             reading.2.is_some(),
             "the run delay was read from another thread's file"
         );
-        assert_eq!(RunDelay::Off.read(), None);
+        assert_eq!(RunDelay::Off.read(this_thread()), None);
     }
 
     #[test]

@@ -429,27 +429,19 @@ impl UringEngine {
                 offset,
                 iov,
                 iovcnt,
-            } => match one(iov, iovcnt) {
-                Some((buf, len)) => on_file!(file, |t| opcode::Read::new(t, buf, len)
-                    .offset(offset)
-                    .build()),
-                None => on_file!(file, |t| opcode::Readv::new(t, iov, iovcnt)
-                    .offset(offset)
-                    .build()),
-            },
+            } => on_file!(file, |t| match one(iov, iovcnt) {
+                Some((buf, len)) => opcode::Read::new(t, buf, len).offset(offset).build(),
+                None => opcode::Readv::new(t, iov, iovcnt).offset(offset).build(),
+            }),
             EngineOp::Writev {
                 file,
                 offset,
                 iov,
                 iovcnt,
-            } => match one(iov, iovcnt) {
-                Some((buf, len)) => on_file!(file, |t| opcode::Write::new(t, buf, len)
-                    .offset(offset)
-                    .build()),
-                None => on_file!(file, |t| opcode::Writev::new(t, iov, iovcnt)
-                    .offset(offset)
-                    .build()),
-            },
+            } => on_file!(file, |t| match one(iov, iovcnt) {
+                Some((buf, len)) => opcode::Write::new(t, buf, len).offset(offset).build(),
+                None => opcode::Writev::new(t, iov, iovcnt).offset(offset).build(),
+            }),
             EngineOp::Fdatasync { file } => on_file!(file, |t| opcode::Fsync::new(t)
                 .flags(types::FsyncFlags::DATASYNC)
                 .build()),
