@@ -67,6 +67,9 @@ pub struct PollWindow {
     /// frontend reconnects, and the counters are per thread.
     thread: Option<libc::pid_t>,
     run_delay: RunDelay,
+    /// Whether the thread's counters are read at all (off only in unit tests, whose
+    /// made-up instants would otherwise meet real counters).
+    reads_counters: bool,
 }
 
 /// When, involuntary context switches, run delay (ns).
@@ -152,7 +155,15 @@ impl PollWindow {
             reading: None,
             thread: None,
             run_delay: RunDelay::Off,
+            reads_counters: true,
         }
+    }
+
+    /// A window that never reads the thread's counters: the tests' readings are their own.
+    #[cfg(test)]
+    fn without_counters(mut self) -> PollWindow {
+        self.reads_counters = false;
+        self
     }
 
     /// Also reads the thread's run delay from `/proc/thread-self/schedstat`; for a daemon
@@ -208,9 +219,10 @@ impl PollWindow {
     /// Reads the preemptions and run delay if they are due, and acts on what they show.
     /// With polling off too: `shared` is for more than polling.
     fn read_signs(&mut self, now: Instant) {
-        let due = self
-            .reading
-            .is_none_or(|(at, ..)| now.saturating_duration_since(at) >= PREEMPTIONS_EVERY);
+        let due = self.reads_counters
+            && self
+                .reading
+                .is_none_or(|(at, ..)| now.saturating_duration_since(at) >= PREEMPTIONS_EVERY);
         if !due {
             return;
         }
@@ -312,7 +324,7 @@ mod tests {
     #[test]
     fn short_sleeps_grow_the_window_and_long_ones_shrink_it() {
         let max = Duration::from_micros(32);
-        let mut p = PollWindow::new(max);
+        let mut p = PollWindow::new(max).without_counters();
         let t0 = Instant::now();
         // Long sleeps: 32 -> 16 -> 8 -> 4 -> 2 -> 0.
         let mut t = t0;
@@ -333,7 +345,7 @@ mod tests {
 
     #[test]
     fn a_preempted_look_turns_polling_off_for_a_cool_down() {
-        let mut p = PollWindow::new(Duration::from_micros(32));
+        let mut p = PollWindow::new(Duration::from_micros(32)).without_counters();
         let t0 = Instant::now();
         p.look(t0);
         p.look(t0 + Duration::from_micros(1));
@@ -354,7 +366,7 @@ mod tests {
     #[test]
     fn a_maximum_below_the_smallest_window_is_kept() {
         let max = Duration::from_micros(1);
-        let mut p = PollWindow::new(max);
+        let mut p = PollWindow::new(max).without_counters();
         let t = Instant::now();
         for i in 0..4 {
             p.sleeping(t + Duration::from_micros(10 * i));
@@ -408,7 +420,7 @@ mod tests {
 
     #[test]
     fn a_shared_cpu_takes_two_readings_running_and_holds_for_a_second() {
-        let mut p = PollWindow::new(Duration::from_micros(32));
+        let mut p = PollWindow::new(Duration::from_micros(32)).without_counters();
         let t0 = Instant::now();
         // One busy reading between quiet ones is not enough.
         let t = feed(&mut p, t0, 0, &[0, 0, 3 * MS, 0, 0]);
@@ -467,7 +479,7 @@ mod tests {
 
     #[test]
     fn zero_never_polls() {
-        let mut p = PollWindow::new(Duration::ZERO);
+        let mut p = PollWindow::new(Duration::ZERO).without_counters();
         let t = Instant::now();
         p.sleeping(t);
         p.woke(t + Duration::from_micros(1));

@@ -243,11 +243,24 @@ pub fn connect(socket: &std::path::Path, daemon: &Daemon) -> Result<Client, Stri
 
 /// Runs `rounds` crash rounds against daemons started by `start(round)`, which serve a disk
 /// of `blocks` blocks on `socket`. Each round: start, verify everything, write with flush
-/// barriers while a thread SIGKILLs the daemon after a random delay.
+/// barriers while a thread SIGKILLs the daemon after a random delay of up to 60 ms.
 pub fn run_rounds(
     blocks: u64,
     rounds: usize,
     seed: u64,
+    socket: &std::path::Path,
+    start: impl FnMut(usize) -> DaemonCommand,
+) -> Report {
+    run_rounds_killing_within(blocks, rounds, seed, 60, socket, start)
+}
+
+/// [`run_rounds`] with the kill up to `kill_within_ms` into each round's writes: a slower
+/// disk (a network one) needs longer to complete a few flushes before it is killed.
+pub fn run_rounds_killing_within(
+    blocks: u64,
+    rounds: usize,
+    seed: u64,
+    kill_within_ms: u64,
     socket: &std::path::Path,
     mut start: impl FnMut(usize) -> DaemonCommand,
 ) -> Report {
@@ -279,7 +292,7 @@ pub fn run_rounds(
             *p = format!("round {round}: {p}");
         }
         let pid = daemon.pid() as libc::pid_t;
-        let delay = v.kill_delay(60);
+        let delay = v.kill_delay(kill_within_ms);
         let killer = std::thread::spawn(move || {
             std::thread::sleep(delay);
             // SAFETY: sending a signal has no memory preconditions; the child is not reaped
