@@ -79,6 +79,13 @@ struct Args {
     /// left is each daemon's own path. Not the issue's setting; a diagnosis.
     #[arg(long)]
     client_poll: bool,
+    /// Run the daemons side by side: in each round the vhost-user targets (ours, qsd) run at
+    /// the same time, each with its own client, over the same seconds (io_uring still runs
+    /// alone). With --busy, both then share the cores under the same draw of the scheduler,
+    /// where one after the other each gets its own: a round where one got a CPU nearly to
+    /// itself and the other did not says little about the daemons.
+    #[arg(long)]
+    together: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -152,6 +159,9 @@ const TARGETS: &[(&str, &str)] = &[
     ("luks-randread-4k-qd32:ours/qsd", ">= 1.5"),
     ("luks-randwrite-4k-qd32:ours/qsd", ">= 1.5"),
 ];
+
+/// The goals with the cores shared (`--busy`, issue 12); the others are for a quiet machine.
+const SHARED_TARGETS: &[(&str, &str)] = &[("randread-4k-qd32:ours/qsd", ">= 1.5 in every round")];
 
 /// The depth-1 case, whose latency includes waking the client (see `benches::wake`).
 const QD1_CASE: &str = "randread-4k-qd1";
@@ -432,53 +442,96 @@ fn run(mut args: Args) -> Result<()> {
             // Alternate who goes first, so that drift and warm caches favour no one.
             let by = (round + ci) % order.len();
             order.rotate_left(by);
-            for target in order {
-                let workload = Workload {
-                    pattern: case.pattern,
-                    block: BLOCK,
-                    depth: case.depth,
-                    span: case.span.unwrap_or(size),
-                    zipf: None,
-                    duration: run_time,
-                    seed: 1000 * round as u64 + ci as u64,
-                };
-                let server = served
+            // Side by side (--together): the vhost-user targets in one group, run at once.
+            let groups: Vec<Vec<Target>> = if args.together {
+                let (alone, side_by_side): (Vec<Target>, Vec<Target>) =
+                    order.iter().partition(|&&t| t == Target::IoUring);
+                [side_by_side, alone]
+                    .into_iter()
+                    .filter(|g| !g.is_empty())
+                    .collect()
+            } else {
+                order.iter().map(|&t| vec![t]).collect()
+            };
+            for group in groups {
+                let runs: Vec<Run> = group
                     .iter()
-                    .find(|(k, _)| *k == (target, case.device))
-                    .map(|(_, s)| s);
-                if !args.no_pin {
-                    benches::pin::client_and_daemon(server.map(|s| s.daemon.pid()))
-                        .with_context(|| format!("pinning the client and {}", target.name()))?;
+                    .map(|&target| Run {
+                        case,
+                        target,
+                        round,
+                        workload: Workload {
+                            pattern: case.pattern,
+                            block: BLOCK,
+                            depth: case.depth,
+                            span: case.span.unwrap_or(size),
+                            zipf: None,
+                            duration: run_time,
+                            seed: 1000 * round as u64 + ci as u64,
+                        },
+                        server: served
+                            .iter()
+                            .find(|(k, _)| *k == (target, case.device))
+                            .map(|(_, s)| (s.socket.as_path(), s.daemon.pid())),
+                        file: &file,
+                        client_poll: args.client_poll,
+                    })
+                    .collect();
+                let pin = |run: &Run| -> Result<()> {
+                    if !args.no_pin {
+                        benches::pin::client_and_daemon(run.server.map(|(_, pid)| pid))
+                            .with_context(|| {
+                                format!("pinning the client and {}", run.target.name())
+                            })?;
+                    }
+                    Ok(())
+                };
+                let recs: Vec<Record> = if let [run] = runs[..] {
+                    pin(&run)?;
+                    vec![measure(run, None)?]
+                } else {
+                    let barrier = std::sync::Barrier::new(runs.len());
+                    std::thread::scope(|scope| {
+                        let handles: Vec<_> = runs
+                            .iter()
+                            .map(|run| {
+                                let barrier = &barrier;
+                                scope.spawn(move || {
+                                    // Pins this client thread (and its daemon) if pinning.
+                                    let pinned = pin(run);
+                                    let rec = measure(*run, Some(barrier));
+                                    pinned.and(rec)
+                                })
+                            })
+                            .collect();
+                        handles
+                            .into_iter()
+                            .map(|h| h.join().unwrap_or_else(|_| bail!("a client panicked")))
+                            .collect::<Result<Vec<_>>>()
+                    })?
+                };
+                for rec in recs {
+                    eprintln!(
+                        "round {} {:<30} {:<8} {:>9.0} IOPS  p50 {:>7.1} µs  p99 {:>7.1} µs{}",
+                        round + 1,
+                        case.name,
+                        rec.target.name(),
+                        rec.iops,
+                        us(rec.latency.percentile(50.0)),
+                        us(rec.latency.percentile(99.0)),
+                        rec.daemon_cpu
+                            .map(|c| format!("  daemon CPU {:.2} s", c.as_secs_f64()))
+                            .unwrap_or_default()
+                    );
+                    benches::warn_if_stolen(rec.steal, run_time);
+                    if args.deciles {
+                        let d: Vec<String> = (1..10)
+                            .map(|i| format!("{:.1}", us(rec.latency.percentile(i as f64 * 10.0))))
+                            .collect();
+                        eprintln!("  deciles µs: {}", d.join(" "));
+                    }
+                    records.push(rec);
                 }
-                let rec = measure(
-                    case,
-                    target,
-                    round,
-                    &workload,
-                    server,
-                    &file,
-                    args.client_poll,
-                )?;
-                eprintln!(
-                    "round {} {:<30} {:<8} {:>9.0} IOPS  p50 {:>7.1} µs  p99 {:>7.1} µs{}",
-                    round + 1,
-                    case.name,
-                    target.name(),
-                    rec.iops,
-                    us(rec.latency.percentile(50.0)),
-                    us(rec.latency.percentile(99.0)),
-                    rec.daemon_cpu
-                        .map(|c| format!("  daemon CPU {:.2} s", c.as_secs_f64()))
-                        .unwrap_or_default()
-                );
-                benches::warn_if_stolen(rec.steal, run_time);
-                if args.deciles {
-                    let d: Vec<String> = (1..10)
-                        .map(|i| format!("{:.1}", us(rec.latency.percentile(i as f64 * 10.0))))
-                        .collect();
-                    eprintln!("  deciles µs: {}", d.join(" "));
-                }
-                records.push(rec);
             }
         }
     }
@@ -842,43 +895,39 @@ fn start(
 }
 
 /// One run of `workload` on `target`, after a warm-up of a fifth of it (at most 1 s).
-fn measure(
-    case: &Case,
+/// One measured run: a workload on a target in a round.
+#[derive(Clone, Copy)]
+struct Run<'a> {
+    case: &'a Case,
     target: Target,
     round: usize,
-    workload: &Workload,
-    server: Option<&Served>,
-    file: &Path,
+    workload: Workload,
+    /// The daemon's socket and process (`None` for io_uring, in-process).
+    server: Option<(&'a Path, u32)>,
+    file: &'a Path,
     client_poll: bool,
-) -> Result<Record> {
-    let opts = ClientOptions::default().buffer_per_queue(workload.depth * workload.block);
-    let mut client = match (target, server) {
-        (Target::IoUring, _) => Client::open_with(
-            ClientTarget::IoUring {
-                path: file,
-                direct: false,
-            },
-            &opts.queue_size(256),
-        ),
-        (_, Some(s)) => {
-            Client::open_with(ClientTarget::VhostUser(&s.socket), &opts.poll(client_poll))
-        }
-        (_, None) => bail!("{} is not running", target.name()),
+}
+
+/// Connects, warms up and measures `run`. With `start_together`, waits there after the
+/// warm-up, so that runs side by side measure the same seconds.
+fn measure(run: Run<'_>, start_together: Option<&std::sync::Barrier>) -> Result<Record> {
+    let prepared = prepare(run);
+    if let Some(b) = start_together {
+        // Also on failure: the other runs would otherwise wait forever.
+        b.wait();
     }
-    .with_context(|| format!("{} {}: connecting", case.name, target.name()))?;
-
+    let mut client = prepared?;
+    let Run {
+        case,
+        target,
+        round,
+        ref workload,
+        server,
+        file,
+        ..
+    } = run;
     let queue = client.queue(0);
-    run_workload(
-        queue,
-        &Workload {
-            duration: (workload.duration / 5).min(Duration::from_secs(1)),
-            seed: workload.seed ^ 0xFFFF,
-            ..*workload
-        },
-    )
-    .with_context(|| format!("{} {}: warm-up", case.name, target.name()))?;
-
-    let pid = server.map(|s| s.daemon.pid());
+    let pid = server.map(|(_, pid)| pid);
     let cpu0 = pid.map(daemon::cpu_time).transpose()?;
     let (result, steal) = benches::with_steal(|| run_workload(queue, workload));
     let result = result.with_context(|| format!("{} {}: run", case.name, target.name()))?;
@@ -909,6 +958,47 @@ fn measure(
         ops: result.ops,
         latency: result.latency,
     })
+}
+
+/// A client of `run`'s target, connected and warmed up.
+fn prepare(run: Run<'_>) -> Result<Client> {
+    let Run {
+        case,
+        target,
+        ref workload,
+        server,
+        file,
+        client_poll,
+        ..
+    } = run;
+    let opts = ClientOptions::default().buffer_per_queue(workload.depth * workload.block);
+    let mut client = match (target, server) {
+        (Target::IoUring, _) => Client::open_with(
+            ClientTarget::IoUring {
+                path: file,
+                direct: false,
+            },
+            &opts.queue_size(256),
+        ),
+        (_, Some((socket, _))) => {
+            Client::open_with(ClientTarget::VhostUser(socket), &opts.poll(client_poll))
+        }
+        (_, None) => bail!("{} is not running", target.name()),
+    }
+    .with_context(|| format!("{} {}: connecting", case.name, target.name()))?;
+
+    let queue = client.queue(0);
+    run_workload(
+        queue,
+        &Workload {
+            duration: (workload.duration / 5).min(Duration::from_secs(1)),
+            seed: workload.seed ^ 0xFFFF,
+            ..*workload
+        },
+    )
+    .with_context(|| format!("{} {}: warm-up", case.name, target.name()))?;
+
+    Ok(client)
 }
 
 /// Per-round ratio of `a`'s `metric` to `b`'s in one case, then its median over rounds.
@@ -954,6 +1044,12 @@ fn report(args: &Args, file: &Path, records: &[Record], wake: Option<WakeLatency
     }
     if !args.ours_arg.is_empty() {
         println!("ours runs with {}", args.ours_arg.join(" "));
+    }
+    if args.together {
+        println!(
+            "side by side (--together): ours and qsd ran at the same time, each with its \
+             own client; io_uring alone"
+        );
     }
     if args.client_poll {
         println!(
@@ -1028,10 +1124,15 @@ fn report(args: &Args, file: &Path, records: &[Record], wake: Option<WakeLatency
     }
 
     println!();
+    let goals = if args.busy.is_some() {
+        SHARED_TARGETS
+    } else {
+        TARGETS
+    };
     let show = |key: &str, med: f64, per_round: &[f64]| {
         println!(
             "ratio {key:<40} {med:>6.2}  ({}per round: {})",
-            TARGETS
+            goals
                 .iter()
                 .find(|(k, _)| *k == key)
                 .map_or(String::new(), |(_, t)| format!("target {t}; ")),
@@ -1174,6 +1275,7 @@ fn report(args: &Args, file: &Path, records: &[Record], wake: Option<WakeLatency
         "rounds": args.rounds,
         "client_poll": args.client_poll,
         "busy_threads": args.busy,
+        "together": args.together,
         "ours_args": args.ours_arg,
         "seconds_per_run": args.seconds,
         "results": rows,
