@@ -85,6 +85,8 @@ pub struct Report {
     pub rounds: usize,
     pub writes_acknowledged: u64,
     pub flushes: u64,
+    /// Rounds in which at least one FLUSH completed before the kill.
+    pub rounds_flushed: usize,
     pub blocks_checked: u64,
     pub problems: Vec<String>,
 }
@@ -220,9 +222,9 @@ impl Verifier {
         }
     }
 
-    /// Random delay before the kill, in milliseconds.
-    pub fn kill_delay(&mut self, max_ms: u64) -> Duration {
-        Duration::from_millis(1 + self.random() % max_ms)
+    /// Random delay before the kill, within `ms` milliseconds.
+    pub fn kill_delay(&mut self, ms: std::ops::Range<u64>) -> Duration {
+        Duration::from_millis(ms.start + self.random() % (ms.end - ms.start).max(1))
     }
 }
 
@@ -243,7 +245,8 @@ pub fn connect(socket: &std::path::Path, daemon: &Daemon) -> Result<Client, Stri
 
 /// Runs `rounds` crash rounds against daemons started by `start(round)`, which serve a disk
 /// of `blocks` blocks on `socket`. Each round: start, verify everything, write with flush
-/// barriers while a thread SIGKILLs the daemon after a random delay of up to 60 ms.
+/// barriers while a thread SIGKILLs the daemon after a random delay of up to 60 ms. One
+/// more start verifies the last round's writes.
 pub fn run_rounds(
     blocks: u64,
     rounds: usize,
@@ -251,22 +254,24 @@ pub fn run_rounds(
     socket: &std::path::Path,
     start: impl FnMut(usize) -> DaemonCommand,
 ) -> Report {
-    run_rounds_killing_within(blocks, rounds, seed, 60, socket, start)
+    run_rounds_killing_within(blocks, rounds, seed, 1..61, socket, start, || {})
 }
 
-/// [`run_rounds`] with the kill up to `kill_within_ms` into each round's writes: a slower
-/// disk (a network one) needs longer to complete a few flushes before it is killed.
+/// [`run_rounds`] with the kill `kill_within_ms` into each round's writes (a slower disk, a
+/// network one, needs longer to complete a few flushes before it is killed), and
+/// `after_kill` run once each killed daemon is gone (to fence it, as an operator would).
 pub fn run_rounds_killing_within(
     blocks: u64,
     rounds: usize,
     seed: u64,
-    kill_within_ms: u64,
+    kill_within_ms: std::ops::Range<u64>,
     socket: &std::path::Path,
     mut start: impl FnMut(usize) -> DaemonCommand,
+    mut after_kill: impl FnMut(),
 ) -> Report {
     let mut v = Verifier::new(blocks, seed);
     let mut report = Report::default();
-    for round in 0..rounds {
+    for round in 0..=rounds {
         let mut daemon = match start(round).spawn() {
             Ok(d) => d,
             Err(e) => {
@@ -291,18 +296,28 @@ pub fn run_rounds_killing_within(
         for p in &mut report.problems[before..] {
             *p = format!("round {round}: {p}");
         }
+        if round == rounds {
+            // Only there to check the last round's writes.
+            daemon.kill();
+            break;
+        }
         let pid = daemon.pid() as libc::pid_t;
-        let delay = v.kill_delay(kill_within_ms);
+        let delay = v.kill_delay(kill_within_ms.clone());
         let killer = std::thread::spawn(move || {
             std::thread::sleep(delay);
             // SAFETY: sending a signal has no memory preconditions; the child is not reaped
             // until `daemon.kill()` below, so the pid is still ours.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         });
+        let flushes = report.flushes;
         v.write_until_failure(&mut client, 10_000, &mut report);
+        if report.flushes > flushes {
+            report.rounds_flushed += 1;
+        }
         let _ = killer.join();
         drop(client);
         daemon.kill();
+        after_kill();
         v.crashed();
         report.rounds += 1;
         if report.problems.len() > 20 {

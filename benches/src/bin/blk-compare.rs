@@ -79,11 +79,13 @@ struct Args {
     /// left is each daemon's own path. Not the issue's setting; a diagnosis.
     #[arg(long)]
     client_poll: bool,
-    /// Run the daemons side by side: in each round the vhost-user targets (ours, qsd) run at
-    /// the same time, each with its own client, over the same seconds (io_uring still runs
-    /// alone). With --busy, both then share the cores under the same draw of the scheduler,
-    /// where one after the other each gets its own: a round where one got a CPU nearly to
-    /// itself and the other did not says little about the daemons.
+    /// Run the daemons side by side (with --busy, read and null workloads): in each round the
+    /// vhost-user targets (ours, qsd) run at the same time, each with its own client, over
+    /// the same seconds (io_uring still runs alone). Both then share the cores under the
+    /// same draw of the scheduler, where one after the other each gets its own: a round
+    /// where one got a CPU nearly to itself and the other did not says little about the
+    /// daemons. Writes are left out: both daemons serve the same file, whose inode lock
+    /// would serialise their buffered writes.
     #[arg(long)]
     together: bool,
 }
@@ -270,7 +272,12 @@ struct Record {
 }
 
 fn main() {
-    if let Err(e) = run(Args::parse()) {
+    let args = Args::parse();
+    let (wanted, cases) = plan(&args).unwrap_or_else(|e| {
+        eprintln!("blk-compare: {e:#}");
+        std::process::exit(2);
+    });
+    if let Err(e) = run(args, wanted, cases) {
         eprintln!("blk-compare: {e:#}");
         std::process::exit(1);
     }
@@ -309,10 +316,8 @@ impl Drop for Busy {
     }
 }
 
-fn run(mut args: Args) -> Result<()> {
-    if args.busy.is_some() {
-        args.no_pin = true;
-    }
+/// The targets and workloads the flags ask for, or what is wrong with the flags.
+fn plan(args: &Args) -> Result<(Vec<Target>, Vec<&'static Case>)> {
     let wanted: Vec<Target> = args
         .targets
         .iter()
@@ -324,6 +329,9 @@ fn run(mut args: Args) -> Result<()> {
             other => bail!("unknown target {other:?} (use ours, ours-many, qsd, io_uring)"),
         })
         .collect::<Result<_>>()?;
+    if args.together && args.busy.is_none() {
+        bail!("--together measures shared cores: give --busy too");
+    }
     if args.rounds == 0 || args.seconds == 0 || args.size_gib == 0 {
         bail!("--rounds, --seconds and --size-gib must be positive");
     }
@@ -338,6 +346,23 @@ fn run(mut args: Args) -> Result<()> {
         .iter()
         .filter(|c| args.workloads.is_empty() || args.workloads.iter().any(|w| w == c.name))
         .collect();
+    if let Some(c) = cases
+        .iter()
+        .find(|c| args.together && c.pattern == Pattern::RandWrite)
+    {
+        bail!(
+            "--together runs read and null workloads only (both daemons would write one \
+             file): leave out {}",
+            c.name
+        );
+    }
+    Ok((wanted, cases))
+}
+
+fn run(mut args: Args, wanted: Vec<Target>, cases: Vec<&'static Case>) -> Result<()> {
+    if args.busy.is_some() {
+        args.no_pin = true;
+    }
     let size = args.size_gib * GIB;
     let run_time = Duration::from_secs(args.seconds);
 
@@ -446,10 +471,13 @@ fn run(mut args: Args) -> Result<()> {
             let groups: Vec<Vec<Target>> = if args.together {
                 let (alone, side_by_side): (Vec<Target>, Vec<Target>) =
                     order.iter().partition(|&&t| t == Target::IoUring);
-                [side_by_side, alone]
-                    .into_iter()
-                    .filter(|g| !g.is_empty())
-                    .collect()
+                // Whoever the rotation put first still goes first.
+                let groups = if order.first() == Some(&Target::IoUring) {
+                    [alone, side_by_side]
+                } else {
+                    [side_by_side, alone]
+                };
+                groups.into_iter().filter(|g| !g.is_empty()).collect()
             } else {
                 order.iter().map(|&t| vec![t]).collect()
             };
@@ -894,7 +922,6 @@ fn start(
     Ok(Served { daemon, socket })
 }
 
-/// One run of `workload` on `target`, after a warm-up of a fifth of it (at most 1 s).
 /// One measured run: a workload on a target in a round.
 #[derive(Clone, Copy)]
 struct Run<'a> {
@@ -908,10 +935,19 @@ struct Run<'a> {
     client_poll: bool,
 }
 
-/// Connects, warms up and measures `run`. With `start_together`, waits there after the
-/// warm-up, so that runs side by side measure the same seconds.
+/// Connects, warms up (a fifth of the run, at most 1 s) and measures `run`. With
+/// `start_together`, waits there after the warm-up, so that runs side by side measure the
+/// same seconds.
 fn measure(run: Run<'_>, start_together: Option<&std::sync::Barrier>) -> Result<Record> {
-    let prepared = prepare(run);
+    // A client that panics must still reach the barrier, or the others wait forever.
+    let prepared = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| prepare(run)))
+        .unwrap_or_else(|_| {
+            bail!(
+                "{} {}: the client panicked",
+                run.case.name,
+                run.target.name()
+            )
+        });
     if let Some(b) = start_together {
         // Also on failure: the other runs would otherwise wait forever.
         b.wait();
