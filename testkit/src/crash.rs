@@ -224,7 +224,7 @@ impl Verifier {
 
     /// Random delay before the kill, within `ms` milliseconds.
     pub fn kill_delay(&mut self, ms: std::ops::Range<u64>) -> Duration {
-        Duration::from_millis(ms.start + self.random() % (ms.end - ms.start).max(1))
+        Duration::from_millis(ms.start + self.random() % ms.end.saturating_sub(ms.start).max(1))
     }
 }
 
@@ -272,29 +272,34 @@ pub fn run_rounds_killing_within(
     let mut v = Verifier::new(blocks, seed);
     let mut report = Report::default();
     for round in 0..=rounds {
+        let label = if round == rounds {
+            format!("final check (after round {})", round.saturating_sub(1))
+        } else {
+            format!("round {round}")
+        };
         let mut daemon = match start(round).spawn() {
             Ok(d) => d,
             Err(e) => {
                 report
                     .problems
-                    .push(format!("round {round}: daemon did not start: {e}"));
+                    .push(format!("{label}: daemon did not start: {e}"));
                 break;
             }
         };
         let mut client = match connect(socket, &daemon) {
             Ok(c) => c,
             Err(e) => {
-                report.problems.push(format!("round {round}: {e}"));
+                report.problems.push(format!("{label}: {e}"));
                 break;
             }
         };
         let before = report.problems.len();
         if let Err(e) = v.check(&mut client, &mut report) {
-            report.problems.push(format!("round {round}: {e}"));
+            report.problems.push(format!("{label}: {e}"));
             break;
         }
         for p in &mut report.problems[before..] {
-            *p = format!("round {round}: {p}");
+            *p = format!("{label}: {p}");
         }
         if round == rounds {
             // Only there to check the last round's writes.

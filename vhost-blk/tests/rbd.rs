@@ -125,10 +125,10 @@ fn a_cache_tier_over_an_rbd_image_writes_through_to_it() {
 /// librbd's write-back cache lives in the daemon's memory, so a SIGKILL loses what it holds
 /// just as a power cut loses a disk's volatile cache: every FLUSH the daemon acknowledged
 /// must have reached the OSDs. After each kill the dead daemon's lock is broken (`rbd lock
-/// rm`, which blocklists it), so the next daemon writes at once. The client configuration turns the cache to write-back (the
-/// default policy, write-around, acknowledges writes only moments before they are sent)
-/// from the first write, and keeps dirty data for a minute, so a flush that did not go
-/// through librbd would lose data here.
+/// rm`, which blocklists it), so the next daemon writes at once. The client configuration
+/// turns the cache to write-back (the default policy, write-around, acknowledges writes
+/// only moments before they are sent) from the first write, and keeps dirty data for a
+/// minute, so a flush that did not go through librbd would lose data here.
 #[test]
 fn every_flushed_write_survives_a_crash_of_the_daemon_with_librbd_caching() {
     let ceph = cluster();
