@@ -7,6 +7,7 @@ use std::io::Write;
 use proptest::prelude::*;
 use storage_core::disk::{Disk, DiskOp, DiskQueue, IoVecs, RawDisk, StartError};
 use storage_core::engine::EngineKind;
+use testkit::workload::complete;
 
 const DISK: u64 = 256 * 1024;
 
@@ -253,14 +254,7 @@ fn batch_of_one_and_two_buffer_requests(direct: bool) {
         };
         q.start(op, i).expect("start");
     }
-    q.submit().unwrap();
-    let mut done = 0;
-    while done < 16 {
-        let Some(c) = q.pop_completion() else {
-            q.wait().unwrap();
-            continue;
-        };
-        done += 1;
+    for c in complete(&mut q, 16) {
         assert_eq!(
             c.result, 8192,
             "request {} came back short or failed (direct={direct})",

@@ -12,7 +12,7 @@ use std::process::Command;
 use storage_core::disk::{Disk, DiskOp, DiskQueue, IoVecs};
 use testkit::tools::{qemu_img_ok, require_tool};
 use testkit::workload::{
-    key_file, open, random_workload, random_workload_in, read, read_all, run, split, Rng,
+    complete, key_file, open, random_workload, random_workload_in, read, read_all, run, split, Rng,
 };
 
 const PASS: &str = "correct horse battery staple";
@@ -222,13 +222,8 @@ fn many_requests_in_flight_and_writes_larger_than_a_piece() {
             .unwrap_or_else(|r| panic!("refused: {}", r.error));
         ops.push((tag, len));
     }
-    q.submit().unwrap();
     let mut left: std::collections::HashMap<u64, u64> = ops.into_iter().collect();
-    while !left.is_empty() {
-        let Some(c) = q.pop_completion() else {
-            q.wait().unwrap();
-            continue;
-        };
+    for c in complete(&mut q, left.len()) {
         let len = left.remove(&c.tag).expect("each tag completes once");
         let want = if c.tag < 8 { len as i32 } else { 0 };
         assert_eq!(c.result, want, "tag {}", c.tag);
@@ -243,14 +238,7 @@ fn many_requests_in_flight_and_writes_larger_than_a_piece() {
         q.start(op, tag)
             .unwrap_or_else(|r| panic!("refused: {}", r.error));
     }
-    q.submit().unwrap();
-    let mut seen = 0;
-    while seen < 12 {
-        let Some(c) = q.pop_completion() else {
-            q.wait().unwrap();
-            continue;
-        };
-        seen += 1;
+    for c in complete(&mut q, 12) {
         let o = (c.tag * region) as usize;
         let got = c.buffers.unwrap().to_vec();
         assert_eq!(c.result, got.len() as i32);

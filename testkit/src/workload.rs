@@ -1,10 +1,10 @@
-//! Driving a disk node's queue in tests: one request at a time, reads in buffers split
-//! anywhere, a random workload mirrored into a byte-array model, and key files.
+//! Driving a disk node's queue in tests: one request at a time or a batch, reads in
+//! buffers split anywhere, a random workload mirrored into a byte-array model, and key files.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use storage_core::disk::{open_disk, AnyDisk, DiskOp, DiskQueue, DiskSpec, IoVecs};
+use storage_core::disk::{open_disk, AnyDisk, DiskCompletion, DiskOp, DiskQueue, DiskSpec, IoVecs};
 
 /// A xorshift generator: the same workload from the same seed.
 pub struct Rng(pub u64);
@@ -40,14 +40,23 @@ pub fn open(spec: &str) -> Result<AnyDisk, String> {
 pub fn run(q: &mut impl DiskQueue, op: DiskOp) -> (i32, Option<IoVecs>) {
     q.start(op, 3)
         .unwrap_or_else(|r| panic!("refused: {}", r.error));
+    let c = complete(q, 1).remove(0);
+    assert_eq!(c.tag, 3);
+    (c.result, c.buffers)
+}
+
+/// Submits the requests started on `q` and waits for `n` completions, in the order they
+/// came.
+pub fn complete(q: &mut impl DiskQueue, n: usize) -> Vec<DiskCompletion> {
     q.submit().unwrap();
-    loop {
-        if let Some(c) = q.pop_completion() {
-            assert_eq!(c.tag, 3);
-            return (c.result, c.buffers);
+    let mut done = Vec::with_capacity(n);
+    while done.len() < n {
+        match q.pop_completion() {
+            Some(c) => done.push(c),
+            None => q.wait().unwrap(),
         }
-        q.wait().unwrap();
     }
+    done
 }
 
 /// Buffers of `len` bytes split at a random place, mid-sector as often as not.

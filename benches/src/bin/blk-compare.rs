@@ -526,30 +526,26 @@ fn run(mut args: Args, wanted: Vec<Target>, cases: Vec<&'static Case>) -> Result
                     }
                     Ok(())
                 };
-                let recs: Vec<Record> = if let [run] = runs[..] {
-                    pin(&run)?;
-                    vec![measure(run, None)?]
-                } else {
-                    let barrier = std::sync::Barrier::new(runs.len());
-                    std::thread::scope(|scope| {
-                        let handles: Vec<_> = runs
-                            .iter()
-                            .map(|run| {
-                                let barrier = &barrier;
-                                scope.spawn(move || {
-                                    // Pins this client thread (and its daemon) if pinning.
-                                    let pinned = pin(run);
-                                    let rec = measure(*run, Some(barrier));
-                                    pinned.and(rec)
-                                })
+                // A client thread per run (one, unless side by side), meeting after the warm-up.
+                let barrier = std::sync::Barrier::new(runs.len());
+                let recs: Vec<Record> = std::thread::scope(|scope| {
+                    let handles: Vec<_> = runs
+                        .iter()
+                        .map(|run| {
+                            let barrier = &barrier;
+                            scope.spawn(move || {
+                                // Pins this client thread (and its daemon) if pinning.
+                                let pinned = pin(run);
+                                let rec = measure(*run, barrier);
+                                pinned.and(rec)
                             })
-                            .collect();
-                        handles
-                            .into_iter()
-                            .map(|h| h.join().unwrap_or_else(|_| bail!("a client panicked")))
-                            .collect::<Result<Vec<_>>>()
-                    })?
-                };
+                        })
+                        .collect();
+                    handles
+                        .into_iter()
+                        .map(|h| h.join().unwrap_or_else(|_| bail!("a client panicked")))
+                        .collect::<Result<Vec<_>>>()
+                })?;
                 for rec in recs {
                     eprintln!(
                         "round {} {:<30} {:<8} {:>9.0} IOPS  p50 {:>7.1} µs  p99 {:>7.1} µs{}",
@@ -947,10 +943,9 @@ struct Run<'a> {
     client_poll: bool,
 }
 
-/// Connects, warms up (a fifth of the run, at most 1 s) and measures `run`. With
-/// `start_together`, waits there after the warm-up, so that runs side by side measure the
-/// same seconds.
-fn measure(run: Run<'_>, start_together: Option<&std::sync::Barrier>) -> Result<Record> {
+/// Connects, warms up (a fifth of the run, at most 1 s) and measures `run`. Waits at
+/// `start_together` after the warm-up, so that runs side by side measure the same seconds.
+fn measure(run: Run<'_>, start_together: &std::sync::Barrier) -> Result<Record> {
     // A client that panics must still reach the barrier, or the others wait forever.
     let prepared = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| prepare(run)))
         .unwrap_or_else(|_| {
@@ -960,10 +955,8 @@ fn measure(run: Run<'_>, start_together: Option<&std::sync::Barrier>) -> Result<
                 run.target.name()
             )
         });
-    if let Some(b) = start_together {
-        // Also on failure: the other runs would otherwise wait forever.
-        b.wait();
-    }
+    // Also on failure: the other runs would otherwise wait forever.
+    start_together.wait();
     let mut client = prepared?;
     let Run {
         case,
