@@ -535,15 +535,25 @@ fn run(mut args: Args, wanted: Vec<Target>, cases: Vec<&'static Case>) -> Result
                             let barrier = &barrier;
                             scope.spawn(move || {
                                 // Pins this client thread (and its daemon) if pinning.
-                                let pinned = pin(run);
-                                let rec = measure(*run, barrier);
-                                pinned.and(rec)
+                                match pin(run) {
+                                    Ok(()) => measure(*run, barrier),
+                                    Err(e) => {
+                                        // Unmeasured; the others must not wait for it.
+                                        barrier.wait();
+                                        Err(e)
+                                    }
+                                }
                             })
                         })
                         .collect();
                     handles
                         .into_iter()
-                        .map(|h| h.join().unwrap_or_else(|_| bail!("a client panicked")))
+                        .zip(&runs)
+                        .map(|(h, run)| {
+                            h.join().unwrap_or_else(|_| {
+                                bail!("{} {}: the client panicked", case.name, run.target.name())
+                            })
+                        })
                         .collect::<Result<Vec<_>>>()
                 })?;
                 for rec in recs {
