@@ -89,8 +89,9 @@ impl CheckReport {
     }
 }
 
-/// Checks the qcow2 image or cache device at `path` (which no daemon may have open when
-/// `repair` writes), repairing as `repair` says.
+/// Checks the qcow2 image or cache device at `path`, repairing as `repair` says: a repair
+/// is refused while another program holds the file's lock (QEMU, a daemon serving it), and
+/// holds it itself until done.
 pub fn check_file(path: &Path, repair: Repair) -> Result<CheckReport, StorageError> {
     let mut head = [0u8; 8];
     std::fs::File::open(path)

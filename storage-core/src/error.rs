@@ -26,6 +26,9 @@ pub enum StorageErrorKind {
     Cancelled,
     /// What the request names does not exist (a snapshot).
     NotFound,
+    /// Another program (or another disk of this one) uses the image in a way ours
+    /// conflicts with: its lock bytes say so ([`crate::disk::lock`]).
+    InUse,
 }
 
 /// A storage error with context.

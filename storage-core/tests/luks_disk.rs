@@ -18,12 +18,13 @@ use testkit::workload::{
 const PASS: &str = "correct horse battery staple";
 const MIB: u64 = 1 << 20;
 
-/// The image decrypted by qemu-img.
+/// The image decrypted by qemu-img (`-U`: the node may still hold it open).
 fn qemu_img_plain(img: &Path, key: &Path, dir: &Path) -> Vec<u8> {
     let out = dir.join("plain.raw");
     let _ = std::fs::remove_file(&out);
     qemu_img_ok(&[
         "convert",
+        "-U",
         "--object",
         &format!("secret,id=sec0,file={}", key.display()),
         "--image-opts",

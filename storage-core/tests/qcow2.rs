@@ -171,8 +171,10 @@ fn random_workload(q: &mut impl DiskQueue, model: &mut [u8], seed: u64, ops: usi
 fn assert_compares(img: &Path, model: &[u8], dir: &Path) {
     let raw = dir.join("model.raw");
     std::fs::write(&raw, model).unwrap();
+    // -U: the disk under test still holds the image (flushed).
     qemu_img_ok(&[
         "compare",
+        "-U",
         "-f",
         "qcow2",
         "-F",
@@ -469,6 +471,7 @@ fn small_clusters_grow_the_tables_and_evict_l2_tables_from_two_queues() {
                     path: img.clone(),
                     direct: false,
                     engine: None,
+                    locking: true,
                 }),
                 backing: Backing::FromImage,
                 // A handful of L2 tables: most lookups miss, dirty tables force flushes.
@@ -702,6 +705,7 @@ fn snapshots_under_a_throttle_wake_the_worker_and_some_disks_refuse_them() {
                 path: img.clone(),
                 direct: false,
                 engine: None,
+                locking: true,
             }),
             backing: storage_core::qcow2::Backing::Without,
             l2_cache: 1 << 20,

@@ -241,27 +241,12 @@ fn a_leak_repair_never_leaves_a_corruption_and_unknown_layouts_are_refused() {
     assert!(e.contains("subclusters"), "{e}");
 }
 
-/// An image qemu-storage-daemon has open (its locks held) is checked but not repaired.
+/// An image qemu-storage-daemon has open (its locks held) is not repaired.
 #[test]
 fn an_image_qemu_holds_is_not_repaired() {
     let dir = tempfile::tempdir().unwrap();
     let img = damaged(dir.path(), "held.qcow2", leak_a_cluster);
-    let sock = dir.path().join("qsd.sock");
-    let mut qsd = testkit::daemon::DaemonCommand::qemu_storage_daemon(&sock)
-        .arg("--blockdev")
-        .arg(format!(
-            "driver=file,node-name=f0,filename={}",
-            img.display()
-        ))
-        .arg("--blockdev")
-        .arg("driver=qcow2,node-name=d0,file=f0")
-        .arg("--export")
-        .arg(format!(
-            "type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={},writable=on",
-            sock.display()
-        ))
-        .spawn()
-        .unwrap_or_else(|e| panic!("{e}"));
+    let mut qsd = testkit::daemon::qsd_serving_qcow2(&img, &dir.path().join("qsd.sock"));
     let e = check(&img, Repair::Leaks).unwrap_err().to_string();
     assert!(e.contains("QEMU"), "{e}");
     qsd.terminate().unwrap();

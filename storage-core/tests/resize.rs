@@ -72,6 +72,8 @@ fn shrinking_odd_sizes_and_nodes_that_cannot_grow_are_refused() {
         assert!(e.to_string().contains(needle), "{e}");
     }
     assert_eq!(std::fs::metadata(&image).unwrap().len(), 4 << 20);
+    // One open of the image at a time: each holds its lock.
+    drop(raw);
 
     let ro = open_disk(
         &format!("path={},readonly=on", image.display())
@@ -84,6 +86,7 @@ fn shrinking_odd_sizes_and_nodes_that_cannot_grow_are_refused() {
         .unwrap_err()
         .to_string()
         .contains("read-only"));
+    drop(ro);
 
     let tier = open_disk(
         &format!(

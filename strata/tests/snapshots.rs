@@ -8,13 +8,13 @@
 //! the client writes, and one in the middle) and the others still hold their prefixes;
 //! then the disk is reverted to one of them, refused while a frontend is connected.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use testkit::blkio_client::Client;
-use testkit::daemon::{strata, strata_run, DaemonCommand};
+use testkit::daemon::{strata, strata_run, Daemon, DaemonCommand};
 use testkit::tools::{qemu_img_ok, qemu_img_read};
 
 const BLOCK: usize = 4096;
@@ -37,13 +37,13 @@ fn prefix(image: &[u8]) -> (u64, bool) {
     (n, rest.iter().any(|&b| b != 0))
 }
 
-#[test]
-fn snapshots_taken_while_the_guest_writes_hold_a_prefix_of_its_records() {
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("vm.qcow2");
-    let (sock, api) = (dir.path().join("vm.sock"), dir.path().join("api.sock"));
-    qemu_img_ok(&["create", "-f", "qcow2", img.to_str().unwrap(), "128M"]);
-    let mut daemon = DaemonCommand::vhost_blk()
+/// A new qcow2 image `vm.qcow2` of `size` in `dir`, served as disk `vm` with the API up:
+/// the daemon, the image, the disk's socket and the API's.
+fn serve_vm(dir: &Path, size: &str) -> (Daemon, PathBuf, PathBuf, PathBuf) {
+    let img = dir.join("vm.qcow2");
+    let (sock, api) = (dir.join("vm.sock"), dir.join("api.sock"));
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), size]);
+    let daemon = DaemonCommand::vhost_blk()
         .unwrap_or_else(|e| panic!("{e}"))
         .arg("--socket")
         .arg(&sock)
@@ -55,6 +55,13 @@ fn snapshots_taken_while_the_guest_writes_hold_a_prefix_of_its_records() {
         .arg(format!("path={},format=qcow2", img.display()))
         .spawn()
         .unwrap_or_else(|e| panic!("{e}"));
+    (daemon, img, sock, api)
+}
+
+#[test]
+fn snapshots_taken_while_the_guest_writes_hold_a_prefix_of_its_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut daemon, img, sock, api) = serve_vm(dir.path(), "128M");
 
     let acked = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
@@ -144,7 +151,8 @@ fn snapshots_taken_while_the_guest_writes_hold_a_prefix_of_its_records() {
     client.queue(0).flush().unwrap();
     let kept: Vec<_> = [0, 2, 3].iter().map(|&i| taken[i].clone()).collect();
     check_prefixes(dir.path(), &kept);
-    qemu_img_ok(&["check", img.to_str().unwrap()]);
+    // -U: the daemon still serves the image (its lock would refuse qemu-img).
+    qemu_img_ok(&["check", "-U", img.to_str().unwrap()]);
     // The top holds every record written.
     let (held, stray) = prefix(&qemu_img_read(&img, dir.path()));
     assert!(
@@ -379,4 +387,65 @@ fn a_snapshot_policy_takes_them_on_schedule_and_keeps_at_most_its_limit() {
         err.contains("snapshot-policy") && err.contains("quiesce"),
         "{err}"
     );
+}
+
+/// A snapshot is read-only from the moment it is taken: others may read it (a clone's
+/// backing file, `qemu-img info`) while the image the guest writes stays locked to them,
+/// as QEMU's lock bytes say.
+#[test]
+fn a_snapshot_is_open_to_readers_while_the_image_stays_locked() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut daemon, img, sock, api) = serve_vm(dir.path(), "16M");
+    let locked = |path: &Path| {
+        let out = testkit::tools::qemu_img(&["info", path.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success() || err.contains("lock"), "{err}");
+        !out.status.success()
+    };
+    assert!(locked(&img), "the served image is open to qemu-img");
+    // A guest came and went: the queues hold the chain as they last used it.
+    {
+        let mut c = Client::open(&sock, 1).expect("libblkio connects");
+        c.queue(0).write(0, &record(1)).unwrap();
+        c.queue(0).flush().unwrap();
+    }
+    strata(&api, &["snapshot", "create", "vm", "s1"]);
+    let snapshot = dir.path().join("vm@s1.qcow2");
+    assert!(snapshot.exists());
+    assert!(
+        !locked(&snapshot),
+        "the snapshot is still locked for writing"
+    );
+    assert!(locked(&img), "the new image is open to qemu-img");
+    // Deleting the newest snapshot reopens the image above it, the one served: the image
+    // as it was opened before must not keep its lock bytes (the queues still hold it, and
+    // with no frontend nothing moves them off it), or the next snapshot would stay locked
+    // for writing.
+    strata(&api, &["snapshot", "delete", "vm", "s1", "--wait"]);
+    assert!(!snapshot.exists());
+    strata(&api, &["snapshot", "create", "vm", "s2"]);
+    let s2 = dir.path().join("vm@s2.qcow2");
+    assert!(
+        !locked(&s2),
+        "the second snapshot is still locked for writing"
+    );
+    assert!(locked(&img));
+    // A clone based on the snapshot, served by QEMU: deleting the snapshot would pull its
+    // file from under the clone, so it is refused until the clone stops.
+    let clone = dir.path().join("clone.qcow2");
+    testkit::tools::qemu_img_overlay(&clone, "vm@s2.qcow2", "qcow2");
+    let mut qsd = testkit::daemon::qsd_serving_qcow2(&clone, &dir.path().join("qsd.sock"));
+    let (ok, out, err) = strata_run(&api, &["snapshot", "delete", "vm", "s2", "--wait"]);
+    assert!(!ok && err.contains("in use"), "{out}{err}");
+    assert!(s2.exists());
+    assert!(
+        !locked(&s2),
+        "a refused delete left the snapshot locked for writing"
+    );
+    qsd.terminate().unwrap();
+    strata(&api, &["snapshot", "delete", "vm", "s2", "--wait"]);
+    assert!(!s2.exists());
+    let status = daemon.terminate().unwrap();
+    assert!(status.success(), "{}", daemon.output());
+    assert!(!locked(&img));
 }

@@ -641,6 +641,25 @@ pub fn cpu_time(pid: u32) -> std::io::Result<Duration> {
     Ok(Duration::from_nanos(ticks * 1_000_000_000 / hz))
 }
 
+/// qemu-storage-daemon serving the qcow2 image `img` (with QEMU's default image locks)
+/// writable on the vhost-user socket `socket`, as a VM's disk would hold it.
+pub fn qsd_serving_qcow2(img: &Path, socket: &Path) -> Daemon {
+    DaemonCommand::qemu_storage_daemon(socket)
+        .args([
+            "--blockdev",
+            &format!("driver=file,node-name=f0,filename={}", img.display()),
+            "--blockdev",
+            "driver=qcow2,node-name=q0,file=f0",
+            "--export",
+            &format!(
+                "type=vhost-user-blk,id=e0,node-name=q0,addr.type=unix,addr.path={},writable=on",
+                socket.display()
+            ),
+        ])
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
 /// Runs daemon `name` (a binary of this workspace) with `args` and expects what a bad flag
 /// gives: exit code 2 and one line on stderr, which is returned. A daemon that took the
 /// flags would serve rather than exit; it is killed after 10 s.

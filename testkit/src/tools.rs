@@ -103,6 +103,7 @@ pub fn qemu_img_decrypted(img: &Path, below: usize, key: &Path) -> Option<Vec<u8
     let opts = qcow2_key_opts(img, below);
     let done = qemu_img(&[
         "convert",
+        "-U",
         "--object",
         &format!("secret,id=sec0,file={}", key.display()),
         "--image-opts",
@@ -119,8 +120,12 @@ pub fn qemu_img_decrypted(img: &Path, below: usize, key: &Path) -> Option<Vec<u8
 /// `qemu-img check` finds the qcow2 image at `img` consistent: no corruption, no check
 /// error, and no leaked cluster unless `leaks_allowed` (as after a crash, when QEMU allows
 /// them too).
+///
+/// The oracles here read with `-U` (QEMU's force-share): the image may still be held by
+/// the node or daemon under test, whose lock would refuse them; what it has flushed is
+/// what they read.
 pub fn qemu_img_check(img: &Path, leaks_allowed: bool) {
-    let out = qemu_img(&["check", "--output=json", &img.to_string_lossy()]);
+    let out = qemu_img(&["check", "-U", "--output=json", &img.to_string_lossy()]);
     let text = String::from_utf8_lossy(&out.stdout);
     let code = out.status.code();
     // 0: clean; 3: leaked clusters only.
@@ -149,6 +154,22 @@ pub fn qemu_img_check(img: &Path, leaks_allowed: bool) {
     );
 }
 
+/// `qemu-img create`: a qcow2 image at `img` over `backing` (a name relative to `img`'s
+/// directory, as users give it) of format `format`, of the backing file's size.
+pub fn qemu_img_overlay(img: &Path, backing: &str, format: &str) {
+    qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        backing,
+        "-F",
+        format,
+        &img.to_string_lossy(),
+    ]);
+}
+
 /// `qemu-img create`: a qcow2 image at `img` over the raw file `base.raw` beside it (named
 /// relatively, as users do), of the base's size.
 pub fn qemu_img_overlay_on_raw_base(img: &Path) {
@@ -171,6 +192,7 @@ pub fn qemu_img_read(img: &Path, scratch: &Path) -> Vec<u8> {
     let _ = std::fs::remove_file(&raw);
     qemu_img_ok(&[
         "convert",
+        "-U",
         "-O",
         "raw",
         &img.to_string_lossy(),

@@ -3,8 +3,8 @@
 //! whoever connects to its socket, with the daemon's rights: so an operator's disk may
 //! name only regular files under the config's `operator-image-dirs`, reached without a
 //! symlink, and put its socket under `operator-socket-dirs`; block devices, RBD images,
-//! named throttle groups (another tenant's budget) and `cache-format=force` are an
-//! admin's. Paths in disks added through the API are absolute for everyone: the daemon's
+//! named throttle groups (another tenant's budget), `cache-format=force` and
+//! `locking=off` (another tenant's served image) are an admin's. Paths in disks added through the API are absolute for everyone: the daemon's
 //! working directory is not the caller's.
 //!
 //! Checking a path and then opening it by name leaves a window in which an operator who
@@ -209,10 +209,15 @@ fn list(dirs: &[PathBuf]) -> String {
 /// What in a graph is an admin's to ask for.
 fn admin_only(node: &NodeSpec, out: &mut Vec<String>) {
     match node {
+        // Another tenant's image, served, would be theirs too.
+        NodeSpec::File { locking: false, .. } => out.push("locking=off".into()),
         NodeSpec::File { .. } | NodeSpec::Null { .. } => {}
         NodeSpec::Tier { capacity, tier, .. } => {
             if tier.force_format {
                 out.push("cache-format=force".into());
+            }
+            if !tier.locking {
+                out.push("locking=off (on the cache)".into());
             }
             admin_only(capacity, out);
         }
@@ -360,6 +365,11 @@ mod tests {
                 format!("path={},throttle-group=tenant-b", img.display()),
                 sock.clone(),
                 "throttle group",
+            ),
+            (
+                format!("path={},locking=off", img.display()),
+                sock.clone(),
+                "admin",
             ),
             (
                 "driver=rbd,pool=p,image=i".to_string(),

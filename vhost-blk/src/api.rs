@@ -534,6 +534,7 @@ fn disk_change_error(id: &str, e: &ResizeError, unsupported: StatusCode) -> ApiE
         ResizeError::Disk(se) => match se.kind() {
             StorageErrorKind::InvalidArgument => ApiError::bad_request(format!("disk {id:?}: {e}")),
             StorageErrorKind::NotFound => ApiError::not_found(format!("disk {id:?}: {e}")),
+            StorageErrorKind::InUse => ApiError::conflict(format!("disk {id:?}: {e}")),
             StorageErrorKind::Unsupported => {
                 ApiError::new(unsupported, format!("disk {id:?}: {e}"))
             }
@@ -1012,6 +1013,9 @@ fn set_error(e: SetError) -> ApiError {
                 .find_map(|c| c.downcast_ref::<daemon_support::socket::SocketError>());
             match (storage.map(|s| s.kind()), socket) {
                 (_, Some(daemon_support::socket::SocketError::InUse(_))) => StatusCode::CONFLICT,
+                // Another program (or disk) holds the image: a conflict with that, not a
+                // malformed request.
+                (Some(StorageErrorKind::InUse), _) => StatusCode::CONFLICT,
                 (Some(StorageErrorKind::Io | StorageErrorKind::Engine), _) => {
                     StatusCode::INTERNAL_SERVER_ERROR
                 }

@@ -832,6 +832,15 @@ fn start(
                     luks_key(dir).display()
                 ),
             };
+            // locking=off, as qemu-storage-daemon's file nodes below: the targets share
+            // these images on purpose (at once with --together, and every daemon of a run
+            // is started before the first is measured), and a qcow2 chain's base is
+            // another target's image.
+            let disk = if matches!(device, Device::Null | Device::NullThrottled) {
+                disk
+            } else {
+                format!("{disk},locking=off")
+            };
             let cmd = DaemonCommand::new(ours_bin.context("our binary")?)
                 .name(format!("{}-{device:?}", target.name()).to_lowercase())
                 .readiness(daemon::Readiness::StderrContains(

@@ -246,18 +246,20 @@ fn main() -> Result<()> {
     prepare(&raw, size)?;
     let cache = shm.path().join("cache.img");
 
+    // locking=off: the capacity and tiered daemons serve one capacity file at once, on
+    // purpose (each is measured alone).
     let capacity = serve(
         &bin,
         shm.path(),
         "capacity",
-        format!("path={},direct=on", cap.display()),
+        format!("path={},direct=on,locking=off", cap.display()),
     )?;
     let tiered = serve(
         &bin,
         shm.path(),
         "tiered",
         format!(
-            "path={},direct=on,cache={},cache-size={}M,cache-format=force",
+            "path={},direct=on,locking=off,cache={},cache-size={}M,cache-format=force",
             cap.display(),
             cache.display(),
             args.cache_mib

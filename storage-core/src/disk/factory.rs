@@ -104,9 +104,15 @@ fn open_node(node: &NodeSpec, read_only: bool) -> Result<AnyDisk, StorageError> 
             path,
             direct,
             engine,
+            locking,
         } => {
             let engine = leaf_engine(*engine, path)?;
-            RawDisk::open(path, read_only, *direct, engine).map(AnyDisk::Raw)
+            let locking = if *locking {
+                super::lock::Locking::On
+            } else {
+                super::lock::Locking::Off
+            };
+            RawDisk::open_locking(path, read_only, *direct, engine, locking).map(AnyDisk::Raw)
         }
         #[cfg(feature = "rbd")]
         NodeSpec::Rbd(spec) => {
@@ -222,6 +228,42 @@ pub enum AnyDisk {
 }
 
 impl AnyDisk {
+    /// A file node's image is read-only from now on (it became a snapshot): it keeps only
+    /// a reader's lock bytes. Other nodes hold no image locks of their own.
+    pub(crate) fn hold_read_only(&self) {
+        if let AnyDisk::Raw(r) = self {
+            r.hold_read_only();
+        }
+    }
+
+    /// A file node's read-only image is to be written for a while (see
+    /// [`RawDisk::hold_for_writing`]). Other nodes hold no image locks of their own.
+    pub(crate) fn hold_for_writing(&self) -> Result<(), StorageError> {
+        match self {
+            AnyDisk::Raw(r) => r.hold_for_writing(),
+            _ => Ok(()),
+        }
+    }
+
+    /// A file node that will never be read or written again (an image replaced in a
+    /// chain, still referenced by queues until their next request) lets go of its lock.
+    pub(crate) fn release_lock(&self) {
+        if let AnyDisk::Raw(r) = self {
+            r.release_lock();
+        }
+    }
+
+    /// How a file node took its image's lock ([`Locking::On`] for other nodes): what the
+    /// images it leads to (backing files) follow.
+    pub(crate) fn locking(&self) -> super::lock::Locking {
+        match self {
+            AnyDisk::Raw(r) if r.locking() == super::lock::Locking::Off => {
+                super::lock::Locking::Off
+            }
+            _ => super::lock::Locking::On,
+        }
+    }
+
     /// The first tier's counters, from the root down.
     pub fn tier_metrics(&self) -> Option<&TierMetrics> {
         match self {

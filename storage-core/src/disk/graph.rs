@@ -5,8 +5,8 @@
 //! a JSON object.
 //!
 //! Drivers and their keys (qemu-storage-daemon's names where they exist):
-//! - `file` (or `host_device`): `filename`, `cache.direct`, `aio` (`io_uring`, `threads`);
-//!   `engine` as in `--disk`.
+//! - `file` (or `host_device`): `filename`, `cache.direct`, `aio` (`io_uring`, `threads`),
+//!   `locking` (`on`, `auto`: on; `off`); `engine` as in `--disk`.
 //! - `null-co` (or `null`): `size`, `read-zeroes` (on by default here).
 //! - `raw`: `file`; the raw format adds nothing to its child, so it is the child.
 //! - `rbd`: `pool`, `image`, `conf` (a ceph.conf), `id` (or QEMU's `user`): an image on a
@@ -447,10 +447,17 @@ impl GraphSpec {
                     (None, Some(v)) => Some(parse_engine("engine", &v)?),
                     (None, None) => None,
                 };
+                // QEMU's auto means on where OFD locks exist, as they do on every Linux
+                // this runs on.
+                let locking = match take(&mut opts, "locking").as_deref() {
+                    None | Some("auto") => true,
+                    Some(v) => on_off("locking", v)?,
+                };
                 NodeSpec::File {
                     path: PathBuf::from(path),
                     direct,
                     engine,
+                    locking,
                 }
             }
             "null-co" | "null" => {
@@ -616,6 +623,7 @@ impl GraphSpec {
                     path,
                     direct: _,
                     engine,
+                    locking,
                 } = cache
                 else {
                     return Err(graph_err(format!(
@@ -629,9 +637,11 @@ impl GraphSpec {
                         take(&mut opts, &k);
                     }
                 }
+                let mut tier = tier.build("cache", path)?;
+                tier.locking = locking;
                 NodeSpec::Tier {
                     capacity: Box::new(capacity),
-                    tier: tier.build("cache", path)?,
+                    tier,
                     cache_engine: engine,
                 }
             }
@@ -820,7 +830,8 @@ mod tests {
             NodeSpec::File {
                 path: "/cap.img".into(),
                 direct: true,
-                engine: Some(crate::engine::EngineKind::IoUring)
+                engine: Some(crate::engine::EngineKind::IoUring),
+                locking: true,
             }
         );
     }

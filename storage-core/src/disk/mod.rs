@@ -14,6 +14,7 @@
 
 mod factory;
 pub mod graph;
+pub mod lock;
 mod null;
 mod raw;
 mod spec;

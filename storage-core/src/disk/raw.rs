@@ -1,6 +1,6 @@
 //! The raw format: guest offsets map one-to-one onto a host file or block device.
 
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::io;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::Path;
@@ -12,30 +12,46 @@ use crate::engine::{
 };
 use crate::error::{StorageError, StorageErrorKind};
 
+use super::lock::{LockedFile, Locking};
 use super::{
     checked, Disk, DiskCompletion, DiskInfo, DiskOp, DiskQueue, IoVecs, Rejected, StartError,
 };
 
 /// A raw image or block device.
 pub struct RawDisk {
-    file: Arc<File>,
+    file: Arc<LockedFile>,
     info: DiskInfo,
     /// The first failed flush's error, shared by every queue: once a sync has failed, what
     /// it covered may be lost and the kernel will not say so again (it reports a writeback
     /// error once), so every later flush fails with it, as QEMU's file-posix does.
     flush_error: Arc<AtomicI32>,
+    /// How the image's lock bytes were taken: a node opening the image again takes them
+    /// the same way ([`Locking::Again`] unless off).
+    locking: Locking,
     /// Tests only: the queues' engines inject these faults.
     #[cfg(test)]
     faults: Option<Arc<crate::engine::faulty::Faults>>,
 }
 
 impl RawDisk {
-    /// Opens `path` (O_DIRECT when `direct`), read-only when `read_only`.
+    /// Opens `path` (O_DIRECT when `direct`), read-only when `read_only`, refused if
+    /// another program uses the image in a way that conflicts ([`super::lock`]).
     pub fn open(
         path: &Path,
         read_only: bool,
         direct: bool,
         engine: EngineKind,
+    ) -> Result<Self, StorageError> {
+        Self::open_locking(path, read_only, direct, engine, Locking::On)
+    }
+
+    /// As [`open`](Self::open), with the image's lock bytes treated as `locking` says.
+    pub fn open_locking(
+        path: &Path,
+        read_only: bool,
+        direct: bool,
+        engine: EngineKind,
+        locking: Locking,
     ) -> Result<Self, StorageError> {
         let mut flags = libc::O_CLOEXEC;
         if direct {
@@ -53,6 +69,7 @@ impl RawDisk {
                 .with_path(path)
                 .with_source(e)
         })?;
+        let lock = super::lock::ImageLock::take(&file, path, read_only, locking)?;
         let capacity = super::device_size(&file, &meta).map_err(|e| {
             StorageError::new(StorageErrorKind::InvalidImage, "cannot use as a disk")
                 .with_path(path)
@@ -68,10 +85,11 @@ impl RawDisk {
             .with_path(path));
         }
         Ok(RawDisk {
+            locking,
             flush_error: Arc::default(),
             #[cfg(test)]
             faults: None,
-            file: Arc::new(file),
+            file: Arc::new(LockedFile::new(file, lock)),
             info: DiskInfo {
                 capacity: super::Size::new(capacity),
                 read_only,
@@ -86,6 +104,42 @@ impl RawDisk {
                 },
             },
         })
+    }
+
+    /// How the image's lock bytes were taken.
+    pub(crate) fn locking(&self) -> Locking {
+        self.locking
+    }
+
+    /// The image is read-only from now on (it became a snapshot): keep only a reader's
+    /// lock bytes, so that others may read it too.
+    pub(crate) fn hold_read_only(&self) {
+        if let Some(lock) = self.file.lock() {
+            if let Err(e) = lock.downgrade_to_read_only() {
+                log::warn!("{}: downgrading the image's lock: {e}", self.info.path);
+            }
+        }
+    }
+
+    /// The image is to be written for a while though it is read-only (a snapshot being
+    /// deleted): refused while another open reads it ([`ImageLock::upgrade_to_writer`]);
+    /// [`hold_read_only`](Self::hold_read_only) ends it.
+    ///
+    /// [`ImageLock::upgrade_to_writer`]: super::lock::ImageLock::upgrade_to_writer
+    pub(crate) fn hold_for_writing(&self) -> Result<(), StorageError> {
+        match self.file.lock() {
+            Some(lock) => lock.upgrade_to_writer(Path::new(&self.info.path)),
+            None => Ok(()),
+        }
+    }
+
+    /// Lets go of the image's lock bytes now, whoever still holds the file.
+    pub(crate) fn release_lock(&self) {
+        if let Some(lock) = self.file.lock() {
+            if let Err(e) = lock.release() {
+                log::warn!("{}: releasing the image's lock: {e}", self.info.path);
+            }
+        }
     }
 
     /// Tests only: every queue and control-plane call goes through `faults` (as the
@@ -206,6 +260,12 @@ impl Disk for RawDisk {
             f.record_sync(crate::engine::faulty::Device::Capacity, started);
         }
         Ok(())
+    }
+
+    /// Lets go of the image's lock bytes: the next program may open it as soon as the
+    /// daemon has drained and flushed, not only once every descriptor has closed.
+    fn close(&self) {
+        self.release_lock();
     }
 
     fn resize(&self, bytes: u64) -> Result<(), StorageError> {
@@ -369,7 +429,7 @@ pub struct RawQueue {
     engine: AnyEngine,
     fid: FileId,
     /// Keeps the descriptor open while the engine uses it.
-    file: Arc<File>,
+    file: Arc<LockedFile>,
     capacity: super::Size,
     /// Operations in flight, by the engine's user data; `free` lists the unused entries.
     /// The buffers held here keep the memory the engine reads or writes alive until the

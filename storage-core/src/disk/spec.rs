@@ -25,6 +25,9 @@ pub enum NodeSpec {
         direct: bool,
         /// Force an engine (`engine=sync`); by default io_uring where it helps.
         engine: Option<EngineKind>,
+        /// Take QEMU's lock bytes on the image, refusing it if another program uses it
+        /// in a conflicting way (`locking=off`: an image shared on purpose).
+        locking: bool,
     },
     /// No storage: writes are accepted and dropped. Reads fill the buffer with zeroes, or with
     /// `read_zeroes` off (QEMU null-co's `read-zeroes=off`) leave it untouched: the guest
@@ -258,7 +261,7 @@ pub enum SpecError {
     Duplicate(String),
     #[error(
         "unknown disk spec key {0:?} (known: path, format, key-file, size, read-zeroes, readonly, \
-         direct, serial, engine, cache, cache-size, cache-mode, cache-policy, cache-block, seq-cutoff, \
+         direct, locking, serial, engine, cache, cache-size, cache-mode, cache-policy, cache-block, seq-cutoff, \
          cache-format, throttle-group and the throttle limits: iops-total, bps-read, ...)"
     )]
     UnknownKey(String),
@@ -394,6 +397,7 @@ impl TierOptions {
             block_size: self.block.unwrap_or(4096),
             seq_cutoff: self.seq_cutoff.unwrap_or(4 << 20),
             force_format: self.force_format,
+            locking: true,
         })
     }
 }
@@ -414,6 +418,7 @@ impl DiskSpec {
         let mut size: Option<u64> = None;
         let mut read_only = None;
         let mut direct = None;
+        let mut locking = None;
         let mut serial: Option<String> = None;
         let mut engine = None;
         let mut cache: Option<String> = None;
@@ -444,6 +449,7 @@ impl DiskSpec {
                 "size" => size = Some(null_size(value)?),
                 "readonly" => read_only = Some(on_off("readonly", value)?),
                 "direct" => direct = Some(on_off("direct", value)?),
+                "locking" => locking = Some(on_off("locking", value)?),
                 "read-zeroes" => read_zeroes = Some(on_off("read-zeroes", value)?),
                 // Explicit, never guessed from a writable image's contents.
                 "format" => match value {
@@ -481,6 +487,9 @@ impl DiskSpec {
         let path = path.ok_or(SpecError::MissingPath)?;
         let leaf = if path == "null" {
             let size = size.ok_or_else(|| bad("path", "null", "a null disk needs size="))?;
+            if locking.is_some() {
+                return Err(bad("locking", "", "a null disk has no file to lock"));
+            }
             NodeSpec::Null {
                 size,
                 read_zeroes: read_zeroes.unwrap_or(true),
@@ -504,6 +513,7 @@ impl DiskSpec {
                 path: PathBuf::from(path),
                 direct: direct.unwrap_or(false),
                 engine,
+                locking: locking.unwrap_or(true),
             };
             match format.as_deref() {
                 Some("qcow2") => NodeSpec::Qcow2 {
@@ -528,9 +538,12 @@ impl DiskSpec {
                 if matches!(leaf, NodeSpec::Null { .. }) {
                     return Err(bad("cache", &cache, "a null disk cannot have a cache"));
                 }
+                let mut tier = tier_opts.build("cache", PathBuf::from(cache))?;
+                // locking= is the disk's: its image's and its cache's.
+                tier.locking = locking.unwrap_or(true);
                 NodeSpec::Tier {
                     capacity: Box::new(leaf),
-                    tier: tier_opts.build("cache", PathBuf::from(cache))?,
+                    tier,
                     cache_engine: engine,
                 }
             }
@@ -632,7 +645,8 @@ mod tests {
             NodeSpec::File {
                 path: "/tmp/a.img".into(),
                 direct: false,
-                engine: None
+                engine: None,
+                locking: true,
             }
         );
         assert!(spec.read_only);

@@ -532,29 +532,17 @@ fn pass(img: &Image) -> io::Result<(CheckReport, Counts, HashMap<u64, Vec<u8>>)>
     Ok((report, n, blocks))
 }
 
-/// Whether a QEMU process holds the image (its OFD locks on bytes 100 to 299: permissions
-/// taken and refused to others).
-fn in_use_by_qemu(file: &File) -> io::Result<bool> {
-    use std::os::fd::AsRawFd;
-    let mut lock = libc::flock {
-        l_type: libc::F_WRLCK as libc::c_short,
-        l_whence: libc::SEEK_SET as libc::c_short,
-        l_start: 100,
-        l_len: 200,
-        l_pid: 0,
-    };
-    // SAFETY: F_OFD_GETLK reads and writes the flock we own, on our own descriptor.
-    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut lock) };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(lock.l_type != libc::F_UNLCK as libc::c_short)
-}
-
 /// Checks the qcow2 image at `path`, repairing as `repair` says (the image must not be in
 /// use: repairs write it).
 pub fn check(path: &Path, repair: Repair) -> Result<CheckReport, StorageError> {
     let img = open(path, repair != Repair::None)?;
+    let _lock = if repair == Repair::None {
+        None
+    } else {
+        // Held as a writer holds it until the repair is done: refused while QEMU or a
+        // daemon has the image open, and none opens it meanwhile.
+        crate::disk::lock::ImageLock::take(&img.file, path, false, crate::disk::lock::Locking::On)?
+    };
     let io = |what: &str, e: io::Error| {
         StorageError::new(
             StorageErrorKind::Io,
@@ -570,12 +558,6 @@ pub fn check(path: &Path, repair: Repair) -> Result<CheckReport, StorageError> {
         return Err(invalid(
             path,
             "not repaired: part of the metadata could not be read (see the check)",
-        ));
-    }
-    if in_use_by_qemu(&img.file).map_err(|e| io("looking for QEMU's locks", e))? {
-        return Err(invalid(
-            path,
-            "not repaired: a QEMU process has the image open (its locks are held)",
         ));
     }
     let sync = |f: &File| f.sync_data().map_err(|e| io("syncing", e));

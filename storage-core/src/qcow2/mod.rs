@@ -39,6 +39,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+use crate::disk::lock::Locking;
 use crate::disk::{AnyDisk, Disk, DiskInfo, Size};
 use crate::error::{StorageError, StorageErrorKind};
 use encryption::Encryption;
@@ -303,14 +304,19 @@ impl Qcow2Disk {
                     ));
                 }
                 Some(
-                    open_backing(&b, header.backing_format.as_deref(), depth + 1, keys).map_err(
-                        |e| {
-                            StorageError::new(
-                                e.kind(),
-                                format!("{}: backing file: {e}", path.display()),
-                            )
-                        },
-                    )?,
+                    open_backing(
+                        &b,
+                        header.backing_format.as_deref(),
+                        depth + 1,
+                        keys,
+                        file.locking(),
+                    )
+                    .map_err(|e| {
+                        StorageError::new(
+                            e.kind(),
+                            format!("{}: backing file: {e}", path.display()),
+                        )
+                    })?,
                 )
             }
             _ => None,
@@ -612,6 +618,9 @@ impl Qcow2Disk {
             .unwrap_or_else(|e| e.into_inner()) = Arc::new(shared);
         self.active.generation.fetch_add(1, Ordering::Release);
         old.lock().freeze();
+        // The old image is a snapshot now, read by the chain alone: others may read it
+        // too (a clone's backing file, `qemu-img info`).
+        old.file.hold_read_only();
         if let Err(e) = sync_dir(&path) {
             log::error!(
                 "{}: the snapshot is taken, but syncing its directory failed ({e}): a power \
@@ -646,27 +655,38 @@ impl Drop for PreparedSnapshot {
     }
 }
 
-/// Opens a backing file read-only: qcow2 or raw, as the image says, else as its first
-/// bytes say (probing a read-only image is safe: nothing it holds can change how a
-/// writable one is opened).
 /// A file node on `path` on the engine `like` runs on (and, under test, recorded with its
 /// faults): an image opened again beside the one served.
 fn file_like(like: &AnyDisk, path: &Path, read_only: bool) -> Result<AnyDisk, StorageError> {
+    // The image is this process's already (or new): its lock bytes are taken again,
+    // not checked against the open it sits beside.
+    let locking = match like {
+        AnyDisk::Raw(r) if r.locking() == Locking::Off => Locking::Off,
+        _ => Locking::Again,
+    };
     #[allow(unused_mut)] // Tests give it `like`'s recorded faults.
-    let mut raw = crate::disk::RawDisk::open(path, read_only, false, like.info().engine)?;
+    let mut raw =
+        crate::disk::RawDisk::open_locking(path, read_only, false, like.info().engine, locking)?;
     #[cfg(test)]
     raw.inherit_faults(like);
     Ok(AnyDisk::Raw(raw))
 }
 
+/// Opens a backing file read-only: qcow2 or raw, as the image says, else as its first
+/// bytes say (probing a read-only image is safe: nothing it holds can change how a
+/// writable one is opened). Locked as the image above it is (`locking=off` reaches the
+/// whole chain).
 fn open_backing(
     path: &Path,
     format: Option<&str>,
     depth: usize,
     keys: Option<&Arc<Keyring>>,
+    locking: Locking,
 ) -> Result<AnyDisk, StorageError> {
     let engine = crate::disk::engine_for_path(path);
-    let file = AnyDisk::Raw(crate::disk::RawDisk::open(path, true, false, engine)?);
+    let file = AnyDisk::Raw(crate::disk::RawDisk::open_locking(
+        path, true, false, engine, locking,
+    )?);
     let (format, probed) = match format {
         Some(f) => (f.to_string(), false),
         None => {
@@ -741,7 +761,11 @@ impl Disk for Qcow2Disk {
         if let Err(e) = self.flush() {
             log::error!("{}: flush at close: {e}", self.info.path);
         }
-        self.active.get().file.close();
+        let active = self.active.get();
+        active.file.close();
+        if let Some(b) = &active.backing {
+            b.close();
+        }
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {

@@ -56,6 +56,42 @@ fn err(kind: StorageErrorKind, msg: impl Into<String>) -> StorageError {
     StorageError::new(kind, msg.into())
 }
 
+/// A read-only image of the chain held for writing while a snapshot is deleted (its data
+/// copied into it, or the file removed): refused while another program, or another disk
+/// of this daemon, reads it (a clone's backing file would change, or go, under it). Back
+/// to a reader's lock when dropped.
+struct HeldForWriting(Arc<Shared>);
+
+impl HeldForWriting {
+    fn claim(image: Arc<Shared>, what: &str) -> Result<HeldForWriting, StorageError> {
+        image.file.hold_for_writing().map_err(|e| {
+            StorageError::new(
+                e.kind(),
+                format!("{what}: {e} (another program, or another disk, reads it)"),
+            )
+        })?;
+        Ok(HeldForWriting(image))
+    }
+}
+
+impl Drop for HeldForWriting {
+    fn drop(&mut self) {
+        self.0.file.hold_read_only();
+    }
+}
+
+/// The chain from `image` down no longer serves (a fresh one replaced it): its lock bytes
+/// go now, though queues may hold it until their next request (a later delete would see
+/// them as another reader).
+fn release_chain(image: &Shared) {
+    image.file.release_lock();
+    match &image.backing {
+        Some(AnyDisk::Qcow2(q)) => release_chain(&q.active.get()),
+        Some(other) => other.release_lock(),
+        None => {}
+    }
+}
+
 impl Qcow2Disk {
     /// The qcow2 images of the chain from the top down.
     fn layers(&self) -> Vec<Layer> {
@@ -117,6 +153,16 @@ impl Qcow2Disk {
         let above = &layers[k - 1];
         let snap = layers[k].active.get();
         let io = |what: &str, e: io::Error| io_error(&above.path, what, e);
+        // The snapshot's file goes; a snapshot above takes its data.
+        let _snapshot_held = HeldForWriting::claim(snap.clone(), &format!("snapshot {name:?}"))?;
+        let _above_held = if k > 1 {
+            Some(HeldForWriting::claim(
+                above.active.get(),
+                "the snapshot above it",
+            )?)
+        } else {
+            None
+        };
         // The image the copies go to: the one being served at the top, or the snapshot
         // above opened for writing (nothing else writes it; its node keeps reading it,
         // which stays right: a cluster not copied yet is read from the snapshot as before).
@@ -269,7 +315,13 @@ impl Qcow2Disk {
                     } else {
                         above.path.with_file_name(name)
                     };
-                    Some(open_backing(&path, Some(format), k, self.keys.as_ref())?)
+                    Some(open_backing(
+                        &path,
+                        Some(format),
+                        k,
+                        self.keys.as_ref(),
+                        snap.file.locking(),
+                    )?)
                 }
                 None => None,
             };
@@ -342,6 +394,11 @@ impl Qcow2Disk {
                 shared
             }
         };
+        // The image above and everything below it were opened afresh: the old ones may
+        // live on in queues until their next request, and must not keep their lock bytes
+        // (the writer's on the top would stay on a snapshot taken later; readers' would
+        // look like another reader to a later delete).
+        release_chain(&above.active.get());
         *above
             .active
             .shared
@@ -415,7 +472,13 @@ impl Qcow2Disk {
         let opened = (|| {
             let file = file_like(&top.file, &by_fd, false)?;
             let header = read_header(&file, &by_fd, false)?;
-            let below = open_backing(snapshot, Some("qcow2"), 1, self.keys.as_ref())?;
+            let below = open_backing(
+                snapshot,
+                Some("qcow2"),
+                1,
+                self.keys.as_ref(),
+                top.file.locking(),
+            )?;
             open_shared(
                 file,
                 &path,
@@ -440,6 +503,9 @@ impl Qcow2Disk {
             .unwrap_or_else(|e| e.into_inner()) = Arc::new(opened);
         self.active.generation.fetch_add(1, Ordering::Release);
         top.lock().freeze();
+        // Replaced, with the chain below it opened afresh: their locks go now, not when
+        // the queues next move on.
+        release_chain(&top);
         if let Err(e) = sync_dir(&path) {
             log::error!(
                 "{}: reverted, but syncing its directory failed ({e}): a power cut now could \

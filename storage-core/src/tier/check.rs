@@ -250,6 +250,13 @@ pub fn check(path: &Path, repair: Repair) -> Result<CheckReport, StorageError> {
                 format!("{}: cannot open: {e}", path.display()),
             )
         })?;
+    let _lock = if repair == Repair::None {
+        None
+    } else {
+        // Held as the tier holds it until the repair is done: refused while a daemon
+        // serves the cache, and none opens it meanwhile.
+        crate::disk::lock::ImageLock::take(&file, path, false, crate::disk::lock::Locking::On)?
+    };
     let before = pass(&file, path)?;
     let fix_corruptions = repair == Repair::All && before.repairable > 0;
     let fix_leaks = repair != Repair::None && before.damaged_copies > 0;
@@ -499,6 +506,7 @@ mod tests {
                 block_size: BS,
                 seq_cutoff: u64::MAX,
                 force_format: false,
+                locking: true,
             };
             let tier = super::super::TieredDisk::open(
                 AnyDisk::Qcow2(Box::new(cap)),

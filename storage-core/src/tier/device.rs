@@ -10,9 +10,11 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileExt;
 
 use super::journal::Media;
+use crate::disk::lock::{ImageLock, LockedFile};
 
 pub(crate) struct Dev {
-    file: File,
+    /// Locked by the tier at its open; its lock goes with the last handle.
+    file: LockedFile,
     #[cfg(test)]
     pub(crate) device: crate::engine::faulty::Device,
     #[cfg(test)]
@@ -27,19 +29,30 @@ impl Dev {
         Ok((m.dev(), m.ino()))
     }
 
+    /// Lets go of the file's lock bytes (the tier is closing).
+    pub(crate) fn unlock(&self) -> io::Result<()> {
+        match self.file.lock() {
+            Some(lock) => lock.release(),
+            None => Ok(()),
+        }
+    }
+
     #[cfg(not(test))]
-    pub(crate) fn new(file: File) -> Dev {
-        Dev { file }
+    pub(crate) fn new(file: File, lock: Option<ImageLock>) -> Dev {
+        Dev {
+            file: LockedFile::new(file, lock),
+        }
     }
 
     #[cfg(test)]
     pub(crate) fn new(
         file: File,
+        lock: Option<ImageLock>,
         device: crate::engine::faulty::Device,
         faults: std::sync::Arc<crate::engine::faulty::Faults>,
     ) -> Dev {
         Dev {
-            file,
+            file: LockedFile::new(file, lock),
             device,
             faults,
         }

@@ -88,6 +88,18 @@ impl TieredDisk {
                 ));
             }
         }
+        // A cache device is one tier's: nothing else may write it, before we size or
+        // format it either.
+        let cache_lock = crate::disk::lock::ImageLock::take(
+            &cache,
+            &spec.cache,
+            false,
+            if spec.locking {
+                crate::disk::lock::Locking::On
+            } else {
+                crate::disk::lock::Locking::Off
+            },
+        )?;
         // An empty file holds nothing to lose: it is new (one an admission check created).
         let created = created || (cache_meta.is_file() && cache_meta.len() == 0);
         if created || (cache_meta.is_file() && cache_meta.len() < spec.cache_size) {
@@ -168,7 +180,7 @@ impl TieredDisk {
             )
         })?;
         #[cfg(not(test))]
-        let cache = device::Dev::new(cache);
+        let cache = device::Dev::new(cache, cache_lock);
         #[cfg(test)]
         let (cache, capacity_node) = {
             // The cache file and a raw capacity child share one set of faults.
@@ -177,7 +189,12 @@ impl TieredDisk {
             if let AnyDisk::Raw(raw) = &mut capacity_node {
                 raw.set_faults(faults.clone());
             }
-            let cache = device::Dev::new(cache, crate::engine::faulty::Device::Cache, faults);
+            let cache = device::Dev::new(
+                cache,
+                cache_lock,
+                crate::engine::faulty::Device::Cache,
+                faults,
+            );
             (cache, capacity_node)
         };
         let cap = device::Capacity::new(capacity_node);
@@ -342,5 +359,10 @@ impl Disk for TieredDisk {
         // The background threads write to the capacity child: stop them first.
         self.stop_threads();
         self.shared.cap.node().close();
+        // The cache's lock goes now, not when the kernel tears down the rings that hold
+        // its file (after the process is gone, even).
+        if let Err(e) = self.shared.cache.unlock() {
+            log::warn!("{}: releasing the cache's lock: {e}", self.info.path);
+        }
     }
 }

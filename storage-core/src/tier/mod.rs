@@ -87,6 +87,9 @@ pub struct TierSpec {
     pub seq_cutoff: u64,
     /// Reformat the cache file even if it holds another disk's cache.
     pub force_format: bool,
+    /// Lock the cache file as an image (QEMU's lock bytes: one tier's alone); off with
+    /// `locking=off`, for file systems without byte locks.
+    pub locking: bool,
 }
 
 /// Why a tier could not be opened.

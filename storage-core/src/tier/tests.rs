@@ -86,6 +86,7 @@ pub(super) fn open_tier(
         block_size: BS,
         seq_cutoff: u64::MAX,
         force_format: false,
+        locking: true,
     };
     let capacity =
         crate::disk::RawDisk::open(&dir.join("cap.img"), read_only, false, EngineKind::Sync)?;
