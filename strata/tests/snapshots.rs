@@ -403,13 +403,15 @@ fn a_snapshot_is_open_to_readers_while_the_image_stays_locked() {
         !out.status.success()
     };
     assert!(locked(&img), "the served image is open to qemu-img");
-    // A guest came and went: the queues hold the chain as they last used it.
+    // A guest writes across the snapshot, then goes: the queues hold the chain as they
+    // last used it (the new image on top), and nothing moves them off it.
     {
         let mut c = Client::open(&sock, 1).expect("libblkio connects");
         c.queue(0).write(0, &record(1)).unwrap();
+        strata(&api, &["snapshot", "create", "vm", "s1"]);
+        c.queue(0).write(0, &record(2)).unwrap();
         c.queue(0).flush().unwrap();
     }
-    strata(&api, &["snapshot", "create", "vm", "s1"]);
     let snapshot = dir.path().join("vm@s1.qcow2");
     assert!(snapshot.exists());
     assert!(
@@ -445,6 +447,22 @@ fn a_snapshot_is_open_to_readers_while_the_image_stays_locked() {
     qsd.terminate().unwrap();
     strata(&api, &["snapshot", "delete", "vm", "s2", "--wait"]);
     assert!(!s2.exists());
+    // Nor is one removed by a revert to an older one while a clone reads it.
+    strata(&api, &["snapshot", "create", "vm", "s3"]);
+    strata(&api, &["snapshot", "create", "vm", "s4"]);
+    let s4 = dir.path().join("vm@s4.qcow2");
+    let clone = dir.path().join("clone4.qcow2");
+    testkit::tools::qemu_img_overlay(&clone, "vm@s4.qcow2", "qcow2");
+    let mut qsd = testkit::daemon::qsd_serving_qcow2(&clone, &dir.path().join("qsd.sock"));
+    let (ok, out, err) = strata_run(&api, &["snapshot", "revert", "vm", "s3"]);
+    assert!(
+        !ok && err.contains("409") && err.contains("in use"),
+        "{out}{err}"
+    );
+    assert!(s4.exists() && !locked(&s4));
+    qsd.terminate().unwrap();
+    strata(&api, &["snapshot", "revert", "vm", "s3"]);
+    assert!(!s4.exists());
     let status = daemon.terminate().unwrap();
     assert!(status.success(), "{}", daemon.output());
     assert!(!locked(&img));

@@ -329,6 +329,7 @@ fn start_cleanup(disks: &DiskSet, d: &Arc<DiskServer>, names: Vec<String>) {
     let server = d.clone();
     let total = names.len() as u64;
     let started = disks.start_disk_job(d.id(), "snapshot-cleanup", total, move |p| {
+        let mut kept = Vec::new();
         for (i, name) in names.iter().enumerate() {
             if !p.update(i as u64) {
                 return daemon_support::jobs::Outcome::Cancelled;
@@ -344,6 +345,14 @@ fn start_cleanup(disks: &DiskSet, d: &Arc<DiskServer>, names: Vec<String>) {
                 {
                     return daemon_support::jobs::Outcome::Cancelled;
                 }
+                // Another program reads it (a clone's backing file): kept until it stops,
+                // the next clean-up tries again; the older ones go meanwhile.
+                Err(crate::disk_server::ResizeError::Disk(e))
+                    if e.kind() == storage_core::error::StorageErrorKind::InUse =>
+                {
+                    log::warn!("policy snapshot {name:?} kept: {e}");
+                    kept.push(format!("{name:?} ({e})"));
+                }
                 Err(e) => {
                     return daemon_support::jobs::Outcome::Failed(format!(
                         "deleting policy snapshot {name:?}: {e}"
@@ -352,7 +361,14 @@ fn start_cleanup(disks: &DiskSet, d: &Arc<DiskServer>, names: Vec<String>) {
             }
         }
         p.update(total);
-        daemon_support::jobs::Outcome::Done
+        if kept.is_empty() {
+            daemon_support::jobs::Outcome::Done
+        } else {
+            daemon_support::jobs::Outcome::Failed(format!(
+                "policy snapshots kept, in use: {}",
+                kept.join(", ")
+            ))
+        }
     });
     if let Err(e) = started {
         log::info!("disk {}: policy clean-up waits: {e}", d.id());

@@ -449,6 +449,8 @@ impl DiskSpec {
                 "size" => size = Some(null_size(value)?),
                 "readonly" => read_only = Some(on_off("readonly", value)?),
                 "direct" => direct = Some(on_off("direct", value)?),
+                // QEMU's auto: on where OFD locks exist, as on every Linux this runs on.
+                "locking" if value == "auto" => locking = Some(true),
                 "locking" => locking = Some(on_off("locking", value)?),
                 "read-zeroes" => read_zeroes = Some(on_off("read-zeroes", value)?),
                 // Explicit, never guessed from a writable image's contents.

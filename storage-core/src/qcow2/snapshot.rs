@@ -44,6 +44,9 @@ pub struct PreparedDelete {
     /// The image above, reopened over `below` (when it is itself a snapshot: nothing
     /// writes it, so it can be opened before the queues stop).
     reopened: Option<Shared>,
+    /// The snapshot held for writing since the copy began: no other program takes it up
+    /// as a backing file before its file goes.
+    held: Option<HeldForWriting>,
 }
 
 impl PreparedDelete {
@@ -57,10 +60,10 @@ fn err(kind: StorageErrorKind, msg: impl Into<String>) -> StorageError {
 }
 
 /// A read-only image of the chain held for writing while a snapshot is deleted (its data
-/// copied into it, or the file removed): refused while another program, or another disk
+/// copied into it, or its file removed): refused while another program, or another disk
 /// of this daemon, reads it (a clone's backing file would change, or go, under it). Back
-/// to a reader's lock when dropped.
-struct HeldForWriting(Arc<Shared>);
+/// to a reader's lock when dropped, unless [`kept`](Self::kept) for a file that goes.
+struct HeldForWriting(Option<Arc<Shared>>);
 
 impl HeldForWriting {
     fn claim(image: Arc<Shared>, what: &str) -> Result<HeldForWriting, StorageError> {
@@ -70,13 +73,21 @@ impl HeldForWriting {
                 format!("{what}: {e} (another program, or another disk, reads it)"),
             )
         })?;
-        Ok(HeldForWriting(image))
+        Ok(HeldForWriting(Some(image)))
+    }
+
+    /// The image's file is about to go: it keeps the writer's bytes until then (they go
+    /// with its last handle).
+    fn kept(mut self) {
+        self.0 = None;
     }
 }
 
 impl Drop for HeldForWriting {
     fn drop(&mut self) {
-        self.0.file.hold_read_only();
+        if let Some(image) = &self.0 {
+            image.file.hold_read_only();
+        }
     }
 }
 
@@ -85,6 +96,11 @@ impl Drop for HeldForWriting {
 /// them as another reader).
 fn release_chain(image: &Shared) {
     image.file.release_lock();
+    release_below(image);
+}
+
+/// As [`release_chain`], for the chain below `image` only.
+fn release_below(image: &Shared) {
     match &image.backing {
         Some(AnyDisk::Qcow2(q)) => release_chain(&q.active.get()),
         Some(other) => other.release_lock(),
@@ -153,8 +169,8 @@ impl Qcow2Disk {
         let above = &layers[k - 1];
         let snap = layers[k].active.get();
         let io = |what: &str, e: io::Error| io_error(&above.path, what, e);
-        // The snapshot's file goes; a snapshot above takes its data.
-        let _snapshot_held = HeldForWriting::claim(snap.clone(), &format!("snapshot {name:?}"))?;
+        // The snapshot's file goes (held until then); a snapshot above takes its data.
+        let snapshot_held = HeldForWriting::claim(snap.clone(), &format!("snapshot {name:?}"))?;
         let _above_held = if k > 1 {
             Some(HeldForWriting::claim(
                 above.active.get(),
@@ -330,6 +346,7 @@ impl Qcow2Disk {
                 snapshot: layers[k].path.clone(),
                 below,
                 reopened: None,
+                held: None,
             };
             if k > 1 {
                 let file = file_like(&snap.file, &above.path, true)?;
@@ -346,9 +363,11 @@ impl Qcow2Disk {
             }
             Ok(prepared)
         };
-        reopen().inspect_err(|_| {
+        let mut prepared = reopen().inspect_err(|_| {
             let _ = remove_snapshot_file(&layers[k].path);
-        })
+        })?;
+        prepared.held = Some(snapshot_held);
+        Ok(prepared)
     }
 
     /// Takes a streamed snapshot out of the chain in memory; the caller has stopped the
@@ -394,11 +413,19 @@ impl Qcow2Disk {
                 shared
             }
         };
-        // The image above and everything below it were opened afresh: the old ones may
-        // live on in queues until their next request, and must not keep their lock bytes
-        // (the writer's on the top would stay on a snapshot taken later; readers' would
-        // look like another reader to a later delete).
-        release_chain(&above.active.get());
+        // The image above and everything below the snapshot were opened afresh: the old
+        // ones may live on in queues until their next request, and must not keep their
+        // lock bytes (the writer's on the top would stay on a snapshot taken later;
+        // readers' would look like another reader to a later delete). The snapshot keeps
+        // the writer's bytes it took until its file goes.
+        let old_above = above.active.get();
+        old_above.file.release_lock();
+        if let Some(AnyDisk::Qcow2(snap)) = &old_above.backing {
+            release_below(&snap.active.get());
+        }
+        if let Some(held) = p.held.take() {
+            held.kept();
+        }
         *above
             .active
             .shared
@@ -424,6 +451,12 @@ impl Qcow2Disk {
         let path = layers[0].path.clone();
         let io = |what: &str, e: io::Error| io_error(&path, what, e);
         still_named(&path, &top.file)?;
+        // The newer snapshots go: held until then, refused while another program reads
+        // one (a clone's backing file).
+        let newer = layers[1..k]
+            .iter()
+            .map(|l| HeldForWriting::claim(l.active.get(), &l.path.display().to_string()))
+            .collect::<Result<Vec<_>, _>>()?;
         // The new image copies the LUKS header whole: no keyslot change meanwhile.
         let _no_key_change = self
             .keyslot_changes
@@ -503,9 +536,14 @@ impl Qcow2Disk {
             .unwrap_or_else(|e| e.into_inner()) = Arc::new(opened);
         self.active.generation.fetch_add(1, Ordering::Release);
         top.lock().freeze();
-        // Replaced, with the chain below it opened afresh: their locks go now, not when
-        // the queues next move on.
-        release_chain(&top);
+        // Replaced, with the snapshot and the chain below it opened afresh: their locks go
+        // now, not when the queues next move on. The newer snapshots keep the writer's
+        // bytes until their files go, just below.
+        top.file.release_lock();
+        release_chain(&layers[k].active.get());
+        for held in newer {
+            held.kept();
+        }
         if let Err(e) = sync_dir(&path) {
             log::error!(
                 "{}: reverted, but syncing its directory failed ({e}): a power cut now could \
