@@ -772,14 +772,14 @@ fn a_snapshot_freezes_the_image_and_writes_go_on_above_it() {
 
 /// Deletes snapshot `name` with `during` run between cluster copies (a guest's writes).
 fn delete_snapshot(q: &storage_core::qcow2::Qcow2Disk, name: &str, during: &mut dyn FnMut(u64)) {
-    let p = q
+    let mut p = q
         .stream_snapshot(name, &mut |done, _| {
             during(done);
             true
         })
         .unwrap_or_else(|e| panic!("deleting {name}: {e}"));
-    let file = q.commit_delete(p).unwrap();
-    storage_core::qcow2::remove_snapshot_file(&file).unwrap();
+    q.commit_delete(&mut p).unwrap();
+    p.remove_file(true).unwrap();
 }
 
 #[test]
@@ -826,10 +826,10 @@ fn snapshots_are_deleted_by_streaming_and_reverted_while_every_image_reads_the_s
     let disk = open(&format!("path={},format=qcow2", p(&img)));
     let qcow2 = disk.qcow2().unwrap();
     let mut q = disk.new_queue(8).unwrap();
-    let prepared = qcow2.stream_snapshot("b", &mut |_, _| true).unwrap();
+    let mut prepared = qcow2.stream_snapshot("b", &mut |_, _| true).unwrap();
     assert_reads(&mut q, &model, "between the copies and the switch");
-    let file = qcow2.commit_delete(prepared).unwrap();
-    storage_core::qcow2::remove_snapshot_file(&file).unwrap();
+    qcow2.commit_delete(&mut prepared).unwrap();
+    prepared.remove_file(true).unwrap();
     assert!(!snap("b").exists());
     // The queue reads the new chain: nothing holds the deleted file open, so its space
     // goes back to the file system.

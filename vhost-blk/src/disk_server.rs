@@ -336,35 +336,36 @@ impl DiskServer {
         let qcow2 = self.qcow2()?;
         let stats = &self.snapshots;
         let started = std::time::Instant::now();
-        let result = qcow2.stream_snapshot(name, progress).and_then(|prepared| {
-            let file = prepared.snapshot_file().to_owned();
-            self.backend
-                .paused(|_| qcow2.commit_delete(prepared))
-                .map_err(|e| {
-                    storage_core::error::StorageError::new(
-                        storage_core::error::StorageErrorKind::Io,
-                        format!("stopping the queues to delete the snapshot: {e}"),
-                    )
-                })
-                .and_then(|r| r)
-                .inspect_err(|_| {
-                    // The image above no longer names the snapshot on disk: the next start
-                    // would not see it. Its file goes now (what is open stays readable
-                    // until a retry, which finds nothing more to copy, takes it out).
-                    let _ = storage_core::qcow2::remove_snapshot_file(&file);
-                })
-        });
-        stats.timed(SnapshotOp::Delete, started.elapsed());
-        match result {
-            Ok(file) => {
-                stats.deleted.fetch_add(1, Ordering::Relaxed);
-                if let Err(e) = storage_core::qcow2::remove_snapshot_file(&file) {
+        let result = qcow2
+            .stream_snapshot(name, progress)
+            .and_then(|mut prepared| {
+                let committed = self
+                    .backend
+                    .paused(|_| qcow2.commit_delete(&mut prepared))
+                    .map_err(|e| {
+                        storage_core::error::StorageError::new(
+                            storage_core::error::StorageErrorKind::Io,
+                            format!("stopping the queues to delete the snapshot: {e}"),
+                        )
+                    })
+                    .and_then(|r| r);
+                let file = prepared.snapshot_file().to_owned();
+                // Out of the chain, or not (the image above no longer names the snapshot on
+                // disk: the next start would not see it; what is open stays readable until a
+                // retry, which finds nothing more to copy, takes it out): its file goes now.
+                if let Err(e) = prepared.remove_file(committed.is_ok()) {
                     log::warn!(
-                        "disk {}: snapshot {name:?} is out of the chain, but its file {} stays: {e}",
+                        "disk {}: snapshot {name:?}: its file {} stays: {e}",
                         self.id(),
                         file.display()
                     );
                 }
+                committed
+            });
+        stats.timed(SnapshotOp::Delete, started.elapsed());
+        match result {
+            Ok(file) => {
+                stats.deleted.fetch_add(1, Ordering::Relaxed);
                 log::info!("disk {}: snapshot {name:?} deleted", self.id());
                 Ok(file)
             }

@@ -354,9 +354,14 @@ fn start_cleanup(disks: &DiskSet, d: &Arc<DiskServer>, names: Vec<String>) {
                     kept.push(format!("{name:?} ({e})"));
                 }
                 Err(e) => {
+                    let kept = if kept.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (kept before it, in use: {})", kept.join(", "))
+                    };
                     return daemon_support::jobs::Outcome::Failed(format!(
-                        "deleting policy snapshot {name:?}: {e}"
-                    ))
+                        "deleting policy snapshot {name:?}: {e}{kept}"
+                    ));
                 }
             }
         }

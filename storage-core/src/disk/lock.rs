@@ -116,6 +116,25 @@ fn held_elsewhere(file: &File, byte: i64) -> io::Result<bool> {
     Ok(l.l_type != libc::F_UNLCK as libc::c_short)
 }
 
+/// How long a conflict is looked at again before it is believed: a process forked by
+/// another thread holds copies of every descriptor until it execs, so an image this
+/// process has just let go of can look held for a moment.
+const SETTLE: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// What another open's bytes say we may not do, if anything, once it has lasted
+/// [`SETTLE`].
+fn lasting_conflict(file: &File, read_only: bool) -> io::Result<Option<String>> {
+    let deadline = std::time::Instant::now() + SETTLE;
+    loop {
+        match conflict(file, read_only)? {
+            Some(_) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10))
+            }
+            found => return Ok(found),
+        }
+    }
+}
+
 /// What another open's bytes say we may not do, if anything.
 fn conflict(file: &File, read_only: bool) -> io::Result<Option<String>> {
     for &p in uses(read_only) {
@@ -187,7 +206,7 @@ impl ImageLock {
         if locking == Locking::Again {
             return Ok(Some(lock));
         }
-        match conflict(&lock.0, read_only) {
+        match lasting_conflict(&lock.0, read_only) {
             Ok(None) => Ok(Some(lock)),
             Ok(Some(why)) => fail(
                 StorageErrorKind::InUse,
@@ -215,7 +234,7 @@ impl ImageLock {
                 ));
             }
         }
-        match conflict(&self.0, false) {
+        match lasting_conflict(&self.0, false) {
             Ok(None) => Ok(()),
             Ok(Some(why)) => {
                 let _ = self.downgrade_to_read_only();

@@ -245,7 +245,7 @@ fn power_cuts_while_a_snapshot_is_deleted_lose_nothing() {
         let start = std::fs::read(&image).unwrap();
         let mut workload = Workload::new(setup.blocks, seed);
         let mut rng = power_cut::Rng(seed ^ 0x51);
-        let prepared = disk
+        let mut prepared = disk
             .stream_snapshot("s1", &mut |_, _| {
                 if rng.below(2) == 0 {
                     workload.step(&mut q, &faults);
@@ -253,7 +253,7 @@ fn power_cuts_while_a_snapshot_is_deleted_lose_nothing() {
                 true
             })
             .unwrap();
-        disk.commit_delete(prepared).unwrap();
+        disk.commit_delete(&mut prepared).unwrap();
         let committed = faults.mark();
         for _ in 0..100 {
             workload.step(&mut q, &faults);

@@ -53,6 +53,18 @@ impl PreparedDelete {
     pub fn snapshot_file(&self) -> &Path {
         &self.snapshot
     }
+
+    /// Removes the snapshot's file (synced), once [`Qcow2Disk::commit_delete`] took it out
+    /// of the chain (`committed`), or after the delete failed past the point where the
+    /// image above stopped naming it on disk. The snapshot is held for writing until
+    /// then, so no other program takes it up as a backing file meanwhile.
+    pub fn remove_file(mut self, committed: bool) -> io::Result<()> {
+        let removal = remove_snapshot_file(&self.snapshot);
+        if let Some(held) = self.held.take() {
+            held.end(&removal, !committed);
+        }
+        removal
+    }
 }
 
 fn err(kind: StorageErrorKind, msg: impl Into<String>) -> StorageError {
@@ -76,10 +88,27 @@ impl HeldForWriting {
         Ok(HeldForWriting(Some(image)))
     }
 
-    /// The image's file is about to go: it keeps the writer's bytes until then (they go
-    /// with its last handle).
+    /// The image's file is gone: the writer's bytes stay on it (nobody can open it by
+    /// name now) until its last handle goes.
     fn kept(mut self) {
         self.0 = None;
+    }
+
+    /// The image's file stays, but out of the chain: no lock of ours stays on it.
+    fn released(mut self) {
+        if let Some(image) = self.0.take() {
+            image.file.release_lock();
+        }
+    }
+
+    /// Ends the claim as the fate of the image's file says: removed (`removal` ok), or
+    /// left in (`in_chain`) or out of the chain.
+    fn end(self, removal: &io::Result<()>, in_chain: bool) {
+        match (removal, in_chain) {
+            (Ok(()), _) => self.kept(),
+            (Err(_), true) => drop(self),
+            (Err(_), false) => self.released(),
+        }
     }
 }
 
@@ -363,17 +392,23 @@ impl Qcow2Disk {
             }
             Ok(prepared)
         };
-        let mut prepared = reopen().inspect_err(|_| {
-            let _ = remove_snapshot_file(&layers[k].path);
-        })?;
+        // (A refusal here is no longer "nothing done": the header above changed.)
+        let mut prepared = reopen()
+            .inspect_err(|_| {
+                let _ = remove_snapshot_file(&layers[k].path);
+            })
+            .map_err(|e| match e.kind() {
+                StorageErrorKind::InUse => StorageError::new(StorageErrorKind::Io, e.to_string()),
+                _ => e,
+            })?;
         prepared.held = Some(snapshot_held);
         Ok(prepared)
     }
 
     /// Takes a streamed snapshot out of the chain in memory; the caller has stopped the
     /// queues (nothing in flight), which follow at their next request. The snapshot's
-    /// file is left for [`remove_snapshot_file`] once the queues go on.
-    pub fn commit_delete(&self, mut p: PreparedDelete) -> Result<PathBuf, StorageError> {
+    /// file is left for [`PreparedDelete::remove_file`] once the queues go on.
+    pub fn commit_delete(&self, p: &mut PreparedDelete) -> Result<PathBuf, StorageError> {
         let layers = self.layers();
         let above = match (layers.get(p.above), layers.get(p.above + 1)) {
             (Some(above), Some(snap)) if snap.path == p.snapshot => above,
@@ -423,9 +458,6 @@ impl Qcow2Disk {
         if let Some(AnyDisk::Qcow2(snap)) = &old_above.backing {
             release_below(&snap.active.get());
         }
-        if let Some(held) = p.held.take() {
-            held.kept();
-        }
         *above
             .active
             .shared
@@ -455,7 +487,7 @@ impl Qcow2Disk {
         // one (a clone's backing file).
         let newer = layers[1..k]
             .iter()
-            .map(|l| HeldForWriting::claim(l.active.get(), &l.path.display().to_string()))
+            .map(|l| HeldForWriting::claim(l.active.get(), "a newer snapshot the revert removes"))
             .collect::<Result<Vec<_>, _>>()?;
         // The new image copies the LUKS header whole: no keyslot change meanwhile.
         let _no_key_change = self
@@ -541,9 +573,6 @@ impl Qcow2Disk {
         // bytes until their files go, just below.
         top.file.release_lock();
         release_chain(&layers[k].active.get());
-        for held in newer {
-            held.kept();
-        }
         if let Err(e) = sync_dir(&path) {
             log::error!(
                 "{}: reverted, but syncing its directory failed ({e}): a power cut now could \
@@ -553,11 +582,13 @@ impl Qcow2Disk {
         }
         // The newer snapshots go (their data is no longer the disk's past).
         let mut removed = vec![];
-        for l in &layers[1..k] {
-            match std::fs::remove_file(&l.path) {
+        for (l, held) in layers[1..k].iter().zip(newer) {
+            let removal = std::fs::remove_file(&l.path);
+            match &removal {
                 Ok(()) => removed.push(l.path.clone()),
                 Err(e) => log::warn!("{}: not removed after the revert: {e}", l.path.display()),
             }
+            held.end(&removal, false);
         }
         let _ = sync_dir(&path);
         Ok(removed)
