@@ -74,7 +74,7 @@ fn err(kind: StorageErrorKind, msg: impl Into<String>) -> StorageError {
 /// A read-only image of the chain held for writing while a snapshot is deleted (its data
 /// copied into it, or its file removed): refused while another program, or another disk
 /// of this daemon, reads it (a clone's backing file would change, or go, under it). Back
-/// to a reader's lock when dropped, unless [`kept`](Self::kept) for a file that goes.
+/// to a reader's lock when dropped; [`end`](Self::end) ends it by the fate of the file.
 struct HeldForWriting(Option<Arc<Shared>>);
 
 impl HeldForWriting {
