@@ -144,6 +144,23 @@ fn disks_come_and_go_at_run_time_and_the_set_survives_a_restart() {
         .unwrap_or_else(|| panic!("{list}"));
     assert!(b_row.contains("connected"), "{list}");
 
+    // Its image is this daemon's: another disk of it is refused the image (an admin
+    // too), which is not a malformed request but a conflict.
+    let (code, _, err) = f.strata_as(
+        ADMIN,
+        &[
+            "disk",
+            "add",
+            "b2",
+            "--socket",
+            f.path("b2.sock").to_str().unwrap(),
+            "--disk",
+            &spec,
+        ],
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("409") && err.contains("in use"), "{err}");
+
     // In use: refused without force; force is the admin's.
     let (code, _, err) = f.strata_as(OPERATOR, &["disk", "remove", "b"]);
     assert_eq!(code, 1);

@@ -173,16 +173,7 @@ pub fn qemu_img_overlay(img: &Path, backing: &str, format: &str) {
 /// `qemu-img create`: a qcow2 image at `img` over the raw file `base.raw` beside it (named
 /// relatively, as users do), of the base's size.
 pub fn qemu_img_overlay_on_raw_base(img: &Path) {
-    qemu_img_ok(&[
-        "create",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        &img.to_string_lossy(),
-    ]);
+    qemu_img_overlay(img, "base.raw", "raw");
 }
 
 /// What the image at `img` (of any format qemu-img reads, with its backing chain) holds,

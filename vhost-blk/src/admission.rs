@@ -4,8 +4,9 @@
 //! name only regular files under the config's `operator-image-dirs`, reached without a
 //! symlink, and put its socket under `operator-socket-dirs`; block devices, RBD images,
 //! named throttle groups (another tenant's budget), `cache-format=force` and
-//! `locking=off` (another tenant's served image) are an admin's. Paths in disks added through the API are absolute for everyone: the daemon's
-//! working directory is not the caller's.
+//! `locking=off` (another tenant's served image) are an admin's. Paths in disks added
+//! through the API are absolute for everyone: the daemon's working directory is not the
+//! caller's.
 //!
 //! Checking a path and then opening it by name leaves a window in which an operator who
 //! can write the directory swaps the file for a symlink (to `/dev/sda`, or a dangling one

@@ -107,11 +107,7 @@ fn open_node(node: &NodeSpec, read_only: bool) -> Result<AnyDisk, StorageError> 
             locking,
         } => {
             let engine = leaf_engine(*engine, path)?;
-            let locking = if *locking {
-                super::lock::Locking::On
-            } else {
-                super::lock::Locking::Off
-            };
+            let locking = super::lock::Locking::on_if(*locking);
             RawDisk::open_locking(path, read_only, *direct, engine, locking).map(AnyDisk::Raw)
         }
         #[cfg(feature = "rbd")]
@@ -257,9 +253,7 @@ impl AnyDisk {
     /// images it leads to (backing files) follow.
     pub(crate) fn locking(&self) -> super::lock::Locking {
         match self {
-            AnyDisk::Raw(r) if r.locking() == super::lock::Locking::Off => {
-                super::lock::Locking::Off
-            }
+            AnyDisk::Raw(r) if !r.locks_image() => super::lock::Locking::Off,
             _ => super::lock::Locking::On,
         }
     }

@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::spec::KeySource;
-use super::spec::{bad, null_size, on_off, parse_engine, parse_serial, TierOptions};
+use super::spec::{bad, null_size, on_off, parse_engine, parse_locking, parse_serial, TierOptions};
 use super::{DiskSpec, NodeSpec, RbdSpec, SpecError, ThrottleSpec};
 use crate::crypto::key_file::Passphrase;
 use crate::throttle::{ThrottleGroup, ThrottleLimits};
@@ -447,11 +447,9 @@ impl GraphSpec {
                     (None, Some(v)) => Some(parse_engine("engine", &v)?),
                     (None, None) => None,
                 };
-                // QEMU's auto means on where OFD locks exist, as they do on every Linux
-                // this runs on.
-                let locking = match take(&mut opts, "locking").as_deref() {
-                    None | Some("auto") => true,
-                    Some(v) => on_off("locking", v)?,
+                let locking = match take(&mut opts, "locking") {
+                    Some(v) => parse_locking(&v)?,
+                    None => true,
                 };
                 NodeSpec::File {
                     path: PathBuf::from(path),
@@ -834,6 +832,25 @@ mod tests {
                 locking: true,
             }
         );
+    }
+
+    #[test]
+    fn a_file_node_takes_locking_on_off_or_auto() {
+        let locking = |value: &str| {
+            graph(
+                &[&format!(
+                    "driver=file,node-name=f,filename=/a.img,locking={value}"
+                )],
+                &[],
+            )?
+            .disk("f", false, None)
+            .map(|d| matches!(d.root, NodeSpec::File { locking: true, .. }))
+        };
+        assert!(locking("on").unwrap());
+        assert!(locking("auto").unwrap());
+        assert!(!locking("off").unwrap());
+        let e = locking("sometimes").unwrap_err().to_string();
+        assert!(e.contains("locking"), "{e}");
     }
 
     #[test]

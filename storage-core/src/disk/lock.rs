@@ -81,12 +81,30 @@ pub enum Locking {
     Off,
 }
 
-fn ofd(file: &File, cmd: libc::c_int, kind: libc::c_int, byte: i64) -> io::Result<libc::flock> {
+/// An OFD lock command on `len` bytes from `byte`.
+impl Locking {
+    /// The spec's `locking=on` (true) or `off`.
+    pub fn on_if(on: bool) -> Locking {
+        if on {
+            Locking::On
+        } else {
+            Locking::Off
+        }
+    }
+}
+
+fn ofd(
+    file: &File,
+    cmd: libc::c_int,
+    kind: libc::c_int,
+    byte: i64,
+    len: i64,
+) -> io::Result<libc::flock> {
     let mut lock = libc::flock {
         l_type: kind as libc::c_short,
         l_whence: libc::SEEK_SET as libc::c_short,
         l_start: byte,
-        l_len: 1,
+        l_len: len,
         // OFD locks require 0 here.
         l_pid: 0,
     };
@@ -102,17 +120,18 @@ fn ofd(file: &File, cmd: libc::c_int, kind: libc::c_int, byte: i64) -> io::Resul
 /// Takes a shared lock on `byte` (never blocks: only an exclusive lock would stop it, and
 /// nobody takes one on these bytes).
 fn take(file: &File, byte: i64) -> io::Result<()> {
-    ofd(file, libc::F_OFD_SETLK, libc::F_RDLCK, byte).map(drop)
+    ofd(file, libc::F_OFD_SETLK, libc::F_RDLCK, byte, 1).map(drop)
 }
 
-fn release(file: &File, byte: i64) -> io::Result<()> {
-    ofd(file, libc::F_OFD_SETLK, libc::F_UNLCK, byte).map(drop)
+/// Releases `len` bytes from `byte` (those not held need no care).
+fn release(file: &File, byte: i64, len: i64) -> io::Result<()> {
+    ofd(file, libc::F_OFD_SETLK, libc::F_UNLCK, byte, len).map(drop)
 }
 
 /// Whether another open description holds any lock on `byte` (as QEMU's
 /// `qemu_lock_fd_test`: would an exclusive lock be refused).
 fn held_elsewhere(file: &File, byte: i64) -> io::Result<bool> {
-    let l = ofd(file, libc::F_OFD_GETLK, libc::F_WRLCK, byte)?;
+    let l = ofd(file, libc::F_OFD_GETLK, libc::F_WRLCK, byte, 1)?;
     Ok(l.l_type != libc::F_UNLCK as libc::c_short)
 }
 
@@ -182,40 +201,61 @@ impl ImageLock {
         if locking == Locking::Off {
             return Ok(None);
         }
-        let fail = |kind, msg: String| Err(StorageError::new(kind, msg).with_path(path));
-        let cannot = |msg: String| fail(StorageErrorKind::Open, msg);
         // The same file whatever `path` leads to by now: reopened through our descriptor.
-        let lock = match File::open(format!("/proc/self/fd/{}", file.as_raw_fd())) {
-            Ok(f) => ImageLock(f),
-            Err(e) => return cannot(format!("cannot open the image for its lock: {e}")),
-        };
-        // As QEMU: take first, then check, so that two opens racing each see the other.
+        let lock = File::open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+            .map(ImageLock)
+            .map_err(|e| {
+                StorageError::new(
+                    StorageErrorKind::Open,
+                    format!("cannot open the image for its lock: {e}"),
+                )
+                .with_path(path)
+            })?;
         // (A failure drops `lock`, and with it whatever it took.)
+        let advice = |kind| match kind {
+            StorageErrorKind::InUse => {
+                ". Stop that user (QEMU, qemu-img, another daemon), or give locking=off if \
+                 the image is shared on purpose"
+            }
+            _ => "; give locking=off if the file system has no byte locks",
+        };
+        match lock.hold(read_only, locking == Locking::On) {
+            Ok(()) => Ok(Some(lock)),
+            Err((kind, why)) => {
+                Err(StorageError::new(kind, format!("{why}{}", advice(kind))).with_path(path))
+            }
+        }
+    }
+
+    /// Takes a reader's or a writer's bytes (beside any this lock holds) and, when
+    /// `check`, looks for another open they conflict with, as QEMU does: take first,
+    /// then check, so that two opens racing each see the other.
+    fn hold(&self, read_only: bool, check: bool) -> Result<(), (StorageErrorKind, String)> {
         let bytes = uses(read_only)
             .iter()
             .map(|&p| PERM_BASE + p as i64)
             .chain(UNSHARED.iter().map(|&p| SHARED_BASE + p as i64));
         for byte in bytes {
-            if let Err(e) = take(&lock.0, byte) {
-                return cannot(format!(
-                    "cannot take the image's lock ({e}); give locking=off if the file \
-                     system has no byte locks"
-                ));
-            }
+            take(&self.0, byte).map_err(|e| {
+                (
+                    StorageErrorKind::Open,
+                    format!("cannot take the image's lock ({e})"),
+                )
+            })?;
         }
-        if locking == Locking::Again {
-            return Ok(Some(lock));
+        if !check {
+            return Ok(());
         }
-        match lasting_conflict(&lock.0, read_only) {
-            Ok(None) => Ok(Some(lock)),
-            Ok(Some(why)) => fail(
+        match lasting_conflict(&self.0, read_only) {
+            Ok(None) => Ok(()),
+            Ok(Some(why)) => Err((
                 StorageErrorKind::InUse,
-                format!(
-                    "the image is in use: {why}. Stop that user (QEMU, qemu-img, another \
-                     daemon), or give locking=off if the image is shared on purpose"
-                ),
-            ),
-            Err(e) => cannot(format!("cannot test the image's lock: {e}")),
+                format!("the image is in use: {why}"),
+            )),
+            Err(e) => Err((
+                StorageErrorKind::Open,
+                format!("cannot test the image's lock ({e})"),
+            )),
         }
     }
 
@@ -224,51 +264,25 @@ impl ImageLock {
     /// while any other open reads the image: another program, or another disk of this
     /// one (a clone's backing file).
     pub fn upgrade_to_writer(&self, path: &Path) -> Result<(), StorageError> {
-        let err = |kind, msg: String| StorageError::new(kind, msg).with_path(path);
-        for p in [Perm::Write, Perm::Resize] {
-            if let Err(e) = take(&self.0, PERM_BASE + p as i64) {
-                let _ = self.downgrade_to_read_only();
-                return Err(err(
-                    StorageErrorKind::Open,
-                    format!("cannot take the image's lock: {e}"),
-                ));
-            }
-        }
-        match lasting_conflict(&self.0, false) {
-            Ok(None) => Ok(()),
-            Ok(Some(why)) => {
-                let _ = self.downgrade_to_read_only();
-                Err(err(
-                    StorageErrorKind::InUse,
-                    format!("the image is in use: {why}"),
-                ))
-            }
-            Err(e) => {
-                let _ = self.downgrade_to_read_only();
-                Err(err(
-                    StorageErrorKind::Open,
-                    format!("cannot test the image's lock: {e}"),
-                ))
-            }
-        }
+        self.hold(false, true).map_err(|(kind, why)| {
+            let _ = self.downgrade_to_read_only();
+            StorageError::new(kind, why).with_path(path)
+        })
     }
 
     /// Keeps only a reader's bytes: the image is read-only from now on (it became a
     /// snapshot), and others may open it as a backing file.
     pub fn downgrade_to_read_only(&self) -> io::Result<()> {
         for p in [Perm::Write, Perm::Resize] {
-            release(&self.0, PERM_BASE + p as i64)?;
+            release(&self.0, PERM_BASE + p as i64, 1)?;
         }
         Ok(())
     }
 
     /// Releases every byte now (a disk closing while its handles live on in queues still
-    /// winding down).
+    /// winding down): 100 to 299, QEMU's whole range.
     pub fn release(&self) -> io::Result<()> {
-        for byte in (PERM_BASE..PERM_BASE + 4).chain(SHARED_BASE..SHARED_BASE + 4) {
-            release(&self.0, byte)?;
-        }
-        Ok(())
+        release(&self.0, PERM_BASE, 2 * (SHARED_BASE - PERM_BASE))
     }
 }
 
@@ -288,6 +302,18 @@ impl LockedFile {
     /// The lock, unless the image was opened with `locking=off`.
     pub fn lock(&self) -> Option<&ImageLock> {
         self.lock.as_ref()
+    }
+
+    /// Keeps a reader's bytes only ([`ImageLock::downgrade_to_read_only`]), if locked.
+    pub fn downgrade_to_read_only(&self) -> io::Result<()> {
+        self.lock
+            .as_ref()
+            .map_or(Ok(()), ImageLock::downgrade_to_read_only)
+    }
+
+    /// Releases every byte now ([`ImageLock::release`]), if locked.
+    pub fn release(&self) -> io::Result<()> {
+        self.lock.as_ref().map_or(Ok(()), ImageLock::release)
     }
 }
 

@@ -25,9 +25,6 @@ pub struct RawDisk {
     /// it covered may be lost and the kernel will not say so again (it reports a writeback
     /// error once), so every later flush fails with it, as QEMU's file-posix does.
     flush_error: Arc<AtomicI32>,
-    /// How the image's lock bytes were taken: a node opening the image again takes them
-    /// the same way ([`Locking::Again`] unless off).
-    locking: Locking,
     /// Tests only: the queues' engines inject these faults.
     #[cfg(test)]
     faults: Option<Arc<crate::engine::faulty::Faults>>,
@@ -85,7 +82,6 @@ impl RawDisk {
             .with_path(path));
         }
         Ok(RawDisk {
-            locking,
             flush_error: Arc::default(),
             #[cfg(test)]
             faults: None,
@@ -106,18 +102,16 @@ impl RawDisk {
         })
     }
 
-    /// How the image's lock bytes were taken.
-    pub(crate) fn locking(&self) -> Locking {
-        self.locking
+    /// Whether the image's lock bytes are held (not `locking=off`).
+    pub(crate) fn locks_image(&self) -> bool {
+        self.file.lock().is_some()
     }
 
     /// The image is read-only from now on (it became a snapshot): keep only a reader's
     /// lock bytes, so that others may read it too.
     pub(crate) fn hold_read_only(&self) {
-        if let Some(lock) = self.file.lock() {
-            if let Err(e) = lock.downgrade_to_read_only() {
-                log::warn!("{}: downgrading the image's lock: {e}", self.info.path);
-            }
+        if let Err(e) = self.file.downgrade_to_read_only() {
+            log::warn!("{}: downgrading the image's lock: {e}", self.info.path);
         }
     }
 
@@ -135,10 +129,8 @@ impl RawDisk {
 
     /// Lets go of the image's lock bytes now, whoever still holds the file.
     pub(crate) fn release_lock(&self) {
-        if let Some(lock) = self.file.lock() {
-            if let Err(e) = lock.release() {
-                log::warn!("{}: releasing the image's lock: {e}", self.info.path);
-            }
+        if let Err(e) = self.file.release() {
+            log::warn!("{}: releasing the image's lock: {e}", self.info.path);
         }
     }
 

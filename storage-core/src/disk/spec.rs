@@ -319,6 +319,15 @@ pub(super) fn parse_serial(value: &str) -> Result<String, SpecError> {
     Ok(value.to_string())
 }
 
+/// `locking=`: on, off, or QEMU's auto, which is on where OFD locks exist, as they do on
+/// every Linux this runs on.
+pub(super) fn parse_locking(value: &str) -> Result<bool, SpecError> {
+    match value {
+        "auto" => Ok(true),
+        _ => on_off("locking", value),
+    }
+}
+
 pub(super) fn parse_engine(key: &str, value: &str) -> Result<EngineKind, SpecError> {
     match value {
         "io_uring" => Ok(EngineKind::IoUring),
@@ -449,9 +458,7 @@ impl DiskSpec {
                 "size" => size = Some(null_size(value)?),
                 "readonly" => read_only = Some(on_off("readonly", value)?),
                 "direct" => direct = Some(on_off("direct", value)?),
-                // QEMU's auto: on where OFD locks exist, as on every Linux this runs on.
-                "locking" if value == "auto" => locking = Some(true),
-                "locking" => locking = Some(on_off("locking", value)?),
+                "locking" => locking = Some(parse_locking(value)?),
                 "read-zeroes" => read_zeroes = Some(on_off("read-zeroes", value)?),
                 // Explicit, never guessed from a writable image's contents.
                 "format" => match value {
@@ -653,6 +660,33 @@ mod tests {
         );
         assert!(spec.read_only);
         assert_eq!(spec.serial.as_deref(), Some("abc"));
+    }
+
+    #[test]
+    fn locking_is_on_off_or_auto_and_reaches_the_cache() {
+        let locking = |spec: &str| -> Result<(bool, Option<bool>), SpecError> {
+            let d: DiskSpec = spec.parse()?;
+            Ok(match d.root {
+                NodeSpec::File { locking, .. } => (locking, None),
+                NodeSpec::Tier { capacity, tier, .. } => match *capacity {
+                    NodeSpec::File { locking, .. } => (locking, Some(tier.locking)),
+                    other => panic!("{other:?}"),
+                },
+                other => panic!("{other:?}"),
+            })
+        };
+        assert_eq!(locking("path=/a.img").unwrap(), (true, None));
+        assert_eq!(locking("path=/a.img,locking=auto").unwrap(), (true, None));
+        assert_eq!(locking("path=/a.img,locking=off").unwrap(), (false, None));
+        assert_eq!(
+            locking("path=/a.img,locking=off,cache=/c,cache-size=1M").unwrap(),
+            (false, Some(false))
+        );
+        let e = locking("path=/a.img,locking=maybe")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("locking"), "{e}");
+        assert!(locking("path=null,size=1M,locking=off").is_err());
     }
 
     #[test]

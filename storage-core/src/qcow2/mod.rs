@@ -660,8 +660,8 @@ impl Drop for PreparedSnapshot {
 fn file_like(like: &AnyDisk, path: &Path, read_only: bool) -> Result<AnyDisk, StorageError> {
     // The image is this process's already (or new): its lock bytes are taken again,
     // not checked against the open it sits beside.
-    let locking = match like {
-        AnyDisk::Raw(r) if r.locking() == Locking::Off => Locking::Off,
+    let locking = match like.locking() {
+        Locking::Off => Locking::Off,
         _ => Locking::Again,
     };
     #[allow(unused_mut)] // Tests give it `like`'s recorded faults.

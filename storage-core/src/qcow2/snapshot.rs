@@ -61,7 +61,7 @@ impl PreparedDelete {
     pub fn remove_file(mut self, committed: bool) -> io::Result<()> {
         let removal = remove_snapshot_file(&self.snapshot);
         if let Some(held) = self.held.take() {
-            held.end(&removal, !committed);
+            held.end(removal.is_ok(), !committed);
         }
         removal
     }
@@ -88,26 +88,15 @@ impl HeldForWriting {
         Ok(HeldForWriting(Some(image)))
     }
 
-    /// The image's file is gone: the writer's bytes stay on it (nobody can open it by
-    /// name now) until its last handle goes.
-    fn kept(mut self) {
-        self.0 = None;
-    }
-
-    /// The image's file stays, but out of the chain: no lock of ours stays on it.
-    fn released(mut self) {
-        if let Some(image) = self.0.take() {
-            image.file.release_lock();
-        }
-    }
-
-    /// Ends the claim as the fate of the image's file says: removed (`removal` ok), or
-    /// left in (`in_chain`) or out of the chain.
-    fn end(self, removal: &io::Result<()>, in_chain: bool) {
-        match (removal, in_chain) {
-            (Ok(()), _) => self.kept(),
-            (Err(_), true) => drop(self),
-            (Err(_), false) => self.released(),
+    /// Ends the claim as the fate of the image's file says: `removed` (the writer's bytes
+    /// stay on it, nobody can open it by name now), else left in the chain (back to a
+    /// reader's) or out of it (no lock of ours stays on it).
+    fn end(mut self, removed: bool, in_chain: bool) {
+        let Some(image) = self.0.take() else { return };
+        match (removed, in_chain) {
+            (true, _) => {}
+            (false, true) => image.file.hold_read_only(),
+            (false, false) => image.file.release_lock(),
         }
     }
 }
@@ -588,7 +577,7 @@ impl Qcow2Disk {
                 Ok(()) => removed.push(l.path.clone()),
                 Err(e) => log::warn!("{}: not removed after the revert: {e}", l.path.display()),
             }
-            held.end(&removal, false);
+            held.end(removal.is_ok(), false);
         }
         let _ = sync_dir(&path);
         Ok(removed)

@@ -31,10 +31,7 @@ impl Dev {
 
     /// Lets go of the file's lock bytes (the tier is closing).
     pub(crate) fn unlock(&self) -> io::Result<()> {
-        match self.file.lock() {
-            Some(lock) => lock.release(),
-            None => Ok(()),
-        }
+        self.file.release()
     }
 
     #[cfg(not(test))]

@@ -94,11 +94,7 @@ impl TieredDisk {
             &cache,
             &spec.cache,
             false,
-            if spec.locking {
-                crate::disk::lock::Locking::On
-            } else {
-                crate::disk::lock::Locking::Off
-            },
+            crate::disk::lock::Locking::on_if(spec.locking),
         )?;
         // An empty file holds nothing to lose: it is new (one an admission check created).
         let created = created || (cache_meta.is_file() && cache_meta.len() == 0);
