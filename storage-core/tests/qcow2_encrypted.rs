@@ -5,7 +5,7 @@
 //! same, and `qemu-img check` finds the image consistent. Images we create and snapshots
 //! we take open in qemu-img with the same passphrase. No file holds plaintext.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use storage_core::crypto::KeyslotCost;
 use storage_core::disk::graph::GraphSpec;
@@ -509,15 +509,11 @@ fn write_luks_header(img: &Path, bytes: &[u8]) {
     f.write_all_at(bytes, at).unwrap();
 }
 
-/// A passphrase change reaches the snapshots (their headers become the top's again, even
-/// one a failed copy left behind); a chain image with a master key of its own is refused
-/// by name.
-#[test]
-fn passphrase_changes_reach_every_image_holding_the_key() {
-    use storage_core::crypto::keyslots::KeyslotChanges;
-    let dir = tempfile::tempdir().unwrap();
-    let key = key_file(dir.path(), PASS);
-    let img = dir.path().join("disk.qcow2");
+/// An encrypted qcow2 image served in `dir` with one snapshot taken: the key file, the
+/// image, its node and the snapshot's file.
+fn encrypted_disk_with_snapshot(dir: &Path) -> (PathBuf, PathBuf, AnyDisk, PathBuf) {
+    let key = key_file(dir, PASS);
+    let img = dir.join("disk.qcow2");
     create_encrypted(&img, MIB);
     let disk = open(&spec(&img, &key)).unwrap();
     let AnyDisk::Qcow2(q2) = &disk else {
@@ -526,6 +522,60 @@ fn passphrase_changes_reach_every_image_holding_the_key() {
     let s1 = q2
         .commit_snapshot(q2.prepare_snapshot("s1").unwrap())
         .unwrap();
+    (key, img, disk, s1)
+}
+
+/// A keyslot change writes the snapshots' LUKS headers, so it is refused (nothing written
+/// anywhere) while another program reads a snapshot, as a clone's backing file; it goes
+/// through once the reader has gone, and the snapshot is a reader's again after it.
+#[test]
+fn a_passphrase_change_waits_for_no_reader_of_a_snapshot() {
+    use storage_core::crypto::keyslots::KeyslotChanges;
+    use storage_core::error::StorageErrorKind;
+    let dir = tempfile::tempdir().unwrap();
+    let (key, img, disk, s1) = encrypted_disk_with_snapshot(dir.path());
+    let AnyDisk::Qcow2(q2) = &disk else {
+        unreachable!()
+    };
+    let (top_before, s1_before) = (luks_header_of(&img), luks_header_of(&s1));
+    let reader = open(&format!("{},readonly=on", spec(&s1, &key))).unwrap();
+    let e = q2
+        .change_passphrase(PASS.as_bytes(), b"the new one", &KeyslotCost::minimal())
+        .expect_err("refused while the snapshot has a reader");
+    assert_eq!(e.kind(), StorageErrorKind::InUse, "{e}");
+    assert!(e.to_string().contains("s1"), "names the snapshot: {e}");
+    assert_eq!(
+        luks_header_of(&img),
+        top_before,
+        "the top's header unchanged"
+    );
+    assert_eq!(
+        luks_header_of(&s1),
+        s1_before,
+        "the snapshot's header unchanged"
+    );
+    drop(reader);
+    q2.change_passphrase(PASS.as_bytes(), b"the new one", &KeyslotCost::minimal())
+        .unwrap();
+    assert_eq!(luks_header_of(&img), luks_header_of(&s1));
+    // Back to a reader's lock: another reader opens the snapshot.
+    let new_dir = dir.path().join("new");
+    std::fs::create_dir(&new_dir).unwrap();
+    let new = key_file(&new_dir, "the new one");
+    drop(open(&format!("{},readonly=on", spec(&s1, &new))).unwrap());
+}
+
+/// A passphrase change reaches the snapshots (their headers become the top's again, even
+/// one a failed copy left behind); a chain image with a master key of its own is refused
+/// by name.
+#[test]
+fn passphrase_changes_reach_every_image_holding_the_key() {
+    use storage_core::crypto::keyslots::KeyslotChanges;
+    let dir = tempfile::tempdir().unwrap();
+    let (key, img, disk, s1) = encrypted_disk_with_snapshot(dir.path());
+    let AnyDisk::Qcow2(q2) = &disk else {
+        unreachable!()
+    };
     let before = luks_header_of(&s1);
     q2.add_keyslot(PASS.as_bytes(), b"second", &KeyslotCost::minimal())
         .unwrap();

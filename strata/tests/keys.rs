@@ -339,20 +339,39 @@ fn an_encrypted_qcow2_disk_changes_the_passphrase_of_its_whole_chain() {
     strata(&api, &["snapshot", "create", "vm", "s1"]);
     client.queue(0).write(1 << 20, &second).unwrap();
     let o = |p: &Path| p.to_str().unwrap().to_string();
-    strata(
-        &api,
-        &[
-            "key",
-            "change",
-            "vm",
-            "--key-file",
-            &o(&old),
-            "--new-key-file",
-            &o(&new),
-            "--iter-time",
-            "10",
-        ],
+    let change = [
+        "key",
+        "change",
+        "vm",
+        "--key-file",
+        &o(&old),
+        "--new-key-file",
+        &o(&new),
+        "--iter-time",
+        "10",
+    ];
+    // The change writes the snapshot's LUKS header: refused while another program (here a
+    // clone's backing file, opened read-only) reads the snapshot, and nothing changes.
+    let s1 = d.join("vm@s1.qcow2");
+    let reader = testkit::workload::open(&format!(
+        "path={},format=qcow2,key-file={},readonly=on",
+        s1.display(),
+        old.display()
+    ))
+    .unwrap_or_else(|e| panic!("a reader opens the snapshot: {e}"));
+    let (ok, _, err) = strata_run(&api, &change);
+    assert!(
+        !ok && err.contains("409") && err.contains("vm@s1.qcow2"),
+        "{err}"
     );
+    drop(reader);
+    assert!(
+        testkit::tools::qemu_img_decrypted(&s1, 0, &old).is_some()
+            && testkit::tools::qemu_img_decrypted(&s1, 0, &new).is_none()
+            && testkit::tools::qemu_img_decrypted(&img, 1, &new).is_none(),
+        "the refused change added the new passphrase nowhere and left the old one"
+    );
+    strata(&api, &change);
     strata(&api, &["snapshot", "create", "vm", "s2"]);
     let v: serde_json::Value =
         serde_json::from_str(&strata(&api, &["--json", "key", "list", "vm"])).unwrap();
@@ -368,7 +387,6 @@ fn an_encrypted_qcow2_disk_changes_the_passphrase_of_its_whole_chain() {
         testkit::tools::qemu_img_decrypted(&img, 2, &new) == Some(want.clone()),
         "qemu-img opens the whole chain with the new passphrase"
     );
-    let s1 = d.join("vm@s1.qcow2");
     assert!(
         testkit::tools::qemu_img_decrypted(&s1, 0, &new).is_some(),
         "the first snapshot takes the new passphrase"

@@ -594,6 +594,27 @@ fn an_operators_disks_stay_inside_the_configured_directories() {
         ],
     );
     assert_eq!(code, 0, "{err}");
+    // A second disk on the same image is a conflict, named by the operator's path (the
+    // daemon opened it through /proc/self/fd).
+    let (code, _, err) = f.strata_as(
+        OPERATOR,
+        &[
+            "disk",
+            "add",
+            "op2",
+            "--socket",
+            f.path("op2.sock").to_str().unwrap(),
+            "--disk",
+            &spec,
+        ],
+    );
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("409")
+            && err.contains(&image.display().to_string())
+            && !err.contains("/proc/self/fd"),
+        "{err}"
+    );
     let outside = f.path("outside.img");
     std::fs::write(&outside, vec![0u8; 1 << 20]).unwrap();
     let escape = f.path("images/escape.img");

@@ -438,7 +438,10 @@ fn a_snapshot_is_open_to_readers_while_the_image_stays_locked() {
     testkit::tools::qemu_img_overlay(&clone, "vm@s2.qcow2", "qcow2");
     let mut qsd = testkit::daemon::qsd_serving_qcow2(&clone, &dir.path().join("qsd.sock"));
     let (ok, out, err) = strata_run(&api, &["snapshot", "delete", "vm", "s2", "--wait"]);
-    assert!(!ok && err.contains("in use"), "{out}{err}");
+    assert!(
+        !ok && err.contains("in use") && err.contains("vm@s2.qcow2: "),
+        "names the snapshot's file: {out}{err}"
+    );
     assert!(s2.exists());
     assert!(
         !locked(&s2),
@@ -456,7 +459,7 @@ fn a_snapshot_is_open_to_readers_while_the_image_stays_locked() {
     let mut qsd = testkit::daemon::qsd_serving_qcow2(&clone, &dir.path().join("qsd.sock"));
     let (ok, out, err) = strata_run(&api, &["snapshot", "revert", "vm", "s3"]);
     assert!(
-        !ok && err.contains("409") && err.contains("in use"),
+        !ok && err.contains("409") && err.contains("in use") && err.contains("vm@s4.qcow2: "),
         "{out}{err}"
     );
     assert!(s4.exists() && !locked(&s4));

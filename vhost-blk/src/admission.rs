@@ -35,6 +35,21 @@ pub struct OperatorPaths {
 pub struct Admitted {
     pub spec: DiskSpec,
     pub held: Vec<OwnedFd>,
+    /// Each `/proc/self/fd` path given and the name the caller gave for it.
+    names: Vec<(String, String)>,
+}
+
+impl Admitted {
+    /// `text` (an error from opening the disk) with the caller's names for its files in
+    /// place of the `/proc/self/fd` paths the daemon opened them by.
+    pub fn with_caller_names(&self, text: &str) -> String {
+        // Longest first: /proc/self/fd/1 is a prefix of /proc/self/fd/12.
+        let mut names: Vec<_> = self.names.iter().collect();
+        names.sort_by_key(|(by_fd, _)| std::cmp::Reverse(by_fd.len()));
+        names
+            .iter()
+            .fold(text.to_string(), |t, (by_fd, name)| t.replace(by_fd, name))
+    }
 }
 
 /// Refuses what the caller may not add (`Err` names the path and the rule); for an
@@ -60,6 +75,7 @@ pub fn check(
         return Ok(Admitted {
             spec: spec.clone(),
             held: Vec::new(),
+            names: Vec::new(),
         });
     }
     if let Some(what) = admin_only_parts.first() {
@@ -82,6 +98,7 @@ pub fn check(
     .map_err(|e| format!("{}: {e}", socket.display()))?;
     let mut spec = spec.clone();
     let mut held = Vec::new();
+    let mut names = Vec::new();
     let mut err = None;
     spec.root.files_mut(&mut |path, create| {
         if err.is_some() {
@@ -89,7 +106,9 @@ pub fn check(
         }
         match open_checked(path, create, allowed) {
             Ok(fd) => {
-                *path = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+                let by_fd = format!("/proc/self/fd/{}", fd.as_raw_fd());
+                names.push((by_fd.clone(), path.display().to_string()));
+                *path = PathBuf::from(by_fd);
                 held.push(fd);
             }
             Err(e) => err = Some(e),
@@ -97,7 +116,7 @@ pub fn check(
     });
     match err {
         Some(e) => Err(e),
-        None => Ok(Admitted { spec, held }),
+        None => Ok(Admitted { spec, held, names }),
     }
 }
 
@@ -264,6 +283,22 @@ mod tests {
 
     fn spec(text: &str) -> DiskSpec {
         text.parse().unwrap()
+    }
+
+    #[test]
+    fn errors_name_the_callers_files_not_the_descriptors() {
+        let admitted = Admitted {
+            spec: spec("path=null,size=1M"),
+            held: Vec::new(),
+            names: vec![
+                ("/proc/self/fd/1".into(), "/img/a.img".into()),
+                ("/proc/self/fd/12".into(), "/img/cache.img".into()),
+            ],
+        };
+        assert_eq!(
+            admitted.with_caller_names("/proc/self/fd/12: in use; /proc/self/fd/1: fine"),
+            "/img/cache.img: in use; /img/a.img: fine"
+        );
     }
 
     #[test]

@@ -418,7 +418,11 @@ async fn add(
         )
         .map_err(|m| ApiError::new(StatusCode::FORBIDDEN, m))?;
         let open_as = (!admitted.held.is_empty()).then_some(&admitted.spec);
-        disks.add(config.clone(), open_as, true).map_err(set_error)
+        disks.add(config.clone(), open_as, true).map_err(|e| {
+            let mut answer = set_error(e);
+            answer.message = admitted.with_caller_names(&answer.message);
+            answer
+        })
     })
     .await??;
     Ok((StatusCode::CREATED, Json(disk_json(&server, kept))).into_response())
@@ -726,7 +730,11 @@ fn keyslot_error(id: &str, e: storage_core::error::StorageError) -> ApiError {
     match e.kind() {
         StorageErrorKind::InvalidArgument => ApiError::bad_request(format!("disk {id:?}: {e}")),
         StorageErrorKind::NotFound => ApiError::not_found(format!("disk {id:?}: {e}")),
-        StorageErrorKind::Unsupported => ApiError::conflict(format!("disk {id:?}: {e}")),
+        // Unsupported: the disk cannot take the change; InUse: a snapshot whose header the
+        // change writes has a reader.
+        StorageErrorKind::Unsupported | StorageErrorKind::InUse => {
+            ApiError::conflict(format!("disk {id:?}: {e}"))
+        }
         _ => ApiError::internal(format!("disk {id:?}: {e}")),
     }
 }

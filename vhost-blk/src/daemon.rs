@@ -487,7 +487,7 @@ impl Daemon {
                 Ok(admitted) => {
                     disks
                         .add(d, Some(&admitted.spec), false)
-                        .map_err(anyhow::Error::from)?;
+                        .map_err(|e| anyhow::anyhow!(admitted.with_caller_names(&e.to_string())))?;
                 }
                 Err(e) => log::error!("disk {}: not served: {e}", d.id()),
             }

@@ -234,9 +234,9 @@ impl AnyDisk {
 
     /// A file node's read-only image is to be written for a while (see
     /// [`RawDisk::hold_for_writing`]). Other nodes hold no image locks of their own.
-    pub(crate) fn hold_for_writing(&self) -> Result<(), StorageError> {
+    pub(crate) fn hold_for_writing(&self, path: &std::path::Path) -> Result<(), StorageError> {
         match self {
-            AnyDisk::Raw(r) => r.hold_for_writing(),
+            AnyDisk::Raw(r) => r.hold_for_writing(path),
             _ => Ok(()),
         }
     }

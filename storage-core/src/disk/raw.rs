@@ -115,14 +115,15 @@ impl RawDisk {
         }
     }
 
-    /// The image is to be written for a while though it is read-only (a snapshot being
-    /// deleted): refused while another open reads it ([`ImageLock::upgrade_to_writer`]);
+    /// The image, at `path` now (a snapshot renamed it since it opened), is to be written
+    /// for a while though it is read-only (a snapshot being deleted, its LUKS keyslots
+    /// changing): refused while another open reads it ([`ImageLock::upgrade_to_writer`]);
     /// [`hold_read_only`](Self::hold_read_only) ends it.
     ///
     /// [`ImageLock::upgrade_to_writer`]: super::lock::ImageLock::upgrade_to_writer
-    pub(crate) fn hold_for_writing(&self) -> Result<(), StorageError> {
+    pub(crate) fn hold_for_writing(&self, path: &Path) -> Result<(), StorageError> {
         match self.file.lock() {
-            Some(lock) => lock.upgrade_to_writer(Path::new(&self.info.path)),
+            Some(lock) => lock.upgrade_to_writer(path),
             None => Ok(()),
         }
     }

@@ -14,6 +14,9 @@
 //!
 //! The top's header is written through its node; a snapshot's through a descriptor of its
 //! own (read-only to the data path, not to its keyslots), inside the header's clusters.
+//! A change holds every snapshot it writes for writing (QEMU's lock bytes, see
+//! [`crate::disk::lock`]) from before its first write to its end, so it is refused while
+//! another program, or another disk of this daemon, reads one of them.
 
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -21,6 +24,7 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use super::snapshot::HeldForWriting;
 use super::{AnyDisk, Qcow2Disk, Shared};
 use crate::crypto::keyslots::{self, KeyslotChanges, SlotInfo};
 use crate::crypto::{luks1, CryptoError, ImageIo, KeyslotCost};
@@ -81,6 +85,9 @@ impl ImageIo for HeaderRegion {
 struct KeyImage {
     path: String,
     io: HeaderRegion,
+    /// A snapshot's claim on its file while its header is written: the header is part of
+    /// what a program reading the snapshot (a clone's backing file) sees.
+    _held: Option<HeldForWriting>,
 }
 
 /// Where the keyslot material starts in a LUKS1 header area: what follows the header's
@@ -163,6 +170,7 @@ impl Qcow2Disk {
             let mut img = KeyImage {
                 path,
                 io: HeaderRegion { target, at, len },
+                _held: None,
             };
             let d = digest(&mut img.io, &img.path)?;
             match first_digest {
@@ -175,6 +183,14 @@ impl Qcow2Disk {
                          elsewhere): change its passphrases with qemu-img amend",
                     ))
                 }
+            }
+            if all && i > 0 {
+                // Claimed before anything is written: every snapshot's or none.
+                img._held = Some(HeldForWriting::claim(
+                    shared,
+                    &name,
+                    "an image of the chain whose LUKS header the change writes",
+                )?);
             }
             out.push(img);
             if !all {

@@ -72,14 +72,20 @@ fn err(kind: StorageErrorKind, msg: impl Into<String>) -> StorageError {
 }
 
 /// A read-only image of the chain held for writing while a snapshot is deleted (its data
-/// copied into it, or its file removed): refused while another program, or another disk
-/// of this daemon, reads it (a clone's backing file would change, or go, under it). Back
-/// to a reader's lock when dropped; [`end`](Self::end) ends it by the fate of the file.
-struct HeldForWriting(Option<Arc<Shared>>);
+/// copied into it, or its file removed) or its LUKS keyslots change: refused while another
+/// program, or another disk of this daemon, reads it (a clone's backing file would change,
+/// or go, under it). Back to a reader's lock when dropped; [`end`](Self::end) ends it by
+/// the fate of the file.
+pub(super) struct HeldForWriting(Option<Arc<Shared>>);
 
 impl HeldForWriting {
-    fn claim(image: Arc<Shared>, what: &str) -> Result<HeldForWriting, StorageError> {
-        image.file.hold_for_writing().map_err(|e| {
+    /// Claims `image`, whose file is at `path` now, for `what` (named in a refusal).
+    pub(super) fn claim(
+        image: Arc<Shared>,
+        path: &Path,
+        what: &str,
+    ) -> Result<HeldForWriting, StorageError> {
+        image.file.hold_for_writing(path).map_err(|e| {
             StorageError::new(
                 e.kind(),
                 format!("{what}: {e} (another program, or another disk, reads it)"),
@@ -188,10 +194,12 @@ impl Qcow2Disk {
         let snap = layers[k].active.get();
         let io = |what: &str, e: io::Error| io_error(&above.path, what, e);
         // The snapshot's file goes (held until then); a snapshot above takes its data.
-        let snapshot_held = HeldForWriting::claim(snap.clone(), &format!("snapshot {name:?}"))?;
+        let snapshot_held =
+            HeldForWriting::claim(snap.clone(), &layers[k].path, &format!("snapshot {name:?}"))?;
         let _above_held = if k > 1 {
             Some(HeldForWriting::claim(
                 above.active.get(),
+                &above.path,
                 "the snapshot above it",
             )?)
         } else {
@@ -476,7 +484,13 @@ impl Qcow2Disk {
         // one (a clone's backing file).
         let newer = layers[1..k]
             .iter()
-            .map(|l| HeldForWriting::claim(l.active.get(), "a newer snapshot the revert removes"))
+            .map(|l| {
+                HeldForWriting::claim(
+                    l.active.get(),
+                    &l.path,
+                    "a newer snapshot the revert removes",
+                )
+            })
             .collect::<Result<Vec<_>, _>>()?;
         // The new image copies the LUKS header whole: no keyslot change meanwhile.
         let _no_key_change = self
