@@ -543,7 +543,10 @@ fn a_passphrase_change_waits_for_no_reader_of_a_snapshot() {
         .change_passphrase(PASS.as_bytes(), b"the new one", &KeyslotCost::minimal())
         .expect_err("refused while the snapshot has a reader");
     assert_eq!(e.kind(), StorageErrorKind::InUse, "{e}");
-    assert!(e.to_string().contains("s1"), "names the snapshot: {e}");
+    assert!(
+        e.to_string().contains("disk@s1.qcow2: "),
+        "names the snapshot's file: {e}"
+    );
     assert_eq!(
         luks_header_of(&img),
         top_before,

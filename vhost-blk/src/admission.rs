@@ -43,12 +43,33 @@ impl Admitted {
     /// `text` (an error from opening the disk) with the caller's names for its files in
     /// place of the `/proc/self/fd` paths the daemon opened them by.
     pub fn with_caller_names(&self, text: &str) -> String {
-        // Longest first: /proc/self/fd/1 is a prefix of /proc/self/fd/12.
-        let mut names: Vec<_> = self.names.iter().collect();
-        names.sort_by_key(|(by_fd, _)| std::cmp::Reverse(by_fd.len()));
-        names
-            .iter()
-            .fold(text.to_string(), |t, (by_fd, name)| t.replace(by_fd, name))
+        let mut out = String::with_capacity(text.len());
+        let mut rest = text;
+        while let Some(at) = rest.find("/proc/self/fd/") {
+            let digits = rest[at + "/proc/self/fd/".len()..]
+                .bytes()
+                .take_while(u8::is_ascii_digit)
+                .count();
+            let end = at + "/proc/self/fd/".len() + digits;
+            out.push_str(&rest[..at]);
+            // A whole number only: /proc/self/fd/1 is not /proc/self/fd/12, nor the start
+            // of /proc/self/fd/12-base.qcow2 (a backing file named relative to it).
+            let after = &rest[end..];
+            let whole = match after.chars().next() {
+                None => true,
+                Some(c) if c.is_ascii_alphanumeric() || c == '-' || c == '_' => false,
+                // The end of a sentence, or a file name going on.
+                Some('.') => after[1..].chars().next().is_none_or(char::is_whitespace),
+                Some(_) => true,
+            };
+            match self.names.iter().find(|(by_fd, _)| *by_fd == rest[at..end]) {
+                Some((_, name)) if whole => out.push_str(name),
+                _ => out.push_str(&rest[at..end]),
+            }
+            rest = &rest[end..];
+        }
+        out.push_str(rest);
+        out
     }
 }
 
@@ -298,6 +319,15 @@ mod tests {
         assert_eq!(
             admitted.with_caller_names("/proc/self/fd/12: in use; /proc/self/fd/1: fine"),
             "/img/cache.img: in use; /img/a.img: fine"
+        );
+        // Only whole descriptor paths: a backing file named relative to one stays.
+        assert_eq!(
+            admitted.with_caller_names(
+                "/proc/self/fd/1-base.qcow2, /proc/self/fd/120 and /proc/self/fd/1.raw: \
+                 see /proc/self/fd/1. Then /proc/self/fd/1"
+            ),
+            "/proc/self/fd/1-base.qcow2, /proc/self/fd/120 and /proc/self/fd/1.raw: see \
+             /img/a.img. Then /img/a.img"
         );
     }
 

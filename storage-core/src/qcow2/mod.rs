@@ -80,6 +80,9 @@ pub(crate) struct Shared {
     pub cluster_size: u64,
     /// The data cipher of an encrypted image.
     pub crypt: Option<Arc<Encryption>>,
+    /// Claims to write the image though it is read-only (a snapshot being deleted, its
+    /// keyslots changing): see [`snapshot::HeldForWriting`].
+    pub write_claims: Mutex<snapshot::WriteClaims>,
 }
 
 impl Shared {
@@ -233,6 +236,7 @@ fn open_shared(
         path: path.to_owned(),
         l2_cache,
         crypt,
+        write_claims: Mutex::default(),
     })
 }
 

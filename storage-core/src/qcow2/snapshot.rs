@@ -74,9 +74,31 @@ fn err(kind: StorageErrorKind, msg: impl Into<String>) -> StorageError {
 /// A read-only image of the chain held for writing while a snapshot is deleted (its data
 /// copied into it, or its file removed) or its LUKS keyslots change: refused while another
 /// program, or another disk of this daemon, reads it (a clone's backing file would change,
-/// or go, under it). Back to a reader's lock when dropped; [`end`](Self::end) ends it by
-/// the fate of the file.
+/// or go, under it). Claims on one image nest (a keyslot change while a delete streams):
+/// the lock's writer bytes, which another claim in this process would not see, stay until
+/// the last ends. [`end`](Self::end) tells the file's fate; dropped without one, the image
+/// is a reader's again.
 pub(super) struct HeldForWriting(Option<Arc<Shared>>);
+
+/// An image's claims: how many, and what becomes of its lock when the last ends.
+#[derive(Debug, Default)]
+pub(crate) struct WriteClaims {
+    count: usize,
+    fate: Fate,
+}
+
+/// What becomes of a claimed image's lock, least final first: a claim that knows more
+/// (the file was removed) outranks one that does not.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Fate {
+    /// Still in the chain: back to a reader's bytes.
+    #[default]
+    Reader,
+    /// Out of the chain, its file kept: no lock of ours stays on it.
+    OutOfChain,
+    /// Its file removed: the writer's bytes stay (nobody can open it by name now).
+    Removed,
+}
 
 impl HeldForWriting {
     /// Claims `image`, whose file is at `path` now, for `what` (named in a refusal).
@@ -85,32 +107,57 @@ impl HeldForWriting {
         path: &Path,
         what: &str,
     ) -> Result<HeldForWriting, StorageError> {
-        image.file.hold_for_writing(path).map_err(|e| {
-            StorageError::new(
-                e.kind(),
-                format!("{what}: {e} (another program, or another disk, reads it)"),
-            )
-        })?;
+        let mut claims = claims_of(&image);
+        if claims.count == 0 {
+            image.file.hold_for_writing(path).map_err(|e| {
+                StorageError::new(
+                    e.kind(),
+                    format!("{what}: {e} (another program, or another disk, reads it)"),
+                )
+            })?;
+            claims.fate = Fate::Reader;
+        }
+        claims.count += 1;
+        drop(claims);
         Ok(HeldForWriting(Some(image)))
     }
 
-    /// Ends the claim as the fate of the image's file says: `removed` (the writer's bytes
-    /// stay on it, nobody can open it by name now), else left in the chain (back to a
-    /// reader's) or out of it (no lock of ours stays on it).
+    /// Ends the claim as the fate of the image's file says: `removed`, else left in the
+    /// chain or out of it (see [`Fate`]).
     fn end(mut self, removed: bool, in_chain: bool) {
-        let Some(image) = self.0.take() else { return };
-        match (removed, in_chain) {
-            (true, _) => {}
-            (false, true) => image.file.hold_read_only(),
-            (false, false) => image.file.release_lock(),
+        if let Some(image) = self.0.take() {
+            let fate = match (removed, in_chain) {
+                (true, _) => Fate::Removed,
+                (false, true) => Fate::Reader,
+                (false, false) => Fate::OutOfChain,
+            };
+            let_go(&image, fate);
         }
     }
 }
 
 impl Drop for HeldForWriting {
     fn drop(&mut self) {
-        if let Some(image) = &self.0 {
-            image.file.hold_read_only();
+        if let Some(image) = self.0.take() {
+            let_go(&image, Fate::Reader);
+        }
+    }
+}
+
+fn claims_of(image: &Shared) -> std::sync::MutexGuard<'_, WriteClaims> {
+    image.write_claims.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One claim on `image` ends, knowing `fate`; the last applies the most final one known.
+fn let_go(image: &Shared, fate: Fate) {
+    let mut claims = claims_of(image);
+    claims.fate = claims.fate.max(fate);
+    claims.count -= 1;
+    if claims.count == 0 {
+        match claims.fate {
+            Fate::Reader => image.file.hold_read_only(),
+            Fate::OutOfChain => image.file.release_lock(),
+            Fate::Removed => {}
         }
     }
 }
@@ -577,11 +624,17 @@ impl Qcow2Disk {
         top.file.release_lock();
         release_chain(&layers[k].active.get());
         if let Err(e) = sync_dir(&path) {
+            // The image as it was reads through the newer snapshots: they stay until the
+            // rename is known to be durable, whatever a power cut brings back.
             log::error!(
                 "{}: reverted, but syncing its directory failed ({e}): a power cut now could \
-                 bring back the image as it was",
+                 bring back the image as it was, so the newer snapshots are kept",
                 path.display()
             );
+            for held in newer {
+                held.end(false, false);
+            }
+            return Ok(vec![]);
         }
         // The newer snapshots go (their data is no longer the disk's past).
         let mut removed = vec![];
@@ -650,4 +703,67 @@ fn copy_up(
 pub fn remove_snapshot_file(file: &Path) -> io::Result<()> {
     std::fs::remove_file(file)?;
     sync_dir(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disk::lock::{ImageLock, Locking};
+    use crate::disk::RawDisk;
+    use crate::engine::EngineKind;
+    use crate::qcow2::{create, Backing, CreateOptions};
+
+    /// Whether another program could open `path` to read it now.
+    fn readable_by_others(path: &Path) -> bool {
+        let f = std::fs::File::open(path).unwrap();
+        ImageLock::take(&f, path, true, Locking::On).is_ok()
+    }
+
+    /// Two claims on one snapshot (a keyslot change while a delete streams): the first to
+    /// end leaves the image held for writing; the last gives it back to readers, or keeps
+    /// it from them when the other claim saw its file removed.
+    #[test]
+    fn claims_on_one_image_nest() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("disk.qcow2");
+        let opts = CreateOptions {
+            size: 1 << 20,
+            cluster_size: 65536,
+            backing: None,
+            encryption: None,
+        };
+        create(&image, &opts).unwrap();
+        let file = RawDisk::open(&image, false, false, EngineKind::Sync).unwrap();
+        let disk = Qcow2Disk::open(
+            AnyDisk::Raw(file),
+            &image,
+            false,
+            &Backing::FromImage,
+            1 << 20,
+            0,
+            None,
+        )
+        .unwrap();
+        let snap = disk
+            .commit_snapshot(disk.prepare_snapshot("s1").unwrap())
+            .unwrap();
+        let shared = disk.layers()[1].active.get();
+        assert!(readable_by_others(&snap), "a snapshot is open to readers");
+        let claim = |what| HeldForWriting::claim(shared.clone(), &snap, what).unwrap();
+        let (first, second) = (claim("a delete"), claim("a keyslot change"));
+        drop(first);
+        assert!(
+            !readable_by_others(&snap),
+            "the second claim still holds it"
+        );
+        drop(second);
+        assert!(readable_by_others(&snap), "the last claim gave it back");
+        let (delete, change) = (claim("a delete"), claim("a keyslot change"));
+        delete.end(true, false);
+        drop(change);
+        assert!(
+            !readable_by_others(&snap),
+            "a removed file keeps the writer's bytes whichever claim ends last"
+        );
+    }
 }
