@@ -568,6 +568,32 @@ fn a_passphrase_change_waits_for_no_reader_of_a_snapshot() {
     drop(open(&format!("{},readonly=on", spec(&s1, &new))).unwrap());
 }
 
+/// A snapshot delete changes the chain a keyslot change writes: a change is refused while
+/// one is under way (from its copy to its file's removal), and goes through after.
+#[test]
+fn a_passphrase_change_waits_for_no_snapshot_delete() {
+    use storage_core::crypto::keyslots::KeyslotChanges;
+    use storage_core::error::StorageErrorKind;
+    let dir = tempfile::tempdir().unwrap();
+    let (_, _, disk, s1) = encrypted_disk_with_snapshot(dir.path());
+    let AnyDisk::Qcow2(q2) = &disk else {
+        unreachable!()
+    };
+    let change = || q2.add_keyslot(PASS.as_bytes(), b"another", &KeyslotCost::minimal());
+    let mut prepared = q2.stream_snapshot("s1", &mut |_, _| true).unwrap();
+    let e = change().expect_err("refused while a delete is under way");
+    assert_eq!(e.kind(), StorageErrorKind::InUse, "{e}");
+    assert!(e.to_string().contains("being deleted"), "{e}");
+    q2.commit_delete(&mut prepared).unwrap();
+    let e = change().expect_err("refused until the file is gone");
+    assert_eq!(e.kind(), StorageErrorKind::InUse, "{e}");
+    prepared.remove_file(true).unwrap();
+    assert!(!s1.exists());
+    change().unwrap();
+    let (_, slots) = q2.keyslots().unwrap();
+    assert_eq!(slots.len(), 2, "{slots:?}");
+}
+
 /// A passphrase change reaches the snapshots (their headers become the top's again, even
 /// one a failed copy left behind); a chain image with a master key of its own is refused
 /// by name.

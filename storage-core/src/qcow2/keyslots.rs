@@ -16,7 +16,9 @@
 //! own (read-only to the data path, not to its keyslots), inside the header's clusters.
 //! A change holds every snapshot it writes for writing (QEMU's lock bytes, see
 //! [`crate::disk::lock`]) from before its first write to its end, so it is refused while
-//! another program, or another disk of this daemon, reads one of them.
+//! another program, or another disk of this daemon, reads one of them; and it is refused
+//! while a snapshot is being deleted, whose commit replaces images of the chain and lets
+//! go of their locks ([`super::snapshot::DeleteUnderWay`]).
 
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -24,7 +26,7 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::snapshot::HeldForWriting;
+use super::snapshot::{DeleteUnderWay, HeldForWriting};
 use super::{AnyDisk, Qcow2Disk, Shared};
 use crate::crypto::keyslots::{self, KeyslotChanges, SlotInfo};
 use crate::crypto::{luks1, CryptoError, ImageIo, KeyslotCost};
@@ -221,6 +223,15 @@ impl Qcow2Disk {
             .keyslot_changes
             .lock()
             .unwrap_or_else(|p| p.into_inner());
+        if DeleteUnderWay::any(self) {
+            return Err(StorageError::new(
+                StorageErrorKind::InUse,
+                format!(
+                    "{}: a snapshot is being deleted: change the keyslots once it ends",
+                    self.info.path
+                ),
+            ));
+        }
         let mut images = self.key_images(true)?;
         // Whatever happens next, a snapshot prepared before copies the header again.
         self.keys_changed.fetch_add(1, Ordering::AcqRel);

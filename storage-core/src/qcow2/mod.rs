@@ -131,6 +131,9 @@ pub struct Qcow2Disk {
     /// How many keyslot changes began: a snapshot prepared before one copies the header
     /// again when it is put in place.
     keys_changed: AtomicU64,
+    /// Snapshot deletes under way, from the copy to the file's removal: the chain changes
+    /// under them, so no keyslot change runs meanwhile (see [`snapshot::DeleteUnderWay`]).
+    deletes: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Which backing file a qcow2 node reads through.
@@ -390,6 +393,7 @@ impl Qcow2Disk {
             keys,
             keyslot_changes: Mutex::new(()),
             keys_changed: AtomicU64::new(0),
+            deletes: Arc::default(),
         }
     }
 

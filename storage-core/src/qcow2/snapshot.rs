@@ -47,6 +47,37 @@ pub struct PreparedDelete {
     /// The snapshot held for writing since the copy began: no other program takes it up
     /// as a backing file before its file goes.
     held: Option<HeldForWriting>,
+    _under_way: DeleteUnderWay,
+}
+
+/// A snapshot delete under way, from its start to its end: a keyslot change is refused
+/// meanwhile, and a delete waits for one to end before it starts. A change writes the
+/// headers of the images it found in the chain, holding each for writing; a delete's
+/// commit replaces images of the chain and lets go of their locks, which would take the
+/// writer's bytes from under the change (or leave it claiming an image already let go).
+pub(super) struct DeleteUnderWay(Arc<std::sync::atomic::AtomicUsize>);
+
+impl DeleteUnderWay {
+    fn begin(disk: &Qcow2Disk) -> DeleteUnderWay {
+        let _no_key_change = disk
+            .keyslot_changes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        disk.deletes.fetch_add(1, Ordering::AcqRel);
+        DeleteUnderWay(disk.deletes.clone())
+    }
+
+    /// Whether one is under way; asked under the keyslot change lock, which
+    /// [`begin`](Self::begin) takes too.
+    pub(super) fn any(disk: &Qcow2Disk) -> bool {
+        disk.deletes.load(Ordering::Acquire) > 0
+    }
+}
+
+impl Drop for DeleteUnderWay {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl PreparedDelete {
@@ -236,6 +267,7 @@ impl Qcow2Disk {
         name: &str,
         progress: &mut dyn FnMut(u64, u64) -> bool,
     ) -> Result<PreparedDelete, StorageError> {
+        let under_way = DeleteUnderWay::begin(self);
         let (layers, k) = self.find_snapshot(name)?;
         let above = &layers[k - 1];
         let snap = layers[k].active.get();
@@ -420,6 +452,7 @@ impl Qcow2Disk {
                 below,
                 reopened: None,
                 held: None,
+                _under_way: under_way,
             };
             if k > 1 {
                 let file = file_like(&snap.file, &above.path, true)?;
@@ -626,15 +659,23 @@ impl Qcow2Disk {
         if let Err(e) = sync_dir(&path) {
             // The image as it was reads through the newer snapshots: they stay until the
             // rename is known to be durable, whatever a power cut brings back.
-            log::error!(
-                "{}: reverted, but syncing its directory failed ({e}): a power cut now could \
-                 bring back the image as it was, so the newer snapshots are kept",
-                path.display()
-            );
             for held in newer {
                 held.end(false, false);
             }
-            return Ok(vec![]);
+            let kept: Vec<_> = layers[1..k]
+                .iter()
+                .map(|l| l.path.display().to_string())
+                .collect();
+            return Err(io_error(
+                &path,
+                &format!(
+                    "reverted, but syncing its directory failed, so a power cut could bring \
+                     back the image as it was: the newer snapshots it reads through are kept, \
+                     out of the chain ({}); remove them once the directory syncs",
+                    kept.join(", ")
+                ),
+                e,
+            ));
         }
         // The newer snapshots go (their data is no longer the disk's past).
         let mut removed = vec![];
