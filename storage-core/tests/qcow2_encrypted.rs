@@ -529,7 +529,7 @@ fn encrypted_disk_with_snapshot(dir: &Path) -> (PathBuf, PathBuf, AnyDisk, PathB
 /// anywhere) while another program reads a snapshot, as a clone's backing file; it goes
 /// through once the reader has gone, and the snapshot is a reader's again after it.
 #[test]
-fn a_passphrase_change_waits_for_no_reader_of_a_snapshot() {
+fn a_passphrase_change_is_refused_while_a_snapshot_has_a_reader() {
     use storage_core::crypto::keyslots::KeyslotChanges;
     use storage_core::error::StorageErrorKind;
     let dir = tempfile::tempdir().unwrap();
@@ -569,9 +569,10 @@ fn a_passphrase_change_waits_for_no_reader_of_a_snapshot() {
 }
 
 /// A snapshot delete changes the chain a keyslot change writes: a change is refused while
-/// one is under way (from its copy to its file's removal), and goes through after.
+/// one is under way (from its copy to its file's removal), and goes through after one
+/// ends, stopped or done.
 #[test]
-fn a_passphrase_change_waits_for_no_snapshot_delete() {
+fn a_passphrase_change_is_refused_while_a_snapshot_is_deleted() {
     use storage_core::crypto::keyslots::KeyslotChanges;
     use storage_core::error::StorageErrorKind;
     let dir = tempfile::tempdir().unwrap();
@@ -580,6 +581,11 @@ fn a_passphrase_change_waits_for_no_snapshot_delete() {
         unreachable!()
     };
     let change = || q2.add_keyslot(PASS.as_bytes(), b"another", &KeyslotCost::minimal());
+    assert!(
+        q2.stream_snapshot("s1", &mut |_, _| false).is_err(),
+        "stopped"
+    );
+    change().expect("a stopped delete is over");
     let mut prepared = q2.stream_snapshot("s1", &mut |_, _| true).unwrap();
     let e = change().expect_err("refused while a delete is under way");
     assert_eq!(e.kind(), StorageErrorKind::InUse, "{e}");
@@ -591,7 +597,7 @@ fn a_passphrase_change_waits_for_no_snapshot_delete() {
     assert!(!s1.exists());
     change().unwrap();
     let (_, slots) = q2.keyslots().unwrap();
-    assert_eq!(slots.len(), 2, "{slots:?}");
+    assert_eq!(slots.len(), 3, "{slots:?}");
 }
 
 /// A passphrase change reaches the snapshots (their headers become the top's again, even

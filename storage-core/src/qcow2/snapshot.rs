@@ -267,8 +267,9 @@ impl Qcow2Disk {
         name: &str,
         progress: &mut dyn FnMut(u64, u64) -> bool,
     ) -> Result<PreparedDelete, StorageError> {
-        let under_way = DeleteUnderWay::begin(self);
         let (layers, k) = self.find_snapshot(name)?;
+        // (A keyslot change, waited for here, leaves the chain as it is.)
+        let under_way = DeleteUnderWay::begin(self);
         let above = &layers[k - 1];
         let snap = layers[k].active.get();
         let io = |what: &str, e: io::Error| io_error(&above.path, what, e);
@@ -666,7 +667,7 @@ impl Qcow2Disk {
                 .iter()
                 .map(|l| l.path.display().to_string())
                 .collect();
-            return Err(io_error(
+            let e = io_error(
                 &path,
                 &format!(
                     "reverted, but syncing its directory failed, so a power cut could bring \
@@ -675,7 +676,10 @@ impl Qcow2Disk {
                     kept.join(", ")
                 ),
                 e,
-            ));
+            );
+            // The daemon's log says the disk changed, whoever reads the answer.
+            log::error!("{e}");
+            return Err(e);
         }
         // The newer snapshots go (their data is no longer the disk's past).
         let mut removed = vec![];
