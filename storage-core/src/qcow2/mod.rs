@@ -769,6 +769,12 @@ impl Disk for Qcow2Disk {
         if let Err(e) = self.flush() {
             log::error!("{}: flush at close: {e}", self.info.path);
         }
+        // A keyslot change under way writes the snapshots' headers, holding them for
+        // writing: it ends before their locks go.
+        let _no_key_change = self
+            .keyslot_changes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let active = self.active.get();
         active.file.close();
         if let Some(b) = &active.backing {
