@@ -731,7 +731,7 @@ fn keyslot_error(id: &str, e: storage_core::error::StorageError) -> ApiError {
         StorageErrorKind::InvalidArgument => ApiError::bad_request(format!("disk {id:?}: {e}")),
         StorageErrorKind::NotFound => ApiError::not_found(format!("disk {id:?}: {e}")),
         // Unsupported: the disk cannot take the change; InUse: a snapshot whose header the
-        // change writes has a reader.
+        // change writes has a reader, or a snapshot is being deleted.
         StorageErrorKind::Unsupported | StorageErrorKind::InUse => {
             ApiError::conflict(format!("disk {id:?}: {e}"))
         }

@@ -380,7 +380,8 @@ impl DiskServer {
 
     /// Puts the disk back as it was at snapshot `name` (the newer snapshots and what the
     /// guest wrote since are removed): only while no frontend is connected, as a guest
-    /// must not see its disk change under it.
+    /// must not see its disk change under it. An error after the disk was reverted (its
+    /// directory not synced, the newer snapshots kept) says so.
     pub fn revert_snapshot(&self, name: &str) -> Result<Vec<std::path::PathBuf>, ResizeError> {
         let _one_at_a_time = self.one_change_at_a_time()?;
         let qcow2 = self.qcow2()?;

@@ -26,7 +26,7 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::snapshot::{DeleteUnderWay, HeldForWriting};
+use super::snapshot::{DeleteUnderWay, WriteClaim};
 use super::{AnyDisk, Qcow2Disk, Shared};
 use crate::crypto::keyslots::{self, KeyslotChanges, SlotInfo};
 use crate::crypto::{luks1, CryptoError, ImageIo, KeyslotCost};
@@ -89,7 +89,7 @@ struct KeyImage {
     io: HeaderRegion,
     /// A snapshot's claim on its file while its header is written: the header is part of
     /// what a program reading the snapshot (a clone's backing file) sees.
-    _held: Option<HeldForWriting>,
+    _held: Option<WriteClaim>,
 }
 
 /// Where the keyslot material starts in a LUKS1 header area: what follows the header's
@@ -188,7 +188,7 @@ impl Qcow2Disk {
             }
             if all && i > 0 {
                 // Claimed before anything is written: every snapshot's or none.
-                img._held = Some(HeldForWriting::claim(
+                img._held = Some(WriteClaim::claim(
                     shared,
                     &name,
                     "an image of the chain whose LUKS header the change writes",
@@ -219,10 +219,8 @@ impl Qcow2Disk {
                 "a read-only disk's keyslots are not changed through it",
             ));
         }
-        let _one = self
-            .keyslot_changes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let _one = self.no_keyslot_change();
+        self.refuse_if_closed()?;
         if DeleteUnderWay::any(self) {
             return Err(StorageError::new(
                 StorageErrorKind::InUse,

@@ -81,7 +81,7 @@ pub(crate) struct Shared {
     /// The data cipher of an encrypted image.
     pub crypt: Option<Arc<Encryption>>,
     /// Claims to write the image though it is read-only (a snapshot being deleted, its
-    /// keyslots changing): see [`snapshot::HeldForWriting`].
+    /// keyslots changing): see [`snapshot::WriteClaim`].
     pub write_claims: Mutex<snapshot::WriteClaims>,
 }
 
@@ -125,9 +125,11 @@ pub struct Qcow2Disk {
     /// The passphrase of the chain's encrypted images (also for those opened later: a
     /// snapshot's, or the chain below one deleted).
     keys: Option<Arc<Keyring>>,
-    /// One keyslot change at a time ([`keyslots`]); a snapshot's new image copies its
-    /// LUKS header under it too.
+    /// Held by a keyslot change for its whole run ([`keyslots`]): a snapshot's new image
+    /// copies the LUKS header under it, a delete starts and the disk closes under it.
     keyslot_changes: Mutex<()>,
+    /// Set at close, under `keyslot_changes`: no keyslot change or delete starts after.
+    closed: std::sync::atomic::AtomicBool,
     /// How many keyslot changes began: a snapshot prepared before one copies the header
     /// again when it is put in place.
     keys_changed: AtomicU64,
@@ -392,9 +394,30 @@ impl Qcow2Disk {
             backing_mode,
             keys,
             keyslot_changes: Mutex::new(()),
+            closed: Default::default(),
             keys_changed: AtomicU64::new(0),
             deletes: Arc::default(),
         }
+    }
+
+    /// Waits for a keyslot change under way and keeps others out while held.
+    fn no_keyslot_change(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.keyslot_changes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Refused once the disk has closed (asked under [`no_keyslot_change`]).
+    ///
+    /// [`no_keyslot_change`]: Self::no_keyslot_change
+    fn refuse_if_closed(&self) -> Result<(), StorageError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(StorageError::new(
+                StorageErrorKind::Unsupported,
+                format!("{}: the disk has stopped", self.info.path),
+            ));
+        }
+        Ok(())
     }
 
     /// Whether an image of the chain is encrypted (its data is plaintext above this node).
@@ -500,10 +523,7 @@ impl Qcow2Disk {
         // An encrypted image's snapshot is encrypted with the same key (and takes the same
         // passphrases: copied whole, no keyslot change under way).
         let (encryption, keys) = {
-            let _no_key_change = self
-                .keyslot_changes
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let _no_key_change = self.no_keyslot_change();
             let header =
                 LuksHeader::of(&old).map_err(|e| io("reading the encryption header", e))?;
             (header, self.keys_changed.load(Ordering::Acquire))
@@ -770,11 +790,9 @@ impl Disk for Qcow2Disk {
             log::error!("{}: flush at close: {e}", self.info.path);
         }
         // A keyslot change under way writes the snapshots' headers, holding them for
-        // writing: it ends before their locks go.
-        let _no_key_change = self
-            .keyslot_changes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        // writing: it ends before their locks go, and none starts after.
+        let _no_key_change = self.no_keyslot_change();
+        self.closed.store(true, Ordering::Release);
         let active = self.active.get();
         active.file.close();
         if let Some(b) = &active.backing {

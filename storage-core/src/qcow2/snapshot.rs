@@ -46,8 +46,9 @@ pub struct PreparedDelete {
     reopened: Option<Shared>,
     /// The snapshot held for writing since the copy began: no other program takes it up
     /// as a backing file before its file goes.
-    held: Option<HeldForWriting>,
-    _under_way: DeleteUnderWay,
+    held: Option<WriteClaim>,
+    /// Set once the delete has streamed, beside `held`, and dropped after it.
+    _under_way: Option<DeleteUnderWay>,
 }
 
 /// A snapshot delete under way, from its start to its end: a keyslot change is refused
@@ -58,13 +59,11 @@ pub struct PreparedDelete {
 pub(super) struct DeleteUnderWay(Arc<std::sync::atomic::AtomicUsize>);
 
 impl DeleteUnderWay {
-    fn begin(disk: &Qcow2Disk) -> DeleteUnderWay {
-        let _no_key_change = disk
-            .keyslot_changes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+    fn begin(disk: &Qcow2Disk) -> Result<DeleteUnderWay, StorageError> {
+        let _no_key_change = disk.no_keyslot_change();
+        disk.refuse_if_closed()?;
         disk.deletes.fetch_add(1, Ordering::AcqRel);
-        DeleteUnderWay(disk.deletes.clone())
+        Ok(DeleteUnderWay(disk.deletes.clone()))
     }
 
     /// Whether one is under way; asked under the keyslot change lock, which
@@ -92,7 +91,11 @@ impl PreparedDelete {
     pub fn remove_file(mut self, committed: bool) -> io::Result<()> {
         let removal = remove_snapshot_file(&self.snapshot);
         if let Some(held) = self.held.take() {
-            held.end(removal.is_ok(), !committed);
+            held.end(match (removal.is_ok(), committed) {
+                (true, _) => Fate::Removed,
+                (false, true) => Fate::OutOfChain,
+                (false, false) => Fate::Reader,
+            });
         }
         removal
     }
@@ -102,14 +105,15 @@ fn err(kind: StorageErrorKind, msg: impl Into<String>) -> StorageError {
     StorageError::new(kind, msg.into())
 }
 
-/// A read-only image of the chain held for writing while a snapshot is deleted (its data
-/// copied into it, or its file removed) or its LUKS keyslots change: refused while another
-/// program, or another disk of this daemon, reads it (a clone's backing file would change,
-/// or go, under it). Claims on one image nest (a keyslot change while a delete streams):
-/// the lock's writer bytes, which another claim in this process would not see, stay until
-/// the last ends. [`end`](Self::end) tells the file's fate; dropped without one, the image
-/// is a reader's again.
-pub(super) struct HeldForWriting(Option<Arc<Shared>>);
+/// A claim on a read-only image of the chain, held for writing while a snapshot is
+/// deleted (its data copied into it, or its file removed), a revert removes it, or its
+/// LUKS keyslots change: refused while another program, or another disk of this daemon,
+/// reads it (a clone's backing file would change, or go, under it). Claims on one image
+/// nest (a revert claims the newer snapshots, then waits for a keyslot change that may
+/// hold them): the lock's writer bytes, which another claim in this process would not
+/// see, stay until the last ends. [`end`](Self::end) tells the file's fate; dropped
+/// without one, the image is a reader's again.
+pub(super) struct WriteClaim(Option<Arc<Shared>>);
 
 /// An image's claims: how many, and what becomes of its lock when the last ends.
 #[derive(Debug, Default)]
@@ -131,13 +135,13 @@ enum Fate {
     Removed,
 }
 
-impl HeldForWriting {
+impl WriteClaim {
     /// Claims `image`, whose file is at `path` now, for `what` (named in a refusal).
     pub(super) fn claim(
         image: Arc<Shared>,
         path: &Path,
         what: &str,
-    ) -> Result<HeldForWriting, StorageError> {
+    ) -> Result<WriteClaim, StorageError> {
         let mut claims = claims_of(&image);
         if claims.count == 0 {
             image.file.hold_for_writing(path).map_err(|e| {
@@ -150,24 +154,18 @@ impl HeldForWriting {
         }
         claims.count += 1;
         drop(claims);
-        Ok(HeldForWriting(Some(image)))
+        Ok(WriteClaim(Some(image)))
     }
 
-    /// Ends the claim as the fate of the image's file says: `removed`, else left in the
-    /// chain or out of it (see [`Fate`]).
-    fn end(mut self, removed: bool, in_chain: bool) {
+    /// Ends the claim, knowing the fate of the image's file.
+    fn end(mut self, fate: Fate) {
         if let Some(image) = self.0.take() {
-            let fate = match (removed, in_chain) {
-                (true, _) => Fate::Removed,
-                (false, true) => Fate::Reader,
-                (false, false) => Fate::OutOfChain,
-            };
             let_go(&image, fate);
         }
     }
 }
 
-impl Drop for HeldForWriting {
+impl Drop for WriteClaim {
     fn drop(&mut self) {
         if let Some(image) = self.0.take() {
             let_go(&image, Fate::Reader);
@@ -269,15 +267,15 @@ impl Qcow2Disk {
     ) -> Result<PreparedDelete, StorageError> {
         let (layers, k) = self.find_snapshot(name)?;
         // (A keyslot change, waited for here, leaves the chain as it is.)
-        let under_way = DeleteUnderWay::begin(self);
+        let under_way = DeleteUnderWay::begin(self)?;
         let above = &layers[k - 1];
         let snap = layers[k].active.get();
         let io = |what: &str, e: io::Error| io_error(&above.path, what, e);
         // The snapshot's file goes (held until then); a snapshot above takes its data.
         let snapshot_held =
-            HeldForWriting::claim(snap.clone(), &layers[k].path, &format!("snapshot {name:?}"))?;
+            WriteClaim::claim(snap.clone(), &layers[k].path, &format!("snapshot {name:?}"))?;
         let _above_held = if k > 1 {
-            Some(HeldForWriting::claim(
+            Some(WriteClaim::claim(
                 above.active.get(),
                 &above.path,
                 "the snapshot above it",
@@ -453,7 +451,7 @@ impl Qcow2Disk {
                 below,
                 reopened: None,
                 held: None,
-                _under_way: under_way,
+                _under_way: None,
             };
             if k > 1 {
                 let file = file_like(&snap.file, &above.path, true)?;
@@ -480,6 +478,7 @@ impl Qcow2Disk {
                 _ => e,
             })?;
         prepared.held = Some(snapshot_held);
+        prepared._under_way = Some(under_way);
         Ok(prepared)
     }
 
@@ -555,6 +554,9 @@ impl Qcow2Disk {
     /// snapshot takes the disk's name, and the images that were above the snapshot (newer
     /// snapshots, and the image the guest wrote since) are removed. The caller has made
     /// sure no frontend is connected and stopped the queues. Returns the files removed.
+    /// When the directory cannot be synced after the new image took the disk's name, the
+    /// disk is reverted but the newer snapshots stay (out of the chain): an I/O error says
+    /// so, naming them.
     pub fn revert_to_snapshot(&self, name: &str) -> Result<Vec<PathBuf>, StorageError> {
         let (layers, k) = self.find_snapshot(name)?;
         let top = self.active.get();
@@ -566,7 +568,7 @@ impl Qcow2Disk {
         let newer = layers[1..k]
             .iter()
             .map(|l| {
-                HeldForWriting::claim(
+                WriteClaim::claim(
                     l.active.get(),
                     &l.path,
                     "a newer snapshot the revert removes",
@@ -574,10 +576,7 @@ impl Qcow2Disk {
             })
             .collect::<Result<Vec<_>, _>>()?;
         // The new image copies the LUKS header whole: no keyslot change meanwhile.
-        let _no_key_change = self
-            .keyslot_changes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let _no_key_change = self.no_keyslot_change();
         let (size, cluster_size) = {
             let m = top.lock();
             (m.header.size, m.cluster_size())
@@ -661,7 +660,7 @@ impl Qcow2Disk {
             // The image as it was reads through the newer snapshots: they stay until the
             // rename is known to be durable, whatever a power cut brings back.
             for held in newer {
-                held.end(false, false);
+                held.end(Fate::OutOfChain);
             }
             let kept: Vec<_> = layers[1..k]
                 .iter()
@@ -689,7 +688,11 @@ impl Qcow2Disk {
                 Ok(()) => removed.push(l.path.clone()),
                 Err(e) => log::warn!("{}: not removed after the revert: {e}", l.path.display()),
             }
-            held.end(removal.is_ok(), false);
+            held.end(if removal.is_ok() {
+                Fate::Removed
+            } else {
+                Fate::OutOfChain
+            });
         }
         let _ = sync_dir(&path);
         Ok(removed)
@@ -764,9 +767,9 @@ mod tests {
         ImageLock::take(&f, path, true, Locking::On).is_ok()
     }
 
-    /// Two claims on one snapshot (a keyslot change while a delete streams): the first to
-    /// end leaves the image held for writing; the last gives it back to readers, or keeps
-    /// it from them when the other claim saw its file removed.
+    /// Two claims on one snapshot (a revert's on a newer snapshot a keyslot change holds):
+    /// the first to end leaves the image held for writing; the last gives it back to
+    /// readers, or keeps it from them when the other claim saw its file removed.
     #[test]
     fn claims_on_one_image_nest() {
         let dir = tempfile::tempdir().unwrap();
@@ -794,8 +797,8 @@ mod tests {
             .unwrap();
         let shared = disk.layers()[1].active.get();
         assert!(readable_by_others(&snap), "a snapshot is open to readers");
-        let claim = |what| HeldForWriting::claim(shared.clone(), &snap, what).unwrap();
-        let (first, second) = (claim("a delete"), claim("a keyslot change"));
+        let claim = |what| WriteClaim::claim(shared.clone(), &snap, what).unwrap();
+        let (first, second) = (claim("a revert"), claim("a keyslot change"));
         drop(first);
         assert!(
             !readable_by_others(&snap),
@@ -803,8 +806,8 @@ mod tests {
         );
         drop(second);
         assert!(readable_by_others(&snap), "the last claim gave it back");
-        let (delete, change) = (claim("a delete"), claim("a keyslot change"));
-        delete.end(true, false);
+        let (revert, change) = (claim("a revert"), claim("a keyslot change"));
+        revert.end(Fate::Removed);
         drop(change);
         assert!(
             !readable_by_others(&snap),
