@@ -600,31 +600,22 @@ fn a_passphrase_change_is_refused_while_a_snapshot_is_deleted() {
     assert_eq!(slots.len(), 3, "{slots:?}");
 }
 
-/// Whether an OFD lock covers byte `byte` of `path` (from /proc/locks: "... OFDLCK ...
-/// major:minor:inode start end", in hex, hex and decimal; neighbouring bytes merged into
-/// one range).
+/// Whether some open of `path` other than a new one holds a lock on byte `byte`, as the
+/// kernel answers a would-be writer of it (`F_OFD_GETLK`).
 fn locked_byte(path: &Path, byte: u64) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(path).unwrap();
-    let dev = m.dev();
-    // glibc's major() and minor().
-    let (major, minor) = (
-        ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff),
-        (dev & 0xff) | ((dev >> 12) & !0xff),
-    );
-    let file = format!("{major:02x}:{minor:02x}:{}", m.ino());
-    std::fs::read_to_string("/proc/locks")
-        .unwrap()
-        .lines()
-        .filter(|l| l.contains("OFDLCK"))
-        .any(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            let n = f.len();
-            n >= 3
-                && f[n - 3] == file
-                && f[n - 2].parse::<u64>().is_ok_and(|start| start <= byte)
-                && f[n - 1].parse::<u64>().is_ok_and(|end| byte <= end)
-        })
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).unwrap();
+    // SAFETY: flock is plain data; all zeroes is a valid value, filled in below.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_WRLCK as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = byte as libc::off_t;
+    fl.l_len = 1;
+    // SAFETY: F_OFD_GETLK reads and writes the flock struct it is given, which lives
+    // across the call; `f` is open.
+    let rc = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
+    assert_eq!(rc, 0, "F_OFD_GETLK: {}", std::io::Error::last_os_error());
+    fl.l_type != libc::F_UNLCK as libc::c_short
 }
 
 /// A disk closed (removed, or its daemon stopping) while a passphrase change runs lets go
@@ -642,14 +633,17 @@ fn a_disk_closes_after_a_running_passphrase_change() {
     let before = luks_header_of(&s1);
     std::thread::scope(|s| {
         let change = s.spawn(|| {
-            // Key derivation fitted to half a second, after the snapshot is claimed.
-            q2.add_keyslot(PASS.as_bytes(), b"slow", &KeyslotCost::for_time(500))
+            // Key derivation fitted to a second, after the snapshot is claimed.
+            q2.add_keyslot(PASS.as_bytes(), b"slow", &KeyslotCost::for_time(1000))
                 .unwrap()
         });
         // The change has claimed the snapshot (byte 101: "writes").
         let began = Instant::now();
         while !locked_byte(&s1, 101) {
-            assert!(began.elapsed() < Duration::from_secs(10), "no claim seen");
+            assert!(
+                !change.is_finished() && began.elapsed() < Duration::from_secs(10),
+                "the change ended, or never claimed the snapshot, before this thread saw it"
+            );
             std::thread::sleep(Duration::from_millis(2));
         }
         disk.close();

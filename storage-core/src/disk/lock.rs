@@ -261,9 +261,8 @@ impl ImageLock {
 
     /// Takes a writer's bytes beside the reader's this lock holds, for a while (a snapshot
     /// being deleted or reverted away, or its LUKS keyslots changing): refused, and back to
-    /// a reader's bytes,
-    /// while any other open reads the image: another program, or another disk of this
-    /// one (a clone's backing file).
+    /// a reader's bytes, while any other open reads the image: another program, or another
+    /// disk of this one (a clone's backing file).
     pub fn upgrade_to_writer(&self, path: &Path) -> Result<(), StorageError> {
         self.hold(false, true).map_err(|(kind, why)| {
             let _ = self.downgrade_to_read_only();

@@ -125,8 +125,9 @@ pub struct Qcow2Disk {
     /// The passphrase of the chain's encrypted images (also for those opened later: a
     /// snapshot's, or the chain below one deleted).
     keys: Option<Arc<Keyring>>,
-    /// Held by a keyslot change for its whole run ([`keyslots`]): a snapshot's new image
-    /// copies the LUKS header under it, a delete starts and the disk closes under it.
+    /// Held by a keyslot change and a revert for their whole run ([`keyslots`]): a
+    /// snapshot's new image copies the LUKS header under it, a delete starts and the disk
+    /// closes under it.
     keyslot_changes: Mutex<()>,
     /// Set at close, under `keyslot_changes`: no keyslot change or delete starts after.
     closed: std::sync::atomic::AtomicBool,
