@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use storage_core::crypto::KeyslotCost;
 use storage_core::disk::graph::GraphSpec;
+use storage_core::disk::lock::conflicting_use;
 use storage_core::disk::{open_disk, AnyDisk, Disk, DiskOp, DiskQueue, IoVecs};
 use storage_core::qcow2::{self, CreateOptions, LuksHeader};
 use testkit::tools::{qcow2_key_opts, qemu_img, qemu_img_decrypted, qemu_img_luks, qemu_img_ok};
@@ -248,9 +249,7 @@ fn images_we_make_and_their_snapshots_open_in_qemu_img_with_the_same_passphrase(
 
     // A snapshot: the image as it was keeps the snapshot's name, a new image on top takes
     // the writes, encrypted with the same key (its LUKS header is the image's).
-    let AnyDisk::Qcow2(q2) = &disk else {
-        panic!("a qcow2 node")
-    };
+    let q2 = qcow2_node(&disk);
     let frozen = q2
         .commit_snapshot(q2.prepare_snapshot("s1").unwrap())
         .unwrap();
@@ -481,9 +480,7 @@ fn a_snapshot_prepared_before_a_passphrase_change_takes_the_new_passphrase() {
     let img = dir.path().join("disk.qcow2");
     create_encrypted(&img, MIB);
     let disk = open(&spec(&img, &key)).unwrap();
-    let AnyDisk::Qcow2(q2) = &disk else {
-        panic!("a qcow2 node")
-    };
+    let q2 = qcow2_node(&disk);
     let prepared = q2.prepare_snapshot("s1").unwrap();
     q2.change_passphrase(PASS.as_bytes(), b"the new one", &KeyslotCost::minimal())
         .unwrap();
@@ -509,6 +506,14 @@ fn write_luks_header(img: &Path, bytes: &[u8]) {
     f.write_all_at(bytes, at).unwrap();
 }
 
+/// The qcow2 node `disk` is.
+fn qcow2_node(disk: &AnyDisk) -> &qcow2::Qcow2Disk {
+    match disk {
+        AnyDisk::Qcow2(q) => q,
+        _ => panic!("a qcow2 node"),
+    }
+}
+
 /// An encrypted qcow2 image served in `dir` with one snapshot taken: the key file, the
 /// image, its node and the snapshot's file.
 fn encrypted_disk_with_snapshot(dir: &Path) -> (PathBuf, PathBuf, AnyDisk, PathBuf) {
@@ -516,9 +521,7 @@ fn encrypted_disk_with_snapshot(dir: &Path) -> (PathBuf, PathBuf, AnyDisk, PathB
     let img = dir.join("disk.qcow2");
     create_encrypted(&img, MIB);
     let disk = open(&spec(&img, &key)).unwrap();
-    let AnyDisk::Qcow2(q2) = &disk else {
-        panic!("a qcow2 node")
-    };
+    let q2 = qcow2_node(&disk);
     let s1 = q2
         .commit_snapshot(q2.prepare_snapshot("s1").unwrap())
         .unwrap();
@@ -534,9 +537,7 @@ fn a_passphrase_change_is_refused_while_a_snapshot_has_a_reader() {
     use storage_core::error::StorageErrorKind;
     let dir = tempfile::tempdir().unwrap();
     let (key, img, disk, s1) = encrypted_disk_with_snapshot(dir.path());
-    let AnyDisk::Qcow2(q2) = &disk else {
-        unreachable!()
-    };
+    let q2 = qcow2_node(&disk);
     let (top_before, s1_before) = (luks_header_of(&img), luks_header_of(&s1));
     let reader = open(&format!("{},readonly=on", spec(&s1, &key))).unwrap();
     let e = q2
@@ -577,9 +578,7 @@ fn a_passphrase_change_is_refused_while_a_snapshot_is_deleted() {
     use storage_core::error::StorageErrorKind;
     let dir = tempfile::tempdir().unwrap();
     let (_, _, disk, s1) = encrypted_disk_with_snapshot(dir.path());
-    let AnyDisk::Qcow2(q2) = &disk else {
-        unreachable!()
-    };
+    let q2 = qcow2_node(&disk);
     let change = || q2.add_keyslot(PASS.as_bytes(), b"another", &KeyslotCost::minimal());
     assert!(
         q2.stream_snapshot("s1", &mut |_, _| false).is_err(),
@@ -600,24 +599,6 @@ fn a_passphrase_change_is_refused_while_a_snapshot_is_deleted() {
     assert_eq!(slots.len(), 3, "{slots:?}");
 }
 
-/// Whether some open of `path` other than a new one holds a lock on byte `byte`, as the
-/// kernel answers a would-be writer of it (`F_OFD_GETLK`).
-fn locked_byte(path: &Path, byte: u64) -> bool {
-    use std::os::fd::AsRawFd;
-    let f = std::fs::File::open(path).unwrap();
-    // SAFETY: flock is plain data; all zeroes is a valid value, filled in below.
-    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = libc::F_WRLCK as libc::c_short;
-    fl.l_whence = libc::SEEK_SET as libc::c_short;
-    fl.l_start = byte as libc::off_t;
-    fl.l_len = 1;
-    // SAFETY: F_OFD_GETLK reads and writes the flock struct it is given, which lives
-    // across the call; `f` is open.
-    let rc = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
-    assert_eq!(rc, 0, "F_OFD_GETLK: {}", std::io::Error::last_os_error());
-    fl.l_type != libc::F_UNLCK as libc::c_short
-}
-
 /// A disk closed (removed, or its daemon stopping) while a passphrase change runs lets go
 /// of its images' locks only once the change has written every header (it holds the
 /// snapshots for writing meanwhile), and no change starts after.
@@ -627,9 +608,7 @@ fn a_disk_closes_after_a_running_passphrase_change() {
     use storage_core::crypto::keyslots::KeyslotChanges;
     let dir = tempfile::tempdir().unwrap();
     let (_, img, disk, s1) = encrypted_disk_with_snapshot(dir.path());
-    let AnyDisk::Qcow2(q2) = &disk else {
-        unreachable!()
-    };
+    let q2 = qcow2_node(&disk);
     let before = luks_header_of(&s1);
     std::thread::scope(|s| {
         let change = s.spawn(|| {
@@ -637,9 +616,9 @@ fn a_disk_closes_after_a_running_passphrase_change() {
             q2.add_keyslot(PASS.as_bytes(), b"slow", &KeyslotCost::for_time(1000))
                 .unwrap()
         });
-        // The change has claimed the snapshot (byte 101: "writes").
+        // The change has claimed the snapshot: a reader would be refused now.
         let began = Instant::now();
-        while !locked_byte(&s1, 101) {
+        while conflicting_use(&s1, true).unwrap().is_none() {
             assert!(
                 !change.is_finished() && began.elapsed() < Duration::from_secs(10),
                 "the change ended, or never claimed the snapshot, before this thread saw it"
@@ -656,7 +635,8 @@ fn a_disk_closes_after_a_running_passphrase_change() {
         change.join().unwrap();
     });
     assert!(
-        !locked_byte(&s1, 100) && !locked_byte(&img, 100),
+        conflicting_use(&s1, false).unwrap().is_none()
+            && conflicting_use(&img, false).unwrap().is_none(),
         "a lock stayed after the close"
     );
     let e = q2
@@ -673,9 +653,7 @@ fn passphrase_changes_reach_every_image_holding_the_key() {
     use storage_core::crypto::keyslots::KeyslotChanges;
     let dir = tempfile::tempdir().unwrap();
     let (key, img, disk, s1) = encrypted_disk_with_snapshot(dir.path());
-    let AnyDisk::Qcow2(q2) = &disk else {
-        unreachable!()
-    };
+    let q2 = qcow2_node(&disk);
     let before = luks_header_of(&s1);
     q2.add_keyslot(PASS.as_bytes(), b"second", &KeyslotCost::minimal())
         .unwrap();
@@ -720,9 +698,7 @@ fn passphrase_changes_reach_every_image_holding_the_key() {
     ];
     qemu_img_luks(&args, &top);
     let disk = open(&spec(&top, &third)).unwrap();
-    let AnyDisk::Qcow2(q2) = &disk else {
-        panic!("a qcow2 node")
-    };
+    let q2 = qcow2_node(&disk);
     let e = q2
         .add_keyslot(b"third", b"fourth", &KeyslotCost::minimal())
         .err()

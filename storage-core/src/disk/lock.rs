@@ -81,7 +81,6 @@ pub enum Locking {
     Off,
 }
 
-/// An OFD lock command on `len` bytes from `byte`.
 impl Locking {
     /// The spec's `locking=on` (true) or `off`.
     pub fn on_if(on: bool) -> Locking {
@@ -93,6 +92,7 @@ impl Locking {
     }
 }
 
+/// An OFD lock command on `len` bytes from `byte`.
 fn ofd(
     file: &File,
     cmd: libc::c_int,
@@ -152,6 +152,13 @@ fn lasting_conflict(file: &File, read_only: bool) -> io::Result<Option<String>> 
             found => return Ok(found),
         }
     }
+}
+
+/// What another open's lock bytes say an open of the image at `path`, read-only or
+/// writable, may not do, if anything: the check an open makes, taking nothing (as
+/// `qemu-img info` without `-U` asks).
+pub fn conflicting_use(path: &Path, read_only: bool) -> io::Result<Option<String>> {
+    conflict(&File::open(path)?, read_only)
 }
 
 /// What another open's bytes say we may not do, if anything.

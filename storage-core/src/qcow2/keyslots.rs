@@ -219,8 +219,8 @@ impl Qcow2Disk {
                 "a read-only disk's keyslots are not changed through it",
             ));
         }
-        let _one = self.no_keyslot_change();
-        self.refuse_if_closed()?;
+        let one = self.no_keyslot_change();
+        self.refuse_if_closed(*one)?;
         if DeleteUnderWay::any(self) {
             return Err(StorageError::new(
                 StorageErrorKind::InUse,

@@ -128,9 +128,8 @@ pub struct Qcow2Disk {
     /// Held by a keyslot change and a revert for their whole run ([`keyslots`]): a
     /// snapshot's new image copies the LUKS header under it, a delete starts and the disk
     /// closes under it.
-    keyslot_changes: Mutex<()>,
-    /// Set at close, under `keyslot_changes`: no keyslot change or delete starts after.
-    closed: std::sync::atomic::AtomicBool,
+    /// It holds whether the disk has closed: no keyslot change or delete starts after.
+    keyslot_changes: Mutex<bool>,
     /// How many keyslot changes began: a snapshot prepared before one copies the header
     /// again when it is put in place.
     keys_changed: AtomicU64,
@@ -394,25 +393,25 @@ impl Qcow2Disk {
             info,
             backing_mode,
             keys,
-            keyslot_changes: Mutex::new(()),
-            closed: Default::default(),
+            keyslot_changes: Mutex::new(false),
             keys_changed: AtomicU64::new(0),
             deletes: Arc::default(),
         }
     }
 
-    /// Waits for a keyslot change under way and keeps others out while held.
-    fn no_keyslot_change(&self) -> std::sync::MutexGuard<'_, ()> {
+    /// Waits for a keyslot change under way and keeps others out while held; it holds
+    /// whether the disk has closed.
+    fn no_keyslot_change(&self) -> std::sync::MutexGuard<'_, bool> {
         self.keyslot_changes
             .lock()
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Refused once the disk has closed (asked under [`no_keyslot_change`]).
+    /// Refused once the disk has `closed` (as [`no_keyslot_change`] holds it).
     ///
     /// [`no_keyslot_change`]: Self::no_keyslot_change
-    fn refuse_if_closed(&self) -> Result<(), StorageError> {
-        if self.closed.load(Ordering::Acquire) {
+    fn refuse_if_closed(&self, closed: bool) -> Result<(), StorageError> {
+        if closed {
             return Err(StorageError::new(
                 StorageErrorKind::Unsupported,
                 format!("{}: the disk has stopped", self.info.path),
@@ -792,8 +791,8 @@ impl Disk for Qcow2Disk {
         }
         // A keyslot change under way writes the snapshots' headers, holding them for
         // writing: it ends before their locks go, and none starts after.
-        let _no_key_change = self.no_keyslot_change();
-        self.closed.store(true, Ordering::Release);
+        let mut closed = self.no_keyslot_change();
+        *closed = true;
         let active = self.active.get();
         active.file.close();
         if let Some(b) = &active.backing {

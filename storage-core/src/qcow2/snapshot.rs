@@ -60,8 +60,8 @@ pub(super) struct DeleteUnderWay(Arc<std::sync::atomic::AtomicUsize>);
 
 impl DeleteUnderWay {
     fn begin(disk: &Qcow2Disk) -> Result<DeleteUnderWay, StorageError> {
-        let _no_key_change = disk.no_keyslot_change();
-        disk.refuse_if_closed()?;
+        let no_key_change = disk.no_keyslot_change();
+        disk.refuse_if_closed(*no_key_change)?;
         disk.deletes.fetch_add(1, Ordering::AcqRel);
         Ok(DeleteUnderWay(disk.deletes.clone()))
     }
@@ -756,15 +756,14 @@ pub fn remove_snapshot_file(file: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::disk::lock::{ImageLock, Locking};
+    use crate::disk::lock::conflicting_use;
     use crate::disk::RawDisk;
     use crate::engine::EngineKind;
     use crate::qcow2::{create, Backing, CreateOptions};
 
     /// Whether another program could open `path` to read it now.
     fn readable_by_others(path: &Path) -> bool {
-        let f = std::fs::File::open(path).unwrap();
-        ImageLock::take(&f, path, true, Locking::On).is_ok()
+        conflicting_use(path, true).unwrap().is_none()
     }
 
     /// Two claims on one snapshot (a revert's on a newer snapshot a keyslot change holds):
